@@ -1,0 +1,308 @@
+//! Connection events from the kernel: decoding, classification, and reporting.
+//!
+//! The sock_ops program writes one `ConnEvent` when a TCP connection reaches ESTABLISHED and
+//! one when its socket closes. This module turns them into [`Connection`] records and reports
+//! each as a structured log event (target `weft::conn`).
+pub mod reader;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use serde::Serialize;
+use weft_abi::{
+    AF_INET, AF_INET6,
+    conn::{ConnEvent, ConnEventKind, Side, flags, tcp_state},
+};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connection event of {len} bytes is shorter than the {expected} bytes of ConnEvent")]
+    Truncated { len: usize, expected: usize },
+    #[error("connection event has unknown {field} {value}")]
+    Unknown { field: &'static str, value: u32 },
+    #[error("cannot read the connection ring buffer")]
+    Io(#[source] std::io::Error),
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Both FINs exchanged (or ours acknowledged before the application let go).
+    Normal,
+    /// Closed without the FIN handshake completing: a reset or an abort.
+    Reset,
+    /// Never established: refused or timed out during the handshake.
+    Failed,
+}
+
+impl Outcome {
+    /// Classifies a close from the state the socket left and the FIN bits.
+    pub fn classify(last_state: u32, event_flags: u32) -> Self {
+        match last_state {
+            tcp_state::SYN_SENT | tcp_state::SYN_RECV => Self::Failed,
+            // FIN_WAIT2 is entered only once our FIN is acknowledged.
+            tcp_state::FIN_WAIT2 => Self::Normal,
+            tcp_state::CLOSING | tcp_state::LAST_ACK if event_flags & flags::FIN_ACKED != 0 => {
+                Self::Normal
+            }
+            _ => Self::Reset,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Reset => "reset",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Which end of the connection the observed socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It called connect().
+    Client,
+    /// It was accepted from a listener.
+    Server,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// What the kernel reported about one connection at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Connection {
+    pub event: ConnEventKindName,
+    /// The kernel's socket cookie: unique per socket while the kernel runs.
+    pub cookie: u64,
+    pub role: Role,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Payload bytes sent and acknowledged.
+    pub bytes_sent: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+    pub srtt: Duration,
+    pub rtt_min: Duration,
+    pub retransmits: u32,
+    pub segments_in: u32,
+    pub segments_out: u32,
+    pub duration: Duration,
+    /// For closes only.
+    pub outcome: Option<Outcome>,
+}
+
+/// `ConnEventKind` as it appears in records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnEventKindName {
+    TcpOpen,
+    TcpClose,
+}
+
+impl Connection {
+    /// Decodes one ring buffer record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let expected = size_of::<ConnEvent>();
+        if bytes.len() < expected {
+            return Err(Error::Truncated {
+                len: bytes.len(),
+                expected,
+            });
+        }
+        // SAFETY: the buffer holds at least size_of::<ConnEvent>() bytes and ConnEvent is
+        // plain integers (any bit pattern is valid); the read is unaligned.
+        let ev: ConnEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Self::from_event(&ev)
+    }
+
+    pub fn from_event(ev: &ConnEvent) -> Result<Self, Error> {
+        let unknown = |field, value| Error::Unknown { field, value };
+        let kind = ConnEventKind::from_u32(ev.kind).ok_or(unknown("kind", ev.kind))?;
+        let role = match Side::from_u32(ev.side).ok_or(unknown("side", ev.side))? {
+            Side::Active => Role::Client,
+            Side::Passive => Role::Server,
+        };
+        let ip = |words: &[u32; 4]| -> Result<IpAddr, Error> {
+            match ev.family {
+                AF_INET => Ok(IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))),
+                AF_INET6 => {
+                    let mut b = [0u8; 16];
+                    for (chunk, w) in b.chunks_exact_mut(4).zip(words) {
+                        chunk.copy_from_slice(&w.to_ne_bytes());
+                    }
+                    Ok(IpAddr::V6(Ipv6Addr::from(b)))
+                }
+                other => Err(unknown("family", other)),
+            }
+        };
+        let port = |p: u32| p as u16;
+        let (event, outcome) = match kind {
+            ConnEventKind::Open => (ConnEventKindName::TcpOpen, None),
+            ConnEventKind::Close => (
+                ConnEventKindName::TcpClose,
+                Some(Outcome::classify(ev.last_state, ev.flags)),
+            ),
+        };
+        Ok(Self {
+            event,
+            cookie: ev.cookie,
+            role,
+            local: SocketAddr::new(ip(&ev.local_addr)?, port(ev.local_port)),
+            remote: SocketAddr::new(ip(&ev.remote_addr)?, port(ev.remote_port)),
+            bytes_sent: ev.bytes_sent,
+            bytes_received: ev.bytes_received,
+            srtt: Duration::from_micros(u64::from(ev.srtt_us)),
+            rtt_min: Duration::from_micros(u64::from(ev.rtt_min_us)),
+            retransmits: ev.total_retrans,
+            segments_in: ev.segs_in,
+            segments_out: ev.segs_out,
+            duration: Duration::from_nanos(ev.duration_ns),
+            outcome,
+        })
+    }
+
+    /// Reports the record as one structured log event.
+    pub fn log(&self) {
+        let local = self.local.to_string();
+        let remote = self.remote.to_string();
+        let srtt_us = self.srtt.as_micros() as u64;
+        let duration_us = self.duration.as_micros() as u64;
+        match self.event {
+            ConnEventKindName::TcpOpen => tracing::info!(
+                target: "weft::conn",
+                event = "tcp_open",
+                cookie = self.cookie,
+                role = self.role.as_str(),
+                local = local.as_str(),
+                remote = remote.as_str(),
+                srtt_us,
+                "tcp connection opened"
+            ),
+            ConnEventKindName::TcpClose => tracing::info!(
+                target: "weft::conn",
+                event = "tcp_close",
+                cookie = self.cookie,
+                role = self.role.as_str(),
+                local = local.as_str(),
+                remote = remote.as_str(),
+                bytes_sent = self.bytes_sent,
+                bytes_received = self.bytes_received,
+                srtt_us,
+                rtt_min_us = self.rtt_min.as_micros() as u64,
+                retransmits = self.retransmits,
+                segments_in = self.segments_in,
+                segments_out = self.segments_out,
+                duration_us,
+                outcome = self.outcome.map_or("unknown", Outcome::as_str),
+                "tcp connection closed"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> ConnEvent {
+        ConnEvent {
+            kind: ConnEventKind::Close as u32,
+            family: AF_INET,
+            cookie: 42,
+            timestamp_ns: 10,
+            duration_ns: 1_500_000,
+            local_addr: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+            remote_addr: [u32::from_ne_bytes([10, 0, 0, 3]), 0, 0, 0],
+            local_port: 40_000,
+            remote_port: 80,
+            side: Side::Active as u32,
+            last_state: tcp_state::FIN_WAIT2,
+            bytes_sent: 5_000_000_000,
+            bytes_received: 7,
+            srtt_us: 120,
+            rtt_min_us: 80,
+            total_retrans: 1,
+            segs_in: 3,
+            segs_out: 4,
+            flags: flags::FIN_SENT | flags::FIN_ACKED | flags::FIN_RECEIVED,
+        }
+    }
+
+    fn bytes(ev: &ConnEvent) -> Vec<u8> {
+        // SAFETY: ConnEvent is plain integers without padding; we read exactly its bytes.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(ev).cast::<u8>(), size_of::<ConnEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_close_with_u64_counters() {
+        let c = Connection::decode(&bytes(&event())).expect("decodes");
+        assert_eq!(c.local, "10.0.0.2:40000".parse().expect("addr"));
+        assert_eq!(c.remote, "10.0.0.3:80".parse().expect("addr"));
+        assert_eq!(c.bytes_sent, 5_000_000_000, "counters are 64-bit");
+        assert_eq!(c.role, Role::Client);
+        assert_eq!(c.outcome, Some(Outcome::Normal));
+        assert_eq!(c.srtt, Duration::from_micros(120));
+        assert_eq!(c.duration, Duration::from_micros(1500));
+    }
+
+    #[test]
+    fn decodes_ipv6() {
+        let mut ev = event();
+        ev.family = AF_INET6;
+        let addr: Ipv6Addr = "fd00::1:2".parse().expect("addr");
+        let o = addr.octets();
+        for (i, w) in ev.local_addr.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        }
+        let c = Connection::decode(&bytes(&ev)).expect("decodes");
+        assert_eq!(c.local.ip(), IpAddr::V6(addr));
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let b = bytes(&event());
+        assert!(matches!(
+            Connection::decode(&b[..b.len() - 1]),
+            Err(Error::Truncated { .. })
+        ));
+        let mut ev = event();
+        ev.kind = 9;
+        assert!(matches!(
+            Connection::decode(&bytes(&ev)),
+            Err(Error::Unknown { field: "kind", .. })
+        ));
+        let mut ev = event();
+        ev.family = 1;
+        assert!(matches!(
+            Connection::decode(&bytes(&ev)),
+            Err(Error::Unknown { field: "family", .. })
+        ));
+    }
+
+    #[test]
+    fn outcomes() {
+        use tcp_state::*;
+        assert_eq!(Outcome::classify(SYN_SENT, 0), Outcome::Failed);
+        assert_eq!(Outcome::classify(FIN_WAIT2, flags::FIN_SENT), Outcome::Normal);
+        assert_eq!(Outcome::classify(LAST_ACK, flags::FIN_SENT | flags::FIN_ACKED), Outcome::Normal);
+        assert_eq!(Outcome::classify(LAST_ACK, flags::FIN_SENT), Outcome::Reset);
+        assert_eq!(Outcome::classify(ESTABLISHED, 0), Outcome::Reset);
+        assert_eq!(Outcome::classify(CLOSE_WAIT, flags::FIN_RECEIVED), Outcome::Reset);
+    }
+}

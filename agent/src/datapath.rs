@@ -1,0 +1,649 @@
+//! Loading weft's kernel object, attaching (or adopting) its programs, and removing them.
+//!
+//! Every map is pinned under the instance directory, so a restarted agent finds the same maps
+//! and the kernel keeps counting while no agent runs. Every program is attached through a
+//! pinned cgroup link, so it stays attached after the agent exits or is killed. On start the
+//! agent adopts a pinned link whose program is the one it embeds, replaces the program in place
+//! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link.
+mod pins;
+mod sys;
+
+use std::{
+    fs::{self, File},
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, SockOps,
+        links::{FdLink, LinkError},
+    },
+};
+use weft_abi::{
+    conn::ConnState,
+    maps,
+    programs,
+    stats::COUNTERS,
+    traffic::{TrafficKey, TrafficValue},
+};
+
+pub use self::pins::{InstanceLock, Pins};
+use crate::cgroup;
+
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
+
+/// aya-log-ebpf's ring buffer size (fixed by that crate).
+const AYA_LOGS_BYTES: u32 = 1 << 17;
+
+/// BPF attach types (enum bpf_attach_type) of the links weft creates.
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
+const BPF_CGROUP_INET_EGRESS: u32 = 1;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    #[error("invalid --instance {instance:?}: use 1 to 64 characters of [A-Za-z0-9._-]")]
+    InvalidInstance { instance: String },
+    #[error(
+        "{path} is not a bpffs mount; mount it with `mount -t bpf bpf {path}` \
+         (`cargo xtask setup` does it)",
+        path = path.display()
+    )]
+    NotBpffs { path: PathBuf },
+    #[error(
+        "instance {instance:?} is in use by another weft process (lock on {dir} is held); \
+         stop it first or choose another --instance",
+        dir = dir.display()
+    )]
+    InstanceBusy { instance: String, dir: PathBuf },
+    #[error("cannot use pin {path}", path = path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid {flag} {value}: {reason}")]
+    InvalidCapacity {
+        flag: &'static str,
+        value: u32,
+        reason: &'static str,
+    },
+    #[error("cannot open cgroup {path}", path = path.display())]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot load the kernel object")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error(
+        "pinned map {path} does not match this agent: it has {found}, this agent needs \
+         {expected}; run `weft cleanup --instance {instance}` to start the instance afresh, \
+         or start with the settings it was created with",
+        path = path.display()
+    )]
+    MapMismatch {
+        instance: String,
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("cannot inspect map {name}")]
+    MapInfo {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the kernel object has no {kind} named {name}: the agent and its object disagree")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("cannot load program {name} (the verifier log, if any, is in the cause)")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach program {name} to cgroup {cgroup}", cgroup = cgroup.display())]
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: AttachError,
+    },
+    #[error("cannot pin link of {name}")]
+    PinLink {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot {op} link {path}", path = path.display())]
+    LinkSyscall {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "pinned link {path} is attached to cgroup id {found} (attach type {found_type}), but this \
+         agent was asked for {cgroup} (cgroup id {expected}, attach type {expected_type}); use \
+         another --instance or run `weft cleanup --instance {instance}` first",
+        path = path.display(),
+        cgroup = cgroup.display()
+    )]
+    LinkMismatch {
+        instance: String,
+        path: PathBuf,
+        cgroup: PathBuf,
+        found: u64,
+        expected: u64,
+        found_type: u32,
+        expected_type: u32,
+    },
+    #[error("cannot open map {name}")]
+    TakeMap {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Why attaching one program failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// How the agent's datapath is sized and where it lives.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// cgroup v2 directory whose processes (and descendants) weft observes.
+    pub cgroup: PathBuf,
+    /// bpffs mount point.
+    pub bpffs: PathBuf,
+    /// Names the pin directory; one agent per instance.
+    pub instance: String,
+    /// Capacity of `CONN_STATE` (open connections tracked at once).
+    pub max_connections: u32,
+    /// Capacity of `TRAFFIC` (cgroup x direction x protocol keys).
+    pub traffic_entries: u32,
+    /// Size of the connection event ring buffer in bytes (power of two, >= page size).
+    pub ring_buffer_bytes: u32,
+    /// aya-log level compiled into the kernel programs' view: 0 = off .. 5 = trace.
+    pub kernel_log_level: u8,
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), Error> {
+        let page = 4096;
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
+            return Err(Error::InvalidCapacity {
+                flag: "--ring-buffer-size",
+                value: self.ring_buffer_bytes,
+                reason: "must be a power of two of at least 4096 bytes",
+            });
+        }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections),
+            ("--traffic-entries", self.traffic_entries),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidCapacity {
+                    flag,
+                    value,
+                    reason: "must be at least 1",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What every map must look like, pinned or new.
+    fn map_specs(&self) -> [MapSpec; 5] {
+        let size = |n: usize| n as u32;
+        [
+            MapSpec::new(maps::CONN_EVENTS, MapType::RingBuf, 0, 0, self.ring_buffer_bytes),
+            MapSpec::new(
+                maps::CONN_STATE,
+                MapType::Hash,
+                size(size_of::<u64>()),
+                size(size_of::<ConnState>()),
+                self.max_connections,
+            ),
+            MapSpec::new(maps::STATS, MapType::PerCpuArray, 4, 8, COUNTERS),
+            MapSpec::new(
+                maps::TRAFFIC,
+                MapType::PerCpuHash,
+                size(size_of::<TrafficKey>()),
+                size(size_of::<TrafficValue>()),
+                self.traffic_entries,
+            ),
+            MapSpec::new(maps::AYA_LOGS, MapType::RingBuf, 0, 0, AYA_LOGS_BYTES),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+impl MapSpec {
+    const fn new(
+        name: &'static str,
+        map_type: MapType,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    ) -> Self {
+        Self {
+            name,
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "type {:?}, key {} B, value {} B, {} entries",
+            self.map_type, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+/// What the agent did with a program's link at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// There was no link: the program was attached and the link pinned.
+    Attached,
+    /// A pinned link runs the same program: kept as it is.
+    Adopted,
+    /// A pinned link ran another version of the program: replaced in place.
+    Replaced { old_program_id: u32 },
+}
+
+/// One attached program.
+#[derive(Debug)]
+pub struct InstalledLink {
+    pub program: &'static str,
+    pub install: Install,
+    pub link_id: u32,
+    pub program_id: u32,
+}
+
+/// The loaded object with its programs attached; maps are taken from it by the readers.
+#[derive(Debug)]
+pub struct Datapath {
+    pins: Pins,
+    cgroup: PathBuf,
+    ebpf: Ebpf,
+    links: Vec<InstalledLink>,
+    _lock: InstanceLock,
+}
+
+impl Datapath {
+    /// Loads the object, checks or creates the pinned maps, and attaches or adopts every program.
+    pub fn start(config: &Config) -> Result<Self, Error> {
+        config.validate()?;
+        let cgroup_id = cgroup::cgroup_id(&config.cgroup)?;
+        let cgroup_file = File::open(&config.cgroup).map_err(|source| Error::OpenCgroup {
+            path: config.cgroup.clone(),
+            source,
+        })?;
+        let pins = Pins::new(&config.bpffs, &config.instance)?;
+        pins.create_dirs()?;
+        let lock = pins.lock()?;
+
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            maps::ALL.iter().map(|m| (*m, pins.map(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(maps::CONN_STATE, config.max_connections)
+            .map_max_entries(maps::TRAFFIC, config.traffic_entries)
+            .map_max_entries(maps::CONN_EVENTS, config.ring_buffer_bytes)
+            .override_global("AYA_LOG_LEVEL", &config.kernel_log_level, true);
+        let mut ebpf = loader.load(OBJECT).map_err(|source| Error::Load { source })?;
+        check_maps(&pins, config)?;
+
+        let ctx = AttachCtx {
+            pins: &pins,
+            cgroup: &config.cgroup,
+            cgroup_id,
+        };
+        let mut links = Vec::new();
+        if let Err(e) = attach_all(&mut ebpf, &ctx, &cgroup_file, &mut links) {
+            // Leave no half-installed instance: undo the attachments this start made (adopted
+            // or replaced links were working before and stay).
+            for link in links.iter().filter(|l| l.install == Install::Attached) {
+                let path = pins.link(link.program);
+                if let Err(undo) = remove_link(&path) {
+                    tracing::warn!(path = %path.display(), error = %undo, "cannot undo attachment");
+                }
+            }
+            return Err(e);
+        }
+        Ok(Self {
+            pins,
+            cgroup: config.cgroup.clone(),
+            ebpf,
+            links,
+            _lock: lock,
+        })
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn links(&self) -> &[InstalledLink] {
+        &self.links
+    }
+
+    /// The connection event ring buffer (can be taken once).
+    pub fn take_conn_events(&mut self) -> Result<RingBuf<MapData>, Error> {
+        take(&mut self.ebpf, maps::CONN_EVENTS)
+    }
+
+    /// The health counters (can be taken once).
+    pub fn take_stats(&mut self) -> Result<PerCpuArray<MapData, u64>, Error> {
+        take(&mut self.ebpf, maps::STATS)
+    }
+
+    /// The traffic counters (can be taken once).
+    pub fn take_traffic(&mut self) -> Result<PerCpuHashMap<MapData, TrafficKey, TrafficValue>, Error> {
+        take(&mut self.ebpf, maps::TRAFFIC)
+    }
+
+    /// The aya-log ring buffer (can be taken once).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn attach_all(
+    ebpf: &mut Ebpf,
+    ctx: &AttachCtx<'_>,
+    cgroup_file: &File,
+    links: &mut Vec<InstalledLink>,
+) -> Result<(), Error> {
+    let prog: &mut SockOps = program(ebpf, programs::SOCKOPS)?;
+    prog.load().map_err(|source| load_err(programs::SOCKOPS, source))?;
+    links.push(ctx.install(programs::SOCKOPS, BPF_CGROUP_SOCK_OPS, prog, |p| {
+        // Cgroup links take no flags (the kernel rejects any with EINVAL) and always coexist
+        // with other programs; `Single` is what passes 0.
+        let id = p.attach(cgroup_file, CgroupAttachMode::Single)?;
+        Ok(p.take_link(id)?.try_into()?)
+    })?);
+    for (name, attach_type, kind) in [
+        (programs::SKB_INGRESS, BPF_CGROUP_INET_INGRESS, CgroupSkbAttachType::Ingress),
+        (programs::SKB_EGRESS, BPF_CGROUP_INET_EGRESS, CgroupSkbAttachType::Egress),
+    ] {
+        let prog: &mut CgroupSkb = program(ebpf, name)?;
+        prog.load().map_err(|source| load_err(name, source))?;
+        links.push(ctx.install(name, attach_type, prog, |p| {
+            let id = p.attach(cgroup_file, kind, CgroupAttachMode::Single)?;
+            Ok(p.take_link(id)?.try_into()?)
+        })?);
+    }
+    Ok(())
+}
+
+/// Detaches a pinned link now and removes its pin.
+fn remove_link(path: &Path) -> Result<(), Error> {
+    let link = sys::obj_get(path).map_err(|source| Error::LinkSyscall {
+        op: "open",
+        path: path.to_owned(),
+        source,
+    })?;
+    match sys::link_detach(link.as_fd()) {
+        // ENOLINK: already defunct (its cgroup was removed); only the pin is left.
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+        Err(source) => {
+            return Err(Error::LinkSyscall {
+                op: "detach",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    fs::remove_file(path).map_err(|source| Error::Pin {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| Error::TakeMap { name, source })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(Error::Missing { kind: "program", name })?;
+    prog.try_into().map_err(|source| load_err(name, source))
+}
+
+fn load_err(name: &'static str, source: ProgramError) -> Error {
+    Error::LoadProgram { name, source }
+}
+
+fn check_maps(pins: &Pins, config: &Config) -> Result<(), Error> {
+    for spec in config.map_specs() {
+        let path = pins.map(spec.name);
+        let info = MapInfo::from_pin(&path).map_err(|source| Error::MapInfo {
+            name: spec.name,
+            source,
+        })?;
+        let found = MapSpec {
+            name: spec.name,
+            map_type: info.map_type().map_err(|source| Error::MapInfo {
+                name: spec.name,
+                source,
+            })?,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        if found != spec {
+            return Err(Error::MapMismatch {
+                instance: pins.instance().to_owned(),
+                path,
+                found: found.describe(),
+                expected: spec.describe(),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct AttachCtx<'a> {
+    pins: &'a Pins,
+    cgroup: &'a Path,
+    cgroup_id: u64,
+}
+
+/// What a loaded program offers to `install`.
+trait Attachable {
+    fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError>;
+    fn program_info(&self) -> Result<aya::programs::ProgramInfo, ProgramError>;
+}
+
+macro_rules! attachable {
+    ($($t:ty),*) => {$(
+        impl Attachable for $t {
+            fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+                self.fd()
+            }
+            fn program_info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
+                self.info()
+            }
+        }
+    )*};
+}
+attachable!(SockOps, CgroupSkb);
+
+impl AttachCtx<'_> {
+    fn install<P: Attachable>(
+        &self,
+        name: &'static str,
+        attach_type: u32,
+        prog: &mut P,
+        attach: impl FnOnce(&mut P) -> Result<FdLink, AttachError>,
+    ) -> Result<InstalledLink, Error> {
+        let path = self.pins.link(name);
+        let syscall_err = |op, source| Error::LinkSyscall {
+            op,
+            path: path.clone(),
+            source,
+        };
+        let info = prog.program_info().map_err(|source| load_err(name, source))?;
+        let install = if path.exists() {
+            let link = sys::obj_get(&path).map_err(|e| syscall_err("open", e))?;
+            let current = sys::cgroup_link_info(link.as_fd()).map_err(|e| syscall_err("inspect", e))?;
+            if current.cgroup_id != self.cgroup_id || current.attach_type != attach_type {
+                return Err(Error::LinkMismatch {
+                    instance: self.pins.instance().to_owned(),
+                    path,
+                    cgroup: self.cgroup.to_owned(),
+                    found: current.cgroup_id,
+                    expected: self.cgroup_id,
+                    found_type: current.attach_type,
+                    expected_type: attach_type,
+                });
+            }
+            if program_tag(current.prog_id) == Some(info.tag()) {
+                Install::Adopted
+            } else {
+                let new_fd = prog.program_fd().map_err(|source| load_err(name, source))?;
+                sys::link_update(link.as_fd(), new_fd.as_fd())
+                    .map_err(|e| syscall_err("update", e))?;
+                Install::Replaced {
+                    old_program_id: current.prog_id,
+                }
+            }
+        } else {
+            let fd_link = attach(prog).map_err(|source| Error::Attach {
+                name,
+                cgroup: self.cgroup.to_owned(),
+                source,
+            })?;
+            // Dropping the returned PinnedLink closes our descriptor; the pin keeps the link.
+            drop(fd_link.pin(&path).map_err(|source| Error::PinLink { name, source })?);
+            Install::Attached
+        };
+        let link = sys::obj_get(&path).map_err(|e| syscall_err("open", e))?;
+        let now = sys::cgroup_link_info(link.as_fd()).map_err(|e| syscall_err("inspect", e))?;
+        Ok(InstalledLink {
+            program: name,
+            install,
+            link_id: now.link_id,
+            program_id: now.prog_id,
+        })
+    }
+}
+
+/// The tag (hash of the instructions, map references masked) of a loaded program.
+fn program_tag(id: u32) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CleanupReport {
+    pub links_detached: Vec<PathBuf>,
+    pub maps_unpinned: Vec<PathBuf>,
+    pub dirs_removed: Vec<PathBuf>,
+}
+
+/// Detaches every link of an instance and removes every pin and directory it made. Refuses
+/// while an agent holds the instance. Removing nothing is not an error.
+pub fn cleanup(bpffs: &Path, instance: &str) -> Result<CleanupReport, Error> {
+    let pins = Pins::new(bpffs, instance)?;
+    let mut report = CleanupReport::default();
+    if !pins.dir().exists() {
+        return Ok(report);
+    }
+    let _lock = pins.lock()?;
+    let pin_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Pin { path, source }
+    };
+    for path in list(&pins.links_dir())? {
+        // Detached explicitly: another process may still hold a descriptor of the link.
+        remove_link(&path)?;
+        report.links_detached.push(path);
+    }
+    for path in list(&pins.maps_dir())? {
+        fs::remove_file(&path).map_err(pin_err(&path))?;
+        report.maps_unpinned.push(path);
+    }
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.dir().to_owned()] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => report.dirs_removed.push(dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Pin { path: dir, source }),
+        }
+    }
+    // The shared parent goes only when no other instance is left in it.
+    if let Some(parent) = pins.dir().parent()
+        && fs::remove_dir(parent).is_ok()
+    {
+        report.dirs_removed.push(parent.to_owned());
+    }
+    Ok(report)
+}
+
+fn list(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut paths = entries
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| Error::Pin {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            paths.sort();
+            Ok(paths)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(Error::Pin {
+            path: dir.to_owned(),
+            source,
+        }),
+    }
+}

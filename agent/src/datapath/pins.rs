@@ -1,0 +1,157 @@
+//! Where an instance keeps its pins, and the lock that makes one agent own an instance.
+//!
+//! ```text
+//! <bpffs>/weft/<instance>/maps/<MAP>      every map of the object
+//! <bpffs>/weft/<instance>/links/<PROGRAM> one cgroup link per program
+//! ```
+//! The agent holds an exclusive flock on `<bpffs>/weft/<instance>` while it runs.
+use std::{
+    fs::{self, File},
+    io,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use super::Error;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin layout of one instance.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    instance: String,
+    dir: PathBuf,
+}
+
+impl Pins {
+    /// Validates the instance name and the bpffs mount. Creates nothing.
+    pub fn new(bpffs: &Path, instance: &str) -> Result<Self, Error> {
+        validate_instance(instance)?;
+        check_bpffs(bpffs)?;
+        Ok(Self {
+            instance: instance.to_owned(),
+            dir: bpffs.join("weft").join(instance),
+        })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+
+    /// Creates the directories (idempotent).
+    pub fn create_dirs(&self) -> Result<(), Error> {
+        for dir in [self.maps_dir(), self.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| Error::Pin { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the instance lock without waiting. Fails when another agent (or a cleanup) holds it.
+    pub fn lock(&self) -> Result<InstanceLock, Error> {
+        let file = File::open(&self.dir).map_err(|source| Error::Pin {
+            path: self.dir.clone(),
+            source,
+        })?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if ret != 0 {
+            let err = io::Error::last_os_error();
+            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::InstanceBusy {
+                    instance: self.instance.clone(),
+                    dir: self.dir.clone(),
+                }
+            } else {
+                Error::Pin {
+                    path: self.dir.clone(),
+                    source: err,
+                }
+            });
+        }
+        Ok(InstanceLock { _file: file })
+    }
+}
+
+/// Held while an agent or a cleanup owns the instance; released on drop (or process death).
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+fn validate_instance(instance: &str) -> Result<(), Error> {
+    let ok = !instance.is_empty()
+        && instance.len() <= 64
+        && instance != "."
+        && instance != ".."
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInstance {
+            instance: instance.to_owned(),
+        })
+    }
+}
+
+fn check_bpffs(bpffs: &Path) -> Result<(), Error> {
+    let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::NotBpffs {
+            path: bpffs.to_owned(),
+        }
+    })?;
+    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid C string.
+    let (ret, st) = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st), st)
+    };
+    if ret != 0 || st.f_type != BPF_FS_MAGIC {
+        return Err(Error::NotBpffs {
+            path: bpffs.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names() {
+        for good in ["default", "node-1", "t_2.a"] {
+            validate_instance(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_instance(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn tmp_is_not_bpffs() {
+        let err = check_bpffs(Path::new("/tmp")).expect_err("/tmp accepted as bpffs");
+        assert!(err.to_string().contains("/tmp"), "{err}");
+    }
+}

@@ -1,0 +1,134 @@
+//! The few bpf(2) commands aya 0.14 does not expose: reading a cgroup link's target and
+//! replacing the program of a link in place.
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `union bpf_attr` member for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `union bpf_attr` member for BPF_OBJ_GET.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr` member for BPF_LINK_UPDATE.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// `union bpf_attr` member for BPF_LINK_DETACH.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// The head of `struct bpf_link_info` with the `cgroup` member of its union.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _pad2: u32,
+}
+
+/// What a cgroup link says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the cgroup is gone (the link is then defunct).
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, correctly laid out prefix of `union bpf_attr` for `cmd`, and
+    // the size passed is its size; the kernel zero-extends the rest.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Opens a pinned BPF object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: on success BPF_OBJ_GET returns a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Reads the program id and cgroup of a cgroup link.
+pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(CgroupLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        cgroup_id: info.cgroup_id,
+        attach_type: info.attach_type,
+    })
+}
+
+/// Atomically replaces the program behind `link`: no packet or callback sees neither or both.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Detaches a link now, even while other file descriptors or pins still refer to it.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}

@@ -1,0 +1,90 @@
+//! Structured logs: tracing for the agent, with kernel-side aya-log records forwarded into the
+//! same stream under target `weft::kernel`.
+use std::io::IsTerminal as _;
+
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid --log-level {filter:?}")]
+    Filter {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("a global logger is already installed")]
+    AlreadyInstalled,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global subscriber. `filter` uses tracing's EnvFilter syntax
+/// (`info`, `info,weft::kernel=debug`, ...).
+pub fn init(filter: &str, format: Format) -> Result<(), Error> {
+    let env_filter = EnvFilter::try_new(filter).map_err(|source| Error::Filter {
+        filter: filter.to_owned(),
+        source,
+    })?;
+    let registry = tracing_subscriber::registry().with(env_filter);
+    let result = match format {
+        Format::Json => registry
+            .with(fmt::layer().json().with_current_span(false).with_span_list(false))
+            .try_init(),
+        Format::Text => registry
+            .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .try_init(),
+    };
+    result.map_err(|_| Error::AlreadyInstalled)
+}
+
+/// The aya-log level for kernel programs that matches what the installed filter lets through
+/// for target `weft::kernel` (0 = off, 1 = error .. 5 = trace), so the kernel does not format
+/// records nobody will see.
+pub fn kernel_log_level() -> u8 {
+    use tracing::Level;
+    if tracing::enabled!(target: "weft::kernel", Level::TRACE) {
+        5
+    } else if tracing::enabled!(target: "weft::kernel", Level::DEBUG) {
+        4
+    } else if tracing::enabled!(target: "weft::kernel", Level::INFO) {
+        3
+    } else if tracing::enabled!(target: "weft::kernel", Level::WARN) {
+        2
+    } else if tracing::enabled!(target: "weft::kernel", Level::ERROR) {
+        1
+    } else {
+        0
+    }
+}
+
+/// Forwards aya-log records (which use the `log` crate) into tracing.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        let program = record.module_path().unwrap_or("weft-ebpf");
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "weft::kernel", program, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "weft::kernel", program, "{message}"),
+            log::Level::Info => tracing::info!(target: "weft::kernel", program, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "weft::kernel", program, "{message}"),
+            log::Level::Trace => tracing::trace!(target: "weft::kernel", program, "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}

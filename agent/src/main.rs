@@ -1,0 +1,118 @@
+//! `weft`: the node agent and its command line.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use weft::{app, datapath, logging};
+
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about = "eBPF service-mesh node agent")]
+struct Cli {
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,weft::kernel=debug`.
+    #[arg(long, global = true, env = "WEFT_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logging::Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load and attach the datapath to a cgroup and report the connections it sees.
+    Agent(AgentArgs),
+    /// Detach every program of an instance and remove its pins.
+    Cleanup(CleanupArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// cgroup v2 directory to observe, with all its descendants [default: the host's cgroup2
+    /// mount, found in /proc/self/mountinfo]
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// Open TCP connections tracked at once (size of CONN_STATE).
+    #[arg(long, default_value_t = 65_536)]
+    max_connections: u32,
+    /// (cgroup, direction, protocol) traffic counters (size of TRAFFIC).
+    #[arg(long, default_value_t = 16_384)]
+    traffic_entries: u32,
+    /// Connection event ring buffer size in bytes (a power of two).
+    #[arg(long, default_value_t = 512 * 1024)]
+    ring_buffer_size: u32,
+    /// How often datapath counters are reported, e.g. `30s` or `500ms`.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    stats_interval: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct InstanceArgs {
+    /// Instance name: one agent per instance; pins live in <bpffs>/weft/<instance>.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    /// bpffs mount point.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
+        eprintln!("weft: {e}");
+        return ExitCode::from(2);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "weft failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => {
+            let config = app::AgentConfig {
+                cgroup_root: args.cgroup_root,
+                bpffs: args.instance.bpffs,
+                instance: args.instance.instance,
+                max_connections: args.max_connections,
+                traffic_entries: args.traffic_entries,
+                ring_buffer_bytes: args.ring_buffer_size,
+                stats_interval: args.stats_interval,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(app::run(config))?;
+        }
+        Command::Cleanup(args) => {
+            let report = datapath::cleanup(&args.instance.bpffs, &args.instance.instance)
+                .with_context(|| format!("cleanup of instance {:?}", args.instance.instance))?;
+            if report.links_detached.is_empty() && report.maps_unpinned.is_empty() {
+                tracing::info!(instance = args.instance.instance, "nothing to clean up");
+            }
+            for path in &report.links_detached {
+                tracing::info!(path = %path.display(), "link detached and unpinned");
+            }
+            for path in &report.maps_unpinned {
+                tracing::info!(path = %path.display(), "map unpinned");
+            }
+        }
+        Command::Version => println!("weft {}", env!("CARGO_PKG_VERSION")),
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! TCP connection lifecycle: written by the sock_ops program, read by the agent's `conntrack`.
+
+/// TCP states as the kernel numbers them (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+    pub const NEW_SYN_RECV: u32 = 12;
+}
+
+/// What a [`ConnEvent`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnEventKind {
+    /// The connection reached ESTABLISHED.
+    Open = 1,
+    /// The socket reached CLOSE; counters are final.
+    Close = 2,
+}
+
+impl ConnEventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Open),
+            2 => Some(Self::Close),
+            _ => None,
+        }
+    }
+}
+
+/// Which end of the connection the socket is.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The socket called connect().
+    Active = 1,
+    /// The socket was accepted from a listener.
+    Passive = 2,
+}
+
+impl Side {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Active),
+            2 => Some(Self::Passive),
+            _ => None,
+        }
+    }
+}
+
+/// Bits of [`ConnEvent::flags`] and [`ConnState::flags`].
+pub mod flags {
+    /// The socket sent a FIN (it went through FIN_WAIT1, CLOSING or LAST_ACK).
+    pub const FIN_SENT: u32 = 1 << 0;
+    /// The socket's FIN was acknowledged by the peer (subtracted from `bytes_sent`).
+    pub const FIN_ACKED: u32 = 1 << 1;
+    /// The socket received the peer's FIN (subtracted from `bytes_received`).
+    pub const FIN_RECEIVED: u32 = 1 << 2;
+    /// Kernel-internal: a segment with FIN was validated while we were closing;
+    /// `ConnState::peer_fin_seq` holds its sequence number.
+    pub const PEER_FIN_SEEN: u32 = 1 << 3;
+}
+
+/// One connection event.
+///
+/// Writer: `weft_sockops` (kernel), into the `CONN_EVENTS` ring buffer.
+/// Reader: the agent's `conntrack` module.
+///
+/// Addresses are the 4 words of the address in network byte order as the kernel stores them
+/// (an IPv4 address is in word 0). Ports are in host byte order. Byte counts are application
+/// payload: SYN and FIN sequence numbers are subtracted in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// A [`ConnEventKind`].
+    pub kind: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// The socket cookie: unique per socket for the life of the kernel.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` when the event was produced (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// From connect() (active) or establishment (passive) to this event.
+    pub duration_ns: u64,
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+    /// A [`Side`].
+    pub side: u32,
+    /// The TCP state the socket left when it closed (for `Close`), else ESTABLISHED.
+    pub last_state: u32,
+    /// Payload bytes sent and acknowledged by the peer.
+    pub bytes_sent: u64,
+    /// Payload bytes received in order.
+    pub bytes_received: u64,
+    /// Smoothed RTT in microseconds (the kernel stores it multiplied by 8; this is divided).
+    pub srtt_us: u32,
+    /// Minimum RTT seen, in microseconds.
+    pub rtt_min_us: u32,
+    /// Segments retransmitted over the life of the connection.
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 120);
+
+/// Per-connection state kept between sock_ops callbacks.
+///
+/// Writer: `weft_sockops` (kernel), key = socket cookie (u64), in `CONN_STATE`.
+/// Reader: `weft_sockops`; the agent reads it to list open connections and deletes entries of
+/// sockets that no longer exist.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// `bpf_ktime_get_ns()` at connect() (active) or at establishment (passive).
+    pub start_ns: u64,
+    /// `bytes_acked` at establishment: it counts the SYN on the active side only.
+    pub bytes_acked_base: u64,
+    /// `bytes_received` at establishment.
+    pub bytes_received_base: u64,
+    /// Bit `1 << state` for every TCP state the socket entered.
+    pub states_seen: u32,
+    /// A [`Side`].
+    pub side: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+    /// Sequence number of the peer's FIN, valid with `flags::PEER_FIN_SEEN`: the FIN was
+    /// consumed iff `rcv_nxt == peer_fin_seq + 1` when the socket closes.
+    pub peer_fin_seq: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnState>() == 40);
+
+#[cfg(feature = "user")]
+// SAFETY: ConnEvent is repr(C), made of integers only, with no implicit padding (size asserted).
+unsafe impl aya::Pod for ConnEvent {}
+#[cfg(feature = "user")]
+// SAFETY: ConnState is repr(C), made of integers only, with no implicit padding (size asserted).
+unsafe impl aya::Pod for ConnState {}

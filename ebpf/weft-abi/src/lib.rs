@@ -1,0 +1,57 @@
+//! The ABI between weft's kernel programs and its agent.
+//!
+//! Every type here is `#[repr(C)]`, made only of integers, with explicit padding and a size
+//! assertion, so both sides agree on the layout byte for byte. Each type says who writes it and
+//! who reads it. Names of maps and programs live here too, so the agent and the object cannot
+//! drift apart silently (the agent checks them against the object it embeds).
+#![no_std]
+
+pub mod conn;
+pub mod stats;
+pub mod traffic;
+
+/// Names of the programs in the object, as the agent looks them up.
+pub mod programs {
+    /// sock_ops program attached to the workload cgroup: TCP connection lifecycle.
+    pub const SOCKOPS: &str = "weft_sockops";
+    /// cgroup_skb/ingress program: per-cgroup traffic accounting of received packets.
+    pub const SKB_INGRESS: &str = "weft_skb_ingress";
+    /// cgroup_skb/egress program: per-cgroup traffic accounting of sent packets.
+    pub const SKB_EGRESS: &str = "weft_skb_egress";
+
+    /// Every program the agent attaches, in attach order.
+    pub const ALL: [&str; 3] = [SOCKOPS, SKB_INGRESS, SKB_EGRESS];
+}
+
+/// Names of the maps in the object. BPF object names are limited to 15 bytes.
+pub mod maps {
+    /// Ring buffer of [`crate::conn::ConnEvent`].
+    pub const CONN_EVENTS: &str = "CONN_EVENTS";
+    /// Hash of socket cookie to [`crate::conn::ConnState`] for open connections.
+    pub const CONN_STATE: &str = "CONN_STATE";
+    /// Per-CPU array of u64 counters indexed by [`crate::stats::Counter`].
+    pub const STATS: &str = "STATS";
+    /// Per-CPU hash of [`crate::traffic::TrafficKey`] to [`crate::traffic::TrafficValue`].
+    pub const TRAFFIC: &str = "TRAFFIC";
+    /// aya-log's ring buffer (defined by aya-log-ebpf).
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+
+    /// Every map of the object; all of them are pinned per instance.
+    pub const ALL: [&str; 5] = [CONN_EVENTS, CONN_STATE, STATS, TRAFFIC, AYA_LOGS];
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u32 = 2;
+/// Address families as the kernel numbers them.
+pub const AF_INET6: u32 = 10;
+
+/// IP protocol numbers used by the programs.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IP protocol numbers used by the programs.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol numbers used by the programs.
+pub const IPPROTO_UDP: u8 = 17;
+/// IP protocol numbers used by the programs.
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IP protocol numbers used by the programs.
+pub const IPPROTO_SCTP: u8 = 132;

@@ -1,0 +1,41 @@
+//! Datapath health counters.
+//!
+//! Writer: every kernel program, into the per-CPU array `STATS` at index `Counter as u32`.
+//! Reader: the agent, which sums the CPUs and reports them.
+
+/// Index of a counter in `STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connection event could not be reserved in `CONN_EVENTS` (ring buffer full).
+    ConnEventsLost = 0,
+    /// A connection could not be tracked: `CONN_STATE` is full.
+    ConnStateFull = 1,
+    /// A traffic counter could not be created: `TRAFFIC` is full.
+    TrafficFull = 2,
+    /// A packet seen by cgroup_skb could not be parsed (truncated or unknown).
+    PacketsUnparsed = 3,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 4] = [
+        Self::ConnEventsLost,
+        Self::ConnStateFull,
+        Self::TrafficFull,
+        Self::PacketsUnparsed,
+    ];
+
+    /// The name the agent reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ConnEventsLost => "conn_events_lost",
+            Self::ConnStateFull => "conn_state_full",
+            Self::TrafficFull => "traffic_full",
+            Self::PacketsUnparsed => "packets_unparsed",
+        }
+    }
+}
+
+/// Number of slots in `STATS`.
+pub const COUNTERS: u32 = Counter::ALL.len() as u32;

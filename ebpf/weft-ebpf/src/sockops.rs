@@ -1,0 +1,263 @@
+//! TCP connection lifecycle from sock_ops callbacks.
+//!
+//! A connection is tracked from connect() (active) or establishment (passive) until its socket
+//! reaches CLOSE. Byte counts are payload only: `bytes_acked` and `bytes_received` also count
+//! the SYN and FIN sequence numbers, so the program takes a baseline at establishment (which
+//! removes the SYN) and subtracts a FIN it knows was acknowledged or consumed.
+//!
+//! Knowing whether the peer's FIN was consumed needs care in one case: a socket that closed
+//! first leaves FIN_WAIT2 for CLOSE both when the peer's FIN arrives and when the application
+//! has closed it (it becomes a timewait socket that sock_ops no longer sees). So while the
+//! socket is closing, the program asks for every incoming header (PARSE_ALL_HDR_OPT), notes
+//! the sequence number of a FIN, and at CLOSE checks that `rcv_nxt` moved past it.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    programs::SockOpsContext,
+};
+use aya_log_ebpf::{debug, warn};
+use weft_abi::{
+    AF_INET,
+    conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
+    stats::Counter,
+};
+
+use crate::{
+    maps::{CONN_EVENTS, CONN_STATE},
+    packet, stats,
+};
+
+const TCP_FLAG_FIN: u32 = 0x01;
+
+/// Reads one field of the sock_ops context with its own load. The verifier accepts only
+/// `ctx + constant` loads of single fields; letting the compiler copy a whole array (or keep a
+/// pointer into the context) produces "dereference of modified ctx ptr".
+macro_rules! field {
+    ($ctx:expr, $($f:tt)+) => {
+        // SAFETY: `ops` is the program's context pointer; the verifier checks and rewrites
+        // every context load (fields of a non-full socket read as 0).
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.ops).$($f)+)) }
+    };
+}
+
+pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, Side::Active),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx, Side::Passive),
+        BPF_SOCK_OPS_STATE_CB => on_state(ctx, ctx.arg(1)),
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB => on_header(ctx),
+        _ => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: `ctx.ops` is the program's context; the helper only reads the socket.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast::<c_void>()) }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no arguments; always safe to call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn add_cb_flags(ctx: &SockOpsContext, add: u32) -> Result<(), i64> {
+    ctx.set_cb_flags((ctx.cb_flags() | add) as i32).map_err(i64::from)
+}
+
+fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
+    let state = ConnState {
+        start_ns: now(),
+        states_seen: 1 << tcp_state::SYN_SENT,
+        side: Side::Active as u32,
+        ..ConnState::default()
+    };
+    track(ctx, &state)
+}
+
+fn on_established(ctx: &SockOpsContext, side: Side) -> Result<(), i64> {
+    let cookie = cookie(ctx);
+    let (acked, received) = (field!(ctx, bytes_acked), field!(ctx, bytes_received));
+    let state = match CONN_STATE.get_ptr_mut(&cookie) {
+        Some(s) => {
+            // SAFETY: the entry is this socket's and sock_ops callbacks of one socket run under
+            // its lock, so nobody else writes it now.
+            let s = unsafe { &mut *s };
+            s.bytes_acked_base = acked;
+            s.bytes_received_base = received;
+            s.states_seen |= 1 << tcp_state::ESTABLISHED;
+            *s
+        }
+        None => {
+            // Passive sockets, and active ones whose connect() ran before we were attached.
+            let s = ConnState {
+                start_ns: now(),
+                bytes_acked_base: acked,
+                bytes_received_base: received,
+                states_seen: 1 << tcp_state::ESTABLISHED,
+                side: side as u32,
+                ..ConnState::default()
+            };
+            track(ctx, &s)?;
+            s
+        }
+    };
+    debug!(ctx, "tcp established cookie={} side={}", cookie, side as u32);
+    emit(ctx, ConnEventKind::Open, &state, tcp_state::ESTABLISHED);
+    Ok(())
+}
+
+fn track(ctx: &SockOpsContext, state: &ConnState) -> Result<(), i64> {
+    let cookie = cookie(ctx);
+    if let Err(e) = CONN_STATE.insert(&cookie, state, 0) {
+        stats::bump(Counter::ConnStateFull);
+        warn!(ctx, "CONN_STATE full: connection cookie={} is not tracked", cookie);
+        return Err(i64::from(e));
+    }
+    add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG)
+}
+
+fn on_state(ctx: &SockOpsContext, new_state: u32) -> Result<(), i64> {
+    let cookie = cookie(ctx);
+    let Some(s) = CONN_STATE.get_ptr_mut(&cookie) else {
+        return Ok(());
+    };
+    // SAFETY: see on_established.
+    let s = unsafe { &mut *s };
+    if new_state < 32 {
+        s.states_seen |= 1 << new_state;
+    }
+    match new_state {
+        tcp_state::FIN_WAIT1 => {
+            s.flags |= flags::FIN_SENT;
+            // We closed first: watch incoming headers for the peer's FIN (see module doc).
+            add_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)?;
+        }
+        tcp_state::LAST_ACK => s.flags |= flags::FIN_SENT,
+        // Both are entered only when the peer's FIN is consumed.
+        tcp_state::CLOSE_WAIT | tcp_state::CLOSING => s.flags |= flags::FIN_RECEIVED,
+        tcp_state::CLOSE => {
+            let last_state = ctx.arg(0);
+            let state = *s;
+            emit(ctx, ConnEventKind::Close, &state, last_state);
+            // Best effort: the agent also sweeps entries of sockets that no longer exist.
+            let _ = CONN_STATE.remove(&cookie);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn on_header(ctx: &SockOpsContext) -> Result<(), i64> {
+    let tcp_flags = field!(ctx, skb_tcp_flags);
+    let skb_len = field!(ctx, skb_len);
+    let data = field!(ctx, __bindgen_anon_3.skb_data) as usize;
+    let data_end = field!(ctx, __bindgen_anon_4.skb_data_end) as usize;
+    if tcp_flags & TCP_FLAG_FIN == 0 {
+        return Ok(());
+    }
+    // skb_data is the TCP header; skb_len covers header and payload.
+    let seq = u32::from_be(packet::read::<u32>(data, data_end, 4).ok_or(-1i64)?);
+    let doff = u32::from(packet::read::<u8>(data, data_end, 12).ok_or(-1i64)? >> 4) * 4;
+    let cookie = cookie(ctx);
+    let Some(s) = CONN_STATE.get_ptr_mut(&cookie) else {
+        return Ok(());
+    };
+    // SAFETY: see on_established.
+    let s = unsafe { &mut *s };
+    s.peer_fin_seq = seq.wrapping_add(skb_len.wrapping_sub(doff));
+    s.flags |= flags::PEER_FIN_SEEN;
+    Ok(())
+}
+
+fn emit(ctx: &SockOpsContext, kind: ConnEventKind, state: &ConnState, last_state: u32) {
+    let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
+        stats::bump(Counter::ConnEventsLost);
+        return;
+    };
+    let now = now();
+    let family = field!(ctx, family);
+    let (local_addr, remote_addr) = if family == AF_INET {
+        ([field!(ctx, local_ip4), 0, 0, 0], [field!(ctx, remote_ip4), 0, 0, 0])
+    } else {
+        (
+            [
+                field!(ctx, local_ip6[0]),
+                field!(ctx, local_ip6[1]),
+                field!(ctx, local_ip6[2]),
+                field!(ctx, local_ip6[3]),
+            ],
+            [
+                field!(ctx, remote_ip6[0]),
+                field!(ctx, remote_ip6[1]),
+                field!(ctx, remote_ip6[2]),
+                field!(ctx, remote_ip6[3]),
+            ],
+        )
+    };
+    let mut ev_flags = state.flags & (flags::FIN_SENT | flags::FIN_RECEIVED);
+    let mut fin_acked = 0;
+    let mut fin_received = 0;
+    if kind == ConnEventKind::Close {
+        // Our FIN was acknowledged: FIN_WAIT2 is entered only then; CLOSING and LAST_ACK
+        // leave for CLOSE on its ACK (snd_una reaches snd_nxt) or on a reset (it does not).
+        let fin_wait2 = state.states_seen & (1 << tcp_state::FIN_WAIT2) != 0;
+        let acked_on_close = (last_state == tcp_state::CLOSING
+            || last_state == tcp_state::LAST_ACK)
+            && field!(ctx, snd_una) == field!(ctx, snd_nxt);
+        if state.flags & flags::FIN_SENT != 0 && (fin_wait2 || acked_on_close) {
+            ev_flags |= flags::FIN_ACKED;
+            fin_acked = 1;
+        }
+        if state.flags & flags::PEER_FIN_SEEN != 0
+            && field!(ctx, rcv_nxt) == state.peer_fin_seq.wrapping_add(1)
+        {
+            ev_flags |= flags::FIN_RECEIVED;
+        }
+        if ev_flags & flags::FIN_RECEIVED != 0 {
+            fin_received = 1;
+        }
+    }
+    let sent = field!(ctx, bytes_acked)
+        .saturating_sub(state.bytes_acked_base)
+        .saturating_sub(fin_acked);
+    let received = field!(ctx, bytes_received)
+        .saturating_sub(state.bytes_received_base)
+        .saturating_sub(fin_received);
+    entry.write(ConnEvent {
+        kind: kind as u32,
+        family,
+        cookie: cookie(ctx),
+        timestamp_ns: now,
+        duration_ns: now.saturating_sub(state.start_ns),
+        local_addr,
+        remote_addr,
+        local_port: field!(ctx, local_port),
+        remote_port: u32::from_be(field!(ctx, remote_port)),
+        side: state.side,
+        last_state,
+        // A connection that never reached ESTABLISHED has no baseline and moved no payload.
+        bytes_sent: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 { sent } else { 0 },
+        bytes_received: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 {
+            received
+        } else {
+            0
+        },
+        srtt_us: field!(ctx, srtt_us) >> 3,
+        rtt_min_us: field!(ctx, rtt_min),
+        total_retrans: field!(ctx, total_retrans),
+        segs_in: field!(ctx, segs_in),
+        segs_out: field!(ctx, segs_out),
+        flags: ev_flags,
+    });
+    entry.submit(0);
+}
