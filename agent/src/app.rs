@@ -59,6 +59,15 @@ pub struct AgentConfig {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
+    // Before anything else: a SIGTERM during start-up must stop the agent cleanly too.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
     let cgroup_root = match &config.cgroup_root {
         Some(dir) => dir.clone(),
         None => cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))?,
@@ -99,14 +108,6 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     }
     .map_err(|e| Error::KernelLogs(e.into()))?;
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Signal {
-        signal: "SIGTERM",
-        source,
-    })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Signal {
-        signal: "SIGINT",
-        source,
-    })?;
     let mut ticker = tokio::time::interval(config.stats_interval);
     ticker.tick().await;
     let mut report = Report::default();

@@ -581,6 +581,61 @@ fn program_tag(id: u32) -> Option<u64> {
         .map(|p| p.tag())
 }
 
+/// A program attached directly to a cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attached {
+    pub attach_type: &'static str,
+    pub program_id: u32,
+    /// 0 when attached without a link.
+    pub link_id: u32,
+    pub program_name: String,
+}
+
+/// Every sock_ops and cgroup_skb program attached directly to `cgroup` (by anyone).
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<Attached>, Error> {
+    let file = File::open(cgroup).map_err(|source| Error::OpenCgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (attach_type, label) in [
+        (BPF_CGROUP_SOCK_OPS, "sock_ops"),
+        (BPF_CGROUP_INET_INGRESS, "cgroup_skb/ingress"),
+        (BPF_CGROUP_INET_EGRESS, "cgroup_skb/egress"),
+    ] {
+        let ids = sys::query_cgroup(file.as_fd(), attach_type).map_err(|source| {
+            Error::LinkSyscall {
+                op: "query programs of",
+                path: cgroup.to_owned(),
+                source,
+            }
+        })?;
+        for (program_id, link_id) in ids {
+            // Cgroup queries do not report link ids on every kernel: find the link by program.
+            let link_id = if link_id != 0 {
+                link_id
+            } else {
+                aya::programs::loaded_links()
+                    .filter_map(Result::ok)
+                    .find(|l| l.program_id() == program_id)
+                    .map_or(0, |l| l.id())
+            };
+            let program_name = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == program_id)
+                .and_then(|p| p.name_as_str().map(str::to_owned))
+                .unwrap_or_default();
+            out.push(Attached {
+                attach_type: label,
+                program_id,
+                link_id,
+                program_name,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// What `cleanup` removed.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct CleanupReport {

@@ -1,0 +1,17 @@
+//! Test harness for weft: a simulated Kubernetes node on one machine.
+//!
+//! A [`node::Node`] is a network namespace holding a bridge; each pod is a network namespace
+//! with a veth to that bridge, IPv4 and IPv6 addresses, and its own cgroup v2 directory inside
+//! the node's per-test cgroup. Processes run in a pod's namespace *and* cgroup, so weft sees
+//! them as that pod's workload. Nothing is routed out of the node namespace.
+//!
+//! Every resource is owned by a guard that removes it on drop, also when a test panics:
+//! processes (killed by pid), namespaces, cgroups, and the agent's pins. Names derive from the
+//! test's name and the process id so tests run concurrently.
+pub mod agent;
+pub mod names;
+pub mod node;
+pub mod proc;
+
+pub use agent::{Agent, AgentOptions};
+pub use node::{Node, NodeBuilder, Pod};

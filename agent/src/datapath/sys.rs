@@ -12,6 +12,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -29,6 +30,23 @@ struct ObjGetAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
+}
+
+/// `union bpf_attr` member for BPF_PROG_QUERY.
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
 }
 
 /// `union bpf_attr` member for BPF_LINK_UPDATE.
@@ -131,4 +149,23 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
         link_fd: link.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// Programs attached directly to a cgroup for one attach type, as (program id, link id);
+/// the link id is 0 for programs attached without a link.
+pub fn query_cgroup(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<(u32, u32)>> {
+    const MAX: usize = 64;
+    let mut prog_ids = [0u32; MAX];
+    let mut link_ids = [0u32; MAX];
+    let mut attr = ProgQueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: prog_ids.as_mut_ptr() as u64,
+        prog_cnt: MAX as u32,
+        link_ids: link_ids.as_mut_ptr() as u64,
+        ..ProgQueryAttr::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let n = (attr.prog_cnt as usize).min(MAX);
+    Ok(prog_ids[..n].iter().copied().zip(link_ids[..n].iter().copied()).collect())
 }

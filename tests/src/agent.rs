@@ -1,0 +1,202 @@
+//! Running `weft agent` against a simulated node, reading its structured logs, and removing
+//! its pins afterwards.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{
+    node::{Node, workspace_binary},
+    proc::{Lines, Process},
+};
+
+/// Where tests pin (the machine's bpffs; `cargo xtask setup` mounts it).
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The `weft` binary under test.
+pub fn weft_binary() -> PathBuf {
+    workspace_binary("WEFT_BIN", "weft")
+}
+
+/// Options for [`Agent::start_with`].
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `--log-level` filter.
+    pub log_level: String,
+    /// `--stats-interval`.
+    pub stats_interval: String,
+    /// More arguments for `weft agent`.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            stats_interval: "1s".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running `weft agent` attached to a node's cgroup, with instance = the node's tag.
+/// Dropping it kills the process and runs `weft cleanup` for the instance.
+#[derive(Debug)]
+pub struct Agent {
+    process: Option<Process>,
+    instance: String,
+    cgroup: PathBuf,
+    options: AgentOptions,
+    /// Logs of earlier processes of this agent (before a restart).
+    previous: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(node: &Node) -> Self {
+        Self::start_with(node, AgentOptions::default())
+    }
+
+    pub fn start_with(node: &Node, options: AgentOptions) -> Self {
+        let mut agent = Self {
+            process: None,
+            instance: node.tag().to_owned(),
+            cgroup: node.cgroup().to_owned(),
+            options,
+            previous: Vec::new(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        assert!(
+            Path::new(BPFFS).join(".").exists() && is_bpffs(Path::new(BPFFS)),
+            "{BPFFS} is not a bpffs mount: run `cargo xtask setup`"
+        );
+        let mut command = Command::new(weft_binary());
+        command
+            .args(["--log-format", "json", "--log-level", &self.options.log_level, "agent"])
+            .arg("--cgroup-root")
+            .arg(&self.cgroup)
+            .args(["--instance", &self.instance, "--bpffs", BPFFS])
+            .args(["--stats-interval", &self.options.stats_interval])
+            .args(&self.options.extra_args);
+        let process = Process::spawn(&format!("weft agent {}", self.instance), command);
+        process.stdout().wait_for("the agent to report `datapath ready`", Duration::from_secs(20), |lines| {
+            if let Some(err) = lines.iter().find(|l| l.contains("\"level\":\"ERROR\"")) {
+                panic!("the agent failed to start: {err}");
+            }
+            lines.iter().any(|l| l.contains("datapath ready")).then_some(())
+        });
+        self.process = Some(process);
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The current process's log lines.
+    pub fn logs(&self) -> &Lines {
+        self.process().stdout()
+    }
+
+    fn process(&self) -> &Process {
+        self.process.as_ref().unwrap_or_else(|| panic!("agent {} is not running", self.instance))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process().pid()
+    }
+
+    /// Every log record of the current process, parsed.
+    pub fn records(&self) -> Vec<Value> {
+        parse(&self.logs().snapshot())
+    }
+
+    /// Waits for a connection record (target `weft::conn`) whose fields satisfy `pred`.
+    pub fn wait_conn(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.logs().wait_for(what, Duration::from_secs(10), |lines| {
+            parse(lines)
+                .into_iter()
+                .filter(|r| r["target"] == "weft::conn")
+                .map(|r| r["fields"].clone())
+                .find(|f| pred(f))
+        })
+    }
+
+    /// Connection records (their fields) of the current process so far.
+    pub fn conns(&self) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["target"] == "weft::conn")
+            .map(|r| r["fields"].clone())
+            .collect()
+    }
+
+    /// SIGKILL: the agent gets no chance to clean anything.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.signal(libc::SIGKILL);
+            p.wait(Duration::from_secs(5));
+            self.previous.extend(p.stdout().snapshot());
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.signal(libc::SIGTERM);
+            p.wait_success(Duration::from_secs(10));
+            self.previous.extend(p.stdout().snapshot());
+        }
+    }
+
+    /// Starts a new agent process for the same instance.
+    pub fn restart(&mut self) {
+        assert!(self.process.is_none(), "stop or kill the agent before restarting it");
+        self.spawn();
+    }
+
+    /// Runs `weft cleanup` for the instance and returns its log lines.
+    pub fn cleanup(&self) -> Vec<Value> {
+        let out = Command::new(weft_binary())
+            .args(["--log-format", "json", "cleanup", "--instance", &self.instance, "--bpffs", BPFFS])
+            .output()
+            .unwrap_or_else(|e| panic!("weft cleanup: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "weft cleanup failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        parse(&text.lines().map(str::to_owned).collect::<Vec<_>>())
+    }
+
+    /// The instance's pin directory.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(BPFFS).join("weft").join(&self.instance)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if let Err(e) = weft::datapath::cleanup(Path::new(BPFFS), &self.instance) {
+            eprintln!("warning: cleanup of instance {}: {e}", self.instance);
+        }
+    }
+}
+
+fn parse(lines: &[String]) -> Vec<Value> {
+    lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == 0xcafe_4a11
+    }
+}

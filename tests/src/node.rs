@@ -1,0 +1,309 @@
+//! A simulated node: a network namespace with a bridge, and pods as namespaces with their
+//! own cgroups.
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    names,
+    proc::{self, Process},
+};
+
+/// The service range pods cannot reach unless weft translates it (unreachable on the node).
+pub const SERVICE_CIDR_V4: &str = "10.96.0.0/12";
+/// The IPv6 service range (unreachable on the node).
+pub const SERVICE_CIDR_V6: &str = "fd00:96::/108";
+const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const BRIDGE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+
+/// Builds a [`Node`].
+#[derive(Debug)]
+pub struct NodeBuilder {
+    test: String,
+    pods: Vec<String>,
+}
+
+impl NodeBuilder {
+    /// Adds a pod (names: 1 to 10 characters of [a-z0-9-]).
+    #[must_use]
+    pub fn pod(mut self, name: &str) -> Self {
+        assert!(
+            !name.is_empty()
+                && name.len() <= 10
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "pod name {name:?}: use 1 to 10 characters of [a-z0-9-]"
+        );
+        assert!(!self.pods.iter().any(|p| p == name), "pod {name} added twice");
+        self.pods.push(name.to_owned());
+        self
+    }
+
+    /// Creates the namespaces, links, addresses, routes and cgroups.
+    pub fn build(self) -> Node {
+        let tag = names::tag(&self.test);
+        let cgroup_root = weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))
+            .unwrap_or_else(|e| panic!("the harness needs cgroup v2: {e}"));
+        let mut node = Node {
+            tag: tag.clone(),
+            netns: Netns::create(&format!("weft-{tag}")),
+            cgroup: Cgroup::create(&cgroup_root.join(format!("weft-test-{tag}"))),
+            pods: Vec::new(),
+        };
+        let n = node.netns.name.clone();
+        let ip_n = |args: &[&str]| proc::run("ip", [&["-n", n.as_str()], args].concat());
+        ip_n(&["link", "set", "lo", "up"]);
+        ip_n(&["link", "add", "br0", "type", "bridge"]);
+        ip_n(&["addr", "add", &format!("{BRIDGE_V4}/24"), "dev", "br0"]);
+        ip_n(&["-6", "addr", "add", &format!("{BRIDGE_V6}/64"), "dev", "br0", "nodad"]);
+        ip_n(&["link", "set", "br0", "up"]);
+        // Nothing leaves the node: service ranges are unreachable unless weft translates them.
+        ip_n(&["route", "add", "unreachable", SERVICE_CIDR_V4]);
+        ip_n(&["-6", "route", "add", "unreachable", SERVICE_CIDR_V6]);
+        for (i, name) in self.pods.iter().enumerate() {
+            let host = u8::try_from(10 + i).unwrap_or_else(|_| panic!("too many pods"));
+            let pod = Pod {
+                name: name.clone(),
+                ipv4: Ipv4Addr::new(10, 0, 0, host),
+                ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(host)),
+                netns: Netns::create(&format!("weft-{tag}-{name}")),
+                cgroup: node.cgroup.child(name),
+            };
+            let p = pod.netns.name.clone();
+            let veth = format!("v-{name}");
+            ip_n(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &p]);
+            ip_n(&["link", "set", &veth, "master", "br0", "up"]);
+            let ip_p = |args: &[&str]| proc::run("ip", [&["-n", p.as_str()], args].concat());
+            ip_p(&["link", "set", "lo", "up"]);
+            ip_p(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"]);
+            ip_p(&["-6", "addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"]);
+            ip_p(&["link", "set", "eth0", "up"]);
+            ip_p(&["route", "add", "default", "via", &BRIDGE_V4.to_string()]);
+            ip_p(&["-6", "route", "add", "default", "via", &BRIDGE_V6.to_string()]);
+            node.pods.push(pod);
+        }
+        node
+    }
+}
+
+/// A simulated node. Dropping it kills every process in its cgroup and removes its
+/// namespaces and cgroups.
+#[derive(Debug)]
+pub struct Node {
+    tag: String,
+    netns: Netns,
+    cgroup: Cgroup,
+    pods: Vec<Pod>,
+}
+
+/// A pod on a [`Node`].
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    netns: Netns,
+    cgroup: Cgroup,
+}
+
+impl Pod {
+    /// `/run/netns/<name>`.
+    pub fn netns_path(&self) -> PathBuf {
+        self.netns.path()
+    }
+
+    /// The pod's cgroup v2 directory.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup.path
+    }
+}
+
+impl Node {
+    /// Starts building a node for the test named `test` (use the test function's path).
+    pub fn builder(test: &str) -> NodeBuilder {
+        NodeBuilder {
+            test: test.to_owned(),
+            pods: Vec::new(),
+        }
+    }
+
+    /// Short unique tag derived from the test's name.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The node's cgroup: the parent of every pod's cgroup (what the agent attaches to).
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup.path
+    }
+
+    /// `/run/netns/<name>` of the node namespace.
+    pub fn netns_path(&self) -> PathBuf {
+        self.netns.path()
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on node {}", self.tag))
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Runs the pod tool (see `weft-pod --help`) inside a pod: its namespace and its cgroup.
+    pub fn spawn(&self, pod: &str, args: &[&str]) -> Process {
+        let pod = self.pod(pod);
+        let mut command = proc::command_in(&pod.netns_path(), pod.cgroup(), &pod_tool());
+        command.args(args);
+        Process::spawn(&format!("{}/{}:{}", self.tag, pod.name, args.join(" ")), command)
+    }
+
+    /// Runs the pod tool in the node's namespace but outside every pod's cgroup (in the test
+    /// process's own cgroup), like a host process that weft must not observe.
+    pub fn spawn_outside(&self, args: &[&str]) -> Process {
+        let ns = fs::File::open(self.netns_path())
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.netns_path().display()));
+        let mut command = Command::new(pod_tool());
+        command.args(args);
+        // SAFETY: runs in the forked child before exec; setns is async-signal-safe and the
+        // descriptor was opened before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Process::spawn(&format!("{}/outside:{}", self.tag, args.join(" ")), command)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Pods first (their veths go with them), then the node; the cgroups once empty.
+        self.cgroup.kill_all();
+        for pod in self.pods.drain(..) {
+            drop(pod);
+        }
+    }
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(name: &str) -> Self {
+        proc::run("ip", ["netns", "add", name]);
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!("warning: cannot delete netns {}: {out:?}", self.name);
+        }
+    }
+}
+
+/// A cgroup v2 directory we created, removed on drop after its processes are killed.
+#[derive(Debug)]
+struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    fn create(path: &Path) -> Self {
+        fs::create_dir(path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    fn child(&self, name: &str) -> Self {
+        Self::create(&self.path.join(name))
+    }
+
+    /// Kills every process in this cgroup and its descendants (cgroup.kill) and waits until
+    /// the cgroup is unpopulated. Only our own test processes can be in it.
+    fn kill_all(&self) {
+        if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let events = fs::read_to_string(self.path.join("cgroup.events")).unwrap_or_default();
+            if events.lines().any(|l| l == "populated 0") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!("warning: processes of {} did not exit within 5 s", self.path.display());
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        // rmdir fails while a dying process still counts; retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() >= deadline => {
+                    eprintln!("warning: cannot remove cgroup {}: {e}", self.path.display());
+                    return;
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}
+
+/// Finds a binary of this workspace next to the running executable (target/<profile>/ or
+/// target/<profile>/deps/), unless `env` names it.
+pub fn workspace_binary(env: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    panic!(
+        "cannot find the {name} binary near {}; build it with `cargo xtask build` or set {env}",
+        exe.display()
+    )
+}
+
+/// The `weft-pod` tool that tests run inside pods.
+pub fn pod_tool() -> PathBuf {
+    workspace_binary("WEFT_POD_TOOL", "weft-pod")
+}
