@@ -98,7 +98,11 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     );
 
     let mut reader = Reader::new(datapath.take_conn_events()?)?;
-    let mut stats = StatsReader::new(datapath.take_stats()?, datapath.take_traffic()?, &cgroup_root);
+    let mut stats = StatsReader::new(
+        datapath.take_stats()?,
+        datapath.take_traffic()?,
+        &cgroup_root,
+    );
     let mut kernel_logs = EbpfLogger::init_with_logger(datapath.ebpf_mut(), KernelLog)
         .map_err(|e| Error::KernelLogs(std::io::Error::other(e)))?;
     // SAFETY: the logger owns the ring buffer's descriptor, which stays open and unchanged
@@ -212,7 +216,10 @@ impl Report {
             }
         }
         for (&(direction, ip_version, protocol), t) in &totals {
-            let last = self.traffic.get(&(direction, ip_version, protocol)).copied();
+            let last = self
+                .traffic
+                .get(&(direction, ip_version, protocol))
+                .copied();
             // Totals can shrink when cgroups are pruned; report what is there now.
             let delta_packets = t.packets.saturating_sub(last.map_or(0, |l| l.packets));
             if delta_packets == 0 {

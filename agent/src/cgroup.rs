@@ -3,8 +3,7 @@
 //! The cgroup v2 id that BPF helpers return (`bpf_skb_cgroup_id`, `bpf_get_current_cgroup_id`)
 //! is the inode number of the cgroup's directory.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -61,7 +60,9 @@ fn unescape_octal(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 4 <= bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -94,9 +95,13 @@ pub fn walk(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        let Ok(meta) = fs::metadata(&dir) else { continue };
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
         out.push((meta.ino(), dir.clone()));
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(entry.path());
@@ -129,7 +134,10 @@ mod tests {
     fn finds_unified_mount_with_optional_fields() {
         let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 \
                        master:1 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
-        assert_eq!(parse_cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]
@@ -145,7 +153,10 @@ mod tests {
     #[test]
     fn unescapes_mount_points() {
         let line = "41 31 0:38 / /run/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(line), Some(PathBuf::from("/run/my cgroups")));
+        assert_eq!(
+            parse_cgroup2_mount(line),
+            Some(PathBuf::from("/run/my cgroups"))
+        );
     }
 
     #[test]

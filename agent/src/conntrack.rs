@@ -291,7 +291,10 @@ mod tests {
         ev.family = 1;
         assert!(matches!(
             Connection::decode(&bytes(&ev)),
-            Err(Error::Unknown { field: "family", .. })
+            Err(Error::Unknown {
+                field: "family",
+                ..
+            })
         ));
     }
 
@@ -299,10 +302,19 @@ mod tests {
     fn outcomes() {
         use tcp_state::*;
         assert_eq!(Outcome::classify(SYN_SENT, 0), Outcome::Failed);
-        assert_eq!(Outcome::classify(FIN_WAIT2, flags::FIN_SENT), Outcome::Normal);
-        assert_eq!(Outcome::classify(LAST_ACK, flags::FIN_SENT | flags::FIN_ACKED), Outcome::Normal);
+        assert_eq!(
+            Outcome::classify(FIN_WAIT2, flags::FIN_SENT),
+            Outcome::Normal
+        );
+        assert_eq!(
+            Outcome::classify(LAST_ACK, flags::FIN_SENT | flags::FIN_ACKED),
+            Outcome::Normal
+        );
         assert_eq!(Outcome::classify(LAST_ACK, flags::FIN_SENT), Outcome::Reset);
         assert_eq!(Outcome::classify(ESTABLISHED, 0), Outcome::Reset);
-        assert_eq!(Outcome::classify(CLOSE_WAIT, flags::FIN_RECEIVED), Outcome::Reset);
+        assert_eq!(
+            Outcome::classify(CLOSE_WAIT, flags::FIN_RECEIVED),
+            Outcome::Reset
+        );
     }
 }

@@ -25,8 +25,7 @@ use aya::{
 };
 use weft_abi::{
     conn::ConnState,
-    maps,
-    programs,
+    maps, programs,
     stats::COUNTERS,
     traffic::{TrafficKey, TrafficValue},
 };
@@ -106,7 +105,10 @@ pub enum Error {
         source: MapError,
     },
     #[error("the kernel object has no {kind} named {name}: the agent and its object disagree")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("cannot load program {name} (the verifier log, if any, is in the cause)")]
     LoadProgram {
         name: &'static str,
@@ -214,7 +216,13 @@ impl Config {
     fn map_specs(&self) -> [MapSpec; 5] {
         let size = |n: usize| n as u32;
         [
-            MapSpec::new(maps::CONN_EVENTS, MapType::RingBuf, 0, 0, self.ring_buffer_bytes),
+            MapSpec::new(
+                maps::CONN_EVENTS,
+                MapType::RingBuf,
+                0,
+                0,
+                self.ring_buffer_bytes,
+            ),
             MapSpec::new(
                 maps::CONN_STATE,
                 MapType::Hash,
@@ -323,7 +331,9 @@ impl Datapath {
             .map_max_entries(maps::TRAFFIC, config.traffic_entries)
             .map_max_entries(maps::CONN_EVENTS, config.ring_buffer_bytes)
             .override_global("AYA_LOG_LEVEL", &config.kernel_log_level, true);
-        let mut ebpf = loader.load(OBJECT).map_err(|source| Error::Load { source })?;
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|source| Error::Load { source })?;
         check_maps(&pins, config)?;
 
         let ctx = AttachCtx {
@@ -375,7 +385,9 @@ impl Datapath {
     }
 
     /// The traffic counters (can be taken once).
-    pub fn take_traffic(&mut self) -> Result<PerCpuHashMap<MapData, TrafficKey, TrafficValue>, Error> {
+    pub fn take_traffic(
+        &mut self,
+    ) -> Result<PerCpuHashMap<MapData, TrafficKey, TrafficValue>, Error> {
         take(&mut self.ebpf, maps::TRAFFIC)
     }
 
@@ -392,16 +404,27 @@ fn attach_all(
     links: &mut Vec<InstalledLink>,
 ) -> Result<(), Error> {
     let prog: &mut SockOps = program(ebpf, programs::SOCKOPS)?;
-    prog.load().map_err(|source| load_err(programs::SOCKOPS, source))?;
-    links.push(ctx.install(programs::SOCKOPS, BPF_CGROUP_SOCK_OPS, prog, |p| {
-        // Cgroup links take no flags (the kernel rejects any with EINVAL) and always coexist
-        // with other programs; `Single` is what passes 0.
-        let id = p.attach(cgroup_file, CgroupAttachMode::Single)?;
-        Ok(p.take_link(id)?.try_into()?)
-    })?);
+    prog.load()
+        .map_err(|source| load_err(programs::SOCKOPS, source))?;
+    links.push(
+        ctx.install(programs::SOCKOPS, BPF_CGROUP_SOCK_OPS, prog, |p| {
+            // Cgroup links take no flags (the kernel rejects any with EINVAL) and always coexist
+            // with other programs; `Single` is what passes 0.
+            let id = p.attach(cgroup_file, CgroupAttachMode::Single)?;
+            Ok(p.take_link(id)?.try_into()?)
+        })?,
+    );
     for (name, attach_type, kind) in [
-        (programs::SKB_INGRESS, BPF_CGROUP_INET_INGRESS, CgroupSkbAttachType::Ingress),
-        (programs::SKB_EGRESS, BPF_CGROUP_INET_EGRESS, CgroupSkbAttachType::Egress),
+        (
+            programs::SKB_INGRESS,
+            BPF_CGROUP_INET_INGRESS,
+            CgroupSkbAttachType::Ingress,
+        ),
+        (
+            programs::SKB_EGRESS,
+            BPF_CGROUP_INET_EGRESS,
+            CgroupSkbAttachType::Egress,
+        ),
     ] {
         let prog: &mut CgroupSkb = program(ebpf, name)?;
         prog.load().map_err(|source| load_err(name, source))?;
@@ -442,7 +465,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(Error::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(Error::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| Error::TakeMap { name, source })
 }
 
@@ -450,7 +475,10 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, E
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(Error::Missing { kind: "program", name })?;
+    let prog = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
     prog.try_into().map_err(|source| load_err(name, source))
 }
 
@@ -527,10 +555,13 @@ impl AttachCtx<'_> {
             path: path.clone(),
             source,
         };
-        let info = prog.program_info().map_err(|source| load_err(name, source))?;
+        let info = prog
+            .program_info()
+            .map_err(|source| load_err(name, source))?;
         let install = if path.exists() {
             let link = sys::obj_get(&path).map_err(|e| syscall_err("open", e))?;
-            let current = sys::cgroup_link_info(link.as_fd()).map_err(|e| syscall_err("inspect", e))?;
+            let current =
+                sys::cgroup_link_info(link.as_fd()).map_err(|e| syscall_err("inspect", e))?;
             if current.cgroup_id != self.cgroup_id || current.attach_type != attach_type {
                 return Err(Error::LinkMismatch {
                     instance: self.pins.instance().to_owned(),
@@ -559,7 +590,11 @@ impl AttachCtx<'_> {
                 source,
             })?;
             // Dropping the returned PinnedLink closes our descriptor; the pin keeps the link.
-            drop(fd_link.pin(&path).map_err(|source| Error::PinLink { name, source })?);
+            drop(
+                fd_link
+                    .pin(&path)
+                    .map_err(|source| Error::PinLink { name, source })?,
+            );
             Install::Attached
         };
         let link = sys::obj_get(&path).map_err(|e| syscall_err("open", e))?;
@@ -603,13 +638,12 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<Attached>, Error> {
         (BPF_CGROUP_INET_INGRESS, "cgroup_skb/ingress"),
         (BPF_CGROUP_INET_EGRESS, "cgroup_skb/egress"),
     ] {
-        let ids = sys::query_cgroup(file.as_fd(), attach_type).map_err(|source| {
-            Error::LinkSyscall {
+        let ids =
+            sys::query_cgroup(file.as_fd(), attach_type).map_err(|source| Error::LinkSyscall {
                 op: "query programs of",
                 path: cgroup.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         for (program_id, link_id) in ids {
             // Cgroup queries do not report link ids on every kernel: find the link by program.
             let link_id = if link_id != 0 {

@@ -36,7 +36,12 @@ pub fn init(filter: &str, format: Format) -> Result<(), Error> {
     let registry = tracing_subscriber::registry().with(env_filter);
     let result = match format {
         Format::Json => registry
-            .with(fmt::layer().json().with_current_span(false).with_span_list(false))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
             .try_init(),
         Format::Text => registry
             .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))

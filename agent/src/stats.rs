@@ -66,10 +66,13 @@ impl StatsReader {
     pub fn health(&self) -> Result<Health, Error> {
         let mut out = Counter::ALL.map(|c| (c, 0));
         for (c, total) in &mut out {
-            let values = self.health.get(&(*c as u32), 0).map_err(|source| Error::Read {
-                map: weft_abi::maps::STATS,
-                source,
-            })?;
+            let values = self
+                .health
+                .get(&(*c as u32), 0)
+                .map_err(|source| Error::Read {
+                    map: weft_abi::maps::STATS,
+                    source,
+                })?;
             *total = values.iter().sum();
         }
         Ok(out)
@@ -97,14 +100,14 @@ impl StatsReader {
     /// The keys are read before the cgroups are listed, so a key always belongs to a cgroup
     /// that existed before the listing: one missing from it is really gone.
     pub fn prune(&mut self) -> Result<HashMap<u64, PathBuf>, Error> {
-        let keys: Vec<TrafficKey> = self
-            .traffic
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|source| Error::Read {
-                map: weft_abi::maps::TRAFFIC,
-                source,
-            })?;
+        let keys: Vec<TrafficKey> =
+            self.traffic
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|source| Error::Read {
+                    map: weft_abi::maps::TRAFFIC,
+                    source,
+                })?;
         let live: HashMap<u64, PathBuf> = cgroup::walk(&self.cgroup_root).into_iter().collect();
         for key in keys.iter().filter(|k| !live.contains_key(&k.cgroup_id)) {
             // Already gone is fine: another pass may have removed it.
@@ -126,5 +129,9 @@ pub fn protocol_name(protocol: u8) -> String {
 }
 
 pub fn direction_name(direction: u8) -> &'static str {
-    if direction == Direction::Egress as u8 { "egress" } else { "ingress" }
+    if direction == Direction::Egress as u8 {
+        "egress"
+    } else {
+        "ingress"
+    }
 }

@@ -9,7 +9,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    node::{Node, workspace_binary},
+    node::{Node, fs_magic, workspace_binary},
     proc::{Lines, Process},
 };
 
@@ -30,6 +30,8 @@ pub struct AgentOptions {
     pub stats_interval: String,
     /// More arguments for `weft agent`.
     pub extra_args: Vec<String>,
+    /// The `weft` binary (default: [`weft_binary`]).
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -38,6 +40,7 @@ impl Default for AgentOptions {
             log_level: "info".into(),
             stats_interval: "1s".into(),
             extra_args: Vec::new(),
+            binary: None,
         }
     }
 }
@@ -46,6 +49,7 @@ impl Default for AgentOptions {
 /// Dropping it kills the process and runs `weft cleanup` for the instance.
 #[derive(Debug)]
 pub struct Agent {
+    binary: PathBuf,
     process: Option<Process>,
     instance: String,
     cgroup: PathBuf,
@@ -61,6 +65,7 @@ impl Agent {
 
     pub fn start_with(node: &Node, options: AgentOptions) -> Self {
         let mut agent = Self {
+            binary: options.binary.clone().unwrap_or_else(weft_binary),
             process: None,
             instance: node.tag().to_owned(),
             cgroup: node.cgroup().to_owned(),
@@ -73,24 +78,37 @@ impl Agent {
 
     fn spawn(&mut self) {
         assert!(
-            Path::new(BPFFS).join(".").exists() && is_bpffs(Path::new(BPFFS)),
+            fs_magic(Path::new(BPFFS)) == Some(0xcafe_4a11),
             "{BPFFS} is not a bpffs mount: run `cargo xtask setup`"
         );
-        let mut command = Command::new(weft_binary());
+        let mut command = Command::new(&self.binary);
         command
-            .args(["--log-format", "json", "--log-level", &self.options.log_level, "agent"])
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                &self.options.log_level,
+                "agent",
+            ])
             .arg("--cgroup-root")
             .arg(&self.cgroup)
             .args(["--instance", &self.instance, "--bpffs", BPFFS])
             .args(["--stats-interval", &self.options.stats_interval])
             .args(&self.options.extra_args);
         let process = Process::spawn(&format!("weft agent {}", self.instance), command);
-        process.stdout().wait_for("the agent to report `datapath ready`", Duration::from_secs(20), |lines| {
-            if let Some(err) = lines.iter().find(|l| l.contains("\"level\":\"ERROR\"")) {
-                panic!("the agent failed to start: {err}");
-            }
-            lines.iter().any(|l| l.contains("datapath ready")).then_some(())
-        });
+        process.stdout().wait_for(
+            "the agent to report `datapath ready`",
+            Duration::from_secs(20),
+            |lines| {
+                if let Some(err) = lines.iter().find(|l| l.contains("\"level\":\"ERROR\"")) {
+                    panic!("the agent failed to start: {err}");
+                }
+                lines
+                    .iter()
+                    .any(|l| l.contains("datapath ready"))
+                    .then_some(())
+            },
+        );
         self.process = Some(process);
     }
 
@@ -104,7 +122,9 @@ impl Agent {
     }
 
     fn process(&self) -> &Process {
-        self.process.as_ref().unwrap_or_else(|| panic!("agent {} is not running", self.instance))
+        self.process
+            .as_ref()
+            .unwrap_or_else(|| panic!("agent {} is not running", self.instance))
     }
 
     pub fn pid(&self) -> u32 {
@@ -118,13 +138,14 @@ impl Agent {
 
     /// Waits for a connection record (target `weft::conn`) whose fields satisfy `pred`.
     pub fn wait_conn(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.logs().wait_for(what, Duration::from_secs(10), |lines| {
-            parse(lines)
-                .into_iter()
-                .filter(|r| r["target"] == "weft::conn")
-                .map(|r| r["fields"].clone())
-                .find(|f| pred(f))
-        })
+        self.logs()
+            .wait_for(what, Duration::from_secs(10), |lines| {
+                parse(lines)
+                    .into_iter()
+                    .filter(|r| r["target"] == "weft::conn")
+                    .map(|r| r["fields"].clone())
+                    .find(|f| pred(f))
+            })
     }
 
     /// Connection records (their fields) of the current process so far.
@@ -156,18 +177,17 @@ impl Agent {
 
     /// Starts a new agent process for the same instance.
     pub fn restart(&mut self) {
-        assert!(self.process.is_none(), "stop or kill the agent before restarting it");
+        assert!(
+            self.process.is_none(),
+            "stop or kill the agent before restarting it"
+        );
         self.spawn();
     }
 
-    /// Runs `weft cleanup` for the instance and returns its log lines.
+    /// Runs `weft cleanup` for the instance and returns its log records.
     pub fn cleanup(&self) -> Vec<Value> {
-        let out = Command::new(weft_binary())
-            .args(["--log-format", "json", "cleanup", "--instance", &self.instance, "--bpffs", BPFFS])
-            .output()
-            .unwrap_or_else(|e| panic!("weft cleanup: {e}"));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "weft cleanup failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        let (ok, text) = run_cleanup(&self.binary, &self.instance);
+        assert!(ok, "weft cleanup failed: {text}");
         parse(&text.lines().map(str::to_owned).collect::<Vec<_>>())
     }
 
@@ -180,23 +200,42 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
-        if let Err(e) = weft::datapath::cleanup(Path::new(BPFFS), &self.instance) {
-            eprintln!("warning: cleanup of instance {}: {e}", self.instance);
+        let (ok, text) = run_cleanup(&self.binary, &self.instance);
+        if !ok {
+            eprintln!("warning: cleanup of instance {}: {text}", self.instance);
         }
     }
 }
 
-fn parse(lines: &[String]) -> Vec<Value> {
-    lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+/// `weft cleanup --instance`: (success, output).
+fn run_cleanup(binary: &Path, instance: &str) -> (bool, String) {
+    match Command::new(binary)
+        .args([
+            "--log-format",
+            "json",
+            "cleanup",
+            "--instance",
+            instance,
+            "--bpffs",
+            BPFFS,
+        ])
+        .output()
+    {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("cannot run weft cleanup: {e}")),
+    }
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into a zeroed struct we own; `c` is a valid C string.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == 0xcafe_4a11
-    }
+fn parse(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }

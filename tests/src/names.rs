@@ -36,6 +36,9 @@ mod tests {
         assert!(a.len() <= 15, "{a}");
         assert_ne!(a, b);
         assert!(a.starts_with("bytecoun-"), "{a}");
-        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'), "{a}");
+        assert!(
+            a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'),
+            "{a}"
+        );
     }
 }

@@ -26,6 +26,7 @@ const BRIDGE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 pub struct NodeBuilder {
     test: String,
     pods: Vec<String>,
+    pod_tool: Option<PathBuf>,
 }
 
 impl NodeBuilder {
@@ -35,20 +36,32 @@ impl NodeBuilder {
         assert!(
             !name.is_empty()
                 && name.len() <= 10
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
             "pod name {name:?}: use 1 to 10 characters of [a-z0-9-]"
         );
-        assert!(!self.pods.iter().any(|p| p == name), "pod {name} added twice");
+        assert!(
+            !self.pods.iter().any(|p| p == name),
+            "pod {name} added twice"
+        );
         self.pods.push(name.to_owned());
+        self
+    }
+
+    /// Runs this `weft-pod` binary in pods instead of the one found near the executable.
+    #[must_use]
+    pub fn pod_tool(mut self, path: &Path) -> Self {
+        self.pod_tool = Some(path.to_owned());
         self
     }
 
     /// Creates the namespaces, links, addresses, routes and cgroups.
     pub fn build(self) -> Node {
         let tag = names::tag(&self.test);
-        let cgroup_root = weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))
-            .unwrap_or_else(|e| panic!("the harness needs cgroup v2: {e}"));
+        let cgroup_root = cgroup2_root();
         let mut node = Node {
+            pod_tool: self.pod_tool.unwrap_or_else(pod_tool),
             tag: tag.clone(),
             netns: Netns::create(&format!("weft-{tag}")),
             cgroup: Cgroup::create(&cgroup_root.join(format!("weft-test-{tag}"))),
@@ -59,7 +72,15 @@ impl NodeBuilder {
         ip_n(&["link", "set", "lo", "up"]);
         ip_n(&["link", "add", "br0", "type", "bridge"]);
         ip_n(&["addr", "add", &format!("{BRIDGE_V4}/24"), "dev", "br0"]);
-        ip_n(&["-6", "addr", "add", &format!("{BRIDGE_V6}/64"), "dev", "br0", "nodad"]);
+        ip_n(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{BRIDGE_V6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         ip_n(&["link", "set", "br0", "up"]);
         // Nothing leaves the node: service ranges are unreachable unless weft translates them.
         ip_n(&["route", "add", "unreachable", SERVICE_CIDR_V4]);
@@ -75,15 +96,32 @@ impl NodeBuilder {
             };
             let p = pod.netns.name.clone();
             let veth = format!("v-{name}");
-            ip_n(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &p]);
+            ip_n(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &p,
+            ]);
             ip_n(&["link", "set", &veth, "master", "br0", "up"]);
             let ip_p = |args: &[&str]| proc::run("ip", [&["-n", p.as_str()], args].concat());
             ip_p(&["link", "set", "lo", "up"]);
             ip_p(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"]);
-            ip_p(&["-6", "addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"]);
+            ip_p(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", pod.ipv6),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
             ip_p(&["link", "set", "eth0", "up"]);
             ip_p(&["route", "add", "default", "via", &BRIDGE_V4.to_string()]);
-            ip_p(&["-6", "route", "add", "default", "via", &BRIDGE_V6.to_string()]);
+            ip_p(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &BRIDGE_V6.to_string(),
+            ]);
             node.pods.push(pod);
         }
         node
@@ -94,6 +132,7 @@ impl NodeBuilder {
 /// namespaces and cgroups.
 #[derive(Debug)]
 pub struct Node {
+    pod_tool: PathBuf,
     tag: String,
     netns: Netns,
     cgroup: Cgroup,
@@ -128,6 +167,7 @@ impl Node {
         NodeBuilder {
             test: test.to_owned(),
             pods: Vec::new(),
+            pod_tool: None,
         }
     }
 
@@ -160,9 +200,12 @@ impl Node {
     /// Runs the pod tool (see `weft-pod --help`) inside a pod: its namespace and its cgroup.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Process {
         let pod = self.pod(pod);
-        let mut command = proc::command_in(&pod.netns_path(), pod.cgroup(), &pod_tool());
+        let mut command = proc::command_in(&pod.netns_path(), pod.cgroup(), &self.pod_tool);
         command.args(args);
-        Process::spawn(&format!("{}/{}:{}", self.tag, pod.name, args.join(" ")), command)
+        Process::spawn(
+            &format!("{}/{}:{}", self.tag, pod.name, args.join(" ")),
+            command,
+        )
     }
 
     /// Runs the pod tool in the node's namespace but outside every pod's cgroup (in the test
@@ -170,7 +213,7 @@ impl Node {
     pub fn spawn_outside(&self, args: &[&str]) -> Process {
         let ns = fs::File::open(self.netns_path())
             .unwrap_or_else(|e| panic!("open {}: {e}", self.netns_path().display()));
-        let mut command = Command::new(pod_tool());
+        let mut command = Command::new(&self.pod_tool);
         command.args(args);
         // SAFETY: runs in the forked child before exec; setns is async-signal-safe and the
         // descriptor was opened before the fork.
@@ -217,7 +260,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         if !matches!(&out, Ok(o) if o.status.success()) {
             eprintln!("warning: cannot delete netns {}: {out:?}", self.name);
         }
@@ -256,7 +301,10 @@ impl Cgroup {
             }
             thread::sleep(Duration::from_millis(5));
         }
-        eprintln!("warning: processes of {} did not exit within 5 s", self.path.display());
+        eprintln!(
+            "warning: processes of {} did not exit within 5 s",
+            self.path.display()
+        );
     }
 }
 
@@ -276,6 +324,27 @@ impl Drop for Cgroup {
                 Err(_) => thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+}
+
+/// The cgroup v2 mount (hybrid hosts mount it at /sys/fs/cgroup/unified).
+pub fn cgroup2_root() -> PathBuf {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    for candidate in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        if fs_magic(Path::new(candidate)) == Some(CGROUP2_SUPER_MAGIC) {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("the harness needs cgroup v2 at /sys/fs/cgroup or /sys/fs/cgroup/unified")
+}
+
+/// The filesystem type (statfs f_type) of `path`.
+pub fn fs_magic(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs writes into a zeroed struct we own; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type)
     }
 }
 

@@ -58,7 +58,11 @@ impl Lines {
 
     /// Every line so far.
     pub fn snapshot(&self) -> Vec<String> {
-        self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Waits until `pred` holds for the lines so far; returns its value. Panics after `timeout`
@@ -106,7 +110,10 @@ impl Process {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
         let stdout = Lines::default();
-        let pipe = child.stdout.take().unwrap_or_else(|| panic!("{name}: no stdout pipe"));
+        let pipe = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("{name}: no stdout pipe"));
         let echo = std::env::var_os("WEFT_TEST_ECHO").map(|_| name.to_owned());
         stdout.clone().collect(pipe, echo);
         Self {
@@ -128,7 +135,18 @@ impl Process {
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
         let ret = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(ret, 0, "kill({}, {signal}) of {}", self.child.id(), self.name);
+        assert_eq!(
+            ret,
+            0,
+            "kill({}, {signal}) of {}",
+            self.child.id(),
+            self.name
+        );
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_finished(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits for the process to exit; panics after `timeout` or if it fails.

@@ -8,7 +8,8 @@ use weft_testkit::{Agent, AgentOptions, Node, agent::BPFFS};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn attached(node: &Node) -> Vec<Attached> {
-    datapath::attached_programs(node.cgroup()).unwrap_or_else(|e| panic!("query {}: {e}", node.cgroup().display()))
+    datapath::attached_programs(node.cgroup())
+        .unwrap_or_else(|e| panic!("query {}: {e}", node.cgroup().display()))
 }
 
 fn assert_one_of_each(list: &[Attached]) {
@@ -17,16 +18,41 @@ fn assert_one_of_each(list: &[Attached]) {
         assert_eq!(n, 1, "{kind} attachments on the test cgroup: {list:?}");
     }
     assert_eq!(list.len(), 3, "{list:?}");
-    assert!(list.iter().all(|a| a.link_id != 0 && a.program_name.starts_with("weft_")), "{list:?}");
+    assert!(
+        list.iter()
+            .all(|a| a.link_id != 0 && a.program_name.starts_with("weft_")),
+        "{list:?}"
+    );
 }
 
 fn connect(node: &Node, port: u16, send: u64, reply: u64) -> String {
     let server = SocketAddr::new(node.pod("server").ipv4.into(), port);
-    let srv = node.spawn("server", &["tcp-server", "--listen", &server.to_string(), "--reply", &reply.to_string(), "--connections", "1"]);
-    srv.stdout().wait_for("listening", WAIT, |l| l.iter().any(|l| l.contains("listening")).then_some(()));
+    let srv = node.spawn(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            &server.to_string(),
+            "--reply",
+            &reply.to_string(),
+            "--connections",
+            "1",
+        ],
+    );
+    srv.stdout().wait_for("listening", WAIT, |l| {
+        l.iter().any(|l| l.contains("listening")).then_some(())
+    });
     let mut c = node.spawn(
         "client",
-        &["tcp-client", "--connect", &server.to_string(), "--send", &send.to_string(), "--expect", &reply.to_string()],
+        &[
+            "tcp-client",
+            "--connect",
+            &server.to_string(),
+            "--send",
+            &send.to_string(),
+            "--expect",
+            &reply.to_string(),
+        ],
     );
     c.wait_success(WAIT);
     server.to_string()
@@ -34,7 +60,10 @@ fn connect(node: &Node, port: u16, send: u64, reply: u64) -> String {
 
 #[test]
 fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
-    let node = Node::builder("survives_sigkill").pod("client").pod("server").build();
+    let node = Node::builder("survives_sigkill")
+        .pod("client")
+        .pod("server")
+        .build();
     let mut agent = Agent::start(&node);
     let before = attached(&node);
     assert_one_of_each(&before);
@@ -52,23 +81,40 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
     let installs: Vec<_> = records
         .iter()
         .filter(|r| r["fields"]["message"] == "program attached")
-        .map(|r| r["fields"]["install"].as_str().unwrap_or_default().to_owned())
+        .map(|r| {
+            r["fields"]["install"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     assert_eq!(installs, ["Adopted", "Adopted", "Adopted"], "{records:?}");
-    assert_eq!(attached(&node), before, "the restarted agent attached nothing new");
+    assert_eq!(
+        attached(&node),
+        before,
+        "the restarted agent attached nothing new"
+    );
     let rec = agent.wait_conn("the connection made while no agent ran", |f| {
         f["event"] == "tcp_close" && f["role"] == "client" && f["remote"] == server.as_str()
     });
-    assert_eq!((rec["bytes_sent"].as_u64(), rec["bytes_received"].as_u64()), (Some(4321), Some(1234)));
+    assert_eq!(
+        (rec["bytes_sent"].as_u64(), rec["bytes_received"].as_u64()),
+        (Some(4321), Some(1234))
+    );
 
     // And it keeps working.
     let server = connect(&node, 8081, 10, 20);
-    agent.wait_conn("a new connection", |f| f["event"] == "tcp_close" && f["remote"] == server.as_str());
+    agent.wait_conn("a new connection", |f| {
+        f["event"] == "tcp_close" && f["remote"] == server.as_str()
+    });
 }
 
 #[test]
 fn cleanup_removes_every_program_link_and_pin() {
-    let node = Node::builder("cleanup_removes").pod("client").pod("server").build();
+    let node = Node::builder("cleanup_removes")
+        .pod("client")
+        .pod("server")
+        .build();
     let mut agent = Agent::start(&node);
     let list = attached(&node);
     assert_one_of_each(&list);
@@ -80,26 +126,63 @@ fn cleanup_removes_every_program_link_and_pin() {
         .args(["cleanup", "--instance", agent.instance(), "--bpffs", BPFFS])
         .output()
         .expect("run weft cleanup");
-    assert!(!out.status.success(), "cleanup must refuse while the agent runs");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("in use"), "{out:?}");
+    assert!(
+        !out.status.success(),
+        "cleanup must refuse while the agent runs"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("in use"),
+        "{out:?}"
+    );
     agent.stop();
 
     let logs = agent.cleanup();
-    let detached = logs.iter().filter(|r| r["fields"]["message"] == "link detached and unpinned").count();
+    let detached = logs
+        .iter()
+        .filter(|r| r["fields"]["message"] == "link detached and unpinned")
+        .count();
     assert_eq!(detached, 3, "{logs:?}");
-    assert!(attached(&node).is_empty(), "programs still attached: {:?}", attached(&node));
-    assert!(!agent.pin_dir().exists(), "{} still exists", agent.pin_dir().display());
-    let live_programs: Vec<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+    assert!(
+        attached(&node).is_empty(),
+        "programs still attached: {:?}",
+        attached(&node)
+    );
+    assert!(
+        !agent.pin_dir().exists(),
+        "{} still exists",
+        agent.pin_dir().display()
+    );
+    let live_programs: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect();
     for a in &list {
-        assert!(!live_programs.contains(&a.program_id), "program {} ({}) is still loaded", a.program_id, a.program_name);
+        assert!(
+            !live_programs.contains(&a.program_id),
+            "program {} ({}) is still loaded",
+            a.program_id,
+            a.program_name
+        );
     }
-    let live_links: Vec<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
+    let live_links: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
     for a in &list {
-        assert!(!live_links.contains(&a.link_id), "link {} still exists", a.link_id);
+        assert!(
+            !live_links.contains(&a.link_id),
+            "link {} still exists",
+            a.link_id
+        );
     }
     // Idempotent.
     let again = agent.cleanup();
-    assert!(again.iter().any(|r| r["fields"]["message"] == "nothing to clean up"), "{again:?}");
+    assert!(
+        again
+            .iter()
+            .any(|r| r["fields"]["message"] == "nothing to clean up"),
+        "{again:?}"
+    );
 }
 
 #[test]
@@ -107,7 +190,16 @@ fn a_second_agent_for_a_running_instance_is_refused() {
     let node = Node::builder("second_refused").pod("client").build();
     let agent = Agent::start(&node);
     let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args(["--log-format", "json", "agent", "--instance", agent.instance(), "--bpffs", BPFFS, "--cgroup-root"])
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--instance",
+            agent.instance(),
+            "--bpffs",
+            BPFFS,
+            "--cgroup-root",
+        ])
         .arg(node.cgroup())
         .output()
         .expect("run a second agent");
@@ -129,14 +221,26 @@ fn a_pinned_map_of_another_size_is_a_clear_error() {
     );
     agent.stop();
     let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args(["--log-format", "json", "agent", "--instance", agent.instance(), "--bpffs", BPFFS, "--cgroup-root"])
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--instance",
+            agent.instance(),
+            "--bpffs",
+            BPFFS,
+            "--cgroup-root",
+        ])
         .arg(node.cgroup())
         .output()
         .expect("run the agent with another capacity");
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("CONN_STATE") && text.contains("1024 entries") && text.contains("65536 entries") && text.contains("weft cleanup"),
+        text.contains("CONN_STATE")
+            && text.contains("1024 entries")
+            && text.contains("65536 entries")
+            && text.contains("weft cleanup"),
         "{text}"
     );
     // The instance keeps working with its own settings.
@@ -145,17 +249,35 @@ fn a_pinned_map_of_another_size_is_a_clear_error() {
 
 #[test]
 fn an_instance_is_bound_to_its_cgroup() {
-    let node = Node::builder("bound_to_cgroup").pod("client").pod("other").build();
+    let node = Node::builder("bound_to_cgroup")
+        .pod("client")
+        .pod("other")
+        .build();
     let mut agent = Agent::start(&node);
     agent.stop();
     let other = node.pod("other").cgroup();
     let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args(["--log-format", "json", "agent", "--instance", agent.instance(), "--bpffs", BPFFS, "--cgroup-root"])
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--instance",
+            agent.instance(),
+            "--bpffs",
+            BPFFS,
+            "--cgroup-root",
+        ])
         .arg(other)
         .output()
         .expect("run the agent on another cgroup");
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("is attached to cgroup id"), "{text}");
-    assert!(datapath::attached_programs(other).expect("query").is_empty(), "nothing attached to {}", Path::new(other).display());
+    assert!(
+        datapath::attached_programs(other)
+            .expect("query")
+            .is_empty(),
+        "nothing attached to {}",
+        Path::new(other).display()
+    );
 }

@@ -14,7 +14,8 @@ use weft_abi::{
 
 /// The cgroup v2 id of this test process (test-run skbs belong to a socket of the caller).
 fn own_cgroup_id() -> u64 {
-    let mount = weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo")).expect("cgroup2 mount");
+    let mount =
+        weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo")).expect("cgroup2 mount");
     let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
     let rel = text
         .lines()
@@ -32,7 +33,20 @@ fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
 
 fn ipv4(protocol: u8, l4_len: usize) -> Vec<u8> {
     let total = 20 + l4_len;
-    let mut h = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, protocol, 0, 0];
+    let mut h = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        protocol,
+        0,
+        0,
+    ];
     h.extend_from_slice(&[10, 0, 0, 11, 10, 0, 0, 12]);
     h.resize(total, 0);
     h
@@ -41,7 +55,16 @@ fn ipv4(protocol: u8, l4_len: usize) -> Vec<u8> {
 /// IPv6 with a hop-by-hop options header and a fragment header before UDP.
 fn ipv6_udp_with_extension_headers(l4_len: usize) -> Vec<u8> {
     let payload = 8 + 8 + l4_len;
-    let mut h = vec![0x60, 0, 0, 0, (payload >> 8) as u8, payload as u8, 0 /* hop-by-hop */, 64];
+    let mut h = vec![
+        0x60,
+        0,
+        0,
+        0,
+        (payload >> 8) as u8,
+        payload as u8,
+        0, /* hop-by-hop */
+        64,
+    ];
     h.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b]);
     h.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0c]);
     h.extend_from_slice(&[44 /* fragment */, 0, 1, 4, 0, 0, 0, 0]);
@@ -65,38 +88,85 @@ fn ipv6_with_options_chain(n: usize) -> Vec<u8> {
 
 #[test]
 fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
-    let mut ebpf = EbpfLoader::new().load(weft::datapath::OBJECT).expect("load the embedded object");
+    let mut ebpf = EbpfLoader::new()
+        .load(weft::datapath::OBJECT)
+        .expect("load the embedded object");
     let cgroup_id = own_cgroup_id();
     let cases: [(&str, Direction, Vec<u8>, u32); 4] = [
-        ("weft_skb_egress", Direction::Egress, eth(0x0800, &ipv4(6, 20)), 3),
-        ("weft_skb_egress", Direction::Egress, eth(0x86dd, &ipv6_udp_with_extension_headers(8)), 2),
-        ("weft_skb_ingress", Direction::Ingress, eth(0x0800, &ipv4(17, 8)), 5),
-        ("weft_skb_ingress", Direction::Ingress, eth(0x86dd, &ipv6_udp_with_extension_headers(100)), 1),
+        (
+            "weft_skb_egress",
+            Direction::Egress,
+            eth(0x0800, &ipv4(6, 20)),
+            3,
+        ),
+        (
+            "weft_skb_egress",
+            Direction::Egress,
+            eth(0x86dd, &ipv6_udp_with_extension_headers(8)),
+            2,
+        ),
+        (
+            "weft_skb_ingress",
+            Direction::Ingress,
+            eth(0x0800, &ipv4(17, 8)),
+            5,
+        ),
+        (
+            "weft_skb_ingress",
+            Direction::Ingress,
+            eth(0x86dd, &ipv6_udp_with_extension_headers(100)),
+            1,
+        ),
     ];
     let unparsable: [(&str, Vec<u8>); 4] = [
         ("weft_skb_egress", eth(0x0806, &[0u8; 28])), // ARP
-        ("weft_skb_ingress", eth(0x0800, &ipv6_udp_with_extension_headers(8))), // v6 bytes, v4 type
+        (
+            "weft_skb_ingress",
+            eth(0x0800, &ipv6_udp_with_extension_headers(8)),
+        ), // v6 bytes, v4 type
         ("weft_skb_egress", eth(0x86dd, &ipv6_with_options_chain(7))), // longer chain than any stack sends
-        ("weft_skb_ingress", eth(0x86dd, &ipv6_with_options_chain(1)[..41])), // extension header cut short
+        (
+            "weft_skb_ingress",
+            eth(0x86dd, &ipv6_with_options_chain(1)[..41]),
+        ), // extension header cut short
     ];
     for name in ["weft_skb_egress", "weft_skb_ingress"] {
-        let prog: &mut CgroupSkb = ebpf.program_mut(name).expect(name).try_into().expect("cgroup_skb");
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("cgroup_skb");
         prog.load().unwrap_or_else(|e| panic!("load {name}: {e}"));
     }
     for (name, _, packet, repeat) in &cases {
-        let prog: &CgroupSkb = ebpf.program(name).expect(name).try_into().expect("cgroup_skb");
+        let prog: &CgroupSkb = ebpf
+            .program(name)
+            .expect(name)
+            .try_into()
+            .expect("cgroup_skb");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.repeat = *repeat;
-        let r = prog.test_run(opts).unwrap_or_else(|e| panic!("test_run {name}: {e:?}"));
+        let r = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run {name}: {e:?}"));
         assert_eq!(r.return_value, 1, "{name} must never drop");
     }
     for (name, packet) in &unparsable {
-        let prog: &CgroupSkb = ebpf.program(name).expect(name).try_into().expect("cgroup_skb");
+        let prog: &CgroupSkb = ebpf
+            .program(name)
+            .expect(name)
+            .try_into()
+            .expect("cgroup_skb");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
-        let r = prog.test_run(opts).unwrap_or_else(|e| panic!("test_run {name} {packet:?}: {e:?}"));
-        assert_eq!(r.return_value, 1, "{name} must not drop what it cannot parse");
+        let r = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run {name} {packet:?}: {e:?}"));
+        assert_eq!(
+            r.return_value, 1,
+            "{name} must not drop what it cannot parse"
+        );
     }
 
     let traffic: PerCpuHashMap<_, TrafficKey, TrafficValue> =
@@ -105,7 +175,11 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
         .iter()
         .map(|e| {
             let (k, v) = e.expect("read TRAFFIC");
-            (k, v.iter().map(|x| x.packets).sum(), v.iter().map(|x| x.bytes).sum())
+            (
+                k,
+                v.iter().map(|x| x.packets).sum(),
+                v.iter().map(|x| x.bytes).sum(),
+            )
         })
         .collect();
     seen.sort();
@@ -126,11 +200,16 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
     expected.sort();
     assert_eq!(seen, expected);
 
-    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("STATS").expect("STATS")).expect("per-cpu array");
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map("STATS").expect("STATS")).expect("per-cpu array");
     let unparsed: u64 = stats
         .get(&(Counter::PacketsUnparsed as u32), 0)
         .expect("read STATS")
         .iter()
         .sum();
-    assert_eq!(unparsed, unparsable.len() as u64, "every unparsable packet is counted");
+    assert_eq!(
+        unparsed,
+        unparsable.len() as u64,
+        "every unparsable packet is counted"
+    );
 }

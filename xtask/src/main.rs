@@ -1,1 +1,80 @@
-fn main() {}
+//! `cargo xtask`: set-up, builds, tests, the demo and benchmarks for weft.
+//!
+//! Every command first runs `setup`, which is a fast no-op when everything is present.
+mod bench;
+mod build;
+mod demo;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "weft's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what is missing (nightly rust-src, bpf-linker, Debian packages, bpffs mount).
+    Setup,
+    /// Build the kernel programs (nightly, bpfel-unknown-none) into target/ebpf.
+    BuildEbpf,
+    /// Build the kernel programs and the user-space binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// rustfmt check, clippy (user space and kernel), unit, TEST_RUN and privileged tests.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run weft on a simulated node with a few pods and show the connections it sees.
+    Demo {
+        /// Stop after this long (default: run until Ctrl-C), e.g. `20s`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Run benchmark scenarios; each measures weft against its baselines in the same run.
+    Bench {
+        /// Scenarios to run (default: all). Known: churn.
+        scenarios: Vec<String>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Alternating baseline/weft rounds per scenario.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let ws = workspace_root();
+    let tools = setup::run(&ws)?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::BuildEbpf => build::ebpf(&ws, &tools).map(drop),
+        Cmd::Build { release } => build::all(&ws, &tools, release).map(drop),
+        Cmd::Test { filter } => test::run(&ws, &tools, filter.as_deref()),
+        Cmd::Demo { duration } => demo::run(&ws, &tools, duration),
+        Cmd::Bench {
+            scenarios,
+            seconds,
+            rounds,
+        } => bench::run(&ws, &tools, &scenarios, seconds, rounds),
+    }
+}
+
+/// The workspace root (this crate lives in `<root>/xtask`).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), PathBuf::from)
+}

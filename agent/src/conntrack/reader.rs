@@ -19,7 +19,9 @@ pub struct Reader {
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reader").field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("Reader")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 

@@ -98,7 +98,11 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
             std::mem::size_of::<T>() as libc::c_uint,
         )
     };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 /// Opens a pinned BPF object.
@@ -167,5 +171,9 @@ pub fn query_cgroup(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<
     };
     bpf(BPF_PROG_QUERY, &mut attr)?;
     let n = (attr.prog_cnt as usize).min(MAX);
-    Ok(prog_ids[..n].iter().copied().zip(link_ids[..n].iter().copied()).collect())
+    Ok(prog_ids[..n]
+        .iter()
+        .copied()
+        .zip(link_ids[..n].iter().copied())
+        .collect())
 }

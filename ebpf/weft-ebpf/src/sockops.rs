@@ -15,8 +15,8 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockOpsContext,
@@ -71,7 +71,8 @@ fn now() -> u64 {
 
 #[inline(always)]
 fn add_cb_flags(ctx: &SockOpsContext, add: u32) -> Result<(), i64> {
-    ctx.set_cb_flags((ctx.cb_flags() | add) as i32).map_err(i64::from)
+    ctx.set_cb_flags((ctx.cb_flags() | add) as i32)
+        .map_err(i64::from)
 }
 
 fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
@@ -87,7 +88,7 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
 fn on_established(ctx: &SockOpsContext, side: Side) -> Result<(), i64> {
     let cookie = cookie(ctx);
     let (acked, received) = (field!(ctx, bytes_acked), field!(ctx, bytes_received));
-    let state = match CONN_STATE.get_ptr_mut(&cookie) {
+    let state = match CONN_STATE.get_ptr_mut(cookie) {
         Some(s) => {
             // SAFETY: the entry is this socket's and sock_ops callbacks of one socket run under
             // its lock, so nobody else writes it now.
@@ -111,16 +112,22 @@ fn on_established(ctx: &SockOpsContext, side: Side) -> Result<(), i64> {
             s
         }
     };
-    debug!(ctx, "tcp established cookie={} side={}", cookie, side as u32);
+    debug!(
+        ctx,
+        "tcp established cookie={} side={}", cookie, side as u32
+    );
     emit(ctx, ConnEventKind::Open, &state, tcp_state::ESTABLISHED);
     Ok(())
 }
 
 fn track(ctx: &SockOpsContext, state: &ConnState) -> Result<(), i64> {
     let cookie = cookie(ctx);
-    if let Err(e) = CONN_STATE.insert(&cookie, state, 0) {
+    if let Err(e) = CONN_STATE.insert(cookie, state, 0) {
         stats::bump(Counter::ConnStateFull);
-        warn!(ctx, "CONN_STATE full: connection cookie={} is not tracked", cookie);
+        warn!(
+            ctx,
+            "CONN_STATE full: connection cookie={} is not tracked", cookie
+        );
         return Err(i64::from(e));
     }
     add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG)
@@ -128,7 +135,7 @@ fn track(ctx: &SockOpsContext, state: &ConnState) -> Result<(), i64> {
 
 fn on_state(ctx: &SockOpsContext, new_state: u32) -> Result<(), i64> {
     let cookie = cookie(ctx);
-    let Some(s) = CONN_STATE.get_ptr_mut(&cookie) else {
+    let Some(s) = CONN_STATE.get_ptr_mut(cookie) else {
         return Ok(());
     };
     // SAFETY: see on_established.
@@ -150,7 +157,7 @@ fn on_state(ctx: &SockOpsContext, new_state: u32) -> Result<(), i64> {
             let state = *s;
             emit(ctx, ConnEventKind::Close, &state, last_state);
             // Best effort: the agent also sweeps entries of sockets that no longer exist.
-            let _ = CONN_STATE.remove(&cookie);
+            let _ = CONN_STATE.remove(cookie);
         }
         _ => {}
     }
@@ -169,7 +176,7 @@ fn on_header(ctx: &SockOpsContext) -> Result<(), i64> {
     let seq = u32::from_be(packet::read::<u32>(data, data_end, 4).ok_or(-1i64)?);
     let doff = u32::from(packet::read::<u8>(data, data_end, 12).ok_or(-1i64)? >> 4) * 4;
     let cookie = cookie(ctx);
-    let Some(s) = CONN_STATE.get_ptr_mut(&cookie) else {
+    let Some(s) = CONN_STATE.get_ptr_mut(cookie) else {
         return Ok(());
     };
     // SAFETY: see on_established.
@@ -187,7 +194,10 @@ fn emit(ctx: &SockOpsContext, kind: ConnEventKind, state: &ConnState, last_state
     let now = now();
     let family = field!(ctx, family);
     let (local_addr, remote_addr) = if family == AF_INET {
-        ([field!(ctx, local_ip4), 0, 0, 0], [field!(ctx, remote_ip4), 0, 0, 0])
+        (
+            [field!(ctx, local_ip4), 0, 0, 0],
+            [field!(ctx, remote_ip4), 0, 0, 0],
+        )
     } else {
         (
             [
@@ -246,7 +256,11 @@ fn emit(ctx: &SockOpsContext, kind: ConnEventKind, state: &ConnState, last_state
         side: state.side,
         last_state,
         // A connection that never reached ESTABLISHED has no baseline and moved no payload.
-        bytes_sent: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 { sent } else { 0 },
+        bytes_sent: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 {
+            sent
+        } else {
+            0
+        },
         bytes_received: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 {
             received
         } else {

@@ -1,5 +1,7 @@
 //! Per-cgroup traffic accounting (cgroup_skb). Counts and never drops.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext,
+};
 use weft_abi::{
     stats::Counter,
     traffic::{Direction, TrafficKey, TrafficValue},
@@ -7,6 +9,8 @@ use weft_abi::{
 
 use crate::{maps::TRAFFIC, packet, stats};
 
+/// -EEXIST, as map helpers return it.
+const ERR_EXISTS: i32 = -17;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -40,10 +44,10 @@ fn add(key: &TrafficKey, bytes: u64) {
         return;
     }
     let value = TrafficValue { packets: 1, bytes };
-    match TRAFFIC.insert(key, &value, u64::from(BPF_NOEXIST)) {
+    match TRAFFIC.insert(key, value, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         // Another CPU created the key between our lookup and insert: count into ours.
-        Err(e) if e == -17 => {
+        Err(ERR_EXISTS) => {
             if let Some(v) = TRAFFIC.get_ptr_mut(key) {
                 // SAFETY: as above.
                 unsafe {

@@ -207,7 +207,9 @@ fn write_bytes(stream: &mut TcpStream, mut n: u64) -> Result<(), String> {
     let buf = vec![0x5au8; 64 * 1024];
     while n > 0 {
         let chunk = n.min(buf.len() as u64) as usize;
-        stream.write_all(&buf[..chunk]).map_err(|e| format!("write: {e}"))?;
+        stream
+            .write_all(&buf[..chunk])
+            .map_err(|e| format!("write: {e}"))?;
         n -= chunk as u64;
     }
     Ok(())
@@ -220,7 +222,9 @@ fn tcp_client(connect: SocketAddr, send: u64, expect: u64, close: CloseMode) -> 
     write_bytes(&mut stream, send)?;
     let received = match close {
         CloseMode::Shutdown => {
-            stream.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+            stream
+                .shutdown(Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
             drain(&mut stream)?
         }
         CloseMode::Close => read_exactly(&mut stream, expect)?,
@@ -258,25 +262,41 @@ fn churn(connect: SocketAddr, seconds: f64) -> Result<(), String> {
         "event": "churn", "connections": connections, "errors": errors,
         "seconds": elapsed, "per_second": connections as f64 / elapsed,
     }));
-    if errors == 0 { Ok(()) } else { Err(format!("{errors} connects failed")) }
+    if errors == 0 {
+        Ok(())
+    } else {
+        Err(format!("{errors} connects failed"))
+    }
 }
 
 fn udp_echo(listen: SocketAddr) -> Result<(), String> {
     let socket = UdpSocket::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
-    emit(&json!({"event": "listening", "addr": socket.local_addr().map_err(|e| e.to_string())?.to_string()}));
+    emit(
+        &json!({"event": "listening", "addr": socket.local_addr().map_err(|e| e.to_string())?.to_string()}),
+    );
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, peer) = socket.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
-        socket.send_to(&buf[..n], peer).map_err(|e| format!("send: {e}"))?;
+        let (n, peer) = socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("recv: {e}"))?;
+        socket
+            .send_to(&buf[..n], peer)
+            .map_err(|e| format!("send: {e}"))?;
     }
 }
 
 fn udp_client(connect: SocketAddr, count: u64, size: usize) -> Result<(), String> {
-    let bind: SocketAddr = if connect.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let bind: SocketAddr = if connect.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(|e| format!("{e}"))?;
     let socket = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
-    socket.connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
+    socket
+        .connect(connect)
+        .map_err(|e| format!("connect {connect}: {e}"))?;
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
@@ -294,5 +314,9 @@ fn udp_client(connect: SocketAddr, count: u64, size: usize) -> Result<(), String
         "event": "done", "local": socket.local_addr().map_err(|e| e.to_string())?.to_string(),
         "remote": connect.to_string(), "sent": count, "echoed": echoed,
     }));
-    if echoed == count { Ok(()) } else { Err(format!("{echoed} of {count} echoed")) }
+    if echoed == count {
+        Ok(())
+    } else {
+        Err(format!("{echoed} of {count} echoed"))
+    }
 }

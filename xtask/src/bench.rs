@@ -1,0 +1,206 @@
+//! `cargo xtask bench`: scenarios that measure weft and its baselines in the same run, write
+//! JSON under target/bench/ and print ratios.
+//!
+//! `churn`: short TCP connections per second between two pods (connect, server closes,
+//! client closes), with no program attached and with the weft agent attached. Rounds
+//! alternate so drift on the machine affects both sides alike; the median ratio is reported.
+use std::{fs, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Node};
+
+use crate::{build, setup::Tools};
+
+const SCENARIOS: &[&str] = &["churn"];
+
+pub fn run(
+    ws: &Path,
+    tools: &Tools,
+    scenarios: &[String],
+    seconds: f64,
+    rounds: usize,
+) -> Result<()> {
+    let selected: Vec<&str> = if scenarios.is_empty() {
+        SCENARIOS.to_vec()
+    } else {
+        scenarios.iter().map(String::as_str).collect()
+    };
+    for s in &selected {
+        if !SCENARIOS.contains(s) {
+            bail!("unknown scenario {s:?}; known: {SCENARIOS:?}");
+        }
+    }
+    let bins = build::all(ws, tools, true)?;
+    let out_dir = build::target_dir(ws).join("bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    for s in selected {
+        let result = match s {
+            "churn" => churn(&bins, seconds, rounds)?,
+            _ => unreachable!("checked above"),
+        };
+        let path = out_dir.join(format!("{s}.json"));
+        fs::write(&path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        result.print();
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct ChurnResult {
+    scenario: &'static str,
+    unit: &'static str,
+    seconds_per_round: f64,
+    baseline: Vec<f64>,
+    weft: Vec<f64>,
+    /// weft / baseline per round.
+    ratios: Vec<f64>,
+    median_ratio: f64,
+    /// CPU time the agent process spent per connection (user + system), microseconds.
+    agent_cpu_us_per_connection: Vec<f64>,
+}
+
+impl ChurnResult {
+    fn print(&self) {
+        println!("\nchurn: short TCP connections per second between two pods (higher is better)");
+        println!(
+            "{:>5} {:>14} {:>14} {:>8} {:>18}",
+            "round", "no agent", "weft", "ratio", "agent CPU µs/conn"
+        );
+        for i in 0..self.ratios.len() {
+            println!(
+                "{:>5} {:>14.0} {:>14.0} {:>8.3} {:>18.2}",
+                i + 1,
+                self.baseline[i],
+                self.weft[i],
+                self.ratios[i],
+                self.agent_cpu_us_per_connection[i]
+            );
+        }
+        println!("median ratio weft / no agent: {:.3}", self.median_ratio);
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// user + system CPU seconds of a process, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
+    let server = node.pod("server").ipv4;
+    let mut c = node.spawn(
+        "client",
+        &[
+            "churn",
+            "--connect",
+            &format!("{server}:8080"),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    );
+    c.wait_success(Duration::from_secs_f64(seconds + 30.0));
+    let v: Value = c
+        .stdout()
+        .wait_for("churn result", Duration::from_secs(5), |lines| {
+            lines.iter().find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v["event"] == "churn")
+            })
+        });
+    Ok((
+        v["per_second"].as_f64().context("per_second")?,
+        v["connections"].as_u64().context("connections")?,
+    ))
+}
+
+fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
+    let node = Node::builder("xtask-bench-churn")
+        .pod_tool(&bins.join("weft-pod"))
+        .pod("client")
+        .pod("server")
+        .build();
+    let server = node.pod("server").ipv4;
+    let srv = node.spawn(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            &format!("{server}:8080"),
+            "--close-at-once",
+        ],
+    );
+    srv.stdout()
+        .wait_for("server", Duration::from_secs(10), |l| {
+            l.iter().any(|l| l.contains("listening")).then_some(())
+        });
+    // Warm-up: caches, ARP, the first page faults of the tools.
+    churn_once(&node, 1.0)?;
+
+    let (mut baseline, mut weft, mut ratios, mut cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        eprintln!("bench churn: round {}/{rounds}", round + 1);
+        let (b, _) = churn_once(&node, seconds)?;
+        // Logs at warn: the bench measures the datapath and event handling, not log output.
+        let mut agent = Agent::start_with(
+            &node,
+            AgentOptions {
+                log_level: "warn".into(),
+                stats_interval: "60s".into(),
+                binary: Some(bins.join("weft")),
+                ..AgentOptions::default()
+            },
+        );
+        let cpu_before = cpu_seconds(agent.pid())?;
+        let (w, conns) = churn_once(&node, seconds)?;
+        // Let the agent drain the ring buffer before reading its CPU time.
+        std::thread::sleep(Duration::from_millis(300));
+        let cpu_after = cpu_seconds(agent.pid())?;
+        agent.stop();
+        drop(agent);
+        baseline.push(b);
+        weft.push(w);
+        ratios.push(w / b);
+        cpu.push((cpu_after - cpu_before) * 1e6 / conns.max(1) as f64);
+    }
+    Ok(ChurnResult {
+        scenario: "churn",
+        unit: "connections per second",
+        seconds_per_round: seconds,
+        median_ratio: median(&ratios),
+        baseline,
+        weft,
+        ratios,
+        agent_cpu_us_per_connection: cpu,
+    })
+}

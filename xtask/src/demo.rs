@@ -1,0 +1,225 @@
+//! `cargo xtask demo`: weft's main job on a simulated node. Three pods talk to each other;
+//! the agent observes them from the node's cgroup and the demo prints what it reports.
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Node, proc::Process};
+
+use crate::{build, setup::Tools};
+
+pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
+    let bins = build::all(ws, tools, false)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("install the Ctrl-C handler")?;
+    }
+
+    eprintln!("demo: creating a simulated node (netns + bridge) with pods frontend, backend, db");
+    let node = Node::builder("xtask-demo")
+        .pod_tool(&bins.join("weft-pod"))
+        .pod("frontend")
+        .pod("backend")
+        .pod("db")
+        .build();
+    let names: HashMap<String, String> = node
+        .pods()
+        .iter()
+        .flat_map(|p| {
+            [
+                (p.ipv4.to_string(), p.name.clone()),
+                (p.ipv6.to_string(), p.name.clone()),
+            ]
+        })
+        .collect();
+    let backend = node.pod("backend").ipv4;
+    let db = node.pod("db");
+    let servers: Vec<Process> = vec![
+        node.spawn(
+            "backend",
+            &[
+                "tcp-server",
+                "--listen",
+                &format!("{backend}:8080"),
+                "--reply",
+                "2048",
+            ],
+        ),
+        node.spawn(
+            "db",
+            &[
+                "tcp-server",
+                "--listen",
+                &format!("[{}]:5432", db.ipv6),
+                "--reply",
+                "512",
+            ],
+        ),
+        node.spawn(
+            "db",
+            &["udp-echo", "--listen", &format!("{}:5353", db.ipv4)],
+        ),
+    ];
+    for s in &servers {
+        s.stdout()
+            .wait_for("a server to listen", Duration::from_secs(10), |l| {
+                l.iter().any(|l| l.contains("listening")).then_some(())
+            });
+    }
+
+    let agent = Agent::start_with(
+        &node,
+        AgentOptions {
+            stats_interval: "5s".into(),
+            binary: Some(bins.join("weft")),
+            ..AgentOptions::default()
+        },
+    );
+    eprintln!(
+        "demo: weft agent (pid {}) attached to cgroup {}; pins in /sys/fs/bpf/weft/{}",
+        agent.pid(),
+        node.cgroup().display(),
+        agent.instance()
+    );
+    eprintln!(
+        "demo: traffic: frontend -> backend:8080 (tcp/ipv4), backend -> db:5432 (tcp/ipv6), frontend -> db:5353 (udp)"
+    );
+    match duration {
+        Some(d) => eprintln!("demo: running for {}", humantime::format_duration(d)),
+        None => eprintln!("demo: running until Ctrl-C"),
+    }
+    println!(
+        "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8} {:>9}  outcome",
+        "event", "role", "local", "remote", "sent", "received", "rtt µs", "dur ms"
+    );
+
+    let started = Instant::now();
+    let mut printed = 0;
+    let mut next_round = Instant::now();
+    let mut round = 0u64;
+    let mut clients: Vec<Process> = Vec::new();
+    while !stop.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
+        if Instant::now() >= next_round {
+            round += 1;
+            clients.retain_mut(|c| c.try_finished().is_none());
+            clients.push(node.spawn(
+                "frontend",
+                &[
+                    "tcp-client",
+                    "--connect",
+                    &format!("{backend}:8080"),
+                    "--send",
+                    &(100 + round % 50).to_string(),
+                    "--expect",
+                    "2048",
+                ],
+            ));
+            clients.push(node.spawn(
+                "backend",
+                &[
+                    "tcp-client",
+                    "--connect",
+                    &format!("[{}]:5432", db.ipv6),
+                    "--send",
+                    "300",
+                    "--expect",
+                    "512",
+                    "--close",
+                    "close",
+                ],
+            ));
+            clients.push(node.spawn(
+                "frontend",
+                &[
+                    "udp-client",
+                    "--connect",
+                    &format!("{}:5353", db.ipv4),
+                    "--count",
+                    "3",
+                ],
+            ));
+            next_round = Instant::now() + Duration::from_millis(1000);
+        }
+        let lines = agent.logs().snapshot();
+        for line in &lines[printed..] {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                print_record(&v, &names);
+            }
+        }
+        printed = lines.len();
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("demo: stopping; removing the agent's programs and pins, the pods and the node");
+    drop(clients);
+    drop(agent);
+    drop(servers);
+    drop(node);
+    Ok(())
+}
+
+fn with_pod(addr: &str, names: &HashMap<String, String>) -> String {
+    let ip = addr
+        .rsplit_once(':')
+        .map_or(addr, |(ip, _)| ip)
+        .trim_matches(['[', ']']);
+    match names.get(ip) {
+        Some(pod) => format!("{pod}/{addr}"),
+        None => addr.to_owned(),
+    }
+}
+
+fn print_record(v: &Value, names: &HashMap<String, String>) {
+    let f = &v["fields"];
+    match v["target"].as_str() {
+        Some("weft::conn") if f["event"] == "tcp_close" => println!(
+            "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8} {:>9.2}  {}",
+            "close",
+            f["role"].as_str().unwrap_or("?"),
+            with_pod(f["local"].as_str().unwrap_or("?"), names),
+            with_pod(f["remote"].as_str().unwrap_or("?"), names),
+            f["bytes_sent"],
+            f["bytes_received"],
+            f["srtt_us"],
+            f["duration_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            f["outcome"].as_str().unwrap_or("?"),
+        ),
+        Some("weft::conn") => println!(
+            "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8}",
+            "open",
+            f["role"].as_str().unwrap_or("?"),
+            with_pod(f["local"].as_str().unwrap_or("?"), names),
+            with_pod(f["remote"].as_str().unwrap_or("?"), names),
+            "",
+            "",
+            f["srtt_us"],
+        ),
+        Some("weft::stats") if f["message"] == "traffic" => println!(
+            "traffic  {} ipv{} {}: {} packets, {} bytes (node total)",
+            f["direction"].as_str().unwrap_or("?"),
+            f["ip_version"],
+            f["protocol"].as_str().unwrap_or("?"),
+            f["packets"],
+            f["bytes"]
+        ),
+        _ if v["level"] == "WARN" || v["level"] == "ERROR" => {
+            println!(
+                "{} {}: {}",
+                v["level"].as_str().unwrap_or("?"),
+                v["target"].as_str().unwrap_or("?"),
+                f
+            );
+        }
+        _ => {}
+    }
+}
