@@ -56,6 +56,7 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
                 "2048",
             ],
         ),
+        // The backend closes right after reading its reply: the server reads exactly 300 bytes.
         node.spawn(
             "db",
             &[
@@ -64,6 +65,8 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
                 &format!("[{}]:5432", db.ipv6),
                 "--reply",
                 "512",
+                "--read",
+                "300",
             ],
         ),
         node.spawn(
@@ -181,6 +184,12 @@ fn with_pod(addr: &str, names: &HashMap<String, String>) -> String {
 
 fn print_record(v: &Value, names: &HashMap<String, String>) {
     let f = &v["fields"];
+    // serde_json's Display ignores width: format numbers as text first.
+    let n = |key: &str| {
+        f[key]
+            .as_u64()
+            .map_or_else(|| "?".to_owned(), |x| x.to_string())
+    };
     match v["target"].as_str() {
         Some("weft::conn") if f["event"] == "tcp_close" => println!(
             "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8} {:>9.2}  {}",
@@ -188,9 +197,9 @@ fn print_record(v: &Value, names: &HashMap<String, String>) {
             f["role"].as_str().unwrap_or("?"),
             with_pod(f["local"].as_str().unwrap_or("?"), names),
             with_pod(f["remote"].as_str().unwrap_or("?"), names),
-            f["bytes_sent"],
-            f["bytes_received"],
-            f["srtt_us"],
+            n("bytes_sent"),
+            n("bytes_received"),
+            n("srtt_us"),
             f["duration_us"].as_f64().unwrap_or(0.0) / 1000.0,
             f["outcome"].as_str().unwrap_or("?"),
         ),
@@ -202,15 +211,15 @@ fn print_record(v: &Value, names: &HashMap<String, String>) {
             with_pod(f["remote"].as_str().unwrap_or("?"), names),
             "",
             "",
-            f["srtt_us"],
+            n("srtt_us"),
         ),
         Some("weft::stats") if f["message"] == "traffic" => println!(
             "traffic  {} ipv{} {}: {} packets, {} bytes (node total)",
             f["direction"].as_str().unwrap_or("?"),
-            f["ip_version"],
+            n("ip_version"),
             f["protocol"].as_str().unwrap_or("?"),
-            f["packets"],
-            f["bytes"]
+            n("packets"),
+            n("bytes")
         ),
         _ if v["level"] == "WARN" || v["level"] == "ERROR" => {
             println!(
