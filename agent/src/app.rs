@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub max_connections: u32,
     pub traffic_entries: u32,
     pub ring_buffer_bytes: u32,
+    pub events_wakeup_bytes: u64,
+    pub events_poll_interval: Duration,
     pub stats_interval: Duration,
 }
 
@@ -80,6 +82,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         traffic_entries: config.traffic_entries,
         ring_buffer_bytes: config.ring_buffer_bytes,
         kernel_log_level: logging::kernel_log_level(),
+        events_wakeup_bytes: config.events_wakeup_bytes,
     })?;
     for link in datapath.links() {
         tracing::info!(
@@ -119,7 +122,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
 
     loop {
         tokio::select! {
-            result = reader.run(&mut sink) => result?,
+            result = reader.run(config.events_poll_interval, &mut sink) => result?,
             ready = kernel_logs_fd.readable() => {
                 let mut guard = ready.map_err(Error::KernelLogs)?;
                 guard.clear_ready();

@@ -176,6 +176,9 @@ impl Connection {
 
     /// Reports the record as one structured log event.
     pub fn log(&self) {
+        if !tracing::enabled!(target: "weft::conn", tracing::Level::INFO) {
+            return;
+        }
         let local = self.local.to_string();
         let remote = self.remote.to_string();
         let srtt_us = self.srtt.as_micros() as u64;

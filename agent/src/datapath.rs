@@ -25,7 +25,7 @@ use aya::{
 };
 use weft_abi::{
     conn::ConnState,
-    maps, programs,
+    globals, maps, programs,
     stats::COUNTERS,
     traffic::{TrafficKey, TrafficValue},
 };
@@ -185,11 +185,21 @@ pub struct Config {
     pub ring_buffer_bytes: u32,
     /// aya-log level compiled into the kernel programs' view: 0 = off .. 5 = trace.
     pub kernel_log_level: u8,
+    /// Pending bytes in `CONN_EVENTS` that wake the reader (0: every event).
+    pub events_wakeup_bytes: u64,
 }
 
 impl Config {
     fn validate(&self) -> Result<(), Error> {
         let page = 4096;
+        if self.events_wakeup_bytes >= u64::from(self.ring_buffer_bytes) / 2 {
+            return Err(Error::InvalidCapacity {
+                flag: "--events-wakeup-bytes",
+                value: u32::try_from(self.events_wakeup_bytes).unwrap_or(u32::MAX),
+                reason: "must be less than half of --ring-buffer-size, or events would be lost \
+                         before the reader wakes",
+            });
+        }
         if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
             return Err(Error::InvalidCapacity {
                 flag: "--ring-buffer-size",
@@ -330,7 +340,12 @@ impl Datapath {
             .map_max_entries(maps::CONN_STATE, config.max_connections)
             .map_max_entries(maps::TRAFFIC, config.traffic_entries)
             .map_max_entries(maps::CONN_EVENTS, config.ring_buffer_bytes)
-            .override_global("AYA_LOG_LEVEL", &config.kernel_log_level, true);
+            .override_global("AYA_LOG_LEVEL", &config.kernel_log_level, true)
+            .override_global(
+                globals::CONN_EVENTS_WAKEUP_BYTES,
+                &config.events_wakeup_bytes,
+                true,
+            );
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;

@@ -45,6 +45,13 @@ struct AgentArgs {
     /// Connection event ring buffer size in bytes (a power of two).
     #[arg(long, default_value_t = 512 * 1024)]
     ring_buffer_size: u32,
+    /// Pending connection-event bytes that wake the agent (0: every event). Batching saves
+    /// CPU under connection churn; --events-poll-interval bounds the delay.
+    #[arg(long, default_value_t = 16 * 1024)]
+    events_wakeup_bytes: u64,
+    /// How often the agent drains connection events without being woken.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    events_poll_interval: Duration,
     /// How often datapath counters are reported, e.g. `30s` or `500ms`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stats_interval: Duration,
@@ -91,6 +98,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_connections: args.max_connections,
                 traffic_entries: args.traffic_entries,
                 ring_buffer_bytes: args.ring_buffer_size,
+                events_wakeup_bytes: args.events_wakeup_bytes,
+                events_poll_interval: args.events_poll_interval,
                 stats_interval: args.stats_interval,
             };
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -61,6 +61,18 @@ struct ChurnResult {
     median_ratio: f64,
     /// CPU time the agent process spent per connection (user + system), microseconds.
     agent_cpu_us_per_connection: Vec<f64>,
+    /// Kernel time of weft's programs per connection, from BPF run-time statistics in an
+    /// extra round (statistics add their own cost, so that round is not in the ratios).
+    kernel: Vec<ProgramProfile>,
+    kernel_ns_per_connection: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ProgramProfile {
+    program: String,
+    runs_per_connection: f64,
+    ns_per_run: f64,
+    ns_per_connection: f64,
 }
 
 impl ChurnResult {
@@ -81,6 +93,17 @@ impl ChurnResult {
             );
         }
         println!("median ratio weft / no agent: {:.3}", self.median_ratio);
+        println!("kernel programs per connection (both ends, from BPF run-time statistics):");
+        for p in &self.kernel {
+            println!(
+                "  {:<18} {:>6.1} runs x {:>6.0} ns = {:>7.0} ns",
+                p.program, p.runs_per_connection, p.ns_per_run, p.ns_per_connection
+            );
+        }
+        println!(
+            "  {:<18} {:>34.0} ns",
+            "total", self.kernel_ns_per_connection
+        );
     }
 }
 
@@ -143,6 +166,77 @@ fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
     ))
 }
 
+fn agent_options(bins: &Path) -> AgentOptions {
+    // Logs at warn: the bench measures the datapath and event handling, not log output.
+    AgentOptions {
+        log_level: "warn,weft::app=info".into(),
+        stats_interval: "60s".into(),
+        binary: Some(bins.join("weft")),
+        ..AgentOptions::default()
+    }
+}
+
+/// Restores kernel.bpf_stats_enabled when dropped.
+struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let previous =
+            fs::read_to_string(BPF_STATS).with_context(|| format!("read {BPF_STATS}"))?;
+        fs::write(BPF_STATS, "1").with_context(|| format!("write {BPF_STATS}"))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, self.previous.trim());
+    }
+}
+
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let out = std::process::Command::new("bpftool")
+        .arg("--json")
+        .args(args)
+        .output()
+        .context("run bpftool (`cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn profile_round(node: &Node, bins: &Path, seconds: f64) -> Result<Vec<ProgramProfile>> {
+    let _stats = BpfStats::enable()?;
+    let agent = Agent::start_with(node, agent_options(bins));
+    let (_, conns) = churn_once(node, seconds)?;
+    let cgroup = node.cgroup().to_string_lossy().into_owned();
+    let attached = bpftool_json(&["cgroup", "show", &cgroup])?;
+    let mut out = Vec::new();
+    for prog in attached
+        .as_array()
+        .context("bpftool cgroup show: not a list")?
+    {
+        let id = prog["id"].as_u64().context("program id")?.to_string();
+        let info = bpftool_json(&["prog", "show", "id", &id])?;
+        let runs = info["run_cnt"].as_f64().unwrap_or(0.0);
+        let ns = info["run_time_ns"].as_f64().unwrap_or(0.0);
+        let conns = conns.max(1) as f64;
+        out.push(ProgramProfile {
+            program: info["name"].as_str().unwrap_or("?").to_owned(),
+            runs_per_connection: runs / conns,
+            ns_per_run: if runs > 0.0 { ns / runs } else { 0.0 },
+            ns_per_connection: ns / conns,
+        });
+    }
+    drop(agent);
+    Ok(out)
+}
+
 fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
     let node = Node::builder("xtask-bench-churn")
         .pod_tool(&bins.join("weft-pod"))
@@ -171,16 +265,7 @@ fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
     for round in 0..rounds {
         eprintln!("bench churn: round {}/{rounds}", round + 1);
         let (b, _) = churn_once(&node, seconds)?;
-        // Logs at warn: the bench measures the datapath and event handling, not log output.
-        let mut agent = Agent::start_with(
-            &node,
-            AgentOptions {
-                log_level: "warn".into(),
-                stats_interval: "60s".into(),
-                binary: Some(bins.join("weft")),
-                ..AgentOptions::default()
-            },
-        );
+        let mut agent = Agent::start_with(&node, agent_options(bins));
         let cpu_before = cpu_seconds(agent.pid())?;
         let (w, conns) = churn_once(&node, seconds)?;
         // Let the agent drain the ring buffer before reading its CPU time.
@@ -193,7 +278,11 @@ fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
         ratios.push(w / b);
         cpu.push((cpu_after - cpu_before) * 1e6 / conns.max(1) as f64);
     }
+    eprintln!("bench churn: profiling round (BPF run-time statistics on)");
+    let kernel = profile_round(&node, bins, seconds)?;
     Ok(ChurnResult {
+        kernel_ns_per_connection: kernel.iter().map(|p| p.ns_per_connection).sum(),
+        kernel,
         scenario: "churn",
         unit: "connections per second",
         seconds_per_round: seconds,

@@ -46,10 +46,10 @@ enum Cmd {
         /// Scenarios to run (default: all). Known: churn.
         scenarios: Vec<String>,
         /// Seconds per measurement.
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = 2.0)]
         seconds: f64,
-        /// Alternating baseline/weft rounds per scenario.
-        #[arg(long, default_value_t = 5)]
+        /// Alternating baseline/weft rounds per scenario (the median ratio is reported).
+        #[arg(long, default_value_t = 9)]
         rounds: usize,
     },
 }

@@ -1,4 +1,6 @@
 //! Reads connection events from the ring buffer as they arrive.
+use std::time::Duration;
+
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -42,13 +44,25 @@ impl Reader {
         self.stats
     }
 
-    /// Waits for events and processes them, forever (cancel by dropping the future; call
-    /// [`Reader::drain`] afterwards to take what is left).
-    pub async fn run(&mut self, sink: &mut impl FnMut(Connection)) -> Result<(), Error> {
+    /// Processes events as the kernel wakes the reader and at least every `poll` (the kernel
+    /// batches wakeups), forever. Cancel by dropping the future; call [`Reader::drain`]
+    /// afterwards to take what is left.
+    pub async fn run(
+        &mut self,
+        poll: Duration,
+        sink: &mut impl FnMut(Connection),
+    ) -> Result<(), Error> {
+        let mut timer = tokio::time::interval(poll);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut guard = self.ring.readable_mut().await.map_err(Error::Io)?;
-            guard.clear_ready();
-            drain_into(guard.get_inner_mut(), &mut self.stats, sink);
+            tokio::select! {
+                ready = self.ring.readable_mut() => {
+                    let mut guard = ready.map_err(Error::Io)?;
+                    guard.clear_ready();
+                    drain_into(guard.get_inner_mut(), &mut self.stats, sink);
+                }
+                _ = timer.tick() => drain_into(self.ring.get_mut(), &mut self.stats, sink),
+            }
         }
     }
 

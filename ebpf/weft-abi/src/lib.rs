@@ -40,6 +40,13 @@ pub mod maps {
     pub const ALL: [&str; 5] = [CONN_EVENTS, CONN_STATE, STATS, TRAFFIC, AYA_LOGS];
 }
 
+/// Names of global variables of the object that the agent sets at load time.
+pub mod globals {
+    /// u64: `CONN_EVENTS` wakes its reader only once this many bytes are pending (0: on every
+    /// event). Fewer wakeups under load; the agent also drains on a timer.
+    pub const CONN_EVENTS_WAKEUP_BYTES: &str = "CONN_EVENTS_WAKEUP_BYTES";
+}
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u32 = 2;
 /// Address families as the kernel numbers them.

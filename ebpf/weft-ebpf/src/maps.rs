@@ -1,6 +1,7 @@
 //! Every map of the object. Sizes here are defaults: the agent overrides capacities at load
 //! time (`--max-connections`, ...) and pins every map under its instance directory.
 use aya_ebpf::{
+    Global,
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -26,3 +27,7 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 #[map]
 pub static TRAFFIC: PerCpuHashMap<TrafficKey, TrafficValue> =
     PerCpuHashMap::with_max_entries(16_384, 0);
+
+/// See `weft_abi::globals::CONN_EVENTS_WAKEUP_BYTES`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static CONN_EVENTS_WAKEUP_BYTES: Global<u64> = Global::new(0);

@@ -14,6 +14,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
@@ -29,7 +30,7 @@ use weft_abi::{
 };
 
 use crate::{
-    maps::{CONN_EVENTS, CONN_STATE},
+    maps::{CONN_EVENTS, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE},
     packet, stats,
 };
 
@@ -47,13 +48,23 @@ macro_rules! field {
 }
 
 pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
-    match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, Side::Active),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx, Side::Passive),
-        BPF_SOCK_OPS_STATE_CB => on_state(ctx, ctx.arg(1)),
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB => on_header(ctx),
-        _ => Ok(()),
+    // Most callbacks (RWND_INIT, TIMEOUT_INIT, ...) are not ours: return before any helper call.
+    let op = ctx.op();
+    let handler = match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB
+        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_STATE_CB
+        | BPF_SOCK_OPS_PARSE_HDR_OPT_CB => op,
+        _ => return Ok(()),
+    };
+    let cookie = cookie(ctx);
+    match handler {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, cookie),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, cookie, Side::Active),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx, cookie, Side::Passive),
+        BPF_SOCK_OPS_STATE_CB => on_state(ctx, cookie, ctx.arg(1)),
+        _ => on_header(ctx, cookie),
     }
 }
 
@@ -75,18 +86,17 @@ fn add_cb_flags(ctx: &SockOpsContext, add: u32) -> Result<(), i64> {
         .map_err(i64::from)
 }
 
-fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
+fn on_connect(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
     let state = ConnState {
         start_ns: now(),
         states_seen: 1 << tcp_state::SYN_SENT,
         side: Side::Active as u32,
         ..ConnState::default()
     };
-    track(ctx, &state)
+    track(ctx, cookie, &state)
 }
 
-fn on_established(ctx: &SockOpsContext, side: Side) -> Result<(), i64> {
-    let cookie = cookie(ctx);
+fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i64> {
     let (acked, received) = (field!(ctx, bytes_acked), field!(ctx, bytes_received));
     let state = match CONN_STATE.get_ptr_mut(cookie) {
         Some(s) => {
@@ -108,7 +118,7 @@ fn on_established(ctx: &SockOpsContext, side: Side) -> Result<(), i64> {
                 side: side as u32,
                 ..ConnState::default()
             };
-            track(ctx, &s)?;
+            track(ctx, cookie, &s)?;
             s
         }
     };
@@ -116,12 +126,17 @@ fn on_established(ctx: &SockOpsContext, side: Side) -> Result<(), i64> {
         ctx,
         "tcp established cookie={} side={}", cookie, side as u32
     );
-    emit(ctx, ConnEventKind::Open, &state, tcp_state::ESTABLISHED);
+    emit(
+        ctx,
+        cookie,
+        ConnEventKind::Open,
+        &state,
+        tcp_state::ESTABLISHED,
+    );
     Ok(())
 }
 
-fn track(ctx: &SockOpsContext, state: &ConnState) -> Result<(), i64> {
-    let cookie = cookie(ctx);
+fn track(ctx: &SockOpsContext, cookie: u64, state: &ConnState) -> Result<(), i64> {
     if let Err(e) = CONN_STATE.insert(cookie, state, 0) {
         stats::bump(Counter::ConnStateFull);
         warn!(
@@ -130,11 +145,15 @@ fn track(ctx: &SockOpsContext, state: &ConnState) -> Result<(), i64> {
         );
         return Err(i64::from(e));
     }
-    add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG)
+    if let Err(e) = add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG) {
+        // Without state callbacks the entry would never be removed.
+        let _ = CONN_STATE.remove(cookie);
+        return Err(e);
+    }
+    Ok(())
 }
 
-fn on_state(ctx: &SockOpsContext, new_state: u32) -> Result<(), i64> {
-    let cookie = cookie(ctx);
+fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64> {
     let Some(s) = CONN_STATE.get_ptr_mut(cookie) else {
         return Ok(());
     };
@@ -155,7 +174,7 @@ fn on_state(ctx: &SockOpsContext, new_state: u32) -> Result<(), i64> {
         tcp_state::CLOSE => {
             let last_state = ctx.arg(0);
             let state = *s;
-            emit(ctx, ConnEventKind::Close, &state, last_state);
+            emit(ctx, cookie, ConnEventKind::Close, &state, last_state);
             // Best effort: the agent also sweeps entries of sockets that no longer exist.
             let _ = CONN_STATE.remove(cookie);
         }
@@ -164,7 +183,7 @@ fn on_state(ctx: &SockOpsContext, new_state: u32) -> Result<(), i64> {
     Ok(())
 }
 
-fn on_header(ctx: &SockOpsContext) -> Result<(), i64> {
+fn on_header(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
     let tcp_flags = field!(ctx, skb_tcp_flags);
     let skb_len = field!(ctx, skb_len);
     let data = field!(ctx, __bindgen_anon_3.skb_data) as usize;
@@ -175,7 +194,6 @@ fn on_header(ctx: &SockOpsContext) -> Result<(), i64> {
     // skb_data is the TCP header; skb_len covers header and payload.
     let seq = u32::from_be(packet::read::<u32>(data, data_end, 4).ok_or(-1i64)?);
     let doff = u32::from(packet::read::<u8>(data, data_end, 12).ok_or(-1i64)? >> 4) * 4;
-    let cookie = cookie(ctx);
     let Some(s) = CONN_STATE.get_ptr_mut(cookie) else {
         return Ok(());
     };
@@ -186,7 +204,13 @@ fn on_header(ctx: &SockOpsContext) -> Result<(), i64> {
     Ok(())
 }
 
-fn emit(ctx: &SockOpsContext, kind: ConnEventKind, state: &ConnState, last_state: u32) {
+fn emit(
+    ctx: &SockOpsContext,
+    cookie: u64,
+    kind: ConnEventKind,
+    state: &ConnState,
+    last_state: u32,
+) {
     let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
         stats::bump(Counter::ConnEventsLost);
         return;
@@ -246,7 +270,7 @@ fn emit(ctx: &SockOpsContext, kind: ConnEventKind, state: &ConnState, last_state
     entry.write(ConnEvent {
         kind: kind as u32,
         family,
-        cookie: cookie(ctx),
+        cookie,
         timestamp_ns: now,
         duration_ns: now.saturating_sub(state.start_ns),
         local_addr,
@@ -273,5 +297,13 @@ fn emit(ctx: &SockOpsContext, kind: ConnEventKind, state: &ConnState, last_state
         segs_out: field!(ctx, segs_out),
         flags: ev_flags,
     });
-    entry.submit(0);
+    // Wake the reader only once enough is pending: one wakeup per event costs the agent more
+    // than the event itself under connection churn. The agent also drains on a timer.
+    let pending = CONN_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let wakeup = if pending >= CONN_EVENTS_WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wakeup));
 }
