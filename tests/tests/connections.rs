@@ -304,3 +304,33 @@ fn refused_connect_is_reported_as_failed() {
         "a refused connection never opened"
     );
 }
+
+#[test]
+fn kernel_log_records_reach_the_agent_logs() {
+    let node = Node::builder("kernel_logs")
+        .pod("client")
+        .pod("server")
+        .build();
+    let agent = weft_testkit::Agent::start_with(
+        &node,
+        weft_testkit::AgentOptions {
+            log_level: "info,weft::kernel=debug".into(),
+            ..weft_testkit::AgentOptions::default()
+        },
+    );
+    let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
+    exchange(&node, server, 1, 1, "shutdown");
+    let record = agent.logs().wait_for("a kernel log record", WAIT, |lines| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["target"] == "weft::kernel")
+    });
+    assert_eq!(record["level"], "DEBUG", "{record}");
+    assert!(
+        record["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("tcp established cookie=")),
+        "{record}"
+    );
+}

@@ -281,3 +281,66 @@ fn an_instance_is_bound_to_its_cgroup() {
         Path::new(other).display()
     );
 }
+
+#[test]
+fn events_that_do_not_fit_the_ring_buffer_are_counted_not_silently_lost() {
+    let node = Node::builder("events_lost")
+        .pod("client")
+        .pod("server")
+        .build();
+    // 8 KiB holds 64 events; nobody reads while the agent is down.
+    let options = AgentOptions {
+        extra_args: ["--ring-buffer-size", "8192", "--events-wakeup-bytes", "0"]
+            .map(String::from)
+            .to_vec(),
+        ..AgentOptions::default()
+    };
+    let mut agent = Agent::start_with(&node, options);
+    agent.kill();
+    let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
+    let srv = node.spawn(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            &server.to_string(),
+            "--connections",
+            "40",
+        ],
+    );
+    srv.stdout().wait_for("listening", WAIT, |l| {
+        l.iter().any(|l| l.contains("listening")).then_some(())
+    });
+    for _ in 0..40 {
+        let mut c = node.spawn(
+            "client",
+            &[
+                "tcp-client",
+                "--connect",
+                &server.to_string(),
+                "--send",
+                "1",
+            ],
+        );
+        c.wait_success(WAIT);
+    }
+    agent.restart();
+    // 40 connections x 2 ends x (open + close) = 160 events, 64 fit.
+    let warning = agent
+        .logs()
+        .wait_for("the lost-events warning", WAIT, |lines| {
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|r| r["fields"]["counter"] == "conn_events_lost")
+        });
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let lost = warning["fields"]["total"].as_u64().expect("total");
+    let delivered = agent.conns().len() as u64;
+    assert_eq!(
+        lost + delivered,
+        160,
+        "every event is either delivered or counted as lost: {warning}"
+    );
+    assert!(lost >= 96, "{lost} lost");
+}
