@@ -233,6 +233,36 @@ fn run_cleanup(binary: &Path, instance: &str) -> (bool, String) {
     }
 }
 
+/// Runs `weft agent` for `instance` on `cgroup` when it is expected to refuse to start; returns
+/// its output. Panics if it is still running after 20 s or exits successfully.
+pub fn run_refused(instance: &str, cgroup: &Path, extra: &[&str]) -> String {
+    let mut command = Command::new(weft_binary());
+    command
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--instance",
+            instance,
+            "--bpffs",
+            BPFFS,
+        ])
+        .arg("--cgroup-root")
+        .arg(cgroup)
+        .args(extra);
+    let mut p = Process::spawn(
+        &format!("weft agent {instance} (expected to refuse)"),
+        command,
+    );
+    let status = p.wait(Duration::from_secs(20));
+    let text = p.stdout().snapshot().join("\n");
+    assert!(
+        !status.success(),
+        "the agent was expected to refuse to start: {text}"
+    );
+    text
+}
+
 fn parse(lines: &[String]) -> Vec<Value> {
     lines
         .iter()

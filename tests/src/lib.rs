@@ -12,6 +12,8 @@ pub mod agent;
 pub mod names;
 pub mod node;
 pub mod proc;
+pub mod workload;
 
 pub use agent::{Agent, AgentOptions};
 pub use node::{Node, NodeBuilder, Pod};
+pub use workload::{Close, Exchange};

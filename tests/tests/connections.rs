@@ -3,66 +3,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use weft_testkit::{Agent, Node};
+use weft_testkit::{Agent, AgentOptions, Close, Node};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Runs one client/server exchange between pods and returns (client addr, server addr).
-fn exchange(node: &Node, server: SocketAddr, n: u64, m: u64, close: &str) -> (String, String) {
-    let mut args = vec![
-        "tcp-server".to_owned(),
-        "--listen".into(),
-        server.to_string(),
-    ];
-    args.extend([
-        "--reply".into(),
-        m.to_string(),
-        "--connections".into(),
-        "1".into(),
-    ]);
-    if close == "close" {
-        // The client closes without shutting down first: the server reads exactly n.
-        args.extend(["--read".into(), n.to_string()]);
-    }
-    let srv = node.spawn(
-        "server",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    srv.stdout().wait_for("server listening", WAIT, |l| {
-        l.iter().any(|l| l.contains("listening")).then_some(())
-    });
-    let mut client = node.spawn(
-        "client",
-        &[
-            "tcp-client",
-            "--connect",
-            &server.to_string(),
-            "--send",
-            &n.to_string(),
-            "--expect",
-            &m.to_string(),
-            "--close",
-            close,
-        ],
-    );
-    client.wait_success(WAIT);
-    let done: Value = client.stdout().wait_for("client result", WAIT, |lines| {
-        lines.iter().find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["event"] == "done")
-        })
-    });
-    assert_eq!(done["sent"], n, "the client sent what it was asked to");
-    assert_eq!(
-        done["received"], m,
-        "the client received what the server sent"
-    );
-    (
-        done["local"].as_str().expect("local").to_owned(),
-        done["remote"].as_str().expect("remote").to_owned(),
-    )
-}
 
 fn assert_close(rec: &Value, sent: u64, received: u64) {
     assert_eq!(rec["bytes_sent"], sent, "bytes_sent in {rec}");
@@ -78,55 +21,38 @@ fn assert_close(rec: &Value, sent: u64, received: u64) {
     assert_eq!(rec["outcome"], "normal", "outcome in {rec}");
 }
 
-fn check_exchange(node: &Node, agent: &Agent, server: SocketAddr, n: u64, m: u64, close: &str) {
-    let (client_addr, server_addr) = exchange(node, server, n, m, close);
-    let is = |role: &'static str, event: &'static str, local: String, remote: String| {
+/// One exchange between the pods; both ends must be reported open and closed with exact counts.
+fn check_exchange(node: &Node, agent: &Agent, server: SocketAddr, n: u64, m: u64, close: Close) {
+    let x = node.tcp_exchange("client", "server", server, n, m, close);
+    let is = |role: &'static str, event: &'static str, local: &str, remote: &str| {
+        let (local, remote) = (local.to_owned(), remote.to_owned());
         move |f: &Value| {
             f["role"] == role && f["event"] == event && f["local"] == local && f["remote"] == remote
         }
     };
     agent.wait_conn(
         "client open",
-        is(
-            "client",
-            "tcp_open",
-            client_addr.clone(),
-            server_addr.clone(),
-        ),
+        is("client", "tcp_open", &x.client, &x.server),
     );
     agent.wait_conn(
         "server open",
-        is(
-            "server",
-            "tcp_open",
-            server_addr.clone(),
-            client_addr.clone(),
-        ),
+        is("server", "tcp_open", &x.server, &x.client),
     );
     let c = agent.wait_conn(
         "client close",
-        is(
-            "client",
-            "tcp_close",
-            client_addr.clone(),
-            server_addr.clone(),
-        ),
+        is("client", "tcp_close", &x.client, &x.server),
     );
     let s = agent.wait_conn(
         "server close",
-        is("server", "tcp_close", server_addr, client_addr),
+        is("server", "tcp_close", &x.server, &x.client),
     );
     assert_close(&c, n, m);
     assert_close(&s, m, n);
-    assert_eq!(
-        agent
-            .conns()
-            .iter()
-            .filter(|f| f["cookie"] == c["cookie"] && f["event"] == "tcp_close")
-            .count(),
-        1,
-        "one close per socket"
-    );
+    let closes = agent
+        .conns()
+        .into_iter()
+        .filter(|f| f["cookie"] == c["cookie"] && f["event"] == "tcp_close");
+    assert_eq!(closes.count(), 1, "one close per socket");
 }
 
 #[test]
@@ -139,41 +65,46 @@ fn byte_counts_are_exact_for_both_ends_and_both_close_orders() {
     let server = node.pod("server");
     // Sizes well above the socket buffers, not multiples of any segment size.
     let (n, m) = (3_456_789, 1_234_567);
-    // shutdown(WR) then read to EOF: the client's socket sees the server's FIN in FIN_WAIT2.
     check_exchange(
         &node,
         &agent,
         SocketAddr::new(server.ipv4.into(), 8080),
         n,
         m,
-        "shutdown",
+        Close::Shutdown,
     );
-    // close() right after reading: the client's socket is orphaned before the server's FIN.
     check_exchange(
         &node,
         &agent,
         SocketAddr::new(server.ipv4.into(), 8081),
         n,
         m,
-        "close",
+        Close::Close,
     );
-    // IPv6.
     check_exchange(
         &node,
         &agent,
         SocketAddr::new(server.ipv6.into(), 8082),
         m,
         n,
-        "shutdown",
+        Close::Shutdown,
+    );
+    check_exchange(
+        &node,
+        &agent,
+        SocketAddr::new(server.ipv6.into(), 8083),
+        m,
+        n,
+        Close::Close,
     );
     // A connection that carries no payload at all.
     check_exchange(
         &node,
         &agent,
-        SocketAddr::new(server.ipv4.into(), 8083),
+        SocketAddr::new(server.ipv4.into(), 8084),
         0,
         0,
-        "shutdown",
+        Close::Shutdown,
     );
 }
 
@@ -195,9 +126,7 @@ fn processes_outside_the_cgroup_are_not_reported() {
         "--connections",
         "2",
     ]);
-    outside.stdout().wait_for("outside server", WAIT, |l| {
-        l.iter().any(|l| l.contains("listening")).then_some(())
-    });
+    outside.wait_listening();
     let mut c = node.spawn_outside(&[
         "tcp-client",
         "--connect",
@@ -229,14 +158,14 @@ fn processes_outside_the_cgroup_are_not_reported() {
     // A marker connection between pods: once both of its ends are reported, anything about the
     // earlier connections would have been reported too (events arrive in order).
     let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
-    let (client_addr, _) = exchange(&node, server, 10, 20, "shutdown");
+    let x = node.tcp_exchange("client", "server", server, 10, 20, Close::Shutdown);
     agent.wait_conn("marker server close", |f| {
-        f["event"] == "tcp_close" && f["role"] == "server" && f["remote"] == client_addr
+        f["event"] == "tcp_close" && f["role"] == "server" && f["remote"] == x.client.as_str()
     });
 
-    let about_outside: Vec<_> = agent
-        .conns()
-        .into_iter()
+    let conns = agent.conns();
+    let about_outside: Vec<_> = conns
+        .iter()
         .filter(|f| {
             f["local"]
                 .as_str()
@@ -247,9 +176,8 @@ fn processes_outside_the_cgroup_are_not_reported() {
         about_outside.is_empty(),
         "outside sockets were reported: {about_outside:?}"
     );
-    let outside_peer: Vec<_> = agent
-        .conns()
-        .into_iter()
+    let outside_peer: Vec<_> = conns
+        .iter()
         .filter(|f| f["remote"] == "10.0.0.1:9000")
         .collect();
     assert_eq!(
@@ -278,21 +206,14 @@ fn refused_connect_is_reported_as_failed() {
         .pod("server")
         .build();
     let agent = Agent::start(&node);
-    let target = SocketAddr::new(node.pod("server").ipv4.into(), 9);
+    let target = SocketAddr::new(node.pod("server").ipv4.into(), 9).to_string();
     let mut c = node.spawn(
         "client",
-        &[
-            "tcp-client",
-            "--connect",
-            &target.to_string(),
-            "--send",
-            "1",
-        ],
+        &["tcp-client", "--connect", &target, "--send", "1"],
     );
-    let status = c.wait(WAIT);
-    assert!(!status.success(), "nothing listens on port 9");
+    assert!(!c.wait(WAIT).success(), "nothing listens on port 9");
     let rec = agent.wait_conn("failed close", |f| {
-        f["event"] == "tcp_close" && f["remote"] == target.to_string()
+        f["event"] == "tcp_close" && f["remote"] == target.as_str()
     });
     assert_eq!(rec["outcome"], "failed", "{rec}");
     assert_eq!(rec["bytes_sent"], 0);
@@ -300,7 +221,7 @@ fn refused_connect_is_reported_as_failed() {
         !agent
             .conns()
             .iter()
-            .any(|f| f["event"] == "tcp_open" && f["remote"] == target.to_string()),
+            .any(|f| f["event"] == "tcp_open" && f["remote"] == target.as_str()),
         "a refused connection never opened"
     );
 }
@@ -311,15 +232,13 @@ fn kernel_log_records_reach_the_agent_logs() {
         .pod("client")
         .pod("server")
         .build();
-    let agent = weft_testkit::Agent::start_with(
-        &node,
-        weft_testkit::AgentOptions {
-            log_level: "info,weft::kernel=debug".into(),
-            ..weft_testkit::AgentOptions::default()
-        },
-    );
+    let options = AgentOptions {
+        log_level: "info,weft::kernel=debug".into(),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start_with(&node, options);
     let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
-    exchange(&node, server, 1, 1, "shutdown");
+    node.tcp_exchange("client", "server", server, 1, 1, Close::Shutdown);
     let record = agent.logs().wait_for("a kernel log record", WAIT, |lines| {
         lines
             .iter()
@@ -327,10 +246,6 @@ fn kernel_log_records_reach_the_agent_logs() {
             .find(|r| r["target"] == "weft::kernel")
     });
     assert_eq!(record["level"], "DEBUG", "{record}");
-    assert!(
-        record["fields"]["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("tcp established cookie=")),
-        "{record}"
-    );
+    let message = record["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("tcp established cookie="), "{record}");
 }

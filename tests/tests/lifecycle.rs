@@ -1,9 +1,9 @@
 //! The datapath outlives the agent: pinned links stay attached after SIGKILL, a restarted
 //! agent adopts them (one attachment, no event lost), and `weft cleanup` removes everything.
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use weft::datapath::{self, Attached};
-use weft_testkit::{Agent, AgentOptions, Node, agent::BPFFS};
+use weft_testkit::{Agent, AgentOptions, Close, Node, agent::run_refused};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,44 +18,14 @@ fn assert_one_of_each(list: &[Attached]) {
         assert_eq!(n, 1, "{kind} attachments on the test cgroup: {list:?}");
     }
     assert_eq!(list.len(), 3, "{list:?}");
-    assert!(
-        list.iter()
-            .all(|a| a.link_id != 0 && a.program_name.starts_with("weft_")),
-        "{list:?}"
-    );
+    let ours = list
+        .iter()
+        .all(|a| a.link_id != 0 && a.program_name.starts_with("weft_"));
+    assert!(ours, "{list:?}");
 }
 
-fn connect(node: &Node, port: u16, send: u64, reply: u64) -> String {
-    let server = SocketAddr::new(node.pod("server").ipv4.into(), port);
-    let srv = node.spawn(
-        "server",
-        &[
-            "tcp-server",
-            "--listen",
-            &server.to_string(),
-            "--reply",
-            &reply.to_string(),
-            "--connections",
-            "1",
-        ],
-    );
-    srv.stdout().wait_for("listening", WAIT, |l| {
-        l.iter().any(|l| l.contains("listening")).then_some(())
-    });
-    let mut c = node.spawn(
-        "client",
-        &[
-            "tcp-client",
-            "--connect",
-            &server.to_string(),
-            "--send",
-            &send.to_string(),
-            "--expect",
-            &reply.to_string(),
-        ],
-    );
-    c.wait_success(WAIT);
-    server.to_string()
+fn server(node: &Node, port: u16) -> SocketAddr {
+    SocketAddr::new(node.pod("server").ipv4.into(), port)
 }
 
 #[test]
@@ -74,11 +44,18 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
         assert!(agent.pin_dir().join(pin).exists(), "{pin} is still pinned");
     }
     // Traffic while no agent runs: the kernel keeps recording into the pinned ring buffer.
-    let server = connect(&node, 8080, 4321, 1234);
+    let x = node.tcp_exchange(
+        "client",
+        "server",
+        server(&node, 8080),
+        4321,
+        1234,
+        Close::Shutdown,
+    );
 
     agent.restart();
-    let records = agent.records();
-    let installs: Vec<_> = records
+    let installs: Vec<String> = agent
+        .records()
         .iter()
         .filter(|r| r["fields"]["message"] == "program attached")
         .map(|r| {
@@ -88,14 +65,14 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
                 .to_owned()
         })
         .collect();
-    assert_eq!(installs, ["Adopted", "Adopted", "Adopted"], "{records:?}");
+    assert_eq!(installs, ["Adopted", "Adopted", "Adopted"]);
     assert_eq!(
         attached(&node),
         before,
         "the restarted agent attached nothing new"
     );
     let rec = agent.wait_conn("the connection made while no agent ran", |f| {
-        f["event"] == "tcp_close" && f["role"] == "client" && f["remote"] == server.as_str()
+        f["event"] == "tcp_close" && f["role"] == "client" && f["local"] == x.client.as_str()
     });
     assert_eq!(
         (rec["bytes_sent"].as_u64(), rec["bytes_received"].as_u64()),
@@ -103,9 +80,16 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
     );
 
     // And it keeps working.
-    let server = connect(&node, 8081, 10, 20);
+    let x = node.tcp_exchange(
+        "client",
+        "server",
+        server(&node, 8081),
+        10,
+        20,
+        Close::Shutdown,
+    );
     agent.wait_conn("a new connection", |f| {
-        f["event"] == "tcp_close" && f["remote"] == server.as_str()
+        f["event"] == "tcp_close" && f["local"] == x.client.as_str()
     });
 }
 
@@ -118,12 +102,16 @@ fn cleanup_removes_every_program_link_and_pin() {
     let mut agent = Agent::start(&node);
     let list = attached(&node);
     assert_one_of_each(&list);
-    agent.stop();
 
     // Refused while an agent holds the instance.
-    agent.restart();
     let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args(["cleanup", "--instance", agent.instance(), "--bpffs", BPFFS])
+        .args([
+            "cleanup",
+            "--instance",
+            agent.instance(),
+            "--bpffs",
+            weft_testkit::agent::BPFFS,
+        ])
         .output()
         .expect("run weft cleanup");
     assert!(
@@ -134,14 +122,14 @@ fn cleanup_removes_every_program_link_and_pin() {
         String::from_utf8_lossy(&out.stdout).contains("in use"),
         "{out:?}"
     );
+    assert_one_of_each(&attached(&node));
     agent.stop();
 
     let logs = agent.cleanup();
     let detached = logs
         .iter()
-        .filter(|r| r["fields"]["message"] == "link detached and unpinned")
-        .count();
-    assert_eq!(detached, 3, "{logs:?}");
+        .filter(|r| r["fields"]["message"] == "link detached and unpinned");
+    assert_eq!(detached.count(), 3, "{logs:?}");
     assert!(
         attached(&node).is_empty(),
         "programs still attached: {:?}",
@@ -152,25 +140,23 @@ fn cleanup_removes_every_program_link_and_pin() {
         "{} still exists",
         agent.pin_dir().display()
     );
-    let live_programs: Vec<u32> = aya::programs::loaded_programs()
+    let programs: Vec<u32> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .map(|p| p.id())
         .collect();
-    for a in &list {
-        assert!(
-            !live_programs.contains(&a.program_id),
-            "program {} ({}) is still loaded",
-            a.program_id,
-            a.program_name
-        );
-    }
-    let live_links: Vec<u32> = aya::programs::loaded_links()
+    let links: Vec<u32> = aya::programs::loaded_links()
         .filter_map(Result::ok)
         .map(|l| l.id())
         .collect();
     for a in &list {
         assert!(
-            !live_links.contains(&a.link_id),
+            !programs.contains(&a.program_id),
+            "program {} ({}) is still loaded",
+            a.program_id,
+            a.program_name
+        );
+        assert!(
+            !links.contains(&a.link_id),
             "link {} still exists",
             a.link_id
         );
@@ -189,22 +175,7 @@ fn cleanup_removes_every_program_link_and_pin() {
 fn a_second_agent_for_a_running_instance_is_refused() {
     let node = Node::builder("second_refused").pod("client").build();
     let agent = Agent::start(&node);
-    let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args([
-            "--log-format",
-            "json",
-            "agent",
-            "--instance",
-            agent.instance(),
-            "--bpffs",
-            BPFFS,
-            "--cgroup-root",
-        ])
-        .arg(node.cgroup())
-        .output()
-        .expect("run a second agent");
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = run_refused(agent.instance(), node.cgroup(), &[]);
     assert!(text.contains("is in use by another weft process"), "{text}");
     assert_one_of_each(&attached(&node));
 }
@@ -212,37 +183,21 @@ fn a_second_agent_for_a_running_instance_is_refused() {
 #[test]
 fn a_pinned_map_of_another_size_is_a_clear_error() {
     let node = Node::builder("map_mismatch").pod("client").build();
-    let mut agent = Agent::start_with(
-        &node,
-        AgentOptions {
-            extra_args: vec!["--max-connections".into(), "1024".into()],
-            ..AgentOptions::default()
-        },
-    );
+    let options = AgentOptions {
+        extra_args: vec!["--max-connections".into(), "1024".into()],
+        ..AgentOptions::default()
+    };
+    let mut agent = Agent::start_with(&node, options);
     agent.stop();
-    let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args([
-            "--log-format",
-            "json",
-            "agent",
-            "--instance",
-            agent.instance(),
-            "--bpffs",
-            BPFFS,
-            "--cgroup-root",
-        ])
-        .arg(node.cgroup())
-        .output()
-        .expect("run the agent with another capacity");
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("CONN_STATE")
-            && text.contains("1024 entries")
-            && text.contains("65536 entries")
-            && text.contains("weft cleanup"),
-        "{text}"
-    );
+    let text = run_refused(agent.instance(), node.cgroup(), &[]);
+    for needle in [
+        "CONN_STATE",
+        "1024 entries",
+        "65536 entries",
+        "weft cleanup",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing in {text}");
+    }
     // The instance keeps working with its own settings.
     assert_one_of_each(&attached(&node));
 }
@@ -256,30 +211,15 @@ fn an_instance_is_bound_to_its_cgroup() {
     let mut agent = Agent::start(&node);
     agent.stop();
     let other = node.pod("other").cgroup();
-    let out = std::process::Command::new(weft_testkit::agent::weft_binary())
-        .args([
-            "--log-format",
-            "json",
-            "agent",
-            "--instance",
-            agent.instance(),
-            "--bpffs",
-            BPFFS,
-            "--cgroup-root",
-        ])
-        .arg(other)
-        .output()
-        .expect("run the agent on another cgroup");
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = run_refused(agent.instance(), other, &[]);
     assert!(text.contains("is attached to cgroup id"), "{text}");
+    let stray = datapath::attached_programs(other).expect("query");
     assert!(
-        datapath::attached_programs(other)
-            .expect("query")
-            .is_empty(),
-        "nothing attached to {}",
-        Path::new(other).display()
+        stray.is_empty(),
+        "nothing may be attached to {}: {stray:?}",
+        other.display()
     );
+    assert_one_of_each(&attached(&node));
 }
 
 #[test]
@@ -297,31 +237,13 @@ fn events_that_do_not_fit_the_ring_buffer_are_counted_not_silently_lost() {
     };
     let mut agent = Agent::start_with(&node, options);
     agent.kill();
-    let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
-    let srv = node.spawn(
+    let addr = server(&node, 8080).to_string();
+    let _srv = node.start_server(
         "server",
-        &[
-            "tcp-server",
-            "--listen",
-            &server.to_string(),
-            "--connections",
-            "40",
-        ],
+        &["tcp-server", "--listen", &addr, "--connections", "40"],
     );
-    srv.stdout().wait_for("listening", WAIT, |l| {
-        l.iter().any(|l| l.contains("listening")).then_some(())
-    });
     for _ in 0..40 {
-        let mut c = node.spawn(
-            "client",
-            &[
-                "tcp-client",
-                "--connect",
-                &server.to_string(),
-                "--send",
-                "1",
-            ],
-        );
+        let mut c = node.spawn("client", &["tcp-client", "--connect", &addr, "--send", "1"]);
         c.wait_success(WAIT);
     }
     agent.restart();
@@ -340,7 +262,7 @@ fn events_that_do_not_fit_the_ring_buffer_are_counted_not_silently_lost() {
     assert_eq!(
         lost + delivered,
         160,
-        "every event is either delivered or counted as lost: {warning}"
+        "every event is delivered or counted as lost: {warning}"
     );
     assert!(lost >= 96, "{lost} lost");
 }

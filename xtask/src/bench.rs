@@ -253,10 +253,7 @@ fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
             "--close-at-once",
         ],
     );
-    srv.stdout()
-        .wait_for("server", Duration::from_secs(10), |l| {
-            l.iter().any(|l| l.contains("listening")).then_some(())
-        });
+    srv.wait_listening();
     // Warm-up: caches, ARP, the first page faults of the tools.
     churn_once(&node, 1.0)?;
 

@@ -74,12 +74,7 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
             &["udp-echo", "--listen", &format!("{}:5353", db.ipv4)],
         ),
     ];
-    for s in &servers {
-        s.stdout()
-            .wait_for("a server to listen", Duration::from_secs(10), |l| {
-                l.iter().any(|l| l.contains("listening")).then_some(())
-            });
-    }
+    servers.iter().for_each(Process::wait_listening);
 
     let agent = Agent::start_with(
         &node,

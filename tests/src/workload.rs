@@ -1,0 +1,119 @@
+//! Traffic between pods with `weft-pod`, for tests, the demo and benchmarks.
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+
+use crate::{node::Node, proc::Process};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// How the client ends a [`Node::tcp_exchange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// shutdown(SHUT_WR) after sending, read to EOF, close: the server's FIN arrives while the
+    /// client's socket is in FIN_WAIT2.
+    Shutdown,
+    /// Read exactly the reply, then close() at once: the client's socket is orphaned before
+    /// the server's FIN arrives.
+    Close,
+}
+
+impl Close {
+    const fn arg(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Close => "close",
+        }
+    }
+}
+
+/// The two ends of a finished exchange, as `ip:port` strings (as the agent reports them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub client: String,
+    pub server: String,
+}
+
+impl Process {
+    /// Waits for a `weft-pod` server's `listening` line.
+    pub fn wait_listening(&self) {
+        self.stdout()
+            .wait_for("the server to listen", WAIT, |lines| {
+                lines
+                    .iter()
+                    .any(|l| l.contains("\"listening\""))
+                    .then_some(())
+            });
+    }
+}
+
+impl Node {
+    /// Starts a `weft-pod` server in `pod` and waits until it listens.
+    pub fn start_server(&self, pod: &str, args: &[&str]) -> Process {
+        let p = self.spawn(pod, args);
+        p.wait_listening();
+        p
+    }
+
+    /// One TCP connection from `client_pod` to a one-shot server in `server_pod` at `server`:
+    /// the client sends `send` bytes, the server replies `reply` bytes. Panics unless both
+    /// sides moved exactly that.
+    pub fn tcp_exchange(
+        &self,
+        client_pod: &str,
+        server_pod: &str,
+        server: SocketAddr,
+        send: u64,
+        reply: u64,
+        close: Close,
+    ) -> Exchange {
+        let (addr, send_s, reply_s) = (server.to_string(), send.to_string(), reply.to_string());
+        let mut args = vec![
+            "tcp-server",
+            "--listen",
+            &addr,
+            "--reply",
+            &reply_s,
+            "--connections",
+            "1",
+        ];
+        if close == Close::Close {
+            // The client never shuts down its side: the server reads exactly what it sends.
+            args.extend(["--read", &send_s]);
+        }
+        let _server = self.start_server(server_pod, &args);
+        let mut client = self.spawn(
+            client_pod,
+            &[
+                "tcp-client",
+                "--connect",
+                &addr,
+                "--send",
+                &send_s,
+                "--expect",
+                &reply_s,
+                "--close",
+                close.arg(),
+            ],
+        );
+        client.wait_success(WAIT);
+        let done: Value = client
+            .stdout()
+            .wait_for("the client's result", WAIT, |lines| {
+                lines.iter().find_map(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .filter(|v| v["event"] == "done")
+                })
+            });
+        assert_eq!(done["sent"], send, "the client sent what it was asked to");
+        assert_eq!(
+            done["received"], reply,
+            "the client received what the server sent"
+        );
+        Exchange {
+            client: done["local"].as_str().unwrap_or_default().to_owned(),
+            server: done["remote"].as_str().unwrap_or_default().to_owned(),
+        }
+    }
+}
