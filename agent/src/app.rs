@@ -3,24 +3,21 @@
 //! Stopping the agent (SIGINT, SIGTERM, or a kill) leaves the programs attached and the maps
 //! pinned: the datapath keeps working, and the next agent of the instance adopts it.
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
-
-use aya_log::EbpfLogger;
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-};
-use weft_abi::stats::Counter;
 
 use crate::{
     cgroup,
     conntrack::{self, reader::Reader},
     datapath::{self, Datapath},
     logging::{self, KernelLog},
-    stats::{self, StatsReader, Totals},
+    stats::{self, Reporter, StatsReader},
+};
+use aya_log::EbpfLogger;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
 };
 
 /// Errors of this module.
@@ -117,7 +114,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
 
     let mut ticker = tokio::time::interval(config.stats_interval);
     ticker.tick().await;
-    let mut report = Report::default();
+    let mut report = Reporter::default();
     let mut sink = |c: conntrack::Connection| c.log();
 
     loop {
@@ -128,14 +125,14 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 guard.clear_ready();
                 kernel_logs.flush();
             }
-            _ = ticker.tick() => report.tick(&mut stats, &reader)?,
+            _ = ticker.tick() => report.tick(&mut stats, reader.stats())?,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
     reader.drain(&mut sink);
     kernel_logs.flush();
-    report.tick(&mut stats, &reader)?;
+    report.tick(&mut stats, reader.stats())?;
     tracing::info!(
         instance = datapath.pins().instance(),
         "agent stopping; programs stay attached and pinned (remove them with `weft cleanup \
@@ -161,89 +158,5 @@ trait AsRaw {
 impl<T> AsRaw for EbpfLogger<T> {
     fn as_raw(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(self)
-    }
-}
-
-/// Periodic stats: what changed since the last tick.
-#[derive(Debug, Default)]
-struct Report {
-    health: BTreeMap<&'static str, u64>,
-    traffic: BTreeMap<(u8, u8, u8), Totals>,
-    events: u64,
-}
-
-impl Report {
-    fn tick(&mut self, stats: &mut StatsReader, reader: &Reader) -> Result<(), Error> {
-        for (counter, total) in stats.health()? {
-            let last = self.health.insert(counter.name(), total).unwrap_or(0);
-            if total > last {
-                let hint = match counter {
-                    Counter::ConnEventsLost => "raise --ring-buffer-size",
-                    Counter::ConnStateFull => "raise --max-connections",
-                    Counter::TrafficFull => "raise --traffic-entries",
-                    Counter::PacketsUnparsed => "packets weft could not classify",
-                };
-                tracing::warn!(
-                    target: "weft::stats",
-                    counter = counter.name(),
-                    increase = total - last,
-                    total,
-                    hint,
-                    "datapath counter increased"
-                );
-            }
-        }
-        let live = stats.prune()?;
-        let traffic = stats.traffic()?;
-        let mut totals: BTreeMap<(u8, u8, u8), Totals> = BTreeMap::new();
-        for (key, t) in &traffic {
-            let agg = totals
-                .entry((key.direction, key.ip_version, key.protocol))
-                .or_default();
-            agg.packets += t.packets;
-            agg.bytes += t.bytes;
-            if tracing::enabled!(target: "weft::stats", tracing::Level::DEBUG) {
-                let cgroup = live
-                    .get(&key.cgroup_id)
-                    .map_or_else(|| key.cgroup_id.to_string(), |p| p.display().to_string());
-                tracing::debug!(
-                    target: "weft::stats",
-                    cgroup,
-                    direction = stats::direction_name(key.direction),
-                    ip_version = key.ip_version,
-                    protocol = stats::protocol_name(key.protocol),
-                    packets = t.packets,
-                    bytes = t.bytes,
-                    "traffic by cgroup"
-                );
-            }
-        }
-        for (&(direction, ip_version, protocol), t) in &totals {
-            let last = self
-                .traffic
-                .get(&(direction, ip_version, protocol))
-                .copied();
-            // Totals can shrink when cgroups are pruned; report what is there now.
-            let delta_packets = t.packets.saturating_sub(last.map_or(0, |l| l.packets));
-            if delta_packets == 0 {
-                continue;
-            }
-            tracing::info!(
-                target: "weft::stats",
-                direction = stats::direction_name(direction),
-                ip_version,
-                protocol = stats::protocol_name(protocol),
-                packets = t.packets,
-                bytes = t.bytes,
-                "traffic"
-            );
-        }
-        self.traffic = totals;
-        let r = reader.stats();
-        if r.events != self.events {
-            tracing::debug!(target: "weft::stats", events = r.events, malformed = r.malformed, "connection events");
-            self.events = r.events;
-        }
-        Ok(())
     }
 }

@@ -89,26 +89,51 @@ pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
     Ok(meta.ino())
 }
 
+/// The cgroups under a root, and whether the listing is complete.
+#[derive(Debug, Default)]
+pub struct Walk {
+    pub cgroups: Vec<(u64, PathBuf)>,
+    /// False when a directory could not be read for another reason than having vanished:
+    /// callers must not conclude that an unlisted cgroup is gone.
+    pub complete: bool,
+}
+
 /// Every cgroup under `root` (itself included), by id. Directories that vanish while being
 /// walked are skipped: cgroups come and go.
-pub fn walk(root: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out = Vec::new();
+pub fn walk(root: &Path) -> Walk {
+    let mut walk = Walk {
+        cgroups: Vec::new(),
+        complete: true,
+    };
     let mut stack = vec![root.to_owned()];
+    // A cgroup removed while we walk is fine; any other error makes the listing incomplete.
+    let vanished = |e: &io::Error| {
+        let gone = e.kind() == io::ErrorKind::NotFound;
+        if !gone {
+            tracing::debug!(error = %e, "cgroup listing incomplete");
+        }
+        gone
+    };
     while let Some(dir) = stack.pop() {
-        let Ok(meta) = fs::metadata(&dir) else {
-            continue;
+        let entries = match fs::metadata(&dir).and_then(|m| Ok((m.ino(), fs::read_dir(&dir)?))) {
+            Ok((ino, entries)) => {
+                walk.cgroups.push((ino, dir.clone()));
+                entries
+            }
+            Err(e) => {
+                walk.complete &= vanished(&e);
+                continue;
+            }
         };
-        out.push((meta.ino(), dir.clone()));
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(entry.path());
+        for entry in entries {
+            match entry.and_then(|e| Ok((e.file_type()?, e.path()))) {
+                Ok((t, path)) if t.is_dir() => stack.push(path),
+                Ok(_) => {}
+                Err(e) => walk.complete &= vanished(&e),
             }
         }
     }
-    out
+    walk
 }
 
 #[cfg(test)]

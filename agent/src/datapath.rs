@@ -191,7 +191,7 @@ pub struct Config {
 
 impl Config {
     fn validate(&self) -> Result<(), Error> {
-        let page = 4096;
+        let page = page_size();
         if self.events_wakeup_bytes >= u64::from(self.ring_buffer_bytes) / 2 {
             return Err(Error::InvalidCapacity {
                 flag: "--events-wakeup-bytes",
@@ -204,7 +204,7 @@ impl Config {
             return Err(Error::InvalidCapacity {
                 flag: "--ring-buffer-size",
                 value: self.ring_buffer_bytes,
-                reason: "must be a power of two of at least 4096 bytes",
+                reason: "must be a power of two of at least one page",
             });
         }
         for (flag, value) in [
@@ -248,9 +248,22 @@ impl Config {
                 size(size_of::<TrafficValue>()),
                 self.traffic_entries,
             ),
-            MapSpec::new(maps::AYA_LOGS, MapType::RingBuf, 0, 0, AYA_LOGS_BYTES),
+            // aya rounds ring buffer sizes up to whole pages.
+            MapSpec::new(
+                maps::AYA_LOGS,
+                MapType::RingBuf,
+                0,
+                0,
+                AYA_LOGS_BYTES.max(page_size()),
+            ),
         ]
     }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -292,7 +305,8 @@ impl MapSpec {
 pub enum Install {
     /// There was no link: the program was attached and the link pinned.
     Attached,
-    /// A pinned link runs the same program: kept as it is.
+    /// A pinned link ran the same program: kept, with this agent's copy swapped in (same
+    /// code, this agent's load-time globals).
     Adopted,
     /// A pinned link ran another version of the program: replaced in place.
     Replaced { old_program_id: u32 },
@@ -406,7 +420,7 @@ impl Datapath {
         take(&mut self.ebpf, maps::TRAFFIC)
     }
 
-    /// The aya-log ring buffer (can be taken once).
+    /// The loaded object, for what takes its own maps (aya-log's `AYA_LOGS`).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
@@ -588,12 +602,16 @@ impl AttachCtx<'_> {
                     expected_type: attach_type,
                 });
             }
-            if program_tag(current.prog_id) == Some(info.tag()) {
+            // Swap in the program this agent loaded even when it is the same code: its load-time
+            // globals (kernel log level, wakeup threshold) are this agent's. The update is atomic
+            // and the link, the attachment itself, stays.
+            // The tag identifies the code; read it before the update frees the old program.
+            let same_code = program_info(current.prog_id).map(|p| p.tag()) == Some(info.tag());
+            let new_fd = prog.program_fd().map_err(|source| load_err(name, source))?;
+            sys::link_update(link.as_fd(), new_fd.as_fd()).map_err(|e| syscall_err("update", e))?;
+            if same_code {
                 Install::Adopted
             } else {
-                let new_fd = prog.program_fd().map_err(|source| load_err(name, source))?;
-                sys::link_update(link.as_fd(), new_fd.as_fd())
-                    .map_err(|e| syscall_err("update", e))?;
                 Install::Replaced {
                     old_program_id: current.prog_id,
                 }
@@ -623,12 +641,12 @@ impl AttachCtx<'_> {
     }
 }
 
-/// The tag (hash of the instructions, map references masked) of a loaded program.
-fn program_tag(id: u32) -> Option<u64> {
+/// A loaded program by id (its tag hashes the instructions with map references masked, so
+/// it identifies the code, not the load-time globals).
+fn program_info(id: u32) -> Option<aya::programs::ProgramInfo> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == id)
-        .map(|p| p.tag())
 }
 
 /// A program attached directly to a cgroup.
@@ -669,9 +687,7 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<Attached>, Error> {
                     .find(|l| l.program_id() == program_id)
                     .map_or(0, |l| l.id())
             };
-            let program_name = aya::programs::loaded_programs()
-                .filter_map(Result::ok)
-                .find(|p| p.id() == program_id)
+            let program_name = program_info(program_id)
                 .and_then(|p| p.name_as_str().map(str::to_owned))
                 .unwrap_or_default();
             out.push(Attached {

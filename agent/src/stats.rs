@@ -12,7 +12,7 @@ use weft_abi::{
     traffic::{Direction, TrafficKey, TrafficValue},
 };
 
-use crate::cgroup;
+use crate::{cgroup, conntrack::reader::ReaderStats};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,8 @@ impl StatsReader {
     /// Deletes traffic keys of cgroups that are gone; returns the live cgroups by id.
     ///
     /// The keys are read before the cgroups are listed, so a key always belongs to a cgroup
-    /// that existed before the listing: one missing from it is really gone.
+    /// that existed before the listing: one missing from it is really gone. Nothing is deleted
+    /// when the listing is incomplete.
     pub fn prune(&mut self) -> Result<HashMap<u64, PathBuf>, Error> {
         let keys: Vec<TrafficKey> =
             self.traffic
@@ -108,12 +109,123 @@ impl StatsReader {
                     map: weft_abi::maps::TRAFFIC,
                     source,
                 })?;
-        let live: HashMap<u64, PathBuf> = cgroup::walk(&self.cgroup_root).into_iter().collect();
+        let walk = cgroup::walk(&self.cgroup_root);
+        let live: HashMap<u64, PathBuf> = walk.cgroups.into_iter().collect();
+        if !walk.complete {
+            tracing::warn!(
+                target: "weft::stats",
+                root = %self.cgroup_root.display(),
+                "cgroup listing incomplete; traffic counters of removed cgroups are kept for now"
+            );
+            return Ok(live);
+        }
         for key in keys.iter().filter(|k| !live.contains_key(&k.cgroup_id)) {
-            // Already gone is fine: another pass may have removed it.
-            let _ = self.traffic.remove(key);
+            match self.traffic.remove(key) {
+                Ok(()) => {}
+                // Already gone: nothing to do.
+                Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => tracing::warn!(
+                    target: "weft::stats",
+                    cgroup_id = key.cgroup_id,
+                    error = %e,
+                    "cannot delete the traffic counter of a removed cgroup"
+                ),
+            }
         }
         Ok(live)
+    }
+}
+
+/// Reports health and traffic periodically: what changed since the last report.
+#[derive(Debug, Default)]
+pub struct Reporter {
+    health: BTreeMap<&'static str, u64>,
+    /// Last totals per key: deltas are per key, so pruned keys never hide new traffic.
+    traffic: BTreeMap<TrafficKey, Totals>,
+    events: u64,
+}
+
+impl Reporter {
+    /// Logs every health counter that increased, traffic per direction, IP version and
+    /// protocol (debug: per cgroup), and the reader's counts.
+    pub fn tick(&mut self, stats: &mut StatsReader, reader: ReaderStats) -> Result<(), Error> {
+        for (counter, total) in stats.health()? {
+            let last = self.health.insert(counter.name(), total).unwrap_or(0);
+            if total > last {
+                tracing::warn!(
+                    target: "weft::stats",
+                    counter = counter.name(),
+                    increase = total - last,
+                    total,
+                    hint = hint(counter),
+                    "datapath counter increased"
+                );
+            }
+        }
+        let live = stats.prune()?;
+        let traffic = stats.traffic()?;
+        let mut deltas: BTreeMap<(u8, u8, u8), Totals> = BTreeMap::new();
+        for (key, t) in &traffic {
+            let last = self.traffic.get(key).copied().unwrap_or_default();
+            let d = deltas
+                .entry((key.direction, key.ip_version, key.protocol))
+                .or_default();
+            d.packets += t.packets.saturating_sub(last.packets);
+            d.bytes += t.bytes.saturating_sub(last.bytes);
+            if tracing::enabled!(target: "weft::stats", tracing::Level::DEBUG) {
+                let cgroup = live
+                    .get(&key.cgroup_id)
+                    .map_or_else(|| key.cgroup_id.to_string(), |p| p.display().to_string());
+                tracing::debug!(
+                    target: "weft::stats",
+                    cgroup,
+                    direction = direction_name(key.direction),
+                    ip_version = key.ip_version,
+                    protocol = protocol_name(key.protocol),
+                    packets = t.packets,
+                    bytes = t.bytes,
+                    "traffic by cgroup (totals)"
+                );
+            }
+        }
+        for (&(direction, ip_version, protocol), d) in deltas.iter().filter(|(_, d)| d.packets > 0)
+        {
+            tracing::info!(
+                target: "weft::stats",
+                direction = direction_name(direction),
+                ip_version,
+                protocol = protocol_name(protocol),
+                packets = d.packets,
+                bytes = d.bytes,
+                "traffic since the last report"
+            );
+        }
+        self.traffic = traffic;
+        if reader.events != self.events {
+            tracing::debug!(
+                target: "weft::stats",
+                events = reader.events,
+                malformed = reader.malformed,
+                "connection events"
+            );
+            self.events = reader.events;
+        }
+        Ok(())
+    }
+}
+
+/// What an operator can do about a counter that increased.
+fn hint(counter: Counter) -> &'static str {
+    match counter {
+        Counter::ConnEventsLost => "raise --ring-buffer-size",
+        Counter::ConnStateFull => "raise --max-connections",
+        Counter::TrafficFull => "raise --traffic-entries",
+        Counter::PacketsUnparsed => "packets weft could not classify",
+        Counter::CallbackFlagsFailed => {
+            "the kernel refused sock_ops callbacks; some connections went untracked"
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    node::{Node, fs_magic, workspace_binary},
+    node::{Node, is_bpffs, workspace_binary},
     proc::{Lines, Process},
 };
 
@@ -78,7 +78,7 @@ impl Agent {
 
     fn spawn(&mut self) {
         assert!(
-            fs_magic(Path::new(BPFFS)) == Some(0xcafe_4a11),
+            is_bpffs(Path::new(BPFFS)),
             "{BPFFS} is not a bpffs mount: run `cargo xtask setup`"
         );
         let mut command = Command::new(&self.binary);
@@ -186,9 +186,14 @@ impl Agent {
 
     /// Runs `weft cleanup` for the instance and returns its log records.
     pub fn cleanup(&self) -> Vec<Value> {
-        let (ok, text) = run_cleanup(&self.binary, &self.instance);
+        let (ok, text) = self.try_cleanup();
         assert!(ok, "weft cleanup failed: {text}");
         parse(&text.lines().map(str::to_owned).collect::<Vec<_>>())
+    }
+
+    /// Runs `weft cleanup` for the instance: (success, output).
+    pub fn try_cleanup(&self) -> (bool, String) {
+        run_cleanup(&self.binary, &self.instance)
     }
 
     /// The instance's pin directory.
@@ -199,7 +204,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.kill();
+        // No assertion here: a panic while unwinding would abort and skip every other guard.
+        // Dropping the process kills (SIGKILL) and reaps it.
+        drop(self.process.take());
         let (ok, text) = run_cleanup(&self.binary, &self.instance);
         if !ok {
             eprintln!("warning: cleanup of instance {}: {text}", self.instance);

@@ -200,7 +200,7 @@ impl Node {
     /// Runs the pod tool (see `weft-pod --help`) inside a pod: its namespace and its cgroup.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Process {
         let pod = self.pod(pod);
-        let mut command = proc::command_in(&pod.netns_path(), pod.cgroup(), &self.pod_tool);
+        let mut command = proc::command_in(&pod.netns_path(), Some(pod.cgroup()), &self.pod_tool);
         command.args(args);
         Process::spawn(
             &format!("{}/{}:{}", self.tag, pod.name, args.join(" ")),
@@ -211,20 +211,8 @@ impl Node {
     /// Runs the pod tool in the node's namespace but outside every pod's cgroup (in the test
     /// process's own cgroup), like a host process that weft must not observe.
     pub fn spawn_outside(&self, args: &[&str]) -> Process {
-        let ns = fs::File::open(self.netns_path())
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.netns_path().display()));
-        let mut command = Command::new(&self.pod_tool);
+        let mut command = proc::command_in(&self.netns_path(), None, &self.pod_tool);
         command.args(args);
-        // SAFETY: runs in the forked child before exec; setns is async-signal-safe and the
-        // descriptor was opened before the fork.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         Process::spawn(&format!("{}/outside:{}", self.tag, args.join(" ")), command)
     }
 }
@@ -287,11 +275,15 @@ impl Cgroup {
         Self::create(&self.path.join(name))
     }
 
-    /// Kills every process in this cgroup and its descendants (cgroup.kill) and waits until
-    /// the cgroup is unpopulated. Only our own test processes can be in it.
+    /// Kills every process in this cgroup and its descendants and waits until the cgroup is
+    /// unpopulated. Only our own test processes can be in it. `cgroup.kill` (Linux 5.14) does
+    /// it at once; without it, the pids listed in `cgroup.procs` are killed one by one.
     fn kill_all(&self) {
-        if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+        if !self.path.exists() {
             return;
+        }
+        if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+            self.kill_listed();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -305,6 +297,28 @@ impl Cgroup {
             "warning: processes of {} did not exit within 5 s",
             self.path.display()
         );
+    }
+
+    fn kill_listed(&self) {
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs
+                .lines()
+                .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+            {
+                // SAFETY: kill(2) on a pid listed in our own test cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if let Ok(entries) = fs::read_dir(&dir) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.path()),
+                );
+            }
+        }
     }
 }
 
@@ -336,6 +350,14 @@ pub fn cgroup2_root() -> PathBuf {
         }
     }
     panic!("the harness needs cgroup v2 at /sys/fs/cgroup or /sys/fs/cgroup/unified")
+}
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` is a bpffs mount.
+pub fn is_bpffs(path: &Path) -> bool {
+    fs_magic(path) == Some(BPF_FS_MAGIC)
 }
 
 /// The filesystem type (statfs f_type) of `path`.

@@ -191,18 +191,20 @@ impl Drop for Process {
     }
 }
 
-/// A command that will run inside a network namespace and a cgroup.
+/// A command that will run inside a network namespace and, if given, a cgroup.
 ///
 /// The namespace is entered with setns(2) and the cgroup joined by writing to its
 /// `cgroup.procs`, both in the child between fork and exec, so the program's first
 /// instruction already runs as the pod's workload.
-pub fn command_in(netns: &Path, cgroup: &Path, program: &Path) -> Command {
+pub fn command_in(netns: &Path, cgroup: Option<&Path>, program: &Path) -> Command {
     let ns = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
-    let procs_path = cgroup.join("cgroup.procs");
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&procs_path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", procs_path.display()));
+    let procs = cgroup.map(|cgroup| {
+        let path = cgroup.join("cgroup.procs");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    });
     let mut command = Command::new(program);
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
     // system calls (setns, write) on descriptors opened before the fork.
@@ -211,8 +213,10 @@ pub fn command_in(netns: &Path, cgroup: &Path, program: &Path) -> Command {
             if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // "0" moves the writing process itself.
-            (&procs).write_all(b"0")?;
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                (&*procs).write_all(b"0")?;
+            }
             Ok(())
         });
     }

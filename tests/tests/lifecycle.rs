@@ -24,6 +24,11 @@ fn assert_one_of_each(list: &[Attached]) {
     assert!(ours, "{list:?}");
 }
 
+/// The attachments themselves: (attach type, link id).
+fn links(list: &[Attached]) -> Vec<(&'static str, u32)> {
+    list.iter().map(|a| (a.attach_type, a.link_id)).collect()
+}
+
 fn server(node: &Node, port: u16) -> SocketAddr {
     SocketAddr::new(node.pod("server").ipv4.into(), port)
 }
@@ -39,7 +44,11 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
     assert_one_of_each(&before);
 
     agent.kill();
-    assert_eq!(attached(&node), before, "SIGKILL detached nothing");
+    assert_eq!(
+        links(&attached(&node)),
+        links(&before),
+        "SIGKILL detached nothing"
+    );
     for pin in ["links/weft_sockops", "maps/CONN_EVENTS", "maps/CONN_STATE"] {
         assert!(agent.pin_dir().join(pin).exists(), "{pin} is still pinned");
     }
@@ -66,9 +75,10 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
         })
         .collect();
     assert_eq!(installs, ["Adopted", "Adopted", "Adopted"]);
+    // Same links (the attachments); the programs behind them were swapped in place.
     assert_eq!(
-        attached(&node),
-        before,
+        links(&attached(&node)),
+        links(&before),
         "the restarted agent attached nothing new"
     );
     let rec = agent.wait_conn("the connection made while no agent ran", |f| {
@@ -265,4 +275,63 @@ fn events_that_do_not_fit_the_ring_buffer_are_counted_not_silently_lost() {
         "every event is delivered or counted as lost: {warning}"
     );
     assert!(lost >= 96, "{lost} lost");
+}
+
+#[test]
+fn a_restarted_agent_applies_its_own_load_time_settings() {
+    // The kernel log level is a load-time global: the restarted agent's must take effect
+    // although the pinned programs' code is the same.
+    let node = Node::builder("restart_settings")
+        .pod("client")
+        .pod("server")
+        .build();
+    let mut agent = Agent::start(&node);
+    let x = node.tcp_exchange(
+        "client",
+        "server",
+        server(&node, 8080),
+        1,
+        1,
+        Close::Shutdown,
+    );
+    agent.wait_conn("a close", |f| {
+        f["event"] == "tcp_close" && f["local"] == x.client.as_str()
+    });
+    assert!(
+        !agent
+            .records()
+            .iter()
+            .any(|r| r["target"] == "weft::kernel"),
+        "no kernel debug records at info"
+    );
+    agent.stop();
+
+    let mut debug = Agent::start_with(
+        &node,
+        AgentOptions {
+            log_level: "info,weft::kernel=debug".into(),
+            ..AgentOptions::default()
+        },
+    );
+    let x = node.tcp_exchange(
+        "client",
+        "server",
+        server(&node, 8081),
+        1,
+        1,
+        Close::Shutdown,
+    );
+    debug
+        .logs()
+        .wait_for("kernel debug records after the restart", WAIT, |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("\"weft::kernel\"") && l.contains("tcp established"))
+                .then_some(())
+        });
+    debug.wait_conn("a close", |f| {
+        f["event"] == "tcp_close" && f["local"] == x.client.as_str()
+    });
+    debug.stop();
+    drop(agent);
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{PerCpuArray, PerCpuHashMap},
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
@@ -11,6 +11,9 @@ use weft_abi::{
     stats::Counter,
     traffic::{Direction, TrafficKey, TrafficValue},
 };
+
+const EGRESS: &str = "weft_skb_egress";
+const INGRESS: &str = "weft_skb_ingress";
 
 /// The cgroup v2 id of this test process (test-run skbs belong to a socket of the caller).
 fn own_cgroup_id() -> u64 {
@@ -73,7 +76,7 @@ fn ipv6_udp_with_extension_headers(l4_len: usize) -> Vec<u8> {
     h
 }
 
-/// IPv6 followed by `n` destination-options headers of 8 bytes each, then TCP.
+/// IPv6 followed by `n` destination-options headers of 8 bytes each, then 20 bytes of TCP.
 fn ipv6_with_options_chain(n: usize) -> Vec<u8> {
     let payload = 8 * n + 20;
     let mut h = vec![0x60, 0, 0, 0, (payload >> 8) as u8, payload as u8, 60, 64];
@@ -86,51 +89,36 @@ fn ipv6_with_options_chain(n: usize) -> Vec<u8> {
     h
 }
 
+/// A `struct __sk_buff` for ctx_in with only `gso_segs` (offset 164) set.
+fn skb_ctx_with_gso_segs(segs: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[164..168].copy_from_slice(&segs.to_ne_bytes());
+    ctx
+}
+
+/// Runs a program on a packet `repeat` times; it must let the packet through.
+fn run(ebpf: &Ebpf, name: &str, packet: &[u8], repeat: u32, ctx: Option<&[u8]>) {
+    let prog: &CgroupSkb = ebpf
+        .program(name)
+        .expect(name)
+        .try_into()
+        .expect("cgroup_skb");
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.ctx_in = ctx;
+    opts.repeat = repeat;
+    let r = prog
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("test_run {name} {packet:?}: {e:?}"));
+    assert_eq!(r.return_value, 1, "{name} must never drop");
+}
+
 #[test]
 fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
     let mut ebpf = EbpfLoader::new()
         .load(weft::datapath::OBJECT)
         .expect("load the embedded object");
-    let cgroup_id = own_cgroup_id();
-    let cases: [(&str, Direction, Vec<u8>, u32); 4] = [
-        (
-            "weft_skb_egress",
-            Direction::Egress,
-            eth(0x0800, &ipv4(6, 20)),
-            3,
-        ),
-        (
-            "weft_skb_egress",
-            Direction::Egress,
-            eth(0x86dd, &ipv6_udp_with_extension_headers(8)),
-            2,
-        ),
-        (
-            "weft_skb_ingress",
-            Direction::Ingress,
-            eth(0x0800, &ipv4(17, 8)),
-            5,
-        ),
-        (
-            "weft_skb_ingress",
-            Direction::Ingress,
-            eth(0x86dd, &ipv6_udp_with_extension_headers(100)),
-            1,
-        ),
-    ];
-    let unparsable: [(&str, Vec<u8>); 4] = [
-        ("weft_skb_egress", eth(0x0806, &[0u8; 28])), // ARP
-        (
-            "weft_skb_ingress",
-            eth(0x0800, &ipv6_udp_with_extension_headers(8)),
-        ), // v6 bytes, v4 type
-        ("weft_skb_egress", eth(0x86dd, &ipv6_with_options_chain(7))), // longer chain than any stack sends
-        (
-            "weft_skb_ingress",
-            eth(0x86dd, &ipv6_with_options_chain(1)[..41]),
-        ), // extension header cut short
-    ];
-    for name in ["weft_skb_egress", "weft_skb_ingress"] {
+    for name in [EGRESS, INGRESS] {
         let prog: &mut CgroupSkb = ebpf
             .program_mut(name)
             .expect(name)
@@ -138,35 +126,47 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
             .expect("cgroup_skb");
         prog.load().unwrap_or_else(|e| panic!("load {name}: {e}"));
     }
-    for (name, _, packet, repeat) in &cases {
-        let prog: &CgroupSkb = ebpf
-            .program(name)
-            .expect(name)
-            .try_into()
-            .expect("cgroup_skb");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.repeat = *repeat;
-        let r = prog
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("test_run {name}: {e:?}"));
-        assert_eq!(r.return_value, 1, "{name} must never drop");
-    }
+    run(&ebpf, EGRESS, &eth(0x0800, &ipv4(6, 20)), 3, None);
+    run(
+        &ebpf,
+        EGRESS,
+        &eth(0x86dd, &ipv6_udp_with_extension_headers(8)),
+        2,
+        None,
+    );
+    run(&ebpf, INGRESS, &eth(0x0800, &ipv4(17, 8)), 5, None);
+    run(
+        &ebpf,
+        INGRESS,
+        &eth(0x86dd, &ipv6_udp_with_extension_headers(100)),
+        1,
+        None,
+    );
+    // Six extension headers is the most the program walks.
+    run(
+        &ebpf,
+        INGRESS,
+        &eth(0x86dd, &ipv6_with_options_chain(6)),
+        1,
+        None,
+    );
+    // A GRO skb standing for 4 wire packets; its 40 bytes are what the socket layer sees.
+    run(
+        &ebpf,
+        INGRESS,
+        &eth(0x0800, &ipv4(6, 20)),
+        1,
+        Some(&skb_ctx_with_gso_segs(4)),
+    );
+
+    let unparsable: [(&str, Vec<u8>); 4] = [
+        (EGRESS, eth(0x0806, &[0u8; 28])),                           // ARP
+        (INGRESS, eth(0x0800, &ipv6_udp_with_extension_headers(8))), // v6 bytes, v4 type
+        (EGRESS, eth(0x86dd, &ipv6_with_options_chain(7))),          // longer than any real chain
+        (INGRESS, eth(0x86dd, &ipv6_with_options_chain(1)[..41])),   // extension header cut short
+    ];
     for (name, packet) in &unparsable {
-        let prog: &CgroupSkb = ebpf
-            .program(name)
-            .expect(name)
-            .try_into()
-            .expect("cgroup_skb");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        let r = prog
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("test_run {name} {packet:?}: {e:?}"));
-        assert_eq!(
-            r.return_value, 1,
-            "{name} must not drop what it cannot parse"
-        );
+        run(&ebpf, name, packet, 1, None);
     }
 
     let traffic: PerCpuHashMap<_, TrafficKey, TrafficValue> =
@@ -183,6 +183,7 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
         })
         .collect();
     seen.sort();
+    let cgroup_id = own_cgroup_id();
     let key = |direction: Direction, ip_version: u8, protocol: u8| TrafficKey {
         cgroup_id,
         direction: direction as u8,
@@ -192,7 +193,9 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
     };
     // The Ethernet header is not part of what cgroup_skb sees: bytes count from the IP header.
     let mut expected = vec![
+        (key(Direction::Ingress, 4, 6), 4, 40),
         (key(Direction::Ingress, 4, 17), 5, 5 * 28),
+        (key(Direction::Ingress, 6, 6), 1, 40 + 6 * 8 + 20),
         (key(Direction::Ingress, 6, 17), 1, 40 + 16 + 100),
         (key(Direction::Egress, 4, 6), 3, 3 * 40),
         (key(Direction::Egress, 6, 17), 2, 2 * (40 + 16 + 8)),

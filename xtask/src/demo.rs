@@ -208,8 +208,8 @@ fn print_record(v: &Value, names: &HashMap<String, String>) {
             "",
             n("srtt_us"),
         ),
-        Some("weft::stats") if f["message"] == "traffic" => println!(
-            "traffic  {} ipv{} {}: {} packets, {} bytes (node total)",
+        Some("weft::stats") if f["message"] == "traffic since the last report" => println!(
+            "traffic  {} ipv{} {}: {} packets, {} bytes in the last 5 s",
             f["direction"].as_str().unwrap_or("?"),
             n("ip_version"),
             f["protocol"].as_str().unwrap_or("?"),

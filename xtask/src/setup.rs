@@ -15,7 +15,6 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use.
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "bpftool", "procps"];
 const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// What later steps need from set-up.
 #[derive(Debug, Clone)]
@@ -309,7 +308,7 @@ fn debian_packages(report: &mut Report) -> Result<()> {
 }
 
 fn bpffs(report: &mut Report) -> Result<()> {
-    if weft_testkit::node::fs_magic(Path::new(BPFFS)) == Some(BPF_FS_MAGIC) {
+    if weft_testkit::node::is_bpffs(Path::new(BPFFS)) {
         report.present("bpffs", BPFFS);
         return Ok(());
     }

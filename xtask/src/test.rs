@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use weft_testkit::node::{cgroup2_root, fs_magic};
+use weft_testkit::node::{cgroup2_root, is_bpffs};
 
 use crate::{
     build::{self, stable_cargo},
@@ -97,7 +97,7 @@ fn preflight() -> Result<()> {
             "root (the tests load BPF programs and create namespaces and cgroups)".to_owned(),
         );
     }
-    if fs_magic(Path::new("/sys/fs/bpf")) != Some(0xcafe_4a11) {
+    if !is_bpffs(Path::new("/sys/fs/bpf")) {
         missing.push("bpffs mounted at /sys/fs/bpf (`cargo xtask setup` mounts it)".to_owned());
     }
     let cgroup_ok = std::panic::catch_unwind(cgroup2_root).is_ok();

@@ -117,9 +117,9 @@ const _: () = assert!(core::mem::size_of::<ConnEvent>() == 120);
 
 /// Per-connection state kept between sock_ops callbacks.
 ///
-/// Writer: `weft_sockops` (kernel), key = socket cookie (u64), in `CONN_STATE`.
-/// Reader: `weft_sockops`; the agent reads it to list open connections and deletes entries of
-/// sockets that no longer exist.
+/// Writer: `weft_sockops` (kernel), key = socket cookie (u64), in `CONN_STATE`; the entry is
+/// removed when the socket reaches CLOSE.
+/// Reader: `weft_sockops`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {

@@ -15,15 +15,19 @@ pub enum Counter {
     TrafficFull = 2,
     /// A packet seen by cgroup_skb could not be parsed (truncated or unknown).
     PacketsUnparsed = 3,
+    /// The kernel refused sock_ops callback flags: a connection went untracked, or its
+    /// received byte count may include the peer's FIN.
+    CallbackFlagsFailed = 4,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
         Self::PacketsUnparsed,
+        Self::CallbackFlagsFailed,
     ];
 
     /// The name the agent reports.
@@ -33,6 +37,7 @@ impl Counter {
             Self::ConnStateFull => "conn_state_full",
             Self::TrafficFull => "traffic_full",
             Self::PacketsUnparsed => "packets_unparsed",
+            Self::CallbackFlagsFailed => "callback_flags_failed",
         }
     }
 }

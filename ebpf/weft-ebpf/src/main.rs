@@ -2,6 +2,12 @@
 //! embeds the object. Entry points are thin: each calls a `try_` function and maps its result.
 #![no_std]
 #![no_main]
+// Atomic add without compare-and-swap (see stats::add).
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics: the BPF target has no CAS-based atomics"
+)]
 
 mod maps;
 mod packet;

@@ -148,6 +148,7 @@ fn track(ctx: &SockOpsContext, cookie: u64, state: &ConnState) -> Result<(), i64
     if let Err(e) = add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG) {
         // Without state callbacks the entry would never be removed.
         let _ = CONN_STATE.remove(cookie);
+        stats::bump(Counter::CallbackFlagsFailed);
         return Err(e);
     }
     Ok(())
@@ -166,7 +167,9 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
         tcp_state::FIN_WAIT1 => {
             s.flags |= flags::FIN_SENT;
             // We closed first: watch incoming headers for the peer's FIN (see module doc).
-            add_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)?;
+            if add_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG).is_err() {
+                stats::bump(Counter::CallbackFlagsFailed);
+            }
         }
         tcp_state::LAST_ACK => s.flags |= flags::FIN_SENT,
         // Both are entered only when the peer's FIN is consumed.
@@ -175,7 +178,8 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
             let last_state = ctx.arg(0);
             let state = *s;
             emit(ctx, cookie, ConnEventKind::Close, &state, last_state);
-            // Best effort: the agent also sweeps entries of sockets that no longer exist.
+            // Cannot fail: the entry was just found, and callbacks of one socket run under its
+            // lock.
             let _ = CONN_STATE.remove(cookie);
         }
         _ => {}

@@ -31,32 +31,49 @@ pub fn account(ctx: &SkBuffContext, direction: Direction) {
         protocol: l4,
         _pad: [0; 5],
     };
-    add(&key, u64::from(ctx.len()));
+    // A GSO/GRO skb stands for several packets on the wire; its headers are counted once.
+    // SAFETY: context field read, checked by the verifier.
+    let segs = unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).gso_segs) }.max(1);
+    add(&key, u64::from(segs), u64::from(ctx.len()));
 }
 
-fn add(key: &TrafficKey, bytes: u64) {
+fn add(key: &TrafficKey, packets: u64, bytes: u64) {
+    let count = |v: *mut TrafficValue| {
+        // SAFETY: `v` is a live map value; the fields are u64 and aligned.
+        let (p, b) = unsafe { (&raw mut (*v).packets, &raw mut (*v).bytes) };
+        stats::add(p, packets);
+        stats::add(b, bytes);
+    };
     if let Some(v) = TRAFFIC.get_ptr_mut(key) {
-        // SAFETY: per-CPU value: no other writer on this CPU while the program runs.
-        unsafe {
-            (*v).packets += 1;
-            (*v).bytes += bytes;
-        }
+        count(v);
         return;
     }
-    let value = TrafficValue { packets: 1, bytes };
+    let value = TrafficValue { packets, bytes };
     match TRAFFIC.insert(key, value, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
-        // Another CPU created the key between our lookup and insert: count into ours.
+        // Another program created the key between our lookup and insert: count into it.
         Err(ERR_EXISTS) => {
             if let Some(v) = TRAFFIC.get_ptr_mut(key) {
-                // SAFETY: as above.
-                unsafe {
-                    (*v).packets += 1;
-                    (*v).bytes += bytes;
-                }
+                count(v);
             }
         }
         Err(_) => stats::bump(Counter::TrafficFull),
+    }
+}
+
+/// `None` when `next` is not an IPv6 extension header; else the header's length (`None`
+/// inside when it cannot be read).
+#[inline(always)]
+fn ext_header_len(ctx: &SkBuffContext, next: u8, off: usize) -> Option<Option<usize>> {
+    let hdr_ext_len = || packet::load::<u8>(ctx, off + 1).map(usize::from);
+    match next {
+        // Hop-by-hop, routing, destination options: (hdr_ext_len + 1) * 8.
+        0 | 43 | 60 => Some(hdr_ext_len().map(|l| (l + 1) * 8)),
+        // Fragment: fixed 8 bytes.
+        44 => Some(Some(8)),
+        // Authentication header: (payload_len + 2) * 4.
+        51 => Some(hdr_ext_len().map(|l| (l + 2) * 4)),
+        _ => None,
     }
 }
 
@@ -79,15 +96,12 @@ fn classify(ctx: &SkBuffContext, ethertype: u16) -> Option<(u8, u8)> {
             let mut next: u8 = packet::load(ctx, 6)?;
             let mut off: usize = 40;
             for _ in 0..MAX_IPV6_EXT_HEADERS {
-                let len = match next {
-                    // Hop-by-hop, routing, destination options: (hdr_ext_len + 1) * 8.
-                    0 | 43 | 60 => (usize::from(packet::load::<u8>(ctx, off + 1)?) + 1) * 8,
-                    // Fragment: fixed 8 bytes.
-                    44 => 8,
-                    // Authentication header: (payload_len + 2) * 4.
-                    51 => (usize::from(packet::load::<u8>(ctx, off + 1)?) + 2) * 4,
-                    _ => return Some((6, next)),
+                let Some(len) = ext_header_len(ctx, next, off) else {
+                    return Some((6, next));
                 };
+                // Unwrapped before use: LLVM would otherwise compute `off + len` from a register
+                // the failure path never set, and the verifier rejects reading it.
+                let len = len?;
                 next = packet::load(ctx, off)?;
                 off += len;
                 // Keeps the offset bounded for the verifier; no real header chain is longer.
@@ -96,7 +110,9 @@ fn classify(ctx: &SkBuffContext, ethertype: u16) -> Option<(u8, u8)> {
                 }
             }
             // More extension headers than any real stack sends: reported as unparsed.
-            None
+            ext_header_len(ctx, next, off)
+                .is_none()
+                .then_some((6, next))
         }
         _ => None,
     }

@@ -145,9 +145,9 @@ fn tcp_server(
         handles.push(thread::spawn(move || {
             let result = serve(stream, reply, read);
             match result {
-                Ok((local, received)) => emit(&json!({
+                Ok((local, received, sent)) => emit(&json!({
                     "event": "served", "peer": peer.to_string(), "local": local,
-                    "received": received, "sent": reply,
+                    "received": received, "sent": sent,
                 })),
                 Err(e) => emit(&json!({"event": "error", "peer": peer.to_string(), "error": e})),
             }
@@ -159,19 +159,26 @@ fn tcp_server(
     Ok(())
 }
 
-fn serve(mut stream: TcpStream, reply: u64, read: Option<u64>) -> Result<(String, u64), String> {
+/// Serves one connection; returns (local address, bytes received, bytes sent).
+fn serve(
+    mut stream: TcpStream,
+    reply: u64,
+    read: Option<u64>,
+) -> Result<(String, u64, u64), String> {
     let local = stream.local_addr().map_err(|e| e.to_string())?.to_string();
-    let received = match read {
-        None => drain(&mut stream)?,
+    match read {
+        None => {
+            let received = drain(&mut stream)?;
+            let sent = write_bytes(&mut stream, reply)?;
+            Ok((local, received, sent))
+        }
         Some(n) => {
             let got = read_exactly(&mut stream, n)?;
-            write_bytes(&mut stream, reply)?;
+            let sent = write_bytes(&mut stream, reply)?;
             // Wait for the peer's FIN so the peer closes first.
-            return Ok((local, got + drain(&mut stream)?));
+            Ok((local, got + drain(&mut stream)?, sent))
         }
-    };
-    write_bytes(&mut stream, reply)?;
-    Ok((local, received))
+    }
 }
 
 /// Reads up to `n` bytes (fewer only at EOF).
@@ -203,23 +210,27 @@ fn drain(stream: &mut TcpStream) -> Result<u64, String> {
     }
 }
 
-fn write_bytes(stream: &mut TcpStream, mut n: u64) -> Result<(), String> {
+/// Writes `n` bytes; returns how many the socket accepted (what the caller reports).
+fn write_bytes(stream: &mut TcpStream, n: u64) -> Result<u64, String> {
     let buf = vec![0x5au8; 64 * 1024];
-    while n > 0 {
-        let chunk = n.min(buf.len() as u64) as usize;
-        stream
-            .write_all(&buf[..chunk])
-            .map_err(|e| format!("write: {e}"))?;
-        n -= chunk as u64;
+    let mut written = 0u64;
+    while written < n {
+        let chunk = (n - written).min(buf.len() as u64) as usize;
+        match stream.write(&buf[..chunk]) {
+            Ok(0) => return Err(format!("write: connection closed after {written} bytes")),
+            Ok(k) => written += k as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("write after {written} bytes: {e}")),
+        }
     }
-    Ok(())
+    Ok(written)
 }
 
 fn tcp_client(connect: SocketAddr, send: u64, expect: u64, close: CloseMode) -> Result<(), String> {
     let mut stream = TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
-    write_bytes(&mut stream, send)?;
+    let sent = write_bytes(&mut stream, send)?;
     let received = match close {
         CloseMode::Shutdown => {
             stream
@@ -232,7 +243,7 @@ fn tcp_client(connect: SocketAddr, send: u64, expect: u64, close: CloseMode) -> 
     drop(stream);
     emit(&json!({
         "event": "done", "local": local.to_string(), "remote": peer.to_string(),
-        "sent": send, "received": received,
+        "sent": sent, "received": received,
     }));
     if received == expect {
         Ok(())
