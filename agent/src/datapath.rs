@@ -5,11 +5,13 @@
 //! pinned cgroup link, so it stays attached after the agent exits or is killed. On start the
 //! agent adopts a pinned link whose program is the one it embeds, replaces the program in place
 //! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link.
+mod admin;
+mod config;
 mod pins;
 mod sys;
 
 use std::{
-    fs::{self, File},
+    fs::File,
     io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -17,27 +19,27 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, SockOps,
         links::{FdLink, LinkError},
     },
 };
 use weft_abi::{
-    conn::ConnState,
     globals, maps, programs,
-    stats::COUNTERS,
     traffic::{TrafficKey, TrafficValue},
 };
 
-pub use self::pins::{InstanceLock, Pins};
+use self::{admin::remove_link, config::MapSpec};
+pub use self::{
+    admin::{Attached, CleanupReport, attached_programs, cleanup},
+    config::Config,
+    pins::{InstanceLock, Pins},
+};
 use crate::cgroup;
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
-
-/// aya-log-ebpf's ring buffer size (fixed by that crate).
-const AYA_LOGS_BYTES: u32 = 1 << 17;
 
 /// BPF attach types (enum bpf_attach_type) of the links weft creates.
 const BPF_CGROUP_INET_INGRESS: u32 = 0;
@@ -166,138 +168,6 @@ pub enum AttachError {
     Program(#[from] ProgramError),
     #[error(transparent)]
     Link(#[from] LinkError),
-}
-
-/// How the agent's datapath is sized and where it lives.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// cgroup v2 directory whose processes (and descendants) weft observes.
-    pub cgroup: PathBuf,
-    /// bpffs mount point.
-    pub bpffs: PathBuf,
-    /// Names the pin directory; one agent per instance.
-    pub instance: String,
-    /// Capacity of `CONN_STATE` (open connections tracked at once).
-    pub max_connections: u32,
-    /// Capacity of `TRAFFIC` (cgroup x direction x protocol keys).
-    pub traffic_entries: u32,
-    /// Size of the connection event ring buffer in bytes (power of two, >= page size).
-    pub ring_buffer_bytes: u32,
-    /// aya-log level compiled into the kernel programs' view: 0 = off .. 5 = trace.
-    pub kernel_log_level: u8,
-    /// Pending bytes in `CONN_EVENTS` that wake the reader (0: every event).
-    pub events_wakeup_bytes: u64,
-}
-
-impl Config {
-    fn validate(&self) -> Result<(), Error> {
-        let page = page_size();
-        if self.events_wakeup_bytes >= u64::from(self.ring_buffer_bytes) / 2 {
-            return Err(Error::InvalidCapacity {
-                flag: "--events-wakeup-bytes",
-                value: u32::try_from(self.events_wakeup_bytes).unwrap_or(u32::MAX),
-                reason: "must be less than half of --ring-buffer-size, or events would be lost \
-                         before the reader wakes",
-            });
-        }
-        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
-            return Err(Error::InvalidCapacity {
-                flag: "--ring-buffer-size",
-                value: self.ring_buffer_bytes,
-                reason: "must be a power of two of at least one page",
-            });
-        }
-        for (flag, value) in [
-            ("--max-connections", self.max_connections),
-            ("--traffic-entries", self.traffic_entries),
-        ] {
-            if value == 0 {
-                return Err(Error::InvalidCapacity {
-                    flag,
-                    value,
-                    reason: "must be at least 1",
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// What every map must look like, pinned or new.
-    fn map_specs(&self) -> [MapSpec; 5] {
-        let size = |n: usize| n as u32;
-        [
-            MapSpec::new(
-                maps::CONN_EVENTS,
-                MapType::RingBuf,
-                0,
-                0,
-                self.ring_buffer_bytes,
-            ),
-            MapSpec::new(
-                maps::CONN_STATE,
-                MapType::Hash,
-                size(size_of::<u64>()),
-                size(size_of::<ConnState>()),
-                self.max_connections,
-            ),
-            MapSpec::new(maps::STATS, MapType::PerCpuArray, 4, 8, COUNTERS),
-            MapSpec::new(
-                maps::TRAFFIC,
-                MapType::PerCpuHash,
-                size(size_of::<TrafficKey>()),
-                size(size_of::<TrafficValue>()),
-                self.traffic_entries,
-            ),
-            // aya rounds ring buffer sizes up to whole pages.
-            MapSpec::new(
-                maps::AYA_LOGS,
-                MapType::RingBuf,
-                0,
-                0,
-                AYA_LOGS_BYTES.max(page_size()),
-            ),
-        ]
-    }
-}
-
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(size).unwrap_or(4096)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct MapSpec {
-    name: &'static str,
-    map_type: MapType,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-}
-
-impl MapSpec {
-    const fn new(
-        name: &'static str,
-        map_type: MapType,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    ) -> Self {
-        Self {
-            name,
-            map_type,
-            key_size,
-            value_size,
-            max_entries,
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "type {:?}, key {} B, value {} B, {} entries",
-            self.map_type, self.key_size, self.value_size, self.max_entries
-        )
-    }
 }
 
 /// What the agent did with a program's link at start.
@@ -465,31 +335,6 @@ fn attach_all(
     Ok(())
 }
 
-/// Detaches a pinned link now and removes its pin.
-fn remove_link(path: &Path) -> Result<(), Error> {
-    let link = sys::obj_get(path).map_err(|source| Error::LinkSyscall {
-        op: "open",
-        path: path.to_owned(),
-        source,
-    })?;
-    match sys::link_detach(link.as_fd()) {
-        // ENOLINK: already defunct (its cgroup was removed); only the pin is left.
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
-        Err(source) => {
-            return Err(Error::LinkSyscall {
-                op: "detach",
-                path: path.to_owned(),
-                source,
-            });
-        }
-    }
-    fs::remove_file(path).map_err(|source| Error::Pin {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -643,127 +488,8 @@ impl AttachCtx<'_> {
 
 /// A loaded program by id (its tag hashes the instructions with map references masked, so
 /// it identifies the code, not the load-time globals).
-fn program_info(id: u32) -> Option<aya::programs::ProgramInfo> {
+pub(crate) fn program_info(id: u32) -> Option<aya::programs::ProgramInfo> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == id)
-}
-
-/// A program attached directly to a cgroup.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Attached {
-    pub attach_type: &'static str,
-    pub program_id: u32,
-    /// 0 when attached without a link.
-    pub link_id: u32,
-    pub program_name: String,
-}
-
-/// Every sock_ops and cgroup_skb program attached directly to `cgroup` (by anyone).
-pub fn attached_programs(cgroup: &Path) -> Result<Vec<Attached>, Error> {
-    let file = File::open(cgroup).map_err(|source| Error::OpenCgroup {
-        path: cgroup.to_owned(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (attach_type, label) in [
-        (BPF_CGROUP_SOCK_OPS, "sock_ops"),
-        (BPF_CGROUP_INET_INGRESS, "cgroup_skb/ingress"),
-        (BPF_CGROUP_INET_EGRESS, "cgroup_skb/egress"),
-    ] {
-        let ids =
-            sys::query_cgroup(file.as_fd(), attach_type).map_err(|source| Error::LinkSyscall {
-                op: "query programs of",
-                path: cgroup.to_owned(),
-                source,
-            })?;
-        for (program_id, link_id) in ids {
-            // Cgroup queries do not report link ids on every kernel: find the link by program.
-            let link_id = if link_id != 0 {
-                link_id
-            } else {
-                aya::programs::loaded_links()
-                    .filter_map(Result::ok)
-                    .find(|l| l.program_id() == program_id)
-                    .map_or(0, |l| l.id())
-            };
-            let program_name = program_info(program_id)
-                .and_then(|p| p.name_as_str().map(str::to_owned))
-                .unwrap_or_default();
-            out.push(Attached {
-                attach_type: label,
-                program_id,
-                link_id,
-                program_name,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// What `cleanup` removed.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct CleanupReport {
-    pub links_detached: Vec<PathBuf>,
-    pub maps_unpinned: Vec<PathBuf>,
-    pub dirs_removed: Vec<PathBuf>,
-}
-
-/// Detaches every link of an instance and removes every pin and directory it made. Refuses
-/// while an agent holds the instance. Removing nothing is not an error.
-pub fn cleanup(bpffs: &Path, instance: &str) -> Result<CleanupReport, Error> {
-    let pins = Pins::new(bpffs, instance)?;
-    let mut report = CleanupReport::default();
-    if !pins.dir().exists() {
-        return Ok(report);
-    }
-    let _lock = pins.lock()?;
-    let pin_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Pin { path, source }
-    };
-    for path in list(&pins.links_dir())? {
-        // Detached explicitly: another process may still hold a descriptor of the link.
-        remove_link(&path)?;
-        report.links_detached.push(path);
-    }
-    for path in list(&pins.maps_dir())? {
-        fs::remove_file(&path).map_err(pin_err(&path))?;
-        report.maps_unpinned.push(path);
-    }
-    for dir in [pins.links_dir(), pins.maps_dir(), pins.dir().to_owned()] {
-        match fs::remove_dir(&dir) {
-            Ok(()) => report.dirs_removed.push(dir),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(Error::Pin { path: dir, source }),
-        }
-    }
-    // The shared parent goes only when no other instance is left in it.
-    if let Some(parent) = pins.dir().parent()
-        && fs::remove_dir(parent).is_ok()
-    {
-        report.dirs_removed.push(parent.to_owned());
-    }
-    Ok(report)
-}
-
-fn list(dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    match fs::read_dir(dir) {
-        Ok(entries) => {
-            let mut paths = entries
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| Error::Pin {
-                    path: dir.to_owned(),
-                    source,
-                })?;
-            paths.sort();
-            Ok(paths)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(Error::Pin {
-            path: dir.to_owned(),
-            source,
-        }),
-    }
 }

@@ -248,6 +248,8 @@ fn emit(
     if kind == ConnEventKind::Close {
         // Our FIN was acknowledged: FIN_WAIT2 is entered only then; CLOSING and LAST_ACK
         // leave for CLOSE on its ACK (snd_una reaches snd_nxt) or on a reset (it does not).
+        // Known limit: a FIN still queued behind a zero window when a reset comes also has
+        // snd_una == snd_nxt; telling it apart needs write_seq, which sock_ops does not expose.
         let fin_wait2 = state.states_seen & (1 << tcp_state::FIN_WAIT2) != 0;
         let acked_on_close = (last_state == tcp_state::CLOSING
             || last_state == tcp_state::LAST_ACK)

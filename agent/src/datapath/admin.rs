@@ -1,0 +1,157 @@
+//! Operations on an instance from outside a running agent: listing what is attached to a
+//! cgroup, and removing everything an instance made.
+use std::{
+    fs::{self, File},
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, BPF_CGROUP_SOCK_OPS, Error, Pins,
+    program_info, sys,
+};
+
+/// Detaches a pinned link now and removes its pin.
+pub(super) fn remove_link(path: &Path) -> Result<(), Error> {
+    let link = sys::obj_get(path).map_err(|source| Error::LinkSyscall {
+        op: "open",
+        path: path.to_owned(),
+        source,
+    })?;
+    match sys::link_detach(link.as_fd()) {
+        // ENOLINK: already defunct (its cgroup was removed); only the pin is left.
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+        Err(source) => {
+            return Err(Error::LinkSyscall {
+                op: "detach",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    fs::remove_file(path).map_err(|source| Error::Pin {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A program attached directly to a cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attached {
+    pub attach_type: &'static str,
+    pub program_id: u32,
+    /// 0 when attached without a link.
+    pub link_id: u32,
+    pub program_name: String,
+}
+
+/// Every sock_ops and cgroup_skb program attached directly to `cgroup` (by anyone).
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<Attached>, Error> {
+    let file = File::open(cgroup).map_err(|source| Error::OpenCgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (attach_type, label) in [
+        (BPF_CGROUP_SOCK_OPS, "sock_ops"),
+        (BPF_CGROUP_INET_INGRESS, "cgroup_skb/ingress"),
+        (BPF_CGROUP_INET_EGRESS, "cgroup_skb/egress"),
+    ] {
+        let ids =
+            sys::query_cgroup(file.as_fd(), attach_type).map_err(|source| Error::LinkSyscall {
+                op: "query programs of",
+                path: cgroup.to_owned(),
+                source,
+            })?;
+        for (program_id, link_id) in ids {
+            // Cgroup queries do not report link ids on every kernel: find the link by program.
+            let link_id = if link_id != 0 {
+                link_id
+            } else {
+                aya::programs::loaded_links()
+                    .filter_map(Result::ok)
+                    .find(|l| l.program_id() == program_id)
+                    .map_or(0, |l| l.id())
+            };
+            let program_name = program_info(program_id)
+                .and_then(|p| p.name_as_str().map(str::to_owned))
+                .unwrap_or_default();
+            out.push(Attached {
+                attach_type: label,
+                program_id,
+                link_id,
+                program_name,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CleanupReport {
+    pub links_detached: Vec<PathBuf>,
+    pub maps_unpinned: Vec<PathBuf>,
+    pub dirs_removed: Vec<PathBuf>,
+}
+
+/// Detaches every link of an instance and removes every pin and directory it made. Refuses
+/// while an agent holds the instance. Removing nothing is not an error.
+pub fn cleanup(bpffs: &Path, instance: &str) -> Result<CleanupReport, Error> {
+    let pins = Pins::new(bpffs, instance)?;
+    let mut report = CleanupReport::default();
+    if !pins.dir().exists() {
+        return Ok(report);
+    }
+    let _lock = pins.lock()?;
+    let pin_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Pin { path, source }
+    };
+    for path in list(&pins.links_dir())? {
+        // Detached explicitly: another process may still hold a descriptor of the link.
+        remove_link(&path)?;
+        report.links_detached.push(path);
+    }
+    for path in list(&pins.maps_dir())? {
+        fs::remove_file(&path).map_err(pin_err(&path))?;
+        report.maps_unpinned.push(path);
+    }
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.dir().to_owned()] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => report.dirs_removed.push(dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Pin { path: dir, source }),
+        }
+    }
+    // The shared parent goes only when no other instance is left in it.
+    if let Some(parent) = pins.dir().parent()
+        && fs::remove_dir(parent).is_ok()
+    {
+        report.dirs_removed.push(parent.to_owned());
+    }
+    Ok(report)
+}
+
+fn list(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut paths = entries
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| Error::Pin {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            paths.sort();
+            Ok(paths)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(Error::Pin {
+            path: dir.to_owned(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,147 @@
+//! How the datapath is sized, and what every map must look like, pinned or new.
+use std::path::PathBuf;
+
+use aya::maps::MapType;
+use weft_abi::{
+    conn::ConnState,
+    maps,
+    stats::COUNTERS,
+    traffic::{TrafficKey, TrafficValue},
+};
+
+use super::Error;
+
+/// aya-log-ebpf's ring buffer size (fixed by that crate).
+const AYA_LOGS_BYTES: u32 = 1 << 17;
+
+/// How the agent's datapath is sized and where it lives.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// cgroup v2 directory whose processes (and descendants) weft observes.
+    pub cgroup: PathBuf,
+    /// bpffs mount point.
+    pub bpffs: PathBuf,
+    /// Names the pin directory; one agent per instance.
+    pub instance: String,
+    /// Capacity of `CONN_STATE` (open connections tracked at once).
+    pub max_connections: u32,
+    /// Capacity of `TRAFFIC` (cgroup x direction x protocol keys).
+    pub traffic_entries: u32,
+    /// Size of the connection event ring buffer in bytes (power of two, >= page size).
+    pub ring_buffer_bytes: u32,
+    /// aya-log level compiled into the kernel programs' view: 0 = off .. 5 = trace.
+    pub kernel_log_level: u8,
+    /// Pending bytes in `CONN_EVENTS` that wake the reader (0: every event).
+    pub events_wakeup_bytes: u64,
+}
+
+impl Config {
+    pub(super) fn validate(&self) -> Result<(), Error> {
+        let page = page_size();
+        if self.events_wakeup_bytes >= u64::from(self.ring_buffer_bytes) / 2 {
+            return Err(Error::InvalidCapacity {
+                flag: "--events-wakeup-bytes",
+                value: u32::try_from(self.events_wakeup_bytes).unwrap_or(u32::MAX),
+                reason: "must be less than half of --ring-buffer-size, or events would be lost \
+                         before the reader wakes",
+            });
+        }
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
+            return Err(Error::InvalidCapacity {
+                flag: "--ring-buffer-size",
+                value: self.ring_buffer_bytes,
+                reason: "must be a power of two of at least one page",
+            });
+        }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections),
+            ("--traffic-entries", self.traffic_entries),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidCapacity {
+                    flag,
+                    value,
+                    reason: "must be at least 1",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What every map must look like, pinned or new.
+    pub(super) fn map_specs(&self) -> [MapSpec; 5] {
+        let size = |n: usize| n as u32;
+        [
+            MapSpec::new(
+                maps::CONN_EVENTS,
+                MapType::RingBuf,
+                0,
+                0,
+                self.ring_buffer_bytes,
+            ),
+            MapSpec::new(
+                maps::CONN_STATE,
+                MapType::Hash,
+                size(size_of::<u64>()),
+                size(size_of::<ConnState>()),
+                self.max_connections,
+            ),
+            MapSpec::new(maps::STATS, MapType::PerCpuArray, 4, 8, COUNTERS),
+            MapSpec::new(
+                maps::TRAFFIC,
+                MapType::PerCpuHash,
+                size(size_of::<TrafficKey>()),
+                size(size_of::<TrafficValue>()),
+                self.traffic_entries,
+            ),
+            // aya rounds ring buffer sizes up to whole pages.
+            MapSpec::new(
+                maps::AYA_LOGS,
+                MapType::RingBuf,
+                0,
+                0,
+                AYA_LOGS_BYTES.max(page_size()),
+            ),
+        ]
+    }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct MapSpec {
+    pub(super) name: &'static str,
+    pub(super) map_type: MapType,
+    pub(super) key_size: u32,
+    pub(super) value_size: u32,
+    pub(super) max_entries: u32,
+}
+
+impl MapSpec {
+    const fn new(
+        name: &'static str,
+        map_type: MapType,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    ) -> Self {
+        Self {
+            name,
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+        }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "type {:?}, key {} B, value {} B, {} entries",
+            self.map_type, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
