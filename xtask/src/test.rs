@@ -11,6 +11,18 @@ use crate::{
     setup::{Tools, status},
 };
 
+/// The user-space packages (the kernel crate is linted and built separately).
+const USER_SPACE: [&str; 8] = [
+    "-p",
+    "weft",
+    "-p",
+    "weft-abi",
+    "-p",
+    "weft-testkit",
+    "-p",
+    "xtask",
+];
+
 fn step(name: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("==> {name}");
     let start = Instant::now();
@@ -31,18 +43,8 @@ pub fn run(ws: &Path, tools: &Tools, filter: Option<&str>) -> Result<()> {
     step(
         "clippy (user space)",
         stable_cargo(ws, "clippy")
-            .args([
-                "-p",
-                "weft",
-                "-p",
-                "weft-abi",
-                "-p",
-                "weft-testkit",
-                "-p",
-                "xtask",
-                "--all-targets",
-            ])
-            .args(["--", "-D", "warnings"]),
+            .args(USER_SPACE)
+            .args(["--all-targets", "--", "-D", "warnings"]),
     )?;
     step(
         "clippy (kernel programs)",
@@ -51,18 +53,9 @@ pub fn run(ws: &Path, tools: &Tools, filter: Option<&str>) -> Result<()> {
     let bins = build::all(ws, tools, false)?;
     step(
         "unit tests",
-        stable_cargo(ws, "test").args([
-            "-p",
-            "weft",
-            "-p",
-            "weft-abi",
-            "-p",
-            "weft-testkit",
-            "-p",
-            "xtask",
-            "--lib",
-            "--bins",
-        ]),
+        stable_cargo(ws, "test")
+            .args(USER_SPACE)
+            .args(["--lib", "--bins"]),
     )?;
 
     preflight()?;
