@@ -41,7 +41,11 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn collect(self, stream: impl std::io::Read + Send + 'static, echo: Option<String>) {
+    fn collect(
+        self,
+        stream: impl std::io::Read + Send + 'static,
+        echo: Option<String>,
+    ) -> thread::JoinHandle<()> {
         thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
@@ -53,7 +57,7 @@ impl Lines {
                 lock.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 cvar.notify_all();
             }
-        });
+        })
     }
 
     /// Every line so far.
@@ -100,6 +104,8 @@ pub struct Process {
     name: String,
     child: Child,
     stdout: Lines,
+    /// The thread collecting stdout; done once the child's stdout reached EOF.
+    collector: Option<thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -115,11 +121,12 @@ impl Process {
             .take()
             .unwrap_or_else(|| panic!("{name}: no stdout pipe"));
         let echo = std::env::var_os("WEFT_TEST_ECHO").map(|_| name.to_owned());
-        stdout.clone().collect(pipe, echo);
+        let collector = Some(stdout.clone().collect(pipe, echo));
         Self {
             name: name.to_owned(),
             child,
             stdout,
+            collector,
         }
     }
 
@@ -169,6 +176,7 @@ impl Process {
                 .try_wait()
                 .unwrap_or_else(|e| panic!("wait for {}: {e}", self.name))
             {
+                self.finish_output(deadline);
                 return status;
             }
             assert!(
@@ -178,6 +186,20 @@ impl Process {
                 self.stdout.snapshot().join("\n")
             );
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Process {
+    /// Waits (until `deadline`) for the collector to read the exited child's last lines.
+    fn finish_output(&mut self, deadline: Instant) {
+        if let Some(collector) = self.collector.take() {
+            while !collector.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            if collector.is_finished() {
+                let _ = collector.join();
+            }
         }
     }
 }
