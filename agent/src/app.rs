@@ -4,15 +4,22 @@
 //! pinned: the datapath keeps working, and the next agent of the instance adopts it.
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
 };
 
+use prometheus_client::registry::Registry;
+
 use crate::{
+    admin::{self, AdminState, AgentInfo, ProgramInfo},
     cgroup,
     conntrack::{self, reader::Reader},
     datapath::{self, Datapath},
     logging::{self, KernelLog},
+    metrics::Metrics,
+    services::{self, Pipeline},
     stats::{self, Reporter, StatsReader},
+    sync::Capacity,
 };
 use aya_log::EbpfLogger;
 use tokio::{
@@ -31,6 +38,10 @@ pub enum Error {
     Conntrack(#[from] conntrack::Error),
     #[error(transparent)]
     Stats(#[from] stats::Error),
+    #[error(transparent)]
+    Services(#[from] services::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
     #[error("cannot read kernel logs")]
     KernelLogs(#[source] std::io::Error),
     #[error("cannot set up the {signal} handler")]
@@ -39,6 +50,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot watch the source directory {dir}", dir = dir.display())]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("the admin API stopped")]
+    AdminStopped,
 }
 
 /// What `weft agent` was asked to do.
@@ -52,9 +71,25 @@ pub struct AgentConfig {
     pub traffic_entries: u32,
     pub ring_buffer_bytes: u32,
     pub events_wakeup_bytes: u64,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_affinity: u32,
+    pub max_socket_translations: u32,
     pub events_poll_interval: Duration,
     pub stats_interval: Duration,
+    /// `--source dir:PATH`; none: no services.
+    pub source_dir: Option<PathBuf>,
+    pub admin_socket: PathBuf,
 }
+
+/// A change in the source directory is applied once it has been quiet this long (editors and
+/// atomic writers produce bursts of events)...
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// ...but never later than this after the first event.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(60);
+/// A full recompile and sync runs this often even without events (retries what did not fit,
+/// catches missed events).
+const RESYNC: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
@@ -80,6 +115,10 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         ring_buffer_bytes: config.ring_buffer_bytes,
         kernel_log_level: logging::kernel_log_level(),
         events_wakeup_bytes: config.events_wakeup_bytes,
+        max_services: config.max_services,
+        max_backends: config.max_backends,
+        max_affinity: config.max_affinity,
+        max_socket_translations: config.max_socket_translations,
     })?;
     for link in datapath.links() {
         tracing::info!(
@@ -90,10 +129,65 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             "program attached"
         );
     }
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let status = Arc::new(RwLock::new(services::Status::default()));
+    let capacity = Capacity {
+        services: config.max_services,
+        slots: config.max_backends,
+        members: config.max_backends,
+    };
+    let mut pipeline = Pipeline::new(
+        config.source_dir.as_deref(),
+        datapath.take_service_maps()?,
+        capacity,
+        Arc::clone(&metrics),
+        Arc::clone(&status),
+    )?;
+    // Watch before the first read so no change between the two is missed.
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let _watcher = match &config.source_dir {
+        Some(dir) => Some(watch(dir, events_tx)?),
+        None => None,
+    };
+    pipeline.refresh(true)?;
+
+    let info = AgentInfo {
+        instance: config.instance.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        cgroup: cgroup_root.clone(),
+        pins: datapath.pins().dir().to_owned(),
+        programs: datapath
+            .links()
+            .iter()
+            .map(|l| ProgramInfo {
+                program: l.program.to_owned(),
+                install: format!("{:?}", l.install),
+                link_id: l.link_id,
+                program_id: l.program_id,
+            })
+            .collect(),
+    };
+    let admin_state = AdminState {
+        info: Arc::new(info),
+        services: Arc::clone(&status),
+        registry: Arc::new(registry),
+        pins: datapath.pins().clone(),
+    };
+    // Listening before "ready" is logged: whoever waits for it can use the API at once.
+    let listener = admin::bind(&config.admin_socket)?;
+    let mut admin = tokio::spawn(admin::serve(
+        listener,
+        config.admin_socket.clone(),
+        admin_state,
+    ));
     tracing::info!(
         instance = datapath.pins().instance(),
         cgroup = %datapath.cgroup().display(),
         pins = %datapath.pins().dir().display(),
+        admin = %config.admin_socket.display(),
+        source = config.source_dir.as_ref().map(|d| d.display().to_string()),
         "datapath ready"
     );
 
@@ -114,10 +208,17 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
 
     let mut ticker = tokio::time::interval(config.stats_interval);
     ticker.tick().await;
+    let mut gc = tokio::time::interval(crate::sync::GRACE);
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.tick().await;
     let mut report = Reporter::default();
     let mut sink = |c: conntrack::Connection| c.log();
+    // Set while events are pending: (first event, quiet deadline).
+    let mut pending: Option<(Instant, Instant)> = None;
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
+        let apply_at = pending.map_or(far, |(first, quiet)| quiet.min(first + DEBOUNCE_MAX));
         tokio::select! {
             result = reader.run(config.events_poll_interval, &mut sink) => result?,
             ready = kernel_logs_fd.readable() => {
@@ -125,11 +226,30 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 guard.clear_ready();
                 kernel_logs.flush();
             }
+            Some(()) = events.recv() => {
+                let now = Instant::now();
+                let first = pending.map_or(now, |(first, _)| first);
+                pending = Some((first, now + DEBOUNCE));
+            }
+            () = tokio::time::sleep_until(apply_at.into()), if pending.is_some() => {
+                pending = None;
+                refresh(&mut pipeline, false);
+            }
+            _ = resync.tick() => refresh(&mut pipeline, true),
+            _ = gc.tick() => pipeline.collect_garbage(),
             _ = ticker.tick() => report.tick(&mut stats, reader.stats())?,
+            result = &mut admin => {
+                return match result {
+                    Ok(Err(e)) => Err(e.into()),
+                    _ => Err(Error::AdminStopped),
+                };
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
+    admin.abort();
+    let _ = std::fs::remove_file(&config.admin_socket);
     reader.drain(&mut sink);
     kernel_logs.flush();
     report.tick(&mut stats, reader.stats())?;
@@ -140,6 +260,37 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         datapath.pins().instance()
     );
     Ok(())
+}
+
+/// A failed refresh (the source directory vanished, a map read failed) keeps the state the
+/// kernel has; the next event or resync tries again.
+fn refresh(pipeline: &mut Pipeline, force: bool) {
+    if let Err(e) = pipeline.refresh(force) {
+        tracing::error!(error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");
+    }
+}
+
+/// Watches a directory (not recursively) and signals every change.
+fn watch(
+    dir: &Path,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher, Error> {
+    use notify::Watcher as _;
+    let err = |source| Error::Watch {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // The receiver is gone only when the agent stops.
+            let _ = tx.send(());
+        }
+    })
+    .map_err(err)?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(err)?;
+    Ok(watcher)
 }
 
 /// Lets tokio watch a descriptor owned elsewhere (aya-log's ring buffer).

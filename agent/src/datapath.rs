@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -41,10 +41,63 @@ use crate::cgroup;
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
 
-/// BPF attach types (enum bpf_attach_type) of the links weft creates.
-const BPF_CGROUP_INET_INGRESS: u32 = 0;
-const BPF_CGROUP_INET_EGRESS: u32 = 1;
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
+/// How a program is loaded and attached.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    SockOps,
+    Skb(CgroupSkbAttachType),
+    SockAddr,
+}
+
+/// One program weft attaches to the workload cgroup.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attachment {
+    pub program: &'static str,
+    /// `enum bpf_attach_type`.
+    pub attach_type: u32,
+    /// How operators name the hook.
+    pub label: &'static str,
+    kind: Kind,
+}
+
+const fn attachment(
+    program: &'static str,
+    attach_type: u32,
+    label: &'static str,
+    kind: Kind,
+) -> Attachment {
+    Attachment {
+        program,
+        attach_type,
+        label,
+        kind,
+    }
+}
+
+/// Every program weft attaches, in attach order (attach types from enum bpf_attach_type).
+pub(crate) const ATTACHMENTS: [Attachment; 11] = [
+    attachment(programs::SOCKOPS, 3, "sock_ops", Kind::SockOps),
+    attachment(
+        programs::SKB_INGRESS,
+        0,
+        "cgroup_skb/ingress",
+        Kind::Skb(CgroupSkbAttachType::Ingress),
+    ),
+    attachment(
+        programs::SKB_EGRESS,
+        1,
+        "cgroup_skb/egress",
+        Kind::Skb(CgroupSkbAttachType::Egress),
+    ),
+    attachment(programs::CONNECT4, 10, "connect4", Kind::SockAddr),
+    attachment(programs::CONNECT6, 11, "connect6", Kind::SockAddr),
+    attachment(programs::SENDMSG4, 14, "sendmsg4", Kind::SockAddr),
+    attachment(programs::SENDMSG6, 15, "sendmsg6", Kind::SockAddr),
+    attachment(programs::RECVMSG4, 19, "recvmsg4", Kind::SockAddr),
+    attachment(programs::RECVMSG6, 20, "recvmsg6", Kind::SockAddr),
+    attachment(programs::GETPEERNAME4, 29, "getpeername4", Kind::SockAddr),
+    attachment(programs::GETPEERNAME6, 30, "getpeername6", Kind::SockAddr),
+];
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -220,10 +273,10 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        for spec in config.map_specs() {
+            loader.map_max_entries(spec.name, spec.max_entries);
+        }
         loader
-            .map_max_entries(maps::CONN_STATE, config.max_connections)
-            .map_max_entries(maps::TRAFFIC, config.traffic_entries)
-            .map_max_entries(maps::CONN_EVENTS, config.ring_buffer_bytes)
             .override_global("AYA_LOG_LEVEL", &config.kernel_log_level, true)
             .override_global(
                 globals::CONN_EVENTS_WAKEUP_BYTES,
@@ -290,6 +343,15 @@ impl Datapath {
         take(&mut self.ebpf, maps::TRAFFIC)
     }
 
+    /// The maps service sync writes (can be taken once).
+    pub fn take_service_maps(&mut self) -> Result<crate::sync::kernel::KernelMaps, Error> {
+        Ok(crate::sync::kernel::KernelMaps {
+            services: take(&mut self.ebpf, maps::SERVICES)?,
+            slots: take(&mut self.ebpf, maps::BACKEND_SLOTS)?,
+            members: take(&mut self.ebpf, maps::MEMBERS)?,
+        })
+    }
+
     /// The loaded object, for what takes its own maps (aya-log's `AYA_LOGS`).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
@@ -302,35 +364,38 @@ fn attach_all(
     cgroup_file: &File,
     links: &mut Vec<InstalledLink>,
 ) -> Result<(), Error> {
-    let prog: &mut SockOps = program(ebpf, programs::SOCKOPS)?;
-    prog.load()
-        .map_err(|source| load_err(programs::SOCKOPS, source))?;
-    links.push(
-        ctx.install(programs::SOCKOPS, BPF_CGROUP_SOCK_OPS, prog, |p| {
-            // Cgroup links take no flags (the kernel rejects any with EINVAL) and always coexist
-            // with other programs; `Single` is what passes 0.
-            let id = p.attach(cgroup_file, CgroupAttachMode::Single)?;
-            Ok(p.take_link(id)?.try_into()?)
-        })?,
-    );
-    for (name, attach_type, kind) in [
-        (
-            programs::SKB_INGRESS,
-            BPF_CGROUP_INET_INGRESS,
-            CgroupSkbAttachType::Ingress,
-        ),
-        (
-            programs::SKB_EGRESS,
-            BPF_CGROUP_INET_EGRESS,
-            CgroupSkbAttachType::Egress,
-        ),
-    ] {
-        let prog: &mut CgroupSkb = program(ebpf, name)?;
-        prog.load().map_err(|source| load_err(name, source))?;
-        links.push(ctx.install(name, attach_type, prog, |p| {
-            let id = p.attach(cgroup_file, kind, CgroupAttachMode::Single)?;
-            Ok(p.take_link(id)?.try_into()?)
-        })?);
+    // Cgroup links take no flags (the kernel rejects any with EINVAL) and always coexist with
+    // other programs; `Single` is what passes 0.
+    let mode = CgroupAttachMode::Single;
+    for a in &ATTACHMENTS {
+        let name = a.program;
+        let link = match a.kind {
+            Kind::SockOps => {
+                let prog: &mut SockOps = program(ebpf, name)?;
+                prog.load().map_err(|source| load_err(name, source))?;
+                ctx.install(name, a.attach_type, prog, |p| {
+                    let id = p.attach(cgroup_file, mode)?;
+                    Ok(p.take_link(id)?.try_into()?)
+                })?
+            }
+            Kind::Skb(kind) => {
+                let prog: &mut CgroupSkb = program(ebpf, name)?;
+                prog.load().map_err(|source| load_err(name, source))?;
+                ctx.install(name, a.attach_type, prog, |p| {
+                    let id = p.attach(cgroup_file, kind, mode)?;
+                    Ok(p.take_link(id)?.try_into()?)
+                })?
+            }
+            Kind::SockAddr => {
+                let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+                prog.load().map_err(|source| load_err(name, source))?;
+                ctx.install(name, a.attach_type, prog, |p| {
+                    let id = p.attach(cgroup_file, mode)?;
+                    Ok(p.take_link(id)?.try_into()?)
+                })?
+            }
+        };
+        links.push(link);
     }
     Ok(())
 }
@@ -413,7 +478,7 @@ macro_rules! attachable {
         }
     )*};
 }
-attachable!(SockOps, CgroupSkb);
+attachable!(SockOps, CgroupSkb, CgroupSockAddr);
 
 impl AttachCtx<'_> {
     fn install<P: Attachable>(

@@ -153,13 +153,26 @@ impl Reporter {
     pub fn tick(&mut self, stats: &mut StatsReader, reader: ReaderStats) -> Result<(), Error> {
         for (counter, total) in stats.health()? {
             let last = self.health.insert(counter.name(), total).unwrap_or(0);
-            if total > last {
+            if total <= last {
+                continue;
+            }
+            let (is_problem, hint) = meaning(counter);
+            if is_problem {
                 tracing::warn!(
                     target: "weft::stats",
                     counter = counter.name(),
                     increase = total - last,
                     total,
-                    hint = hint(counter),
+                    hint,
+                    "datapath counter increased"
+                );
+            } else {
+                tracing::info!(
+                    target: "weft::stats",
+                    counter = counter.name(),
+                    increase = total - last,
+                    total,
+                    hint,
                     "datapath counter increased"
                 );
             }
@@ -217,15 +230,31 @@ impl Reporter {
 }
 
 /// What an operator can do about a counter that increased.
-fn hint(counter: Counter) -> &'static str {
+/// Whether an increase is a problem, and what it means or what to do about it.
+fn meaning(counter: Counter) -> (bool, &'static str) {
     match counter {
-        Counter::ConnEventsLost => "raise --ring-buffer-size",
-        Counter::ConnStateFull => "raise --max-connections",
-        Counter::TrafficFull => "raise --traffic-entries",
-        Counter::PacketsUnparsed => "packets weft could not classify",
-        Counter::CallbackFlagsFailed => {
-            "the kernel refused sock_ops callbacks; some connections went untracked"
-        }
+        Counter::ConnEventsLost => (true, "raise --ring-buffer-size"),
+        Counter::ConnStateFull => (true, "raise --max-connections"),
+        Counter::TrafficFull => (true, "raise --traffic-entries"),
+        Counter::PacketsUnparsed => (true, "packets weft could not classify"),
+        Counter::CallbackFlagsFailed => (
+            true,
+            "the kernel refused sock_ops callbacks; some connections went untracked",
+        ),
+        Counter::ServiceNoBackends => (
+            false,
+            "connections to services without ready endpoints were refused",
+        ),
+        Counter::ServiceSlotMissing => (
+            true,
+            "a service's backend set was incomplete in the kernel (a weft bug): connections \
+             were refused",
+        ),
+        Counter::RevNatFailed => (
+            true,
+            "the kernel could not store a reverse translation: getpeername/recvmsg may show a \
+             backend address",
+        ),
     }
 }
 

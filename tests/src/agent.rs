@@ -32,6 +32,8 @@ pub struct AgentOptions {
     pub extra_args: Vec<String>,
     /// The `weft` binary (default: [`weft_binary`]).
     pub binary: Option<PathBuf>,
+    /// Read the node's source directory (`--source dir:`).
+    pub source: bool,
 }
 
 impl Default for AgentOptions {
@@ -41,6 +43,7 @@ impl Default for AgentOptions {
             stats_interval: "1s".into(),
             extra_args: Vec::new(),
             binary: None,
+            source: false,
         }
     }
 }
@@ -50,6 +53,8 @@ impl Default for AgentOptions {
 #[derive(Debug)]
 pub struct Agent {
     binary: PathBuf,
+    admin_socket: PathBuf,
+    source: Option<PathBuf>,
     process: Option<Process>,
     instance: String,
     cgroup: PathBuf,
@@ -65,6 +70,8 @@ impl Agent {
 
     pub fn start_with(node: &Node, options: AgentOptions) -> Self {
         let mut agent = Self {
+            admin_socket: node.workdir().join("admin.sock"),
+            source: options.source.then(|| node.source_dir()),
             binary: options.binary.clone().unwrap_or_else(weft_binary),
             process: None,
             instance: node.tag().to_owned(),
@@ -94,7 +101,12 @@ impl Agent {
             .arg(&self.cgroup)
             .args(["--instance", &self.instance, "--bpffs", BPFFS])
             .args(["--stats-interval", &self.options.stats_interval])
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
             .args(&self.options.extra_args);
+        if let Some(dir) = &self.source {
+            command.arg(format!("--source=dir:{}", dir.display()));
+        }
         let process = Process::spawn(&format!("weft agent {}", self.instance), command);
         process.stdout().wait_for(
             "the agent to report `datapath ready`",
@@ -194,6 +206,62 @@ impl Agent {
     /// Runs `weft cleanup` for the instance: (success, output).
     pub fn try_cleanup(&self) -> (bool, String) {
         run_cleanup(&self.binary, &self.instance)
+    }
+
+    /// Runs a client command (`status`, `services`) with `-o json` against this agent; returns
+    /// (exit success, parsed output).
+    pub fn client(&self, command: &str) -> (bool, Value) {
+        let out = Command::new(&self.binary)
+            .args([command, "-o", "json", "--admin-socket"])
+            .arg(&self.admin_socket)
+            .output()
+            .unwrap_or_else(|e| panic!("weft {command}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "weft {command}: {e}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), value)
+    }
+
+    /// Polls `weft services -o json` until `pred` holds.
+    pub fn wait_services(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, v) = self.client("services");
+            let list = v.as_array().cloned().unwrap_or_default();
+            if pred(&list) {
+                return list;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; services: {v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls `weft status -o json` until `pred` holds.
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, v) = self.client("status");
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; status: {v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
     }
 
     /// The instance's pin directory.

@@ -60,7 +60,12 @@ impl NodeBuilder {
     pub fn build(self) -> Node {
         let tag = names::tag(&self.test);
         let cgroup_root = cgroup2_root();
+        let workdir = std::env::temp_dir().join(format!("weft-test-{tag}"));
+        let _ = fs::remove_dir_all(&workdir);
+        fs::create_dir_all(workdir.join("source"))
+            .unwrap_or_else(|e| panic!("create {}: {e}", workdir.display()));
         let mut node = Node {
+            workdir,
             pod_tool: self.pod_tool.unwrap_or_else(pod_tool),
             tag: tag.clone(),
             netns: Netns::create(&format!("weft-{tag}")),
@@ -133,6 +138,8 @@ impl NodeBuilder {
 #[derive(Debug)]
 pub struct Node {
     pod_tool: PathBuf,
+    /// Files of the test (the agent's source directory, its admin socket), removed on drop.
+    workdir: PathBuf,
     tag: String,
     netns: Netns,
     cgroup: Cgroup,
@@ -181,6 +188,31 @@ impl Node {
         &self.cgroup.path
     }
 
+    /// The test's own directory (removed with the node).
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+
+    /// The directory the agent reads with `--source dir:` (see [`crate::AgentOptions`]).
+    pub fn source_dir(&self) -> PathBuf {
+        self.workdir.join("source")
+    }
+
+    /// Writes a file of the source directory atomically (a temporary file renamed into place),
+    /// as configuration management tools do.
+    pub fn write_source(&self, file: &str, text: &str) {
+        let tmp = self.workdir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+        let path = self.source_dir().join(file);
+        fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+    }
+
+    /// Removes a file of the source directory.
+    pub fn remove_source(&self, file: &str) {
+        let path = self.source_dir().join(file);
+        fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+    }
+
     /// `/run/netns/<name>` of the node namespace.
     pub fn netns_path(&self) -> PathBuf {
         self.netns.path()
@@ -224,6 +256,7 @@ impl Drop for Node {
         for pod in self.pods.drain(..) {
             drop(pod);
         }
+        let _ = fs::remove_dir_all(&self.workdir);
     }
 }
 

@@ -12,12 +12,27 @@ fn attached(node: &Node) -> Vec<Attached> {
         .unwrap_or_else(|e| panic!("query {}: {e}", node.cgroup().display()))
 }
 
+/// Every hook weft uses.
+const HOOKS: [&str; 11] = [
+    "sock_ops",
+    "cgroup_skb/ingress",
+    "cgroup_skb/egress",
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+];
+
 fn assert_one_of_each(list: &[Attached]) {
-    for kind in ["sock_ops", "cgroup_skb/ingress", "cgroup_skb/egress"] {
+    for kind in HOOKS {
         let n = list.iter().filter(|a| a.attach_type == kind).count();
         assert_eq!(n, 1, "{kind} attachments on the test cgroup: {list:?}");
     }
-    assert_eq!(list.len(), 3, "{list:?}");
+    assert_eq!(list.len(), HOOKS.len(), "{list:?}");
     let ours = list
         .iter()
         .all(|a| a.link_id != 0 && a.program_name.starts_with("weft_"));
@@ -74,7 +89,7 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
                 .to_owned()
         })
         .collect();
-    assert_eq!(installs, ["Adopted", "Adopted", "Adopted"]);
+    assert_eq!(installs, vec!["Adopted"; HOOKS.len()]);
     // Same links (the attachments); the programs behind them were swapped in place.
     assert_eq!(
         links(&attached(&node)),
@@ -139,7 +154,7 @@ fn cleanup_removes_every_program_link_and_pin() {
     let detached = logs
         .iter()
         .filter(|r| r["fields"]["message"] == "link detached and unpinned");
-    assert_eq!(detached.count(), 3, "{logs:?}");
+    assert_eq!(detached.count(), HOOKS.len(), "{logs:?}");
     assert!(
         attached(&node).is_empty(),
         "programs still attached: {:?}",

@@ -7,10 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{
-    BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, BPF_CGROUP_SOCK_OPS, Error, Pins,
-    program_info, sys,
-};
+use super::{ATTACHMENTS, Error, Pins, program_info, sys};
 
 /// Detaches a pinned link now and removes its pin.
 pub(super) fn remove_link(path: &Path) -> Result<(), Error> {
@@ -47,18 +44,14 @@ pub struct Attached {
     pub program_name: String,
 }
 
-/// Every sock_ops and cgroup_skb program attached directly to `cgroup` (by anyone).
+/// Every program attached directly to `cgroup` (by anyone) at the hooks weft uses.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<Attached>, Error> {
     let file = File::open(cgroup).map_err(|source| Error::OpenCgroup {
         path: cgroup.to_owned(),
         source,
     })?;
     let mut out = Vec::new();
-    for (attach_type, label) in [
-        (BPF_CGROUP_SOCK_OPS, "sock_ops"),
-        (BPF_CGROUP_INET_INGRESS, "cgroup_skb/ingress"),
-        (BPF_CGROUP_INET_EGRESS, "cgroup_skb/egress"),
-    ] {
+    for (attach_type, label) in ATTACHMENTS.iter().map(|a| (a.attach_type, a.label)) {
         let ids =
             sys::query_cgroup(file.as_fd(), attach_type).map_err(|source| Error::LinkSyscall {
                 op: "query programs of",

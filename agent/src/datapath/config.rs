@@ -6,6 +6,10 @@ use weft_abi::{
     conn::ConnState,
     maps,
     stats::COUNTERS,
+    svc::{
+        AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
+        SlotKey, UdpFlowKey,
+    },
     traffic::{TrafficKey, TrafficValue},
 };
 
@@ -33,6 +37,15 @@ pub struct Config {
     pub kernel_log_level: u8,
     /// Pending bytes in `CONN_EVENTS` that wake the reader (0: every event).
     pub events_wakeup_bytes: u64,
+    /// Capacity of `SERVICES` (frontends: ClusterIP x port x protocol).
+    pub max_services: u32,
+    /// Capacity of `BACKEND_SLOTS` and `MEMBERS`. A backend set being replaced holds its old
+    /// and new slots for a moment, so leave headroom over the total number of backends.
+    pub max_backends: u32,
+    /// Capacity of `AFFINITY` (LRU: client pods x services with ClientIP affinity).
+    pub max_affinity: u32,
+    /// Capacity of `REVNAT` and `UDP_FLOWS` (LRU: sockets talking to services).
+    pub max_socket_translations: u32,
 }
 
 impl Config {
@@ -56,6 +69,10 @@ impl Config {
         for (flag, value) in [
             ("--max-connections", self.max_connections),
             ("--traffic-entries", self.traffic_entries),
+            ("--max-services", self.max_services),
+            ("--max-backends", self.max_backends),
+            ("--max-affinity", self.max_affinity),
+            ("--max-socket-translations", self.max_socket_translations),
         ] {
             if value == 0 {
                 return Err(Error::InvalidCapacity {
@@ -68,39 +85,40 @@ impl Config {
         Ok(())
     }
 
-    /// What every map must look like, pinned or new.
-    pub(super) fn map_specs(&self) -> [MapSpec; 5] {
-        let size = |n: usize| n as u32;
+    /// What every map must look like, pinned or new. The loader sizes maps from it.
+    pub(super) fn map_specs(&self) -> [MapSpec; 11] {
         [
-            MapSpec::new(
-                maps::CONN_EVENTS,
-                MapType::RingBuf,
-                0,
-                0,
-                self.ring_buffer_bytes,
-            ),
-            MapSpec::new(
-                maps::CONN_STATE,
-                MapType::Hash,
-                size(size_of::<u64>()),
-                size(size_of::<ConnState>()),
-                self.max_connections,
-            ),
-            MapSpec::new(maps::STATS, MapType::PerCpuArray, 4, 8, COUNTERS),
-            MapSpec::new(
+            MapSpec::ring(maps::CONN_EVENTS, self.ring_buffer_bytes),
+            MapSpec::of::<u64, ConnState>(maps::CONN_STATE, MapType::Hash, self.max_connections),
+            MapSpec::of::<u32, u64>(maps::STATS, MapType::PerCpuArray, COUNTERS),
+            MapSpec::of::<TrafficKey, TrafficValue>(
                 maps::TRAFFIC,
                 MapType::PerCpuHash,
-                size(size_of::<TrafficKey>()),
-                size(size_of::<TrafficValue>()),
                 self.traffic_entries,
             ),
             // aya rounds ring buffer sizes up to whole pages.
-            MapSpec::new(
-                maps::AYA_LOGS,
-                MapType::RingBuf,
-                0,
-                0,
-                AYA_LOGS_BYTES.max(page_size()),
+            MapSpec::ring(maps::AYA_LOGS, AYA_LOGS_BYTES.max(page_size())),
+            MapSpec::of::<ServiceKey, ServiceValue>(
+                maps::SERVICES,
+                MapType::Hash,
+                self.max_services,
+            ),
+            MapSpec::of::<SlotKey, Endpoint>(maps::BACKEND_SLOTS, MapType::Hash, self.max_backends),
+            MapSpec::of::<MemberKey, u32>(maps::MEMBERS, MapType::Hash, self.max_backends),
+            MapSpec::of::<AffinityKey, AffinityValue>(
+                maps::AFFINITY,
+                MapType::LruHash,
+                self.max_affinity,
+            ),
+            MapSpec::of::<RevNatKey, Endpoint>(
+                maps::REVNAT,
+                MapType::LruHash,
+                self.max_socket_translations,
+            ),
+            MapSpec::of::<UdpFlowKey, Endpoint>(
+                maps::UDP_FLOWS,
+                MapType::LruHash,
+                self.max_socket_translations,
             ),
         ]
     }
@@ -122,19 +140,23 @@ pub(super) struct MapSpec {
 }
 
 impl MapSpec {
-    const fn new(
-        name: &'static str,
-        map_type: MapType,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    ) -> Self {
+    fn of<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> Self {
         Self {
             name,
             map_type,
-            key_size,
-            value_size,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
             max_entries,
+        }
+    }
+
+    const fn ring(name: &'static str, bytes: u32) -> Self {
+        Self {
+            name,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: bytes,
         }
     }
 

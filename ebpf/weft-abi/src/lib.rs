@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub mod stats;
+pub mod svc;
 pub mod traffic;
 
 /// Names of the programs in the object, as the agent looks them up.
@@ -19,8 +20,33 @@ pub mod programs {
     /// cgroup_skb/egress program: per-cgroup traffic accounting of sent packets.
     pub const SKB_EGRESS: &str = "weft_skb_egress";
 
+    /// cgroup/connect4 and connect6: ClusterIP to backend for TCP and connected UDP.
+    pub const CONNECT4: &str = "weft_connect4";
+    pub const CONNECT6: &str = "weft_connect6";
+    /// cgroup/sendmsg4 and sendmsg6: the same for unconnected UDP.
+    pub const SENDMSG4: &str = "weft_sendmsg4";
+    pub const SENDMSG6: &str = "weft_sendmsg6";
+    /// cgroup/recvmsg4 and recvmsg6: UDP replies appear to come from the ClusterIP.
+    pub const RECVMSG4: &str = "weft_recvmsg4";
+    pub const RECVMSG6: &str = "weft_recvmsg6";
+    /// cgroup/getpeername4 and getpeername6: getpeername() returns the ClusterIP.
+    pub const GETPEERNAME4: &str = "weft_getpeername4";
+    pub const GETPEERNAME6: &str = "weft_getpeername6";
+
     /// Every program the agent attaches, in attach order.
-    pub const ALL: [&str; 3] = [SOCKOPS, SKB_INGRESS, SKB_EGRESS];
+    pub const ALL: [&str; 11] = [
+        SOCKOPS,
+        SKB_INGRESS,
+        SKB_EGRESS,
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
 }
 
 /// Names of the maps in the object. BPF object names are limited to 15 bytes.
@@ -35,9 +61,33 @@ pub mod maps {
     pub const TRAFFIC: &str = "TRAFFIC";
     /// aya-log's ring buffer (defined by aya-log-ebpf).
     pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Hash of [`crate::svc::ServiceKey`] to [`crate::svc::ServiceValue`].
+    pub const SERVICES: &str = "SERVICES";
+    /// Hash of [`crate::svc::SlotKey`] to [`crate::svc::Endpoint`].
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    /// Hash of [`crate::svc::MemberKey`] to u32.
+    pub const MEMBERS: &str = "MEMBERS";
+    /// LRU hash of [`crate::svc::AffinityKey`] to [`crate::svc::AffinityValue`].
+    pub const AFFINITY: &str = "AFFINITY";
+    /// LRU hash of [`crate::svc::RevNatKey`] to [`crate::svc::Endpoint`].
+    pub const REVNAT: &str = "REVNAT";
+    /// LRU hash of [`crate::svc::UdpFlowKey`] to [`crate::svc::Endpoint`].
+    pub const UDP_FLOWS: &str = "UDP_FLOWS";
 
     /// Every map of the object; all of them are pinned per instance.
-    pub const ALL: [&str; 5] = [CONN_EVENTS, CONN_STATE, STATS, TRAFFIC, AYA_LOGS];
+    pub const ALL: [&str; 11] = [
+        CONN_EVENTS,
+        CONN_STATE,
+        STATS,
+        TRAFFIC,
+        AYA_LOGS,
+        SERVICES,
+        BACKEND_SLOTS,
+        MEMBERS,
+        AFFINITY,
+        REVNAT,
+        UDP_FLOWS,
+    ];
 }
 
 /// Names of global variables of the object that the agent sets at load time.

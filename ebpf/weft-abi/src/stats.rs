@@ -18,16 +18,26 @@ pub enum Counter {
     /// The kernel refused sock_ops callback flags: a connection went untracked, or its
     /// received byte count may include the peer's FIN.
     CallbackFlagsFailed = 4,
+    /// A connect or send to a service without ready backends was refused (ECONNREFUSED).
+    ServiceNoBackends = 5,
+    /// A service's backend slot was missing (a sync bug): the connect was refused.
+    ServiceSlotMissing = 6,
+    /// A reverse translation entry could not be written (getpeername/recvmsg may show the
+    /// backend instead of the ClusterIP).
+    RevNatFailed = 7,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 8] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
         Self::PacketsUnparsed,
         Self::CallbackFlagsFailed,
+        Self::ServiceNoBackends,
+        Self::ServiceSlotMissing,
+        Self::RevNatFailed,
     ];
 
     /// The name the agent reports.
@@ -38,6 +48,9 @@ impl Counter {
             Self::TrafficFull => "traffic_full",
             Self::PacketsUnparsed => "packets_unparsed",
             Self::CallbackFlagsFailed => "callback_flags_failed",
+            Self::ServiceNoBackends => "service_no_backends",
+            Self::ServiceSlotMissing => "service_slot_missing",
+            Self::RevNatFailed => "revnat_failed",
         }
     }
 }

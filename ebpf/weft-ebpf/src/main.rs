@@ -9,16 +9,20 @@
     reason = "core_intrinsics: the BPF target has no CAS-based atomics"
 )]
 
+#[macro_use]
+mod ctx;
 mod maps;
 mod packet;
+mod service;
 mod sockops;
 mod stats;
 mod traffic;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, sock_ops},
-    programs::{SkBuffContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
+use service::{Hook, V4, V6};
 use weft_abi::traffic::Direction;
 
 /// TCP connection lifecycle of every socket under the attached cgroup.
@@ -42,6 +46,51 @@ pub fn weft_skb_ingress(ctx: SkBuffContext) -> i32 {
 pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
     traffic::account(&ctx, Direction::Egress);
     1
+}
+
+/// ClusterIP to backend for TCP and connected UDP (IPv4 sockets).
+#[cgroup_sock_addr(connect4)]
+pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
+    service::translate::<V4>(&ctx, Hook::Connect)
+}
+
+/// ClusterIP to backend for TCP and connected UDP (IPv6 sockets, IPv4-mapped included).
+#[cgroup_sock_addr(connect6)]
+pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
+    service::translate::<V6>(&ctx, Hook::Connect)
+}
+
+/// ClusterIP to backend for each datagram of an unconnected UDP socket.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weft_sendmsg4(ctx: SockAddrContext) -> i32 {
+    service::translate::<V4>(&ctx, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn weft_sendmsg6(ctx: SockAddrContext) -> i32 {
+    service::translate::<V6>(&ctx, Hook::Sendmsg)
+}
+
+/// UDP replies from a backend appear to come from the ClusterIP.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn weft_recvmsg4(ctx: SockAddrContext) -> i32 {
+    service::reverse::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn weft_recvmsg6(ctx: SockAddrContext) -> i32 {
+    service::reverse::<V6>(&ctx)
+}
+
+/// getpeername() returns the ClusterIP a socket connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn weft_getpeername4(ctx: SockAddrContext) -> i32 {
+    service::reverse::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn weft_getpeername6(ctx: SockAddrContext) -> i32 {
+    service::reverse::<V6>(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,12 +2,17 @@
 //! time (`--max-connections`, ...) and pins every map under its instance directory.
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weft_abi::{
     conn::ConnState,
     stats::COUNTERS,
+    svc::{
+        AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
+        SlotKey, UdpFlowKey,
+    },
     traffic::{TrafficKey, TrafficValue},
 };
 
@@ -31,3 +36,31 @@ pub static TRAFFIC: PerCpuHashMap<TrafficKey, TrafficValue> =
 /// See `weft_abi::globals::CONN_EVENTS_WAKEUP_BYTES`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static CONN_EVENTS_WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// Service frontends. Not preallocated: elements are freed after an RCU grace period, so a
+/// program never reads an entry that was replaced under it.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+
+/// Endpoint sets by revision.
+#[map]
+pub static BACKEND_SLOTS: HashMap<SlotKey, Endpoint> =
+    HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+/// Which backends currently serve which service.
+#[map]
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+/// ClientIP session affinity: (client netns, service) to backend.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(65_536, 0);
+
+/// (socket, backend) to the frontend the application asked for.
+#[map]
+pub static REVNAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::with_max_entries(65_536, 0);
+
+/// (unconnected UDP socket, frontend) to the backend chosen for it.
+#[map]
+pub static UDP_FLOWS: LruHashMap<UdpFlowKey, Endpoint> = LruHashMap::with_max_entries(65_536, 0);

@@ -27,25 +27,15 @@ use weft_abi::{
     AF_INET,
     conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
     stats::Counter,
+    svc::{Endpoint, RevNatKey, normalize_v6},
 };
 
 use crate::{
-    maps::{CONN_EVENTS, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE},
+    maps::{CONN_EVENTS, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE, REVNAT},
     packet, stats,
 };
 
 const TCP_FLAG_FIN: u32 = 0x01;
-
-/// Reads one field of the sock_ops context with its own load. The verifier accepts only
-/// `ctx + constant` loads of single fields; letting the compiler copy a whole array (or keep a
-/// pointer into the context) produces "dereference of modified ctx ptr".
-macro_rules! field {
-    ($ctx:expr, $($f:tt)+) => {
-        // SAFETY: `ops` is the program's context pointer; the verifier checks and rewrites
-        // every context load (fields of a non-full socket read as 0).
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.ops).$($f)+)) }
-    };
-}
 
 pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     // Most callbacks (RWND_INIT, TIMEOUT_INIT, ...) are not ours: return before any helper call.
@@ -97,7 +87,10 @@ fn on_connect(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
 }
 
 fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i64> {
-    let (acked, received) = (field!(ctx, bytes_acked), field!(ctx, bytes_received));
+    let (acked, received) = (
+        ctx_read!(ctx.ops, bytes_acked),
+        ctx_read!(ctx.ops, bytes_received),
+    );
     let state = match CONN_STATE.get_ptr_mut(cookie) {
         Some(s) => {
             // SAFETY: the entry is this socket's and sock_ops callbacks of one socket run under
@@ -181,17 +174,49 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
             // Cannot fail: the entry was just found, and callbacks of one socket run under its
             // lock.
             let _ = CONN_STATE.remove(cookie);
+            if state.side == Side::Active as u32 {
+                forget_revnat(ctx, cookie);
+            }
         }
         _ => {}
     }
     Ok(())
 }
 
+/// A closed client socket no longer needs its reverse translation (if it connected through a
+/// ClusterIP): removing it keeps the LRU map for the sockets that still do.
+fn forget_revnat(ctx: &SockOpsContext, cookie: u64) {
+    let (family, addr) = if ctx_read!(ctx.ops, family) == AF_INET {
+        (4, [ctx_read!(ctx.ops, remote_ip4), 0, 0, 0])
+    } else {
+        normalize_v6([
+            ctx_read!(ctx.ops, remote_ip6[0]),
+            ctx_read!(ctx.ops, remote_ip6[1]),
+            ctx_read!(ctx.ops, remote_ip6[2]),
+            ctx_read!(ctx.ops, remote_ip6[3]),
+        ])
+    };
+    // remote_port holds the port in network byte order in its upper 16 bits.
+    let port = (u32::from_be(ctx_read!(ctx.ops, remote_port)) as u16).to_be();
+    let key = RevNatKey {
+        cookie,
+        backend: Endpoint {
+            addr,
+            port,
+            family,
+            _pad: 0,
+        },
+        _pad: 0,
+    };
+    // Absent for the many connections that did not go through a service.
+    let _ = REVNAT.remove(key);
+}
+
 fn on_header(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
-    let tcp_flags = field!(ctx, skb_tcp_flags);
-    let skb_len = field!(ctx, skb_len);
-    let data = field!(ctx, __bindgen_anon_3.skb_data) as usize;
-    let data_end = field!(ctx, __bindgen_anon_4.skb_data_end) as usize;
+    let tcp_flags = ctx_read!(ctx.ops, skb_tcp_flags);
+    let skb_len = ctx_read!(ctx.ops, skb_len);
+    let data = ctx_read!(ctx.ops, __bindgen_anon_3.skb_data) as usize;
+    let data_end = ctx_read!(ctx.ops, __bindgen_anon_4.skb_data_end) as usize;
     if tcp_flags & TCP_FLAG_FIN == 0 {
         return Ok(());
     }
@@ -220,25 +245,25 @@ fn emit(
         return;
     };
     let now = now();
-    let family = field!(ctx, family);
+    let family = ctx_read!(ctx.ops, family);
     let (local_addr, remote_addr) = if family == AF_INET {
         (
-            [field!(ctx, local_ip4), 0, 0, 0],
-            [field!(ctx, remote_ip4), 0, 0, 0],
+            [ctx_read!(ctx.ops, local_ip4), 0, 0, 0],
+            [ctx_read!(ctx.ops, remote_ip4), 0, 0, 0],
         )
     } else {
         (
             [
-                field!(ctx, local_ip6[0]),
-                field!(ctx, local_ip6[1]),
-                field!(ctx, local_ip6[2]),
-                field!(ctx, local_ip6[3]),
+                ctx_read!(ctx.ops, local_ip6[0]),
+                ctx_read!(ctx.ops, local_ip6[1]),
+                ctx_read!(ctx.ops, local_ip6[2]),
+                ctx_read!(ctx.ops, local_ip6[3]),
             ],
             [
-                field!(ctx, remote_ip6[0]),
-                field!(ctx, remote_ip6[1]),
-                field!(ctx, remote_ip6[2]),
-                field!(ctx, remote_ip6[3]),
+                ctx_read!(ctx.ops, remote_ip6[0]),
+                ctx_read!(ctx.ops, remote_ip6[1]),
+                ctx_read!(ctx.ops, remote_ip6[2]),
+                ctx_read!(ctx.ops, remote_ip6[3]),
             ],
         )
     };
@@ -253,13 +278,13 @@ fn emit(
         let fin_wait2 = state.states_seen & (1 << tcp_state::FIN_WAIT2) != 0;
         let acked_on_close = (last_state == tcp_state::CLOSING
             || last_state == tcp_state::LAST_ACK)
-            && field!(ctx, snd_una) == field!(ctx, snd_nxt);
+            && ctx_read!(ctx.ops, snd_una) == ctx_read!(ctx.ops, snd_nxt);
         if state.flags & flags::FIN_SENT != 0 && (fin_wait2 || acked_on_close) {
             ev_flags |= flags::FIN_ACKED;
             fin_acked = 1;
         }
         if state.flags & flags::PEER_FIN_SEEN != 0
-            && field!(ctx, rcv_nxt) == state.peer_fin_seq.wrapping_add(1)
+            && ctx_read!(ctx.ops, rcv_nxt) == state.peer_fin_seq.wrapping_add(1)
         {
             ev_flags |= flags::FIN_RECEIVED;
         }
@@ -267,10 +292,10 @@ fn emit(
             fin_received = 1;
         }
     }
-    let sent = field!(ctx, bytes_acked)
+    let sent = ctx_read!(ctx.ops, bytes_acked)
         .saturating_sub(state.bytes_acked_base)
         .saturating_sub(fin_acked);
-    let received = field!(ctx, bytes_received)
+    let received = ctx_read!(ctx.ops, bytes_received)
         .saturating_sub(state.bytes_received_base)
         .saturating_sub(fin_received);
     entry.write(ConnEvent {
@@ -281,8 +306,8 @@ fn emit(
         duration_ns: now.saturating_sub(state.start_ns),
         local_addr,
         remote_addr,
-        local_port: field!(ctx, local_port),
-        remote_port: u32::from_be(field!(ctx, remote_port)),
+        local_port: ctx_read!(ctx.ops, local_port),
+        remote_port: u32::from_be(ctx_read!(ctx.ops, remote_port)),
         side: state.side,
         last_state,
         // A connection that never reached ESTABLISHED has no baseline and moved no payload.
@@ -296,11 +321,11 @@ fn emit(
         } else {
             0
         },
-        srtt_us: field!(ctx, srtt_us) >> 3,
-        rtt_min_us: field!(ctx, rtt_min),
-        total_retrans: field!(ctx, total_retrans),
-        segs_in: field!(ctx, segs_in),
-        segs_out: field!(ctx, segs_out),
+        srtt_us: ctx_read!(ctx.ops, srtt_us) >> 3,
+        rtt_min_us: ctx_read!(ctx.ops, rtt_min),
+        total_retrans: ctx_read!(ctx.ops, total_retrans),
+        segs_in: ctx_read!(ctx.ops, segs_in),
+        segs_out: ctx_read!(ctx.ops, segs_out),
         flags: ev_flags,
     });
     // Wake the reader only once enough is pending: one wakeup per event costs the agent more

@@ -45,6 +45,23 @@ enum Cmd {
         /// Close each connection as soon as it is accepted (for churn): the server closes first.
         #[arg(long)]
         close_at_once: bool,
+        /// Reply with this text instead of --reply bytes, so clients can tell servers apart.
+        #[arg(long)]
+        reply_name: Option<String>,
+    },
+    /// Open --count connections to --connect; on each: shut down writing, read the server's
+    /// name, check that getpeername() is --connect. Prints the count per server name.
+    TcpSpray {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
+    /// One non-blocking connect to --connect: reports whether the call itself failed (and how)
+    /// or started (EINPROGRESS), then how the connection ended.
+    ConnectProbe {
+        #[arg(long)]
+        connect: SocketAddr,
     },
     /// Connect, send --send bytes, then receive (see --close).
     TcpClient {
@@ -78,6 +95,10 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Use send_to/recv_from on an unconnected socket and check that every reply comes from
+        /// --connect.
+        #[arg(long)]
+        unconnected: bool,
     },
 }
 
@@ -106,7 +127,19 @@ fn run(cmd: Cmd) -> Result<(), String> {
             read,
             connections,
             close_at_once,
-        } => tcp_server(listen, reply, read, connections, close_at_once),
+            reply_name,
+        } => tcp_server(
+            listen,
+            Reply {
+                bytes: reply,
+                name: reply_name,
+            },
+            read,
+            connections,
+            close_at_once,
+        ),
+        Cmd::TcpSpray { connect, count } => tcp_spray(connect, count),
+        Cmd::ConnectProbe { connect } => connect_probe(connect),
         Cmd::TcpClient {
             connect,
             send,
@@ -119,13 +152,21 @@ fn run(cmd: Cmd) -> Result<(), String> {
             connect,
             count,
             size,
-        } => udp_client(connect, count, size),
+            unconnected,
+        } => udp_client(connect, count, size, unconnected),
     }
+}
+
+/// What a server sends back.
+#[derive(Debug, Clone)]
+struct Reply {
+    bytes: u64,
+    name: Option<String>,
 }
 
 fn tcp_server(
     listen: SocketAddr,
-    reply: u64,
+    reply: Reply,
     read: Option<u64>,
     connections: Option<u64>,
     close_at_once: bool,
@@ -142,16 +183,23 @@ fn tcp_server(
             drop(stream);
             continue;
         }
-        handles.push(thread::spawn(move || {
-            let result = serve(stream, reply, read);
+        let reply = reply.clone();
+        let handle = thread::spawn(move || {
+            let result = serve(stream, &reply, read);
             match result {
+                // A long-running server (no --connections) stays quiet per connection.
+                Ok(_) if connections.is_none() => {}
                 Ok((local, received, sent)) => emit(&json!({
                     "event": "served", "peer": peer.to_string(), "local": local,
                     "received": received, "sent": sent,
                 })),
                 Err(e) => emit(&json!({"event": "error", "peer": peer.to_string(), "error": e})),
             }
-        }));
+        });
+        // Only a server with a known end waits for its connections.
+        if connections.is_some() {
+            handles.push(handle);
+        }
     }
     for h in handles {
         let _ = h.join();
@@ -162,22 +210,34 @@ fn tcp_server(
 /// Serves one connection; returns (local address, bytes received, bytes sent).
 fn serve(
     mut stream: TcpStream,
-    reply: u64,
+    reply: &Reply,
     read: Option<u64>,
 ) -> Result<(String, u64, u64), String> {
     let local = stream.local_addr().map_err(|e| e.to_string())?.to_string();
     match read {
         None => {
             let received = drain(&mut stream)?;
-            let sent = write_bytes(&mut stream, reply)?;
+            let sent = send_reply(&mut stream, reply)?;
             Ok((local, received, sent))
         }
         Some(n) => {
             let got = read_exactly(&mut stream, n)?;
-            let sent = write_bytes(&mut stream, reply)?;
+            let sent = send_reply(&mut stream, reply)?;
             // Wait for the peer's FIN so the peer closes first.
             Ok((local, got + drain(&mut stream)?, sent))
         }
+    }
+}
+
+fn send_reply(stream: &mut TcpStream, reply: &Reply) -> Result<u64, String> {
+    match &reply.name {
+        Some(name) => {
+            stream
+                .write_all(name.as_bytes())
+                .map_err(|e| format!("write: {e}"))?;
+            Ok(name.len() as u64)
+        }
+        None => write_bytes(stream, reply.bytes),
     }
 }
 
@@ -280,6 +340,119 @@ fn churn(connect: SocketAddr, seconds: f64) -> Result<(), String> {
     }
 }
 
+fn tcp_spray(connect: SocketAddr, count: u64) -> Result<(), String> {
+    let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let (mut errors, mut peer_mismatches) = (0u64, 0u64);
+    let mut last_error = String::new();
+    for _ in 0..count {
+        let result = (|| -> Result<(String, bool), String> {
+            let mut s = TcpStream::connect(connect).map_err(|e| format!("connect: {e}"))?;
+            let peer_ok = s.peer_addr().map_err(|e| e.to_string())? == connect;
+            s.shutdown(Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            let mut name = String::new();
+            s.read_to_string(&mut name)
+                .map_err(|e| format!("read: {e}"))?;
+            Ok((name, peer_ok))
+        })();
+        match result {
+            Ok((name, peer_ok)) => {
+                *counts.entry(name).or_default() += 1;
+                peer_mismatches += u64::from(!peer_ok);
+            }
+            Err(e) => {
+                errors += 1;
+                last_error = e;
+            }
+        }
+    }
+    emit(&json!({
+        "event": "spray", "counts": counts, "errors": errors, "last_error": last_error,
+        "peer_mismatches": peer_mismatches,
+    }));
+    Ok(())
+}
+
+fn connect_probe(connect: SocketAddr) -> Result<(), String> {
+    let domain = if connect.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd below.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let (storage, len) = sockaddr(connect);
+    let started = Instant::now();
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes for `connect`.
+    let ret = unsafe { libc::connect(raw, std::ptr::from_ref(&storage).cast(), len) };
+    let call_error = (ret != 0).then(std::io::Error::last_os_error);
+    let call_us = started.elapsed().as_micros() as u64;
+    let immediate = match &call_error {
+        None => "connected".to_owned(),
+        Some(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => "in_progress".to_owned(),
+        Some(e) => errno_name(e),
+    };
+    emit(&json!({"event": "probe", "immediate": immediate, "call_us": call_us}));
+    Ok(())
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
 fn udp_echo(listen: SocketAddr) -> Result<(), String> {
     let socket = UdpSocket::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     emit(
@@ -296,7 +469,12 @@ fn udp_echo(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
-fn udp_client(connect: SocketAddr, count: u64, size: usize) -> Result<(), String> {
+fn udp_client(
+    connect: SocketAddr,
+    count: u64,
+    size: usize,
+    unconnected: bool,
+) -> Result<(), String> {
     let bind: SocketAddr = if connect.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -305,29 +483,46 @@ fn udp_client(connect: SocketAddr, count: u64, size: usize) -> Result<(), String
     .parse()
     .map_err(|e| format!("{e}"))?;
     let socket = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
-    socket
-        .connect(connect)
-        .map_err(|e| format!("connect {connect}: {e}"))?;
+    if !unconnected {
+        socket
+            .connect(connect)
+            .map_err(|e| format!("connect {connect}: {e}"))?;
+    }
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     let payload = vec![0xa5u8; size];
     let mut buf = vec![0u8; 65_536];
-    let mut echoed = 0u64;
+    let (mut echoed, mut wrong_source) = (0u64, 0u64);
     for _ in 0..count {
-        socket.send(&payload).map_err(|e| format!("send: {e}"))?;
-        let n = socket.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+        let n = if unconnected {
+            socket
+                .send_to(&payload, connect)
+                .map_err(|e| format!("send_to: {}", errno_name(&e)))?;
+            let (n, from) = socket
+                .recv_from(&mut buf)
+                .map_err(|e| format!("recv_from: {e}"))?;
+            wrong_source += u64::from(from != connect);
+            n
+        } else {
+            socket
+                .send(&payload)
+                .map_err(|e| format!("send: {}", errno_name(&e)))?;
+            socket.recv(&mut buf).map_err(|e| format!("recv: {e}"))?
+        };
         if n == size {
             echoed += 1;
         }
     }
     emit(&json!({
         "event": "done", "local": socket.local_addr().map_err(|e| e.to_string())?.to_string(),
-        "remote": connect.to_string(), "sent": count, "echoed": echoed,
+        "remote": connect.to_string(), "sent": count, "echoed": echoed, "wrong_source": wrong_source,
     }));
-    if echoed == count {
+    if echoed == count && wrong_source == 0 {
         Ok(())
     } else {
-        Err(format!("{echoed} of {count} echoed"))
+        Err(format!(
+            "{echoed} of {count} echoed, {wrong_source} from another address than {connect}"
+        ))
     }
 }

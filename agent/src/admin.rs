@@ -1,0 +1,288 @@
+//! The admin API: HTTP on a unix socket, local only. The `weft` CLI is its client.
+//!
+//! - `GET /status`: the agent, its datapath, its source and the last sync (JSON)
+//! - `GET /services`: every service frontend and its backends as the kernel maps hold them
+//! - `GET /metrics`: Prometheus text format
+//! - `GET /healthz`, `GET /readyz`: liveness, and readiness (the first full sync is done)
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use aya::maps::{HashMap, Map, MapData, MapError};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use weft_abi::{
+    maps,
+    svc::{Endpoint, ServiceKey, ServiceValue, SlotKey},
+};
+
+use crate::{compile::words_ip, datapath::Pins, services, sync::frontend_name};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {path}", path = path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no weft agent answers on {path} (is it running, and is --instance right?)", path = path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("request to the agent failed")]
+    Http(#[source] hyper::Error),
+    #[error("the agent answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("cannot read kernel map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot decode the agent's answer")]
+    Decode(#[source] serde_json::Error),
+}
+
+/// The default admin socket of an instance.
+pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.sock"))
+}
+
+/// Static facts about the running agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub instance: String,
+    pub version: String,
+    pub cgroup: PathBuf,
+    pub pins: PathBuf,
+    pub programs: Vec<ProgramInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramInfo {
+    pub program: String,
+    pub install: String,
+    pub link_id: u32,
+    pub program_id: u32,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub healthy: bool,
+    pub agent: AgentInfo,
+    pub services: serde_json::Value,
+}
+
+/// One frontend as the kernel holds it (`GET /services`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelService {
+    pub service: String,
+    pub port_name: String,
+    pub frontend: String,
+    pub revision: u32,
+    pub affinity_timeout_s: u32,
+    pub backends: Vec<String>,
+}
+
+/// What the handlers read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub info: Arc<AgentInfo>,
+    pub services: Arc<RwLock<services::Status>>,
+    pub registry: Arc<Registry>,
+    pub pins: Pins,
+}
+
+/// Listens on `path`. A stale socket file from an earlier agent is replaced (the instance
+/// lock guarantees no other agent owns it). Must be called inside a tokio runtime.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let listen_err = |source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_err(e)),
+    }
+    tokio::net::UnixListener::bind(path).map_err(listen_err)
+}
+
+/// Serves the admin API until the future is dropped.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    state: AdminState,
+) -> Result<(), Error> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/services", get(kernel_services_handler))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| Error::Listen { path, source })
+}
+
+fn status_doc(state: &AdminState) -> StatusDoc {
+    let services = state.services.read().unwrap_or_else(|e| e.into_inner());
+    StatusDoc {
+        healthy: services.ready && services.sync_errors.is_empty(),
+        agent: (*state.info).clone(),
+        services: serde_json::to_value(&*services).unwrap_or_default(),
+    }
+}
+
+async fn status(State(state): State<AdminState>) -> Json<StatusDoc> {
+    Json(status_doc(&state))
+}
+
+async fn ready(State(state): State<AdminState>) -> Response {
+    if state
+        .services
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .ready
+    {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "first sync not done").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::encode(&state.registry),
+    )
+        .into_response()
+}
+
+async fn kernel_services_handler(State(state): State<AdminState>) -> Response {
+    match kernel_services(&state) {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}")).into_response(),
+    }
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    pins: &Pins,
+    map: &'static str,
+) -> Result<HashMap<MapData, K, V>, Error> {
+    let err = |source| Error::Map { map, source };
+    let data = MapData::from_pin(pins.map(map)).map_err(err)?;
+    HashMap::try_from(Map::HashMap(data)).map_err(err)
+}
+
+/// Reads SERVICES and BACKEND_SLOTS through their pins (independent of the syncer).
+fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
+    let services: HashMap<MapData, ServiceKey, ServiceValue> =
+        open_hash(&state.pins, maps::SERVICES)?;
+    let slots: HashMap<MapData, SlotKey, Endpoint> = open_hash(&state.pins, maps::BACKEND_SLOTS)?;
+    let names = state
+        .services
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .names
+        .clone();
+    let mut out = Vec::new();
+    for entry in services.iter() {
+        let (key, value) = entry.map_err(|source| Error::Map {
+            map: maps::SERVICES,
+            source,
+        })?;
+        let mut backends = Vec::new();
+        for index in 0..value.count {
+            let slot = SlotKey {
+                revision: value.revision,
+                index,
+            };
+            let b = slots.get(&slot, 0).map_err(|source| Error::Map {
+                map: maps::BACKEND_SLOTS,
+                source,
+            })?;
+            let ip = words_ip(b.family, b.addr);
+            backends.push(SocketAddr::new(ip, u16::from_be(b.port)).to_string());
+        }
+        let name = names.get(&key);
+        out.push(KernelService {
+            service: name.map_or_else(|| "(unknown)".to_owned(), |n| n.service.clone()),
+            port_name: name.map(|n| n.port_name.clone()).unwrap_or_default(),
+            frontend: frontend_name(&key),
+            revision: value.revision,
+            affinity_timeout_s: value.affinity_timeout_s,
+            backends,
+        });
+    }
+    out.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    Ok(out)
+}
+
+/// `GET path` on the admin socket; returns the body of a 2xx answer.
+pub async fn fetch(socket: &Path, path: &str) -> Result<Bytes, Error> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| Error::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(Error::Http)?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header(header::HOST, "weft")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| Error::Status {
+            status: 0,
+            body: e.to_string(),
+        })?;
+    let response = sender.send_request(request).await.map_err(Error::Http)?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(Error::Http)?
+        .to_bytes();
+    driver.abort();
+    if !status.is_success() {
+        return Err(Error::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    Ok(body)
+}
+
+/// `GET path` and decode JSON.
+pub async fn get_json<T: for<'de> Deserialize<'de>>(socket: &Path, path: &str) -> Result<T, Error> {
+    let body = fetch(socket, path).await?;
+    serde_json::from_slice(&body).map_err(Error::Decode)
+}

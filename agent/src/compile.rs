@@ -1,0 +1,446 @@
+//! Pure functions from the store to desired datapath state. No I/O, no clock: the same store
+//! always compiles to the same result, which is what makes the sync diff small and testable.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, Service, ServicePort},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::Serialize;
+use weft_abi::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    svc::{Endpoint, ServiceKey},
+};
+
+use crate::store::{Store, validate::SERVICE_NAME_LABEL};
+
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// What the kernel should do for one frontend (ClusterIP, port, protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// The Service port's name ("" when it has one unnamed port).
+    pub port_name: String,
+    /// Ready backends, sorted and without duplicates.
+    pub backends: Vec<Endpoint>,
+    /// 0 = no session affinity.
+    pub affinity_timeout_s: u32,
+}
+
+/// Something in the store that weft could not turn into datapath state, by Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub service: String,
+    pub message: String,
+}
+
+/// Desired service state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Services {
+    pub frontends: BTreeMap<ServiceKey, Frontend>,
+    pub problems: Vec<Problem>,
+}
+
+/// An IP address as the kernel maps hold it: (family, network-order words).
+pub fn ip_words(ip: IpAddr) -> (u8, [u32; 4]) {
+    match ip {
+        IpAddr::V4(v4) => (4, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (6, [w(0), w(4), w(8), w(12)])
+        }
+    }
+}
+
+/// The inverse of [`ip_words`].
+pub fn words_ip(family: u8, words: [u32; 4]) -> IpAddr {
+    if family == 4 {
+        IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+fn endpoint(ip: IpAddr, port: u16) -> Endpoint {
+    let (family, addr) = ip_words(ip);
+    Endpoint {
+        addr,
+        port: port.to_be(),
+        family,
+        _pad: 0,
+    }
+}
+
+/// Compiles every Service of the store.
+pub fn services(store: &Store) -> Services {
+    let mut out = Services::default();
+    for ((ns, name), svc) in &store.services {
+        compile_service(store, ns, name, svc, &mut out);
+    }
+    out
+}
+
+fn compile_service(store: &Store, ns: &str, name: &str, svc: &Service, out: &mut Services) {
+    let id = format!("{ns}/{name}");
+    let Some(spec) = &svc.spec else { return };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|s| s.parse().ok()).collect(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+    };
+    if cluster_ips.is_empty() {
+        // Headless ("None") or no ClusterIP given: nothing to translate.
+        return;
+    }
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+        _ => 0,
+    };
+    let has_slices = store.endpoint_slices.iter().any(|((sns, _), s)| {
+        sns == ns && label(&s.metadata.labels, SERVICE_NAME_LABEL) == Some(name)
+    });
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty());
+    let include_not_ready = spec.publish_not_ready_addresses == Some(true);
+    for port in spec.ports.iter().flatten() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => IPPROTO_TCP,
+            "UDP" => IPPROTO_UDP,
+            other => {
+                out.problems.push(Problem {
+                    service: id.clone(),
+                    message: format!(
+                        "port {} ({other}) is not load-balanced: weft handles TCP and UDP",
+                        port.port
+                    ),
+                });
+                continue;
+            }
+        };
+        let Ok(service_port) = u16::try_from(port.port) else {
+            continue;
+        };
+        for ip in &cluster_ips {
+            let backends = if has_slices {
+                from_slices(store, ns, name, port, ip.is_ipv4())
+            } else if let Some(selector) = selector {
+                from_pods(
+                    store,
+                    ns,
+                    selector,
+                    port,
+                    ip.is_ipv4(),
+                    include_not_ready,
+                    &id,
+                    &mut out.problems,
+                )
+            } else {
+                // A Service without selector and without EndpointSlices has no endpoints.
+                BTreeSet::new()
+            };
+            let (family, addr) = ip_words(*ip);
+            let key = ServiceKey {
+                addr,
+                port: service_port.to_be(),
+                protocol,
+                family,
+            };
+            out.frontends.insert(
+                key,
+                Frontend {
+                    service: id.clone(),
+                    port_name: port.name.clone().unwrap_or_default(),
+                    backends: backends.into_iter().collect(),
+                    affinity_timeout_s,
+                },
+            );
+        }
+    }
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref().and_then(|l| l.get(key)).map(String::as_str)
+}
+
+/// Ready endpoints of the Service's EndpointSlices of one family, at the slice port that
+/// matches the Service port by name (and protocol).
+fn from_slices(
+    store: &Store,
+    ns: &str,
+    name: &str,
+    port: &ServicePort,
+    v4: bool,
+) -> BTreeSet<Endpoint> {
+    let want_name = port.name.as_deref().unwrap_or("");
+    let want_proto = port.protocol.as_deref().unwrap_or("TCP");
+    let address_type = if v4 { "IPv4" } else { "IPv6" };
+    let mut out = BTreeSet::new();
+    for ((sns, _), slice) in &store.endpoint_slices {
+        if sns != ns
+            || label(&slice.metadata.labels, SERVICE_NAME_LABEL) != Some(name)
+            || slice.address_type != address_type
+        {
+            continue;
+        }
+        let Some(number) = slice.ports.iter().flatten().find_map(|p| {
+            let matches = p.name.as_deref().unwrap_or("") == want_name
+                && p.protocol.as_deref().unwrap_or("TCP") == want_proto;
+            matches.then_some(p.port).flatten()
+        }) else {
+            continue;
+        };
+        let Ok(number) = u16::try_from(number) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // "ready" unset means ready (EndpointConditions).
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &ep.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    out.insert(endpoint(ip, number));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a pod may serve: Running (when a phase is given) and Ready. A pod without a Ready
+/// condition counts as ready: hand-written standalone YAML rarely carries conditions, and a
+/// pod explicitly marked not ready is still excluded.
+pub fn pod_is_ready(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return true;
+    };
+    if status.phase.as_deref().is_some_and(|p| p != "Running") {
+        return false;
+    }
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status == "True")
+}
+
+/// The pod's addresses from status.podIPs (or status.podIP).
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    match &status.pod_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|p| p.ip.parse().ok()).collect(),
+        _ => status
+            .pod_ip
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn from_pods(
+    store: &Store,
+    ns: &str,
+    selector: &BTreeMap<String, String>,
+    port: &ServicePort,
+    v4: bool,
+    include_not_ready: bool,
+    service: &str,
+    problems: &mut Vec<Problem>,
+) -> BTreeSet<Endpoint> {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let mut out = BTreeSet::new();
+    for ((pns, pname), pod) in &store.pods {
+        let labels = pod.metadata.labels.as_ref();
+        let selected = selector
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+        if pns != ns || !selected || !(include_not_ready || pod_is_ready(pod)) {
+            continue;
+        }
+        let number = match &port.target_port {
+            None => Some(port.port),
+            Some(IntOrString::Int(n)) => Some(*n),
+            Some(IntOrString::String(name)) => {
+                let found = pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| &s.containers)
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .find(|p| {
+                        p.name.as_deref() == Some(name.as_str())
+                            && p.protocol.as_deref().unwrap_or("TCP") == protocol
+                    });
+                if found.is_none() {
+                    problems.push(Problem {
+                        service: service.to_owned(),
+                        message: format!("pod {pns}/{pname} has no {protocol} port named {name:?}; it does not serve port {}", port.port),
+                    });
+                }
+                found.map(|p| p.container_port)
+            }
+        };
+        let Some(number) = number.and_then(|n| u16::try_from(n).ok()) else {
+            continue;
+        };
+        for ip in pod_ips(pod).into_iter().filter(|ip| ip.is_ipv4() == v4) {
+            out.insert(endpoint(ip, number));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{source::yaml, store};
+
+    fn store(docs: &[&str]) -> Store {
+        let objects: BTreeMap<_, _> = docs
+            .iter()
+            .map(|d| store::decode(yaml::parse(d).expect("yaml")).expect("valid"))
+            .collect();
+        Store::from_objects(&objects)
+    }
+
+    fn key(ip: &str, port: u16, protocol: u8) -> ServiceKey {
+        let (family, addr) = ip_words(ip.parse().expect("ip"));
+        ServiceKey {
+            addr,
+            port: port.to_be(),
+            protocol,
+            family,
+        }
+    }
+
+    fn backends(f: &Frontend) -> Vec<String> {
+        f.backends
+            .iter()
+            .map(|b| format!("{}:{}", words_ip(b.family, b.addr), u16::from_be(b.port)))
+            .collect()
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIPs: [10.96.0.10, fd00:96::10]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}\n";
+
+    fn pod(name: &str, ip4: &str, ip6: &str, ready: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: web}}}}\nspec:\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: 8080}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {ip4}}}, {{ip: '{ip6}'}}]\n  conditions: [{{type: Ready, status: '{ready}'}}]\n"
+        )
+    }
+
+    #[test]
+    fn selector_services_use_ready_pods_and_named_target_ports_per_family() {
+        let (a, b, c) = (
+            pod("a", "10.0.0.11", "fd00::11", "True"),
+            pod("b", "10.0.0.12", "fd00::12", "True"),
+            pod("c", "10.0.0.13", "fd00::13", "False"),
+        );
+        let out = services(&store(&[SVC, &a, &b, &c]));
+        let v4 = &out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(backends(v4), ["10.0.0.11:8080", "10.0.0.12:8080"]);
+        assert_eq!(v4.service, "shop/web");
+        let v6 = &out.frontends[&key("fd00:96::10", 80, IPPROTO_TCP)];
+        assert_eq!(backends(v6), ["fd00::11:8080", "fd00::12:8080"]);
+        let dns = &out.frontends[&key("10.96.0.10", 53, IPPROTO_UDP)];
+        assert_eq!(backends(dns), ["10.0.0.11:5353", "10.0.0.12:5353"]);
+        assert_eq!(out.frontends.len(), 4);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+    }
+
+    #[test]
+    fn endpoint_slices_win_over_the_selector_and_only_ready_endpoints_serve() {
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- {addresses: [10.0.1.1]}\n- {addresses: [10.0.1.2], conditions: {ready: false}}\n- {addresses: [10.0.1.3], conditions: {ready: true}}\n";
+        let a = pod("a", "10.0.0.11", "fd00::11", "True");
+        let out = services(&store(&[SVC, slice, &a]));
+        assert_eq!(
+            backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
+            ["10.0.1.1:9090", "10.0.1.3:9090"]
+        );
+        // No IPv6 slice: the IPv6 frontend has no backends (and refuses), it does not fall back.
+        assert!(
+            out.frontends[&key("fd00:96::10", 80, IPPROTO_TCP)]
+                .backends
+                .is_empty()
+        );
+        // No slice port named dns.
+        assert!(
+            out.frontends[&key("10.96.0.10", 53, IPPROTO_UDP)]
+                .backends
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn missing_named_ports_are_reported() {
+        let p = pod("a", "10.0.0.11", "fd00::11", "True")
+            .replace("name: http, containerPort", "name: web, containerPort");
+        let out = services(&store(&[SVC, &p]));
+        assert!(
+            out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]
+                .backends
+                .is_empty()
+        );
+        assert!(
+            out.problems
+                .iter()
+                .any(|p| p.message.contains("no TCP port named \"http\"")),
+            "{:?}",
+            out.problems
+        );
+    }
+
+    #[test]
+    fn affinity_headless_and_sctp() {
+        let aff = SVC.replace("  selector:", "  sessionAffinity: ClientIP\n  selector:");
+        let out = services(&store(&[&aff]));
+        assert_eq!(
+            out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)].affinity_timeout_s,
+            DEFAULT_AFFINITY_TIMEOUT_S
+        );
+        let headless = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n";
+        assert!(services(&store(&[headless])).frontends.is_empty());
+        let sctp = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{port: 80, protocol: SCTP}]\n";
+        let out = services(&store(&[sctp]));
+        assert!(out.frontends.is_empty());
+        assert_eq!(out.problems.len(), 1);
+    }
+
+    #[test]
+    fn addresses_round_trip() {
+        for ip in ["10.96.0.10", "fd00:96::10", "::ffff:10.0.0.1"] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            let (family, words) = ip_words(ip);
+            assert_eq!(words_ip(family, words), ip);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The service pipeline: source → store → compile → sync, run by the agent on every change.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Instant, SystemTime},
+};
+
+use serde::Serialize;
+use weft_abi::{maps, svc::ServiceKey};
+
+use crate::{
+    compile::{self, Problem},
+    metrics::{KindLabels, MapLabels, Metrics, ReasonLabels},
+    source::{Rejection, dir::DirSource},
+    store::Store,
+    sync::{self, Capacity, SyncError, Syncer, kernel::KernelMaps},
+};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Source(#[from] crate::source::dir::Error),
+    #[error(transparent)]
+    Sync(#[from] sync::Error),
+}
+
+/// The Service a frontend belongs to, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FrontendName {
+    pub service: String,
+    pub port_name: String,
+}
+
+/// What `weft status` shows about services and their source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// The first full sync is done.
+    pub ready: bool,
+    /// `dir:PATH`, or none.
+    pub source: Option<String>,
+    pub objects: BTreeMap<&'static str, usize>,
+    pub rejections: Vec<Rejection>,
+    pub problems: Vec<Problem>,
+    pub sync_errors: Vec<SyncError>,
+    pub frontends: usize,
+    #[serde(skip)]
+    pub names: BTreeMap<ServiceKey, FrontendName>,
+    /// Unix time in milliseconds of the last pass that changed something.
+    pub last_change_unix_ms: Option<u128>,
+}
+
+/// Owns the source and the syncer.
+#[derive(Debug)]
+pub struct Pipeline {
+    source: Option<DirSource>,
+    syncer: Syncer<KernelMaps>,
+    capacity: Capacity,
+    metrics: Arc<Metrics>,
+    status: Arc<RwLock<Status>>,
+}
+
+impl Pipeline {
+    pub fn new(
+        source_dir: Option<&Path>,
+        maps: KernelMaps,
+        capacity: Capacity,
+        metrics: Arc<Metrics>,
+        status: Arc<RwLock<Status>>,
+    ) -> Result<Self, Error> {
+        let syncer = Syncer::new(maps, capacity, Instant::now())?;
+        for (map, cap) in [
+            (maps::SERVICES, capacity.services),
+            (maps::BACKEND_SLOTS, capacity.slots),
+            (maps::MEMBERS, capacity.members),
+        ] {
+            metrics
+                .map_capacity
+                .get_or_create(&map_label(map))
+                .set(i64::from(cap));
+        }
+        Ok(Self {
+            source: source_dir.map(DirSource::new),
+            syncer,
+            capacity,
+            metrics,
+            status,
+        })
+    }
+
+    pub fn source_dir(&self) -> Option<PathBuf> {
+        self.source.as_ref().map(|s| s.dir().to_owned())
+    }
+
+    /// Re-reads the source and applies what changed. `force` recompiles and syncs even when no
+    /// file changed (the first pass, and periodic safety passes).
+    pub fn refresh(&mut self, force: bool) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut changed = force;
+        if let Some(source) = &mut self.source {
+            changed |= source.rescan()?.changed;
+        }
+        if !changed {
+            self.syncer.collect_garbage(started);
+            return Ok(());
+        }
+        let (objects, rejections) = self
+            .source
+            .as_ref()
+            .map(DirSource::objects)
+            .unwrap_or_default();
+        let store = Store::from_objects(&objects);
+        let desired = compile::services(&store);
+        let report = self.syncer.apply(&desired, started);
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        for r in rejections.iter().filter(|r| !status.rejections.contains(r)) {
+            let kind = r.object.as_ref().map_or("unknown", |o| o.kind.as_str());
+            self.metrics
+                .config_rejections
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .inc();
+            tracing::warn!(target: "weft::source", rejection = %r, "document rejected; its object keeps its last good version");
+        }
+        for p in desired
+            .problems
+            .iter()
+            .filter(|p| !status.problems.contains(p))
+        {
+            tracing::warn!(target: "weft::compile", service = p.service, problem = p.message, "service not fully programmed");
+        }
+        for e in &report.errors {
+            self.metrics
+                .sync_errors
+                .get_or_create(&ReasonLabels {
+                    reason: reason(&e.message).into(),
+                })
+                .inc();
+            tracing::error!(target: "weft::sync", service = e.service, frontend = e.frontend, error = e.message, "service change not applied");
+        }
+        if report.created + report.updated + report.deleted > 0 {
+            tracing::info!(
+                target: "weft::sync",
+                created = report.created,
+                updated = report.updated,
+                deleted = report.deleted,
+                frontends = desired.frontends.len(),
+                micros = started.elapsed().as_micros() as u64,
+                "services synced"
+            );
+        }
+        self.metrics
+            .config_rejected_documents
+            .set(rejections.len() as i64);
+        let (svc, slots, members) = self.syncer.usage();
+        self.metrics.service_frontends.set(svc as i64);
+        for (map, used) in [
+            (maps::SERVICES, svc),
+            (maps::BACKEND_SLOTS, slots),
+            (maps::MEMBERS, members),
+        ] {
+            self.metrics
+                .map_entries
+                .get_or_create(&map_label(map))
+                .set(used as i64);
+        }
+        status.ready = true;
+        status.source = self
+            .source
+            .as_ref()
+            .map(|s| format!("dir:{}", s.dir().display()));
+        status.objects = store.counts();
+        status.rejections = rejections;
+        status.problems = desired.problems;
+        status.sync_errors = report.errors;
+        status.frontends = svc as usize;
+        status.names = desired
+            .frontends
+            .iter()
+            .map(|(k, f)| {
+                (
+                    *k,
+                    FrontendName {
+                        service: f.service.clone(),
+                        port_name: f.port_name.clone(),
+                    },
+                )
+            })
+            .collect();
+        status.last_change_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis());
+        Ok(())
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// Frees backend slots whose grace period is over.
+    pub fn collect_garbage(&mut self) {
+        self.syncer.collect_garbage(Instant::now());
+    }
+}
+
+fn map_label(map: &str) -> MapLabels {
+    MapLabels {
+        map_name: map.to_owned(),
+    }
+}
+
+/// A metric label for a sync error message.
+fn reason(message: &str) -> &'static str {
+    if message.contains("is full") {
+        "map_full"
+    } else {
+        "map_write"
+    }
+}

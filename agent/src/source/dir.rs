@@ -1,0 +1,340 @@
+//! `--source dir:PATH`: every `*.yaml` / `*.yml` file directly in PATH, each possibly holding
+//! several documents.
+//!
+//! A rescan reads every file and re-decodes only those whose content changed. Rules that keep
+//! the last good state in force:
+//! - a valid document replaces its object; an object whose document disappeared from a file
+//!   that decoded completely is deleted;
+//! - a rejected document that names its object keeps that object's previous version;
+//! - a document that cannot even be parsed (so its object is unknown) keeps every previous
+//!   object of its file that no valid document of the new version accounts for;
+//! - an object defined in two files is taken from the first in path order and the other
+//!   document is rejected.
+use std::{
+    collections::{BTreeMap, btree_map::Entry, hash_map::DefaultHasher},
+    fs,
+    hash::{Hash, Hasher},
+    io,
+    path::{Path, PathBuf},
+};
+
+use super::{Rejection, yaml};
+use crate::store::{self, FieldError, Object, ObjectRef};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the source directory {dir}", dir = dir.display())]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct FileState {
+    hash: u64,
+    /// Object, and the document it came from.
+    objects: BTreeMap<ObjectRef, (usize, Object)>,
+    rejections: Vec<Rejection>,
+}
+
+/// The state of a source directory.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+/// What a rescan changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rescan {
+    /// Some file was added, removed or changed.
+    pub changed: bool,
+    /// Documents rejected in the files re-read by this rescan.
+    pub new_rejections: usize,
+}
+
+impl DirSource {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads the directory.
+    pub fn rescan(&mut self) -> Result<Rescan, Error> {
+        let read_dir = |source| Error::ReadDir {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut present = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(read_dir)? {
+            let path = entry.map_err(read_dir)?.path();
+            if is_source_file(&path) {
+                present.push(path);
+            }
+        }
+        let mut result = Rescan::default();
+        let before = self.files.len();
+        self.files.retain(|p, _| present.contains(p));
+        result.changed |= self.files.len() != before;
+        for path in present {
+            // A file removed or replaced between listing and reading is seen at the next event.
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let hash = hash_of(&text);
+            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
+                continue;
+            }
+            let state = decode_file(&path, &text, hash, self.files.get(&path));
+            result.changed = true;
+            result.new_rejections += state.rejections.len();
+            self.files.insert(path, state);
+        }
+        Ok(result)
+    }
+
+    /// Every object in force, and every rejection (duplicates across files included).
+    pub fn objects(&self) -> (BTreeMap<ObjectRef, Object>, Vec<Rejection>) {
+        let mut objects = BTreeMap::new();
+        let mut origin: BTreeMap<ObjectRef, &Path> = BTreeMap::new();
+        let mut rejections = Vec::new();
+        for (path, file) in &self.files {
+            rejections.extend(file.rejections.iter().cloned());
+            for (r, (doc, obj)) in &file.objects {
+                if let Some(first) = origin.get(r) {
+                    rejections.push(Rejection {
+                        file: path.clone(),
+                        document: *doc,
+                        line: 0,
+                        object: Some(r.clone()),
+                        errors: vec![FieldError {
+                            field: "metadata.name".into(),
+                            message: format!("already defined in {}", first.display()),
+                        }],
+                    });
+                    continue;
+                }
+                origin.insert(r.clone(), path);
+                objects.insert(r.clone(), obj.clone());
+            }
+        }
+        (objects, rejections)
+    }
+}
+
+/// `*.yaml` or `*.yml`, not hidden (editors and atomic writers use hidden temporary files).
+fn is_source_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let yaml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == "yaml" || e == "yml");
+    !hidden && yaml && path.is_file()
+}
+
+fn hash_of(text: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>) -> FileState {
+    let mut objects: BTreeMap<ObjectRef, (usize, Object)> = BTreeMap::new();
+    let mut rejections = Vec::new();
+    let mut keep: Vec<ObjectRef> = Vec::new();
+    let mut keep_unaccounted = false;
+    for doc in yaml::documents(text) {
+        let reject = |object: Option<ObjectRef>, errors: Vec<FieldError>| Rejection {
+            file: path.to_owned(),
+            document: doc.index,
+            line: doc.first_line,
+            object,
+            errors,
+        };
+        let value = match yaml::parse(doc.text) {
+            Ok(v) => v,
+            Err(e) => {
+                keep_unaccounted = true;
+                let error = FieldError {
+                    field: String::new(),
+                    message: format!("invalid YAML: {e}"),
+                };
+                rejections.push(reject(None, vec![error]));
+                continue;
+            }
+        };
+        match store::decode(value) {
+            Ok((r, obj)) => match objects.entry(r) {
+                Entry::Occupied(e) => {
+                    let error = FieldError {
+                        field: "metadata.name".into(),
+                        message: format!("{} is defined twice in this file", e.key()),
+                    };
+                    rejections.push(reject(Some(e.key().clone()), vec![error]));
+                }
+                Entry::Vacant(e) => {
+                    e.insert((doc.index, obj));
+                }
+            },
+            Err(invalid) => {
+                match &invalid.object {
+                    Some(r) => keep.push(r.clone()),
+                    None => keep_unaccounted = true,
+                }
+                rejections.push(reject(invalid.object, invalid.errors));
+            }
+        }
+    }
+    if let Some(prev) = previous {
+        for (r, old) in &prev.objects {
+            let kept = keep.contains(r) || keep_unaccounted;
+            if kept && !objects.contains_key(r) {
+                objects.insert(r.clone(), old.clone());
+            }
+        }
+    }
+    FileState {
+        hash,
+        objects,
+        rejections,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
+    const DB: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - port: 5432\n";
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("weft-dir-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).expect("create temp dir");
+            Self(p)
+        }
+
+        fn write(&self, file: &str, text: &str) {
+            fs::write(self.0.join(file), text).expect("write");
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn names(src: &DirSource) -> Vec<String> {
+        src.objects().0.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn reads_multi_document_files_and_ignores_other_files() {
+        let d = TempDir::new("multi");
+        d.write("a.yaml", &format!("{WEB}---\n{DB}"));
+        d.write(".a.yaml.swp", "garbage");
+        d.write("notes.txt", "not yaml");
+        let mut src = DirSource::new(&d.0);
+        assert!(src.rescan().expect("rescan").changed);
+        assert_eq!(names(&src), ["Service default/db", "Service default/web"]);
+        assert!(!src.rescan().expect("rescan").changed, "nothing changed");
+    }
+
+    #[test]
+    fn a_rejected_document_keeps_the_last_good_version_of_its_object() {
+        let d = TempDir::new("keep");
+        d.write("a.yaml", &format!("{WEB}---\n{DB}"));
+        let mut src = DirSource::new(&d.0);
+        src.rescan().expect("rescan");
+        // web gets an invalid port; db is removed from the file.
+        d.write("a.yaml", &WEB.replace("port: 80", "port: 0"));
+        let r = src.rescan().expect("rescan");
+        assert_eq!(r.new_rejections, 1);
+        let (objects, rejections) = src.objects();
+        let web = &objects[&ObjectRef::new(store::Kind::Service, "default", "web")];
+        let Object::Service(web) = web else {
+            panic!("service")
+        };
+        assert_eq!(
+            web.spec
+                .as_ref()
+                .and_then(|s| s.ports.as_ref())
+                .map(|p| p[0].port),
+            Some(80)
+        );
+        assert!(
+            !objects.contains_key(&ObjectRef::new(store::Kind::Service, "default", "db")),
+            "db was deleted"
+        );
+        assert_eq!(rejections.len(), 1);
+        let text = rejections[0].to_string();
+        assert!(
+            text.contains("a.yaml: document 0 (line 1), Service default/web: spec.ports[0].port"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unparsable_yaml_keeps_every_object_of_its_file() {
+        let d = TempDir::new("unparsable");
+        d.write("a.yaml", &format!("{WEB}---\n{DB}"));
+        let mut src = DirSource::new(&d.0);
+        src.rescan().expect("rescan");
+        d.write("a.yaml", &format!("{WEB}---\nkind: [unclosed\n"));
+        src.rescan().expect("rescan");
+        assert_eq!(names(&src), ["Service default/db", "Service default/web"]);
+        let (_, rejections) = src.objects();
+        assert!(
+            rejections[0].errors[0].message.starts_with("invalid YAML"),
+            "{:?}",
+            rejections[0]
+        );
+        // Fixing the file deletes what it no longer defines.
+        d.write("a.yaml", WEB);
+        src.rescan().expect("rescan");
+        assert_eq!(names(&src), ["Service default/web"]);
+    }
+
+    #[test]
+    fn duplicates_across_files_are_rejected() {
+        let d = TempDir::new("dup");
+        d.write("a.yaml", WEB);
+        d.write("b.yml", WEB);
+        let mut src = DirSource::new(&d.0);
+        src.rescan().expect("rescan");
+        let (objects, rejections) = src.objects();
+        assert_eq!(objects.len(), 1);
+        assert!(
+            rejections[0].to_string().contains("already defined in"),
+            "{}",
+            rejections[0]
+        );
+    }
+
+    #[test]
+    fn removed_files_remove_their_objects() {
+        let d = TempDir::new("removed");
+        d.write("a.yaml", WEB);
+        let mut src = DirSource::new(&d.0);
+        src.rescan().expect("rescan");
+        fs::remove_file(d.0.join("a.yaml")).expect("rm");
+        assert!(src.rescan().expect("rescan").changed);
+        assert!(names(&src).is_empty());
+    }
+}

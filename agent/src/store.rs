@@ -1,0 +1,241 @@
+//! The desired state as Kubernetes objects: what sources feed and what `compile` reads.
+//!
+//! Objects are decoded strictly (unknown fields are errors) and validated before they enter
+//! the store; a rejected document never replaces a good object.
+pub mod object;
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub use self::{
+    object::{Kind, Object, ObjectRef},
+    validate::FieldError,
+};
+use crate::source::yaml;
+
+/// Why a document was not accepted: the object (when it could be named) and its problems.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Invalid {
+    pub object: Option<ObjectRef>,
+    pub errors: Vec<FieldError>,
+}
+
+impl Invalid {
+    fn new(object: Option<ObjectRef>, field: &str, message: impl Into<String>) -> Self {
+        Self {
+            object,
+            errors: vec![FieldError {
+                field: field.to_owned(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Decodes one document (already parsed into a generic value) into a validated object.
+/// Namespaced objects without a namespace are put in `default`, as kubectl does.
+pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
+    let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+    if !value.is_object() {
+        return Err(Invalid::new(
+            None,
+            "",
+            "a document must be a mapping with apiVersion and kind",
+        ));
+    }
+    let api_version = text(&value, "apiVersion").unwrap_or_default();
+    let kind_name = text(&value, "kind").unwrap_or_default();
+    let Some(kind) = Kind::from_type(&api_version, &kind_name) else {
+        let msg = format!(
+            "unsupported kind {kind_name:?} of apiVersion {api_version:?}: weft reads v1 Namespace, Pod \
+             and Service, discovery.k8s.io/v1 EndpointSlice and networking.k8s.io/v1 NetworkPolicy"
+        );
+        return Err(Invalid::new(None, "kind", msg));
+    };
+    let name = value
+        .get("metadata")
+        .map(|m| text(m, "name").unwrap_or_default())
+        .unwrap_or_default();
+    let mut namespace = String::new();
+    if kind.namespaced() {
+        namespace = value
+            .get("metadata")
+            .and_then(|m| text(m, "namespace"))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("namespace".into(), Value::String(namespace.clone()));
+        }
+    }
+    let object_ref = (!name.is_empty()).then(|| ObjectRef::new(kind, &namespace, &name));
+    let invalid = |errors| Invalid {
+        object: object_ref.clone(),
+        errors,
+    };
+    let object = match kind {
+        Kind::Namespace => {
+            Object::Namespace(Box::new(typed::<Namespace>(&value).map_err(invalid)?))
+        }
+        Kind::Pod => Object::Pod(Box::new(typed::<Pod>(&value).map_err(invalid)?)),
+        Kind::Service => Object::Service(Box::new(typed::<Service>(&value).map_err(invalid)?)),
+        Kind::EndpointSlice => {
+            Object::EndpointSlice(Box::new(typed::<EndpointSlice>(&value).map_err(invalid)?))
+        }
+        Kind::NetworkPolicy => {
+            Object::NetworkPolicy(Box::new(typed::<NetworkPolicy>(&value).map_err(invalid)?))
+        }
+    };
+    let checked = match &object {
+        Object::Namespace(o) => validate::namespace(o),
+        Object::Pod(o) => validate::pod(o),
+        Object::Service(o) => validate::service(o),
+        Object::EndpointSlice(o) => validate::endpoint_slice(o),
+        // Validated with policy support; for now only decoded strictly.
+        Object::NetworkPolicy(_) => Ok(()),
+    };
+    checked.map_err(invalid)?;
+    let object_ref = object_ref.ok_or_else(|| Invalid::new(None, "metadata.name", "required"))?;
+    Ok((object_ref, object))
+}
+
+/// Strict decoding: a type error names its field; a field the type does not know is an error.
+fn typed<T: DeserializeOwned + serde::Serialize>(value: &Value) -> Result<T, Vec<FieldError>> {
+    let decoded: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        vec![FieldError {
+            field: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        }]
+    })?;
+    let round_trip = serde_json::to_value(&decoded).map_err(|e| {
+        vec![FieldError {
+            field: String::new(),
+            message: format!("cannot re-encode: {e}"),
+        }]
+    })?;
+    let unknown = yaml::unknown_fields(value, &round_trip);
+    if unknown.is_empty() {
+        Ok(decoded)
+    } else {
+        Err(unknown
+            .into_iter()
+            .map(|field| FieldError {
+                field,
+                message: "unknown field".into(),
+            })
+            .collect())
+    }
+}
+
+/// (namespace, name).
+pub type Key = (String, String);
+
+/// Every object the sources currently want, by kind.
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<Key, Pod>,
+    pub services: BTreeMap<Key, Service>,
+    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    pub network_policies: BTreeMap<Key, NetworkPolicy>,
+}
+
+impl Store {
+    pub fn from_objects<'a>(
+        objects: impl IntoIterator<Item = (&'a ObjectRef, &'a Object)>,
+    ) -> Self {
+        let mut store = Self::default();
+        for (r, o) in objects {
+            let key = (r.namespace.clone(), r.name.clone());
+            match o {
+                Object::Namespace(x) => {
+                    drop(store.namespaces.insert(r.name.clone(), (**x).clone()))
+                }
+                Object::Pod(x) => drop(store.pods.insert(key, (**x).clone())),
+                Object::Service(x) => drop(store.services.insert(key, (**x).clone())),
+                Object::EndpointSlice(x) => drop(store.endpoint_slices.insert(key, (**x).clone())),
+                Object::NetworkPolicy(x) => drop(store.network_policies.insert(key, (**x).clone())),
+            }
+        }
+        store
+    }
+
+    /// Object counts by kind, for status.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        BTreeMap::from([
+            (Kind::Namespace.as_str(), self.namespaces.len()),
+            (Kind::Pod.as_str(), self.pods.len()),
+            (Kind::Service.as_str(), self.services.len()),
+            (Kind::EndpointSlice.as_str(), self.endpoint_slices.len()),
+            (Kind::NetworkPolicy.as_str(), self.network_policies.len()),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Result<(ObjectRef, Object), Invalid> {
+        decode(yaml::parse(text).expect("yaml"))
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n    targetPort: http\n";
+
+    #[test]
+    fn decodes_a_service_into_the_default_namespace() {
+        let (r, o) = doc(SERVICE).expect("valid");
+        assert_eq!(r.to_string(), "Service default/web");
+        let Object::Service(s) = o else {
+            panic!("not a service")
+        };
+        assert_eq!(s.metadata.namespace.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_their_path() {
+        let text = SERVICE.replace(
+            "    targetPort: http\n",
+            "    targetPort: http\n    prot: TCP\n",
+        );
+        let err = doc(&text).expect_err("unknown field");
+        assert_eq!(
+            err.object.map(|o| o.to_string()).as_deref(),
+            Some("Service default/web")
+        );
+        assert_eq!(err.errors[0].field, "spec.ports[0].prot");
+        assert_eq!(err.errors[0].message, "unknown field");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let text = SERVICE.replace("port: 80", "port: eighty");
+        let err = doc(&text).expect_err("bad type");
+        assert_eq!(err.errors[0].field, "spec.ports[0].port");
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let err = doc(&SERVICE.replace("10.96.0.10", "10.96.0.300")).expect_err("bad ip");
+        assert_eq!(err.errors[0].field, "spec.clusterIP");
+        let err = doc(&SERVICE.replace("port: 80", "port: 70000")).expect_err("bad port");
+        assert_eq!(err.errors[0].field, "spec.ports[0].port");
+        let err =
+            doc(&SERVICE.replace("targetPort: http", "targetPort: \"--x\"")).expect_err("bad name");
+        assert_eq!(err.errors[0].field, "spec.ports[0].targetPort");
+    }
+
+    #[test]
+    fn unsupported_kinds_are_rejected_by_kind() {
+        let err =
+            doc("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\n").expect_err("kind");
+        assert_eq!(err.errors[0].field, "kind");
+    }
+}

@@ -1,0 +1,508 @@
+//! Writes the difference between desired and applied service state into the kernel maps.
+//!
+//! Order makes every change safe for a concurrent reader (see `weft_abi::svc`): a new backend
+//! set is written under a fresh revision, with its new `MEMBERS`, before the `SERVICES` entry
+//! switches to it in one update; removed members go after the switch; the old revision's slots
+//! are freed after a grace period. A reader never sees a service with ready endpoints as empty
+//! or half-written.
+//!
+//! Capacity is checked before writing. A change that does not fit is skipped and reported
+//! (the service keeps what it had, or is not created), and every other change is applied.
+pub mod kernel;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    time::{Duration, Instant},
+};
+
+use aya::maps::MapError;
+use serde::Serialize;
+use weft_abi::svc::{Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey};
+
+use crate::compile::{self, Frontend, Services};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {op} map {map}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub const fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Map { .. } => "map_write",
+        }
+    }
+}
+
+/// The maps `sync` writes; the kernel implementation is [`kernel::KernelMaps`].
+pub trait ServiceMaps {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error>;
+    fn read_slots(&self) -> Result<Vec<(SlotKey, Endpoint)>, Error>;
+    fn read_members(&self) -> Result<Vec<MemberKey>, Error>;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), Error>;
+    fn put_slot(&mut self, key: &SlotKey, value: &Endpoint) -> Result<(), Error>;
+    fn del_slot(&mut self, key: &SlotKey) -> Result<(), Error>;
+    fn put_member(&mut self, key: &MemberKey) -> Result<(), Error>;
+    fn del_member(&mut self, key: &MemberKey) -> Result<(), Error>;
+}
+
+/// Map capacities (the `--max-*` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub slots: u32,
+    pub members: u32,
+}
+
+/// What the kernel holds for one frontend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Applied {
+    id: u32,
+    revision: u32,
+    backends: Vec<Endpoint>,
+    affinity_timeout_s: u32,
+}
+
+/// A change that could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncError {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// `ClusterIP:port/protocol`.
+    pub frontend: String,
+    pub message: String,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub errors: Vec<SyncError>,
+}
+
+/// Applies desired service state to the maps.
+#[derive(Debug)]
+pub struct Syncer<M> {
+    maps: M,
+    capacity: Capacity,
+    applied: BTreeMap<ServiceKey, Applied>,
+    next_id: u32,
+    next_revision: u32,
+    /// Old revisions whose slots are freed once their grace period is over.
+    retired: VecDeque<(u32, u32, Instant)>,
+    slots_used: u64,
+    members_used: u64,
+    grace: Duration,
+}
+
+/// How long a replaced revision's slots stay readable. Programs hold a slot for
+/// microseconds; this is generous on purpose.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// `ip:port/protocol` of a frontend, for messages.
+pub fn frontend_name(key: &ServiceKey) -> String {
+    let ip = compile::words_ip(key.family, key.addr);
+    let proto = if key.protocol == weft_abi::IPPROTO_UDP {
+        "UDP"
+    } else {
+        "TCP"
+    };
+    let port = u16::from_be(key.port);
+    if key.family == 6 {
+        format!("[{ip}]:{port}/{proto}")
+    } else {
+        format!("{ip}:{port}/{proto}")
+    }
+}
+
+impl<M: ServiceMaps> Syncer<M> {
+    /// Takes over what the maps already hold (from an earlier agent), so the first pass
+    /// changes only what differs.
+    pub fn new(maps: M, capacity: Capacity, now: Instant) -> Result<Self, Error> {
+        let services = maps.read_services()?;
+        let slots: BTreeMap<SlotKey, Endpoint> = maps.read_slots()?.into_iter().collect();
+        let mut applied = BTreeMap::new();
+        let mut live_revisions = BTreeSet::new();
+        let (mut next_id, mut next_revision) = (1, 1);
+        for (key, v) in services {
+            let backends = (0..v.count)
+                .filter_map(|index| {
+                    slots
+                        .get(&SlotKey {
+                            revision: v.revision,
+                            index,
+                        })
+                        .copied()
+                })
+                .collect::<Vec<_>>();
+            next_id = next_id.max(v.service_id + 1);
+            next_revision = next_revision.max(v.revision + 1);
+            live_revisions.insert(v.revision);
+            applied.insert(
+                key,
+                Applied {
+                    id: v.service_id,
+                    revision: v.revision,
+                    // A set the kernel holds incompletely is rewritten by the first pass.
+                    backends: if backends.len() == v.count as usize {
+                        backends
+                    } else {
+                        Vec::new()
+                    },
+                    affinity_timeout_s: v.affinity_timeout_s,
+                },
+            );
+        }
+        let mut syncer = Self {
+            maps,
+            capacity,
+            applied,
+            next_id,
+            next_revision,
+            retired: VecDeque::new(),
+            slots_used: slots.len() as u64,
+            members_used: 0,
+            grace: GRACE,
+        };
+        // Slots of no live revision are leftovers: free them after the usual grace.
+        let mut orphans: BTreeMap<u32, u32> = BTreeMap::new();
+        for k in slots
+            .keys()
+            .filter(|k| !live_revisions.contains(&k.revision))
+        {
+            syncer.next_revision = syncer.next_revision.max(k.revision + 1);
+            let n = orphans.entry(k.revision).or_default();
+            *n = (*n).max(k.index + 1);
+        }
+        syncer
+            .retired
+            .extend(orphans.into_iter().map(|(rev, count)| (rev, count, now)));
+        // Members that match no applied backend are stale: remove them now (they only
+        // validate remembered backends; removing one is always safe).
+        let wanted: BTreeSet<MemberKey> = syncer.wanted_members().collect();
+        for m in syncer.maps.read_members()? {
+            if wanted.contains(&m) {
+                syncer.members_used += 1;
+            } else {
+                syncer.maps.del_member(&m)?;
+            }
+        }
+        Ok(syncer)
+    }
+
+    fn wanted_members(&self) -> impl Iterator<Item = MemberKey> + '_ {
+        self.applied.values().flat_map(|a| {
+            a.backends.iter().map(|b| MemberKey {
+                service_id: a.id,
+                backend: *b,
+            })
+        })
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Entries in use per map: (services, slots, members).
+    pub fn usage(&self) -> (u64, u64, u64) {
+        (
+            self.applied.len() as u64,
+            self.slots_used,
+            self.members_used,
+        )
+    }
+
+    /// One pass: deletions first (they free capacity), then updates, then creations.
+    pub fn apply(&mut self, desired: &Services, now: Instant) -> Report {
+        let mut report = Report::default();
+        self.collect_garbage(now);
+        let gone: Vec<ServiceKey> = self
+            .applied
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            match self.delete(&key, now) {
+                Ok(()) => report.deleted += 1,
+                Err(e) => report.errors.push(error("(deleted)", &key, &e)),
+            }
+        }
+        for (key, want) in &desired.frontends {
+            let Some(have) = self.applied.get(key).cloned() else {
+                continue;
+            };
+            if have.backends == want.backends && have.affinity_timeout_s == want.affinity_timeout_s
+            {
+                continue;
+            }
+            match self.update(key, &have, want, now) {
+                Ok(()) => report.updated += 1,
+                Err(message) => report.errors.push(SyncError {
+                    service: want.service.clone(),
+                    frontend: frontend_name(key),
+                    message,
+                }),
+            }
+        }
+        for (key, want) in &desired.frontends {
+            if self.applied.contains_key(key) {
+                continue;
+            }
+            match self.create(key, want) {
+                Ok(()) => report.created += 1,
+                Err(message) => report.errors.push(SyncError {
+                    service: want.service.clone(),
+                    frontend: frontend_name(key),
+                    message,
+                }),
+            }
+        }
+        report
+    }
+
+    /// Frees slots of revisions whose grace period is over.
+    pub fn collect_garbage(&mut self, now: Instant) {
+        while let Some(&(revision, count, at)) = self.retired.front() {
+            if now.duration_since(at) < self.grace {
+                break;
+            }
+            self.retired.pop_front();
+            for index in 0..count {
+                // A slot that is already gone needs nothing; others are retried next time.
+                if self.maps.del_slot(&SlotKey { revision, index }).is_ok() {
+                    self.slots_used = self.slots_used.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    fn full(&self, map: &str, flag: &str, need: u64, used: u64, capacity: u32) -> Option<String> {
+        (used + need > u64::from(capacity)).then(|| {
+            format!(
+                "map {map} is full: {need} more entries needed, {used} of {capacity} in use; raise \
+                 {flag}. The service keeps its previous state."
+            )
+        })
+    }
+
+    fn check_capacity(
+        &self,
+        new_frontend: bool,
+        slots: usize,
+        members: usize,
+    ) -> Result<(), String> {
+        let svc_need = u64::from(new_frontend);
+        let checks = [
+            self.full(
+                "SERVICES",
+                "--max-services",
+                svc_need,
+                self.applied.len() as u64,
+                self.capacity.services,
+            ),
+            self.full(
+                "BACKEND_SLOTS",
+                "--max-backends",
+                slots as u64,
+                self.slots_used,
+                self.capacity.slots,
+            ),
+            self.full(
+                "MEMBERS",
+                "--max-backends",
+                members as u64,
+                self.members_used,
+                self.capacity.members,
+            ),
+        ];
+        match checks.into_iter().flatten().next() {
+            Some(msg) => Err(msg),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a revision's slots; on failure removes what it wrote.
+    fn write_slots(&mut self, revision: u32, backends: &[Endpoint]) -> Result<(), Error> {
+        for (index, b) in (0u32..).zip(backends) {
+            if let Err(e) = self.maps.put_slot(&SlotKey { revision, index }, b) {
+                for undo in 0..index {
+                    let _ = self.maps.del_slot(&SlotKey {
+                        revision,
+                        index: undo,
+                    });
+                }
+                return Err(e);
+            }
+        }
+        self.slots_used += backends.len() as u64;
+        Ok(())
+    }
+
+    fn put_members(&mut self, id: u32, backends: &[Endpoint]) -> Result<(), Error> {
+        for b in backends {
+            self.maps.put_member(&MemberKey {
+                service_id: id,
+                backend: *b,
+            })?;
+            self.members_used += 1;
+        }
+        Ok(())
+    }
+
+    fn del_members(&mut self, id: u32, backends: &[Endpoint]) {
+        for b in backends {
+            let key = MemberKey {
+                service_id: id,
+                backend: *b,
+            };
+            if self.maps.del_member(&key).is_ok() {
+                self.members_used = self.members_used.saturating_sub(1);
+            }
+        }
+    }
+
+    fn create(&mut self, key: &ServiceKey, want: &Frontend) -> Result<(), String> {
+        let n = want.backends.len();
+        self.check_capacity(true, n, n)?;
+        let (id, revision) = (self.next_id, self.next_revision);
+        self.next_id += 1;
+        self.next_revision += 1;
+        let written = self
+            .put_members(id, &want.backends)
+            .and_then(|()| self.write_slots(revision, &want.backends));
+        let value = ServiceValue {
+            service_id: id,
+            revision,
+            count: n as u32,
+            affinity_timeout_s: want.affinity_timeout_s,
+        };
+        if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
+            self.del_members(id, &want.backends);
+            self.retired.push_back((revision, n as u32, Instant::now()));
+            return Err(e.to_string_chain());
+        }
+        self.applied.insert(
+            *key,
+            Applied {
+                id,
+                revision,
+                backends: want.backends.clone(),
+                affinity_timeout_s: want.affinity_timeout_s,
+            },
+        );
+        Ok(())
+    }
+
+    fn update(
+        &mut self,
+        key: &ServiceKey,
+        have: &Applied,
+        want: &Frontend,
+        now: Instant,
+    ) -> Result<(), String> {
+        if have.backends == want.backends {
+            // Only the affinity timeout changed: same revision, one update.
+            let value = ServiceValue {
+                service_id: have.id,
+                revision: have.revision,
+                count: have.backends.len() as u32,
+                affinity_timeout_s: want.affinity_timeout_s,
+            };
+            self.maps
+                .put_service(key, &value)
+                .map_err(|e| e.to_string_chain())?;
+            if let Some(a) = self.applied.get_mut(key) {
+                a.affinity_timeout_s = want.affinity_timeout_s;
+            }
+            return Ok(());
+        }
+        let old: BTreeSet<Endpoint> = have.backends.iter().copied().collect();
+        let new: BTreeSet<Endpoint> = want.backends.iter().copied().collect();
+        let added: Vec<Endpoint> = new.difference(&old).copied().collect();
+        let removed: Vec<Endpoint> = old.difference(&new).copied().collect();
+        self.check_capacity(false, want.backends.len(), added.len())?;
+        let revision = self.next_revision;
+        self.next_revision += 1;
+        // New members and slots first; the switch; then what the old set no longer needs.
+        let written = self
+            .put_members(have.id, &added)
+            .and_then(|()| self.write_slots(revision, &want.backends));
+        let value = ServiceValue {
+            service_id: have.id,
+            revision,
+            count: want.backends.len() as u32,
+            affinity_timeout_s: want.affinity_timeout_s,
+        };
+        if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
+            self.del_members(have.id, &added);
+            self.retired
+                .push_back((revision, want.backends.len() as u32, now));
+            return Err(e.to_string_chain());
+        }
+        self.del_members(have.id, &removed);
+        self.retired
+            .push_back((have.revision, have.backends.len() as u32, now));
+        self.applied.insert(
+            *key,
+            Applied {
+                id: have.id,
+                revision,
+                backends: want.backends.clone(),
+                affinity_timeout_s: want.affinity_timeout_s,
+            },
+        );
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &ServiceKey, now: Instant) -> Result<(), Error> {
+        let Some(have) = self.applied.get(key).cloned() else {
+            return Ok(());
+        };
+        self.maps.del_service(key)?;
+        self.applied.remove(key);
+        self.del_members(have.id, &have.backends);
+        self.retired
+            .push_back((have.revision, have.backends.len() as u32, now));
+        Ok(())
+    }
+}
+
+fn error(service: &str, key: &ServiceKey, e: &Error) -> SyncError {
+    SyncError {
+        service: service.to_owned(),
+        frontend: frontend_name(key),
+        message: e.to_string_chain(),
+    }
+}
+
+trait Chain {
+    fn to_string_chain(&self) -> String;
+}
+
+impl<E: std::error::Error> Chain for E {
+    fn to_string_chain(&self) -> String {
+        let mut s = self.to_string();
+        let mut source = self.source();
+        while let Some(e) = source {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            source = e.source();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

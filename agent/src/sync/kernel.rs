@@ -1,0 +1,84 @@
+//! [`ServiceMaps`] on the pinned kernel maps.
+use aya::maps::{HashMap, MapData, MapError};
+use weft_abi::{
+    maps,
+    svc::{Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey},
+};
+
+use super::{Error, ServiceMaps};
+
+/// The three maps `sync` writes.
+pub struct KernelMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, Endpoint>,
+    pub members: HashMap<MapData, MemberKey, u32>,
+}
+
+impl std::fmt::Debug for KernelMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelMaps").finish_non_exhaustive()
+    }
+}
+
+fn err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { map, op, source }
+}
+
+impl ServiceMaps for KernelMaps {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::SERVICES, "read"))
+    }
+
+    fn read_slots(&self) -> Result<Vec<(SlotKey, Endpoint)>, Error> {
+        self.slots
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::BACKEND_SLOTS, "read"))
+    }
+
+    fn read_members(&self) -> Result<Vec<MemberKey>, Error> {
+        self.members
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::MEMBERS, "read"))
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(err(maps::SERVICES, "write"))
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), Error> {
+        self.services
+            .remove(key)
+            .map_err(err(maps::SERVICES, "delete from"))
+    }
+
+    fn put_slot(&mut self, key: &SlotKey, value: &Endpoint) -> Result<(), Error> {
+        self.slots
+            .insert(key, value, 0)
+            .map_err(err(maps::BACKEND_SLOTS, "write"))
+    }
+
+    fn del_slot(&mut self, key: &SlotKey) -> Result<(), Error> {
+        self.slots
+            .remove(key)
+            .map_err(err(maps::BACKEND_SLOTS, "delete from"))
+    }
+
+    fn put_member(&mut self, key: &MemberKey) -> Result<(), Error> {
+        self.members
+            .insert(key, 1, 0)
+            .map_err(err(maps::MEMBERS, "write"))
+    }
+
+    fn del_member(&mut self, key: &MemberKey) -> Result<(), Error> {
+        self.members
+            .remove(key)
+            .map_err(err(maps::MEMBERS, "delete from"))
+    }
+}

@@ -1,0 +1,297 @@
+//! `Syncer` against in-memory maps that check, after every single write, what a concurrent
+//! kernel reader could observe.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use weft_abi::{IPPROTO_TCP, svc::ServiceKey};
+
+use super::*;
+use crate::compile::{Frontend, Services, ip_words};
+
+#[derive(Debug, Default)]
+struct FakeMaps {
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    slots: BTreeMap<SlotKey, Endpoint>,
+    members: BTreeSet<MemberKey>,
+    writes: usize,
+    /// Fail the write with this number (1-based), to test rollback.
+    fail_at: Option<usize>,
+}
+
+impl FakeMaps {
+    /// What a reader may rely on: every service's current revision is complete, and every
+    /// backend in it is a member.
+    fn check(&self) {
+        for (k, v) in &self.services {
+            for index in 0..v.count {
+                let slot = SlotKey {
+                    revision: v.revision,
+                    index,
+                };
+                let b = self.slots.get(&slot).unwrap_or_else(|| {
+                    panic!("{} points at missing slot {slot:?}", frontend_name(k))
+                });
+                let m = MemberKey {
+                    service_id: v.service_id,
+                    backend: *b,
+                };
+                assert!(
+                    self.members.contains(&m),
+                    "{} slot {index} is not a member",
+                    frontend_name(k)
+                );
+            }
+        }
+    }
+
+    fn write(&mut self) -> Result<(), Error> {
+        self.writes += 1;
+        if self.fail_at == Some(self.writes) {
+            return Err(Error::Map {
+                map: "fake",
+                op: "write",
+                source: MapError::KeyNotFound,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ServiceMaps for FakeMaps {
+    fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn read_slots(&self) -> Result<Vec<(SlotKey, Endpoint)>, Error> {
+        Ok(self.slots.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn read_members(&self) -> Result<Vec<MemberKey>, Error> {
+        Ok(self.members.iter().copied().collect())
+    }
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error> {
+        self.write()?;
+        self.services.insert(*key, *value);
+        self.check();
+        Ok(())
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), Error> {
+        self.write()?;
+        self.services.remove(key);
+        self.check();
+        Ok(())
+    }
+    fn put_slot(&mut self, key: &SlotKey, value: &Endpoint) -> Result<(), Error> {
+        self.write()?;
+        self.slots.insert(*key, *value);
+        self.check();
+        Ok(())
+    }
+    fn del_slot(&mut self, key: &SlotKey) -> Result<(), Error> {
+        self.write()?;
+        self.slots.remove(key).map(drop).ok_or(Error::Map {
+            map: "fake",
+            op: "delete",
+            source: MapError::KeyNotFound,
+        })?;
+        self.check();
+        Ok(())
+    }
+    fn put_member(&mut self, key: &MemberKey) -> Result<(), Error> {
+        self.write()?;
+        self.members.insert(*key);
+        self.check();
+        Ok(())
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<(), Error> {
+        self.write()?;
+        self.members.remove(key);
+        self.check();
+        Ok(())
+    }
+}
+
+const ROOMY: Capacity = Capacity {
+    services: 100,
+    slots: 1000,
+    members: 1000,
+};
+
+fn key(last: u8) -> ServiceKey {
+    let (family, addr) = ip_words(format!("10.96.0.{last}").parse().expect("ip"));
+    ServiceKey {
+        addr,
+        port: 80u16.to_be(),
+        protocol: IPPROTO_TCP,
+        family,
+    }
+}
+
+fn backend(last: u8) -> Endpoint {
+    let (family, addr) = ip_words(format!("10.0.0.{last}").parse().expect("ip"));
+    Endpoint {
+        addr,
+        port: 8080u16.to_be(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn desired(services: &[(u8, &[u8])]) -> Services {
+    let mut s = Services::default();
+    for (k, backends) in services {
+        s.frontends.insert(
+            key(*k),
+            Frontend {
+                service: format!("default/svc{k}"),
+                port_name: String::new(),
+                backends: backends.iter().map(|b| backend(*b)).collect(),
+                affinity_timeout_s: 0,
+            },
+        );
+    }
+    s
+}
+
+fn kernel_backends(maps: &FakeMaps, k: u8) -> Vec<Endpoint> {
+    let v = maps.services[&key(k)];
+    (0..v.count)
+        .map(|index| {
+            maps.slots[&SlotKey {
+                revision: v.revision,
+                index,
+            }]
+        })
+        .collect()
+}
+
+#[test]
+fn creates_updates_and_deletes_without_a_window_for_readers() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    let r = s.apply(&desired(&[(1, &[11, 12, 13]), (2, &[21])]), t0);
+    assert_eq!(
+        (r.created, r.updated, r.deleted, r.errors.len()),
+        (2, 0, 0, 0)
+    );
+    let rev1 = s.maps().services[&key(1)].revision;
+
+    let r = s.apply(&desired(&[(1, &[12, 13, 14]), (2, &[21])]), t0);
+    assert_eq!((r.created, r.updated, r.deleted), (0, 1, 0));
+    assert_eq!(
+        kernel_backends(s.maps(), 1),
+        [backend(12), backend(13), backend(14)]
+    );
+    assert_ne!(s.maps().services[&key(1)].revision, rev1);
+    // The old revision stays readable until its grace period is over.
+    assert!(s.maps().slots.keys().any(|k| k.revision == rev1));
+    s.collect_garbage(t0 + GRACE + Duration::from_millis(1));
+    assert!(!s.maps().slots.keys().any(|k| k.revision == rev1));
+    assert!(
+        !s.maps().members.iter().any(|m| m.backend == backend(11)),
+        "removed backend is no member"
+    );
+
+    let r = s.apply(&desired(&[(2, &[21])]), t0);
+    assert_eq!(r.deleted, 1);
+    s.collect_garbage(t0 + 2 * GRACE);
+    assert_eq!(s.maps().slots.len(), 1);
+    assert_eq!(s.maps().members.len(), 1);
+    assert_eq!(s.usage(), (1, 1, 1));
+}
+
+#[test]
+fn an_unchanged_state_writes_nothing_also_after_a_restart() {
+    let t0 = Instant::now();
+    let want = desired(&[(1, &[11, 12]), (2, &[]), (3, &[31])]);
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    s.apply(&want, t0);
+    let maps = std::mem::take(&mut s.maps);
+    let writes = maps.writes;
+    // A new agent takes over the same maps.
+    let mut s = Syncer::new(maps, ROOMY, t0).expect("new");
+    let r = s.apply(&want, t0);
+    assert_eq!(r, Report::default());
+    assert_eq!(s.maps().writes, writes, "no write at all");
+    assert_eq!(s.usage(), (3, 3, 3));
+}
+
+#[test]
+fn a_service_with_no_ready_backend_is_present_with_count_zero() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    s.apply(&desired(&[(1, &[])]), t0);
+    assert_eq!(s.maps().services[&key(1)].count, 0);
+}
+
+#[test]
+fn what_does_not_fit_is_reported_and_the_rest_applied() {
+    let t0 = Instant::now();
+    let small = Capacity {
+        services: 2,
+        slots: 4,
+        members: 4,
+    };
+    let mut s = Syncer::new(FakeMaps::default(), small, t0).expect("new");
+    let r = s.apply(&desired(&[(1, &[11]), (2, &[21]), (3, &[31])]), t0);
+    assert_eq!(r.created, 2);
+    assert_eq!(r.errors.len(), 1);
+    assert!(
+        r.errors[0].message.contains("SERVICES is full")
+            && r.errors[0].message.contains("--max-services"),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.errors[0].service, "default/svc3");
+
+    // Growing service 1 to 4 backends needs 4 new slots while the old one is still held.
+    let r = s.apply(&desired(&[(1, &[11, 12, 13, 14]), (2, &[21])]), t0);
+    assert_eq!(r.updated, 0);
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.message.contains("BACKEND_SLOTS is full")),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(
+        kernel_backends(s.maps(), 1),
+        [backend(11)],
+        "the previous state keeps serving"
+    );
+}
+
+#[test]
+fn a_failed_write_leaves_the_previous_state() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    s.apply(&desired(&[(1, &[11, 12])]), t0);
+    // Fail the third slot write (after 2 new members and 2 slots); it must be rolled back.
+    let w = s.maps().writes;
+    s.maps.fail_at = Some(w + 5);
+    let r = s.apply(&desired(&[(1, &[12, 13, 14])]), t0);
+    assert_eq!(r.errors.len(), 1, "{r:?}");
+    assert_eq!(kernel_backends(s.maps(), 1), [backend(11), backend(12)]);
+    s.maps.fail_at = None;
+    let r = s.apply(&desired(&[(1, &[12, 13, 14])]), t0);
+    assert_eq!(r.updated, 1, "{r:?}");
+    assert_eq!(
+        kernel_backends(s.maps(), 1),
+        [backend(12), backend(13), backend(14)]
+    );
+}
+
+#[test]
+fn an_affinity_change_keeps_the_revision() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    let mut want = desired(&[(1, &[11])]);
+    s.apply(&want, t0);
+    let rev = s.maps().services[&key(1)].revision;
+    want.frontends
+        .values_mut()
+        .for_each(|f| f.affinity_timeout_s = 60);
+    assert_eq!(s.apply(&want, t0).updated, 1);
+    assert_eq!(s.maps().services[&key(1)].revision, rev);
+    assert_eq!(s.maps().services[&key(1)].affinity_timeout_s, 60);
+}

@@ -1,0 +1,159 @@
+//! Service load balancing at the socket layer.
+//!
+//! Writers and readers:
+//! - `SERVICES`, `BACKEND_SLOTS`, `MEMBERS`: written by the agent's `sync`, read by the
+//!   sock_addr programs (connect, sendmsg) of the kernel.
+//! - `AFFINITY`, `REVNAT`, `UDP_FLOWS`: written and read by the kernel programs; the agent only
+//!   removes what belongs to deleted services.
+//!
+//! Consistency: a service's backends live in `BACKEND_SLOTS` under a revision. `sync` writes a
+//! new revision's slots (and new `MEMBERS`) first, then switches the `SERVICES` entry to it in
+//! one map update, and frees the old revision's slots only after a grace period. A program
+//! therefore always sees a complete backend set: the old one or the new one.
+//!
+//! Addresses are the 4 words of the address in network byte order (an IPv4 address in word 0,
+//! the rest 0), ports are u16 in network byte order: both as `bpf_sock_addr` holds them.
+
+/// A frontend: the ClusterIP, port and protocol a client connects to. Key of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Stable for the life of the frontend: keys `MEMBERS` and `AFFINITY`.
+    pub service_id: u32,
+    /// The current backend set: `BACKEND_SLOTS[(revision, 0..count)]`.
+    pub revision: u32,
+    /// Number of ready backends; 0 makes connect/sendmsg fail with ECONNREFUSED.
+    pub count: u32,
+    /// ClientIP session affinity timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// An address and port: a backend, or (in `REVNAT` values) the ClusterIP and port a socket
+/// asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+
+/// Key of `BACKEND_SLOTS`; the value is the backend [`Endpoint`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub revision: u32,
+    pub index: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// Key of `MEMBERS` (value: u32, unused): `backend` currently serves `service_id`. Lets the
+/// programs check that a remembered backend (affinity, UDP flow) is still valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend: Endpoint,
+}
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 24);
+
+/// Key of `AFFINITY` (LRU): a client and a service. The client is its network namespace
+/// (`bpf_get_netns_cookie`): one pod, like kube-proxy's client IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: Endpoint,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last connection that used it.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 32);
+
+/// Key of `REVNAT` (LRU): a socket and the backend it was sent to. The value is the ClusterIP
+/// and port ([`Endpoint`]) the application asked for, so getpeername() and UDP recvmsg() show
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub backend: Endpoint,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNatKey>() == 32);
+
+/// Key of `UDP_FLOWS` (LRU): an unconnected UDP socket and the frontend it sends to; the value
+/// is the backend [`Endpoint`] chosen for it, kept while it stays a member (like a conntrack
+/// entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    pub cookie: u64,
+    pub frontend: ServiceKey,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 32);
+
+/// `u32::from_ne_bytes([0, 0, 0xff, 0xff])`: the third word of an IPv4-mapped IPv6 address.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// An IPv6 address as the kernel holds it: (4, [v4, 0, 0, 0]) when it is IPv4-mapped
+/// (`::ffff:a.b.c.d`, what a dual-stack socket uses for IPv4), else (6, words).
+pub const fn normalize_v6(words: [u32; 4]) -> (u8, [u32; 4]) {
+    if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
+        (4, [words[3], 0, 0, 0])
+    } else {
+        (6, words)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: these types are repr(C), integers only, with explicit padding (sizes asserted).
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Endpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MemberKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UdpFlowKey {}
+}

@@ -1,0 +1,23 @@
+//! Access to program context fields, one field per load or store.
+//!
+//! The verifier accepts only `ctx + constant` loads and stores of single fields; letting the
+//! compiler copy a whole array (or keep a pointer into the context) produces "dereference of
+//! modified ctx ptr". Volatile accesses keep every field access separate.
+
+/// Reads `(*ptr).field`.
+macro_rules! ctx_read {
+    ($ptr:expr, $($f:tt)+) => {
+        // SAFETY: `ptr` is the program's context pointer; the verifier checks and rewrites every
+        // context load (fields a hook cannot see read as 0 or are rejected at load time).
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($f)+)) }
+    };
+}
+
+/// Writes `value` to `(*ptr).field`.
+macro_rules! ctx_write {
+    ($ptr:expr, $value:expr, $($f:tt)+) => {
+        // SAFETY: as for ctx_read; the verifier rejects programs that write fields their hook
+        // may not write.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*$ptr).$($f)+), $value) }
+    };
+}

@@ -1,0 +1,253 @@
+//! Socket-level service load balancing (cgroup sock_addr hooks).
+//!
+//! connect4/6 and sendmsg4/6 replace a ClusterIP destination with a backend before the kernel
+//! routes anything: no DNAT, no conntrack entry. recvmsg4/6 and getpeername4/6 put the ClusterIP
+//! back where the application looks, from `REVNAT`. Destinations that are not services are not
+//! touched. A service without ready backends fails the call with ECONNREFUSED at once.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    programs::SockAddrContext,
+};
+use weft_abi::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    stats::Counter,
+    svc::{
+        AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
+        SlotKey, UdpFlowKey, V4_MAPPED_WORD, normalize_v6,
+    },
+};
+
+use crate::{
+    maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS},
+    stats,
+};
+
+const ECONNREFUSED: i32 = 111;
+
+/// Which forward hook runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+/// The address family of the hook (the socket's): a const generic parameter (`V6`), so each
+/// program is compiled for one family. As a runtime value LLVM merges the two paths into a
+/// computed context offset, which the verifier rejects.
+pub const V4: bool = false;
+pub const V6: bool = true;
+
+/// The destination (or, in recvmsg/getpeername, the peer) the context holds, normalized: an
+/// IPv4-mapped address of an IPv6 socket reads as IPv4. Port in network byte order.
+#[inline(always)]
+fn read_addr<const IS_V6: bool>(ctx: &SockAddrContext) -> (u8, [u32; 4], u16) {
+    let port = ctx_read!(ctx.sock_addr, user_port) as u16;
+    match IS_V6 {
+        false => (4, [ctx_read!(ctx.sock_addr, user_ip4), 0, 0, 0], port),
+        true => {
+            let words = [
+                ctx_read!(ctx.sock_addr, user_ip6[0]),
+                ctx_read!(ctx.sock_addr, user_ip6[1]),
+                ctx_read!(ctx.sock_addr, user_ip6[2]),
+                ctx_read!(ctx.sock_addr, user_ip6[3]),
+            ];
+            let (fam, addr) = normalize_v6(words);
+            (fam, addr, port)
+        }
+    }
+}
+
+/// Writes an address of family `fam` into the context of a `family` socket (IPv4 into an
+/// IPv6 socket as IPv4-mapped).
+#[inline(always)]
+fn write_addr<const IS_V6: bool>(ctx: &SockAddrContext, fam: u8, addr: &[u32; 4], port: u16) {
+    match IS_V6 {
+        false => ctx_write!(ctx.sock_addr, addr[0], user_ip4),
+        true => {
+            let words = if fam == 4 {
+                [0, 0, V4_MAPPED_WORD, addr[0]]
+            } else {
+                *addr
+            };
+            ctx_write!(ctx.sock_addr, words[0], user_ip6[0]);
+            ctx_write!(ctx.sock_addr, words[1], user_ip6[1]);
+            ctx_write!(ctx.sock_addr, words[2], user_ip6[2]);
+            ctx_write!(ctx.sock_addr, words[3], user_ip6[3]);
+        }
+    }
+    ctx_write!(ctx.sock_addr, u32::from(port), user_port);
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the program's context; the helper reads the socket only.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) }
+}
+
+/// connect4/6 and sendmsg4/6: returns the verdict (1 = go on, 0 = fail the call).
+#[inline(always)]
+pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let protocol = ctx_read!(ctx.sock_addr, protocol);
+    let protocol = match (protocol, hook) {
+        (p, Hook::Connect) if p == u32::from(IPPROTO_TCP) => IPPROTO_TCP,
+        (p, _) if p == u32::from(IPPROTO_UDP) => IPPROTO_UDP,
+        _ => return 1,
+    };
+    let (fam, addr, port) = read_addr::<IS_V6>(ctx);
+    let key = ServiceKey {
+        addr,
+        port,
+        protocol,
+        family: fam,
+    };
+    // SAFETY: SERVICES is not preallocated: an entry replaced concurrently is freed only after
+    // this program's RCU read section, so the reference stays valid while it is copied.
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        return 1;
+    };
+    if svc.count == 0 {
+        stats::bump(Counter::ServiceNoBackends);
+        return refuse();
+    }
+    let cookie = socket_cookie(ctx);
+    let Some(backend) = select(ctx, cookie, &key, &svc, hook) else {
+        stats::bump(Counter::ServiceSlotMissing);
+        return refuse();
+    };
+    // What recvmsg and getpeername must show instead of this backend.
+    let frontend = Endpoint {
+        addr,
+        port,
+        family: fam,
+        _pad: 0,
+    };
+    let rev = RevNatKey {
+        cookie,
+        backend,
+        _pad: 0,
+    };
+    if REVNAT.insert(rev, frontend, 0).is_err() {
+        stats::bump(Counter::RevNatFailed);
+    }
+    write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
+    1
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: sets the errno the failing connect/sendmsg returns; no memory is passed.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    0
+}
+
+fn is_member(service_id: u32, backend: &Endpoint) -> bool {
+    MEMBERS
+        .get_ptr(MemberKey {
+            service_id,
+            backend: *backend,
+        })
+        .is_some()
+}
+
+fn random_backend(svc: &ServiceValue) -> Option<Endpoint> {
+    // SAFETY: no arguments.
+    let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let slot = SlotKey {
+        revision: svc.revision,
+        index,
+    };
+    // SAFETY: slots of a revision are written before the revision is published and freed
+    // only after a grace period, never updated in place.
+    unsafe { BACKEND_SLOTS.get(slot) }.copied()
+}
+
+// Inlined: with its return slot it would take more than the 5 arguments a BPF call can pass.
+#[inline(always)]
+fn select(
+    ctx: &SockAddrContext,
+    cookie: u64,
+    key: &ServiceKey,
+    svc: &ServiceValue,
+    hook: Hook,
+) -> Option<Endpoint> {
+    if svc.affinity_timeout_s > 0 {
+        return with_affinity(ctx, svc);
+    }
+    if hook == Hook::Sendmsg {
+        // Keep an unconnected UDP socket on one backend per frontend while it stays a
+        // member, as a conntrack entry would.
+        let flow = UdpFlowKey {
+            cookie,
+            frontend: *key,
+            _pad: 0,
+        };
+        // SAFETY: LRU entries are only read and copied here.
+        if let Some(b) = unsafe { UDP_FLOWS.get(flow) }.copied()
+            && is_member(svc.service_id, &b)
+        {
+            return Some(b);
+        }
+        let b = random_backend(svc)?;
+        // A failed insert only loses stickiness, never correctness.
+        let _ = UDP_FLOWS.insert(flow, b, 0);
+        return Some(b);
+    }
+    random_backend(svc)
+}
+
+fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> {
+    let key = AffinityKey {
+        // SAFETY: the program's context; the helper reads the socket's namespace only.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast::<c_void>()) },
+        service_id: svc.service_id,
+        _pad: 0,
+    };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+    // SAFETY: LRU entries are only read and copied here.
+    let backend = match unsafe { AFFINITY.get(key) }.copied() {
+        Some(a)
+            if now.saturating_sub(a.last_used_ns) <= timeout_ns
+                && is_member(svc.service_id, &a.backend) =>
+        {
+            a.backend
+        }
+        _ => random_backend(svc)?,
+    };
+    let value = AffinityValue {
+        backend,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    // A failed insert only loses affinity for the next connection.
+    let _ = AFFINITY.insert(key, value, 0);
+    Some(backend)
+}
+
+/// recvmsg4/6 and getpeername4/6: if the peer is a backend this socket reached through a
+/// ClusterIP, show the ClusterIP instead. Always returns 1 (these hooks cannot fail a call).
+#[inline(always)]
+pub fn reverse<const IS_V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let (fam, addr, port) = read_addr::<IS_V6>(ctx);
+    let key = RevNatKey {
+        cookie: socket_cookie(ctx),
+        backend: Endpoint {
+            addr,
+            port,
+            family: fam,
+            _pad: 0,
+        },
+        _pad: 0,
+    };
+    // SAFETY: LRU entries are only read and copied here.
+    if let Some(frontend) = unsafe { REVNAT.get(key) }.copied() {
+        write_addr::<IS_V6>(ctx, frontend.family, &frontend.addr, frontend.port);
+    }
+    1
+}

@@ -1,0 +1,367 @@
+//! Socket-level service load balancing on a simulated node, fed by the standalone YAML source.
+//!
+//! Service ranges are unreachable in the node namespace: a connection to a ClusterIP works
+//! only if weft translates it.
+use std::{collections::BTreeMap, time::Duration};
+
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Node, k8s};
+
+const WAIT: Duration = Duration::from_secs(20);
+const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
+
+fn node(test: &str) -> Node {
+    Node::builder(test)
+        .pod("client")
+        .pod("b1")
+        .pod("b2")
+        .pod("b3")
+        .build()
+}
+
+fn agent(node: &Node) -> Agent {
+    Agent::start_with(
+        node,
+        AgentOptions {
+            source: true,
+            ..AgentOptions::default()
+        },
+    )
+}
+
+/// Pods of the node as YAML: the client, and the backends labelled app=web with named ports,
+/// `not_ready` ones marked Ready=False.
+fn pods(node: &Node, not_ready: &[&str]) -> String {
+    let mut docs = vec![k8s::pod(
+        node.pod("client"),
+        "default",
+        &[("app", "client")],
+        &[],
+        true,
+    )];
+    for b in BACKENDS {
+        let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+        docs.push(k8s::pod(
+            node.pod(b),
+            "default",
+            &[("app", "web")],
+            &ports,
+            !not_ready.contains(&b),
+        ));
+    }
+    k8s::file(&docs)
+}
+
+fn web_service(affinity: Option<u32>) -> String {
+    let ports: [k8s::Port<'_>; 2] = [("http", 80, "http", "TCP"), ("dns", 53, "dns", "UDP")];
+    k8s::service(
+        "web",
+        "default",
+        &[VIP, VIP6],
+        &[("app", "web")],
+        &ports,
+        affinity,
+    )
+}
+
+/// Starts a TCP server (replying with its pod name) and a UDP echo server in every backend.
+fn start_backends(node: &Node) -> Vec<weft_testkit::proc::Process> {
+    let mut servers = Vec::new();
+    for b in BACKENDS {
+        servers.push(node.start_server(
+            b,
+            &["tcp-server", "--listen", "[::]:8080", "--reply-name", b],
+        ));
+        servers.push(node.start_server(b, &["udp-echo", "--listen", "[::]:5353"]));
+    }
+    servers
+}
+
+fn frontend<'a>(services: &'a [Value], frontend: &str) -> Option<&'a Value> {
+    services.iter().find(|s| s["frontend"] == frontend)
+}
+
+fn wait_backends(agent: &Agent, fe: &str, n: usize) {
+    agent.wait_services(&format!("{fe} with {n} backends"), |list| {
+        frontend(list, fe).is_some_and(|s| s["backends"].as_array().is_some_and(|b| b.len() == n))
+    });
+}
+
+/// Opens `count` connections from the client pod; returns connections per backend name.
+fn spray(node: &Node, target: &str, count: u64) -> BTreeMap<String, u64> {
+    let mut p = node.spawn(
+        "client",
+        &[
+            "tcp-spray",
+            "--connect",
+            target,
+            "--count",
+            &count.to_string(),
+        ],
+    );
+    p.wait_success(Duration::from_secs(120));
+    let v: Value = p.stdout().wait_for("spray result", WAIT, |lines| {
+        lines.iter().find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["event"] == "spray")
+        })
+    });
+    assert_eq!(v["errors"], 0, "every connection succeeds: {v}");
+    assert_eq!(
+        v["peer_mismatches"], 0,
+        "getpeername() returns the ClusterIP: {v}"
+    );
+    serde_json::from_value(v["counts"].clone()).expect("counts")
+}
+
+fn setup(test: &str, affinity: Option<u32>) -> (Node, Agent, Vec<weft_testkit::proc::Process>) {
+    let node = node(test);
+    node.write_source("pods.yaml", &pods(&node, &[]));
+    node.write_source("services.yaml", &web_service(affinity));
+    let servers = start_backends(&node);
+    let agent = agent(&node);
+    wait_backends(&agent, "10.96.0.10:80/TCP", 3);
+    (node, agent, servers)
+}
+
+#[test]
+fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
+    let (node, agent, _servers) = setup("clusterip_balances", None);
+    let counts = spray(&node, "10.96.0.10:80", 3000);
+    assert_eq!(counts.values().sum::<u64>(), 3000);
+    for b in BACKENDS {
+        let share = counts.get(b).copied().unwrap_or(0) as f64 / 3000.0;
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "{b} got {share:.3} of the connections: {counts:?}"
+        );
+    }
+    // What `weft services` shows is what the kernel holds.
+    let (_, list) = agent.client("services");
+    let web = frontend(list.as_array().expect("list"), "10.96.0.10:80/TCP").expect("frontend");
+    assert_eq!(web["service"], "default/web");
+    let mut backends: Vec<String> =
+        serde_json::from_value(web["backends"].clone()).expect("backends");
+    backends.sort();
+    assert_eq!(
+        backends,
+        ["10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080"]
+    );
+}
+
+#[test]
+fn udp_through_a_clusterip_connected_and_unconnected() {
+    let (node, _agent, _servers) = setup("udp_clusterip", None);
+    for args in [
+        vec!["udp-client", "--connect", "10.96.0.10:53", "--count", "20"],
+        // Unconnected: sendmsg translates, recvmsg shows the reply as coming from the ClusterIP.
+        vec![
+            "udp-client",
+            "--connect",
+            "10.96.0.10:53",
+            "--count",
+            "20",
+            "--unconnected",
+        ],
+        vec![
+            "udp-client",
+            "--connect",
+            "[fd00:96::10]:53",
+            "--count",
+            "5",
+            "--unconnected",
+        ],
+    ] {
+        let mut c = node.spawn("client", &args);
+        c.wait_success(WAIT);
+    }
+}
+
+#[test]
+fn an_ipv6_clusterip_works() {
+    let (node, _agent, _servers) = setup("ipv6_clusterip", None);
+    let counts = spray(&node, "[fd00:96::10]:80", 300);
+    assert_eq!(counts.values().sum::<u64>(), 300);
+    assert_eq!(
+        counts.len(),
+        3,
+        "every backend serves over IPv6: {counts:?}"
+    );
+}
+
+#[test]
+fn a_backend_marked_not_ready_gets_no_new_connection() {
+    let (node, agent, _servers) = setup("not_ready", None);
+    node.write_source("pods.yaml", &pods(&node, &["b3"]));
+    // Wait out the 1 s the issue allows, then check nothing reaches b3.
+    std::thread::sleep(Duration::from_secs(1));
+    wait_backends(&agent, "10.96.0.10:80/TCP", 2);
+    let counts = spray(&node, "10.96.0.10:80", 300);
+    assert_eq!(counts.get("b3"), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<u64>(), 300);
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_at_once() {
+    let node = node("no_endpoints");
+    node.write_source("pods.yaml", &pods(&node, &[]));
+    let ports: [k8s::Port<'_>; 2] = [("http", 80, "8080", "TCP"), ("dns", 53, "5353", "UDP")];
+    node.write_source(
+        "empty.yaml",
+        &k8s::service(
+            "empty",
+            "default",
+            &["10.96.0.20"],
+            &[("app", "nobody")],
+            &ports,
+            None,
+        ),
+    );
+    let agent = agent(&node);
+    wait_backends(&agent, "10.96.0.20:80/TCP", 0);
+    // A non-blocking connect fails inside the call: no SYN was sent, nothing to wait for.
+    let mut p = node.spawn("client", &["connect-probe", "--connect", "10.96.0.20:80"]);
+    p.wait_success(WAIT);
+    let v: Value = p.stdout().wait_for("probe", WAIT, |l| {
+        l.iter().find_map(|l| serde_json::from_str::<Value>(l).ok())
+    });
+    assert_eq!(v["immediate"], "ECONNREFUSED", "{v}");
+    // A datagram to it fails the same way.
+    let mut u = node.spawn(
+        "client",
+        &["udp-client", "--connect", "10.96.0.20:53", "--unconnected"],
+    );
+    assert!(!u.wait(WAIT).success());
+    let out = u.stdout().snapshot().join("\n");
+    assert!(out.contains("ECONNREFUSED"), "{out}");
+}
+
+#[test]
+fn client_ip_affinity_keeps_one_backend() {
+    let (node, _agent, _servers) = setup("affinity", Some(600));
+    let counts = spray(&node, "10.96.0.10:80", 200);
+    assert_eq!(
+        counts.len(),
+        1,
+        "all connections reach one backend: {counts:?}"
+    );
+}
+
+#[test]
+fn processes_outside_pod_cgroups_are_not_translated() {
+    let (node, _agent, _servers) = setup("outside_untranslated", None);
+    let mut p = node.spawn_outside(&["connect-probe", "--connect", "10.96.0.10:80"]);
+    p.wait_success(WAIT);
+    let v: Value = p.stdout().wait_for("probe", WAIT, |l| {
+        l.iter().find_map(|l| serde_json::from_str::<Value>(l).ok())
+    });
+    // The service range is an unreachable route on the node: untranslated, it cannot route.
+    assert_eq!(v["immediate"], "EHOSTUNREACH", "{v}");
+}
+
+fn rejections(agent: &Agent) -> Vec<Value> {
+    let (_, status) = agent.client("status");
+    status["services"]["rejections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn invalid_documents_are_rejected_by_file_and_field_and_the_previous_state_keeps_serving() {
+    let (node, agent, _servers) = setup("invalid_docs", None);
+    let good = web_service(None);
+    let cases: [(&str, String, &str); 4] = [
+        (
+            "invalid YAML",
+            format!("{good}  ports: [unclosed\n"),
+            "invalid YAML",
+        ),
+        (
+            "unknown field",
+            good.replace("  selector:", "  selectr: {app: web}\n  selector:"),
+            "spec.selectr",
+        ),
+        (
+            "invalid ClusterIP",
+            good.replace("\"10.96.0.10\"", "\"10.96.0.300\""),
+            "spec.clusterIP",
+        ),
+        (
+            "invalid port",
+            good.replace("port: 80,", "port: 70000,"),
+            "spec.ports[0].port",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        node.write_source("services.yaml", &text);
+        let status = agent.wait_status(&format!("the {what} rejection"), |s| {
+            s["services"]["rejections"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        });
+        let r = &status["services"]["rejections"][0];
+        assert!(
+            r["file"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("services.yaml")),
+            "{what}: {r}"
+        );
+        let text = r.to_string();
+        assert!(text.contains(needle), "{what}: {needle:?} not in {text}");
+        // The previous version of the Service keeps serving.
+        let counts = spray(&node, "10.96.0.10:80", 30);
+        assert_eq!(counts.values().sum::<u64>(), 30, "{what}");
+        node.write_source("services.yaml", &good);
+        agent.wait_status("no rejection", |s| {
+            s["services"]["rejections"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        });
+    }
+    let metrics = metrics(&agent);
+    let total: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_config_rejections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(total >= 4.0, "rejections are counted: {metrics}");
+    assert!(rejections(&agent).is_empty());
+}
+
+#[test]
+fn a_file_replaced_by_atomic_rename_is_picked_up() {
+    let (node, agent, _servers) = setup("atomic_rename", None);
+    let ports: [k8s::Port<'_>; 1] = [("http", 8081, "http", "TCP")];
+    let api = k8s::service(
+        "api",
+        "default",
+        &["10.96.0.11"],
+        &[("app", "web")],
+        &ports,
+        None,
+    );
+    // write_source writes a temporary file and renames it into place.
+    node.write_source("api.yaml", &api);
+    wait_backends(&agent, "10.96.0.11:8081/TCP", 3);
+    let counts = spray(&node, "10.96.0.11:8081", 30);
+    assert_eq!(counts.values().sum::<u64>(), 30);
+    node.remove_source("api.yaml");
+    agent.wait_services("api removed", |list| {
+        frontend(list, "10.96.0.11:8081/TCP").is_none()
+    });
+}
+
+fn metrics(agent: &Agent) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let body = runtime
+        .block_on(weft::admin::fetch(agent.admin_socket(), "/metrics"))
+        .expect("metrics");
+    String::from_utf8_lossy(&body).into_owned()
+}
