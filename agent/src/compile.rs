@@ -444,3 +444,59 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_dir {
+    use std::path::Path;
+
+    use super::*;
+    use crate::source::dir::DirSource;
+
+    /// examples/standalone decodes without a rejection and compiles to what its README says.
+    #[test]
+    fn the_example_directory_compiles() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
+        let mut src = DirSource::new(&dir);
+        src.rescan().expect("read the example directory");
+        let (objects, rejections) = src.objects();
+        assert!(rejections.is_empty(), "{rejections:#?}");
+        assert_eq!(
+            objects.len(),
+            8,
+            "1 namespace, 3 pods, 3 services, 1 slice: {:?}",
+            objects.keys().collect::<Vec<_>>()
+        );
+        let out = services(&Store::from_objects(&objects));
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let list: Vec<(String, Vec<String>, u32)> = out
+            .frontends
+            .iter()
+            .map(|(k, f)| {
+                let backends = f
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        std::net::SocketAddr::new(words_ip(b.family, b.addr), u16::from_be(b.port))
+                            .to_string()
+                    })
+                    .collect();
+                (
+                    crate::sync::frontend_name(k),
+                    backends,
+                    f.affinity_timeout_s,
+                )
+            })
+            .collect();
+        let expect = |fe: &str, b: &str, a: u32| (fe.to_owned(), vec![b.to_owned()], a);
+        let mut want = vec![
+            expect("10.96.0.10:80/TCP", "10.0.0.11:8080", 0),
+            expect("[fd00:96::10]:80/TCP", "[fd00::b]:8080", 0),
+            expect("10.96.0.53:53/UDP", "10.0.0.12:5353", 0),
+            expect("[fd00:96::20]:5432/TCP", "[fd00::c]:5432", 600),
+        ];
+        want.sort();
+        let mut got = list;
+        got.sort();
+        assert_eq!(got, want);
+    }
+}

@@ -143,7 +143,9 @@ impl Connection {
                     for (chunk, w) in b.chunks_exact_mut(4).zip(words) {
                         chunk.copy_from_slice(&w.to_ne_bytes());
                     }
-                    Ok(IpAddr::V6(Ipv6Addr::from(b)))
+                    // A dual-stack socket talking IPv4 holds ::ffff:a.b.c.d: report a.b.c.d.
+                    let v6 = Ipv6Addr::from(b);
+                    Ok(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
                 }
                 other => Err(unknown("family", other)),
             }
@@ -275,6 +277,18 @@ mod tests {
         }
         let c = Connection::decode(&bytes(&ev)).expect("decodes");
         assert_eq!(c.local.ip(), IpAddr::V6(addr));
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_reported_as_ipv4() {
+        let mut ev = event();
+        ev.family = AF_INET6;
+        let o = "::ffff:10.0.0.11".parse::<Ipv6Addr>().expect("addr").octets();
+        for (i, w) in ev.local_addr.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        }
+        let c = Connection::decode(&bytes(&ev)).expect("decodes");
+        assert_eq!(c.local, "10.0.0.11:40000".parse().expect("addr"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the agent observes them from the node's cgroup and the demo prints what it reports.
 use std::{
     collections::HashMap,
+    fs,
     path::Path,
     sync::{
         Arc,
@@ -43,18 +44,22 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
             ]
         })
         .collect();
-    let backend = node.pod("backend").ipv4;
-    let db = node.pod("db");
+    // The node's desired state is the repository's example directory.
+    let example = ws.join("examples").join("standalone");
+    for entry in fs::read_dir(&example).with_context(|| format!("read {}", example.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = fs::read_to_string(&path)?;
+            node.write_source(
+                &path.file_name().unwrap_or_default().to_string_lossy(),
+                &text,
+            );
+        }
+    }
     let servers: Vec<Process> = vec![
         node.spawn(
             "backend",
-            &[
-                "tcp-server",
-                "--listen",
-                &format!("{backend}:8080"),
-                "--reply",
-                "2048",
-            ],
+            &["tcp-server", "--listen", "[::]:8080", "--reply", "2048"],
         ),
         // The backend closes right after reading its reply: the server reads exactly 300 bytes.
         node.spawn(
@@ -62,17 +67,14 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
             &[
                 "tcp-server",
                 "--listen",
-                &format!("[{}]:5432", db.ipv6),
+                "[::]:5432",
                 "--reply",
                 "512",
                 "--read",
                 "300",
             ],
         ),
-        node.spawn(
-            "db",
-            &["udp-echo", "--listen", &format!("{}:5353", db.ipv4)],
-        ),
+        node.spawn("db", &["udp-echo", "--listen", "[::]:5353"]),
     ];
     servers.iter().for_each(Process::wait_listening);
 
@@ -81,6 +83,7 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
         AgentOptions {
             stats_interval: "5s".into(),
             binary: Some(bins.join("weft")),
+            source: true,
             ..AgentOptions::default()
         },
     );
@@ -91,7 +94,21 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
         agent.instance()
     );
     eprintln!(
-        "demo: traffic: frontend -> backend:8080 (tcp/ipv4), backend -> db:5432 (tcp/ipv6), frontend -> db:5353 (udp)"
+        "demo: desired state from {} (copied to {})",
+        example.display(),
+        node.source_dir().display()
+    );
+    eprintln!("demo: `weft services` (what the kernel maps hold):");
+    let services = std::process::Command::new(bins.join("weft"))
+        .arg("services")
+        .arg("--admin-socket")
+        .arg(agent.admin_socket())
+        .output()
+        .context("run weft services")?;
+    eprint!("{}", String::from_utf8_lossy(&services.stdout));
+    eprintln!(
+        "demo: traffic through ClusterIPs: frontend -> web 10.96.0.10:80 and [fd00:96::10]:80 (tcp), \
+         backend -> db [fd00:96::20]:5432 (tcp, ClientIP affinity), frontend -> dns 10.96.0.53:53 (udp)"
     );
     match duration {
         Some(d) => eprintln!("demo: running for {}", humantime::format_duration(d)),
@@ -116,7 +133,11 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
                 &[
                     "tcp-client",
                     "--connect",
-                    &format!("{backend}:8080"),
+                    if round.is_multiple_of(2) {
+                        "10.96.0.10:80"
+                    } else {
+                        "[fd00:96::10]:80"
+                    },
                     "--send",
                     &(100 + round % 50).to_string(),
                     "--expect",
@@ -128,7 +149,7 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
                 &[
                     "tcp-client",
                     "--connect",
-                    &format!("[{}]:5432", db.ipv6),
+                    "[fd00:96::20]:5432",
                     "--send",
                     "300",
                     "--expect",
@@ -139,13 +160,7 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
             ));
             clients.push(node.spawn(
                 "frontend",
-                &[
-                    "udp-client",
-                    "--connect",
-                    &format!("{}:5353", db.ipv4),
-                    "--count",
-                    "3",
-                ],
+                &["udp-client", "--connect", "10.96.0.53:53", "--count", "3"],
             ));
             next_round = Instant::now() + Duration::from_millis(1000);
         }
