@@ -6,7 +6,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service, ServicePort},
+    api::{
+        core::v1::{Pod, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::Serialize;
@@ -82,16 +85,42 @@ fn endpoint(ip: IpAddr, port: u16) -> Endpoint {
     }
 }
 
+/// EndpointSlices by (namespace, Service) and Pods by namespace, built once per compile so
+/// each Service reads only its own (10 000 Services must not each scan every slice).
+struct Index<'a> {
+    slices: BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    pods: BTreeMap<&'a str, Vec<(&'a str, &'a Pod)>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(store: &'a Store) -> Self {
+        let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+        for ((ns, _), slice) in &store.endpoint_slices {
+            if let Some(svc) = label(&slice.metadata.labels, SERVICE_NAME_LABEL) {
+                slices.entry((ns.as_str(), svc)).or_default().push(slice);
+            }
+        }
+        let mut pods: BTreeMap<&str, Vec<(&str, &Pod)>> = BTreeMap::new();
+        for ((ns, name), pod) in &store.pods {
+            pods.entry(ns.as_str())
+                .or_default()
+                .push((name.as_str(), pod));
+        }
+        Self { slices, pods }
+    }
+}
+
 /// Compiles every Service of the store.
 pub fn services(store: &Store) -> Services {
+    let index = Index::new(store);
     let mut out = Services::default();
     for ((ns, name), svc) in &store.services {
-        compile_service(store, ns, name, svc, &mut out);
+        compile_service(&index, ns, name, svc, &mut out);
     }
     out
 }
 
-fn compile_service(store: &Store, ns: &str, name: &str, svc: &Service, out: &mut Services) {
+fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: &mut Services) {
     let id = format!("{ns}/{name}");
     let Some(spec) = &svc.spec else { return };
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -119,9 +148,7 @@ fn compile_service(store: &Store, ns: &str, name: &str, svc: &Service, out: &mut
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
         _ => 0,
     };
-    let has_slices = store.endpoint_slices.iter().any(|((sns, _), s)| {
-        sns == ns && label(&s.metadata.labels, SERVICE_NAME_LABEL) == Some(name)
-    });
+    let slices = index.slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
     let selector = spec.selector.as_ref().filter(|s| !s.is_empty());
     let include_not_ready = spec.publish_not_ready_addresses == Some(true);
     for port in spec.ports.iter().flatten() {
@@ -143,11 +170,11 @@ fn compile_service(store: &Store, ns: &str, name: &str, svc: &Service, out: &mut
             continue;
         };
         for ip in &cluster_ips {
-            let backends = if has_slices {
-                from_slices(store, ns, name, port, ip.is_ipv4())
+            let backends = if !slices.is_empty() {
+                from_slices(slices, port, ip.is_ipv4())
             } else if let Some(selector) = selector {
                 from_pods(
-                    store,
+                    index,
                     ns,
                     selector,
                     port,
@@ -186,22 +213,13 @@ fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<
 
 /// Ready endpoints of the Service's EndpointSlices of one family, at the slice port that
 /// matches the Service port by name (and protocol).
-fn from_slices(
-    store: &Store,
-    ns: &str,
-    name: &str,
-    port: &ServicePort,
-    v4: bool,
-) -> BTreeSet<Endpoint> {
+fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, v4: bool) -> BTreeSet<Endpoint> {
     let want_name = port.name.as_deref().unwrap_or("");
     let want_proto = port.protocol.as_deref().unwrap_or("TCP");
     let address_type = if v4 { "IPv4" } else { "IPv6" };
     let mut out = BTreeSet::new();
-    for ((sns, _), slice) in &store.endpoint_slices {
-        if sns != ns
-            || label(&slice.metadata.labels, SERVICE_NAME_LABEL) != Some(name)
-            || slice.address_type != address_type
-        {
+    for slice in slices {
+        if slice.address_type != address_type {
             continue;
         }
         let Some(number) = slice.ports.iter().flatten().find_map(|p| {
@@ -267,7 +285,7 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     reason = "one call site; a struct would only rename them"
 )]
 fn from_pods(
-    store: &Store,
+    index: &Index<'_>,
     ns: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
@@ -278,12 +296,13 @@ fn from_pods(
 ) -> BTreeSet<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = BTreeSet::new();
-    for ((pns, pname), pod) in &store.pods {
+    for &(pname, pod) in index.pods.get(ns).into_iter().flatten() {
+        let pns = ns;
         let labels = pod.metadata.labels.as_ref();
         let selected = selector
             .iter()
             .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
-        if pns != ns || !selected || !(include_not_ready || pod_is_ready(pod)) {
+        if !selected || !(include_not_ready || pod_is_ready(pod)) {
             continue;
         }
         let number = match &port.target_port {
@@ -466,7 +485,7 @@ mod example_dir {
             "1 namespace, 3 pods, 3 services, 1 slice: {:?}",
             objects.keys().collect::<Vec<_>>()
         );
-        let out = services(&Store::from_objects(&objects));
+        let out = services(&Store::from_objects(objects.clone()));
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         let list: Vec<(String, Vec<String>, u32)> = out
             .frontends

@@ -283,7 +283,10 @@ mod tests {
     fn ipv4_mapped_addresses_are_reported_as_ipv4() {
         let mut ev = event();
         ev.family = AF_INET6;
-        let o = "::ffff:10.0.0.11".parse::<Ipv6Addr>().expect("addr").octets();
+        let o = "::ffff:10.0.0.11"
+            .parse::<Ipv6Addr>()
+            .expect("addr")
+            .octets();
         for (i, w) in ev.local_addr.iter_mut().enumerate() {
             *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
         }

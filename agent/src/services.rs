@@ -110,7 +110,7 @@ impl Pipeline {
             .as_ref()
             .map(DirSource::objects)
             .unwrap_or_default();
-        let store = Store::from_objects(&objects);
+        let store = Store::from_objects(objects);
         let desired = compile::services(&store);
         let report = self.syncer.apply(&desired, started);
         self.metrics

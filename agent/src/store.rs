@@ -5,7 +5,7 @@
 pub mod object;
 pub mod validate;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -82,15 +82,15 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
     };
     let object = match kind {
         Kind::Namespace => {
-            Object::Namespace(Box::new(typed::<Namespace>(&value).map_err(invalid)?))
+            Object::Namespace(Arc::new(typed::<Namespace>(&value).map_err(invalid)?))
         }
-        Kind::Pod => Object::Pod(Box::new(typed::<Pod>(&value).map_err(invalid)?)),
-        Kind::Service => Object::Service(Box::new(typed::<Service>(&value).map_err(invalid)?)),
+        Kind::Pod => Object::Pod(Arc::new(typed::<Pod>(&value).map_err(invalid)?)),
+        Kind::Service => Object::Service(Arc::new(typed::<Service>(&value).map_err(invalid)?)),
         Kind::EndpointSlice => {
-            Object::EndpointSlice(Box::new(typed::<EndpointSlice>(&value).map_err(invalid)?))
+            Object::EndpointSlice(Arc::new(typed::<EndpointSlice>(&value).map_err(invalid)?))
         }
         Kind::NetworkPolicy => {
-            Object::NetworkPolicy(Box::new(typed::<NetworkPolicy>(&value).map_err(invalid)?))
+            Object::NetworkPolicy(Arc::new(typed::<NetworkPolicy>(&value).map_err(invalid)?))
         }
     };
     let checked = match &object {
@@ -140,11 +140,11 @@ pub type Key = (String, String);
 /// Every object the sources currently want, by kind.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<Key, Pod>,
-    pub services: BTreeMap<Key, Service>,
-    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
-    pub network_policies: BTreeMap<Key, NetworkPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<Key, Arc<Pod>>,
+    pub services: BTreeMap<Key, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    pub network_policies: BTreeMap<Key, Arc<NetworkPolicy>>,
 }
 
 impl Store {
@@ -156,12 +156,12 @@ impl Store {
             let key = (r.namespace.clone(), r.name.clone());
             match o {
                 Object::Namespace(x) => {
-                    drop(store.namespaces.insert(r.name.clone(), (**x).clone()))
+                    drop(store.namespaces.insert(r.name.clone(), Arc::clone(x)))
                 }
-                Object::Pod(x) => drop(store.pods.insert(key, (**x).clone())),
-                Object::Service(x) => drop(store.services.insert(key, (**x).clone())),
-                Object::EndpointSlice(x) => drop(store.endpoint_slices.insert(key, (**x).clone())),
-                Object::NetworkPolicy(x) => drop(store.network_policies.insert(key, (**x).clone())),
+                Object::Pod(x) => drop(store.pods.insert(key, Arc::clone(x))),
+                Object::Service(x) => drop(store.services.insert(key, Arc::clone(x))),
+                Object::EndpointSlice(x) => drop(store.endpoint_slices.insert(key, Arc::clone(x))),
+                Object::NetworkPolicy(x) => drop(store.network_policies.insert(key, Arc::clone(x))),
             }
         }
         store

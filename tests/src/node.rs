@@ -64,12 +64,14 @@ impl NodeBuilder {
         let _ = fs::remove_dir_all(&workdir);
         fs::create_dir_all(workdir.join("source"))
             .unwrap_or_else(|e| panic!("create {}: {e}", workdir.display()));
+        let cgroup = Cgroup::create(&cgroup_root.join(format!("weft-test-{tag}")));
         let mut node = Node {
+            host_cgroup: cgroup.child("_host"),
             workdir,
             pod_tool: self.pod_tool.unwrap_or_else(pod_tool),
             tag: tag.clone(),
             netns: Netns::create(&format!("weft-{tag}")),
-            cgroup: Cgroup::create(&cgroup_root.join(format!("weft-test-{tag}"))),
+            cgroup,
             pods: Vec::new(),
         };
         let n = node.netns.name.clone();
@@ -140,6 +142,8 @@ pub struct Node {
     pod_tool: PathBuf,
     /// Files of the test (the agent's source directory, its admin socket), removed on drop.
     workdir: PathBuf,
+    /// `_host` below the node's cgroup, for host-network workloads weft observes.
+    host_cgroup: Cgroup,
     tag: String,
     netns: Netns,
     cgroup: Cgroup,
@@ -213,6 +217,11 @@ impl Node {
         fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
     }
 
+    /// The node namespace's name (for `ip -n`).
+    pub fn netns_name(&self) -> &str {
+        &self.netns.name
+    }
+
     /// `/run/netns/<name>` of the node namespace.
     pub fn netns_path(&self) -> PathBuf {
         self.netns.path()
@@ -238,6 +247,18 @@ impl Node {
             &format!("{}/{}:{}", self.tag, pod.name, args.join(" ")),
             command,
         )
+    }
+
+    /// Runs the pod tool in the node's namespace and in the node-level cgroup `_host` (below
+    /// the node's cgroup): a host-network workload that weft observes.
+    pub fn spawn_host(&self, args: &[&str]) -> Process {
+        let mut command = proc::command_in(
+            &self.netns_path(),
+            Some(&self.host_cgroup.path),
+            &self.pod_tool,
+        );
+        command.args(args);
+        Process::spawn(&format!("{}/host:{}", self.tag, args.join(" ")), command)
     }
 
     /// Runs the pod tool in the node's namespace but outside every pod's cgroup (in the test

@@ -1,19 +1,20 @@
 //! `cargo xtask bench`: scenarios that measure weft and its baselines in the same run, write
 //! JSON under target/bench/ and print ratios.
 //!
-//! `churn`: short TCP connections per second between two pods (connect, server closes,
-//! client closes), with no program attached and with the weft agent attached. Rounds
-//! alternate so drift on the machine affects both sides alike; the median ratio is reported.
-use std::{fs, path::Path, time::Duration};
+//! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs).
+mod churn;
+mod services;
+
+use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
-use weft_testkit::{Agent, AgentOptions, Node};
+use weft_testkit::AgentOptions;
 
 use crate::{build, setup::Tools};
 
-const SCENARIOS: &[&str] = &["churn"];
+const SCENARIOS: &[&str] = &["churn", "services"];
 
 pub fn run(
     ws: &Path,
@@ -36,78 +37,32 @@ pub fn run(
     let out_dir = build::target_dir(ws).join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
     for s in selected {
-        let result = match s {
-            "churn" => churn(&bins, seconds, rounds)?,
-            _ => unreachable!("checked above"),
-        };
         let path = out_dir.join(format!("{s}.json"));
-        fs::write(&path, serde_json::to_vec_pretty(&result)?)
-            .with_context(|| format!("write {}", path.display()))?;
-        result.print();
+        match s {
+            "churn" => {
+                let r = churn::churn(&bins, seconds, rounds)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "services" => {
+                // Each round: this many connections per mode.
+                let r = services::run(&bins, rounds.clamp(1, 9), 2_000)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            _ => unreachable!("checked above"),
+        }
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
 }
 
-#[derive(Debug, Serialize)]
-struct ChurnResult {
-    scenario: &'static str,
-    unit: &'static str,
-    seconds_per_round: f64,
-    baseline: Vec<f64>,
-    weft: Vec<f64>,
-    /// weft / baseline per round.
-    ratios: Vec<f64>,
-    median_ratio: f64,
-    /// CPU time the agent process spent per connection (user + system), microseconds.
-    agent_cpu_us_per_connection: Vec<f64>,
-    /// Kernel time of weft's programs per connection, from BPF run-time statistics in an
-    /// extra round (statistics add their own cost, so that round is not in the ratios).
-    kernel: Vec<ProgramProfile>,
-    kernel_ns_per_connection: f64,
+fn write(path: &Path, value: &impl Serialize) -> Result<()> {
+    fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("write {}", path.display()))
 }
 
-#[derive(Debug, Serialize)]
-struct ProgramProfile {
-    program: String,
-    runs_per_connection: f64,
-    ns_per_run: f64,
-    ns_per_connection: f64,
-}
-
-impl ChurnResult {
-    fn print(&self) {
-        println!("\nchurn: short TCP connections per second between two pods (higher is better)");
-        println!(
-            "{:>5} {:>14} {:>14} {:>8} {:>18}",
-            "round", "no agent", "weft", "ratio", "agent CPU µs/conn"
-        );
-        for i in 0..self.ratios.len() {
-            println!(
-                "{:>5} {:>14.0} {:>14.0} {:>8.3} {:>18.2}",
-                i + 1,
-                self.baseline[i],
-                self.weft[i],
-                self.ratios[i],
-                self.agent_cpu_us_per_connection[i]
-            );
-        }
-        println!("median ratio weft / no agent: {:.3}", self.median_ratio);
-        println!("kernel programs per connection (both ends, from BPF run-time statistics):");
-        for p in &self.kernel {
-            println!(
-                "  {:<18} {:>6.1} runs x {:>6.0} ns = {:>7.0} ns",
-                p.program, p.runs_per_connection, p.ns_per_run, p.ns_per_connection
-            );
-        }
-        println!(
-            "  {:<18} {:>34.0} ns",
-            "total", self.kernel_ns_per_connection
-        );
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {
@@ -122,7 +77,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// user + system CPU seconds of a process, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("read /proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
@@ -138,35 +93,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / hz)
 }
 
-fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
-    let server = node.pod("server").ipv4;
-    let mut c = node.spawn(
-        "client",
-        &[
-            "churn",
-            "--connect",
-            &format!("{server}:8080"),
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    );
-    c.wait_success(Duration::from_secs_f64(seconds + 30.0));
-    let v: Value = c
-        .stdout()
-        .wait_for("churn result", Duration::from_secs(5), |lines| {
-            lines.iter().find_map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .filter(|v| v["event"] == "churn")
-            })
-        });
-    Ok((
-        v["per_second"].as_f64().context("per_second")?,
-        v["connections"].as_u64().context("connections")?,
-    ))
-}
-
-fn agent_options(bins: &Path) -> AgentOptions {
+pub(crate) fn agent_options(bins: &Path) -> AgentOptions {
     // Logs at warn: the bench measures the datapath and event handling, not log output.
     AgentOptions {
         log_level: "warn,weft::app=info".into(),
@@ -177,14 +104,14 @@ fn agent_options(bins: &Path) -> AgentOptions {
 }
 
 /// Restores kernel.bpf_stats_enabled when dropped.
-struct BpfStats {
+pub(crate) struct BpfStats {
     previous: String,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> Result<Self> {
+    pub(crate) fn enable() -> Result<Self> {
         let previous =
             fs::read_to_string(BPF_STATS).with_context(|| format!("read {BPF_STATS}"))?;
         fs::write(BPF_STATS, "1").with_context(|| format!("write {BPF_STATS}"))?;
@@ -198,7 +125,7 @@ impl Drop for BpfStats {
     }
 }
 
-fn bpftool_json(args: &[&str]) -> Result<Value> {
+pub(crate) fn bpftool_json(args: &[&str]) -> Result<Value> {
     let out = std::process::Command::new("bpftool")
         .arg("--json")
         .args(args)
@@ -208,85 +135,4 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
         bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn profile_round(node: &Node, bins: &Path, seconds: f64) -> Result<Vec<ProgramProfile>> {
-    let _stats = BpfStats::enable()?;
-    let agent = Agent::start_with(node, agent_options(bins));
-    let (_, conns) = churn_once(node, seconds)?;
-    let cgroup = node.cgroup().to_string_lossy().into_owned();
-    let attached = bpftool_json(&["cgroup", "show", &cgroup])?;
-    let mut out = Vec::new();
-    for prog in attached
-        .as_array()
-        .context("bpftool cgroup show: not a list")?
-    {
-        let id = prog["id"].as_u64().context("program id")?.to_string();
-        let info = bpftool_json(&["prog", "show", "id", &id])?;
-        let runs = info["run_cnt"].as_f64().unwrap_or(0.0);
-        let ns = info["run_time_ns"].as_f64().unwrap_or(0.0);
-        let conns = conns.max(1) as f64;
-        out.push(ProgramProfile {
-            program: info["name"].as_str().unwrap_or("?").to_owned(),
-            runs_per_connection: runs / conns,
-            ns_per_run: if runs > 0.0 { ns / runs } else { 0.0 },
-            ns_per_connection: ns / conns,
-        });
-    }
-    drop(agent);
-    Ok(out)
-}
-
-fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
-    let node = Node::builder("xtask-bench-churn")
-        .pod_tool(&bins.join("weft-pod"))
-        .pod("client")
-        .pod("server")
-        .build();
-    let server = node.pod("server").ipv4;
-    let srv = node.spawn(
-        "server",
-        &[
-            "tcp-server",
-            "--listen",
-            &format!("{server}:8080"),
-            "--close-at-once",
-        ],
-    );
-    srv.wait_listening();
-    // Warm-up: caches, ARP, the first page faults of the tools.
-    churn_once(&node, 1.0)?;
-
-    let (mut baseline, mut weft, mut ratios, mut cpu) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
-        eprintln!("bench churn: round {}/{rounds}", round + 1);
-        let (b, _) = churn_once(&node, seconds)?;
-        let mut agent = Agent::start_with(&node, agent_options(bins));
-        let cpu_before = cpu_seconds(agent.pid())?;
-        let (w, conns) = churn_once(&node, seconds)?;
-        // Let the agent drain the ring buffer before reading its CPU time.
-        std::thread::sleep(Duration::from_millis(300));
-        let cpu_after = cpu_seconds(agent.pid())?;
-        agent.stop();
-        drop(agent);
-        baseline.push(b);
-        weft.push(w);
-        ratios.push(w / b);
-        cpu.push((cpu_after - cpu_before) * 1e6 / conns.max(1) as f64);
-    }
-    eprintln!("bench churn: profiling round (BPF run-time statistics on)");
-    let kernel = profile_round(&node, bins, seconds)?;
-    Ok(ChurnResult {
-        kernel_ns_per_connection: kernel.iter().map(|p| p.ns_per_connection).sum(),
-        kernel,
-        scenario: "churn",
-        unit: "connections per second",
-        seconds_per_round: seconds,
-        median_ratio: median(&ratios),
-        baseline,
-        weft,
-        ratios,
-        agent_cpu_us_per_connection: cpu,
-    })
 }

@@ -15,6 +15,7 @@ use std::{
     fs,
     hash::{Hash, Hasher},
     io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -32,8 +33,34 @@ pub enum Error {
     },
 }
 
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Option<Self> {
+        // Follows symlinks: a Kubernetes ConfigMap volume swaps a symlinked directory.
+        let m = fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 struct FileState {
+    /// Unchanged metadata: the file is not read again (10 000 Services are megabytes).
+    fingerprint: Option<Fingerprint>,
     hash: u64,
     /// Object, and the document it came from.
     objects: BTreeMap<ObjectRef, (usize, Object)>,
@@ -86,15 +113,25 @@ impl DirSource {
         self.files.retain(|p, _| present.contains(p));
         result.changed |= self.files.len() != before;
         for path in present {
+            let fingerprint = Fingerprint::of(&path);
+            let known = self.files.get_mut(&path);
+            if fingerprint.is_some() && known.as_ref().is_some_and(|f| f.fingerprint == fingerprint) {
+                continue;
+            }
             // A file removed or replaced between listing and reading is seen at the next event.
             let Ok(text) = fs::read_to_string(&path) else {
                 continue;
             };
             let hash = hash_of(&text);
-            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
+            if let Some(f) = known
+                && f.hash == hash
+            {
+                // Touched, not changed.
+                f.fingerprint = fingerprint;
                 continue;
             }
-            let state = decode_file(&path, &text, hash, self.files.get(&path));
+            let mut state = decode_file(&path, &text, hash, self.files.get(&path));
+            state.fingerprint = fingerprint;
             result.changed = true;
             result.new_rejections += state.rejections.len();
             self.files.insert(path, state);
@@ -103,9 +140,9 @@ impl DirSource {
     }
 
     /// Every object in force, and every rejection (duplicates across files included).
-    pub fn objects(&self) -> (BTreeMap<ObjectRef, Object>, Vec<Rejection>) {
+    pub fn objects(&self) -> (BTreeMap<&ObjectRef, &Object>, Vec<Rejection>) {
         let mut objects = BTreeMap::new();
-        let mut origin: BTreeMap<ObjectRef, &Path> = BTreeMap::new();
+        let mut origin: BTreeMap<&ObjectRef, &Path> = BTreeMap::new();
         let mut rejections = Vec::new();
         for (path, file) in &self.files {
             rejections.extend(file.rejections.iter().cloned());
@@ -123,8 +160,8 @@ impl DirSource {
                     });
                     continue;
                 }
-                origin.insert(r.clone(), path);
-                objects.insert(r.clone(), obj.clone());
+                origin.insert(r, path);
+                objects.insert(r, obj);
             }
         }
         (objects, rejections)
@@ -206,6 +243,7 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
         }
     }
     FileState {
+        fingerprint: None,
         hash,
         objects,
         rejections,

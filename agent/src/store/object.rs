@@ -1,5 +1,5 @@
 //! The Kubernetes objects weft reads, and how they are named.
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -81,14 +81,15 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// A decoded, validated object.
+/// A decoded, validated object. Shared, not copied, between the source, the store and
+/// compile: a change to one file must not copy 10 000 Services.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    NetworkPolicy(Box<NetworkPolicy>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    NetworkPolicy(Arc<NetworkPolicy>),
 }
 
 impl Object {

@@ -1,4 +1,5 @@
-//! Per-cgroup traffic accounting.
+//! Per-cgroup traffic accounting of non-TCP packets (UDP, ICMP, ...); TCP is accounted per
+//! connection by sock_ops.
 //!
 //! Writer: `weft_skb_ingress` / `weft_skb_egress` (kernel), into the per-CPU hash `TRAFFIC`.
 //! Reader: the agent, which sums the CPUs, reports totals and deletes keys of removed cgroups.

@@ -1,8 +1,11 @@
-//! Per-cgroup traffic accounting (cgroup_skb). Counts and never drops.
+//! Per-cgroup traffic accounting (cgroup_skb) of everything but TCP: TCP is accounted per
+//! connection, exactly, by sock_ops, and a map update per TCP packet would cost every
+//! connection for nothing. Counts and never drops.
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext,
 };
 use weft_abi::{
+    IPPROTO_TCP,
     stats::Counter,
     traffic::{Direction, TrafficKey, TrafficValue},
 };
@@ -23,6 +26,9 @@ pub fn account(ctx: &SkBuffContext, direction: Direction) {
         stats::bump(Counter::PacketsUnparsed);
         return;
     };
+    if l4 == IPPROTO_TCP {
+        return;
+    }
     let key = TrafficKey {
         // SAFETY: the context pointer is valid for the helper for the program's duration.
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },

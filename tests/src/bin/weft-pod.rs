@@ -82,6 +82,24 @@ enum Cmd {
         #[arg(long)]
         seconds: f64,
     },
+    /// Request/response server for benchmarks, one connection at a time: read --size bytes,
+    /// write --size bytes, close (the server closes first, so clients keep no TIME_WAIT).
+    RrServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Request/response client: --count times connect, send --size bytes, read --size bytes
+    /// and the server's close. Reports latency percentiles and connections per second.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
         #[arg(long)]
@@ -148,6 +166,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
         } => tcp_client(connect, send, expect, close),
         Cmd::Churn { connect, seconds } => churn(connect, seconds),
         Cmd::UdpEcho { listen } => udp_echo(listen),
+        Cmd::RrServer { listen, size } => rr_server(listen, size),
+        Cmd::Rr {
+            connect,
+            count,
+            size,
+        } => rr(connect, count, size),
         Cmd::UdpClient {
             connect,
             count,
@@ -451,6 +475,48 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
     };
     (storage, len as libc::socklen_t)
+}
+
+fn rr_server(listen: SocketAddr, size: usize) -> Result<(), String> {
+    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    emit(
+        &json!({"event": "listening", "addr": listener.local_addr().map_err(|e| e.to_string())?.to_string()}),
+    );
+    let mut buf = vec![0u8; size];
+    loop {
+        let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        // A broken client must not stop the server.
+        if s.read_exact(&mut buf).is_ok() {
+            let _ = s.write_all(&buf);
+        }
+    }
+}
+
+fn rr(connect: SocketAddr, count: u64, size: usize) -> Result<(), String> {
+    let request = vec![0x42u8; size];
+    let mut reply = vec![0u8; size];
+    let mut latencies = Vec::with_capacity(count as usize);
+    let started = Instant::now();
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
+        s.write_all(&request).map_err(|e| format!("write: {e}"))?;
+        s.read_exact(&mut reply).map_err(|e| format!("read: {e}"))?;
+        // The server's FIN: its close, then ours, so no TIME_WAIT stays on this side.
+        let mut end = [0u8; 1];
+        let _ = s.read(&mut end);
+        drop(s);
+        latencies.push(t.elapsed().as_nanos() as u64);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct =
+        |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0;
+    emit(&json!({
+        "event": "rr", "count": count, "seconds": elapsed,
+        "per_second": count as f64 / elapsed, "p50_us": pct(0.5), "p99_us": pct(0.99),
+    }));
+    Ok(())
 }
 
 fn udp_echo(listen: SocketAddr) -> Result<(), String> {

@@ -1,0 +1,476 @@
+//! `services`: a connection plus one 64-byte request/response through a Service, for 1, 1 000
+//! and 10 000 Services of 3 backends each, measured three ways in one run:
+//!
+//! - (a) direct: to a backend's pod IP, nothing attached (the floor);
+//! - (b) weft: to the ClusterIP, translated at connect() by weft (all its programs attached);
+//! - (c) iptables: to the ClusterIP through kube-proxy's iptables layout (KUBE-SERVICES →
+//!   KUBE-SVC-* → KUBE-SEP-* with statistic-random DNAT and masquerade marking), no weft.
+//!
+//! The client is a host-network workload on the node: in the node namespace, in a cgroup below
+//! weft's (b), or outside it (a, c) so weft leaves it alone. Rounds of (a) and (b) alternate;
+//! (c) runs after them, with its rules installed only then (they and conntrack would otherwise
+//! tax every connection of (a) and (b)). It also reports, at the largest scale, the agent's
+//! memory, the BPF maps' memory, and the time from a Service change on disk to the kernel maps.
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
+
+use super::{bpftool_json, median};
+
+const SCALES: [usize; 3] = [1, 1_000, 10_000];
+const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
+
+#[derive(Debug, Default, Serialize)]
+struct Mode {
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    per_second: Vec<f64>,
+}
+
+impl Mode {
+    fn add(&mut self, v: &Value) {
+        self.p50_us.push(v["p50_us"].as_f64().unwrap_or(f64::NAN));
+        self.p99_us.push(v["p99_us"].as_f64().unwrap_or(f64::NAN));
+        self.per_second
+            .push(v["per_second"].as_f64().unwrap_or(f64::NAN));
+    }
+
+    fn p50(&self) -> f64 {
+        median(&self.p50_us)
+    }
+
+    fn p99(&self) -> f64 {
+        median(&self.p99_us)
+    }
+
+    fn rate(&self) -> f64 {
+        median(&self.per_second)
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Scale {
+    services: usize,
+    direct: Mode,
+    weft: Mode,
+    iptables: Mode,
+    /// weft / direct, p50 latency.
+    b_over_a_p50: f64,
+    /// iptables / weft, p50 latency.
+    c_over_b_p50: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServicesResult {
+    scenario: &'static str,
+    connections_per_round: u64,
+    rounds: usize,
+    iptables: String,
+    scales: Vec<Scale>,
+    /// At the largest scale.
+    agent_rss_kib: u64,
+    bpf_map_bytes: u64,
+    bpf_map_bytes_by_map: Vec<(String, u64)>,
+    agent_start_to_ready_s: f64,
+    change_to_map_ms: Vec<f64>,
+    change_to_map_p50_ms: f64,
+    change_to_map_p99_ms: f64,
+}
+
+impl ServicesResult {
+    pub fn print(&self) {
+        println!(
+            "\nservices: connect + one 64-byte request/response, per connection (median of {} rounds)",
+            self.rounds
+        );
+        println!(
+            "{:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>6} {:>6}",
+            "services",
+            "a p50 µs",
+            "a p99 µs",
+            "a conn/s",
+            "b p50 µs",
+            "b p99 µs",
+            "b conn/s",
+            "c p50 µs",
+            "c p99 µs",
+            "c conn/s",
+            "b/a",
+            "c/b"
+        );
+        for s in &self.scales {
+            println!(
+                "{:>8} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>6.3} {:>6.3}",
+                s.services,
+                s.direct.p50(),
+                s.direct.p99(),
+                s.direct.rate(),
+                s.weft.p50(),
+                s.weft.p99(),
+                s.weft.rate(),
+                s.iptables.p50(),
+                s.iptables.p99(),
+                s.iptables.rate(),
+                s.b_over_a_p50,
+                s.c_over_b_p50
+            );
+        }
+        println!(
+            "a = direct to the pod IP, b = weft via the ClusterIP, c = iptables ({}) via the ClusterIP",
+            self.iptables
+        );
+        let largest = SCALES[SCALES.len() - 1];
+        println!(
+            "at {largest} services: agent RSS {} KiB, BPF maps {} KiB, agent start to ready {:.2} s",
+            self.agent_rss_kib,
+            self.bpf_map_bytes / 1024,
+            self.agent_start_to_ready_s
+        );
+        println!(
+            "Service change on disk to kernel maps: p50 {:.1} ms, p99 {:.1} ms over {} changes (20 ms debounce included)",
+            self.change_to_map_p50_ms,
+            self.change_to_map_p99_ms,
+            self.change_to_map_ms.len()
+        );
+    }
+}
+
+/// The i-th ClusterIP: 10.96.0.1 onwards (10.96.0.0/12 holds far more than needed).
+fn vip(i: usize) -> String {
+    format!(
+        "10.{}.{}.{}",
+        96 + i / 65_000,
+        (i % 65_000) / 250,
+        i % 250 + 1
+    )
+}
+
+fn services_yaml(n: usize) -> String {
+    let mut y = String::with_capacity(n * 220);
+    for i in 0..n {
+        let _ = write!(
+            y,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: bench}}\nspec:\n  \
+             clusterIP: {}\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n",
+            vip(i)
+        );
+    }
+    y
+}
+
+/// kube-proxy's nat rules for `n` services of the node's three backends (large-cluster mode:
+/// no comments on the per-endpoint rules), as iptables-restore input.
+fn iptables_rules(node: &Node, n: usize) -> String {
+    let ips: Vec<String> = BACKENDS
+        .iter()
+        .map(|b| node.pod(b).ipv4.to_string())
+        .collect();
+    let hash = |s: &str| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in s.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016X}")
+    };
+    let mut chains = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    let mut rules = String::from(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
+    );
+    for i in 0..n {
+        let name = format!("bench/svc{i}:http");
+        let svc = format!("KUBE-SVC-{}", hash(&format!("{name}tcp")));
+        let ip = vip(i);
+        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport 80 -j {svc}"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {svc} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"
+        );
+        for (k, backend) in ips.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{}", hash(&format!("{name}tcp{backend}:8080")));
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            let probability = match k {
+                0 => " -m statistic --mode random --probability 0.3333333333",
+                1 => " -m statistic --mode random --probability 0.5000000000",
+                _ => "",
+            };
+            let _ = writeln!(rules, "-A {svc}{probability} -j {sep}");
+            let _ = writeln!(rules, "-A {sep} -s {backend} -j KUBE-MARK-MASQ");
+            let _ = writeln!(
+                rules,
+                "-A {sep} -m tcp -p tcp -j DNAT --to-destination {backend}:8080"
+            );
+        }
+    }
+    rules.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+    );
+    format!("{chains}{rules}COMMIT\n")
+}
+
+fn iptables_restore(node: &Node, rules: &str) -> Result<()> {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", node.netns_path().display()))
+        .args(["iptables-restore", "-w", "--noflush"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("run iptables-restore (`cargo xtask setup` installs iptables)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("iptables-restore failed ({status})");
+    }
+    Ok(())
+}
+
+fn run_rr(p: &mut Process, what: &str) -> Result<Value> {
+    p.wait_success(Duration::from_secs(300));
+    Ok(p.stdout().wait_for(what, Duration::from_secs(5), |lines| {
+        lines.iter().find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["event"] == "rr")
+        })
+    }))
+}
+
+fn wait_frontends(agent: &Agent, n: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, status) = agent.client("status");
+        if status["services"]["frontends"].as_u64() == Some(n as u64) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the agent did not program {n} frontends: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn agent_options(bins: &Path) -> AgentOptions {
+    AgentOptions {
+        log_level: "warn,weft::app=info,weft::sync=info".into(),
+        stats_interval: "600s".into(),
+        binary: Some(bins.join("weft")),
+        source: true,
+        ..AgentOptions::default()
+    }
+}
+
+pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
+    let iptables = String::from_utf8_lossy(&Command::new("iptables").arg("-V").output()?.stdout)
+        .trim()
+        .to_owned();
+    let mut result = ServicesResult {
+        scenario: "services",
+        connections_per_round: count,
+        rounds,
+        iptables,
+        scales: Vec::new(),
+        agent_rss_kib: 0,
+        bpf_map_bytes: 0,
+        bpf_map_bytes_by_map: Vec::new(),
+        agent_start_to_ready_s: 0.0,
+        change_to_map_ms: Vec::new(),
+        change_to_map_p50_ms: f64::NAN,
+        change_to_map_p99_ms: f64::NAN,
+    };
+    for (si, &n) in SCALES.iter().enumerate() {
+        let node = Node::builder(&format!("xtask-bench-svc-{n}"))
+            .pod_tool(&bins.join("weft-pod"))
+            .pod("b1")
+            .pod("b2")
+            .pod("b3")
+            .build();
+        let _servers: Vec<Process> = BACKENDS
+            .iter()
+            .map(|b| node.start_server(b, &["rr-server", "--listen", "[::]:8080"]))
+            .collect();
+        let pods: Vec<String> = BACKENDS
+            .iter()
+            .map(|b| {
+                k8s::pod(
+                    node.pod(b),
+                    "bench",
+                    &[("app", "web")],
+                    &[("http", 8080, "TCP")],
+                    true,
+                )
+            })
+            .collect();
+        node.write_source("pods.yaml", &k8s::file(&pods));
+        node.write_source("services.yaml", &services_yaml(n));
+        eprintln!("bench services: {n} services: starting the agent");
+        let started = std::time::Instant::now();
+        let agent = Agent::start_with(&node, agent_options(bins));
+        wait_frontends(&agent, n)?;
+        let ready_s = started.elapsed().as_secs_f64();
+        let target = vip(n / 2);
+        let direct = format!("{}:8080", node.pod("b1").ipv4);
+        let via_vip = format!("{target}:80");
+        let count_s = count.to_string();
+        // Warm-up of both paths.
+        run_rr(
+            &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", "200"]),
+            "warm-up",
+        )?;
+        run_rr(
+            &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", "200"]),
+            "warm-up",
+        )?;
+        let (mut a, mut b, mut c) = (Mode::default(), Mode::default(), Mode::default());
+        for r in 0..rounds {
+            eprintln!(
+                "bench services: {n} services: round {}/{rounds} (direct, weft)",
+                r + 1
+            );
+            a.add(&run_rr(
+                &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", &count_s]),
+                "direct",
+            )?);
+            b.add(&run_rr(
+                &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", &count_s]),
+                "weft",
+            )?);
+        }
+        if si == SCALES.len() - 1 {
+            result.agent_start_to_ready_s = ready_s;
+            measure_memory(&agent, &mut result)?;
+            measure_change_latency(&node, &agent, &mut result)?;
+        }
+        drop(agent);
+        eprintln!("bench services: {n} services: installing kube-proxy's iptables rules");
+        iptables_restore(&node, &iptables_rules(&node, n))?;
+        // A local packet is routed before OUTPUT's DNAT, and the node keeps the service range
+        // unreachable: for iptables it needs a route, as on a real node. The node's own bridge
+        // keeps the traffic inside its namespace.
+        weft_testkit::proc::run(
+            "ip",
+            [
+                "-n",
+                node.netns_name(),
+                "route",
+                "replace",
+                weft_testkit::node::SERVICE_CIDR_V4,
+                "dev",
+                "br0",
+            ],
+        );
+        run_rr(
+            &mut node.spawn_outside(&["rr", "--connect", &via_vip, "--count", "200"]),
+            "warm-up",
+        )?;
+        for r in 0..rounds {
+            eprintln!(
+                "bench services: {n} services: round {}/{rounds} (iptables)",
+                r + 1
+            );
+            c.add(&run_rr(
+                &mut node.spawn_outside(&["rr", "--connect", &via_vip, "--count", &count_s]),
+                "iptables",
+            )?);
+        }
+        result.scales.push(Scale {
+            services: n,
+            b_over_a_p50: b.p50() / a.p50(),
+            c_over_b_p50: c.p50() / b.p50(),
+            direct: a,
+            weft: b,
+            iptables: c,
+        });
+    }
+    Ok(result)
+}
+
+fn measure_memory(agent: &Agent, result: &mut ServicesResult) -> Result<()> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    result.agent_rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    for entry in std::fs::read_dir(agent.pin_dir().join("maps"))? {
+        let path = entry?.path();
+        let info = bpftool_json(&["map", "show", "pinned", &path.to_string_lossy()])?;
+        let bytes = info["bytes_memlock"].as_u64().unwrap_or(0);
+        result.bpf_map_bytes += bytes;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        result.bpf_map_bytes_by_map.push((name, bytes));
+    }
+    Ok(())
+}
+
+/// Changes one Service's endpoints on disk, 30 times, and reads from the agent's log when each
+/// change reached the kernel maps ("services synced" is logged after the writes).
+fn measure_change_latency(node: &Node, agent: &Agent, result: &mut ServicesResult) -> Result<()> {
+    let synced = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("services synced"))
+            .count()
+    };
+    for i in 0..30 {
+        let ip = node.pod(BACKENDS[i % 3]).ipv4;
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: probe, namespace: bench}}\nspec:\n  clusterIP: 10.111.255.1\n  \
+             ports: [{{name: http, port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+             name: probe-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: probe}}\naddressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n"
+        );
+        let before = synced(&agent.logs().snapshot());
+        let written = SystemTime::now();
+        node.write_source("probe.yaml", &yaml);
+        let line =
+            agent
+                .logs()
+                .wait_for("the sync of a change", Duration::from_secs(10), |lines| {
+                    (synced(lines) > before)
+                        .then(|| {
+                            lines
+                                .iter()
+                                .rfind(|l| l.contains("services synced"))
+                                .cloned()
+                        })
+                        .flatten()
+                });
+        let v: Value = serde_json::from_str(&line)?;
+        let at = humantime::parse_rfc3339(v["timestamp"].as_str().unwrap_or_default())?;
+        result
+            .change_to_map_ms
+            .push(at.duration_since(written).unwrap_or_default().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut sorted = result.change_to_map_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    result.change_to_map_p50_ms = median(&sorted);
+    result.change_to_map_p99_ms = sorted[((sorted.len() as f64 - 1.0) * 0.99).round() as usize];
+    Ok(())
+}
