@@ -115,7 +115,8 @@ impl DirSource {
         for path in present {
             let fingerprint = Fingerprint::of(&path);
             let known = self.files.get_mut(&path);
-            if fingerprint.is_some() && known.as_ref().is_some_and(|f| f.fingerprint == fingerprint) {
+            if fingerprint.is_some() && known.as_ref().is_some_and(|f| f.fingerprint == fingerprint)
+            {
                 continue;
             }
             // A file removed or replaced between listing and reading is seen at the next event.
