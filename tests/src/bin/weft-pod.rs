@@ -83,15 +83,16 @@ enum Cmd {
         seconds: f64,
     },
     /// Request/response server for benchmarks, one connection at a time: read --size bytes,
-    /// write --size bytes, close (the server closes first, so clients keep no TIME_WAIT).
+    /// write --size bytes, wait for the client's close, close. The client closes first, so the
+    /// server keeps no TIME_WAIT that a reused (or NATed) client port could collide with.
     RrServer {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
-    /// Request/response client: --count times connect, send --size bytes, read --size bytes
-    /// and the server's close. Reports latency percentiles and connections per second.
+    /// Request/response client: --count times connect, send --size bytes, read --size bytes,
+    /// close. Reports latency percentiles and connections per second.
     Rr {
         #[arg(long)]
         connect: SocketAddr,
@@ -486,8 +487,9 @@ fn rr_server(listen: SocketAddr, size: usize) -> Result<(), String> {
     loop {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         // A broken client must not stop the server.
-        if s.read_exact(&mut buf).is_ok() {
-            let _ = s.write_all(&buf);
+        if s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {
+            let mut end = [0u8; 1];
+            let _ = s.read(&mut end);
         }
     }
 }
@@ -502,9 +504,6 @@ fn rr(connect: SocketAddr, count: u64, size: usize) -> Result<(), String> {
         let mut s = TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
         s.write_all(&request).map_err(|e| format!("write: {e}"))?;
         s.read_exact(&mut reply).map_err(|e| format!("read: {e}"))?;
-        // The server's FIN: its close, then ours, so no TIME_WAIT stays on this side.
-        let mut end = [0u8; 1];
-        let _ = s.read(&mut end);
         drop(s);
         latencies.push(t.elapsed().as_nanos() as u64);
     }
