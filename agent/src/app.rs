@@ -151,7 +151,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         Some(dir) => Some(watch(dir, events_tx)?),
         None => None,
     };
-    pipeline.refresh(true)?;
+    // A file still being written is read again shortly instead of waiting for the resync.
+    let first_unsettled = pipeline.refresh(true)?;
 
     let info = AgentInfo {
         instance: config.instance.clone(),
@@ -177,6 +178,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     };
     // Listening before "ready" is logged: whoever waits for it can use the API at once.
     let listener = admin::bind(&config.admin_socket)?;
+    // Removes the socket on every exit, error paths included, so a stale path is never left.
+    let _socket_guard = RemoveOnDrop(config.admin_socket.clone());
     let mut admin = tokio::spawn(admin::serve(
         listener,
         config.admin_socket.clone(),
@@ -214,7 +217,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let mut report = Reporter::default();
     let mut sink = |c: conntrack::Connection| c.log();
     // Set while events are pending: (first event, quiet deadline).
-    let mut pending: Option<(Instant, Instant)> = None;
+    let mut pending: Option<(Instant, Instant)> =
+        first_unsettled.then(|| (Instant::now(), Instant::now() + DEBOUNCE));
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
@@ -233,9 +237,13 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             }
             () = tokio::time::sleep_until(apply_at.into()), if pending.is_some() => {
                 pending = None;
-                refresh(&mut pipeline, false);
+                if refresh(&mut pipeline, false) {
+                    pending = Some((Instant::now(), Instant::now() + DEBOUNCE));
+                }
             }
-            _ = resync.tick() => refresh(&mut pipeline, true),
+            _ = resync.tick() => if refresh(&mut pipeline, true) {
+                pending = Some((Instant::now(), Instant::now() + DEBOUNCE));
+            },
             _ = gc.tick() => pipeline.collect_garbage(),
             _ = ticker.tick() => report.tick(&mut stats, reader.stats())?,
             result = &mut admin => {
@@ -249,7 +257,6 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         }
     }
     admin.abort();
-    let _ = std::fs::remove_file(&config.admin_socket);
     reader.drain(&mut sink);
     kernel_logs.flush();
     report.tick(&mut stats, reader.stats())?;
@@ -263,10 +270,24 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
 }
 
 /// A failed refresh (the source directory vanished, a map read failed) keeps the state the
-/// kernel has; the next event or resync tries again.
-fn refresh(pipeline: &mut Pipeline, force: bool) {
-    if let Err(e) = pipeline.refresh(force) {
-        tracing::error!(error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");
+/// kernel has; the next event or resync tries again. Returns whether a file was still being
+/// written, so the caller reads it again after the debounce.
+fn refresh(pipeline: &mut Pipeline, force: bool) -> bool {
+    match pipeline.refresh(force) {
+        Ok(unsettled) => unsettled,
+        Err(e) => {
+            tracing::error!(error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");
+            false
+        }
+    }
+}
+
+/// Removes a path when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -281,10 +302,12 @@ fn watch(
         source,
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            // The receiver is gone only when the agent stops.
-            let _ = tx.send(());
+        if let Err(e) = &event {
+            // A lost event (queue overflow, watch removed) could hide a change: rescan anyway.
+            tracing::warn!(target: "weft::source", error = %e, "source watch reported an error; rescanning");
         }
+        // The receiver is gone only when the agent stops.
+        let _ = tx.send(());
     })
     .map_err(err)?;
     watcher

@@ -135,7 +135,14 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
             .collect(),
     };
     if cluster_ips.is_empty() {
-        // Headless ("None") or no ClusterIP given: nothing to translate.
+        // Headless ("None"): nothing to translate. Without any ClusterIP the API server would
+        // allocate one; standalone mode does not.
+        if spec.cluster_ip.as_deref() != Some("None") {
+            out.problems.push(Problem {
+                service: id,
+                message: "no spec.clusterIP: standalone mode does not allocate one, so nothing is translated".into(),
+            });
+        }
         return;
     }
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
@@ -194,6 +201,17 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
                 protocol,
                 family,
             };
+            // Two Services cannot share a frontend: the first (by namespace/name) keeps it.
+            if let Some(first) = out.frontends.get(&key) {
+                out.problems.push(Problem {
+                    service: id.clone(),
+                    message: format!(
+                        "{ip} port {} is already served by {}; this port is not programmed",
+                        port.port, first.service
+                    ),
+                });
+                continue;
+            }
             out.frontends.insert(
                 key,
                 Frontend {
@@ -217,7 +235,7 @@ fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, v4: bool) -> BTree
     let want_name = port.name.as_deref().unwrap_or("");
     let want_proto = port.protocol.as_deref().unwrap_or("TCP");
     let address_type = if v4 { "IPv4" } else { "IPv6" };
-    let mut out = BTreeSet::new();
+    let (mut out, mut terminating) = (BTreeSet::new(), BTreeSet::new());
     for slice in slices {
         if slice.address_type != address_type {
             continue;
@@ -233,18 +251,28 @@ fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, v4: bool) -> BTree
             continue;
         };
         for ep in &slice.endpoints {
+            let c = ep.conditions.as_ref();
             // "ready" unset means ready (EndpointConditions).
-            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            let ready = c.and_then(|c| c.ready) != Some(false);
+            let set = if ready {
+                &mut out
+            } else if c.and_then(|c| c.serving) == Some(true)
+                && c.and_then(|c| c.terminating) == Some(true)
+            {
+                &mut terminating
+            } else {
                 continue;
-            }
+            };
             for a in &ep.addresses {
                 if let Ok(ip) = a.parse::<IpAddr>() {
-                    out.insert(endpoint(ip, number));
+                    set.insert(endpoint(ip, number));
                 }
             }
         }
     }
-    out
+    // Like kube-proxy: when nothing is ready, endpoints that still serve while terminating do,
+    // so a rolling update does not refuse connections.
+    if out.is_empty() { terminating } else { out }
 }
 
 /// Whether a pod may serve: Running (when a phase is given) and Ready. A pod without a Ready
@@ -302,7 +330,13 @@ fn from_pods(
         let selected = selector
             .iter()
             .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
-        if !selected || !(include_not_ready || pod_is_ready(pod)) {
+        // publishNotReadyAddresses includes pods that are not ready, not pods that ended.
+        let ended = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        if !selected || ended || !(include_not_ready || pod_is_ready(pod)) {
             continue;
         }
         let number = match &port.target_port {
@@ -455,6 +489,55 @@ mod tests {
     }
 
     #[test]
+    fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+        let slice = |conditions: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 9090}}]\nendpoints:\n- {{addresses: [10.0.1.1], conditions: {{ready: false, serving: true, terminating: true}}}}\n- {{addresses: [10.0.1.2], conditions: {conditions}}}\n"
+            )
+        };
+        let with_ready = slice("{ready: true}");
+        let out = services(&store(&[SVC, &with_ready]));
+        assert_eq!(
+            backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
+            ["10.0.1.2:9090"]
+        );
+        let none_ready = slice("{ready: false, serving: false}");
+        let out = services(&store(&[SVC, &none_ready]));
+        assert_eq!(
+            backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
+            ["10.0.1.1:9090"]
+        );
+    }
+
+    #[test]
+    fn a_frontend_is_served_by_the_first_service_and_the_other_is_reported() {
+        let other = SVC.replace("name: web,", "name: zz-web,");
+        let out = services(&store(&[SVC, &other]));
+        assert_eq!(
+            out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)].service,
+            "shop/web"
+        );
+        assert!(
+            out.problems
+                .iter()
+                .any(|p| p.service == "shop/zz-web"
+                    && p.message.contains("already served by shop/web")),
+            "{:?}",
+            out.problems
+        );
+        let no_ip =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: noip}\nspec:\n  ports: [{port: 80}]\n";
+        let out = services(&store(&[no_ip]));
+        assert!(
+            out.problems
+                .iter()
+                .any(|p| p.message.contains("no spec.clusterIP")),
+            "{:?}",
+            out.problems
+        );
+    }
+
+    #[test]
     fn addresses_round_trip() {
         for ip in ["10.96.0.10", "fd00:96::10", "::ffff:10.0.0.1"] {
             let ip: IpAddr = ip.parse().expect("ip");
@@ -476,7 +559,7 @@ mod example_dir {
     fn the_example_directory_compiles() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
         let mut src = DirSource::new(&dir);
-        src.rescan().expect("read the example directory");
+        src.rescan(false).expect("read the example directory");
         let (objects, rejections) = src.objects();
         assert!(rejections.is_empty(), "{rejections:#?}");
         assert_eq!(

@@ -21,7 +21,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -47,6 +48,7 @@ enum Kind {
     SockOps,
     Skb(CgroupSkbAttachType),
     SockAddr,
+    Sock,
 }
 
 /// One program weft attaches to the workload cgroup.
@@ -75,7 +77,7 @@ const fn attachment(
 }
 
 /// Every program weft attaches, in attach order (attach types from enum bpf_attach_type).
-pub(crate) const ATTACHMENTS: [Attachment; 11] = [
+pub(crate) const ATTACHMENTS: [Attachment; 12] = [
     attachment(programs::SOCKOPS, 3, "sock_ops", Kind::SockOps),
     attachment(
         programs::SKB_INGRESS,
@@ -97,6 +99,7 @@ pub(crate) const ATTACHMENTS: [Attachment; 11] = [
     attachment(programs::RECVMSG6, 20, "recvmsg6", Kind::SockAddr),
     attachment(programs::GETPEERNAME4, 29, "getpeername4", Kind::SockAddr),
     attachment(programs::GETPEERNAME6, 30, "getpeername6", Kind::SockAddr),
+    attachment(programs::SOCK_RELEASE, 34, "sock_release", Kind::Sock),
 ];
 
 /// Errors of this module.
@@ -386,6 +389,14 @@ fn attach_all(
                     Ok(p.take_link(id)?.try_into()?)
                 })?
             }
+            Kind::Sock => {
+                let prog: &mut CgroupSock = program(ebpf, name)?;
+                prog.load().map_err(|source| load_err(name, source))?;
+                ctx.install(name, a.attach_type, prog, |p| {
+                    let id = p.attach(cgroup_file, mode)?;
+                    Ok(p.take_link(id)?.try_into()?)
+                })?
+            }
             Kind::SockAddr => {
                 let prog: &mut CgroupSockAddr = program(ebpf, name)?;
                 prog.load().map_err(|source| load_err(name, source))?;
@@ -478,7 +489,7 @@ macro_rules! attachable {
         }
     )*};
 }
-attachable!(SockOps, CgroupSkb, CgroupSockAddr);
+attachable!(SockOps, CgroupSkb, CgroupSock, CgroupSockAddr);
 
 impl AttachCtx<'_> {
     fn install<P: Attachable>(

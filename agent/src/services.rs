@@ -47,8 +47,9 @@ pub struct Status {
     pub frontends: usize,
     #[serde(skip)]
     pub names: BTreeMap<ServiceKey, FrontendName>,
-    /// Unix time in milliseconds of the last pass that changed something.
-    pub last_change_unix_ms: Option<u128>,
+    /// Unix time in milliseconds of the last compile and sync (after a change, or a forced
+    /// resync).
+    pub last_sync_unix_ms: Option<u128>,
 }
 
 /// Owns the source and the syncer.
@@ -93,17 +94,21 @@ impl Pipeline {
         self.source.as_ref().map(|s| s.dir().to_owned())
     }
 
-    /// Re-reads the source and applies what changed. `force` recompiles and syncs even when no
-    /// file changed (the first pass, and periodic safety passes).
-    pub fn refresh(&mut self, force: bool) -> Result<(), Error> {
+    /// Re-reads the source and applies what changed. `force` re-reads every file and
+    /// recompiles and syncs even when nothing changed (the first pass, and periodic safety
+    /// passes). Returns true when a file was still changing: call again shortly.
+    pub fn refresh(&mut self, force: bool) -> Result<bool, Error> {
         let started = Instant::now();
         let mut changed = force;
+        let mut unsettled = false;
         if let Some(source) = &mut self.source {
-            changed |= source.rescan()?.changed;
+            let rescan = source.rescan(force)?;
+            changed |= rescan.changed;
+            unsettled = rescan.unsettled;
         }
         if !changed {
             self.syncer.collect_garbage(started);
-            return Ok(());
+            return Ok(unsettled);
         }
         let (objects, rejections) = self
             .source
@@ -191,11 +196,11 @@ impl Pipeline {
                 )
             })
             .collect();
-        status.last_change_unix_ms = SystemTime::now()
+        status.last_sync_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .ok()
             .map(|d| d.as_millis());
-        Ok(())
+        Ok(unsettled)
     }
 
     pub fn capacity(&self) -> Capacity {

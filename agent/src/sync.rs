@@ -34,6 +34,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The key was not in the map (deleting it again is not a failure).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Self::Map {
+                source: MapError::KeyNotFound,
+                ..
+            } => true,
+            Self::Map {
+                source: MapError::SyscallError(e),
+                ..
+            } => e.io_error.raw_os_error() == Some(libc::ENOENT),
+            Self::Map { .. } => false,
+        }
+    }
+
     /// A short label for metrics.
     pub const fn metric_label(&self) -> &'static str {
         match self {
@@ -69,6 +84,9 @@ struct Applied {
     id: u32,
     revision: u32,
     backends: Vec<Endpoint>,
+    /// Slots under `revision` in the kernel: `backends.len()`, or the count the kernel had
+    /// when the agent started and found the set incomplete (all of them must be freed).
+    slots: u32,
     affinity_timeout_s: u32,
 }
 
@@ -103,6 +121,9 @@ pub struct Syncer<M> {
     retired: VecDeque<(u32, u32, Instant)>,
     slots_used: u64,
     members_used: u64,
+    /// Deletes that failed, retried by `collect_garbage`.
+    failed_slots: Vec<SlotKey>,
+    failed_members: Vec<MemberKey>,
     grace: Duration,
 }
 
@@ -160,6 +181,7 @@ impl<M: ServiceMaps> Syncer<M> {
                     } else {
                         Vec::new()
                     },
+                    slots: v.count,
                     affinity_timeout_s: v.affinity_timeout_s,
                 },
             );
@@ -173,6 +195,8 @@ impl<M: ServiceMaps> Syncer<M> {
             retired: VecDeque::new(),
             slots_used: slots.len() as u64,
             members_used: 0,
+            failed_slots: Vec::new(),
+            failed_members: Vec::new(),
             grace: GRACE,
         };
         // Slots of no live revision are leftovers: free them after the usual grace.
@@ -280,11 +304,14 @@ impl<M: ServiceMaps> Syncer<M> {
             }
             self.retired.pop_front();
             for index in 0..count {
-                // A slot that is already gone needs nothing; others are retried next time.
-                if self.maps.del_slot(&SlotKey { revision, index }).is_ok() {
-                    self.slots_used = self.slots_used.saturating_sub(1);
-                }
+                self.del_slot(SlotKey { revision, index });
             }
+        }
+        for key in std::mem::take(&mut self.failed_slots) {
+            self.del_slot(key);
+        }
+        for key in std::mem::take(&mut self.failed_members) {
+            self.del_member(key);
         }
     }
 
@@ -363,12 +390,34 @@ impl<M: ServiceMaps> Syncer<M> {
 
     fn del_members(&mut self, id: u32, backends: &[Endpoint]) {
         for b in backends {
-            let key = MemberKey {
+            self.del_member(MemberKey {
                 service_id: id,
                 backend: *b,
-            };
-            if self.maps.del_member(&key).is_ok() {
-                self.members_used = self.members_used.saturating_sub(1);
+            });
+        }
+    }
+
+    /// A member that stays would keep affinity and UDP flows on a removed backend: a failed
+    /// delete is logged and retried until it succeeds.
+    fn del_member(&mut self, key: MemberKey) {
+        match self.maps.del_member(&key) {
+            Ok(()) => self.members_used = self.members_used.saturating_sub(1),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::warn!(target: "weft::sync", error = %e.to_string_chain(), "cannot remove a backend's membership; retrying");
+                self.failed_members.push(key);
+            }
+        }
+    }
+
+    /// Frees one slot; a failed delete is logged and retried.
+    fn del_slot(&mut self, key: SlotKey) {
+        match self.maps.del_slot(&key) {
+            Ok(()) => self.slots_used = self.slots_used.saturating_sub(1),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::warn!(target: "weft::sync", error = %e.to_string_chain(), "cannot free a backend slot; retrying");
+                self.failed_slots.push(key);
             }
         }
     }
@@ -399,6 +448,7 @@ impl<M: ServiceMaps> Syncer<M> {
                 id,
                 revision,
                 backends: want.backends.clone(),
+                slots: n as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
             },
         );
@@ -452,14 +502,14 @@ impl<M: ServiceMaps> Syncer<M> {
             return Err(e.to_string_chain());
         }
         self.del_members(have.id, &removed);
-        self.retired
-            .push_back((have.revision, have.backends.len() as u32, now));
+        self.retired.push_back((have.revision, have.slots, now));
         self.applied.insert(
             *key,
             Applied {
                 id: have.id,
                 revision,
                 backends: want.backends.clone(),
+                slots: want.backends.len() as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
             },
         );
@@ -473,8 +523,7 @@ impl<M: ServiceMaps> Syncer<M> {
         self.maps.del_service(key)?;
         self.applied.remove(key);
         self.del_members(have.id, &have.backends);
-        self.retired
-            .push_back((have.revision, have.backends.len() as u32, now));
+        self.retired.push_back((have.revision, have.slots, now));
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ fn attached(node: &Node) -> Vec<Attached> {
 }
 
 /// Every hook weft uses.
-const HOOKS: [&str; 11] = [
+const HOOKS: [&str; 12] = [
     "sock_ops",
     "cgroup_skb/ingress",
     "cgroup_skb/egress",
@@ -25,6 +25,7 @@ const HOOKS: [&str; 11] = [
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "sock_release",
 ];
 
 fn assert_one_of_each(list: &[Attached]) {

@@ -8,7 +8,7 @@ use weft_abi::{
     stats::COUNTERS,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
-        SlotKey, UdpFlowKey,
+        SlotKey, UdpFlowKey, UdpSock,
     },
     traffic::{TrafficKey, TrafficValue},
 };
@@ -86,7 +86,7 @@ impl Config {
     }
 
     /// What every map must look like, pinned or new. The loader sizes maps from it.
-    pub(super) fn map_specs(&self) -> [MapSpec; 11] {
+    pub(super) fn map_specs(&self) -> [MapSpec; 12] {
         [
             MapSpec::ring(maps::CONN_EVENTS, self.ring_buffer_bytes),
             MapSpec::of::<u64, ConnState>(maps::CONN_STATE, MapType::Hash, self.max_connections),
@@ -117,6 +117,11 @@ impl Config {
             ),
             MapSpec::of::<UdpFlowKey, Endpoint>(
                 maps::UDP_FLOWS,
+                MapType::LruHash,
+                self.max_socket_translations,
+            ),
+            MapSpec::of::<u64, UdpSock>(
+                maps::UDP_SOCKS,
                 MapType::LruHash,
                 self.max_socket_translations,
             ),

@@ -43,7 +43,21 @@ struct Fingerprint {
     ctime: (i64, i64),
 }
 
+/// A file modified this recently may still be in the middle of an in-place write.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Fingerprint {
+    fn is_fresh(&self, settle: std::time::Duration) -> bool {
+        let modified = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                self.mtime.0.max(0) as u64,
+                self.mtime.1.clamp(0, 999_999_999) as u32,
+            );
+        std::time::SystemTime::now()
+            .duration_since(modified)
+            .is_ok_and(|age| age < settle)
+    }
+
     fn of(path: &Path) -> Option<Self> {
         // Follows symlinks: a Kubernetes ConfigMap volume swaps a symlinked directory.
         let m = fs::metadata(path).ok()?;
@@ -72,6 +86,8 @@ struct FileState {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// How long after its last modification a file is left alone (see [`SETTLE`]).
+    settle: std::time::Duration,
 }
 
 /// What a rescan changed.
@@ -81,13 +97,21 @@ pub struct Rescan {
     pub changed: bool,
     /// Documents rejected in the files re-read by this rescan.
     pub new_rejections: usize,
+    /// Some file was changing while it was read (or just now): rescan again shortly.
+    pub unsettled: bool,
 }
 
 impl DirSource {
     pub fn new(dir: &Path) -> Self {
+        Self::with_settle(dir, SETTLE)
+    }
+
+    /// Like [`DirSource::new`], leaving files alone for `settle` after they change.
+    pub fn with_settle(dir: &Path, settle: std::time::Duration) -> Self {
         Self {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
+            settle,
         }
     }
 
@@ -95,8 +119,8 @@ impl DirSource {
         &self.dir
     }
 
-    /// Re-reads the directory.
-    pub fn rescan(&mut self) -> Result<Rescan, Error> {
+    /// Re-reads the directory: the files whose metadata changed, or every file when `force`.
+    pub fn rescan(&mut self, force: bool) -> Result<Rescan, Error> {
         let read_dir = |source| Error::ReadDir {
             dir: self.dir.clone(),
             source,
@@ -114,28 +138,48 @@ impl DirSource {
         result.changed |= self.files.len() != before;
         for path in present {
             let fingerprint = Fingerprint::of(&path);
-            let known = self.files.get_mut(&path);
-            if fingerprint.is_some() && known.as_ref().is_some_and(|f| f.fingerprint == fingerprint)
-            {
+            let known = self.files.get(&path);
+            let unchanged =
+                fingerprint.is_some() && known.is_some_and(|f| f.fingerprint == fingerprint);
+            if unchanged && !force {
                 continue;
             }
-            // A file removed or replaced between listing and reading is seen at the next event.
-            let Ok(text) = fs::read_to_string(&path) else {
-                continue;
+            let text = match fs::read(&path) {
+                Ok(bytes) => String::from_utf8(bytes).map_err(|e| e.to_string()),
+                // Removed or replaced between listing and reading: the next event sees it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => Err(e.to_string()),
             };
-            let hash = hash_of(&text);
-            if let Some(f) = known
-                && f.hash == hash
+            // A file still being written in place: read it once it has settled.
+            if Fingerprint::of(&path) != fingerprint
+                || fingerprint.is_some_and(|f| f.is_fresh(self.settle))
             {
-                // Touched, not changed.
-                f.fingerprint = fingerprint;
+                result.unsettled = true;
                 continue;
             }
-            let mut state = decode_file(&path, &text, hash, self.files.get(&path));
-            state.fingerprint = fingerprint;
+            let state = match text {
+                Ok(text) => {
+                    let hash = hash_of(&text);
+                    if let Some(f) = self.files.get_mut(&path)
+                        && f.hash == hash
+                    {
+                        // Touched, not changed.
+                        f.fingerprint = fingerprint;
+                        continue;
+                    }
+                    decode_file(&path, &text, hash, self.files.get(&path))
+                }
+                Err(error) => unreadable(&path, &error, self.files.get(&path)),
+            };
             result.changed = true;
             result.new_rejections += state.rejections.len();
-            self.files.insert(path, state);
+            self.files.insert(
+                path,
+                FileState {
+                    fingerprint,
+                    ..state
+                },
+            );
         }
         Ok(result)
     }
@@ -186,6 +230,26 @@ fn hash_of(text: &str) -> u64 {
     let mut h = DefaultHasher::new();
     text.hash(&mut h);
     h.finish()
+}
+
+/// A file that cannot be read (permissions, not UTF-8): one rejection, and its objects keep
+/// their last good versions.
+fn unreadable(path: &Path, error: &str, previous: Option<&FileState>) -> FileState {
+    FileState {
+        fingerprint: None,
+        hash: 0,
+        objects: previous.map(|p| p.objects.clone()).unwrap_or_default(),
+        rejections: vec![Rejection {
+            file: path.to_owned(),
+            document: 0,
+            line: 0,
+            object: None,
+            errors: vec![FieldError {
+                field: String::new(),
+                message: format!("cannot read the file: {error}"),
+            }],
+        }],
+    }
 }
 
 fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>) -> FileState {
@@ -253,6 +317,8 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
@@ -284,26 +350,45 @@ mod tests {
     }
 
     #[test]
+    fn a_file_modified_just_now_is_read_once_it_settled() {
+        let d = TempDir::new("settle");
+        d.write("a.yaml", WEB);
+        // Written a moment ago: maybe half of an in-place write. Not applied, but reported.
+        let mut src = DirSource::with_settle(&d.0, Duration::from_secs(3600));
+        let r = src.rescan(false).expect("rescan");
+        assert!(r.unsettled && !r.changed, "{r:?}");
+        assert!(names(&src).is_empty());
+        // Once settled the same file is read, although its metadata has not changed since.
+        src.settle = Duration::ZERO;
+        let r = src.rescan(false).expect("rescan");
+        assert!(r.changed && !r.unsettled, "{r:?}");
+        assert_eq!(names(&src), ["Service default/web"]);
+    }
+
+    #[test]
     fn reads_multi_document_files_and_ignores_other_files() {
         let d = TempDir::new("multi");
         d.write("a.yaml", &format!("{WEB}---\n{DB}"));
         d.write(".a.yaml.swp", "garbage");
         d.write("notes.txt", "not yaml");
-        let mut src = DirSource::new(&d.0);
-        assert!(src.rescan().expect("rescan").changed);
+        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        assert!(src.rescan(false).expect("rescan").changed);
         assert_eq!(names(&src), ["Service default/db", "Service default/web"]);
-        assert!(!src.rescan().expect("rescan").changed, "nothing changed");
+        assert!(
+            !src.rescan(false).expect("rescan").changed,
+            "nothing changed"
+        );
     }
 
     #[test]
     fn a_rejected_document_keeps_the_last_good_version_of_its_object() {
         let d = TempDir::new("keep");
         d.write("a.yaml", &format!("{WEB}---\n{DB}"));
-        let mut src = DirSource::new(&d.0);
-        src.rescan().expect("rescan");
+        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        src.rescan(false).expect("rescan");
         // web gets an invalid port; db is removed from the file.
         d.write("a.yaml", &WEB.replace("port: 80", "port: 0"));
-        let r = src.rescan().expect("rescan");
+        let r = src.rescan(false).expect("rescan");
         assert_eq!(r.new_rejections, 1);
         let (objects, rejections) = src.objects();
         let web = &objects[&ObjectRef::new(store::Kind::Service, "default", "web")];
@@ -333,10 +418,10 @@ mod tests {
     fn unparsable_yaml_keeps_every_object_of_its_file() {
         let d = TempDir::new("unparsable");
         d.write("a.yaml", &format!("{WEB}---\n{DB}"));
-        let mut src = DirSource::new(&d.0);
-        src.rescan().expect("rescan");
+        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        src.rescan(false).expect("rescan");
         d.write("a.yaml", &format!("{WEB}---\nkind: [unclosed\n"));
-        src.rescan().expect("rescan");
+        src.rescan(false).expect("rescan");
         assert_eq!(names(&src), ["Service default/db", "Service default/web"]);
         let (_, rejections) = src.objects();
         assert!(
@@ -346,7 +431,7 @@ mod tests {
         );
         // Fixing the file deletes what it no longer defines.
         d.write("a.yaml", WEB);
-        src.rescan().expect("rescan");
+        src.rescan(false).expect("rescan");
         assert_eq!(names(&src), ["Service default/web"]);
     }
 
@@ -355,8 +440,8 @@ mod tests {
         let d = TempDir::new("dup");
         d.write("a.yaml", WEB);
         d.write("b.yml", WEB);
-        let mut src = DirSource::new(&d.0);
-        src.rescan().expect("rescan");
+        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        src.rescan(false).expect("rescan");
         let (objects, rejections) = src.objects();
         assert_eq!(objects.len(), 1);
         assert!(
@@ -370,10 +455,10 @@ mod tests {
     fn removed_files_remove_their_objects() {
         let d = TempDir::new("removed");
         d.write("a.yaml", WEB);
-        let mut src = DirSource::new(&d.0);
-        src.rescan().expect("rescan");
+        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        src.rescan(false).expect("rescan");
         fs::remove_file(d.0.join("a.yaml")).expect("rm");
-        assert!(src.rescan().expect("rescan").changed);
+        assert!(src.rescan(false).expect("rescan").changed);
         assert!(names(&src).is_empty());
     }
 }

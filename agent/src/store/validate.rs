@@ -117,6 +117,15 @@ fn port_number(errors: &mut Errors, field: String, port: i32) {
 
 fn ip(errors: &mut Errors, field: String, value: &str) -> Option<IpAddr> {
     match value.parse::<IpAddr>() {
+        // The API server rejects these; accepting one would make an IPv6 address of an IPv4
+        // one, which the kernel matches as IPv4.
+        Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
+            errors.add(
+                field,
+                format!("{value:?} is an IPv4-mapped IPv6 address: use the IPv4 form"),
+            );
+            None
+        }
         Ok(ip) => Some(ip),
         Err(_) => {
             errors.add(field, format!("{value:?} is not a valid IP address"));

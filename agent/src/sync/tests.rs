@@ -18,6 +18,8 @@ struct FakeMaps {
     writes: usize,
     /// Fail the write with this number (1-based), to test rollback.
     fail_at: Option<usize>,
+    /// A revision a test left broken on purpose (not checked until sync replaces it).
+    broken_revision: Option<u32>,
 }
 
 impl FakeMaps {
@@ -25,6 +27,9 @@ impl FakeMaps {
     /// backend in it is a member.
     fn check(&self) {
         for (k, v) in &self.services {
+            if Some(v.revision) == self.broken_revision {
+                continue;
+            }
             for index in 0..v.count {
                 let slot = SlotKey {
                     revision: v.revision,
@@ -105,7 +110,14 @@ impl ServiceMaps for FakeMaps {
     }
     fn del_member(&mut self, key: &MemberKey) -> Result<(), Error> {
         self.write()?;
-        self.members.remove(key);
+        // Like the kernel: deleting an absent key fails with "not found".
+        if !self.members.remove(key) {
+            return Err(Error::Map {
+                map: "fake",
+                op: "delete",
+                source: MapError::KeyNotFound,
+            });
+        }
         self.check();
         Ok(())
     }
@@ -272,6 +284,10 @@ fn a_failed_write_leaves_the_previous_state() {
     let r = s.apply(&desired(&[(1, &[12, 13, 14])]), t0);
     assert_eq!(r.errors.len(), 1, "{r:?}");
     assert_eq!(kernel_backends(s.maps(), 1), [backend(11), backend(12)]);
+    // The rollback left the accounting as the maps are.
+    s.collect_garbage(t0 + 2 * GRACE);
+    assert_eq!(s.usage(), (1, 2, 2));
+    assert_eq!((s.maps().slots.len(), s.maps().members.len()), (2, 2));
     s.maps.fail_at = None;
     let r = s.apply(&desired(&[(1, &[12, 13, 14])]), t0);
     assert_eq!(r.updated, 1, "{r:?}");
@@ -279,6 +295,47 @@ fn a_failed_write_leaves_the_previous_state() {
         kernel_backends(s.maps(), 1),
         [backend(12), backend(13), backend(14)]
     );
+}
+
+#[test]
+fn an_incomplete_set_found_at_start_is_freed_completely() {
+    let t0 = Instant::now();
+    let mut maps = FakeMaps::default();
+    // An earlier agent left service 1 at revision 7 with 3 slots, one of them missing.
+    maps.slots.insert(
+        SlotKey {
+            revision: 7,
+            index: 0,
+        },
+        backend(11),
+    );
+    maps.slots.insert(
+        SlotKey {
+            revision: 7,
+            index: 2,
+        },
+        backend(13),
+    );
+    maps.services.insert(
+        key(1),
+        ServiceValue {
+            service_id: 1,
+            revision: 7,
+            count: 3,
+            affinity_timeout_s: 0,
+        },
+    );
+    maps.broken_revision = Some(7);
+    let mut s = Syncer::new(maps, ROOMY, t0).expect("new");
+    let r = s.apply(&desired(&[(1, &[11, 12])]), t0);
+    assert_eq!(r.updated, 1, "an incomplete set is rewritten: {r:?}");
+    s.collect_garbage(t0 + 2 * GRACE);
+    assert!(
+        !s.maps().slots.keys().any(|k| k.revision == 7),
+        "every old slot is freed: {:?}",
+        s.maps().slots
+    );
+    assert_eq!(s.usage(), (1, 2, 2));
 }
 
 #[test]

@@ -32,9 +32,11 @@ pub mod programs {
     /// cgroup/getpeername4 and getpeername6: getpeername() returns the ClusterIP.
     pub const GETPEERNAME4: &str = "weft_getpeername4";
     pub const GETPEERNAME6: &str = "weft_getpeername6";
+    /// cgroup/sock_release: removes a UDP socket's translation entries.
+    pub const SOCK_RELEASE: &str = "weft_sock_release";
 
     /// Every program the agent attaches, in attach order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SOCKOPS,
         SKB_INGRESS,
         SKB_EGRESS,
@@ -46,6 +48,7 @@ pub mod programs {
         RECVMSG6,
         GETPEERNAME4,
         GETPEERNAME6,
+        SOCK_RELEASE,
     ];
 }
 
@@ -73,9 +76,11 @@ pub mod maps {
     pub const REVNAT: &str = "REVNAT";
     /// LRU hash of [`crate::svc::UdpFlowKey`] to [`crate::svc::Endpoint`].
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    /// LRU hash of socket cookie to [`crate::svc::UdpSock`].
+    pub const UDP_SOCKS: &str = "UDP_SOCKS";
 
     /// Every map of the object; all of them are pinned per instance.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONN_EVENTS,
         CONN_STATE,
         STATS,
@@ -87,6 +92,7 @@ pub mod maps {
         AFFINITY,
         REVNAT,
         UDP_FLOWS,
+        UDP_SOCKS,
     ];
 }
 

@@ -3,8 +3,9 @@
 //! Writers and readers:
 //! - `SERVICES`, `BACKEND_SLOTS`, `MEMBERS`: written by the agent's `sync`, read by the
 //!   sock_addr programs (connect, sendmsg) of the kernel.
-//! - `AFFINITY`, `REVNAT`, `UDP_FLOWS`: written and read by the kernel programs; the agent only
-//!   removes what belongs to deleted services.
+//! - `AFFINITY`, `REVNAT`, `UDP_FLOWS`, `UDP_SOCKS`: written and read by the kernel programs
+//!   (LRU maps; TCP entries of `REVNAT` are removed when the socket closes, UDP ones when it is
+//!   released).
 //!
 //! Consistency: a service's backends live in `BACKEND_SLOTS` under a revision. `sync` writes a
 //! new revision's slots (and new `MEMBERS`) first, then switches the `SERVICES` entry to it in
@@ -135,6 +136,17 @@ pub const fn normalize_v6(words: [u32; 4]) -> (u8, [u32; 4]) {
     }
 }
 
+/// Value of `UDP_SOCKS` (LRU, key: socket cookie): the last translation of a UDP socket, so the
+/// sock_release program can remove its `REVNAT` and `UDP_FLOWS` entries when it closes (a
+/// resolver opens a socket per query; left to LRU eviction they would push out live entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpSock {
+    pub frontend: ServiceKey,
+    pub backend: Endpoint,
+}
+const _: () = assert!(core::mem::size_of::<UdpSock>() == 40);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -156,4 +168,6 @@ mod pod {
     unsafe impl aya::Pod for RevNatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for UdpFlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UdpSock {}
 }

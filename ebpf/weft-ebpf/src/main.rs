@@ -19,8 +19,8 @@ mod stats;
 mod traffic;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use service::{Hook, V4, V6};
 use weft_abi::traffic::Direction;
@@ -91,6 +91,12 @@ pub fn weft_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn weft_getpeername6(ctx: SockAddrContext) -> i32 {
     service::reverse::<V6>(&ctx)
+}
+
+/// Removes a released UDP socket's translation entries.
+#[cgroup_sock(sock_release)]
+pub fn weft_sock_release(ctx: SockContext) -> i32 {
+    service::release(&ctx)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,7 @@ use weft_abi::{
     stats::COUNTERS,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
-        SlotKey, UdpFlowKey,
+        SlotKey, UdpFlowKey, UdpSock,
     },
     traffic::{TrafficKey, TrafficValue},
 };
@@ -60,6 +60,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// (socket, backend) to the frontend the application asked for.
 #[map]
 pub static REVNAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::with_max_entries(65_536, 0);
+
+/// UDP socket cookie to its last translation (for cleanup at release).
+#[map]
+pub static UDP_SOCKS: LruHashMap<u64, UdpSock> = LruHashMap::with_max_entries(65_536, 0);
 
 /// (unconnected UDP socket, frontend) to the backend chosen for it.
 #[map]

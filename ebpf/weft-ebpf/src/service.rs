@@ -11,19 +11,19 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
     },
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
     stats::Counter,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
-        SlotKey, UdpFlowKey, V4_MAPPED_WORD, normalize_v6,
+        SlotKey, UdpFlowKey, UdpSock, V4_MAPPED_WORD, normalize_v6,
     },
 };
 
 use crate::{
-    maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS},
+    maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS, UDP_SOCKS},
     stats,
 };
 
@@ -133,6 +133,17 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
     };
     if REVNAT.insert(rev, frontend, 0).is_err() {
         stats::bump(Counter::RevNatFailed);
+    }
+    if protocol == IPPROTO_UDP {
+        // Lost stickiness at worst: REVNAT and UDP_FLOWS then age out by LRU.
+        let _ = UDP_SOCKS.insert(
+            cookie,
+            UdpSock {
+                frontend: key,
+                backend,
+            },
+            0,
+        );
     }
     write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
     1
@@ -249,5 +260,33 @@ pub fn reverse<const IS_V6: bool>(ctx: &SockAddrContext) -> i32 {
     if let Some(frontend) = unsafe { REVNAT.get(key) }.copied() {
         write_addr::<IS_V6>(ctx, frontend.family, &frontend.addr, frontend.port);
     }
+    1
+}
+
+/// sock_release: a UDP socket that went through a ClusterIP takes its translation entries
+/// with it. (A socket that talked to several frontends leaves the older ones to LRU eviction.)
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    if ctx_read!(ctx.sock, protocol) != u32::from(IPPROTO_UDP) {
+        return 1;
+    }
+    // SAFETY: the program's context; the helper reads the socket only.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast::<c_void>()) };
+    // SAFETY: LRU entries are only read and copied here.
+    let Some(last) = (unsafe { UDP_SOCKS.get(cookie) }).copied() else {
+        return 1;
+    };
+    // Absent entries (evicted, or a connect-only socket) are fine.
+    let _ = REVNAT.remove(RevNatKey {
+        cookie,
+        backend: last.backend,
+        _pad: 0,
+    });
+    let _ = UDP_FLOWS.remove(UdpFlowKey {
+        cookie,
+        frontend: last.frontend,
+        _pad: 0,
+    });
+    let _ = UDP_SOCKS.remove(cookie);
     1
 }
