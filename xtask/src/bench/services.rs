@@ -61,10 +61,15 @@ impl Mode {
 struct Scale {
     services: usize,
     direct: Mode,
+    direct_hooked: Mode,
     weft: Mode,
     iptables: Mode,
-    /// weft / direct, p50 latency.
+    /// weft / direct, p50 latency: the median of the per-round ratios (each round measures
+    /// both back to back, so drift of the machine cancels out).
     b_over_a_p50: f64,
+    /// weft / direct from a pod cgroup (every weft hook runs, nothing is translated): the
+    /// cost of the translation alone, the same way.
+    b_over_a_hooked_p50: f64,
     /// iptables / weft, p50 latency.
     c_over_b_p50: f64,
 }
@@ -89,11 +94,11 @@ pub struct ServicesResult {
 impl ServicesResult {
     pub fn print(&self) {
         println!(
-            "\nservices: connect + one 64-byte request/response, per connection (median of {} rounds)",
+            "\nservices: connect + one 64-byte request/response + close, per connection (median of {} rounds; b/a: median of per-round ratios)",
             self.rounds
         );
         println!(
-            "{:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>6} {:>6}",
+            "{:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>6} {:>6} {:>6}",
             "services",
             "a p50 µs",
             "a p99 µs",
@@ -105,11 +110,12 @@ impl ServicesResult {
             "c p99 µs",
             "c conn/s",
             "b/a",
-            "c/b"
+            "c/b",
+            "b/a'"
         );
         for s in &self.scales {
             println!(
-                "{:>8} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>6.3} {:>6.3}",
+                "{:>8} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>6.3} {:>6.3} {:>6.3}",
                 s.services,
                 s.direct.p50(),
                 s.direct.p99(),
@@ -121,11 +127,13 @@ impl ServicesResult {
                 s.iptables.p99(),
                 s.iptables.rate(),
                 s.b_over_a_p50,
-                s.c_over_b_p50
+                s.c_over_b_p50,
+                s.b_over_a_hooked_p50
             );
         }
         println!(
-            "a = direct to the pod IP, b = weft via the ClusterIP, c = iptables ({}) via the ClusterIP",
+            "a = direct to the pod IP, b = weft via the ClusterIP, c = iptables ({}) via the ClusterIP;\n\
+             a' = direct from a pod cgroup (weft's telemetry runs, nothing is translated): b/a' is the translation alone",
             self.iptables
         );
         let largest = SCALES[SCALES.len() - 1];
@@ -343,20 +351,34 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
             &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", "200"]),
             "warm-up",
         )?;
-        let (mut a, mut b, mut c) = (Mode::default(), Mode::default(), Mode::default());
+        let (mut a, mut a_hooked, mut b, mut c) = (
+            Mode::default(),
+            Mode::default(),
+            Mode::default(),
+            Mode::default(),
+        );
         for r in 0..rounds {
             eprintln!(
-                "bench services: {n} services: round {}/{rounds} (direct, weft)",
+                "bench services: {n} services: round {}/{rounds} (direct, direct in a pod cgroup, weft)",
                 r + 1
             );
-            a.add(&run_rr(
-                &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", &count_s]),
-                "direct",
-            )?);
-            b.add(&run_rr(
-                &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", &count_s]),
-                "weft",
-            )?);
+            // Rotate the order, so none always runs on a warmer machine.
+            for k in 0..3 {
+                match (r + k) % 3 {
+                    0 => a.add(&run_rr(
+                        &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", &count_s]),
+                        "direct",
+                    )?),
+                    1 => a_hooked.add(&run_rr(
+                        &mut node.spawn_host(&["rr", "--connect", &direct, "--count", &count_s]),
+                        "direct in a pod cgroup",
+                    )?),
+                    _ => b.add(&run_rr(
+                        &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", &count_s]),
+                        "weft",
+                    )?),
+                }
+            }
         }
         if si == SCALES.len() - 1 {
             result.agent_start_to_ready_s = ready_s;
@@ -397,14 +419,27 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
         }
         result.scales.push(Scale {
             services: n,
-            b_over_a_p50: b.p50() / a.p50(),
+            b_over_a_p50: paired_ratio(&a, &b),
+            b_over_a_hooked_p50: paired_ratio(&a_hooked, &b),
             c_over_b_p50: c.p50() / b.p50(),
             direct: a,
+            direct_hooked: a_hooked,
             weft: b,
             iptables: c,
         });
     }
     Ok(result)
+}
+
+/// The median of the per-round p50 ratios `b / a` (both measured in the same round).
+fn paired_ratio(a: &Mode, b: &Mode) -> f64 {
+    median(
+        &a.p50_us
+            .iter()
+            .zip(&b.p50_us)
+            .map(|(a, b)| b / a)
+            .collect::<Vec<_>>(),
+    )
 }
 
 fn measure_memory(agent: &Agent, result: &mut ServicesResult) -> Result<()> {
