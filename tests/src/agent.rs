@@ -228,32 +228,28 @@ impl Agent {
 
     /// Polls `weft services -o json` until `pred` holds.
     pub fn wait_services(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, v) = self.client("services");
-            let list = v.as_array().cloned().unwrap_or_default();
-            if pred(&list) {
-                return list;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}; services: {v:#}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let v = self.wait_client("services", what, |v| {
+            pred(v.as_array().map_or(&[][..], Vec::as_slice))
+        });
+        v.as_array().cloned().unwrap_or_default()
     }
 
     /// Polls `weft status -o json` until `pred` holds.
     pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_client("status", what, pred)
+    }
+
+    /// Polls `weft COMMAND -o json` until `pred` holds on its output.
+    fn wait_client(&self, command: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let (_, v) = self.client("status");
+            let (_, v) = self.client(command);
             if pred(&v) {
                 return v;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "timed out waiting for {what}; status: {v:#}"
+                "timed out waiting for {what}; {command}: {v:#}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
