@@ -2,6 +2,8 @@
 //!
 //! - `GET /status`: the agent, its datapath, its source and the last sync (JSON)
 //! - `GET /services`: every service frontend and its backends as the kernel maps hold them
+//! - `GET /policies`: policies, the local pods they select, and their kernel entries
+//! - `GET /policy/check?from=NS/POD&to=NS/POD&port=80&protocol=TCP`: the kernel's decision
 //! - `GET /metrics`: Prometheus text format
 //! - `GET /healthz`, `GET /readyz`: liveness, and readiness (the first full sync is done)
 use std::{
@@ -29,7 +31,9 @@ use weft_abi::{
     svc::{Endpoint, ServiceKey, ServiceValue, SlotKey},
 };
 
-use crate::{compile::words_ip, datapath::Pins, services, sync::frontend_name};
+use crate::{compile::words_ip, datapath::Pins, pipeline, sync::frontend_name};
+
+pub mod policy;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,9 @@ pub struct StatusDoc {
     pub healthy: bool,
     pub agent: AgentInfo,
     pub services: serde_json::Value,
+    /// Policy counts, problems and sync errors.
+    #[serde(default)]
+    pub policy: serde_json::Value,
 }
 
 /// One frontend as the kernel holds it (`GET /services`).
@@ -106,7 +113,8 @@ pub struct KernelService {
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub info: Arc<AgentInfo>,
-    pub services: Arc<RwLock<services::Status>>,
+    pub services: Arc<RwLock<pipeline::Status>>,
+    pub policy: Arc<RwLock<pipeline::policy::PolicyStatus>>,
     pub registry: Arc<Registry>,
     pub pins: Pins,
 }
@@ -138,6 +146,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/status", get(status))
         .route("/services", get(kernel_services_handler))
+        .route("/policies", get(policy::policies_handler))
+        .route("/policy/check", get(policy::check_handler))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -149,10 +159,20 @@ pub async fn serve(
 
 fn status_doc(state: &AdminState) -> StatusDoc {
     let services = state.services.read().unwrap_or_else(|e| e.into_inner());
+    let policy = state.policy.read().unwrap_or_else(|e| e.into_inner());
     StatusDoc {
-        healthy: services.ready && services.sync_errors.is_empty(),
+        healthy: services.ready && services.sync_errors.is_empty() && policy.sync_errors.is_empty(),
         agent: (*state.info).clone(),
         services: serde_json::to_value(&*services).unwrap_or_default(),
+        policy: serde_json::json!({
+            "policies": policy.policies.len(),
+            "endpoints": policy.endpoints.len(),
+            "identities": policy.identities,
+            "ipcache_entries": policy.ipcache_entries,
+            "policy_entries": policy.policy_entries,
+            "problems": policy.problems,
+            "sync_errors": policy.sync_errors,
+        }),
     }
 }
 

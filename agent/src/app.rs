@@ -17,9 +17,9 @@ use crate::{
     datapath::{self, Datapath},
     logging::{self, KernelLog},
     metrics::Metrics,
-    services::{self, Pipeline},
+    pipeline::{self, Pipeline},
     stats::{self, Reporter, StatsReader},
-    sync::Capacity,
+    sync::{Capacity, policy::PolicyCapacity},
 };
 use aya_log::EbpfLogger;
 use tokio::{
@@ -39,7 +39,7 @@ pub enum Error {
     #[error(transparent)]
     Stats(#[from] stats::Error),
     #[error(transparent)]
-    Services(#[from] services::Error),
+    Pipeline(#[from] pipeline::Error),
     #[error(transparent)]
     Admin(#[from] admin::Error),
     #[error("cannot read kernel logs")]
@@ -75,6 +75,12 @@ pub struct AgentConfig {
     pub max_backends: u32,
     pub max_affinity: u32,
     pub max_socket_translations: u32,
+    pub max_endpoints: u32,
+    pub max_ipcache: u32,
+    pub max_policy_entries: u32,
+    pub max_policy_flows: u32,
+    /// The node's own addresses; None: those of the agent's network namespace.
+    pub node_ips: Option<Vec<std::net::IpAddr>>,
     pub events_poll_interval: Duration,
     pub stats_interval: Duration,
     /// `--source dir:PATH`; none: no services.
@@ -119,6 +125,11 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         max_backends: config.max_backends,
         max_affinity: config.max_affinity,
         max_socket_translations: config.max_socket_translations,
+        max_endpoints: config.max_endpoints,
+        max_ipcache: config.max_ipcache,
+        max_policy_entries: config.max_policy_entries,
+        max_policy_flows: config.max_policy_flows,
+        cgroup_level: cgroup::level(&cgroup_root)?,
     })?;
     for link in datapath.links() {
         tracing::info!(
@@ -132,7 +143,28 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
-    let status = Arc::new(RwLock::new(services::Status::default()));
+    registry.register_collector(Box::new(stats::verdicts::VerdictCollector::new(
+        datapath.take_verdicts()?,
+    )));
+    let status = Arc::new(RwLock::new(pipeline::Status::default()));
+    let policy_status = Arc::new(RwLock::new(pipeline::policy::PolicyStatus::default()));
+    let node_ips = config
+        .node_ips
+        .clone()
+        .unwrap_or_else(pipeline::policy::host_ips);
+    let policy_stage = pipeline::policy::PolicyStage::new(
+        datapath.take_policy_maps()?,
+        PolicyCapacity {
+            endpoints: config.max_endpoints,
+            ipcache: config.max_ipcache,
+            entries: config.max_policy_entries,
+        },
+        &cgroup_root,
+        node_ips,
+        &metrics,
+        Arc::clone(&policy_status),
+    )
+    .map_err(pipeline::Error::from)?;
     let capacity = Capacity {
         services: config.max_services,
         slots: config.max_backends,
@@ -142,6 +174,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         config.source_dir.as_deref(),
         datapath.take_service_maps()?,
         capacity,
+        policy_stage,
         Arc::clone(&metrics),
         Arc::clone(&status),
     )?;
@@ -173,6 +206,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let admin_state = AdminState {
         info: Arc::new(info),
         services: Arc::clone(&status),
+        policy: Arc::clone(&policy_status),
         registry: Arc::new(registry),
         pins: datapath.pins().clone(),
     };

@@ -89,6 +89,35 @@ pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
     Ok(meta.ino())
 }
 
+/// The level of a cgroup v2 directory: 0 for the cgroup2 mount's root, 1 for its children...
+/// Counted by walking up while the parent is still on the cgroup2 filesystem.
+pub fn level(path: &Path) -> Result<u32, Error> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let canonical = fs::canonicalize(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut level = 0;
+    let mut at = canonical.as_path();
+    while let Some(parent) = at.parent() {
+        if fs_magic(parent) != Some(CGROUP2_SUPER_MAGIC) {
+            break;
+        }
+        level += 1;
+        at = parent;
+    }
+    Ok(level)
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid C string and `st` a properly sized out parameter.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type)
+}
+
 /// The cgroups under a root, and whether the listing is complete.
 #[derive(Debug, Default)]
 pub struct Walk {

@@ -1,7 +1,10 @@
 //! Client commands that talk to a running agent through its admin socket.
 use std::{fmt::Write as _, path::Path};
 
-use crate::admin::{self, KernelService, StatusDoc};
+use crate::admin::{
+    self, KernelService, StatusDoc,
+    policy::{CheckDoc, CheckQuery, PoliciesDoc},
+};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +13,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error("cannot encode the output")]
     Encode(#[source] serde_json::Error),
+    #[error("cannot encode the query")]
+    Query(#[source] serde_urlencoded::ser::Error),
 }
 
 /// How to print.
@@ -56,6 +61,16 @@ pub async fn status(socket: &Path, output: Output) -> Result<(String, bool), Err
     });
     let _ = writeln!(out, "objects:    {}", objects.unwrap_or_default());
     let _ = writeln!(out, "frontends:  {}", s["frontends"]);
+    let pol = &doc.policy;
+    let _ = writeln!(
+        out,
+        "policy:     {} policies, {} local pods, {} identities, {} ipcache / {} policy entries",
+        pol["policies"],
+        pol["endpoints"],
+        pol["identities"],
+        pol["ipcache_entries"],
+        pol["policy_entries"]
+    );
     let _ = writeln!(out, "programs:   {}", doc.agent.programs.len());
     for (title, key) in [
         ("rejected documents", "rejections"),
@@ -69,6 +84,25 @@ pub async fn status(socket: &Path, output: Output) -> Result<(String, bool), Err
         let _ = writeln!(out, "{title} ({}):", items.len());
         for item in items {
             let _ = writeln!(out, "  {}", describe(&item));
+        }
+    }
+    for (title, key) in [
+        ("policy problems", "problems"),
+        ("policy sync errors", "sync_errors"),
+    ] {
+        let items = pol[key].as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "{title} ({}):", items.len());
+        for item in items {
+            let line = match (item["object"].as_str(), item["message"].as_str()) {
+                (Some(o), Some(m)) => format!("{o}: {m}"),
+                _ => item
+                    .as_str()
+                    .map_or_else(|| item.to_string(), str::to_owned),
+            };
+            let _ = writeln!(out, "  {line}");
         }
     }
     Ok((out, doc.healthy))
@@ -153,4 +187,130 @@ pub async fn services(socket: &Path, output: Output) -> Result<String, Error> {
         );
     }
     Ok(out)
+}
+
+/// `weft policies`.
+pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
+    let doc: PoliciesDoc = admin::get_json(socket, "/policies").await?;
+    if output == Output::Json {
+        return serde_json::to_string_pretty(&doc).map_err(Error::Encode);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<40} {:<16} {:>8} {:>8}  SELECTS (pods of this node)",
+        "POLICY", "TYPES", "ENTRIES", "KERNEL"
+    );
+    for p in &doc.policies {
+        let selects = if p.selects.is_empty() {
+            "-".to_owned()
+        } else {
+            p.selects.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<40} {:<16} {:>8} {:>8}  {selects}",
+            p.policy,
+            p.policy_types.join(","),
+            p.entries,
+            p.kernel_entries
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<32} {:<16} {:>8} {:>5} {:<9} {:>8} {:>8}  POLICIES",
+        "POD", "IP", "IDENTITY", "SET", "ISOLATED", "ENTRIES", "KERNEL"
+    );
+    for e in &doc.endpoints {
+        let isolated = match (e.ingress_isolated, e.egress_isolated) {
+            (true, true) => "in+out",
+            (true, false) => "in",
+            (false, true) => "out",
+            (false, false) => "-",
+        };
+        let ip = e.ips.first().map(ToString::to_string).unwrap_or_default();
+        let mut policies: Vec<String> = e
+            .ingress_policies
+            .iter()
+            .map(|p| format!("in:{p}"))
+            .collect();
+        policies.extend(e.egress_policies.iter().map(|p| format!("out:{p}")));
+        let kernel = if e.cgroup_id.is_none() {
+            "no-cgroup".to_owned()
+        } else if e.in_kernel {
+            e.kernel_entries.to_string()
+        } else {
+            "STALE".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "{:<32} {ip:<16} {:>8} {:>5} {isolated:<9} {:>8} {kernel:>8}  {}",
+            e.pod,
+            e.identity,
+            e.policy_set,
+            e.entries,
+            if policies.is_empty() {
+                "-".to_owned()
+            } else {
+                policies.join(", ")
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nidentities {}, ipcache entries {}, policy entries {}",
+        doc.identities, doc.ipcache_entries, doc.policy_entries
+    );
+    for (title, items) in [
+        ("problems", &doc.problems),
+        ("sync errors", &doc.sync_errors),
+    ] {
+        if items.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "{title} ({}):", items.len());
+        for item in items {
+            let _ = writeln!(out, "  {item}");
+        }
+    }
+    Ok(out)
+}
+
+/// `weft policy check`: returns the text and whether the connection would be allowed.
+pub async fn policy_check(
+    socket: &Path,
+    query: &CheckQuery,
+    output: Output,
+) -> Result<(String, bool), Error> {
+    let encoded = serde_urlencoded::to_string(query).map_err(Error::Query)?;
+    let doc: CheckDoc = admin::get_json(socket, &format!("/policy/check?{encoded}")).await?;
+    if output == Output::Json {
+        return Ok((
+            serde_json::to_string_pretty(&doc).map_err(Error::Encode)?,
+            doc.allowed,
+        ));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} ({}) -> {} ({}) port {}/{}: {}",
+        doc.from,
+        doc.from_ip,
+        doc.to,
+        doc.to_ip,
+        doc.port,
+        doc.protocol,
+        if doc.allowed { "ALLOW" } else { "DENY" }
+    );
+    for side in [&doc.egress, &doc.ingress] {
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<5} {}",
+            side.direction,
+            if side.allowed { "allow" } else { "deny" },
+            side.reason
+        );
+    }
+    Ok((out, doc.allowed))
 }

@@ -285,7 +285,8 @@ impl Datapath {
                 globals::CONN_EVENTS_WAKEUP_BYTES,
                 &config.events_wakeup_bytes,
                 true,
-            );
+            )
+            .override_global(globals::POLICY_ROOT_LEVEL, &config.cgroup_level, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
@@ -353,6 +354,22 @@ impl Datapath {
             slots: take(&mut self.ebpf, maps::BACKEND_SLOTS)?,
             members: take(&mut self.ebpf, maps::MEMBERS)?,
         })
+    }
+
+    /// The maps policy sync writes (can be taken once).
+    pub fn take_policy_maps(
+        &mut self,
+    ) -> Result<crate::sync::policy::kernel::KernelPolicyMaps, Error> {
+        Ok(crate::sync::policy::kernel::KernelPolicyMaps {
+            endpoints: take(&mut self.ebpf, maps::ENDPOINTS)?,
+            ipcache: take(&mut self.ebpf, maps::IPCACHE)?,
+            policy: take(&mut self.ebpf, maps::POLICY)?,
+        })
+    }
+
+    /// The policy verdict counters (can be taken once).
+    pub fn take_verdicts(&mut self) -> Result<PerCpuArray<MapData, u64>, Error> {
+        take(&mut self.ebpf, maps::VERDICTS)
     }
 
     /// The loaded object, for what takes its own maps (aya-log's `AYA_LOGS`).

@@ -11,7 +11,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod logging;
 pub mod metrics;
-pub mod services;
+pub mod pipeline;
 pub mod source;
 pub mod stats;
 pub mod store;

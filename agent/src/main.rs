@@ -28,6 +28,14 @@ enum Command {
     Status(ClientArgs),
     /// List service frontends and their backends as the kernel maps hold them.
     Services(ClientArgs),
+    /// List NetworkPolicies, the pods of this node they select, and their kernel entries.
+    Policies(ClientArgs),
+    /// Compile a source directory as the agent would, without a kernel: what it would program,
+    /// what it rejects, and what compiling cost (JSON). A dry run for configuration changes.
+    Compile(CompileArgs),
+    /// Ask the kernel's policy maps about a connection between two pods.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Print the version.
     Version,
 }
@@ -72,6 +80,22 @@ struct AgentArgs {
     /// Sockets whose ClusterIP translation is remembered (getpeername, UDP replies).
     #[arg(long, default_value_t = 65_536)]
     max_socket_translations: u32,
+    /// Local pods whose policy the kernel can enforce (size of ENDPOINTS).
+    #[arg(long, default_value_t = 16_384)]
+    max_endpoints: u32,
+    /// Pod addresses and ipBlock prefixes the kernel can know (size of IPCACHE).
+    #[arg(long, default_value_t = 65_536)]
+    max_ipcache: u32,
+    /// Policy entries over all local pods' policy sets (size of POLICY).
+    #[arg(long, default_value_t = 262_144)]
+    max_policy_entries: u32,
+    /// UDP/SCTP exchanges of pods remembered so replies pass (size of POLICY_FLOWS, LRU).
+    #[arg(long, default_value_t = 65_536)]
+    max_policy_flows: u32,
+    /// The node's own addresses (ingress from them is always allowed, for kubelet probes);
+    /// repeat for several [default: the addresses of the agent's network namespace].
+    #[arg(long = "node-ip")]
+    node_ips: Vec<std::net::IpAddr>,
     /// Admin API socket [default: <run-dir>/<instance>.sock].
     #[arg(long)]
     admin_socket: Option<PathBuf>,
@@ -88,6 +112,52 @@ struct InstanceArgs {
     /// bpffs mount point.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct CompileArgs {
+    /// `dir:PATH`, a directory of Kubernetes YAML.
+    #[arg(long, value_parser = parse_source)]
+    source: PathBuf,
+    /// The node's addresses (ingress from them is always allowed).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<std::net::IpAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Would a new connection from one pod to another be allowed? Exits 0 if allowed, 1 if
+    /// denied; names the rule or policies that decide.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The client pod, `namespace/name`.
+    #[arg(long)]
+    from: String,
+    /// The server pod, `namespace/name`.
+    #[arg(long)]
+    to: String,
+    /// `PORT` or `PORT/PROTOCOL` (TCP, UDP, SCTP; TCP when omitted), e.g. `80/TCP`.
+    #[arg(long, value_parser = parse_port)]
+    port: (u16, String),
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn parse_port(s: &str) -> Result<(u16, String), String> {
+    let (port, protocol) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{s:?}: the port must be a number 1-65535, e.g. 80/TCP"))?;
+    let protocol = protocol.to_ascii_uppercase();
+    if port == 0 || !["TCP", "UDP", "SCTP"].contains(&protocol.as_str()) {
+        return Err(format!(
+            "{s:?}: use PORT/PROTOCOL with a port 1-65535 and TCP, UDP or SCTP"
+        ));
+    }
+    Ok((port, protocol))
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,6 +240,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_backends: args.max_backends,
                 max_affinity: args.max_affinity,
                 max_socket_translations: args.max_socket_translations,
+                max_endpoints: args.max_endpoints,
+                max_ipcache: args.max_ipcache,
+                max_policy_entries: args.max_policy_entries,
+                max_policy_flows: args.max_policy_flows,
+                node_ips: (!args.node_ips.is_empty()).then_some(args.node_ips),
                 events_poll_interval: args.events_poll_interval,
                 stats_interval: args.stats_interval,
                 source_dir: args.source,
@@ -198,6 +273,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !text.ends_with('\n') {
                 println!();
             }
+        }
+        Command::Compile(args) => {
+            let report = weft::pipeline::offline::compile_dir(&args.source, &args.node_ips)
+                .map_err(|e| anyhow::anyhow!(weft::chain(&e)))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(if report.rejections.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Command::Policies(args) => {
+            let path = socket(args.admin_socket, &args.instance);
+            let text = runtime()?.block_on(cli::policies(&path, args.output))?;
+            print!("{text}");
+        }
+        Command::Policy(PolicyCommand::Check(args)) => {
+            let path = socket(args.client.admin_socket, &args.client.instance);
+            let query = admin::policy::CheckQuery {
+                from: args.from,
+                to: args.to,
+                port: args.port.0,
+                protocol: Some(args.port.1),
+            };
+            let (text, allowed) =
+                runtime()?.block_on(cli::policy_check(&path, &query, args.client.output))?;
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            return Ok(if allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Command::Cleanup(args) => {
             let report = datapath::cleanup(&args.instance.bpffs, &args.instance.instance)

@@ -14,6 +14,8 @@ use weft_abi::{
 
 use crate::{cgroup, conntrack::reader::ReaderStats};
 
+pub mod verdicts;
+
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -98,8 +98,7 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
         Object::Pod(o) => validate::pod(o),
         Object::Service(o) => validate::service(o),
         Object::EndpointSlice(o) => validate::endpoint_slice(o),
-        // Validated with policy support; for now only decoded strictly.
-        Object::NetworkPolicy(_) => Ok(()),
+        Object::NetworkPolicy(o) => validate::network_policy(o),
     };
     checked.map_err(invalid)?;
     let object_ref = object_ref.ok_or_else(|| Invalid::new(None, "metadata.name", "required"))?;

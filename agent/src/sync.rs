@@ -9,6 +9,7 @@
 //! Capacity is checked before writing. A change that does not fit is skipped and reported
 //! (the service keeps what it had, or is not created), and every other change is applied.
 pub mod kernel;
+pub mod policy;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},

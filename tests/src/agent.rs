@@ -211,19 +211,30 @@ impl Agent {
     /// Runs a client command (`status`, `services`) with `-o json` against this agent; returns
     /// (exit success, parsed output).
     pub fn client(&self, command: &str) -> (bool, Value) {
+        self.client_args(&[command])
+    }
+
+    /// Runs `weft ARGS... -o json` against this agent: (exit success, parsed output).
+    pub fn client_args(&self, args: &[&str]) -> (bool, Value) {
         let out = Command::new(&self.binary)
-            .args([command, "-o", "json", "--admin-socket"])
+            .args(args)
+            .args(["-o", "json", "--admin-socket"])
             .arg(&self.admin_socket)
             .output()
-            .unwrap_or_else(|e| panic!("weft {command}: {e}"));
+            .unwrap_or_else(|e| panic!("weft {args:?}: {e}"));
         let text = String::from_utf8_lossy(&out.stdout);
         let value = serde_json::from_str(&text).unwrap_or_else(|e| {
             panic!(
-                "weft {command}: {e}: {text}{}",
+                "weft {args:?}: {e}: {text}{}",
                 String::from_utf8_lossy(&out.stderr)
             )
         });
         (out.status.success(), value)
+    }
+
+    /// Polls `weft policies -o json` until `pred` holds.
+    pub fn wait_policies(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_client("policies", what, pred)
     }
 
     /// Polls `weft services -o json` until `pred` holds.

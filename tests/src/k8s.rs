@@ -12,17 +12,28 @@ pub fn pod(
     ports: &[(&str, u16, &str)],
     ready: bool,
 ) -> String {
+    pod_named(p, namespace, &p.name, labels, ports, ready)
+}
+
+/// [`pod`] with a Pod name other than the simulated pod's.
+pub fn pod_named(
+    p: &Pod,
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    ports: &[(&str, u16, &str)],
+    ready: bool,
+) -> String {
     let mut y = String::new();
     let _ = writeln!(
         y,
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}",
-        p.name
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: \"{name}\"\n  namespace: \"{namespace}\""
     );
     let _ = writeln!(y, "  annotations:\n    weft.io/cgroup: {}", p.name);
     if !labels.is_empty() {
         let _ = writeln!(y, "  labels:");
         for (k, v) in labels {
-            let _ = writeln!(y, "    {k}: {v}");
+            let _ = writeln!(y, "    {k}: \"{v}\"");
         }
     }
     let _ = writeln!(
@@ -63,7 +74,7 @@ pub fn service(
     let mut y = String::new();
     let _ = writeln!(
         y,
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:"
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: \"{name}\"\n  namespace: \"{namespace}\"\nspec:"
     );
     let _ = writeln!(y, "  clusterIP: \"{}\"", cluster_ips[0]);
     let _ = writeln!(
@@ -78,7 +89,7 @@ pub fn service(
     if !selector.is_empty() {
         let _ = writeln!(y, "  selector:");
         for (k, v) in selector {
-            let _ = writeln!(y, "    {k}: {v}");
+            let _ = writeln!(y, "    {k}: \"{v}\"");
         }
     }
     if let Some(t) = affinity_timeout {

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod k8s;
 pub mod names;
+pub mod netpol;
 pub mod node;
 pub mod proc;
 pub mod workload;

@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: scenarios that measure weft and its baselines in the same run, write
 //! JSON under target/bench/ and print ratios.
 //!
-//! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs).
+//! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `policy`
+//! (bench/policy.rs).
 mod churn;
+mod policy;
 mod services;
 
 use std::{fs, path::Path};
@@ -14,7 +16,7 @@ use weft_testkit::AgentOptions;
 
 use crate::{build, setup::Tools};
 
-const SCENARIOS: &[&str] = &["churn", "services"];
+const SCENARIOS: &[&str] = &["churn", "services", "policy"];
 
 pub fn run(
     ws: &Path,
@@ -47,6 +49,11 @@ pub fn run(
             "services" => {
                 // Each round: this many connections per mode.
                 let r = services::run(&bins, rounds.clamp(1, 9), 2_000)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "policy" => {
+                let r = policy::run(&bins, rounds.clamp(1, 9), 2_000)?;
                 write(&path, &r)?;
                 r.print();
             }

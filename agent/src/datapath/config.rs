@@ -2,9 +2,13 @@
 use std::path::PathBuf;
 
 use aya::maps::MapType;
+use aya::maps::lpm_trie::Key;
 use weft_abi::{
     conn::ConnState,
     maps,
+    policy::{
+        EndpointInfo, IpcacheData, IpcacheValue, PolicyData, PolicyFlowKey, PolicyValue, VERDICTS,
+    },
     stats::COUNTERS,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
@@ -46,6 +50,16 @@ pub struct Config {
     pub max_affinity: u32,
     /// Capacity of `REVNAT` and `UDP_FLOWS` (LRU: sockets talking to services).
     pub max_socket_translations: u32,
+    /// Capacity of `ENDPOINTS` (local pods).
+    pub max_endpoints: u32,
+    /// Capacity of `IPCACHE` (pod addresses and ipBlock prefixes).
+    pub max_ipcache: u32,
+    /// Capacity of `POLICY` (entries of every policy set).
+    pub max_policy_entries: u32,
+    /// Capacity of `POLICY_FLOWS` (LRU: UDP/SCTP exchanges of pods).
+    pub max_policy_flows: u32,
+    /// cgroup level of `cgroup` (0 = the cgroup2 mount), for the kernel's pod lookups.
+    pub cgroup_level: u32,
 }
 
 impl Config {
@@ -73,6 +87,10 @@ impl Config {
             ("--max-backends", self.max_backends),
             ("--max-affinity", self.max_affinity),
             ("--max-socket-translations", self.max_socket_translations),
+            ("--max-endpoints", self.max_endpoints),
+            ("--max-ipcache", self.max_ipcache),
+            ("--max-policy-entries", self.max_policy_entries),
+            ("--max-policy-flows", self.max_policy_flows),
         ] {
             if value == 0 {
                 return Err(Error::InvalidCapacity {
@@ -86,7 +104,7 @@ impl Config {
     }
 
     /// What every map must look like, pinned or new. The loader sizes maps from it.
-    pub(super) fn map_specs(&self) -> [MapSpec; 12] {
+    pub(super) fn map_specs(&self) -> [MapSpec; 17] {
         [
             MapSpec::ring(maps::CONN_EVENTS, self.ring_buffer_bytes),
             MapSpec::of::<u64, ConnState>(maps::CONN_STATE, MapType::Hash, self.max_connections),
@@ -125,6 +143,23 @@ impl Config {
                 MapType::LruHash,
                 self.max_socket_translations,
             ),
+            MapSpec::of::<u64, EndpointInfo>(maps::ENDPOINTS, MapType::Hash, self.max_endpoints),
+            MapSpec::of::<Key<IpcacheData>, IpcacheValue>(
+                maps::IPCACHE,
+                MapType::LpmTrie,
+                self.max_ipcache,
+            ),
+            MapSpec::of::<Key<PolicyData>, PolicyValue>(
+                maps::POLICY,
+                MapType::LpmTrie,
+                self.max_policy_entries,
+            ),
+            MapSpec::of::<PolicyFlowKey, u64>(
+                maps::POLICY_FLOWS,
+                MapType::LruHash,
+                self.max_policy_flows,
+            ),
+            MapSpec::of::<u32, u64>(maps::VERDICTS, MapType::PerCpuArray, VERDICTS),
         ]
     }
 }

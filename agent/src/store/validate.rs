@@ -1,6 +1,8 @@
 //! Validation of the objects weft reads, following the API server's rules
 //! (kubernetes pkg/apis/core/validation, pkg/apis/discovery/validation) for the fields weft
 //! uses. Every problem names its field.
+mod netpol;
+
 use std::{collections::BTreeSet, net::IpAddr, path::Component, path::Path};
 
 use k8s_openapi::{
@@ -10,6 +12,8 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
+
+pub use self::netpol::network_policy;
 
 /// The annotation that binds a Pod to a cgroup on this node (standalone mode).
 pub const CGROUP_ANNOTATION: &str = "weft.io/cgroup";

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod conn;
+pub mod policy;
 pub mod stats;
 pub mod svc;
 pub mod traffic;
@@ -15,9 +16,9 @@ pub mod traffic;
 pub mod programs {
     /// sock_ops program attached to the workload cgroup: TCP connection lifecycle.
     pub const SOCKOPS: &str = "weft_sockops";
-    /// cgroup_skb/ingress program: per-cgroup traffic accounting of received packets.
+    /// cgroup_skb/ingress program: traffic accounting and ingress policy of received packets.
     pub const SKB_INGRESS: &str = "weft_skb_ingress";
-    /// cgroup_skb/egress program: per-cgroup traffic accounting of sent packets.
+    /// cgroup_skb/egress program: traffic accounting and egress policy of sent packets.
     pub const SKB_EGRESS: &str = "weft_skb_egress";
 
     /// cgroup/connect4 and connect6: ClusterIP to backend for TCP and connected UDP.
@@ -78,9 +79,19 @@ pub mod maps {
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
     /// LRU hash of socket cookie to [`crate::svc::UdpSock`].
     pub const UDP_SOCKS: &str = "UDP_SOCKS";
+    /// Hash of cgroup id to [`crate::policy::EndpointInfo`].
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// LPM trie of [`crate::policy::IpcacheData`] to [`crate::policy::IpcacheValue`].
+    pub const IPCACHE: &str = "IPCACHE";
+    /// LPM trie of [`crate::policy::PolicyData`] to [`crate::policy::PolicyValue`].
+    pub const POLICY: &str = "POLICY";
+    /// LRU hash of [`crate::policy::PolicyFlowKey`] to a timestamp.
+    pub const POLICY_FLOWS: &str = "POLICY_FLOWS";
+    /// Per-CPU array of u64 indexed by [`crate::policy::verdict_index`].
+    pub const VERDICTS: &str = "VERDICTS";
 
     /// Every map of the object; all of them are pinned per instance.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 17] = [
         CONN_EVENTS,
         CONN_STATE,
         STATS,
@@ -93,6 +104,11 @@ pub mod maps {
         REVNAT,
         UDP_FLOWS,
         UDP_SOCKS,
+        ENDPOINTS,
+        IPCACHE,
+        POLICY,
+        POLICY_FLOWS,
+        VERDICTS,
     ];
 }
 
@@ -101,6 +117,9 @@ pub mod globals {
     /// u64: `CONN_EVENTS` wakes its reader only once this many bytes are pending (0: on every
     /// event). Fewer wakeups under load; the agent also drains on a timer.
     pub const CONN_EVENTS_WAKEUP_BYTES: &str = "CONN_EVENTS_WAKEUP_BYTES";
+    /// u32: cgroup level of the agent's cgroup root (0 = the cgroup2 mount). Pods' cgroups
+    /// are looked for below it.
+    pub const POLICY_ROOT_LEVEL: &str = "POLICY_ROOT_LEVEL";
 }
 
 /// Address families as the kernel numbers them.

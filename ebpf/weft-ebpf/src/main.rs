@@ -11,8 +11,10 @@
 
 #[macro_use]
 mod ctx;
+mod headers;
 mod maps;
 mod packet;
+mod policy;
 mod service;
 mod sockops;
 mod stats;
@@ -23,7 +25,11 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use service::{Hook, V4, V6};
-use weft_abi::traffic::Direction;
+use weft_abi::{
+    policy::{DIR_EGRESS, DIR_INGRESS},
+    stats::Counter,
+    traffic::Direction,
+};
 
 /// TCP connection lifecycle of every socket under the attached cgroup.
 #[sock_ops]
@@ -34,17 +40,29 @@ pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
     }
 }
 
-/// Accounts packets delivered to sockets under the attached cgroup. Never drops.
+/// Packets delivered to sockets under the attached cgroup: accounting, ingress policy.
 #[cgroup_skb(ingress)]
 pub fn weft_skb_ingress(ctx: SkBuffContext) -> i32 {
-    traffic::account(&ctx, Direction::Ingress);
-    1
+    skb(&ctx, Direction::Ingress, DIR_INGRESS)
 }
 
-/// Accounts packets sent by sockets under the attached cgroup. Never drops.
+/// Packets sent by sockets under the attached cgroup: accounting, egress policy.
 #[cgroup_skb(egress)]
 pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
-    traffic::account(&ctx, Direction::Egress);
+    skb(&ctx, Direction::Egress, DIR_EGRESS)
+}
+
+#[inline(always)]
+fn skb(ctx: &SkBuffContext, direction: Direction, policy_direction: u8) -> i32 {
+    // Not IP, or truncated: nothing a policy could name, and the stack drops what is broken.
+    let Some(h) = headers::parse(ctx) else {
+        stats::bump(Counter::PacketsUnparsed);
+        return 1;
+    };
+    if !policy::packet(ctx, &h, policy_direction) {
+        return 0;
+    }
+    traffic::account(ctx, &h, direction);
     1
 }
 

@@ -4,10 +4,14 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weft_abi::{
     conn::ConnState,
+    policy::{
+        EndpointInfo, IpcacheData, IpcacheValue, PolicyData, PolicyFlowKey, PolicyValue,
+        VERDICTS as VERDICT_SLOTS,
+    },
     stats::COUNTERS,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
@@ -68,3 +72,29 @@ pub static UDP_SOCKS: LruHashMap<u64, UdpSock> = LruHashMap::with_max_entries(65
 /// (unconnected UDP socket, frontend) to the backend chosen for it.
 #[map]
 pub static UDP_FLOWS: LruHashMap<UdpFlowKey, Endpoint> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Local pods by cgroup id. Not preallocated: a replaced value stays valid for readers.
+#[map]
+pub static ENDPOINTS: HashMap<u64, EndpointInfo> =
+    HashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
+/// Address (prefix) to identity.
+#[map]
+pub static IPCACHE: LpmTrie<IpcacheData, IpcacheValue> = LpmTrie::with_max_entries(65_536, 0);
+
+/// What each policy set allows: (set, identity, direction, protocol, port prefix).
+#[map]
+pub static POLICY: LpmTrie<PolicyData, PolicyValue> = LpmTrie::with_max_entries(262_144, 0);
+
+/// Allowed UDP/SCTP exchanges by (socket, peer): their packets pass without a new verdict.
+#[map]
+pub static POLICY_FLOWS: LruHashMap<PolicyFlowKey, u64> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Policy verdicts by (direction, match), see `weft_abi::policy::verdict_index`.
+#[map]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_SLOTS, 0);
+
+/// cgroup level of the agent's cgroup root (0 = the cgroup2 mount); set at load time. Pods'
+/// cgroups are looked for below it.
+#[unsafe(no_mangle)]
+pub static POLICY_ROOT_LEVEL: Global<u32> = Global::new(0);

@@ -24,7 +24,7 @@ use weft_abi::{
 
 use crate::{
     maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS, UDP_SOCKS},
-    stats,
+    policy, stats,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -108,6 +108,10 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // SAFETY: SERVICES is not preallocated: an entry replaced concurrently is freed only after
     // this program's RCU read section, so the reference stays valid while it is copied.
     let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        // Not a service: only egress policy applies.
+        if hook == Hook::Connect && !policy::connect(ctx, protocol, fam, &addr, port) {
+            return deny();
+        }
         return 1;
     };
     if svc.count == 0 {
@@ -119,6 +123,13 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
         stats::bump(Counter::ServiceSlotMissing);
         return refuse();
     };
+    // Egress policy judges the backend the connection really reaches. (Unconnected UDP is
+    // judged per peer by cgroup_skb, which sees the backend too.)
+    if hook == Hook::Connect
+        && !policy::connect(ctx, protocol, backend.family, &backend.addr, backend.port)
+    {
+        return deny();
+    }
     // What recvmsg and getpeername must show instead of this backend.
     let frontend = Endpoint {
         addr,
@@ -147,6 +158,13 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
     }
     write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
     1
+}
+
+/// Fails a connect denied by policy: returning 0 makes it fail with EPERM, as with any
+/// cgroup hook.
+#[inline(always)]
+fn deny() -> i32 {
+    0
 }
 
 #[inline(always)]

@@ -10,31 +10,23 @@ use weft_abi::{
     traffic::{Direction, TrafficKey, TrafficValue},
 };
 
-use crate::{maps::TRAFFIC, packet, stats};
+use crate::{headers::Headers, maps::TRAFFIC, stats};
 
 /// -EEXIST, as map helpers return it.
 const ERR_EXISTS: i32 = -17;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 
-/// IPv6 extension headers walked before the transport header, at most.
-const MAX_IPV6_EXT_HEADERS: usize = 6;
-
-pub fn account(ctx: &SkBuffContext, direction: Direction) {
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let Some((ip_version, l4)) = classify(ctx, ethertype) else {
-        stats::bump(Counter::PacketsUnparsed);
-        return;
-    };
-    if l4 == IPPROTO_TCP {
+/// Counts a parsed packet (not TCP) for its socket's cgroup.
+#[inline(always)]
+pub fn account(ctx: &SkBuffContext, h: &Headers, direction: Direction) {
+    if h.protocol == IPPROTO_TCP {
         return;
     }
     let key = TrafficKey {
         // SAFETY: the context pointer is valid for the helper for the program's duration.
         cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
         direction: direction as u8,
-        ip_version,
-        protocol: l4,
+        ip_version: h.version,
+        protocol: h.protocol,
         _pad: [0; 5],
     };
     // A GSO/GRO skb stands for several packets on the wire; its headers are counted once.
@@ -64,62 +56,5 @@ fn add(key: &TrafficKey, packets: u64, bytes: u64) {
             }
         }
         Err(_) => stats::bump(Counter::TrafficFull),
-    }
-}
-
-/// `None` when `next` is not an IPv6 extension header; else the header's length (`None`
-/// inside when it cannot be read).
-#[inline(always)]
-fn ext_header_len(ctx: &SkBuffContext, next: u8, off: usize) -> Option<Option<usize>> {
-    let hdr_ext_len = || packet::load::<u8>(ctx, off + 1).map(usize::from);
-    match next {
-        // Hop-by-hop, routing, destination options: (hdr_ext_len + 1) * 8.
-        0 | 43 | 60 => Some(hdr_ext_len().map(|l| (l + 1) * 8)),
-        // Fragment: fixed 8 bytes.
-        44 => Some(Some(8)),
-        // Authentication header: (payload_len + 2) * 4.
-        51 => Some(hdr_ext_len().map(|l| (l + 2) * 4)),
-        _ => None,
-    }
-}
-
-/// Returns (IP version, transport protocol) of the packet that starts at `data`.
-#[inline(always)]
-fn classify(ctx: &SkBuffContext, ethertype: u16) -> Option<(u8, u8)> {
-    match ethertype {
-        ETH_P_IP => {
-            let vihl: u8 = packet::load(ctx, 0)?;
-            if vihl >> 4 != 4 {
-                return None;
-            }
-            Some((4, packet::load(ctx, 9)?))
-        }
-        ETH_P_IPV6 => {
-            let v: u8 = packet::load(ctx, 0)?;
-            if v >> 4 != 6 {
-                return None;
-            }
-            let mut next: u8 = packet::load(ctx, 6)?;
-            let mut off: usize = 40;
-            for _ in 0..MAX_IPV6_EXT_HEADERS {
-                let Some(len) = ext_header_len(ctx, next, off) else {
-                    return Some((6, next));
-                };
-                // Unwrapped before use: LLVM would otherwise compute `off + len` from a register
-                // the failure path never set, and the verifier rejects reading it.
-                let len = len?;
-                next = packet::load(ctx, off)?;
-                off += len;
-                // Keeps the offset bounded for the verifier; no real header chain is longer.
-                if off > 512 {
-                    return None;
-                }
-            }
-            // More extension headers than any real stack sends: reported as unparsed.
-            ext_header_len(ctx, next, off)
-                .is_none()
-                .then_some((6, next))
-        }
-        _ => None,
     }
 }

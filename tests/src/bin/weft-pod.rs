@@ -102,6 +102,23 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// Serve TCP and UDP on several ports at once, answering every connection and datagram
+    /// with --name (the upstream NetworkPolicy e2e model: every pod serves 80 and 81).
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "tcp")]
+        tcp: Vec<u16>,
+        #[arg(long = "udp")]
+        udp: Vec<u16>,
+    },
+    /// Probe every target at once (`tcp:IP:PORT` or `udp:IP:PORT`): the name the server
+    /// answered, or why not. One JSON line with every result.
+    Probe {
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        targets: Vec<String>,
+    },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
         #[arg(long)]
@@ -168,6 +185,11 @@ fn run(cmd: Cmd) -> Result<(), String> {
         } => tcp_client(connect, send, expect, close),
         Cmd::Churn { connect, seconds } => churn(connect, seconds),
         Cmd::UdpEcho { listen } => udp_echo(listen),
+        Cmd::Serve { name, tcp, udp } => serve_many(&name, &tcp, &udp),
+        Cmd::Probe {
+            timeout_ms,
+            targets,
+        } => probe(Duration::from_millis(timeout_ms), &targets),
         Cmd::RrServer { listen, size } => rr_server(listen, size),
         Cmd::Rr {
             connect,
@@ -618,4 +640,121 @@ fn udp_client(
             "{echoed} of {count} echoed, {wrong_source} from another address than {connect}"
         ))
     }
+}
+
+/// Binds `[::]:port` (dual stack) for each port, answers with `name`; runs until killed.
+fn serve_many(name: &str, tcp: &[u16], udp: &[u16]) -> Result<(), String> {
+    let mut handles = Vec::new();
+    for &port in tcp {
+        let listener =
+            TcpListener::bind(("::", port)).map_err(|e| format!("bind tcp {port}: {e}"))?;
+        let name = name.to_owned();
+        handles.push(thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = s.write_all(name.as_bytes());
+                    let _ = s.shutdown(Shutdown::Write);
+                    let mut end = [0u8; 16];
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = s.read(&mut end);
+                });
+            }
+        }));
+    }
+    for &port in udp {
+        let socket = UdpSocket::bind(("::", port)).map_err(|e| format!("bind udp {port}: {e}"))?;
+        let name = name.to_owned();
+        handles.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(name.as_bytes(), peer);
+                }
+            }
+        }));
+    }
+    emit(&json!({"event": "listening", "tcp": tcp, "udp": udp}));
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// One probe: the peer's name, or `error: why`.
+fn probe_one(target: &str, timeout: Duration) -> String {
+    let Some((proto, addr)) = target.split_once(':') else {
+        return format!("error: bad target {target:?}");
+    };
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return format!("error: bad address {addr:?}");
+    };
+    let result = match proto {
+        "tcp" => (|| -> Result<String, String> {
+            let mut s = TcpStream::connect_timeout(&addr, timeout)
+                .map_err(|e| format!("connect: {}", errno_name(&e)))?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let mut name = String::new();
+            s.read_to_string(&mut name)
+                .map_err(|e| format!("read: {e}"))?;
+            abort_on_close(&s)?;
+            Ok(name)
+        })(),
+        "udp" => (|| -> Result<String, String> {
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let s = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+            s.connect(addr)
+                .map_err(|e| format!("connect: {}", errno_name(&e)))?;
+            let deadline = Instant::now() + timeout;
+            let mut buf = [0u8; 2048];
+            // Resent every 250 ms until the deadline: a datagram may be lost.
+            loop {
+                s.send(b"probe")
+                    .map_err(|e| format!("send: {}", errno_name(&e)))?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err("timeout".into());
+                }
+                s.set_read_timeout(Some(left.min(Duration::from_millis(250))))
+                    .map_err(|e| e.to_string())?;
+                match s.recv(&mut buf) {
+                    Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => return Err(format!("recv: {}", errno_name(&e))),
+                }
+            }
+        })(),
+        other => Err(format!("unknown protocol {other:?}")),
+    };
+    result.unwrap_or_else(|e| format!("error: {e}"))
+}
+
+fn probe(timeout: Duration, targets: &[String]) -> Result<(), String> {
+    let handles: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let t = t.clone();
+            thread::spawn(move || {
+                let r = probe_one(&t, timeout);
+                (t, r)
+            })
+        })
+        .collect();
+    let results: serde_json::Map<String, serde_json::Value> = handles
+        .into_iter()
+        .filter_map(|h| h.join().ok())
+        .map(|(t, r)| (t, serde_json::Value::String(r)))
+        .collect();
+    emit(&json!({"event": "probe", "results": results}));
+    Ok(())
 }

@@ -1,4 +1,8 @@
-//! The service pipeline: source → store → compile → sync, run by the agent on every change.
+//! The pipeline: source → store → compile → sync, run by the agent on every change, for
+//! services (this file) and NetworkPolicy ([`policy`]).
+pub mod offline;
+pub mod policy;
+
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -9,6 +13,7 @@ use std::{
 use serde::Serialize;
 use weft_abi::{maps, svc::ServiceKey};
 
+use self::policy::PolicyStage;
 use crate::{
     compile::{self, Problem},
     metrics::{KindLabels, MapLabels, Metrics, ReasonLabels},
@@ -52,14 +57,17 @@ pub struct Status {
     pub last_sync_unix_ms: Option<u128>,
 }
 
-/// Owns the source and the syncer.
+/// Owns the source and the syncers.
 #[derive(Debug)]
 pub struct Pipeline {
     source: Option<DirSource>,
     syncer: Syncer<KernelMaps>,
+    policy: PolicyStage,
     capacity: Capacity,
     metrics: Arc<Metrics>,
     status: Arc<RwLock<Status>>,
+    /// The store of the last pass, for policy passes that need no new read.
+    last_store: Store,
 }
 
 impl Pipeline {
@@ -67,6 +75,7 @@ impl Pipeline {
         source_dir: Option<&Path>,
         maps: KernelMaps,
         capacity: Capacity,
+        policy: PolicyStage,
         metrics: Arc<Metrics>,
         status: Arc<RwLock<Status>>,
     ) -> Result<Self, Error> {
@@ -84,9 +93,11 @@ impl Pipeline {
         Ok(Self {
             source: source_dir.map(DirSource::new),
             syncer,
+            policy,
             capacity,
             metrics,
             status,
+            last_store: Store::default(),
         })
     }
 
@@ -118,6 +129,18 @@ impl Pipeline {
         let store = Store::from_objects(objects);
         let desired = compile::services(&store);
         let report = self.syncer.apply(&desired, started);
+        let policy_started = Instant::now();
+        let (written, deleted) = self.policy.run(&store, &self.metrics);
+        if written + deleted > 0 {
+            tracing::info!(
+                target: "weft::sync",
+                written,
+                deleted,
+                micros = policy_started.elapsed().as_micros() as u64,
+                since_read_micros = started.elapsed().as_micros() as u64,
+                "policies synced"
+            );
+        }
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
@@ -200,6 +223,8 @@ impl Pipeline {
             .duration_since(SystemTime::UNIX_EPOCH)
             .ok()
             .map(|d| d.as_millis());
+        drop(status);
+        self.last_store = store;
         Ok(unsettled)
     }
 
@@ -207,9 +232,14 @@ impl Pipeline {
         self.capacity
     }
 
-    /// Frees backend slots whose grace period is over.
+    /// Frees backend slots whose grace period is over, and enforces policy for pods whose
+    /// cgroup has appeared since the last pass.
     pub fn collect_garbage(&mut self) {
         self.syncer.collect_garbage(Instant::now());
+        if self.policy.cgroups_appeared() {
+            let (written, deleted) = self.policy.run(&self.last_store, &self.metrics);
+            tracing::info!(target: "weft::sync", written, deleted, "policies synced for cgroups that appeared");
+        }
     }
 }
 

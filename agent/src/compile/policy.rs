@@ -1,0 +1,416 @@
+//! NetworkPolicy: from the store to what `ENDPOINTS`, `IPCACHE` and `POLICY` must hold.
+//!
+//! Deterministic given the store and the numbering carried between passes ([`Ids`]): no I/O,
+//! no clock. Policies are compiled only for the sets of policies that select a local pod, so
+//! the kernel holds nothing for pods this node does not run. See `weft_abi::policy` for how
+//! the kernel uses the result.
+pub mod blocks;
+pub mod ids;
+pub mod judge;
+pub mod ports;
+mod rules;
+pub mod selector;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use serde::Serialize;
+use weft_abi::{
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    policy::{
+        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_WORLD, IP_HOST,
+        IpcacheValue, PolicyData, PolicyValue,
+    },
+};
+
+pub use self::ids::{IdentityKey, Ids};
+use self::{
+    blocks::{Block, Blocks},
+    selector::Labels,
+};
+use crate::store::{Store, validate::CGROUP_ANNOTATION};
+
+/// The label the API server puts on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A `POLICY` key: LPM prefix length and data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryKey {
+    pub prefix_len: u32,
+    pub data: PolicyData,
+}
+
+/// A rule, as `PolicyValue::rule` refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    /// `namespace/name` of the NetworkPolicy.
+    pub policy: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// Index of the rule in `spec.ingress` / `spec.egress`.
+    pub index: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}[{}]", self.policy, self.direction, self.index)
+    }
+}
+
+/// A pod of this node and what the kernel must know of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalEndpoint {
+    /// `namespace/name`.
+    pub pod: String,
+    /// The pod's cgroup, relative to the agent's cgroup root.
+    pub cgroup: String,
+    #[serde(skip)]
+    pub info: EndpointInfo,
+    /// Policies that select the pod, by direction.
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+/// What a policy selects and produces, for `weft policies`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicySummary {
+    /// `namespace/name`.
+    pub policy: String,
+    /// `Ingress` and/or `Egress`, defaulted as the API server does.
+    pub policy_types: Vec<&'static str>,
+    /// Local pods it selects.
+    pub selects: Vec<String>,
+    /// `POLICY` entries its rules produced (counted once per entry, for the first rule).
+    pub entries: usize,
+}
+
+/// Something that compiles but may not do what its author meant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// `namespace/name` of the NetworkPolicy or Pod.
+    pub object: String,
+    pub message: String,
+}
+
+/// Desired policy state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Policies {
+    /// Local endpoints by cgroup (relative to the agent's cgroup root).
+    pub endpoints: BTreeMap<String, LocalEndpoint>,
+    pub ipcache: BTreeMap<IpNet, IpcacheValue>,
+    pub entries: BTreeMap<EntryKey, PolicyValue>,
+    /// Entries per policy set.
+    pub set_sizes: BTreeMap<u32, usize>,
+    /// What each policy set stands for (its numbering key).
+    pub set_keys: BTreeMap<u32, String>,
+    pub rules: BTreeMap<u32, RuleRef>,
+    pub identities: BTreeMap<u32, IdentityKey>,
+    pub policies: Vec<PolicySummary>,
+    pub problems: Vec<Problem>,
+}
+
+/// An IP protocol name as the API has it.
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(IPPROTO_TCP),
+        "UDP" => Some(IPPROTO_UDP),
+        "SCTP" => Some(IPPROTO_SCTP),
+        _ => None,
+    }
+}
+
+/// `policyTypes` as the API server defaults it: Ingress always, Egress when there are egress
+/// rules.
+pub fn policy_types(np: &NetworkPolicy) -> (bool, bool) {
+    let spec = np.spec.as_ref();
+    match spec.and_then(|s| s.policy_types.as_ref()) {
+        Some(types) if !types.is_empty() => (
+            types.iter().any(|t| t == "Ingress"),
+            types.iter().any(|t| t == "Egress"),
+        ),
+        _ => (
+            true,
+            spec.and_then(|s| s.egress.as_ref())
+                .is_some_and(|e| !e.is_empty()),
+        ),
+    }
+}
+
+/// A pod's addresses, when it has some and they are its own (not the node's).
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Vec::new();
+    }
+    let status = pod.status.as_ref();
+    if status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+    {
+        return Vec::new();
+    }
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|s| s.parse().ok())
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+/// A pod's named container ports: (name, protocol) → port.
+pub fn named_ports(pod: &Pod) -> BTreeMap<(String, u8), u16> {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let name = p.name.clone()?;
+            let proto = protocol_number(p.protocol.as_deref().unwrap_or("TCP"))?;
+            Some(((name, proto), u16::try_from(p.container_port).ok()?))
+        })
+        .collect()
+}
+
+/// One pod as policies see it.
+#[derive(Debug)]
+pub(crate) struct PodView<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub pod: &'a Pod,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What compile needs of the store, indexed once.
+pub(crate) struct Model<'a> {
+    pub namespace_labels: BTreeMap<String, Labels>,
+    pub pods: Vec<PodView<'a>>,
+    pub policies: Vec<(&'a str, &'a str, &'a NetworkPolicy)>,
+    pub blocks: Blocks,
+}
+
+impl<'a> Model<'a> {
+    pub fn new(store: &'a Store) -> Self {
+        let mut namespace_labels: BTreeMap<String, Labels> = BTreeMap::new();
+        for (name, ns) in &store.namespaces {
+            namespace_labels.insert(name.clone(), ns.metadata.labels.clone().unwrap_or_default());
+        }
+        for (ns, _) in store.pods.keys().chain(store.network_policies.keys()) {
+            namespace_labels.entry(ns.clone()).or_default();
+        }
+        for (name, labels) in &mut namespace_labels {
+            labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
+        }
+        let pods = store
+            .pods
+            .iter()
+            .map(|((ns, name), pod)| PodView {
+                namespace: ns,
+                name,
+                pod,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                ips: pod_ips(pod),
+            })
+            .collect();
+        let policies: Vec<_> = store
+            .network_policies
+            .iter()
+            .map(|((ns, name), np)| (ns.as_str(), name.as_str(), np.as_ref()))
+            .collect();
+        let mut blocks = Vec::new();
+        for (_, _, np) in &policies {
+            let spec = np.spec.as_ref();
+            let ingress = spec
+                .and_then(|s| s.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r.from.iter().flatten());
+            let egress = spec
+                .and_then(|s| s.egress.as_ref())
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r.to.iter().flatten());
+            for peer in ingress.chain(egress) {
+                if let Some(b) = &peer.ip_block
+                    && let Some(block) =
+                        Block::parse(&b.cidr, b.except.as_deref().unwrap_or_default())
+                {
+                    blocks.push(block);
+                }
+            }
+        }
+        Self {
+            namespace_labels,
+            pods,
+            policies,
+            blocks: Blocks::new(blocks),
+        }
+    }
+
+    fn block_names(&self, indexes: &[usize]) -> BTreeSet<String> {
+        indexes
+            .iter()
+            .map(|&i| {
+                let b = &self.blocks.all()[i];
+                if b.except.is_empty() {
+                    b.cidr.to_string()
+                } else {
+                    let ex: Vec<String> = b.except.iter().map(ToString::to_string).collect();
+                    format!("{} except {}", b.cidr, ex.join(","))
+                }
+            })
+            .collect()
+    }
+}
+
+/// An identity and what policies match it against.
+#[derive(Debug)]
+pub(crate) struct IdentityView {
+    pub id: u32,
+    /// For pods: namespace, pod labels, namespace labels.
+    pub pod: Option<(String, Labels, Labels)>,
+    /// Indexes into the model's blocks.
+    pub blocks: Vec<usize>,
+    /// Named ports of the pods with this identity: (name, protocol) → ports.
+    pub named_ports: BTreeMap<(String, u8), BTreeSet<u16>>,
+}
+
+/// Compiles every NetworkPolicy for the pods of this node. `host_ips`: the node's own
+/// addresses (ingress from them is always allowed).
+pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
+    let model = Model::new(store);
+    let mut out = Policies::default();
+    let mut identities: BTreeMap<u32, IdentityView> = BTreeMap::new();
+
+    // Pods: every address gets a /32 (/128) entry.
+    let mut local_ids: BTreeMap<(String, String), u32> = BTreeMap::new();
+    for p in &model.pods {
+        if p.ips.is_empty() {
+            continue;
+        }
+        // Numbered by cgroup, the key of `ENDPOINTS`: the number must change together with
+        // the kernel's view of the pod, not with its name.
+        if let Some(cgroup) = local_cgroup(p.pod) {
+            let id = ids.endpoint(cgroup);
+            local_ids.insert((p.namespace.to_owned(), p.name.to_owned()), id);
+        }
+        let ns_labels = model
+            .namespace_labels
+            .get(p.namespace)
+            .cloned()
+            .unwrap_or_default();
+        for ip in &p.ips {
+            let covering = model.blocks.covering_ip(*ip);
+            let ikey = IdentityKey::Pod {
+                namespace: p.namespace.to_owned(),
+                labels: p.labels.clone(),
+                namespace_labels: ns_labels.clone(),
+                blocks: model.block_names(&covering),
+            };
+            let id = ids.identity(&ikey);
+            let view = identities.entry(id).or_insert_with(|| IdentityView {
+                id,
+                pod: Some((p.namespace.to_owned(), p.labels.clone(), ns_labels.clone())),
+                blocks: covering,
+                named_ports: BTreeMap::new(),
+            });
+            for (k, port) in named_ports(p.pod) {
+                view.named_ports.entry(k).or_default().insert(port);
+            }
+            out.identities.insert(id, ikey);
+            out.ipcache.insert(
+                IpNet::from(*ip),
+                IpcacheValue {
+                    identity: id,
+                    flags: 0,
+                },
+            );
+        }
+    }
+
+    // ipBlock prefixes, then the node's addresses; a pod's own entry wins over both.
+    let external = |net: &IpNet,
+                    ids: &mut Ids,
+                    out: &mut Policies,
+                    identities: &mut BTreeMap<u32, IdentityView>| {
+        let covering = model.blocks.covering(net);
+        if covering.is_empty() {
+            return IDENTITY_WORLD;
+        }
+        let ikey = IdentityKey::External {
+            blocks: model.block_names(&covering),
+        };
+        let id = ids.identity(&ikey);
+        identities.entry(id).or_insert_with(|| IdentityView {
+            id,
+            pod: None,
+            blocks: covering,
+            named_ports: BTreeMap::new(),
+        });
+        out.identities.insert(id, ikey);
+        id
+    };
+    for net in model.blocks.prefixes() {
+        if out.ipcache.contains_key(&net) {
+            continue;
+        }
+        let identity = external(&net, ids, &mut out, &mut identities);
+        out.ipcache.insert(
+            net,
+            IpcacheValue {
+                identity,
+                ..IpcacheValue::default()
+            },
+        );
+    }
+    for ip in host_ips {
+        let net = IpNet::from(*ip);
+        if let Some(v) = out.ipcache.get_mut(&net) {
+            v.flags |= IP_HOST;
+            continue;
+        }
+        let identity = external(&net, ids, &mut out, &mut identities);
+        out.ipcache.insert(
+            net,
+            IpcacheValue {
+                identity,
+                flags: IP_HOST,
+            },
+        );
+    }
+
+    let identities: Vec<IdentityView> = identities.into_values().collect();
+    rules::compile_endpoints(&model, &identities, &local_ids, ids, &mut out);
+    ids.finish_pass();
+    out
+}
+
+/// The cgroup a local pod's processes run in (standalone mode), relative to the cgroup root.
+pub fn local_cgroup(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CGROUP_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// Isolation flags of an endpoint selected by these policies.
+pub(crate) fn isolation(ingress: bool, egress: bool) -> u32 {
+    (if ingress { EP_INGRESS_ISOLATED } else { 0 }) | (if egress { EP_EGRESS_ISOLATED } else { 0 })
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,507 @@
+//! Local endpoints, the policy sets that select them, and the `POLICY` entries of each set.
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use weft_abi::policy::{
+    DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, POL_ANY_PORT, POLICY_PREFIX_FIXED,
+    POLICY_PREFIX_FULL, PolicyData, PolicyValue,
+};
+
+use super::{
+    super::ip_words, EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, Problem,
+    RuleRef, isolation, local_cgroup, named_ports, policy_types, ports::range_prefixes,
+    protocol_number, selector,
+};
+
+/// The peers of a rule: everyone, or these identities.
+#[derive(Debug, Clone)]
+enum Peers {
+    Any,
+    Some(BTreeSet<u32>),
+}
+
+/// A port clause, resolved as far as it can be without knowing the peer.
+#[derive(Debug, Clone)]
+enum PortMatch {
+    /// The rule lists no ports: every protocol and port.
+    Any,
+    /// One protocol, every port.
+    Protocol(u8),
+    /// One protocol, `first..=last`.
+    Range(u8, u16, u16),
+    /// A named port, resolved against the destination pod.
+    Named(u8, String),
+}
+
+/// 64-bit FNV-1a, for fingerprints that stay the same across agents and restarts.
+fn fnv64(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+const FNV64_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// What a set's entries say, independent of the numbers they use: identities count by what
+/// they stand for, so an agent that renumbered them computes the same fingerprint.
+fn content_fingerprint(
+    entries: &BTreeMap<EntryKey, PolicyValue>,
+    identity_prints: &BTreeMap<u32, u64>,
+) -> u64 {
+    let mut rows: Vec<[u64; 3]> = entries
+        .iter()
+        .map(|(k, v)| {
+            let id = identity_prints
+                .get(&k.data.identity)
+                .copied()
+                .unwrap_or(u64::from(k.data.identity));
+            let shape = (u64::from(k.prefix_len) << 32)
+                | (u64::from(k.data.direction) << 24)
+                | (u64::from(k.data.protocol) << 16)
+                | u64::from(k.data.port);
+            [id, shape, (u64::from(v.rule) << 32) | u64::from(v.flags)]
+        })
+        .collect();
+    rows.sort_unstable();
+    rows.iter().fold(FNV64_START, |h, row| {
+        row.iter().fold(h, |h, w| fnv64(h, &w.to_le_bytes()))
+    })
+}
+
+/// FNV-1a, for rule references that stay the same across agents and restarts.
+fn rule_hash(rule: &RuleRef) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in rule.to_string().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+fn port_matches(ports: Option<&Vec<NetworkPolicyPort>>) -> Vec<PortMatch> {
+    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+        return vec![PortMatch::Any];
+    };
+    ports
+        .iter()
+        .filter_map(|p| {
+            let proto = protocol_number(p.protocol.as_deref().unwrap_or("TCP"))?;
+            Some(match &p.port {
+                None => PortMatch::Protocol(proto),
+                Some(IntOrString::Int(n)) => {
+                    let first = u16::try_from(*n).ok()?;
+                    let last = p
+                        .end_port
+                        .and_then(|e| u16::try_from(e).ok())
+                        .unwrap_or(first);
+                    PortMatch::Range(proto, first, last.max(first))
+                }
+                Some(IntOrString::String(name)) => PortMatch::Named(proto, name.clone()),
+            })
+        })
+        .collect()
+}
+
+/// Which identities a list of peers names, with results cached per (namespace, peer).
+struct PeerResolver<'m> {
+    model: &'m Model<'m>,
+    identities: &'m [IdentityView],
+    cache: BTreeMap<(String, String), BTreeSet<u32>>,
+}
+
+impl PeerResolver<'_> {
+    fn resolve(&mut self, namespace: &str, peers: Option<&Vec<NetworkPolicyPeer>>) -> Peers {
+        let Some(peers) = peers.filter(|p| !p.is_empty()) else {
+            return Peers::Any;
+        };
+        let mut out = BTreeSet::new();
+        for peer in peers {
+            let key = (
+                namespace.to_owned(),
+                serde_json::to_string(peer).unwrap_or_default(),
+            );
+            if let Some(ids) = self.cache.get(&key) {
+                out.extend(ids);
+                continue;
+            }
+            let ids = self.peer(namespace, peer);
+            out.extend(&ids);
+            self.cache.insert(key, ids);
+        }
+        Peers::Some(out)
+    }
+
+    fn peer(&self, namespace: &str, peer: &NetworkPolicyPeer) -> BTreeSet<u32> {
+        if let Some(b) = &peer.ip_block {
+            let Some(block) = super::Block::parse(&b.cidr, b.except.as_deref().unwrap_or_default())
+            else {
+                return BTreeSet::new();
+            };
+            let Ok(index) = self.model.blocks.all().binary_search(&block) else {
+                return BTreeSet::new();
+            };
+            return self
+                .identities
+                .iter()
+                .filter(|i| i.blocks.binary_search(&index).is_ok())
+                .map(|i| i.id)
+                .collect();
+        }
+        self.identities
+            .iter()
+            .filter(|i| {
+                let Some((ns, labels, ns_labels)) = &i.pod else {
+                    return false;
+                };
+                let ns_ok = match &peer.namespace_selector {
+                    Some(sel) => selector::matches(sel, ns_labels),
+                    None => ns == namespace,
+                };
+                ns_ok
+                    && peer
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|sel| selector::matches(sel, labels))
+            })
+            .map(|i| i.id)
+            .collect()
+    }
+}
+
+/// Entries of one policy set under construction.
+/// The set number entries carry while their set is being built: the number depends on the
+/// content (a number's entries never change while endpoints use it, so an endpoint moving
+/// between sets never sees a mix of two sets' rules).
+const PENDING_SET: u32 = u32::MAX;
+
+struct SetBuilder<'a> {
+    set: u32,
+    identities: &'a [IdentityView],
+    /// The local pod's named ports: (name, protocol) → port (ingress named ports).
+    own_ports: &'a BTreeMap<(String, u8), u16>,
+    entries: BTreeMap<EntryKey, PolicyValue>,
+}
+
+impl SetBuilder<'_> {
+    fn put(&mut self, identity: u32, direction: u8, port: &PortMatch, rule: u32) {
+        let data = |protocol: u8, port: u16| PolicyData {
+            policy_set: self.set,
+            identity,
+            direction,
+            protocol,
+            port: port.to_be(),
+        };
+        let mut keys = Vec::new();
+        let mut flags = 0;
+        match port {
+            PortMatch::Any => {
+                flags = POL_ANY_PORT;
+                keys.push(EntryKey {
+                    prefix_len: POLICY_PREFIX_FIXED,
+                    data: data(0, 0),
+                });
+            }
+            PortMatch::Protocol(p) => keys.push(EntryKey {
+                prefix_len: POLICY_PREFIX_FIXED + 8,
+                data: data(*p, 0),
+            }),
+            PortMatch::Range(p, first, last) => {
+                for (start, bits) in range_prefixes(*first, *last) {
+                    keys.push(EntryKey {
+                        prefix_len: POLICY_PREFIX_FIXED + 8 + bits,
+                        data: data(*p, start),
+                    });
+                }
+            }
+            PortMatch::Named(p, name) => {
+                let numbers: BTreeSet<u16> = if direction == DIR_INGRESS {
+                    self.own_ports
+                        .get(&(name.clone(), *p))
+                        .copied()
+                        .into_iter()
+                        .collect()
+                } else {
+                    self.identities
+                        .iter()
+                        .find(|i| i.id == identity)
+                        .and_then(|i| i.named_ports.get(&(name.clone(), *p)))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                for n in numbers {
+                    keys.push(EntryKey {
+                        prefix_len: POLICY_PREFIX_FULL,
+                        data: data(*p, n),
+                    });
+                }
+            }
+        }
+        for key in keys {
+            // The first rule that allows a key is the one reported.
+            self.entries
+                .entry(key)
+                .or_insert(PolicyValue { rule, flags });
+        }
+    }
+
+    fn rule(&mut self, peers: &Peers, ports: &[PortMatch], direction: u8, rule: u32) {
+        for port in ports {
+            match (peers, port) {
+                // A named egress port depends on the destination: every pod identity that
+                // has the name stands for "any peer".
+                (Peers::Any, PortMatch::Named(p, name)) if direction == DIR_EGRESS => {
+                    let ids: Vec<u32> = self
+                        .identities
+                        .iter()
+                        .filter(|i| i.named_ports.contains_key(&(name.clone(), *p)))
+                        .map(|i| i.id)
+                        .collect();
+                    for id in ids {
+                        self.put(id, direction, port, rule);
+                    }
+                }
+                (Peers::Any, _) => self.put(IDENTITY_ANY, direction, port, rule),
+                (Peers::Some(ids), _) => {
+                    for &id in ids {
+                        self.put(id, direction, port, rule);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The content of a policy set: which policies, by direction, and the pod's named ports
+/// (ingress named ports resolve against them).
+fn set_key(ingress: &[String], egress: &[String], ports: &BTreeMap<(String, u8), u16>) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|((name, proto), n)| format!("{name}/{proto}={n}"))
+        .collect();
+    format!(
+        "in:{}|eg:{}|ports:{}",
+        ingress.join(","),
+        egress.join(","),
+        ports.join(",")
+    )
+}
+
+/// Compiles the endpoints of local pods and the entries of their policy sets.
+pub(super) fn compile_endpoints(
+    model: &Model<'_>,
+    identities: &[IdentityView],
+    local_ids: &BTreeMap<(String, String), u32>,
+    ids: &mut super::Ids,
+    out: &mut super::Policies,
+) {
+    let mut resolver = PeerResolver {
+        model,
+        identities,
+        cache: BTreeMap::new(),
+    };
+    let mut summaries: BTreeMap<String, PolicySummary> = model
+        .policies
+        .iter()
+        .map(|(ns, name, np)| {
+            let (i, e) = policy_types(np);
+            let mut types = Vec::new();
+            if i {
+                types.push("Ingress");
+            }
+            if e {
+                types.push("Egress");
+            }
+            let key = format!("{ns}/{name}");
+            (
+                key.clone(),
+                PolicySummary {
+                    policy: key,
+                    policy_types: types,
+                    selects: Vec::new(),
+                    entries: 0,
+                },
+            )
+        })
+        .collect();
+    // A set number stands for fixed content (see `set_number`); built once per content key.
+    let mut built: BTreeMap<String, u32> = BTreeMap::new();
+    let identity_prints: BTreeMap<u32, u64> = out
+        .identities
+        .iter()
+        .map(|(n, key)| (*n, fnv64(FNV64_START, format!("{key:?}").as_bytes())))
+        .collect();
+    for p in &model.pods {
+        let Some(cgroup) = local_cgroup(p.pod) else {
+            continue;
+        };
+        let pod_key = format!("{}/{}", p.namespace, p.name);
+        let Some(&endpoint_id) = local_ids.get(&(p.namespace.to_owned(), p.name.to_owned())) else {
+            out.problems.push(Problem {
+                object: pod_key,
+                message: "a local pod without an address is not enforced until it has one".into(),
+            });
+            continue;
+        };
+        let selecting = selecting_policies(model, p);
+        let name_of = |i: usize| format!("{}/{}", model.policies[i].0, model.policies[i].1);
+        let ingress: Vec<String> = selecting
+            .iter()
+            .filter(|s| s.1)
+            .map(|s| name_of(s.0))
+            .collect();
+        let egress: Vec<String> = selecting
+            .iter()
+            .filter(|s| s.2)
+            .map(|s| name_of(s.0))
+            .collect();
+        for (i, ..) in &selecting {
+            if let Some(s) = summaries.get_mut(&name_of(*i)) {
+                s.selects.push(pod_key.clone());
+            }
+        }
+        let own_ports = named_ports(p.pod);
+        let key = set_key(&ingress, &egress, &own_ports);
+        let set = if ingress.is_empty() && egress.is_empty() {
+            0
+        } else if let Some(&set) = built.get(&key) {
+            set
+        } else {
+            let mut b = SetBuilder {
+                set: PENDING_SET,
+                identities,
+                own_ports: &own_ports,
+                entries: BTreeMap::new(),
+            };
+            for &(i, in_sel, eg_sel) in &selecting {
+                let (ns, _, np) = model.policies[i];
+                let name = name_of(i);
+                add_rules(
+                    &mut b,
+                    &mut resolver,
+                    ns,
+                    &name,
+                    np,
+                    in_sel,
+                    eg_sel,
+                    &mut out.rules,
+                );
+            }
+            for v in b.entries.values() {
+                if let Some(r) = out.rules.get(&v.rule)
+                    && let Some(s) = summaries.get_mut(&r.policy)
+                {
+                    s.entries += 1;
+                }
+            }
+            let print = content_fingerprint(&b.entries, &identity_prints);
+            let numbered = format!("{key}#{print:016x}");
+            let set = ids.set(&numbered);
+            out.set_sizes.insert(set, b.entries.len());
+            out.set_keys.insert(set, numbered);
+            out.entries.extend(b.entries.into_iter().map(|(mut k, v)| {
+                k.data.policy_set = set;
+                (k, v)
+            }));
+            built.insert(key, set);
+            set
+        };
+        let identity = p
+            .ips
+            .first()
+            .and_then(|ip| out.ipcache.get(&ipnet::IpNet::from(*ip)))
+            .map_or(0, |v| v.identity);
+        out.endpoints.insert(
+            cgroup.to_owned(),
+            LocalEndpoint {
+                pod: pod_key,
+                cgroup: cgroup.to_owned(),
+                info: EndpointInfo {
+                    endpoint_id,
+                    policy_set: set,
+                    identity,
+                    flags: isolation(!ingress.is_empty(), !egress.is_empty()),
+                    ip4: p
+                        .ips
+                        .iter()
+                        .find(|ip| ip.is_ipv4())
+                        .map_or(0, |ip| ip_words(*ip).1[0]),
+                    _pad: 0,
+                    ip6: p
+                        .ips
+                        .iter()
+                        .find(|ip| ip.is_ipv6())
+                        .map_or([0; 4], |ip| ip_words(*ip).1),
+                },
+                ingress_policies: ingress,
+                egress_policies: egress,
+                ips: p.ips.clone(),
+            },
+        );
+    }
+    out.policies = summaries.into_values().collect();
+}
+
+/// Policies selecting a pod: (index in the model, selects for ingress, for egress).
+fn selecting_policies(model: &Model<'_>, p: &PodView<'_>) -> Vec<(usize, bool, bool)> {
+    model
+        .policies
+        .iter()
+        .enumerate()
+        .filter(|(_, (ns, _, np))| {
+            *ns == p.namespace
+                && np
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.pod_selector.as_ref())
+                    .is_none_or(|sel| selector::matches(sel, &p.labels))
+        })
+        .filter_map(|(index, (_, _, np))| {
+            let (i, e) = policy_types(np);
+            (i || e).then_some((index, i, e))
+        })
+        .collect()
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn add_rules(
+    b: &mut SetBuilder<'_>,
+    resolver: &mut PeerResolver<'_>,
+    ns: &str,
+    name: &str,
+    np: &NetworkPolicy,
+    ingress: bool,
+    egress: bool,
+    rules: &mut BTreeMap<u32, RuleRef>,
+) {
+    let Some(spec) = &np.spec else { return };
+    let mut reference = |direction: &'static str, index: usize| {
+        let r = RuleRef {
+            policy: name.to_owned(),
+            direction,
+            index,
+        };
+        let h = rule_hash(&r);
+        rules.entry(h).or_insert(r);
+        h
+    };
+    if ingress {
+        for (i, rule) in spec.ingress.iter().flatten().enumerate() {
+            let h = reference("ingress", i);
+            let peers = resolver.resolve(ns, rule.from.as_ref());
+            b.rule(&peers, &port_matches(rule.ports.as_ref()), DIR_INGRESS, h);
+        }
+    }
+    if egress {
+        for (i, rule) in spec.egress.iter().flatten().enumerate() {
+            let h = reference("egress", i);
+            let peers = resolver.resolve(ns, rule.to.as_ref());
+            b.rule(&peers, &port_matches(rule.ports.as_ref()), DIR_EGRESS, h);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Compile tests: examples, and a property test of the compiled maps (evaluated the way the
+//! kernel looks them up) against a direct reading of the NetworkPolicy API.
+pub(crate) mod model;
+pub(crate) mod reference;
+
+use std::net::IpAddr;
+
+use weft_abi::{IPPROTO_TCP, IPPROTO_UDP, policy::*};
+
+use self::model::{Eval, store_of};
+use super::*;
+
+const POD_A: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}, annotations: {weft.io/cgroup: x-a}}\nspec: {containers: [{name: c, ports: [{name: serve-80-tcp, containerPort: 80}, {name: serve-81-udp, containerPort: 81, protocol: UDP}]}]}\nstatus: {podIP: 10.0.0.11}\n";
+const POD_B: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {pod: b}, annotations: {weft.io/cgroup: x-b}}\nspec: {containers: [{name: c, ports: [{name: serve-80-tcp, containerPort: 8080}]}]}\nstatus: {podIP: 10.0.0.12}\n";
+const POD_Y: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: y, labels: {pod: a}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.1.11}\n";
+
+fn compile_docs(docs: &[&str]) -> (Policies, Ids) {
+    let mut ids = Ids::default();
+    let store = store_of(docs);
+    let host: [IpAddr; 1] = ["10.0.0.1".parse().expect("ip")];
+    (compile(&store, &host, &mut ids), ids)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn a_pod_selected_by_no_policy_is_not_isolated() {
+    let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y]);
+    let a = &p.endpoints["x-a"];
+    assert_eq!(a.info.flags, 0);
+    assert_eq!(a.info.policy_set, 0);
+    assert!(p.entries.is_empty());
+    // Every pod address is known, local ones with their endpoint.
+    assert_eq!(
+        p.ipcache.len(),
+        4,
+        "three pods and the node: {:?}",
+        p.ipcache
+    );
+    assert_eq!(
+        a.info.ip4,
+        u32::from_ne_bytes([10, 0, 0, 11]),
+        "its own address"
+    );
+    assert_ne!(
+        p.ipcache[&"10.0.1.11/32".parse().expect("net")].identity,
+        a.info.identity
+    );
+    assert_eq!(
+        p.ipcache[&"10.0.0.1/32".parse().expect("net")].flags,
+        IP_HOST
+    );
+}
+
+#[test]
+fn default_deny_ingress_isolates_without_entries() {
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+    let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, deny]);
+    for cg in ["x-a", "x-b"] {
+        let e = &p.endpoints[cg];
+        assert_eq!(e.info.flags, EP_INGRESS_ISOLATED, "{cg}");
+        assert_ne!(e.info.policy_set, 0);
+        assert_eq!(e.ingress_policies, ["x/deny"]);
+    }
+    assert!(p.entries.is_empty());
+    let eval = Eval::new(&p);
+    assert!(
+        !eval
+            .allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0
+    );
+    assert!(
+        eval.allowed("x-a", DIR_EGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0
+    );
+    assert!(
+        eval.allowed("x-a", DIR_INGRESS, ip("10.0.0.1"), IPPROTO_TCP, 80)
+            .0,
+        "the node"
+    );
+    assert!(
+        eval.allowed("x-a", DIR_INGRESS, ip("10.0.0.11"), IPPROTO_TCP, 80)
+            .0,
+        "itself"
+    );
+}
+
+#[test]
+fn named_ports_resolve_against_the_destination() {
+    // Ingress: x/a's own serve-80-tcp (80); egress from x/b to pods named serve-80-tcp: 80 on
+    // x/a, 8080 on x/b.
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: named, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{ports: [{port: serve-80-tcp}]}]\n  egress: [{ports: [{port: serve-80-tcp}]}]\n";
+    let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, np]);
+    let eval = Eval::new(&p);
+    assert!(
+        eval.allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0
+    );
+    assert!(
+        !eval
+            .allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 8080)
+            .0
+    );
+    assert!(
+        eval.allowed("x-b", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 8080)
+            .0
+    );
+    assert!(
+        eval.allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_TCP, 80)
+            .0
+    );
+    assert!(
+        !eval
+            .allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_TCP, 8080)
+            .0
+    );
+    assert!(
+        !eval
+            .allowed("x-b", DIR_EGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0,
+        "y/a has no such port"
+    );
+    assert!(
+        !eval
+            .allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_UDP, 80)
+            .0
+    );
+}
+
+#[test]
+fn ip_blocks_with_except_apply_to_pod_addresses_too() {
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: cidr, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 0.0.0.0/4, except: [10.0.0.12/32]}}]}]\n";
+    let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, np]);
+    let eval = Eval::new(&p);
+    assert!(
+        eval.allowed("x-a", DIR_EGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0,
+        "pod in the block"
+    );
+    assert!(
+        !eval
+            .allowed("x-a", DIR_EGRESS, ip("10.0.0.12"), IPPROTO_TCP, 80)
+            .0,
+        "excepted pod"
+    );
+    assert!(
+        eval.allowed("x-a", DIR_EGRESS, ip("9.9.9.9"), IPPROTO_UDP, 53)
+            .0,
+        "outside address"
+    );
+    assert!(
+        !eval
+            .allowed("x-a", DIR_EGRESS, ip("192.168.0.1"), IPPROTO_UDP, 53)
+            .0,
+        "world"
+    );
+    // x/b is isolated by nothing.
+    assert_eq!(p.endpoints["x-b"].info.flags, 0);
+}
+
+#[test]
+fn port_ranges_become_prefixes_and_verdicts_name_the_rule() {
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: range, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {}}], ports: [{port: 8000, endPort: 8999, protocol: UDP}]}]\n";
+    let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, np]);
+    let eval = Eval::new(&p);
+    for (port, ok) in [
+        (7999, false),
+        (8000, true),
+        (8500, true),
+        (8999, true),
+        (9000, false),
+    ] {
+        assert_eq!(
+            eval.allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_UDP, port)
+                .0,
+            ok,
+            "{port}"
+        );
+    }
+    assert!(
+        !eval
+            .allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 8000)
+            .0
+    );
+    assert!(
+        !eval
+            .allowed("x-a", DIR_INGRESS, ip("9.9.9.9"), IPPROTO_UDP, 8000)
+            .0,
+        "not a pod"
+    );
+    let (_, rule) = eval.allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_UDP, 8000);
+    assert_eq!(
+        rule.map(|r| r.to_string()).as_deref(),
+        Some("x/range ingress[0]")
+    );
+    let summary = &p.policies[0];
+    assert_eq!(summary.selects, ["x/a"]);
+    assert_eq!(summary.policy_types, ["Ingress"]);
+    assert!(summary.entries > 1);
+}
+
+#[test]
+fn numbers_stay_put_when_something_unrelated_changes() {
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {}}]}]}\n";
+    let mut ids = Ids::default();
+    let host: [IpAddr; 0] = [];
+    let before = compile(&store_of(&[POD_A, POD_B, POD_Y, deny]), &host, &mut ids);
+    let relabelled = POD_Y.replace("labels: {pod: a}", "labels: {pod: a, v: '2'}");
+    let after = compile(
+        &store_of(&[POD_A, POD_B, &relabelled, deny]),
+        &host,
+        &mut ids,
+    );
+    assert_eq!(before.endpoints, after.endpoints);
+    assert_eq!(
+        before.entries, after.entries,
+        "y/a is not a peer in x: no entry changes"
+    );
+    let y = "10.0.1.11/32".parse().expect("net");
+    assert_ne!(
+        before.ipcache[&y], after.ipcache[&y],
+        "y/a got a new identity"
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// The compiled maps, looked up as the kernel does, agree with the API's semantics for
+    /// every local pod, peer address, direction, protocol and port.
+    #[test]
+    fn compiled_maps_agree_with_the_reference(world in reference::world()) {
+        reference::check(&world)?;
+    }
+}

@@ -1,0 +1,66 @@
+//! The kernel's lookups over compiled state.
+use std::net::IpAddr;
+
+use weft_abi::policy::{IpcacheValue, PolicyData, PolicyValue};
+
+use super::super::{
+    Policies, RuleRef,
+    judge::{Tables, judge, lpm_ipcache, lpm_policy},
+};
+use crate::{
+    source::yaml,
+    store::{self, Store},
+};
+
+/// A store of the given documents (each must be valid).
+pub fn store_of(docs: &[&str]) -> Store {
+    let objects: Vec<_> = docs
+        .iter()
+        .map(|d| {
+            store::decode(yaml::parse(d).expect("yaml"))
+                .unwrap_or_else(|e| panic!("invalid document {d}: {e:?}"))
+        })
+        .collect();
+    Store::from_objects(objects.iter().map(|(r, o)| (r, o)))
+}
+
+pub struct Eval<'a> {
+    p: &'a Policies,
+}
+
+impl Tables for Eval<'_> {
+    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
+        lpm_ipcache(&self.p.ipcache, ip)
+    }
+
+    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
+        lpm_policy(&self.p.entries, data)
+    }
+}
+
+impl<'a> Eval<'a> {
+    pub fn new(p: &'a Policies) -> Self {
+        Self { p }
+    }
+
+    /// The verdict for traffic of the local pod in `cgroup` with `peer`, and the rule that
+    /// allowed it (none when the pod is not isolated or the peer is itself or the node).
+    pub fn allowed(
+        &self,
+        cgroup: &str,
+        direction: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> (bool, Option<&RuleRef>) {
+        let v = judge(
+            self,
+            &self.p.endpoints[cgroup].info,
+            direction,
+            peer,
+            proto,
+            port,
+        );
+        (v.allowed, v.rule.and_then(|r| self.p.rules.get(&r)))
+    }
+}

@@ -1,0 +1,283 @@
+//! The NetworkPolicy stage of the pipeline: compile the store for this node's pods, resolve
+//! their cgroups, sync the policy maps, and publish what `weft status` / `weft policies` show.
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use serde::Serialize;
+use weft_abi::maps;
+
+use crate::{
+    cgroup,
+    compile::policy::{self as cp, Ids, PolicySummary, Problem, RuleRef},
+    metrics::{MapLabels, Metrics, ReasonLabels},
+    store::Store,
+    sync::{
+        Error,
+        policy::{PolicyCapacity, PolicySyncer, kernel::KernelPolicyMaps},
+    },
+};
+
+/// A local pod as `weft policies` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointStatus {
+    pub pod: String,
+    pub cgroup: String,
+    /// None: the cgroup does not exist (yet), so no process can run in it.
+    pub cgroup_id: Option<u64>,
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub policy_set: u32,
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    /// `POLICY` entries its set should have.
+    pub entries: usize,
+}
+
+/// A pod (local or not) as `weft policy check` needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddress {
+    pub ips: Vec<IpAddr>,
+    /// The cgroup id, for a pod of this node whose cgroup exists.
+    pub cgroup_id: Option<u64>,
+}
+
+/// What the agent shows about policy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyStatus {
+    pub policies: Vec<PolicySummary>,
+    pub endpoints: Vec<EndpointStatus>,
+    pub problems: Vec<Problem>,
+    pub sync_errors: Vec<String>,
+    pub identities: usize,
+    pub ipcache_entries: usize,
+    pub policy_entries: usize,
+    #[serde(skip)]
+    pub rules: BTreeMap<u32, RuleRef>,
+    /// Every pod with an address, by `namespace/name`.
+    #[serde(skip)]
+    pub pods: BTreeMap<String, PodAddress>,
+}
+
+/// Owns the policy syncer and the numbering it relies on.
+#[derive(Debug)]
+pub struct PolicyStage {
+    syncer: PolicySyncer<KernelPolicyMaps>,
+    ids: Ids,
+    seeded: bool,
+    cgroup_root: PathBuf,
+    host_ips: Vec<IpAddr>,
+    status: Arc<RwLock<PolicyStatus>>,
+    /// Some local pod's cgroup was missing at the last pass.
+    missing_cgroups: bool,
+}
+
+impl PolicyStage {
+    pub fn new(
+        maps: KernelPolicyMaps,
+        capacity: PolicyCapacity,
+        cgroup_root: &Path,
+        host_ips: Vec<IpAddr>,
+        metrics: &Metrics,
+        status: Arc<RwLock<PolicyStatus>>,
+    ) -> Result<Self, Error> {
+        for (map, cap) in [
+            (maps::ENDPOINTS, capacity.endpoints),
+            (maps::IPCACHE, capacity.ipcache),
+            (maps::POLICY, capacity.entries),
+        ] {
+            metrics
+                .map_capacity
+                .get_or_create(&MapLabels {
+                    map_name: map.to_owned(),
+                })
+                .set(i64::from(cap));
+        }
+        Ok(Self {
+            syncer: PolicySyncer::new(maps, capacity)?,
+            ids: Ids::default(),
+            seeded: false,
+            cgroup_root: cgroup_root.to_owned(),
+            host_ips,
+            status,
+            missing_cgroups: false,
+        })
+    }
+
+    /// Whether a pass is worth running again because a missing cgroup now exists.
+    pub fn cgroups_appeared(&self) -> bool {
+        self.missing_cgroups
+            && self
+                .status
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .endpoints
+                .iter()
+                .any(|e| e.cgroup_id.is_none() && self.cgroup_root.join(&e.cgroup).is_dir())
+    }
+
+    fn resolve(&self, policies: &cp::Policies) -> BTreeMap<String, u64> {
+        policies
+            .endpoints
+            .keys()
+            .filter_map(|cg| {
+                Some((
+                    cg.clone(),
+                    cgroup::cgroup_id(&self.cgroup_root.join(cg)).ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Compiles and syncs. Returns how many map writes and deletes it made.
+    pub fn run(&mut self, store: &Store, metrics: &Metrics) -> (usize, usize) {
+        if !self.seeded {
+            // A restarted agent first learns the numbers the kernel holds.
+            let first = cp::compile(store, &self.host_ips, &mut self.ids);
+            let ids = self.resolve(&first);
+            self.syncer.seed(&mut self.ids, &first, &ids);
+            self.seeded = true;
+        }
+        let policies = cp::compile(store, &self.host_ips, &mut self.ids);
+        let cgroup_ids = self.resolve(&policies);
+        let report = self.syncer.apply(&policies, &cgroup_ids);
+        for e in &report.errors {
+            metrics
+                .sync_errors
+                .get_or_create(&ReasonLabels {
+                    reason: if e.contains("is full") {
+                        "map_full"
+                    } else {
+                        "map_write"
+                    }
+                    .into(),
+                })
+                .inc();
+            tracing::error!(target: "weft::sync", error = e.as_str(), "policy change not fully applied");
+        }
+        let (endpoints, ipcache, entries) = self.syncer.usage();
+        for (map, used) in [
+            (maps::ENDPOINTS, endpoints),
+            (maps::IPCACHE, ipcache),
+            (maps::POLICY, entries),
+        ] {
+            metrics
+                .map_entries
+                .get_or_create(&MapLabels {
+                    map_name: map.to_owned(),
+                })
+                .set(used as i64);
+        }
+        let mut problems = policies.problems.clone();
+        let mut status_endpoints = Vec::new();
+        for (cg, e) in &policies.endpoints {
+            let id = cgroup_ids.get(cg).copied();
+            if id.is_none() {
+                problems.push(Problem {
+                    object: e.pod.clone(),
+                    message: format!(
+                        "cgroup {} does not exist: nothing runs in it yet; enforced once it does",
+                        self.cgroup_root.join(cg).display()
+                    ),
+                });
+            }
+            status_endpoints.push(EndpointStatus {
+                pod: e.pod.clone(),
+                cgroup: cg.clone(),
+                cgroup_id: id,
+                endpoint_id: e.info.endpoint_id,
+                identity: e.info.identity,
+                policy_set: e.info.policy_set,
+                ingress_isolated: e.info.flags & weft_abi::policy::EP_INGRESS_ISOLATED != 0,
+                egress_isolated: e.info.flags & weft_abi::policy::EP_EGRESS_ISOLATED != 0,
+                ingress_policies: e.ingress_policies.clone(),
+                egress_policies: e.egress_policies.clone(),
+                ips: e.ips.clone(),
+                entries: policies
+                    .set_sizes
+                    .get(&e.info.policy_set)
+                    .copied()
+                    .unwrap_or(0),
+            });
+        }
+        self.missing_cgroups = status_endpoints.iter().any(|e| e.cgroup_id.is_none());
+        for p in policies.problems.iter() {
+            tracing::debug!(target: "weft::compile", object = p.object, problem = p.message, "policy note");
+        }
+        let local: BTreeMap<&str, Option<u64>> = status_endpoints
+            .iter()
+            .map(|e| (e.pod.as_str(), e.cgroup_id))
+            .collect();
+        let pods = store
+            .pods
+            .iter()
+            .filter_map(|((ns, name), pod)| {
+                let ips = cp::pod_ips(pod);
+                let key = format!("{ns}/{name}");
+                let cgroup_id = local.get(key.as_str()).copied().flatten();
+                (!ips.is_empty()).then_some((key, PodAddress { ips, cgroup_id }))
+            })
+            .collect();
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        *status = PolicyStatus {
+            policies: policies.policies.clone(),
+            endpoints: status_endpoints,
+            problems,
+            sync_errors: report.errors,
+            identities: policies.identities.len(),
+            ipcache_entries: ipcache,
+            policy_entries: entries,
+            rules: policies.rules.clone(),
+            pods,
+        };
+        (report.written, report.deleted)
+    }
+}
+
+/// The node's own addresses (ingress from them is always allowed: kubelet probes), from the
+/// interfaces of the agent's network namespace, loopback excluded.
+pub fn host_ips() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `addrs` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return out;
+    }
+    let mut at = addrs;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*at };
+        at = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null ifa_addr points at a sockaddr whose family says its real type.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                    Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                    Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: the list came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(addrs) };
+    out.sort();
+    out.dedup();
+    out
+}

@@ -1,0 +1,383 @@
+//! Writes the difference between desired and applied policy state into `ENDPOINTS`,
+//! `IPCACHE` and `POLICY`.
+//!
+//! Order keeps every moment safe for the programs reading concurrently:
+//! 1. new and changed `POLICY` entries (a new identity or set is allowed before anything
+//!    refers to it), with bridge entries for identities being retired (see `bridge`),
+//! 2. new and changed `ENDPOINTS` (a pod becomes isolated only once its entries exist),
+//! 3. stale `ENDPOINTS` (a pod that is gone no longer holds an old set while addresses
+//!    move),
+//! 4. new and changed `IPCACHE` entries (an address moves to an identity whose entries exist),
+//! 5. stale `IPCACHE`, 6. stale `POLICY` entries.
+//!
+//! A set number stands for fixed content (compile numbers sets by what their entries say), so
+//! a set whose rules change is written whole under a new number before endpoints move to it,
+//! and each endpoint sees exactly its old rules or its new ones, never a mix. Numbers are
+//! never reused while the kernel may hold them (see `compile::policy::ids`), so an old key
+//! never takes a new meaning.
+//!
+//! When entries do not fit (or a write fails), pods keep their previous set and a pod that
+//! had none is isolated with set 0, which allows nothing: a capacity problem never opens
+//! traffic.
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use weft_abi::policy::{EndpointInfo, IDENTITY_FIRST, IpcacheValue, PolicyValue};
+
+use super::Error;
+use crate::compile::policy::{EntryKey, Ids, Policies};
+
+pub mod kernel;
+
+/// The maps policy sync writes; the kernel implementation is [`kernel::KernelPolicyMaps`].
+pub trait PolicyMaps {
+    fn read_endpoints(&self) -> Result<Vec<(u64, EndpointInfo)>, Error>;
+    fn read_ipcache(&self) -> Result<Vec<(IpNet, IpcacheValue)>, Error>;
+    fn read_entries(&self) -> Result<Vec<(EntryKey, PolicyValue)>, Error>;
+    fn put_endpoint(&mut self, cgroup_id: u64, value: &EndpointInfo) -> Result<(), Error>;
+    fn del_endpoint(&mut self, cgroup_id: u64) -> Result<(), Error>;
+    fn put_ipcache(&mut self, net: &IpNet, value: &IpcacheValue) -> Result<(), Error>;
+    fn del_ipcache(&mut self, net: &IpNet) -> Result<(), Error>;
+    fn put_entry(&mut self, key: &EntryKey, value: &PolicyValue) -> Result<(), Error>;
+    fn del_entry(&mut self, key: &EntryKey) -> Result<(), Error>;
+}
+
+/// Map capacities (the `--max-*` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyCapacity {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub entries: u32,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyReport {
+    pub written: usize,
+    pub deleted: usize,
+    /// Problems that left some of the desired state out; each names its map and flag.
+    pub errors: Vec<String>,
+}
+
+/// Applies desired policy state to the maps.
+#[derive(Debug)]
+pub struct PolicySyncer<M> {
+    maps: M,
+    capacity: PolicyCapacity,
+    endpoints: BTreeMap<u64, EndpointInfo>,
+    ipcache: BTreeMap<IpNet, IpcacheValue>,
+    entries: BTreeMap<EntryKey, PolicyValue>,
+}
+
+impl<M: PolicyMaps> PolicySyncer<M> {
+    /// Takes over what the maps hold (from an earlier agent).
+    pub fn new(maps: M, capacity: PolicyCapacity) -> Result<Self, Error> {
+        Ok(Self {
+            endpoints: maps.read_endpoints()?.into_iter().collect(),
+            ipcache: maps.read_ipcache()?.into_iter().collect(),
+            entries: maps.read_entries()?.into_iter().collect(),
+            maps,
+            capacity,
+        })
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Entries in use: (endpoints, ipcache, policy entries).
+    pub fn usage(&self) -> (usize, usize, usize) {
+        (self.endpoints.len(), self.ipcache.len(), self.entries.len())
+    }
+
+    /// Teaches a fresh numbering the numbers the kernel holds, so a restarted agent rewrites
+    /// nothing that did not change and never gives an old number a new meaning. `first` is a
+    /// compile with `ids` as they are; `cgroup_ids` resolves its endpoints.
+    pub fn seed(&self, ids: &mut Ids, first: &Policies, cgroup_ids: &BTreeMap<String, u64>) {
+        let max_identity = self.ipcache.values().map(|v| v.identity).max().unwrap_or(0);
+        let max_endpoint = self
+            .endpoints
+            .values()
+            .map(|v| v.endpoint_id)
+            .max()
+            .unwrap_or(0);
+        let max_set = self
+            .endpoints
+            .values()
+            .map(|v| v.policy_set)
+            .chain(self.entries.keys().map(|k| k.data.policy_set))
+            .max()
+            .unwrap_or(0);
+        let mut fresh = Ids::default();
+        fresh.reserve(max_identity, max_endpoint, max_set);
+        let mut identity_hints: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for (net, want) in &first.ipcache {
+            if let Some(have) = self.ipcache.get(net) {
+                identity_hints
+                    .entry(want.identity)
+                    .or_default()
+                    .insert(have.identity);
+            }
+        }
+        for (want, have) in identity_hints {
+            // Only an unambiguous mapping is a hint.
+            if let (Some(key), [old]) = (
+                first.identities.get(&want),
+                &have.into_iter().collect::<Vec<_>>()[..],
+            ) {
+                fresh.hint_identity(key.clone(), *old);
+            }
+        }
+        for (cgroup, e) in &first.endpoints {
+            let Some(have) = cgroup_ids.get(cgroup).and_then(|id| self.endpoints.get(id)) else {
+                continue;
+            };
+            fresh.hint_endpoint(cgroup.clone(), have.endpoint_id);
+            if let Some(key) = first.set_keys.get(&e.info.policy_set)
+                && have.policy_set != 0
+            {
+                fresh.hint_set(key.clone(), have.policy_set);
+            }
+        }
+        *ids = fresh;
+    }
+
+    /// One pass. `cgroup_ids`: the cgroup id of each desired endpoint's cgroup that exists.
+    pub fn apply(
+        &mut self,
+        desired: &Policies,
+        cgroup_ids: &BTreeMap<String, u64>,
+    ) -> PolicyReport {
+        let mut report = PolicyReport::default();
+        let want_endpoints: BTreeMap<u64, EndpointInfo> = desired
+            .endpoints
+            .iter()
+            .filter_map(|(cg, e)| Some((*cgroup_ids.get(cg)?, e.info)))
+            .collect();
+
+        // 1. Entries, with the bridge entries for identities being retired.
+        let bridge = self.bridge(desired);
+        let mut entries_ok = true;
+        if desired.entries.len() + bridge.len() > self.capacity.entries as usize {
+            entries_ok = false;
+            report.errors.push(format!(
+                "map POLICY is full: {} entries needed, capacity {}; raise --max-policy-entries. \
+                 Pods keep their previous policies; newly isolated pods allow nothing.",
+                desired.entries.len(),
+                self.capacity.entries
+            ));
+        } else {
+            for (k, v) in desired.entries.iter().chain(&bridge) {
+                if self.entries.get(k) == Some(v) {
+                    continue;
+                }
+                match self.maps.put_entry(k, v) {
+                    Ok(()) => {
+                        self.entries.insert(*k, *v);
+                        report.written += 1;
+                    }
+                    Err(e) => {
+                        entries_ok = false;
+                        report.errors.push(format!(
+                            "{}; pods keep their previous policies",
+                            crate::chain(&e)
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+
+        // 2. Endpoints (only as many as fit).
+        for (id, want) in &want_endpoints {
+            let have = self.endpoints.get(id).copied();
+            let mut value = *want;
+            if !entries_ok {
+                match have {
+                    Some(h) => {
+                        value = EndpointInfo {
+                            policy_set: h.policy_set,
+                            ..value
+                        }
+                    }
+                    None => value.policy_set = 0,
+                }
+            }
+            if have == Some(value) {
+                continue;
+            }
+            if have.is_none() && self.endpoints.len() >= self.capacity.endpoints as usize {
+                report.errors.push(format!(
+                    "map ENDPOINTS is full ({} pods); raise --max-endpoints. Pod with cgroup id \
+                     {id} is not enforced.",
+                    self.capacity.endpoints
+                ));
+                continue;
+            }
+            match self.maps.put_endpoint(*id, &value) {
+                Ok(()) => {
+                    self.endpoints.insert(*id, value);
+                    report.written += 1;
+                }
+                Err(e) => report.errors.push(crate::chain(&e)),
+            }
+        }
+
+        // 3. Endpoints that are gone (isolation lifted: never more restrictive than before).
+        let stale: Vec<u64> = self
+            .endpoints
+            .keys()
+            .filter(|id| !want_endpoints.contains_key(id))
+            .copied()
+            .collect();
+        for id in stale {
+            self.delete(
+                &mut report,
+                |m| m.del_endpoint(id),
+                |s| {
+                    s.endpoints.remove(&id);
+                },
+            );
+        }
+
+        // 4. and 5. Addresses: all or nothing, so an excepted address never falls back to a
+        // wider block's identity because its own entry did not fit.
+        if desired.ipcache.len() > self.capacity.ipcache as usize {
+            report.errors.push(format!(
+                "map IPCACHE is full: {} entries needed, capacity {}; raise --max-ipcache. \
+                 Addresses keep their previous identities.",
+                desired.ipcache.len(),
+                self.capacity.ipcache
+            ));
+        } else {
+            let mut ok = true;
+            // Most specific first: a wider prefix never appears before the narrower ones
+            // (excepts, pods) that carve into it, so no address briefly takes its identity.
+            let mut writes: Vec<(&IpNet, &IpcacheValue)> = desired.ipcache.iter().collect();
+            writes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+            for (net, v) in writes {
+                if self.ipcache.get(net) == Some(v) {
+                    continue;
+                }
+                match self.maps.put_ipcache(net, v) {
+                    Ok(()) => {
+                        self.ipcache.insert(*net, *v);
+                        report.written += 1;
+                    }
+                    Err(e) => {
+                        ok = false;
+                        report.errors.push(crate::chain(&e));
+                        break;
+                    }
+                }
+            }
+            if ok {
+                // Widest first, for the same reason.
+                let mut stale: Vec<IpNet> = self
+                    .ipcache
+                    .keys()
+                    .filter(|n| !desired.ipcache.contains_key(n))
+                    .copied()
+                    .collect();
+                stale.sort_by_key(IpNet::prefix_len);
+                for net in stale {
+                    self.delete(
+                        &mut report,
+                        |m| m.del_ipcache(&net),
+                        |s| {
+                            s.ipcache.remove(&net);
+                        },
+                    );
+                }
+            }
+        }
+
+        // 6. Entries nothing wants (kept when the new state could not be written).
+        if entries_ok {
+            let stale: Vec<EntryKey> = self
+                .entries
+                .keys()
+                .filter(|k| !desired.entries.contains_key(k))
+                .copied()
+                .collect();
+            for k in stale {
+                self.delete(
+                    &mut report,
+                    |m| m.del_entry(&k),
+                    |s| {
+                        s.entries.remove(&k);
+                    },
+                );
+            }
+        }
+        report
+    }
+
+    /// Entries that let a set treat an identity being retired like its successor.
+    ///
+    /// A pod moves to its new set (step 2) before addresses move to their new identities
+    /// (step 4); in between, the new set would not know the addresses' old identities. When
+    /// every address of a retiring pod identity moves to the same new identity, the new set
+    /// allows the old one exactly as it allows the new one. (An identity whose addresses
+    /// split among several successors gets no bridge: a connection starting in that instant
+    /// may be refused, never wrongly allowed.) Step 6 removes the bridge.
+    fn bridge(&self, desired: &Policies) -> BTreeMap<EntryKey, PolicyValue> {
+        let kept: BTreeSet<u32> = desired.ipcache.values().map(|v| v.identity).collect();
+        let mut successors: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for (net, old) in &self.ipcache {
+            // Reserved identities (the world) stand for more than these addresses.
+            if kept.contains(&old.identity) || old.identity < IDENTITY_FIRST {
+                continue;
+            }
+            // Only single addresses: a new, narrower prefix can carve a wider one, and the
+            // addresses it takes away go elsewhere than the prefix's successor.
+            let new = if net.prefix_len() == net.max_prefix_len() {
+                desired.ipcache.get(net).map_or(0, |v| v.identity)
+            } else {
+                0
+            };
+            successors.entry(old.identity).or_default().insert(new);
+        }
+        let single: BTreeMap<u32, u32> = successors
+            .into_iter()
+            .filter_map(|(old, new)| match new.into_iter().collect::<Vec<_>>()[..] {
+                [n] if n != 0 => Some((n, old)),
+                _ => None,
+            })
+            .collect();
+        if single.is_empty() {
+            return BTreeMap::new();
+        }
+        desired
+            .entries
+            .iter()
+            .filter_map(|(k, v)| {
+                let old = *single.get(&k.data.identity)?;
+                let mut bridged = *k;
+                bridged.data.identity = old;
+                (!desired.entries.contains_key(&bridged)).then_some((bridged, *v))
+            })
+            .collect()
+    }
+
+    fn delete(
+        &mut self,
+        report: &mut PolicyReport,
+        op: impl FnOnce(&mut M) -> Result<(), Error>,
+        forget: impl FnOnce(&mut Self),
+    ) {
+        match op(&mut self.maps) {
+            Ok(()) => {
+                forget(self);
+                report.deleted += 1;
+            }
+            Err(e) if e.is_not_found() => forget(self),
+            // Kept as applied: the next pass tries again.
+            Err(e) => report.errors.push(crate::chain(&e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+//! [`PolicyMaps`] on the pinned kernel maps.
+use std::net::IpAddr;
+
+use aya::maps::{
+    HashMap, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::IpNet;
+use weft_abi::{
+    maps,
+    policy::{
+        EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, PolicyData, PolicyValue,
+    },
+};
+
+use super::{Error, PolicyMaps};
+use crate::compile::{ip_words, policy::EntryKey, words_ip};
+
+/// The three maps policy sync writes.
+pub struct KernelPolicyMaps {
+    pub endpoints: HashMap<MapData, u64, EndpointInfo>,
+    pub ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
+    pub policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+}
+
+impl std::fmt::Debug for KernelPolicyMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelPolicyMaps").finish_non_exhaustive()
+    }
+}
+
+fn err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { map, op, source }
+}
+
+/// The `IPCACHE` key of a prefix.
+pub fn ipcache_key(net: &IpNet) -> Key<IpcacheData> {
+    let (family, addr) = ip_words(net.network());
+    Key::new(
+        IPCACHE_PREFIX_FAMILY + u32::from(net.prefix_len()),
+        IpcacheData {
+            family: u32::from(family),
+            addr,
+        },
+    )
+}
+
+/// The prefix of an `IPCACHE` key, if it is well formed.
+pub fn ipcache_net(key: &Key<IpcacheData>) -> Option<IpNet> {
+    let data = key.data();
+    let ip: IpAddr = words_ip(u8::try_from(data.family).ok()?, data.addr);
+    let len = key.prefix_len().checked_sub(IPCACHE_PREFIX_FAMILY)?;
+    IpNet::new(ip, u8::try_from(len).ok()?).ok()
+}
+
+impl PolicyMaps for KernelPolicyMaps {
+    fn read_endpoints(&self) -> Result<Vec<(u64, EndpointInfo)>, Error> {
+        self.endpoints
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::ENDPOINTS, "read"))
+    }
+
+    fn read_ipcache(&self) -> Result<Vec<(IpNet, IpcacheValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache.iter() {
+            let (k, v) = item.map_err(err(maps::IPCACHE, "read"))?;
+            if let Some(net) = ipcache_net(&k) {
+                out.push((net, v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_entries(&self) -> Result<Vec<(EntryKey, PolicyValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(err(maps::POLICY, "read"))?;
+            out.push((
+                EntryKey {
+                    prefix_len: k.prefix_len(),
+                    data: k.data(),
+                },
+                v,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn put_endpoint(&mut self, cgroup_id: u64, value: &EndpointInfo) -> Result<(), Error> {
+        self.endpoints
+            .insert(cgroup_id, value, 0)
+            .map_err(err(maps::ENDPOINTS, "write"))
+    }
+
+    fn del_endpoint(&mut self, cgroup_id: u64) -> Result<(), Error> {
+        self.endpoints
+            .remove(&cgroup_id)
+            .map_err(err(maps::ENDPOINTS, "delete from"))
+    }
+
+    fn put_ipcache(&mut self, net: &IpNet, value: &IpcacheValue) -> Result<(), Error> {
+        self.ipcache
+            .insert(&ipcache_key(net), value, 0)
+            .map_err(err(maps::IPCACHE, "write"))
+    }
+
+    fn del_ipcache(&mut self, net: &IpNet) -> Result<(), Error> {
+        self.ipcache
+            .remove(&ipcache_key(net))
+            .map_err(err(maps::IPCACHE, "delete from"))
+    }
+
+    fn put_entry(&mut self, key: &EntryKey, value: &PolicyValue) -> Result<(), Error> {
+        self.policy
+            .insert(&Key::new(key.prefix_len, key.data), value, 0)
+            .map_err(err(maps::POLICY, "write"))
+    }
+
+    fn del_entry(&mut self, key: &EntryKey) -> Result<(), Error> {
+        self.policy
+            .remove(&Key::new(key.prefix_len, key.data))
+            .map_err(err(maps::POLICY, "delete from"))
+    }
+}

@@ -1,0 +1,406 @@
+//! Policy sync against in-memory maps that judge a set of probes after every single write:
+//! between an old and a new state, no probe may be allowed that neither allows, nor denied
+//! that both allow.
+use std::{cell::RefCell, collections::BTreeMap, net::IpAddr};
+
+use aya::maps::MapError;
+use ipnet::IpNet;
+use proptest::prelude::*;
+use weft_abi::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    policy::{DIR_EGRESS, DIR_INGRESS, EndpointInfo, IpcacheValue, PolicyData, PolicyValue},
+};
+
+use super::*;
+use crate::compile::policy::{
+    compile,
+    judge::{Tables, judge, lpm_ipcache, lpm_policy},
+    tests::{model::store_of, reference},
+};
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    cgroup: u64,
+    direction: u8,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+}
+
+#[derive(Debug, Default)]
+struct Fake {
+    endpoints: BTreeMap<u64, EndpointInfo>,
+    ipcache: BTreeMap<IpNet, IpcacheValue>,
+    entries: BTreeMap<EntryKey, PolicyValue>,
+    /// Probes with the lowest and highest acceptable verdict.
+    bounds: Vec<(Probe, bool, bool)>,
+    writes: usize,
+    /// Writes fail once this many have succeeded.
+    fail_after: Option<usize>,
+    /// Probes allowed that neither state allows.
+    opened: RefCell<Vec<String>>,
+    /// Probes denied that both states allow.
+    closed: RefCell<Vec<String>>,
+}
+
+impl Tables for Fake {
+    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
+        lpm_ipcache(&self.ipcache, ip)
+    }
+
+    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
+        lpm_policy(&self.entries, data)
+    }
+}
+
+impl Fake {
+    fn verdict(&self, p: &Probe) -> bool {
+        match self.endpoints.get(&p.cgroup) {
+            None => true,
+            Some(ep) => judge(self, ep, p.direction, p.peer, p.protocol, p.port).allowed,
+        }
+    }
+
+    fn write(&mut self, change: impl FnOnce(&mut Self)) -> Result<(), Error> {
+        if self.fail_after.is_some_and(|n| self.writes >= n) {
+            return Err(Error::Map {
+                map: "TEST",
+                op: "write",
+                source: MapError::KeyNotFound,
+            });
+        }
+        self.writes += 1;
+        change(self);
+        for (p, lo, hi) in &self.bounds {
+            let v = self.verdict(p);
+            let msg = || {
+                format!(
+                    "after write {}: {p:?} is {v}, bounds {lo}..{hi}",
+                    self.writes
+                )
+            };
+            if v && !hi {
+                self.opened.borrow_mut().push(msg());
+            }
+            if !v && *lo {
+                self.closed.borrow_mut().push(msg());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PolicyMaps for Fake {
+    fn read_endpoints(&self) -> Result<Vec<(u64, EndpointInfo)>, Error> {
+        Ok(self.endpoints.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn read_ipcache(&self) -> Result<Vec<(IpNet, IpcacheValue)>, Error> {
+        Ok(self.ipcache.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn read_entries(&self) -> Result<Vec<(EntryKey, PolicyValue)>, Error> {
+        Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_endpoint(&mut self, id: u64, v: &EndpointInfo) -> Result<(), Error> {
+        let v = *v;
+        self.write(|s| {
+            s.endpoints.insert(id, v);
+        })
+    }
+    fn del_endpoint(&mut self, id: u64) -> Result<(), Error> {
+        self.write(|s| {
+            s.endpoints.remove(&id);
+        })
+    }
+    fn put_ipcache(&mut self, net: &IpNet, v: &IpcacheValue) -> Result<(), Error> {
+        let (net, v) = (*net, *v);
+        self.write(|s| {
+            s.ipcache.insert(net, v);
+        })
+    }
+    fn del_ipcache(&mut self, net: &IpNet) -> Result<(), Error> {
+        let net = *net;
+        self.write(|s| {
+            s.ipcache.remove(&net);
+        })
+    }
+    fn put_entry(&mut self, k: &EntryKey, v: &PolicyValue) -> Result<(), Error> {
+        let (k, v) = (*k, *v);
+        self.write(|s| {
+            s.entries.insert(k, v);
+        })
+    }
+    fn del_entry(&mut self, k: &EntryKey) -> Result<(), Error> {
+        let k = *k;
+        self.write(|s| {
+            s.entries.remove(&k);
+        })
+    }
+}
+
+const CAPACITY: PolicyCapacity = PolicyCapacity {
+    endpoints: 1000,
+    ipcache: 1000,
+    entries: 100_000,
+};
+
+/// cgroup `c<i>` has id 1000 + i.
+fn cgroup_ids(p: &Policies) -> BTreeMap<String, u64> {
+    p.endpoints
+        .keys()
+        .filter_map(|cg| {
+            Some((
+                cg.clone(),
+                1000 + cg.strip_prefix('c')?.parse::<u64>().ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn probes(cgroups: impl Iterator<Item = u64>) -> Vec<Probe> {
+    let peers: Vec<IpAddr> = (10..16)
+        .map(|i| format!("10.0.0.{i}"))
+        .chain([
+            "9.9.9.9".to_owned(),
+            "10.0.0.9".to_owned(),
+            "10.0.0.1".to_owned(),
+        ])
+        .map(|s| s.parse().expect("ip"))
+        .collect();
+    let mut out = Vec::new();
+    for cgroup in cgroups {
+        for &peer in &peers {
+            for direction in [DIR_INGRESS, DIR_EGRESS] {
+                for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+                    for port in [53, 80, 8080, 8500] {
+                        out.push(Probe {
+                            cgroup,
+                            direction,
+                            peer,
+                            protocol,
+                            port,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn compiled(world: &reference::World, ids: &mut Ids) -> Policies {
+    let docs: Vec<&str> = world.docs.iter().map(String::as_str).collect();
+    let host: [IpAddr; 1] = ["10.0.0.1".parse().expect("ip")];
+    compile(&store_of(&docs), &host, ids)
+}
+
+/// Syncs `old`, then `new` with bounds checked after every write; returns the syncer.
+fn transition(
+    old: &reference::World,
+    new: &reference::World,
+    fail_after: Option<usize>,
+) -> (PolicySyncer<Fake>, Policies, PolicyReport) {
+    let mut ids = Ids::default();
+    let before = compiled(old, &mut ids);
+    let mut syncer = PolicySyncer::new(Fake::default(), CAPACITY).expect("new");
+    let report = syncer.apply(&before, &cgroup_ids(&before));
+    assert!(report.errors.is_empty(), "{report:?}");
+    let after = compiled(new, &mut ids);
+    let cgroups: Vec<u64> = cgroup_ids(&before)
+        .into_values()
+        .chain(cgroup_ids(&after).into_values())
+        .collect();
+    let mut bounds = Vec::new();
+    for p in probes(cgroups.into_iter()) {
+        let old_v = syncer.maps.verdict(&p);
+        // The new verdict: on a scratch copy synced directly.
+        bounds.push((p, old_v, old_v));
+    }
+    let mut scratch = PolicySyncer::new(Fake::default(), CAPACITY).expect("new");
+    scratch.apply(&after, &cgroup_ids(&after));
+    let (old_ids, new_ids) = (cgroup_ids(&before), cgroup_ids(&after));
+    for (p, lo, hi) in &mut bounds {
+        let new_v = scratch.maps.verdict(p);
+        *lo = *lo && new_v;
+        // Also acceptable: a pod's old or new policies judging the peer's identity of the
+        // other state, as if the label and policy changes had come one after the other.
+        *hi = *hi
+            || new_v
+            || cross(&before, &old_ids, &after, p)
+            || cross(&after, &new_ids, &before, p);
+    }
+    syncer.maps.bounds = bounds;
+    syncer.maps.fail_after = fail_after.map(|n| syncer.maps.writes + n);
+    let report = syncer.apply(&after, &cgroup_ids(&after));
+    (syncer, after, report)
+}
+
+/// Policies judge addresses with identities from elsewhere.
+struct Cross<'a> {
+    policies: &'a Policies,
+    addresses: &'a Policies,
+}
+
+impl Tables for Cross<'_> {
+    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
+        lpm_ipcache(&self.addresses.ipcache, ip)
+    }
+
+    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
+        lpm_policy(&self.policies.entries, data)
+    }
+}
+
+/// The verdict of `policies`' endpoint for the probe, with the peer's identity from
+/// `addresses` (false when the pod has no endpoint there).
+fn cross(
+    policies: &Policies,
+    ids: &BTreeMap<String, u64>,
+    addresses: &Policies,
+    p: &Probe,
+) -> bool {
+    let Some(cg) = ids
+        .iter()
+        .find(|(_, id)| **id == p.cgroup)
+        .map(|(cg, _)| cg)
+    else {
+        return false;
+    };
+    let ep = policies.endpoints[cg].info;
+    judge(
+        &Cross {
+            policies,
+            addresses,
+        },
+        &ep,
+        p.direction,
+        p.peer,
+        p.protocol,
+        p.port,
+    )
+    .allowed
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+    #[test]
+    fn no_write_allows_what_no_order_of_the_changes_allows(old in reference::world(), new in reference::world()) {
+        let (syncer, after, report) = transition(&old, &new, None);
+        prop_assert!(report.errors.is_empty(), "{:?}", report);
+        let opened = syncer.maps.opened.borrow().clone();
+        prop_assert!(opened.is_empty(), "{:?}", opened);
+        // And the end state is exactly the new one.
+        prop_assert_eq!(&syncer.maps.entries, &after.entries);
+        prop_assert_eq!(&syncer.maps.ipcache, &after.ipcache);
+    }
+
+    #[test]
+    fn a_failed_write_never_opens_anything(old in reference::world(), new in reference::world(), n in 0usize..40) {
+        // A failure may leave something refused (fail closed), never anything open.
+        let (syncer, _, _) = transition(&old, &new, Some(n));
+        let opened = syncer.maps.opened.borrow().clone();
+        prop_assert!(opened.is_empty(), "{:?}", opened);
+        // Whatever failed, nothing is allowed that neither state allows.
+        for (p, _, hi) in &syncer.maps.bounds {
+            prop_assert!(!syncer.maps.verdict(p) || *hi, "{:?} open after failure", p);
+        }
+    }
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_numbers_and_rewrites_nothing() {
+    let world = reference::World::generate(7);
+    let mut ids = Ids::default();
+    let first = compiled(&world, &mut ids);
+    let mut syncer = PolicySyncer::new(Fake::default(), CAPACITY).expect("new");
+    syncer.apply(&first, &cgroup_ids(&first));
+    let kernel = std::mem::take(&mut syncer.maps);
+    // A new agent: fresh numbering, seeded from what the kernel holds.
+    let mut restarted = PolicySyncer::new(kernel, CAPACITY).expect("new");
+    let mut ids = Ids::default();
+    let probe = compiled(&world, &mut ids);
+    restarted.seed(&mut ids, &probe, &cgroup_ids(&probe));
+    let again = compiled(&world, &mut ids);
+    let report = restarted.apply(&again, &cgroup_ids(&again));
+    assert_eq!((report.written, report.deleted), (0, 0), "{report:?}");
+}
+
+#[test]
+fn entries_that_do_not_fit_leave_new_pods_denied() {
+    let world = reference::World::generate(11);
+    let mut ids = Ids::default();
+    let desired = compiled(&world, &mut ids);
+    let small = PolicyCapacity {
+        entries: 0,
+        ..CAPACITY
+    };
+    let mut syncer = PolicySyncer::new(Fake::default(), small).expect("new");
+    let report = syncer.apply(&desired, &cgroup_ids(&desired));
+    if desired.entries.is_empty() {
+        return;
+    }
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("--max-policy-entries")),
+        "{report:?}"
+    );
+    for (cg, e) in &desired.endpoints {
+        let id = cgroup_ids(&desired)[cg];
+        let have = syncer.maps.endpoints[&id];
+        assert_eq!(have.flags, e.info.flags, "isolation is kept");
+        assert_eq!(
+            have.policy_set, 0,
+            "nothing allowed beyond the pod itself and the node"
+        );
+    }
+}
+
+/// The usual change, pods relabelled while policies change with them: no connection starting
+/// in between is refused.
+#[test]
+fn a_relabel_with_a_policy_change_refuses_nothing_in_between() {
+    let pod = |labels: &str| {
+        format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{{\"name\":\"p0\",\"namespace\":\"x\",\"labels\":{labels},\"annotations\":{{\"weft.io/cgroup\":\"c0\"}}}},\"status\":{{\"podIP\":\"10.0.0.10\"}}}}"
+        )
+    };
+    let client = |labels: &str, i: u32| {
+        format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{{\"name\":\"q{i}\",\"namespace\":\"x\",\"labels\":{labels}}},\"status\":{{\"podIP\":\"10.0.0.1{i}\"}}}}"
+        )
+    };
+    let policy = |from: &str| {
+        format!(
+            "{{\"apiVersion\":\"networking.k8s.io/v1\",\"kind\":\"NetworkPolicy\",\"metadata\":{{\"name\":\"np\",\"namespace\":\"x\"}},\"spec\":{{\"podSelector\":{{}},\"ingress\":[{{\"from\":[{{\"podSelector\":{{\"matchLabels\":{from}}}}}]}}]}}}}"
+        )
+    };
+    let old = reference::World {
+        docs: vec![
+            pod("{\"app\":\"web\"}"),
+            client("{\"v\":\"1\"}", 1),
+            client("{\"v\":\"1\"}", 2),
+            policy("{\"v\":\"1\"}"),
+        ],
+    };
+    let new = reference::World {
+        docs: vec![
+            pod("{\"app\":\"web\",\"tier\":\"1\"}"),
+            client("{\"v\":\"2\"}", 1),
+            client("{\"v\":\"2\"}", 2),
+            policy("{\"v\":\"2\"}"),
+        ],
+    };
+    let (syncer, _, report) = transition(&old, &new, None);
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert!(
+        syncer.maps.opened.borrow().is_empty(),
+        "{:?}",
+        syncer.maps.opened.borrow()
+    );
+    assert!(
+        syncer.maps.closed.borrow().is_empty(),
+        "{:?}",
+        syncer.maps.closed.borrow()
+    );
+}

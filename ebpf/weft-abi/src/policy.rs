@@ -1,0 +1,219 @@
+//! NetworkPolicy state shared by the agent (writer) and the kernel programs (readers).
+//!
+//! A pod's traffic is judged by three lookups, none of which grows with the number of rules
+//! or pods:
+//! 1. `ENDPOINTS` (hash): the cgroup of the socket (or its nearest ancestor that is a pod's
+//!    cgroup) → [`EndpointInfo`]: the pod's policy set and whether it is isolated.
+//! 2. `IPCACHE` (LPM trie): the peer address → [`IpcacheValue`], its numeric identity. Pod IPs
+//!    are /32 (/128); ipBlock prefixes are shorter; an address matching nothing is
+//!    [`IDENTITY_WORLD`].
+//! 3. `POLICY` (LPM trie): (policy set, identity, direction, protocol, port prefix) → allowed.
+//!    Looked up with the peer's identity and again with [`IDENTITY_ANY`] (rules without peers).
+//!    A missing protocol or port is a shorter prefix; a port range is split into prefixes.
+//!
+//! Replies are never judged: a TCP packet reaching a socket that is not listening belongs to a
+//! connection judged when it began, and other protocols are recognised by `POLICY_FLOWS`.
+
+/// Identity in a `POLICY` key that matches every peer (a rule without `from`/`to`).
+pub const IDENTITY_ANY: u32 = 0;
+/// The identity of an address `IPCACHE` does not know: outside every pod and ipBlock.
+pub const IDENTITY_WORLD: u32 = 2;
+/// Allocated identities start here.
+pub const IDENTITY_FIRST: u32 = 256;
+
+/// [`EndpointInfo::flags`]: ingress is restricted (some policy selects the pod for Ingress).
+pub const EP_INGRESS_ISOLATED: u32 = 1;
+/// [`EndpointInfo::flags`]: egress is restricted.
+pub const EP_EGRESS_ISOLATED: u32 = 2;
+
+/// [`IpcacheValue::flags`]: the address is the node's own (the kubelet's probes come from
+/// it): ingress from it is always allowed, as Kubernetes requires.
+pub const IP_HOST: u32 = 1;
+
+/// Direction in a `POLICY` key.
+pub const DIR_INGRESS: u8 = 0;
+/// Direction in a `POLICY` key.
+pub const DIR_EGRESS: u8 = 1;
+
+/// Bits of a `POLICY` key before the protocol: policy set, identity, direction.
+pub const POLICY_PREFIX_FIXED: u32 = 72;
+/// Bits of a full `POLICY` key (protocol and port included).
+pub const POLICY_PREFIX_FULL: u32 = POLICY_PREFIX_FIXED + 8 + 16;
+/// Bits of an `IPCACHE` key before the address (the family word).
+pub const IPCACHE_PREFIX_FAMILY: u32 = 32;
+
+/// Value of `ENDPOINTS` (hash, key: cgroup v2 id of a local pod's cgroup).
+/// Writer: agent `sync`. Readers: connect4/6, cgroup_skb.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    /// Local endpoint number (never 0).
+    pub endpoint_id: u32,
+    /// First part of this pod's `POLICY` keys.
+    pub policy_set: u32,
+    /// The pod's own identity.
+    pub identity: u32,
+    /// `EP_*`.
+    pub flags: u32,
+    /// The pod's addresses (network byte order; 0 when it has none of a family): a pod
+    /// reaching itself is always allowed. Here rather than in `IPCACHE` so that the check
+    /// changes in the same update as the endpoint.
+    pub ip4: u32,
+    pub _pad: u32,
+    pub ip6: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 40);
+
+impl EndpointInfo {
+    /// Whether `addr` (family 4 or 6) is one of the pod's own addresses.
+    pub fn owns(&self, family: u8, addr: &[u32; 4]) -> bool {
+        if family == 4 {
+            self.ip4 != 0 && addr[0] == self.ip4
+        } else {
+            self.ip6 != [0; 4] && *addr == self.ip6
+        }
+    }
+}
+
+/// Data of an `IPCACHE` key (after the LPM prefix length). Prefix length = 32 + address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheData {
+    /// 4 or 6.
+    pub family: u32,
+    /// Network byte order; IPv4 in the first word, the rest 0.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<IpcacheData>() == 20);
+
+/// Value of `IPCACHE` (LPM trie). Writer: agent `sync`. Readers: connect4/6, cgroup_skb.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// `IP_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+
+/// Data of a `POLICY` key (after the LPM prefix length). The port is in network byte order so
+/// that a prefix of its bits is a block of consecutive ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyData {
+    pub policy_set: u32,
+    pub identity: u32,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Network byte order.
+    pub port: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyData>() == 12);
+
+/// [`PolicyValue::flags`]: the entry covers every port (its rule lists no port).
+pub const POL_ANY_PORT: u32 = 1;
+
+/// Value of `POLICY` (LPM trie): present means allowed. Writer: agent `sync`. Readers:
+/// connect4/6, cgroup_skb.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// A stable hash of the rule that allowed this (namespace/name, direction, index), for
+    /// reports; the agent maps it back to the rule.
+    pub rule: u32,
+    /// `POL_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+/// Key of `POLICY_FLOWS` (LRU hash): a socket's allowed exchange with one peer, for protocols
+/// without connection state in the socket (UDP, SCTP). Writer and reader: connect4/6 and
+/// cgroup_skb. Value: the last time (ktime ns) the flow was refreshed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyFlowKey {
+    pub cookie: u64,
+    /// Network byte order; IPv4 in the first word.
+    pub peer: [u32; 4],
+    /// Network byte order.
+    pub peer_port: u16,
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyFlowKey>() == 32);
+
+/// An allowed flow not seen for this long is judged again (like conntrack's UDP timeout).
+pub const FLOW_IDLE_NS: u64 = 120 * 1_000_000_000;
+/// A flow's timestamp is rewritten at most this often (one write per packet would make every
+/// CPU fight over the entry).
+pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How a verdict was reached: index into `VERDICTS` (per-CPU array of u64).
+/// Writer: connect4/6 and cgroup_skb. Reader: agent `stats`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Match {
+    /// Allowed by an entry for the peer's identity and port.
+    L3L4 = 0,
+    /// Allowed by an entry for the peer's identity, every port.
+    L3Only = 1,
+    /// Allowed by an entry for every peer, one port.
+    L4Only = 2,
+    /// Allowed by an entry for every peer and port.
+    All = 3,
+    /// Allowed: the node's own address (kubelet probes), or a pod reaching itself.
+    Host = 4,
+    /// Denied: the pod is isolated and nothing allows the peer and port.
+    None = 5,
+}
+
+impl Match {
+    pub const ALL: [Self; 6] = [
+        Self::L3L4,
+        Self::L3Only,
+        Self::L4Only,
+        Self::All,
+        Self::Host,
+        Self::None,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::L3L4 => "l3-l4",
+            Self::L3Only => "l3-only",
+            Self::L4Only => "l4-only",
+            Self::All => "all",
+            Self::Host => "host-or-self",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Slot of a (direction, match) pair in `VERDICTS`.
+pub const fn verdict_index(direction: u8, m: Match) -> u32 {
+    direction as u32 * Match::ALL.len() as u32 + m as u32
+}
+
+/// Slots in `VERDICTS`.
+pub const VERDICTS: u32 = 2 * Match::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: these types are repr(C), integers only, with explicit padding (sizes asserted).
+    unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IpcacheData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IpcacheValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyFlowKey {}
+}

@@ -1,0 +1,311 @@
+//! NetworkPolicy enforcement (see `weft_abi::policy` for the maps).
+//!
+//! - TCP egress is judged at connect (after service translation, so against the backend that
+//!   was chosen); a denied connect fails at once with EPERM.
+//! - TCP ingress is judged on the packets that reach a listening socket (the SYN and the
+//!   handshake's last ACK); packets of an established connection pass.
+//! - UDP and SCTP are judged on a socket's first packet to or from a peer (connect judges
+//!   connected UDP early); an allowed exchange is remembered in `POLICY_FLOWS` under the
+//!   socket's cookie, so its packets in both directions pass without being judged again.
+//! - ICMP replies and errors pass; other protocols are judged per packet with port 0 (only
+//!   rules without ports match them).
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_skb_ancestor_cgroup_id,
+    },
+    maps::lpm_trie::Key,
+    programs::{SkBuffContext, SockAddrContext},
+};
+use weft_abi::{
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    policy::{
+        DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo,
+        FLOW_IDLE_NS, FLOW_REFRESH_NS, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST,
+        IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, Match, POL_ANY_PORT, POLICY_PREFIX_FULL,
+        PolicyData, PolicyFlowKey, verdict_index,
+    },
+};
+
+use crate::{
+    headers::Headers,
+    maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL, VERDICTS},
+    stats,
+};
+
+/// Pod cgroups are looked for this many levels below the agent's cgroup root at most (a
+/// Kubernetes pod's is 3 below the root: kubepods / QoS class / pod).
+const MAX_POD_DEPTH: i32 = 6;
+/// `TCP_LISTEN` in the kernel's socket states.
+const TCP_LISTEN: u32 = 10;
+
+/// The pod an ancestor cgroup lookup leads to: the first ancestor (from the top) below the
+/// root that `ENDPOINTS` knows. `ancestor(level)` returns 0 past the cgroup's own level.
+#[inline(always)]
+fn endpoint_by(ancestor: impl Fn(i32) -> u64) -> Option<EndpointInfo> {
+    let root = POLICY_ROOT_LEVEL.load() as i32;
+    for depth in 1..=MAX_POD_DEPTH {
+        let id = ancestor(root + depth);
+        if id == 0 {
+            return None;
+        }
+        // SAFETY: ENDPOINTS is not preallocated: a replaced value stays valid until this
+        // program's RCU section ends; it is copied at once.
+        if let Some(ep) = unsafe { ENDPOINTS.get(id) } {
+            return Some(*ep);
+        }
+    }
+    None
+}
+
+/// The pod of the calling process (sock_addr hooks).
+#[inline(always)]
+fn current_endpoint() -> Option<EndpointInfo> {
+    // SAFETY: no memory is passed.
+    endpoint_by(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The pod of the packet's socket (cgroup_skb).
+#[inline(always)]
+fn skb_endpoint(ctx: &SkBuffContext) -> Option<EndpointInfo> {
+    // SAFETY: the program's context; the helper reads the socket's cgroup only.
+    endpoint_by(|level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) })
+}
+
+#[inline(always)]
+fn ipcache(family: u8, addr: &[u32; 4]) -> IpcacheValue {
+    let bits = if family == 4 { 32 } else { 128 };
+    let key = Key::new(
+        IPCACHE_PREFIX_FAMILY + bits,
+        IpcacheData {
+            family: u32::from(family),
+            addr: *addr,
+        },
+    );
+    match IPCACHE.get(&key) {
+        Some(v) => *v,
+        None => IpcacheValue {
+            identity: IDENTITY_WORLD,
+            ..IpcacheValue::default()
+        },
+    }
+}
+
+#[inline(always)]
+fn lookup(ep: &EndpointInfo, identity: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
+    let key = Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyData {
+            policy_set: ep.policy_set,
+            identity,
+            direction,
+            protocol,
+            port,
+        },
+    );
+    POLICY.get(&key).map(|v| v.flags)
+}
+
+fn is_loopback(family: u8, addr: &[u32; 4]) -> bool {
+    if family == 4 {
+        // 127.0.0.0/8: the first byte in network order is the low byte of the word.
+        addr[0] & 0xff == 127
+    } else {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+}
+
+/// Judges traffic of pod `ep` with peer `peer` in `direction` (the pod is isolated in it).
+#[inline(always)]
+fn judge(
+    ep: &EndpointInfo,
+    direction: u8,
+    family: u8,
+    peer: &[u32; 4],
+    protocol: u8,
+    port: u16,
+) -> Match {
+    if is_loopback(family, peer) {
+        return Match::Host;
+    }
+    // A pod reaching itself, and the node reaching a pod (kubelet probes), always pass.
+    if ep.owns(family, peer) {
+        return Match::Host;
+    }
+    let remote = ipcache(family, peer);
+    if direction == DIR_INGRESS && remote.flags & IP_HOST != 0 {
+        return Match::Host;
+    }
+    if let Some(flags) = lookup(ep, remote.identity, direction, protocol, port) {
+        return if flags & POL_ANY_PORT != 0 {
+            Match::L3Only
+        } else {
+            Match::L3L4
+        };
+    }
+    match lookup(ep, IDENTITY_ANY, direction, protocol, port) {
+        Some(flags) if flags & POL_ANY_PORT != 0 => Match::All,
+        Some(_) => Match::L4Only,
+        None => Match::None,
+    }
+}
+
+#[inline(always)]
+fn count(direction: u8, m: Match) {
+    if let Some(slot) = VERDICTS.get_ptr_mut(verdict_index(direction, m)) {
+        stats::add(slot, 1);
+    }
+}
+
+/// Records an allowed exchange of a socket with a peer (protocols without socket state).
+#[inline(always)]
+fn remember(key: &PolicyFlowKey) {
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A lost entry only means the next packet is judged again.
+    let _ = POLICY_FLOWS.insert(key, now, 0);
+}
+
+#[inline(always)]
+fn flow_key(cookie: u64, family: u8, peer: &[u32; 4], port: u16, protocol: u8) -> PolicyFlowKey {
+    PolicyFlowKey {
+        cookie,
+        peer: *peer,
+        peer_port: port,
+        protocol,
+        family,
+        _pad: 0,
+    }
+}
+
+/// Whether a socket already exchanged with this peer recently (then the packet is part of an
+/// allowed flow, whichever side started it).
+#[inline(always)]
+fn known_flow(key: &PolicyFlowKey) -> bool {
+    // SAFETY: LRU values are u64 timestamps, read and written whole.
+    let Some(seen) = POLICY_FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `seen` points at a live 8-byte aligned map value.
+    let last = unsafe { core::ptr::read_volatile(seen) };
+    let idle = now.saturating_sub(last);
+    if idle > FLOW_IDLE_NS {
+        return false;
+    }
+    if idle > FLOW_REFRESH_NS {
+        // SAFETY: as above; a racing writer stores a timestamp just as good.
+        unsafe { core::ptr::write_volatile(seen, now) };
+    }
+    true
+}
+
+/// connect4/6, after service translation: judges TCP and UDP egress to `dst:port` (the
+/// backend, when translated). Returns false to fail the connect with EPERM.
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], port: u16) -> bool {
+    let Some(ep) = current_endpoint() else {
+        return true;
+    };
+    if ep.flags & EP_EGRESS_ISOLATED != 0 {
+        let m = judge(&ep, DIR_EGRESS, family, dst, protocol, port);
+        count(DIR_EGRESS, m);
+        if m == Match::None {
+            return false;
+        }
+    }
+    if protocol == IPPROTO_UDP {
+        // SAFETY: the program's context; the helper reads the socket only.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) };
+        remember(&flow_key(cookie, family, dst, port, protocol));
+    }
+    true
+}
+
+/// ICMP messages that answer something the pod sent (echo reply, errors).
+#[inline(always)]
+fn is_icmp_reply(h: &Headers) -> bool {
+    match h.protocol {
+        IPPROTO_ICMP => matches!(h.icmp_type, 0 | 3 | 11 | 12),
+        IPPROTO_ICMPV6 => matches!(h.icmp_type, 1..=4 | 129),
+        _ => false,
+    }
+}
+
+/// cgroup_skb: the verdict for a packet (true = pass). `ingress`: received by the pod.
+#[inline(always)]
+pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: u8) -> bool {
+    let ingress = direction == DIR_INGRESS;
+    let (peer, peer_port, port) = if ingress {
+        (&h.src, h.sport, h.dport)
+    } else {
+        (&h.dst, h.dport, h.dport)
+    };
+    match h.protocol {
+        IPPROTO_TCP => {
+            // Egress was judged at connect; ingress only at a listener.
+            if !ingress || !to_listener(ctx) {
+                return true;
+            }
+            decide(ctx, h, direction, peer, port, None)
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            // SAFETY: the program's context; the helper reads skb->sk.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
+            let key = flow_key(cookie, h.version, peer, peer_port, h.protocol);
+            if known_flow(&key) {
+                return true;
+            }
+            decide(ctx, h, direction, peer, port, Some(&key))
+        }
+        _ if is_icmp_reply(h) => true,
+        _ => decide(ctx, h, direction, peer, 0, None),
+    }
+}
+
+/// Judges a packet that starts something (or is not part of anything known); `flow`: remember
+/// it when allowed.
+#[inline(always)]
+fn decide(
+    ctx: &SkBuffContext,
+    h: &Headers,
+    direction: u8,
+    peer: &[u32; 4],
+    port: u16,
+    flow: Option<&PolicyFlowKey>,
+) -> bool {
+    let Some(ep) = skb_endpoint(ctx) else {
+        return true;
+    };
+    let isolated = if direction == DIR_INGRESS {
+        EP_INGRESS_ISOLATED
+    } else {
+        EP_EGRESS_ISOLATED
+    };
+    if ep.flags & isolated != 0 {
+        let m = judge(&ep, direction, h.version, peer, h.protocol, port);
+        count(direction, m);
+        if m == Match::None {
+            return false;
+        }
+    }
+    if let Some(key) = flow {
+        remember(key);
+    }
+    true
+}
+
+/// Whether the packet is delivered to a listening TCP socket (a SYN, or the last ACK of a
+/// handshake): the start of an incoming connection.
+#[inline(always)]
+fn to_listener(ctx: &SkBuffContext) -> bool {
+    let sk = ctx_read!(ctx.skb.skb, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null skb->sk is a socket the verifier lets us read `state` of.
+    unsafe { core::ptr::read_volatile(&raw const (*sk).state) == TCP_LISTEN }
+}

@@ -1,0 +1,503 @@
+//! NetworkPolicy on the upstream e2e model (see `weft_testkit::netpol`): cases adapted from
+//! kubernetes test/e2e/network/netpol/network_policy.go, each compared as whole truth tables
+//! through pod IPs and ClusterIPs.
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use weft_testkit::{
+    Agent, AgentOptions,
+    netpol::{Model, Table, Via},
+};
+
+/// A NetworkPolicy document; `spec` is YAML indented by 2 (the body of `spec:`).
+fn np(namespace: &str, name: &str, spec: &str) -> String {
+    let spec: String = spec
+        .trim_matches('\n')
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: \"{namespace}\"\nspec:\n{spec}"
+    )
+}
+
+fn start(test: &str) -> (Model, Agent) {
+    let model = Model::new(test);
+    let agent = Agent::start_with(
+        &model.node,
+        AgentOptions {
+            source: true,
+            extra_args: vec!["--node-ip".into(), "10.0.0.1".into()],
+            ..AgentOptions::default()
+        },
+    );
+    agent.wait_policies("all nine pods", |v| {
+        v["endpoints"].as_array().is_some_and(|e| e.len() == 9)
+    });
+    (model, agent)
+}
+
+/// Replaces the policy file and waits until the agent enforces exactly these policies (by
+/// name) with every pod's set in the kernel.
+fn apply(model: &Model, agent: &Agent, docs: &[String]) {
+    model
+        .node
+        .write_source("policies.yaml", &docs.join("---\n"));
+    let want: BTreeSet<String> = docs
+        .iter()
+        .filter_map(|d| {
+            let name = d.lines().find_map(|l| l.strip_prefix("  name: "))?;
+            let ns = d
+                .lines()
+                .find_map(|l| l.strip_prefix("  namespace: "))?
+                .trim_matches('"');
+            Some(format!("{ns}/{name}"))
+        })
+        .collect();
+    agent.wait_policies(&format!("policies {want:?} in force"), |v| {
+        let have: BTreeSet<String> = v["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["policy"].as_str().map(str::to_owned))
+            .collect();
+        have == want
+            && v["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.iter().all(|e| e["in_kernel"] == true))
+    });
+}
+
+/// Only `to` is isolated for ingress and only `from` reach it (plus itself).
+fn only_from(to: &str, from: &[&str]) -> Table {
+    let mut t = Table::all(true);
+    t.deny_to(to);
+    for f in from {
+        t.set(f, to, true);
+    }
+    t
+}
+
+#[test]
+fn ingress_policies_of_the_upstream_suite() {
+    let (model, agent) = start("policy_ingress");
+    model.expect_both(
+        "no policies: everything reaches everything",
+        80,
+        "tcp",
+        &Table::all(true),
+    );
+
+    // "should support a 'default-deny-ingress' policy"
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "deny-ingress",
+            "podSelector: {}\npolicyTypes: [Ingress]",
+        )],
+    );
+    let mut t = Table::all(true);
+    for p in ["x/a", "x/b", "x/c"] {
+        t.deny_to(p);
+    }
+    model.expect_both("default-deny-ingress in x", 80, "tcp", &t);
+    model.expect("default-deny-ingress in x", 81, "udp", Via::PodIp, &t);
+
+    // "should enforce policy to allow traffic from pods within server namespace based on
+    // PodSelector"
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "allow-b",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {pod: b}",
+        )],
+    );
+    model.expect_both(
+        "x/a from pod=b in x",
+        80,
+        "tcp",
+        &only_from("x/a", &["x/b"]),
+    );
+
+    // "should enforce policy to allow ingress traffic for a target" (namespaceSelector In)
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "allow-ns-y",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - namespaceSelector:\n      matchExpressions:\n      - {key: ns, operator: In, values: [\"y\"]}",
+        )],
+    );
+    model.expect_both(
+        "x/a from namespace y",
+        80,
+        "tcp",
+        &only_from("x/a", &["y/a", "y/b", "y/c"]),
+    );
+
+    // "should enforce policy based on PodSelector or NamespaceSelector" (two peers: OR) and
+    // "... PodSelector and NamespaceSelector" (one peer: AND), with NotIn and DoesNotExist.
+    apply(
+        &model,
+        &agent,
+        &[
+            np(
+                "x",
+                "or",
+                "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - namespaceSelector:\n      matchExpressions:\n      - {key: ns, operator: NotIn, values: [x, \"y\"]}\n  - podSelector:\n      matchLabels: {pod: b}",
+            ),
+            np(
+                "x",
+                "and",
+                "podSelector:\n  matchLabels: {pod: b}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {ns: \"y\"}\n    podSelector:\n      matchExpressions:\n      - {key: pod, operator: In, values: [c]}\n  - podSelector:\n      matchExpressions:\n      - {key: nothing, operator: DoesNotExist}\n      - {key: pod, operator: NotIn, values: [a, b]}",
+            ),
+        ],
+    );
+    let mut t = only_from("x/a", &["z/a", "z/b", "z/c", "x/b"]);
+    t.deny_to("x/b");
+    t.set("y/c", "x/b", true).set("x/c", "x/b", true);
+    model.expect_both("OR of two peers, AND within one", 80, "tcp", &t);
+
+    // Ports: numbered, named (resolved on the destination pod), ranged; a policy for SCTP
+    // must not allow TCP ("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP'").
+    apply(
+        &model,
+        &agent,
+        &[
+            np(
+                "x",
+                "named-81",
+                "podSelector:\n  matchLabels: {pod: a}\ningress:\n- ports:\n  - {port: serve-81-tcp}\n  - {port: serve-80-udp, protocol: UDP}",
+            ),
+            np(
+                "x",
+                "range",
+                "podSelector:\n  matchLabels: {pod: b}\ningress:\n- ports:\n  - {port: 79, endPort: 81, protocol: TCP}",
+            ),
+            np(
+                "x",
+                "sctp-only",
+                "podSelector:\n  matchLabels: {pod: c}\ningress:\n- ports:\n  - {port: 80, protocol: SCTP}",
+            ),
+        ],
+    );
+    let deny_x_a_c = {
+        let mut t = Table::all(true);
+        t.deny_to("x/a").deny_to("x/c");
+        t
+    };
+    model.expect_both("named port serve-81-tcp: not 80", 80, "tcp", &deny_x_a_c);
+    let mut t81 = Table::all(true);
+    t81.deny_to("x/c");
+    model.expect_both("named port serve-81-tcp: 81 open", 81, "tcp", &t81);
+    let mut u80 = Table::all(true);
+    u80.deny_to("x/b").deny_to("x/c");
+    model.expect_both("named UDP port serve-80-udp", 80, "udp", &u80);
+
+    // "should allow ingress access from namespace on one named port" is covered above;
+    // several policies at once: their union ("should enforce multiple, stacked policies with
+    // overlapping podSelectors").
+    apply(
+        &model,
+        &agent,
+        &[
+            np(
+                "x",
+                "from-y-on-80",
+                "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {ns: \"y\"}\n  ports:\n  - port: 80",
+            ),
+            np(
+                "x",
+                "from-z-on-81",
+                "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {ns: z}\n  ports:\n  - port: 81",
+            ),
+        ],
+    );
+    let stacked = |from_ns: &str| {
+        let mut t = Table::all(true);
+        for p in ["x/a", "x/b", "x/c"] {
+            t.deny_to(p);
+        }
+        t.set_where(|f| f.starts_with(from_ns), |to| to.starts_with("x/"), true);
+        t
+    };
+    model.expect_both("stacked: y on 80", 80, "tcp", &stacked("y/"));
+    model.expect_both("stacked: z on 81", 81, "tcp", &stacked("z/"));
+
+    // ipBlock with except, applied to pod addresses ("should allow ingress access on one named
+    // port" / "should enforce except clause while egress access to server in CIDR block").
+    let xb = model.pod_ip("x/b");
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "cidr",
+            &format!(
+                "podSelector:\n  matchLabels: {{pod: a}}\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.0.0.0/24\n      except: [{xb}/32]"
+            ),
+        )],
+    );
+    let mut t = Table::all(true);
+    t.set("x/b", "x/a", false);
+    model.expect_both("ipBlock 10.0.0.0/24 except x/b", 80, "tcp", &t);
+
+    // What decided, named by `weft policy check`.
+    let (allowed, v) = agent.client_args(&[
+        "policy", "check", "--from", "x/c", "--to", "x/a", "--port", "80/TCP",
+    ]);
+    assert!(allowed, "{v:#}");
+    assert_eq!(v["ingress"]["rule"], "x/cidr ingress[0]", "{v:#}");
+    let (allowed, v) = agent.client_args(&[
+        "policy", "check", "--from", "x/b", "--to", "x/a", "--port", "80/TCP",
+    ]);
+    assert!(!allowed, "{v:#}");
+    assert_eq!(v["ingress"]["matched"], "none", "{v:#}");
+    assert!(
+        v["ingress"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("x/cidr")),
+        "the denial names the isolating policy: {v:#}"
+    );
+    // Verdicts are counted.
+    let metrics = metrics(&agent);
+    let denied = counter(
+        &metrics,
+        "weft_drops_total{reason=\"policy_denied\",direction=\"ingress\"}",
+    );
+    assert!(denied > 0, "ingress drops counted:\n{metrics}");
+    let (_, list) = agent.client("policies");
+    let cidr = list["policies"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["policy"] == "x/cidr"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(cidr["selects"], serde_json::json!(["x/a"]), "{list:#}");
+    assert!(
+        cidr["kernel_entries"].as_u64().is_some_and(|n| n > 0)
+            && cidr["kernel_entries"] == cidr["entries"],
+        "the kernel holds the policy's entries: {list:#}"
+    );
+}
+
+#[test]
+fn egress_replies_and_updates() {
+    let (mut model, agent) = start("policy_egress");
+    // "should enforce egress policy allowing traffic to a server in a specific namespace based
+    // on PodSelector and NamespaceSelector", plus DNS.
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "egress-to-y-b",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]\negress:\n- to:\n  - namespaceSelector:\n      matchLabels: {ns: \"y\"}\n    podSelector:\n      matchLabels: {pod: b}\n- ports:\n  - {port: 53, protocol: UDP}\n  - {port: 53, protocol: TCP}",
+        )],
+    );
+    let mut t = Table::all(true);
+    t.deny_from("x/a").set("x/a", "y/b", true);
+    model.expect_both("x/a egress only to y/b", 80, "tcp", &t);
+    model.expect_both("x/a egress only to y/b (UDP)", 81, "udp", &t);
+
+    // "should allow egress access to DNS only": a DNS-like server on z/c port 53.
+    let _dns = model
+        .node
+        .start_server("z-c", &["serve", "--name", "z/c", "--udp", "53"]);
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "dns-only",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]\negress:\n- ports:\n  - {port: 53, protocol: UDP}",
+        )],
+    );
+    let mut t = Table::all(false);
+    t.set_where(|_| true, |to| to == "z/c", true);
+    model.expect("egress DNS allowed", 53, "udp", Via::PodIp, &t);
+    let mut t = Table::all(true);
+    t.deny_from("x/a");
+    model.expect_both("egress DNS only: nothing else", 80, "tcp", &t);
+
+    // Replies pass whatever the other side's policies say: x/a may not receive anything and
+    // y/b may not send anything, yet x/a -> y/b works both ways on TCP and UDP.
+    apply(
+        &model,
+        &agent,
+        &[
+            np(
+                "x",
+                "a-no-ingress",
+                "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Ingress]",
+            ),
+            np(
+                "y",
+                "b-no-egress",
+                "podSelector:\n  matchLabels: {pod: b}\npolicyTypes: [Egress]",
+            ),
+        ],
+    );
+    let mut t = Table::all(true);
+    t.deny_to("x/a").deny_from("y/b");
+    model.expect_both("replies of allowed flows pass", 80, "tcp", &t);
+    model.expect_both("replies of allowed UDP flows pass", 80, "udp", &t);
+
+    // Updates: a policy, then pod labels, then namespace labels.
+    let allow_from = |selector: &str| {
+        np(
+            "x",
+            "allow",
+            &format!("podSelector:\n  matchLabels: {{pod: a}}\ningress:\n- from:\n  - {selector}"),
+        )
+    };
+    apply(
+        &model,
+        &agent,
+        &[allow_from("podSelector:\n      matchLabels: {pod: b}")],
+    );
+    model.expect(
+        "policy: from pod=b",
+        80,
+        "tcp",
+        Via::PodIp,
+        &only_from("x/a", &["x/b"]),
+    );
+    apply(
+        &model,
+        &agent,
+        &[allow_from("podSelector:\n      matchLabels: {pod: c}")],
+    );
+    model.expect(
+        "policy updated: from pod=c",
+        80,
+        "tcp",
+        Via::PodIp,
+        &only_from("x/a", &["x/c"]),
+    );
+    model.set_pod_labels("x/b", &[("pod", "c")]);
+    model.expect(
+        "pod x/b relabelled pod=c",
+        80,
+        "tcp",
+        Via::PodIp,
+        &only_from("x/a", &["x/b", "x/c"]),
+    );
+    model.set_pod_labels("x/b", &[("pod", "b")]);
+    apply(
+        &model,
+        &agent,
+        &[allow_from(
+            "namespaceSelector:\n      matchLabels: {team: blue}",
+        )],
+    );
+    model.expect(
+        "no namespace is blue",
+        80,
+        "tcp",
+        Via::PodIp,
+        &only_from("x/a", &[]),
+    );
+    model.set_namespace_labels("z", &[("ns", "z"), ("team", "blue")]);
+    model.expect(
+        "namespace z labelled team=blue",
+        80,
+        "tcp",
+        Via::ClusterIp,
+        &only_from("x/a", &["z/a", "z/b", "z/c"]),
+    );
+}
+
+#[test]
+fn invalid_policies_are_rejected_and_keep_the_previous_version() {
+    let (model, agent) = start("policy_invalid");
+    let good = np(
+        "x",
+        "p",
+        "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {pod: b}",
+    );
+    apply(&model, &agent, std::slice::from_ref(&good));
+    let expected = only_from("x/a", &["x/b"]);
+    model.expect("the valid version", 80, "tcp", Via::PodIp, &expected);
+    // Each bad version of the same policy is rejected with its field named; the valid one
+    // stays in force.
+    let bad = [
+        (
+            "ingress[0].ports[0].protocol",
+            "ingress:\n- ports:\n  - {port: 80, protocol: ICMP}",
+        ),
+        (
+            "ingress[0].ports[0].port",
+            "ingress:\n- ports:\n  - port: 70000",
+        ),
+        (
+            "ingress[0].ports[0].endPort",
+            "ingress:\n- ports:\n  - {port: 81, endPort: 80}",
+        ),
+        (
+            "ingress[0].from[0].ipBlock.cidr",
+            "ingress:\n- from:\n  - ipBlock: {cidr: 10.0.0.1/24}",
+        ),
+        (
+            "ingress[0].from[0].ipBlock.except[0]",
+            "ingress:\n- from:\n  - ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.0/24]}",
+        ),
+        ("ingress[0].from[0]", "ingress:\n- from:\n  - {}"),
+        ("policyTypes[0]", "policyTypes: [Sideways]"),
+        (
+            "podSelector.matchExpressions[0].operator",
+            "podSelector:\n  matchExpressions:\n  - {key: pod, operator: Near, values: [a]}",
+        ),
+    ];
+    for (field, spec) in bad {
+        let spec = if spec.starts_with("podSelector") {
+            spec.to_owned()
+        } else {
+            format!("podSelector:\n  matchLabels: {{pod: a}}\n{spec}")
+        };
+        let doc = np("x", "p", &spec);
+        model.node.write_source("policies.yaml", &doc);
+        let status = agent.wait_status(&format!("the rejection of {field}"), |s| {
+            s["services"]["rejections"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r.to_string().contains(field)))
+        });
+        let rejection = status["services"]["rejections"].to_string();
+        assert!(
+            rejection.contains("NetworkPolicy")
+                && rejection.contains("\"x\"")
+                && rejection.contains("\"p\""),
+            "the rejection names the object: {rejection}"
+        );
+        model.expect(
+            &format!("still the valid version after a bad {field}"),
+            80,
+            "tcp",
+            Via::PodIp,
+            &expected,
+        );
+    }
+}
+
+fn metrics(agent: &Agent) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let body = rt
+        .block_on(weft::admin::fetch(agent.admin_socket(), "/metrics"))
+        .expect("metrics");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
