@@ -301,7 +301,11 @@ pub async fn policy_check(
         doc.to_ip,
         doc.port,
         doc.protocol,
-        if doc.allowed { "ALLOW" } else { "DENY" }
+        match (doc.allowed, doc.complete) {
+            (false, _) => "DENY",
+            (true, true) => "ALLOW",
+            (true, false) => "ALLOW on this node (the other pod's node judges its side)",
+        }
     );
     for side in [&doc.egress, &doc.ingress] {
         let _ = writeln!(

@@ -566,8 +566,8 @@ mod example_dir {
         assert!(rejections.is_empty(), "{rejections:#?}");
         assert_eq!(
             objects.len(),
-            8,
-            "1 namespace, 3 pods, 3 services, 1 slice: {:?}",
+            12,
+            "1 namespace, 3 pods, 3 services, 1 slice, 4 policies: {:?}",
             objects.keys().collect::<Vec<_>>()
         );
         let out = services(&Store::from_objects(objects.clone()));
@@ -602,5 +602,58 @@ mod example_dir {
         let mut got = list;
         got.sort();
         assert_eq!(got, want);
+
+        // The policies: every pod ingress-isolated, the frontend egress-isolated too, and the
+        // demo's traffic allowed while the frontend cannot reach postgres.
+        let store = Store::from_objects(objects);
+        let p = policy::compile(&store, &[], &mut policy::Ids::default());
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let flags = |cg: &str| p.endpoints[cg].info.flags;
+        use weft_abi::policy::{DIR_EGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED};
+        assert_eq!(flags("frontend"), EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+        assert_eq!(flags("backend"), EP_INGRESS_ISOLATED);
+        assert_eq!(flags("db"), EP_INGRESS_ISOLATED);
+        let tables = ExampleTables(&p);
+        let judge = |from: &str, dir, peer: &str, proto, port| {
+            let ep = p.endpoints[from].info;
+            policy::judge::judge(&tables, &ep, dir, peer.parse().expect("ip"), proto, port).allowed
+        };
+        assert!(judge(
+            "frontend",
+            DIR_EGRESS,
+            "10.0.0.11",
+            IPPROTO_TCP,
+            8080
+        ));
+        assert!(judge(
+            "frontend",
+            DIR_EGRESS,
+            "10.0.0.12",
+            IPPROTO_UDP,
+            5353
+        ));
+        assert!(!judge("frontend", DIR_EGRESS, "fd00::c", IPPROTO_TCP, 5432));
+        assert!(judge(
+            "db",
+            weft_abi::policy::DIR_INGRESS,
+            "fd00::b",
+            IPPROTO_TCP,
+            5432
+        ));
+    }
+
+    struct ExampleTables<'a>(&'a policy::Policies);
+
+    impl policy::judge::Tables for ExampleTables<'_> {
+        fn ipcache(&self, ip: IpAddr) -> Option<weft_abi::policy::IpcacheValue> {
+            policy::judge::lpm_ipcache(&self.0.ipcache, ip)
+        }
+
+        fn policy(
+            &self,
+            data: &weft_abi::policy::PolicyData,
+        ) -> Option<weft_abi::policy::PolicyValue> {
+            policy::judge::lpm_policy(&self.0.entries, data)
+        }
     }
 }

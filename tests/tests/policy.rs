@@ -323,6 +323,28 @@ fn egress_replies_and_updates() {
     let mut t = Table::all(true);
     t.deny_from("x/a");
     model.expect_both("egress DNS only: nothing else", 80, "tcp", &t);
+    // ... except the pod's node: traffic to and from it is always allowed.
+    let _node_server = model
+        .node
+        .spawn_host(&["serve", "--name", "node", "--tcp", "8081"]);
+    _node_server.wait_listening();
+    for (target, expected) in [("tcp:10.0.0.1:8081", "node"), ("tcp:10.0.1.99:8081", "")] {
+        let mut p = model
+            .node
+            .spawn("x-a", &["probe", "--timeout-ms", "1000", target]);
+        p.wait_success(std::time::Duration::from_secs(10));
+        let line = p.stdout().snapshot().join("");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let answer = v["results"][target].as_str().unwrap_or_default();
+        if expected.is_empty() {
+            assert!(
+                answer.contains("EPERM"),
+                "x/a may reach nothing else: a denied connect fails at once with EPERM: {v}"
+            );
+        } else {
+            assert_eq!(answer, expected, "x/a reaches its node: {v}");
+        }
+    }
 
     // Replies pass whatever the other side's policies say: x/a may not receive anything and
     // y/b may not send anything, yet x/a -> y/b works both ways on TCP and UDP.

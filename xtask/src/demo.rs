@@ -106,6 +106,7 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
         .output()
         .context("run weft services")?;
     eprint!("{}", String::from_utf8_lossy(&services.stdout));
+    show_policy(&bins.join("weft"), &agent, &node)?;
     eprintln!(
         "demo: traffic through ClusterIPs: frontend -> web 10.96.0.10:80 and [fd00:96::10]:80 (tcp), \
          backend -> db [fd00:96::20]:5432 (tcp, ClientIP affinity), frontend -> dns 10.96.0.53:53 (udp)"
@@ -241,4 +242,47 @@ fn print_record(v: &Value, names: &HashMap<String, String>) {
         }
         _ => {}
     }
+}
+
+/// Shows the example's NetworkPolicies as the kernel holds them, asks weft about a connection
+/// they forbid, and makes it: it fails at connect() with EPERM.
+fn show_policy(weft: &std::path::Path, agent: &Agent, node: &Node) -> Result<()> {
+    let client = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(weft)
+            .args(args)
+            .arg("--admin-socket")
+            .arg(agent.admin_socket())
+            .output()
+            .with_context(|| format!("run weft {args:?}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The policies are compiled in the same pass as the services, but wait for them anyway.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client(&["policies"])?.contains("shop/frontend-egress") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("demo: `weft policies` (NetworkPolicies, the pods they select, kernel entries):");
+    eprint!("{}", client(&["policies"])?);
+    eprintln!("demo: `weft policy check --from shop/frontend --to shop/db --port 5432/TCP`:");
+    eprint!(
+        "{}",
+        client(&[
+            "policy",
+            "check",
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/db",
+            "--port",
+            "5432/TCP",
+        ])?
+    );
+    let mut probe = node.spawn(
+        "frontend",
+        &["connect-probe", "--connect", "[fd00:96::20]:5432"],
+    );
+    probe.wait(Duration::from_secs(10));
+    let result = probe.stdout().snapshot().join(" ");
+    eprintln!("demo: frontend -> db [fd00:96::20]:5432 (denied by shop/frontend-egress): {result}");
+    Ok(())
 }

@@ -98,7 +98,7 @@ pub struct SideVerdict {
     /// Whether this node enforces it (the pod runs here and its cgroup exists).
     pub enforced_here: bool,
     pub allowed: bool,
-    /// How: l3-l4, l3-only, l4-only, all, host, none, not-isolated, not-on-this-node.
+    /// How: l3-l4, l3-only, l4-only, all, host-or-self, none, not-isolated, not-on-this-node.
     pub matched: String,
     pub peer_identity: u32,
     /// The rule that allowed it (`namespace/name direction[index]`).
@@ -116,7 +116,11 @@ pub struct CheckDoc {
     pub to_ip: IpAddr,
     pub port: u16,
     pub protocol: String,
+    /// Neither side denies (what this node can tell: see `complete`).
     pub allowed: bool,
+    /// Both pods run on this node, so both sides were judged here. Otherwise the other node
+    /// judges its pod's side and `allowed` covers only this node's.
+    pub complete: bool,
     pub egress: SideVerdict,
     pub ingress: SideVerdict,
 }
@@ -357,7 +361,7 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
             .unwrap_or_default();
         let reason = match (v.allowed, v.matched, &rule) {
             (true, "not-isolated", _) => format!("no policy selects {pod} for {name}"),
-            (true, "host", _) => {
+            (true, "host-or-self", _) => {
                 "always allowed: the node itself, loopback, or the pod reaching itself".into()
             }
             (true, _, Some(r)) => format!("allowed by {r}"),
@@ -389,6 +393,7 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
         port: q.port,
         protocol: protocol_name,
         allowed: egress.allowed && ingress.allowed,
+        complete: egress.matched != "not-on-this-node" && ingress.matched != "not-on-this-node",
         egress,
         ingress,
     }))

@@ -298,15 +298,17 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
     // Pods: every address gets a /32 (/128) entry.
     let mut local_ids: BTreeMap<(String, String), u32> = BTreeMap::new();
     for p in &model.pods {
-        if p.ips.is_empty() {
-            continue;
-        }
         // Numbered by cgroup, the key of `ENDPOINTS`: the number must change together with
-        // the kernel's view of the pod, not with its name.
+        // the kernel's view of the pod, not with its name. A local pod is enforced before it
+        // has an address (its containers may already run).
         if let Some(cgroup) = local_cgroup(p.pod) {
             let id = ids.endpoint(cgroup);
             local_ids.insert((p.namespace.to_owned(), p.name.to_owned()), id);
         }
+        if p.ips.is_empty() {
+            continue;
+        }
+        let pod_ports = named_ports(p.pod);
         let ns_labels = model
             .namespace_labels
             .get(p.namespace)
@@ -319,6 +321,7 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
                 labels: p.labels.clone(),
                 namespace_labels: ns_labels.clone(),
                 blocks: model.block_names(&covering),
+                named_ports: pod_ports.clone(),
             };
             let id = ids.identity(&ikey);
             let view = identities.entry(id).or_insert_with(|| IdentityView {
@@ -327,8 +330,8 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
                 blocks: covering,
                 named_ports: BTreeMap::new(),
             });
-            for (k, port) in named_ports(p.pod) {
-                view.named_ports.entry(k).or_default().insert(port);
+            for (k, port) in &pod_ports {
+                view.named_ports.entry(k.clone()).or_default().insert(*port);
             }
             out.identities.insert(id, ikey);
             out.ipcache.insert(

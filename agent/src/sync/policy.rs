@@ -17,8 +17,9 @@
 //! never takes a new meaning.
 //!
 //! When entries do not fit (or a write fails), pods keep their previous set and a pod that
-//! had none is isolated with set 0, which allows nothing: a capacity problem never opens
-//! traffic.
+//! had none is isolated with set 0, which allows nothing: a capacity problem in `POLICY` or
+//! `IPCACHE` never opens traffic. The exception is `ENDPOINTS` itself: a pod that does not fit
+//! there cannot be enforced, and the error says so (with `--max-endpoints`).
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
@@ -95,7 +96,14 @@ impl<M: PolicyMaps> PolicySyncer<M> {
     /// nothing that did not change and never gives an old number a new meaning. `first` is a
     /// compile with `ids` as they are; `cgroup_ids` resolves its endpoints.
     pub fn seed(&self, ids: &mut Ids, first: &Policies, cgroup_ids: &BTreeMap<String, u64>) {
-        let max_identity = self.ipcache.values().map(|v| v.identity).max().unwrap_or(0);
+        // Entries may still name identities no address has any more: never reuse those either.
+        let max_identity = self
+            .ipcache
+            .values()
+            .map(|v| v.identity)
+            .chain(self.entries.keys().map(|k| k.data.identity))
+            .max()
+            .unwrap_or(0);
         let max_endpoint = self
             .endpoints
             .values()
@@ -120,6 +128,8 @@ impl<M: PolicyMaps> PolicySyncer<M> {
                     .insert(have.identity);
             }
         }
+        // Kernel identity → `first`'s identity, where the mapping is unambiguous both ways.
+        let mut kernel_to_first: BTreeMap<u32, Option<u32>> = BTreeMap::new();
         for (want, have) in identity_hints {
             // Only an unambiguous mapping is a hint.
             if let (Some(key), [old]) = (
@@ -127,15 +137,30 @@ impl<M: PolicyMaps> PolicySyncer<M> {
                 &have.into_iter().collect::<Vec<_>>()[..],
             ) {
                 fresh.hint_identity(key.clone(), *old);
+                kernel_to_first
+                    .entry(*old)
+                    .and_modify(|w| *w = None)
+                    .or_insert(Some(want));
             }
         }
+        let kernel_sets = entries_by_set(&self.entries, |id| {
+            if id < IDENTITY_FIRST {
+                Some(id)
+            } else {
+                kernel_to_first.get(&id).copied().flatten()
+            }
+        });
+        let first_sets = entries_by_set(&first.entries, Some);
         for (cgroup, e) in &first.endpoints {
             let Some(have) = cgroup_ids.get(cgroup).and_then(|id| self.endpoints.get(id)) else {
                 continue;
             };
             fresh.hint_endpoint(cgroup.clone(), have.endpoint_id);
+            // A set number keeps its content: the kernel's set is reused only when it already
+            // says what the new one says (otherwise the new content gets a new number).
             if let Some(key) = first.set_keys.get(&e.info.policy_set)
                 && have.policy_set != 0
+                && kernel_sets.get(&have.policy_set) == first_sets.get(&e.info.policy_set)
             {
                 fresh.hint_set(key.clone(), have.policy_set);
             }
@@ -377,6 +402,41 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             Err(e) => report.errors.push(crate::chain(&e)),
         }
     }
+}
+
+/// An entry without its set number: (prefix length, identity, direction, protocol, port,
+/// rule, flags).
+type SetRow = (u32, u32, u8, u8, u16, u32, u32);
+
+/// Entries grouped by set, identities translated by `identity` (a set with an entry it cannot
+/// translate is left out: it cannot match anything).
+fn entries_by_set(
+    entries: &BTreeMap<EntryKey, PolicyValue>,
+    identity: impl Fn(u32) -> Option<u32>,
+) -> BTreeMap<u32, BTreeSet<SetRow>> {
+    let mut out: BTreeMap<u32, BTreeSet<SetRow>> = BTreeMap::new();
+    let mut broken = BTreeSet::new();
+    for (k, v) in entries {
+        let d = &k.data;
+        match identity(d.identity) {
+            Some(id) => {
+                out.entry(d.policy_set).or_default().insert((
+                    k.prefix_len,
+                    id,
+                    d.direction,
+                    d.protocol,
+                    d.port,
+                    v.rule,
+                    v.flags,
+                ));
+            }
+            None => {
+                broken.insert(d.policy_set);
+            }
+        }
+    }
+    out.retain(|set, _| !broken.contains(set));
+    out
 }
 
 #[cfg(test)]

@@ -54,10 +54,11 @@ pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn skb(ctx: &SkBuffContext, direction: Direction, policy_direction: u8) -> i32 {
-    // Not IP, or truncated: nothing a policy could name, and the stack drops what is broken.
+    // Not IP, truncated, or IPv6 with more extension headers than we walk: counted, and
+    // dropped when policy isolates the pod in this direction (never a way around it).
     let Some(h) = headers::parse(ctx) else {
         stats::bump(Counter::PacketsUnparsed);
-        return 1;
+        return i32::from(policy::unparsed(ctx, policy_direction));
     };
     if !policy::packet(ctx, &h, policy_direction) {
         return 0;

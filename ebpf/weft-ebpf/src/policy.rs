@@ -14,7 +14,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_skb_ancestor_cgroup_id,
+        bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
     },
     maps::lpm_trie::Key,
     programs::{SkBuffContext, SockAddrContext},
@@ -40,6 +40,8 @@ use crate::{
 const MAX_POD_DEPTH: i32 = 6;
 /// `TCP_LISTEN` in the kernel's socket states.
 const TCP_LISTEN: u32 = 10;
+/// `SOCK_STREAM` socket type.
+const SOCK_STREAM: u32 = 1;
 
 /// The pod an ancestor cgroup lookup leads to: the first ancestor (from the top) below the
 /// root that `ENDPOINTS` knows. `ancestor(level)` returns 0 past the cgroup's own level.
@@ -130,12 +132,14 @@ fn judge(
     if is_loopback(family, peer) {
         return Match::Host;
     }
-    // A pod reaching itself, and the node reaching a pod (kubelet probes), always pass.
+    // A pod reaching itself always passes.
     if ep.owns(family, peer) {
         return Match::Host;
     }
+    // Traffic to and from the pod's node is always allowed (Kubernetes: kubelet probes,
+    // node-local DNS, host-network pods).
     let remote = ipcache(family, peer);
-    if direction == DIR_INGRESS && remote.flags & IP_HOST != 0 {
+    if remote.flags & IP_HOST != 0 {
         return Match::Host;
     }
     if let Some(flags) = lookup(ep, remote.identity, direction, protocol, port) {
@@ -217,7 +221,8 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
             return false;
         }
     }
-    if protocol == IPPROTO_UDP {
+    // Replies pass the pod's ingress by this entry; only an ingress-isolated pod needs it.
+    if protocol == IPPROTO_UDP && ep.flags & EP_INGRESS_ISOLATED != 0 {
         // SAFETY: the program's context; the helper reads the socket only.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) };
         remember(&flow_key(cookie, family, dst, port, protocol));
@@ -246,6 +251,11 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: u8) -> bool {
     };
     match h.protocol {
         IPPROTO_TCP => {
+            // Raw sockets (CAP_NET_RAW) craft TCP without connect() or a listener: every
+            // packet is judged.
+            if !tcp_stack_socket(ctx) {
+                return decide(ctx, h, direction, peer, port, None);
+            }
             // Egress was judged at connect; ingress only at a listener.
             if !ingress || !to_listener(ctx) {
                 return true;
@@ -292,10 +302,56 @@ fn decide(
             return false;
         }
     }
-    if let Some(key) = flow {
+    // Replies of the exchange pass the other direction by this entry; only a pod isolated in
+    // that direction needs it (fewer entries for the LRU to evict).
+    let opposite = if direction == DIR_INGRESS {
+        EP_EGRESS_ISOLATED
+    } else {
+        EP_INGRESS_ISOLATED
+    };
+    if let Some(key) = flow
+        && ep.flags & opposite != 0
+    {
         remember(key);
     }
     true
+}
+
+/// A packet weft could not parse (IPv6 with too many or too long extension headers, or
+/// truncated): passes only when the pod is not isolated in that direction (fail closed).
+#[inline(always)]
+pub fn unparsed(ctx: &SkBuffContext, direction: u8) -> bool {
+    let Some(ep) = skb_endpoint(ctx) else {
+        return true;
+    };
+    let isolated = if direction == DIR_INGRESS {
+        EP_INGRESS_ISOLATED
+    } else {
+        EP_EGRESS_ISOLATED
+    };
+    if ep.flags & isolated != 0 {
+        count(direction, Match::None);
+        return false;
+    }
+    true
+}
+
+/// Whether the packet belongs to the kernel's TCP stack (a TCP socket, or its request or
+/// time-wait mini socket) rather than a raw socket.
+#[inline(always)]
+fn tcp_stack_socket(ctx: &SkBuffContext) -> bool {
+    let sk = ctx_read!(ctx.skb.skb, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return true;
+    }
+    // SAFETY: the helper only checks whether `sk` is a full socket.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        // Request and time-wait sockets exist only in the TCP stack.
+        return true;
+    }
+    // SAFETY: a full socket's `type` is readable.
+    unsafe { core::ptr::read_volatile(&raw const (*full).type_) == SOCK_STREAM }
 }
 
 /// Whether the packet is delivered to a listening TCP socket (a SYN, or the last ACK of a

@@ -134,15 +134,15 @@ fn outside(i: usize) -> String {
 
 fn policies_yaml(n: usize, extra_port: Option<u16>) -> String {
     let mut y = String::with_capacity(n * 260 + 400);
+    let extra = extra_port
+        .map(|p| format!(", {{port: {p}}}"))
+        .unwrap_or_default();
     let _ = write!(
         y,
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-client, namespace: bench}}\nspec:\n  \
          podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    \
-         ports: [{{port: {PORT}}}]\n"
+         ports: [{{port: {PORT}}}{extra}]\n"
     );
-    if let Some(p) = extra_port {
-        let _ = writeln!(y, "    - {{port: {p}}}");
-    }
     for i in 0..n {
         let _ = write!(
             y,
@@ -334,16 +334,27 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
     drop(weft_pairs);
     drop(ipt_pairs);
     let compile = measure_compile(bins)?;
+    // Ratios first: they compare against scale 0, which is moved out below.
+    let ratios: Vec<(f64, f64, f64)> = (0..SCALES.len())
+        .map(|i| {
+            (
+                paired(&weft[i], &weft[0]),
+                paired(&ipt[i], &ipt[0]),
+                paired(&weft[i], &ipt[i]),
+            )
+        })
+        .collect();
     let scales = SCALES
         .iter()
-        .enumerate()
-        .map(|(i, &n)| Scale {
+        .zip(weft.into_iter().zip(ipt))
+        .zip(ratios)
+        .map(|((&n, (weft, iptables)), (w0, i0, wi))| Scale {
             rules: n,
-            weft_vs_0: paired(&weft[i], &weft[0]),
-            iptables_vs_0: paired(&ipt[i], &ipt[0]),
-            weft_vs_iptables: paired(&weft[i], &ipt[i]),
-            weft: std::mem::take(&mut weft[i]),
-            iptables: std::mem::take(&mut ipt[i]),
+            weft,
+            iptables,
+            weft_vs_0: w0,
+            iptables_vs_0: i0,
+            weft_vs_iptables: wi,
         })
         .collect();
     let mut sorted = change.clone();

@@ -11,7 +11,8 @@ use weft_abi::policy::IDENTITY_FIRST;
 use super::selector::Labels;
 
 /// What an identity stands for. Two addresses share an identity when policy cannot tell
-/// them apart: same pod labels and namespace (and its labels), same ipBlocks around them.
+/// them apart: same pod labels and namespace (and its labels), same ipBlocks around them, and
+/// same named ports (an egress rule's named port resolves per destination pod).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum IdentityKey {
     Pod {
@@ -20,6 +21,8 @@ pub enum IdentityKey {
         namespace_labels: Labels,
         /// The ipBlocks (cidr and excepts, as text) that contain the address.
         blocks: BTreeSet<String>,
+        /// The pod's named container ports: (name, protocol) → port.
+        named_ports: BTreeMap<(String, u8), u16>,
     },
     /// Addresses outside pods: the ipBlocks that contain them (never empty: an address in
     /// no block is `IDENTITY_WORLD`).

@@ -65,10 +65,7 @@ pub fn judge(
         };
     }
     let (family, words) = crate::compile::ip_words(peer);
-    if peer.is_loopback()
-        || ep.owns(family, &words)
-        || (direction == DIR_INGRESS && remote.flags & IP_HOST != 0)
-    {
+    if peer.is_loopback() || ep.owns(family, &words) || remote.flags & IP_HOST != 0 {
         return verdict(Match::Host, None);
     }
     let data = |identity| PolicyData {

@@ -11,9 +11,9 @@ use weft_abi::policy::{
 };
 
 use super::{
-    super::ip_words, EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, Problem,
-    RuleRef, isolation, local_cgroup, named_ports, policy_types, ports::range_prefixes,
-    protocol_number, selector,
+    super::ip_words, EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, RuleRef,
+    isolation, local_cgroup, named_ports, policy_types, ports::range_prefixes, protocol_number,
+    selector,
 };
 
 /// The peers of a rule: everyone, or these identities.
@@ -338,13 +338,10 @@ pub(super) fn compile_endpoints(
             continue;
         };
         let pod_key = format!("{}/{}", p.namespace, p.name);
-        let Some(&endpoint_id) = local_ids.get(&(p.namespace.to_owned(), p.name.to_owned())) else {
-            out.problems.push(Problem {
-                object: pod_key,
-                message: "a local pod without an address is not enforced until it has one".into(),
-            });
-            continue;
-        };
+        let endpoint_id = local_ids
+            .get(&(p.namespace.to_owned(), p.name.to_owned()))
+            .copied()
+            .unwrap_or_else(|| ids.endpoint(cgroup));
         let selecting = selecting_policies(model, p);
         let name_of = |i: usize| format!("{}/{}", model.policies[i].0, model.policies[i].1);
         let ingress: Vec<String> = selecting

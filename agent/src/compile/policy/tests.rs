@@ -55,6 +55,43 @@ fn a_pod_selected_by_no_policy_is_not_isolated() {
 }
 
 #[test]
+fn a_local_pod_is_enforced_before_it_has_an_address() {
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n";
+    let starting = POD_B.replace("status: {podIP: 10.0.0.12}\n", "status: {phase: Pending}\n");
+    let (p, _) = compile_docs(&[POD_A, &starting, deny]);
+    let b = &p.endpoints["x-b"];
+    assert_eq!(b.info.flags, EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+    assert_eq!((b.info.ip4, b.info.ip6), (0, [0; 4]), "no address yet");
+    let eval = Eval::new(&p);
+    assert!(
+        !eval
+            .allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_TCP, 80)
+            .0
+    );
+}
+
+#[test]
+fn pods_with_different_named_ports_get_different_identities() {
+    // Same labels, "http" on 80 and on 8080: an egress rule to port "http" must open 80 to
+    // the first and 8080 to the second, not both ports to both.
+    let pod = |name: &str, ip: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: y, labels: {{app: web}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
+        )
+    };
+    let (w1, w2) = (pod("w1", "10.0.1.21", 80), pod("w2", "10.0.1.22", 8080));
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: http}]}]\n";
+    let (p, _) = compile_docs(&[POD_A, &w1, &w2, np]);
+    let eval = Eval::new(&p);
+    let allowed = |ip_s: &str, port| {
+        eval.allowed("x-a", DIR_EGRESS, ip(ip_s), IPPROTO_TCP, port)
+            .0
+    };
+    assert!(allowed("10.0.1.21", 80) && allowed("10.0.1.22", 8080));
+    assert!(!allowed("10.0.1.21", 8080) && !allowed("10.0.1.22", 80));
+}
+
+#[test]
 fn default_deny_ingress_isolates_without_entries() {
     let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
     let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, deny]);

@@ -205,33 +205,36 @@ fn transition(
     let report = syncer.apply(&before, &cgroup_ids(&before));
     assert!(report.errors.is_empty(), "{report:?}");
     let after = compiled(new, &mut ids);
-    let cgroups: Vec<u64> = cgroup_ids(&before)
+    set_bounds(&mut syncer.maps, &before, &after);
+    syncer.maps.fail_after = fail_after.map(|n| syncer.maps.writes + n);
+    let report = syncer.apply(&after, &cgroup_ids(&after));
+    (syncer, after, report)
+}
+
+/// Bounds for every probe between the maps' current state (`before` applied) and `after`.
+fn set_bounds(maps: &mut Fake, before: &Policies, after: &Policies) {
+    let cgroups: Vec<u64> = cgroup_ids(before)
         .into_values()
-        .chain(cgroup_ids(&after).into_values())
+        .chain(cgroup_ids(after).into_values())
         .collect();
     let mut bounds = Vec::new();
     for p in probes(cgroups.into_iter()) {
-        let old_v = syncer.maps.verdict(&p);
-        // The new verdict: on a scratch copy synced directly.
+        let old_v = maps.verdict(&p);
         bounds.push((p, old_v, old_v));
     }
+    // The new verdict: on a scratch copy synced directly.
     let mut scratch = PolicySyncer::new(Fake::default(), CAPACITY).expect("new");
-    scratch.apply(&after, &cgroup_ids(&after));
-    let (old_ids, new_ids) = (cgroup_ids(&before), cgroup_ids(&after));
+    scratch.apply(after, &cgroup_ids(after));
+    let (old_ids, new_ids) = (cgroup_ids(before), cgroup_ids(after));
     for (p, lo, hi) in &mut bounds {
         let new_v = scratch.maps.verdict(p);
         *lo = *lo && new_v;
         // Also acceptable: a pod's old or new policies judging the peer's identity of the
         // other state, as if the label and policy changes had come one after the other.
-        *hi = *hi
-            || new_v
-            || cross(&before, &old_ids, &after, p)
-            || cross(&after, &new_ids, &before, p);
+        *hi =
+            *hi || new_v || cross(before, &old_ids, after, p) || cross(after, &new_ids, before, p);
     }
-    syncer.maps.bounds = bounds;
-    syncer.maps.fail_after = fail_after.map(|n| syncer.maps.writes + n);
-    let report = syncer.apply(&after, &cgroup_ids(&after));
-    (syncer, after, report)
+    maps.bounds = bounds;
 }
 
 /// Policies judge addresses with identities from elsewhere.
@@ -403,4 +406,30 @@ fn a_relabel_with_a_policy_change_refuses_nothing_in_between() {
         "{:?}",
         syncer.maps.closed.borrow()
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+    #[test]
+    fn a_restart_into_changed_policies_opens_nothing(old in reference::world(), new in reference::world()) {
+        // The agent was down while the policies changed: the new one learns the kernel's
+        // numbers, and must not give a set number new content in place.
+        let mut ids = Ids::default();
+        let before = compiled(&old, &mut ids);
+        let mut syncer = PolicySyncer::new(Fake::default(), CAPACITY).expect("new");
+        syncer.apply(&before, &cgroup_ids(&before));
+        let kernel = std::mem::take(&mut syncer.maps);
+        let mut restarted = PolicySyncer::new(kernel, CAPACITY).expect("new");
+        let mut ids = Ids::default();
+        let probe = compiled(&new, &mut ids);
+        restarted.seed(&mut ids, &probe, &cgroup_ids(&probe));
+        let after = compiled(&new, &mut ids);
+        // `before` as the restarted agent would have numbered it is what the kernel holds.
+        set_bounds(&mut restarted.maps, &before, &after);
+        let report = restarted.apply(&after, &cgroup_ids(&after));
+        prop_assert!(report.errors.is_empty(), "{:?}", report);
+        let opened = restarted.maps.opened.borrow().clone();
+        prop_assert!(opened.is_empty(), "{:?}", opened);
+        prop_assert_eq!(&restarted.maps.entries, &after.entries);
+    }
 }

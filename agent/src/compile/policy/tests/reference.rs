@@ -224,7 +224,7 @@ fn reference(
     protocol: u8,
     port: u16,
 ) -> bool {
-    if peer == local.ip || (direction == DIR_INGRESS && peer.to_string() == HOST) {
+    if peer == local.ip || peer.to_string() == HOST {
         return true;
     }
     let sel = |v: &Value| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
