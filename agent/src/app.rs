@@ -93,6 +93,18 @@ pub struct AgentConfig {
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// ...but never later than this after the first event.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(60);
+/// A file closed after writing or renamed into place is complete: applied after this much
+/// quiet only (what else the same tool writes at once usually follows within it).
+const DEBOUNCE_COMPLETE: Duration = Duration::from_millis(3);
+
+/// What the source watcher saw.
+#[derive(Debug)]
+enum SourceEvent {
+    /// Files closed after writing, or renamed into place: complete as they are now.
+    Complete(Vec<PathBuf>),
+    /// Anything else: a file may be in the middle of a write.
+    Changed,
+}
 /// A full recompile and sync runs this often even without events (retries what did not fit,
 /// catches missed events).
 const RESYNC: Duration = Duration::from_secs(30);
@@ -179,7 +191,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         Arc::clone(&status),
     )?;
     // Watch before the first read so no change between the two is missed.
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<SourceEvent>();
     let _watcher = match &config.source_dir {
         Some(dir) => Some(watch(dir, events_tx)?),
         None => None,
@@ -264,10 +276,19 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 guard.clear_ready();
                 kernel_logs.flush();
             }
-            Some(()) = events.recv() => {
+            Some(event) = events.recv() => {
                 let now = Instant::now();
                 let first = pending.map_or(now, |(first, _)| first);
-                pending = Some((first, now + DEBOUNCE));
+                let quiet = match event {
+                    SourceEvent::Complete(paths) => {
+                        // Soon, even when other files changed too: one still being written
+                        // is left for a later pass, until it settles.
+                        pipeline.mark_complete(&paths);
+                        now + DEBOUNCE_COMPLETE
+                    }
+                    SourceEvent::Changed => now + DEBOUNCE,
+                };
+                pending = Some((first, quiet));
             }
             () = tokio::time::sleep_until(apply_at.into()), if pending.is_some() => {
                 pending = None;
@@ -328,20 +349,33 @@ impl Drop for RemoveOnDrop {
 /// Watches a directory (not recursively) and signals every change.
 fn watch(
     dir: &Path,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
+    tx: tokio::sync::mpsc::UnboundedSender<SourceEvent>,
 ) -> Result<notify::RecommendedWatcher, Error> {
-    use notify::Watcher as _;
+    use notify::{
+        EventKind, Watcher as _,
+        event::{AccessKind, AccessMode, ModifyKind, RenameMode},
+    };
     let err = |source| Error::Watch {
         dir: dir.to_owned(),
         source,
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Err(e) = &event {
-            // A lost event (queue overflow, watch removed) could hide a change: rescan anyway.
-            tracing::warn!(target: "weft::source", error = %e, "source watch reported an error; rescanning");
-        }
+        let sent = match event {
+            Err(e) => {
+                // A lost event (queue overflow, watch removed) could hide a change: rescan.
+                tracing::warn!(target: "weft::source", error = %e, "source watch reported an error; rescanning");
+                SourceEvent::Changed
+            }
+            Ok(e) => match e.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                    SourceEvent::Complete(e.paths)
+                }
+                _ => SourceEvent::Changed,
+            },
+        };
         // The receiver is gone only when the agent stops.
-        let _ = tx.send(());
+        let _ = tx.send(sent);
     })
     .map_err(err)?;
     watcher

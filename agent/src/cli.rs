@@ -222,7 +222,8 @@ pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
         "{:<32} {:<16} {:>8} {:>5} {:<9} {:>8} {:>8}  POLICIES",
         "POD", "IP", "IDENTITY", "SET", "ISOLATED", "ENTRIES", "KERNEL"
     );
-    for e in &doc.endpoints {
+    for row in &doc.endpoints {
+        let e = &row.status;
         let isolated = match (e.ingress_isolated, e.egress_isolated) {
             (true, true) => "in+out",
             (true, false) => "in",
@@ -238,8 +239,8 @@ pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
         policies.extend(e.egress_policies.iter().map(|p| format!("out:{p}")));
         let kernel = if e.cgroup_id.is_none() {
             "no-cgroup".to_owned()
-        } else if e.in_kernel {
-            e.kernel_entries.to_string()
+        } else if row.in_kernel {
+            row.kernel_entries.to_string()
         } else {
             "STALE".to_owned()
         };

@@ -101,6 +101,16 @@ impl Pipeline {
         })
     }
 
+    /// Files the watcher saw completed (closed after writing, renamed into place): the next
+    /// rescan reads them without waiting for them to settle.
+    pub fn mark_complete(&mut self, paths: &[PathBuf]) {
+        if let Some(source) = &mut self.source {
+            for p in paths {
+                source.mark_complete(p);
+            }
+        }
+    }
+
     pub fn source_dir(&self) -> Option<PathBuf> {
         self.source.as_ref().map(|s| s.dir().to_owned())
     }

@@ -143,3 +143,43 @@ pub(crate) fn bpftool_json(args: &[&str]) -> Result<Value> {
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
+
+/// `iptables-restore` in the network namespace at `netns` (`noflush`: keep the tables' other
+/// rules).
+pub(crate) fn iptables_restore(netns: &Path, rules: &str, noflush: bool) -> Result<()> {
+    use std::io::Write as _;
+    let mut command = std::process::Command::new("nsenter");
+    command
+        .arg(format!("--net={}", netns.display()))
+        .args(["iptables-restore", "-w"]);
+    if noflush {
+        command.arg("--noflush");
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("run iptables-restore (`cargo xtask setup` installs iptables)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("iptables-restore failed ({status})");
+    }
+    Ok(())
+}
+
+/// Waits for a `weft-pod rr` client and returns its result line.
+pub(crate) fn run_rr(p: &mut weft_testkit::proc::Process, what: &str) -> Result<Value> {
+    p.wait_success(std::time::Duration::from_secs(300));
+    Ok(p.stdout()
+        .wait_for(what, std::time::Duration::from_secs(5), |lines| {
+            lines.iter().find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v["event"] == "rr")
+            })
+        }))
+}

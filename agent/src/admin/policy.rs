@@ -27,7 +27,7 @@ use crate::{
         ip_words,
         policy::judge::{Tables, judge},
     },
-    pipeline::policy::PolicyStatus,
+    pipeline::policy::{EndpointStatus, PolicyStatus},
 };
 
 /// One policy (`GET /policies`).
@@ -43,20 +43,11 @@ pub struct PolicyRow {
     pub kernel_entries: usize,
 }
 
-/// One pod of this node (`GET /policies`).
+/// One pod of this node (`GET /policies`): what compile wants, and what the kernel holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRow {
-    pub pod: String,
-    pub cgroup: String,
-    pub cgroup_id: Option<u64>,
-    pub identity: u32,
-    pub policy_set: u32,
-    pub ingress_isolated: bool,
-    pub egress_isolated: bool,
-    pub ingress_policies: Vec<String>,
-    pub egress_policies: Vec<String>,
-    pub ips: Vec<IpAddr>,
-    pub entries: usize,
+    #[serde(flatten)]
+    pub status: EndpointStatus,
     /// The kernel's `ENDPOINTS` entry for the cgroup has this pod's set (false: the kernel
     /// enforces something else, e.g. set 0 after a capacity problem, or nothing).
     pub in_kernel: bool,
@@ -229,17 +220,7 @@ fn policies(state: &AdminState) -> Result<PoliciesDoc, Error> {
         .map(|e| {
             let kernel = e.cgroup_id.and_then(|id| tables.endpoints.get(&id, 0).ok());
             EndpointRow {
-                pod: e.pod.clone(),
-                cgroup: e.cgroup.clone(),
-                cgroup_id: e.cgroup_id,
-                identity: e.identity,
-                policy_set: e.policy_set,
-                ingress_isolated: e.ingress_isolated,
-                egress_isolated: e.egress_isolated,
-                ingress_policies: e.ingress_policies.clone(),
-                egress_policies: e.egress_policies.clone(),
-                ips: e.ips.clone(),
-                entries: e.entries,
+                status: e.clone(),
                 in_kernel: kernel.is_some_and(|k| k.policy_set == e.policy_set),
                 kernel_entries: kernel
                     .and_then(|k| per_set.get(&k.policy_set).copied())

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use weft_abi::maps;
 
 use crate::{
@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// A local pod as `weft policies` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointStatus {
     pub pod: String,
     pub cgroup: String,

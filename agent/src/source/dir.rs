@@ -101,6 +101,9 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileState>,
     /// How long after its last modification a file is left alone (see [`SETTLE`]).
     settle: std::time::Duration,
+    /// Files known complete (closed after writing, renamed into place) in this version: read
+    /// without waiting for them to settle.
+    complete: BTreeMap<PathBuf, Fingerprint>,
 }
 
 /// What a rescan changed.
@@ -125,6 +128,15 @@ impl DirSource {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
             settle,
+            complete: BTreeMap::new(),
+        }
+    }
+
+    /// The file at `path` is complete as it is now (the watcher saw it closed after writing
+    /// or renamed into place): while it stays this version, it needs no settling.
+    pub fn mark_complete(&mut self, path: &Path) {
+        if let Some(f) = Fingerprint::of(path) {
+            self.complete.insert(path.to_owned(), f);
         }
     }
 
@@ -146,6 +158,7 @@ impl DirSource {
             }
         }
         let mut result = Rescan::default();
+        self.complete.retain(|p, _| present.contains(p));
         let before = self.files.len();
         self.files.retain(|p, _| present.contains(p));
         result.changed |= self.files.len() != before;
@@ -163,9 +176,12 @@ impl DirSource {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => Err(e.to_string()),
             };
-            // A file still being written in place: read it once it has settled.
+            // A file still being written in place: read it once it has settled (unless it is
+            // known complete as it is).
+            let complete =
+                fingerprint.is_some() && self.complete.get(&path) == fingerprint.as_ref();
             if Fingerprint::of(&path) != fingerprint
-                || fingerprint.is_some_and(|f| f.is_fresh(self.settle))
+                || (!complete && fingerprint.is_some_and(|f| f.is_fresh(self.settle)))
             {
                 result.unsettled = true;
                 continue;
@@ -436,6 +452,23 @@ mod tests {
             "{}",
             rejections[0]
         );
+    }
+
+    #[test]
+    fn a_file_known_complete_is_read_without_settling() {
+        let d = TempDir::new("complete");
+        d.write("a.yaml", WEB);
+        let mut src = DirSource::with_settle(&d.0, Duration::from_secs(3600));
+        assert!(src.rescan(false).expect("rescan").unsettled);
+        // The watcher saw it closed after writing (or renamed into place).
+        src.mark_complete(&d.0.join("a.yaml"));
+        let r = src.rescan(false).expect("rescan");
+        assert!(r.changed && !r.unsettled, "{r:?}");
+        assert_eq!(names(&src), ["Service default/web"]);
+        // Written again since: that version may be half written.
+        d.write("a.yaml", &format!("{WEB}---\n{DB}"));
+        assert!(src.rescan(false).expect("rescan").unsettled);
+        assert_eq!(names(&src), ["Service default/web"]);
     }
 
     #[test]

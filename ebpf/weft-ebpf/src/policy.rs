@@ -156,6 +156,16 @@ fn judge(
     }
 }
 
+/// The `EndpointInfo::flags` bit of isolation in `direction`.
+#[inline(always)]
+fn isolation(direction: u8) -> u32 {
+    if direction == DIR_INGRESS {
+        EP_INGRESS_ISOLATED
+    } else {
+        EP_EGRESS_ISOLATED
+    }
+}
+
 #[inline(always)]
 fn count(direction: u8, m: Match) {
     if let Some(slot) = VERDICTS.get_ptr_mut(verdict_index(direction, m)) {
@@ -290,12 +300,7 @@ fn decide(
     let Some(ep) = skb_endpoint(ctx) else {
         return true;
     };
-    let isolated = if direction == DIR_INGRESS {
-        EP_INGRESS_ISOLATED
-    } else {
-        EP_EGRESS_ISOLATED
-    };
-    if ep.flags & isolated != 0 {
+    if ep.flags & isolation(direction) != 0 {
         let m = judge(&ep, direction, h.version, peer, h.protocol, port);
         count(direction, m);
         if m == Match::None {
@@ -305,12 +310,12 @@ fn decide(
     // Replies of the exchange pass the other direction by this entry; only a pod isolated in
     // that direction needs it (fewer entries for the LRU to evict).
     let opposite = if direction == DIR_INGRESS {
-        EP_EGRESS_ISOLATED
+        DIR_EGRESS
     } else {
-        EP_INGRESS_ISOLATED
+        DIR_INGRESS
     };
     if let Some(key) = flow
-        && ep.flags & opposite != 0
+        && ep.flags & isolation(opposite) != 0
     {
         remember(key);
     }
@@ -324,12 +329,7 @@ pub fn unparsed(ctx: &SkBuffContext, direction: u8) -> bool {
     let Some(ep) = skb_endpoint(ctx) else {
         return true;
     };
-    let isolated = if direction == DIR_INGRESS {
-        EP_INGRESS_ISOLATED
-    } else {
-        EP_EGRESS_ISOLATED
-    };
-    if ep.flags & isolated != 0 {
+    if ep.flags & isolation(direction) != 0 {
         count(direction, Match::None);
         return false;
     }

@@ -16,9 +16,8 @@
 //! compiling 10 000 pods (`weft compile`).
 use std::{
     fmt::Write as _,
-    io::Write as _,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, SystemTime},
 };
 
@@ -27,7 +26,7 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
 
-use super::median;
+use super::{iptables_restore, median, run_rr};
 
 const SCALES: [usize; 3] = [0, 1_000, 10_000];
 const PORT: u16 = 8080;
@@ -173,36 +172,6 @@ fn iptables_rules(client: &str, n: usize) -> String {
     r
 }
 
-fn iptables_restore(netns: &Path, rules: &str) -> Result<()> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["iptables-restore", "-w"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("run iptables-restore (`cargo xtask setup` installs iptables)")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(rules.as_bytes())?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("iptables-restore failed ({status})");
-    }
-    Ok(())
-}
-
-fn run_rr(p: &mut Process, what: &str) -> Result<Value> {
-    p.wait_success(Duration::from_secs(300));
-    Ok(p.stdout().wait_for(what, Duration::from_secs(5), |lines| {
-        lines.iter().find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["event"] == "rr")
-        })
-    }))
-}
-
 /// A client and a server pod; the server answers request/response on [`PORT`].
 struct Pair {
     node: Node,
@@ -299,6 +268,7 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
         iptables_restore(
             &q.node.pod("server").netns_path(),
             &iptables_rules(&client, n),
+            false,
         )?;
         ipt_pairs.push(q);
     }

@@ -13,18 +13,17 @@
 //! memory, the BPF maps' memory, and the time from a Service change on disk to the kernel maps.
 use std::{
     fmt::Write as _,
-    io::Write as _,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
 
-use super::{bpftool_json, median};
+use super::{bpftool_json, iptables_restore, median, run_rr};
 
 const SCALES: [usize; 3] = [1, 1_000, 10_000];
 const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
@@ -236,36 +235,6 @@ fn iptables_rules(node: &Node, n: usize) -> String {
     format!("{chains}{rules}COMMIT\n")
 }
 
-fn iptables_restore(node: &Node, rules: &str) -> Result<()> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", node.netns_path().display()))
-        .args(["iptables-restore", "-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("run iptables-restore (`cargo xtask setup` installs iptables)")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(rules.as_bytes())?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("iptables-restore failed ({status})");
-    }
-    Ok(())
-}
-
-fn run_rr(p: &mut Process, what: &str) -> Result<Value> {
-    p.wait_success(Duration::from_secs(300));
-    Ok(p.stdout().wait_for(what, Duration::from_secs(5), |lines| {
-        lines.iter().find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["event"] == "rr")
-        })
-    }))
-}
-
 fn wait_frontends(agent: &Agent, n: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
@@ -387,7 +356,7 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
         }
         drop(agent);
         eprintln!("bench services: {n} services: installing kube-proxy's iptables rules");
-        iptables_restore(&node, &iptables_rules(&node, n))?;
+        iptables_restore(&node.netns_path(), &iptables_rules(&node, n), true)?;
         // A local packet is routed before OUTPUT's DNAT, and the node keeps the service range
         // unreachable: for iptables it needs a route, as on a real node. The node's own bridge
         // keeps the traffic inside its namespace.
