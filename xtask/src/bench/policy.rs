@@ -103,7 +103,7 @@ impl PolicyResult {
             );
         }
         println!(
-            "policy file change to kernel maps with 1 000 policies: p50 {:.1} ms, p99 {:.1} ms over {} changes (20 ms debounce included)",
+            "policy file change to kernel maps with 1 000 policies: p50 {:.1} ms, p99 {:.1} ms over {} changes (file renamed into place: 3 ms debounce included)",
             self.change_to_map_p50_ms,
             self.change_to_map_p99_ms,
             self.change_to_map_ms.len()
