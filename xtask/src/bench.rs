@@ -183,3 +183,28 @@ pub(crate) fn run_rr(p: &mut weft_testkit::proc::Process, what: &str) -> Result<
             })
         }))
 }
+
+/// Milliseconds from `write` (a change on disk) to the agent logging a new `marker` line (its
+/// timestamp: logged once the kernel maps are written).
+pub(crate) fn time_to_log(
+    agent: &weft_testkit::Agent,
+    marker: &str,
+    write: impl FnOnce(),
+) -> Result<f64> {
+    let count = |lines: &[String]| lines.iter().filter(|l| l.contains(marker)).count();
+    let before = count(&agent.logs().snapshot());
+    let written = std::time::SystemTime::now();
+    write();
+    let line = agent.logs().wait_for(
+        &format!("a new `{marker}` log line"),
+        std::time::Duration::from_secs(10),
+        |lines| {
+            (count(lines) > before)
+                .then(|| lines.iter().rfind(|l| l.contains(marker)).cloned())
+                .flatten()
+        },
+    );
+    let v: Value = serde_json::from_str(&line)?;
+    let at = humantime::parse_rfc3339(v["timestamp"].as_str().unwrap_or_default())?;
+    Ok(at.duration_since(written).unwrap_or_default().as_secs_f64() * 1000.0)
+}

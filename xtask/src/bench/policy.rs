@@ -14,19 +14,14 @@
 //! per-round ratios: drift of the machine cancels out. It also reports the time from a policy
 //! file change to the kernel maps with 1 000 policies in force, and the peak memory of
 //! compiling 10 000 pods (`weft compile`).
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::Command,
-    time::{Duration, SystemTime},
-};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
 
-use super::{iptables_restore, median, run_rr};
+use super::{iptables_restore, median, run_rr, time_to_log};
 
 const SCALES: [usize; 3] = [0, 1_000, 10_000];
 const PORT: u16 = 8080;
@@ -346,36 +341,13 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
 /// after the writes).
 fn measure_change_latency(p: &Pair, n: usize) -> Result<Vec<f64>> {
     let agent = p.agent.as_ref().context("agent")?;
-    let synced = |lines: &[String]| {
-        lines
-            .iter()
-            .filter(|l| l.contains("policies synced"))
-            .count()
-    };
     let mut out = Vec::new();
     for i in 0..30u16 {
         let extra = i.is_multiple_of(2).then_some(9000 + i);
         let yaml = policies_yaml(n, extra);
-        let before = synced(&agent.logs().snapshot());
-        let written = SystemTime::now();
-        p.node.write_source("policies.yaml", &yaml);
-        let line = agent.logs().wait_for(
-            "the sync of a policy change",
-            Duration::from_secs(10),
-            |lines| {
-                (synced(lines) > before)
-                    .then(|| {
-                        lines
-                            .iter()
-                            .rfind(|l| l.contains("policies synced"))
-                            .cloned()
-                    })
-                    .flatten()
-            },
-        );
-        let v: Value = serde_json::from_str(&line)?;
-        let at = humantime::parse_rfc3339(v["timestamp"].as_str().unwrap_or_default())?;
-        out.push(at.duration_since(written).unwrap_or_default().as_secs_f64() * 1000.0);
+        out.push(time_to_log(agent, "policies synced", || {
+            p.node.write_source("policies.yaml", &yaml);
+        })?);
         std::thread::sleep(Duration::from_millis(150));
     }
     Ok(out)

@@ -11,19 +11,14 @@
 //! (c) runs after them, with its rules installed only then (they and conntrack would otherwise
 //! tax every connection of (a) and (b)). It also reports, at the largest scale, the agent's
 //! memory, the BPF maps' memory, and the time from a Service change on disk to the kernel maps.
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::Command,
-    time::{Duration, SystemTime},
-};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
 
-use super::{bpftool_json, iptables_restore, median, run_rr};
+use super::{bpftool_json, iptables_restore, median, run_rr, time_to_log};
 
 const SCALES: [usize; 3] = [1, 1_000, 10_000];
 const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
@@ -435,12 +430,6 @@ fn measure_memory(agent: &Agent, result: &mut ServicesResult) -> Result<()> {
 /// Changes one Service's endpoints on disk, 30 times, and reads from the agent's log when each
 /// change reached the kernel maps ("services synced" is logged after the writes).
 fn measure_change_latency(node: &Node, agent: &Agent, result: &mut ServicesResult) -> Result<()> {
-    let synced = |lines: &[String]| {
-        lines
-            .iter()
-            .filter(|l| l.contains("services synced"))
-            .count()
-    };
     for i in 0..30 {
         let ip = node.pod(BACKENDS[i % 3]).ipv4;
         let yaml = format!(
@@ -449,27 +438,10 @@ fn measure_change_latency(node: &Node, agent: &Agent, result: &mut ServicesResul
              name: probe-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: probe}}\naddressType: IPv4\n\
              ports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n"
         );
-        let before = synced(&agent.logs().snapshot());
-        let written = SystemTime::now();
-        node.write_source("probe.yaml", &yaml);
-        let line =
-            agent
-                .logs()
-                .wait_for("the sync of a change", Duration::from_secs(10), |lines| {
-                    (synced(lines) > before)
-                        .then(|| {
-                            lines
-                                .iter()
-                                .rfind(|l| l.contains("services synced"))
-                                .cloned()
-                        })
-                        .flatten()
-                });
-        let v: Value = serde_json::from_str(&line)?;
-        let at = humantime::parse_rfc3339(v["timestamp"].as_str().unwrap_or_default())?;
-        result
-            .change_to_map_ms
-            .push(at.duration_since(written).unwrap_or_default().as_secs_f64() * 1000.0);
+        let ms = time_to_log(agent, "services synced", || {
+            node.write_source("probe.yaml", &yaml);
+        })?;
+        result.change_to_map_ms.push(ms);
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut sorted = result.change_to_map_ms.clone();
