@@ -54,6 +54,10 @@ pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn skb(ctx: &SkBuffContext, direction: Direction, policy_direction: u8) -> i32 {
+    // Most packets: TCP of a TCP socket, nothing to judge or count here.
+    if policy::tcp_passes(ctx, policy_direction) {
+        return 1;
+    }
     // Not IP, truncated, or IPv6 with more extension headers than we walk: counted, and
     // dropped when policy isolates the pod in this direction (never a way around it).
     let Some(h) = headers::parse(ctx) else {

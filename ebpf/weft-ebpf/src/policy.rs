@@ -336,6 +336,33 @@ pub fn unparsed(ctx: &SkBuffContext, direction: u8) -> bool {
     true
 }
 
+/// The common case, decided from the socket before any parsing: TCP of a TCP socket passes
+/// (egress was judged at connect, ingress is judged only at a listener, and sock_ops counts
+/// it). False: parse and decide normally.
+#[inline(always)]
+pub fn tcp_passes(ctx: &SkBuffContext, direction: u8) -> bool {
+    let sk = ctx_read!(ctx.skb.skb, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: the helper only checks whether `sk` is a full socket.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: a full socket's `type`, `protocol` and `state` are readable.
+    let (kind, protocol, state) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*full).type_),
+            core::ptr::read_volatile(&raw const (*full).protocol),
+            core::ptr::read_volatile(&raw const (*full).state),
+        )
+    };
+    kind == SOCK_STREAM
+        && protocol == u32::from(IPPROTO_TCP)
+        && (direction == DIR_EGRESS || state != TCP_LISTEN)
+}
+
 /// Whether the packet belongs to the kernel's TCP stack (a TCP socket, or its request or
 /// time-wait mini socket) rather than a raw socket.
 #[inline(always)]
