@@ -2,6 +2,7 @@
 //!
 //! - `GET /status`: the agent, its datapath, its source and the last sync (JSON)
 //! - `GET /services`: every service frontend and its backends as the kernel maps hold them
+//! - `GET /maps`: every BPF map of the instance with its entries and capacity
 //! - `GET /policies`: policies, the local pods they select, and their kernel entries
 //! - `GET /policy/check?from=NS/POD&to=NS/POD&port=80&protocol=TCP`: the kernel's decision
 //! - `GET /metrics`: Prometheus text format
@@ -146,6 +147,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/status", get(status))
         .route("/services", get(kernel_services_handler))
+        .route("/maps", get(maps_handler))
         .route("/policies", get(policy::policies_handler))
         .route("/policy/check", get(policy::check_handler))
         .route("/metrics", get(metrics))
@@ -202,6 +204,16 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         crate::metrics::encode(&state.registry),
     )
         .into_response()
+}
+
+async fn maps_handler(State(state): State<AdminState>) -> Response {
+    // Counting walks every key with a syscall each: off the async threads.
+    let pins = state.pins.clone();
+    match tokio::task::spawn_blocking(move || crate::datapath::map_usage(&pins)).await {
+        Ok(Ok(list)) => Json(list).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn kernel_services_handler(State(state): State<AdminState>) -> Response {

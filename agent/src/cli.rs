@@ -319,3 +319,29 @@ pub async fn policy_check(
     }
     Ok((out, doc.allowed))
 }
+
+/// `weft maps`.
+pub async fn maps(socket: &Path, output: Output) -> Result<String, Error> {
+    let list: Vec<crate::datapath::MapUsage> = admin::get_json(socket, "/maps").await?;
+    if output == Output::Json {
+        return serde_json::to_string_pretty(&list).map_err(Error::Encode);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<14} {:>10} {:>10} {:>6}  KEY/VALUE BYTES",
+        "MAP", "TYPE", "ENTRIES", "CAPACITY", "FILL"
+    );
+    for m in &list {
+        let (entries, fill) = match (m.entries, m.fill_ratio) {
+            (Some(n), Some(f)) => (n.to_string(), format!("{:.1}%", f * 100.0)),
+            _ => ("-".to_owned(), "-".to_owned()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<14} {entries:>10} {:>10} {fill:>6}  {}/{}",
+            m.name, m.map_type, m.max_entries, m.key_size, m.value_size
+        );
+    }
+    Ok(out)
+}

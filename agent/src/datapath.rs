@@ -33,7 +33,7 @@ use weft_abi::{
 
 use self::{admin::remove_link, config::MapSpec};
 pub use self::{
-    admin::{Attached, CleanupReport, attached_programs, cleanup},
+    admin::{Attached, CleanupReport, MapUsage, attached_programs, cleanup, map_usage},
     config::Config,
     pins::{InstanceLock, Pins},
 };

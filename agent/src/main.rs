@@ -30,6 +30,8 @@ enum Command {
     Services(ClientArgs),
     /// List NetworkPolicies, the pods of this node they select, and their kernel entries.
     Policies(ClientArgs),
+    /// Every BPF map of the instance: type, entries, capacity and fill.
+    Maps(ClientArgs),
     /// Compile a source directory as the agent would, without a kernel: what it would program,
     /// what it rejects, and what compiling cost (JSON). A dry run for configuration changes.
     Compile(CompileArgs),
@@ -283,6 +285,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        Command::Maps(args) => {
+            let path = socket(args.admin_socket, &args.instance);
+            let text = runtime()?.block_on(cli::maps(&path, args.output))?;
+            print!("{text}");
         }
         Command::Policies(args) => {
             let path = socket(args.admin_socket, &args.instance);

@@ -155,6 +155,25 @@ fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
         backends,
         ["10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080"]
     );
+    // `weft maps` counts what the kernel holds: one SERVICES entry per frontend.
+    let (_, maps) = agent.client("maps");
+    let map = |name: &str| {
+        maps.as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no map {name}: {maps:#}"))
+    };
+    let services = map("SERVICES");
+    assert_eq!(
+        services["entries"].as_u64(),
+        list.as_array().map(|l| l.len() as u64),
+        "{services}"
+    );
+    assert_eq!(services["max_entries"], 65_536, "{services}");
+    assert!(
+        map("STATS")["entries"].is_null(),
+        "arrays have no entries to count"
+    );
     // Every closed connection took its reverse translation with it.
     wait_empty::<RevNatKey, Endpoint>(&agent, "REVNAT");
 }

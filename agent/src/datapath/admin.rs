@@ -148,3 +148,66 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>, Error> {
         }),
     }
 }
+
+/// One pinned map of an instance, as `weft maps` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MapUsage {
+    pub name: String,
+    pub map_type: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// Keys present, for maps that hold keys (hash, LRU, LPM trie); arrays and ring buffers
+    /// have none to count.
+    pub entries: Option<u64>,
+    /// `entries / max_entries`.
+    pub fill_ratio: Option<f64>,
+}
+
+/// Every map of `weft_abi::maps::ALL` under the instance's pins, with its entries counted.
+pub fn map_usage(pins: &Pins) -> Result<Vec<MapUsage>, Error> {
+    use aya::maps::{MapInfo, MapType};
+    let mut out = Vec::new();
+    for name in weft_abi::maps::ALL {
+        let info =
+            MapInfo::from_pin(pins.map(name)).map_err(|source| Error::MapInfo { name, source })?;
+        let map_type = info
+            .map_type()
+            .map_err(|source| Error::MapInfo { name, source })?;
+        let counted = matches!(
+            map_type,
+            MapType::Hash
+                | MapType::LruHash
+                | MapType::PerCpuHash
+                | MapType::LruPerCpuHash
+                | MapType::LpmTrie
+        );
+        let entries = if counted {
+            let fd = info
+                .fd()
+                .map_err(|source| Error::MapInfo { name, source })?;
+            let limit = u64::from(info.max_entries()).saturating_mul(2);
+            let n = sys::count_keys(fd.as_fd(), info.key_size(), limit).map_err(|source| {
+                Error::Pin {
+                    path: pins.map(name),
+                    source,
+                }
+            })?;
+            Some(n)
+        } else {
+            None
+        };
+        out.push(MapUsage {
+            name: name.to_owned(),
+            map_type: format!("{map_type:?}"),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            entries,
+            fill_ratio: entries
+                .filter(|_| info.max_entries() > 0)
+                .map(|n| n as f64 / f64::from(info.max_entries())),
+        });
+    }
+    Ok(out)
+}

@@ -1,5 +1,5 @@
-//! The few bpf(2) commands aya 0.14 does not expose: reading a cgroup link's target and
-//! replacing the program of a link in place.
+//! The few bpf(2) commands aya 0.14 does not expose: reading a cgroup link's target,
+//! replacing the program of a link in place, and walking a map's keys whatever their type.
 use std::{
     ffi::CString,
     io,
@@ -10,6 +10,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -22,6 +23,16 @@ struct InfoByFdAttr {
     bpf_fd: u32,
     info_len: u32,
     info: u64,
+}
+
+/// `union bpf_attr` member for BPF_MAP_GET_NEXT_KEY.
+#[repr(C)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+    flags: u64,
 }
 
 /// `union bpf_attr` member for BPF_OBJ_GET.
@@ -103,6 +114,33 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     } else {
         Ok(ret)
     }
+}
+
+/// Counts the keys of a map with keys of `key_size` bytes (hash, LRU, LPM trie), at most
+/// `limit` (a map changing while it is walked can make the walk restart).
+pub fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u64) -> io::Result<u64> {
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut count = 0u64;
+    while count < limit {
+        let mut attr = NextKeyAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            // No key: the first one.
+            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                count += 1;
+                std::mem::swap(&mut key, &mut next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
 }
 
 /// Opens a pinned BPF object.
