@@ -25,13 +25,16 @@ pub enum Output {
 }
 
 /// `weft status`: returns the text to print and whether the agent is healthy.
-pub async fn status(socket: &Path, output: Output) -> Result<(String, bool), Error> {
+pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(String, bool), Error> {
     let doc: StatusDoc = admin::get_json(socket, "/status").await?;
     if output == Output::Json {
         return Ok((
             serde_json::to_string_pretty(&doc).map_err(Error::Encode)?,
             doc.healthy,
         ));
+    }
+    if brief {
+        return Ok((brief_status(&doc), doc.healthy));
     }
     let s = &doc.services;
     let mut out = String::new();
@@ -344,4 +347,51 @@ pub async fn maps(socket: &Path, output: Output) -> Result<String, Error> {
         );
     }
     Ok(out)
+}
+
+/// `weft status --brief`: one line.
+fn brief_status(doc: &StatusDoc) -> String {
+    let (s, p) = (&doc.services, &doc.policy);
+    let len = |v: &serde_json::Value| v.as_array().map_or(0, Vec::len);
+    format!(
+        "{} ready={} frontends={} policies={} pods={} rejected={} problems={} sync_errors={}\n",
+        if doc.healthy { "healthy" } else { "UNHEALTHY" },
+        s["ready"],
+        s["frontends"],
+        p["policies"],
+        p["endpoints"],
+        len(&s["rejections"]),
+        len(&s["problems"]) + len(&p["problems"]),
+        len(&s["sync_errors"]) + len(&p["sync_errors"]),
+    )
+}
+
+/// `weft version`: this binary's version, and the running agent's when one answers.
+pub async fn version(socket: &Path, output: Output) -> Result<String, Error> {
+    let client = env!("CARGO_PKG_VERSION");
+    let agent = admin::get_json::<StatusDoc>(socket, "/status").await;
+    if output == Output::Json {
+        let v = match &agent {
+            Ok(doc) => serde_json::json!({
+                "client": {"version": client},
+                "agent": {"version": doc.agent.version, "instance": doc.agent.instance},
+            }),
+            Err(e) => serde_json::json!({
+                "client": {"version": client},
+                "agent": null,
+                "agent_error": crate::chain(e),
+            }),
+        };
+        return serde_json::to_string_pretty(&v).map_err(Error::Encode);
+    }
+    Ok(match agent {
+        Ok(doc) => format!(
+            "client: weft {client}\nagent:  weft {} (instance {})\n",
+            doc.agent.version, doc.agent.instance
+        ),
+        Err(e) => format!(
+            "client: weft {client}\nagent:  not reachable: {}\n",
+            crate::chain(&e)
+        ),
+    })
 }

@@ -25,7 +25,7 @@ enum Command {
     /// Detach every program of an instance and remove its pins.
     Cleanup(CleanupArgs),
     /// Show the state of a running agent (exit status 1 when it is unhealthy).
-    Status(ClientArgs),
+    Status(StatusArgs),
     /// List service frontends and their backends as the kernel maps hold them.
     Services(ClientArgs),
     /// List NetworkPolicies, the pods of this node they select, and their kernel entries.
@@ -38,8 +38,17 @@ enum Command {
     /// Ask the kernel's policy maps about a connection between two pods.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Print the version.
-    Version,
+    /// Print this binary's version and the running agent's (if one answers).
+    Version(ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// One line: health, readiness and counts.
+    #[arg(long)]
+    brief: bool,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -256,8 +265,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!(weft::chain(&e)))?;
         }
         Command::Status(args) => {
-            let path = socket(args.admin_socket, &args.instance);
-            let (text, healthy) = runtime()?.block_on(cli::status(&path, args.output))?;
+            let path = socket(args.client.admin_socket, &args.client.instance);
+            let (text, healthy) =
+                runtime()?.block_on(cli::status(&path, args.client.output, args.brief))?;
             print!("{text}");
             if !text.ends_with('\n') {
                 println!();
@@ -329,7 +339,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::info!(path = %path.display(), "map unpinned");
             }
         }
-        Command::Version => println!("weft {}", env!("CARGO_PKG_VERSION")),
+        Command::Version(args) => {
+            let path = socket(args.admin_socket, &args.instance);
+            let text = runtime()?.block_on(cli::version(&path, args.output))?;
+            print!("{text}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

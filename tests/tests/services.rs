@@ -174,6 +174,24 @@ fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
         map("STATS")["entries"].is_null(),
         "arrays have no entries to count"
     );
+    // `weft version` names both ends; `weft status --brief` is one line.
+    let (_, version) = agent.client("version");
+    assert_eq!(
+        version["client"]["version"], version["agent"]["version"],
+        "{version}"
+    );
+    assert_eq!(version["agent"]["instance"], agent.instance(), "{version}");
+    let brief = std::process::Command::new(weft_testkit::agent::weft_binary())
+        .args(["status", "--brief", "--admin-socket"])
+        .arg(agent.admin_socket())
+        .output()
+        .expect("weft status --brief");
+    let text = String::from_utf8_lossy(&brief.stdout);
+    assert!(brief.status.success(), "{text}");
+    assert!(
+        text.lines().count() == 1 && text.starts_with("healthy ready=true frontends="),
+        "{text}"
+    );
     // Every closed connection took its reverse translation with it.
     wait_empty::<RevNatKey, Endpoint>(&agent, "REVNAT");
 }
