@@ -5,6 +5,7 @@
 //! - `GET /maps`: every BPF map of the instance with its entries and capacity
 //! - `GET /policies`: policies, the local pods they select, and their kernel entries
 //! - `GET /policy/check?from=NS/POD&to=NS/POD&port=80&protocol=TCP`: the kernel's decision
+//! - `GET /log-level`, `PUT /log-level` (body: a tracing filter): the agent's log filter
 //! - `GET /metrics`: Prometheus text format
 //! - `GET /healthz`, `GET /readyz`: liveness, and readiness (the first full sync is done)
 use std::{
@@ -22,7 +23,7 @@ use axum::{
     routing::get,
 };
 use aya::maps::{HashMap, Map, MapData, MapError};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
@@ -148,6 +149,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/services", get(kernel_services_handler))
         .route("/maps", get(maps_handler))
+        .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/policies", get(policy::policies_handler))
         .route("/policy/check", get(policy::check_handler))
         .route("/metrics", get(metrics))
@@ -204,6 +206,28 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         crate::metrics::encode(&state.registry),
     )
         .into_response()
+}
+
+async fn get_log_level() -> Response {
+    match crate::logging::filter() {
+        Some(f) => (StatusCode::OK, f).into_response(),
+        None => (StatusCode::NOT_FOUND, "logging is not reloadable").into_response(),
+    }
+}
+
+/// Replaces the log filter; answers with the previous one.
+async fn put_log_level(body: String) -> Response {
+    let filter = body.trim();
+    match crate::logging::set_filter(filter) {
+        Ok(previous) => {
+            tracing::info!(previous, filter, "log filter changed");
+            (StatusCode::OK, previous).into_response()
+        }
+        Err(e @ crate::logging::Error::Filter { .. }) => {
+            (StatusCode::BAD_REQUEST, crate::chain(&e)).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)).into_response(),
+    }
 }
 
 async fn maps_handler(State(state): State<AdminState>) -> Response {
@@ -278,6 +302,16 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
 
 /// `GET path` on the admin socket; returns the body of a 2xx answer.
 pub async fn fetch(socket: &Path, path: &str) -> Result<Bytes, Error> {
+    request(socket, hyper::Method::GET, path, String::new()).await
+}
+
+/// `method path` with `body` on the admin socket; returns the body of a 2xx answer.
+pub async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: String,
+) -> Result<Bytes, Error> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|source| Error::Connect {
@@ -288,9 +322,11 @@ pub async fn fetch(socket: &Path, path: &str) -> Result<Bytes, Error> {
         .await
         .map_err(Error::Http)?;
     let driver = tokio::spawn(conn);
-    let request = hyper::Request::get(path)
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(header::HOST, "weft")
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| Error::Status {
             status: 0,
             body: e.to_string(),

@@ -395,3 +395,21 @@ pub async fn version(socket: &Path, output: Output) -> Result<String, Error> {
         ),
     })
 }
+
+/// `weft log-level [FILTER]`: shows the agent's log filter, or replaces it.
+pub async fn log_level(socket: &Path, filter: Option<&str>) -> Result<String, Error> {
+    match filter {
+        None => {
+            let body = admin::fetch(socket, "/log-level").await?;
+            Ok(format!("{}\n", String::from_utf8_lossy(&body)))
+        }
+        Some(f) => {
+            let previous =
+                admin::request(socket, hyper::Method::PUT, "/log-level", f.to_owned()).await?;
+            Ok(format!(
+                "log filter: {} -> {f}\n",
+                String::from_utf8_lossy(&previous)
+            ))
+        }
+    }
+}

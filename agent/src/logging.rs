@@ -1,8 +1,11 @@
 //! Structured logs: tracing for the agent, with kernel-side aya-log records forwarded into the
 //! same stream under target `weft::kernel`.
-use std::io::IsTerminal as _;
+use std::{
+    io::IsTerminal as _,
+    sync::{Mutex, OnceLock},
+};
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, Registry, fmt, prelude::*, reload};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +18,36 @@ pub enum Error {
     },
     #[error("a global logger is already installed")]
     AlreadyInstalled,
+    #[error("the log filter cannot be changed: logging was not set up by `init`")]
+    NotReloadable,
+}
+
+/// The installed filter, replaceable at run time (`weft log-level`), and its text.
+static FILTER: OnceLock<(reload::Handle<EnvFilter, Registry>, Mutex<String>)> = OnceLock::new();
+
+fn parse(filter: &str) -> Result<EnvFilter, Error> {
+    EnvFilter::try_new(filter).map_err(|source| Error::Filter {
+        filter: filter.to_owned(),
+        source,
+    })
+}
+
+/// The filter in force.
+pub fn filter() -> Option<String> {
+    FILTER
+        .get()
+        .map(|(_, text)| text.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+/// Replaces the filter in force; returns the previous one. A filter that does not parse is an
+/// error and changes nothing. (Kernel programs format records up to the level chosen at load:
+/// raising `weft::kernel` above it shows no more of them until the agent restarts.)
+pub fn set_filter(filter: &str) -> Result<String, Error> {
+    let new = parse(filter)?;
+    let (handle, text) = FILTER.get().ok_or(Error::NotReloadable)?;
+    handle.reload(new).map_err(|_| Error::NotReloadable)?;
+    let mut text = text.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(std::mem::replace(&mut *text, filter.to_owned()))
 }
 
 /// Log output format.
@@ -29,10 +62,7 @@ pub enum Format {
 /// Installs the global subscriber. `filter` uses tracing's EnvFilter syntax
 /// (`info`, `info,weft::kernel=debug`, ...).
 pub fn init(filter: &str, format: Format) -> Result<(), Error> {
-    let env_filter = EnvFilter::try_new(filter).map_err(|source| Error::Filter {
-        filter: filter.to_owned(),
-        source,
-    })?;
+    let (env_filter, handle) = reload::Layer::new(parse(filter)?);
     let registry = tracing_subscriber::registry().with(env_filter);
     let result = match format {
         Format::Json => registry
@@ -47,7 +77,9 @@ pub fn init(filter: &str, format: Format) -> Result<(), Error> {
             .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
             .try_init(),
     };
-    result.map_err(|_| Error::AlreadyInstalled)
+    result.map_err(|_| Error::AlreadyInstalled)?;
+    let _ = FILTER.set((handle, Mutex::new(filter.to_owned())));
+    Ok(())
 }
 
 /// The aya-log level for kernel programs that matches what the installed filter lets through

@@ -40,6 +40,17 @@ enum Command {
     Policy(PolicyCommand),
     /// Print this binary's version and the running agent's (if one answers).
     Version(ClientArgs),
+    /// Show the running agent's log filter, or change it without a restart
+    /// (e.g. `info,weft::sync=debug`).
+    LogLevel(LogLevelArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LogLevelArgs {
+    /// The new filter (tracing's EnvFilter syntax); without it, the current one is shown.
+    filter: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -295,6 +306,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        Command::LogLevel(args) => {
+            let path = socket(args.client.admin_socket, &args.client.instance);
+            let text = runtime()?.block_on(cli::log_level(&path, args.filter.as_deref()))?;
+            print!("{text}");
         }
         Command::Maps(args) => {
             let path = socket(args.admin_socket, &args.instance);

@@ -192,6 +192,33 @@ fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
         text.lines().count() == 1 && text.starts_with("healthy ready=true frontends="),
         "{text}"
     );
+    // The log filter changes at run time; a bad one is refused and changes nothing.
+    let log_level = |args: &[&str]| {
+        let out = std::process::Command::new(weft_testkit::agent::weft_binary())
+            .arg("log-level")
+            .args(args)
+            .arg("--admin-socket")
+            .arg(agent.admin_socket())
+            .output()
+            .expect("weft log-level");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    assert_eq!(log_level(&[]), (true, "info\n".to_owned()));
+    let (ok, text) = log_level(&["info,weft::sync=debug"]);
+    assert!(
+        ok && text.contains("info -> info,weft::sync=debug"),
+        "{text}"
+    );
+    let (ok, text) = log_level(&["info,weft=notalevel"]);
+    assert!(!ok && text.contains("invalid"), "{text}");
+    assert_eq!(log_level(&[]), (true, "info,weft::sync=debug\n".to_owned()));
     // Every closed connection took its reverse translation with it.
     wait_empty::<RevNatKey, Endpoint>(&agent, "REVNAT");
 }
