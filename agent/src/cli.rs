@@ -13,6 +13,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error("cannot encode the output")]
     Encode(#[source] serde_json::Error),
+    #[error("cannot encode the output as YAML")]
+    EncodeYaml(#[source] serde_saphyr::SerializeError),
     #[error("cannot encode the query")]
     Query(#[source] serde_urlencoded::ser::Error),
 }
@@ -22,16 +24,27 @@ pub enum Error {
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// `value` as JSON or YAML when asked for; `None` for a table.
+fn structured<T: serde::Serialize>(value: &T, output: Output) -> Result<Option<String>, Error> {
+    match output {
+        Output::Table => Ok(None),
+        Output::Json => serde_json::to_string_pretty(value)
+            .map(Some)
+            .map_err(Error::Encode),
+        Output::Yaml => serde_saphyr::to_string(value)
+            .map(Some)
+            .map_err(Error::EncodeYaml),
+    }
 }
 
 /// `weft status`: returns the text to print and whether the agent is healthy.
 pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(String, bool), Error> {
     let doc: StatusDoc = admin::get_json(socket, "/status").await?;
-    if output == Output::Json {
-        return Ok((
-            serde_json::to_string_pretty(&doc).map_err(Error::Encode)?,
-            doc.healthy,
-        ));
+    if let Some(text) = structured(&doc, output)? {
+        return Ok((text, doc.healthy));
     }
     if brief {
         return Ok((brief_status(&doc), doc.healthy));
@@ -158,8 +171,8 @@ fn describe(item: &serde_json::Value) -> String {
 /// `weft services`.
 pub async fn services(socket: &Path, output: Output) -> Result<String, Error> {
     let list: Vec<KernelService> = admin::get_json(socket, "/services").await?;
-    if output == Output::Json {
-        return serde_json::to_string_pretty(&list).map_err(Error::Encode);
+    if let Some(text) = structured(&list, output)? {
+        return Ok(text);
     }
     let mut out = String::new();
     let _ = writeln!(
@@ -195,8 +208,8 @@ pub async fn services(socket: &Path, output: Output) -> Result<String, Error> {
 /// `weft policies`.
 pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
     let doc: PoliciesDoc = admin::get_json(socket, "/policies").await?;
-    if output == Output::Json {
-        return serde_json::to_string_pretty(&doc).map_err(Error::Encode);
+    if let Some(text) = structured(&doc, output)? {
+        return Ok(text);
     }
     let mut out = String::new();
     let _ = writeln!(
@@ -289,11 +302,8 @@ pub async fn policy_check(
 ) -> Result<(String, bool), Error> {
     let encoded = serde_urlencoded::to_string(query).map_err(Error::Query)?;
     let doc: CheckDoc = admin::get_json(socket, &format!("/policy/check?{encoded}")).await?;
-    if output == Output::Json {
-        return Ok((
-            serde_json::to_string_pretty(&doc).map_err(Error::Encode)?,
-            doc.allowed,
-        ));
+    if let Some(text) = structured(&doc, output)? {
+        return Ok((text, doc.allowed));
     }
     let mut out = String::new();
     let _ = writeln!(
@@ -326,8 +336,8 @@ pub async fn policy_check(
 /// `weft maps`.
 pub async fn maps(socket: &Path, output: Output) -> Result<String, Error> {
     let list: Vec<crate::datapath::MapUsage> = admin::get_json(socket, "/maps").await?;
-    if output == Output::Json {
-        return serde_json::to_string_pretty(&list).map_err(Error::Encode);
+    if let Some(text) = structured(&list, output)? {
+        return Ok(text);
     }
     let mut out = String::new();
     let _ = writeln!(
@@ -370,7 +380,7 @@ fn brief_status(doc: &StatusDoc) -> String {
 pub async fn version(socket: &Path, output: Output) -> Result<String, Error> {
     let client = env!("CARGO_PKG_VERSION");
     let agent = admin::get_json::<StatusDoc>(socket, "/status").await;
-    if output == Output::Json {
+    if output != Output::Table {
         let v = match &agent {
             Ok(doc) => serde_json::json!({
                 "client": {"version": client},
@@ -382,7 +392,7 @@ pub async fn version(socket: &Path, output: Output) -> Result<String, Error> {
                 "agent_error": crate::chain(e),
             }),
         };
-        return serde_json::to_string_pretty(&v).map_err(Error::Encode);
+        return Ok(structured(&v, output)?.unwrap_or_default());
     }
     Ok(match agent {
         Ok(doc) => format!(

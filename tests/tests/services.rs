@@ -192,6 +192,18 @@ fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
         text.lines().count() == 1 && text.starts_with("healthy ready=true frontends="),
         "{text}"
     );
+    // Any listing also comes as YAML.
+    let yaml = std::process::Command::new(weft_testkit::agent::weft_binary())
+        .args(["services", "-o", "yaml", "--admin-socket"])
+        .arg(agent.admin_socket())
+        .output()
+        .expect("weft services -o yaml");
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    assert!(
+        yaml.lines()
+            .any(|l| l.trim_start_matches("- ") == "service: default/web"),
+        "{yaml}"
+    );
     // The log filter changes at run time; a bad one is refused and changes nothing.
     let log_level = |args: &[&str]| {
         let out = std::process::Command::new(weft_testkit::agent::weft_binary())
