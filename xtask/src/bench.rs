@@ -110,6 +110,17 @@ pub(crate) fn agent_options(bins: &Path) -> AgentOptions {
     }
 }
 
+/// An agent reading the node's source directory; its `weft::sync` log lines time changes.
+pub(crate) fn source_agent_options(bins: &Path) -> AgentOptions {
+    AgentOptions {
+        log_level: "warn,weft::app=info,weft::sync=info".into(),
+        stats_interval: "600s".into(),
+        binary: Some(bins.join("weft")),
+        source: true,
+        ..AgentOptions::default()
+    }
+}
+
 /// Restores kernel.bpf_stats_enabled when dropped.
 pub(crate) struct BpfStats {
     previous: String,

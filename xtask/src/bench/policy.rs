@@ -19,9 +19,9 @@ use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
-use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
+use weft_testkit::{Agent, Node, k8s, proc::Process};
 
-use super::{iptables_restore, median, run_rr, time_to_log};
+use super::{iptables_restore, median, run_rr, source_agent_options, time_to_log};
 
 const SCALES: [usize; 3] = [0, 1_000, 10_000];
 const PORT: u16 = 8080;
@@ -204,16 +204,6 @@ fn pods_yaml(node: &Node) -> String {
     ])
 }
 
-fn agent_options(bins: &Path) -> AgentOptions {
-    AgentOptions {
-        log_level: "warn,weft::app=info,weft::sync=info".into(),
-        stats_interval: "600s".into(),
-        binary: Some(bins.join("weft")),
-        source: true,
-        ..AgentOptions::default()
-    }
-}
-
 /// Waits until the agent holds `n` + 1 policies with the server's set in the kernel.
 fn wait_policies(agent: &Agent, n: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
@@ -253,7 +243,7 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
         p.node.write_source("pods.yaml", &pods_yaml(&p.node));
         p.node
             .write_source("policies.yaml", &policies_yaml(n, None));
-        let agent = Agent::start_with(&p.node, agent_options(bins));
+        let agent = Agent::start_with(&p.node, source_agent_options(bins));
         wait_policies(&agent, n)?;
         p.agent = Some(agent);
         weft_pairs.push(p);

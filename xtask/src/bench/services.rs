@@ -16,9 +16,9 @@ use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_json::Value;
-use weft_testkit::{Agent, AgentOptions, Node, k8s, proc::Process};
+use weft_testkit::{Agent, Node, k8s, proc::Process};
 
-use super::{bpftool_json, iptables_restore, median, run_rr, time_to_log};
+use super::{bpftool_json, iptables_restore, median, run_rr, source_agent_options, time_to_log};
 
 const SCALES: [usize; 3] = [1, 1_000, 10_000];
 const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
@@ -244,16 +244,6 @@ fn wait_frontends(agent: &Agent, n: usize) -> Result<()> {
     }
 }
 
-fn agent_options(bins: &Path) -> AgentOptions {
-    AgentOptions {
-        log_level: "warn,weft::app=info,weft::sync=info".into(),
-        stats_interval: "600s".into(),
-        binary: Some(bins.join("weft")),
-        source: true,
-        ..AgentOptions::default()
-    }
-}
-
 pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
     let iptables = String::from_utf8_lossy(&Command::new("iptables").arg("-V").output()?.stdout)
         .trim()
@@ -299,7 +289,7 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
         node.write_source("services.yaml", &services_yaml(n));
         eprintln!("bench services: {n} services: starting the agent");
         let started = std::time::Instant::now();
-        let agent = Agent::start_with(&node, agent_options(bins));
+        let agent = Agent::start_with(&node, source_agent_options(bins));
         wait_frontends(&agent, n)?;
         let ready_s = started.elapsed().as_secs_f64();
         let target = vip(n / 2);
