@@ -6,7 +6,11 @@
 //! - `GET /policies`: policies, the local pods they select, and their kernel entries
 //! - `GET /policy/check?from=NS/POD&to=NS/POD&port=80&protocol=TCP`: the kernel's decision
 //! - `GET /log-level`, `PUT /log-level` (body: a tracing filter): the agent's log filter
-//! - `GET /metrics`: Prometheus text format
+//! - `GET /connections`: open TCP connections with their counters as last reported
+//! - `GET /flows?follow=true&last=N&namespace=..&pod=..&from_pod=..&to_pod=..&verdict=..&protocol=..`:
+//!   flow records as JSON lines
+//! - `GET /config/dump`: the desired state computed from the source (JSON)
+//! - `GET /metrics`: Prometheus text format, or OpenMetrics when asked (also on `--metrics-addr`)
 //! - `GET /healthz`, `GET /readyz`: liveness, and readiness (the first full sync is done)
 use std::{
     io,
@@ -36,6 +40,7 @@ use weft_abi::{
 use crate::{compile::words_ip, datapath::Pins, pipeline, sync::frontend_name};
 
 pub mod policy;
+pub mod telemetry;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,12 @@ pub enum Error {
     },
     #[error("cannot decode the agent's answer")]
     Decode(#[source] serde_json::Error),
+    #[error("the {what} server failed")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The default admin socket of an instance.
@@ -98,6 +109,9 @@ pub struct StatusDoc {
     /// Policy counts, problems and sync errors.
     #[serde(default)]
     pub policy: serde_json::Value,
+    /// Open connections, flow records buffered, and where metrics are served.
+    #[serde(default)]
+    pub telemetry: serde_json::Value,
 }
 
 /// One frontend as the kernel holds it (`GET /services`).
@@ -119,6 +133,12 @@ pub struct AdminState {
     pub policy: Arc<RwLock<pipeline::policy::PolicyStatus>>,
     pub registry: Arc<Registry>,
     pub pins: Pins,
+    pub telemetry: crate::telemetry::TelemetryView,
+    /// The TCP address `/metrics` is served on, if any.
+    pub metrics_addr: Option<SocketAddr>,
+    pub store: crate::pipeline::StoreHandle,
+    /// Telemetry settings, for `/config/dump`.
+    pub telemetry_settings: serde_json::Value,
 }
 
 /// Listens on `path`. A stale socket file from an earlier agent is replaced (the instance
@@ -152,6 +172,9 @@ pub async fn serve(
         .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/policies", get(policy::policies_handler))
         .route("/policy/check", get(policy::check_handler))
+        .route("/connections", get(telemetry::connections))
+        .route("/flows", get(telemetry::flows))
+        .route("/config/dump", get(telemetry::config_dump))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -177,6 +200,11 @@ fn status_doc(state: &AdminState) -> StatusDoc {
             "problems": policy.problems,
             "sync_errors": policy.sync_errors,
         }),
+        telemetry: serde_json::json!({
+            "open_connections": state.telemetry.open_count(),
+            "flow_records_buffered": state.telemetry.flows.len(),
+            "metrics_addr": state.metrics_addr,
+        }),
     }
 }
 
@@ -197,15 +225,21 @@ async fn ready(State(state): State<AdminState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::encode(&state.registry),
-    )
-        .into_response()
+async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    telemetry::metrics(State(Arc::clone(&state.registry)), headers).await
+}
+
+/// Serves `/metrics` on a TCP listener (`--metrics-addr`) until the future is dropped.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+) -> Result<(), Error> {
+    axum::serve(listener, telemetry::metrics_router(registry))
+        .await
+        .map_err(|source| Error::Serve {
+            what: "metrics",
+            source,
+        })
 }
 
 async fn get_log_level() -> Response {
@@ -347,6 +381,54 @@ pub async fn request(
         });
     }
     Ok(body)
+}
+
+/// `GET path`, handing each piece of the body to `on_data` as it arrives (for streams); stops
+/// when the body ends or `on_data` returns false.
+pub async fn stream(
+    socket: &Path,
+    path: &str,
+    mut on_data: impl FnMut(&[u8]) -> bool,
+) -> Result<(), Error> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| Error::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(Error::Http)?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::builder()
+        .uri(path)
+        .header(header::HOST, "weft")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| Error::Status {
+            status: 0,
+            body: e.to_string(),
+        })?;
+    let response = sender.send_request(request).await.map_err(Error::Http)?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await.map_err(Error::Http)?.to_bytes();
+        driver.abort();
+        return Err(Error::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+    }
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Error::Http)?;
+        if let Some(data) = frame.data_ref()
+            && !on_data(data)
+        {
+            break;
+        }
+    }
+    driver.abort();
+    Ok(())
 }
 
 /// `GET path` and decode JSON.

@@ -3,8 +3,12 @@
 //! Stopping the agent (SIGINT, SIGTERM, or a kill) leaves the programs attached and the maps
 //! pinned: the datapath keeps working, and the next agent of the instance adopts it.
 use std::{
+    cell::RefCell,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,6 +24,7 @@ use crate::{
     pipeline::{self, Pipeline},
     stats::{self, Reporter, StatsReader},
     sync::{Capacity, policy::PolicyCapacity},
+    telemetry::{DirectoryHandle, Telemetry, TelemetryConfig},
 };
 use aya_log::EbpfLogger;
 use tokio::{
@@ -58,6 +63,30 @@ pub enum Error {
     },
     #[error("the admin API stopped")]
     AdminStopped,
+    #[error("cannot listen for metrics on {addr} (--metrics-addr)")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counts every map's entries off the event loop (walking a big map takes a syscall per key)
+/// and publishes fill ratios; skipped while the previous count still runs.
+fn refresh_map_gauges(busy: &Arc<AtomicBool>, pins: &datapath::Pins, metrics: &Arc<Metrics>) {
+    if busy.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (busy, pins, metrics) = (Arc::clone(busy), pins.clone(), Arc::clone(metrics));
+    tokio::task::spawn_blocking(move || {
+        match datapath::map_usage(&pins) {
+            Ok(usage) => metrics.set_map_usage(&usage),
+            Err(e) => {
+                tracing::warn!(target: "weft::stats", error = %crate::chain(&e), "cannot count map entries")
+            }
+        }
+        busy.store(false, Ordering::Release);
+    });
 }
 
 /// What `weft agent` was asked to do.
@@ -86,6 +115,14 @@ pub struct AgentConfig {
     /// `--source dir:PATH`; none: no services.
     pub source_dir: Option<PathBuf>,
     pub admin_socket: PathBuf,
+    /// Connection and drop events (and UDP flow counting); off: no telemetry in the kernel.
+    pub telemetry: bool,
+    /// An open connection reports its counters this often (0: only at open and close).
+    pub conn_update_interval: Duration,
+    pub max_udp_flows: u32,
+    pub telemetry_config: TelemetryConfig,
+    /// Where Prometheus scrapes `/metrics` over TCP (None: only on the admin socket).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A change in the source directory is applied once it has been quiet this long (editors and
@@ -142,6 +179,14 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         max_policy_entries: config.max_policy_entries,
         max_policy_flows: config.max_policy_flows,
         cgroup_level: cgroup::level(&cgroup_root)?,
+        // Telemetry off: no per-packet update check either.
+        conn_update_interval_ns: if config.telemetry {
+            u64::try_from(config.conn_update_interval.as_nanos()).unwrap_or(u64::MAX)
+        } else {
+            0
+        },
+        conn_events_enabled: u32::from(config.telemetry),
+        max_udp_flows: config.max_udp_flows,
     })?;
     for link in datapath.links() {
         tracing::info!(
@@ -157,7 +202,18 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new(&mut registry));
     registry.register_collector(Box::new(stats::verdicts::VerdictCollector::new(
         datapath.take_verdicts()?,
+        datapath.open_pinned(weft_abi::maps::STATS)?,
     )));
+    let directory: DirectoryHandle = Arc::default();
+    let telemetry = Telemetry::new(
+        config.telemetry_config.clone(),
+        &mut registry,
+        Arc::clone(&directory),
+    )
+    .with_maps(
+        datapath.take_udp_flow_stats()?,
+        datapath.open_pinned(weft_abi::maps::CONN_STATE)?,
+    );
     let status = Arc::new(RwLock::new(pipeline::Status::default()));
     let policy_status = Arc::new(RwLock::new(pipeline::policy::PolicyStatus::default()));
     let node_ips = config
@@ -189,7 +245,11 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         policy_stage,
         Arc::clone(&metrics),
         Arc::clone(&status),
-    )?;
+    )?
+    .with_names(
+        Arc::clone(&directory),
+        config.telemetry_config.names.clone(),
+    );
     // Watch before the first read so no change between the two is missed.
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<SourceEvent>();
     let _watcher = match &config.source_dir {
@@ -221,11 +281,40 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         policy: Arc::clone(&policy_status),
         registry: Arc::new(registry),
         pins: datapath.pins().clone(),
+        telemetry: telemetry.view(),
+        metrics_addr: None,
+        store: pipeline.store_handle(),
+        telemetry_settings: serde_json::json!({
+            "enabled": config.telemetry,
+            "granularity": config.telemetry_config.granularity,
+            "conn_update_interval": humantime::format_duration(config.conn_update_interval).to_string(),
+            "udp_idle_timeout": humantime::format_duration(config.telemetry_config.udp_idle).to_string(),
+            "flow_buffer": config.telemetry_config.flow_buffer,
+            "cluster": config.telemetry_config.cluster,
+            "cluster_domain": config.telemetry_config.names.cluster_domain,
+        }),
     };
     // Listening before "ready" is logged: whoever waits for it can use the API at once.
     let listener = admin::bind(&config.admin_socket)?;
     // Removes the socket on every exit, error paths included, so a stale path is never left.
     let _socket_guard = RemoveOnDrop(config.admin_socket.clone());
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_state = AdminState {
+        metrics_addr,
+        ..admin_state
+    };
+    let mut metrics_server = match metrics_listener {
+        Some(l) => tokio::spawn(admin::serve_metrics(l, Arc::clone(&admin_state.registry))),
+        None => tokio::spawn(std::future::pending()),
+    };
     let mut admin = tokio::spawn(admin::serve(
         listener,
         config.admin_socket.clone(),
@@ -236,6 +325,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         cgroup = %datapath.cgroup().display(),
         pins = %datapath.pins().dir().display(),
         admin = %config.admin_socket.display(),
+        metrics = metrics_addr.map(|a| format!("http://{a}/metrics")),
         source = config.source_dir.as_ref().map(|d| d.display().to_string()),
         "datapath ready"
     );
@@ -257,11 +347,27 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
 
     let mut ticker = tokio::time::interval(config.stats_interval);
     ticker.tick().await;
+    let map_gauges_busy = Arc::new(AtomicBool::new(false));
+    refresh_map_gauges(&map_gauges_busy, datapath.pins(), &metrics);
     let mut gc = tokio::time::interval(crate::sync::GRACE);
     let mut resync = tokio::time::interval(RESYNC);
     resync.tick().await;
     let mut report = Reporter::default();
-    let mut sink = |c: conntrack::Connection| c.log();
+    // The sink and the periodic telemetry work share it; they never run at the same time.
+    let telemetry = RefCell::new(telemetry);
+    let mut sink = |c: conntrack::Connection| {
+        c.log();
+        telemetry.borrow_mut().on_event(&c);
+    };
+    let tick_every = if config.conn_update_interval.is_zero() {
+        Duration::from_secs(5)
+    } else {
+        config.conn_update_interval
+    };
+    // A connection quiet for this long and gone from the kernel lost its close event.
+    let stale_after = (tick_every * 3).max(Duration::from_secs(60));
+    let mut telemetry_tick = tokio::time::interval(tick_every);
+    telemetry_tick.tick().await;
     // Set while events are pending: (first event, quiet deadline).
     let mut pending: Option<(Instant, Instant)> =
         first_unsettled.then(|| (Instant::now(), Instant::now() + DEBOUNCE));
@@ -300,7 +406,21 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 pending = Some((Instant::now(), Instant::now() + DEBOUNCE));
             },
             _ = gc.tick() => pipeline.collect_garbage(),
-            _ = ticker.tick() => report.tick(&mut stats, reader.stats())?,
+            _ = ticker.tick() => {
+                report.tick(&mut stats, reader.stats())?;
+                refresh_map_gauges(&map_gauges_busy, datapath.pins(), &metrics);
+            }
+            _ = telemetry_tick.tick() => {
+                if let Err(e) = telemetry.borrow_mut().tick(stale_after) {
+                    tracing::warn!(target: "weft::telemetry", error = %crate::chain(&e), "telemetry pass failed");
+                }
+            }
+            result = &mut metrics_server => {
+                return Err(match result {
+                    Ok(Err(e)) => e.into(),
+                    _ => Error::AdminStopped,
+                });
+            }
             result = &mut admin => {
                 return match result {
                     Ok(Err(e)) => Err(e.into()),
@@ -312,6 +432,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         }
     }
     admin.abort();
+    metrics_server.abort();
     reader.drain(&mut sink);
     kernel_logs.flush();
     report.tick(&mut stats, reader.stats())?;

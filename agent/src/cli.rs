@@ -1,6 +1,9 @@
 //! Client commands that talk to a running agent through its admin socket.
 use std::{fmt::Write as _, path::Path};
 
+mod telemetry;
+pub use telemetry::{config_dump, connections, flow_line, flows};
+
 use crate::admin::{
     self, KernelService, StatusDoc,
     policy::{CheckDoc, CheckQuery, PoliciesDoc},
@@ -88,6 +91,17 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
         pol["policy_entries"]
     );
     let _ = writeln!(out, "programs:   {}", doc.agent.programs.len());
+    let t = &doc.telemetry;
+    let _ = writeln!(
+        out,
+        "telemetry:  {} open connections, {} flow records buffered, metrics {}",
+        t["open_connections"],
+        t["flow_records_buffered"],
+        t["metrics_addr"].as_str().map_or_else(
+            || "on the admin socket only".to_owned(),
+            |a| format!("http://{a}/metrics")
+        ),
+    );
     for (title, key) in [
         ("rejected documents", "rejections"),
         ("service problems", "problems"),

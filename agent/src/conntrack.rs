@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 use weft_abi::{
     AF_INET, AF_INET6,
-    conn::{ConnEvent, ConnEventKind, Side, flags, tcp_state},
+    conn::{ConnEvent, ConnEventKind, Side, drop_direction, drop_reason, flags, tcp_state},
 };
 
 /// Errors of this module.
@@ -28,22 +28,30 @@ pub enum Error {
 }
 
 /// How a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Both FINs exchanged (or ours acknowledged before the application let go).
     Normal,
     /// Closed without the FIN handshake completing: a reset or an abort.
     Reset,
-    /// Never established: refused or timed out during the handshake.
-    Failed,
+    /// Never established, and not for lack of an answer: a reset (or an ICMP error) answered
+    /// the handshake.
+    Refused,
+    /// The kernel gave up retransmitting (the handshake or data went unanswered).
+    Timeout,
 }
 
 impl Outcome {
-    /// Classifies a close from the state the socket left and the FIN bits.
+    pub const ALL: [Self; 4] = [Self::Normal, Self::Reset, Self::Refused, Self::Timeout];
+
+    /// Classifies a close from the state the socket left and the FIN and timeout bits.
     pub fn classify(last_state: u32, event_flags: u32) -> Self {
+        if event_flags & flags::TIMED_OUT != 0 {
+            return Self::Timeout;
+        }
         match last_state {
-            tcp_state::SYN_SENT | tcp_state::SYN_RECV => Self::Failed,
+            tcp_state::SYN_SENT | tcp_state::SYN_RECV => Self::Refused,
             // FIN_WAIT2 is entered only once our FIN is acknowledged.
             tcp_state::FIN_WAIT2 => Self::Normal,
             tcp_state::CLOSING | tcp_state::LAST_ACK if event_flags & flags::FIN_ACKED != 0 => {
@@ -57,7 +65,8 @@ impl Outcome {
         match self {
             Self::Normal => "normal",
             Self::Reset => "reset",
-            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
         }
     }
 }
@@ -81,7 +90,53 @@ impl Role {
     }
 }
 
-/// What the kernel reported about one connection at one moment.
+/// Why the datapath dropped something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    PolicyDenied,
+    NoBackends,
+    Unparsed,
+}
+
+impl DropReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PolicyDenied => "policy_denied",
+            Self::NoBackends => "no_backends",
+            Self::Unparsed => "unparsed",
+        }
+    }
+}
+
+/// Traffic direction seen from the local pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        }
+    }
+}
+
+/// What a drop event adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DropInfo {
+    pub reason: DropReason,
+    pub direction: Direction,
+    /// IP protocol number.
+    pub protocol: u8,
+}
+
+/// What the kernel reported about one connection at one moment. For a drop, `local` is the
+/// pod's side (its port is 0 for a refused connect) and the counters are 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Connection {
     pub event: ConnEventKindName,
@@ -102,6 +157,10 @@ pub struct Connection {
     pub duration: Duration,
     /// For closes only.
     pub outcome: Option<Outcome>,
+    /// The ClusterIP frontend a client connected to (the remote is then the backend).
+    pub service: Option<SocketAddr>,
+    /// For drops only.
+    pub dropped: Option<DropInfo>,
 }
 
 /// `ConnEventKind` as it appears in records.
@@ -110,6 +169,9 @@ pub struct Connection {
 pub enum ConnEventKindName {
     TcpOpen,
     TcpClose,
+    /// Counters so far of a connection still open.
+    TcpUpdate,
+    Drop,
 }
 
 impl Connection {
@@ -131,9 +193,31 @@ impl Connection {
     pub fn from_event(ev: &ConnEvent) -> Result<Self, Error> {
         let unknown = |field, value| Error::Unknown { field, value };
         let kind = ConnEventKind::from_u32(ev.kind).ok_or(unknown("kind", ev.kind))?;
-        let role = match Side::from_u32(ev.side).ok_or(unknown("side", ev.side))? {
-            Side::Active => Role::Client,
-            Side::Passive => Role::Server,
+        let dropped = if kind == ConnEventKind::Drop {
+            Some(DropInfo {
+                reason: match ev.reason {
+                    drop_reason::POLICY_DENIED => DropReason::PolicyDenied,
+                    drop_reason::NO_BACKENDS => DropReason::NoBackends,
+                    drop_reason::UNPARSED => DropReason::Unparsed,
+                    other => return Err(unknown("drop reason", other)),
+                },
+                direction: match ev.direction {
+                    drop_direction::EGRESS => Direction::Egress,
+                    drop_direction::INGRESS => Direction::Ingress,
+                    other => return Err(unknown("drop direction", other)),
+                },
+                protocol: ev.protocol as u8,
+            })
+        } else {
+            None
+        };
+        let role = match dropped {
+            Some(d) if d.direction == Direction::Egress => Role::Client,
+            Some(_) => Role::Server,
+            None => match Side::from_u32(ev.side).ok_or(unknown("side", ev.side))? {
+                Side::Active => Role::Client,
+                Side::Passive => Role::Server,
+            },
         };
         let ip = |words: &[u32; 4]| -> Result<IpAddr, Error> {
             match ev.family {
@@ -153,10 +237,20 @@ impl Connection {
         let port = |p: u32| p as u16;
         let (event, outcome) = match kind {
             ConnEventKind::Open => (ConnEventKindName::TcpOpen, None),
+            ConnEventKind::Update => (ConnEventKindName::TcpUpdate, None),
+            ConnEventKind::Drop => (ConnEventKindName::Drop, None),
             ConnEventKind::Close => (
                 ConnEventKindName::TcpClose,
                 Some(Outcome::classify(ev.last_state, ev.flags)),
             ),
+        };
+        let service = if ev.flags & flags::VIA_SERVICE != 0 {
+            Some(SocketAddr::new(
+                ip(&ev.service_addr)?,
+                port(ev.service_port),
+            ))
+        } else {
+            None
         };
         Ok(Self {
             event,
@@ -173,12 +267,16 @@ impl Connection {
             segments_out: ev.segs_out,
             duration: Duration::from_nanos(ev.duration_ns),
             outcome,
+            service,
+            dropped,
         })
     }
 
-    /// Reports the record as one structured log event.
+    /// Reports the record as one structured log event, at debug level: flows and metrics
+    /// carry every connection, and a log line per connection costs more than the rest of its
+    /// handling (`--log-level info,weft::conn=debug` shows them).
     pub fn log(&self) {
-        if !tracing::enabled!(target: "weft::conn", tracing::Level::INFO) {
+        if !tracing::enabled!(target: "weft::conn", tracing::Level::DEBUG) {
             return;
         }
         let local = self.local.to_string();
@@ -186,7 +284,7 @@ impl Connection {
         let srtt_us = self.srtt.as_micros() as u64;
         let duration_us = self.duration.as_micros() as u64;
         match self.event {
-            ConnEventKindName::TcpOpen => tracing::info!(
+            ConnEventKindName::TcpOpen => tracing::debug!(
                 target: "weft::conn",
                 event = "tcp_open",
                 cookie = self.cookie,
@@ -196,7 +294,7 @@ impl Connection {
                 srtt_us,
                 "tcp connection opened"
             ),
-            ConnEventKindName::TcpClose => tracing::info!(
+            ConnEventKindName::TcpClose => tracing::debug!(
                 target: "weft::conn",
                 event = "tcp_close",
                 cookie = self.cookie,
@@ -212,8 +310,37 @@ impl Connection {
                 segments_out = self.segments_out,
                 duration_us,
                 outcome = self.outcome.map_or("unknown", Outcome::as_str),
+                service = self.service.map(|s| s.to_string()),
                 "tcp connection closed"
             ),
+            ConnEventKindName::TcpUpdate => tracing::debug!(
+                target: "weft::conn",
+                event = "tcp_update",
+                cookie = self.cookie,
+                role = self.role.as_str(),
+                local = local.as_str(),
+                remote = remote.as_str(),
+                bytes_sent = self.bytes_sent,
+                bytes_received = self.bytes_received,
+                srtt_us,
+                retransmits = self.retransmits,
+                duration_us,
+                "tcp connection counters"
+            ),
+            ConnEventKindName::Drop => {
+                let d = self.dropped.as_ref();
+                tracing::debug!(
+                    target: "weft::conn",
+                    event = "drop",
+                    cookie = self.cookie,
+                    local = local.as_str(),
+                    remote = remote.as_str(),
+                    reason = d.map_or("unknown", |d| d.reason.as_str()),
+                    direction = d.map_or("unknown", |d| d.direction.as_str()),
+                    protocol = d.map_or(0, |d| d.protocol),
+                    "dropped"
+                );
+            }
         }
     }
 }
@@ -243,6 +370,7 @@ mod tests {
             segs_in: 3,
             segs_out: 4,
             flags: flags::FIN_SENT | flags::FIN_ACKED | flags::FIN_RECEIVED,
+            ..ConnEvent::default()
         }
     }
 
@@ -321,7 +449,15 @@ mod tests {
     #[test]
     fn outcomes() {
         use tcp_state::*;
-        assert_eq!(Outcome::classify(SYN_SENT, 0), Outcome::Failed);
+        assert_eq!(Outcome::classify(SYN_SENT, 0), Outcome::Refused);
+        assert_eq!(
+            Outcome::classify(SYN_SENT, flags::TIMED_OUT),
+            Outcome::Timeout
+        );
+        assert_eq!(
+            Outcome::classify(ESTABLISHED, flags::TIMED_OUT),
+            Outcome::Timeout
+        );
         assert_eq!(
             Outcome::classify(FIN_WAIT2, flags::FIN_SENT),
             Outcome::Normal

@@ -286,7 +286,17 @@ impl Datapath {
                 &config.events_wakeup_bytes,
                 true,
             )
-            .override_global(globals::POLICY_ROOT_LEVEL, &config.cgroup_level, true);
+            .override_global(globals::POLICY_ROOT_LEVEL, &config.cgroup_level, true)
+            .override_global(
+                globals::CONN_UPDATE_INTERVAL_NS,
+                &config.conn_update_interval_ns,
+                true,
+            )
+            .override_global(
+                globals::CONN_EVENTS_ENABLED,
+                &config.conn_events_enabled,
+                true,
+            );
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
@@ -335,6 +345,17 @@ impl Datapath {
         take(&mut self.ebpf, maps::CONN_EVENTS)
     }
 
+    /// A second handle on a pinned map of this instance (for readers beside its owner).
+    pub fn open_pinned<T>(&self, name: &'static str) -> Result<T, Error>
+    where
+        T: TryFrom<aya::maps::Map, Error = MapError>,
+    {
+        let map = MapData::from_pin(self.pins().map(name))
+            .and_then(aya::maps::Map::from_map_data)
+            .map_err(|source| Error::TakeMap { name, source })?;
+        T::try_from(map).map_err(|source| Error::TakeMap { name, source })
+    }
+
     /// The health counters (can be taken once).
     pub fn take_stats(&mut self) -> Result<PerCpuArray<MapData, u64>, Error> {
         take(&mut self.ebpf, maps::STATS)
@@ -365,6 +386,20 @@ impl Datapath {
             ipcache: take(&mut self.ebpf, maps::IPCACHE)?,
             policy: take(&mut self.ebpf, maps::POLICY)?,
         })
+    }
+
+    /// The UDP flow counters (can be taken once).
+    pub fn take_udp_flow_stats(
+        &mut self,
+    ) -> Result<
+        aya::maps::HashMap<
+            MapData,
+            weft_abi::traffic::UdpFlowStatsKey,
+            weft_abi::traffic::UdpFlowStatsValue,
+        >,
+        Error,
+    > {
+        take(&mut self.ebpf, maps::UDP_FLOW_STATS)
     }
 
     /// The policy verdict counters (can be taken once).

@@ -16,6 +16,7 @@ pub mod source;
 pub mod stats;
 pub mod store;
 pub mod sync;
+pub mod telemetry;
 
 /// An error and its sources, one line: `a: b: c`.
 pub fn chain(e: &dyn std::error::Error) -> String {

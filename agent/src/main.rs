@@ -43,6 +43,49 @@ enum Command {
     /// Show the running agent's log filter, or change it without a restart
     /// (e.g. `info,weft::sync=debug`).
     LogLevel(LogLevelArgs),
+    /// Open TCP connections of local pods with bytes, RTT and retransmits as last reported.
+    Connections(ClientArgs),
+    /// Flow records: connections opened and closed, UDP flows, drops (like `hubble observe`).
+    Flows(FlowsArgs),
+    /// The agent's configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// The desired state computed from the source: services and backends, policies and the
+    /// pods they select, workload names, telemetry settings (JSON, or `-o yaml`).
+    Dump(ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FlowsArgs {
+    /// Keep printing new records as they come.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// The last N buffered records first [default: 20; 0 with --follow].
+    #[arg(long)]
+    last: Option<usize>,
+    /// Either end is in this namespace.
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Either end is this pod (`ns/pod` or `pod`).
+    #[arg(long)]
+    pod: Option<String>,
+    /// The source (client) is this pod.
+    #[arg(long)]
+    from_pod: Option<String>,
+    /// The destination (server) is this pod.
+    #[arg(long)]
+    to_pod: Option<String>,
+    #[arg(long, value_enum)]
+    verdict: Option<weft::telemetry::flows::Verdict>,
+    /// TCP, UDP, SCTP, ICMP, ...
+    #[arg(long)]
+    protocol: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,6 +167,50 @@ struct AgentArgs {
     /// How often datapath counters are reported, e.g. `30s` or `500ms`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stats_interval: Duration,
+    /// Connection and drop events and UDP flow counting in the kernel (`--telemetry=false`
+    /// turns them off; services and policy are unaffected).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    telemetry: bool,
+    /// An open TCP connection reports its counters this often, so metrics move while it is
+    /// open (`0s`: only at open and close).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    conn_update_interval: Duration,
+    /// UDP flows counted at once (size of UDP_FLOW_STATS, LRU).
+    #[arg(long, default_value_t = 65_536)]
+    max_udp_flows: u32,
+    /// A UDP flow without packets for this long ends (its flow record is written).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    udp_idle_timeout: Duration,
+    /// Where Prometheus scrapes /metrics (`off`: only on the admin socket). 9967 clashes with
+    /// neither Cilium (9962-9965), Istio (15000-15021) nor node-exporter (9100).
+    #[arg(long, default_value = "0.0.0.0:9967", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
+    /// How finely connection series are split: per workload pair (Istio's default), per pod
+    /// pair, or per connection (debugging only).
+    #[arg(long, value_enum, default_value = "workload")]
+    metrics_granularity: weft::telemetry::metrics::Granularity,
+    /// `source_cluster` / `destination_cluster` of this cluster's workloads (Istio's default).
+    #[arg(long, default_value = "Kubernetes")]
+    cluster_id: String,
+    /// DNS domain of the cluster, for `destination_service` (`name.ns.svc.<domain>`).
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Flow records kept for `weft flows --last`.
+    #[arg(long, default_value_t = 8192)]
+    flow_buffer: usize,
+}
+
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (use IP:PORT, e.g. 0.0.0.0:9967, or off)"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -270,6 +357,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events_poll_interval: args.events_poll_interval,
                 stats_interval: args.stats_interval,
                 source_dir: args.source,
+                telemetry: args.telemetry,
+                conn_update_interval: args.conn_update_interval,
+                max_udp_flows: args.max_udp_flows,
+                metrics_addr: args.metrics_addr.0,
+                telemetry_config: weft::telemetry::TelemetryConfig {
+                    granularity: args.metrics_granularity,
+                    cluster: args.cluster_id,
+                    names: weft::telemetry::names::NameConfig {
+                        cluster_domain: args.cluster_domain,
+                    },
+                    udp_idle: args.udp_idle_timeout,
+                    flow_buffer: args.flow_buffer,
+                    ..weft::telemetry::TelemetryConfig::default()
+                },
             };
             runtime()?
                 .block_on(app::run(config))
@@ -354,6 +455,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for path in &report.maps_unpinned {
                 tracing::info!(path = %path.display(), "map unpinned");
             }
+        }
+        Command::Connections(args) => {
+            let path = socket(args.admin_socket, &args.instance);
+            let text = runtime()?.block_on(cli::connections(&path, args.output))?;
+            print!("{text}");
+        }
+        Command::Flows(args) => {
+            let path = socket(args.client.admin_socket, &args.client.instance);
+            let query = admin::telemetry::FlowQuery {
+                namespace: args.namespace,
+                pod: args.pod,
+                from_pod: args.from_pod,
+                to_pod: args.to_pod,
+                verdict: args.verdict,
+                protocol: args.protocol,
+                last: Some(args.last.unwrap_or(if args.follow { 0 } else { 20 })),
+                follow: args.follow,
+            };
+            runtime()?.block_on(cli::flows(&path, &query, args.client.output))?;
+        }
+        Command::Config(ConfigCommand::Dump(args)) => {
+            let path = socket(args.admin_socket, &args.instance);
+            let text = runtime()?.block_on(cli::config_dump(&path, args.output))?;
+            println!("{}", text.trim_end());
         }
         Command::Version(args) => {
             let path = socket(args.admin_socket, &args.instance);

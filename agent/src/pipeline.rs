@@ -16,10 +16,14 @@ use weft_abi::{maps, svc::ServiceKey};
 use self::policy::PolicyStage;
 use crate::{
     compile::{self, Problem},
-    metrics::{KindLabels, MapLabels, Metrics, ReasonLabels},
+    metrics::{KindLabels, MapLabels, Metrics, ReasonLabels, StageLabels},
     source::{Rejection, dir::DirSource},
     store::Store,
     sync::{self, Capacity, SyncError, Syncer, kernel::KernelMaps},
+    telemetry::{
+        DirectoryHandle,
+        names::{Directory, NameConfig},
+    },
 };
 
 /// Errors of this module.
@@ -57,6 +61,9 @@ pub struct Status {
     pub last_sync_unix_ms: Option<u128>,
 }
 
+/// The store of the pipeline's last pass.
+pub type StoreHandle = Arc<RwLock<Arc<Store>>>;
+
 /// Owns the source and the syncers.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -66,8 +73,12 @@ pub struct Pipeline {
     capacity: Capacity,
     metrics: Arc<Metrics>,
     status: Arc<RwLock<Status>>,
-    /// The store of the last pass, for policy passes that need no new read.
-    last_store: Store,
+    /// The store of the last pass, for policy passes that need no new read; shared with the
+    /// admin API (`GET /config/dump`).
+    last_store: Arc<Store>,
+    store_handle: StoreHandle,
+    /// Where telemetry reads the names of addresses, rebuilt after every pass.
+    names: Option<(DirectoryHandle, NameConfig)>,
 }
 
 impl Pipeline {
@@ -97,8 +108,16 @@ impl Pipeline {
             capacity,
             metrics,
             status,
-            last_store: Store::default(),
+            last_store: Arc::default(),
+            store_handle: Arc::default(),
+            names: None,
         })
+    }
+
+    /// Publishes the names of addresses (pods, services) to telemetry after every pass.
+    pub fn with_names(mut self, handle: DirectoryHandle, config: NameConfig) -> Self {
+        self.names = Some((handle, config));
+        self
     }
 
     /// Files the watcher saw completed (closed after writing, renamed into place): the next
@@ -137,7 +156,12 @@ impl Pipeline {
             .map(DirSource::objects)
             .unwrap_or_default();
         let store = Store::from_objects(objects);
+        let compile_started = Instant::now();
         let desired = compile::services(&store);
+        self.metrics
+            .compile_duration
+            .get_or_create(&StageLabels { stage: "services" })
+            .observe(compile_started.elapsed().as_secs_f64());
         let report = self.syncer.apply(&desired, started);
         let policy_started = Instant::now();
         let (written, deleted) = self.policy.run(&store, &self.metrics);
@@ -234,8 +258,24 @@ impl Pipeline {
             .ok()
             .map(|d| d.as_millis());
         drop(status);
-        self.last_store = store;
+        if let Some((handle, config)) = &self.names {
+            let names_started = Instant::now();
+            let dir = Arc::new(Directory::build(&store, &desired.frontends, config));
+            *handle.write().unwrap_or_else(|e| e.into_inner()) = dir;
+            self.metrics
+                .compile_duration
+                .get_or_create(&StageLabels { stage: "names" })
+                .observe(names_started.elapsed().as_secs_f64());
+        }
+        self.last_store = Arc::new(store);
+        *self.store_handle.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::clone(&self.last_store);
         Ok(unsettled)
+    }
+
+    /// The store of the last pass, as the admin API reads it.
+    pub fn store_handle(&self) -> StoreHandle {
+        Arc::clone(&self.store_handle)
     }
 
     pub fn capacity(&self) -> Capacity {

@@ -34,16 +34,21 @@ pub struct AgentOptions {
     pub binary: Option<PathBuf>,
     /// Read the node's source directory (`--source dir:`).
     pub source: bool,
+    /// `--metrics-addr`: by default a free port on loopback (agents of parallel tests must
+    /// not compete for one); the address taken is in `Agent::metrics_url`.
+    pub metrics_addr: String,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
         Self {
-            log_level: "info".into(),
+            // Connection records are logged at debug; tests read them.
+            log_level: "info,weft::conn=debug".into(),
             stats_interval: "1s".into(),
             extra_args: Vec::new(),
             binary: None,
             source: false,
+            metrics_addr: "127.0.0.1:0".into(),
         }
     }
 }
@@ -101,6 +106,7 @@ impl Agent {
             .arg(&self.cgroup)
             .args(["--instance", &self.instance, "--bpffs", BPFFS])
             .args(["--stats-interval", &self.options.stats_interval])
+            .args(["--metrics-addr", &self.options.metrics_addr])
             .arg("--admin-socket")
             .arg(&self.admin_socket)
             .args(&self.options.extra_args);
@@ -126,6 +132,46 @@ impl Agent {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Where the agent serves `/metrics` (from its `datapath ready` record).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let url = self
+            .records()
+            .into_iter()
+            .find(|r| r["fields"]["message"] == "datapath ready")
+            .and_then(|r| r["fields"]["metrics"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("the agent reported no metrics address"));
+        url.trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .parse()
+            .unwrap_or_else(|e| panic!("metrics address {url}: {e}"))
+    }
+
+    /// The agent's metrics in the Prometheus text format, parsed.
+    pub fn metrics(&self) -> Vec<crate::prom::Sample> {
+        crate::prom::samples(&crate::prom::scrape(self.metrics_addr(), None).1)
+    }
+
+    /// Polls the metrics until `pred` holds; returns them.
+    pub fn wait_metrics(
+        &self,
+        what: &str,
+        pred: impl Fn(&[crate::prom::Sample]) -> bool,
+    ) -> Vec<crate::prom::Sample> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.metrics();
+            if pred(&m) {
+                return m;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; metrics:\n{}",
+                crate::prom::scrape(self.metrics_addr(), None).1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The current process's log lines.

@@ -14,6 +14,7 @@ pub mod names;
 pub mod netpol;
 pub mod node;
 pub mod proc;
+pub mod prom;
 pub mod workload;
 
 pub use agent::{Agent, AgentOptions};

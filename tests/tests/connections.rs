@@ -200,8 +200,8 @@ fn processes_outside_the_cgroup_are_not_reported() {
 }
 
 #[test]
-fn refused_connect_is_reported_as_failed() {
-    let node = Node::builder("refused_failed")
+fn refused_connect_is_reported_as_refused() {
+    let node = Node::builder("refused_outcome")
         .pod("client")
         .pod("server")
         .build();
@@ -212,10 +212,10 @@ fn refused_connect_is_reported_as_failed() {
         &["tcp-client", "--connect", &target, "--send", "1"],
     );
     assert!(!c.wait(WAIT).success(), "nothing listens on port 9");
-    let rec = agent.wait_conn("failed close", |f| {
+    let rec = agent.wait_conn("refused close", |f| {
         f["event"] == "tcp_close" && f["remote"] == target.as_str()
     });
-    assert_eq!(rec["outcome"], "failed", "{rec}");
+    assert_eq!(rec["outcome"], "refused", "{rec}");
     assert_eq!(rec["bytes_sent"], 0);
     assert!(
         !agent
@@ -233,7 +233,7 @@ fn kernel_log_records_reach_the_agent_logs() {
         .pod("server")
         .build();
     let options = AgentOptions {
-        log_level: "info,weft::kernel=debug".into(),
+        log_level: "info,weft::conn=debug,weft::kernel=debug".into(),
         ..AgentOptions::default()
     };
     let agent = Agent::start_with(&node, options);

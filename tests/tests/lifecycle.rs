@@ -325,7 +325,7 @@ fn a_restarted_agent_applies_its_own_load_time_settings() {
     let mut debug = Agent::start_with(
         &node,
         AgentOptions {
-            log_level: "info,weft::kernel=debug".into(),
+            log_level: "info,weft::conn=debug,weft::kernel=debug".into(),
             ..AgentOptions::default()
         },
     );

@@ -222,10 +222,11 @@ fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
             ),
         )
     };
-    assert_eq!(log_level(&[]), (true, "info\n".to_owned()));
+    // The harness's agents log connection records (debug) for tests to read.
+    assert_eq!(log_level(&[]), (true, "info,weft::conn=debug\n".to_owned()));
     let (ok, text) = log_level(&["info,weft::sync=debug"]);
     assert!(
-        ok && text.contains("info -> info,weft::sync=debug"),
+        ok && text.contains("info,weft::conn=debug -> info,weft::sync=debug"),
         "{text}"
     );
     let (ok, text) = log_level(&["info,weft=notalevel"]);

@@ -2,10 +2,11 @@
 //! JSON under target/bench/ and print ratios.
 //!
 //! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `policy`
-//! (bench/policy.rs).
+//! (bench/policy.rs), `telemetry` (bench/telemetry.rs).
 mod churn;
 mod policy;
 mod services;
+mod telemetry;
 
 use std::{fs, path::Path};
 
@@ -16,7 +17,7 @@ use weft_testkit::AgentOptions;
 
 use crate::{build, setup::Tools};
 
-const SCENARIOS: &[&str] = &["churn", "services", "policy"];
+const SCENARIOS: &[&str] = &["churn", "services", "policy", "telemetry"];
 
 pub fn run(
     ws: &Path,
@@ -54,6 +55,11 @@ pub fn run(
             }
             "policy" => {
                 let r = policy::run(&bins, rounds.clamp(1, 9), 2_000)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "telemetry" => {
+                let r = telemetry::run(&bins, seconds, rounds)?;
                 write(&path, &r)?;
                 r.print();
             }

@@ -1,7 +1,6 @@
 //! `cargo xtask demo`: weft's main job on a simulated node. Three pods talk to each other;
 //! the agent observes them from the node's cgroup and the demo prints what it reports.
 use std::{
-    collections::HashMap,
     fs,
     path::Path,
     sync::{
@@ -34,16 +33,6 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
         .pod("backend")
         .pod("db")
         .build();
-    let names: HashMap<String, String> = node
-        .pods()
-        .iter()
-        .flat_map(|p| {
-            [
-                (p.ipv4.to_string(), p.name.clone()),
-                (p.ipv6.to_string(), p.name.clone()),
-            ]
-        })
-        .collect();
     // The node's desired state is the repository's example directory.
     let example = ws.join("examples").join("standalone");
     for entry in fs::read_dir(&example).with_context(|| format!("read {}", example.display()))? {
@@ -84,6 +73,10 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
             stats_interval: "5s".into(),
             binary: Some(bins.join("weft")),
             source: true,
+            // weft's default port, on loopback only: the demo's metrics are for this machine.
+            metrics_addr: "127.0.0.1:9967".into(),
+            // UDP flows (the dns queries) end, and show as flow records, within the demo.
+            extra_args: vec!["--udp-idle-timeout".into(), "5s".into()],
             ..AgentOptions::default()
         },
     );
@@ -111,17 +104,47 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
         "demo: traffic through ClusterIPs: frontend -> web 10.96.0.10:80 and [fd00:96::10]:80 (tcp), \
          backend -> db [fd00:96::20]:5432 (tcp, ClientIP affinity), frontend -> dns 10.96.0.53:53 (udp)"
     );
+    eprintln!(
+        "demo: Prometheus metrics (Istio labels) on http://{}/metrics; try \
+         `curl -s http://{}/metrics | grep weft_tcp_`",
+        agent.metrics_addr(),
+        agent.metrics_addr()
+    );
+    eprintln!(
+        "demo: a long-lived connection frontend -> backend sends 2 KB every 200 ms; \
+         `weft connections` every 5 s shows its counters rising; flows follow (`weft flows -f`)"
+    );
     match duration {
         Some(d) => eprintln!("demo: running for {}", humantime::format_duration(d)),
         None => eprintln!("demo: running until Ctrl-C"),
     }
-    println!(
-        "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8} {:>9}  outcome",
-        "event", "role", "local", "remote", "sent", "received", "rtt µs", "dur ms"
+    let weft = bins.join("weft");
+    let admin = agent.admin_socket().to_owned();
+    let weft_cmd = |args: &[&str]| {
+        let mut c = std::process::Command::new(&weft);
+        c.args(args).arg("--admin-socket").arg(&admin);
+        c
+    };
+    let follower = Process::spawn("weft flows --follow", weft_cmd(&["flows", "--follow"]));
+    let long_lived = node.spawn(
+        "frontend",
+        &[
+            "tcp-trickle",
+            "--connect",
+            "10.96.0.10:80",
+            "--chunk",
+            "2048",
+            "--every-ms",
+            "200",
+            "--seconds",
+            "86400",
+        ],
     );
+    let mut next_table = Instant::now() + Duration::from_secs(5);
 
     let started = Instant::now();
     let mut printed = 0;
+    let mut logged = 0;
     let mut next_round = Instant::now();
     let mut round = 0u64;
     let mut clients: Vec<Process> = Vec::new();
@@ -163,18 +186,40 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
                 "frontend",
                 &["udp-client", "--connect", "10.96.0.53:53", "--count", "3"],
             ));
+            if round.is_multiple_of(5) {
+                // Denied by shop/frontend-egress: a DROPPED flow.
+                clients.push(node.spawn(
+                    "frontend",
+                    &["connect-probe", "--connect", "[fd00:96::20]:5432"],
+                ));
+            }
             next_round = Instant::now() + Duration::from_millis(1000);
         }
-        let lines = agent.logs().snapshot();
+        let lines = follower.stdout().snapshot();
         for line in &lines[printed..] {
-            if let Ok(v) = serde_json::from_str::<Value>(line) {
-                print_record(&v, &names);
-            }
+            println!("{line}");
         }
         printed = lines.len();
+        for line in agent.logs().snapshot().iter().skip(logged) {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                print_problem(&v);
+            }
+        }
+        logged = agent.logs().snapshot().len();
+        if Instant::now() >= next_table {
+            let out = weft_cmd(&["connections"])
+                .output()
+                .context("weft connections")?;
+            println!("--- weft connections ---");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            println!("---");
+            next_table = Instant::now() + Duration::from_secs(5);
+        }
         thread::sleep(Duration::from_millis(100));
     }
     eprintln!("demo: stopping; removing the agent's programs and pins, the pods and the node");
+    drop(long_lived);
+    drop(follower);
     drop(clients);
     drop(agent);
     drop(servers);
@@ -182,65 +227,15 @@ pub fn run(ws: &Path, tools: &Tools, duration: Option<Duration>) -> Result<()> {
     Ok(())
 }
 
-fn with_pod(addr: &str, names: &HashMap<String, String>) -> String {
-    let ip = addr
-        .rsplit_once(':')
-        .map_or(addr, |(ip, _)| ip)
-        .trim_matches(['[', ']']);
-    match names.get(ip) {
-        Some(pod) => format!("{pod}/{addr}"),
-        None => addr.to_owned(),
-    }
-}
-
-fn print_record(v: &Value, names: &HashMap<String, String>) {
-    let f = &v["fields"];
-    // serde_json's Display ignores width: format numbers as text first.
-    let n = |key: &str| {
-        f[key]
-            .as_u64()
-            .map_or_else(|| "?".to_owned(), |x| x.to_string())
-    };
-    match v["target"].as_str() {
-        Some("weft::conn") if f["event"] == "tcp_close" => println!(
-            "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8} {:>9.2}  {}",
-            "close",
-            f["role"].as_str().unwrap_or("?"),
-            with_pod(f["local"].as_str().unwrap_or("?"), names),
-            with_pod(f["remote"].as_str().unwrap_or("?"), names),
-            n("bytes_sent"),
-            n("bytes_received"),
-            n("srtt_us"),
-            f["duration_us"].as_f64().unwrap_or(0.0) / 1000.0,
-            f["outcome"].as_str().unwrap_or("?"),
-        ),
-        Some("weft::conn") => println!(
-            "{:<8} {:<6} {:<30} {:<30} {:>9} {:>9} {:>8}",
-            "open",
-            f["role"].as_str().unwrap_or("?"),
-            with_pod(f["local"].as_str().unwrap_or("?"), names),
-            with_pod(f["remote"].as_str().unwrap_or("?"), names),
-            "",
-            "",
-            n("srtt_us"),
-        ),
-        Some("weft::stats") if f["message"] == "traffic since the last report" => println!(
-            "traffic  {} ipv{} {}: {} packets, {} bytes in the last 5 s",
-            f["direction"].as_str().unwrap_or("?"),
-            n("ip_version"),
-            f["protocol"].as_str().unwrap_or("?"),
-            n("packets"),
-            n("bytes")
-        ),
-        _ if v["level"] == "WARN" || v["level"] == "ERROR" => {
-            println!(
-                "{} {}: {}",
-                v["level"].as_str().unwrap_or("?"),
-                v["target"].as_str().unwrap_or("?"),
-                f
-            );
-        }
-        _ => {}
+/// Agent warnings and errors, as they come.
+fn print_problem(v: &Value) {
+    if v["level"] == "WARN" || v["level"] == "ERROR" {
+        println!(
+            "{} {}: {}",
+            v["level"].as_str().unwrap_or("?"),
+            v["target"].as_str().unwrap_or("?"),
+            v["fields"]
+        );
     }
 }
 

@@ -43,7 +43,7 @@ enum Cmd {
     },
     /// Run benchmark scenarios; each measures weft against its baselines in the same run.
     Bench {
-        /// Scenarios to run (default: all). Known: churn.
+        /// Scenarios to run (default: all). Known: churn, services, policy, telemetry.
         scenarios: Vec<String>,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2.0)]

@@ -13,7 +13,19 @@ pub const NIGHTLY: &str = "nightly";
 /// bpf-linker, built against the nightly's own libLLVM.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "bpftool", "procps"];
+/// `prometheus` is there for `promtool check metrics`; its server is never started (see
+/// `debian_packages`).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    "bpftool",
+    "procps",
+    "prometheus",
+];
+
+/// Tells Debian's maintainer scripts not to start services while it exists.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// What later steps need from set-up.
@@ -294,12 +306,28 @@ fn debian_packages(report: &mut Report) -> Result<()> {
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    status(
+    // Installing `prometheus` would start a Prometheus server on a machine with an init
+    // system: a policy-rc.d that denies every start prevents it (an existing one is kept).
+    let own_policy = !Path::new(POLICY_RC_D).exists();
+    if own_policy {
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n")
+            .with_context(|| format!("write {POLICY_RC_D}"))?;
+        std::fs::set_permissions(
+            POLICY_RC_D,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .with_context(|| format!("chmod {POLICY_RC_D}"))?;
+    }
+    let installed = status(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    );
+    if own_policy {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+    }
+    installed?;
     report.did(
         "debian packages",
         format!("installed {}", missing.join(" ")),

@@ -14,7 +14,7 @@ use weft_abi::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
         SlotKey, UdpFlowKey, UdpSock,
     },
-    traffic::{TrafficKey, TrafficValue},
+    traffic::{TrafficKey, TrafficValue, UdpFlowStatsKey, UdpFlowStatsValue},
 };
 
 use super::Error;
@@ -60,6 +60,12 @@ pub struct Config {
     pub max_policy_flows: u32,
     /// cgroup level of `cgroup` (0 = the cgroup2 mount), for the kernel's pod lookups.
     pub cgroup_level: u32,
+    /// An open connection reports its counters at most this often (0: only at open/close).
+    pub conn_update_interval_ns: u64,
+    /// 1: connection and drop events are written; 0: telemetry off.
+    pub conn_events_enabled: u32,
+    /// Capacity of `UDP_FLOW_STATS` (LRU: UDP flows of local sockets).
+    pub max_udp_flows: u32,
 }
 
 impl Config {
@@ -91,6 +97,7 @@ impl Config {
             ("--max-ipcache", self.max_ipcache),
             ("--max-policy-entries", self.max_policy_entries),
             ("--max-policy-flows", self.max_policy_flows),
+            ("--max-udp-flows", self.max_udp_flows),
         ] {
             if value == 0 {
                 return Err(Error::InvalidCapacity {
@@ -104,7 +111,7 @@ impl Config {
     }
 
     /// What every map must look like, pinned or new. The loader sizes maps from it.
-    pub(super) fn map_specs(&self) -> [MapSpec; 17] {
+    pub(super) fn map_specs(&self) -> [MapSpec; 18] {
         [
             MapSpec::ring(maps::CONN_EVENTS, self.ring_buffer_bytes),
             MapSpec::of::<u64, ConnState>(maps::CONN_STATE, MapType::Hash, self.max_connections),
@@ -160,6 +167,11 @@ impl Config {
                 self.max_policy_flows,
             ),
             MapSpec::of::<u32, u64>(maps::VERDICTS, MapType::PerCpuArray, VERDICTS),
+            MapSpec::of::<UdpFlowStatsKey, UdpFlowStatsValue>(
+                maps::UDP_FLOW_STATS,
+                MapType::LruHash,
+                self.max_udp_flows,
+            ),
         ]
     }
 }

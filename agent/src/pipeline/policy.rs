@@ -144,7 +144,12 @@ impl PolicyStage {
             self.syncer.seed(&mut self.ids, &first, &ids);
             self.seeded = true;
         }
+        let compile_started = std::time::Instant::now();
         let policies = cp::compile(store, &self.host_ips, &mut self.ids);
+        metrics
+            .compile_duration
+            .get_or_create(&crate::metrics::StageLabels { stage: "policy" })
+            .observe(compile_started.elapsed().as_secs_f64());
         let cgroup_ids = self.resolve(&policies);
         let report = self.syncer.apply(&policies, &cgroup_ids);
         for e in &report.errors {

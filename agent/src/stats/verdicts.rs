@@ -1,7 +1,8 @@
-//! Policy verdict counters (`VERDICTS`), read from the kernel at every scrape:
-//! `weft_policy_verdicts_total{direction,match,action}` and
-//! `weft_drops_total{reason="policy_denied",direction}`, in the manner of Cilium's
-//! `policy_verdict` and `drop_count` metrics.
+//! Kernel counters read at every scrape: policy verdicts (`VERDICTS`) as
+//! `weft_policy_verdicts_total{direction,match,action}`, drops as
+//! `weft_drops_total{reason,direction}` (in the manner of Cilium's `policy_verdict` and
+//! `drop_count`), and the datapath's health counters (`STATS`) as `weft_events_lost_total` and
+//! `weft_datapath_errors_total{reason}`.
 use std::sync::Mutex;
 
 use aya::maps::{MapData, PerCpuArray};
@@ -10,7 +11,10 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{MetricType, counter::ConstCounter},
 };
-use weft_abi::policy::{DIR_EGRESS, DIR_INGRESS, Match, verdict_index};
+use weft_abi::{
+    policy::{DIR_EGRESS, DIR_INGRESS, Match, verdict_index},
+    stats::Counter,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
@@ -25,9 +29,15 @@ struct DropLabels {
     direction: &'static str,
 }
 
-/// Reads `VERDICTS` when Prometheus scrapes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    reason: &'static str,
+}
+
+/// Reads `VERDICTS` and `STATS` when Prometheus scrapes.
 pub struct VerdictCollector {
     map: Mutex<PerCpuArray<MapData, u64>>,
+    stats: Mutex<PerCpuArray<MapData, u64>>,
 }
 
 impl std::fmt::Debug for VerdictCollector {
@@ -37,10 +47,20 @@ impl std::fmt::Debug for VerdictCollector {
 }
 
 impl VerdictCollector {
-    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
+    pub fn new(map: PerCpuArray<MapData, u64>, stats: PerCpuArray<MapData, u64>) -> Self {
         Self {
             map: Mutex::new(map),
+            stats: Mutex::new(stats),
         }
+    }
+
+    /// A health counter summed over CPUs (0 when it cannot be read).
+    fn stat(&self, c: Counter) -> u64 {
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// (direction, match, total over CPUs); a slot that cannot be read counts 0.
@@ -86,18 +106,46 @@ impl Collector for VerdictCollector {
             };
             ConstCounter::new(total).encode(verdicts.encode_family(&labels)?)?;
         }
-        let mut drops = encoder.encode_descriptor(
-            "weft_drops",
-            "Packets and connection attempts the datapath refused, by reason and direction",
+        {
+            let mut drops = encoder.encode_descriptor(
+                "weft_drops",
+                "Packets and connection attempts the datapath refused, by reason and direction",
+                None,
+                MetricType::Counter,
+            )?;
+            for &(direction, _, total) in counts.iter().filter(|c| c.1 == Match::None) {
+                let labels = DropLabels {
+                    reason: "policy_denied",
+                    direction: direction_name(direction),
+                };
+                ConstCounter::new(total).encode(drops.encode_family(&labels)?)?;
+            }
+            let labels = DropLabels {
+                reason: "no_backends",
+                direction: "egress",
+            };
+            ConstCounter::new(self.stat(Counter::ServiceNoBackends))
+                .encode(drops.encode_family(&labels)?)?;
+        }
+        let lost = encoder.encode_descriptor(
+            "weft_events_lost",
+            "Connection and drop events the kernel could not hand to the agent (ring buffer full)",
             None,
             MetricType::Counter,
         )?;
-        for &(direction, _, total) in counts.iter().filter(|c| c.1 == Match::None) {
-            let labels = DropLabels {
-                reason: "policy_denied",
-                direction: direction_name(direction),
-            };
-            ConstCounter::new(total).encode(drops.encode_family(&labels)?)?;
+        ConstCounter::new(self.stat(Counter::ConnEventsLost)).encode(lost)?;
+        let mut errors = encoder.encode_descriptor(
+            "weft_datapath_errors",
+            "Datapath problems counted in the kernel, by reason (a full map, a refused callback, ...)",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in Counter::ALL
+            .into_iter()
+            .filter(|c| !matches!(c, Counter::ConnEventsLost | Counter::ServiceNoBackends))
+        {
+            let labels = ErrorLabels { reason: c.name() };
+            ConstCounter::new(self.stat(c)).encode(errors.encode_family(&labels)?)?;
         }
         Ok(())
     }

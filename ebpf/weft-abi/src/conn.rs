@@ -24,6 +24,11 @@ pub enum ConnEventKind {
     Open = 1,
     /// The socket reached CLOSE; counters are final.
     Close = 2,
+    /// A long-lived connection's counters so far (written by cgroup_skb egress at most once per
+    /// `CONN_UPDATE_INTERVAL_NS` per connection).
+    Update = 3,
+    /// A connection or packet was dropped (`reason`, `direction`, `protocol` are set).
+    Drop = 4,
 }
 
 impl ConnEventKind {
@@ -31,6 +36,8 @@ impl ConnEventKind {
         match v {
             1 => Some(Self::Open),
             2 => Some(Self::Close),
+            3 => Some(Self::Update),
+            4 => Some(Self::Drop),
             _ => None,
         }
     }
@@ -67,11 +74,33 @@ pub mod flags {
     /// Kernel-internal: a segment with FIN was validated while we were closing;
     /// `ConnState::peer_fin_seq` holds its sequence number.
     pub const PEER_FIN_SEEN: u32 = 1 << 3;
+    /// A retransmission timer expired and the kernel gave up (BPF_SOCK_OPS_RTO_CB with
+    /// `expired`): the connection timed out rather than being refused or reset.
+    pub const TIMED_OUT: u32 = 1 << 4;
+    /// `ConnEvent::service_*` hold the ClusterIP frontend the client asked for.
+    pub const VIA_SERVICE: u32 = 1 << 5;
+}
+
+/// Why a [`ConnEventKind::Drop`] happened (`ConnEvent::reason`).
+pub mod drop_reason {
+    /// NetworkPolicy denied it.
+    pub const POLICY_DENIED: u32 = 1;
+    /// A connect or datagram to a Service without ready backends (refused).
+    pub const NO_BACKENDS: u32 = 2;
+    /// A packet that could not be parsed, from or to a pod isolated by policy.
+    pub const UNPARSED: u32 = 3;
+}
+
+/// `ConnEvent::direction` of a drop, seen from the local pod.
+pub mod drop_direction {
+    pub const EGRESS: u32 = 1;
+    pub const INGRESS: u32 = 2;
 }
 
 /// One connection event.
 ///
-/// Writer: `weft_sockops` (kernel), into the `CONN_EVENTS` ring buffer.
+/// Writers: `weft_sockops` (open, close), `weft_skb_egress` (update, drop), the connect and
+/// sendmsg programs (drop), all into the `CONN_EVENTS` ring buffer.
 /// Reader: the agent's `conntrack` module.
 ///
 /// Addresses are the 4 words of the address in network byte order as the kernel stores them
@@ -112,8 +141,18 @@ pub struct ConnEvent {
     pub segs_out: u32,
     /// Bits of [`flags`].
     pub flags: u32,
+    /// With `flags::VIA_SERVICE`: the ClusterIP and port the client connected to (the
+    /// remote address is then the backend the datapath chose). Port in host byte order.
+    pub service_addr: [u32; 4],
+    pub service_port: u32,
+    /// IP protocol number (6 for every TCP event; drops may be any protocol).
+    pub protocol: u32,
+    /// Drops only: a [`drop_reason`] code.
+    pub reason: u32,
+    /// Drops only: a [`drop_direction`] code.
+    pub direction: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 120);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 152);
 
 /// Per-connection state kept between sock_ops callbacks.
 ///
@@ -138,8 +177,11 @@ pub struct ConnState {
     /// Sequence number of the peer's FIN, valid with `flags::PEER_FIN_SEEN`: the FIN was
     /// consumed iff `rcv_nxt == peer_fin_seq + 1` when the socket closes.
     pub peer_fin_seq: u32,
+    /// `bpf_ktime_get_coarse_ns()` of the last `Update` event (0: none yet); written by
+    /// cgroup_skb egress, racing writers only cause a duplicate update.
+    pub last_update_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<ConnState>() == 40);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 48);
 
 #[cfg(feature = "user")]
 // SAFETY: ConnEvent is repr(C), made of integers only, with no implicit padding (size asserted).

@@ -89,9 +89,11 @@ pub mod maps {
     pub const POLICY_FLOWS: &str = "POLICY_FLOWS";
     /// Per-CPU array of u64 indexed by [`crate::policy::verdict_index`].
     pub const VERDICTS: &str = "VERDICTS";
+    /// LRU hash of [`crate::traffic::UdpFlowStatsKey`] to [`crate::traffic::UdpFlowStatsValue`].
+    pub const UDP_FLOW_STATS: &str = "UDP_FLOW_STATS";
 
     /// Every map of the object; all of them are pinned per instance.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         CONN_EVENTS,
         CONN_STATE,
         STATS,
@@ -109,6 +111,7 @@ pub mod maps {
         POLICY,
         POLICY_FLOWS,
         VERDICTS,
+        UDP_FLOW_STATS,
     ];
 }
 
@@ -120,6 +123,12 @@ pub mod globals {
     /// u32: cgroup level of the agent's cgroup root (0 = the cgroup2 mount). Pods' cgroups
     /// are looked for below it.
     pub const POLICY_ROOT_LEVEL: &str = "POLICY_ROOT_LEVEL";
+    /// u64: a connection reports its counters (an `Update` event) at most this often while
+    /// it stays open; 0: never (only open and close).
+    pub const CONN_UPDATE_INTERVAL_NS: &str = "CONN_UPDATE_INTERVAL_NS";
+    /// u32: 1 = write connection and drop events; 0 = telemetry off (the datapath still
+    /// translates, enforces and counts).
+    pub const CONN_EVENTS_ENABLED: &str = "CONN_EVENTS_ENABLED";
 }
 
 /// Address families as the kernel numbers them.

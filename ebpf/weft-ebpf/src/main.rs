@@ -11,6 +11,7 @@
 
 #[macro_use]
 mod ctx;
+mod events;
 mod headers;
 mod maps;
 mod packet;
@@ -54,8 +55,13 @@ pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn skb(ctx: &SkBuffContext, direction: Direction, policy_direction: u8) -> i32 {
-    // Most packets: TCP of a TCP socket, nothing to judge or count here.
-    if policy::tcp_passes(ctx, policy_direction) {
+    // Most packets: TCP of a TCP socket, nothing to judge or count here (an established
+    // connection may be due for a telemetry update, checked on the egress side: a receiver
+    // sends ACKs, so every connection that moves data sends something).
+    if let Some(sk) = policy::tcp_passes(ctx, policy_direction) {
+        if direction == Direction::Egress {
+            events::maybe_update(ctx, sk);
+        }
         return 1;
     }
     // Not IP, truncated, or IPv6 with more extension headers than we walk: counted, and

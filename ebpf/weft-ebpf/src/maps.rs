@@ -17,7 +17,7 @@ use weft_abi::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
         SlotKey, UdpFlowKey, UdpSock,
     },
-    traffic::{TrafficKey, TrafficValue},
+    traffic::{TrafficKey, TrafficValue, UdpFlowStatsKey, UdpFlowStatsValue},
 };
 
 /// Connection events for the agent.
@@ -40,6 +40,14 @@ pub static TRAFFIC: PerCpuHashMap<TrafficKey, TrafficValue> =
 /// See `weft_abi::globals::CONN_EVENTS_WAKEUP_BYTES`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static CONN_EVENTS_WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::CONN_UPDATE_INTERVAL_NS`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static CONN_UPDATE_INTERVAL_NS: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::CONN_EVENTS_ENABLED`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static CONN_EVENTS_ENABLED: Global<u32> = Global::new(1);
 
 /// Service frontends. Not preallocated: elements are freed after an RCU grace period, so a
 /// program never reads an entry that was replaced under it.
@@ -98,3 +106,8 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_SL
 /// cgroups are looked for below it.
 #[unsafe(no_mangle)]
 pub static POLICY_ROOT_LEVEL: Global<u32> = Global::new(0);
+
+/// Packets and bytes per UDP flow of a local socket.
+#[map]
+pub static UDP_FLOW_STATS: LruHashMap<UdpFlowStatsKey, UdpFlowStatsValue> =
+    LruHashMap::with_max_entries(65_536, 0);

@@ -12,6 +12,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
+    bindings::bpf_sock,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
@@ -21,6 +22,7 @@ use aya_ebpf::{
 };
 use weft_abi::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    conn::{drop_direction, drop_reason},
     policy::{
         DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo,
         FLOW_IDLE_NS, FLOW_REFRESH_NS, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST,
@@ -30,6 +32,7 @@ use weft_abi::{
 };
 
 use crate::{
+    events,
     headers::Headers,
     maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL, VERDICTS},
     stats,
@@ -67,6 +70,22 @@ fn endpoint_by(ancestor: impl Fn(i32) -> u64) -> Option<EndpointInfo> {
 fn current_endpoint() -> Option<EndpointInfo> {
     // SAFETY: no memory is passed.
     endpoint_by(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The calling process's pod address of `family` (zeros when it has none or is no pod), for
+/// drop events of a connect that has no local address yet.
+#[inline(always)]
+pub fn current_pod_addr(family: u8) -> [u32; 4] {
+    current_endpoint().map_or([0; 4], |ep| pod_addr(&ep, family))
+}
+
+#[inline(always)]
+fn pod_addr(ep: &EndpointInfo, family: u8) -> [u32; 4] {
+    if family == 4 {
+        [ep.ip4, 0, 0, 0]
+    } else {
+        ep.ip6
+    }
 }
 
 /// The pod of the packet's socket (cgroup_skb).
@@ -228,6 +247,19 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
         let m = judge(&ep, DIR_EGRESS, family, dst, protocol, port);
         count(DIR_EGRESS, m);
         if m == Match::None {
+            // SAFETY: the program's context; the helper reads the socket only.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) };
+            events::dropped(
+                cookie,
+                family,
+                &pod_addr(&ep, family),
+                0,
+                dst,
+                port,
+                protocol,
+                drop_reason::POLICY_DENIED,
+                drop_direction::EGRESS,
+            );
             return false;
         }
     }
@@ -304,6 +336,7 @@ fn decide(
         let m = judge(&ep, direction, h.version, peer, h.protocol, port);
         count(direction, m);
         if m == Match::None {
+            skb_dropped(ctx, h, direction, drop_reason::POLICY_DENIED);
             return false;
         }
     }
@@ -331,24 +364,69 @@ pub fn unparsed(ctx: &SkBuffContext, direction: u8) -> bool {
     };
     if ep.flags & isolation(direction) != 0 {
         count(direction, Match::None);
+        // SAFETY: the program's context; the helper reads skb->sk.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
+        events::dropped(
+            cookie,
+            4,
+            &[0; 4],
+            0,
+            &[0; 4],
+            0,
+            0,
+            drop_reason::UNPARSED,
+            event_direction(direction),
+        );
         return false;
     }
     true
 }
 
+#[inline(always)]
+fn event_direction(direction: u8) -> u32 {
+    if direction == DIR_INGRESS {
+        drop_direction::INGRESS
+    } else {
+        drop_direction::EGRESS
+    }
+}
+
+/// Reports a dropped packet, seen from the pod: its side is the destination for ingress.
+#[inline(always)]
+fn skb_dropped(ctx: &SkBuffContext, h: &Headers, direction: u8, reason: u32) {
+    // SAFETY: the program's context; the helper reads skb->sk.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
+    let ((local, lport), (remote, rport)) = if direction == DIR_INGRESS {
+        ((&h.dst, h.dport), (&h.src, h.sport))
+    } else {
+        ((&h.src, h.sport), (&h.dst, h.dport))
+    };
+    events::dropped(
+        cookie,
+        h.version,
+        local,
+        lport,
+        remote,
+        rport,
+        h.protocol,
+        reason,
+        event_direction(direction),
+    );
+}
+
 /// The common case, decided from the socket before any parsing: TCP of a TCP socket passes
 /// (egress was judged at connect, ingress is judged only at a listener, and sock_ops counts
-/// it). False: parse and decide normally.
+/// it). Some(full socket): it passes; None: parse and decide normally.
 #[inline(always)]
-pub fn tcp_passes(ctx: &SkBuffContext, direction: u8) -> bool {
+pub fn tcp_passes(ctx: &SkBuffContext, direction: u8) -> Option<*mut bpf_sock> {
     let sk = ctx_read!(ctx.skb.skb, __bindgen_anon_2.sk);
     if sk.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: the helper only checks whether `sk` is a full socket.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: a full socket's `type`, `protocol` and `state` are readable.
     let (kind, protocol, state) = unsafe {
@@ -358,9 +436,10 @@ pub fn tcp_passes(ctx: &SkBuffContext, direction: u8) -> bool {
             core::ptr::read_volatile(&raw const (*full).state),
         )
     };
-    kind == SOCK_STREAM
+    (kind == SOCK_STREAM
         && protocol == u32::from(IPPROTO_TCP)
-        && (direction == DIR_EGRESS || state != TCP_LISTEN)
+        && (direction == DIR_EGRESS || state != TCP_LISTEN))
+        .then_some(full)
 }
 
 /// Whether the packet belongs to the kernel's TCP stack (a TCP socket, or its request or

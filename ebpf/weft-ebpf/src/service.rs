@@ -15,6 +15,7 @@ use aya_ebpf::{
 };
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
+    conn::{drop_direction, drop_reason},
     stats::Counter,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
@@ -23,6 +24,7 @@ use weft_abi::{
 };
 
 use crate::{
+    events,
     maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS, UDP_SOCKS},
     policy, stats,
 };
@@ -116,6 +118,17 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
     };
     if svc.count == 0 {
         stats::bump(Counter::ServiceNoBackends);
+        events::dropped(
+            socket_cookie(ctx),
+            fam,
+            &policy::current_pod_addr(fam),
+            0,
+            &addr,
+            port,
+            protocol,
+            drop_reason::NO_BACKENDS,
+            drop_direction::EGRESS,
+        );
         return refuse();
     }
     let cookie = socket_cookie(ctx);

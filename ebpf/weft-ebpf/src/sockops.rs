@@ -14,24 +14,25 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::{debug, warn};
 use weft_abi::{
-    AF_INET,
+    AF_INET, AF_INET6, IPPROTO_TCP,
     conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
     stats::Counter,
-    svc::{Endpoint, RevNatKey, normalize_v6},
+    svc::RevNatKey,
 };
 
 use crate::{
-    maps::{CONN_EVENTS, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE, REVNAT},
+    events::{self, add_service, family_words, now, revnat_key},
+    maps::{CONN_STATE, REVNAT},
     packet, stats,
 };
 
@@ -45,6 +46,7 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_STATE_CB
+        | BPF_SOCK_OPS_RTO_CB
         | BPF_SOCK_OPS_PARSE_HDR_OPT_CB => op,
         _ => return Ok(()),
     };
@@ -54,6 +56,7 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, cookie, Side::Active),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx, cookie, Side::Passive),
         BPF_SOCK_OPS_STATE_CB => on_state(ctx, cookie, ctx.arg(1)),
+        BPF_SOCK_OPS_RTO_CB => on_rto(ctx, cookie),
         _ => on_header(ctx, cookie),
     }
 }
@@ -62,12 +65,6 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
 fn cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: `ctx.ops` is the program's context; the helper only reads the socket.
     unsafe { bpf_get_socket_cookie(ctx.ops.cast::<c_void>()) }
-}
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: no arguments; always safe to call.
-    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
@@ -138,7 +135,9 @@ fn track(ctx: &SockOpsContext, cookie: u64, state: &ConnState) -> Result<(), i64
         );
         return Err(i64::from(e));
     }
-    if let Err(e) = add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG) {
+    // RTO callbacks tell a timeout from a refusal or reset; they run only when a
+    // retransmission timer fires.
+    if let Err(e) = add_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) {
         // Without state callbacks the entry would never be removed.
         let _ = CONN_STATE.remove(cookie);
         stats::bump(Counter::CallbackFlagsFailed);
@@ -183,33 +182,60 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
     Ok(())
 }
 
-/// A closed client socket no longer needs its reverse translation (if it connected through a
-/// ClusterIP): removing it keeps the LRU map for the sockets that still do.
-fn forget_revnat(ctx: &SockOpsContext, cookie: u64) {
-    let (family, addr) = if ctx_read!(ctx.ops, family) == AF_INET {
-        (4, [ctx_read!(ctx.ops, remote_ip4), 0, 0, 0])
-    } else {
-        normalize_v6([
+/// A retransmission timer fired; `arg(2)` is non-zero when the kernel gives up on the
+/// connection (it closes next, with ETIMEDOUT).
+fn on_rto(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
+    if ctx.arg(2) == 0 {
+        return Ok(());
+    }
+    if let Some(s) = CONN_STATE.get_ptr_mut(cookie) {
+        // SAFETY: see on_established.
+        unsafe { (*s).flags |= flags::TIMED_OUT };
+    }
+    Ok(())
+}
+
+/// The socket's addresses: (family 4 or 6, local words, remote words).
+#[inline(always)]
+fn addresses(ctx: &SockOpsContext) -> (u8, [u32; 4], [u32; 4]) {
+    let family = ctx_read!(ctx.ops, family);
+    let (fam, local) = family_words(
+        family,
+        ctx_read!(ctx.ops, local_ip4),
+        [
+            ctx_read!(ctx.ops, local_ip6[0]),
+            ctx_read!(ctx.ops, local_ip6[1]),
+            ctx_read!(ctx.ops, local_ip6[2]),
+            ctx_read!(ctx.ops, local_ip6[3]),
+        ],
+    );
+    let (_, remote) = family_words(
+        family,
+        ctx_read!(ctx.ops, remote_ip4),
+        [
             ctx_read!(ctx.ops, remote_ip6[0]),
             ctx_read!(ctx.ops, remote_ip6[1]),
             ctx_read!(ctx.ops, remote_ip6[2]),
             ctx_read!(ctx.ops, remote_ip6[3]),
-        ])
-    };
+        ],
+    );
+    (fam, local, remote)
+}
+
+/// The reverse translation key of this (client) socket.
+#[inline(always)]
+fn own_revnat_key(ctx: &SockOpsContext, cookie: u64, family: u8, remote: [u32; 4]) -> RevNatKey {
     // remote_port holds the port in network byte order in its upper 16 bits.
     let port = (u32::from_be(ctx_read!(ctx.ops, remote_port)) as u16).to_be();
-    let key = RevNatKey {
-        cookie,
-        backend: Endpoint {
-            addr,
-            port,
-            family,
-            _pad: 0,
-        },
-        _pad: 0,
-    };
+    revnat_key(cookie, family, remote, port)
+}
+
+/// A closed client socket no longer needs its reverse translation (if it connected through a
+/// ClusterIP): removing it keeps the LRU map for the sockets that still do.
+fn forget_revnat(ctx: &SockOpsContext, cookie: u64) {
+    let (family, _, remote) = addresses(ctx);
     // Absent for the many connections that did not go through a service.
-    let _ = REVNAT.remove(key);
+    let _ = REVNAT.remove(own_revnat_key(ctx, cookie, family, remote));
 }
 
 fn on_header(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
@@ -240,34 +266,12 @@ fn emit(
     state: &ConnState,
     last_state: u32,
 ) {
-    let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
-        stats::bump(Counter::ConnEventsLost);
+    if !events::enabled() {
         return;
-    };
+    }
     let now = now();
-    let family = ctx_read!(ctx.ops, family);
-    let (local_addr, remote_addr) = if family == AF_INET {
-        (
-            [ctx_read!(ctx.ops, local_ip4), 0, 0, 0],
-            [ctx_read!(ctx.ops, remote_ip4), 0, 0, 0],
-        )
-    } else {
-        (
-            [
-                ctx_read!(ctx.ops, local_ip6[0]),
-                ctx_read!(ctx.ops, local_ip6[1]),
-                ctx_read!(ctx.ops, local_ip6[2]),
-                ctx_read!(ctx.ops, local_ip6[3]),
-            ],
-            [
-                ctx_read!(ctx.ops, remote_ip6[0]),
-                ctx_read!(ctx.ops, remote_ip6[1]),
-                ctx_read!(ctx.ops, remote_ip6[2]),
-                ctx_read!(ctx.ops, remote_ip6[3]),
-            ],
-        )
-    };
-    let mut ev_flags = state.flags & (flags::FIN_SENT | flags::FIN_RECEIVED);
+    let (family, local_addr, remote_addr) = addresses(ctx);
+    let mut ev_flags = state.flags & (flags::FIN_SENT | flags::FIN_RECEIVED | flags::TIMED_OUT);
     let mut fin_acked = 0;
     let mut fin_received = 0;
     if kind == ConnEventKind::Close {
@@ -292,15 +296,17 @@ fn emit(
             fin_received = 1;
         }
     }
+    // A connection that never reached ESTABLISHED has no baseline and moved no payload.
+    let established = state.states_seen & (1 << tcp_state::ESTABLISHED) != 0;
     let sent = ctx_read!(ctx.ops, bytes_acked)
         .saturating_sub(state.bytes_acked_base)
         .saturating_sub(fin_acked);
     let received = ctx_read!(ctx.ops, bytes_received)
         .saturating_sub(state.bytes_received_base)
         .saturating_sub(fin_received);
-    entry.write(ConnEvent {
+    let mut ev = ConnEvent {
         kind: kind as u32,
-        family,
+        family: if family == 4 { AF_INET } else { AF_INET6 },
         cookie,
         timestamp_ns: now,
         duration_ns: now.saturating_sub(state.start_ns),
@@ -310,31 +316,19 @@ fn emit(
         remote_port: u32::from_be(ctx_read!(ctx.ops, remote_port)),
         side: state.side,
         last_state,
-        // A connection that never reached ESTABLISHED has no baseline and moved no payload.
-        bytes_sent: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 {
-            sent
-        } else {
-            0
-        },
-        bytes_received: if state.states_seen & (1 << tcp_state::ESTABLISHED) != 0 {
-            received
-        } else {
-            0
-        },
+        bytes_sent: if established { sent } else { 0 },
+        bytes_received: if established { received } else { 0 },
         srtt_us: ctx_read!(ctx.ops, srtt_us) >> 3,
         rtt_min_us: ctx_read!(ctx.ops, rtt_min),
         total_retrans: ctx_read!(ctx.ops, total_retrans),
         segs_in: ctx_read!(ctx.ops, segs_in),
         segs_out: ctx_read!(ctx.ops, segs_out),
         flags: ev_flags,
-    });
-    // Wake the reader only once enough is pending: one wakeup per event costs the agent more
-    // than the event itself under connection churn. The agent also drains on a timer.
-    let pending = CONN_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    let wakeup = if pending >= CONN_EVENTS_WAKEUP_BYTES.load() {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+        protocol: u32::from(IPPROTO_TCP),
+        ..ConnEvent::default()
     };
-    entry.submit(u64::from(wakeup));
+    if state.side == Side::Active as u32 {
+        add_service(&mut ev, &own_revnat_key(ctx, cookie, family, remote_addr));
+    }
+    events::submit(&ev);
 }

@@ -49,6 +49,32 @@ enum Cmd {
         #[arg(long)]
         reply_name: Option<String>,
     },
+    /// One connection to --connect that sends --chunk bytes every --every-ms for --seconds,
+    /// printing `{"event": "open", ...}` once connected; then shuts down writing, reads to the
+    /// end and prints `{"event": "done", ...}` (a long-lived connection).
+    TcpTrickle {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        chunk: u64,
+        #[arg(long, default_value_t = 100)]
+        every_ms: u64,
+        #[arg(long)]
+        seconds: f64,
+    },
+    /// Accepts connections and keeps them open, without a thread each, until killed.
+    HoldServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Opens --count connections to --connect, prints `{"event": "held", ...}` and keeps them
+    /// open until killed.
+    HoldClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
     /// Open --count connections to --connect; on each: shut down writing, read the server's
     /// name, check that getpeername() is --connect. Prints the count per server name.
     TcpSpray {
@@ -81,6 +107,12 @@ enum Cmd {
         connect: SocketAddr,
         #[arg(long)]
         seconds: f64,
+        /// Stop after this many connections.
+        #[arg(long)]
+        count: Option<u64>,
+        /// At most this many connections per second.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Request/response server for benchmarks, one connection at a time: read --size bytes,
     /// write --size bytes, wait for the client's close, close. The client closes first, so the
@@ -176,6 +208,14 @@ fn run(cmd: Cmd) -> Result<(), String> {
             close_at_once,
         ),
         Cmd::TcpSpray { connect, count } => tcp_spray(connect, count),
+        Cmd::HoldServer { listen } => hold_server(listen),
+        Cmd::HoldClient { connect, count } => hold_client(connect, count),
+        Cmd::TcpTrickle {
+            connect,
+            chunk,
+            every_ms,
+            seconds,
+        } => tcp_trickle(connect, chunk, Duration::from_millis(every_ms), seconds),
         Cmd::ConnectProbe { connect } => connect_probe(connect),
         Cmd::TcpClient {
             connect,
@@ -183,7 +223,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
             expect,
             close,
         } => tcp_client(connect, send, expect, close),
-        Cmd::Churn { connect, seconds } => churn(connect, seconds),
+        Cmd::Churn {
+            connect,
+            seconds,
+            count,
+            rate,
+        } => churn(connect, seconds, count, rate),
         Cmd::UdpEcho { listen } => udp_echo(listen),
         Cmd::Serve { name, tcp, udp } => serve_many(&name, &tcp, &udp),
         Cmd::Probe {
@@ -360,13 +405,92 @@ fn tcp_client(connect: SocketAddr, send: u64, expect: u64, close: CloseMode) -> 
     }
 }
 
-fn churn(connect: SocketAddr, seconds: f64) -> Result<(), String> {
+/// Raises the open-files limit to its hard maximum (holding thousands of sockets).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn hold_server(listen: SocketAddr) -> Result<(), String> {
+    raise_nofile();
+    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    emit(&json!({"event": "listening", "addr": local.to_string()}));
+    let mut held = Vec::new();
+    loop {
+        let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        held.push(stream);
+    }
+}
+
+fn hold_client(connect: SocketAddr, count: u64) -> Result<(), String> {
+    raise_nofile();
+    let mut held = Vec::new();
+    for i in 0..count {
+        let s = TcpStream::connect(connect)
+            .map_err(|e| format!("connect {connect} (connection {i}): {e}"))?;
+        held.push(s);
+    }
+    emit(&json!({"event": "held", "connections": held.len()}));
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn tcp_trickle(
+    connect: SocketAddr,
+    chunk: u64,
+    every: Duration,
+    seconds: f64,
+) -> Result<(), String> {
+    let mut stream = TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+    emit(&json!({"event": "open", "local": local.to_string(), "remote": peer.to_string()}));
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut sent = 0;
+    while Instant::now() < end {
+        sent += write_bytes(&mut stream, chunk)?;
+        thread::sleep(every);
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let received = drain(&mut stream)?;
+    emit(&json!({
+        "event": "done", "local": local.to_string(), "remote": peer.to_string(),
+        "sent": sent, "received": received,
+    }));
+    Ok(())
+}
+
+fn churn(
+    connect: SocketAddr,
+    seconds: f64,
+    count: Option<u64>,
+    rate: Option<f64>,
+) -> Result<(), String> {
     let start = Instant::now();
     let limit = Duration::from_secs_f64(seconds);
     let mut connections = 0u64;
     let mut errors = 0u64;
     let mut buf = [0u8; 16];
-    while start.elapsed() < limit {
+    while start.elapsed() < limit && count.is_none_or(|n| connections + errors < n) {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_secs_f64((connections + errors) as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
         match TcpStream::connect(connect) {
             Ok(mut s) => {
                 // The server closes first; wait for its FIN so the client never holds TIME_WAIT.

@@ -1,0 +1,271 @@
+//! UDP flow metrics: the kernel counts packets and bytes per flow of a local socket
+//! (`UDP_FLOW_STATS`); every interval the agent turns increases into metrics and ends flows
+//! idle past the timeout.
+use std::{collections::HashSet, net::SocketAddr, sync::Arc};
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use weft_abi::traffic::{Direction as KernelDirection, UdpFlowStatsKey, UdpFlowStatsValue};
+
+use super::{
+    Error, Telemetry, UdpFlow, flow_end,
+    flows::{FlowEvent, FlowRecord, Timestamp, Verdict},
+    metrics::{ConnLabels, Reporter},
+};
+use crate::compile::words_ip;
+
+/// UDP metrics, labelled like TCP's (`request_protocol="udp"`). `sent` is the destination's
+/// side (responses), `received` the requests, as in Istio.
+#[derive(Debug, Clone, Default)]
+pub struct UdpMetrics {
+    opened: Family<ConnLabels, Counter>,
+    closed: Family<ConnLabels, Counter>,
+    sent_bytes: Family<ConnLabels, Counter>,
+    received_bytes: Family<ConnLabels, Counter>,
+    sent_packets: Family<ConnLabels, Counter>,
+    received_packets: Family<ConnLabels, Counter>,
+}
+
+/// The handles of one UDP series.
+#[derive(Debug)]
+pub struct UdpSeries {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub response_bytes: Counter,
+    pub request_bytes: Counter,
+    pub response_packets: Counter,
+    pub request_packets: Counter,
+}
+
+impl UdpMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weft_udp_flows_opened",
+            "UDP flows seen for the first time (a local socket and a peer)",
+            self.opened.clone(),
+        );
+        registry.register(
+            "weft_udp_flows_closed",
+            "UDP flows ended by the idle timeout",
+            self.closed.clone(),
+        );
+        registry.register(
+            "weft_udp_sent_bytes",
+            "IP bytes the destination sent (responses)",
+            self.sent_bytes.clone(),
+        );
+        registry.register(
+            "weft_udp_received_bytes",
+            "IP bytes the destination received (requests)",
+            self.received_bytes.clone(),
+        );
+        registry.register(
+            "weft_udp_sent_packets",
+            "Packets the destination sent (responses)",
+            self.sent_packets.clone(),
+        );
+        registry.register(
+            "weft_udp_received_packets",
+            "Packets the destination received (requests)",
+            self.received_packets.clone(),
+        );
+    }
+
+    pub fn series(&self, labels: &ConnLabels) -> UdpSeries {
+        UdpSeries {
+            opened: self.opened.get_or_create(labels).clone(),
+            closed: self.closed.get_or_create(labels).clone(),
+            response_bytes: self.sent_bytes.get_or_create(labels).clone(),
+            request_bytes: self.received_bytes.get_or_create(labels).clone(),
+            response_packets: self.sent_packets.get_or_create(labels).clone(),
+            request_packets: self.received_packets.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn remove(&self, labels: &ConnLabels) {
+        for f in [
+            &self.opened,
+            &self.closed,
+            &self.sent_bytes,
+            &self.received_bytes,
+            &self.sent_packets,
+            &self.received_packets,
+        ] {
+            f.remove(labels);
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Telemetry {
+    /// Reads every UDP flow's counters, adds their increases to the metrics and ends flows
+    /// idle past the timeout (or evicted by the LRU).
+    pub(super) fn sweep_udp(&mut self) -> Result<(), Error> {
+        let Some(map) = &self.udp_map else {
+            return Ok(());
+        };
+        let read_err = |source| Error::Map {
+            map: weft_abi::maps::UDP_FLOW_STATS,
+            source,
+        };
+        let entries: Vec<(UdpFlowStatsKey, UdpFlowStatsValue)> =
+            map.iter().collect::<Result<_, _>>().map_err(read_err)?;
+        let now = coarse_now_ns();
+        let idle = u64::try_from(self.config.udp_idle.as_nanos()).unwrap_or(u64::MAX);
+        let mut ended = Vec::new();
+        let mut present = HashSet::with_capacity(entries.len());
+        for (key, value) in entries {
+            present.insert(key);
+            if !self.udp.contains_key(&key) {
+                let series = self.udp_series_for(&key, &value);
+                series.opened.inc();
+                self.udp.insert(
+                    key,
+                    UdpFlow {
+                        last: UdpFlowStatsValue::default(),
+                        series,
+                    },
+                );
+            }
+            let Some(flow) = self.udp.get_mut(&key) else {
+                continue;
+            };
+            udp_account(flow, &value);
+            if now.saturating_sub(value.last_ns) > idle {
+                ended.push(key);
+            }
+        }
+        // Flows the LRU evicted end too, with what was last read of them.
+        ended.extend(self.udp.keys().filter(|k| !present.contains(*k)).copied());
+        for key in ended {
+            if let Some(map) = &mut self.udp_map {
+                // A packet counted between the read and this delete is lost; the next one
+                // starts a new flow.
+                let _ = map.remove(&key);
+            }
+            if let Some(flow) = self.udp.remove(&key) {
+                flow.series.closed.inc();
+                self.flows.publish(self.udp_record(&key, &flow.last));
+            }
+        }
+        Ok(())
+    }
+
+    /// (reporter, source, destination) of a UDP flow: the side that sent first is the source.
+    fn udp_ends(
+        &self,
+        key: &UdpFlowStatsKey,
+        value: &UdpFlowStatsValue,
+    ) -> (Reporter, SocketAddr, SocketAddr) {
+        let local = SocketAddr::new(
+            words_ip(key.family, key.local),
+            u16::from_be(key.local_port),
+        );
+        let remote = SocketAddr::new(
+            words_ip(key.family, key.remote),
+            u16::from_be(key.remote_port),
+        );
+        if value.initiator == KernelDirection::Egress as u32 {
+            (Reporter::Source, local, remote)
+        } else {
+            (Reporter::Destination, remote, local)
+        }
+    }
+
+    fn udp_series_for(
+        &mut self,
+        key: &UdpFlowStatsKey,
+        value: &UdpFlowStatsValue,
+    ) -> Arc<UdpSeries> {
+        let (reporter, src, dst) = self.udp_ends(key, value);
+        let dir = Arc::clone(&self.current);
+        let service = dir.service(None, dst, weft_abi::IPPROTO_UDP).cloned();
+        let labels = self.labels(
+            reporter,
+            "udp",
+            (src, dir.pod(src.ip())),
+            (dst, dir.pod(dst.ip())),
+            service,
+        );
+        let metrics = &self.metrics;
+        Arc::clone(
+            self.udp_series
+                .entry(labels.clone())
+                .or_insert_with(|| Arc::new(metrics.udp.series(&labels))),
+        )
+    }
+
+    fn udp_record(&self, key: &UdpFlowStatsKey, v: &UdpFlowStatsValue) -> FlowRecord {
+        let (reporter, src, dst) = self.udp_ends(key, v);
+        let dir = &self.current;
+        let out = reporter == Reporter::Source;
+        let (to_dst, to_src) = if out {
+            ((v.tx_packets, v.tx_bytes), (v.rx_packets, v.rx_bytes))
+        } else {
+            ((v.rx_packets, v.rx_bytes), (v.tx_packets, v.tx_bytes))
+        };
+        FlowRecord {
+            seq: 0,
+            time: Timestamp::now(),
+            event: FlowEvent::UdpFlow,
+            verdict: Verdict::Allowed,
+            protocol: "UDP".to_owned(),
+            reporter: reporter.as_str().to_owned(),
+            source: flow_end(src, dir.pod(src.ip())),
+            destination: flow_end(dst, dir.pod(dst.ip())),
+            service: dir
+                .service(None, dst, weft_abi::IPPROTO_UDP)
+                .map(|s| format!("{}/{}", s.namespace, s.name)),
+            bytes_to_destination: to_dst.1,
+            bytes_to_source: to_src.1,
+            packets_to_destination: Some(to_dst.0),
+            packets_to_source: Some(to_src.0),
+            rtt_us: None,
+            retransmits: None,
+            duration_us: Some(v.last_ns.saturating_sub(v.first_ns) / 1000),
+            outcome: None,
+            drop_reason: None,
+            direction: None,
+            cookie: 0,
+        }
+    }
+}
+
+/// Adds a UDP flow's increases since the last read to its series.
+fn udp_account(flow: &mut UdpFlow, v: &UdpFlowStatsValue) {
+    let d = |new: u64, old: u64| new.saturating_sub(old);
+    let (tx, rx) = (
+        (
+            d(v.tx_packets, flow.last.tx_packets),
+            d(v.tx_bytes, flow.last.tx_bytes),
+        ),
+        (
+            d(v.rx_packets, flow.last.rx_packets),
+            d(v.rx_bytes, flow.last.rx_bytes),
+        ),
+    );
+    // The initiator's packets are the requests.
+    let (request, response) = if v.initiator == KernelDirection::Egress as u32 {
+        (tx, rx)
+    } else {
+        (rx, tx)
+    };
+    let s = &flow.series;
+    s.request_packets.inc_by(request.0);
+    s.request_bytes.inc_by(request.1);
+    s.response_packets.inc_by(response.0);
+    s.response_bytes.inc_by(response.1);
+    flow.last = *v;
+}

@@ -1,0 +1,220 @@
+//! Connection and drop events for the agent, through the `CONN_EVENTS` ring buffer.
+//!
+//! Every writer goes through [`submit`]: the buffer being full is counted
+//! (`Counter::ConnEventsLost`), never silent, and the reader is woken only once enough is
+//! pending.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, generated::bpf_tcp_sock,
+    },
+    programs::SkBuffContext,
+};
+use weft_abi::{
+    AF_INET, AF_INET6, IPPROTO_TCP,
+    conn::{ConnEvent, ConnEventKind, flags, tcp_state},
+    stats::Counter,
+    svc::{Endpoint, RevNatKey, normalize_v6},
+};
+
+use crate::{
+    maps::{
+        CONN_EVENTS, CONN_EVENTS_ENABLED, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE,
+        CONN_UPDATE_INTERVAL_NS, REVNAT,
+    },
+    stats,
+};
+
+/// Whether the agent wants events at all (telemetry can be switched off).
+#[inline(always)]
+pub fn enabled() -> bool {
+    CONN_EVENTS_ENABLED.load() != 0
+}
+
+/// Writes one event into the ring buffer, or counts it lost.
+#[inline(always)]
+pub fn submit(event: &ConnEvent) {
+    let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
+        stats::bump(Counter::ConnEventsLost);
+        return;
+    };
+    entry.write(*event);
+    // Wake the reader only once enough is pending: one wakeup per event costs the agent more
+    // than the event itself under connection churn. The agent also drains on a timer.
+    let pending = CONN_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let wakeup = if pending >= CONN_EVENTS_WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wakeup));
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: no arguments; always safe to call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The reverse-translation key of a client socket connected to `backend` (its remote end).
+#[inline(always)]
+pub fn revnat_key(cookie: u64, family: u8, addr: [u32; 4], port_be: u16) -> RevNatKey {
+    RevNatKey {
+        cookie,
+        backend: Endpoint {
+            addr,
+            port: port_be,
+            family,
+            _pad: 0,
+        },
+        _pad: 0,
+    }
+}
+
+/// Fills `ev.service_*` from `REVNAT` when the client socket went through a ClusterIP.
+#[inline(always)]
+pub fn add_service(ev: &mut ConnEvent, key: &RevNatKey) {
+    // SAFETY: REVNAT values are plain data, copied out at once.
+    if let Some(frontend) = unsafe { REVNAT.get(key) } {
+        ev.service_addr = frontend.addr;
+        ev.service_port = u32::from(u16::from_be(frontend.port));
+        ev.flags |= flags::VIA_SERVICE;
+    }
+}
+
+/// Addresses of a kernel socket as event words: (family, normalized address words).
+#[inline(always)]
+pub fn family_words(family: u32, v4: u32, v6: [u32; 4]) -> (u8, [u32; 4]) {
+    if family == AF_INET {
+        (4, [v4, 0, 0, 0])
+    } else {
+        normalize_v6(v6)
+    }
+}
+
+/// cgroup_skb egress of an established TCP socket: at most once per interval per connection,
+/// reports its counters so far (long-lived connections' metrics move while they are open).
+/// One hash lookup per packet when due-ness must be checked; nothing else.
+#[inline(always)]
+pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
+    let interval = CONN_UPDATE_INTERVAL_NS.load();
+    if interval == 0 || !enabled() {
+        return;
+    }
+    // SAFETY: the program's context; the helper reads skb->sk.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
+    let Some(state) = CONN_STATE.get_ptr_mut(cookie) else {
+        return;
+    };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: `state` is a live map value; the fields are read and written whole.
+    let s = unsafe { &mut *state };
+    let since = if s.last_update_ns == 0 {
+        s.start_ns
+    } else {
+        s.last_update_ns
+    };
+    if now.saturating_sub(since) < interval || s.states_seen & (1 << tcp_state::ESTABLISHED) == 0 {
+        return;
+    }
+    s.last_update_ns = now;
+    // SAFETY: `sk` is a full socket (checked by the caller); the helper returns null for
+    // anything but TCP.
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    if tp.is_null() {
+        return;
+    }
+    // SAFETY: a non-null bpf_tcp_sock and a full bpf_sock are readable field by field.
+    let ev = unsafe {
+        let sock_family = core::ptr::read_volatile(&raw const (*sk).family);
+        let (family, local) = family_words(
+            sock_family,
+            core::ptr::read_volatile(&raw const (*sk).src_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+        );
+        let (_, remote) = family_words(
+            sock_family,
+            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ],
+        );
+        let remote_port_be = core::ptr::read_volatile(&raw const (*sk).dst_port);
+        let mut ev = ConnEvent {
+            kind: ConnEventKind::Update as u32,
+            family: if family == 4 { AF_INET } else { AF_INET6 },
+            cookie,
+            timestamp_ns: now,
+            duration_ns: now.saturating_sub(s.start_ns),
+            local_addr: local,
+            remote_addr: remote,
+            local_port: core::ptr::read_volatile(&raw const (*sk).src_port),
+            remote_port: u32::from(u16::from_be(remote_port_be)),
+            side: s.side,
+            last_state: tcp_state::ESTABLISHED,
+            bytes_sent: core::ptr::read_volatile(&raw const (*tp).bytes_acked)
+                .saturating_sub(s.bytes_acked_base),
+            bytes_received: core::ptr::read_volatile(&raw const (*tp).bytes_received)
+                .saturating_sub(s.bytes_received_base),
+            srtt_us: core::ptr::read_volatile(&raw const (*tp).srtt_us) >> 3,
+            rtt_min_us: core::ptr::read_volatile(&raw const (*tp).rtt_min),
+            total_retrans: core::ptr::read_volatile(&raw const (*tp).total_retrans),
+            segs_in: core::ptr::read_volatile(&raw const (*tp).segs_in),
+            segs_out: core::ptr::read_volatile(&raw const (*tp).segs_out),
+            flags: 0,
+            protocol: u32::from(IPPROTO_TCP),
+            ..ConnEvent::default()
+        };
+        add_service(&mut ev, &revnat_key(cookie, family, remote, remote_port_be));
+        ev
+    };
+    submit(&ev);
+}
+
+/// A drop: `local` is the pod's side, `remote` the peer. Ports in network byte order.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one flat record, filled field by field"
+)]
+pub fn dropped(
+    cookie: u64,
+    family: u8,
+    local: &[u32; 4],
+    local_port: u16,
+    remote: &[u32; 4],
+    remote_port: u16,
+    protocol: u8,
+    reason: u32,
+    direction: u32,
+) {
+    if !enabled() {
+        return;
+    }
+    let ev = ConnEvent {
+        kind: ConnEventKind::Drop as u32,
+        family: if family == 4 { AF_INET } else { AF_INET6 },
+        cookie,
+        timestamp_ns: now(),
+        local_addr: *local,
+        remote_addr: *remote,
+        local_port: u32::from(u16::from_be(local_port)),
+        remote_port: u32::from(u16::from_be(remote_port)),
+        protocol: u32::from(protocol),
+        reason,
+        direction,
+        ..ConnEvent::default()
+    };
+    submit(&ev);
+}

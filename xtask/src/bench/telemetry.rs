@@ -1,0 +1,250 @@
+//! `telemetry`: what per-connection telemetry costs. Short-connection churn at the highest
+//! rate the machine sustains with the agent's telemetry on and off (`--telemetry=false`),
+//! in alternating rounds; events lost at that rate; the agent's CPU per 100 000 connections;
+//! and the agent's resident memory with 10 000 connections open.
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Node, prom};
+
+use super::{agent_options, cpu_seconds, median};
+
+#[derive(Debug, Serialize)]
+pub struct TelemetryResult {
+    scenario: &'static str,
+    seconds_per_round: f64,
+    /// Connections per second with telemetry off / on, per round.
+    off: Vec<f64>,
+    on: Vec<f64>,
+    /// on / off per round.
+    ratios: Vec<f64>,
+    median_ratio: f64,
+    /// Kernel events the agent could not take (ring buffer full), per telemetry-on round.
+    events_lost: Vec<f64>,
+    /// Events the agent handled, per connection (4 when both ends are local: open + close).
+    events_per_connection: Vec<f64>,
+    /// Agent CPU seconds (user + system) per 100 000 connections.
+    cpu_s_per_100k_off: Vec<f64>,
+    cpu_s_per_100k_on: Vec<f64>,
+    /// Open connections held for the memory figure (both ends are local: twice as many
+    /// sockets are tracked).
+    held_connections: u64,
+    rss_idle_kib: u64,
+    rss_held_kib: u64,
+    /// What each tracked socket adds to the agent's resident memory.
+    bytes_per_tracked_socket: f64,
+}
+
+impl TelemetryResult {
+    pub fn print(&self) {
+        println!(
+            "\ntelemetry: short TCP connections per second, telemetry on vs off (higher is better)"
+        );
+        println!(
+            "{:>5} {:>12} {:>12} {:>7} {:>12} {:>10} {:>14} {:>14}",
+            "round",
+            "off",
+            "on",
+            "ratio",
+            "events lost",
+            "events/conn",
+            "CPU s/100k off",
+            "CPU s/100k on"
+        );
+        for i in 0..self.ratios.len() {
+            println!(
+                "{:>5} {:>12.0} {:>12.0} {:>7.3} {:>12.0} {:>10.2} {:>14.2} {:>14.2}",
+                i + 1,
+                self.off[i],
+                self.on[i],
+                self.ratios[i],
+                self.events_lost[i],
+                self.events_per_connection[i],
+                self.cpu_s_per_100k_off[i],
+                self.cpu_s_per_100k_on[i],
+            );
+        }
+        println!("median ratio on / off: {:.3}", self.median_ratio);
+        println!(
+            "agent RSS: {} KiB idle, {} KiB with {} connections open ({} tracked sockets): {:.0} B per socket",
+            self.rss_idle_kib,
+            self.rss_held_kib,
+            self.held_connections,
+            2 * self.held_connections,
+            self.bytes_per_tracked_socket
+        );
+    }
+}
+
+fn options(bins: &Path, telemetry: bool) -> AgentOptions {
+    let mut o = agent_options(bins);
+    if !telemetry {
+        o.extra_args.push("--telemetry=false".into());
+    }
+    o
+}
+
+fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
+    let server = node.pod("server").ipv4;
+    let mut c = node.spawn(
+        "client",
+        &[
+            "churn",
+            "--connect",
+            &format!("{server}:8080"),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    );
+    c.wait_success(Duration::from_secs_f64(seconds + 30.0));
+    let v: Value = c
+        .stdout()
+        .wait_for("churn result", Duration::from_secs(5), |lines| {
+            lines.iter().find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v["event"] == "churn")
+            })
+        });
+    Ok((
+        v["per_second"].as_f64().context("per_second")?,
+        v["connections"].as_u64().context("connections")?,
+    ))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")
+}
+
+/// One round of one mode: (connections per second, CPU s per 100k, events lost, events per
+/// connection).
+fn round(node: &Node, bins: &Path, seconds: f64, telemetry: bool) -> Result<(f64, f64, f64, f64)> {
+    let mut agent = Agent::start_with(node, options(bins, telemetry));
+    let cpu_before = cpu_seconds(agent.pid())?;
+    let (rate, conns) = churn_once(node, seconds)?;
+    // Let the agent drain the ring buffer before reading its CPU time and counters.
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = cpu_seconds(agent.pid())? - cpu_before;
+    let m = agent.metrics();
+    let lost = prom::sum(&m, "weft_events_lost_total", &[]);
+    let events = prom::sum(&m, "weft_conn_events_total", &[]);
+    agent.stop();
+    let conns = conns.max(1) as f64;
+    Ok((rate, cpu * 100_000.0 / conns, lost, events / conns))
+}
+
+fn memory(node: &Node, bins: &Path, held: u64) -> Result<(u64, u64)> {
+    let agent = Agent::start_with(node, options(bins, true));
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = rss_kib(agent.pid())?;
+    let server = node.pod("server").ipv4;
+    let srv = node.spawn(
+        "server",
+        &["hold-server", "--listen", &format!("{server}:9000")],
+    );
+    srv.wait_listening();
+    let client = node.spawn(
+        "client",
+        &[
+            "hold-client",
+            "--connect",
+            &format!("{server}:9000"),
+            "--count",
+            &held.to_string(),
+        ],
+    );
+    client.stdout().wait_for(
+        "the connections to be open",
+        Duration::from_secs(120),
+        |lines| lines.iter().any(|l| l.contains("\"held\"")).then_some(()),
+    );
+    let want = 2.0 * held as f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = prom::sum(&agent.metrics(), "weft_tcp_open_connections", &[]);
+        if open >= want {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the agent tracks {open} open sockets, expected {want}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rss = rss_kib(agent.pid())?;
+    drop(client);
+    drop(srv);
+    Ok((idle, rss))
+}
+
+pub fn run(bins: &Path, seconds: f64, rounds: usize) -> Result<TelemetryResult> {
+    let node = Node::builder("xtask-bench-telemetry")
+        .pod_tool(&bins.join("weft-pod"))
+        .pod("client")
+        .pod("server")
+        .build();
+    let server = node.pod("server").ipv4;
+    let srv = node.spawn(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            &format!("{server}:8080"),
+            "--close-at-once",
+        ],
+    );
+    srv.wait_listening();
+    churn_once(&node, 1.0)?;
+    let mut r = TelemetryResult {
+        scenario: "telemetry",
+        seconds_per_round: seconds,
+        off: Vec::new(),
+        on: Vec::new(),
+        ratios: Vec::new(),
+        median_ratio: 0.0,
+        events_lost: Vec::new(),
+        events_per_connection: Vec::new(),
+        cpu_s_per_100k_off: Vec::new(),
+        cpu_s_per_100k_on: Vec::new(),
+        held_connections: 10_000,
+        rss_idle_kib: 0,
+        rss_held_kib: 0,
+        bytes_per_tracked_socket: 0.0,
+    };
+    for i in 0..rounds {
+        eprintln!("bench telemetry: round {}/{rounds}", i + 1);
+        // Alternate which mode goes first so drift affects both alike.
+        let (off, on) = if i % 2 == 0 {
+            let off = round(&node, bins, seconds, false)?;
+            (off, round(&node, bins, seconds, true)?)
+        } else {
+            let on = round(&node, bins, seconds, true)?;
+            (round(&node, bins, seconds, false)?, on)
+        };
+        r.off.push(off.0);
+        r.on.push(on.0);
+        r.ratios.push(on.0 / off.0);
+        r.cpu_s_per_100k_off.push(off.1);
+        r.cpu_s_per_100k_on.push(on.1);
+        r.events_lost.push(on.2);
+        r.events_per_connection.push(on.3);
+    }
+    r.median_ratio = median(&r.ratios);
+    eprintln!(
+        "bench telemetry: agent memory with {} open connections",
+        r.held_connections
+    );
+    let (idle, held) = memory(&node, bins, r.held_connections)?;
+    r.rss_idle_kib = idle;
+    r.rss_held_kib = held;
+    r.bytes_per_tracked_socket =
+        held.saturating_sub(idle) as f64 * 1024.0 / (2 * r.held_connections) as f64;
+    Ok(r)
+}
