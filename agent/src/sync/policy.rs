@@ -157,10 +157,16 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             };
             fresh.hint_endpoint(cgroup.clone(), have.endpoint_id);
             // A set number keeps its content: the kernel's set is reused only when it already
-            // says what the new one says (otherwise the new content gets a new number).
+            // says what the new one says (otherwise the new content gets a new number). A
+            // kernel set naming an identity that cannot be translated is unknown, and an empty
+            // new set must not match it.
+            let empty = Some(BTreeSet::new());
+            let kernel = kernel_sets.get(&have.policy_set).unwrap_or(&empty);
+            let wanted = first_sets.get(&e.info.policy_set).unwrap_or(&empty);
             if let Some(key) = first.set_keys.get(&e.info.policy_set)
                 && have.policy_set != 0
-                && kernel_sets.get(&have.policy_set) == first_sets.get(&e.info.policy_set)
+                && kernel.is_some()
+                && kernel == wanted
             {
                 fresh.hint_set(key.clone(), have.policy_set);
             }
@@ -410,10 +416,12 @@ type SetRow = (u32, u32, u8, u8, u16, u32, u32);
 
 /// Entries grouped by set, identities translated by `identity` (a set with an entry it cannot
 /// translate is left out: it cannot match anything).
+/// Each set's entries with identities translated; `None` for a set with an entry whose
+/// identity has no translation (its content cannot be compared: it is unknown, not empty).
 fn entries_by_set(
     entries: &BTreeMap<EntryKey, PolicyValue>,
     identity: impl Fn(u32) -> Option<u32>,
-) -> BTreeMap<u32, BTreeSet<SetRow>> {
+) -> BTreeMap<u32, Option<BTreeSet<SetRow>>> {
     let mut out: BTreeMap<u32, BTreeSet<SetRow>> = BTreeMap::new();
     let mut broken = BTreeSet::new();
     for (k, v) in entries {
@@ -435,7 +443,11 @@ fn entries_by_set(
             }
         }
     }
-    out.retain(|set, _| !broken.contains(set));
+    let mut out: BTreeMap<u32, Option<BTreeSet<SetRow>>> =
+        out.into_iter().map(|(set, rows)| (set, Some(rows))).collect();
+    for set in broken {
+        out.insert(set, None);
+    }
     out
 }
 
