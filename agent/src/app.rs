@@ -368,6 +368,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let stale_after = (tick_every * 3).max(Duration::from_secs(60));
     let mut telemetry_tick = tokio::time::interval(tick_every);
     telemetry_tick.tick().await;
+    // UDP flow counters are read off the event loop (a syscall per flow) and come back here.
+    let (udp_tx, mut udp_rx) = tokio::sync::mpsc::unbounded_channel();
     // Set while events are pending: (first event, quiet deadline).
     let mut pending: Option<(Instant, Instant)> =
         first_unsettled.then(|| (Instant::now(), Instant::now() + DEBOUNCE));
@@ -411,8 +413,23 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 refresh_map_gauges(&map_gauges_busy, datapath.pins(), &metrics);
             }
             _ = telemetry_tick.tick() => {
-                if let Err(e) = telemetry.borrow_mut().tick(stale_after) {
-                    tracing::warn!(target: "weft::telemetry", error = %crate::chain(&e), "telemetry pass failed");
+                // Lost closes: look, read what the kernel has submitted, then forget.
+                let candidates = telemetry.borrow().lost_candidates(stale_after);
+                reader.drain(&mut sink);
+                let mut t = telemetry.borrow_mut();
+                t.forget(&candidates);
+                t.tick();
+                if let Some(job) = t.udp_read_job() {
+                    let tx = udp_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        // The receiver is gone only when the agent stops.
+                        let _ = tx.send(job());
+                    });
+                }
+            }
+            Some(batch) = udp_rx.recv() => {
+                if let Err(e) = telemetry.borrow_mut().apply_udp(batch) {
+                    tracing::warn!(target: "weft::telemetry", error = %crate::chain(&e), "cannot read UDP flow counters");
                 }
             }
             result = &mut metrics_server => {

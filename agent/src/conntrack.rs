@@ -72,7 +72,7 @@ impl Outcome {
 }
 
 /// Which end of the connection the observed socket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// It called connect().

@@ -220,3 +220,30 @@ pub fn openmetrics_to_text(open: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let open = "# HELP weft_x Things.\n# TYPE weft_x counter\nweft_x_total{a=\"b\"} 1\n\
+                    # HELP weft_build The version.\n# TYPE weft_build info\nweft_build_info{version=\"1\"} 1\n\
+                    # HELP weft_rtt_seconds RTT.\n# TYPE weft_rtt_seconds histogram\n# UNIT weft_rtt_seconds seconds\n\
+                    weft_rtt_seconds_sum 0.5\n# EOF\n";
+        let text = openmetrics_to_text(open);
+        assert_eq!(
+            text,
+            "# HELP weft_x_total Things.\n# TYPE weft_x_total counter\nweft_x_total{a=\"b\"} 1\n\
+             # HELP weft_build_info The version.\n# TYPE weft_build_info gauge\nweft_build_info{version=\"1\"} 1\n\
+             # HELP weft_rtt_seconds RTT.\n# TYPE weft_rtt_seconds histogram\nweft_rtt_seconds_sum 0.5\n"
+        );
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+    }
+}

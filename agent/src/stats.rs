@@ -231,7 +231,6 @@ impl Reporter {
     }
 }
 
-/// What an operator can do about a counter that increased.
 /// Whether an increase is a problem, and what it means or what to do about it.
 fn meaning(counter: Counter) -> (bool, &'static str) {
     match counter {
@@ -256,6 +255,10 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
             true,
             "the kernel could not store a reverse translation: getpeername/recvmsg may show a \
              backend address",
+        ),
+        Counter::DropEventsSuppressed => (
+            false,
+            "more drops than a CPU reports per second: the rest are counted, not reported one by one",
         ),
     }
 }

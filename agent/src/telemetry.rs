@@ -80,11 +80,11 @@ pub type DirectoryHandle = Arc<RwLock<Arc<Directory>>>;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenConnection {
     pub cookie: u64,
-    pub role: String,
+    pub role: Role,
     pub local: FlowEnd,
     pub remote: FlowEnd,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub srtt_us: u64,
@@ -95,17 +95,20 @@ pub struct OpenConnection {
     pub updated: flows::Timestamp,
 }
 
+/// An entry of the open table (boxed there: the table's spare capacity then costs a pointer
+/// per slot, not a whole entry).
 struct Open {
     view: OpenConnection,
     series: Arc<Series>,
-    labels: ConnLabels,
+    /// Only per-connection series need their labels again (to expire them).
+    connection_labels: Option<Box<ConnLabels>>,
     seen: Instant,
 }
 
 /// What the admin API reads.
 #[derive(Clone)]
 pub struct TelemetryView {
-    open: Arc<Mutex<HashMap<u64, Open>>>,
+    open: Arc<Mutex<HashMap<u64, Box<Open>>>>,
     pub flows: Arc<Flows>,
 }
 
@@ -136,6 +139,15 @@ impl TelemetryView {
 struct UdpFlow {
     last: UdpFlowStatsValue,
     series: Arc<UdpSeries>,
+    /// Only per-connection series need their labels again (to expire them).
+    connection_labels: Option<Box<ConnLabels>>,
+}
+
+/// Which cache a series is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tcp,
+    Udp,
 }
 
 /// Per-event counters of the reader, looked up once.
@@ -155,12 +167,14 @@ pub struct Telemetry {
     current: Arc<Directory>,
     series: HashMap<ConnLabels, Arc<Series>>,
     udp_series: HashMap<ConnLabels, Arc<UdpSeries>>,
-    open: Arc<Mutex<HashMap<u64, Open>>>,
+    open: Arc<Mutex<HashMap<u64, Box<Open>>>>,
     flows: Arc<Flows>,
     /// Per-connection series to remove once their time is up.
-    expiring: VecDeque<(Instant, ConnLabels)>,
+    expiring: VecDeque<(Instant, Kind, ConnLabels)>,
     udp: HashMap<UdpFlowStatsKey, UdpFlow>,
-    udp_map: Option<BpfHashMap<MapData, UdpFlowStatsKey, UdpFlowStatsValue>>,
+    udp_map: Option<udp::UdpMap>,
+    /// A read of `udp_map` is running off the event loop.
+    udp_reading: bool,
     conn_state: Option<BpfHashMap<MapData, u64, ConnState>>,
     events: EventCounters,
 }
@@ -211,6 +225,7 @@ impl Telemetry {
             expiring: VecDeque::new(),
             udp: HashMap::new(),
             udp_map: None,
+            udp_reading: false,
             conn_state: None,
             events,
         }
@@ -223,7 +238,7 @@ impl Telemetry {
         udp_map: BpfHashMap<MapData, UdpFlowStatsKey, UdpFlowStatsValue>,
         conn_state: BpfHashMap<MapData, u64, ConnState>,
     ) -> Self {
-        self.udp_map = Some(udp_map);
+        self.udp_map = Some(Arc::new(Mutex::new(udp_map)));
         self.conn_state = Some(conn_state);
         self
     }
@@ -265,10 +280,11 @@ impl Telemetry {
                 let outcome = c.outcome.unwrap_or(Outcome::Reset);
                 let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(1);
                 entry.series.closed[index].inc();
-                if matches!(entry.labels.detail, Detail::Connection { .. }) {
+                if let Some(labels) = entry.connection_labels.take() {
                     self.expiring.push_back((
                         Instant::now() + self.config.connection_series_ttl,
-                        entry.labels.clone(),
+                        Kind::Tcp,
+                        *labels,
                     ));
                 }
                 self.metrics.open_connections.set(open.len() as i64);
@@ -290,25 +306,31 @@ impl Telemetry {
         }
     }
 
-    /// Swaps in the pipeline's latest names; series of workloads that are gone (or renamed,
-    /// relabelled) are removed.
+    /// Swaps in the pipeline's latest names and removes the series they make stale.
     fn follow_directory(&mut self) {
         let latest = Arc::clone(&self.directory.read().unwrap_or_else(|e| e.into_inner()));
         if Arc::ptr_eq(&latest, &self.current) {
             return;
         }
         self.current = latest;
+        self.prune();
+    }
+
+    /// Removes series naming a workload, pod or Service that is gone (or renamed,
+    /// relabelled), unless an open connection or UDP flow still counts into them: those go
+    /// at a later pass, once it has ended.
+    fn prune(&mut self) {
         let dir = &self.current;
         let metrics = &self.metrics;
-        self.series.retain(|labels, _| {
-            let keep = labels.is_current(dir);
+        self.series.retain(|labels, series| {
+            let keep = Arc::strong_count(series) > 1 || labels.is_current(dir);
             if !keep {
                 metrics.remove(labels);
             }
             keep
         });
-        self.udp_series.retain(|labels, _| {
-            let keep = labels.is_current(dir);
+        self.udp_series.retain(|labels, series| {
+            let keep = Arc::strong_count(series) > 1 || labels.is_current(dir);
             if !keep {
                 metrics.udp.remove(labels);
             }
@@ -351,7 +373,7 @@ impl Telemetry {
         }
     }
 
-    fn new_open(&mut self, c: &Connection) -> Open {
+    fn new_open(&mut self, c: &Connection) -> Box<Open> {
         let dir = Arc::clone(&self.current);
         let local_pod = dir.pod(c.local.ip());
         let remote_pod = dir.pod(c.remote.ip());
@@ -377,13 +399,13 @@ impl Telemetry {
                 .entry(labels.clone())
                 .or_insert_with(|| Arc::new(metrics.series(&labels))),
         );
-        Open {
+        Box::new(Open {
             view: OpenConnection {
                 cookie: c.cookie,
-                role: c.role.as_str().to_owned(),
+                role: c.role,
                 local: flow_end(c.local, local_pod),
                 remote: flow_end(c.remote, remote_pod),
-                service: service.map(|s| format!("{}/{}", s.namespace, s.name)),
+                service: service.map(|s| Arc::clone(&s.key)),
                 bytes_sent: 0,
                 bytes_received: 0,
                 srtt_us: 0,
@@ -392,9 +414,10 @@ impl Telemetry {
                 updated: flows::Timestamp::now(),
             },
             series,
-            labels,
+            connection_labels: matches!(labels.detail, Detail::Connection { .. })
+                .then(|| Box::new(labels)),
             seen: Instant::now(),
-        }
+        })
     }
 
     fn on_drop(&mut self, c: &Connection) {
@@ -417,9 +440,14 @@ impl Telemetry {
         } else {
             ("destination", remote, local)
         };
+        // A connect refused for want of backends was addressed to the ClusterIP itself.
+        let frontend = match d.reason {
+            crate::conntrack::DropReason::NoBackends => Some(c.remote),
+            _ => c.service,
+        };
         let service = dir
-            .service(c.service, destination.address, d.protocol)
-            .map(|s| format!("{}/{}", s.namespace, s.name));
+            .service(frontend, destination.address, d.protocol)
+            .map(|s| Arc::clone(&s.key));
         self.flows.publish(FlowRecord {
             seq: 0,
             time: flows::Timestamp::now(),
@@ -444,32 +472,74 @@ impl Telemetry {
         });
     }
 
-    /// Periodic work: UDP flow counters, connections whose close was lost, expired
-    /// per-connection series.
-    pub fn tick(&mut self, stale_after: Duration) -> Result<(), Error> {
+    /// Periodic work: series of workloads that are gone (once no open connection uses
+    /// them), expired per-connection series.
+    pub fn tick(&mut self) {
         self.follow_directory();
+        self.prune();
         let now = Instant::now();
-        while self.expiring.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, labels)) = self.expiring.pop_front() {
-                self.metrics.remove(&labels);
-                self.series.remove(&labels);
+        while self.expiring.front().is_some_and(|(at, ..)| *at <= now) {
+            let Some((_, kind, labels)) = self.expiring.pop_front() else {
+                break;
+            };
+            let in_use = match kind {
+                Kind::Tcp => self.series.get(&labels).map(Arc::strong_count),
+                Kind::Udp => self.udp_series.get(&labels).map(Arc::strong_count),
+            };
+            match in_use {
+                // Another connection with the same labels (a reused port) still counts.
+                Some(n) if n > 1 => {
+                    self.expiring
+                        .push_back((now + self.config.connection_series_ttl, kind, labels))
+                }
+                _ => match kind {
+                    Kind::Tcp => {
+                        self.metrics.remove(&labels);
+                        self.series.remove(&labels);
+                    }
+                    Kind::Udp => {
+                        self.metrics.udp.remove(&labels);
+                        self.udp_series.remove(&labels);
+                    }
+                },
             }
         }
-        self.forget_lost(stale_after);
-        self.sweep_udp()
     }
 
-    /// Drops table entries of connections the kernel no longer tracks (their close event was
-    /// lost): quiet for `stale_after` and absent from `CONN_STATE`.
-    fn forget_lost(&mut self, stale_after: Duration) {
+    /// Connections the kernel may have stopped tracking without their close reaching us (the
+    /// ring buffer was full): quiet for `stale_after` and absent from `CONN_STATE`. The caller
+    /// drains the ring buffer next (a close submitted just before the lookup is then read)
+    /// and passes them to [`Telemetry::forget`].
+    pub fn lost_candidates(&self, stale_after: Duration) -> Vec<(u64, Instant)> {
         let Some(conn_state) = &self.conn_state else {
-            return;
+            return Vec::new();
         };
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|cookie, o| {
-            o.seen.elapsed() < stale_after
-                || !matches!(conn_state.get(cookie, 0), Err(MapError::KeyNotFound))
-        });
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter()
+            .filter(|(cookie, o)| {
+                o.seen.elapsed() >= stale_after
+                    && matches!(conn_state.get(cookie, 0), Err(MapError::KeyNotFound))
+            })
+            .map(|(cookie, o)| (*cookie, o.seen))
+            .collect()
+    }
+
+    /// Drops the candidates that no event touched since [`Telemetry::lost_candidates`].
+    pub fn forget(&mut self, candidates: &[(u64, Instant)]) {
+        let table = Arc::clone(&self.open);
+        let mut open = table.lock().unwrap_or_else(|e| e.into_inner());
+        for (cookie, seen) in candidates {
+            if open.get(cookie).is_some_and(|o| o.seen == *seen)
+                && let Some(mut o) = open.remove(cookie)
+                && let Some(labels) = o.connection_labels.take()
+            {
+                self.expiring.push_back((
+                    Instant::now() + self.config.connection_series_ttl,
+                    Kind::Tcp,
+                    *labels,
+                ));
+            }
+        }
         self.metrics.open_connections.set(open.len() as i64);
     }
 }
@@ -548,4 +618,111 @@ fn flow_end(address: SocketAddr, pod: Option<&Arc<PodName>>) -> FlowEnd {
 /// A bounded label value: named protocols, or "other".
 fn protocol_label(protocol: u8) -> &'static str {
     flows::known_protocol(protocol).unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+    use super::*;
+    use crate::{source::yaml, store};
+
+    fn directory() -> Arc<Directory> {
+        let docs = [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: ns, labels: {app: c}}\nstatus: {podIP: 10.0.0.1}",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: ns, labels: {app: s}}\nstatus: {podIP: 10.0.0.2}",
+        ];
+        let objects: BTreeMap<_, _> = docs
+            .iter()
+            .map(|d| store::decode(yaml::parse(d).expect("yaml")).expect("valid"))
+            .collect();
+        let st = store::Store::from_objects(&objects);
+        Arc::new(Directory::build(
+            &st,
+            &BTreeMap::new(),
+            &names::NameConfig::default(),
+        ))
+    }
+
+    fn event(kind: ConnEventKindName, sent: u64, received: u64) -> Connection {
+        let client: SocketAddr = "10.0.0.1:40000".parse().expect("addr");
+        let server: SocketAddr = "10.0.0.2:80".parse().expect("addr");
+        Connection {
+            event: kind,
+            cookie: 7,
+            role: Role::Client,
+            local: client,
+            remote: server,
+            bytes_sent: sent,
+            bytes_received: received,
+            srtt: Duration::from_micros(100),
+            rtt_min: Duration::from_micros(50),
+            retransmits: 0,
+            segments_in: 0,
+            segments_out: 0,
+            duration: Duration::from_millis(1),
+            outcome: (kind == ConnEventKindName::TcpClose).then_some(Outcome::Normal),
+            service: None,
+            dropped: None,
+        }
+    }
+
+    fn sample(registry: &Registry, name: &str) -> f64 {
+        let text = crate::metrics::render(registry, crate::metrics::Format::Text);
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("reporter=\"source\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[test]
+    fn cumulative_counters_become_exact_increases_despite_duplicates_and_reordering() {
+        let mut registry = Registry::default();
+        let handle: DirectoryHandle = Arc::new(RwLock::new(directory()));
+        let mut t = Telemetry::new(TelemetryConfig::default(), &mut registry, handle);
+        t.on_event(&event(ConnEventKindName::TcpOpen, 0, 0));
+        t.on_event(&event(ConnEventKindName::TcpUpdate, 1000, 10));
+        // A duplicate and a late, older update add nothing.
+        t.on_event(&event(ConnEventKindName::TcpUpdate, 1000, 10));
+        t.on_event(&event(ConnEventKindName::TcpUpdate, 500, 5));
+        assert_eq!(t.view().connections().len(), 1);
+        t.on_event(&event(ConnEventKindName::TcpClose, 5000, 20));
+        assert!(t.view().connections().is_empty());
+        // The client's sent bytes are the request: Istio's received.
+        assert_eq!(sample(&registry, "weft_tcp_received_bytes_total"), 5000.0);
+        assert_eq!(sample(&registry, "weft_tcp_sent_bytes_total"), 20.0);
+        assert_eq!(sample(&registry, "weft_tcp_connections_opened_total"), 1.0);
+        assert_eq!(sample(&registry, "weft_tcp_connections_closed_total"), 1.0);
+        let text = crate::metrics::render(&registry, crate::metrics::Format::Text);
+        assert!(
+            text.contains("source_workload=\"client\"")
+                && text.contains("destination_workload=\"server\"")
+                && text.contains("source_app=\"c\""),
+            "{text}"
+        );
+        let records = t.view().flows.recent(&flows::Filter::default(), None);
+        assert_eq!(records.len(), 2, "open and close");
+        assert_eq!(records[1].bytes_to_destination, 5000);
+    }
+
+    #[test]
+    fn series_of_a_deleted_workload_go_once_no_connection_uses_them() {
+        let mut registry = Registry::default();
+        let handle: DirectoryHandle = Arc::new(RwLock::new(directory()));
+        let mut t = Telemetry::new(
+            TelemetryConfig::default(),
+            &mut registry,
+            Arc::clone(&handle),
+        );
+        t.on_event(&event(ConnEventKindName::TcpOpen, 0, 0));
+        // The client pod is deleted while its connection is open: its series stay...
+        *handle.write().expect("lock") = Arc::new(Directory::default());
+        t.tick();
+        assert_eq!(sample(&registry, "weft_tcp_connections_opened_total"), 1.0);
+        // ...until it closes and a later pass finds them unused.
+        t.on_event(&event(ConnEventKindName::TcpClose, 10, 10));
+        t.tick();
+        let text = crate::metrics::render(&registry, crate::metrics::Format::Text);
+        assert!(!text.contains("source_workload=\"client\""), "{text}");
+    }
 }

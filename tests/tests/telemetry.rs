@@ -190,6 +190,10 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
             "{s:?}"
         );
     }
+    assert!(
+        metrics.iter().any(|s| s.name == "weft_events_lost_total"),
+        "the lost-events counter is readable"
+    );
     assert_eq!(value(&metrics, "weft_events_lost_total", &[]), 0.0);
     assert_eq!(value(&metrics, "weft_build_info", &[]), 1.0);
     assert!(
@@ -438,6 +442,61 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
         value(m, "weft_tcp_connections_closed_total", &labels) == 1.0
             && value(m, "weft_tcp_received_bytes_total", &labels) == sent as f64
     });
+
+    // Half-closed for seconds: the client sent its FIN first and the server replies slowly.
+    // Updates while a FIN is in the socket's counters would add a byte; totals stay exact.
+    let (request, reply) = (100_u64, 4096 * 25);
+    let _slow = node.start_server(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            &format!("{server}:8081"),
+            "--reply",
+            &reply.to_string(),
+            "--reply-every-ms",
+            "100",
+            "--connections",
+            "1",
+        ],
+    );
+    let mut half = node.spawn(
+        "client",
+        &[
+            "tcp-client",
+            "--connect",
+            &format!("{server}:8081"),
+            "--send",
+            &request.to_string(),
+            "--expect",
+            &reply.to_string(),
+        ],
+    );
+    half.wait_success(WAIT);
+    let m = agent.wait_metrics("both closes of the half-closed connection", |m| {
+        value(
+            m,
+            "weft_tcp_connections_closed_total",
+            &[("source_workload", "client")],
+        ) == 4.0
+    });
+    for reporter in ["source", "destination"] {
+        let l = [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("destination_workload", "server"),
+        ];
+        assert_eq!(
+            value(&m, "weft_tcp_received_bytes_total", &l),
+            (sent + request) as f64,
+            "{reporter}: exact request bytes over both connections"
+        );
+        assert_eq!(
+            value(&m, "weft_tcp_sent_bytes_total", &l),
+            reply as f64,
+            "{reporter}: exact response bytes"
+        );
+    }
 
     // More than 4 GiB through one connection, inside one pod (its own address: the loopback
     // device, no wire): the count is exact, so no 32-bit counter is on the way.

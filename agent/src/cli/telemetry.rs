@@ -44,7 +44,7 @@ pub async fn connections(socket: &Path, output: Output) -> Result<String, Error>
         let _ = writeln!(
             out,
             "{:<7} {:<26} {:<26} {:<18} {:>10} {:>10} {:>7}us {:>6} {:>8}s",
-            c.role,
+            c.role.as_str(),
             c.local.display(),
             c.remote.display(),
             c.service.as_deref().unwrap_or("-"),

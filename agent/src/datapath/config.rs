@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use aya::maps::MapType;
 use aya::maps::lpm_trie::Key;
 use weft_abi::{
-    conn::ConnState,
+    conn::{ConnState, DropBudget},
     maps,
     policy::{
         EndpointInfo, IpcacheData, IpcacheValue, PolicyData, PolicyFlowKey, PolicyValue, VERDICTS,
@@ -111,7 +111,7 @@ impl Config {
     }
 
     /// What every map must look like, pinned or new. The loader sizes maps from it.
-    pub(super) fn map_specs(&self) -> [MapSpec; 18] {
+    pub(super) fn map_specs(&self) -> [MapSpec; 19] {
         [
             MapSpec::ring(maps::CONN_EVENTS, self.ring_buffer_bytes),
             MapSpec::of::<u64, ConnState>(maps::CONN_STATE, MapType::Hash, self.max_connections),
@@ -172,6 +172,7 @@ impl Config {
                 MapType::LruHash,
                 self.max_udp_flows,
             ),
+            MapSpec::of::<u32, DropBudget>(maps::DROP_BUDGET, MapType::PerCpuArray, 1),
         ]
     }
 }

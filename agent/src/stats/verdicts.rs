@@ -54,13 +54,11 @@ impl VerdictCollector {
         }
     }
 
-    /// A health counter summed over CPUs (0 when it cannot be read).
-    fn stat(&self, c: Counter) -> u64 {
+    /// A health counter summed over CPUs; None when it cannot be read (then no sample is
+    /// exported: a missing series is visible, a 0 would not be).
+    fn stat(&self, c: Counter) -> Option<u64> {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        stats
-            .get(&(c as u32), 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        stats.get(&(c as u32), 0).ok().map(|v| v.iter().sum())
     }
 
     /// (direction, match, total over CPUs); a slot that cannot be read counts 0.
@@ -124,8 +122,9 @@ impl Collector for VerdictCollector {
                 reason: "no_backends",
                 direction: "egress",
             };
-            ConstCounter::new(self.stat(Counter::ServiceNoBackends))
-                .encode(drops.encode_family(&labels)?)?;
+            if let Some(n) = self.stat(Counter::ServiceNoBackends) {
+                ConstCounter::new(n).encode(drops.encode_family(&labels)?)?;
+            }
         }
         let lost = encoder.encode_descriptor(
             "weft_events_lost",
@@ -133,7 +132,18 @@ impl Collector for VerdictCollector {
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(self.stat(Counter::ConnEventsLost)).encode(lost)?;
+        if let Some(n) = self.stat(Counter::ConnEventsLost) {
+            ConstCounter::new(n).encode(lost)?;
+        }
+        let suppressed = encoder.encode_descriptor(
+            "weft_drop_events_suppressed",
+            "Drops not reported one by one (past a CPU's budget of drop events per second); weft_drops_total counts them all",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(n) = self.stat(Counter::DropEventsSuppressed) {
+            ConstCounter::new(n).encode(suppressed)?;
+        }
         let mut errors = encoder.encode_descriptor(
             "weft_datapath_errors",
             "Datapath problems counted in the kernel, by reason (a full map, a refused callback, ...)",
@@ -145,7 +155,9 @@ impl Collector for VerdictCollector {
             .filter(|c| !matches!(c, Counter::ConnEventsLost | Counter::ServiceNoBackends))
         {
             let labels = ErrorLabels { reason: c.name() };
-            ConstCounter::new(self.stat(c)).encode(errors.encode_family(&labels)?)?;
+            if let Some(n) = self.stat(c) {
+                ConstCounter::new(n).encode(errors.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -443,8 +443,10 @@ fn entries_by_set(
             }
         }
     }
-    let mut out: BTreeMap<u32, Option<BTreeSet<SetRow>>> =
-        out.into_iter().map(|(set, rows)| (set, Some(rows))).collect();
+    let mut out: BTreeMap<u32, Option<BTreeSet<SetRow>>> = out
+        .into_iter()
+        .map(|(set, rows)| (set, Some(rows)))
+        .collect();
     for set in broken {
         out.insert(set, None);
     }

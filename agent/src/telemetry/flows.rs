@@ -107,7 +107,7 @@ pub struct FlowRecord {
     pub destination: FlowEnd,
     /// `namespace/name` of the Service the client addressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// Payload (TCP) or IP (UDP) bytes from source to destination.
     #[serde(default)]
     pub bytes_to_destination: u64,

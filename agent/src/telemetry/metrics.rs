@@ -98,7 +98,8 @@ impl ConnLabels {
             }
             Detail::None => true,
         };
-        peers_current && pods_current
+        let service_current = self.service.as_ref().is_none_or(|s| dir.has_service(s));
+        peers_current && pods_current && service_current
     }
 }
 

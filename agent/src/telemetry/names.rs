@@ -7,7 +7,7 @@
 //! the pod's controller (a Deployment for a ReplicaSet with `pod-template-hash`, a CronJob for
 //! a Job named `<cronjob>-<digits>`), app and version come from the recommended labels.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -47,6 +47,8 @@ pub struct PodName {
 pub struct ServiceName {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
+    /// `namespace/name`, as flow records and the CLI show it.
+    pub key: Arc<str>,
     /// `<name>.<namespace>.svc.<cluster domain>`.
     pub host: Arc<str>,
 }
@@ -75,10 +77,13 @@ pub struct Directory {
     frontends: HashMap<PortKey, Arc<ServiceName>>,
     /// A backend address and port served by exactly one Service (None: by several).
     backends: HashMap<PortKey, Option<Arc<ServiceName>>>,
-    /// Every workload by (namespace, name), with its current names.
-    workloads: HashMap<(Arc<str>, Arc<str>), Arc<Peer>>,
+    /// The names of every pod's workload, interned: pods of one workload with the same
+    /// labels share one (pods of two versions during a rolling update are two).
+    peers: HashSet<Arc<Peer>>,
     /// Every pod by (namespace, name).
-    pod_names: std::collections::HashSet<(String, String)>,
+    pod_names: HashSet<(String, String)>,
+    /// Every Service with a frontend.
+    services: HashSet<Arc<ServiceName>>,
 }
 
 impl Directory {
@@ -90,17 +95,24 @@ impl Directory {
         let mut dir = Self::default();
         let mut service_names: BTreeMap<&str, Arc<ServiceName>> = BTreeMap::new();
         for ((ns, name), pod) in &store.pods {
+            dir.pod_names.insert((ns.clone(), name.clone()));
+            // A host-network pod's address is the node's; a finished pod's may be reused.
+            if !owns_its_address(pod) {
+                continue;
+            }
             let peer = peer(ns, name, pod);
-            let peer = dir
-                .workloads
-                .entry((Arc::clone(&peer.namespace), Arc::clone(&peer.workload)))
-                .or_insert_with(|| Arc::new(peer))
-                .clone();
+            let peer = match dir.peers.get(&peer) {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let p = Arc::new(peer);
+                    dir.peers.insert(Arc::clone(&p));
+                    p
+                }
+            };
             let named = Arc::new(PodName {
                 peer,
                 pod: Arc::from(name.as_str()),
             });
-            dir.pod_names.insert((ns.clone(), name.clone()));
             for ip in compile::pod_ips(pod) {
                 dir.pods.insert(ip, Arc::clone(&named));
             }
@@ -129,6 +141,7 @@ impl Directory {
                     .or_insert_with(|| Some(Arc::clone(&svc)));
             }
         }
+        dir.services = service_names.into_values().collect();
         dir
     }
 
@@ -160,12 +173,15 @@ impl Directory {
             .contains(&(namespace.to_owned(), pod.to_owned()))
     }
 
-    /// Whether `peer` is the current version of a workload that still exists (series of
-    /// anything else are stale).
+    /// Whether some pod still has exactly these workload names (series of anything else
+    /// are stale).
     pub fn is_current(&self, peer: &Peer) -> bool {
-        self.workloads
-            .get(&(Arc::clone(&peer.namespace), Arc::clone(&peer.workload)))
-            .is_some_and(|p| **p == *peer)
+        self.peers.contains(peer)
+    }
+
+    /// Whether the Service still exists with a frontend.
+    pub fn has_service(&self, service: &ServiceName) -> bool {
+        self.services.contains(service)
     }
 }
 
@@ -174,8 +190,24 @@ fn service_name(ns_name: &str, config: &NameConfig) -> Arc<ServiceName> {
     Arc::new(ServiceName {
         name: Arc::from(name),
         namespace: Arc::from(ns),
+        key: Arc::from(ns_name),
         host: Arc::from(format!("{name}.{ns}.svc.{}", config.cluster_domain)),
     })
+}
+
+/// Whether a pod's addresses are its own: not host-network, not finished.
+fn owns_its_address(pod: &Pod) -> bool {
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    !host_network && !finished
 }
 
 fn label<'a>(pod: &'a Pod, keys: &[&str]) -> Option<&'a str> {
@@ -295,6 +327,38 @@ mod tests {
         assert_eq!(&*bare.app, UNKNOWN);
         assert_eq!(&*bare.canonical_service, "b");
         assert_eq!(&*bare.canonical_revision, "latest");
+    }
+
+    #[test]
+    fn every_version_of_a_workload_is_current_and_host_network_pods_name_no_address() {
+        let objects: BTreeMap<_, _> = [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-a, namespace: shop, labels: {app: web, version: v1}}\nstatus: {podIP: 10.0.0.1}",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-b, namespace: shop, labels: {app: web, version: v2}}\nstatus: {podIP: 10.0.0.2}",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: agent, namespace: kube-system}\nspec: {hostNetwork: true, containers: []}\nstatus: {podIP: 192.168.1.5}",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: job, namespace: shop}\nstatus: {phase: Succeeded, podIP: 10.0.0.3}",
+            ]
+            .iter()
+            .map(|y| {
+                crate::store::decode(crate::source::yaml::parse(y).expect("yaml"))
+                    .expect("valid pod")
+            })
+            .collect();
+        let store = Store::from_objects(&objects);
+        let dir = Directory::build(&store, &BTreeMap::new(), &NameConfig::default());
+        let a = dir.pod("10.0.0.1".parse().expect("ip")).expect("web-a");
+        let b = dir.pod("10.0.0.2".parse().expect("ip")).expect("web-b");
+        assert_eq!(&*a.peer.version, "v1");
+        assert_eq!(&*b.peer.version, "v2");
+        assert!(dir.is_current(&a.peer) && dir.is_current(&b.peer));
+        assert!(
+            dir.pod("192.168.1.5".parse().expect("ip")).is_none(),
+            "host network"
+        );
+        assert!(
+            dir.pod("10.0.0.3".parse().expect("ip")).is_none(),
+            "finished"
+        );
+        assert!(dir.has_pod("kube-system", "agent"));
     }
 
     fn peer_of(name: &str) -> Peer {

@@ -1,7 +1,9 @@
 //! UDP flow metrics: the kernel counts packets and bytes per flow of a local socket
 //! (`UDP_FLOW_STATS`); every interval the agent turns increases into metrics and ends flows
 //! idle past the timeout.
-use std::{collections::HashSet, net::SocketAddr, sync::Arc};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use prometheus_client::{
     metrics::{counter::Counter, family::Family},
@@ -10,9 +12,9 @@ use prometheus_client::{
 use weft_abi::traffic::{Direction as KernelDirection, UdpFlowStatsKey, UdpFlowStatsValue};
 
 use super::{
-    Error, Telemetry, UdpFlow, flow_end,
+    Error, Kind, Telemetry, UdpFlow, flow_end,
     flows::{FlowEvent, FlowRecord, Timestamp, Verdict},
-    metrics::{ConnLabels, Reporter},
+    metrics::{ConnLabels, Detail, Reporter},
 };
 use crate::compile::words_ip;
 
@@ -109,58 +111,120 @@ pub fn coarse_now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The UDP flow counters as one read saw them.
+#[derive(Debug)]
+pub struct UdpBatch {
+    /// Every flow in the map, and whether it was idle past the timeout (then it was deleted
+    /// from the map right after the read).
+    pub flows: Vec<(UdpFlowStatsKey, UdpFlowStatsValue, bool)>,
+}
+
+/// The kernel map, shared with the blocking reads.
+pub type UdpMap = Arc<std::sync::Mutex<BpfHashMap<MapData, UdpFlowStatsKey, UdpFlowStatsValue>>>;
+
+/// Reads every flow (two syscalls each: off the event loop) and deletes those idle longer
+/// than `idle`. A packet counted between the read and the delete is lost; the next one starts
+/// a new flow.
+pub fn read(map: &UdpMap, idle: Duration) -> Result<UdpBatch, Error> {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    let entries: Vec<(UdpFlowStatsKey, UdpFlowStatsValue)> = map
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(|source| Error::Map {
+        map: weft_abi::maps::UDP_FLOW_STATS,
+        source,
+    })?;
+    let now = coarse_now_ns();
+    let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+    let flows = entries
+        .into_iter()
+        .map(|(key, value)| {
+            let ended = now.saturating_sub(value.last_ns) > idle;
+            if ended {
+                // Gone already (evicted) is as good.
+                let _ = map.remove(&key);
+            }
+            (key, value, ended)
+        })
+        .collect();
+    Ok(UdpBatch { flows })
+}
+
 impl Telemetry {
-    /// Reads every UDP flow's counters, adds their increases to the metrics and ends flows
-    /// idle past the timeout (or evicted by the LRU).
-    pub(super) fn sweep_udp(&mut self) -> Result<(), Error> {
-        let Some(map) = &self.udp_map else {
-            return Ok(());
-        };
-        let read_err = |source| Error::Map {
-            map: weft_abi::maps::UDP_FLOW_STATS,
-            source,
-        };
-        let entries: Vec<(UdpFlowStatsKey, UdpFlowStatsValue)> =
-            map.iter().collect::<Result<_, _>>().map_err(read_err)?;
-        let now = coarse_now_ns();
-        let idle = u64::try_from(self.config.udp_idle.as_nanos()).unwrap_or(u64::MAX);
-        let mut ended = Vec::new();
-        let mut present = HashSet::with_capacity(entries.len());
-        for (key, value) in entries {
+    /// A read of the UDP flow counters to run off the event loop, unless one is running.
+    pub fn udp_read_job(
+        &mut self,
+    ) -> Option<impl FnOnce() -> Result<UdpBatch, Error> + Send + 'static> {
+        let map = Arc::clone(self.udp_map.as_ref()?);
+        if self.udp_reading {
+            return None;
+        }
+        self.udp_reading = true;
+        let idle = self.config.udp_idle;
+        Some(move || read(&map, idle))
+    }
+
+    /// Adds the increases a read found to the metrics; ends flows that went idle or that the
+    /// LRU evicted (a flow recreated since the last read starts from zero).
+    pub fn apply_udp(&mut self, batch: Result<UdpBatch, Error>) -> Result<(), Error> {
+        self.udp_reading = false;
+        self.follow_directory();
+        let batch = batch?;
+        let mut present = HashSet::with_capacity(batch.flows.len());
+        for (key, value, ended) in batch.flows {
             present.insert(key);
+            let recreated = self
+                .udp
+                .get(&key)
+                .is_some_and(|f| f.last.first_ns != 0 && f.last.first_ns != value.first_ns);
+            if recreated {
+                self.end_udp(&key);
+            }
             if !self.udp.contains_key(&key) {
-                let series = self.udp_series_for(&key, &value);
+                let (series, labels) = self.udp_series_for(&key, &value);
                 series.opened.inc();
                 self.udp.insert(
                     key,
                     UdpFlow {
                         last: UdpFlowStatsValue::default(),
                         series,
+                        connection_labels: matches!(labels.detail, Detail::Connection { .. })
+                            .then(|| Box::new(labels)),
                     },
                 );
             }
-            let Some(flow) = self.udp.get_mut(&key) else {
-                continue;
-            };
-            udp_account(flow, &value);
-            if now.saturating_sub(value.last_ns) > idle {
-                ended.push(key);
+            if let Some(flow) = self.udp.get_mut(&key) {
+                udp_account(flow, &value);
+            }
+            if ended {
+                self.end_udp(&key);
             }
         }
         // Flows the LRU evicted end too, with what was last read of them.
-        ended.extend(self.udp.keys().filter(|k| !present.contains(*k)).copied());
-        for key in ended {
-            if let Some(map) = &mut self.udp_map {
-                // A packet counted between the read and this delete is lost; the next one
-                // starts a new flow.
-                let _ = map.remove(&key);
-            }
-            if let Some(flow) = self.udp.remove(&key) {
-                flow.series.closed.inc();
-                self.flows.publish(self.udp_record(&key, &flow.last));
-            }
+        let evicted: Vec<UdpFlowStatsKey> = self
+            .udp
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .copied()
+            .collect();
+        for key in evicted {
+            self.end_udp(&key);
         }
         Ok(())
+    }
+
+    fn end_udp(&mut self, key: &UdpFlowStatsKey) {
+        if let Some(flow) = self.udp.remove(key) {
+            flow.series.closed.inc();
+            self.flows.publish(self.udp_record(key, &flow.last));
+            if let Some(labels) = flow.connection_labels {
+                self.expiring.push_back((
+                    std::time::Instant::now() + self.config.connection_series_ttl,
+                    Kind::Udp,
+                    *labels,
+                ));
+            }
+        }
     }
 
     /// (reporter, source, destination) of a UDP flow: the side that sent first is the source.
@@ -188,7 +252,7 @@ impl Telemetry {
         &mut self,
         key: &UdpFlowStatsKey,
         value: &UdpFlowStatsValue,
-    ) -> Arc<UdpSeries> {
+    ) -> (Arc<UdpSeries>, ConnLabels) {
         let (reporter, src, dst) = self.udp_ends(key, value);
         let dir = Arc::clone(&self.current);
         let service = dir.service(None, dst, weft_abi::IPPROTO_UDP).cloned();
@@ -200,11 +264,12 @@ impl Telemetry {
             service,
         );
         let metrics = &self.metrics;
-        Arc::clone(
+        let series = Arc::clone(
             self.udp_series
                 .entry(labels.clone())
                 .or_insert_with(|| Arc::new(metrics.udp.series(&labels))),
-        )
+        );
+        (series, labels)
     }
 
     fn udp_record(&self, key: &UdpFlowStatsKey, v: &UdpFlowStatsValue) -> FlowRecord {
@@ -227,7 +292,7 @@ impl Telemetry {
             destination: flow_end(dst, dir.pod(dst.ip())),
             service: dir
                 .service(None, dst, weft_abi::IPPROTO_UDP)
-                .map(|s| format!("{}/{}", s.namespace, s.name)),
+                .map(|s| Arc::clone(&s.key)),
             bytes_to_destination: to_dst.1,
             bytes_to_source: to_src.1,
             packets_to_destination: Some(to_dst.0),

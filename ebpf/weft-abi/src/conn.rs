@@ -91,6 +91,27 @@ pub mod drop_reason {
     pub const UNPARSED: u32 = 3;
 }
 
+/// Drop events each CPU may write per second: a flood of denied packets must not fill the
+/// ring buffer that open and close events share. Drops past it are still counted (`VERDICTS`,
+/// `STATS`), only not reported one by one (`Counter::DropEventsSuppressed`).
+pub const DROP_EVENTS_PER_SECOND: u64 = 1000;
+
+/// Value of `DROP_BUDGET` (per-CPU array, one slot): the current one-second window.
+///
+/// Writer and reader: every program that reports drops (a race between a softirq and a
+/// process-context program on one CPU only makes the budget approximate).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropBudget {
+    pub window_start_ns: u64,
+    pub sent: u64,
+}
+const _: () = assert!(core::mem::size_of::<DropBudget>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding, size asserted.
+unsafe impl aya::Pod for DropBudget {}
+
 /// `ConnEvent::direction` of a drop, seen from the local pod.
 pub mod drop_direction {
     pub const EGRESS: u32 = 1;

@@ -91,9 +91,11 @@ pub mod maps {
     pub const VERDICTS: &str = "VERDICTS";
     /// LRU hash of [`crate::traffic::UdpFlowStatsKey`] to [`crate::traffic::UdpFlowStatsValue`].
     pub const UDP_FLOW_STATS: &str = "UDP_FLOW_STATS";
+    /// Per-CPU array (1 slot) of [`crate::conn::DropBudget`].
+    pub const DROP_BUDGET: &str = "DROP_BUDGET";
 
     /// Every map of the object; all of them are pinned per instance.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         CONN_EVENTS,
         CONN_STATE,
         STATS,
@@ -112,6 +114,7 @@ pub mod maps {
         POLICY_FLOWS,
         VERDICTS,
         UDP_FLOW_STATS,
+        DROP_BUDGET,
     ];
 }
 

@@ -25,11 +25,14 @@ pub enum Counter {
     /// A reverse translation entry could not be written (getpeername/recvmsg may show the
     /// backend instead of the ClusterIP).
     RevNatFailed = 7,
+    /// A drop event was not written: the CPU's budget of `DROP_EVENTS_PER_SECOND` was spent
+    /// (the drop itself is counted in `VERDICTS`/`STATS` as always).
+    DropEventsSuppressed = 8,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -38,6 +41,7 @@ impl Counter {
         Self::ServiceNoBackends,
         Self::ServiceSlotMissing,
         Self::RevNatFailed,
+        Self::DropEventsSuppressed,
     ];
 
     /// The name the agent reports.
@@ -51,6 +55,7 @@ impl Counter {
             Self::ServiceNoBackends => "service_no_backends",
             Self::ServiceSlotMissing => "service_slot_missing",
             Self::RevNatFailed => "revnat_failed",
+            Self::DropEventsSuppressed => "drop_events_suppressed",
         }
     }
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use weft_abi::{
     AF_INET, AF_INET6, IPPROTO_TCP,
-    conn::{ConnEvent, ConnEventKind, flags, tcp_state},
+    conn::{ConnEvent, ConnEventKind, DROP_EVENTS_PER_SECOND, flags, tcp_state},
     stats::Counter,
     svc::{Endpoint, RevNatKey, normalize_v6},
 };
@@ -22,7 +22,7 @@ use weft_abi::{
 use crate::{
     maps::{
         CONN_EVENTS, CONN_EVENTS_ENABLED, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE,
-        CONN_UPDATE_INTERVAL_NS, REVNAT,
+        CONN_UPDATE_INTERVAL_NS, DROP_BUDGET, REVNAT,
     },
     stats,
 };
@@ -101,6 +101,12 @@ pub fn family_words(family: u32, v4: u32, v6: [u32; 4]) -> (u8, [u32; 4]) {
 pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     let interval = CONN_UPDATE_INTERVAL_NS.load();
     if interval == 0 || !enabled() {
+        return;
+    }
+    // Only in ESTABLISHED are the socket's counters payload only: once a FIN is sent or
+    // received it is counted too, and only the close event knows whether to subtract it.
+    // SAFETY: a full socket's `state` is readable.
+    if unsafe { core::ptr::read_volatile(&raw const (*sk).state) } != tcp_state::ESTABLISHED {
         return;
     }
     // SAFETY: the program's context; the helper reads skb->sk.
@@ -182,6 +188,28 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     submit(&ev);
 }
 
+/// Whether this CPU may write another drop event this second.
+#[inline(always)]
+fn drop_budget() -> bool {
+    let Some(b) = DROP_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: `b` is this CPU's slot, valid while the program runs.
+    let b = unsafe { &mut *b };
+    if now.saturating_sub(b.window_start_ns) >= 1_000_000_000 {
+        b.window_start_ns = now;
+        b.sent = 0;
+    }
+    if b.sent >= DROP_EVENTS_PER_SECOND {
+        stats::bump(Counter::DropEventsSuppressed);
+        return false;
+    }
+    b.sent += 1;
+    true
+}
+
 /// A drop: `local` is the pod's side, `remote` the peer. Ports in network byte order.
 #[inline(always)]
 #[expect(
@@ -199,7 +227,7 @@ pub fn dropped(
     reason: u32,
     direction: u32,
 ) {
-    if !enabled() {
+    if !enabled() || !drop_budget() {
         return;
     }
     let ev = ConnEvent {

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weft_abi::{
-    conn::ConnState,
+    conn::{ConnState, DropBudget},
     policy::{
         EndpointInfo, IpcacheData, IpcacheValue, PolicyData, PolicyFlowKey, PolicyValue,
         VERDICTS as VERDICT_SLOTS,
@@ -111,3 +111,7 @@ pub static POLICY_ROOT_LEVEL: Global<u32> = Global::new(0);
 #[map]
 pub static UDP_FLOW_STATS: LruHashMap<UdpFlowStatsKey, UdpFlowStatsValue> =
     LruHashMap::with_max_entries(65_536, 0);
+
+/// Each CPU's budget of drop events for the current second.
+#[map]
+pub static DROP_BUDGET: PerCpuArray<DropBudget> = PerCpuArray::with_max_entries(1, 0);

@@ -48,6 +48,9 @@ enum Cmd {
         /// Reply with this text instead of --reply bytes, so clients can tell servers apart.
         #[arg(long)]
         reply_name: Option<String>,
+        /// Send the reply in 4 KiB pieces this many milliseconds apart.
+        #[arg(long)]
+        reply_every_ms: Option<u64>,
     },
     /// One connection to --connect that sends --chunk bytes every --every-ms for --seconds,
     /// printing `{"event": "open", ...}` once connected; then shuts down writing, reads to the
@@ -197,11 +200,13 @@ fn run(cmd: Cmd) -> Result<(), String> {
             connections,
             close_at_once,
             reply_name,
+            reply_every_ms,
         } => tcp_server(
             listen,
             Reply {
                 bytes: reply,
                 name: reply_name,
+                every: reply_every_ms.map(Duration::from_millis),
             },
             read,
             connections,
@@ -255,6 +260,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
 struct Reply {
     bytes: u64,
     name: Option<String>,
+    /// Send the bytes in 4 KiB pieces this far apart (a slow, long reply).
+    every: Option<Duration>,
 }
 
 fn tcp_server(
@@ -330,7 +337,17 @@ fn send_reply(stream: &mut TcpStream, reply: &Reply) -> Result<u64, String> {
                 .map_err(|e| format!("write: {e}"))?;
             Ok(name.len() as u64)
         }
-        None => write_bytes(stream, reply.bytes),
+        None => match reply.every {
+            None => write_bytes(stream, reply.bytes),
+            Some(every) => {
+                let mut sent = 0;
+                while sent < reply.bytes {
+                    sent += write_bytes(stream, (reply.bytes - sent).min(4096))?;
+                    thread::sleep(every);
+                }
+                Ok(sent)
+            }
+        },
     }
 }
 
