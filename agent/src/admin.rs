@@ -339,13 +339,20 @@ pub async fn fetch(socket: &Path, path: &str) -> Result<Bytes, Error> {
     request(socket, hyper::Method::GET, path, String::new()).await
 }
 
-/// `method path` with `body` on the admin socket; returns the body of a 2xx answer.
-pub async fn request(
+/// Sends one request on the admin socket; returns the response and the connection's driver
+/// (abort it when done).
+async fn send(
     socket: &Path,
     method: hyper::Method,
     path: &str,
     body: String,
-) -> Result<Bytes, Error> {
+) -> Result<
+    (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ),
+    Error,
+> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|source| Error::Connect {
@@ -366,6 +373,11 @@ pub async fn request(
             body: e.to_string(),
         })?;
     let response = sender.send_request(request).await.map_err(Error::Http)?;
+    Ok((response, driver))
+}
+
+/// Reads a whole body; a non-2xx answer becomes `Error::Status` with its text.
+async fn whole_body(response: hyper::Response<hyper::body::Incoming>) -> Result<Bytes, Error> {
     let status = response.status();
     let body = response
         .into_body()
@@ -373,7 +385,6 @@ pub async fn request(
         .await
         .map_err(Error::Http)?
         .to_bytes();
-    driver.abort();
     if !status.is_success() {
         return Err(Error::Status {
             status: status.as_u16(),
@@ -383,6 +394,19 @@ pub async fn request(
     Ok(body)
 }
 
+/// `method path` with `body` on the admin socket; returns the body of a 2xx answer.
+pub async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: String,
+) -> Result<Bytes, Error> {
+    let (response, driver) = send(socket, method, path, body).await?;
+    let result = whole_body(response).await;
+    driver.abort();
+    result
+}
+
 /// `GET path`, handing each piece of the body to `on_data` as it arrives (for streams); stops
 /// when the body ends or `on_data` returns false.
 pub async fn stream(
@@ -390,35 +414,13 @@ pub async fn stream(
     path: &str,
     mut on_data: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), Error> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|source| Error::Connect {
-            path: socket.to_owned(),
-            source,
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(Error::Http)?;
-    let driver = tokio::spawn(conn);
-    let request = hyper::Request::builder()
-        .uri(path)
-        .header(header::HOST, "weft")
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| Error::Status {
-            status: 0,
-            body: e.to_string(),
-        })?;
-    let response = sender.send_request(request).await.map_err(Error::Http)?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if !status.is_success() {
-        let bytes = body.collect().await.map_err(Error::Http)?.to_bytes();
+    let (response, driver) = send(socket, hyper::Method::GET, path, String::new()).await?;
+    if !response.status().is_success() {
+        let result = whole_body(response).await;
         driver.abort();
-        return Err(Error::Status {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(&bytes).into_owned(),
-        });
+        return result.map(|_| ());
     }
+    let mut body = response.into_body();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Error::Http)?;
         if let Some(data) = frame.data_ref()

@@ -463,17 +463,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Flows(args) => {
             let path = socket(args.client.admin_socket, &args.client.instance);
-            let query = admin::telemetry::FlowQuery {
+            let filter = weft::telemetry::flows::Filter {
                 namespace: args.namespace,
                 pod: args.pod,
                 from_pod: args.from_pod,
                 to_pod: args.to_pod,
                 verdict: args.verdict,
                 protocol: args.protocol,
+            };
+            let query = admin::telemetry::StreamQuery {
                 last: Some(args.last.unwrap_or(if args.follow { 0 } else { 20 })),
                 follow: args.follow,
             };
-            runtime()?.block_on(cli::flows(&path, &query, args.client.output))?;
+            runtime()?.block_on(cli::flows(&path, &filter, &query, args.client.output))?;
         }
         Command::Config(ConfigCommand::Dump(args)) => {
             let path = socket(args.admin_socket, &args.instance);

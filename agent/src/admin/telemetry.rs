@@ -27,40 +27,15 @@ use crate::{
     },
 };
 
-/// `GET /flows` parameters (the filter's fields inline: query strings cannot nest).
+/// `GET /flows` parameters besides the filter (which is read from the same query string).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FlowQuery {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_pod: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_pod: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<crate::telemetry::flows::Verdict>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
+pub struct StreamQuery {
     /// Buffered records to send first (the last N matching); none: all buffered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<usize>,
     /// Keep the stream open and send records as they come.
     #[serde(default)]
     pub follow: bool,
-}
-
-impl FlowQuery {
-    pub fn filter(&self) -> Filter {
-        Filter {
-            namespace: self.namespace.clone(),
-            pod: self.pod.clone(),
-            from_pod: self.from_pod.clone(),
-            to_pod: self.to_pod.clone(),
-            verdict: self.verdict,
-            protocol: self.protocol.clone(),
-        }
-    }
 }
 
 /// `GET /metrics`: OpenMetrics when the scraper asks for it, else the Prometheus text format.
@@ -84,12 +59,15 @@ pub async fn connections(State(state): State<AdminState>) -> Json<Vec<OpenConnec
 
 /// Streams flow records as JSON lines. A follower that falls behind gets `{"lost": N}` lines;
 /// the agent never waits for it.
-pub async fn flows(State(state): State<AdminState>, Query(q): Query<FlowQuery>) -> Response {
+pub async fn flows(
+    State(state): State<AdminState>,
+    Query(filter): Query<Filter>,
+    Query(q): Query<StreamQuery>,
+) -> Response {
     let flows = Arc::clone(&state.telemetry.flows);
     // Subscribe before reading the buffer: nothing published in between is missed (a record
     // in both is sent once, by sequence number).
     let live = q.follow.then(|| flows.subscribe());
-    let filter = q.filter();
     let backlog = flows.recent(&filter, q.last);
     let last_seq = backlog.last().map_or(0, |r| r.seq);
     let mut lines: Vec<Result<String, std::io::Error>> =

@@ -5,11 +5,11 @@ use super::{Error, Output, structured};
 use crate::{
     admin::{
         self,
-        telemetry::{ConfigDump, FlowQuery},
+        telemetry::{ConfigDump, StreamQuery},
     },
     telemetry::{
         OpenConnection,
-        flows::{FlowEvent, FlowRecord, Lost},
+        flows::{Filter, FlowEvent, FlowRecord, Lost},
     },
 };
 
@@ -102,9 +102,17 @@ pub fn flow_line(r: &FlowRecord) -> String {
 
 /// `weft flows`: prints matching buffered records, then (with `follow`) new ones until the
 /// agent goes away. A stream that fell behind is said so on stderr.
-pub async fn flows(socket: &Path, query: &FlowQuery, output: Output) -> Result<(), Error> {
-    let qs = serde_urlencoded::to_string(query).map_err(Error::Query)?;
-    let path = format!("/flows?{qs}");
+pub async fn flows(
+    socket: &Path,
+    filter: &Filter,
+    query: &StreamQuery,
+    output: Output,
+) -> Result<(), Error> {
+    let qs = [
+        serde_urlencoded::to_string(filter).map_err(Error::Query)?,
+        serde_urlencoded::to_string(query).map_err(Error::Query)?,
+    ];
+    let path = format!("/flows?{}", qs.join("&"));
     let mut pending: Vec<u8> = Vec::new();
     let mut stdout = std::io::stdout();
     let mut print = |line: &[u8]| -> bool {

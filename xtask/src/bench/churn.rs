@@ -68,7 +68,9 @@ impl ChurnResult {
     }
 }
 
-fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
+/// One churn run from `client` to the `server` pod's port 8080: (connections per second,
+/// connections).
+pub(crate) fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
     let server = node.pod("server").ipv4;
     let mut c = node.spawn(
         "client",

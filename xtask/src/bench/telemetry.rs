@@ -6,10 +6,9 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
-use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Node, prom};
 
-use super::{agent_options, cpu_seconds, median};
+use super::{agent_options, churn::churn_once, cpu_seconds, median};
 
 #[derive(Debug, Serialize)]
 pub struct TelemetryResult {
@@ -84,34 +83,6 @@ fn options(bins: &Path, telemetry: bool) -> AgentOptions {
         o.extra_args.push("--telemetry=false".into());
     }
     o
-}
-
-fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
-    let server = node.pod("server").ipv4;
-    let mut c = node.spawn(
-        "client",
-        &[
-            "churn",
-            "--connect",
-            &format!("{server}:8080"),
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    );
-    c.wait_success(Duration::from_secs_f64(seconds + 30.0));
-    let v: Value = c
-        .stdout()
-        .wait_for("churn result", Duration::from_secs(5), |lines| {
-            lines.iter().find_map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .filter(|v| v["event"] == "churn")
-            })
-        });
-    Ok((
-        v["per_second"].as_f64().context("per_second")?,
-        v["connections"].as_u64().context("connections")?,
-    ))
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
