@@ -204,6 +204,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         datapath.take_verdicts()?,
         datapath.open_pinned(weft_abi::maps::STATS)?,
     )));
+    registry.register_collector(Box::new(crate::metrics::process::ProcessCollector));
     let directory: DirectoryHandle = Arc::default();
     let telemetry = Telemetry::new(
         config.telemetry_config.clone(),

@@ -2,6 +2,8 @@
 //!
 //! The cgroup v2 id that BPF helpers return (`bpf_skb_cgroup_id`, `bpf_get_current_cgroup_id`)
 //! is the inode number of the cgroup's directory.
+pub mod pods;
+
 use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,

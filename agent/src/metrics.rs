@@ -1,5 +1,6 @@
 //! The agent's Prometheus metrics (prometheus-client, typed label sets), served by the admin
 //! API at /metrics.
+pub mod process;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
