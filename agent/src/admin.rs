@@ -229,12 +229,18 @@ async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap
     telemetry::metrics(State(Arc::clone(&state.registry)), headers).await
 }
 
-/// Serves `/metrics` on a TCP listener (`--metrics-addr`) until the future is dropped.
+/// Serves `/metrics`, `/healthz` and `/readyz` (for the kubelet's probes) on a TCP listener
+/// (`--metrics-addr`) until the future is dropped. Nothing else is exposed there.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    registry: Arc<Registry>,
+    state: AdminState,
 ) -> Result<(), Error> {
-    axum::serve(listener, telemetry::metrics_router(registry))
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    axum::serve(listener, app)
         .await
         .map_err(|source| Error::Serve {
             what: "metrics",

@@ -313,7 +313,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         ..admin_state
     };
     let mut metrics_server = match metrics_listener {
-        Some(l) => tokio::spawn(admin::serve_metrics(l, Arc::clone(&admin_state.registry))),
+        Some(l) => tokio::spawn(admin::serve_metrics(l, admin_state.clone())),
         None => tokio::spawn(std::future::pending()),
     };
     let mut admin = tokio::spawn(admin::serve(

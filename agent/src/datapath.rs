@@ -463,6 +463,54 @@ fn attach_all(
     Ok(())
 }
 
+/// Whether `path` is a bpffs mount.
+pub fn check_bpffs(path: &Path) -> Result<(), Error> {
+    pins::check_bpffs(path)
+}
+
+/// Loads every program of the embedded object into the kernel and drops it again (nothing is
+/// attached or pinned): (program, hook, Ok or (error, verifier log)).
+pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), (String, String)>)> {
+    let mut ebpf = match EbpfLoader::new().load(OBJECT) {
+        Ok(e) => e,
+        Err(e) => {
+            let error = crate::chain(&e);
+            return ATTACHMENTS
+                .iter()
+                .map(|a| (a.program, a.label, Err((error.clone(), String::new()))))
+                .collect();
+        }
+    };
+    let failed = |e: ProgramError| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => (io_error.to_string(), format!("{verifier_log}")),
+        other => (crate::chain(&other), String::new()),
+    };
+    ATTACHMENTS
+        .iter()
+        .map(|a| {
+            let name = a.program;
+            let result = match a.kind {
+                Kind::SockOps => program::<SockOps>(&mut ebpf, name)
+                    .map_err(|e| (crate::chain(&e), String::new()))
+                    .and_then(|p| p.load().map_err(failed)),
+                Kind::Skb(_) => program::<CgroupSkb>(&mut ebpf, name)
+                    .map_err(|e| (crate::chain(&e), String::new()))
+                    .and_then(|p| p.load().map_err(failed)),
+                Kind::Sock => program::<CgroupSock>(&mut ebpf, name)
+                    .map_err(|e| (crate::chain(&e), String::new()))
+                    .and_then(|p| p.load().map_err(failed)),
+                Kind::SockAddr => program::<CgroupSockAddr>(&mut ebpf, name)
+                    .map_err(|e| (crate::chain(&e), String::new()))
+                    .and_then(|p| p.load().map_err(failed)),
+            };
+            (name, a.label, result)
+        })
+        .collect()
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,

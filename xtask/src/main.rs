@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod manifests;
 mod setup;
 mod test;
 
@@ -35,6 +36,9 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Validate deploy/: kustomize renders, yamllint, kubernetes-validate, the
+    /// prometheus-operator schema and the dashboard's PromQL (also part of `test`).
+    Manifests,
     /// Run weft on a simulated node with a few pods and show the connections it sees.
     Demo {
         /// Stop after this long (default: run until Ctrl-C), e.g. `20s`.
@@ -57,13 +61,17 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let ws = workspace_root();
-    let tools = setup::run(&ws)?;
+    let tools = match cli.command {
+        Cmd::BuildEbpf | Cmd::Build { .. } => setup::for_build(&ws)?,
+        _ => setup::run(&ws)?,
+    };
     match cli.command {
         Cmd::Setup => Ok(()),
         Cmd::BuildEbpf => build::ebpf(&ws, &tools).map(drop),
         Cmd::Build { release } => build::all(&ws, &tools, release).map(drop),
         Cmd::Test { filter } => test::run(&ws, &tools, filter.as_deref()),
         Cmd::Demo { duration } => demo::run(&ws, &tools, duration),
+        Cmd::Manifests => manifests::check(&ws, tools.manifests.as_ref()),
         Cmd::Bench {
             scenarios,
             seconds,

@@ -33,7 +33,23 @@ const BPFFS: &str = "/sys/fs/bpf";
 pub struct Tools {
     /// Directory holding the `bpf-linker` binary.
     pub bpf_linker_dir: PathBuf,
+    /// The manifest validators (`cargo xtask test` checks deploy/ with them); None for a
+    /// build-only setup.
+    pub manifests: Option<ManifestTools>,
 }
+
+/// Pinned validators for deploy/, installed under the tools directory.
+#[derive(Debug, Clone)]
+pub struct ManifestTools {
+    /// A Python virtualenv's `bin` with `yamllint` and `kubernetes-validate`.
+    pub venv_bin: PathBuf,
+    /// `node_modules` holding `@kubernetes-models/prometheus-operator`.
+    pub node_modules: PathBuf,
+}
+
+const YAMLLINT: &str = "yamllint==1.38.0";
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+const PROMETHEUS_OPERATOR_MODELS: &str = "@kubernetes-models/prometheus-operator@6.0.0";
 
 #[derive(Debug, Default)]
 struct Report {
@@ -71,8 +87,99 @@ pub fn run(_ws: &Path) -> Result<Tools> {
     let bpf_linker_dir = bpf_linker(&mut report)?;
     debian_packages(&mut report)?;
     bpffs(&mut report)?;
+    let manifests = manifest_tools(&mut report)?;
     report.print();
-    Ok(Tools { bpf_linker_dir })
+    Ok(Tools {
+        bpf_linker_dir,
+        manifests: Some(manifests),
+    })
+}
+
+/// Only what building needs (the nightly and bpf-linker): a container build has no bpffs and
+/// runs no tests.
+pub fn for_build(_ws: &Path) -> Result<Tools> {
+    let mut report = Report::default();
+    nightly(&mut report)?;
+    let bpf_linker_dir = bpf_linker(&mut report)?;
+    report.print();
+    Ok(Tools {
+        bpf_linker_dir,
+        manifests: None,
+    })
+}
+
+/// yamllint and kubernetes-validate (PyPI, in a virtualenv) and the prometheus-operator models
+/// (npm), each pinned; a version change reinstalls into a new directory.
+fn manifest_tools(report: &mut Report) -> Result<ManifestTools> {
+    let base = cache_dir().join("manifests");
+    let tag = |s: &str| s.replace(['=', '@', '/'], "_");
+    let venv = base.join(format!(
+        "venv-{}-{}",
+        tag(YAMLLINT),
+        tag(KUBERNETES_VALIDATE)
+    ));
+    let venv_bin = venv.join("bin");
+    if venv_bin.join("yamllint").exists() && venv_bin.join("kubernetes-validate").exists() {
+        report.present("yamllint, kubernetes-validate", venv.display().to_string());
+    } else {
+        std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+        status(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        status(Command::new(venv_bin.join("pip")).args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            YAMLLINT,
+            KUBERNETES_VALIDATE,
+        ]))?;
+        report.did(
+            "yamllint, kubernetes-validate",
+            format!("installed into {}", venv.display()),
+        );
+    }
+    let npm_dir = base.join(format!("npm-{}", tag(PROMETHEUS_OPERATOR_MODELS)));
+    let node_modules = npm_dir.join("node_modules");
+    if node_modules
+        .join("@kubernetes-models/prometheus-operator")
+        .exists()
+    {
+        report.present("prometheus-operator models", npm_dir.display().to_string());
+    } else {
+        std::fs::create_dir_all(&npm_dir)
+            .with_context(|| format!("create {}", npm_dir.display()))?;
+        status(
+            Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&npm_dir)
+                .arg(PROMETHEUS_OPERATOR_MODELS),
+        )?;
+        report.did(
+            "prometheus-operator models",
+            format!("installed into {}", npm_dir.display()),
+        );
+    }
+    // Not installable here (neither Debian nor PyPI/npm ship kustomize v5): report it, and the
+    // manifests step fails naming it when it is missing.
+    match Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let version = String::from_utf8_lossy(&o.stdout);
+            let line = version
+                .lines()
+                .find(|l| l.contains("Kustomize"))
+                .unwrap_or("");
+            report.present("kubectl (kustomize)", line.trim().to_owned());
+        }
+        _ => report.present(
+            "kubectl (kustomize)",
+            "MISSING: `cargo xtask manifests` and `test` need kubectl with kustomize v5",
+        ),
+    }
+    Ok(ManifestTools {
+        venv_bin,
+        node_modules,
+    })
 }
 
 /// A command with the variables that an outer `cargo`/rustup proxy set removed, so the inner

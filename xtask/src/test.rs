@@ -50,6 +50,15 @@ pub fn run(ws: &Path, tools: &Tools, filter: Option<&str>) -> Result<()> {
         "clippy (kernel programs)",
         build::nightly_cargo(ws, tools, "clippy").args(["--", "-D", "warnings"]),
     )?;
+    eprintln!(
+        "==> manifests (kustomize, yamllint, kubernetes-validate, prometheus-operator, promtool)"
+    );
+    let started = Instant::now();
+    crate::manifests::check(ws, tools.manifests.as_ref()).context("step `manifests` failed")?;
+    eprintln!(
+        "    manifests: ok ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     let bins = build::all(ws, tools, false)?;
     step(
         "unit tests",

@@ -3,12 +3,11 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
-    Json, Router,
+    Json,
     body::Body,
     extract::{Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
 };
 use futures_util::stream;
 use prometheus_client::registry::Registry;
@@ -44,13 +43,6 @@ pub async fn metrics(State(registry): State<Arc<Registry>>, headers: HeaderMap) 
     let format = Format::negotiate(accept);
     let body = render(&registry, format);
     ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
-}
-
-/// The routes for `--metrics-addr` (nothing else is exposed there).
-pub fn metrics_router(registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(registry)
 }
 
 pub async fn connections(State(state): State<AdminState>) -> Json<Vec<OpenConnection>> {

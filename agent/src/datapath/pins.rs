@@ -116,7 +116,7 @@ fn validate_instance(instance: &str) -> Result<(), Error> {
     }
 }
 
-fn check_bpffs(bpffs: &Path) -> Result<(), Error> {
+pub(super) fn check_bpffs(bpffs: &Path) -> Result<(), Error> {
     let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|_| {
         Error::NotBpffs {
             path: bpffs.to_owned(),
