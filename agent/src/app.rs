@@ -63,6 +63,8 @@ pub enum Error {
     },
     #[error("the admin API stopped")]
     AdminStopped,
+    #[error("this node lacks what the agent needs ({missing}); `weft doctor` checks it all")]
+    NodeChecks { missing: String },
     #[error("cannot listen for metrics on {addr} (--metrics-addr)")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -157,6 +159,17 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         signal: "SIGINT",
         source,
     })?;
+    // What the node lacks is said plainly before anything is loaded.
+    let missing: Vec<String> = crate::doctor::quick(&config.bpffs, config.cgroup_root.as_deref())
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::NodeChecks {
+            missing: missing.join("; "),
+        });
+    }
     let cgroup_root = match &config.cgroup_root {
         Some(dir) => dir.clone(),
         None => cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))?,

@@ -468,9 +468,12 @@ pub fn check_bpffs(path: &Path) -> Result<(), Error> {
     pins::check_bpffs(path)
 }
 
+/// Why a program did not load: (error, the verifier's log if it gave one).
+pub type LoadFailure = (String, String);
+
 /// Loads every program of the embedded object into the kernel and drops it again (nothing is
-/// attached or pinned): (program, hook, Ok or (error, verifier log)).
-pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), (String, String)>)> {
+/// attached or pinned): (program, hook, outcome).
+pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), LoadFailure>)> {
     let mut ebpf = match EbpfLoader::new().load(OBJECT) {
         Ok(e) => e,
         Err(e) => {

@@ -76,7 +76,11 @@ pub fn quick(bpffs: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
                 },
             )
         }
-        None => Check::new("capabilities", false, "cannot read CapEff from /proc/self/status"),
+        None => Check::new(
+            "capabilities",
+            false,
+            "cannot read CapEff from /proc/self/status",
+        ),
     });
     let root: Option<PathBuf> = match cgroup_root {
         Some(r) => Some(r.to_owned()),
@@ -99,15 +103,7 @@ pub fn quick(bpffs: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
     });
     out.push(match crate::datapath::check_bpffs(bpffs) {
         Ok(()) => Check::new("bpffs", true, bpffs.display().to_string()),
-        Err(e) => Check::new(
-            "bpffs",
-            false,
-            format!(
-                "{} (mount it: mount -t bpf bpf {})",
-                crate::chain(&e),
-                bpffs.display()
-            ),
-        ),
+        Err(e) => Check::new("bpffs", false, crate::chain(&e)),
     });
     let btf = Path::new("/sys/kernel/btf/vmlinux");
     out.push(Check::new(
@@ -130,17 +126,23 @@ pub fn all(bpffs: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     out.push(Check::new("kernel", true, kernel));
-    out.extend(crate::datapath::load_each_program().into_iter().map(
-        |(program, label, result)| match result {
-            Ok(()) => Check::new(format!("program {program}"), true, format!("{label}: loads")),
-            Err((error, log)) => Check {
-                name: format!("program {program}"),
-                ok: false,
-                detail: format!("{label}: {error}"),
-                verifier_log: (!log.is_empty()).then_some(log),
+    out.extend(
+        crate::datapath::load_each_program().into_iter().map(
+            |(program, label, result)| match result {
+                Ok(()) => Check::new(
+                    format!("program {program}"),
+                    true,
+                    format!("{label}: loads"),
+                ),
+                Err((error, log)) => Check {
+                    name: format!("program {program}"),
+                    ok: false,
+                    detail: format!("{label}: {error}"),
+                    verifier_log: (!log.is_empty()).then_some(log),
+                },
             },
-        },
-    ));
+        ),
+    );
     out
 }
 
@@ -171,7 +173,10 @@ mod tests {
     #[test]
     fn capabilities_from_proc_status() {
         let root = "Name:\tweft\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(missing_caps(effective_caps(root).expect("caps")), Vec::<&str>::new());
+        assert_eq!(
+            missing_caps(effective_caps(root).expect("caps")),
+            Vec::<&str>::new()
+        );
         // BPF, PERFMON and NET_ADMIN only: what the DaemonSet grants.
         let granted = (1u64 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
         assert!(missing_caps(granted).is_empty());

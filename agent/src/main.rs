@@ -50,6 +50,20 @@ enum Command {
     /// The agent's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check what the agent needs from this node (capabilities, cgroup v2, bpffs, BTF) and
+    /// load every program once, printing the verifier's log of any that fails (exit 1).
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    /// cgroup v2 directory the agent would attach to [default: the host's cgroup2 mount].
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: cli::Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -455,6 +469,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for path in &report.maps_unpinned {
                 tracing::info!(path = %path.display(), "map unpinned");
             }
+        }
+        Command::Doctor(args) => {
+            let checks = weft::doctor::all(&args.bpffs, args.cgroup_root.as_deref());
+            match args.output {
+                cli::Output::Table => print!("{}", weft::doctor::table(&checks)),
+                _ => println!("{}", serde_json::to_string_pretty(&checks)?),
+            }
+            return Ok(if checks.iter().all(|c| c.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Command::Connections(args) => {
             let path = socket(args.admin_socket, &args.instance);

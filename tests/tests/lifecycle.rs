@@ -1,7 +1,8 @@
 //! The datapath outlives the agent: pinned links stay attached after SIGKILL, a restarted
 //! agent adopts them (one attachment, no event lost), and `weft cleanup` removes everything.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
+use serde_json::Value;
 use weft::datapath::{self, Attached};
 use weft_testkit::{Agent, AgentOptions, Close, Node, agent::run_refused};
 
@@ -350,4 +351,91 @@ fn a_restarted_agent_applies_its_own_load_time_settings() {
     });
     debug.stop();
     drop(agent);
+}
+
+#[test]
+fn doctor_loads_every_program_and_names_what_a_node_lacks() {
+    let weft = weft_testkit::agent::weft_binary();
+    let out = std::process::Command::new(&weft)
+        .args(["doctor", "-o", "json"])
+        .output()
+        .expect("weft doctor");
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    assert!(out.status.success(), "{checks:#?}");
+    let programs = checks
+        .iter()
+        .filter(|c| {
+            c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("program "))
+        })
+        .count();
+    assert_eq!(programs, 12, "every program is loaded once: {checks:#?}");
+
+    // Without CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN, which would stand in for them).
+    let drop_caps = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--bounding-set",
+                "-bpf,-perfmon,-sys_admin",
+                "--inh-caps=-all",
+                "--",
+            ])
+            .arg(&weft)
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let out = drop_caps(&["doctor", "-o", "json"]);
+    assert!(
+        !out.status.success(),
+        "doctor must fail without capabilities"
+    );
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    let caps = checks
+        .iter()
+        .find(|c| c["name"] == "capabilities")
+        .expect("a capabilities check");
+    assert_eq!(caps["ok"], false);
+    assert_eq!(caps["detail"], "missing CAP_BPF, CAP_PERFMON", "{caps}");
+    assert!(
+        checks
+            .iter()
+            .filter(|c| c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("program ")))
+            .all(|c| c["ok"] == false),
+        "no program loads: {checks:#?}"
+    );
+    // The agent refuses to start, naming what is missing, before it loads anything.
+    let node = Node::builder("doctor_agent").pod("client").build();
+    let out = drop_caps(&[
+        "agent",
+        "--cgroup-root",
+        &node.cgroup().to_string_lossy(),
+        "--instance",
+        node.tag(),
+        "--metrics-addr",
+        "off",
+        "--admin-socket",
+        &node.workdir().join("doctor.sock").to_string_lossy(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("lacks what the agent needs")
+            && text.contains("missing CAP_BPF, CAP_PERFMON"),
+        "{text}"
+    );
+    assert!(
+        !Path::new(weft_testkit::agent::BPFFS)
+            .join("weft")
+            .join(node.tag())
+            .exists(),
+        "nothing was pinned"
+    );
 }
