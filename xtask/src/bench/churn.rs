@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use serde_json::Value;
-use weft_testkit::{Agent, Node};
+use weft_testkit::{Agent, Node, proc::Process};
 
 use super::{BpfStats, agent_options, bpftool_json, cpu_seconds, median};
 
@@ -125,8 +125,10 @@ fn profile_round(node: &Node, bins: &Path, seconds: f64) -> Result<Vec<ProgramPr
     Ok(out)
 }
 
-pub fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
-    let node = Node::builder("xtask-bench-churn")
+/// A node with a `client` and a `server` pod whose server closes every connection at once,
+/// warmed up (caches, ARP, the tools' first page faults). Keep the process: it is the server.
+pub(crate) fn churn_node(bins: &Path, name: &str) -> Result<(Node, Process)> {
+    let node = Node::builder(name)
         .pod_tool(&bins.join("weft-pod"))
         .pod("client")
         .pod("server")
@@ -142,8 +144,12 @@ pub fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
         ],
     );
     srv.wait_listening();
-    // Warm-up: caches, ARP, the first page faults of the tools.
     churn_once(&node, 1.0)?;
+    Ok((node, srv))
+}
+
+pub fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
+    let (node, _server) = churn_node(bins, "xtask-bench-churn")?;
 
     let (mut baseline, mut weft, mut ratios, mut cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -8,7 +8,11 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use weft_testkit::{Agent, AgentOptions, Node, prom};
 
-use super::{agent_options, churn::churn_once, cpu_seconds, median};
+use super::{
+    agent_options,
+    churn::{churn_node, churn_once},
+    cpu_seconds, median,
+};
 
 #[derive(Debug, Serialize)]
 pub struct TelemetryResult {
@@ -156,23 +160,7 @@ fn memory(node: &Node, bins: &Path, held: u64) -> Result<(u64, u64)> {
 }
 
 pub fn run(bins: &Path, seconds: f64, rounds: usize) -> Result<TelemetryResult> {
-    let node = Node::builder("xtask-bench-telemetry")
-        .pod_tool(&bins.join("weft-pod"))
-        .pod("client")
-        .pod("server")
-        .build();
-    let server = node.pod("server").ipv4;
-    let srv = node.spawn(
-        "server",
-        &[
-            "tcp-server",
-            "--listen",
-            &format!("{server}:8080"),
-            "--close-at-once",
-        ],
-    );
-    srv.wait_listening();
-    churn_once(&node, 1.0)?;
+    let (node, _server) = churn_node(bins, "xtask-bench-telemetry")?;
     let mut r = TelemetryResult {
         scenario: "telemetry",
         seconds_per_round: seconds,
