@@ -39,6 +39,17 @@ pub struct AgentOptions {
     pub metrics_addr: String,
 }
 
+impl AgentOptions {
+    /// Reading the node's source directory, with more `weft agent` arguments.
+    pub fn with_source(extra: &[&str]) -> Self {
+        Self {
+            source: true,
+            extra_args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for AgentOptions {
     fn default() -> Self {
         Self {
@@ -132,6 +143,26 @@ impl Agent {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// `weft flows ARGS -o json` against this agent: the records printed (JSON lines).
+    pub fn flows(&self, args: &[&str]) -> Vec<Value> {
+        let out = Command::new(&self.binary)
+            .arg("flows")
+            .args(args)
+            .args(["-o", "json", "--admin-socket"])
+            .arg(&self.admin_socket)
+            .output()
+            .unwrap_or_else(|e| panic!("weft flows {args:?}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "weft flows {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
     }
 
     /// Where the agent serves `/metrics` (from its `datapath ready` record).

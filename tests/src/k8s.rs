@@ -117,3 +117,25 @@ pub fn service(
 pub fn file(docs: &[String]) -> String {
     docs.join("---\n")
 }
+
+/// Pods of the node in one namespace, each with its labels and a named `http` port 8080/TCP,
+/// ready, as one file.
+pub fn http_pods(
+    node: &crate::node::Node,
+    namespace: &str,
+    pods: &[(&str, &[(&str, &str)])],
+) -> String {
+    let docs: Vec<String> = pods
+        .iter()
+        .map(|(name, labels)| {
+            pod(
+                node.pod(name),
+                namespace,
+                labels,
+                &[("http", 8080, "TCP")],
+                true,
+            )
+        })
+        .collect();
+    file(&docs)
+}

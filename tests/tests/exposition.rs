@@ -1,0 +1,150 @@
+//! The metrics exposition as Prometheus and operators read it: promtool accepts it, the
+//! kubelet's probes answer on the metrics listener, and the Grafana dashboard (deploy/)
+//! queries only metrics the agent exports.
+use std::{
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+use weft_testkit::{
+    Agent, AgentOptions, Close, Node, k8s,
+    prom::{self, Sample},
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn agent(node: &Node, extra: &[&str]) -> Agent {
+    Agent::start_with(node, AgentOptions::with_source(extra))
+}
+
+fn value(m: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    prom::sum(m, name, labels)
+}
+
+fn pods_yaml(node: &Node, pods: &[(&str, &[(&str, &str)])]) -> String {
+    k8s::http_pods(node, "default", pods)
+}
+
+/// Metric names a PromQL expression reads: identifiers starting with `weft_` or `process_`.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts = expr[i..].starts_with("weft_") || expr[i..].starts_with("process_");
+        let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts && boundary {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(expr.len(), |n| i + n);
+            out.push(expr[i..end].to_owned());
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn promtool_accepts_the_agents_metrics() {
+    let node = Node::builder("telemetry_promtool")
+        .pod("client")
+        .pod("server")
+        .build();
+    node.write_source(
+        "pods.yaml",
+        &pods_yaml(&node, &[("client", &[]), ("server", &[])]),
+    );
+    node.write_source(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: default\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",
+    );
+    let agent = agent(&node, &["--conn-update-interval", "1s"]);
+    let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
+    node.tcp_exchange("server", "server", server, 100, 100, Close::Shutdown);
+    let mut probe = node.spawn(
+        "client",
+        &["connect-probe", "--connect", &server.to_string()],
+    );
+    probe.wait(WAIT);
+    // UDP inside the server pod (the deny-all ingress policy allows a pod to reach itself).
+    let dns = format!("{}:5353", node.pod("server").ipv4);
+    let _echo = node.start_server("server", &["udp-echo", "--listen", &dns]);
+    let mut udp = node.spawn("server", &["udp-client", "--connect", &dns, "--count", "2"]);
+    udp.wait_success(WAIT);
+    agent.wait_metrics("TCP and UDP traffic in the metrics", |m| {
+        value(m, "weft_tcp_connections_closed_total", &[]) > 0.0
+            && value(m, "weft_udp_received_bytes_total", &[]) > 0.0
+    });
+    // The probes the DaemonSet uses answer on the metrics listener.
+    for path in ["/healthz", "/readyz"] {
+        let mut stream = std::net::TcpStream::connect(agent.metrics_addr()).expect("connect");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: weft\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        assert!(response.starts_with("HTTP/1.0 200"), "{path}: {response}");
+    }
+    // Every metric the Grafana dashboard (deploy/) queries is one the agent exports.
+    // Families as the exposition declares them (a family with no series yet still counts).
+    let (_, text) = prom::scrape(agent.metrics_addr(), None);
+    let mut exported = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some((name, kind)) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            exported.insert(name.to_owned());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    let dashboard_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/weft-dashboard.json");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(&dashboard_path).expect("read the dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            queried.extend(metric_names(target["expr"].as_str().expect("expr")));
+        }
+    }
+    assert!(queried.len() >= 10, "the dashboard queries {queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics the agent does not export: {missing:?}"
+    );
+    // promtool reads the Prometheus text format (OpenMetrics is checked in the labels test).
+    for accept in [None, Some("text/plain;version=0.0.4")] {
+        let (_, body) = prom::scrape(agent.metrics_addr(), accept);
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(body.as_bytes())
+            .expect("write to promtool");
+        let out = promtool.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics ({accept:?}): {}{}\n{body}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

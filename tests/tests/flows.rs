@@ -1,0 +1,194 @@
+//! The flow stream: `weft flows` filters return exactly the matching records, and a follower
+//! that never reads loses records (and is told) without slowing the agent.
+use std::{
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weft_testkit::{
+    Agent, AgentOptions, Close, Node, k8s,
+    prom::{self, Sample},
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn agent(node: &Node, extra: &[&str]) -> Agent {
+    Agent::start_with(node, AgentOptions::with_source(extra))
+}
+
+fn value(m: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    prom::sum(m, name, labels)
+}
+
+fn pods_yaml(node: &Node, pods: &[(&str, &[(&str, &str)])]) -> String {
+    k8s::http_pods(node, "default", pods)
+}
+
+fn flows(agent: &Agent, args: &[&str]) -> Vec<Value> {
+    agent.flows(args)
+}
+
+#[test]
+fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_nothing() {
+    let node = Node::builder("telemetry_flows")
+        .pod("a")
+        .pod("b")
+        .pod("c")
+        .build();
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: c-no-egress\n  namespace: default\nspec:\n  podSelector:\n    matchLabels:\n      app: c\n  policyTypes: [Egress]\n";
+    node.write_source(
+        "pods.yaml",
+        &pods_yaml(
+            &node,
+            &[
+                ("a", &[("app", "a")]),
+                ("b", &[("app", "b")]),
+                ("c", &[("app", "c")]),
+            ],
+        ),
+    );
+    node.write_source("policy.yaml", policy);
+    let agent = agent(&node, &[]);
+    agent.wait_policies("c isolated", |p| {
+        p["endpoints"].as_array().is_some_and(|e| !e.is_empty())
+    });
+    let b = SocketAddr::new(node.pod("b").ipv4.into(), 8080);
+    node.tcp_exchange("a", "b", b, 10, 10, Close::Shutdown);
+    let mut denied = node.spawn("c", &["connect-probe", "--connect", &b.to_string()]);
+    denied.wait(WAIT);
+    agent.wait_metrics("the denied connect's event", |m| {
+        value(m, "weft_conn_events_total", &[("event", "drop")]) >= 1.0
+            && value(m, "weft_conn_events_total", &[("event", "tcp_close")]) >= 2.0
+    });
+
+    let all = flows(&agent, &["--last", "1000"]);
+    let seqs = |records: &[Value]| -> Vec<u64> {
+        records.iter().filter_map(|r| r["seq"].as_u64()).collect()
+    };
+    let expect = |args: &[&str], pred: &dyn Fn(&Value) -> bool| {
+        let got = flows(&agent, args);
+        let want: Vec<Value> = all.iter().filter(|r| pred(r)).cloned().collect();
+        assert!(
+            !want.is_empty() || args.contains(&"--protocol"),
+            "{args:?} matches something"
+        );
+        assert_eq!(seqs(&got), seqs(&want), "weft flows {args:?}");
+    };
+    let pod = |r: &Value, end: &str, name: &str| r[end]["pod"] == name;
+    expect(&["--last", "1000", "--verdict", "denied"], &|r| {
+        r["verdict"] == "denied"
+    });
+    expect(&["--last", "1000", "--from-pod", "c"], &|r| {
+        pod(r, "source", "c")
+    });
+    expect(
+        &[
+            "--last",
+            "1000",
+            "--to-pod",
+            "default/b",
+            "--verdict",
+            "allowed",
+        ],
+        &|r| pod(r, "destination", "b") && r["verdict"] == "allowed",
+    );
+    expect(&["--last", "1000", "--pod", "a"], &|r| {
+        pod(r, "source", "a") || pod(r, "destination", "a")
+    });
+    expect(
+        &[
+            "--last",
+            "1000",
+            "--namespace",
+            "default",
+            "--protocol",
+            "tcp",
+        ],
+        &|r| r["protocol"] == "TCP",
+    );
+    expect(&["--last", "1000", "--protocol", "sctp"], &|_| false);
+    expect(&["--last", "2"], &|r| {
+        let n = all.len();
+        all[n.saturating_sub(2)..].contains(r)
+    });
+    let drop = all
+        .iter()
+        .find(|r| r["verdict"] == "denied")
+        .expect("a denied record");
+    assert_eq!(drop["drop_reason"], "policy_denied", "{drop}");
+    assert_eq!(drop["direction"], "egress", "{drop}");
+    assert_eq!(drop["destination"]["pod"], "b", "{drop}");
+
+    // A follower that never reads: the agent goes on, and the follower is told what it lost.
+    let mut stalled = UnixStream::connect(agent.admin_socket()).expect("admin socket");
+    stalled
+        .write_all(b"GET /flows?follow=true&last=0 HTTP/1.1\r\nHost: weft\r\n\r\n")
+        .expect("request");
+    let before = value(
+        &agent.metrics(),
+        "weft_conn_events_total",
+        &[("event", "tcp_close")],
+    );
+    let _sink = node.start_server(
+        "b",
+        &["tcp-server", "--listen", "0.0.0.0:8081", "--close-at-once"],
+    );
+    let mut churn = node.spawn(
+        "a",
+        &[
+            "churn",
+            "--connect",
+            &format!("{}:8081", node.pod("b").ipv4),
+            "--seconds",
+            "20",
+            "--count",
+            "2000",
+            "--rate",
+            "1000",
+        ],
+    );
+    churn.wait_success(WAIT);
+    let done: Value = churn.stdout().wait_for("the churn result", WAIT, |lines| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["event"] == "churn")
+    });
+    // 8000 flow records: more than the follower's 4096 plus what socket buffers hold.
+    let connections = done["connections"].as_f64().expect("connections");
+    assert_eq!(connections, 2000.0, "{done}");
+    // Both ends are local: two closes per connection, every one of them handled.
+    let m = agent.wait_metrics("every close handled despite the stalled reader", |m| {
+        value(m, "weft_conn_events_total", &[("event", "tcp_close")]) - before >= 2.0 * connections
+    });
+    assert_eq!(value(&m, "weft_events_lost_total", &[]), 0.0);
+    // The agent answers promptly while the reader is stalled.
+    let t = Instant::now();
+    let (ok, _) = agent.client("status");
+    assert!(
+        ok && t.elapsed() < Duration::from_secs(2),
+        "status took {:?}",
+        t.elapsed()
+    );
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&seen).contains("\"lost\":") {
+        assert!(
+            Instant::now() < deadline,
+            "no lost-records line reached the stalled reader"
+        );
+        let n = stalled.read(&mut buf).expect("read the stream");
+        assert!(n > 0, "the stream ended");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    agent.wait_metrics("the lost records counted", |m| {
+        value(m, "weft_flow_records_lost_total", &[]) > 0.0
+    });
+}
