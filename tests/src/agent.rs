@@ -84,6 +84,11 @@ impl Agent {
         Self::start_with(node, AgentOptions::default())
     }
 
+    /// An agent reading the node's source directory, with more `weft agent` arguments.
+    pub fn with_source(node: &Node, extra: &[&str]) -> Self {
+        Self::start_with(node, AgentOptions::with_source(extra))
+    }
+
     pub fn start_with(node: &Node, options: AgentOptions) -> Self {
         let mut agent = Self {
             admin_socket: node.workdir().join("admin.sock"),

@@ -9,24 +9,9 @@ use std::{
 };
 
 use serde_json::Value;
-use weft_testkit::{
-    Agent, AgentOptions, Close, Node, k8s,
-    prom::{self, Sample},
-};
+use weft_testkit::{Agent, Close, Node, k8s, prom};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn agent(node: &Node, extra: &[&str]) -> Agent {
-    Agent::start_with(node, AgentOptions::with_source(extra))
-}
-
-fn value(m: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    prom::sum(m, name, labels)
-}
-
-fn pods_yaml(node: &Node, pods: &[(&str, &[(&str, &str)])]) -> String {
-    k8s::http_pods(node, "default", pods)
-}
 
 /// Metric names a PromQL expression reads: identifiers starting with `weft_` or `process_`.
 fn metric_names(expr: &str) -> Vec<String> {
@@ -57,13 +42,13 @@ fn promtool_accepts_the_agents_metrics() {
         .build();
     node.write_source(
         "pods.yaml",
-        &pods_yaml(&node, &[("client", &[]), ("server", &[])]),
+        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
     );
     node.write_source(
         "policy.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: default\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",
     );
-    let agent = agent(&node, &["--conn-update-interval", "1s"]);
+    let agent = Agent::with_source(&node, &["--conn-update-interval", "1s"]);
     let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
     node.tcp_exchange("server", "server", server, 100, 100, Close::Shutdown);
     let mut probe = node.spawn(
@@ -77,8 +62,8 @@ fn promtool_accepts_the_agents_metrics() {
     let mut udp = node.spawn("server", &["udp-client", "--connect", &dns, "--count", "2"]);
     udp.wait_success(WAIT);
     agent.wait_metrics("TCP and UDP traffic in the metrics", |m| {
-        value(m, "weft_tcp_connections_closed_total", &[]) > 0.0
-            && value(m, "weft_udp_received_bytes_total", &[]) > 0.0
+        prom::sum(m, "weft_tcp_connections_closed_total", &[]) > 0.0
+            && prom::sum(m, "weft_udp_received_bytes_total", &[]) > 0.0
     });
     // The probes the DaemonSet uses answer on the metrics listener.
     for path in ["/healthz", "/readyz"] {

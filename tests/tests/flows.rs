@@ -8,28 +8,9 @@ use std::{
 };
 
 use serde_json::Value;
-use weft_testkit::{
-    Agent, AgentOptions, Close, Node, k8s,
-    prom::{self, Sample},
-};
+use weft_testkit::{Agent, Close, Node, k8s, prom};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn agent(node: &Node, extra: &[&str]) -> Agent {
-    Agent::start_with(node, AgentOptions::with_source(extra))
-}
-
-fn value(m: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    prom::sum(m, name, labels)
-}
-
-fn pods_yaml(node: &Node, pods: &[(&str, &[(&str, &str)])]) -> String {
-    k8s::http_pods(node, "default", pods)
-}
-
-fn flows(agent: &Agent, args: &[&str]) -> Vec<Value> {
-    agent.flows(args)
-}
 
 #[test]
 fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_nothing() {
@@ -41,8 +22,9 @@ fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_
     let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: c-no-egress\n  namespace: default\nspec:\n  podSelector:\n    matchLabels:\n      app: c\n  policyTypes: [Egress]\n";
     node.write_source(
         "pods.yaml",
-        &pods_yaml(
+        &k8s::http_pods(
             &node,
+            "default",
             &[
                 ("a", &[("app", "a")]),
                 ("b", &[("app", "b")]),
@@ -51,7 +33,7 @@ fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_
         ),
     );
     node.write_source("policy.yaml", policy);
-    let agent = agent(&node, &[]);
+    let agent = Agent::with_source(&node, &[]);
     agent.wait_policies("c isolated", |p| {
         p["endpoints"].as_array().is_some_and(|e| !e.is_empty())
     });
@@ -60,16 +42,16 @@ fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_
     let mut denied = node.spawn("c", &["connect-probe", "--connect", &b.to_string()]);
     denied.wait(WAIT);
     agent.wait_metrics("the denied connect's event", |m| {
-        value(m, "weft_conn_events_total", &[("event", "drop")]) >= 1.0
-            && value(m, "weft_conn_events_total", &[("event", "tcp_close")]) >= 2.0
+        prom::sum(m, "weft_conn_events_total", &[("event", "drop")]) >= 1.0
+            && prom::sum(m, "weft_conn_events_total", &[("event", "tcp_close")]) >= 2.0
     });
 
-    let all = flows(&agent, &["--last", "1000"]);
+    let all = agent.flows(&["--last", "1000"]);
     let seqs = |records: &[Value]| -> Vec<u64> {
         records.iter().filter_map(|r| r["seq"].as_u64()).collect()
     };
     let expect = |args: &[&str], pred: &dyn Fn(&Value) -> bool| {
-        let got = flows(&agent, args);
+        let got = agent.flows(args);
         let want: Vec<Value> = all.iter().filter(|r| pred(r)).cloned().collect();
         assert!(
             !want.is_empty() || args.contains(&"--protocol"),
@@ -127,7 +109,7 @@ fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_
     stalled
         .write_all(b"GET /flows?follow=true&last=0 HTTP/1.1\r\nHost: weft\r\n\r\n")
         .expect("request");
-    let before = value(
+    let before = prom::sum(
         &agent.metrics(),
         "weft_conn_events_total",
         &[("event", "tcp_close")],
@@ -162,9 +144,10 @@ fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_
     assert_eq!(connections, 2000.0, "{done}");
     // Both ends are local: two closes per connection, every one of them handled.
     let m = agent.wait_metrics("every close handled despite the stalled reader", |m| {
-        value(m, "weft_conn_events_total", &[("event", "tcp_close")]) - before >= 2.0 * connections
+        prom::sum(m, "weft_conn_events_total", &[("event", "tcp_close")]) - before
+            >= 2.0 * connections
     });
-    assert_eq!(value(&m, "weft_events_lost_total", &[]), 0.0);
+    assert_eq!(prom::sum(&m, "weft_events_lost_total", &[]), 0.0);
     // The agent answers promptly while the reader is stalled.
     let t = Instant::now();
     let (ok, _) = agent.client("status");
@@ -189,6 +172,6 @@ fn flow_filters_return_exactly_the_matching_records_and_a_stalled_reader_stalls_
         seen.extend_from_slice(&buf[..n]);
     }
     agent.wait_metrics("the lost records counted", |m| {
-        value(m, "weft_flow_records_lost_total", &[]) > 0.0
+        prom::sum(m, "weft_flow_records_lost_total", &[]) > 0.0
     });
 }

@@ -5,29 +5,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use weft_testkit::{
-    Agent, AgentOptions, Close, Node, k8s,
+    Agent, Close, Node, k8s,
     prom::{self, Sample},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 const SVC_HOST: &str = "web.default.svc.cluster.local";
-
-fn agent(node: &Node, extra: &[&str]) -> Agent {
-    Agent::start_with(node, AgentOptions::with_source(extra))
-}
-
-fn value(m: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    prom::sum(m, name, labels)
-}
-
-fn pods_yaml(node: &Node, pods: &[(&str, &[(&str, &str)])]) -> String {
-    k8s::http_pods(node, "default", pods)
-}
-
-fn flows(agent: &Agent, args: &[&str]) -> Vec<Value> {
-    agent.flows(args)
-}
 
 #[test]
 fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_their_series() {
@@ -37,8 +21,9 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
         .build();
     node.write_source(
         "pods.yaml",
-        &pods_yaml(
+        &k8s::http_pods(
             &node,
+            "default",
             &[
                 ("client", &[("app", "shop"), ("version", "v1")]),
                 ("server", &[("app", "web")]),
@@ -56,7 +41,7 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
             None,
         ),
     );
-    let agent = agent(&node, &[]);
+    let agent = Agent::with_source(&node, &[]);
     agent.wait_services("the web service", |l| !l.is_empty());
 
     let (n, m) = (123_457_u64, 65_432_u64);
@@ -104,7 +89,7 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
     let metrics = agent.wait_metrics("both ends' close in the metrics", |m| {
         ["source", "destination"]
             .iter()
-            .all(|r| value(m, "weft_tcp_connections_closed_total", &pair(r)) == 1.0)
+            .all(|r| prom::sum(m, "weft_tcp_connections_closed_total", &pair(r)) == 1.0)
     });
     for reporter in ["source", "destination"] {
         let labels = pair(reporter);
@@ -114,28 +99,28 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
             .chain([("outcome", "normal")])
             .collect();
         assert_eq!(
-            value(&metrics, "weft_tcp_connections_opened_total", &labels),
+            prom::sum(&metrics, "weft_tcp_connections_opened_total", &labels),
             1.0,
             "{reporter}"
         );
         assert_eq!(
-            value(&metrics, "weft_tcp_connections_closed_total", &closed),
+            prom::sum(&metrics, "weft_tcp_connections_closed_total", &closed),
             1.0,
             "{reporter}"
         );
         // Istio's view from the destination: it received the request, sent the response.
         assert_eq!(
-            value(&metrics, "weft_tcp_received_bytes_total", &labels),
+            prom::sum(&metrics, "weft_tcp_received_bytes_total", &labels),
             n as f64,
             "{reporter}"
         );
         assert_eq!(
-            value(&metrics, "weft_tcp_sent_bytes_total", &labels),
+            prom::sum(&metrics, "weft_tcp_sent_bytes_total", &labels),
             m as f64,
             "{reporter}"
         );
         assert_eq!(
-            value(&metrics, "weft_tcp_rtt_seconds_count", &labels),
+            prom::sum(&metrics, "weft_tcp_rtt_seconds_count", &labels),
             1.0,
             "one RTT sample at close ({reporter})"
         );
@@ -153,8 +138,8 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
         metrics.iter().any(|s| s.name == "weft_events_lost_total"),
         "the lost-events counter is readable"
     );
-    assert_eq!(value(&metrics, "weft_events_lost_total", &[]), 0.0);
-    assert_eq!(value(&metrics, "weft_build_info", &[]), 1.0);
+    assert_eq!(prom::sum(&metrics, "weft_events_lost_total", &[]), 0.0);
+    assert_eq!(prom::sum(&metrics, "weft_build_info", &[]), 1.0);
     assert!(
         metrics
             .iter()
@@ -181,7 +166,7 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
     // The client pod is deleted: every series naming its workload goes.
     node.write_source(
         "pods.yaml",
-        &pods_yaml(&node, &[("server", &[("app", "web")])]),
+        &k8s::http_pods(&node, "default", &[("server", &[("app", "web")])]),
     );
     // A new connection lets telemetry see the new names (it also checks at every tick).
     node.tcp_exchange(
@@ -195,7 +180,7 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
     agent.wait_metrics("the deleted client's series to go", |m| {
         !m.iter()
             .any(|s| s.label("source_workload") == Some("client"))
-            && value(
+            && prom::sum(
                 m,
                 "weft_tcp_connections_opened_total",
                 &[("source_workload", "server")],
@@ -211,13 +196,13 @@ fn outcomes_tell_reset_refused_and_timeout_apart() {
         .build();
     node.write_source(
         "pods.yaml",
-        &pods_yaml(&node, &[("client", &[]), ("server", &[])]),
+        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
     );
-    let agent = agent(&node, &[]);
+    let agent = Agent::with_source(&node, &[]);
     let server = node.pod("server").ipv4;
     let closed = |outcome: &'static str| {
         move |m: &[Sample]| {
-            value(
+            prom::sum(
                 m,
                 "weft_tcp_connections_closed_total",
                 &[
@@ -307,7 +292,7 @@ fn outcomes_tell_reset_refused_and_timeout_apart() {
     );
     let m = agent.wait_metrics("a timed-out connect", closed("timeout"));
     assert_eq!(
-        value(
+        prom::sum(
             &m,
             "weft_tcp_connections_opened_total",
             &[("reporter", "source"), ("destination_workload", "server")]
@@ -315,7 +300,7 @@ fn outcomes_tell_reset_refused_and_timeout_apart() {
         1.0,
         "only the reset connection ever opened"
     );
-    let records = flows(&agent, &["--from-pod", "client", "--last", "100"]);
+    let records = agent.flows(&["--from-pod", "client", "--last", "100"]);
     let outcomes: Vec<&str> = records
         .iter()
         .filter(|r| r["event"] == "tcp_close" && r["reporter"] == "source")
@@ -332,9 +317,9 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
         .build();
     node.write_source(
         "pods.yaml",
-        &pods_yaml(&node, &[("client", &[]), ("server", &[])]),
+        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
     );
-    let agent = agent(&node, &["--conn-update-interval", "1s"]);
+    let agent = Agent::with_source(&node, &["--conn-update-interval", "1s"]);
     let server = node.pod("server").ipv4;
     let _srv = node.start_server(
         "server",
@@ -365,14 +350,14 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
     ];
     // Counters rise twice before the connection closes.
     let first = agent.wait_metrics("bytes of the open connection", |m| {
-        value(m, "weft_tcp_received_bytes_total", &labels) > 0.0
+        prom::sum(m, "weft_tcp_received_bytes_total", &labels) > 0.0
     });
-    let first = value(&first, "weft_tcp_received_bytes_total", &labels);
+    let first = prom::sum(&first, "weft_tcp_received_bytes_total", &labels);
     let second = agent.wait_metrics("the counter to rise again", |m| {
-        value(m, "weft_tcp_received_bytes_total", &labels) > first
+        prom::sum(m, "weft_tcp_received_bytes_total", &labels) > first
     });
     assert_eq!(
-        value(&second, "weft_tcp_connections_closed_total", &labels),
+        prom::sum(&second, "weft_tcp_connections_closed_total", &labels),
         0.0,
         "still open"
     );
@@ -398,8 +383,8 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
         });
     let sent = done["sent"].as_u64().expect("sent");
     agent.wait_metrics("exact totals at close", |m| {
-        value(m, "weft_tcp_connections_closed_total", &labels) == 1.0
-            && value(m, "weft_tcp_received_bytes_total", &labels) == sent as f64
+        prom::sum(m, "weft_tcp_connections_closed_total", &labels) == 1.0
+            && prom::sum(m, "weft_tcp_received_bytes_total", &labels) == sent as f64
     });
 
     // Half-closed for seconds: the client sent its FIN first and the server replies slowly.
@@ -433,7 +418,7 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
     );
     half.wait_success(WAIT);
     let m = agent.wait_metrics("both closes of the half-closed connection", |m| {
-        value(
+        prom::sum(
             m,
             "weft_tcp_connections_closed_total",
             &[("source_workload", "client")],
@@ -446,12 +431,12 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
             ("destination_workload", "server"),
         ];
         assert_eq!(
-            value(&m, "weft_tcp_received_bytes_total", &l),
+            prom::sum(&m, "weft_tcp_received_bytes_total", &l),
             (sent + request) as f64,
             "{reporter}: exact request bytes over both connections"
         );
         assert_eq!(
-            value(&m, "weft_tcp_sent_bytes_total", &l),
+            prom::sum(&m, "weft_tcp_sent_bytes_total", &l),
             reply as f64,
             "{reporter}: exact response bytes"
         );
@@ -472,7 +457,7 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
         ("destination_workload", "server"),
     ];
     agent.wait_metrics("the 4 GiB count in the metrics", |m| {
-        value(m, "weft_tcp_received_bytes_total", &self_labels) == big as f64
+        prom::sum(m, "weft_tcp_received_bytes_total", &self_labels) == big as f64
     });
 }
 
@@ -484,9 +469,9 @@ fn udp_flows_are_counted_and_end_after_the_idle_timeout() {
         .build();
     node.write_source(
         "pods.yaml",
-        &pods_yaml(&node, &[("client", &[]), ("server", &[])]),
+        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
     );
-    let agent = agent(
+    let agent = Agent::with_source(
         &node,
         &["--conn-update-interval", "1s", "--udp-idle-timeout", "2s"],
     );
@@ -517,28 +502,28 @@ fn udp_flows_are_counted_and_end_after_the_idle_timeout() {
         ("destination_workload", "server"),
     ];
     let m = agent.wait_metrics("both ends' UDP flow to end", |m| {
-        value(m, "weft_udp_flows_closed_total", &source) == 1.0
-            && value(m, "weft_udp_flows_closed_total", &destination) == 1.0
+        prom::sum(m, "weft_udp_flows_closed_total", &source) == 1.0
+            && prom::sum(m, "weft_udp_flows_closed_total", &destination) == 1.0
     });
     for labels in [&source[..], &destination[..]] {
         assert_eq!(
-            value(&m, "weft_udp_received_packets_total", labels),
+            prom::sum(&m, "weft_udp_received_packets_total", labels),
             10.0,
             "{labels:?}"
         );
         assert_eq!(
-            value(&m, "weft_udp_sent_packets_total", labels),
+            prom::sum(&m, "weft_udp_sent_packets_total", labels),
             10.0,
             "{labels:?}"
         );
         // 100 bytes of payload + 8 UDP + 20 IPv4 header bytes per packet.
         assert_eq!(
-            value(&m, "weft_udp_received_bytes_total", labels),
+            prom::sum(&m, "weft_udp_received_bytes_total", labels),
             1280.0,
             "{labels:?}"
         );
     }
-    let records = flows(&agent, &["--protocol", "udp"]);
+    let records = agent.flows(&["--protocol", "udp"]);
     assert_eq!(records.len(), 2, "one record per end: {records:#?}");
     for r in &records {
         assert_eq!(r["event"], "udp_flow");
