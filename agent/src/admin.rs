@@ -26,7 +26,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, MapData, MapError};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -175,13 +175,19 @@ pub async fn serve(
         .route("/connections", get(telemetry::connections))
         .route("/flows", get(telemetry::flows))
         .route("/config/dump", get(telemetry::config_dump))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
+        .merge(public_routes())
         .with_state(state);
     axum::serve(listener, app)
         .await
         .map_err(|source| Error::Listen { path, source })
+}
+
+/// What is served over TCP too: metrics and the kubelet's probes.
+fn public_routes() -> Router<AdminState> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
 }
 
 fn status_doc(state: &AdminState) -> StatusDoc {
@@ -235,12 +241,7 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     state: AdminState,
 ) -> Result<(), Error> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(state);
-    axum::serve(listener, app)
+    axum::serve(listener, public_routes().with_state(state))
         .await
         .map_err(|source| Error::Serve {
             what: "metrics",
@@ -291,9 +292,7 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
     pins: &Pins,
     map: &'static str,
 ) -> Result<HashMap<MapData, K, V>, Error> {
-    let err = |source| Error::Map { map, source };
-    let data = MapData::from_pin(pins.map(map)).map_err(err)?;
-    HashMap::try_from(Map::HashMap(data)).map_err(err)
+    crate::datapath::open_pinned(pins, map).map_err(|source| Error::Map { map, source })
 }
 
 /// Reads SERVICES and BACKEND_SLOTS through their pins (independent of the syncer).

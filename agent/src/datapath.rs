@@ -350,10 +350,7 @@ impl Datapath {
     where
         T: TryFrom<aya::maps::Map, Error = MapError>,
     {
-        let map = MapData::from_pin(self.pins().map(name))
-            .and_then(aya::maps::Map::from_map_data)
-            .map_err(|source| Error::TakeMap { name, source })?;
-        T::try_from(map).map_err(|source| Error::TakeMap { name, source })
+        open_pinned(self.pins(), name).map_err(|source| Error::TakeMap { name, source })
     }
 
     /// The health counters (can be taken once).
@@ -461,6 +458,15 @@ fn attach_all(
         links.push(link);
     }
     Ok(())
+}
+
+/// A handle on a pinned map of an instance, typed by what it holds.
+pub fn open_pinned<T>(pins: &Pins, name: &str) -> Result<T, MapError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = MapData::from_pin(pins.map(name)).and_then(aya::maps::Map::from_map_data)?;
+    T::try_from(map)
 }
 
 /// Whether `path` is a bpffs mount.

@@ -449,26 +449,18 @@ impl Telemetry {
             .service(frontend, destination.address, d.protocol)
             .map(|s| Arc::clone(&s.key));
         self.flows.publish(FlowRecord {
-            seq: 0,
-            time: flows::Timestamp::now(),
-            event: FlowEvent::Drop,
-            verdict: Verdict::Denied,
-            protocol,
-            reporter: reporter.to_owned(),
-            source,
-            destination,
             service,
-            bytes_to_destination: 0,
-            bytes_to_source: 0,
-            packets_to_destination: None,
-            packets_to_source: None,
-            rtt_us: None,
-            retransmits: None,
-            duration_us: None,
-            outcome: None,
             drop_reason: Some(d.reason),
             direction: Some(d.direction),
             cookie: c.cookie,
+            ..FlowRecord::new(
+                FlowEvent::Drop,
+                Verdict::Denied,
+                protocol,
+                reporter,
+                source,
+                destination,
+            )
         });
     }
 
@@ -583,26 +575,22 @@ fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection) -> FlowRecor
         (c.bytes_received, c.bytes_sent)
     };
     FlowRecord {
-        seq: 0,
-        time: flows::Timestamp::now(),
-        event,
-        verdict: Verdict::Allowed,
-        protocol: "TCP".to_owned(),
-        reporter: reporter.to_owned(),
-        source,
-        destination,
         service: v.service.clone(),
         bytes_to_destination: to_dst,
         bytes_to_source: to_src,
-        packets_to_destination: None,
-        packets_to_source: None,
         rtt_us: Some(c.srtt.as_micros() as u64),
         retransmits: Some(c.retransmits),
         duration_us: Some(c.duration.as_micros() as u64),
         outcome: c.outcome,
-        drop_reason: None,
-        direction: None,
         cookie: c.cookie,
+        ..FlowRecord::new(
+            event,
+            Verdict::Allowed,
+            "TCP".to_owned(),
+            reporter,
+            source,
+            destination,
+        )
     }
 }
 

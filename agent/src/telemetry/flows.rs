@@ -135,6 +135,42 @@ pub struct FlowRecord {
     pub cookie: u64,
 }
 
+impl FlowRecord {
+    /// A record of `event` between two ends, with nothing measured yet (callers fill what
+    /// their event has); `seq` is set when it is published.
+    pub fn new(
+        event: FlowEvent,
+        verdict: Verdict,
+        protocol: String,
+        reporter: &str,
+        source: FlowEnd,
+        destination: FlowEnd,
+    ) -> Self {
+        Self {
+            seq: 0,
+            time: Timestamp::now(),
+            event,
+            verdict,
+            protocol,
+            reporter: reporter.to_owned(),
+            source,
+            destination,
+            service: None,
+            bytes_to_destination: 0,
+            bytes_to_source: 0,
+            packets_to_destination: None,
+            packets_to_source: None,
+            rtt_us: None,
+            retransmits: None,
+            duration_us: None,
+            outcome: None,
+            drop_reason: None,
+            direction: None,
+            cookie: 0,
+        }
+    }
+}
+
 /// What a reader asks for (`GET /flows?...`, `weft flows`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filter {
@@ -299,28 +335,14 @@ mod tests {
         verdict: Verdict,
         protocol: &str,
     ) -> FlowRecord {
-        FlowRecord {
-            seq: 0,
-            time: Timestamp::now(),
-            event: FlowEvent::TcpClose,
+        FlowRecord::new(
+            FlowEvent::TcpClose,
             verdict,
-            protocol: protocol.to_owned(),
-            reporter: "source".to_owned(),
-            source: end(src.0, src.1, "10.0.0.1:1"),
-            destination: end(dst.0, dst.1, "10.0.0.2:80"),
-            service: None,
-            bytes_to_destination: 0,
-            bytes_to_source: 0,
-            packets_to_destination: None,
-            packets_to_source: None,
-            rtt_us: None,
-            retransmits: None,
-            duration_us: None,
-            outcome: None,
-            drop_reason: None,
-            direction: None,
-            cookie: 0,
-        }
+            protocol.to_owned(),
+            "source",
+            end(src.0, src.1, "10.0.0.1:1"),
+            end(dst.0, dst.1, "10.0.0.2:80"),
+        )
     }
 
     #[test]

@@ -13,7 +13,7 @@ use weft_abi::traffic::{Direction as KernelDirection, UdpFlowStatsKey, UdpFlowSt
 
 use super::{
     Error, Kind, Telemetry, UdpFlow, flow_end,
-    flows::{FlowEvent, FlowRecord, Timestamp, Verdict},
+    flows::{FlowEvent, FlowRecord, Verdict},
     metrics::{ConnLabels, Detail, Reporter},
 };
 use crate::compile::words_ip;
@@ -282,14 +282,6 @@ impl Telemetry {
             ((v.rx_packets, v.rx_bytes), (v.tx_packets, v.tx_bytes))
         };
         FlowRecord {
-            seq: 0,
-            time: Timestamp::now(),
-            event: FlowEvent::UdpFlow,
-            verdict: Verdict::Allowed,
-            protocol: "UDP".to_owned(),
-            reporter: reporter.as_str().to_owned(),
-            source: flow_end(src, dir.pod(src.ip())),
-            destination: flow_end(dst, dir.pod(dst.ip())),
             service: dir
                 .service(None, dst, weft_abi::IPPROTO_UDP)
                 .map(|s| Arc::clone(&s.key)),
@@ -297,13 +289,15 @@ impl Telemetry {
             bytes_to_source: to_src.1,
             packets_to_destination: Some(to_dst.0),
             packets_to_source: Some(to_src.0),
-            rtt_us: None,
-            retransmits: None,
             duration_us: Some(v.last_ns.saturating_sub(v.first_ns) / 1000),
-            outcome: None,
-            drop_reason: None,
-            direction: None,
-            cookie: 0,
+            ..FlowRecord::new(
+                FlowEvent::UdpFlow,
+                Verdict::Allowed,
+                "UDP".to_owned(),
+                reporter.as_str(),
+                flow_end(src, dir.pod(src.ip())),
+                flow_end(dst, dir.pod(dst.ip())),
+            )
         }
     }
 }
