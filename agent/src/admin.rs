@@ -112,6 +112,9 @@ pub struct StatusDoc {
     /// Open connections, flow records buffered, and where metrics are served.
     #[serde(default)]
     pub telemetry: serde_json::Value,
+    /// Why the source is degraded (the API server fails); the datapath keeps its last state.
+    #[serde(default)]
+    pub degraded: Vec<String>,
 }
 
 /// One frontend as the kernel holds it (`GET /services`).
@@ -137,6 +140,8 @@ pub struct AdminState {
     /// The TCP address `/metrics` is served on, if any.
     pub metrics_addr: Option<SocketAddr>,
     pub store: crate::pipeline::StoreHandle,
+    /// The Kubernetes source's health (none in standalone mode).
+    pub source_health: Option<Arc<crate::source::kube::Health>>,
     /// Telemetry settings, for `/config/dump`.
     pub telemetry_settings: serde_json::Value,
 }
@@ -193,8 +198,13 @@ fn public_routes() -> Router<AdminState> {
 fn status_doc(state: &AdminState) -> StatusDoc {
     let services = state.services.read().unwrap_or_else(|e| e.into_inner());
     let policy = state.policy.read().unwrap_or_else(|e| e.into_inner());
+    let degraded = degraded(state);
     StatusDoc {
-        healthy: services.ready && services.sync_errors.is_empty() && policy.sync_errors.is_empty(),
+        healthy: services.ready
+            && services.sync_errors.is_empty()
+            && policy.sync_errors.is_empty()
+            && degraded.is_empty(),
+        degraded,
         agent: (*state.info).clone(),
         services: serde_json::to_value(&*services).unwrap_or_default(),
         policy: serde_json::json!({
@@ -218,16 +228,35 @@ async fn status(State(state): State<AdminState>) -> Json<StatusDoc> {
     Json(status_doc(&state))
 }
 
+fn degraded(state: &AdminState) -> Vec<String> {
+    state
+        .source_health
+        .as_ref()
+        .map(|h| h.degraded())
+        .unwrap_or_default()
+}
+
+/// Ready: the first full sync is done and the source is not failing. Liveness (`/healthz`)
+/// stays ok while the API server is away: a restart would not bring it back, and the
+/// datapath keeps its last state either way.
 async fn ready(State(state): State<AdminState>) -> Response {
-    if state
+    if !state
         .services
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .ready
     {
+        return (StatusCode::SERVICE_UNAVAILABLE, "first sync not done").into_response();
+    }
+    let degraded = degraded(&state);
+    if degraded.is_empty() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "first sync not done").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: {}", degraded.join("; ")),
+        )
+            .into_response()
     }
 }
 

@@ -22,6 +22,11 @@ use crate::{
     logging::{self, KernelLog},
     metrics::Metrics,
     pipeline::{self, Pipeline},
+    source::{
+        Source,
+        dir::DirSource,
+        kube::{KubeConfig, KubeSource, metrics::KubeMetrics},
+    },
     stats::{self, Reporter, StatsReader},
     sync::{Capacity, policy::PolicyCapacity},
     telemetry::{DirectoryHandle, Telemetry, TelemetryConfig},
@@ -61,6 +66,8 @@ pub enum Error {
         #[source]
         source: notify::Error,
     },
+    #[error(transparent)]
+    Kube(#[from] crate::source::kube::Error),
     #[error("the admin API stopped")]
     AdminStopped,
     #[error("this node lacks what the agent needs ({missing}); `weft doctor` checks it all")]
@@ -114,8 +121,8 @@ pub struct AgentConfig {
     pub node_ips: Option<Vec<std::net::IpAddr>>,
     pub events_poll_interval: Duration,
     pub stats_interval: Duration,
-    /// `--source dir:PATH`; none: no services.
-    pub source_dir: Option<PathBuf>,
+    /// `--source`; none: no services and no policies.
+    pub source: Option<SourceConfig>,
     pub admin_socket: PathBuf,
     /// Connection and drop events (and UDP flow counting); off: no telemetry in the kernel.
     pub telemetry: bool,
@@ -127,6 +134,18 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// Where desired state comes from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A directory of Kubernetes YAML (standalone mode).
+    Dir(PathBuf),
+    /// The API server (Kubernetes mode).
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        node_name: String,
+    },
+}
+
 /// A change in the source directory is applied once it has been quiet this long (editors and
 /// atomic writers produce bursts of events)...
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -135,6 +154,12 @@ const DEBOUNCE_MAX: Duration = Duration::from_millis(60);
 /// A file closed after writing or renamed into place is complete: applied after this much
 /// quiet only (what else the same tool writes at once usually follows within it).
 const DEBOUNCE_COMPLETE: Duration = Duration::from_millis(3);
+/// Changes from the API server come in streams (a rollout, a node draining), and a pass
+/// compiles the whole store: applied after 50 ms of quiet, 250 ms after the first change at
+/// the latest, and never sooner than 250 ms after the previous pass (4 passes a second at
+/// most).
+const DEBOUNCE_API: Duration = Duration::from_millis(50);
+const DEBOUNCE_API_MAX: Duration = Duration::from_millis(250);
 
 /// What the source watcher saw.
 #[derive(Debug)]
@@ -143,6 +168,8 @@ enum SourceEvent {
     Complete(Vec<PathBuf>),
     /// Anything else: a file may be in the middle of a write.
     Changed,
+    /// A reflector applied a change from the API server.
+    Api,
 }
 /// A full recompile and sync runs this often even without events (retries what did not fit,
 /// catches missed events).
@@ -252,8 +279,29 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         slots: config.max_backends,
         members: config.max_backends,
     };
+    let (source, source_health) = match &config.source {
+        None => (None, None),
+        Some(SourceConfig::Dir(dir)) => (Some(Source::Dir(DirSource::new(dir))), None),
+        Some(SourceConfig::Kubernetes {
+            kubeconfig,
+            node_name,
+        }) => {
+            let kube = KubeSource::start(
+                &KubeConfig {
+                    kubeconfig: kubeconfig.clone(),
+                    node_name: node_name.clone(),
+                    cgroup_root: cgroup_root.clone(),
+                },
+                KubeMetrics::new(&mut registry),
+            )
+            .await?;
+            tracing::info!(target: "weft::source", source = kube.describe(), "watching the Kubernetes API; ready once every kind is listed");
+            let health = kube.health();
+            (Some(Source::Kubernetes(Box::new(kube))), Some(health))
+        }
+    };
     let mut pipeline = Pipeline::new(
-        config.source_dir.as_deref(),
+        source,
         datapath.take_service_maps()?,
         capacity,
         policy_stage,
@@ -266,10 +314,22 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     );
     // Watch before the first read so no change between the two is missed.
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<SourceEvent>();
-    let _watcher = match &config.source_dir {
-        Some(dir) => Some(watch(dir, events_tx)?),
-        None => None,
+    let _watcher = match &config.source {
+        Some(SourceConfig::Dir(dir)) => Some(watch(dir, events_tx.clone())?),
+        _ => None,
     };
+    if let Some(health) = &source_health {
+        // Reflector changes go through the same debounce as file changes.
+        let (health, tx) = (Arc::clone(health), events_tx.clone());
+        tokio::spawn(async move {
+            loop {
+                health.changed().await;
+                if tx.send(SourceEvent::Api).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     // A file still being written is read again shortly instead of waiting for the resync.
     let first_unsettled = pipeline.refresh(true)?;
 
@@ -298,6 +358,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         telemetry: telemetry.view(),
         metrics_addr: None,
         store: pipeline.store_handle(),
+        source_health,
         telemetry_settings: serde_json::json!({
             "enabled": config.telemetry,
             "granularity": config.telemetry_config.granularity,
@@ -340,7 +401,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         pins = %datapath.pins().dir().display(),
         admin = %config.admin_socket.display(),
         metrics = metrics_addr.map(|a| format!("http://{a}/metrics")),
-        source = config.source_dir.as_ref().map(|d| d.display().to_string()),
+        source = pipeline.source_name(),
         "datapath ready"
     );
 
@@ -384,13 +445,15 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     telemetry_tick.tick().await;
     // UDP flow counters are read off the event loop (a syscall per flow) and come back here.
     let (udp_tx, mut udp_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Set while events are pending: (first event, quiet deadline).
+    // Set while events are pending: (apply at the latest, quiet deadline).
     let mut pending: Option<(Instant, Instant)> =
-        first_unsettled.then(|| (Instant::now(), Instant::now() + DEBOUNCE));
+        first_unsettled.then(|| (Instant::now() + DEBOUNCE_MAX, Instant::now() + DEBOUNCE));
+    // API changes are not applied before this (one pass per DEBOUNCE_API_MAX at most).
+    let mut api_not_before = Instant::now();
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
-        let apply_at = pending.map_or(far, |(first, quiet)| quiet.min(first + DEBOUNCE_MAX));
+        let apply_at = pending.map_or(far, |(latest, quiet)| quiet.min(latest));
         tokio::select! {
             result = reader.run(config.events_poll_interval, &mut sink) => result?,
             ready = kernel_logs_fd.readable() => {
@@ -400,26 +463,31 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             }
             Some(event) = events.recv() => {
                 let now = Instant::now();
-                let first = pending.map_or(now, |(first, _)| first);
-                let quiet = match event {
+                let (quiet, max) = match event {
                     SourceEvent::Complete(paths) => {
                         // Soon, even when other files changed too: one still being written
                         // is left for a later pass, until it settles.
                         pipeline.mark_complete(&paths);
-                        now + DEBOUNCE_COMPLETE
+                        (now + DEBOUNCE_COMPLETE, now + DEBOUNCE_MAX)
                     }
-                    SourceEvent::Changed => now + DEBOUNCE,
+                    SourceEvent::Changed => (now + DEBOUNCE, now + DEBOUNCE_MAX),
+                    SourceEvent::Api => {
+                        let quiet = (now + DEBOUNCE_API).max(api_not_before);
+                        (quiet, (now + DEBOUNCE_API_MAX).max(api_not_before))
+                    }
                 };
-                pending = Some((first, quiet));
+                let latest = pending.map_or(max, |(latest, _)| latest);
+                pending = Some((latest, quiet));
             }
             () = tokio::time::sleep_until(apply_at.into()), if pending.is_some() => {
                 pending = None;
+                api_not_before = Instant::now() + DEBOUNCE_API_MAX;
                 if refresh(&mut pipeline, false) {
-                    pending = Some((Instant::now(), Instant::now() + DEBOUNCE));
+                    pending = Some((Instant::now() + DEBOUNCE_MAX, Instant::now() + DEBOUNCE));
                 }
             }
             _ = resync.tick() => if refresh(&mut pipeline, true) {
-                pending = Some((Instant::now(), Instant::now() + DEBOUNCE));
+                pending = Some((Instant::now() + DEBOUNCE_MAX, Instant::now() + DEBOUNCE));
             },
             _ = gc.tick() => pipeline.collect_garbage(),
             _ = ticker.tick() => {

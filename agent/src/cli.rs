@@ -59,11 +59,15 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
         "instance:   {} (weft {})",
         doc.agent.instance, doc.agent.version
     );
-    let _ = writeln!(
-        out,
-        "health:     {}",
-        if doc.healthy { "healthy" } else { "UNHEALTHY" }
-    );
+    let health = match (doc.healthy, doc.degraded.is_empty()) {
+        (true, _) => "healthy",
+        (false, false) => "DEGRADED (the datapath keeps its last state)",
+        (false, true) => "UNHEALTHY",
+    };
+    let _ = writeln!(out, "health:     {health}");
+    for d in &doc.degraded {
+        let _ = writeln!(out, "  {d}");
+    }
     let _ = writeln!(out, "ready:      {}", s["ready"]);
     let _ = writeln!(out, "cgroup:     {}", doc.agent.cgroup.display());
     let _ = writeln!(out, "pins:       {}", doc.agent.pins.display());
@@ -140,21 +144,20 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
 
 /// One status list item on one line.
 fn describe(item: &serde_json::Value) -> String {
-    if let Some(file) = item["file"].as_str() {
+    // A rejection: from a file of a directory source, or from the API server.
+    if let Some(errors) = item["errors"].as_array() {
         let object = item["object"].as_object().map(|o| {
             let ns = o["namespace"].as_str().unwrap_or("");
             let name = o["name"].as_str().unwrap_or("");
             let kind = o["kind"].as_str().unwrap_or("");
             if ns.is_empty() {
-                format!(", {kind} {name}")
+                format!("{kind} {name}")
             } else {
-                format!(", {kind} {ns}/{name}")
+                format!("{kind} {ns}/{name}")
             }
         });
-        let errors: Vec<String> = item["errors"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let errors: Vec<String> = errors
+            .iter()
             .map(|e| {
                 format!(
                     "{}: {}",
@@ -163,13 +166,19 @@ fn describe(item: &serde_json::Value) -> String {
                 )
             })
             .collect();
-        return format!(
-            "{file}: document {} (line {}){}: {}",
-            item["document"],
-            item["line"],
-            object.unwrap_or_default(),
-            errors.join("; ")
-        );
+        let origin = match item["file"].as_str() {
+            Some(file) => format!(
+                "{file}: document {} (line {}){}",
+                item["document"],
+                item["line"],
+                object.map(|o| format!(", {o}")).unwrap_or_default()
+            ),
+            None => format!(
+                "{} from the API server",
+                object.unwrap_or_else(|| "an object".into())
+            ),
+        };
+        return format!("{origin}: {}", errors.join("; "));
     }
     let service = item["service"].as_str().unwrap_or("");
     let frontend = item["frontend"]

@@ -333,11 +333,7 @@ fn from_pods(
             .iter()
             .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
         // publishNotReadyAddresses includes pods that are not ready, not pods that ended.
-        let ended = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        let ended = crate::store::object::is_finished(pod);
         if !selected || ended || !(include_not_ready || pod_is_ready(pod)) {
             continue;
         }

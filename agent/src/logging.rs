@@ -25,8 +25,18 @@ pub enum Error {
 /// The installed filter, replaceable at run time (`weft log-level`), and its text.
 static FILTER: OnceLock<(reload::Handle<EnvFilter, Registry>, Mutex<String>)> = OnceLock::new();
 
+/// kube-client logs every failed HTTP response at ERROR; the Kubernetes source reports the
+/// same failures once, with the kind and what the agent does about it. Silenced unless the
+/// filter names kube_client itself.
+const KUBE_CLIENT_QUIET: &str = "kube_client::client::builder=off";
+
 fn parse(filter: &str) -> Result<EnvFilter, Error> {
-    EnvFilter::try_new(filter).map_err(|source| Error::Filter {
+    let full = if filter.contains("kube_client") {
+        filter.to_owned()
+    } else {
+        format!("{filter},{KUBE_CLIENT_QUIET}")
+    };
+    EnvFilter::try_new(full).map_err(|source| Error::Filter {
         filter: filter.to_owned(),
         source,
     })

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load and attach the datapath to a cgroup and report the connections it sees.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Detach every program of an instance and remove its pins.
     Cleanup(CleanupArgs),
     /// Show the state of a running agent (exit status 1 when it is unhealthy).
@@ -143,9 +143,19 @@ struct AgentArgs {
     /// How often the agent drains connection events without being woken.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     events_poll_interval: Duration,
-    /// Where desired state comes from: `dir:PATH`, a directory of Kubernetes YAML.
+    /// Where desired state comes from: `dir:PATH`, a directory of Kubernetes YAML, or
+    /// `kubernetes`, the API server (in-cluster config, --kubeconfig, KUBECONFIG or
+    /// ~/.kube/config).
     #[arg(long, value_parser = parse_source)]
-    source: Option<PathBuf>,
+    source: Option<SourceArg>,
+    /// This node's name, as pods' spec.nodeName has it (--source kubernetes). The DaemonSet
+    /// takes it from the downward API.
+    #[arg(long, env = "NODE_NAME", required_if_eq("source", "kubernetes"))]
+    node_name: Option<String>,
+    /// A kubeconfig file for --source kubernetes (default: in-cluster config, else
+    /// KUBECONFIG, else ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Service frontends (ClusterIP x port x protocol) the kernel can hold.
     #[arg(long, default_value_t = 65_536)]
     max_services: u32,
@@ -240,7 +250,7 @@ struct InstanceArgs {
 #[derive(Debug, clap::Args)]
 struct CompileArgs {
     /// `dir:PATH`, a directory of Kubernetes YAML.
-    #[arg(long, value_parser = parse_source)]
+    #[arg(long, value_parser = parse_source_dir)]
     source: PathBuf,
     /// The node's addresses (ingress from them is always allowed).
     #[arg(long = "node-ip")]
@@ -305,18 +315,28 @@ struct ClientArgs {
 /// Where admin sockets live.
 const RUN_DIR: &str = "/run/weft";
 
-fn parse_source(s: &str) -> Result<PathBuf, String> {
+/// `--source`.
+#[derive(Debug, Clone)]
+enum SourceArg {
+    Dir(PathBuf),
+    Kubernetes,
+}
+
+fn parse_source(s: &str) -> Result<SourceArg, String> {
+    if s == "kubernetes" {
+        return Ok(SourceArg::Kubernetes);
+    }
     match s.split_once(':') {
         Some(("dir", path)) if !path.is_empty() => {
             let p = PathBuf::from(path);
             if p.is_dir() {
-                Ok(p)
+                Ok(SourceArg::Dir(p))
             } else {
                 Err(format!("{path} is not a directory"))
             }
         }
         _ => Err(format!(
-            "{s:?}: use dir:PATH (a directory of Kubernetes YAML)"
+            "{s:?}: use dir:PATH (a directory of Kubernetes YAML) or kubernetes (the API server)"
         )),
     }
 }
@@ -337,6 +357,14 @@ fn main() -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "weft failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--source` of `weft compile`: only a directory.
+fn parse_source_dir(s: &str) -> Result<PathBuf, String> {
+    match parse_source(s)? {
+        SourceArg::Dir(dir) => Ok(dir),
+        SourceArg::Kubernetes => Err("compile reads a directory: use dir:PATH".into()),
     }
 }
 
@@ -370,7 +398,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 node_ips: (!args.node_ips.is_empty()).then_some(args.node_ips),
                 events_poll_interval: args.events_poll_interval,
                 stats_interval: args.stats_interval,
-                source_dir: args.source,
+                source: match args.source {
+                    None => None,
+                    Some(SourceArg::Dir(dir)) => Some(app::SourceConfig::Dir(dir)),
+                    Some(SourceArg::Kubernetes) => Some(app::SourceConfig::Kubernetes {
+                        kubeconfig: args.kubeconfig,
+                        node_name: args
+                            .node_name
+                            .context("--node-name is required with --source kubernetes")?,
+                    }),
+                },
                 telemetry: args.telemetry,
                 conn_update_interval: args.conn_update_interval,
                 max_udp_flows: args.max_udp_flows,

@@ -5,7 +5,7 @@ pub mod policy;
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::{Instant, SystemTime},
 };
@@ -17,7 +17,7 @@ use self::policy::PolicyStage;
 use crate::{
     compile::{self, Problem},
     metrics::{KindLabels, MapLabels, Metrics, ReasonLabels, StageLabels},
-    source::{Rejection, dir::DirSource},
+    source::{Rejection, Source},
     store::Store,
     sync::{self, Capacity, SyncError, Syncer, kernel::KernelMaps},
     telemetry::{
@@ -47,7 +47,7 @@ pub struct FrontendName {
 pub struct Status {
     /// The first full sync is done.
     pub ready: bool,
-    /// `dir:PATH`, or none.
+    /// `dir:PATH`, `kubernetes:SERVER (node NAME)`, or none.
     pub source: Option<String>,
     pub objects: BTreeMap<&'static str, usize>,
     pub rejections: Vec<Rejection>,
@@ -67,7 +67,7 @@ pub type StoreHandle = Arc<RwLock<Arc<Store>>>;
 /// Owns the source and the syncers.
 #[derive(Debug)]
 pub struct Pipeline {
-    source: Option<DirSource>,
+    source: Option<Source>,
     syncer: Syncer<KernelMaps>,
     policy: PolicyStage,
     capacity: Capacity,
@@ -83,7 +83,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(
-        source_dir: Option<&Path>,
+        source: Option<Source>,
         maps: KernelMaps,
         capacity: Capacity,
         policy: PolicyStage,
@@ -101,8 +101,11 @@ impl Pipeline {
                 .get_or_create(&map_label(map))
                 .set(i64::from(cap));
         }
+        // Known before the first pass: an agent waiting for its first list says what for.
+        status.write().unwrap_or_else(|e| e.into_inner()).source =
+            source.as_ref().map(Source::describe);
         Ok(Self {
-            source: source_dir.map(DirSource::new),
+            source,
             syncer,
             policy,
             capacity,
@@ -123,15 +126,39 @@ impl Pipeline {
     /// Files the watcher saw completed (closed after writing, renamed into place): the next
     /// rescan reads them without waiting for them to settle.
     pub fn mark_complete(&mut self, paths: &[PathBuf]) {
-        if let Some(source) = &mut self.source {
+        if let Some(Source::Dir(source)) = &mut self.source {
             for p in paths {
                 source.mark_complete(p);
             }
         }
     }
 
-    pub fn source_dir(&self) -> Option<PathBuf> {
-        self.source.as_ref().map(|s| s.dir().to_owned())
+    /// Reads the source when it changed (or `force`): the store and the rejections, and
+    /// whether a file was still changing. No store: nothing to apply (unchanged, or the
+    /// Kubernetes source has not listed every kind yet: a partial store must not replace the
+    /// kernel's state).
+    #[expect(clippy::type_complexity, reason = "private; named by its doc")]
+    fn read(&mut self, force: bool) -> Result<(Option<(Store, Vec<Rejection>)>, bool), Error> {
+        match &mut self.source {
+            None => Ok((force.then(|| (Store::default(), Vec::new())), false)),
+            Some(Source::Dir(dir)) => {
+                let rescan = dir.rescan(force)?;
+                if !(force || rescan.changed) {
+                    return Ok((None, rescan.unsettled));
+                }
+                let (objects, rejections) = dir.objects();
+                Ok((
+                    Some((Store::from_objects(objects), rejections)),
+                    rescan.unsettled,
+                ))
+            }
+            Some(Source::Kubernetes(kube)) => {
+                if !(kube.changed() || force) {
+                    return Ok((None, false));
+                }
+                Ok((kube.snapshot(), false))
+            }
+        }
     }
 
     /// Re-reads the source and applies what changed. `force` re-reads every file and
@@ -139,23 +166,11 @@ impl Pipeline {
     /// passes). Returns true when a file was still changing: call again shortly.
     pub fn refresh(&mut self, force: bool) -> Result<bool, Error> {
         let started = Instant::now();
-        let mut changed = force;
-        let mut unsettled = false;
-        if let Some(source) = &mut self.source {
-            let rescan = source.rescan(force)?;
-            changed |= rescan.changed;
-            unsettled = rescan.unsettled;
-        }
-        if !changed {
+        let (read, unsettled) = self.read(force)?;
+        let Some((store, rejections)) = read else {
             self.syncer.collect_garbage(started);
             return Ok(unsettled);
-        }
-        let (objects, rejections) = self
-            .source
-            .as_ref()
-            .map(DirSource::objects)
-            .unwrap_or_default();
-        let store = Store::from_objects(objects);
+        };
         let compile_started = Instant::now();
         let desired = compile::services(&store);
         self.metrics
@@ -231,10 +246,7 @@ impl Pipeline {
                 .set(used as i64);
         }
         status.ready = true;
-        status.source = self
-            .source
-            .as_ref()
-            .map(|s| format!("dir:{}", s.dir().display()));
+        status.source = self.source.as_ref().map(Source::describe);
         status.objects = store.counts();
         status.rejections = rejections;
         status.problems = desired.problems;
@@ -273,6 +285,11 @@ impl Pipeline {
         Ok(unsettled)
     }
 
+    /// `dir:PATH` or `kubernetes:SERVER (node NAME)`, for logs.
+    pub fn source_name(&self) -> Option<String> {
+        self.source.as_ref().map(Source::describe)
+    }
+
     /// The store of the last pass, as the admin API reads it.
     pub fn store_handle(&self) -> StoreHandle {
         Arc::clone(&self.store_handle)
@@ -285,6 +302,16 @@ impl Pipeline {
     /// Frees backend slots whose grace period is over, and enforces policy for pods whose
     /// cgroup has appeared since the last pass.
     pub fn collect_garbage(&mut self) {
+        if let Some(Source::Kubernetes(kube)) = &mut self.source
+            && kube.cgroups_appeared()
+        {
+            // The pods get their real cgroup paths: a pass like any other change (it
+            // collects the syncer's garbage too).
+            if let Err(e) = self.refresh(false) {
+                tracing::error!(target: "weft::sync", error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");
+            }
+            return;
+        }
         self.syncer.collect_garbage(Instant::now());
         if self.policy.cgroups_appeared() {
             let (written, deleted) = self.policy.run(&self.last_store, &self.metrics);

@@ -93,14 +93,7 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
             Object::NetworkPolicy(Arc::new(typed::<NetworkPolicy>(&value).map_err(invalid)?))
         }
     };
-    let checked = match &object {
-        Object::Namespace(o) => validate::namespace(o),
-        Object::Pod(o) => validate::pod(o),
-        Object::Service(o) => validate::service(o),
-        Object::EndpointSlice(o) => validate::endpoint_slice(o),
-        Object::NetworkPolicy(o) => validate::network_policy(o),
-    };
-    checked.map_err(invalid)?;
+    validate::object(&object).map_err(invalid)?;
     let object_ref = object_ref.ok_or_else(|| Invalid::new(None, "metadata.name", "required"))?;
     Ok((object_ref, object))
 }

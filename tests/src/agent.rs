@@ -50,6 +50,24 @@ impl AgentOptions {
     }
 }
 
+impl AgentOptions {
+    /// `--source kubernetes` against a fake API server (node [`crate::k8s::NODE_NAME`]),
+    /// with more `weft agent` arguments.
+    pub fn with_api(api: &crate::fakeapi::FakeApi, node: &Node, extra: &[&str]) -> Self {
+        let kubeconfig = api.kubeconfig(node.workdir());
+        let mut extra_args = vec![
+            "--source=kubernetes".to_owned(),
+            format!("--node-name={}", crate::k8s::NODE_NAME),
+            format!("--kubeconfig={}", kubeconfig.display()),
+        ];
+        extra_args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Self {
+            extra_args,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for AgentOptions {
     fn default() -> Self {
         Self {
@@ -316,12 +334,12 @@ impl Agent {
 
     /// Polls `weft policies -o json` until `pred` holds.
     pub fn wait_policies(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.wait_client("policies", what, pred)
+        self.wait_output("policies", what, Duration::from_secs(10), pred)
     }
 
     /// Polls `weft services -o json` until `pred` holds.
     pub fn wait_services(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let v = self.wait_client("services", what, |v| {
+        let v = self.wait_output("services", what, Duration::from_secs(10), |v| {
             pred(v.as_array().map_or(&[][..], Vec::as_slice))
         });
         v.as_array().cloned().unwrap_or_default()
@@ -329,12 +347,36 @@ impl Agent {
 
     /// Polls `weft status -o json` until `pred` holds.
     pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.wait_client("status", what, pred)
+        self.wait_output("status", what, Duration::from_secs(10), pred)
     }
 
-    /// Polls `weft COMMAND -o json` until `pred` holds on its output.
-    fn wait_client(&self, command: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    /// Polls `weft services -o json` until frontend `fe` (`10.96.0.10:80/TCP`) has `n`
+    /// backends, for up to `timeout`.
+    pub fn wait_backends(&self, fe: &str, n: usize, timeout: Duration) {
+        self.wait_output(
+            "services",
+            &format!("{fe} with {n} backends"),
+            timeout,
+            |v| {
+                v.as_array().is_some_and(|list| {
+                    list.iter().any(|s| {
+                        s["frontend"] == fe
+                            && s["backends"].as_array().is_some_and(|b| b.len() == n)
+                    })
+                })
+            },
+        );
+    }
+
+    /// Polls `weft COMMAND -o json` until `pred` holds on its output, for up to `timeout`.
+    pub fn wait_output(
+        &self,
+        command: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             let (_, v) = self.client(command);
             if pred(&v) {

@@ -1,7 +1,72 @@
-//! Kubernetes YAML for the simulated node's standalone source.
+//! Kubernetes YAML for the simulated node's standalone source, and the same objects as the
+//! fake API server holds them.
 use std::fmt::Write as _;
 
-use crate::node::Pod;
+use serde_json::{Value, json};
+
+use crate::{
+    fakeapi::FakeApi,
+    node::{Node, Pod},
+};
+
+/// The node name of `--source kubernetes` tests (pods of the node have it as nodeName).
+pub const NODE_NAME: &str = "node-a";
+
+/// A document of the standalone source as the API server holds it: a Pod loses its
+/// `weft.io/cgroup` annotation (it names the simulated pod) and gets that pod's UID and
+/// `spec.nodeName` = [`NODE_NAME`].
+pub fn api_object(node: &Node, doc: &str) -> Value {
+    let mut v: Value = serde_saphyr::from_str(doc)
+        .unwrap_or_else(|e| panic!("test YAML does not parse: {e}\n{doc}"));
+    if v["kind"] == "Pod" {
+        let annotations = v["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap_or_else(|| panic!("a test Pod names its simulated pod: {doc}"));
+        let sim = annotations
+            .remove("weft.io/cgroup")
+            .and_then(|c| c.as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("a test Pod names its simulated pod: {doc}"));
+        v["metadata"]["uid"] = json!(node.pod(&sim).uid);
+        v["spec"]["nodeName"] = json!(NODE_NAME);
+    }
+    v
+}
+
+/// Applies every document of a multi-document text to the fake API server.
+pub fn apply_to_api(api: &FakeApi, node: &Node, text: &str) {
+    for doc in text.split("---\n").filter(|d| !d.trim().is_empty()) {
+        api.apply(api_object(node, doc));
+    }
+}
+
+/// An EndpointSlice of a Service as the endpointslice controller writes it: one endpoint per
+/// pod `(pod, ready)`, ports `(name, port, protocol)`.
+pub fn endpoint_slice(
+    service: &str,
+    namespace: &str,
+    endpoints: &[(&Pod, bool)],
+    ports: &[(&str, u16, &str)],
+) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-abcde"),
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints.iter().map(|(p, ready)| json!({
+            "addresses": [p.ipv4.to_string()],
+            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "nodeName": NODE_NAME,
+            "targetRef": {"kind": "Pod", "namespace": namespace, "name": p.name, "uid": p.uid},
+        })).collect::<Vec<_>>(),
+        "ports": ports.iter().map(|(name, port, proto)| json!({
+            "name": name, "port": port, "protocol": proto,
+        })).collect::<Vec<_>>(),
+    })
+}
 
 /// A Pod bound to a simulated pod: its cgroup (annotation `weft.io/cgroup`, relative to the
 /// node's cgroup), its addresses, labels and named container ports `(name, port, protocol)`.

@@ -9,6 +9,7 @@
 //! processes (killed by pid), namespaces, cgroups, and the agent's pins. Names derive from the
 //! test's name and the process id so tests run concurrently.
 pub mod agent;
+pub mod fakeapi;
 pub mod k8s;
 pub mod names;
 pub mod netpol;

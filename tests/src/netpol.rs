@@ -4,12 +4,13 @@
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
+    sync::Arc,
     time::Duration,
 };
 
 use serde_json::Value;
 
-use crate::{k8s, node::Node, proc::Process};
+use crate::{fakeapi::FakeApi, k8s, node::Node, proc::Process};
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 pub const PODS: [&str; 3] = ["a", "b", "c"];
@@ -121,6 +122,8 @@ impl fmt::Display for Table {
 #[derive(Debug)]
 pub struct Model {
     pub node: Node,
+    /// Objects go to this fake API server instead of the source directory.
+    api: Option<Arc<FakeApi>>,
     namespace_labels: BTreeMap<String, Vec<(String, String)>>,
     pod_labels: BTreeMap<String, Vec<(String, String)>>,
     _servers: Vec<Process>,
@@ -135,7 +138,20 @@ impl Model {
     /// Builds the node, writes namespaces, pods and services to the source directory, and
     /// starts every server. Start the agent afterwards.
     pub fn new(test: &str) -> Self {
+        Self::build(test, None)
+    }
+
+    /// Like [`Model::new`], with every object in a fake API server (pods are of node
+    /// [`k8s::NODE_NAME`], their cgroups where the kubelet puts them).
+    pub fn with_api(test: &str, api: Arc<FakeApi>) -> Self {
+        Self::build(test, Some(api))
+    }
+
+    fn build(test: &str, api: Option<Arc<FakeApi>>) -> Self {
         let mut builder = Node::builder(test);
+        if api.is_some() {
+            builder = builder.kubelet_cgroups();
+        }
         for p in all_pods() {
             builder = builder.pod(&node_pod(&p));
         }
@@ -162,6 +178,7 @@ impl Model {
                 })
                 .collect(),
             node,
+            api,
             _servers: servers,
         };
         model.write_namespaces();
@@ -209,7 +226,7 @@ impl Model {
                 y
             })
             .collect();
-        self.node.write_source("namespaces.yaml", &k8s::file(&docs));
+        self.publish("namespaces.yaml", &docs);
     }
 
     fn write_pods(&self) {
@@ -235,7 +252,7 @@ impl Model {
                 k8s::pod_named(self.node.pod(&node_pod(p)), ns, name, &labels, &ports, true)
             })
             .collect();
-        self.node.write_source("pods.yaml", &k8s::file(&docs));
+        self.publish("pods.yaml", &docs);
     }
 
     fn write_services(&self) {
@@ -260,7 +277,15 @@ impl Model {
                 )
             })
             .collect();
-        self.node.write_source("services.yaml", &k8s::file(&docs));
+        self.publish("services.yaml", &docs);
+    }
+
+    /// Writes `docs` as one file of the source directory, or applies them to the API server.
+    pub fn publish(&self, file: &str, docs: &[String]) {
+        match &self.api {
+            None => self.node.write_source(file, &k8s::file(docs)),
+            Some(api) => k8s::apply_to_api(api, &self.node, &k8s::file(docs)),
+        }
     }
 
     /// Probes every pair once on `port`/`protocol` ("tcp" or "udp"): who reached whom.

@@ -27,6 +27,7 @@ pub struct NodeBuilder {
     test: String,
     pods: Vec<String>,
     pod_tool: Option<PathBuf>,
+    kubelet_cgroups: bool,
 }
 
 impl NodeBuilder {
@@ -46,6 +47,15 @@ impl NodeBuilder {
             "pod {name} added twice"
         );
         self.pods.push(name.to_owned());
+        self
+    }
+
+    /// Puts pods' cgroups where the kubelet (systemd driver) does, from their UID:
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice` below the
+    /// node's cgroup, for `--source kubernetes`.
+    #[must_use]
+    pub fn kubelet_cgroups(mut self) -> Self {
+        self.kubelet_cgroups = true;
         self
     }
 
@@ -71,9 +81,17 @@ impl NodeBuilder {
             pod_tool: self.pod_tool.unwrap_or_else(pod_tool),
             tag: tag.clone(),
             netns: Netns::create(&format!("weft-{tag}")),
+            kubelet: Vec::new(),
             cgroup,
             pods: Vec::new(),
         };
+        const KUBEPODS: &str = "kubepods.slice/kubepods-besteffort.slice";
+        if self.kubelet_cgroups {
+            let top = node.cgroup.child("kubepods.slice");
+            let besteffort = node.cgroup.child(KUBEPODS);
+            // Removed deepest first.
+            node.kubelet = vec![besteffort, top];
+        }
         let n = node.netns.name.clone();
         let ip_n = |args: &[&str]| proc::run("ip", [&["-n", n.as_str()], args].concat());
         ip_n(&["link", "set", "lo", "up"]);
@@ -94,12 +112,20 @@ impl NodeBuilder {
         ip_n(&["-6", "route", "add", "unreachable", SERVICE_CIDR_V6]);
         for (i, name) in self.pods.iter().enumerate() {
             let host = u8::try_from(10 + i).unwrap_or_else(|_| panic!("too many pods"));
+            let uid = format!("{:08x}-0000-4000-8000-{:012x}", tag_number(&tag), i);
+            let cgroup = if self.kubelet_cgroups {
+                let slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+                node.cgroup.child(&format!("{KUBEPODS}/{slice}"))
+            } else {
+                node.cgroup.child(name)
+            };
             let pod = Pod {
                 name: name.clone(),
                 ipv4: Ipv4Addr::new(10, 0, 0, host),
                 ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(host)),
+                uid,
                 netns: Netns::create(&format!("weft-{tag}-{name}")),
-                cgroup: node.cgroup.child(name),
+                cgroup,
             };
             let p = pod.netns.name.clone();
             let veth = format!("v-{name}");
@@ -144,6 +170,9 @@ pub struct Node {
     workdir: PathBuf,
     /// `_host` below the node's cgroup, for host-network workloads weft observes.
     host_cgroup: Cgroup,
+    /// The kubelet's QoS cgroups of [`NodeBuilder::kubelet_cgroups`], deepest first: removed
+    /// after the pods' and before the node's.
+    kubelet: Vec<Cgroup>,
     tag: String,
     netns: Netns,
     cgroup: Cgroup,
@@ -154,6 +183,9 @@ pub struct Node {
 #[derive(Debug)]
 pub struct Pod {
     pub name: String,
+    /// metadata.uid for the fake API server (it names the pod's cgroup with
+    /// [`NodeBuilder::kubelet_cgroups`]).
+    pub uid: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     netns: Netns,
@@ -179,6 +211,7 @@ impl Node {
             test: test.to_owned(),
             pods: Vec::new(),
             pod_tool: None,
+            kubelet_cgroups: false,
         }
     }
 
@@ -393,6 +426,13 @@ impl Drop for Cgroup {
             }
         }
     }
+}
+
+/// A number from a test's tag, for pod UIDs that differ between tests.
+fn tag_number(tag: &str) -> u32 {
+    tag.bytes().fold(2_166_136_261_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16_777_619)
+    })
 }
 
 /// The cgroup v2 mount (hybrid hosts mount it at /sys/fs/cgroup/unified).

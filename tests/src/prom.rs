@@ -5,8 +5,16 @@ use std::{
     time::Duration,
 };
 
-/// One HTTP/1.0 GET; returns (content type, body).
-pub fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+/// An HTTP response from the agent's metrics listener.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// `GET path` on the agent's metrics listener (`/metrics`, `/healthz`, `/readyz`).
+pub fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
     stream
@@ -15,7 +23,7 @@ pub fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
     let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
     write!(
         stream,
-        "GET /metrics HTTP/1.0\r\nHost: weft\r\n{accept}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: weft\r\n{accept}Connection: close\r\n\r\n"
     )
     .expect("send the request");
     let mut response = String::new();
@@ -25,10 +33,11 @@ pub fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("malformed HTTP response: {response}"));
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "scrape failed: {head}"
-    );
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
     let content_type = head
         .lines()
         .find_map(|l| {
@@ -37,7 +46,18 @@ pub fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
                 .then(|| v.trim().to_owned())
         })
         .unwrap_or_default();
-    (content_type, body.to_owned())
+    Response {
+        status,
+        content_type,
+        body: body.to_owned(),
+    }
+}
+
+/// Scrapes `/metrics`: (content type, body); panics unless it answers 200.
+pub fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let r = get(addr, "/metrics", accept);
+    assert_eq!(r.status, 200, "scrape failed: {}", r.body);
+    (r.content_type, r.body)
 }
 
 /// One sample: name, labels, value.

@@ -1,5 +1,5 @@
 //! Traffic between pods with `weft-pod`, for tests, the demo and benchmarks.
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 
@@ -48,6 +48,36 @@ impl Process {
 }
 
 impl Node {
+    /// `count` TCP connections from `pod` to `target` (a ClusterIP and port, each backend
+    /// replying with its name): connections per backend. Panics unless every connection
+    /// succeeds and getpeername() returns the target.
+    pub fn spray(&self, pod: &str, target: &str, count: u64) -> BTreeMap<String, u64> {
+        let mut p = self.spawn(
+            pod,
+            &[
+                "tcp-spray",
+                "--connect",
+                target,
+                "--count",
+                &count.to_string(),
+            ],
+        );
+        p.wait_success(Duration::from_secs(120));
+        let v: Value = p.stdout().wait_for("spray result", WAIT, |lines| {
+            lines.iter().find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v["event"] == "spray")
+            })
+        });
+        assert_eq!(v["errors"], 0, "every connection succeeds: {v}");
+        assert_eq!(
+            v["peer_mismatches"], 0,
+            "getpeername() returns the ClusterIP: {v}"
+        );
+        serde_json::from_value(v["counts"].clone()).expect("counts")
+    }
+
     /// Starts a `weft-pod` server in `pod` and waits until it listens.
     pub fn start_server(&self, pod: &str, args: &[&str]) -> Process {
         let p = self.spawn(pod, args);

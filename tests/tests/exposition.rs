@@ -1,12 +1,7 @@
 //! The metrics exposition as Prometheus and operators read it: promtool accepts it, the
 //! kubelet's probes answer on the metrics listener, and the Grafana dashboard (deploy/)
 //! queries only metrics the agent exports.
-use std::{
-    io::{Read as _, Write as _},
-    net::SocketAddr,
-    process::Command,
-    time::Duration,
-};
+use std::{io::Write as _, net::SocketAddr, process::Command, time::Duration};
 
 use serde_json::Value;
 use weft_testkit::{Agent, Close, Node, k8s, prom};
@@ -67,11 +62,8 @@ fn promtool_accepts_the_agents_metrics() {
     });
     // The probes the DaemonSet uses answer on the metrics listener.
     for path in ["/healthz", "/readyz"] {
-        let mut stream = std::net::TcpStream::connect(agent.metrics_addr()).expect("connect");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: weft\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        assert!(response.starts_with("HTTP/1.0 200"), "{path}: {response}");
+        let r = prom::get(agent.metrics_addr(), path, None);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
     }
     // Every metric the Grafana dashboard (deploy/) queries is one the agent exports.
     // Families as the exposition declares them (a family with no series yet still counts).

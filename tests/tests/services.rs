@@ -89,37 +89,12 @@ fn frontend<'a>(services: &'a [Value], frontend: &str) -> Option<&'a Value> {
 }
 
 fn wait_backends(agent: &Agent, fe: &str, n: usize) {
-    agent.wait_services(&format!("{fe} with {n} backends"), |list| {
-        frontend(list, fe).is_some_and(|s| s["backends"].as_array().is_some_and(|b| b.len() == n))
-    });
+    agent.wait_backends(fe, n, Duration::from_secs(10));
 }
 
 /// Opens `count` connections from the client pod; returns connections per backend name.
 fn spray(node: &Node, target: &str, count: u64) -> BTreeMap<String, u64> {
-    let mut p = node.spawn(
-        "client",
-        &[
-            "tcp-spray",
-            "--connect",
-            target,
-            "--count",
-            &count.to_string(),
-        ],
-    );
-    p.wait_success(Duration::from_secs(120));
-    let v: Value = p.stdout().wait_for("spray result", WAIT, |lines| {
-        lines.iter().find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["event"] == "spray")
-        })
-    });
-    assert_eq!(v["errors"], 0, "every connection succeeds: {v}");
-    assert_eq!(
-        v["peer_mismatches"], 0,
-        "getpeername() returns the ClusterIP: {v}"
-    );
-    serde_json::from_value(v["counts"].clone()).expect("counts")
+    node.spray("client", target, count)
 }
 
 fn setup(test: &str, affinity: Option<u32>) -> (Node, Agent, Vec<weft_testkit::proc::Process>) {

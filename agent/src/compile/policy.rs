@@ -147,13 +147,10 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         return Vec::new();
     }
-    let status = pod.status.as_ref();
-    if status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed")
-    {
+    if crate::store::object::is_finished(pod) {
         return Vec::new();
     }
+    let status = pod.status.as_ref();
     let mut ips: Vec<IpAddr> = status
         .and_then(|s| s.pod_ips.as_ref())
         .into_iter()

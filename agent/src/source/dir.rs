@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Rejection, yaml};
+use super::{Location, Rejection, yaml};
 use crate::store::{self, FieldError, Object, ObjectRef};
 
 /// Errors of this module.
@@ -223,9 +223,11 @@ impl DirSource {
             for (r, (doc, obj)) in &file.objects {
                 if let Some(first) = origin.get(r) {
                     rejections.push(Rejection {
-                        file: path.clone(),
-                        document: *doc,
-                        line: 0,
+                        location: Some(Location {
+                            file: path.clone(),
+                            document: *doc,
+                            line: 0,
+                        }),
                         object: Some(r.clone()),
                         errors: vec![FieldError {
                             field: "metadata.name".into(),
@@ -270,9 +272,11 @@ fn unreadable(path: &Path, error: &str, previous: Option<&FileState>) -> FileSta
         objects: previous.map(|p| p.objects.clone()).unwrap_or_default(),
         decoded: HashMap::new(),
         rejections: vec![Rejection {
-            file: path.to_owned(),
-            document: 0,
-            line: 0,
+            location: Some(Location {
+                file: path.to_owned(),
+                document: 0,
+                line: 0,
+            }),
             object: None,
             errors: vec![FieldError {
                 field: String::new(),
@@ -290,9 +294,11 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
     let mut decoded = HashMap::new();
     for doc in yaml::documents(text) {
         let reject = |object: Option<ObjectRef>, errors: Vec<FieldError>| Rejection {
-            file: path.to_owned(),
-            document: doc.index,
-            line: doc.first_line,
+            location: Some(Location {
+                file: path.to_owned(),
+                document: doc.index,
+                line: doc.first_line,
+            }),
             object,
             errors,
         };

@@ -8,6 +8,15 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
+/// The pod has ended (phase Succeeded or Failed): its containers are gone, and its address
+/// may already belong to another pod.
+pub fn is_finished(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+}
+
 /// The kinds weft reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Kind {

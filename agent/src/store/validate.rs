@@ -166,6 +166,18 @@ fn metadata(errors: &mut Errors, meta: &ObjectMeta, namespaced: bool, name_ok: f
     }
 }
 
+/// Validates an object of any kind.
+pub fn object(object: &super::Object) -> Result<(), Vec<FieldError>> {
+    use super::Object;
+    match object {
+        Object::Namespace(o) => namespace(o),
+        Object::Pod(o) => pod(o),
+        Object::Service(o) => service(o),
+        Object::EndpointSlice(o) => endpoint_slice(o),
+        Object::NetworkPolicy(o) => network_policy(o),
+    }
+}
+
 pub fn namespace(ns: &Namespace) -> Result<(), Vec<FieldError>> {
     let mut e = Errors::default();
     metadata(&mut e, &ns.metadata, false, is_dns1123_label);

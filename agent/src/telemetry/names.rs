@@ -202,12 +202,7 @@ fn owns_its_address(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.host_network)
         .unwrap_or(false);
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    !host_network && !finished
+    !host_network && !crate::store::object::is_finished(pod)
 }
 
 fn label<'a>(pod: &'a Pod, keys: &[&str]) -> Option<&'a str> {

@@ -1,0 +1,388 @@
+//! Kubernetes mode: kube-rs reflectors for the five kinds weft reads feed the same store as
+//! the standalone directory source.
+//!
+//! - Every kind is listed, then watched (`watcher(..).default_backoff().reflect(writer)`):
+//!   an expired resourceVersion (410 Gone) relists, errors back off. A relist replaces a
+//!   reflector's contents at once when it is complete, so a pass never sees half a list.
+//! - Nothing is compiled before every kind has been listed once: a partial store would
+//!   delete what the previous agent left in the kernel.
+//! - When the API server cannot be reached the reflectors keep what they have, so the
+//!   datapath keeps its last state (fail-static), and [`Health`] reports degraded.
+//! - Pods of this node (`spec.nodeName` = `--node-name`) get their cgroup from their UID and
+//!   QoS class ([`cgroups`]); the `weft.io/cgroup` annotation of standalone mode is never
+//!   taken from the API (whoever can annotate a pod must not choose what weft enforces on).
+pub mod cgroups;
+pub mod metrics;
+pub mod watch;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{Resource, client::ClientBuilder, runtime::reflector::Store as Reader};
+
+pub use self::watch::Health;
+use self::{
+    cgroups::Cgroups,
+    metrics::KubeMetrics,
+    watch::{Observe, spawn},
+};
+use crate::{
+    source::Rejection,
+    store::{self, Kind, Object, ObjectRef, Store, validate::CGROUP_ANNOTATION},
+};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the kubeconfig {path} (--kubeconfig)", path = path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "cannot find how to reach the API server: no in-cluster service account, no \
+         KUBECONFIG and no ~/.kube/config"
+    )]
+    Infer {
+        #[source]
+        source: kube::config::InferConfigError,
+    },
+    #[error("cannot build a client for the API server {server}")]
+    Client {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// A metric label for this error.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kubeconfig { .. } => "kubeconfig",
+            Self::Infer { .. } => "infer_config",
+            Self::Client { .. } => "client",
+        }
+    }
+}
+
+/// How `--source kubernetes` was asked to run.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// None: in-cluster config, else `KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node_name: String,
+    /// The cgroup2 root the agent attaches to; pod cgroups are found below it.
+    pub cgroup_root: PathBuf,
+}
+
+/// The reflectors' read sides.
+#[derive(Debug, Clone)]
+struct Readers {
+    namespaces: Reader<Namespace>,
+    pods: Reader<Pod>,
+    services: Reader<Service>,
+    endpoint_slices: Reader<EndpointSlice>,
+    network_policies: Reader<NetworkPolicy>,
+}
+
+/// A validated object and the version it came from.
+#[derive(Debug)]
+struct Validated {
+    /// metadata.uid: an object deleted and created again under the same name is another
+    /// object, and must not inherit the last good version of the old one.
+    uid: Option<String>,
+    resource_version: Option<String>,
+    /// The cgroup given to a local pod (relative to the cgroup root) with this version.
+    cgroup: Option<PathBuf>,
+    /// The last good version: kept when a newer one is rejected.
+    good: Option<Object>,
+    rejection: Option<Rejection>,
+}
+
+/// The Kubernetes source: reflectors running as tasks, and what the last pass validated.
+#[derive(Debug)]
+pub struct KubeSource {
+    server: String,
+    node_name: String,
+    readers: Readers,
+    health: Arc<Health>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    seen: u64,
+    /// A pending pod's cgroup appeared since the last pass.
+    cgroups_changed: bool,
+    validated: BTreeMap<ObjectRef, Validated>,
+    cgroups: Cgroups,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl KubeSource {
+    /// Connects (lazily: nothing is sent before the watches start) and starts one watch per
+    /// kind. Must be called inside a tokio runtime.
+    pub async fn start(config: &KubeConfig, metrics: KubeMetrics) -> Result<Self, Error> {
+        let kube_config = match &config.kubeconfig {
+            Some(path) => {
+                let err = |source| Error::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                };
+                let file = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+                kube::Config::from_custom_kubeconfig(
+                    file,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .map_err(err)?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|source| Error::Infer { source })?,
+        };
+        // The watcher's backoff is the one retry policy: kube-client's own (15 retries of
+        // 429/503/504, growing to minutes) would hide an unavailable API server from health.
+        let mut kube_config = kube_config;
+        kube_config.default_retry = false;
+        let server = kube_config.cluster_url.to_string();
+        let health = Arc::new(Health::new(metrics));
+        let client = ClientBuilder::try_from(kube_config)
+            .map_err(|source| Error::Client {
+                server: server.clone(),
+                source,
+            })?
+            .with_layer(&Observe::layer(Arc::clone(&health)))
+            .build();
+        let mut tasks = Vec::new();
+        let readers = Readers {
+            namespaces: spawn(&client, Kind::Namespace, &health, &mut tasks),
+            pods: spawn(&client, Kind::Pod, &health, &mut tasks),
+            services: spawn(&client, Kind::Service, &health, &mut tasks),
+            endpoint_slices: spawn(&client, Kind::EndpointSlice, &health, &mut tasks),
+            network_policies: spawn(&client, Kind::NetworkPolicy, &health, &mut tasks),
+        };
+        Ok(Self {
+            server,
+            node_name: config.node_name.clone(),
+            readers,
+            health,
+            tasks,
+            seen: 0,
+            cgroups_changed: false,
+            validated: BTreeMap::new(),
+            cgroups: Cgroups::new(&config.cgroup_root),
+        })
+    }
+
+    /// `kubernetes:<server>`, for status.
+    pub fn describe(&self) -> String {
+        format!("kubernetes:{} (node {})", self.server, self.node_name)
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Whether a pass would see something new: a reflector changed, or a local pod's
+    /// cgroup appeared.
+    pub fn changed(&mut self) -> bool {
+        let generation = self.health.generation();
+        let changed = generation != self.seen || self.cgroups_changed;
+        self.seen = generation;
+        self.cgroups_changed = false;
+        changed
+    }
+
+    /// Whether a local pod whose cgroup was missing has one now (checked on the garbage
+    /// collection tick; the next pass gives it its real path).
+    pub fn cgroups_appeared(&mut self) -> bool {
+        let appeared = self.cgroups.appeared();
+        self.cgroups_changed |= appeared;
+        appeared
+    }
+
+    /// The store every kind's reflector holds now, validated, with local pods bound to their
+    /// cgroups; and every object rejected. None until every kind has been listed once.
+    pub fn snapshot(&mut self) -> Option<(Store, Vec<Rejection>)> {
+        if !self.health.listed() {
+            return None;
+        }
+        let mut live = BTreeSet::new();
+        let (r, v) = (&self.readers, &mut self.validated);
+        add(
+            v,
+            &mut live,
+            Kind::Namespace,
+            r.namespaces.state(),
+            Object::Namespace,
+            no_cgroup,
+        );
+        let pods = r.pods.state();
+        self.cgroups
+            .retain(pods.iter().filter_map(|p| p.metadata.uid.as_deref()));
+        let (node, cgroups) = (self.node_name.as_str(), &mut self.cgroups);
+        add(v, &mut live, Kind::Pod, pods, Object::Pod, |p: &Pod| {
+            local_cgroup(node, cgroups, p)
+        });
+        add(
+            v,
+            &mut live,
+            Kind::Service,
+            r.services.state(),
+            Object::Service,
+            no_cgroup,
+        );
+        let slices = r.endpoint_slices.state();
+        add(
+            v,
+            &mut live,
+            Kind::EndpointSlice,
+            slices,
+            Object::EndpointSlice,
+            no_cgroup,
+        );
+        let policies = r.network_policies.state();
+        add(
+            v,
+            &mut live,
+            Kind::NetworkPolicy,
+            policies,
+            Object::NetworkPolicy,
+            no_cgroup,
+        );
+        // Objects the API no longer has are gone, rejected versions included.
+        v.retain(|k, _| live.contains(k));
+        let objects = v.iter().filter_map(|(r, v)| Some((r, v.good.as_ref()?)));
+        let store = Store::from_objects(objects);
+        let rejections = v.values().filter_map(|v| v.rejection.clone()).collect();
+        Some((store, rejections))
+    }
+}
+
+/// Objects other than pods have no cgroup.
+fn no_cgroup<K>(_: &K) -> Option<PathBuf> {
+    None
+}
+
+/// Validates what changed among `objects` (by resourceVersion, and for local pods by
+/// cgroup) into `validated`, and records every name seen in `live`.
+fn add<K: Resource>(
+    validated: &mut BTreeMap<ObjectRef, Validated>,
+    live: &mut BTreeSet<ObjectRef>,
+    kind: Kind,
+    objects: Vec<Arc<K>>,
+    wrap: fn(Arc<K>) -> Object,
+    mut cgroup_of: impl FnMut(&K) -> Option<PathBuf>,
+) {
+    for obj in objects {
+        let meta = obj.meta();
+        let object_ref = ObjectRef::new(
+            kind,
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default(),
+        );
+        let rv = meta.resource_version.clone();
+        let uid = meta.uid.clone();
+        let cgroup = cgroup_of(&obj);
+        live.insert(object_ref.clone());
+        if let Some(v) = validated.get(&object_ref)
+            && rv.is_some()
+            && v.resource_version == rv
+            && v.uid == uid
+            && v.cgroup == cgroup
+        {
+            continue;
+        }
+        let object = match wrap(obj) {
+            Object::Pod(pod) => Object::Pod(bind_cgroup(pod, cgroup.as_deref())),
+            other => other,
+        };
+        let checked = store::validate::object(&object);
+        let entry = validated
+            .entry(object_ref.clone())
+            .or_insert_with(|| Validated {
+                uid: uid.clone(),
+                resource_version: None,
+                cgroup: None,
+                good: None,
+                rejection: None,
+            });
+        if entry.uid != uid {
+            entry.uid = uid;
+            entry.good = None;
+        }
+        entry.resource_version = rv;
+        entry.cgroup = cgroup;
+        match checked {
+            Ok(()) => {
+                entry.good = Some(object);
+                entry.rejection = None;
+            }
+            Err(errors) => {
+                entry.rejection = Some(Rejection {
+                    location: None,
+                    object: Some(object_ref),
+                    errors,
+                });
+            }
+        }
+    }
+}
+
+/// The cgroup of a pod of this node (relative to the cgroup root): found, or where the
+/// kubelet will create it. None for pods of other nodes and host-network pods (they share
+/// the node's network; NetworkPolicy does not apply to them).
+fn local_cgroup(node_name: &str, cgroups: &mut Cgroups, pod: &Pod) -> Option<PathBuf> {
+    let spec = pod.spec.as_ref()?;
+    if spec.node_name.as_deref() != Some(node_name)
+        || spec.host_network == Some(true)
+        || crate::store::object::is_finished(pod)
+    {
+        // A finished pod's cgroup is gone; nothing of it runs to enforce on.
+        return None;
+    }
+    let uid = pod.metadata.uid.as_deref()?;
+    Some(cgroups.resolve(uid, crate::cgroup::pods::QosClass::of(pod)))
+}
+
+/// The pod as the store holds it: without an annotation from the API, with the cgroup this
+/// node found for it.
+fn bind_cgroup(pod: Arc<Pod>, cgroup: Option<&Path>) -> Arc<Pod> {
+    let has = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(CGROUP_ANNOTATION));
+    if !has && cgroup.is_none() {
+        return pod;
+    }
+    let mut pod = Arc::unwrap_or_clone(pod);
+    let annotations = pod.metadata.annotations.get_or_insert_default();
+    annotations.remove(CGROUP_ANNOTATION);
+    if let Some(path) = cgroup {
+        annotations.insert(
+            CGROUP_ANNOTATION.to_owned(),
+            path.to_string_lossy().into_owned(),
+        );
+    }
+    Arc::new(pod)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::{reflector::store::Writer, watcher::Event};
+use serde_json::json;
+
+use std::time::Duration;
+
+use kube::runtime::reflector;
+
+use super::{watch::KINDS, *};
+
+const NODE: &str = "node-a";
+const UID: &str = "0b1c2d3e-aaaa-bbbb-cccc-123456789abc";
+
+/// A source over reflectors the test writes, with a temporary cgroup root.
+struct Harness {
+    source: KubeSource,
+    pods: Writer<Pod>,
+    services: Writer<Service>,
+    others: (
+        Writer<Namespace>,
+        Writer<EndpointSlice>,
+        Writer<NetworkPolicy>,
+    ),
+    root: PathBuf,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+impl Harness {
+    fn new(test: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("weft-kube-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("cgroup root");
+        let (namespaces, ns_w) = reflector::store();
+        let (pods, pods_w) = reflector::store();
+        let (services, svc_w) = reflector::store();
+        let (endpoint_slices, eps_w) = reflector::store();
+        let (network_policies, np_w) = reflector::store();
+        let source = KubeSource {
+            server: "https://test".into(),
+            node_name: NODE.into(),
+            readers: Readers {
+                namespaces,
+                pods,
+                services,
+                endpoint_slices,
+                network_policies,
+            },
+            health: Arc::default(),
+            tasks: Vec::new(),
+            seen: 0,
+            cgroups_changed: false,
+            validated: BTreeMap::new(),
+            cgroups: Cgroups::new(&root),
+        };
+        Self {
+            source,
+            pods: pods_w,
+            services: svc_w,
+            others: (ns_w, eps_w, np_w),
+            root,
+        }
+    }
+
+    fn list_all(&self) {
+        for (kind, _) in KINDS {
+            self.source.health.set_listed(kind);
+        }
+    }
+
+    fn snapshot(&mut self) -> (Store, Vec<Rejection>) {
+        self.source.snapshot().expect("every kind listed")
+    }
+}
+
+fn pod(name: &str, node: &str, rv: &str, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name, "namespace": "default", "uid": UID, "resourceVersion": rv,
+            "annotations": annotations,
+        },
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.10", "podIPs": [{"ip": "10.0.0.10"}]},
+    }))
+    .expect("pod")
+}
+
+fn service(cluster_ip: &str, rv: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some("web".into()),
+            namespace: Some("default".into()),
+            resource_version: Some(rv.into()),
+            ..ObjectMeta::default()
+        },
+        spec: serde_json::from_value(json!({
+            "clusterIP": cluster_ip, "ports": [{"port": 80}]
+        }))
+        .expect("spec"),
+        status: None,
+    }
+}
+
+fn annotation(store: &Store, name: &str) -> Option<String> {
+    store.pods[&("default".to_owned(), name.to_owned())]
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CGROUP_ANNOTATION).cloned())
+}
+
+#[test]
+fn nothing_is_compiled_before_every_kind_is_listed() {
+    let mut h = Harness::new("unlisted");
+    h.services
+        .apply_watcher_event(&Event::Apply(service("10.96.0.10", "1")));
+    assert!(h.source.snapshot().is_none());
+    h.list_all();
+    assert_eq!(h.snapshot().0.services.len(), 1);
+}
+
+#[test]
+fn cgroups_come_from_the_node_never_from_the_api() {
+    let mut h = Harness::new("cgroups");
+    h.list_all();
+    let evil = json!({ CGROUP_ANNOTATION: "system.slice/sshd.service" });
+    // A pod of another node claiming a cgroup of this one: no cgroup at all.
+    h.pods
+        .apply_watcher_event(&Event::Apply(pod("remote", "node-b", "1", evil.clone())));
+    // A local pod claiming one: the kubelet's path for its UID instead, found once it exists.
+    h.pods
+        .apply_watcher_event(&Event::Apply(pod("local", NODE, "2", evil)));
+    let (store, rejections) = h.snapshot();
+    assert!(rejections.is_empty(), "{rejections:?}");
+    assert_eq!(annotation(&store, "remote"), None);
+    let expected = format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        UID.replace('-', "_")
+    );
+    assert_eq!(
+        annotation(&store, "local").as_deref(),
+        Some(expected.as_str())
+    );
+    assert!(!h.source.cgroups_appeared());
+
+    // The kubelet uses the cgroupfs driver after all: found by the rule, a new pass binds it.
+    let actual = format!("kubepods/besteffort/pod{UID}");
+    std::fs::create_dir_all(h.root.join(&actual)).expect("pod cgroup");
+    assert!(h.source.cgroups_appeared());
+    assert!(h.source.changed(), "a pass is due");
+    let (store, _) = h.snapshot();
+    assert_eq!(
+        annotation(&store, "local").as_deref(),
+        Some(actual.as_str())
+    );
+}
+
+#[test]
+fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
+    let mut h = Harness::new("invalid");
+    h.list_all();
+    h.services
+        .apply_watcher_event(&Event::Apply(service("10.96.0.10", "1")));
+    assert!(h.snapshot().1.is_empty());
+    h.services
+        .apply_watcher_event(&Event::Apply(service("10.96.0.300", "2")));
+    let (store, rejections) = h.snapshot();
+    let svc = &store.services[&("default".to_owned(), "web".to_owned())];
+    assert_eq!(
+        svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.0.10"),
+        "the last good version stays"
+    );
+    assert_eq!(rejections.len(), 1);
+    assert_eq!(rejections[0].errors[0].field, "spec.clusterIP");
+    assert_eq!(
+        rejections[0].to_string().split(':').next(),
+        Some("Service default/web from the API server")
+    );
+    // Deleted: gone, and so is its rejection.
+    h.services
+        .apply_watcher_event(&Event::Delete(service("10.96.0.300", "3")));
+    let (store, rejections) = h.snapshot();
+    assert!(store.services.is_empty() && rejections.is_empty());
+    let _ = &h.others;
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_reported_degraded_over_tls_too() {
+    let dir = std::env::temp_dir().join(format!("weft-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("config");
+    // Nothing listens on port 9 of loopback: every request fails at once.
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:9\n\
+         contexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n\
+         users:\n- name: u\n  user: {token: t}\n",
+    )
+    .expect("kubeconfig");
+    let source = KubeSource::start(
+        &KubeConfig {
+            kubeconfig: Some(path),
+            node_name: NODE.into(),
+            cgroup_root: dir.clone(),
+        },
+        KubeMetrics::default(),
+    )
+    .await
+    .expect("a TLS client is built");
+    let health = source.health();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health.degraded().len() < KINDS.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            health.degraded()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!health.listed());
+    let _ = std::fs::remove_dir_all(&dir);
+}

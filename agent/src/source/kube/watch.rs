@@ -1,0 +1,416 @@
+//! One reflector task per kind, and what they tell the rest of the agent: [`Health`].
+//!
+//! - The task applies watcher events to its reflector's writer itself (rather than through
+//!   `.reflect()`), so that it can start the watcher over: kube-runtime retries a watch that
+//!   the server refuses with HTTP 410 from the same resourceVersion forever.
+//! - Health is decided by the HTTP responses themselves ([`Observe`], a layer of the
+//!   client): a request of a kind that gets a 2xx answer means the server serves that kind.
+//!   A watch resumed after an outage yields no event, so events alone cannot tell.
+//! - Retries back off from 0.8 s to 30 s ([`WatchBackoff`]) and start over only after such
+//!   a success. kube-runtime's own backoff is reset by the `Init` it yields before every
+//!   list attempt, so a failing list would be retried every 0.8 s forever.
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{StreamExt as _, future::BoxFuture};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store as Reader, store::Writer},
+        utils::Backoff,
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+
+use super::metrics::{self, KubeMetrics};
+use crate::store::Kind;
+
+/// Every kind the source reads, with its collection path below `/api` or `/apis`.
+pub const KINDS: [(Kind, &str); 5] = [
+    (Kind::Namespace, "/api/v1/namespaces"),
+    (Kind::Pod, "/api/v1/pods"),
+    (Kind::Service, "/api/v1/services"),
+    (
+        Kind::EndpointSlice,
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ),
+    (
+        Kind::NetworkPolicy,
+        "/apis/networking.k8s.io/v1/networkpolicies",
+    ),
+];
+
+/// What one kind's watch has reached.
+#[derive(Debug, Clone, Default)]
+struct KindState {
+    /// The first complete list is in the reflector.
+    listed: bool,
+    /// The last failure, while no request for this kind has succeeded since.
+    failing: Option<(SystemTime, String)>,
+    /// A request succeeded since the backoff last looked: the next delay starts over.
+    progress: bool,
+}
+
+/// State shared between the watch tasks, the client, the pipeline and the admin API.
+#[derive(Debug, Default)]
+pub struct Health {
+    kinds: Mutex<BTreeMap<Kind, KindState>>,
+    /// Bumped on every change a reflector applied.
+    generation: AtomicU64,
+    changed: tokio::sync::Notify,
+    metrics: KubeMetrics,
+}
+
+impl Health {
+    pub fn new(metrics: KubeMetrics) -> Self {
+        let health = Self {
+            metrics,
+            ..Self::default()
+        };
+        for (kind, _) in KINDS {
+            health.state(|k| k.insert(kind, KindState::default()));
+            health.metrics.set_up(kind, false);
+        }
+        health
+    }
+
+    fn state<R>(&self, f: impl FnOnce(&mut BTreeMap<Kind, KindState>) -> R) -> R {
+        f(&mut self.kinds.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Every kind has been listed once.
+    pub fn listed(&self) -> bool {
+        self.state(|k| k.len() == KINDS.len() && k.values().all(|s| s.listed))
+    }
+
+    /// Why the source is degraded: one line per kind whose requests fail. Empty: healthy.
+    pub fn degraded(&self) -> Vec<String> {
+        self.state(|kinds| {
+            kinds
+                .iter()
+                .filter_map(|(kind, s)| {
+                    let (since, error) = s.failing.as_ref()?;
+                    let ago = since.elapsed().unwrap_or_default().as_secs();
+                    Some(format!(
+                        "{kind}: the API server has failed for {ago} s ({error}); the datapath \
+                         keeps its last state"
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    /// Resolves when a reflector applied a change since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_listed(&self, kind: Kind) {
+        self.state(|k| k.entry(kind).or_default().listed = true);
+    }
+
+    fn done_listing(&self, kind: Kind) {
+        let up = self.state(|k| {
+            let s = k.entry(kind).or_default();
+            s.listed = true;
+            s.failing.is_none()
+        });
+        self.metrics.set_up(kind, up);
+        tracing::info!(target: "weft::source", kind = %kind, "listed");
+        self.bump();
+    }
+
+    /// A request of `kind` got a 2xx answer.
+    fn succeeded(&self, kind: Kind) {
+        let (was, listed) = self.state(|k| {
+            let s = k.entry(kind).or_default();
+            s.progress = true;
+            (s.failing.take(), s.listed)
+        });
+        if let Some((since, _)) = was {
+            self.metrics.set_up(kind, listed);
+            tracing::info!(
+                target: "weft::source",
+                kind = %kind,
+                after_s = since.elapsed().unwrap_or_default().as_secs(),
+                "Kubernetes API serves it again"
+            );
+        }
+    }
+
+    /// A watcher error of `kind`: the reflector keeps its objects (fail-static).
+    fn failed(&self, kind: Kind, e: &watcher::Error) {
+        let reason = metrics::reason(e);
+        self.metrics.error(kind, reason);
+        if reason == "expired" {
+            // Normal: the API server compacted past our version; a relist follows at once.
+            tracing::info!(target: "weft::source", kind = %kind, "resourceVersion expired (410 Gone); relisting");
+            return;
+        }
+        self.metrics.set_up(kind, false);
+        let first = self.state(|k| {
+            let s = k.entry(kind).or_default();
+            let first = s.failing.is_none();
+            let since = s.failing.as_ref().map_or_else(SystemTime::now, |f| f.0);
+            s.failing = Some((since, e.to_string()));
+            first
+        });
+        if first {
+            tracing::warn!(target: "weft::source", kind = %kind, error = %crate::chain(e), "Kubernetes API request failed; keeping the last state and retrying with backoff");
+        } else {
+            tracing::debug!(target: "weft::source", kind = %kind, error = %crate::chain(e), "Kubernetes API request failed again");
+        }
+    }
+
+    fn take_progress(&self, kind: Kind) -> bool {
+        self.state(|k| std::mem::take(&mut k.entry(kind).or_default().progress))
+    }
+}
+
+/// The kind a request path is for (`/api/v1/pods?watch=true...`).
+fn kind_of(path: &str) -> Option<Kind> {
+    KINDS
+        .iter()
+        .find(|(_, p)| path == *p)
+        .map(|(kind, _)| *kind)
+}
+
+/// A client layer that tells [`Health`] which kinds the server answers with success.
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    health: Arc<Health>,
+}
+
+impl<S> Observe<S> {
+    pub fn layer(health: Arc<Health>) -> impl tower::Layer<S, Service = Self> + Clone {
+        tower::layer::layer_fn(move |inner| Self {
+            inner,
+            health: Arc::clone(&health),
+        })
+    }
+}
+
+impl<S, B> tower::Service<http::Request<kube::client::Body>> for Observe<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let kind = kind_of(request.uri().path());
+        let health = Arc::clone(&self.health);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let (Some(kind), Ok(r)) = (kind, &response)
+                && r.status().is_success()
+            {
+                health.succeeded(kind);
+            }
+            response
+        })
+    }
+}
+
+/// The watcher's retry delays: 0.8 s doubling to 30 s, with jitter; they start over only
+/// once a request of the kind has succeeded.
+#[derive(Debug)]
+struct WatchBackoff {
+    kind: Kind,
+    health: Arc<Health>,
+    attempt: u32,
+}
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(800);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        if self.health.take_progress(self.kind) {
+            self.attempt = 0;
+        }
+        let base = BACKOFF_FIRST
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        // Jitter (50% to 100% of the delay) from the clock: agents of a whole cluster that
+        // lost the API server together must not come back in step.
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Some(base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    /// Called by kube-runtime on every item, the `Init` before each list attempt included:
+    /// progress is decided by [`Health::succeeded`] instead.
+    fn reset(&mut self) {}
+}
+
+/// Starts the watch of one kind and returns its reader.
+pub fn spawn<K>(
+    client: &Client,
+    kind: Kind,
+    health: &Arc<Health>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Reader<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let api: Api<K> = Api::all(client.clone());
+    tasks.push(tokio::spawn(watch(api, writer, kind, Arc::clone(health))));
+    reader
+}
+
+/// Runs one kind's reflector until the source is dropped.
+async fn watch<K>(api: Api<K>, mut writer: Writer<K>, kind: Kind, health: Arc<Health>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let start = || {
+        watcher(api.clone(), watcher::Config::default())
+            .backoff(WatchBackoff {
+                kind,
+                health: Arc::clone(&health),
+                attempt: 0,
+            })
+            // managedFields are most of an object's size and weft never reads them.
+            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            .boxed()
+    };
+    let mut stream = start();
+    loop {
+        let Some(item) = stream.next().await else {
+            // The watcher never ends on its own; start it over rather than go stale.
+            tracing::error!(target: "weft::source", kind = %kind, "watch stream ended; restarting it");
+            stream = start();
+            continue;
+        };
+        match item {
+            Ok(event) => {
+                // The writer buffers a relist and swaps it in at InitDone, so a pass never
+                // sees half a list.
+                writer.apply_watcher_event(&event);
+                match event {
+                    watcher::Event::InitDone => health.done_listing(kind),
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => health.bump(),
+                    watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                }
+            }
+            Err(e) => {
+                health.failed(kind, &e);
+                if let watcher::Error::WatchStartFailed(kube::Error::Api(s)) = &e
+                    && s.code == 410
+                {
+                    // Refused with HTTP 410 (a proxy, or an older server): kube-runtime would
+                    // retry the same version forever. List again instead.
+                    stream = start();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> Box<kube::core::Status> {
+        Box::new(kube::core::Status {
+            code,
+            ..kube::core::Status::default()
+        })
+    }
+
+    #[test]
+    fn retries_back_off_to_30_s_and_start_over_only_after_a_success() {
+        let health = Arc::new(Health::new(KubeMetrics::default()));
+        let mut b = WatchBackoff {
+            kind: Kind::Pod,
+            health: Arc::clone(&health),
+            attempt: 0,
+        };
+        for i in 0..10 {
+            let base = BACKOFF_FIRST.saturating_mul(1 << i).min(BACKOFF_MAX);
+            // kube-runtime resets on every item, the Init before each list included.
+            b.reset();
+            let d = b.next().expect("never gives up");
+            assert!(d >= base / 2 && d <= base, "attempt {i}: {d:?} vs {base:?}");
+        }
+        assert!(b.next().expect("delay") >= BACKOFF_MAX / 2);
+        health.succeeded(Kind::Pod);
+        assert!(
+            b.next().expect("delay") <= BACKOFF_FIRST,
+            "a success starts over"
+        );
+    }
+
+    #[test]
+    fn failures_degrade_until_the_kind_is_served_again_and_410_is_no_failure() {
+        let health = Health::new(KubeMetrics::default());
+        health.failed(Kind::Pod, &watcher::Error::WatchError(status(410)));
+        assert!(
+            health.degraded().is_empty(),
+            "an expired version only relists"
+        );
+        health.failed(Kind::Pod, &watcher::Error::WatchError(status(500)));
+        health.failed(Kind::Pod, &watcher::Error::WatchError(status(503)));
+        let degraded = health.degraded();
+        assert_eq!(degraded.len(), 1, "{degraded:?}");
+        assert!(
+            degraded[0].starts_with("Pod: the API server has failed for "),
+            "{degraded:?}"
+        );
+        health.succeeded(Kind::Service);
+        assert_eq!(
+            health.degraded().len(),
+            1,
+            "another kind's success says nothing"
+        );
+        health.succeeded(Kind::Pod);
+        assert!(health.degraded().is_empty());
+    }
+
+    #[test]
+    fn request_paths_name_their_kind() {
+        assert_eq!(kind_of("/api/v1/pods"), Some(Kind::Pod));
+        assert_eq!(
+            kind_of("/apis/networking.k8s.io/v1/networkpolicies"),
+            Some(Kind::NetworkPolicy)
+        );
+        assert_eq!(kind_of("/api/v1/namespaces/default/pods"), None);
+        assert_eq!(kind_of("/version"), None);
+    }
+}
