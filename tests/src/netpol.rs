@@ -24,6 +24,18 @@ pub enum Via {
     ClusterIp,
 }
 
+/// A NetworkPolicy document; `spec` is YAML indented by 2 (the body of `spec:`).
+pub fn np(namespace: &str, name: &str, spec: &str) -> String {
+    let spec: String = spec
+        .trim_matches('\n')
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: \"{namespace}\"\nspec:\n{spec}"
+    )
+}
+
 /// `namespace/pod` of every pod, in table order.
 pub fn all_pods() -> Vec<String> {
     NAMESPACES

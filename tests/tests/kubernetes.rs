@@ -8,7 +8,7 @@ use weft_testkit::{
     Agent, AgentOptions, Node,
     fakeapi::FakeApi,
     k8s,
-    netpol::{Model, Table, Via},
+    netpol::{Model, Table, Via, np},
     prom,
 };
 
@@ -276,18 +276,6 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
         RECOVERY,
         healthy_and_ready,
     );
-}
-
-/// A NetworkPolicy document.
-fn np(namespace: &str, name: &str, spec: &str) -> String {
-    let spec: String = spec
-        .trim_matches('\n')
-        .lines()
-        .map(|l| format!("  {l}\n"))
-        .collect();
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: \"{namespace}\"\nspec:\n{spec}"
-    )
 }
 
 fn policies_in_force(agent: &Agent, want: &[&str], timeout: Duration) {

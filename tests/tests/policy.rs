@@ -6,20 +6,8 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use weft_testkit::{
     Agent, AgentOptions,
-    netpol::{Model, Table, Via},
+    netpol::{Model, Table, Via, np},
 };
-
-/// A NetworkPolicy document; `spec` is YAML indented by 2 (the body of `spec:`).
-fn np(namespace: &str, name: &str, spec: &str) -> String {
-    let spec: String = spec
-        .trim_matches('\n')
-        .lines()
-        .map(|l| format!("  {l}\n"))
-        .collect();
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: \"{namespace}\"\nspec:\n{spec}"
-    )
-}
 
 fn start(test: &str) -> (Model, Agent) {
     let model = Model::new(test);
