@@ -2,8 +2,9 @@
 //! JSON under target/bench/ and print ratios.
 //!
 //! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `policy`
-//! (bench/policy.rs), `telemetry` (bench/telemetry.rs).
+//! (bench/policy.rs), `telemetry` (bench/telemetry.rs), `kube` (bench/kube.rs).
 mod churn;
+mod kube;
 mod policy;
 mod services;
 mod telemetry;
@@ -17,7 +18,7 @@ use weft_testkit::AgentOptions;
 
 use crate::{build, setup::Tools};
 
-const SCENARIOS: &[&str] = &["churn", "services", "policy", "telemetry"];
+const SCENARIOS: &[&str] = &["churn", "services", "policy", "telemetry", "kube"];
 
 pub fn run(
     ws: &Path,
@@ -60,6 +61,11 @@ pub fn run(
             }
             "telemetry" => {
                 let r = telemetry::run(&bins, seconds, rounds)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "kube" => {
+                let r = kube::run(&bins)?;
                 write(&path, &r)?;
                 r.print();
             }
