@@ -122,6 +122,9 @@ pub struct KubeSource {
     seen: u64,
     /// A pending pod's cgroup appeared since the last pass.
     cgroups_changed: bool,
+    /// Some pod names `node_name`; warned once that none does.
+    node_seen: bool,
+    node_warned: bool,
     validated: BTreeMap<ObjectRef, Validated>,
     cgroups: Cgroups,
 }
@@ -185,6 +188,8 @@ impl KubeSource {
             tasks,
             seen: 0,
             cgroups_changed: false,
+            node_seen: false,
+            node_warned: false,
             validated: BTreeMap::new(),
             cgroups: Cgroups::new(&config.cgroup_root),
         })
@@ -235,7 +240,18 @@ impl KubeSource {
         );
         let pods = r.pods.state();
         self.cgroups
-            .retain(pods.iter().filter_map(|p| p.metadata.uid.as_deref()));
+            .retain(pods.iter().filter_map(|p| cgroup_uid(p)));
+        if !self.node_seen {
+            // A mistyped --node-name finds no local pod and enforces nothing: say so. Our
+            // own DaemonSet pod names the node, so a real node always has one.
+            self.node_seen = pods.iter().any(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node_name)
+            });
+            if !self.node_seen && !self.node_warned {
+                self.node_warned = true;
+                tracing::warn!(target: "weft::source", node = self.node_name, "no pod of the cluster is on this node: check --node-name (NODE_NAME); no local pod is enforced on until one is");
+            }
+        }
         let (node, cgroups) = (self.node_name.as_str(), &mut self.cgroups);
         add(v, &mut live, Kind::Pod, pods, Object::Pod, |p: &Pod| {
             local_cgroup(node, cgroups, p)
@@ -357,8 +373,19 @@ fn local_cgroup(node_name: &str, cgroups: &mut Cgroups, pod: &Pod) -> Option<Pat
         // A finished pod's cgroup is gone; nothing of it runs to enforce on.
         return None;
     }
-    let uid = pod.metadata.uid.as_deref()?;
-    Some(cgroups.resolve(uid, crate::cgroup::pods::QosClass::of(pod)))
+    Some(cgroups.resolve(cgroup_uid(pod)?, crate::cgroup::pods::QosClass::of(pod)))
+}
+
+/// The UID the kubelet names a pod's cgroup after: for the mirror of a static pod, the
+/// static pod's (its config hash, in the `kubernetes.io/config.mirror` annotation), not the
+/// mirror object's own.
+fn cgroup_uid(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        .or(pod.metadata.uid.as_ref())
+        .map(String::as_str)
 }
 
 /// The pod as the store holds it: without an annotation from the API, with the cgroup this

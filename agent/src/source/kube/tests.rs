@@ -54,6 +54,8 @@ impl Harness {
             tasks: Vec::new(),
             seen: 0,
             cgroups_changed: false,
+            node_seen: false,
+            node_warned: false,
             validated: BTreeMap::new(),
             cgroups: Cgroups::new(&root),
         };
@@ -156,6 +158,26 @@ fn cgroups_come_from_the_node_never_from_the_api() {
     assert_eq!(
         annotation(&store, "local").as_deref(),
         Some(actual.as_str())
+    );
+}
+
+#[test]
+fn a_static_pods_mirror_is_found_by_its_config_hash() {
+    let mut h = Harness::new("mirror");
+    h.list_all();
+    let hash = "6f1b0a3c9d2e4f5a8b7c6d5e4f3a2b1c";
+    let annotations =
+        json!({"kubernetes.io/config.mirror": hash, "kubernetes.io/config.hash": hash});
+    h.pods
+        .apply_watcher_event(&Event::Apply(pod("etcd-node-a", NODE, "1", annotations)));
+    let (store, _) = h.snapshot();
+    assert_eq!(
+        annotation(&store, "etcd-node-a").as_deref(),
+        Some(
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{hash}.slice")
+                .as_str()
+        ),
+        "the kubelet names a static pod's cgroup after its config hash, not the mirror's UID"
     );
 }
 
