@@ -276,6 +276,14 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
         RECOVERY,
         healthy_and_ready,
     );
+
+    // A watched deletion: the Service goes, and with it its frontend.
+    assert!(api.delete("Service", "default", "web"));
+    agent.wait_services("the deleted Service's frontend gone", |list| {
+        !list
+            .iter()
+            .any(|s| s["frontend"] == format!("{VIP}:80/TCP").as_str())
+    });
 }
 
 fn policies_in_force(agent: &Agent, want: &[&str], timeout: Duration) {
