@@ -183,6 +183,17 @@ pub fn file(docs: &[String]) -> String {
     docs.join("---\n")
 }
 
+/// A node with two pods, `client` and `server`, both declared (unlabelled, in `default`)
+/// in the node's source directory.
+pub fn client_server_node(test: &str) -> Node {
+    let node = Node::builder(test).pod("client").pod("server").build();
+    node.write_source(
+        "pods.yaml",
+        &http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
+    );
+    node
+}
+
 /// Pods of the node in one namespace, each with its labels and a named `http` port 8080/TCP,
 /// ready, as one file.
 pub fn http_pods(

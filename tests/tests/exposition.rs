@@ -4,7 +4,7 @@
 use std::{io::Write as _, net::SocketAddr, process::Command, time::Duration};
 
 use serde_json::Value;
-use weft_testkit::{Agent, Close, Node, k8s, prom};
+use weft_testkit::{Agent, Close, k8s, prom};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -31,14 +31,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[test]
 fn promtool_accepts_the_agents_metrics() {
-    let node = Node::builder("telemetry_promtool")
-        .pod("client")
-        .pod("server")
-        .build();
-    node.write_source(
-        "pods.yaml",
-        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
-    );
+    let node = k8s::client_server_node("telemetry_promtool");
     node.write_source(
         "policy.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: default\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",

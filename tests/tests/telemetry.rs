@@ -190,14 +190,7 @@ fn metrics_name_workloads_and_service_through_a_clusterip_and_deleted_pods_lose_
 
 #[test]
 fn outcomes_tell_reset_refused_and_timeout_apart() {
-    let node = Node::builder("telemetry_outcomes")
-        .pod("client")
-        .pod("server")
-        .build();
-    node.write_source(
-        "pods.yaml",
-        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
-    );
+    let node = k8s::client_server_node("telemetry_outcomes");
     let agent = Agent::with_source(&node, &[]);
     let server = node.pod("server").ipv4;
     let closed = |outcome: &'static str| {
@@ -311,14 +304,7 @@ fn outcomes_tell_reset_refused_and_timeout_apart() {
 
 #[test]
 fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
-    let node = Node::builder("telemetry_long")
-        .pod("client")
-        .pod("server")
-        .build();
-    node.write_source(
-        "pods.yaml",
-        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
-    );
+    let node = k8s::client_server_node("telemetry_long");
     let agent = Agent::with_source(&node, &["--conn-update-interval", "1s"]);
     let server = node.pod("server").ipv4;
     let _srv = node.start_server(
@@ -463,14 +449,7 @@ fn a_long_lived_connection_reports_while_open_and_counters_are_64_bit() {
 
 #[test]
 fn udp_flows_are_counted_and_end_after_the_idle_timeout() {
-    let node = Node::builder("telemetry_udp")
-        .pod("client")
-        .pod("server")
-        .build();
-    node.write_source(
-        "pods.yaml",
-        &k8s::http_pods(&node, "default", &[("client", &[]), ("server", &[])]),
-    );
+    let node = k8s::client_server_node("telemetry_udp");
     let agent = Agent::with_source(
         &node,
         &["--conn-update-interval", "1s", "--udp-idle-timeout", "2s"],

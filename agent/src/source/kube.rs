@@ -65,17 +65,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A metric label for this error.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Kubeconfig { .. } => "kubeconfig",
-            Self::Infer { .. } => "infer_config",
-            Self::Client { .. } => "client",
-        }
-    }
-}
-
 /// How `--source kubernetes` was asked to run.
 #[derive(Debug, Clone)]
 pub struct KubeConfig {
