@@ -246,7 +246,6 @@ impl Pipeline {
                 .set(used as i64);
         }
         status.ready = true;
-        status.source = self.source.as_ref().map(Source::describe);
         status.objects = store.counts();
         status.rejections = rejections;
         status.problems = desired.problems;
