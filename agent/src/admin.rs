@@ -37,7 +37,9 @@ use weft_abi::{
     svc::{Endpoint, ServiceKey, ServiceValue, SlotKey},
 };
 
-use crate::{compile::words_ip, datapath::Pins, pipeline, sync::frontend_name};
+use weft_abi::net::words_ip;
+
+use crate::{datapath::Pins, pipeline, sync::frontend_name};
 
 pub mod policy;
 pub mod telemetry;
@@ -75,11 +77,136 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot listen for metrics on {addr} (--metrics-addr)")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the admin API stopped")]
+    Stopped,
 }
+
+/// Where admin sockets live.
+pub const RUN_DIR: &str = "/run/weft";
 
 /// The default admin socket of an instance.
 pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
     run_dir.join(format!("{instance}.sock"))
+}
+
+/// The admin API's flags.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// Admin API socket [default: <run-dir>/<instance>.sock].
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// Where Prometheus scrapes /metrics (`off`: only on the admin socket). 9967 clashes with
+    /// neither Cilium (9962-9965), Istio (15000-15021) nor node-exporter (9100).
+    #[arg(long, default_value = "0.0.0.0:9967", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+}
+
+impl Settings {
+    /// The socket of `instance`: `--admin-socket`, or the default path.
+    pub fn socket(&self, instance: &str) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| socket_path(Path::new(RUN_DIR), instance))
+    }
+}
+
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+pub fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (use IP:PORT, e.g. 0.0.0.0:9967, or off)"))
+}
+
+/// The admin API and the metrics listener, serving until dropped or failed.
+#[derive(Debug)]
+pub struct Admin {
+    admin: tokio::task::JoinHandle<Result<(), Error>>,
+    metrics: Option<tokio::task::JoinHandle<Result<(), Error>>>,
+    /// Where `/metrics` is served over TCP, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Removes the socket on every exit, error paths included.
+    _socket: RemoveOnDrop,
+}
+
+impl Admin {
+    /// Binds both listeners (before the agent reports ready: whoever waits for it can use the
+    /// API at once) and serves them. Must run inside a tokio runtime.
+    pub async fn spawn(
+        settings: &Settings,
+        socket: &Path,
+        state: AdminState,
+    ) -> Result<Self, Error> {
+        let listener = bind(socket)?;
+        let guard = RemoveOnDrop(socket.to_owned());
+        let tcp = match settings.metrics_addr.0 {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::MetricsListen { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let state = AdminState {
+            metrics_addr,
+            ..state
+        };
+        let metrics = tcp.map(|l| tokio::spawn(serve_metrics(l, state.clone())));
+        let admin = tokio::spawn(serve(listener, socket.to_owned(), state));
+        Ok(Self {
+            admin,
+            metrics,
+            metrics_addr,
+            _socket: guard,
+        })
+    }
+
+    /// Resolves when a server stops (they serve forever, so only on failure).
+    pub async fn stopped(&mut self) -> Error {
+        let result = match &mut self.metrics {
+            Some(metrics) => tokio::select! {
+                r = &mut self.admin => r,
+                r = metrics => r,
+            },
+            None => (&mut self.admin).await,
+        };
+        match result {
+            Ok(Err(e)) => e,
+            _ => Error::Stopped,
+        }
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.admin.abort();
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
+    }
+}
+
+/// Removes a path when dropped.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Static facts about the running agent.
@@ -137,7 +264,7 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub pins: Pins,
     pub telemetry: crate::telemetry::TelemetryView,
-    /// The TCP address `/metrics` is served on, if any.
+    /// The TCP address `/metrics` is served on, if any (set by [`Admin::spawn`]).
     pub metrics_addr: Option<SocketAddr>,
     pub store: crate::pipeline::StoreHandle,
     /// The Kubernetes source's health (none in standalone mode).
@@ -472,3 +599,6 @@ pub async fn get_json<T: for<'de> Deserialize<'de>>(socket: &Path, path: &str) -
     let body = fetch(socket, path).await?;
     serde_json::from_slice(&body).map_err(Error::Decode)
 }
+
+#[cfg(test)]
+mod tests;

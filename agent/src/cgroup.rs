@@ -10,6 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::mounts::{CGROUP2_SUPER_MAGIC, fs_magic};
+
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -94,7 +96,6 @@ pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
 /// The level of a cgroup v2 directory: 0 for the cgroup2 mount's root, 1 for its children...
 /// Counted by walking up while the parent is still on the cgroup2 filesystem.
 pub fn level(path: &Path) -> Result<u32, Error> {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let canonical = fs::canonicalize(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,
@@ -109,15 +110,6 @@ pub fn level(path: &Path) -> Result<u32, Error> {
         at = parent;
     }
     Ok(level)
-}
-
-fn fs_magic(path: &Path) -> Option<i64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: `c` is a valid C string and `st` a properly sized out parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type)
 }
 
 /// The cgroups under a root, and whether the listing is complete.

@@ -132,6 +132,7 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
         for item in items {
             let line = match (item["object"].as_str(), item["message"].as_str()) {
                 (Some(o), Some(m)) => format!("{o}: {m}"),
+                (None, Some(m)) => m.to_owned(),
                 _ => item
                     .as_str()
                     .map_or_else(|| item.to_string(), str::to_owned),

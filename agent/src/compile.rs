@@ -1,6 +1,7 @@
 //! Pure functions from the store to desired datapath state. No I/O, no clock: the same store
 //! always compiles to the same result, which is what makes the sync diff small and testable.
 //! This file compiles Services; [`policy`] compiles NetworkPolicies.
+pub mod names;
 pub mod policy;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,6 +18,7 @@ use k8s_openapi::{
 use serde::Serialize;
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
+    net::ip_words,
     svc::{Endpoint, ServiceKey},
 };
 
@@ -52,37 +54,12 @@ pub struct Services {
     pub problems: Vec<Problem>,
 }
 
-/// An IP address as the kernel maps hold it: (family, network-order words).
-pub fn ip_words(ip: IpAddr) -> (u8, [u32; 4]) {
-    match ip {
-        IpAddr::V4(v4) => (4, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            (6, [w(0), w(4), w(8), w(12)])
-        }
-    }
-}
-
-/// The inverse of [`ip_words`].
-pub fn words_ip(family: u8, words: [u32; 4]) -> IpAddr {
-    if family == 4 {
-        IpAddr::from(words[0].to_ne_bytes())
-    } else {
-        let mut o = [0u8; 16];
-        for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
-            chunk.copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::from(o)
-    }
-}
-
 fn endpoint(ip: IpAddr, port: u16) -> Endpoint {
     let (family, addr) = ip_words(ip);
     Endpoint {
         addr,
         port: port.to_be(),
-        family,
+        family: family as u8,
         _pad: 0,
     }
 }
@@ -201,7 +178,7 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
                 addr,
                 port: service_port.to_be(),
                 protocol,
-                family,
+                family: family as u8,
             };
             // Two Services cannot share a frontend: the first (by namespace/name) keeps it.
             if let Some(first) = out.frontends.get(&key) {
@@ -373,6 +350,8 @@ fn from_pods(
 mod tests {
     use std::collections::BTreeMap;
 
+    use weft_abi::net::words_ip;
+
     use super::*;
     use crate::{source::yaml, store};
 
@@ -390,7 +369,7 @@ mod tests {
             addr,
             port: port.to_be(),
             protocol,
-            family,
+            family: family as u8,
         }
     }
 
@@ -540,7 +519,7 @@ mod tests {
         for ip in ["10.96.0.10", "fd00:96::10", "::ffff:10.0.0.1"] {
             let ip: IpAddr = ip.parse().expect("ip");
             let (family, words) = ip_words(ip);
-            assert_eq!(words_ip(family, words), ip);
+            assert_eq!(words_ip(family as u8, words), ip);
         }
     }
 }
@@ -576,8 +555,11 @@ mod example_dir {
                     .backends
                     .iter()
                     .map(|b| {
-                        std::net::SocketAddr::new(words_ip(b.family, b.addr), u16::from_be(b.port))
-                            .to_string()
+                        std::net::SocketAddr::new(
+                            weft_abi::net::words_ip(b.family, b.addr),
+                            u16::from_be(b.port),
+                        )
+                        .to_string()
                     })
                     .collect();
                 (
@@ -605,7 +587,10 @@ mod example_dir {
         let p = policy::compile(&store, &[], &mut policy::Ids::default());
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         let flags = |cg: &str| p.endpoints[cg].info.flags;
-        use weft_abi::policy::{DIR_EGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED};
+        use weft_abi::{
+            net::Direction,
+            policy::{EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED},
+        };
         assert_eq!(flags("frontend"), EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
         assert_eq!(flags("backend"), EP_INGRESS_ISOLATED);
         assert_eq!(flags("db"), EP_INGRESS_ISOLATED);
@@ -616,22 +601,28 @@ mod example_dir {
         };
         assert!(judge(
             "frontend",
-            DIR_EGRESS,
+            Direction::Egress,
             "10.0.0.11",
             IPPROTO_TCP,
             8080
         ));
         assert!(judge(
             "frontend",
-            DIR_EGRESS,
+            Direction::Egress,
             "10.0.0.12",
             IPPROTO_UDP,
             5353
         ));
-        assert!(!judge("frontend", DIR_EGRESS, "fd00::c", IPPROTO_TCP, 5432));
+        assert!(!judge(
+            "frontend",
+            Direction::Egress,
+            "fd00::c",
+            IPPROTO_TCP,
+            5432
+        ));
         assert!(judge(
             "db",
-            weft_abi::policy::DIR_INGRESS,
+            Direction::Ingress,
             "fd00::b",
             IPPROTO_TCP,
             5432

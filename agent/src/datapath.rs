@@ -7,6 +7,7 @@
 //! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link.
 mod admin;
 mod config;
+pub mod metrics;
 mod pins;
 mod sys;
 
@@ -19,22 +20,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{MapData, MapError, MapInfo},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SockOps,
         links::{FdLink, LinkError},
     },
 };
-use weft_abi::{
-    globals, maps, programs,
-    traffic::{TrafficKey, TrafficValue},
-};
+use weft_abi::{globals, maps, programs};
 
 use self::{admin::remove_link, config::MapSpec};
 pub use self::{
     admin::{Attached, CleanupReport, MapUsage, attached_programs, cleanup, map_usage},
-    config::Config,
+    config::{Capacities, Config, Globals, Instance, Settings, map_flag},
     pins::{InstanceLock, Pins},
 };
 use crate::cgroup;
@@ -126,12 +124,6 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: io::Error,
-    },
-    #[error("invalid {flag} {value}: {reason}")]
-    InvalidCapacity {
-        flag: &'static str,
-        value: u32,
-        reason: &'static str,
     },
     #[error("cannot open cgroup {path}", path = path.display())]
     OpenCgroup {
@@ -260,13 +252,12 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object, checks or creates the pinned maps, and attaches or adopts every program.
     pub fn start(config: &Config) -> Result<Self, Error> {
-        config.validate()?;
         let cgroup_id = cgroup::cgroup_id(&config.cgroup)?;
         let cgroup_file = File::open(&config.cgroup).map_err(|source| Error::OpenCgroup {
             path: config.cgroup.clone(),
             source,
         })?;
-        let pins = Pins::new(&config.bpffs, &config.instance)?;
+        let pins = Pins::new(&config.instance.bpffs, &config.instance.name)?;
         pins.create_dirs()?;
         let lock = pins.lock()?;
 
@@ -276,31 +267,29 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        for spec in config.map_specs() {
+        let specs = config::map_specs(&config.capacities);
+        for spec in &specs {
             loader.map_max_entries(spec.name, spec.max_entries);
         }
+        let g = &config.globals;
         loader
-            .override_global("AYA_LOG_LEVEL", &config.kernel_log_level, true)
+            .override_global("AYA_LOG_LEVEL", &g.kernel_log_level, true)
             .override_global(
                 globals::CONN_EVENTS_WAKEUP_BYTES,
-                &config.events_wakeup_bytes,
+                &g.events_wakeup_bytes,
                 true,
             )
-            .override_global(globals::POLICY_ROOT_LEVEL, &config.cgroup_level, true)
+            .override_global(globals::POLICY_ROOT_LEVEL, &g.cgroup_level, true)
             .override_global(
                 globals::CONN_UPDATE_INTERVAL_NS,
-                &config.conn_update_interval_ns,
+                &g.conn_update_interval_ns,
                 true,
             )
-            .override_global(
-                globals::CONN_EVENTS_ENABLED,
-                &config.conn_events_enabled,
-                true,
-            );
+            .override_global(globals::CONN_EVENTS_ENABLED, &g.conn_events_enabled, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
-        check_maps(&pins, config)?;
+        check_maps(&pins, &specs)?;
 
         let ctx = AttachCtx {
             pins: &pins,
@@ -340,9 +329,16 @@ impl Datapath {
         &self.links
     }
 
-    /// The connection event ring buffer (can be taken once).
-    pub fn take_conn_events(&mut self) -> Result<RingBuf<MapData>, Error> {
-        take(&mut self.ebpf, maps::CONN_EVENTS)
+    /// A map of the loaded object, typed by what it holds (each can be taken once).
+    pub fn take<T>(&mut self, name: &'static str) -> Result<T, Error>
+    where
+        T: TryFrom<aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        T::try_from(map).map_err(|source| Error::TakeMap { name, source })
     }
 
     /// A second handle on a pinned map of this instance (for readers beside its owner).
@@ -351,57 +347,6 @@ impl Datapath {
         T: TryFrom<aya::maps::Map, Error = MapError>,
     {
         open_pinned(self.pins(), name).map_err(|source| Error::TakeMap { name, source })
-    }
-
-    /// The health counters (can be taken once).
-    pub fn take_stats(&mut self) -> Result<PerCpuArray<MapData, u64>, Error> {
-        take(&mut self.ebpf, maps::STATS)
-    }
-
-    /// The traffic counters (can be taken once).
-    pub fn take_traffic(
-        &mut self,
-    ) -> Result<PerCpuHashMap<MapData, TrafficKey, TrafficValue>, Error> {
-        take(&mut self.ebpf, maps::TRAFFIC)
-    }
-
-    /// The maps service sync writes (can be taken once).
-    pub fn take_service_maps(&mut self) -> Result<crate::sync::kernel::KernelMaps, Error> {
-        Ok(crate::sync::kernel::KernelMaps {
-            services: take(&mut self.ebpf, maps::SERVICES)?,
-            slots: take(&mut self.ebpf, maps::BACKEND_SLOTS)?,
-            members: take(&mut self.ebpf, maps::MEMBERS)?,
-        })
-    }
-
-    /// The maps policy sync writes (can be taken once).
-    pub fn take_policy_maps(
-        &mut self,
-    ) -> Result<crate::sync::policy::kernel::KernelPolicyMaps, Error> {
-        Ok(crate::sync::policy::kernel::KernelPolicyMaps {
-            endpoints: take(&mut self.ebpf, maps::ENDPOINTS)?,
-            ipcache: take(&mut self.ebpf, maps::IPCACHE)?,
-            policy: take(&mut self.ebpf, maps::POLICY)?,
-        })
-    }
-
-    /// The UDP flow counters (can be taken once).
-    pub fn take_udp_flow_stats(
-        &mut self,
-    ) -> Result<
-        aya::maps::HashMap<
-            MapData,
-            weft_abi::traffic::UdpFlowStatsKey,
-            weft_abi::traffic::UdpFlowStatsValue,
-        >,
-        Error,
-    > {
-        take(&mut self.ebpf, maps::UDP_FLOW_STATS)
-    }
-
-    /// The policy verdict counters (can be taken once).
-    pub fn take_verdicts(&mut self) -> Result<PerCpuArray<MapData, u64>, Error> {
-        take(&mut self.ebpf, maps::VERDICTS)
     }
 
     /// The loaded object, for what takes its own maps (aya-log's `AYA_LOGS`).
@@ -520,16 +465,6 @@ pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), LoadFa
         .collect()
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
-where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or(Error::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(|source| Error::TakeMap { name, source })
-}
-
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
@@ -545,8 +480,8 @@ fn load_err(name: &'static str, source: ProgramError) -> Error {
     Error::LoadProgram { name, source }
 }
 
-fn check_maps(pins: &Pins, config: &Config) -> Result<(), Error> {
-    for spec in config.map_specs() {
+fn check_maps(pins: &Pins, specs: &[MapSpec]) -> Result<(), Error> {
+    for &spec in specs {
         let path = pins.map(spec.name);
         let info = MapInfo::from_pin(&path).map_err(|source| Error::MapInfo {
             name: spec.name,

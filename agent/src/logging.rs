@@ -20,6 +20,8 @@ pub enum Error {
     AlreadyInstalled,
     #[error("the log filter cannot be changed: logging was not set up by `init`")]
     NotReloadable,
+    #[error("cannot read the kernel programs' log records")]
+    KernelLogs(#[source] std::io::Error),
 }
 
 /// The installed filter, replaceable at run time (`weft log-level`), and its text.
@@ -134,4 +136,62 @@ impl log::Log for KernelLog {
     }
 
     fn flush(&self) {}
+}
+
+/// The kernel programs' log records (aya-log's ring buffer), forwarded as they arrive.
+pub struct KernelLogs {
+    // Declared (so dropped) before the logger that owns the descriptor it watches.
+    fd: tokio::io::unix::AsyncFd<RawFd>,
+    logger: aya_log::EbpfLogger<KernelLog>,
+}
+
+impl std::fmt::Debug for KernelLogs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelLogs").finish_non_exhaustive()
+    }
+}
+
+/// Lets tokio watch a descriptor owned elsewhere (the logger's ring buffer).
+struct RawFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for RawFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+impl KernelLogs {
+    /// Takes aya-log's map from the loaded object. Must be called inside a tokio runtime.
+    pub fn new(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
+        let logger = aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog)
+            .map_err(|e| Error::KernelLogs(std::io::Error::other(e)))?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&logger);
+        // SAFETY: the logger owns the ring buffer's descriptor, which stays open and unchanged
+        // while the AsyncFd exists: both live in this struct, and the AsyncFd is dropped first.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                RawFd(raw),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| Error::KernelLogs(e.into()))?;
+        Ok(Self { fd, logger })
+    }
+
+    /// Resolves when records are waiting (an error to watch the descriptor is logged once
+    /// and then never resolves: the kernel logs are best effort).
+    pub async fn readable(&self) {
+        match self.fd.readable().await {
+            Ok(mut guard) => guard.clear_ready(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the kernel programs' log records");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Forwards every waiting record.
+    pub fn flush(&mut self) {
+        self.logger.flush();
+    }
 }

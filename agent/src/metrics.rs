@@ -1,145 +1,46 @@
-//! The agent's Prometheus metrics (prometheus-client, typed label sets), served by the admin
-//! API at /metrics.
+//! The agent's Prometheus registry and exposition: every subsystem registers its own metrics
+//! (its `metrics.rs`, typed label sets) under one sub-registry with the `weft` prefix;
+//! process metrics keep their standard names. Served by the admin API at /metrics.
 pub mod process;
-use std::sync::atomic::AtomicU64;
 
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
-    registry::Registry,
-};
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    /// The object kind, or "unknown" when the document could not be read that far.
-    pub kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StageLabels {
-    /// `services`, `policy` or `names`.
-    pub stage: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MapLabels {
-    pub map_name: String,
-}
-
-/// Every metric of the agent.
-#[derive(Debug)]
-pub struct Metrics {
-    /// Documents rejected by a source, each time a version of a file is read.
-    pub config_rejections: Family<KindLabels, Counter>,
-    /// Documents currently rejected (their objects keep their last good version).
-    pub config_rejected_documents: Gauge,
-    /// Service changes that could not be applied (map full, map write failed).
-    pub sync_errors: Family<ReasonLabels, Counter>,
-    /// Seconds from a source change being read to the maps being written.
-    pub sync_duration: Histogram,
-    /// Seconds to compile the store into desired datapath state, per stage (pure work, no
-    /// syscalls).
-    pub compile_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
-    /// Service frontends programmed in the kernel.
-    pub service_frontends: Gauge,
-    /// Entries in use and capacity per BPF map that sync manages.
-    pub map_entries: Family<MapLabels, Gauge>,
-    pub map_capacity: Family<MapLabels, Gauge>,
-    /// entries / capacity for hash, LRU and LPM maps.
-    pub map_fill: Family<MapLabels, Gauge<f64, AtomicU64>>,
-}
-
-impl Metrics {
-    pub fn new(registry: &mut Registry) -> Self {
-        let m = Self {
-            config_rejections: Family::default(),
-            config_rejected_documents: Gauge::default(),
-            sync_errors: Family::default(),
-            sync_duration: duration_histogram(),
-            compile_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
-            service_frontends: Gauge::default(),
-            map_entries: Family::default(),
-            map_capacity: Family::default(),
-            map_fill: Family::default(),
-        };
-        registry.register(
-            "weft_build",
-            "The agent's version",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
-        );
-        registry.register(
-            "weft_config_rejections",
-            "Documents rejected by a source (file, document, kind and field are in the logs and `weft status`)",
-            m.config_rejections.clone(),
-        );
-        registry.register(
-            "weft_config_rejected_documents",
-            "Documents currently rejected; their objects keep their last good version",
-            m.config_rejected_documents.clone(),
-        );
-        registry.register(
-            "weft_sync_errors",
-            "Service changes that could not be written to the kernel maps",
-            m.sync_errors.clone(),
-        );
-        registry.register(
-            "weft_sync_duration_seconds",
-            "Time to compile the store and write the difference to the kernel maps",
-            m.sync_duration.clone(),
-        );
-        registry.register(
-            "weft_compile_duration_seconds",
-            "Time to compile the store into desired datapath state, by stage",
-            m.compile_duration.clone(),
-        );
-        registry.register(
-            "weft_service_frontends",
-            "Service frontends (ClusterIP, port, protocol) in the kernel",
-            m.service_frontends.clone(),
-        );
-        registry.register(
-            "weft_bpf_map_entries",
-            "Entries in use in a BPF map managed by the agent",
-            m.map_entries.clone(),
-        );
-        registry.register(
-            "weft_bpf_map_capacity",
-            "Capacity (max entries) of a BPF map managed by the agent",
-            m.map_capacity.clone(),
-        );
-        registry.register(
-            "weft_bpf_map_fill_ratio",
-            "Entries in use over capacity of a BPF map (hash, LRU and LPM maps; counted every stats interval)",
-            m.map_fill.clone(),
-        );
-        m
-    }
-
-    /// Publishes a count of every map's entries.
-    pub fn set_map_usage(&self, usage: &[crate::datapath::MapUsage]) {
-        for u in usage {
-            let label = MapLabels {
-                map_name: u.name.clone(),
-            };
-            self.map_capacity
-                .get_or_create(&label)
-                .set(i64::from(u.max_entries));
-            if let Some(n) = u.entries {
-                self.map_entries.get_or_create(&label).set(n as i64);
-            }
-            if let Some(r) = u.fill_ratio {
-                self.map_fill.get_or_create(&label).set(r);
+/// Makes enums with an `as_str` Prometheus label values, in that one spelling.
+macro_rules! label_value {
+    ($($t:ty),* $(,)?) => {$(
+        impl prometheus_client::encoding::EncodeLabelValue for $t {
+            fn encode(
+                &self,
+                encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+            ) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
             }
         }
-    }
+    )*};
+}
+pub(crate) use label_value;
+
+use prometheus_client::{metrics::histogram::Histogram, metrics::info::Info, registry::Registry};
+
+/// The agent's registry, with the process metrics at its root (their standard names).
+pub fn registry() -> Registry {
+    let mut root = Registry::default();
+    root.register_collector(Box::new(process::ProcessCollector));
+    root
 }
 
-fn duration_histogram() -> Histogram {
+/// The `weft` sub-registry of `root`, with build info: call once, and register every
+/// subsystem's metrics into it (names there carry no prefix).
+pub fn weft(root: &mut Registry) -> &mut Registry {
+    let weft = root.sub_registry_with_prefix("weft");
+    weft.register(
+        "build",
+        "The agent's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    weft
+}
+
+/// Buckets of the histograms of work the agent does (compile, sync): 0.5 ms to 1 s.
+pub fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
     ])

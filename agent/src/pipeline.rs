@@ -1,11 +1,17 @@
 //! The pipeline: source → store → compile → sync, run by the agent on every change, for
-//! services (this file) and NetworkPolicy ([`policy`]).
+//! services (this file) and NetworkPolicy ([`policy`]); [`schedule`] decides when.
+//!
+//! Generic over the maps it writes, like the syncers: the agent runs it on the kernel's maps,
+//! the unit tests on in-memory ones.
+pub mod metrics;
 pub mod offline;
 pub mod policy;
+pub mod schedule;
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    net::IpAddr,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Instant, SystemTime},
 };
@@ -13,16 +19,22 @@ use std::{
 use serde::Serialize;
 use weft_abi::{maps, svc::ServiceKey};
 
-use self::policy::PolicyStage;
+use self::{
+    metrics::{KindLabels, PipelineMetrics, Stage},
+    policy::{PolicyStage, PolicyStatus},
+};
 use crate::{
-    compile::{self, Problem},
-    metrics::{KindLabels, MapLabels, Metrics, ReasonLabels, StageLabels},
+    compile::{
+        self, Problem, Services,
+        names::{Directory, DirectoryHandle, NameConfig},
+    },
+    datapath::Capacities,
     source::{Rejection, Source},
     store::Store,
-    sync::{self, Capacity, SyncError, Syncer, kernel::KernelMaps},
-    telemetry::{
-        DirectoryHandle,
-        names::{Directory, NameConfig},
+    sync::{
+        self, Capacity, ServiceMaps, SyncError, Syncer,
+        kernel::KernelMaps,
+        policy::{PolicyCapacity, PolicyMaps, kernel::KernelPolicyMaps},
     },
 };
 
@@ -33,6 +45,18 @@ pub enum Error {
     Source(#[from] crate::source::dir::Error),
     #[error(transparent)]
     Sync(#[from] sync::Error),
+}
+
+/// The pipeline's flags.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// The node's own addresses (ingress from them is always allowed, for kubelet probes);
+    /// repeat for several [default: the addresses of the agent's network namespace].
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<IpAddr>,
+    #[command(flatten)]
+    pub names: NameConfig,
 }
 
 /// The Service a frontend belongs to, for listings.
@@ -64,63 +88,90 @@ pub struct Status {
 /// The store of the pipeline's last pass.
 pub type StoreHandle = Arc<RwLock<Arc<Store>>>;
 
-/// Owns the source and the syncers.
-#[derive(Debug)]
-pub struct Pipeline {
-    source: Option<Source>,
-    syncer: Syncer<KernelMaps>,
-    policy: PolicyStage,
-    capacity: Capacity,
-    metrics: Arc<Metrics>,
-    status: Arc<RwLock<Status>>,
-    /// The store of the last pass, for policy passes that need no new read; shared with the
-    /// admin API (`GET /config/dump`).
-    last_store: Arc<Store>,
-    store_handle: StoreHandle,
-    /// Where telemetry reads the names of addresses, rebuilt after every pass.
-    names: Option<(DirectoryHandle, NameConfig)>,
+/// What the pipeline publishes after every pass, for the admin API and telemetry.
+#[derive(Debug, Clone, Default)]
+pub struct Views {
+    pub status: Arc<RwLock<Status>>,
+    pub policy: Arc<RwLock<PolicyStatus>>,
+    /// The store of the last pass (`GET /config/dump`).
+    pub store: StoreHandle,
+    /// The names telemetry gives addresses.
+    pub directory: DirectoryHandle,
 }
 
-impl Pipeline {
+/// Owns the source and the syncers.
+#[derive(Debug)]
+pub struct Pipeline<S = KernelMaps, P = KernelPolicyMaps> {
+    source: Option<Source>,
+    syncer: Syncer<S>,
+    policy: PolicyStage<P>,
+    metrics: PipelineMetrics,
+    names: NameConfig,
+    views: Views,
+    /// The store of the last pass, for policy passes that need no new read.
+    last_store: Arc<Store>,
+}
+
+/// What one read of the source gave: the store and its rejections (None: nothing to apply),
+/// and whether a file was still changing.
+struct Read {
+    store: Option<(Store, Vec<Rejection>)>,
+    unsettled: bool,
+}
+
+impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
     pub fn new(
         source: Option<Source>,
-        maps: KernelMaps,
-        capacity: Capacity,
-        policy: PolicyStage,
-        metrics: Arc<Metrics>,
-        status: Arc<RwLock<Status>>,
+        maps: (S, P),
+        capacities: &Capacities,
+        settings: &Settings,
+        cgroup_root: &Path,
+        metrics: PipelineMetrics,
     ) -> Result<Self, Error> {
-        let syncer = Syncer::new(maps, capacity, Instant::now())?;
+        let capacity = Capacity::from(capacities);
+        let syncer = Syncer::new(maps.0, capacity, Instant::now())?;
         for (map, cap) in [
             (maps::SERVICES, capacity.services),
             (maps::BACKEND_SLOTS, capacity.slots),
             (maps::MEMBERS, capacity.members),
         ] {
-            metrics
-                .map_capacity
-                .get_or_create(&map_label(map))
-                .set(i64::from(cap));
+            metrics.maps.set_capacity(map, cap);
         }
+        let views = Views::default();
         // Known before the first pass: an agent waiting for its first list says what for.
-        status.write().unwrap_or_else(|e| e.into_inner()).source =
-            source.as_ref().map(Source::describe);
+        write(&views.status).source = source.as_ref().map(Source::describe);
+        let node_ips = if settings.node_ips.is_empty() {
+            policy::host_ips()
+        } else {
+            settings.node_ips.clone()
+        };
+        let policy = PolicyStage::new(
+            maps.1,
+            PolicyCapacity::from(capacities),
+            cgroup_root,
+            node_ips,
+            &metrics,
+            Arc::clone(&views.policy),
+        )?;
         Ok(Self {
             source,
             syncer,
             policy,
-            capacity,
             metrics,
-            status,
+            names: settings.names.clone(),
+            views,
             last_store: Arc::default(),
-            store_handle: Arc::default(),
-            names: None,
         })
     }
 
-    /// Publishes the names of addresses (pods, services) to telemetry after every pass.
-    pub fn with_names(mut self, handle: DirectoryHandle, config: NameConfig) -> Self {
-        self.names = Some((handle, config));
-        self
+    /// What the pipeline publishes (status, store, names).
+    pub fn views(&self) -> Views {
+        self.views.clone()
+    }
+
+    /// `dir:PATH` or `kubernetes:SERVER (node NAME)`, for logs.
+    pub fn source_name(&self) -> Option<String> {
+        self.source.as_ref().map(Source::describe)
     }
 
     /// Files the watcher saw completed (closed after writing, renamed into place): the next
@@ -133,31 +184,30 @@ impl Pipeline {
         }
     }
 
-    /// Reads the source when it changed (or `force`): the store and the rejections, and
-    /// whether a file was still changing. No store: nothing to apply (unchanged, or the
-    /// Kubernetes source has not listed every kind yet: a partial store must not replace the
-    /// kernel's state).
-    #[expect(clippy::type_complexity, reason = "private; named by its doc")]
-    fn read(&mut self, force: bool) -> Result<(Option<(Store, Vec<Rejection>)>, bool), Error> {
+    /// Reads the source when it changed (or `force`). No store: nothing to apply (unchanged,
+    /// or the Kubernetes source has not listed every kind yet: a partial store must not
+    /// replace the kernel's state).
+    fn read(&mut self, force: bool) -> Result<Read, Error> {
         match &mut self.source {
-            None => Ok((force.then(|| (Store::default(), Vec::new())), false)),
+            None => Ok(Read {
+                store: force.then(|| (Store::default(), Vec::new())),
+                unsettled: false,
+            }),
             Some(Source::Dir(dir)) => {
                 let rescan = dir.rescan(force)?;
-                if !(force || rescan.changed) {
-                    return Ok((None, rescan.unsettled));
-                }
-                let (objects, rejections) = dir.objects();
-                Ok((
-                    Some((Store::from_objects(objects), rejections)),
-                    rescan.unsettled,
-                ))
+                let store = (force || rescan.changed).then(|| {
+                    let (objects, rejections) = dir.objects();
+                    (Store::from_objects(objects), rejections)
+                });
+                Ok(Read {
+                    store,
+                    unsettled: rescan.unsettled,
+                })
             }
-            Some(Source::Kubernetes(kube)) => {
-                if !(kube.changed() || force) {
-                    return Ok((None, false));
-                }
-                Ok((kube.snapshot(), false))
-            }
+            Some(Source::Kubernetes(kube)) => Ok(Read {
+                store: (kube.changed() || force).then(|| kube.snapshot()).flatten(),
+                unsettled: false,
+            }),
         }
     }
 
@@ -166,17 +216,14 @@ impl Pipeline {
     /// passes). Returns true when a file was still changing: call again shortly.
     pub fn refresh(&mut self, force: bool) -> Result<bool, Error> {
         let started = Instant::now();
-        let (read, unsettled) = self.read(force)?;
-        let Some((store, rejections)) = read else {
+        let read = self.read(force)?;
+        let Some((store, rejections)) = read.store else {
             self.syncer.collect_garbage(started);
-            return Ok(unsettled);
+            return Ok(read.unsettled);
         };
-        let compile_started = Instant::now();
-        let desired = compile::services(&store);
-        self.metrics
-            .compile_duration
-            .get_or_create(&StageLabels { stage: "services" })
-            .observe(compile_started.elapsed().as_secs_f64());
+        let desired = self
+            .metrics
+            .time(Stage::Services, || compile::services(&store));
         let report = self.syncer.apply(&desired, started);
         let policy_started = Instant::now();
         let (written, deleted) = self.policy.run(&store, &self.metrics);
@@ -193,13 +240,25 @@ impl Pipeline {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
+        self.report(&desired, &report, &rejections, started);
+        self.publish(store, desired, report.errors, rejections);
+        Ok(read.unsettled)
+    }
 
-        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+    /// Logs and counts what is new in this pass: rejections, compile problems, sync errors,
+    /// and what changed in the kernel.
+    fn report(
+        &self,
+        desired: &Services,
+        report: &sync::Report,
+        rejections: &[Rejection],
+        started: Instant,
+    ) {
+        let status = read(&self.views.status);
         for r in rejections.iter().filter(|r| !status.rejections.contains(r)) {
-            let kind = r.object.as_ref().map_or("unknown", |o| o.kind.as_str());
             self.metrics
                 .config_rejections
-                .get_or_create(&KindLabels { kind: kind.into() })
+                .get_or_create(&KindLabels::of(r.object.as_ref()))
                 .inc();
             tracing::warn!(target: "weft::source", rejection = %r, "document rejected; its object keeps its last good version");
         }
@@ -211,13 +270,8 @@ impl Pipeline {
             tracing::warn!(target: "weft::compile", service = p.service, problem = p.message, "service not fully programmed");
         }
         for e in &report.errors {
-            self.metrics
-                .sync_errors
-                .get_or_create(&ReasonLabels {
-                    reason: reason(&e.message).into(),
-                })
-                .inc();
-            tracing::error!(target: "weft::sync", service = e.service, frontend = e.frontend, error = e.message, "service change not applied");
+            self.metrics.sync_error(e.failure.reason);
+            tracing::error!(target: "weft::sync", service = e.service, frontend = e.frontend, error = e.failure.message, "service change not applied");
         }
         if report.created + report.updated + report.deleted > 0 {
             tracing::info!(
@@ -230,72 +284,51 @@ impl Pipeline {
                 "services synced"
             );
         }
+    }
+
+    /// Publishes the pass: status, map usage, the names telemetry reads, and the store.
+    fn publish(
+        &mut self,
+        store: Store,
+        desired: Services,
+        sync_errors: Vec<SyncError>,
+        rejections: Vec<Rejection>,
+    ) {
         self.metrics
             .config_rejected_documents
             .set(rejections.len() as i64);
         let (svc, slots, members) = self.syncer.usage();
         self.metrics.service_frontends.set(svc as i64);
-        for (map, used) in [
+        let usage = [
             (maps::SERVICES, svc),
             (maps::BACKEND_SLOTS, slots),
             (maps::MEMBERS, members),
-        ] {
-            self.metrics
-                .map_entries
-                .get_or_create(&map_label(map))
-                .set(used as i64);
+        ];
+        for (map, used) in usage {
+            self.metrics.maps.set_entries(map, used);
         }
-        status.ready = true;
-        status.objects = store.counts();
-        status.rejections = rejections;
-        status.problems = desired.problems;
-        status.sync_errors = report.errors;
-        status.frontends = svc as usize;
-        status.names = desired
-            .frontends
-            .iter()
-            .map(|(k, f)| {
-                (
-                    *k,
-                    FrontendName {
-                        service: f.service.clone(),
-                        port_name: f.port_name.clone(),
-                    },
-                )
-            })
-            .collect();
-        status.last_sync_unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_millis());
+        let directory = self.metrics.time(Stage::Names, || {
+            Directory::build(&store, &desired.frontends, &self.names)
+        });
+        *write(&self.views.directory) = Arc::new(directory);
+        let mut status = write(&self.views.status);
+        *status = Status {
+            ready: true,
+            source: status.source.take(),
+            objects: store.counts(),
+            rejections,
+            sync_errors,
+            frontends: svc as usize,
+            names: frontend_names(&desired),
+            problems: desired.problems,
+            last_sync_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_millis()),
+        };
         drop(status);
-        if let Some((handle, config)) = &self.names {
-            let names_started = Instant::now();
-            let dir = Arc::new(Directory::build(&store, &desired.frontends, config));
-            *handle.write().unwrap_or_else(|e| e.into_inner()) = dir;
-            self.metrics
-                .compile_duration
-                .get_or_create(&StageLabels { stage: "names" })
-                .observe(names_started.elapsed().as_secs_f64());
-        }
         self.last_store = Arc::new(store);
-        *self.store_handle.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::clone(&self.last_store);
-        Ok(unsettled)
-    }
-
-    /// `dir:PATH` or `kubernetes:SERVER (node NAME)`, for logs.
-    pub fn source_name(&self) -> Option<String> {
-        self.source.as_ref().map(Source::describe)
-    }
-
-    /// The store of the last pass, as the admin API reads it.
-    pub fn store_handle(&self) -> StoreHandle {
-        Arc::clone(&self.store_handle)
-    }
-
-    pub fn capacity(&self) -> Capacity {
-        self.capacity
+        *write(&self.views.store) = Arc::clone(&self.last_store);
     }
 
     /// Frees backend slots whose grace period is over, and enforces policy for pods whose
@@ -317,19 +350,44 @@ impl Pipeline {
             tracing::info!(target: "weft::sync", written, deleted, "policies synced for cgroups that appeared");
         }
     }
-}
 
-fn map_label(map: &str) -> MapLabels {
-    MapLabels {
-        map_name: map.to_owned(),
+    /// Resolves cgroup ids with `f` instead of the cgroup2 filesystem (tests use plain
+    /// directories).
+    #[cfg(test)]
+    pub fn with_cgroup_ids(mut self, f: fn(&Path) -> Option<u64>) -> Self {
+        self.policy.cgroup_id = f;
+        self
+    }
+
+    /// The maps the syncers write (for tests).
+    pub fn maps(&self) -> (&S, &P) {
+        (self.syncer.maps(), self.policy.maps())
     }
 }
 
-/// A metric label for a sync error message.
-fn reason(message: &str) -> &'static str {
-    if message.contains("is full") {
-        "map_full"
-    } else {
-        "map_write"
-    }
+fn frontend_names(desired: &Services) -> BTreeMap<ServiceKey, FrontendName> {
+    desired
+        .frontends
+        .iter()
+        .map(|(k, f)| {
+            let name = FrontendName {
+                service: f.service.clone(),
+                port_name: f.port_name.clone(),
+            };
+            (*k, name)
+        })
+        .collect()
 }
+
+/// A lock poisoned by a panicking reader still holds a consistent value (every writer
+/// replaces it whole).
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

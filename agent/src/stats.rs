@@ -3,18 +3,107 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
+use prometheus_client::registry::Registry;
 use weft_abi::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    net::Direction,
     stats::Counter,
-    traffic::{Direction, TrafficKey, TrafficValue},
+    traffic::{TrafficKey, TrafficValue},
 };
 
-use crate::{cgroup, conntrack::reader::ReaderStats};
+use crate::{
+    cgroup,
+    datapath::{Datapath, Pins, metrics::MapMetrics},
+    events::reader::ReaderStats,
+};
 
 pub mod verdicts;
+
+/// The stats flags.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// How often datapath counters are reported, e.g. `30s` or `500ms`.
+    #[arg(long, default_value = "30s", value_parser = crate::parse_positive_duration)]
+    pub stats_interval: Duration,
+}
+
+/// The datapath's counters, reported every interval: health and traffic in the logs, every
+/// map's fill as metrics; verdicts and drops read at each scrape.
+#[derive(Debug)]
+pub struct Stats {
+    reader: StatsReader,
+    report: Reporter,
+    pins: Pins,
+    maps: MapMetrics,
+    /// A count of every map's entries is running off the event loop.
+    counting: Arc<AtomicBool>,
+}
+
+impl Stats {
+    /// Takes the counter maps and registers the scrape-time collector.
+    pub fn new(
+        datapath: &mut Datapath,
+        cgroup_root: &Path,
+        maps: MapMetrics,
+        registry: &mut Registry,
+    ) -> Result<Self, crate::datapath::Error> {
+        registry.register_collector(Box::new(verdicts::VerdictCollector::new(
+            datapath.take(weft_abi::maps::VERDICTS)?,
+            datapath.open_pinned(weft_abi::maps::STATS)?,
+        )));
+        let stats = Self {
+            reader: StatsReader::new(
+                datapath.take(weft_abi::maps::STATS)?,
+                datapath.take(weft_abi::maps::TRAFFIC)?,
+                cgroup_root,
+            ),
+            report: Reporter::default(),
+            pins: datapath.pins().clone(),
+            maps,
+            counting: Arc::default(),
+        };
+        stats.count_maps();
+        Ok(stats)
+    }
+
+    /// Logs what changed since the last report and counts every map's entries.
+    pub fn tick(&mut self, events: ReaderStats) -> Result<(), Error> {
+        self.report.tick(&mut self.reader, events)?;
+        self.count_maps();
+        Ok(())
+    }
+
+    /// Counts every map's entries off the event loop (walking a big map takes a syscall per
+    /// key) and publishes fill ratios; skipped while the previous count still runs.
+    fn count_maps(&self) {
+        if self.counting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (busy, pins, maps) = (
+            Arc::clone(&self.counting),
+            self.pins.clone(),
+            self.maps.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            match crate::datapath::map_usage(&pins) {
+                Ok(usage) => maps.set_usage(&usage),
+                Err(e) => {
+                    tracing::warn!(target: "weft::stats", error = %crate::chain(&e), "cannot count map entries")
+                }
+            }
+            busy.store(false, Ordering::Release);
+        });
+    }
+}
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -153,60 +242,21 @@ impl Reporter {
     /// Logs every health counter that increased, traffic per direction, IP version and
     /// protocol (debug: per cgroup), and the reader's counts.
     pub fn tick(&mut self, stats: &mut StatsReader, reader: ReaderStats) -> Result<(), Error> {
-        for (counter, total) in stats.health()? {
-            let last = self.health.insert(counter.name(), total).unwrap_or(0);
-            if total <= last {
-                continue;
-            }
+        for (counter, increase, total) in self.health_increases(stats.health()?) {
             let (is_problem, hint) = meaning(counter);
+            let counter = counter.as_str();
             if is_problem {
-                tracing::warn!(
-                    target: "weft::stats",
-                    counter = counter.name(),
-                    increase = total - last,
-                    total,
-                    hint,
-                    "datapath counter increased"
-                );
+                tracing::warn!(target: "weft::stats", counter, increase, total, hint, "datapath counter increased");
             } else {
-                tracing::info!(
-                    target: "weft::stats",
-                    counter = counter.name(),
-                    increase = total - last,
-                    total,
-                    hint,
-                    "datapath counter increased"
-                );
+                tracing::info!(target: "weft::stats", counter, increase, total, hint, "datapath counter increased");
             }
         }
         let live = stats.prune()?;
         let traffic = stats.traffic()?;
-        let mut deltas: BTreeMap<(u8, u8, u8), Totals> = BTreeMap::new();
-        for (key, t) in &traffic {
-            let last = self.traffic.get(key).copied().unwrap_or_default();
-            let d = deltas
-                .entry((key.direction, key.ip_version, key.protocol))
-                .or_default();
-            d.packets += t.packets.saturating_sub(last.packets);
-            d.bytes += t.bytes.saturating_sub(last.bytes);
-            if tracing::enabled!(target: "weft::stats", tracing::Level::DEBUG) {
-                let cgroup = live
-                    .get(&key.cgroup_id)
-                    .map_or_else(|| key.cgroup_id.to_string(), |p| p.display().to_string());
-                tracing::debug!(
-                    target: "weft::stats",
-                    cgroup,
-                    direction = direction_name(key.direction),
-                    ip_version = key.ip_version,
-                    protocol = protocol_name(key.protocol),
-                    packets = t.packets,
-                    bytes = t.bytes,
-                    "traffic by cgroup (totals)"
-                );
-            }
+        if tracing::enabled!(target: "weft::stats", tracing::Level::DEBUG) {
+            log_traffic_by_cgroup(&traffic, &live);
         }
-        for (&(direction, ip_version, protocol), d) in deltas.iter().filter(|(_, d)| d.packets > 0)
-        {
+        for (&(direction, ip_version, protocol), d) in &self.traffic_increases(traffic) {
             tracing::info!(
                 target: "weft::stats",
                 direction = direction_name(direction),
@@ -217,7 +267,6 @@ impl Reporter {
                 "traffic since the last report"
             );
         }
-        self.traffic = traffic;
         if reader.events != self.events {
             tracing::debug!(
                 target: "weft::stats",
@@ -228,6 +277,55 @@ impl Reporter {
             self.events = reader.events;
         }
         Ok(())
+    }
+
+    /// (counter, increase, total) of every health counter that grew since the last report.
+    fn health_increases(&mut self, health: Health) -> Vec<(Counter, u64, u64)> {
+        health
+            .into_iter()
+            .filter_map(|(counter, total)| {
+                let last = self.health.insert(counter.as_str(), total).unwrap_or(0);
+                (total > last).then_some((counter, total - last, total))
+            })
+            .collect()
+    }
+
+    /// Traffic since the last report per (direction, IP version, protocol), only where some
+    /// moved. Increases are taken per key, so a key pruned meanwhile never hides new traffic.
+    fn traffic_increases(
+        &mut self,
+        traffic: BTreeMap<TrafficKey, Totals>,
+    ) -> BTreeMap<(u8, u8, u8), Totals> {
+        let mut deltas: BTreeMap<(u8, u8, u8), Totals> = BTreeMap::new();
+        for (key, t) in &traffic {
+            let last = self.traffic.get(key).copied().unwrap_or_default();
+            let d = deltas
+                .entry((key.direction, key.ip_version, key.protocol))
+                .or_default();
+            d.packets += t.packets.saturating_sub(last.packets);
+            d.bytes += t.bytes.saturating_sub(last.bytes);
+        }
+        self.traffic = traffic;
+        deltas.retain(|_, d| d.packets > 0);
+        deltas
+    }
+}
+
+fn log_traffic_by_cgroup(traffic: &BTreeMap<TrafficKey, Totals>, live: &HashMap<u64, PathBuf>) {
+    for (key, t) in traffic {
+        let cgroup = live
+            .get(&key.cgroup_id)
+            .map_or_else(|| key.cgroup_id.to_string(), |p| p.display().to_string());
+        tracing::debug!(
+            target: "weft::stats",
+            cgroup,
+            direction = direction_name(key.direction),
+            ip_version = key.ip_version,
+            protocol = protocol_name(key.protocol),
+            packets = t.packets,
+            bytes = t.bytes,
+            "traffic by cgroup (totals)"
+        );
     }
 }
 
@@ -275,9 +373,80 @@ pub fn protocol_name(protocol: u8) -> String {
 }
 
 pub fn direction_name(direction: u8) -> &'static str {
-    if direction == Direction::Egress as u8 {
-        "egress"
-    } else {
-        "ingress"
+    Direction::from_u8(direction).map_or("unknown", Direction::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(values: [u64; 2]) -> Health {
+        let mut h = Counter::ALL.map(|c| (c, 0));
+        h[0].1 = values[0];
+        h[1].1 = values[1];
+        h
+    }
+
+    #[test]
+    fn only_counters_that_grew_are_reported_with_their_increase() {
+        let mut r = Reporter::default();
+        assert_eq!(
+            r.health_increases(health([3, 0])),
+            [(Counter::ConnEventsLost, 3, 3)]
+        );
+        assert_eq!(r.health_increases(health([3, 0])), []);
+        assert_eq!(
+            r.health_increases(health([5, 1])),
+            [
+                (Counter::ConnEventsLost, 2, 5),
+                (Counter::ConnStateFull, 1, 1)
+            ]
+        );
+    }
+
+    fn key(cgroup_id: u64, direction: Direction) -> TrafficKey {
+        TrafficKey {
+            cgroup_id,
+            direction: direction as u8,
+            ip_version: 4,
+            protocol: IPPROTO_UDP,
+            ..TrafficKey::default()
+        }
+    }
+
+    fn totals(packets: u64, bytes: u64) -> Totals {
+        Totals { packets, bytes }
+    }
+
+    #[test]
+    fn traffic_is_summed_per_direction_and_protocol_since_the_last_report() {
+        let mut r = Reporter::default();
+        let first = BTreeMap::from([
+            (key(1, Direction::Egress), totals(2, 200)),
+            (key(2, Direction::Egress), totals(1, 100)),
+            (key(1, Direction::Ingress), totals(1, 50)),
+        ]);
+        let d = r.traffic_increases(first);
+        let egress = (Direction::Egress as u8, 4, IPPROTO_UDP);
+        let ingress = (Direction::Ingress as u8, 4, IPPROTO_UDP);
+        assert_eq!(d[&egress], totals(3, 300));
+        assert_eq!(d[&ingress], totals(1, 50));
+        // Cgroup 2 was pruned; cgroup 1 sent one more packet; nothing came in.
+        let second = BTreeMap::from([
+            (key(1, Direction::Egress), totals(3, 260)),
+            (key(1, Direction::Ingress), totals(1, 50)),
+        ]);
+        assert_eq!(
+            r.traffic_increases(second),
+            BTreeMap::from([(egress, totals(1, 60))])
+        );
+    }
+
+    #[test]
+    fn names_of_protocols_and_directions() {
+        assert_eq!(protocol_name(IPPROTO_ICMPV6), "icmp");
+        assert_eq!(protocol_name(99), "ip-proto-99");
+        assert_eq!(direction_name(1), "egress");
+        assert_eq!(direction_name(7), "unknown");
     }
 }

@@ -3,6 +3,7 @@
 //! Objects are decoded strictly (unknown fields are errors) and validated before they enter
 //! the store; a rejected document never replaces a good object.
 pub mod object;
+pub mod strict;
 pub mod validate;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -19,7 +20,6 @@ pub use self::{
     object::{Kind, Object, ObjectRef},
     validate::FieldError,
 };
-use crate::source::yaml;
 
 /// Why a document was not accepted: the object (when it could be named) and its problems.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -112,7 +112,7 @@ fn typed<T: DeserializeOwned + serde::Serialize>(value: &Value) -> Result<T, Vec
             message: format!("cannot re-encode: {e}"),
         }]
     })?;
-    let unknown = yaml::unknown_fields(value, &round_trip);
+    let unknown = strict::unknown_fields(value, &round_trip);
     if unknown.is_empty() {
         Ok(decoded)
     } else {
@@ -174,6 +174,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::yaml;
 
     fn doc(text: &str) -> Result<(ObjectRef, Object), Invalid> {
         decode(yaml::parse(text).expect("yaml"))

@@ -20,9 +20,12 @@ use aya::maps::MapError;
 use serde::Serialize;
 use weft_abi::svc::{Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey};
 
-use crate::compile::{self, Frontend, Services};
+use crate::{
+    compile::{Frontend, Services},
+    datapath::Capacities,
+};
 
-/// Errors of this module.
+/// Why a change (or part of one) was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot {op} map {map}")]
@@ -32,9 +35,92 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    #[error("map {map} is full: {need} entries needed, capacity {capacity}; raise {flag}")]
+    Full {
+        map: &'static str,
+        /// The flag that raises the capacity.
+        flag: String,
+        /// Entries the map would hold with the change.
+        need: u64,
+        capacity: u32,
+    },
+}
+
+/// What kind of failure: the `reason` label of `weft_sync_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A map has no room: its flag must be raised.
+    MapFull,
+    /// The kernel refused a write or delete.
+    MapWrite,
+}
+
+impl Reason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::MapFull => "map_full",
+            Self::MapWrite => "map_write",
+        }
+    }
+}
+
+crate::metrics::label_value!(Reason);
+
+/// A failure as status shows it: typed (reason, map) for metrics and tools, and the whole
+/// story for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub reason: Reason,
+    pub map: &'static str,
+    /// The error, its causes, and what weft did about it.
+    pub message: String,
+}
+
+impl Failure {
+    /// `consequence`: what stays in force, e.g. "the service keeps its previous state".
+    pub fn new(error: &Error, consequence: &str) -> Self {
+        Self {
+            reason: error.reason(),
+            map: error.map(),
+            message: format!("{}. {consequence}", crate::chain(error)),
+        }
+    }
 }
 
 impl Error {
+    /// `map` cannot hold `need` entries.
+    pub fn full(map: &'static str, need: u64, capacity: u32) -> Self {
+        Self::Full {
+            map,
+            flag: crate::datapath::map_flag(map).unwrap_or_default(),
+            need,
+            capacity,
+        }
+    }
+
+    /// Whether `used + more` entries do not fit in `capacity`.
+    pub fn check(map: &'static str, used: u64, more: u64, capacity: u32) -> Result<(), Self> {
+        let need = used + more;
+        if need > u64::from(capacity) {
+            return Err(Self::full(map, need, capacity));
+        }
+        Ok(())
+    }
+
+    pub const fn reason(&self) -> Reason {
+        match self {
+            Self::Map { .. } => Reason::MapWrite,
+            Self::Full { .. } => Reason::MapFull,
+        }
+    }
+
+    pub const fn map(&self) -> &'static str {
+        match self {
+            Self::Map { map, .. } | Self::Full { map, .. } => map,
+        }
+    }
+
     /// The key was not in the map (deleting it again is not a failure).
     pub fn is_not_found(&self) -> bool {
         match self {
@@ -46,14 +132,7 @@ impl Error {
                 source: MapError::SyscallError(e),
                 ..
             } => e.io_error.raw_os_error() == Some(libc::ENOENT),
-            Self::Map { .. } => false,
-        }
-    }
-
-    /// A short label for metrics.
-    pub const fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Map { .. } => "map_write",
+            Self::Map { .. } | Self::Full { .. } => false,
         }
     }
 }
@@ -71,12 +150,22 @@ pub trait ServiceMaps {
     fn del_member(&mut self, key: &MemberKey) -> Result<(), Error>;
 }
 
-/// Map capacities (the `--max-*` flags).
+/// Capacities of the service maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
     pub services: u32,
     pub slots: u32,
     pub members: u32,
+}
+
+impl From<&Capacities> for Capacity {
+    fn from(c: &Capacities) -> Self {
+        Self {
+            services: c.max_services,
+            slots: c.max_backends,
+            members: c.max_backends,
+        }
+    }
 }
 
 /// What the kernel holds for one frontend.
@@ -91,15 +180,19 @@ struct Applied {
     affinity_timeout_s: u32,
 }
 
-/// A change that could not be applied.
+/// A service change that could not be applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncError {
     /// `namespace/name` of the Service.
     pub service: String,
     /// `ClusterIP:port/protocol`.
     pub frontend: String,
-    pub message: String,
+    #[serde(flatten)]
+    pub failure: Failure,
 }
+
+/// What a service keeps when its change fails.
+const SERVICE_KEEPS: &str = "The service keeps its previous state.";
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -134,7 +227,7 @@ pub const GRACE: Duration = Duration::from_secs(1);
 
 /// `ip:port/protocol` of a frontend, for messages.
 pub fn frontend_name(key: &ServiceKey) -> String {
-    let ip = compile::words_ip(key.family, key.addr);
+    let ip = weft_abi::net::words_ip(key.family, key.addr);
     let proto = if key.protocol == weft_abi::IPPROTO_UDP {
         "UDP"
     } else {
@@ -261,7 +354,7 @@ impl<M: ServiceMaps> Syncer<M> {
         for key in gone {
             match self.delete(&key, now) {
                 Ok(()) => report.deleted += 1,
-                Err(e) => report.errors.push(error("(deleted)", &key, &e)),
+                Err(e) => report.errors.push(sync_error("(deleted)", &key, &e)),
             }
         }
         for (key, want) in &desired.frontends {
@@ -274,11 +367,7 @@ impl<M: ServiceMaps> Syncer<M> {
             }
             match self.update(key, &have, want, now) {
                 Ok(()) => report.updated += 1,
-                Err(message) => report.errors.push(SyncError {
-                    service: want.service.clone(),
-                    frontend: frontend_name(key),
-                    message,
-                }),
+                Err(e) => report.errors.push(sync_error(&want.service, key, &e)),
             }
         }
         for (key, want) in &desired.frontends {
@@ -287,11 +376,7 @@ impl<M: ServiceMaps> Syncer<M> {
             }
             match self.create(key, want) {
                 Ok(()) => report.created += 1,
-                Err(message) => report.errors.push(SyncError {
-                    service: want.service.clone(),
-                    frontend: frontend_name(key),
-                    message,
-                }),
+                Err(e) => report.errors.push(sync_error(&want.service, key, &e)),
             }
         }
         report
@@ -316,49 +401,22 @@ impl<M: ServiceMaps> Syncer<M> {
         }
     }
 
-    fn full(&self, map: &str, flag: &str, need: u64, used: u64, capacity: u32) -> Option<String> {
-        (used + need > u64::from(capacity)).then(|| {
-            format!(
-                "map {map} is full: {need} more entries needed, {used} of {capacity} in use; raise \
-                 {flag}. The service keeps its previous state."
-            )
-        })
-    }
-
     fn check_capacity(
         &self,
         new_frontend: bool,
         slots: usize,
         members: usize,
-    ) -> Result<(), String> {
-        let svc_need = u64::from(new_frontend);
-        let checks = [
-            self.full(
-                "SERVICES",
-                "--max-services",
-                svc_need,
-                self.applied.len() as u64,
-                self.capacity.services,
-            ),
-            self.full(
-                "BACKEND_SLOTS",
-                "--max-backends",
-                slots as u64,
-                self.slots_used,
-                self.capacity.slots,
-            ),
-            self.full(
-                "MEMBERS",
-                "--max-backends",
-                members as u64,
-                self.members_used,
-                self.capacity.members,
-            ),
-        ];
-        match checks.into_iter().flatten().next() {
-            Some(msg) => Err(msg),
-            None => Ok(()),
-        }
+    ) -> Result<(), Error> {
+        use weft_abi::maps::{BACKEND_SLOTS, MEMBERS, SERVICES};
+        let c = &self.capacity;
+        Error::check(
+            SERVICES,
+            self.applied.len() as u64,
+            u64::from(new_frontend),
+            c.services,
+        )?;
+        Error::check(BACKEND_SLOTS, self.slots_used, slots as u64, c.slots)?;
+        Error::check(MEMBERS, self.members_used, members as u64, c.members)
     }
 
     /// Writes a revision's slots; on failure removes what it wrote.
@@ -405,7 +463,7 @@ impl<M: ServiceMaps> Syncer<M> {
             Ok(()) => self.members_used = self.members_used.saturating_sub(1),
             Err(e) if e.is_not_found() => {}
             Err(e) => {
-                tracing::warn!(target: "weft::sync", error = %e.to_string_chain(), "cannot remove a backend's membership; retrying");
+                tracing::warn!(target: "weft::sync", error = %crate::chain(&e), "cannot remove a backend's membership; retrying");
                 self.failed_members.push(key);
             }
         }
@@ -417,13 +475,13 @@ impl<M: ServiceMaps> Syncer<M> {
             Ok(()) => self.slots_used = self.slots_used.saturating_sub(1),
             Err(e) if e.is_not_found() => {}
             Err(e) => {
-                tracing::warn!(target: "weft::sync", error = %e.to_string_chain(), "cannot free a backend slot; retrying");
+                tracing::warn!(target: "weft::sync", error = %crate::chain(&e), "cannot free a backend slot; retrying");
                 self.failed_slots.push(key);
             }
         }
     }
 
-    fn create(&mut self, key: &ServiceKey, want: &Frontend) -> Result<(), String> {
+    fn create(&mut self, key: &ServiceKey, want: &Frontend) -> Result<(), Error> {
         let n = want.backends.len();
         self.check_capacity(true, n, n)?;
         let (id, revision) = (self.next_id, self.next_revision);
@@ -441,7 +499,7 @@ impl<M: ServiceMaps> Syncer<M> {
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
             self.del_members(id, &want.backends);
             self.retired.push_back((revision, n as u32, Instant::now()));
-            return Err(e.to_string_chain());
+            return Err(e);
         }
         self.applied.insert(
             *key,
@@ -462,7 +520,7 @@ impl<M: ServiceMaps> Syncer<M> {
         have: &Applied,
         want: &Frontend,
         now: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         if have.backends == want.backends {
             // Only the affinity timeout changed: same revision, one update.
             let value = ServiceValue {
@@ -471,9 +529,7 @@ impl<M: ServiceMaps> Syncer<M> {
                 count: have.backends.len() as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
             };
-            self.maps
-                .put_service(key, &value)
-                .map_err(|e| e.to_string_chain())?;
+            self.maps.put_service(key, &value)?;
             if let Some(a) = self.applied.get_mut(key) {
                 a.affinity_timeout_s = want.affinity_timeout_s;
             }
@@ -500,7 +556,7 @@ impl<M: ServiceMaps> Syncer<M> {
             self.del_members(have.id, &added);
             self.retired
                 .push_back((revision, want.backends.len() as u32, now));
-            return Err(e.to_string_chain());
+            return Err(e);
         }
         self.del_members(have.id, &removed);
         self.retired.push_back((have.revision, have.slots, now));
@@ -529,28 +585,11 @@ impl<M: ServiceMaps> Syncer<M> {
     }
 }
 
-fn error(service: &str, key: &ServiceKey, e: &Error) -> SyncError {
+fn sync_error(service: &str, key: &ServiceKey, e: &Error) -> SyncError {
     SyncError {
         service: service.to_owned(),
         frontend: frontend_name(key),
-        message: e.to_string_chain(),
-    }
-}
-
-trait Chain {
-    fn to_string_chain(&self) -> String;
-}
-
-impl<E: std::error::Error> Chain for E {
-    fn to_string_chain(&self) -> String {
-        let mut s = self.to_string();
-        let mut source = self.source();
-        while let Some(e) = source {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
-            source = e.source();
-        }
-        s
+        failure: Failure::new(e, SERVICE_KEEPS),
     }
 }
 

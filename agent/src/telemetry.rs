@@ -1,45 +1,110 @@
 //! Per-connection telemetry: connection events and UDP flow counters become Istio-labelled
 //! metrics, the open-connection table (`weft connections`) and flow records (`weft flows`).
 //!
+//! Pure: kernel events, UDP flow samples and the name directory in; metrics and flow records
+//! out. It reads no kernel map itself (the agent reads them and hands over what they say), so
+//! it is unit-tested without a kernel.
+//!
 //! Every event is handled on the agent's event loop without blocking: metrics are counters
 //! behind atomics, the flow stream never waits for its readers. Counters in events are
 //! cumulative per socket; the table keeps the last values seen, so metrics get exact
 //! increases however many updates (or duplicates) arrive.
 pub mod flows;
 pub mod metrics;
-pub mod names;
 pub mod udp;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::{Deserialize, Serialize};
-use weft_abi::{
-    conn::ConnState,
-    traffic::{UdpFlowStatsKey, UdpFlowStatsValue},
+use weft_abi::{conn::DropReason, net::Direction};
+
+use crate::{
+    compile::names::{Directory, DirectoryHandle, NameConfig, PodName, ServiceName, UNKNOWN},
+    datapath::Globals,
+    events::{ConnEventKindName, Connection, Outcome, Role, udp::UdpBatch},
+};
+use flows::{FlowEnd, FlowEvent, FlowRecord, Flows, Reporter, Verdict, protocol_name};
+use metrics::{
+    ConnLabels, ConnectionLabels, Detail, DropLabels, Ends, EventKind, EventLabels, Families,
+    Granularity, PodLabels, Protocol, SeriesCache, TcpSeries, UdpSeries,
 };
 
-use crate::conntrack::{ConnEventKindName, Connection, Outcome, Role};
-use flows::{FlowEnd, FlowEvent, FlowRecord, Flows, Verdict, protocol_name};
-use metrics::{ConnLabels, Detail, DropLabels, Granularity, Reporter, Series, TelemetryMetrics};
-use names::{Directory, PodName};
-use udp::UdpSeries;
+/// The telemetry flags.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// Connection and drop events and UDP flow counting in the kernel (`--telemetry=false`
+    /// turns them off; services and policy are unaffected).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub telemetry: bool,
+    /// An open TCP connection reports its counters this often, so metrics move while it is
+    /// open (`0s`: only at open and close).
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
+    pub conn_update_interval: Duration,
+    /// A UDP flow without packets for this long ends (its flow record is written).
+    #[arg(long, default_value = "60s", value_parser = crate::parse_positive_duration)]
+    pub udp_idle_timeout: Duration,
+    /// How finely connection series are split: per workload pair (Istio's default), per pod
+    /// pair, or per connection (debugging only).
+    #[arg(long, value_enum, default_value = "workload")]
+    pub metrics_granularity: Granularity,
+    /// `source_cluster` / `destination_cluster` of this cluster's workloads (Istio's default).
+    #[arg(long, default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Flow records kept for `weft flows --last`.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    pub flow_buffer: u64,
+}
 
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot read kernel map {map}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
+impl Settings {
+    /// How often the open-connection table and UDP flows are looked at: the update interval,
+    /// or 5 s when connections report only at open and close.
+    pub fn tick(&self) -> Duration {
+        if self.conn_update_interval.is_zero() {
+            Duration::from_secs(5)
+        } else {
+            self.conn_update_interval
+        }
+    }
+
+    /// A connection quiet for this long and gone from the kernel lost its close event.
+    pub fn stale_after(&self) -> Duration {
+        (self.tick() * 3).max(Duration::from_secs(60))
+    }
+
+    /// What the kernel programs are told: no events at all when telemetry is off (and then
+    /// no per-packet update check either).
+    pub fn kernel(&self) -> (u64, u32) {
+        if !self.telemetry {
+            return (0, 0);
+        }
+        let interval = u64::try_from(self.conn_update_interval.as_nanos()).unwrap_or(u64::MAX);
+        (interval, 1)
+    }
+
+    /// For `weft config dump`.
+    pub fn summary(&self, names: &NameConfig) -> serde_json::Value {
+        serde_json::json!({
+            "enabled": self.telemetry,
+            "granularity": self.metrics_granularity,
+            "conn_update_interval": humantime::format_duration(self.conn_update_interval).to_string(),
+            "udp_idle_timeout": humantime::format_duration(self.udp_idle_timeout).to_string(),
+            "flow_buffer": self.flow_buffer,
+            "cluster": self.cluster_id,
+            "cluster_domain": names.cluster_domain,
+        })
+    }
+
+    /// Sets the datapath globals that telemetry decides.
+    pub fn apply_to(&self, globals: &mut Globals) {
+        (globals.conn_update_interval_ns, globals.conn_events_enabled) = self.kernel();
+    }
 }
 
 /// What telemetry is asked to do.
@@ -48,7 +113,6 @@ pub struct TelemetryConfig {
     pub granularity: Granularity,
     /// `source_cluster` / `destination_cluster` of local workloads.
     pub cluster: String,
-    pub names: names::NameConfig,
     /// A UDP flow without packets for this long ends.
     pub udp_idle: Duration,
     /// Flow records kept for `weft flows --last`.
@@ -64,7 +128,6 @@ impl Default for TelemetryConfig {
         Self {
             granularity: Granularity::Workload,
             cluster: "Kubernetes".to_owned(),
-            names: names::NameConfig::default(),
             udp_idle: Duration::from_secs(60),
             flow_buffer: 8192,
             flow_lag: 4096,
@@ -73,8 +136,17 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// The names in use, replaced whole by the pipeline after every pass.
-pub type DirectoryHandle = Arc<RwLock<Arc<Directory>>>;
+impl From<&Settings> for TelemetryConfig {
+    fn from(s: &Settings) -> Self {
+        Self {
+            granularity: s.metrics_granularity,
+            cluster: s.cluster_id.clone(),
+            udp_idle: s.udp_idle_timeout,
+            flow_buffer: usize::try_from(s.flow_buffer).unwrap_or(usize::MAX),
+            ..Self::default()
+        }
+    }
+}
 
 /// One open TCP connection as the last event told (`GET /connections`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,16 +171,18 @@ pub struct OpenConnection {
 /// per slot, not a whole entry).
 struct Open {
     view: OpenConnection,
-    series: Arc<Series>,
+    series: Arc<TcpSeries>,
     /// Only per-connection series need their labels again (to expire them).
     connection_labels: Option<Box<ConnLabels>>,
     seen: Instant,
 }
 
+type OpenTable = Arc<Mutex<HashMap<u64, Box<Open>>>>;
+
 /// What the admin API reads.
 #[derive(Clone)]
 pub struct TelemetryView {
-    open: Arc<Mutex<HashMap<u64, Box<Open>>>>,
+    open: OpenTable,
     pub flows: Arc<Flows>,
 }
 
@@ -136,18 +210,48 @@ impl TelemetryView {
     }
 }
 
-struct UdpFlow {
-    last: UdpFlowStatsValue,
-    series: Arc<UdpSeries>,
-    /// Only per-connection series need their labels again (to expire them).
-    connection_labels: Option<Box<ConnLabels>>,
+/// Names series: the labels of a series between two ends, at the configured granularity.
+#[derive(Debug)]
+pub struct Namer {
+    granularity: Granularity,
+    /// `source_cluster` / `destination_cluster` of local workloads.
+    cluster: Arc<str>,
 }
 
-/// Which cache a series is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Tcp,
-    Udp,
+/// One end of a series: its address, and the pod holding it.
+pub type End<'a> = (SocketAddr, Option<&'a Arc<PodName>>);
+
+impl Namer {
+    pub fn labels(
+        &self,
+        ends: (Reporter, Protocol),
+        source: End<'_>,
+        destination: End<'_>,
+        service: Option<&ServiceName>,
+    ) -> ConnLabels {
+        let pods = || PodLabels {
+            source_pod: pod_name(source.1),
+            destination_pod: pod_name(destination.1),
+        };
+        let detail = match self.granularity {
+            Granularity::Workload => Detail::None,
+            Granularity::Pod => Detail::Pod(pods()),
+            Granularity::Connection => Detail::Connection(ConnectionLabels {
+                pods: pods(),
+                source_address: Arc::from(source.0.to_string()),
+                destination_address: Arc::from(destination.0.to_string()),
+            }),
+        };
+        let ends = Ends {
+            reporter: ends.0,
+            protocol: ends.1,
+            source: source.1.map(|p| &*p.peer),
+            destination: destination.1.map(|p| &*p.peer),
+            service,
+            cluster: &self.cluster,
+        };
+        ConnLabels::new(&ends, detail)
+    }
 }
 
 /// Per-event counters of the reader, looked up once.
@@ -160,29 +264,22 @@ struct EventCounters {
 
 /// The telemetry state, owned by the agent's event loop.
 pub struct Telemetry {
-    config: TelemetryConfig,
-    cluster: Arc<str>,
-    metrics: TelemetryMetrics,
+    namer: Namer,
+    families: Families,
     directory: DirectoryHandle,
     current: Arc<Directory>,
-    series: HashMap<ConnLabels, Arc<Series>>,
-    udp_series: HashMap<ConnLabels, Arc<UdpSeries>>,
-    open: Arc<Mutex<HashMap<u64, Box<Open>>>>,
+    tcp: SeriesCache<TcpSeries>,
+    udp_series: SeriesCache<UdpSeries>,
+    open: OpenTable,
     flows: Arc<Flows>,
-    /// Per-connection series to remove once their time is up.
-    expiring: VecDeque<(Instant, Kind, ConnLabels)>,
-    udp: HashMap<UdpFlowStatsKey, UdpFlow>,
-    udp_map: Option<udp::UdpMap>,
-    /// A read of `udp_map` is running off the event loop.
-    udp_reading: bool,
-    conn_state: Option<BpfHashMap<MapData, u64, ConnState>>,
+    udp: udp::UdpFlows,
     events: EventCounters,
 }
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Telemetry")
-            .field("series", &self.series.len())
+            .field("series", &self.tcp.len())
             .field("udp_flows", &self.udp.len())
             .finish_non_exhaustive()
     }
@@ -194,53 +291,40 @@ impl Telemetry {
         registry: &mut Registry,
         directory: DirectoryHandle,
     ) -> Self {
-        let metrics = TelemetryMetrics::new(registry);
-        let event = |name| {
-            metrics
+        let families = Families::new(registry);
+        let event = |event| {
+            families
                 .events
-                .get_or_create(&metrics::EventLabels { event: name })
+                .get_or_create(&EventLabels { event })
                 .clone()
         };
         let events = EventCounters {
-            open: event("tcp_open"),
-            close: event("tcp_close"),
-            update: event("tcp_update"),
-            drop: event("drop"),
+            open: event(EventKind::TcpOpen),
+            close: event(EventKind::TcpClose),
+            update: event(EventKind::TcpUpdate),
+            drop: event(EventKind::Drop),
         };
         let current = Arc::clone(&directory.read().unwrap_or_else(|e| e.into_inner()));
+        let ttl = config.connection_series_ttl;
         Self {
-            cluster: Arc::from(config.cluster.as_str()),
+            namer: Namer {
+                granularity: config.granularity,
+                cluster: Arc::from(config.cluster.as_str()),
+            },
             flows: Arc::new(Flows::new(
                 config.flow_buffer,
                 config.flow_lag,
-                metrics.flow_records_lost.clone(),
+                families.flow_records_lost.clone(),
             )),
-            config,
-            metrics,
+            families,
             directory,
             current,
-            series: HashMap::new(),
-            udp_series: HashMap::new(),
+            tcp: SeriesCache::new(ttl),
+            udp_series: SeriesCache::new(ttl),
             open: Arc::default(),
-            expiring: VecDeque::new(),
-            udp: HashMap::new(),
-            udp_map: None,
-            udp_reading: false,
-            conn_state: None,
+            udp: udp::UdpFlows::default(),
             events,
         }
-    }
-
-    /// The kernel maps telemetry reads: UDP flow counters, and the open-connection map that
-    /// tells a connection whose close event was lost from one that is idle.
-    pub fn with_maps(
-        mut self,
-        udp_map: BpfHashMap<MapData, UdpFlowStatsKey, UdpFlowStatsValue>,
-        conn_state: BpfHashMap<MapData, u64, ConnState>,
-    ) -> Self {
-        self.udp_map = Some(Arc::new(Mutex::new(udp_map)));
-        self.conn_state = Some(conn_state);
-        self
     }
 
     pub fn view(&self) -> TelemetryView {
@@ -275,34 +359,29 @@ impl Telemetry {
             entry.series.opened.inc();
         }
         account(&mut entry, c);
-        match c.event {
+        let record = match c.event {
             ConnEventKindName::TcpClose => {
                 let outcome = c.outcome.unwrap_or(Outcome::Reset);
-                let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(1);
-                entry.series.closed[index].inc();
+                entry.series.closed(outcome).inc();
                 if let Some(labels) = entry.connection_labels.take() {
-                    self.expiring.push_back((
-                        Instant::now() + self.config.connection_series_ttl,
-                        Kind::Tcp,
-                        *labels,
-                    ));
+                    self.tcp.expire_later(*labels, Instant::now());
                 }
-                self.metrics.open_connections.set(open.len() as i64);
-                drop(open);
-                self.flows
-                    .publish(tcp_record(FlowEvent::TcpClose, c, &entry.view));
+                Some(tcp_record(FlowEvent::TcpClose, c, &entry.view))
             }
             ConnEventKindName::TcpOpen => {
                 let record = tcp_record(FlowEvent::TcpOpen, c, &entry.view);
                 open.insert(c.cookie, entry);
-                self.metrics.open_connections.set(open.len() as i64);
-                drop(open);
-                self.flows.publish(record);
+                Some(record)
             }
             _ => {
                 open.insert(c.cookie, entry);
-                self.metrics.open_connections.set(open.len() as i64);
+                None
             }
+        };
+        self.families.open_connections.set(open.len() as i64);
+        drop(open);
+        if let Some(record) = record {
+            self.flows.publish(record);
         }
     }
 
@@ -321,56 +400,8 @@ impl Telemetry {
     /// at a later pass, once it has ended.
     fn prune(&mut self) {
         let dir = &self.current;
-        let metrics = &self.metrics;
-        self.series.retain(|labels, series| {
-            let keep = Arc::strong_count(series) > 1 || labels.is_current(dir);
-            if !keep {
-                metrics.remove(labels);
-            }
-            keep
-        });
-        self.udp_series.retain(|labels, series| {
-            let keep = Arc::strong_count(series) > 1 || labels.is_current(dir);
-            if !keep {
-                metrics.udp.remove(labels);
-            }
-            keep
-        });
-    }
-
-    fn labels(
-        &self,
-        reporter: Reporter,
-        protocol: &'static str,
-        source: (SocketAddr, Option<&Arc<PodName>>),
-        destination: (SocketAddr, Option<&Arc<PodName>>),
-        service: Option<Arc<names::ServiceName>>,
-    ) -> ConnLabels {
-        let pod_name = |p: Option<&Arc<PodName>>| -> Arc<str> {
-            p.map_or_else(|| Arc::from(names::UNKNOWN), |p| Arc::clone(&p.pod))
-        };
-        let detail = match self.config.granularity {
-            Granularity::Workload => Detail::None,
-            Granularity::Pod => Detail::Pod {
-                source: pod_name(source.1),
-                destination: pod_name(destination.1),
-            },
-            Granularity::Connection => Detail::Connection {
-                source: pod_name(source.1),
-                destination: pod_name(destination.1),
-                source_address: Arc::from(source.0.to_string()),
-                destination_address: Arc::from(destination.0.to_string()),
-            },
-        };
-        ConnLabels {
-            reporter,
-            protocol,
-            source: source.1.map(|p| Arc::clone(&p.peer)),
-            destination: destination.1.map(|p| Arc::clone(&p.peer)),
-            service,
-            cluster: Arc::clone(&self.cluster),
-            detail,
-        }
+        self.tcp.prune(&self.families, |l| l.is_current(dir));
+        self.udp_series.prune(&self.families, |l| l.is_current(dir));
     }
 
     fn new_open(&mut self, c: &Connection) -> Box<Open> {
@@ -389,16 +420,14 @@ impl Telemetry {
                 (c.local, local_pod),
             ),
         };
-        let service = dir
-            .service(c.service, destination.0, weft_abi::IPPROTO_TCP)
-            .cloned();
-        let labels = self.labels(reporter, "tcp", source, destination, service.clone());
-        let metrics = &self.metrics;
-        let series = Arc::clone(
-            self.series
-                .entry(labels.clone())
-                .or_insert_with(|| Arc::new(metrics.series(&labels))),
+        let service = dir.service(c.service, destination.0, weft_abi::IPPROTO_TCP);
+        let labels = self.namer.labels(
+            (reporter, Protocol::Tcp),
+            source,
+            destination,
+            service.map(|s| &**s),
         );
+        let series = self.tcp.get(&self.families, &labels);
         Box::new(Open {
             view: OpenConnection {
                 cookie: c.cookie,
@@ -414,35 +443,31 @@ impl Telemetry {
                 updated: flows::Timestamp::now(),
             },
             series,
-            connection_labels: matches!(labels.detail, Detail::Connection { .. })
-                .then(|| Box::new(labels)),
+            connection_labels: labels.detail.is_per_connection().then(|| Box::new(labels)),
             seen: Instant::now(),
         })
     }
 
     fn on_drop(&mut self, c: &Connection) {
         let Some(d) = c.dropped else { return };
-        let protocol = protocol_name(d.protocol);
-        self.metrics
-            .denied
-            .get_or_create(&DropLabels::new(
-                d.reason,
-                d.direction,
-                protocol_label(d.protocol),
-            ))
+        self.families
+            .dropped
+            .get_or_create(&DropLabels {
+                reason: d.reason,
+                direction: d.direction,
+                protocol: protocol_label(d.protocol),
+            })
             .inc();
         let dir = Arc::clone(&self.current);
         let local = flow_end(c.local, dir.pod(c.local.ip()));
         let remote = flow_end(c.remote, dir.pod(c.remote.ip()));
-        let egress = d.direction == crate::conntrack::Direction::Egress;
-        let (reporter, source, destination) = if egress {
-            ("source", local, remote)
-        } else {
-            ("destination", remote, local)
+        let (reporter, source, destination) = match d.direction {
+            Direction::Egress => (Reporter::Source, local, remote),
+            Direction::Ingress => (Reporter::Destination, remote, local),
         };
         // A connect refused for want of backends was addressed to the ClusterIP itself.
         let frontend = match d.reason {
-            crate::conntrack::DropReason::NoBackends => Some(c.remote),
+            DropReason::NoBackends => Some(c.remote),
             _ => c.service,
         };
         let service = dir
@@ -456,7 +481,7 @@ impl Telemetry {
             ..FlowRecord::new(
                 FlowEvent::Drop,
                 Verdict::Denied,
-                protocol,
+                protocol_name(d.protocol),
                 reporter,
                 source,
                 destination,
@@ -470,48 +495,22 @@ impl Telemetry {
         self.follow_directory();
         self.prune();
         let now = Instant::now();
-        while self.expiring.front().is_some_and(|(at, ..)| *at <= now) {
-            let Some((_, kind, labels)) = self.expiring.pop_front() else {
-                break;
-            };
-            let in_use = match kind {
-                Kind::Tcp => self.series.get(&labels).map(Arc::strong_count),
-                Kind::Udp => self.udp_series.get(&labels).map(Arc::strong_count),
-            };
-            match in_use {
-                // Another connection with the same labels (a reused port) still counts.
-                Some(n) if n > 1 => {
-                    self.expiring
-                        .push_back((now + self.config.connection_series_ttl, kind, labels))
-                }
-                _ => match kind {
-                    Kind::Tcp => {
-                        self.metrics.remove(&labels);
-                        self.series.remove(&labels);
-                    }
-                    Kind::Udp => {
-                        self.metrics.udp.remove(&labels);
-                        self.udp_series.remove(&labels);
-                    }
-                },
-            }
-        }
+        self.tcp.expire(&self.families, now);
+        self.udp_series.expire(&self.families, now);
     }
 
     /// Connections the kernel may have stopped tracking without their close reaching us (the
-    /// ring buffer was full): quiet for `stale_after` and absent from `CONN_STATE`. The caller
-    /// drains the ring buffer next (a close submitted just before the lookup is then read)
-    /// and passes them to [`Telemetry::forget`].
-    pub fn lost_candidates(&self, stale_after: Duration) -> Vec<(u64, Instant)> {
-        let Some(conn_state) = &self.conn_state else {
-            return Vec::new();
-        };
+    /// ring buffer was full): quiet for `stale_after` and, says `tracked`, gone from the
+    /// kernel. The caller drains the ring buffer next (a close submitted just before the
+    /// lookup is then read) and passes them to [`Telemetry::forget`].
+    pub fn lost_candidates(
+        &self,
+        stale_after: Duration,
+        tracked: impl Fn(u64) -> bool,
+    ) -> Vec<(u64, Instant)> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.iter()
-            .filter(|(cookie, o)| {
-                o.seen.elapsed() >= stale_after
-                    && matches!(conn_state.get(cookie, 0), Err(MapError::KeyNotFound))
-            })
+            .filter(|(cookie, o)| o.seen.elapsed() >= stale_after && !tracked(**cookie))
             .map(|(cookie, o)| (*cookie, o.seen))
             .collect()
     }
@@ -525,15 +524,31 @@ impl Telemetry {
                 && let Some(mut o) = open.remove(cookie)
                 && let Some(labels) = o.connection_labels.take()
             {
-                self.expiring.push_back((
-                    Instant::now() + self.config.connection_series_ttl,
-                    Kind::Tcp,
-                    *labels,
-                ));
+                self.tcp.expire_later(*labels, Instant::now());
             }
         }
-        self.metrics.open_connections.set(open.len() as i64);
+        self.families.open_connections.set(open.len() as i64);
     }
+
+    /// Adds the increases a read of the UDP flow counters found to the metrics; ends flows
+    /// that went idle or that the LRU evicted.
+    pub fn apply_udp(&mut self, batch: UdpBatch) {
+        self.follow_directory();
+        let mut ctx = udp::Context {
+            families: &self.families,
+            series: &mut self.udp_series,
+            directory: &self.current,
+            namer: &self.namer,
+        };
+        let ended = self.udp.apply(batch, &mut ctx);
+        for record in ended {
+            self.flows.publish(record);
+        }
+    }
+}
+
+fn pod_name(p: Option<&Arc<PodName>>) -> Arc<str> {
+    p.map_or_else(|| Arc::from(UNKNOWN), |p| Arc::clone(&p.pod))
 }
 
 /// Adds a TCP event's increases over what the table last saw to the connection's series.
@@ -565,9 +580,9 @@ fn account(entry: &mut Open, c: &Connection) {
 fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection) -> FlowRecord {
     let client = c.role == Role::Client;
     let (reporter, source, destination) = if client {
-        ("source", v.local.clone(), v.remote.clone())
+        (Reporter::Source, v.local.clone(), v.remote.clone())
     } else {
-        ("destination", v.remote.clone(), v.local.clone())
+        (Reporter::Destination, v.remote.clone(), v.local.clone())
     };
     let (to_dst, to_src) = if client {
         (c.bytes_sent, c.bytes_received)
@@ -609,108 +624,4 @@ fn protocol_label(protocol: u8) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
-
-    use super::*;
-    use crate::{source::yaml, store};
-
-    fn directory() -> Arc<Directory> {
-        let docs = [
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: ns, labels: {app: c}}\nstatus: {podIP: 10.0.0.1}",
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: ns, labels: {app: s}}\nstatus: {podIP: 10.0.0.2}",
-        ];
-        let objects: BTreeMap<_, _> = docs
-            .iter()
-            .map(|d| store::decode(yaml::parse(d).expect("yaml")).expect("valid"))
-            .collect();
-        let st = store::Store::from_objects(&objects);
-        Arc::new(Directory::build(
-            &st,
-            &BTreeMap::new(),
-            &names::NameConfig::default(),
-        ))
-    }
-
-    fn event(kind: ConnEventKindName, sent: u64, received: u64) -> Connection {
-        let client: SocketAddr = "10.0.0.1:40000".parse().expect("addr");
-        let server: SocketAddr = "10.0.0.2:80".parse().expect("addr");
-        Connection {
-            event: kind,
-            cookie: 7,
-            role: Role::Client,
-            local: client,
-            remote: server,
-            bytes_sent: sent,
-            bytes_received: received,
-            srtt: Duration::from_micros(100),
-            rtt_min: Duration::from_micros(50),
-            retransmits: 0,
-            segments_in: 0,
-            segments_out: 0,
-            duration: Duration::from_millis(1),
-            outcome: (kind == ConnEventKindName::TcpClose).then_some(Outcome::Normal),
-            service: None,
-            dropped: None,
-        }
-    }
-
-    fn sample(registry: &Registry, name: &str) -> f64 {
-        let text = crate::metrics::render(registry, crate::metrics::Format::Text);
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains("reporter=\"source\""))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
-    }
-
-    #[test]
-    fn cumulative_counters_become_exact_increases_despite_duplicates_and_reordering() {
-        let mut registry = Registry::default();
-        let handle: DirectoryHandle = Arc::new(RwLock::new(directory()));
-        let mut t = Telemetry::new(TelemetryConfig::default(), &mut registry, handle);
-        t.on_event(&event(ConnEventKindName::TcpOpen, 0, 0));
-        t.on_event(&event(ConnEventKindName::TcpUpdate, 1000, 10));
-        // A duplicate and a late, older update add nothing.
-        t.on_event(&event(ConnEventKindName::TcpUpdate, 1000, 10));
-        t.on_event(&event(ConnEventKindName::TcpUpdate, 500, 5));
-        assert_eq!(t.view().connections().len(), 1);
-        t.on_event(&event(ConnEventKindName::TcpClose, 5000, 20));
-        assert!(t.view().connections().is_empty());
-        // The client's sent bytes are the request: Istio's received.
-        assert_eq!(sample(&registry, "weft_tcp_received_bytes_total"), 5000.0);
-        assert_eq!(sample(&registry, "weft_tcp_sent_bytes_total"), 20.0);
-        assert_eq!(sample(&registry, "weft_tcp_connections_opened_total"), 1.0);
-        assert_eq!(sample(&registry, "weft_tcp_connections_closed_total"), 1.0);
-        let text = crate::metrics::render(&registry, crate::metrics::Format::Text);
-        assert!(
-            text.contains("source_workload=\"client\"")
-                && text.contains("destination_workload=\"server\"")
-                && text.contains("source_app=\"c\""),
-            "{text}"
-        );
-        let records = t.view().flows.recent(&flows::Filter::default(), None);
-        assert_eq!(records.len(), 2, "open and close");
-        assert_eq!(records[1].bytes_to_destination, 5000);
-    }
-
-    #[test]
-    fn series_of_a_deleted_workload_go_once_no_connection_uses_them() {
-        let mut registry = Registry::default();
-        let handle: DirectoryHandle = Arc::new(RwLock::new(directory()));
-        let mut t = Telemetry::new(
-            TelemetryConfig::default(),
-            &mut registry,
-            Arc::clone(&handle),
-        );
-        t.on_event(&event(ConnEventKindName::TcpOpen, 0, 0));
-        // The client pod is deleted while its connection is open: its series stay...
-        *handle.write().expect("lock") = Arc::new(Directory::default());
-        t.tick();
-        assert_eq!(sample(&registry, "weft_tcp_connections_opened_total"), 1.0);
-        // ...until it closes and a later pass finds them unused.
-        t.on_event(&event(ConnEventKindName::TcpClose, 10, 10));
-        t.tick();
-        let text = crate::metrics::render(&registry, crate::metrics::Format::Text);
-        assert!(!text.contains("source_workload=\"client\""), "{text}");
-    }
-}
+mod tests;

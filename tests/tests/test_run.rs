@@ -8,8 +8,9 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use weft_abi::{
+    net::Direction,
     stats::Counter,
-    traffic::{Direction, TrafficKey, TrafficValue},
+    traffic::{TrafficKey, TrafficValue},
 };
 
 const EGRESS: &str = "weft_skb_egress";

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod lint;
 mod manifests;
 mod setup;
 mod test;
@@ -36,6 +37,9 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Check the agent's layers (no module uses a later one) and function lengths (also part
+    /// of `test`).
+    Lint,
     /// Validate deploy/: kustomize renders, yamllint, kubernetes-validate, the
     /// prometheus-operator schema and the dashboard's PromQL (also part of `test`).
     Manifests,
@@ -61,6 +65,10 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let ws = workspace_root();
+    if let Cmd::Lint = cli.command {
+        // Reads sources only: nothing to set up.
+        return lint::run(&ws);
+    }
     let tools = match cli.command {
         Cmd::BuildEbpf | Cmd::Build { .. } => setup::for_build(&ws)?,
         _ => setup::run(&ws)?,
@@ -71,6 +79,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build::all(&ws, &tools, release).map(drop),
         Cmd::Test { filter } => test::run(&ws, &tools, filter.as_deref()),
         Cmd::Demo { duration } => demo::run(&ws, &tools, duration),
+        Cmd::Lint => unreachable!("handled above"),
         Cmd::Manifests => manifests::check(&ws, tools.manifests.as_ref()),
         Cmd::Bench {
             scenarios,

@@ -38,6 +38,9 @@ pub fn run(ws: &Path, tools: &Tools, filter: Option<&str>) -> Result<()> {
             .current_dir(ws)
             .args(["fmt", "--all", "--", "--check"]),
     )?;
+    eprintln!("==> lint (layers, function length)");
+    crate::lint::run(ws).context("step `lint` failed")?;
+    eprintln!("    lint: ok");
     eprintln!("==> build kernel programs");
     build::ebpf(ws, tools)?;
     step(

@@ -13,20 +13,18 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use serde::{Deserialize, Serialize};
+use weft_abi::net::{Direction, ip_words};
 use weft_abi::{
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, maps,
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue,
-        POLICY_PREFIX_FULL, PolicyData, PolicyValue,
+        EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, POLICY_PREFIX_FULL,
+        PolicyData, PolicyValue,
     },
 };
 
 use super::{AdminState, Error};
 use crate::{
-    compile::{
-        ip_words,
-        policy::judge::{Tables, judge},
-    },
+    compile::policy::judge::{Tables, judge},
     pipeline::policy::{EndpointStatus, PolicyStatus},
 };
 
@@ -164,7 +162,7 @@ impl Tables for KernelTables {
         let key = Key::new(
             IPCACHE_PREFIX_FAMILY + bits,
             IpcacheData {
-                family: u32::from(family),
+                family: family as u32,
                 addr,
             },
         );
@@ -236,7 +234,11 @@ fn policies(state: &AdminState) -> Result<PoliciesDoc, Error> {
             .iter()
             .map(|p| format!("{}: {}", p.object, p.message))
             .collect(),
-        sync_errors: status.sync_errors.clone(),
+        sync_errors: status
+            .sync_errors
+            .iter()
+            .map(|f| f.message.clone())
+            .collect(),
         identities: status.identities,
         ipcache_entries: status.ipcache_entries,
         policy_entries: status.policy_entries,
@@ -294,8 +296,8 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
         )));
     };
     let tables = KernelTables::open(state)?;
-    let side = |direction: u8, pod: &str, cgroup_id: Option<u64>, peer: IpAddr| {
-        let name = if direction == DIR_EGRESS {
+    let side = |direction: Direction, pod: &str, cgroup_id: Option<u64>, peer: IpAddr| {
+        let name = if direction == Direction::Egress {
             "egress"
         } else {
             "ingress"
@@ -333,7 +335,7 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
             .iter()
             .find(|e| e.pod == pod)
             .map(|e| {
-                if direction == DIR_EGRESS {
+                if direction == Direction::Egress {
                     e.egress_policies.join(", ")
                 } else {
                     e.ingress_policies.join(", ")
@@ -364,8 +366,8 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
             reason,
         }
     };
-    let egress = side(DIR_EGRESS, &q.from, from.cgroup_id, to_ip);
-    let ingress = side(DIR_INGRESS, &q.to, to.cgroup_id, from_ip);
+    let egress = side(Direction::Egress, &q.from, from.cgroup_id, to_ip);
+    let ingress = side(Direction::Ingress, &q.to, to.cgroup_id, from_ip);
     Ok(Ok(CheckDoc {
         from: q.from.clone(),
         to: q.to.clone(),

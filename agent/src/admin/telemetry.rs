@@ -15,14 +15,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::AdminState;
+use weft_abi::net::words_ip;
+
 use crate::{
-    compile::{self, words_ip},
+    compile::{self, names::workload_name},
     metrics::{Format, render},
     sync::frontend_name,
     telemetry::{
         OpenConnection,
         flows::{Filter, FlowRecord, Lost},
-        names::workload_name,
     },
 };
 

@@ -96,7 +96,8 @@ pub fn flow_line(r: &FlowRecord) -> String {
     let time = time.get(11..23).unwrap_or(&time).to_owned();
     format!(
         "{time} {:<4} {src} -> {dst}{via} {verdict}{detail} [{}]",
-        r.protocol, r.reporter
+        r.protocol,
+        r.reporter.as_str()
     )
 }
 

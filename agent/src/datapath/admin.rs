@@ -168,7 +168,7 @@ pub struct MapUsage {
 pub fn map_usage(pins: &Pins) -> Result<Vec<MapUsage>, Error> {
     use aya::maps::{MapInfo, MapType};
     let mut out = Vec::new();
-    for name in weft_abi::maps::ALL {
+    for &name in weft_abi::maps::ALL {
         let info =
             MapInfo::from_pin(pins.map(name)).map_err(|source| Error::MapInfo { name, source })?;
         let map_type = info

@@ -1,188 +1,146 @@
-//! How the datapath is sized, and what every map must look like, pinned or new.
+//! How the datapath is sized and where it lives: the flags that declare it (the only place
+//! they are declared), and the shape every map must have, pinned or new, derived from the
+//! table of maps in `weft_abi::for_each_map!`.
 use std::path::PathBuf;
 
-use aya::maps::MapType;
-use aya::maps::lpm_trie::Key;
-use weft_abi::{
-    conn::{ConnState, DropBudget},
-    maps,
-    policy::{
-        EndpointInfo, IpcacheData, IpcacheValue, PolicyData, PolicyFlowKey, PolicyValue, VERDICTS,
-    },
-    stats::COUNTERS,
-    svc::{
-        AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
-        SlotKey, UdpFlowKey, UdpSock,
-    },
-    traffic::{TrafficKey, TrafficValue, UdpFlowStatsKey, UdpFlowStatsValue},
-};
+use aya::maps::{MapType, lpm_trie::Key};
 
-use super::Error;
-
-/// aya-log-ebpf's ring buffer size (fixed by that crate).
-const AYA_LOGS_BYTES: u32 = 1 << 17;
-
-/// How the agent's datapath is sized and where it lives.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// cgroup v2 directory whose processes (and descendants) weft observes.
-    pub cgroup: PathBuf,
+/// `--instance` and `--bpffs`: which pinned datapath (shared by `weft agent` and `weft
+/// cleanup`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Instance {
+    /// Instance name: one agent per instance; pins live in <bpffs>/weft/<instance>.
+    #[arg(long = "instance", default_value = "default")]
+    pub name: String,
     /// bpffs mount point.
+    #[arg(long, default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
-    /// Names the pin directory; one agent per instance.
-    pub instance: String,
-    /// Capacity of `CONN_STATE` (open connections tracked at once).
+}
+
+/// The capacity of every map the agent sizes. Each field names its flag, and the rows of the
+/// map table that use it name the field: a map's size and its flag cannot drift apart.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Capacities {
+    /// Connection event ring buffer size in bytes (a power of two of at least one page).
+    #[arg(long, default_value_t = 512 * 1024, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+    /// Open TCP connections tracked at once (size of CONN_STATE).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
     pub max_connections: u32,
-    /// Capacity of `TRAFFIC` (cgroup x direction x protocol keys).
+    /// (cgroup, direction, protocol) traffic counters (size of TRAFFIC).
+    #[arg(long, default_value_t = 16_384, value_parser = at_least_one())]
     pub traffic_entries: u32,
-    /// Size of the connection event ring buffer in bytes (power of two, >= page size).
-    pub ring_buffer_bytes: u32,
+    /// Service frontends (ClusterIP x port x protocol) the kernel can hold.
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_services: u32,
+    /// Backends the kernel can hold over all services (a backend set being replaced briefly
+    /// holds its old and new slots: leave headroom).
+    #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
+    pub max_backends: u32,
+    /// ClientIP affinity entries (client pods x services with affinity).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_affinity: u32,
+    /// Sockets whose ClusterIP translation is remembered (getpeername, UDP replies).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_socket_translations: u32,
+    /// Local pods whose policy the kernel can enforce (size of ENDPOINTS).
+    #[arg(long, default_value_t = 16_384, value_parser = at_least_one())]
+    pub max_endpoints: u32,
+    /// Pod addresses and ipBlock prefixes the kernel can know (size of IPCACHE).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_ipcache: u32,
+    /// Policy entries over all local pods' policy sets (size of POLICY).
+    #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
+    pub max_policy_entries: u32,
+    /// UDP/SCTP exchanges of pods remembered so replies pass (size of POLICY_FLOWS, LRU).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_policy_flows: u32,
+    /// UDP flows counted at once (size of UDP_FLOW_STATS, LRU).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_udp_flows: u32,
+}
+
+fn at_least_one() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..)
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let page = page_size();
+    if !n.is_power_of_two() || n < page {
+        return Err(format!(
+            "{n} must be a power of two of at least one page ({page} bytes)"
+        ));
+    }
+    Ok(n)
+}
+
+/// The datapath's own flags.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// cgroup v2 directory to observe, with all its descendants [default: the host's cgroup2
+    /// mount, found in /proc/self/mountinfo]
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    #[command(flatten)]
+    pub instance: Instance,
+    #[command(flatten)]
+    pub capacities: Capacities,
+    /// Pending connection-event bytes that wake the agent (0: every event; less than half of
+    /// --ring-buffer-size). Batching saves CPU under connection churn;
+    /// --events-poll-interval bounds the delay.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub events_wakeup_bytes: u64,
+}
+
+impl Settings {
+    /// What clap cannot check field by field.
+    pub fn validate(&self) -> Result<(), String> {
+        let ring = u64::from(self.capacities.ring_buffer_size);
+        if self.events_wakeup_bytes >= ring / 2 {
+            return Err(format!(
+                "--events-wakeup-bytes {} must be less than half of --ring-buffer-size {ring}, \
+                 or events would be lost before the reader wakes",
+                self.events_wakeup_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the kernel programs are told at load time (their globals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Globals {
     /// aya-log level compiled into the kernel programs' view: 0 = off .. 5 = trace.
     pub kernel_log_level: u8,
     /// Pending bytes in `CONN_EVENTS` that wake the reader (0: every event).
     pub events_wakeup_bytes: u64,
-    /// Capacity of `SERVICES` (frontends: ClusterIP x port x protocol).
-    pub max_services: u32,
-    /// Capacity of `BACKEND_SLOTS` and `MEMBERS`. A backend set being replaced holds its old
-    /// and new slots for a moment, so leave headroom over the total number of backends.
-    pub max_backends: u32,
-    /// Capacity of `AFFINITY` (LRU: client pods x services with ClientIP affinity).
-    pub max_affinity: u32,
-    /// Capacity of `REVNAT` and `UDP_FLOWS` (LRU: sockets talking to services).
-    pub max_socket_translations: u32,
-    /// Capacity of `ENDPOINTS` (local pods).
-    pub max_endpoints: u32,
-    /// Capacity of `IPCACHE` (pod addresses and ipBlock prefixes).
-    pub max_ipcache: u32,
-    /// Capacity of `POLICY` (entries of every policy set).
-    pub max_policy_entries: u32,
-    /// Capacity of `POLICY_FLOWS` (LRU: UDP/SCTP exchanges of pods).
-    pub max_policy_flows: u32,
-    /// cgroup level of `cgroup` (0 = the cgroup2 mount), for the kernel's pod lookups.
+    /// cgroup level of the attach cgroup (0 = the cgroup2 mount), for the kernel's pod lookups.
     pub cgroup_level: u32,
     /// An open connection reports its counters at most this often (0: only at open/close).
     pub conn_update_interval_ns: u64,
     /// 1: connection and drop events are written; 0: telemetry off.
     pub conn_events_enabled: u32,
-    /// Capacity of `UDP_FLOW_STATS` (LRU: UDP flows of local sockets).
-    pub max_udp_flows: u32,
 }
 
-impl Config {
-    pub(super) fn validate(&self) -> Result<(), Error> {
-        let page = page_size();
-        if self.events_wakeup_bytes >= u64::from(self.ring_buffer_bytes) / 2 {
-            return Err(Error::InvalidCapacity {
-                flag: "--events-wakeup-bytes",
-                value: u32::try_from(self.events_wakeup_bytes).unwrap_or(u32::MAX),
-                reason: "must be less than half of --ring-buffer-size, or events would be lost \
-                         before the reader wakes",
-            });
-        }
-        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
-            return Err(Error::InvalidCapacity {
-                flag: "--ring-buffer-size",
-                value: self.ring_buffer_bytes,
-                reason: "must be a power of two of at least one page",
-            });
-        }
-        for (flag, value) in [
-            ("--max-connections", self.max_connections),
-            ("--traffic-entries", self.traffic_entries),
-            ("--max-services", self.max_services),
-            ("--max-backends", self.max_backends),
-            ("--max-affinity", self.max_affinity),
-            ("--max-socket-translations", self.max_socket_translations),
-            ("--max-endpoints", self.max_endpoints),
-            ("--max-ipcache", self.max_ipcache),
-            ("--max-policy-entries", self.max_policy_entries),
-            ("--max-policy-flows", self.max_policy_flows),
-            ("--max-udp-flows", self.max_udp_flows),
-        ] {
-            if value == 0 {
-                return Err(Error::InvalidCapacity {
-                    flag,
-                    value,
-                    reason: "must be at least 1",
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// What every map must look like, pinned or new. The loader sizes maps from it.
-    pub(super) fn map_specs(&self) -> [MapSpec; 19] {
-        [
-            MapSpec::ring(maps::CONN_EVENTS, self.ring_buffer_bytes),
-            MapSpec::of::<u64, ConnState>(maps::CONN_STATE, MapType::Hash, self.max_connections),
-            MapSpec::of::<u32, u64>(maps::STATS, MapType::PerCpuArray, COUNTERS),
-            MapSpec::of::<TrafficKey, TrafficValue>(
-                maps::TRAFFIC,
-                MapType::PerCpuHash,
-                self.traffic_entries,
-            ),
-            // aya rounds ring buffer sizes up to whole pages.
-            MapSpec::ring(maps::AYA_LOGS, AYA_LOGS_BYTES.max(page_size())),
-            MapSpec::of::<ServiceKey, ServiceValue>(
-                maps::SERVICES,
-                MapType::Hash,
-                self.max_services,
-            ),
-            MapSpec::of::<SlotKey, Endpoint>(maps::BACKEND_SLOTS, MapType::Hash, self.max_backends),
-            MapSpec::of::<MemberKey, u32>(maps::MEMBERS, MapType::Hash, self.max_backends),
-            MapSpec::of::<AffinityKey, AffinityValue>(
-                maps::AFFINITY,
-                MapType::LruHash,
-                self.max_affinity,
-            ),
-            MapSpec::of::<RevNatKey, Endpoint>(
-                maps::REVNAT,
-                MapType::LruHash,
-                self.max_socket_translations,
-            ),
-            MapSpec::of::<UdpFlowKey, Endpoint>(
-                maps::UDP_FLOWS,
-                MapType::LruHash,
-                self.max_socket_translations,
-            ),
-            MapSpec::of::<u64, UdpSock>(
-                maps::UDP_SOCKS,
-                MapType::LruHash,
-                self.max_socket_translations,
-            ),
-            MapSpec::of::<u64, EndpointInfo>(maps::ENDPOINTS, MapType::Hash, self.max_endpoints),
-            MapSpec::of::<Key<IpcacheData>, IpcacheValue>(
-                maps::IPCACHE,
-                MapType::LpmTrie,
-                self.max_ipcache,
-            ),
-            MapSpec::of::<Key<PolicyData>, PolicyValue>(
-                maps::POLICY,
-                MapType::LpmTrie,
-                self.max_policy_entries,
-            ),
-            MapSpec::of::<PolicyFlowKey, u64>(
-                maps::POLICY_FLOWS,
-                MapType::LruHash,
-                self.max_policy_flows,
-            ),
-            MapSpec::of::<u32, u64>(maps::VERDICTS, MapType::PerCpuArray, VERDICTS),
-            MapSpec::of::<UdpFlowStatsKey, UdpFlowStatsValue>(
-                maps::UDP_FLOW_STATS,
-                MapType::LruHash,
-                self.max_udp_flows,
-            ),
-            MapSpec::of::<u32, DropBudget>(maps::DROP_BUDGET, MapType::PerCpuArray, 1),
-        ]
-    }
+/// Everything [`super::Datapath::start`] needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// cgroup v2 directory whose processes (and descendants) weft observes.
+    pub cgroup: PathBuf,
+    pub instance: Instance,
+    pub capacities: Capacities,
+    pub globals: Globals,
 }
 
-fn page_size() -> u32 {
+pub(super) fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(size).unwrap_or(4096)
 }
 
+/// What one map must look like, pinned or new.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct MapSpec {
     pub(super) name: &'static str,
@@ -203,20 +161,144 @@ impl MapSpec {
         }
     }
 
-    const fn ring(name: &'static str, bytes: u32) -> Self {
-        Self {
-            name,
-            map_type: MapType::RingBuf,
-            key_size: 0,
-            value_size: 0,
-            max_entries: bytes,
-        }
-    }
-
     pub(super) fn describe(&self) -> String {
         format!(
             "type {:?}, key {} B, value {} B, {} entries",
             self.map_type, self.key_size, self.value_size, self.max_entries
         )
+    }
+}
+
+/// A row's capacity: a field of [`Capacities`], or a size the agent does not choose.
+macro_rules! capacity {
+    ($c:ident, fixed, $size:expr) => {
+        $size
+    };
+    ($c:ident, $setting:ident, $size:expr) => {
+        $c.$setting
+    };
+}
+
+/// A row's [`MapSpec`], by kind.
+macro_rules! map_spec {
+    ($name:ident, RingBuf, $cap:expr) => {
+        MapSpec::of::<(), ()>(weft_abi::maps::$name, MapType::RingBuf, $cap)
+    };
+    // aya-log's ring buffer; aya rounds ring buffer sizes up to whole pages.
+    ($name:ident, External, $cap:expr) => {
+        MapSpec::of::<(), ()>(
+            weft_abi::maps::$name,
+            MapType::RingBuf,
+            ($cap).max(page_size()),
+        )
+    };
+    ($name:ident, Hash<$k:ty, $v:ty>, $cap:expr) => {
+        MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::Hash, $cap)
+    };
+    ($name:ident, HashNoPrealloc<$k:ty, $v:ty>, $cap:expr) => {
+        MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::Hash, $cap)
+    };
+    ($name:ident, LruHash<$k:ty, $v:ty>, $cap:expr) => {
+        MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::LruHash, $cap)
+    };
+    ($name:ident, PerCpuHash<$k:ty, $v:ty>, $cap:expr) => {
+        MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::PerCpuHash, $cap)
+    };
+    ($name:ident, LpmTrie<$k:ty, $v:ty>, $cap:expr) => {
+        MapSpec::of::<Key<$k>, $v>(weft_abi::maps::$name, MapType::LpmTrie, $cap)
+    };
+    ($name:ident, PerCpuArray<$v:ty>, $cap:expr) => {
+        MapSpec::of::<u32, $v>(weft_abi::maps::$name, MapType::PerCpuArray, $cap)
+    };
+}
+
+/// `map_specs` (every row's spec at the given capacities), `settings` (every row's setting,
+/// its default size, for the test that keeps the table and the flags' defaults equal).
+macro_rules! from_table {
+    ($($(#[doc = $doc:literal])* $name:ident: $kind:ident $(<$($t:ty),+ $(,)?>)? ($setting:ident = $size:expr);)*) => {
+        /// What every map must look like at these capacities. The loader sizes maps from it.
+        pub(super) fn map_specs(c: &Capacities) -> Vec<MapSpec> {
+            vec![$(map_spec!($name, $kind $(<$($t),+>)?, capacity!(c, $setting, $size))),*]
+        }
+
+        /// The flag that sizes a map, e.g. `--max-connections` (None: the agent does not
+        /// choose its size).
+        pub fn map_flag(name: &str) -> Option<String> {
+            [$((weft_abi::maps::$name, stringify!($setting))),*]
+                .into_iter()
+                .find(|(n, setting)| *n == name && *setting != "fixed")
+                .map(|(_, setting)| format!("--{}", setting.replace('_', "-")))
+        }
+
+        #[cfg(test)]
+        fn table_defaults(defaults: &Capacities) -> Vec<(&'static str, u64, u64)> {
+            vec![$((
+                weft_abi::maps::$name,
+                u64::from(capacity!(defaults, $setting, $size) as u32),
+                ($size) as u64,
+            )),*]
+        }
+    };
+}
+
+weft_abi::for_each_map!(from_table);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn parse(args: &[&str]) -> Result<Settings, clap::Error> {
+        Flags::try_parse_from(std::iter::once("weft").chain(args.iter().copied()))
+            .map(|f| f.settings)
+    }
+
+    #[test]
+    fn the_flags_defaults_are_the_tables_sizes() {
+        let defaults = parse(&[]).expect("defaults parse").capacities;
+        for (map, flag_default, table_size) in table_defaults(&defaults) {
+            assert_eq!(flag_default, table_size, "{map}");
+        }
+    }
+
+    #[test]
+    fn a_zero_capacity_is_refused_naming_its_flag() {
+        let e = parse(&["--max-services", "0"]).expect_err("refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(e.to_string().contains("--max-services"), "{e}");
+        let e = parse(&["--ring-buffer-size", "1000"]).expect_err("refused");
+        assert!(e.to_string().contains("--ring-buffer-size"), "{e}");
+    }
+
+    #[test]
+    fn a_wakeup_threshold_past_half_the_ring_is_refused() {
+        let s = parse(&[
+            "--ring-buffer-size",
+            "65536",
+            "--events-wakeup-bytes",
+            "32768",
+        ])
+        .expect("each flag alone is valid");
+        let e = s.validate().expect_err("refused");
+        assert!(e.starts_with("--events-wakeup-bytes 32768"), "{e}");
+    }
+
+    #[test]
+    fn every_sized_map_names_its_flag() {
+        assert_eq!(map_flag("CONN_STATE").as_deref(), Some("--max-connections"));
+        assert_eq!(map_flag("MEMBERS").as_deref(), Some("--max-backends"));
+        assert_eq!(map_flag("STATS"), None);
+        let specs = map_specs(&parse(&[]).expect("defaults").capacities);
+        assert_eq!(specs.len(), weft_abi::maps::ALL.len());
+        let policy = specs.iter().find(|s| s.name == "POLICY").expect("POLICY");
+        assert_eq!(policy.map_type, MapType::LpmTrie);
+        assert_eq!(policy.max_entries, 262_144);
     }
 }

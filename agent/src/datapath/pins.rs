@@ -14,9 +14,6 @@ use std::{
 
 use super::Error;
 
-/// `BPF_FS_MAGIC` from linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// The pin layout of one instance.
 #[derive(Debug, Clone)]
 pub struct Pins {
@@ -33,6 +30,15 @@ impl Pins {
             instance: instance.to_owned(),
             dir: bpffs.join("weft").join(instance),
         })
+    }
+
+    /// Pins under `bpffs` without checking it (tests that never open one).
+    #[cfg(test)]
+    pub fn unchecked(bpffs: &Path, instance: &str) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            dir: bpffs.join("weft").join(instance),
+        }
     }
 
     pub fn instance(&self) -> &str {
@@ -117,17 +123,7 @@ fn validate_instance(instance: &str) -> Result<(), Error> {
 }
 
 pub(super) fn check_bpffs(bpffs: &Path) -> Result<(), Error> {
-    let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|_| {
-        Error::NotBpffs {
-            path: bpffs.to_owned(),
-        }
-    })?;
-    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid C string.
-    let (ret, st) = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        (libc::statfs(c.as_ptr(), &mut st), st)
-    };
-    if ret != 0 || st.f_type != BPF_FS_MAGIC {
+    if !crate::mounts::is_bpffs(bpffs) {
         return Err(Error::NotBpffs {
             path: bpffs.to_owned(),
         });

@@ -10,14 +10,14 @@ use std::{
 use serde::{Deserialize, Serialize};
 use weft_abi::maps;
 
+use super::metrics::{PipelineMetrics, Stage};
 use crate::{
     cgroup,
     compile::policy::{self as cp, Ids, PolicySummary, Problem, RuleRef},
-    metrics::{MapLabels, Metrics, ReasonLabels},
     store::Store,
     sync::{
-        Error,
-        policy::{PolicyCapacity, PolicySyncer, kernel::KernelPolicyMaps},
+        Error, Failure,
+        policy::{PolicyCapacity, PolicyMaps, PolicyReport, PolicySyncer},
     },
 };
 
@@ -54,7 +54,7 @@ pub struct PolicyStatus {
     pub policies: Vec<PolicySummary>,
     pub endpoints: Vec<EndpointStatus>,
     pub problems: Vec<Problem>,
-    pub sync_errors: Vec<String>,
+    pub sync_errors: Vec<Failure>,
     pub identities: usize,
     pub ipcache_entries: usize,
     pub policy_entries: usize,
@@ -67,8 +67,8 @@ pub struct PolicyStatus {
 
 /// Owns the policy syncer and the numbering it relies on.
 #[derive(Debug)]
-pub struct PolicyStage {
-    syncer: PolicySyncer<KernelPolicyMaps>,
+pub struct PolicyStage<M> {
+    syncer: PolicySyncer<M>,
     ids: Ids,
     seeded: bool,
     cgroup_root: PathBuf,
@@ -76,15 +76,17 @@ pub struct PolicyStage {
     status: Arc<RwLock<PolicyStatus>>,
     /// Some local pod's cgroup was missing at the last pass.
     missing_cgroups: bool,
+    /// The id of a cgroup directory; None when it does not exist (yet).
+    pub(super) cgroup_id: fn(&Path) -> Option<u64>,
 }
 
-impl PolicyStage {
+impl<M: PolicyMaps> PolicyStage<M> {
     pub fn new(
-        maps: KernelPolicyMaps,
+        maps: M,
         capacity: PolicyCapacity,
         cgroup_root: &Path,
         host_ips: Vec<IpAddr>,
-        metrics: &Metrics,
+        metrics: &PipelineMetrics,
         status: Arc<RwLock<PolicyStatus>>,
     ) -> Result<Self, Error> {
         for (map, cap) in [
@@ -92,12 +94,7 @@ impl PolicyStage {
             (maps::IPCACHE, capacity.ipcache),
             (maps::POLICY, capacity.entries),
         ] {
-            metrics
-                .map_capacity
-                .get_or_create(&MapLabels {
-                    map_name: map.to_owned(),
-                })
-                .set(i64::from(cap));
+            metrics.maps.set_capacity(map, cap);
         }
         Ok(Self {
             syncer: PolicySyncer::new(maps, capacity)?,
@@ -107,7 +104,12 @@ impl PolicyStage {
             host_ips,
             status,
             missing_cgroups: false,
+            cgroup_id: |path| cgroup::cgroup_id(path).ok(),
         })
+    }
+
+    pub fn maps(&self) -> &M {
+        self.syncer.maps()
     }
 
     /// Whether a pass is worth running again because a missing cgroup now exists.
@@ -126,17 +128,12 @@ impl PolicyStage {
         policies
             .endpoints
             .keys()
-            .filter_map(|cg| {
-                Some((
-                    cg.clone(),
-                    cgroup::cgroup_id(&self.cgroup_root.join(cg)).ok()?,
-                ))
-            })
+            .filter_map(|cg| Some((cg.clone(), (self.cgroup_id)(&self.cgroup_root.join(cg))?)))
             .collect()
     }
 
     /// Compiles and syncs. Returns how many map writes and deletes it made.
-    pub fn run(&mut self, store: &Store, metrics: &Metrics) -> (usize, usize) {
+    pub fn run(&mut self, store: &Store, metrics: &PipelineMetrics) -> (usize, usize) {
         if !self.seeded {
             // A restarted agent first learns the numbers the kernel holds.
             let first = cp::compile(store, &self.host_ips, &mut self.ids);
@@ -144,27 +141,14 @@ impl PolicyStage {
             self.syncer.seed(&mut self.ids, &first, &ids);
             self.seeded = true;
         }
-        let compile_started = std::time::Instant::now();
-        let policies = cp::compile(store, &self.host_ips, &mut self.ids);
-        metrics
-            .compile_duration
-            .get_or_create(&crate::metrics::StageLabels { stage: "policy" })
-            .observe(compile_started.elapsed().as_secs_f64());
+        let policies = metrics.time(Stage::Policy, || {
+            cp::compile(store, &self.host_ips, &mut self.ids)
+        });
         let cgroup_ids = self.resolve(&policies);
         let report = self.syncer.apply(&policies, &cgroup_ids);
         for e in &report.errors {
-            metrics
-                .sync_errors
-                .get_or_create(&ReasonLabels {
-                    reason: if e.contains("is full") {
-                        "map_full"
-                    } else {
-                        "map_write"
-                    }
-                    .into(),
-                })
-                .inc();
-            tracing::error!(target: "weft::sync", error = e.as_str(), "policy change not fully applied");
+            metrics.sync_error(e.reason);
+            tracing::error!(target: "weft::sync", error = e.message, "policy change not fully applied");
         }
         let (endpoints, ipcache, entries) = self.syncer.usage();
         for (map, used) in [
@@ -172,77 +156,100 @@ impl PolicyStage {
             (maps::IPCACHE, ipcache),
             (maps::POLICY, entries),
         ] {
-            metrics
-                .map_entries
-                .get_or_create(&MapLabels {
-                    map_name: map.to_owned(),
-                })
-                .set(used as i64);
+            metrics.maps.set_entries(map, used as u64);
         }
-        let mut problems = policies.problems.clone();
-        let mut status_endpoints = Vec::new();
-        for (cg, e) in &policies.endpoints {
-            let id = cgroup_ids.get(cg).copied();
-            if id.is_none() {
-                problems.push(Problem {
-                    object: e.pod.clone(),
-                    message: format!(
-                        "cgroup {} does not exist: nothing runs in it yet; enforced once it does",
-                        self.cgroup_root.join(cg).display()
-                    ),
-                });
-            }
-            status_endpoints.push(EndpointStatus {
-                pod: e.pod.clone(),
-                cgroup: cg.clone(),
-                cgroup_id: id,
-                endpoint_id: e.info.endpoint_id,
-                identity: e.info.identity,
-                policy_set: e.info.policy_set,
-                ingress_isolated: e.info.flags & weft_abi::policy::EP_INGRESS_ISOLATED != 0,
-                egress_isolated: e.info.flags & weft_abi::policy::EP_EGRESS_ISOLATED != 0,
-                ingress_policies: e.ingress_policies.clone(),
-                egress_policies: e.egress_policies.clone(),
-                ips: e.ips.clone(),
-                entries: policies
-                    .set_sizes
-                    .get(&e.info.policy_set)
-                    .copied()
-                    .unwrap_or(0),
-            });
-        }
-        self.missing_cgroups = status_endpoints.iter().any(|e| e.cgroup_id.is_none());
-        for p in policies.problems.iter() {
+        for p in &policies.problems {
             tracing::debug!(target: "weft::compile", object = p.object, problem = p.message, "policy note");
         }
-        let local: BTreeMap<&str, Option<u64>> = status_endpoints
+        let status = self.status_of(store, &policies, &cgroup_ids, &report);
+        self.missing_cgroups = status.endpoints.iter().any(|e| e.cgroup_id.is_none());
+        *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+        (report.written, report.deleted)
+    }
+
+    /// What `weft status`, `weft policies` and `weft policy check` show after a pass.
+    fn status_of(
+        &self,
+        store: &Store,
+        policies: &cp::Policies,
+        cgroup_ids: &BTreeMap<String, u64>,
+        report: &PolicyReport,
+    ) -> PolicyStatus {
+        let mut problems = policies.problems.clone();
+        let endpoints: Vec<EndpointStatus> = policies
+            .endpoints
             .iter()
-            .map(|e| (e.pod.as_str(), e.cgroup_id))
-            .collect();
-        let pods = store
-            .pods
-            .iter()
-            .filter_map(|((ns, name), pod)| {
-                let ips = cp::pod_ips(pod);
-                let key = format!("{ns}/{name}");
-                let cgroup_id = local.get(key.as_str()).copied().flatten();
-                (!ips.is_empty()).then_some((key, PodAddress { ips, cgroup_id }))
+            .map(|(cg, e)| {
+                let status = endpoint_status(cg, e, cgroup_ids.get(cg).copied(), policies);
+                if status.cgroup_id.is_none() {
+                    problems.push(Problem {
+                        object: e.pod.clone(),
+                        message: format!(
+                            "cgroup {} does not exist: nothing runs in it yet; enforced once it does",
+                            self.cgroup_root.join(cg).display()
+                        ),
+                    });
+                }
+                status
             })
             .collect();
-        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
-        *status = PolicyStatus {
+        let (_, ipcache, entries) = self.syncer.usage();
+        PolicyStatus {
             policies: policies.policies.clone(),
-            endpoints: status_endpoints,
+            pods: pod_addresses(store, &endpoints),
+            endpoints,
             problems,
-            sync_errors: report.errors,
+            sync_errors: report.errors.clone(),
             identities: policies.identities.len(),
             ipcache_entries: ipcache,
             policy_entries: entries,
             rules: policies.rules.clone(),
-            pods,
-        };
-        (report.written, report.deleted)
+        }
     }
+}
+
+fn endpoint_status(
+    cgroup: &str,
+    e: &cp::LocalEndpoint,
+    cgroup_id: Option<u64>,
+    policies: &cp::Policies,
+) -> EndpointStatus {
+    EndpointStatus {
+        pod: e.pod.clone(),
+        cgroup: cgroup.to_owned(),
+        cgroup_id,
+        endpoint_id: e.info.endpoint_id,
+        identity: e.info.identity,
+        policy_set: e.info.policy_set,
+        ingress_isolated: e.info.flags & weft_abi::policy::EP_INGRESS_ISOLATED != 0,
+        egress_isolated: e.info.flags & weft_abi::policy::EP_EGRESS_ISOLATED != 0,
+        ingress_policies: e.ingress_policies.clone(),
+        egress_policies: e.egress_policies.clone(),
+        ips: e.ips.clone(),
+        entries: policies
+            .set_sizes
+            .get(&e.info.policy_set)
+            .copied()
+            .unwrap_or(0),
+    }
+}
+
+/// Every pod with an address, by `namespace/name`, with the cgroup id of local ones.
+fn pod_addresses(store: &Store, endpoints: &[EndpointStatus]) -> BTreeMap<String, PodAddress> {
+    let local: BTreeMap<&str, Option<u64>> = endpoints
+        .iter()
+        .map(|e| (e.pod.as_str(), e.cgroup_id))
+        .collect();
+    store
+        .pods
+        .iter()
+        .filter_map(|((ns, name), pod)| {
+            let ips = cp::pod_ips(pod);
+            let key = format!("{ns}/{name}");
+            let cgroup_id = local.get(key.as_str()).copied().flatten();
+            (!ips.is_empty()).then_some((key, PodAddress { ips, cgroup_id }))
+        })
+        .collect()
 }
 
 /// The node's own addresses (ingress from them is always allowed: kubelet probes), from the

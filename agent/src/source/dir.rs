@@ -33,6 +33,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot watch the source directory {dir}", dir = dir.display())]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
 }
 
 /// What identifies a version of a file without reading it.
@@ -361,35 +367,54 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
     }
 }
 
+/// Watches a directory (not recursively) and sends every change: files closed after writing
+/// or renamed into place as complete, anything else as a change to look at.
+pub fn watch(
+    dir: &Path,
+    tx: tokio::sync::mpsc::UnboundedSender<super::SourceEvent>,
+) -> Result<notify::RecommendedWatcher, Error> {
+    use notify::{
+        EventKind, Watcher as _,
+        event::{AccessKind, AccessMode, ModifyKind, RenameMode},
+    };
+    let err = |source| Error::Watch {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let sent = match event {
+            Err(e) => {
+                // A lost event (queue overflow, watch removed) could hide a change: rescan.
+                tracing::warn!(target: "weft::source", error = %e, "source watch reported an error; rescanning");
+                super::SourceEvent::Changed
+            }
+            Ok(e) => match e.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                    super::SourceEvent::Complete(e.paths)
+                }
+                _ => super::SourceEvent::Changed,
+            },
+        };
+        // The receiver is gone only when the agent stops.
+        let _ = tx.send(sent);
+    })
+    .map_err(err)?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(err)?;
+    Ok(watcher)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{sync::Arc, time::Duration};
 
     use super::*;
+    use crate::tests::TempDir;
 
     const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
     const DB: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - port: 5432\n";
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("weft-dir-{name}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).expect("create temp dir");
-            Self(p)
-        }
-
-        fn write(&self, file: &str, text: &str) {
-            fs::write(self.0.join(file), text).expect("write");
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn names(src: &DirSource) -> Vec<String> {
         src.objects().0.keys().map(ToString::to_string).collect()
@@ -400,7 +425,7 @@ mod tests {
         let d = TempDir::new("settle");
         d.write("a.yaml", WEB);
         // Written a moment ago: maybe half of an in-place write. Not applied, but reported.
-        let mut src = DirSource::with_settle(&d.0, Duration::from_secs(3600));
+        let mut src = DirSource::with_settle(d.path(), Duration::from_secs(3600));
         let r = src.rescan(false).expect("rescan");
         assert!(r.unsettled && !r.changed, "{r:?}");
         assert!(names(&src).is_empty());
@@ -418,7 +443,7 @@ mod tests {
             .replace("name: web", "name: bad")
             .replace("port: 80", "port: 0");
         d.write("a.yaml", &format!("{WEB}---\n{DB}---\n{bad}"));
-        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        let mut src = DirSource::with_settle(d.path(), Duration::ZERO);
         src.rescan(false).expect("rescan");
         let service = |src: &DirSource, name: &str| {
             let (objects, _) = src.objects();
@@ -464,10 +489,10 @@ mod tests {
     fn a_file_known_complete_is_read_without_settling() {
         let d = TempDir::new("complete");
         d.write("a.yaml", WEB);
-        let mut src = DirSource::with_settle(&d.0, Duration::from_secs(3600));
+        let mut src = DirSource::with_settle(d.path(), Duration::from_secs(3600));
         assert!(src.rescan(false).expect("rescan").unsettled);
         // The watcher saw it closed after writing (or renamed into place).
-        src.mark_complete(&d.0.join("a.yaml"));
+        src.mark_complete(&d.path().join("a.yaml"));
         let r = src.rescan(false).expect("rescan");
         assert!(r.changed && !r.unsettled, "{r:?}");
         assert_eq!(names(&src), ["Service default/web"]);
@@ -483,7 +508,7 @@ mod tests {
         d.write("a.yaml", &format!("{WEB}---\n{DB}"));
         d.write(".a.yaml.swp", "garbage");
         d.write("notes.txt", "not yaml");
-        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        let mut src = DirSource::with_settle(d.path(), Duration::ZERO);
         assert!(src.rescan(false).expect("rescan").changed);
         assert_eq!(names(&src), ["Service default/db", "Service default/web"]);
         assert!(
@@ -496,7 +521,7 @@ mod tests {
     fn a_rejected_document_keeps_the_last_good_version_of_its_object() {
         let d = TempDir::new("keep");
         d.write("a.yaml", &format!("{WEB}---\n{DB}"));
-        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        let mut src = DirSource::with_settle(d.path(), Duration::ZERO);
         src.rescan(false).expect("rescan");
         // web gets an invalid port; db is removed from the file.
         d.write("a.yaml", &WEB.replace("port: 80", "port: 0"));
@@ -530,7 +555,7 @@ mod tests {
     fn unparsable_yaml_keeps_every_object_of_its_file() {
         let d = TempDir::new("unparsable");
         d.write("a.yaml", &format!("{WEB}---\n{DB}"));
-        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        let mut src = DirSource::with_settle(d.path(), Duration::ZERO);
         src.rescan(false).expect("rescan");
         d.write("a.yaml", &format!("{WEB}---\nkind: [unclosed\n"));
         src.rescan(false).expect("rescan");
@@ -552,7 +577,7 @@ mod tests {
         let d = TempDir::new("dup");
         d.write("a.yaml", WEB);
         d.write("b.yml", WEB);
-        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        let mut src = DirSource::with_settle(d.path(), Duration::ZERO);
         src.rescan(false).expect("rescan");
         let (objects, rejections) = src.objects();
         assert_eq!(objects.len(), 1);
@@ -567,9 +592,9 @@ mod tests {
     fn removed_files_remove_their_objects() {
         let d = TempDir::new("removed");
         d.write("a.yaml", WEB);
-        let mut src = DirSource::with_settle(&d.0, Duration::ZERO);
+        let mut src = DirSource::with_settle(d.path(), Duration::ZERO);
         src.rescan(false).expect("rescan");
-        fs::remove_file(d.0.join("a.yaml")).expect("rm");
+        fs::remove_file(d.path().join("a.yaml")).expect("rm");
         assert!(src.rescan(false).expect("rescan").changed);
         assert!(names(&src).is_empty());
     }

@@ -5,7 +5,7 @@
 //! then into its k8s-openapi type. k8s-openapi ignores fields it does not know, as the API
 //! server's lenient decoding does; weft decodes strictly, like `kubectl apply
 //! --validate=strict`: a field that does not survive the round trip through the type is an
-//! unknown field and rejects the document.
+//! unknown field and rejects the document (`store::strict`).
 use serde_json::Value;
 
 /// One document of a file.
@@ -64,46 +64,6 @@ pub fn parse(doc: &str) -> Result<Value, serde_saphyr::Error> {
     serde_saphyr::from_str::<Value>(doc)
 }
 
-/// The dotted paths of fields present in `original` but lost in `round_trip` (the same object
-/// decoded into its type and encoded again): fields the type does not know. `null` values are
-/// ignored (they mean "absent").
-pub fn unknown_fields(original: &Value, round_trip: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    walk(original, round_trip, &mut String::new(), &mut out);
-    out
-}
-
-fn walk(original: &Value, round_trip: &Value, path: &mut String, out: &mut Vec<String>) {
-    match (original, round_trip) {
-        (Value::Object(o), Value::Object(r)) => {
-            for (key, value) in o {
-                if value.is_null() {
-                    continue;
-                }
-                let len = path.len();
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(key);
-                match r.get(key) {
-                    Some(rv) => walk(value, rv, path, out),
-                    None => out.push(path.clone()),
-                }
-                path.truncate(len);
-            }
-        }
-        (Value::Array(o), Value::Array(r)) => {
-            for (i, (ov, rv)) in o.iter().zip(r).enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                walk(ov, rv, path, out);
-                path.truncate(len);
-            }
-        }
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -132,19 +92,6 @@ mod tests {
     fn dashes_inside_a_block_scalar_line_are_not_separators() {
         let docs = documents("kind: A\ndata: |\n  ----\n  ---x\n");
         assert_eq!(docs.len(), 1);
-    }
-
-    #[test]
-    fn finds_unknown_fields_at_any_depth() {
-        let original = json!({
-            "spec": {"ports": [{"port": 80, "prot": "TCP"}], "typo": 1, "nothing": null},
-            "metadata": {"name": "a"}
-        });
-        let round_trip = json!({"spec": {"ports": [{"port": 80}]}, "metadata": {"name": "a"}});
-        assert_eq!(
-            unknown_fields(&original, &round_trip),
-            vec!["spec.ports[0].prot", "spec.typo"]
-        );
     }
 
     #[test]

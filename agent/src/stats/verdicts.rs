@@ -12,26 +12,55 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 use weft_abi::{
-    policy::{DIR_EGRESS, DIR_INGRESS, Match, verdict_index},
+    conn::DropReason,
+    net::Direction,
+    policy::{Match, verdict_index},
     stats::Counter,
 };
 
+use crate::metrics::label_value;
+
+/// What a verdict did.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    const fn of(m: Match) -> Self {
+        match m {
+            Match::None => Self::Deny,
+            _ => Self::Allow,
+        }
+    }
+
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+label_value!(Action);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
-    direction: &'static str,
-    r#match: &'static str,
-    action: &'static str,
+    direction: Direction,
+    r#match: Match,
+    action: Action,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
-    reason: &'static str,
-    direction: &'static str,
+    reason: DropReason,
+    direction: Direction,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    reason: &'static str,
+    reason: Counter,
 }
 
 /// Reads `VERDICTS` and `STATS` when Prometheus scrapes.
@@ -62,10 +91,10 @@ impl VerdictCollector {
     }
 
     /// (direction, match, total over CPUs); a slot that cannot be read counts 0.
-    pub fn read(&self) -> Vec<(u8, Match, u64)> {
+    pub fn read(&self) -> Vec<(Direction, Match, u64)> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        for direction in [DIR_INGRESS, DIR_EGRESS] {
+        for direction in Direction::ALL {
             for m in Match::ALL {
                 let total = map
                     .get(&verdict_index(direction, m), 0)
@@ -78,19 +107,11 @@ impl VerdictCollector {
     }
 }
 
-fn direction_name(direction: u8) -> &'static str {
-    if direction == DIR_EGRESS {
-        "egress"
-    } else {
-        "ingress"
-    }
-}
-
 impl Collector for VerdictCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let counts = self.read();
         let mut verdicts = encoder.encode_descriptor(
-            "weft_policy_verdicts",
+            "policy_verdicts",
             "New connections and flows judged by NetworkPolicy, by direction, how they matched \
              and the action",
             None,
@@ -98,36 +119,36 @@ impl Collector for VerdictCollector {
         )?;
         for &(direction, m, total) in &counts {
             let labels = VerdictLabels {
-                direction: direction_name(direction),
-                r#match: m.name(),
-                action: if m == Match::None { "deny" } else { "allow" },
+                direction,
+                r#match: m,
+                action: Action::of(m),
             };
             ConstCounter::new(total).encode(verdicts.encode_family(&labels)?)?;
         }
         {
             let mut drops = encoder.encode_descriptor(
-                "weft_drops",
+                "drops",
                 "Packets and connection attempts the datapath refused, by reason and direction",
                 None,
                 MetricType::Counter,
             )?;
             for &(direction, _, total) in counts.iter().filter(|c| c.1 == Match::None) {
                 let labels = DropLabels {
-                    reason: "policy_denied",
-                    direction: direction_name(direction),
+                    reason: DropReason::PolicyDenied,
+                    direction,
                 };
                 ConstCounter::new(total).encode(drops.encode_family(&labels)?)?;
             }
             let labels = DropLabels {
-                reason: "no_backends",
-                direction: "egress",
+                reason: DropReason::NoBackends,
+                direction: Direction::Egress,
             };
             if let Some(n) = self.stat(Counter::ServiceNoBackends) {
                 ConstCounter::new(n).encode(drops.encode_family(&labels)?)?;
             }
         }
         let lost = encoder.encode_descriptor(
-            "weft_events_lost",
+            "events_lost",
             "Connection and drop events the kernel could not hand to the agent (ring buffer full)",
             None,
             MetricType::Counter,
@@ -136,7 +157,7 @@ impl Collector for VerdictCollector {
             ConstCounter::new(n).encode(lost)?;
         }
         let suppressed = encoder.encode_descriptor(
-            "weft_drop_events_suppressed",
+            "drop_events_suppressed",
             "Drops not reported one by one (past a CPU's budget of drop events per second); weft_drops_total counts them all",
             None,
             MetricType::Counter,
@@ -145,7 +166,7 @@ impl Collector for VerdictCollector {
             ConstCounter::new(n).encode(suppressed)?;
         }
         let mut errors = encoder.encode_descriptor(
-            "weft_datapath_errors",
+            "datapath_errors",
             "Datapath problems counted in the kernel, by reason (a full map, a refused callback, ...)",
             None,
             MetricType::Counter,
@@ -154,7 +175,7 @@ impl Collector for VerdictCollector {
             .into_iter()
             .filter(|c| !matches!(c, Counter::ConnEventsLost | Counter::ServiceNoBackends))
         {
-            let labels = ErrorLabels { reason: c.name() };
+            let labels = ErrorLabels { reason: c };
             if let Some(n) = self.stat(c) {
                 ConstCounter::new(n).encode(errors.encode_family(&labels)?)?;
             }

@@ -14,6 +14,17 @@ pub struct KernelMaps {
     pub members: HashMap<MapData, MemberKey, u32>,
 }
 
+impl KernelMaps {
+    /// Takes the maps from the loaded object (once).
+    pub fn take(datapath: &mut crate::datapath::Datapath) -> Result<Self, crate::datapath::Error> {
+        Ok(Self {
+            services: datapath.take(maps::SERVICES)?,
+            slots: datapath.take(maps::BACKEND_SLOTS)?,
+            members: datapath.take(maps::MEMBERS)?,
+        })
+    }
+}
+
 impl std::fmt::Debug for KernelMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KernelMaps").finish_non_exhaustive()

@@ -24,9 +24,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use weft_abi::policy::{EndpointInfo, IDENTITY_FIRST, IpcacheValue, PolicyValue};
+use weft_abi::{
+    maps,
+    policy::{EndpointInfo, IDENTITY_FIRST, IpcacheValue, PolicyValue},
+};
 
-use super::Error;
+use super::{Error, Failure};
 use crate::compile::policy::{EntryKey, Ids, Policies};
 
 pub mod kernel;
@@ -44,7 +47,7 @@ pub trait PolicyMaps {
     fn del_entry(&mut self, key: &EntryKey) -> Result<(), Error>;
 }
 
-/// Map capacities (the `--max-*` flags).
+/// Capacities of the policy maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyCapacity {
     pub endpoints: u32,
@@ -52,14 +55,31 @@ pub struct PolicyCapacity {
     pub entries: u32,
 }
 
+impl From<&crate::datapath::Capacities> for PolicyCapacity {
+    fn from(c: &crate::datapath::Capacities) -> Self {
+        Self {
+            endpoints: c.max_endpoints,
+            ipcache: c.max_ipcache,
+            entries: c.max_policy_entries,
+        }
+    }
+}
+
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct PolicyReport {
     pub written: usize,
     pub deleted: usize,
-    /// Problems that left some of the desired state out; each names its map and flag.
-    pub errors: Vec<String>,
+    /// Problems that left some of the desired state out; each names its map (and, when full,
+    /// the flag that raises it).
+    pub errors: Vec<Failure>,
 }
+
+/// What stays in force when a step fails.
+const ENTRIES_KEPT: &str = "Pods keep their previous policies; newly isolated pods allow nothing.";
+const ENDPOINT_KEPT: &str = "The pod keeps its previous policies.";
+const ADDRESSES_KEPT: &str = "Addresses keep their previous identities.";
+const STALE_KEPT: &str = "The stale entry stays until a later pass removes it.";
 
 /// Applies desired policy state to the maps.
 #[derive(Debug)]
@@ -186,163 +206,157 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             .iter()
             .filter_map(|(cg, e)| Some((*cgroup_ids.get(cg)?, e.info)))
             .collect();
-
-        // 1. Entries, with the bridge entries for identities being retired.
-        let bridge = self.bridge(desired);
-        let mut entries_ok = true;
-        if desired.entries.len() + bridge.len() > self.capacity.entries as usize {
-            entries_ok = false;
-            report.errors.push(format!(
-                "map POLICY is full: {} entries needed, capacity {}; raise --max-policy-entries. \
-                 Pods keep their previous policies; newly isolated pods allow nothing.",
-                desired.entries.len(),
-                self.capacity.entries
-            ));
-        } else {
-            for (k, v) in desired.entries.iter().chain(&bridge) {
-                if self.entries.get(k) == Some(v) {
-                    continue;
-                }
-                match self.maps.put_entry(k, v) {
-                    Ok(()) => {
-                        self.entries.insert(*k, *v);
-                        report.written += 1;
-                    }
-                    Err(e) => {
-                        entries_ok = false;
-                        report.errors.push(format!(
-                            "{}; pods keep their previous policies",
-                            crate::chain(&e)
-                        ));
-                        break;
-                    }
-                }
-            }
+        let entries_ok = self.write_entries(desired, &mut report);
+        self.write_endpoints(&want_endpoints, entries_ok, &mut report);
+        self.remove_stale_endpoints(&want_endpoints, &mut report);
+        self.write_ipcache(desired, &mut report);
+        // Entries nothing wants are kept when the new state could not be written.
+        if entries_ok {
+            self.remove_stale_entries(desired, &mut report);
         }
+        report
+    }
 
-        // 2. Endpoints (only as many as fit).
-        for (id, want) in &want_endpoints {
+    /// Step 1: entries, with the bridge entries for identities being retired. False when
+    /// they could not all be written (then pods keep their sets).
+    fn write_entries(&mut self, desired: &Policies, report: &mut PolicyReport) -> bool {
+        let bridge = self.bridge(desired);
+        let need = (desired.entries.len() + bridge.len()) as u64;
+        if let Err(e) = Error::check(maps::POLICY, 0, need, self.capacity.entries) {
+            report.errors.push(Failure::new(&e, ENTRIES_KEPT));
+            return false;
+        }
+        for (k, v) in desired.entries.iter().chain(&bridge) {
+            if self.entries.get(k) == Some(v) {
+                continue;
+            }
+            if let Err(e) = self.maps.put_entry(k, v) {
+                report.errors.push(Failure::new(&e, ENTRIES_KEPT));
+                return false;
+            }
+            self.entries.insert(*k, *v);
+            report.written += 1;
+        }
+        true
+    }
+
+    /// Step 2: endpoints, as many as fit. Without their new entries, pods keep their set and
+    /// a newly isolated pod gets set 0, which allows nothing.
+    fn write_endpoints(
+        &mut self,
+        want: &BTreeMap<u64, EndpointInfo>,
+        entries_ok: bool,
+        report: &mut PolicyReport,
+    ) {
+        for (id, want) in want {
             let have = self.endpoints.get(id).copied();
             let mut value = *want;
             if !entries_ok {
-                match have {
-                    Some(h) => {
-                        value = EndpointInfo {
-                            policy_set: h.policy_set,
-                            ..value
-                        }
-                    }
-                    None => value.policy_set = 0,
-                }
+                value.policy_set = have.map_or(0, |h| h.policy_set);
             }
             if have == Some(value) {
                 continue;
             }
-            if have.is_none() && self.endpoints.len() >= self.capacity.endpoints as usize {
-                report.errors.push(format!(
-                    "map ENDPOINTS is full ({} pods); raise --max-endpoints. Pod with cgroup id \
-                     {id} is not enforced.",
-                    self.capacity.endpoints
-                ));
-                continue;
+            if have.is_none() {
+                let used = self.endpoints.len() as u64;
+                if let Err(e) = Error::check(maps::ENDPOINTS, used, 1, self.capacity.endpoints) {
+                    let consequence = format!("The pod with cgroup id {id} is not enforced.");
+                    report.errors.push(Failure::new(&e, &consequence));
+                    continue;
+                }
             }
             match self.maps.put_endpoint(*id, &value) {
                 Ok(()) => {
                     self.endpoints.insert(*id, value);
                     report.written += 1;
                 }
-                Err(e) => report.errors.push(crate::chain(&e)),
+                Err(e) => report.errors.push(Failure::new(&e, ENDPOINT_KEPT)),
             }
         }
+    }
 
-        // 3. Endpoints that are gone (isolation lifted: never more restrictive than before).
+    /// Step 3: endpoints that are gone (isolation lifted: never more restrictive than before).
+    fn remove_stale_endpoints(
+        &mut self,
+        want: &BTreeMap<u64, EndpointInfo>,
+        report: &mut PolicyReport,
+    ) {
         let stale: Vec<u64> = self
             .endpoints
             .keys()
-            .filter(|id| !want_endpoints.contains_key(id))
+            .filter(|id| !want.contains_key(id))
             .copied()
             .collect();
         for id in stale {
             self.delete(
-                &mut report,
+                report,
                 |m| m.del_endpoint(id),
                 |s| {
                     s.endpoints.remove(&id);
                 },
             );
         }
+    }
 
-        // 4. and 5. Addresses: all or nothing, so an excepted address never falls back to a
-        // wider block's identity because its own entry did not fit.
-        if desired.ipcache.len() > self.capacity.ipcache as usize {
-            report.errors.push(format!(
-                "map IPCACHE is full: {} entries needed, capacity {}; raise --max-ipcache. \
-                 Addresses keep their previous identities.",
-                desired.ipcache.len(),
-                self.capacity.ipcache
-            ));
-        } else {
-            let mut ok = true;
-            // Most specific first: a wider prefix never appears before the narrower ones
-            // (excepts, pods) that carve into it, so no address briefly takes its identity.
-            let mut writes: Vec<(&IpNet, &IpcacheValue)> = desired.ipcache.iter().collect();
-            writes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
-            for (net, v) in writes {
-                if self.ipcache.get(net) == Some(v) {
-                    continue;
-                }
-                match self.maps.put_ipcache(net, v) {
-                    Ok(()) => {
-                        self.ipcache.insert(*net, *v);
-                        report.written += 1;
-                    }
-                    Err(e) => {
-                        ok = false;
-                        report.errors.push(crate::chain(&e));
-                        break;
-                    }
-                }
-            }
-            if ok {
-                // Widest first, for the same reason.
-                let mut stale: Vec<IpNet> = self
-                    .ipcache
-                    .keys()
-                    .filter(|n| !desired.ipcache.contains_key(n))
-                    .copied()
-                    .collect();
-                stale.sort_by_key(IpNet::prefix_len);
-                for net in stale {
-                    self.delete(
-                        &mut report,
-                        |m| m.del_ipcache(&net),
-                        |s| {
-                            s.ipcache.remove(&net);
-                        },
-                    );
-                }
-            }
+    /// Steps 4 and 5: addresses, all or nothing, so an excepted address never falls back to
+    /// a wider block's identity because its own entry did not fit.
+    fn write_ipcache(&mut self, desired: &Policies, report: &mut PolicyReport) {
+        let need = desired.ipcache.len() as u64;
+        if let Err(e) = Error::check(maps::IPCACHE, 0, need, self.capacity.ipcache) {
+            report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
+            return;
         }
+        // Most specific first: a wider prefix never appears before the narrower ones
+        // (excepts, pods) that carve into it, so no address briefly takes its identity.
+        let mut writes: Vec<(&IpNet, &IpcacheValue)> = desired.ipcache.iter().collect();
+        writes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        for (net, v) in writes {
+            if self.ipcache.get(net) == Some(v) {
+                continue;
+            }
+            if let Err(e) = self.maps.put_ipcache(net, v) {
+                report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
+                return;
+            }
+            self.ipcache.insert(*net, *v);
+            report.written += 1;
+        }
+        // Widest first, for the same reason.
+        let mut stale: Vec<IpNet> = self
+            .ipcache
+            .keys()
+            .filter(|n| !desired.ipcache.contains_key(n))
+            .copied()
+            .collect();
+        stale.sort_by_key(IpNet::prefix_len);
+        for net in stale {
+            self.delete(
+                report,
+                |m| m.del_ipcache(&net),
+                |s| {
+                    s.ipcache.remove(&net);
+                },
+            );
+        }
+    }
 
-        // 6. Entries nothing wants (kept when the new state could not be written).
-        if entries_ok {
-            let stale: Vec<EntryKey> = self
-                .entries
-                .keys()
-                .filter(|k| !desired.entries.contains_key(k))
-                .copied()
-                .collect();
-            for k in stale {
-                self.delete(
-                    &mut report,
-                    |m| m.del_entry(&k),
-                    |s| {
-                        s.entries.remove(&k);
-                    },
-                );
-            }
+    /// Step 6: entries nothing wants.
+    fn remove_stale_entries(&mut self, desired: &Policies, report: &mut PolicyReport) {
+        let stale: Vec<EntryKey> = self
+            .entries
+            .keys()
+            .filter(|k| !desired.entries.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.delete(
+                report,
+                |m| m.del_entry(&k),
+                |s| {
+                    s.entries.remove(&k);
+                },
+            );
         }
-        report
     }
 
     /// Entries that let a set treat an identity being retired like its successor.
@@ -405,7 +419,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             }
             Err(e) if e.is_not_found() => forget(self),
             // Kept as applied: the next pass tries again.
-            Err(e) => report.errors.push(crate::chain(&e)),
+            Err(e) => report.errors.push(Failure::new(&e, STALE_KEPT)),
         }
     }
 }

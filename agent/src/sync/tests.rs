@@ -8,7 +8,9 @@ use std::{
 use weft_abi::{IPPROTO_TCP, svc::ServiceKey};
 
 use super::*;
-use crate::compile::{Frontend, Services, ip_words};
+use weft_abi::net::ip_words;
+
+use crate::compile::{Frontend, Services};
 
 #[derive(Debug, Default)]
 struct FakeMaps {
@@ -135,7 +137,7 @@ fn key(last: u8) -> ServiceKey {
         addr,
         port: 80u16.to_be(),
         protocol: IPPROTO_TCP,
-        family,
+        family: family as u8,
     }
 }
 
@@ -144,7 +146,7 @@ fn backend(last: u8) -> Endpoint {
     Endpoint {
         addr,
         port: 8080u16.to_be(),
-        family,
+        family: family as u8,
         _pad: 0,
     }
 }
@@ -248,9 +250,10 @@ fn what_does_not_fit_is_reported_and_the_rest_applied() {
     let r = s.apply(&desired(&[(1, &[11]), (2, &[21]), (3, &[31])]), t0);
     assert_eq!(r.created, 2);
     assert_eq!(r.errors.len(), 1);
+    let failure = &r.errors[0].failure;
+    assert_eq!((failure.reason, failure.map), (Reason::MapFull, "SERVICES"));
     assert!(
-        r.errors[0].message.contains("SERVICES is full")
-            && r.errors[0].message.contains("--max-services"),
+        failure.message.contains("SERVICES is full") && failure.message.contains("--max-services"),
         "{:?}",
         r.errors
     );
@@ -260,9 +263,8 @@ fn what_does_not_fit_is_reported_and_the_rest_applied() {
     let r = s.apply(&desired(&[(1, &[11, 12, 13, 14]), (2, &[21])]), t0);
     assert_eq!(r.updated, 0);
     assert!(
-        r.errors
-            .iter()
-            .any(|e| e.message.contains("BACKEND_SLOTS is full")),
+        r.errors.iter().any(|e| e.failure.reason == Reason::MapFull
+            && e.failure.message.contains("BACKEND_SLOTS is full")),
         "{:?}",
         r.errors
     );

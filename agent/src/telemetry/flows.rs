@@ -10,7 +10,27 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::conntrack::{Direction, DropReason, Outcome};
+use weft_abi::{conn::DropReason, net::Direction};
+
+use crate::events::Outcome;
+
+/// Which end's socket reported (Istio's `reporter`): the client's (`source`) or the
+/// server's (`destination`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
 
 /// What a record reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,8 +121,8 @@ pub struct FlowRecord {
     pub verdict: Verdict,
     /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6` or the protocol number.
     pub protocol: String,
-    /// Which end's socket reported it: `source` (the client) or `destination`.
-    pub reporter: String,
+    /// Which end's socket reported it.
+    pub reporter: Reporter,
     pub source: FlowEnd,
     pub destination: FlowEnd,
     /// `namespace/name` of the Service the client addressed.
@@ -142,7 +162,7 @@ impl FlowRecord {
         event: FlowEvent,
         verdict: Verdict,
         protocol: String,
-        reporter: &str,
+        reporter: Reporter,
         source: FlowEnd,
         destination: FlowEnd,
     ) -> Self {
@@ -152,7 +172,7 @@ impl FlowRecord {
             event,
             verdict,
             protocol,
-            reporter: reporter.to_owned(),
+            reporter,
             source,
             destination,
             service: None,
@@ -172,20 +192,29 @@ impl FlowRecord {
 }
 
 /// What a reader asks for (`GET /flows?...`, `weft flows`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 pub struct Filter {
+    /// Either end is in this namespace.
+    #[arg(short = 'n', long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Either end is this pod (`ns/pod` or `pod`).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The source (client) is this pod.
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_pod: Option<String>,
+    /// The destination (server) is this pod.
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_pod: Option<String>,
+    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
-    /// Case-insensitive protocol name.
+    /// TCP, UDP, SCTP, ICMP, ... (case-insensitive).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
 }
@@ -339,7 +368,7 @@ mod tests {
             FlowEvent::TcpClose,
             verdict,
             protocol.to_owned(),
-            "source",
+            Reporter::Source,
             end(src.0, src.1, "10.0.0.1:1"),
             end(dst.0, dst.1, "10.0.0.2:80"),
         )

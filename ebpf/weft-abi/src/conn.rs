@@ -82,13 +82,36 @@ pub mod flags {
 }
 
 /// Why a [`ConnEventKind::Drop`] happened (`ConnEvent::reason`).
-pub mod drop_reason {
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
     /// NetworkPolicy denied it.
-    pub const POLICY_DENIED: u32 = 1;
+    PolicyDenied = 1,
     /// A connect or datagram to a Service without ready backends (refused).
-    pub const NO_BACKENDS: u32 = 2;
+    NoBackends = 2,
     /// A packet that could not be parsed, from or to a pod isolated by policy.
-    pub const UNPARSED: u32 = 3;
+    Unparsed = 3,
+}
+
+impl DropReason {
+    pub const ALL: [Self; 3] = [Self::PolicyDenied, Self::NoBackends, Self::Unparsed];
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::PolicyDenied),
+            2 => Some(Self::NoBackends),
+            3 => Some(Self::Unparsed),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PolicyDenied => "policy_denied",
+            Self::NoBackends => "no_backends",
+            Self::Unparsed => "unparsed",
+        }
+    }
 }
 
 /// Drop events each CPU may write per second: a flood of denied packets must not fill the
@@ -111,12 +134,6 @@ const _: () = assert!(core::mem::size_of::<DropBudget>() == 16);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers only, no padding, size asserted.
 unsafe impl aya::Pod for DropBudget {}
-
-/// `ConnEvent::direction` of a drop, seen from the local pod.
-pub mod drop_direction {
-    pub const EGRESS: u32 = 1;
-    pub const INGRESS: u32 = 2;
-}
 
 /// One connection event.
 ///
@@ -168,9 +185,9 @@ pub struct ConnEvent {
     pub service_port: u32,
     /// IP protocol number (6 for every TCP event; drops may be any protocol).
     pub protocol: u32,
-    /// Drops only: a [`drop_reason`] code.
+    /// Drops only: a [`DropReason`].
     pub reason: u32,
-    /// Drops only: a [`drop_direction`] code.
+    /// Drops only: a [`crate::net::Direction`], seen from the local pod.
     pub direction: u32,
 }
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 152);

@@ -7,10 +7,14 @@
 #![no_std]
 
 pub mod conn;
+pub mod maps;
+pub mod net;
 pub mod policy;
 pub mod stats;
 pub mod svc;
 pub mod traffic;
+#[cfg(feature = "user")]
+mod user;
 
 /// Names of the programs in the object, as the agent looks them up.
 pub mod programs {
@@ -50,71 +54,6 @@ pub mod programs {
         GETPEERNAME4,
         GETPEERNAME6,
         SOCK_RELEASE,
-    ];
-}
-
-/// Names of the maps in the object. BPF object names are limited to 15 bytes.
-pub mod maps {
-    /// Ring buffer of [`crate::conn::ConnEvent`].
-    pub const CONN_EVENTS: &str = "CONN_EVENTS";
-    /// Hash of socket cookie to [`crate::conn::ConnState`] for open connections.
-    pub const CONN_STATE: &str = "CONN_STATE";
-    /// Per-CPU array of u64 counters indexed by [`crate::stats::Counter`].
-    pub const STATS: &str = "STATS";
-    /// Per-CPU hash of [`crate::traffic::TrafficKey`] to [`crate::traffic::TrafficValue`].
-    pub const TRAFFIC: &str = "TRAFFIC";
-    /// aya-log's ring buffer (defined by aya-log-ebpf).
-    pub const AYA_LOGS: &str = "AYA_LOGS";
-    /// Hash of [`crate::svc::ServiceKey`] to [`crate::svc::ServiceValue`].
-    pub const SERVICES: &str = "SERVICES";
-    /// Hash of [`crate::svc::SlotKey`] to [`crate::svc::Endpoint`].
-    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
-    /// Hash of [`crate::svc::MemberKey`] to u32.
-    pub const MEMBERS: &str = "MEMBERS";
-    /// LRU hash of [`crate::svc::AffinityKey`] to [`crate::svc::AffinityValue`].
-    pub const AFFINITY: &str = "AFFINITY";
-    /// LRU hash of [`crate::svc::RevNatKey`] to [`crate::svc::Endpoint`].
-    pub const REVNAT: &str = "REVNAT";
-    /// LRU hash of [`crate::svc::UdpFlowKey`] to [`crate::svc::Endpoint`].
-    pub const UDP_FLOWS: &str = "UDP_FLOWS";
-    /// LRU hash of socket cookie to [`crate::svc::UdpSock`].
-    pub const UDP_SOCKS: &str = "UDP_SOCKS";
-    /// Hash of cgroup id to [`crate::policy::EndpointInfo`].
-    pub const ENDPOINTS: &str = "ENDPOINTS";
-    /// LPM trie of [`crate::policy::IpcacheData`] to [`crate::policy::IpcacheValue`].
-    pub const IPCACHE: &str = "IPCACHE";
-    /// LPM trie of [`crate::policy::PolicyData`] to [`crate::policy::PolicyValue`].
-    pub const POLICY: &str = "POLICY";
-    /// LRU hash of [`crate::policy::PolicyFlowKey`] to a timestamp.
-    pub const POLICY_FLOWS: &str = "POLICY_FLOWS";
-    /// Per-CPU array of u64 indexed by [`crate::policy::verdict_index`].
-    pub const VERDICTS: &str = "VERDICTS";
-    /// LRU hash of [`crate::traffic::UdpFlowStatsKey`] to [`crate::traffic::UdpFlowStatsValue`].
-    pub const UDP_FLOW_STATS: &str = "UDP_FLOW_STATS";
-    /// Per-CPU array (1 slot) of [`crate::conn::DropBudget`].
-    pub const DROP_BUDGET: &str = "DROP_BUDGET";
-
-    /// Every map of the object; all of them are pinned per instance.
-    pub const ALL: [&str; 19] = [
-        CONN_EVENTS,
-        CONN_STATE,
-        STATS,
-        TRAFFIC,
-        AYA_LOGS,
-        SERVICES,
-        BACKEND_SLOTS,
-        MEMBERS,
-        AFFINITY,
-        REVNAT,
-        UDP_FLOWS,
-        UDP_SOCKS,
-        ENDPOINTS,
-        IPCACHE,
-        POLICY,
-        POLICY_FLOWS,
-        VERDICTS,
-        UDP_FLOW_STATS,
-        DROP_BUDGET,
     ];
 }
 

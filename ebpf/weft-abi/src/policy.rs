@@ -30,11 +30,6 @@ pub const EP_EGRESS_ISOLATED: u32 = 2;
 /// allowed, as Kubernetes requires (kubelet probes, node-local DNS, host-network pods).
 pub const IP_HOST: u32 = 1;
 
-/// Direction in a `POLICY` key.
-pub const DIR_INGRESS: u8 = 0;
-/// Direction in a `POLICY` key.
-pub const DIR_EGRESS: u8 = 1;
-
 /// Bits of a `POLICY` key before the protocol: policy set, identity, direction.
 pub const POLICY_PREFIX_FIXED: u32 = 72;
 /// Bits of a full `POLICY` key (protocol and port included).
@@ -79,7 +74,7 @@ impl EndpointInfo {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpcacheData {
-    /// 4 or 6.
+    /// A [`crate::net::Family`]: 4 or 6.
     pub family: u32,
     /// Network byte order; IPv4 in the first word, the rest 0.
     pub addr: [u32; 4],
@@ -103,7 +98,7 @@ const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
 pub struct PolicyData {
     pub policy_set: u32,
     pub identity: u32,
-    /// `DIR_*`.
+    /// A [`crate::net::Direction`].
     pub direction: u8,
     /// IP protocol number.
     pub protocol: u8,
@@ -140,7 +135,7 @@ pub struct PolicyFlowKey {
     /// Network byte order.
     pub peer_port: u16,
     pub protocol: u8,
-    /// 4 or 6.
+    /// A [`crate::net::Family`]: 4 or 6.
     pub family: u8,
     pub _pad: u32,
 }
@@ -155,7 +150,7 @@ pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 /// How a verdict was reached: index into `VERDICTS` (per-CPU array of u64).
 /// Writer: connect4/6 and cgroup_skb. Reader: agent `stats`.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Match {
     /// Allowed by an entry for the peer's identity and port.
     L3L4 = 0,
@@ -181,7 +176,7 @@ impl Match {
         Self::None,
     ];
 
-    pub const fn name(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::L3L4 => "l3-l4",
             Self::L3Only => "l3-only",
@@ -194,7 +189,7 @@ impl Match {
 }
 
 /// Slot of a (direction, match) pair in `VERDICTS`.
-pub const fn verdict_index(direction: u8, m: Match) -> u32 {
+pub const fn verdict_index(direction: crate::net::Direction, m: Match) -> u32 {
     direction as u32 * Match::ALL.len() as u32 + m as u32
 }
 

@@ -5,7 +5,7 @@
 
 /// Index of a counter in `STATS`.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
     /// A connection event could not be reserved in `CONN_EVENTS` (ring buffer full).
     ConnEventsLost = 0,
@@ -45,7 +45,7 @@ impl Counter {
     ];
 
     /// The name the agent reports.
-    pub const fn name(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::ConnEventsLost => "conn_events_lost",
             Self::ConnStateFull => "conn_state_full",

@@ -24,7 +24,7 @@ pub struct ServiceKey {
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub protocol: u8,
-    /// 4 or 6.
+    /// A [`crate::net::Family`]: 4 or 6.
     pub family: u8,
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
@@ -52,7 +52,7 @@ pub struct Endpoint {
     pub addr: [u32; 4],
     /// Network byte order.
     pub port: u16,
-    /// 4 or 6.
+    /// A [`crate::net::Family`]: 4 or 6.
     pub family: u8,
     pub _pad: u8,
 }
@@ -130,9 +130,9 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// (`::ffff:a.b.c.d`, what a dual-stack socket uses for IPv4), else (6, words).
 pub const fn normalize_v6(words: [u32; 4]) -> (u8, [u32; 4]) {
     if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
-        (4, [words[3], 0, 0, 0])
+        (crate::net::Family::V4 as u8, [words[3], 0, 0, 0])
     } else {
-        (6, words)
+        (crate::net::Family::V6 as u8, words)
     }
 }
 

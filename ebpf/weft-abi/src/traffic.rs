@@ -4,23 +4,15 @@
 //! Writer: `weft_skb_ingress` / `weft_skb_egress` (kernel), into the per-CPU hash `TRAFFIC`.
 //! Reader: the agent, which sums the CPUs, reports totals and deletes keys of removed cgroups.
 
-/// Direction of a packet relative to the workload.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Ingress = 0,
-    Egress = 1,
-}
-
 /// Key of `TRAFFIC`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TrafficKey {
     /// cgroup v2 id (inode number of the cgroup directory) of the socket.
     pub cgroup_id: u64,
-    /// A [`Direction`].
+    /// A [`crate::net::Direction`].
     pub direction: u8,
-    /// 4 or 6.
+    /// A [`crate::net::Family`]: 4 or 6.
     pub ip_version: u8,
     /// IP protocol number of the transport header (after IPv6 extension headers).
     pub protocol: u8,
@@ -57,7 +49,7 @@ pub struct UdpFlowStatsKey {
     pub local_port: u16,
     /// Network byte order.
     pub remote_port: u16,
-    /// 4 or 6.
+    /// A [`crate::net::Family`]: 4 or 6.
     pub family: u8,
     pub _pad: [u8; 3],
 }
@@ -78,7 +70,7 @@ pub struct UdpFlowStatsValue {
     /// `bpf_ktime_get_coarse_ns()` of the first and the latest packet.
     pub first_ns: u64,
     pub last_ns: u64,
-    /// [`Direction`] of the first packet: egress means the local socket started the flow.
+    /// [`crate::net::Direction`] of the first packet: egress means the local socket started the flow.
     pub initiator: u32,
     pub _pad: u32,
 }

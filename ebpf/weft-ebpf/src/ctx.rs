@@ -21,3 +21,32 @@ macro_rules! ctx_write {
         unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*$ptr).$($f)+), $value) }
     };
 }
+
+/// The socket cookie of a program's socket: unique per socket for the life of the kernel.
+/// One implementation per context type, so no call site names the helper's raw pointer.
+pub trait SocketCookie {
+    fn cookie(&self) -> u64;
+}
+
+macro_rules! socket_cookie {
+    ($($ctx:ty => $($field:ident).+),* $(,)?) => {$(
+        impl SocketCookie for $ctx {
+            #[inline(always)]
+            fn cookie(&self) -> u64 {
+                // SAFETY: the program's own context; the helper reads its socket only.
+                unsafe {
+                    aya_ebpf::helpers::bpf_get_socket_cookie(
+                        self.$($field).+.cast::<core::ffi::c_void>(),
+                    )
+                }
+            }
+        }
+    )*};
+}
+
+socket_cookie!(
+    aya_ebpf::programs::SkBuffContext => skb.skb,
+    aya_ebpf::programs::SockAddrContext => sock_addr,
+    aya_ebpf::programs::SockOpsContext => ops,
+    aya_ebpf::programs::SockContext => sock,
+);

@@ -3,23 +3,21 @@
 //! Every writer goes through [`submit`]: the buffer being full is counted
 //! (`Counter::ConnEventsLost`), never silent, and the reader is woken only once enough is
 //! pending.
-use core::ffi::c_void;
-
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock},
-    helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, generated::bpf_tcp_sock,
-    },
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, generated::bpf_tcp_sock},
     programs::SkBuffContext,
 };
 use weft_abi::{
-    AF_INET, AF_INET6, IPPROTO_TCP,
-    conn::{ConnEvent, ConnEventKind, DROP_EVENTS_PER_SECOND, flags, tcp_state},
+    AF_INET, IPPROTO_TCP,
+    conn::{ConnEvent, ConnEventKind, DROP_EVENTS_PER_SECOND, DropReason, flags, tcp_state},
+    net::{Direction, Family},
     stats::Counter,
     svc::{Endpoint, RevNatKey, normalize_v6},
 };
 
 use crate::{
+    ctx::SocketCookie,
     maps::{
         CONN_EVENTS, CONN_EVENTS_ENABLED, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE,
         CONN_UPDATE_INTERVAL_NS, DROP_BUDGET, REVNAT,
@@ -86,9 +84,9 @@ pub fn add_service(ev: &mut ConnEvent, key: &RevNatKey) {
 
 /// Addresses of a kernel socket as event words: (family, normalized address words).
 #[inline(always)]
-pub fn family_words(family: u32, v4: u32, v6: [u32; 4]) -> (u8, [u32; 4]) {
-    if family == AF_INET {
-        (4, [v4, 0, 0, 0])
+pub fn family_words(af: u32, v4: u32, v6: [u32; 4]) -> (u8, [u32; 4]) {
+    if af == AF_INET {
+        (Family::V4 as u8, [v4, 0, 0, 0])
     } else {
         normalize_v6(v6)
     }
@@ -109,8 +107,7 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     if unsafe { core::ptr::read_volatile(&raw const (*sk).state) } != tcp_state::ESTABLISHED {
         return;
     }
-    // SAFETY: the program's context; the helper reads skb->sk.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
+    let cookie = ctx.cookie();
     let Some(state) = CONN_STATE.get_ptr_mut(cookie) else {
         return;
     };
@@ -159,7 +156,7 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
         let remote_port_be = core::ptr::read_volatile(&raw const (*sk).dst_port);
         let mut ev = ConnEvent {
             kind: ConnEventKind::Update as u32,
-            family: if family == 4 { AF_INET } else { AF_INET6 },
+            family: Family::of(family).af(),
             cookie,
             timestamp_ns: now,
             duration_ns: now.saturating_sub(s.start_ns),
@@ -210,39 +207,59 @@ fn drop_budget() -> bool {
     true
 }
 
-/// A drop: `local` is the pod's side, `remote` the peer. Ports in network byte order.
-#[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one flat record, filled field by field"
-)]
-pub fn dropped(
-    cookie: u64,
-    family: u8,
-    local: &[u32; 4],
-    local_port: u16,
-    remote: &[u32; 4],
-    remote_port: u16,
-    protocol: u8,
-    reason: u32,
-    direction: u32,
-) {
-    if !enabled() || !drop_budget() {
-        return;
+/// A dropped connection or packet, seen from the pod: `local` is the pod's side, `remote`
+/// the peer. Ports in network byte order.
+#[derive(Clone, Copy)]
+pub struct DropEvent {
+    pub cookie: u64,
+    /// A map's `family` (4 or 6).
+    pub family: u8,
+    pub local: [u32; 4],
+    pub local_port: u16,
+    pub remote: [u32; 4],
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub reason: DropReason,
+    pub direction: Direction,
+}
+
+impl DropEvent {
+    /// A drop of something whose addresses are unknown (a packet that could not be parsed).
+    #[inline(always)]
+    pub fn unaddressed(cookie: u64, reason: DropReason, direction: Direction) -> Self {
+        Self {
+            cookie,
+            family: Family::V4 as u8,
+            local: [0; 4],
+            local_port: 0,
+            remote: [0; 4],
+            remote_port: 0,
+            protocol: 0,
+            reason,
+            direction,
+        }
     }
-    let ev = ConnEvent {
-        kind: ConnEventKind::Drop as u32,
-        family: if family == 4 { AF_INET } else { AF_INET6 },
-        cookie,
-        timestamp_ns: now(),
-        local_addr: *local,
-        remote_addr: *remote,
-        local_port: u32::from(u16::from_be(local_port)),
-        remote_port: u32::from(u16::from_be(remote_port)),
-        protocol: u32::from(protocol),
-        reason,
-        direction,
-        ..ConnEvent::default()
-    };
-    submit(&ev);
+
+    /// Writes it for the agent, within this CPU's budget of drop events.
+    #[inline(always)]
+    pub fn report(&self) {
+        if !enabled() || !drop_budget() {
+            return;
+        }
+        let ev = ConnEvent {
+            kind: ConnEventKind::Drop as u32,
+            family: Family::of(self.family).af(),
+            cookie: self.cookie,
+            timestamp_ns: now(),
+            local_addr: self.local,
+            remote_addr: self.remote,
+            local_port: u32::from(u16::from_be(self.local_port)),
+            remote_port: u32::from(u16::from_be(self.remote_port)),
+            protocol: u32::from(self.protocol),
+            reason: self.reason as u32,
+            direction: self.direction as u32,
+            ..ConnEvent::default()
+        };
+        submit(&ev);
+    }
 }

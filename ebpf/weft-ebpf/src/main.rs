@@ -1,5 +1,6 @@
 //! weft's kernel programs. Built for bpfel-unknown-none by `cargo xtask build-ebpf`; the agent
-//! embeds the object. Entry points are thin: each calls a `try_` function and maps its result.
+//! embeds the object. Entry points are thin: each calls a `try_` function and maps its
+//! result, a [`verdict::Verdict`] or a [`verdict::Fault`], to the program's return value.
 #![no_std]
 #![no_main]
 // Atomic add without compare-and-swap (see stats::add).
@@ -20,22 +21,21 @@ mod service;
 mod sockops;
 mod stats;
 mod traffic;
+mod verdict;
 
 use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use service::{Hook, V4, V6};
-use weft_abi::{
-    policy::{DIR_EGRESS, DIR_INGRESS},
-    stats::Counter,
-    traffic::Direction,
-};
+use verdict::{Fault, Verdict};
+use weft_abi::{net::Direction, stats::Counter};
 
 /// TCP connection lifecycle of every socket under the attached cgroup.
 #[sock_ops]
 pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
-    // The return value of sock_ops is not a verdict for the callbacks we use; 1 is "ok".
+    // The return value of sock_ops is not a verdict for the callbacks we use; 1 is "ok". A
+    // helper that failed leaves the connection untracked, which its counters tell.
     match sockops::try_sockops(&ctx) {
         Ok(()) | Err(_) => 1,
     }
@@ -44,88 +44,100 @@ pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
 /// Packets delivered to sockets under the attached cgroup: accounting, ingress policy.
 #[cgroup_skb(ingress)]
 pub fn weft_skb_ingress(ctx: SkBuffContext) -> i32 {
-    skb(&ctx, Direction::Ingress, DIR_INGRESS)
+    match try_skb(&ctx, Direction::Ingress) {
+        Ok(verdict) => verdict.code(),
+        Err(fault) => fault.code(),
+    }
 }
 
 /// Packets sent by sockets under the attached cgroup: accounting, egress policy.
 #[cgroup_skb(egress)]
 pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
-    skb(&ctx, Direction::Egress, DIR_EGRESS)
+    match try_skb(&ctx, Direction::Egress) {
+        Ok(verdict) => verdict.code(),
+        Err(fault) => fault.code(),
+    }
 }
 
 #[inline(always)]
-fn skb(ctx: &SkBuffContext, direction: Direction, policy_direction: u8) -> i32 {
+fn try_skb(ctx: &SkBuffContext, direction: Direction) -> Result<Verdict, Fault> {
     // Most packets: TCP of a TCP socket, nothing to judge or count here (an established
     // connection may be due for a telemetry update, checked on the egress side: a receiver
     // sends ACKs, so every connection that moves data sends something).
-    if let Some(sk) = policy::tcp_passes(ctx, policy_direction) {
+    if let Some(sk) = policy::tcp_passes(ctx, direction) {
         if direction == Direction::Egress {
             events::maybe_update(ctx, sk);
         }
-        return 1;
+        return Ok(Verdict::Pass);
     }
     // Not IP, truncated, or IPv6 with more extension headers than we walk: counted, and
     // dropped when policy isolates the pod in this direction (never a way around it).
     let Some(h) = headers::parse(ctx) else {
         stats::bump(Counter::PacketsUnparsed);
-        return i32::from(policy::unparsed(ctx, policy_direction));
+        return Ok(pass_if(policy::unparsed(ctx, direction)));
     };
-    if !policy::packet(ctx, &h, policy_direction) {
-        return 0;
+    if !policy::packet(ctx, &h, direction) {
+        return Ok(Verdict::Deny);
     }
     traffic::account(ctx, &h, direction);
-    1
+    Ok(Verdict::Pass)
 }
 
-/// ClusterIP to backend for TCP and connected UDP (IPv4 sockets).
-#[cgroup_sock_addr(connect4)]
-pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
-    service::translate::<V4>(&ctx, Hook::Connect)
+#[inline(always)]
+fn pass_if(allowed: bool) -> Verdict {
+    if allowed {
+        Verdict::Pass
+    } else {
+        Verdict::Deny
+    }
 }
 
-/// ClusterIP to backend for TCP and connected UDP (IPv6 sockets, IPv4-mapped included).
-#[cgroup_sock_addr(connect6)]
-pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
-    service::translate::<V6>(&ctx, Hook::Connect)
+/// A cgroup sock_addr program: `match try_x(&ctx, ..)`, its verdict or fault as the return
+/// value.
+macro_rules! sock_addr_program {
+    ($(#[doc = $doc:literal])* $hook:ident: $name:ident => $try:path $(, $arg:expr)?) => {
+        $(#[doc = $doc])*
+        #[cgroup_sock_addr($hook)]
+        pub fn $name(ctx: SockAddrContext) -> i32 {
+            match $try(&ctx $(, $arg)?) {
+                Ok(verdict) => verdict.code(),
+                Err(fault) => fault.code(),
+            }
+        }
+    };
 }
 
-/// ClusterIP to backend for each datagram of an unconnected UDP socket.
-#[cgroup_sock_addr(sendmsg4)]
-pub fn weft_sendmsg4(ctx: SockAddrContext) -> i32 {
-    service::translate::<V4>(&ctx, Hook::Sendmsg)
-}
-
-#[cgroup_sock_addr(sendmsg6)]
-pub fn weft_sendmsg6(ctx: SockAddrContext) -> i32 {
-    service::translate::<V6>(&ctx, Hook::Sendmsg)
-}
-
-/// UDP replies from a backend appear to come from the ClusterIP.
-#[cgroup_sock_addr(recvmsg4)]
-pub fn weft_recvmsg4(ctx: SockAddrContext) -> i32 {
-    service::reverse::<V4>(&ctx)
-}
-
-#[cgroup_sock_addr(recvmsg6)]
-pub fn weft_recvmsg6(ctx: SockAddrContext) -> i32 {
-    service::reverse::<V6>(&ctx)
-}
-
-/// getpeername() returns the ClusterIP a socket connected to.
-#[cgroup_sock_addr(getpeername4)]
-pub fn weft_getpeername4(ctx: SockAddrContext) -> i32 {
-    service::reverse::<V4>(&ctx)
-}
-
-#[cgroup_sock_addr(getpeername6)]
-pub fn weft_getpeername6(ctx: SockAddrContext) -> i32 {
-    service::reverse::<V6>(&ctx)
-}
+sock_addr_program!(
+    /// ClusterIP to backend for TCP and connected UDP (IPv4 sockets).
+    connect4: weft_connect4 => service::try_translate::<V4>, Hook::Connect
+);
+sock_addr_program!(
+    /// ClusterIP to backend for TCP and connected UDP (IPv6 sockets, IPv4-mapped included).
+    connect6: weft_connect6 => service::try_translate::<V6>, Hook::Connect
+);
+sock_addr_program!(
+    /// ClusterIP to backend for each datagram of an unconnected UDP socket.
+    sendmsg4: weft_sendmsg4 => service::try_translate::<V4>, Hook::Sendmsg
+);
+sock_addr_program!(sendmsg6: weft_sendmsg6 => service::try_translate::<V6>, Hook::Sendmsg);
+sock_addr_program!(
+    /// UDP replies from a backend appear to come from the ClusterIP.
+    recvmsg4: weft_recvmsg4 => service::try_reverse::<V4>
+);
+sock_addr_program!(recvmsg6: weft_recvmsg6 => service::try_reverse::<V6>);
+sock_addr_program!(
+    /// getpeername() returns the ClusterIP a socket connected to.
+    getpeername4: weft_getpeername4 => service::try_reverse::<V4>
+);
+sock_addr_program!(getpeername6: weft_getpeername6 => service::try_reverse::<V6>);
 
 /// Removes a released UDP socket's translation entries.
 #[cgroup_sock(sock_release)]
 pub fn weft_sock_release(ctx: SockContext) -> i32 {
-    service::release(&ctx)
+    match service::try_release(&ctx) {
+        Ok(verdict) => verdict.code(),
+        Err(fault) => fault.code(),
+    }
 }
 
 #[cfg(not(test))]

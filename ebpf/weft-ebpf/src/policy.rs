@@ -9,30 +9,29 @@
 //!   socket's cookie, so its packets in both directions pass without being judged again.
 //! - ICMP replies and errors pass; other protocols are judged per packet with port 0 (only
 //!   rules without ports match them).
-use core::ffi::c_void;
-
 use aya_ebpf::{
     bindings::bpf_sock,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_sk_fullsock,
+        bpf_skb_ancestor_cgroup_id,
     },
     maps::lpm_trie::Key,
     programs::{SkBuffContext, SockAddrContext},
 };
 use weft_abi::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    conn::{drop_direction, drop_reason},
+    conn::DropReason,
+    net::{Direction, Family},
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo,
-        FLOW_IDLE_NS, FLOW_REFRESH_NS, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST,
-        IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, Match, POL_ANY_PORT, POLICY_PREFIX_FULL,
-        PolicyData, PolicyFlowKey, verdict_index,
+        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, FLOW_IDLE_NS, FLOW_REFRESH_NS,
+        IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue,
+        Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, PolicyFlowKey, verdict_index,
     },
 };
 
 use crate::{
-    events,
+    ctx::SocketCookie,
+    events::DropEvent,
     headers::Headers,
     maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL, VERDICTS},
     stats,
@@ -81,10 +80,9 @@ pub fn current_pod_addr(family: u8) -> [u32; 4] {
 
 #[inline(always)]
 fn pod_addr(ep: &EndpointInfo, family: u8) -> [u32; 4] {
-    if family == 4 {
-        [ep.ip4, 0, 0, 0]
-    } else {
-        ep.ip6
+    match Family::of(family) {
+        Family::V4 => [ep.ip4, 0, 0, 0],
+        Family::V6 => ep.ip6,
     }
 }
 
@@ -97,9 +95,8 @@ fn skb_endpoint(ctx: &SkBuffContext) -> Option<EndpointInfo> {
 
 #[inline(always)]
 fn ipcache(family: u8, addr: &[u32; 4]) -> IpcacheValue {
-    let bits = if family == 4 { 32 } else { 128 };
     let key = Key::new(
-        IPCACHE_PREFIX_FAMILY + bits,
+        IPCACHE_PREFIX_FAMILY + Family::of(family).bits(),
         IpcacheData {
             family: u32::from(family),
             addr: *addr,
@@ -115,13 +112,19 @@ fn ipcache(family: u8, addr: &[u32; 4]) -> IpcacheValue {
 }
 
 #[inline(always)]
-fn lookup(ep: &EndpointInfo, identity: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
+fn lookup(
+    ep: &EndpointInfo,
+    identity: u32,
+    direction: Direction,
+    protocol: u8,
+    port: u16,
+) -> Option<u32> {
     let key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyData {
             policy_set: ep.policy_set,
             identity,
-            direction,
+            direction: direction as u8,
             protocol,
             port,
         },
@@ -130,11 +133,15 @@ fn lookup(ep: &EndpointInfo, identity: u32, direction: u8, protocol: u8, port: u
 }
 
 fn is_loopback(family: u8, addr: &[u32; 4]) -> bool {
-    if family == 4 {
+    match Family::of(family) {
         // 127.0.0.0/8: the first byte in network order is the low byte of the word.
-        addr[0] & 0xff == 127
-    } else {
-        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+        Family::V4 => addr[0] & 0xff == 127,
+        Family::V6 => {
+            addr[0] == 0
+                && addr[1] == 0
+                && addr[2] == 0
+                && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+        }
     }
 }
 
@@ -142,7 +149,7 @@ fn is_loopback(family: u8, addr: &[u32; 4]) -> bool {
 #[inline(always)]
 fn judge(
     ep: &EndpointInfo,
-    direction: u8,
+    direction: Direction,
     family: u8,
     peer: &[u32; 4],
     protocol: u8,
@@ -177,16 +184,15 @@ fn judge(
 
 /// The `EndpointInfo::flags` bit of isolation in `direction`.
 #[inline(always)]
-fn isolation(direction: u8) -> u32 {
-    if direction == DIR_INGRESS {
-        EP_INGRESS_ISOLATED
-    } else {
-        EP_EGRESS_ISOLATED
+fn isolation(direction: Direction) -> u32 {
+    match direction {
+        Direction::Ingress => EP_INGRESS_ISOLATED,
+        Direction::Egress => EP_EGRESS_ISOLATED,
     }
 }
 
 #[inline(always)]
-fn count(direction: u8, m: Match) {
+fn count(direction: Direction, m: Match) {
     if let Some(slot) = VERDICTS.get_ptr_mut(verdict_index(direction, m)) {
         stats::add(slot, 1);
     }
@@ -244,30 +250,27 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
         return true;
     };
     if ep.flags & EP_EGRESS_ISOLATED != 0 {
-        let m = judge(&ep, DIR_EGRESS, family, dst, protocol, port);
-        count(DIR_EGRESS, m);
+        let m = judge(&ep, Direction::Egress, family, dst, protocol, port);
+        count(Direction::Egress, m);
         if m == Match::None {
-            // SAFETY: the program's context; the helper reads the socket only.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) };
-            events::dropped(
-                cookie,
+            DropEvent {
+                cookie: ctx.cookie(),
                 family,
-                &pod_addr(&ep, family),
-                0,
-                dst,
-                port,
+                local: pod_addr(&ep, family),
+                local_port: 0,
+                remote: *dst,
+                remote_port: port,
                 protocol,
-                drop_reason::POLICY_DENIED,
-                drop_direction::EGRESS,
-            );
+                reason: DropReason::PolicyDenied,
+                direction: Direction::Egress,
+            }
+            .report();
             return false;
         }
     }
     // Replies pass the pod's ingress by this entry; only an ingress-isolated pod needs it.
     if protocol == IPPROTO_UDP && ep.flags & EP_INGRESS_ISOLATED != 0 {
-        // SAFETY: the program's context; the helper reads the socket only.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) };
-        remember(&flow_key(cookie, family, dst, port, protocol));
+        remember(&flow_key(ctx.cookie(), family, dst, port, protocol));
     }
     true
 }
@@ -284,8 +287,8 @@ fn is_icmp_reply(h: &Headers) -> bool {
 
 /// cgroup_skb: the verdict for a packet (true = pass). `ingress`: received by the pod.
 #[inline(always)]
-pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: u8) -> bool {
-    let ingress = direction == DIR_INGRESS;
+pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: Direction) -> bool {
+    let ingress = direction == Direction::Ingress;
     let (peer, peer_port, port) = if ingress {
         (&h.src, h.sport, h.dport)
     } else {
@@ -305,9 +308,7 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: u8) -> bool {
             decide(ctx, h, direction, peer, port, None)
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            // SAFETY: the program's context; the helper reads skb->sk.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
-            let key = flow_key(cookie, h.version, peer, peer_port, h.protocol);
+            let key = flow_key(ctx.cookie(), h.version, peer, peer_port, h.protocol);
             if known_flow(&key) {
                 return true;
             }
@@ -324,7 +325,7 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: u8) -> bool {
 fn decide(
     ctx: &SkBuffContext,
     h: &Headers,
-    direction: u8,
+    direction: Direction,
     peer: &[u32; 4],
     port: u16,
     flow: Option<&PolicyFlowKey>,
@@ -336,19 +337,14 @@ fn decide(
         let m = judge(&ep, direction, h.version, peer, h.protocol, port);
         count(direction, m);
         if m == Match::None {
-            skb_dropped(ctx, h, direction, drop_reason::POLICY_DENIED);
+            skb_dropped(ctx, h, direction, DropReason::PolicyDenied);
             return false;
         }
     }
     // Replies of the exchange pass the other direction by this entry; only a pod isolated in
     // that direction needs it (fewer entries for the LRU to evict).
-    let opposite = if direction == DIR_INGRESS {
-        DIR_EGRESS
-    } else {
-        DIR_INGRESS
-    };
     if let Some(key) = flow
-        && ep.flags & isolation(opposite) != 0
+        && ep.flags & isolation(direction.opposite()) != 0
     {
         remember(key);
     }
@@ -358,67 +354,44 @@ fn decide(
 /// A packet weft could not parse (IPv6 with too many or too long extension headers, or
 /// truncated): passes only when the pod is not isolated in that direction (fail closed).
 #[inline(always)]
-pub fn unparsed(ctx: &SkBuffContext, direction: u8) -> bool {
+pub fn unparsed(ctx: &SkBuffContext, direction: Direction) -> bool {
     let Some(ep) = skb_endpoint(ctx) else {
         return true;
     };
     if ep.flags & isolation(direction) != 0 {
         count(direction, Match::None);
-        // SAFETY: the program's context; the helper reads skb->sk.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
-        events::dropped(
-            cookie,
-            4,
-            &[0; 4],
-            0,
-            &[0; 4],
-            0,
-            0,
-            drop_reason::UNPARSED,
-            event_direction(direction),
-        );
+        DropEvent::unaddressed(ctx.cookie(), DropReason::Unparsed, direction).report();
         return false;
     }
     true
 }
 
-#[inline(always)]
-fn event_direction(direction: u8) -> u32 {
-    if direction == DIR_INGRESS {
-        drop_direction::INGRESS
-    } else {
-        drop_direction::EGRESS
-    }
-}
-
 /// Reports a dropped packet, seen from the pod: its side is the destination for ingress.
 #[inline(always)]
-fn skb_dropped(ctx: &SkBuffContext, h: &Headers, direction: u8, reason: u32) {
-    // SAFETY: the program's context; the helper reads skb->sk.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast::<c_void>()) };
-    let ((local, lport), (remote, rport)) = if direction == DIR_INGRESS {
-        ((&h.dst, h.dport), (&h.src, h.sport))
-    } else {
-        ((&h.src, h.sport), (&h.dst, h.dport))
+fn skb_dropped(ctx: &SkBuffContext, h: &Headers, direction: Direction, reason: DropReason) {
+    let ((local, local_port), (remote, remote_port)) = match direction {
+        Direction::Ingress => ((h.dst, h.dport), (h.src, h.sport)),
+        Direction::Egress => ((h.src, h.sport), (h.dst, h.dport)),
     };
-    events::dropped(
-        cookie,
-        h.version,
+    DropEvent {
+        cookie: ctx.cookie(),
+        family: h.version,
         local,
-        lport,
+        local_port,
         remote,
-        rport,
-        h.protocol,
+        remote_port,
+        protocol: h.protocol,
         reason,
-        event_direction(direction),
-    );
+        direction,
+    }
+    .report();
 }
 
 /// The common case, decided from the socket before any parsing: TCP of a TCP socket passes
 /// (egress was judged at connect, ingress is judged only at a listener, and sock_ops counts
 /// it). Some(full socket): it passes; None: parse and decide normally.
 #[inline(always)]
-pub fn tcp_passes(ctx: &SkBuffContext, direction: u8) -> Option<*mut bpf_sock> {
+pub fn tcp_passes(ctx: &SkBuffContext, direction: Direction) -> Option<*mut bpf_sock> {
     let sk = ctx_read!(ctx.skb.skb, __bindgen_anon_2.sk);
     if sk.is_null() {
         return None;
@@ -438,7 +411,7 @@ pub fn tcp_passes(ctx: &SkBuffContext, direction: u8) -> Option<*mut bpf_sock> {
     };
     (kind == SOCK_STREAM
         && protocol == u32::from(IPPROTO_TCP)
-        && (direction == DIR_EGRESS || state != TCP_LISTEN))
+        && (direction == Direction::Egress || state != TCP_LISTEN))
         .then_some(full)
 }
 

@@ -7,15 +7,13 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::{SockAddrContext, SockContext},
 };
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
-    conn::{drop_direction, drop_reason},
+    conn::DropReason,
+    net::{Direction, Family},
     stats::Counter,
     svc::{
         AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
@@ -24,12 +22,12 @@ use weft_abi::{
 };
 
 use crate::{
-    events,
+    ctx::SocketCookie,
+    events::DropEvent,
     maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS, UDP_SOCKS},
     policy, stats,
+    verdict::{Fault, Verdict},
 };
-
-const ECONNREFUSED: i32 = 111;
 
 /// Which forward hook runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -50,7 +48,11 @@ pub const V6: bool = true;
 fn read_addr<const IS_V6: bool>(ctx: &SockAddrContext) -> (u8, [u32; 4], u16) {
     let port = ctx_read!(ctx.sock_addr, user_port) as u16;
     match IS_V6 {
-        false => (4, [ctx_read!(ctx.sock_addr, user_ip4), 0, 0, 0], port),
+        false => (
+            Family::V4 as u8,
+            [ctx_read!(ctx.sock_addr, user_ip4), 0, 0, 0],
+            port,
+        ),
         true => {
             let words = [
                 ctx_read!(ctx.sock_addr, user_ip6[0]),
@@ -71,7 +73,7 @@ fn write_addr<const IS_V6: bool>(ctx: &SockAddrContext, fam: u8, addr: &[u32; 4]
     match IS_V6 {
         false => ctx_write!(ctx.sock_addr, addr[0], user_ip4),
         true => {
-            let words = if fam == 4 {
+            let words = if Family::of(fam) == Family::V4 {
                 [0, 0, V4_MAPPED_WORD, addr[0]]
             } else {
                 *addr
@@ -85,20 +87,17 @@ fn write_addr<const IS_V6: bool>(ctx: &SockAddrContext, fam: u8, addr: &[u32; 4]
     ctx_write!(ctx.sock_addr, u32::from(port), user_port);
 }
 
+/// connect4/6 and sendmsg4/6: ClusterIP to backend, and egress policy.
 #[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the program's context; the helper reads the socket only.
-    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) }
-}
-
-/// connect4/6 and sendmsg4/6: returns the verdict (1 = go on, 0 = fail the call).
-#[inline(always)]
-pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
+pub fn try_translate<const IS_V6: bool>(
+    ctx: &SockAddrContext,
+    hook: Hook,
+) -> Result<Verdict, Fault> {
     let protocol = ctx_read!(ctx.sock_addr, protocol);
     let protocol = match (protocol, hook) {
         (p, Hook::Connect) if p == u32::from(IPPROTO_TCP) => IPPROTO_TCP,
         (p, _) if p == u32::from(IPPROTO_UDP) => IPPROTO_UDP,
-        _ => return 1,
+        _ => return Ok(Verdict::Pass),
     };
     let (fam, addr, port) = read_addr::<IS_V6>(ctx);
     let key = ServiceKey {
@@ -112,36 +111,34 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
         // Not a service: only egress policy applies.
         if hook == Hook::Connect && !policy::connect(ctx, protocol, fam, &addr, port) {
-            return deny();
+            return Ok(Verdict::Deny);
         }
-        return 1;
+        return Ok(Verdict::Pass);
     };
     if svc.count == 0 {
         stats::bump(Counter::ServiceNoBackends);
-        events::dropped(
-            socket_cookie(ctx),
-            fam,
-            &policy::current_pod_addr(fam),
-            0,
-            &addr,
-            port,
+        DropEvent {
+            cookie: ctx.cookie(),
+            family: fam,
+            local: policy::current_pod_addr(fam),
+            local_port: 0,
+            remote: addr,
+            remote_port: port,
             protocol,
-            drop_reason::NO_BACKENDS,
-            drop_direction::EGRESS,
-        );
-        return refuse();
+            reason: DropReason::NoBackends,
+            direction: Direction::Egress,
+        }
+        .report();
+        return Ok(Verdict::Refuse);
     }
-    let cookie = socket_cookie(ctx);
-    let Some(backend) = select(ctx, cookie, &key, &svc, hook) else {
-        stats::bump(Counter::ServiceSlotMissing);
-        return refuse();
-    };
+    let cookie = ctx.cookie();
+    let backend = select(ctx, cookie, &key, &svc, hook).ok_or(Fault::SlotMissing)?;
     // Egress policy judges the backend the connection really reaches. (Unconnected UDP is
     // judged per peer by cgroup_skb, which sees the backend too.)
     if hook == Hook::Connect
         && !policy::connect(ctx, protocol, backend.family, &backend.addr, backend.port)
     {
-        return deny();
+        return Ok(Verdict::Deny);
     }
     // What recvmsg and getpeername must show instead of this backend.
     let frontend = Endpoint {
@@ -170,21 +167,7 @@ pub fn translate<const IS_V6: bool>(ctx: &SockAddrContext, hook: Hook) -> i32 {
         );
     }
     write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
-    1
-}
-
-/// Fails a connect denied by policy: returning 0 makes it fail with EPERM, as with any
-/// cgroup hook.
-#[inline(always)]
-fn deny() -> i32 {
-    0
-}
-
-#[inline(always)]
-fn refuse() -> i32 {
-    // SAFETY: sets the errno the failing connect/sendmsg returns; no memory is passed.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
-    0
+    Ok(Verdict::Pass)
 }
 
 fn is_member(service_id: u32, backend: &Endpoint) -> bool {
@@ -273,12 +256,12 @@ fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> 
 }
 
 /// recvmsg4/6 and getpeername4/6: if the peer is a backend this socket reached through a
-/// ClusterIP, show the ClusterIP instead. Always returns 1 (these hooks cannot fail a call).
+/// ClusterIP, show the ClusterIP instead. Always passes (these hooks cannot fail a call).
 #[inline(always)]
-pub fn reverse<const IS_V6: bool>(ctx: &SockAddrContext) -> i32 {
+pub fn try_reverse<const IS_V6: bool>(ctx: &SockAddrContext) -> Result<Verdict, Fault> {
     let (fam, addr, port) = read_addr::<IS_V6>(ctx);
     let key = RevNatKey {
-        cookie: socket_cookie(ctx),
+        cookie: ctx.cookie(),
         backend: Endpoint {
             addr,
             port,
@@ -291,21 +274,20 @@ pub fn reverse<const IS_V6: bool>(ctx: &SockAddrContext) -> i32 {
     if let Some(frontend) = unsafe { REVNAT.get(key) }.copied() {
         write_addr::<IS_V6>(ctx, frontend.family, &frontend.addr, frontend.port);
     }
-    1
+    Ok(Verdict::Pass)
 }
 
 /// sock_release: a UDP socket that went through a ClusterIP takes its translation entries
 /// with it. (A socket that talked to several frontends leaves the older ones to LRU eviction.)
 #[inline(always)]
-pub fn release(ctx: &SockContext) -> i32 {
+pub fn try_release(ctx: &SockContext) -> Result<Verdict, Fault> {
     if ctx_read!(ctx.sock, protocol) != u32::from(IPPROTO_UDP) {
-        return 1;
+        return Ok(Verdict::Pass);
     }
-    // SAFETY: the program's context; the helper reads the socket only.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast::<c_void>()) };
+    let cookie = ctx.cookie();
     // SAFETY: LRU entries are only read and copied here.
     let Some(last) = (unsafe { UDP_SOCKS.get(cookie) }).copied() else {
-        return 1;
+        return Ok(Verdict::Pass);
     };
     // Absent entries (evicted, or a connect-only socket) are fine.
     let _ = REVNAT.remove(RevNatKey {
@@ -319,5 +301,5 @@ pub fn release(ctx: &SockContext) -> i32 {
         _pad: 0,
     });
     let _ = UDP_SOCKS.remove(cookie);
-    1
+    Ok(Verdict::Pass)
 }

@@ -10,8 +10,6 @@
 //! has closed it (it becomes a timewait socket that sock_ops no longer sees). So while the
 //! socket is closing, the program asks for every incoming header (PARSE_ALL_HDR_OPT), notes
 //! the sequence number of a FIN, and at CLOSE checks that `rcv_nxt` moved past it.
-use core::ffi::c_void;
-
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
@@ -19,18 +17,19 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
-    helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::{debug, warn};
 use weft_abi::{
-    AF_INET, AF_INET6, IPPROTO_TCP,
+    IPPROTO_TCP,
     conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
+    net::Family,
     stats::Counter,
     svc::RevNatKey,
 };
 
 use crate::{
+    ctx::SocketCookie,
     events::{self, add_service, family_words, now, revnat_key},
     maps::{CONN_STATE, REVNAT},
     packet, stats,
@@ -50,7 +49,7 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         | BPF_SOCK_OPS_PARSE_HDR_OPT_CB => op,
         _ => return Ok(()),
     };
-    let cookie = cookie(ctx);
+    let cookie = ctx.cookie();
     match handler {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, cookie),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, cookie, Side::Active),
@@ -59,12 +58,6 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         BPF_SOCK_OPS_RTO_CB => on_rto(ctx, cookie),
         _ => on_header(ctx, cookie),
     }
-}
-
-#[inline(always)]
-fn cookie(ctx: &SockOpsContext) -> u64 {
-    // SAFETY: `ctx.ops` is the program's context; the helper only reads the socket.
-    unsafe { bpf_get_socket_cookie(ctx.ops.cast::<c_void>()) }
 }
 
 #[inline(always)]
@@ -306,7 +299,7 @@ fn emit(
         .saturating_sub(fin_received);
     let mut ev = ConnEvent {
         kind: kind as u32,
-        family: if family == 4 { AF_INET } else { AF_INET6 },
+        family: Family::of(family).af(),
         cookie,
         timestamp_ns: now,
         duration_ns: now.saturating_sub(state.start_ns),

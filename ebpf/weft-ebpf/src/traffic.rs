@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
+    net::Direction,
     stats::Counter,
-    traffic::{Direction, TrafficKey, TrafficValue, UdpFlowStatsKey, UdpFlowStatsValue},
+    traffic::{TrafficKey, TrafficValue, UdpFlowStatsKey, UdpFlowStatsValue},
 };
 
 use crate::{

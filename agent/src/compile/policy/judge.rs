@@ -4,10 +4,11 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::Serialize;
+use weft_abi::net::Direction;
 use weft_abi::policy::{
-    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_WORLD, IP_HOST, IpcacheValue, Match, POL_ANY_PORT, POLICY_PREFIX_FIXED,
-    POLICY_PREFIX_FULL, PolicyData, PolicyValue,
+    EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST,
+    IpcacheValue, Match, POL_ANY_PORT, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, PolicyData,
+    PolicyValue,
 };
 
 use super::EntryKey;
@@ -36,7 +37,7 @@ pub struct Verdict {
 pub fn judge(
     t: &impl Tables,
     ep: &EndpointInfo,
-    direction: u8,
+    direction: Direction,
     peer: IpAddr,
     protocol: u8,
     port: u16,
@@ -47,11 +48,11 @@ pub fn judge(
     });
     let verdict = |m: Match, rule: Option<u32>| Verdict {
         allowed: m != Match::None,
-        matched: m.name(),
+        matched: m.as_str(),
         peer_identity: remote.identity,
         rule,
     };
-    let isolated = if direction == DIR_INGRESS {
+    let isolated = if direction == Direction::Ingress {
         EP_INGRESS_ISOLATED
     } else {
         EP_EGRESS_ISOLATED
@@ -64,14 +65,14 @@ pub fn judge(
             rule: None,
         };
     }
-    let (family, words) = crate::compile::ip_words(peer);
-    if peer.is_loopback() || ep.owns(family, &words) || remote.flags & IP_HOST != 0 {
+    let (family, words) = weft_abi::net::ip_words(peer);
+    if peer.is_loopback() || ep.owns(family as u8, &words) || remote.flags & IP_HOST != 0 {
         return verdict(Match::Host, None);
     }
     let data = |identity| PolicyData {
         policy_set: ep.policy_set,
         identity,
-        direction,
+        direction: direction as u8,
         protocol,
         port: port.to_be(),
     };

@@ -5,15 +5,15 @@ use k8s_openapi::{
     api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use weft_abi::net::{Direction, ip_words};
 use weft_abi::policy::{
-    DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_ANY, POL_ANY_PORT, POLICY_PREFIX_FIXED,
-    POLICY_PREFIX_FULL, PolicyData, PolicyValue,
+    EndpointInfo, IDENTITY_ANY, POL_ANY_PORT, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, PolicyData,
+    PolicyValue,
 };
 
 use super::{
-    super::ip_words, EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, RuleRef,
-    isolation, local_cgroup, named_ports, policy_types, ports::range_prefixes, protocol_number,
-    selector,
+    EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, RuleRef, isolation,
+    local_cgroup, named_ports, policy_types, ports::range_prefixes, protocol_number, selector,
 };
 
 /// The peers of a rule: everyone, or these identities.
@@ -186,11 +186,11 @@ struct SetBuilder<'a> {
 }
 
 impl SetBuilder<'_> {
-    fn put(&mut self, identity: u32, direction: u8, port: &PortMatch, rule: u32) {
+    fn put(&mut self, identity: u32, direction: Direction, port: &PortMatch, rule: u32) {
         let data = |protocol: u8, port: u16| PolicyData {
             policy_set: self.set,
             identity,
-            direction,
+            direction: direction as u8,
             protocol,
             port: port.to_be(),
         };
@@ -217,7 +217,7 @@ impl SetBuilder<'_> {
                 }
             }
             PortMatch::Named(p, name) => {
-                let numbers: BTreeSet<u16> = if direction == DIR_INGRESS {
+                let numbers: BTreeSet<u16> = if direction == Direction::Ingress {
                     self.own_ports
                         .get(&(name.clone(), *p))
                         .copied()
@@ -247,12 +247,12 @@ impl SetBuilder<'_> {
         }
     }
 
-    fn rule(&mut self, peers: &Peers, ports: &[PortMatch], direction: u8, rule: u32) {
+    fn rule(&mut self, peers: &Peers, ports: &[PortMatch], direction: Direction, rule: u32) {
         for port in ports {
             match (peers, port) {
                 // A named egress port depends on the destination: every pod identity that
                 // has the name stands for "any peer".
-                (Peers::Any, PortMatch::Named(p, name)) if direction == DIR_EGRESS => {
+                (Peers::Any, PortMatch::Named(p, name)) if direction == Direction::Egress => {
                     let ids: Vec<u32> = self
                         .identities
                         .iter()
@@ -491,14 +491,24 @@ fn add_rules(
         for (i, rule) in spec.ingress.iter().flatten().enumerate() {
             let h = reference("ingress", i);
             let peers = resolver.resolve(ns, rule.from.as_ref());
-            b.rule(&peers, &port_matches(rule.ports.as_ref()), DIR_INGRESS, h);
+            b.rule(
+                &peers,
+                &port_matches(rule.ports.as_ref()),
+                Direction::Ingress,
+                h,
+            );
         }
     }
     if egress {
         for (i, rule) in spec.egress.iter().flatten().enumerate() {
             let h = reference("egress", i);
             let peers = resolver.resolve(ns, rule.to.as_ref());
-            b.rule(&peers, &port_matches(rule.ports.as_ref()), DIR_EGRESS, h);
+            b.rule(
+                &peers,
+                &port_matches(rule.ports.as_ref()),
+                Direction::Egress,
+                h,
+            );
         }
     }
 }

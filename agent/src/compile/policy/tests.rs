@@ -5,7 +5,7 @@ pub(crate) mod reference;
 
 use std::net::IpAddr;
 
-use weft_abi::{IPPROTO_TCP, IPPROTO_UDP, policy::*};
+use weft_abi::{IPPROTO_TCP, IPPROTO_UDP, net::Direction, policy::*};
 
 use self::model::{Eval, store_of};
 use super::*;
@@ -65,7 +65,7 @@ fn a_local_pod_is_enforced_before_it_has_an_address() {
     let eval = Eval::new(&p);
     assert!(
         !eval
-            .allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_TCP, 80)
+            .allowed("x-b", Direction::Egress, ip("10.0.0.11"), IPPROTO_TCP, 80)
             .0
     );
 }
@@ -84,7 +84,7 @@ fn pods_with_different_named_ports_get_different_identities() {
     let (p, _) = compile_docs(&[POD_A, &w1, &w2, np]);
     let eval = Eval::new(&p);
     let allowed = |ip_s: &str, port| {
-        eval.allowed("x-a", DIR_EGRESS, ip(ip_s), IPPROTO_TCP, port)
+        eval.allowed("x-a", Direction::Egress, ip(ip_s), IPPROTO_TCP, port)
             .0
     };
     assert!(allowed("10.0.1.21", 80) && allowed("10.0.1.22", 8080));
@@ -105,20 +105,20 @@ fn default_deny_ingress_isolates_without_entries() {
     let eval = Eval::new(&p);
     assert!(
         !eval
-            .allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .allowed("x-a", Direction::Ingress, ip("10.0.1.11"), IPPROTO_TCP, 80)
             .0
     );
     assert!(
-        eval.allowed("x-a", DIR_EGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+        eval.allowed("x-a", Direction::Egress, ip("10.0.1.11"), IPPROTO_TCP, 80)
             .0
     );
     assert!(
-        eval.allowed("x-a", DIR_INGRESS, ip("10.0.0.1"), IPPROTO_TCP, 80)
+        eval.allowed("x-a", Direction::Ingress, ip("10.0.0.1"), IPPROTO_TCP, 80)
             .0,
         "the node"
     );
     assert!(
-        eval.allowed("x-a", DIR_INGRESS, ip("10.0.0.11"), IPPROTO_TCP, 80)
+        eval.allowed("x-a", Direction::Ingress, ip("10.0.0.11"), IPPROTO_TCP, 80)
             .0,
         "itself"
     );
@@ -132,36 +132,48 @@ fn named_ports_resolve_against_the_destination() {
     let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, np]);
     let eval = Eval::new(&p);
     assert!(
-        eval.allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+        eval.allowed("x-a", Direction::Ingress, ip("10.0.1.11"), IPPROTO_TCP, 80)
             .0
     );
     assert!(
         !eval
-            .allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 8080)
+            .allowed(
+                "x-a",
+                Direction::Ingress,
+                ip("10.0.1.11"),
+                IPPROTO_TCP,
+                8080
+            )
             .0
     );
     assert!(
-        eval.allowed("x-b", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 8080)
-            .0
+        eval.allowed(
+            "x-b",
+            Direction::Ingress,
+            ip("10.0.1.11"),
+            IPPROTO_TCP,
+            8080
+        )
+        .0
     );
     assert!(
-        eval.allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_TCP, 80)
+        eval.allowed("x-b", Direction::Egress, ip("10.0.0.11"), IPPROTO_TCP, 80)
             .0
     );
     assert!(
         !eval
-            .allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_TCP, 8080)
+            .allowed("x-b", Direction::Egress, ip("10.0.0.11"), IPPROTO_TCP, 8080)
             .0
     );
     assert!(
         !eval
-            .allowed("x-b", DIR_EGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .allowed("x-b", Direction::Egress, ip("10.0.1.11"), IPPROTO_TCP, 80)
             .0,
         "y/a has no such port"
     );
     assert!(
         !eval
-            .allowed("x-b", DIR_EGRESS, ip("10.0.0.11"), IPPROTO_UDP, 80)
+            .allowed("x-b", Direction::Egress, ip("10.0.0.11"), IPPROTO_UDP, 80)
             .0
     );
 }
@@ -172,24 +184,24 @@ fn ip_blocks_with_except_apply_to_pod_addresses_too() {
     let (p, _) = compile_docs(&[POD_A, POD_B, POD_Y, np]);
     let eval = Eval::new(&p);
     assert!(
-        eval.allowed("x-a", DIR_EGRESS, ip("10.0.1.11"), IPPROTO_TCP, 80)
+        eval.allowed("x-a", Direction::Egress, ip("10.0.1.11"), IPPROTO_TCP, 80)
             .0,
         "pod in the block"
     );
     assert!(
         !eval
-            .allowed("x-a", DIR_EGRESS, ip("10.0.0.12"), IPPROTO_TCP, 80)
+            .allowed("x-a", Direction::Egress, ip("10.0.0.12"), IPPROTO_TCP, 80)
             .0,
         "excepted pod"
     );
     assert!(
-        eval.allowed("x-a", DIR_EGRESS, ip("9.9.9.9"), IPPROTO_UDP, 53)
+        eval.allowed("x-a", Direction::Egress, ip("9.9.9.9"), IPPROTO_UDP, 53)
             .0,
         "outside address"
     );
     assert!(
         !eval
-            .allowed("x-a", DIR_EGRESS, ip("192.168.0.1"), IPPROTO_UDP, 53)
+            .allowed("x-a", Direction::Egress, ip("192.168.0.1"), IPPROTO_UDP, 53)
             .0,
         "world"
     );
@@ -210,24 +222,42 @@ fn port_ranges_become_prefixes_and_verdicts_name_the_rule() {
         (9000, false),
     ] {
         assert_eq!(
-            eval.allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_UDP, port)
-                .0,
+            eval.allowed(
+                "x-a",
+                Direction::Ingress,
+                ip("10.0.1.11"),
+                IPPROTO_UDP,
+                port
+            )
+            .0,
             ok,
             "{port}"
         );
     }
     assert!(
         !eval
-            .allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_TCP, 8000)
+            .allowed(
+                "x-a",
+                Direction::Ingress,
+                ip("10.0.1.11"),
+                IPPROTO_TCP,
+                8000
+            )
             .0
     );
     assert!(
         !eval
-            .allowed("x-a", DIR_INGRESS, ip("9.9.9.9"), IPPROTO_UDP, 8000)
+            .allowed("x-a", Direction::Ingress, ip("9.9.9.9"), IPPROTO_UDP, 8000)
             .0,
         "not a pod"
     );
-    let (_, rule) = eval.allowed("x-a", DIR_INGRESS, ip("10.0.1.11"), IPPROTO_UDP, 8000);
+    let (_, rule) = eval.allowed(
+        "x-a",
+        Direction::Ingress,
+        ip("10.0.1.11"),
+        IPPROTO_UDP,
+        8000,
+    );
     assert_eq!(
         rule.map(|r| r.to_string()).as_deref(),
         Some("x/range ingress[0]")

@@ -162,7 +162,7 @@ impl Health {
     fn failed(&self, kind: Kind, e: &watcher::Error) {
         let reason = metrics::reason(e);
         self.metrics.error(kind, reason);
-        if reason == "expired" {
+        if reason == metrics::Reason::Expired {
             // Normal: the API server compacted past our version; a relist follows at once.
             tracing::info!(target: "weft::source", kind = %kind, "resourceVersion expired (410 Gone); relisting");
             return;

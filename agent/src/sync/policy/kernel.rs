@@ -14,13 +14,26 @@ use weft_abi::{
 };
 
 use super::{Error, PolicyMaps};
-use crate::compile::{ip_words, policy::EntryKey, words_ip};
+use weft_abi::net::{ip_words, words_ip};
+
+use crate::compile::policy::EntryKey;
 
 /// The three maps policy sync writes.
 pub struct KernelPolicyMaps {
     pub endpoints: HashMap<MapData, u64, EndpointInfo>,
     pub ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
     pub policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+}
+
+impl KernelPolicyMaps {
+    /// Takes the maps from the loaded object (once).
+    pub fn take(datapath: &mut crate::datapath::Datapath) -> Result<Self, crate::datapath::Error> {
+        Ok(Self {
+            endpoints: datapath.take(maps::ENDPOINTS)?,
+            ipcache: datapath.take(maps::IPCACHE)?,
+            policy: datapath.take(maps::POLICY)?,
+        })
+    }
 }
 
 impl std::fmt::Debug for KernelPolicyMaps {
@@ -39,7 +52,7 @@ pub fn ipcache_key(net: &IpNet) -> Key<IpcacheData> {
     Key::new(
         IPCACHE_PREFIX_FAMILY + u32::from(net.prefix_len()),
         IpcacheData {
-            family: u32::from(family),
+            family: family as u32,
             addr,
         },
     )

@@ -6,9 +6,10 @@ use std::{cell::RefCell, collections::BTreeMap, net::IpAddr};
 use aya::maps::MapError;
 use ipnet::IpNet;
 use proptest::prelude::*;
+use weft_abi::net::Direction;
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
-    policy::{DIR_EGRESS, DIR_INGRESS, EndpointInfo, IpcacheValue, PolicyData, PolicyValue},
+    policy::{EndpointInfo, IpcacheValue, PolicyData, PolicyValue},
 };
 
 use super::*;
@@ -17,11 +18,12 @@ use crate::compile::policy::{
     judge::{Tables, judge, lpm_ipcache, lpm_policy},
     tests::{model::store_of, reference},
 };
+use crate::sync::Reason;
 
 #[derive(Debug, Clone, Copy)]
 struct Probe {
     cgroup: u64,
-    direction: u8,
+    direction: Direction,
     peer: IpAddr,
     protocol: u8,
     port: u16,
@@ -169,7 +171,7 @@ fn probes(cgroups: impl Iterator<Item = u64>) -> Vec<Probe> {
     let mut out = Vec::new();
     for cgroup in cgroups {
         for &peer in &peers {
-            for direction in [DIR_INGRESS, DIR_EGRESS] {
+            for direction in [Direction::Ingress, Direction::Egress] {
                 for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
                     for port in [53, 80, 8080, 8500] {
                         out.push(Probe {
@@ -342,10 +344,9 @@ fn entries_that_do_not_fit_leave_new_pods_denied() {
         return;
     }
     assert!(
-        report
-            .errors
-            .iter()
-            .any(|e| e.contains("--max-policy-entries")),
+        report.errors.iter().any(|e| e.reason == Reason::MapFull
+            && e.map == "POLICY"
+            && e.message.contains("--max-policy-entries")),
         "{report:?}"
     );
     for (cg, e) in &desired.endpoints {

@@ -1,6 +1,7 @@
 //! The kernel's lookups over compiled state.
 use std::net::IpAddr;
 
+use weft_abi::net::Direction;
 use weft_abi::policy::{IpcacheValue, PolicyData, PolicyValue};
 
 use super::super::{
@@ -48,7 +49,7 @@ impl<'a> Eval<'a> {
     pub fn allowed(
         &self,
         cgroup: &str,
-        direction: u8,
+        direction: Direction,
         peer: IpAddr,
         proto: u8,
         port: u16,

@@ -5,10 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use ipnet::IpNet;
 use proptest::{prelude::*, test_runner::TestCaseError};
 use serde_json::{Value, json};
-use weft_abi::{
-    IPPROTO_TCP, IPPROTO_UDP,
-    policy::{DIR_EGRESS, DIR_INGRESS},
-};
+use weft_abi::{IPPROTO_TCP, IPPROTO_UDP, net::Direction};
 
 use super::{
     super::{Ids, compile, selector},
@@ -219,7 +216,7 @@ fn reference(
     ns_labels: &BTreeMap<String, selector::Labels>,
     policies: &[Value],
     local: &RefPod,
-    direction: u8,
+    direction: Direction,
     peer: IpAddr,
     protocol: u8,
     port: u16,
@@ -248,7 +245,7 @@ fn reference(
             },
             |a| a.iter().filter_map(Value::as_str).collect(),
         );
-        let (dir_name, rules_key, peers_key) = if direction == DIR_INGRESS {
+        let (dir_name, rules_key, peers_key) = if direction == Direction::Ingress {
             ("Ingress", "ingress", "from")
         } else {
             ("Egress", "egress", "to")
@@ -287,7 +284,7 @@ fn reference(
                             .is_none_or(|s| selector::matches(&sel(s), &pp.labels))
                 }),
             };
-            let dest_ports = if direction == DIR_INGRESS {
+            let dest_ports = if direction == Direction::Ingress {
                 Some(&local.ports)
             } else {
                 peer_pod.map(|p| &p.ports)
@@ -394,7 +391,7 @@ pub fn check(world: &World) -> Result<(), TestCaseError> {
     for local in pods.iter().filter(|p| p.cgroup.is_some()) {
         let cgroup = local.cgroup.as_deref().unwrap_or_default();
         for &peer in &peers {
-            for direction in [DIR_INGRESS, DIR_EGRESS] {
+            for direction in [Direction::Ingress, Direction::Egress] {
                 for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
                     for port in PORTS {
                         let want = reference(
@@ -406,7 +403,7 @@ pub fn check(world: &World) -> Result<(), TestCaseError> {
                             want,
                             "pod {} direction {} peer {} proto {} port {}",
                             cgroup,
-                            direction,
+                            direction.as_str(),
                             peer,
                             protocol,
                             port

@@ -13,10 +13,10 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use weft_abi::svc::ServiceKey;
+use weft_abi::{net::words_ip, svc::ServiceKey};
 
 use crate::{
-    compile::{self, Frontend, words_ip},
+    compile::{self, Frontend},
     store::Store,
 };
 
@@ -54,8 +54,10 @@ pub struct ServiceName {
 }
 
 /// Settings of the names.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct NameConfig {
+    /// DNS domain of the cluster, for `destination_service` (`name.ns.svc.<domain>`).
+    #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
 }
 
@@ -66,6 +68,9 @@ impl Default for NameConfig {
         }
     }
 }
+
+/// The names in use, replaced whole by the pipeline after every pass; telemetry reads it.
+pub type DirectoryHandle = std::sync::Arc<std::sync::RwLock<Arc<Directory>>>;
 
 /// Protocol number and address of a service frontend or backend.
 type PortKey = (IpAddr, u16, u8);
@@ -82,8 +87,8 @@ pub struct Directory {
     peers: HashSet<Arc<Peer>>,
     /// Every pod by (namespace, name).
     pod_names: HashSet<(String, String)>,
-    /// Every Service with a frontend.
-    services: HashSet<Arc<ServiceName>>,
+    /// Every Service with a frontend: names by namespace.
+    services: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
 impl Directory {
@@ -141,7 +146,12 @@ impl Directory {
                     .or_insert_with(|| Some(Arc::clone(&svc)));
             }
         }
-        dir.services = service_names.into_values().collect();
+        for svc in service_names.into_values() {
+            dir.services
+                .entry(Arc::clone(&svc.namespace))
+                .or_default()
+                .insert(Arc::clone(&svc.name));
+        }
         dir
     }
 
@@ -180,8 +190,10 @@ impl Directory {
     }
 
     /// Whether the Service still exists with a frontend.
-    pub fn has_service(&self, service: &ServiceName) -> bool {
-        self.services.contains(service)
+    pub fn has_service_named(&self, namespace: &str, name: &str) -> bool {
+        self.services
+            .get(namespace)
+            .is_some_and(|names| names.contains(name))
     }
 }
 

@@ -1,9 +1,15 @@
-//! Connection events from the kernel: decoding, classification, and reporting.
+//! What the kernel reports, decoded: connection and drop events from the `CONN_EVENTS` ring
+//! buffer ([`reader`]), UDP flow counters ([`udp`]) and whether a connection is still tracked
+//! ([`tracked`]).
 //!
-//! The sock_ops program writes one `ConnEvent` when a TCP connection reaches ESTABLISHED and
-//! one when its socket closes. This module turns them into [`Connection`] records and reports
-//! each as a structured log event (target `weft::conn`).
+//! The sock_ops program writes one `ConnEvent` when a TCP connection reaches ESTABLISHED, one
+//! per update interval while it moves data, and one when its socket closes; the policy and
+//! service programs write drops. This module turns them into [`Connection`] records (and logs
+//! each at debug level, target `weft::conn`). weft creates no conntrack entries: these are
+//! events about sockets.
 pub mod reader;
+pub mod tracked;
+pub mod udp;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -13,8 +19,18 @@ use std::{
 use serde::Serialize;
 use weft_abi::{
     AF_INET, AF_INET6,
-    conn::{ConnEvent, ConnEventKind, Side, drop_direction, drop_reason, flags, tcp_state},
+    conn::{ConnEvent, ConnEventKind, DropReason, Side, flags, tcp_state},
+    net::Direction,
 };
+
+/// The event reader's flags.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub struct Settings {
+    /// How often the agent drains connection events without being woken.
+    #[arg(long, default_value = "100ms", value_parser = crate::parse_positive_duration)]
+    pub events_poll_interval: Duration,
+}
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +41,12 @@ pub enum Error {
     Unknown { field: &'static str, value: u32 },
     #[error("cannot read the connection ring buffer")]
     Io(#[source] std::io::Error),
+    #[error("cannot read kernel map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 /// How a connection ended.
@@ -86,42 +108,6 @@ impl Role {
         match self {
             Self::Client => "client",
             Self::Server => "server",
-        }
-    }
-}
-
-/// Why the datapath dropped something.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropReason {
-    PolicyDenied,
-    NoBackends,
-    Unparsed,
-}
-
-impl DropReason {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::PolicyDenied => "policy_denied",
-            Self::NoBackends => "no_backends",
-            Self::Unparsed => "unparsed",
-        }
-    }
-}
-
-/// Traffic direction seen from the local pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
-
-impl Direction {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Egress => "egress",
-            Self::Ingress => "ingress",
         }
     }
 }
@@ -195,17 +181,9 @@ impl Connection {
         let kind = ConnEventKind::from_u32(ev.kind).ok_or(unknown("kind", ev.kind))?;
         let dropped = if kind == ConnEventKind::Drop {
             Some(DropInfo {
-                reason: match ev.reason {
-                    drop_reason::POLICY_DENIED => DropReason::PolicyDenied,
-                    drop_reason::NO_BACKENDS => DropReason::NoBackends,
-                    drop_reason::UNPARSED => DropReason::Unparsed,
-                    other => return Err(unknown("drop reason", other)),
-                },
-                direction: match ev.direction {
-                    drop_direction::EGRESS => Direction::Egress,
-                    drop_direction::INGRESS => Direction::Ingress,
-                    other => return Err(unknown("drop direction", other)),
-                },
+                reason: DropReason::from_u32(ev.reason).ok_or(unknown("drop reason", ev.reason))?,
+                direction: Direction::from_u32(ev.direction)
+                    .ok_or(unknown("drop direction", ev.direction))?,
                 protocol: ev.protocol as u8,
             })
         } else {

@@ -1,6 +1,4 @@
 //! Reads connection events from the ring buffer as they arrive.
-use std::time::Duration;
-
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -44,26 +42,14 @@ impl Reader {
         self.stats
     }
 
-    /// Processes events as the kernel wakes the reader and at least every `poll` (the kernel
-    /// batches wakeups), forever. Cancel by dropping the future; call [`Reader::drain`]
-    /// afterwards to take what is left.
-    pub async fn run(
-        &mut self,
-        poll: Duration,
-        sink: &mut impl FnMut(Connection),
-    ) -> Result<(), Error> {
-        let mut timer = tokio::time::interval(poll);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                ready = self.ring.readable_mut() => {
-                    let mut guard = ready.map_err(Error::Io)?;
-                    guard.clear_ready();
-                    drain_into(guard.get_inner_mut(), &mut self.stats, sink);
-                }
-                _ = timer.tick() => drain_into(self.ring.get_mut(), &mut self.stats, sink),
-            }
+    /// Resolves when the kernel wakes the reader or `poll` ticks (the kernel batches
+    /// wakeups): then [`Reader::drain`].
+    pub async fn ready(&mut self, poll: &mut tokio::time::Interval) -> Result<(), Error> {
+        tokio::select! {
+            ready = self.ring.readable_mut() => ready.map_err(Error::Io)?.clear_ready(),
+            _ = poll.tick() => {}
         }
+        Ok(())
     }
 
     /// Processes every event already in the buffer; returns how many.

@@ -1,0 +1,141 @@
+//! The pipeline's metrics: rejected documents, sync errors by reason, compile and sync
+//! durations, frontends in the kernel. Map pressure is the datapath's
+//! ([`crate::datapath::metrics::MapMetrics`]), which the syncers keep current.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{
+    datapath::metrics::MapMetrics,
+    metrics::{duration_histogram, label_value},
+    store::ObjectRef,
+    sync::Reason,
+};
+
+/// A stage of a pass, by what it compiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Services,
+    Policy,
+    /// The names telemetry gives addresses.
+    Names,
+}
+
+impl Stage {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::Policy => "policy",
+            Self::Names => "names",
+        }
+    }
+}
+
+label_value!(Stage);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The object kind, or "unknown" when the document could not be read that far.
+    pub kind: &'static str,
+}
+
+impl KindLabels {
+    pub fn of(object: Option<&ObjectRef>) -> Self {
+        Self {
+            kind: object.map_or("unknown", |o| o.kind.as_str()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: Reason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: Stage,
+}
+
+/// Every metric of the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineMetrics {
+    /// Documents rejected by a source, each time a version of a file is read.
+    pub config_rejections: Family<KindLabels, Counter>,
+    /// Documents currently rejected (their objects keep their last good version).
+    pub config_rejected_documents: Gauge,
+    /// Changes that could not be applied (map full, map write failed).
+    pub sync_errors: Family<ReasonLabels, Counter>,
+    /// Seconds from a source change being read to the maps being written.
+    pub sync_duration: Histogram,
+    /// Seconds to compile the store into desired datapath state, per stage (pure work, no
+    /// syscalls).
+    pub compile_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
+    /// Service frontends programmed in the kernel.
+    pub service_frontends: Gauge,
+    /// Entries and capacity of the maps the syncers write.
+    pub maps: MapMetrics,
+}
+
+impl PipelineMetrics {
+    pub fn new(registry: &mut Registry, maps: MapMetrics) -> Self {
+        let m = Self {
+            config_rejections: Family::default(),
+            config_rejected_documents: Gauge::default(),
+            sync_errors: Family::default(),
+            sync_duration: duration_histogram(),
+            compile_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            service_frontends: Gauge::default(),
+            maps,
+        };
+        registry.register(
+            "config_rejections",
+            "Documents rejected by a source (file, document, kind and field are in the logs and `weft status`)",
+            m.config_rejections.clone(),
+        );
+        registry.register(
+            "config_rejected_documents",
+            "Documents currently rejected; their objects keep their last good version",
+            m.config_rejected_documents.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Changes that could not be written to the kernel maps, by reason",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "Time to compile the store and write the difference to the kernel maps",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "compile_duration_seconds",
+            "Time to compile the store into desired datapath state, by stage",
+            m.compile_duration.clone(),
+        );
+        registry.register(
+            "service_frontends",
+            "Service frontends (ClusterIP, port, protocol) in the kernel",
+            m.service_frontends.clone(),
+        );
+        m
+    }
+
+    /// Times one compile stage.
+    pub fn time<T>(&self, stage: Stage, work: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let out = work();
+        self.compile_duration
+            .get_or_create(&StageLabels { stage })
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    pub fn sync_error(&self, reason: Reason) {
+        self.sync_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
