@@ -52,6 +52,13 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
     if brief {
         return Ok((brief_status(&doc), doc.healthy));
     }
+    let mut out = status_summary(&doc);
+    status_lists(&doc, &mut out);
+    Ok((out, doc.healthy))
+}
+
+/// The summary lines of `weft status`.
+fn status_summary(doc: &StatusDoc) -> String {
     let s = &doc.services;
     let mut out = String::new();
     let _ = writeln!(
@@ -106,6 +113,12 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
             |a| format!("http://{a}/metrics")
         ),
     );
+    out
+}
+
+/// The problems `weft status` lists, one per line.
+fn status_lists(doc: &StatusDoc, out: &mut String) {
+    let (s, pol) = (&doc.services, &doc.policy);
     for (title, key) in [
         ("rejected documents", "rejections"),
         ("service problems", "problems"),
@@ -140,7 +153,6 @@ pub async fn status(socket: &Path, output: Output, brief: bool) -> Result<(Strin
             let _ = writeln!(out, "  {line}");
         }
     }
-    Ok((out, doc.healthy))
 }
 
 /// One status list item on one line.
@@ -257,6 +269,29 @@ pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
         );
     }
     let _ = writeln!(out);
+    endpoint_table(&doc, &mut out);
+    let _ = writeln!(
+        out,
+        "\nidentities {}, ipcache entries {}, policy entries {}",
+        doc.identities, doc.ipcache_entries, doc.policy_entries
+    );
+    for (title, items) in [
+        ("problems", &doc.problems),
+        ("sync errors", &doc.sync_errors),
+    ] {
+        if items.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "{title} ({}):", items.len());
+        for item in items {
+            let _ = writeln!(out, "  {item}");
+        }
+    }
+    Ok(out)
+}
+
+/// The local pods of `weft policies`: what the kernel enforces for each.
+fn endpoint_table(doc: &PoliciesDoc, out: &mut String) {
     let _ = writeln!(
         out,
         "{:<32} {:<16} {:>8} {:>5} {:<9} {:>8} {:>8}  POLICIES",
@@ -298,24 +333,6 @@ pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
             }
         );
     }
-    let _ = writeln!(
-        out,
-        "\nidentities {}, ipcache entries {}, policy entries {}",
-        doc.identities, doc.ipcache_entries, doc.policy_entries
-    );
-    for (title, items) in [
-        ("problems", &doc.problems),
-        ("sync errors", &doc.sync_errors),
-    ] {
-        if items.is_empty() {
-            continue;
-        }
-        let _ = writeln!(out, "{title} ({}):", items.len());
-        for item in items {
-            let _ = writeln!(out, "  {item}");
-        }
-    }
-    Ok(out)
 }
 
 /// `weft policy check`: returns the text and whether the connection would be allowed.

@@ -10,7 +10,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Pod, Service, ServicePort},
+        core::v1::{Pod, Service, ServicePort, ServiceSpec},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -99,20 +99,25 @@ pub fn services(store: &Store) -> Services {
     out
 }
 
+/// One Service being compiled: where its endpoints come from.
+struct ServiceCtx<'a> {
+    index: &'a Index<'a>,
+    ns: &'a str,
+    /// `namespace/name`.
+    id: String,
+    slices: &'a [&'a EndpointSlice],
+    selector: Option<&'a BTreeMap<String, String>>,
+    include_not_ready: bool,
+    affinity_timeout_s: u32,
+}
+
 fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: &mut Services) {
     let id = format!("{ns}/{name}");
     let Some(spec) = &svc.spec else { return };
     if spec.type_.as_deref() == Some("ExternalName") {
         return;
     }
-    let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|s| s.parse().ok()).collect(),
-        _ => spec
-            .cluster_ip
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect(),
-    };
+    let cluster_ips = cluster_ips(spec);
     if cluster_ips.is_empty() {
         // Headless ("None"): nothing to translate. Without any ClusterIP the API server would
         // allocate one; standalone mode does not.
@@ -124,26 +129,22 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
         }
         return;
     }
-    let affinity_timeout_s = match spec.session_affinity.as_deref() {
-        Some("ClientIP") => spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
-        _ => 0,
+    let ctx = ServiceCtx {
+        index,
+        ns,
+        slices: index.slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice),
+        selector: spec.selector.as_ref().filter(|s| !s.is_empty()),
+        include_not_ready: spec.publish_not_ready_addresses == Some(true),
+        affinity_timeout_s: affinity_timeout_s(spec),
+        id,
     };
-    let slices = index.slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
-    let selector = spec.selector.as_ref().filter(|s| !s.is_empty());
-    let include_not_ready = spec.publish_not_ready_addresses == Some(true);
     for port in spec.ports.iter().flatten() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => IPPROTO_TCP,
             "UDP" => IPPROTO_UDP,
             other => {
                 out.problems.push(Problem {
-                    service: id.clone(),
+                    service: ctx.id.clone(),
                     message: format!(
                         "port {} ({other}) is not load-balanced: weft handles TCP and UDP",
                         port.port
@@ -152,55 +153,96 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
                 continue;
             }
         };
-        let Ok(service_port) = u16::try_from(port.port) else {
-            continue;
-        };
         for ip in &cluster_ips {
-            let backends = if !slices.is_empty() {
-                from_slices(slices, port, ip.is_ipv4())
-            } else if let Some(selector) = selector {
-                from_pods(
-                    index,
-                    ns,
-                    selector,
-                    port,
-                    ip.is_ipv4(),
-                    include_not_ready,
-                    &id,
-                    &mut out.problems,
-                )
-            } else {
-                // A Service without selector and without EndpointSlices has no endpoints.
-                BTreeSet::new()
-            };
-            let (family, addr) = ip_words(*ip);
-            let key = ServiceKey {
-                addr,
-                port: service_port.to_be(),
-                protocol,
-                family: family as u8,
-            };
-            // Two Services cannot share a frontend: the first (by namespace/name) keeps it.
-            if let Some(first) = out.frontends.get(&key) {
-                out.problems.push(Problem {
-                    service: id.clone(),
-                    message: format!(
-                        "{ip} port {} is already served by {}; this port is not programmed",
-                        port.port, first.service
-                    ),
-                });
-                continue;
-            }
-            out.frontends.insert(
-                key,
-                Frontend {
-                    service: id.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    backends: backends.into_iter().collect(),
-                    affinity_timeout_s,
-                },
-            );
+            ctx.add_frontend(*ip, port, protocol, out);
         }
+    }
+}
+
+/// spec.clusterIPs, or spec.clusterIP (none for a headless Service).
+fn cluster_ips(spec: &ServiceSpec) -> Vec<IpAddr> {
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|s| s.parse().ok()).collect(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+    }
+}
+
+/// ClientIP affinity's timeout (kube-proxy's default when unset); 0 without affinity.
+fn affinity_timeout_s(spec: &ServiceSpec) -> u32 {
+    match spec.session_affinity.as_deref() {
+        Some("ClientIP") => spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+        _ => 0,
+    }
+}
+
+impl ServiceCtx<'_> {
+    /// The ready backends of `port` of the family of `v4`.
+    fn backends(
+        &self,
+        port: &ServicePort,
+        v4: bool,
+        problems: &mut Vec<Problem>,
+    ) -> BTreeSet<Endpoint> {
+        if !self.slices.is_empty() {
+            return from_slices(self.slices, port, v4);
+        }
+        let Some(selector) = self.selector else {
+            // A Service without selector and without EndpointSlices has no endpoints.
+            return BTreeSet::new();
+        };
+        let source = PodSource {
+            index: self.index,
+            ns: self.ns,
+            selector,
+            include_not_ready: self.include_not_ready,
+            service: &self.id,
+        };
+        from_pods(&source, port, v4, problems)
+    }
+
+    /// The frontend (ip, port, protocol), unless another Service has it already.
+    fn add_frontend(&self, ip: IpAddr, port: &ServicePort, protocol: u8, out: &mut Services) {
+        let Ok(service_port) = u16::try_from(port.port) else {
+            return;
+        };
+        let backends = self.backends(port, ip.is_ipv4(), &mut out.problems);
+        let (family, addr) = ip_words(ip);
+        let key = ServiceKey {
+            addr,
+            port: service_port.to_be(),
+            protocol,
+            family: family as u8,
+        };
+        // Two Services cannot share a frontend: the first (by namespace/name) keeps it.
+        if let Some(first) = out.frontends.get(&key) {
+            out.problems.push(Problem {
+                service: self.id.clone(),
+                message: format!(
+                    "{ip} port {} is already served by {}; this port is not programmed",
+                    port.port, first.service
+                ),
+            });
+            return;
+        }
+        out.frontends.insert(
+            key,
+            Frontend {
+                service: self.id.clone(),
+                port_name: port.name.clone().unwrap_or_default(),
+                backends: backends.into_iter().collect(),
+                affinity_timeout_s: self.affinity_timeout_s,
+            },
+        );
     }
 }
 
@@ -287,20 +329,29 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
+/// A Service's selector and where it selects pods.
+struct PodSource<'a> {
+    index: &'a Index<'a>,
+    ns: &'a str,
+    selector: &'a BTreeMap<String, String>,
+    include_not_ready: bool,
+    /// `namespace/name` of the Service, for problems.
+    service: &'a str,
+}
+
 fn from_pods(
-    index: &Index<'_>,
-    ns: &str,
-    selector: &BTreeMap<String, String>,
+    source: &PodSource<'_>,
     port: &ServicePort,
     v4: bool,
-    include_not_ready: bool,
-    service: &str,
     problems: &mut Vec<Problem>,
 ) -> BTreeSet<Endpoint> {
+    let PodSource {
+        index,
+        ns,
+        selector,
+        include_not_ready,
+        service,
+    } = *source;
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = BTreeSet::new();
     for &(pname, pod) in index.pods.get(ns).into_iter().flatten() {

@@ -36,6 +36,18 @@ pub fn np(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
+/// `namespace/name` of a Kubernetes document, read from its metadata.
+pub fn object_name(doc: &str) -> String {
+    let v: serde_json::Value = serde_saphyr::from_str(doc).expect("a YAML document");
+    let meta = &v["metadata"];
+    let (ns, name) = (meta["namespace"].as_str(), meta["name"].as_str());
+    format!(
+        "{}/{}",
+        ns.expect("metadata.namespace"),
+        name.expect("metadata.name")
+    )
+}
+
 /// `namespace/pod` of every pod, in table order.
 pub fn all_pods() -> Vec<String> {
     NAMESPACES
@@ -378,4 +390,14 @@ fn owned(labels: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_document_is_named_by_its_metadata() {
+        assert_eq!(object_name(&np("x", "deny", "podSelector: {}")), "x/deny");
+    }
 }

@@ -87,7 +87,28 @@ fn promtool_accepts_the_agents_metrics() {
             queried.extend(metric_names(target["expr"].as_str().expect("expr")));
         }
     }
-    assert!(queried.len() >= 10, "the dashboard queries {queried:?}");
+    // Exactly what the dashboard's panels use: a panel added to it is added here too.
+    let expected: std::collections::BTreeSet<String> = [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "weft_bpf_map_fill_ratio",
+        "weft_drop_events_suppressed_total",
+        "weft_drops_total",
+        "weft_events_lost_total",
+        "weft_flow_records_lost_total",
+        "weft_policy_verdicts_total",
+        "weft_tcp_connections_closed_total",
+        "weft_tcp_connections_opened_total",
+        "weft_tcp_received_bytes_total",
+        "weft_tcp_retransmits_total",
+        "weft_tcp_rtt_seconds_bucket",
+        "weft_tcp_sent_bytes_total",
+        "weft_udp_received_bytes_total",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(queried, expected, "the dashboard's queries");
     let missing: Vec<&String> = queried.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(
         missing.is_empty(),

@@ -57,15 +57,23 @@ fn spray(node: &Node, count: u64) -> BTreeMap<String, u64> {
     node.spray("client", &format!("{VIP}:80"), count)
 }
 
-#[test]
-fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage() {
-    let node = Node::builder("k8s_services")
+/// A node with a client and two backends serving http, and an API server holding them, the
+/// Service `web` and its EndpointSlice (b1 and b2 ready). Lists come in pages of two: the
+/// three pods take a continue token.
+struct Cluster {
+    node: Node,
+    api: FakeApi,
+    _servers: Vec<weft_testkit::proc::Process>,
+}
+
+fn cluster(test: &str) -> Cluster {
+    let node = Node::builder(test)
         .kubelet_cgroups()
         .pod("client")
         .pod("b1")
         .pod("b2")
         .build();
-    let _servers: Vec<_> = ["b1", "b2"]
+    let servers: Vec<_> = ["b1", "b2"]
         .iter()
         .map(|b| {
             node.start_server(
@@ -112,10 +120,29 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
     // Lists come in pages of two: the three pods take a continue token.
     api.set_page_cap(Some(2));
 
+    Cluster {
+        node,
+        api,
+        _servers: servers,
+    }
+}
+
+/// The cluster with a ready agent balancing over both backends.
+fn serving(test: &str) -> (Cluster, Agent) {
+    let c = cluster(test);
+    let agent = Agent::start_with(&c.node, AgentOptions::with_api(&c.api, &c.node, &[]));
+    wait_status(&agent, "ready and healthy", RECOVERY, healthy_and_ready);
+    wait_backends(&agent, 2, Duration::from_secs(10));
+    (c, agent)
+}
+
+#[test]
+fn not_ready_until_every_kind_is_listed_then_the_service_and_its_changes_apply() {
+    let Cluster { node, api, .. } = &cluster("k8s_first_list");
     // NetworkPolicies cannot be listed at first: every other kind is, but the agent is not
     // ready and programs nothing from a store it could not complete.
     api.fail_kind("NetworkPolicy", Some(503));
-    let agent = Agent::start_with(&node, AgentOptions::with_api(&api, &node, &[]));
+    let agent = Agent::start_with(node, AgentOptions::with_api(api, node, &[]));
     agent.wait_metrics("failed NetworkPolicy lists counted", |m| {
         prom::sum(
             m,
@@ -168,7 +195,7 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
     wait_status(&agent, "ready and healthy", RECOVERY, healthy_and_ready);
     wait_backends(&agent, 2, Duration::from_secs(10));
     assert_eq!(readyz(&agent), (200, "ready".to_owned()));
-    let counts = spray(&node, 200);
+    let counts = spray(node, 200);
     assert_eq!(
         counts.keys().map(String::as_str).collect::<Vec<_>>(),
         ["b1", "b2"],
@@ -176,21 +203,31 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
     );
 
     // A watched change: b2 stops being ready.
-    api.apply(web_slice(&node, &[("b1", true), ("b2", false)]));
+    api.apply(web_slice(node, &[("b1", true), ("b2", false)]));
     wait_backends(&agent, 1, Duration::from_secs(10));
-    assert_eq!(spray(&node, 50).keys().collect::<Vec<_>>(), ["b1"]);
+    assert_eq!(spray(node, 50).keys().collect::<Vec<_>>(), ["b1"]);
+}
 
+#[test]
+fn dropped_streams_resume_without_a_relist() {
+    let (c, agent) = serving("k8s_dropped_streams");
+    let (node, api) = (&c.node, &c.api);
     // Dropped streams resume from their resourceVersion: no relist, the change arrives.
     let slice_lists = api.requests("EndpointSlice", "list");
     api.drop_streams();
-    api.apply(web_slice(&node, &[("b1", true), ("b2", true)]));
+    api.apply(web_slice(node, &[("b1", true), ("b2", true)]));
     wait_backends(&agent, 2, RECOVERY);
     assert_eq!(
         api.requests("EndpointSlice", "list"),
         slice_lists,
         "a dropped watch resumes without a relist"
     );
+}
 
+#[test]
+fn http_errors_degrade_and_the_change_made_meanwhile_arrives() {
+    let (c, agent) = serving("k8s_http_errors");
+    let (node, api) = (&c.node, &c.api);
     // HTTP 500 on every request: degraded; the change made meanwhile arrives once the
     // server answers again, and health recovers.
     api.fail_with(Some(500));
@@ -200,8 +237,8 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
         Duration::from_secs(20),
         degraded,
     );
-    api.apply(web_slice(&node, &[("b1", false), ("b2", true)]));
-    assert_eq!(spray(&node, 50).len(), 2, "the last state keeps serving");
+    api.apply(web_slice(node, &[("b1", false), ("b2", true)]));
+    assert_eq!(spray(node, 50).len(), 2, "the last state keeps serving");
     api.fail_with(None);
     wait_backends(&agent, 1, RECOVERY);
     wait_status(
@@ -210,9 +247,15 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
         RECOVERY,
         healthy_and_ready,
     );
-    api.apply(web_slice(&node, &[("b1", true), ("b2", true)]));
+    api.apply(web_slice(node, &[("b1", true), ("b2", true)]));
     wait_backends(&agent, 2, Duration::from_secs(10));
+}
 
+#[test]
+fn an_outage_keeps_the_last_state_and_a_compaction_relists() {
+    let (c, agent) = serving("k8s_outage");
+    let (node, api) = (&c.node, &c.api);
+    let slice_lists = api.requests("EndpointSlice", "list");
     // Outage: the API server is unreachable. Health says degraded, the service keeps its
     // backends (fail-static).
     api.set_down(true);
@@ -224,7 +267,7 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
     assert_eq!(healthz(&agent), 200, "alive during the outage");
     let up = prom::sum(&agent.metrics(), "weft_kubernetes_watch_up", &[]);
     assert!(up < 5.0, "some kind is down: {up}");
-    let counts = spray(&node, 100);
+    let counts = spray(node, 100);
     assert_eq!(
         counts.len(),
         2,
@@ -233,7 +276,7 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
 
     // While it is away, b1 goes and the server compacts past every version the agent has:
     // the resumed watch gets 410 Gone and relists.
-    api.apply(web_slice(&node, &[("b2", true)]));
+    api.apply(web_slice(node, &[("b2", true)]));
     api.compact();
     api.set_down(false);
     wait_backends(&agent, 1, RECOVERY);
@@ -250,19 +293,26 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
         ) >= 1.0,
         "the 410 is counted"
     );
-    assert_eq!(spray(&node, 50).keys().collect::<Vec<_>>(), ["b2"]);
+    assert_eq!(spray(node, 50).keys().collect::<Vec<_>>(), ["b2"]);
     assert_eq!(
         prom::sum(&agent.metrics(), "weft_kubernetes_watch_up", &[]),
         5.0
     );
+}
 
+#[test]
+fn a_watch_refused_with_http_410_starts_over() {
+    let (c, agent) = serving("k8s_http_410");
+    let (node, api) = (&c.node, &c.api);
+    api.apply(web_slice(node, &[("b1", true)]));
+    wait_backends(&agent, 1, Duration::from_secs(10));
     // A server (or proxy) that refuses a resumed watch with HTTP 410 rather than an ERROR
     // event: the agent starts its watcher over instead of retrying that version forever.
     api.set_gone_as_http(true);
     let slice_lists = api.requests("EndpointSlice", "list");
     api.set_down(true);
     wait_status(&agent, "degraded again", Duration::from_secs(20), degraded);
-    api.apply(web_slice(&node, &[("b1", true), ("b2", true)]));
+    api.apply(web_slice(node, &[("b1", true), ("b2", true)]));
     api.compact();
     api.set_down(false);
     wait_backends(&agent, 2, RECOVERY);
@@ -276,7 +326,12 @@ fn services_follow_the_api_server_through_errors_dropped_streams_and_an_outage()
         RECOVERY,
         healthy_and_ready,
     );
+}
 
+#[test]
+fn a_deleted_service_loses_its_frontend() {
+    let (c, agent) = serving("k8s_deleted_service");
+    let api = &c.api;
     // A watched deletion: the Service goes, and with it its frontend.
     assert!(api.delete("Service", "default", "web"));
     agent.wait_services("the deleted Service's frontend gone", |list| {

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use weft_testkit::{
     Agent, AgentOptions,
-    netpol::{Model, Table, Via, np},
+    netpol::{Model, Table, Via, np, object_name},
+    prom,
 };
 
 fn start(test: &str) -> (Model, Agent) {
@@ -31,17 +32,7 @@ fn apply(model: &Model, agent: &Agent, docs: &[String]) {
     model
         .node
         .write_source("policies.yaml", &docs.join("---\n"));
-    let want: BTreeSet<String> = docs
-        .iter()
-        .filter_map(|d| {
-            let name = d.lines().find_map(|l| l.strip_prefix("  name: "))?;
-            let ns = d
-                .lines()
-                .find_map(|l| l.strip_prefix("  namespace: "))?
-                .trim_matches('"');
-            Some(format!("{ns}/{name}"))
-        })
-        .collect();
+    let want: BTreeSet<String> = docs.iter().map(|d| object_name(d)).collect();
     agent.wait_policies(&format!("policies {want:?} in force"), |v| {
         let have: BTreeSet<String> = v["policies"]
             .as_array()
@@ -67,16 +58,20 @@ fn only_from(to: &str, from: &[&str]) -> Table {
 }
 
 #[test]
-fn ingress_policies_of_the_upstream_suite() {
-    let (model, agent) = start("policy_ingress");
+fn without_policies_everything_reaches_everything() {
+    let (model, _agent) = start("policy_none");
     model.expect_both(
         "no policies: everything reaches everything",
         80,
         "tcp",
         &Table::all(true),
     );
+}
 
-    // "should support a 'default-deny-ingress' policy"
+/// "should support a 'default-deny-ingress' policy"
+#[test]
+fn default_deny_ingress() {
+    let (model, agent) = start("policy_deny_ingress");
     apply(
         &model,
         &agent,
@@ -92,9 +87,13 @@ fn ingress_policies_of_the_upstream_suite() {
     }
     model.expect_both("default-deny-ingress in x", 80, "tcp", &t);
     model.expect("default-deny-ingress in x", 81, "udp", Via::PodIp, &t);
+}
 
-    // "should enforce policy to allow traffic from pods within server namespace based on
-    // PodSelector"
+/// "should enforce policy to allow traffic from pods within server namespace based on
+/// PodSelector"
+#[test]
+fn pod_selector_within_the_namespace() {
+    let (model, agent) = start("policy_pod_selector");
     apply(
         &model,
         &agent,
@@ -110,8 +109,12 @@ fn ingress_policies_of_the_upstream_suite() {
         "tcp",
         &only_from("x/a", &["x/b"]),
     );
+}
 
-    // "should enforce policy to allow ingress traffic for a target" (namespaceSelector In)
+/// "should enforce policy to allow ingress traffic for a target" (namespaceSelector In)
+#[test]
+fn namespace_selector_in() {
+    let (model, agent) = start("policy_namespace_in");
     apply(
         &model,
         &agent,
@@ -127,9 +130,13 @@ fn ingress_policies_of_the_upstream_suite() {
         "tcp",
         &only_from("x/a", &["y/a", "y/b", "y/c"]),
     );
+}
 
-    // "should enforce policy based on PodSelector or NamespaceSelector" (two peers: OR) and
-    // "... PodSelector and NamespaceSelector" (one peer: AND), with NotIn and DoesNotExist.
+/// "should enforce policy based on PodSelector or NamespaceSelector" (two peers: OR) and
+/// "... PodSelector and NamespaceSelector" (one peer: AND), with NotIn and DoesNotExist.
+#[test]
+fn peers_are_or_and_selectors_within_a_peer_and() {
+    let (model, agent) = start("policy_or_and");
     apply(
         &model,
         &agent,
@@ -150,9 +157,13 @@ fn ingress_policies_of_the_upstream_suite() {
     t.deny_to("x/b");
     t.set("y/c", "x/b", true).set("x/c", "x/b", true);
     model.expect_both("OR of two peers, AND within one", 80, "tcp", &t);
+}
 
-    // Ports: numbered, named (resolved on the destination pod), ranged; a policy for SCTP
-    // must not allow TCP ("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP'").
+/// Ports: numbered, named (resolved on the destination pod), ranged; a policy for SCTP must
+/// not allow TCP ("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP'").
+#[test]
+fn named_ranged_and_sctp_ports() {
+    let (model, agent) = start("policy_ports");
     apply(
         &model,
         &agent,
@@ -186,10 +197,14 @@ fn ingress_policies_of_the_upstream_suite() {
     let mut u80 = Table::all(true);
     u80.deny_to("x/b").deny_to("x/c");
     model.expect_both("named UDP port serve-80-udp", 80, "udp", &u80);
+}
 
-    // "should allow ingress access from namespace on one named port" is covered above;
-    // several policies at once: their union ("should enforce multiple, stacked policies with
-    // overlapping podSelectors").
+/// Several policies at once: their union ("should enforce multiple, stacked policies with
+/// overlapping podSelectors"; "should allow ingress access from namespace on one named
+/// port" is in `named_ranged_and_sctp_ports`).
+#[test]
+fn stacked_policies_are_a_union() {
+    let (model, agent) = start("policy_stacked");
     apply(
         &model,
         &agent,
@@ -216,9 +231,14 @@ fn ingress_policies_of_the_upstream_suite() {
     };
     model.expect_both("stacked: y on 80", 80, "tcp", &stacked("y/"));
     model.expect_both("stacked: z on 81", 81, "tcp", &stacked("z/"));
+}
 
-    // ipBlock with except, applied to pod addresses ("should allow ingress access on one named
-    // port" / "should enforce except clause while egress access to server in CIDR block").
+/// ipBlock with except, applied to pod addresses ("should enforce except clause while egress
+/// access to server in CIDR block"); `weft policy check` and `weft policies` name what
+/// decides.
+#[test]
+fn ip_block_except_applies_to_pod_addresses_and_is_named_by_the_cli() {
+    let (model, agent) = start("policy_ipblock");
     let xb = model.pod_ip("x/b");
     apply(
         &model,
@@ -252,13 +272,6 @@ fn ingress_policies_of_the_upstream_suite() {
             .is_some_and(|r| r.contains("x/cidr")),
         "the denial names the isolating policy: {v:#}"
     );
-    // Verdicts are counted.
-    let metrics = metrics(&agent);
-    let denied = counter(
-        &metrics,
-        "weft_drops_total{reason=\"policy_denied\",direction=\"ingress\"}",
-    );
-    assert!(denied > 0, "ingress drops counted:\n{metrics}");
     let (_, list) = agent.client("policies");
     let cidr = list["policies"]
         .as_array()
@@ -273,11 +286,11 @@ fn ingress_policies_of_the_upstream_suite() {
     );
 }
 
+/// "should enforce egress policy allowing traffic to a server in a specific namespace based on
+/// PodSelector and NamespaceSelector", plus DNS.
 #[test]
-fn egress_replies_and_updates() {
-    let (mut model, agent) = start("policy_egress");
-    // "should enforce egress policy allowing traffic to a server in a specific namespace based
-    // on PodSelector and NamespaceSelector", plus DNS.
+fn egress_to_one_pod_of_another_namespace() {
+    let (model, agent) = start("policy_egress");
     apply(
         &model,
         &agent,
@@ -291,8 +304,13 @@ fn egress_replies_and_updates() {
     t.deny_from("x/a").set("x/a", "y/b", true);
     model.expect_both("x/a egress only to y/b", 80, "tcp", &t);
     model.expect_both("x/a egress only to y/b (UDP)", 81, "udp", &t);
+}
 
-    // "should allow egress access to DNS only": a DNS-like server on z/c port 53.
+/// "should allow egress access to DNS only": a DNS-like server on z/c port 53; the pod's node
+/// stays reachable, anything else fails at connect with EPERM.
+#[test]
+fn egress_to_dns_only_but_the_node() {
+    let (model, agent) = start("policy_dns_only");
     let _dns = model
         .node
         .start_server("z-c", &["serve", "--name", "z/c", "--udp", "53"]);
@@ -333,9 +351,67 @@ fn egress_replies_and_updates() {
             assert_eq!(answer, expected, "x/a reaches its node: {v}");
         }
     }
+}
 
-    // Replies pass whatever the other side's policies say: x/a may not receive anything and
-    // y/b may not send anything, yet x/a -> y/b works both ways on TCP and UDP.
+/// A denied connect is one drop: counted once in the drops, once in the verdicts, and once in
+/// the flow stream.
+#[test]
+fn a_denied_connect_is_counted_exactly_once() {
+    let (model, agent) = start("policy_counted");
+    apply(
+        &model,
+        &agent,
+        &[np(
+            "x",
+            "deny-egress",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]",
+        )],
+    );
+    let drops = |m: &[prom::Sample]| {
+        let drops = prom::sum(
+            m,
+            "weft_drops_total",
+            &[("reason", "policy_denied"), ("direction", "egress")],
+        );
+        let verdicts = prom::sum(
+            m,
+            "weft_policy_verdicts_total",
+            &[("direction", "egress"), ("action", "deny")],
+        );
+        (drops, verdicts)
+    };
+    let before = drops(&agent.metrics());
+    let flows_before = agent
+        .flows(&["--last", "1000", "--verdict", "denied"])
+        .len();
+    let target = format!("tcp:{}:80", model.pod_ip("y/b"));
+    let mut p = model
+        .node
+        .spawn("x-a", &["probe", "--timeout-ms", "1000", &target]);
+    p.wait_success(std::time::Duration::from_secs(10));
+    let line = p.stdout().snapshot().join("");
+    assert!(line.contains("EPERM"), "the connect fails at once: {line}");
+    agent.wait_metrics("the denied connect counted", |m| {
+        drops(m) == (before.0 + 1.0, before.1 + 1.0)
+    });
+    // The drop event reaches the flow stream on the reader's next wakeup.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let flows = loop {
+        let flows = agent.flows(&["--last", "1000", "--verdict", "denied"]);
+        if flows.len() > flows_before || std::time::Instant::now() > deadline {
+            break flows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(flows.len(), flows_before + 1, "{flows:#?}");
+    assert_eq!(flows[flows.len() - 1]["destination"]["pod"], "b");
+}
+
+/// Replies pass whatever the other side's policies say: x/a may not receive anything and y/b
+/// may not send anything, yet x/a -> y/b works both ways on TCP and UDP.
+#[test]
+fn replies_of_allowed_flows_pass() {
+    let (model, agent) = start("policy_replies");
     apply(
         &model,
         &agent,
@@ -356,8 +432,12 @@ fn egress_replies_and_updates() {
     t.deny_to("x/a").deny_from("y/b");
     model.expect_both("replies of allowed flows pass", 80, "tcp", &t);
     model.expect_both("replies of allowed UDP flows pass", 80, "udp", &t);
+}
 
-    // Updates: a policy, then pod labels, then namespace labels.
+/// Updates: a policy, then pod labels, then namespace labels.
+#[test]
+fn policy_and_label_updates_apply_to_new_connections() {
+    let (mut model, agent) = start("policy_updates");
     let allow_from = |selector: &str| {
         np(
             "x",
@@ -491,23 +571,4 @@ fn invalid_policies_are_rejected_and_keep_the_previous_version() {
             &expected,
         );
     }
-}
-
-fn metrics(agent: &Agent) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let body = rt
-        .block_on(weft::admin::fetch(agent.admin_socket(), "/metrics"))
-        .expect("metrics");
-    String::from_utf8_lossy(&body).into_owned()
-}
-
-fn counter(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }

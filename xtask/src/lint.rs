@@ -238,7 +238,7 @@ fn layers(src: &Path) -> Result<Vec<String>> {
     let files = mod_files(src)?;
     let modules: BTreeSet<Vec<String>> = files.iter().map(|f| f.module.clone()).collect();
     let mut problems = Vec::new();
-    for top in modules.iter().filter(|m| m.len() == 1) {
+    for top in modules.iter().filter(|m| m.len() == 1 && !is_test_path(m)) {
         if layer_of(&top[0]).is_none() {
             problems.push(format!(
                 "agent module `{}` has no layer: add it to LAYERS in xtask/src/lint.rs and to ARCHITECTURE.md",

@@ -265,6 +265,113 @@ fn protocol_number(name: &str) -> Option<u8> {
     }
 }
 
+/// What judging one side of a connection needs.
+struct Judging<'a> {
+    tables: KernelTables,
+    status: &'a PolicyStatus,
+    protocol: u8,
+    protocol_name: &'a str,
+    port: u16,
+}
+
+/// One side of a connection: the pod whose policy judges it, and its peer.
+struct Side<'a> {
+    direction: Direction,
+    pod: &'a str,
+    /// The pod's cgroup, when it runs on this node.
+    cgroup_id: Option<u64>,
+    peer: IpAddr,
+}
+
+impl Judging<'_> {
+    /// The kernel's verdict for one side, with the rule or policies that decide it.
+    fn side(&self, s: &Side<'_>) -> SideVerdict {
+        let (name, pod) = (s.direction.as_str(), s.pod);
+        let ep = s
+            .cgroup_id
+            .and_then(|id| self.tables.endpoints.get(&id, 0).ok());
+        let Some(ep) = ep else {
+            return self.unenforced(s);
+        };
+        let v = judge(
+            &self.tables,
+            &ep,
+            s.direction,
+            s.peer,
+            self.protocol,
+            self.port,
+        );
+        let rule = v
+            .rule
+            .and_then(|r| self.status.rules.get(&r))
+            .map(ToString::to_string);
+        let reason = match (v.allowed, v.matched, &rule) {
+            (true, "not-isolated", _) => format!("no policy selects {pod} for {name}"),
+            (true, "host-or-self", _) => {
+                "always allowed: the node itself, loopback, or the pod reaching itself".into()
+            }
+            (true, _, Some(r)) => format!("allowed by {r}"),
+            (true, m, None) => format!("allowed ({m})"),
+            (false, ..) => format!(
+                "{pod} is isolated for {name} by {} and no rule allows peer identity {} on \
+                 {}/{}",
+                self.isolating(s),
+                v.peer_identity,
+                self.port,
+                self.protocol_name
+            ),
+        };
+        SideVerdict {
+            direction: name.into(),
+            pod: pod.to_owned(),
+            enforced_here: true,
+            allowed: v.allowed,
+            matched: v.matched.into(),
+            peer_identity: v.peer_identity,
+            rule,
+            reason,
+        }
+    }
+
+    /// A side this node does not judge: the pod is not isolated, or runs elsewhere.
+    fn unenforced(&self, s: &Side<'_>) -> SideVerdict {
+        let (name, pod) = (s.direction.as_str(), s.pod);
+        let here = s.cgroup_id.is_some();
+        SideVerdict {
+            direction: name.into(),
+            pod: pod.to_owned(),
+            enforced_here: here,
+            allowed: true,
+            matched: if here {
+                "not-isolated"
+            } else {
+                "not-on-this-node"
+            }
+            .into(),
+            peer_identity: self.tables.ipcache(s.peer).map_or(0, |v| v.identity),
+            rule: None,
+            reason: if here {
+                format!("no policy selects {pod} for {name}")
+            } else {
+                format!("{pod} does not run on this node: its node judges its {name}")
+            },
+        }
+    }
+
+    /// The policies that isolate the pod in this direction.
+    fn isolating(&self, s: &Side<'_>) -> String {
+        self.status
+            .endpoints
+            .iter()
+            .find(|e| e.pod == s.pod)
+            .map(|e| match s.direction {
+                Direction::Egress => e.egress_policies.join(", "),
+                Direction::Ingress => e.ingress_policies.join(", "),
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// The kernel's decision for a new connection `from` → `to`; the inner error is a bad query.
 fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>, Error> {
     let status = status_of(state);
@@ -295,76 +402,20 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
             q.from, q.to
         )));
     };
-    let tables = KernelTables::open(state)?;
-    let side = |direction: Direction, pod: &str, cgroup_id: Option<u64>, peer: IpAddr| {
-        let name = if direction == Direction::Egress {
-            "egress"
-        } else {
-            "ingress"
-        };
-        let ep = cgroup_id.and_then(|id| tables.endpoints.get(&id, 0).ok());
-        let Some(ep) = ep else {
-            let here = cgroup_id.is_some();
-            return SideVerdict {
-                direction: name.into(),
-                pod: pod.to_owned(),
-                enforced_here: here,
-                allowed: true,
-                matched: if here {
-                    "not-isolated"
-                } else {
-                    "not-on-this-node"
-                }
-                .into(),
-                peer_identity: tables.ipcache(peer).map_or(0, |v| v.identity),
-                rule: None,
-                reason: if here {
-                    format!("no policy selects {pod} for {name}")
-                } else {
-                    format!("{pod} does not run on this node: its node judges its {name}")
-                },
-            };
-        };
-        let v = judge(&tables, &ep, direction, peer, protocol, q.port);
-        let rule = v
-            .rule
-            .and_then(|r| status.rules.get(&r))
-            .map(ToString::to_string);
-        let isolating = status
-            .endpoints
-            .iter()
-            .find(|e| e.pod == pod)
-            .map(|e| {
-                if direction == Direction::Egress {
-                    e.egress_policies.join(", ")
-                } else {
-                    e.ingress_policies.join(", ")
-                }
-            })
-            .unwrap_or_default();
-        let reason = match (v.allowed, v.matched, &rule) {
-            (true, "not-isolated", _) => format!("no policy selects {pod} for {name}"),
-            (true, "host-or-self", _) => {
-                "always allowed: the node itself, loopback, or the pod reaching itself".into()
-            }
-            (true, _, Some(r)) => format!("allowed by {r}"),
-            (true, m, None) => format!("allowed ({m})"),
-            (false, ..) => format!(
-                "{pod} is isolated for {name} by {isolating} and no rule allows peer identity \
-                 {} on {}/{protocol_name}",
-                v.peer_identity, q.port
-            ),
-        };
-        SideVerdict {
-            direction: name.into(),
-            pod: pod.to_owned(),
-            enforced_here: true,
-            allowed: v.allowed,
-            matched: v.matched.into(),
-            peer_identity: v.peer_identity,
-            rule,
-            reason,
-        }
+    let judging = Judging {
+        tables: KernelTables::open(state)?,
+        status: &status,
+        protocol,
+        protocol_name: &protocol_name,
+        port: q.port,
+    };
+    let side = |direction, pod: &str, cgroup_id, peer| {
+        judging.side(&Side {
+            direction,
+            pod,
+            cgroup_id,
+            peer,
+        })
     };
     let egress = side(Direction::Egress, &q.from, from.cgroup_id, to_ip);
     let ingress = side(Direction::Ingress, &q.to, to.cgroup_id, from_ip);
@@ -374,7 +425,7 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
         from_ip,
         to_ip,
         port: q.port,
-        protocol: protocol_name,
+        protocol: protocol_name.clone(),
         allowed: egress.allowed && ingress.allowed,
         complete: egress.matched != "not-on-this-node" && ingress.matched != "not-on-this-node",
         egress,

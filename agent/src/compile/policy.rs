@@ -289,22 +289,54 @@ pub(crate) struct IdentityView {
 /// addresses (ingress from them is always allowed).
 pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
     let model = Model::new(store);
-    let mut out = Policies::default();
-    let mut identities: BTreeMap<u32, IdentityView> = BTreeMap::new();
+    let mut pass = IdentityPass {
+        ids,
+        out: Policies::default(),
+        views: BTreeMap::new(),
+    };
+    let local_ids = pass.pods(&model);
+    // ipBlock prefixes, then the node's addresses; a pod's own entry wins over both.
+    pass.prefixes(&model);
+    pass.hosts(&model, host_ips);
+    let IdentityPass {
+        ids,
+        mut out,
+        views,
+    } = pass;
+    let identities: Vec<IdentityView> = views.into_values().collect();
+    rules::compile_endpoints(&model, &identities, &local_ids, ids, &mut out);
+    ids.finish_pass();
+    out
+}
 
-    // Pods: every address gets a /32 (/128) entry.
-    let mut local_ids: BTreeMap<(String, String), u32> = BTreeMap::new();
-    for p in &model.pods {
-        // Numbered by cgroup, the key of `ENDPOINTS`: the number must change together with
-        // the kernel's view of the pod, not with its name. A local pod is enforced before it
-        // has an address (its containers may already run).
-        if let Some(cgroup) = local_cgroup(p.pod) {
-            let id = ids.endpoint(cgroup);
-            local_ids.insert((p.namespace.to_owned(), p.name.to_owned()), id);
+/// Identities and the ipcache, built address by address.
+struct IdentityPass<'a> {
+    ids: &'a mut Ids,
+    out: Policies,
+    views: BTreeMap<u32, IdentityView>,
+}
+
+impl IdentityPass<'_> {
+    /// Every pod address gets a /32 (/128) entry; returns the endpoint number of each local
+    /// pod by (namespace, name).
+    fn pods(&mut self, model: &Model<'_>) -> BTreeMap<(String, String), u32> {
+        let mut local_ids = BTreeMap::new();
+        for p in &model.pods {
+            // Numbered by cgroup, the key of `ENDPOINTS`: the number must change together
+            // with the kernel's view of the pod, not with its name. A local pod is enforced
+            // before it has an address (its containers may already run).
+            if let Some(cgroup) = local_cgroup(p.pod) {
+                let id = self.ids.endpoint(cgroup);
+                local_ids.insert((p.namespace.to_owned(), p.name.to_owned()), id);
+            }
+            if !p.ips.is_empty() {
+                self.pod(model, p);
+            }
         }
-        if p.ips.is_empty() {
-            continue;
-        }
+        local_ids
+    }
+
+    fn pod(&mut self, model: &Model<'_>, p: &PodView<'_>) {
         let pod_ports = named_ports(p.pod);
         let ns_labels = model
             .namespace_labels
@@ -320,8 +352,8 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
                 blocks: model.block_names(&covering),
                 named_ports: pod_ports.clone(),
             };
-            let id = ids.identity(&ikey);
-            let view = identities.entry(id).or_insert_with(|| IdentityView {
+            let id = self.ids.identity(&ikey);
+            let view = self.views.entry(id).or_insert_with(|| IdentityView {
                 id,
                 pod: Some((p.namespace.to_owned(), p.labels.clone(), ns_labels.clone())),
                 blocks: covering,
@@ -330,22 +362,18 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
             for (k, port) in &pod_ports {
                 view.named_ports.entry(k.clone()).or_default().insert(*port);
             }
-            out.identities.insert(id, ikey);
-            out.ipcache.insert(
-                IpNet::from(*ip),
-                IpcacheValue {
-                    identity: id,
-                    flags: 0,
-                },
-            );
+            self.out.identities.insert(id, ikey);
+            let value = IpcacheValue {
+                identity: id,
+                flags: 0,
+            };
+            self.out.ipcache.insert(IpNet::from(*ip), value);
         }
     }
 
-    // ipBlock prefixes, then the node's addresses; a pod's own entry wins over both.
-    let external = |net: &IpNet,
-                    ids: &mut Ids,
-                    out: &mut Policies,
-                    identities: &mut BTreeMap<u32, IdentityView>| {
+    /// The identity of an address outside every pod: by the ipBlocks covering it, or the
+    /// world when none does.
+    fn external(&mut self, model: &Model<'_>, net: &IpNet) -> u32 {
         let covering = model.blocks.covering(net);
         if covering.is_empty() {
             return IDENTITY_WORLD;
@@ -353,49 +381,46 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
         let ikey = IdentityKey::External {
             blocks: model.block_names(&covering),
         };
-        let id = ids.identity(&ikey);
-        identities.entry(id).or_insert_with(|| IdentityView {
+        let id = self.ids.identity(&ikey);
+        self.views.entry(id).or_insert_with(|| IdentityView {
             id,
             pod: None,
             blocks: covering,
             named_ports: BTreeMap::new(),
         });
-        out.identities.insert(id, ikey);
+        self.out.identities.insert(id, ikey);
         id
-    };
-    for net in model.blocks.prefixes() {
-        if out.ipcache.contains_key(&net) {
-            continue;
-        }
-        let identity = external(&net, ids, &mut out, &mut identities);
-        out.ipcache.insert(
-            net,
-            IpcacheValue {
-                identity,
-                ..IpcacheValue::default()
-            },
-        );
-    }
-    for ip in host_ips {
-        let net = IpNet::from(*ip);
-        if let Some(v) = out.ipcache.get_mut(&net) {
-            v.flags |= IP_HOST;
-            continue;
-        }
-        let identity = external(&net, ids, &mut out, &mut identities);
-        out.ipcache.insert(
-            net,
-            IpcacheValue {
-                identity,
-                flags: IP_HOST,
-            },
-        );
     }
 
-    let identities: Vec<IdentityView> = identities.into_values().collect();
-    rules::compile_endpoints(&model, &identities, &local_ids, ids, &mut out);
-    ids.finish_pass();
-    out
+    fn prefixes(&mut self, model: &Model<'_>) {
+        for net in model.blocks.prefixes() {
+            if self.out.ipcache.contains_key(&net) {
+                continue;
+            }
+            let identity = self.external(model, &net);
+            let value = IpcacheValue {
+                identity,
+                ..IpcacheValue::default()
+            };
+            self.out.ipcache.insert(net, value);
+        }
+    }
+
+    fn hosts(&mut self, model: &Model<'_>, host_ips: &[IpAddr]) {
+        for ip in host_ips {
+            let net = IpNet::from(*ip);
+            if let Some(v) = self.out.ipcache.get_mut(&net) {
+                v.flags |= IP_HOST;
+                continue;
+            }
+            let identity = self.external(model, &net);
+            let value = IpcacheValue {
+                identity,
+                flags: IP_HOST,
+            };
+            self.out.ipcache.insert(net, value);
+        }
+    }
 }
 
 /// The cgroup a local pod's processes run in (standalone mode), relative to the cgroup root.

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::IpAddr, path::Component, path::Path};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{Namespace, Pod, Service, ServicePort, ServiceSpec},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -198,8 +198,29 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
     ) {
         e.add("spec.type", format!("unsupported type {kind:?}"));
     }
-    // clusterIP and clusterIPs: "None" (headless) or IP addresses of distinct families, the
-    // first of clusterIPs equal to clusterIP.
+    let families = cluster_ips(&mut e, spec);
+    ip_families(&mut e, spec, &families);
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    if ports.is_empty() && kind != "ExternalName" && !headless {
+        e.add("spec.ports", "at least one port is required");
+    }
+    service_ports(&mut e, ports);
+    session_affinity(&mut e, spec);
+    for (key, value) in spec.selector.iter().flatten() {
+        if !is_qualified_name(key) || !is_label_value(value) {
+            e.add(
+                format!("spec.selector[{key}]"),
+                format!("invalid selector {key}={value}"),
+            );
+        }
+    }
+    e.into_result()
+}
+
+/// clusterIP and clusterIPs: "None" (headless) or IP addresses of distinct families, the first
+/// of clusterIPs equal to clusterIP. Returns whether each address is IPv4, in order.
+fn cluster_ips(e: &mut Errors, spec: &ServiceSpec) -> Vec<bool> {
     let cluster_ip = spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
     let cluster_ips: Vec<&str> = spec
         .cluster_ips
@@ -238,13 +259,18 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             }
             continue;
         }
-        if let Some(addr) = ip(&mut e, field.clone(), value) {
+        if let Some(addr) = ip(e, field.clone(), value) {
             if families.contains(&addr.is_ipv4()) {
                 e.add(field.clone(), "two addresses of the same family");
             }
             families.push(addr.is_ipv4());
         }
     }
+    families
+}
+
+/// ipFamilies: IPv4 or IPv6, matching the cluster IP at the same position.
+fn ip_families(e: &mut Errors, spec: &ServiceSpec, families: &[bool]) {
     for (i, family) in spec.ip_families.iter().flatten().enumerate() {
         let field = format!("spec.ipFamilies[{i}]");
         match (family.as_str(), families.get(i)) {
@@ -262,10 +288,10 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             ),
         }
     }
-    let ports = spec.ports.as_deref().unwrap_or_default();
-    if ports.is_empty() && kind != "ExternalName" && cluster_ip != Some("None") {
-        e.add("spec.ports", "at least one port is required");
-    }
+}
+
+/// Names (required when there are several, unique), numbers, protocols and target ports.
+fn service_ports(e: &mut Errors, ports: &[ServicePort]) {
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
@@ -282,8 +308,8 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             _ if ports.len() > 1 => e.add(f("name"), "required when a Service has several ports"),
             _ => {}
         }
-        port_number(&mut e, f("port"), p.port);
-        protocol(&mut e, f("protocol"), p.protocol.as_deref());
+        port_number(e, f("port"), p.port);
+        protocol(e, f("protocol"), p.protocol.as_deref());
         if !numbers.insert((p.port, p.protocol.as_deref().unwrap_or("TCP"))) {
             e.add(
                 f("port"),
@@ -291,7 +317,7 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             );
         }
         match &p.target_port {
-            Some(IntOrString::Int(n)) => port_number(&mut e, f("targetPort"), *n),
+            Some(IntOrString::Int(n)) => port_number(e, f("targetPort"), *n),
             Some(IntOrString::String(s)) if !is_port_name(s) => {
                 e.add(
                     f("targetPort"),
@@ -301,14 +327,17 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             _ => {}
         }
     }
+}
+
+/// sessionAffinity None or ClientIP, its config only with ClientIP, a timeout of 1 s to a day.
+fn session_affinity(e: &mut Errors, spec: &ServiceSpec) {
+    let client_ip = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref());
     match spec.session_affinity.as_deref() {
         None | Some("None") => {
-            if spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .is_some()
-            {
+            if client_ip.is_some() {
                 e.add(
                     "spec.sessionAffinityConfig",
                     "only valid with sessionAffinity: ClientIP",
@@ -316,12 +345,7 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             }
         }
         Some("ClientIP") => {
-            let timeout = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            if let Some(t) = timeout
+            if let Some(t) = client_ip.and_then(|c| c.timeout_seconds)
                 && !(1..=86_400).contains(&t)
             {
                 e.add(
@@ -335,15 +359,6 @@ pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
             format!("unsupported value {other:?}: use None or ClientIP"),
         ),
     }
-    for (key, value) in spec.selector.iter().flatten() {
-        if !is_qualified_name(key) || !is_label_value(value) {
-            e.add(
-                format!("spec.selector[{key}]"),
-                format!("invalid selector {key}={value}"),
-            );
-        }
-    }
-    e.into_result()
 }
 
 pub fn pod(pod: &Pod) -> Result<(), Vec<FieldError>> {

@@ -10,7 +10,9 @@ use aya_ebpf::{
 };
 use weft_abi::{
     AF_INET, IPPROTO_TCP,
-    conn::{ConnEvent, ConnEventKind, DROP_EVENTS_PER_SECOND, DropReason, flags, tcp_state},
+    conn::{
+        ConnEvent, ConnEventKind, ConnState, DROP_EVENTS_PER_SECOND, DropReason, flags, tcp_state,
+    },
     net::{Direction, Family},
     stats::Counter,
     svc::{Endpoint, RevNatKey, normalize_v6},
@@ -130,11 +132,24 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     if tp.is_null() {
         return;
     }
-    // SAFETY: a non-null bpf_tcp_sock and a full bpf_sock are readable field by field.
-    let ev = unsafe {
-        let sock_family = core::ptr::read_volatile(&raw const (*sk).family);
+    // SAFETY: `sk` is a full socket and `tp` its non-null bpf_tcp_sock.
+    let (mut ev, family, remote_port_be) = unsafe { update_event(sk, tp, s, cookie, now) };
+    let key = revnat_key(cookie, family, ev.remote_addr, remote_port_be);
+    add_service(&mut ev, &key);
+    submit(&ev);
+}
+
+/// The local and remote addresses of a full socket: (family, local words, remote words).
+///
+/// # Safety
+/// `sk` must be a full socket (its address fields are then readable one by one).
+#[inline(always)]
+unsafe fn sock_ends(sk: *mut bpf_sock) -> (u8, [u32; 4], [u32; 4]) {
+    // SAFETY: the caller's promise; each field is read once.
+    unsafe {
+        let af = core::ptr::read_volatile(&raw const (*sk).family);
         let (family, local) = family_words(
-            sock_family,
+            af,
             core::ptr::read_volatile(&raw const (*sk).src_ip4),
             [
                 core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
@@ -144,7 +159,7 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
             ],
         );
         let (_, remote) = family_words(
-            sock_family,
+            af,
             core::ptr::read_volatile(&raw const (*sk).dst_ip4),
             [
                 core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
@@ -153,8 +168,28 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
                 core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
             ],
         );
+        (family, local, remote)
+    }
+}
+
+/// An `Update` event of an established connection: its counters so far, from the socket;
+/// with the socket's family and remote port (network order) for its `REVNAT` key.
+///
+/// # Safety
+/// `sk` must be a full TCP socket and `tp` its non-null `bpf_tcp_sock`.
+#[inline(always)]
+unsafe fn update_event(
+    sk: *mut bpf_sock,
+    tp: *mut aya_ebpf::bindings::bpf_tcp_sock,
+    s: &ConnState,
+    cookie: u64,
+    now: u64,
+) -> (ConnEvent, u8, u16) {
+    // SAFETY: the caller's promise: both are readable field by field.
+    unsafe {
+        let (family, local, remote) = sock_ends(sk);
         let remote_port_be = core::ptr::read_volatile(&raw const (*sk).dst_port);
-        let mut ev = ConnEvent {
+        let ev = ConnEvent {
             kind: ConnEventKind::Update as u32,
             family: Family::of(family).af(),
             cookie,
@@ -179,10 +214,8 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
             protocol: u32::from(IPPROTO_TCP),
             ..ConnEvent::default()
         };
-        add_service(&mut ev, &revnat_key(cookie, family, remote, remote_port_be));
-        ev
-    };
-    submit(&ev);
+        (ev, family, remote_port_be)
+    }
 }
 
 /// Whether this CPU may write another drop event this second.

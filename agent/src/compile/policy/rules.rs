@@ -297,65 +297,95 @@ pub(super) fn compile_endpoints(
     ids: &mut super::Ids,
     out: &mut super::Policies,
 ) {
-    let mut resolver = PeerResolver {
-        model,
-        identities,
-        cache: BTreeMap::new(),
-    };
-    let mut summaries: BTreeMap<String, PolicySummary> = model
-        .policies
-        .iter()
-        .map(|(ns, name, np)| {
-            let (i, e) = policy_types(np);
-            let mut types = Vec::new();
-            if i {
-                types.push("Ingress");
-            }
-            if e {
-                types.push("Egress");
-            }
-            let key = format!("{ns}/{name}");
-            (
-                key.clone(),
-                PolicySummary {
-                    policy: key,
-                    policy_types: types,
-                    selects: Vec::new(),
-                    entries: 0,
-                },
-            )
-        })
-        .collect();
-    // A set number stands for fixed content (see `set_number`); built once per content key.
-    let mut built: BTreeMap<String, u32> = BTreeMap::new();
     let identity_prints: BTreeMap<u32, u64> = out
         .identities
         .iter()
         .map(|(n, key)| (*n, fnv64(FNV64_START, format!("{key:?}").as_bytes())))
         .collect();
+    let mut c = EndpointCompiler {
+        model,
+        identities,
+        resolver: PeerResolver {
+            model,
+            identities,
+            cache: BTreeMap::new(),
+        },
+        summaries: summaries(model),
+        built: BTreeMap::new(),
+        identity_prints,
+        ids,
+        out,
+    };
     for p in &model.pods {
         let Some(cgroup) = local_cgroup(p.pod) else {
             continue;
         };
-        let pod_key = format!("{}/{}", p.namespace, p.name);
         let endpoint_id = local_ids
             .get(&(p.namespace.to_owned(), p.name.to_owned()))
             .copied()
-            .unwrap_or_else(|| ids.endpoint(cgroup));
-        let selecting = selecting_policies(model, p);
-        let name_of = |i: usize| format!("{}/{}", model.policies[i].0, model.policies[i].1);
-        let ingress: Vec<String> = selecting
-            .iter()
-            .filter(|s| s.1)
-            .map(|s| name_of(s.0))
-            .collect();
-        let egress: Vec<String> = selecting
-            .iter()
-            .filter(|s| s.2)
-            .map(|s| name_of(s.0))
-            .collect();
+            .unwrap_or_else(|| c.ids.endpoint(cgroup));
+        c.endpoint(p, cgroup, endpoint_id);
+    }
+    c.out.policies = c.summaries.into_values().collect();
+}
+
+/// Every policy as `weft policies` lists it, by `namespace/name`, before it selects anything.
+fn summaries(model: &Model<'_>) -> BTreeMap<String, PolicySummary> {
+    model
+        .policies
+        .iter()
+        .map(|(ns, name, np)| {
+            let (i, e) = policy_types(np);
+            let types = [(i, "Ingress"), (e, "Egress")]
+                .into_iter()
+                .filter_map(|(on, t)| on.then_some(t))
+                .collect();
+            let key = format!("{ns}/{name}");
+            let summary = PolicySummary {
+                policy: key.clone(),
+                policy_types: types,
+                selects: Vec::new(),
+                entries: 0,
+            };
+            (key, summary)
+        })
+        .collect()
+}
+
+/// The local endpoints of one compile, and the policy sets they use.
+struct EndpointCompiler<'a, 'm> {
+    model: &'a Model<'m>,
+    identities: &'a [IdentityView],
+    resolver: PeerResolver<'a>,
+    summaries: BTreeMap<String, PolicySummary>,
+    /// A set number stands for fixed content (see `set_number`); built once per content key.
+    built: BTreeMap<String, u32>,
+    identity_prints: BTreeMap<u32, u64>,
+    ids: &'a mut super::Ids,
+    out: &'a mut super::Policies,
+}
+
+impl EndpointCompiler<'_, '_> {
+    fn policy_name(&self, i: usize) -> String {
+        format!("{}/{}", self.model.policies[i].0, self.model.policies[i].1)
+    }
+
+    /// A local pod: the policies that select it, its set, its `ENDPOINTS` value.
+    fn endpoint(&mut self, p: &PodView<'_>, cgroup: &str, endpoint_id: u32) {
+        let pod_key = format!("{}/{}", p.namespace, p.name);
+        let selecting = selecting_policies(self.model, p);
+        let names = |pick: fn(&(usize, bool, bool)) -> bool| -> Vec<String> {
+            selecting
+                .iter()
+                .filter(|s| pick(s))
+                .map(|s| self.policy_name(s.0))
+                .collect()
+        };
+        let ingress = names(|s| s.1);
+        let egress = names(|s| s.2);
         for (i, ..) in &selecting {
-            if let Some(s) = summaries.get_mut(&name_of(*i)) {
+            let name = self.policy_name(*i);
+            if let Some(s) = self.summaries.get_mut(&name) {
                 s.selects.push(pod_key.clone());
             }
         }
@@ -363,82 +393,91 @@ pub(super) fn compile_endpoints(
         let key = set_key(&ingress, &egress, &own_ports);
         let set = if ingress.is_empty() && egress.is_empty() {
             0
-        } else if let Some(&set) = built.get(&key) {
+        } else if let Some(&set) = self.built.get(&key) {
             set
         } else {
-            let mut b = SetBuilder {
-                set: PENDING_SET,
-                identities,
-                own_ports: &own_ports,
-                entries: BTreeMap::new(),
-            };
-            for &(i, in_sel, eg_sel) in &selecting {
-                let (ns, _, np) = model.policies[i];
-                let name = name_of(i);
-                add_rules(
-                    &mut b,
-                    &mut resolver,
-                    ns,
-                    &name,
-                    np,
-                    in_sel,
-                    eg_sel,
-                    &mut out.rules,
-                );
-            }
-            for v in b.entries.values() {
-                if let Some(r) = out.rules.get(&v.rule)
-                    && let Some(s) = summaries.get_mut(&r.policy)
-                {
-                    s.entries += 1;
-                }
-            }
-            let print = content_fingerprint(&b.entries, &identity_prints);
-            let numbered = format!("{key}#{print:016x}");
-            let set = ids.set(&numbered);
-            out.set_sizes.insert(set, b.entries.len());
-            out.set_keys.insert(set, numbered);
-            out.entries.extend(b.entries.into_iter().map(|(mut k, v)| {
-                k.data.policy_set = set;
-                (k, v)
-            }));
-            built.insert(key, set);
+            let set = self.build_set(&key, &selecting, &own_ports);
+            self.built.insert(key, set);
             set
         };
         let identity = p
             .ips
             .first()
-            .and_then(|ip| out.ipcache.get(&ipnet::IpNet::from(*ip)))
+            .and_then(|ip| self.out.ipcache.get(&ipnet::IpNet::from(*ip)))
             .map_or(0, |v| v.identity);
-        out.endpoints.insert(
-            cgroup.to_owned(),
-            LocalEndpoint {
-                pod: pod_key,
-                cgroup: cgroup.to_owned(),
-                info: EndpointInfo {
-                    endpoint_id,
-                    policy_set: set,
-                    identity,
-                    flags: isolation(!ingress.is_empty(), !egress.is_empty()),
-                    ip4: p
-                        .ips
-                        .iter()
-                        .find(|ip| ip.is_ipv4())
-                        .map_or(0, |ip| ip_words(*ip).1[0]),
-                    _pad: 0,
-                    ip6: p
-                        .ips
-                        .iter()
-                        .find(|ip| ip.is_ipv6())
-                        .map_or([0; 4], |ip| ip_words(*ip).1),
-                },
-                ingress_policies: ingress,
-                egress_policies: egress,
-                ips: p.ips.clone(),
-            },
-        );
+        let info = EndpointInfo {
+            endpoint_id,
+            policy_set: set,
+            identity,
+            flags: isolation(!ingress.is_empty(), !egress.is_empty()),
+            ip4: p
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4())
+                .map_or(0, |ip| ip_words(*ip).1[0]),
+            _pad: 0,
+            ip6: p
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv6())
+                .map_or([0; 4], |ip| ip_words(*ip).1),
+        };
+        let endpoint = LocalEndpoint {
+            pod: pod_key,
+            cgroup: cgroup.to_owned(),
+            info,
+            ingress_policies: ingress,
+            egress_policies: egress,
+            ips: p.ips.clone(),
+        };
+        self.out.endpoints.insert(cgroup.to_owned(), endpoint);
     }
-    out.policies = summaries.into_values().collect();
+
+    /// The entries of a new set, numbered by what they say.
+    fn build_set(
+        &mut self,
+        key: &str,
+        selecting: &[(usize, bool, bool)],
+        own_ports: &BTreeMap<(String, u8), u16>,
+    ) -> u32 {
+        let mut b = SetBuilder {
+            set: PENDING_SET,
+            identities: self.identities,
+            own_ports,
+            entries: BTreeMap::new(),
+        };
+        for &(i, in_sel, eg_sel) in selecting {
+            let (ns, _, np) = self.model.policies[i];
+            let name = self.policy_name(i);
+            let rules = Rules {
+                ns,
+                name: &name,
+                np,
+                ingress: in_sel,
+                egress: eg_sel,
+            };
+            add_rules(&mut b, &mut self.resolver, &rules, &mut self.out.rules);
+        }
+        for v in b.entries.values() {
+            if let Some(r) = self.out.rules.get(&v.rule)
+                && let Some(s) = self.summaries.get_mut(&r.policy)
+            {
+                s.entries += 1;
+            }
+        }
+        let print = content_fingerprint(&b.entries, &self.identity_prints);
+        let numbered = format!("{key}#{print:016x}");
+        let set = self.ids.set(&numbered);
+        self.out.set_sizes.insert(set, b.entries.len());
+        self.out.set_keys.insert(set, numbered);
+        self.out
+            .entries
+            .extend(b.entries.into_iter().map(|(mut k, v)| {
+                k.data.policy_set = set;
+                (k, v)
+            }));
+        set
+    }
 }
 
 /// Policies selecting a pod: (index in the model, selects for ingress, for egress).
@@ -462,20 +501,29 @@ fn selecting_policies(model: &Model<'_>, p: &PodView<'_>) -> Vec<(usize, bool, b
         .collect()
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
+/// One policy's rules for a set: the directions in which it selects the pod.
+struct Rules<'a> {
+    ns: &'a str,
+    /// `namespace/name`.
+    name: &'a str,
+    np: &'a NetworkPolicy,
+    ingress: bool,
+    egress: bool,
+}
+
 fn add_rules(
     b: &mut SetBuilder<'_>,
     resolver: &mut PeerResolver<'_>,
-    ns: &str,
-    name: &str,
-    np: &NetworkPolicy,
-    ingress: bool,
-    egress: bool,
+    policy: &Rules<'_>,
     rules: &mut BTreeMap<u32, RuleRef>,
 ) {
+    let Rules {
+        ns,
+        name,
+        np,
+        ingress,
+        egress,
+    } = *policy;
     let Some(spec) = &np.spec else { return };
     let mut reference = |direction: &'static str, index: usize| {
         let r = RuleRef {
