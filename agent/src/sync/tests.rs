@@ -1,22 +1,20 @@
 //! `Syncer` against in-memory maps that check, after every single write, what a concurrent
 //! kernel reader could observe.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use weft_abi::{IPPROTO_TCP, svc::ServiceKey};
 
 use super::*;
 use weft_abi::net::ip_words;
 
-use crate::compile::{Frontend, Services};
+use crate::{
+    compile::{Frontend, Services},
+    tests::MemoryServiceMaps,
+};
 
 #[derive(Debug, Default)]
 struct FakeMaps {
-    services: BTreeMap<ServiceKey, ServiceValue>,
-    slots: BTreeMap<SlotKey, Endpoint>,
-    members: BTreeSet<MemberKey>,
+    maps: MemoryServiceMaps,
     writes: usize,
     /// Fail the write with this number (1-based), to test rollback.
     fail_at: Option<usize>,
@@ -66,15 +64,31 @@ impl FakeMaps {
     }
 }
 
+impl std::ops::Deref for FakeMaps {
+    type Target = MemoryServiceMaps;
+
+    fn deref(&self) -> &MemoryServiceMaps {
+        &self.maps
+    }
+}
+
+impl std::ops::DerefMut for FakeMaps {
+    fn deref_mut(&mut self) -> &mut MemoryServiceMaps {
+        &mut self.maps
+    }
+}
+
+/// The memory maps, with a consistency check after every write and deletes of absent keys
+/// failing as in the kernel.
 impl ServiceMaps for FakeMaps {
     fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
-        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+        self.maps.read_services()
     }
     fn read_slots(&self) -> Result<Vec<(SlotKey, Endpoint)>, Error> {
-        Ok(self.slots.iter().map(|(k, v)| (*k, *v)).collect())
+        self.maps.read_slots()
     }
     fn read_members(&self) -> Result<Vec<MemberKey>, Error> {
-        Ok(self.members.iter().copied().collect())
+        self.maps.read_members()
     }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error> {
         self.write()?;

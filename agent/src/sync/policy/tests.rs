@@ -18,7 +18,7 @@ use crate::compile::policy::{
     judge::{Tables, judge, lpm_ipcache, lpm_policy},
     tests::{model::store_of, reference},
 };
-use crate::sync::Reason;
+use crate::{sync::Reason, tests::MemoryPolicyMaps};
 
 #[derive(Debug, Clone, Copy)]
 struct Probe {
@@ -31,9 +31,7 @@ struct Probe {
 
 #[derive(Debug, Default)]
 struct Fake {
-    endpoints: BTreeMap<u64, EndpointInfo>,
-    ipcache: BTreeMap<IpNet, IpcacheValue>,
-    entries: BTreeMap<EntryKey, PolicyValue>,
+    maps: MemoryPolicyMaps,
     /// Probes with the lowest and highest acceptable verdict.
     bounds: Vec<(Probe, bool, bool)>,
     writes: usize,
@@ -43,6 +41,20 @@ struct Fake {
     opened: RefCell<Vec<String>>,
     /// Probes denied that both states allow.
     closed: RefCell<Vec<String>>,
+}
+
+impl std::ops::Deref for Fake {
+    type Target = MemoryPolicyMaps;
+
+    fn deref(&self) -> &MemoryPolicyMaps {
+        &self.maps
+    }
+}
+
+impl std::ops::DerefMut for Fake {
+    fn deref_mut(&mut self) -> &mut MemoryPolicyMaps {
+        &mut self.maps
+    }
 }
 
 impl Tables for Fake {
@@ -63,7 +75,10 @@ impl Fake {
         }
     }
 
-    fn write(&mut self, change: impl FnOnce(&mut Self)) -> Result<(), Error> {
+    fn write(
+        &mut self,
+        change: impl FnOnce(&mut MemoryPolicyMaps) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         if self.fail_after.is_some_and(|n| self.writes >= n) {
             return Err(Error::Map {
                 map: "TEST",
@@ -72,7 +87,7 @@ impl Fake {
             });
         }
         self.writes += 1;
-        change(self);
+        change(&mut self.maps)?;
         for (p, lo, hi) in &self.bounds {
             let v = self.verdict(p);
             let msg = || {
@@ -92,50 +107,34 @@ impl Fake {
     }
 }
 
+/// Writes go to the memory maps through `write`, which judges every probe after each one.
 impl PolicyMaps for Fake {
     fn read_endpoints(&self) -> Result<Vec<(u64, EndpointInfo)>, Error> {
-        Ok(self.endpoints.iter().map(|(k, v)| (*k, *v)).collect())
+        self.maps.read_endpoints()
     }
     fn read_ipcache(&self) -> Result<Vec<(IpNet, IpcacheValue)>, Error> {
-        Ok(self.ipcache.iter().map(|(k, v)| (*k, *v)).collect())
+        self.maps.read_ipcache()
     }
     fn read_entries(&self) -> Result<Vec<(EntryKey, PolicyValue)>, Error> {
-        Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
+        self.maps.read_entries()
     }
     fn put_endpoint(&mut self, id: u64, v: &EndpointInfo) -> Result<(), Error> {
-        let v = *v;
-        self.write(|s| {
-            s.endpoints.insert(id, v);
-        })
+        self.write(|m| m.put_endpoint(id, v))
     }
     fn del_endpoint(&mut self, id: u64) -> Result<(), Error> {
-        self.write(|s| {
-            s.endpoints.remove(&id);
-        })
+        self.write(|m| m.del_endpoint(id))
     }
     fn put_ipcache(&mut self, net: &IpNet, v: &IpcacheValue) -> Result<(), Error> {
-        let (net, v) = (*net, *v);
-        self.write(|s| {
-            s.ipcache.insert(net, v);
-        })
+        self.write(|m| m.put_ipcache(net, v))
     }
     fn del_ipcache(&mut self, net: &IpNet) -> Result<(), Error> {
-        let net = *net;
-        self.write(|s| {
-            s.ipcache.remove(&net);
-        })
+        self.write(|m| m.del_ipcache(net))
     }
     fn put_entry(&mut self, k: &EntryKey, v: &PolicyValue) -> Result<(), Error> {
-        let (k, v) = (*k, *v);
-        self.write(|s| {
-            s.entries.insert(k, v);
-        })
+        self.write(|m| m.put_entry(k, v))
     }
     fn del_entry(&mut self, k: &EntryKey) -> Result<(), Error> {
-        let k = *k;
-        self.write(|s| {
-            s.entries.remove(&k);
-        })
+        self.write(|m| m.del_entry(k))
     }
 }
 
