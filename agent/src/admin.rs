@@ -341,7 +341,7 @@ fn status_doc(state: &AdminState) -> StatusDoc {
             "ipcache_entries": policy.ipcache_entries,
             "policy_entries": policy.policy_entries,
             "problems": policy.problems,
-            "sync_errors": policy.sync_errors,
+            "sync_errors": policy.sync_errors.iter().map(|f| &f.message).collect::<Vec<_>>(),
         }),
         telemetry: serde_json::json!({
             "open_connections": state.telemetry.open_count(),

@@ -401,7 +401,7 @@ impl Agent {
             self.schedule.pass_started(now);
         }
         match self.pipeline.refresh(force) {
-            Ok(true) => self.schedule.retry_unsettled(now),
+            Ok(true) => self.schedule.retry_unsettled(Instant::now()),
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");

@@ -160,6 +160,16 @@ pub enum ConnEventKindName {
     Drop,
 }
 
+/// A drop event's direction. Programs of weft 0.1.0 numbered it egress 1, ingress 2; a
+/// pinned ring buffer may still hold their events when a new agent starts, so 2 is read as
+/// ingress too (programs since write `weft_abi::net::Direction`).
+fn drop_direction(code: u32) -> Option<Direction> {
+    match code {
+        2 => Some(Direction::Ingress),
+        other => Direction::from_u32(other),
+    }
+}
+
 impl Connection {
     /// Decodes one ring buffer record.
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
@@ -182,7 +192,7 @@ impl Connection {
         let dropped = if kind == ConnEventKind::Drop {
             Some(DropInfo {
                 reason: DropReason::from_u32(ev.reason).ok_or(unknown("drop reason", ev.reason))?,
-                direction: Direction::from_u32(ev.direction)
+                direction: drop_direction(ev.direction)
                     .ok_or(unknown("drop direction", ev.direction))?,
                 protocol: ev.protocol as u8,
             })
@@ -398,6 +408,37 @@ mod tests {
         }
         let c = Connection::decode(&bytes(&ev)).expect("decodes");
         assert_eq!(c.local, "10.0.0.11:40000".parse().expect("addr"));
+    }
+
+    #[test]
+    fn drop_directions_of_this_and_the_previous_numbering_decode() {
+        let drop = |direction: u32| {
+            let mut ev = event();
+            ev.kind = ConnEventKind::Drop as u32;
+            ev.reason = DropReason::PolicyDenied as u32;
+            ev.direction = direction;
+            Connection::decode(&bytes(&ev)).map(|c| c.dropped.map(|d| d.direction))
+        };
+        assert_eq!(
+            drop(Direction::Ingress as u32).ok(),
+            Some(Some(Direction::Ingress))
+        );
+        assert_eq!(
+            drop(Direction::Egress as u32).ok(),
+            Some(Some(Direction::Egress))
+        );
+        assert_eq!(
+            drop(2).ok(),
+            Some(Some(Direction::Ingress)),
+            "weft 0.1.0's ingress"
+        );
+        assert!(matches!(
+            drop(3),
+            Err(Error::Unknown {
+                field: "drop direction",
+                value: 3
+            })
+        ));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub fn run(
     scenarios: &[String],
     seconds: f64,
     rounds: usize,
+    compare: Option<&Path>,
 ) -> Result<()> {
     let selected: Vec<&str> = if scenarios.is_empty() {
         SCENARIOS.to_vec()
@@ -44,13 +45,13 @@ pub fn run(
         let path = out_dir.join(format!("{s}.json"));
         match s {
             "churn" => {
-                let r = churn::churn(&bins, seconds, rounds)?;
+                let r = churn::churn(&bins, compare, seconds, rounds)?;
                 write(&path, &r)?;
                 r.print();
             }
             "services" => {
                 // Each round: this many connections per mode.
-                let r = services::run(&bins, rounds.clamp(1, 9), 2_000)?;
+                let r = services::run(&bins, compare, rounds.clamp(1, 9), 2_000)?;
                 write(&path, &r)?;
                 r.print();
             }
@@ -110,6 +111,24 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / hz)
+}
+
+/// The spread of per-round ratios: (median, min, max).
+pub(crate) fn spread(ratios: &[f64]) -> (f64, f64, f64) {
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(ratios), min, max)
+}
+
+/// A ratio and its spread, or "no measurable difference" when the spread of the per-round
+/// ratios straddles 1.
+pub(crate) fn verdict(ratios: &[f64]) -> String {
+    let (m, min, max) = spread(ratios);
+    if min <= 1.0 && max >= 1.0 {
+        format!("no measurable difference (median {m:.3}, rounds {min:.3}-{max:.3})")
+    } else {
+        format!("{m:.3} (rounds {min:.3}-{max:.3})")
+    }
 }
 
 pub(crate) fn agent_options(bins: &Path) -> AgentOptions {

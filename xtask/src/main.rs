@@ -59,6 +59,11 @@ enum Cmd {
         /// Alternating baseline/weft rounds per scenario (the median ratio is reported).
         #[arg(long, default_value_t = 9)]
         rounds: usize,
+        /// Another build's binaries (a directory holding its `weft`, e.g. a worktree's
+        /// target/release): churn and services measure it too, in the same rounds, so a change
+        /// is compared with what it replaces side by side.
+        #[arg(long)]
+        compare: Option<PathBuf>,
     },
 }
 
@@ -85,7 +90,8 @@ fn main() -> Result<()> {
             scenarios,
             seconds,
             rounds,
-        } => bench::run(&ws, &tools, &scenarios, seconds, rounds),
+            compare,
+        } => bench::run(&ws, &tools, &scenarios, seconds, rounds, compare.as_deref()),
     }
 }
 

@@ -77,6 +77,12 @@ fn unknown() -> Arc<str> {
     Arc::clone(&UNKNOWN_VALUE)
 }
 
+/// Whether a label value stands for "no pod, no Service" (not a namespace or Service that
+/// happens to be named `unknown`): every such value is the one shared `unknown()`.
+fn is_unknown(value: &Arc<str>) -> bool {
+    Arc::ptr_eq(value, &UNKNOWN_VALUE)
+}
+
 /// One connection series' labels, in Istio's names and order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ConnLabels {
@@ -184,7 +190,7 @@ impl ConnLabels {
     /// still exist with these names.
     pub fn is_current(&self, dir: &Directory) -> bool {
         let workload_current = |ns: &Arc<str>, values: [&Arc<str>; 5]| {
-            **ns == *UNKNOWN
+            is_unknown(ns)
                 || dir.is_current(&Peer {
                     namespace: Arc::clone(ns),
                     workload: Arc::clone(values[0]),
@@ -221,13 +227,13 @@ impl ConnLabels {
         let Some(pods) = self.detail.pods() else {
             return true;
         };
-        let exists = |ns: &Arc<str>, pod: &str| **ns == *UNKNOWN || dir.has_pod(ns, pod);
+        let exists = |ns: &Arc<str>, pod: &str| is_unknown(ns) || dir.has_pod(ns, pod);
         exists(&self.source_workload_namespace, &pods.source_pod)
             && exists(&self.destination_workload_namespace, &pods.destination_pod)
     }
 
     fn service_current(&self, dir: &Directory) -> bool {
-        *self.destination_service_name == *UNKNOWN
+        is_unknown(&self.destination_service_name)
             || dir.has_service_named(
                 &self.destination_service_namespace,
                 &self.destination_service_name,

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, Node, proc::Process};
 
-use super::{BpfStats, agent_options, bpftool_json, cpu_seconds, median};
+use super::{BpfStats, agent_options, bpftool_json, cpu_seconds, median, spread, verdict};
 
 #[derive(Debug, Serialize)]
 pub struct ChurnResult {
@@ -26,6 +26,25 @@ pub struct ChurnResult {
     /// extra round (statistics add their own cost, so that round is not in the ratios).
     kernel: Vec<ProgramProfile>,
     kernel_ns_per_connection: f64,
+    /// With `--compare`: the other build, measured in the same rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compare: Option<Compare>,
+}
+
+/// Another build of the agent in the same rounds (each round runs no agent, this build and
+/// that one in rotating order).
+#[derive(Debug, Serialize)]
+struct Compare {
+    binary: String,
+    rates: Vec<f64>,
+    /// compare / no agent per round.
+    ratios: Vec<f64>,
+    median_ratio: f64,
+    /// this build / that build per round.
+    this_over_that: Vec<f64>,
+    this_over_that_median: f64,
+    this_over_that_min: f64,
+    this_over_that_max: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +73,18 @@ impl ChurnResult {
             );
         }
         println!("median ratio weft / no agent: {:.3}", self.median_ratio);
+        if let Some(c) = &self.compare {
+            println!("compared with {}:", c.binary);
+            for (i, (rate, ratio)) in c.rates.iter().zip(&c.ratios).enumerate() {
+                println!(
+                    "  round {:>2}: {rate:>8.0} conn/s, ratio {ratio:.3}, this/that {:.3}",
+                    i + 1,
+                    c.this_over_that[i]
+                );
+            }
+            println!("  median ratio that / no agent: {:.3}", c.median_ratio);
+            println!("  this build / that build: {}", verdict(&c.this_over_that));
+        }
         println!("kernel programs per connection (both ends, from BPF run-time statistics):");
         for p in &self.kernel {
             println!(
@@ -148,29 +179,67 @@ pub(crate) fn churn_node(bins: &Path, name: &str) -> Result<(Node, Process)> {
     Ok((node, srv))
 }
 
-pub fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
-    let (node, _server) = churn_node(bins, "xtask-bench-churn")?;
+/// One measured round of a variant: (connections per second, agent CPU µs per connection).
+fn measure(node: &Node, agent_bins: Option<&Path>, seconds: f64) -> Result<(f64, f64)> {
+    let Some(bins) = agent_bins else {
+        return Ok((churn_once(node, seconds)?.0, 0.0));
+    };
+    let mut agent = Agent::start_with(node, agent_options(bins));
+    let cpu_before = cpu_seconds(agent.pid())?;
+    let (rate, conns) = churn_once(node, seconds)?;
+    // Let the agent drain the ring buffer before reading its CPU time.
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu_after = cpu_seconds(agent.pid())?;
+    agent.stop();
+    Ok((rate, (cpu_after - cpu_before) * 1e6 / conns.max(1) as f64))
+}
 
-    let (mut baseline, mut weft, mut ratios, mut cpu) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+pub fn churn(
+    bins: &Path,
+    compare: Option<&Path>,
+    seconds: f64,
+    rounds: usize,
+) -> Result<ChurnResult> {
+    let (node, _server) = churn_node(bins, "xtask-bench-churn")?;
+    // Variants: no agent, this build, and the compared build; rotated every round so none
+    // always runs first (on a cooler or warmer machine).
+    let variants: Vec<Option<&Path>> = std::iter::once(None)
+        .chain(std::iter::once(Some(bins)))
+        .chain(compare.map(Some))
+        .collect();
+    let mut rates = vec![Vec::new(); variants.len()];
+    let mut cpu = Vec::new();
     for round in 0..rounds {
         eprintln!("bench churn: round {}/{rounds}", round + 1);
-        let (b, _) = churn_once(&node, seconds)?;
-        let mut agent = Agent::start_with(&node, agent_options(bins));
-        let cpu_before = cpu_seconds(agent.pid())?;
-        let (w, conns) = churn_once(&node, seconds)?;
-        // Let the agent drain the ring buffer before reading its CPU time.
-        std::thread::sleep(Duration::from_millis(300));
-        let cpu_after = cpu_seconds(agent.pid())?;
-        agent.stop();
-        drop(agent);
-        baseline.push(b);
-        weft.push(w);
-        ratios.push(w / b);
-        cpu.push((cpu_after - cpu_before) * 1e6 / conns.max(1) as f64);
+        for k in 0..variants.len() {
+            let v = (round + k) % variants.len();
+            let (rate, cpu_us) = measure(&node, variants[v], seconds)?;
+            rates[v].push(rate);
+            if v == 1 {
+                cpu.push(cpu_us);
+            }
+        }
     }
     eprintln!("bench churn: profiling round (BPF run-time statistics on)");
     let kernel = profile_round(&node, bins, seconds)?;
+    let per_round =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
+    let ratios = per_round(&rates[1], &rates[0]);
+    let compare = compare.map(|dir| {
+        let that = per_round(&rates[2], &rates[0]);
+        let this_over_that = per_round(&rates[1], &rates[2]);
+        let (m, min, max) = spread(&this_over_that);
+        Compare {
+            binary: dir.join("weft").display().to_string(),
+            rates: rates[2].clone(),
+            median_ratio: median(&that),
+            ratios: that,
+            this_over_that,
+            this_over_that_median: m,
+            this_over_that_min: min,
+            this_over_that_max: max,
+        }
+    });
     Ok(ChurnResult {
         kernel_ns_per_connection: kernel.iter().map(|p| p.ns_per_connection).sum(),
         kernel,
@@ -178,9 +247,10 @@ pub fn churn(bins: &Path, seconds: f64, rounds: usize) -> Result<ChurnResult> {
         unit: "connections per second",
         seconds_per_round: seconds,
         median_ratio: median(&ratios),
-        baseline,
-        weft,
+        baseline: rates[0].clone(),
+        weft: rates[1].clone(),
         ratios,
         agent_cpu_us_per_connection: cpu,
+        compare,
     })
 }

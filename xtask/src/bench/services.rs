@@ -18,7 +18,10 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, Node, k8s, proc::Process};
 
-use super::{bpftool_json, iptables_restore, median, run_rr, source_agent_options, time_to_log};
+use super::{
+    bpftool_json, iptables_restore, median, run_rr, source_agent_options, spread, time_to_log,
+    verdict,
+};
 
 const SCALES: [usize; 3] = [1, 1_000, 10_000];
 const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
@@ -66,6 +69,26 @@ struct Scale {
     b_over_a_hooked_p50: f64,
     /// iptables / weft, p50 latency.
     c_over_b_p50: f64,
+    /// With `--compare`: this build and the other one through the ClusterIP, each with a
+    /// fresh agent, in the same rounds in rotating order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compare: Option<CompareScale>,
+}
+
+/// This build against another, each round starting each build's agent in turn and measuring
+/// direct and through the ClusterIP back to back.
+#[derive(Debug, Default, Serialize)]
+struct CompareScale {
+    binary: String,
+    this_direct: Mode,
+    this_weft: Mode,
+    that_direct: Mode,
+    that_weft: Mode,
+    /// (this b/a) / (that b/a) per round: below 1, this build adds less per connection.
+    this_over_that: Vec<f64>,
+    this_over_that_median: f64,
+    this_over_that_min: f64,
+    this_over_that_max: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -124,6 +147,18 @@ impl ServicesResult {
                 s.c_over_b_p50,
                 s.b_over_a_hooked_p50
             );
+        }
+        for s in &self.scales {
+            if let Some(c) = &s.compare {
+                println!(
+                    "{:>8} services, compared with {}: b/a this {:.3}, that {:.3}; this/that {}",
+                    s.services,
+                    c.binary,
+                    paired_ratio(&c.this_direct, &c.this_weft),
+                    paired_ratio(&c.that_direct, &c.that_weft),
+                    verdict(&c.this_over_that)
+                );
+            }
         }
         println!(
             "a = direct to the pod IP, b = weft via the ClusterIP, c = iptables ({}) via the ClusterIP;\n\
@@ -244,7 +279,12 @@ fn wait_frontends(agent: &Agent, n: usize) -> Result<()> {
     }
 }
 
-pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
+pub fn run(
+    bins: &Path,
+    compare: Option<&Path>,
+    rounds: usize,
+    count: u64,
+) -> Result<ServicesResult> {
     let iptables = String::from_utf8_lossy(&Command::new("iptables").arg("-V").output()?.stdout)
         .trim()
         .to_owned();
@@ -340,6 +380,10 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
             measure_change_latency(&node, &agent, &mut result)?;
         }
         drop(agent);
+        let compared = match compare {
+            Some(that) => Some(compare_builds(&node, bins, that, rounds, &count_s)?),
+            None => None,
+        };
         eprintln!("bench services: {n} services: installing kube-proxy's iptables rules");
         iptables_restore(&node.netns_path(), &iptables_rules(&node, n), true)?;
         // A local packet is routed before OUTPUT's DNAT, and the node keeps the service range
@@ -380,9 +424,85 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<ServicesResult> {
             direct_hooked: a_hooked,
             weft: b,
             iptables: c,
+            compare: compared,
         });
     }
     Ok(result)
+}
+
+/// Each round, for this build and `that` in rotating order: a fresh agent, then direct and
+/// through the ClusterIP back to back (the same node, services and backends for both).
+fn compare_builds(
+    node: &Node,
+    this: &Path,
+    that: &Path,
+    rounds: usize,
+    count: &str,
+) -> Result<CompareScale> {
+    let target = format!("{}:80", vip(0));
+    let direct = format!("{}:8080", node.pod("b1").ipv4);
+    let n = node_frontends(node);
+    let mut modes = [
+        (Mode::default(), Mode::default()),
+        (Mode::default(), Mode::default()),
+    ];
+    for r in 0..rounds {
+        for k in 0..2 {
+            let v = (r + k) % 2;
+            let bins = if v == 0 { this } else { that };
+            eprintln!(
+                "bench services: compare round {}/{rounds}: {}",
+                r + 1,
+                bins.display()
+            );
+            let agent = Agent::start_with(node, source_agent_options(bins));
+            wait_frontends(&agent, n)?;
+            run_rr(
+                &mut node.spawn_host(&["rr", "--connect", &target, "--count", "200"]),
+                "warm-up",
+            )?;
+            let (a, b) = &mut modes[v];
+            a.add(&run_rr(
+                &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", count]),
+                "direct",
+            )?);
+            b.add(&run_rr(
+                &mut node.spawn_host(&["rr", "--connect", &target, "--count", count]),
+                "weft",
+            )?);
+        }
+    }
+    let [(this_direct, this_weft), (that_direct, that_weft)] = modes;
+    let ratio = |a: &Mode, b: &Mode| -> Vec<f64> {
+        a.p50_us.iter().zip(&b.p50_us).map(|(a, b)| b / a).collect()
+    };
+    let this_over_that: Vec<f64> = ratio(&this_direct, &this_weft)
+        .iter()
+        .zip(ratio(&that_direct, &that_weft))
+        .map(|(this, that)| this / that)
+        .collect();
+    let (m, min, max) = spread(&this_over_that);
+    Ok(CompareScale {
+        binary: that.join("weft").display().to_string(),
+        this_direct,
+        this_weft,
+        that_direct,
+        that_weft,
+        this_over_that,
+        this_over_that_median: m,
+        this_over_that_min: min,
+        this_over_that_max: max,
+    })
+}
+
+/// How many frontends the node's source directory defines (one port per Service).
+fn node_frontends(node: &Node) -> usize {
+    std::fs::read_dir(node.source_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .map(|s| s.matches("kind: Service\n").count())
+        .sum()
 }
 
 /// The median of the per-round p50 ratios `b / a` (both measured in the same round).

@@ -205,3 +205,30 @@ fn an_expired_series_still_in_use_waits_another_ttl() {
     assert!(cache.is_empty());
     assert_eq!(opened_lines(&registry), 0);
 }
+
+#[test]
+fn a_namespace_named_unknown_is_a_namespace_not_a_missing_pod() {
+    let cluster: Arc<str> = Arc::from("Kubernetes");
+    let mut p = peer("unknown");
+    p.namespace = Arc::from("unknown");
+    let ends = Ends {
+        reporter: Reporter::Source,
+        protocol: Protocol::Tcp,
+        source: Some(&p),
+        destination: None,
+        service: None,
+        cluster: &cluster,
+    };
+    let labels = ConnLabels::new(&ends, Detail::None);
+    // Its workload is gone from the (empty) directory: its series are stale.
+    assert!(!labels.is_current(&crate::compile::names::Directory::default()));
+    // An end no pod holds names nothing that can go.
+    let nobody = Ends {
+        source: None,
+        ..ends
+    };
+    assert!(
+        ConnLabels::new(&nobody, Detail::None)
+            .is_current(&crate::compile::names::Directory::default())
+    );
+}
