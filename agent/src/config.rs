@@ -102,6 +102,24 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_off_tells_the_kernel_to_write_no_events_and_check_no_updates() {
+        let globals = |args: &[&str]| {
+            let mut g = crate::datapath::Globals {
+                kernel_log_level: 0,
+                events_wakeup_bytes: 0,
+                cgroup_level: 0,
+                conn_update_interval_ns: 7,
+                conn_events_enabled: 7,
+            };
+            parse(args).expect("valid").telemetry.apply_to(&mut g);
+            (g.conn_update_interval_ns, g.conn_events_enabled)
+        };
+        assert_eq!(globals(&[]), (5_000_000_000, 1));
+        assert_eq!(globals(&["--telemetry=false"]), (0, 0));
+        assert_eq!(globals(&["--conn-update-interval", "0s"]), (0, 1));
+    }
+
+    #[test]
     fn kubernetes_needs_a_node_name() {
         let e = parse(&["--source", "kubernetes"]).expect_err("refused");
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);

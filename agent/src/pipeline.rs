@@ -360,6 +360,7 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
     }
 
     /// The maps the syncers write (for tests).
+    #[cfg(test)]
     pub fn maps(&self) -> (&S, &P) {
         (self.syncer.maps(), self.policy.maps())
     }

@@ -78,16 +78,6 @@ impl Settings {
         (self.tick() * 3).max(Duration::from_secs(60))
     }
 
-    /// What the kernel programs are told: no events at all when telemetry is off (and then
-    /// no per-packet update check either).
-    pub fn kernel(&self) -> (u64, u32) {
-        if !self.telemetry {
-            return (0, 0);
-        }
-        let interval = u64::try_from(self.conn_update_interval.as_nanos()).unwrap_or(u64::MAX);
-        (interval, 1)
-    }
-
     /// For `weft config dump`.
     pub fn summary(&self, names: &NameConfig) -> serde_json::Value {
         serde_json::json!({
@@ -101,9 +91,12 @@ impl Settings {
         })
     }
 
-    /// Sets the datapath globals that telemetry decides.
+    /// Sets the datapath globals that telemetry decides: no events at all when telemetry is
+    /// off (and then no per-packet update check either).
     pub fn apply_to(&self, globals: &mut Globals) {
-        (globals.conn_update_interval_ns, globals.conn_events_enabled) = self.kernel();
+        let interval = u64::try_from(self.conn_update_interval.as_nanos()).unwrap_or(u64::MAX);
+        globals.conn_events_enabled = u32::from(self.telemetry);
+        globals.conn_update_interval_ns = if self.telemetry { interval } else { 0 };
     }
 }
 
@@ -113,8 +106,6 @@ pub struct TelemetryConfig {
     pub granularity: Granularity,
     /// `source_cluster` / `destination_cluster` of local workloads.
     pub cluster: String,
-    /// A UDP flow without packets for this long ends.
-    pub udp_idle: Duration,
     /// Flow records kept for `weft flows --last`.
     pub flow_buffer: usize,
     /// Records a follower may fall behind before it loses some.
@@ -128,7 +119,6 @@ impl Default for TelemetryConfig {
         Self {
             granularity: Granularity::Workload,
             cluster: "Kubernetes".to_owned(),
-            udp_idle: Duration::from_secs(60),
             flow_buffer: 8192,
             flow_lag: 4096,
             connection_series_ttl: Duration::from_secs(300),
@@ -141,7 +131,6 @@ impl From<&Settings> for TelemetryConfig {
         Self {
             granularity: s.metrics_granularity,
             cluster: s.cluster_id.clone(),
-            udp_idle: s.udp_idle_timeout,
             flow_buffer: usize::try_from(s.flow_buffer).unwrap_or(usize::MAX),
             ..Self::default()
         }

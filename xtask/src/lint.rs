@@ -339,9 +339,16 @@ struct FnLengths {
 }
 
 impl FnLengths {
-    fn record(&mut self, name: &syn::Ident, sig_start: proc_macro2::Span, end: proc_macro2::Span) {
-        self.found
-            .push((name.to_string(), sig_start.start().line, end.end().line));
+    /// Records a function with a body, unless it is test code.
+    fn record(&mut self, attrs: &[syn::Attribute], sig: &syn::Signature, body: &syn::Block) {
+        if !is_cfg_test(attrs) {
+            let (start, end) = (
+                sig.fn_token.span.start(),
+                body.brace_token.span.close().end(),
+            );
+            self.found
+                .push((sig.ident.to_string(), start.line, end.line));
+        }
     }
 }
 
@@ -352,37 +359,24 @@ impl<'ast> Visit<'ast> for FnLengths {
         }
     }
 
+    // Functions nested in a test function are test code too: not visited.
     fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
-        if is_cfg_test(&f.attrs) {
-            return;
+        self.record(&f.attrs, &f.sig, &f.block);
+        if !is_cfg_test(&f.attrs) {
+            syn::visit::visit_item_fn(self, f);
         }
-        self.record(
-            &f.sig.ident,
-            f.sig.fn_token.span,
-            f.block.brace_token.span.close(),
-        );
-        syn::visit::visit_item_fn(self, f);
     }
 
     fn visit_impl_item_fn(&mut self, f: &'ast syn::ImplItemFn) {
-        if is_cfg_test(&f.attrs) {
-            return;
+        self.record(&f.attrs, &f.sig, &f.block);
+        if !is_cfg_test(&f.attrs) {
+            syn::visit::visit_impl_item_fn(self, f);
         }
-        self.record(
-            &f.sig.ident,
-            f.sig.fn_token.span,
-            f.block.brace_token.span.close(),
-        );
-        syn::visit::visit_impl_item_fn(self, f);
     }
 
     fn visit_trait_item_fn(&mut self, f: &'ast syn::TraitItemFn) {
         if let Some(block) = &f.default {
-            self.record(
-                &f.sig.ident,
-                f.sig.fn_token.span,
-                block.brace_token.span.close(),
-            );
+            self.record(&f.attrs, &f.sig, block);
         }
         syn::visit::visit_trait_item_fn(self, f);
     }

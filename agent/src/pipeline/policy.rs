@@ -108,6 +108,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
         })
     }
 
+    #[cfg(test)]
     pub fn maps(&self) -> &M {
         self.syncer.maps()
     }
