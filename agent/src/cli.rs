@@ -312,6 +312,9 @@ fn endpoint_table(doc: &PoliciesDoc, out: &mut String) {
             .map(|p| format!("in:{p}"))
             .collect();
         policies.extend(e.egress_policies.iter().map(|p| format!("out:{p}")));
+        if let Some(q) = e.quarantine {
+            policies.push(format!("QUARANTINED:{}", q.as_str()));
+        }
         let kernel = if e.cgroup_id.is_none() {
             "no-cgroup".to_owned()
         } else if row.in_kernel {

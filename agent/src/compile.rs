@@ -22,7 +22,7 @@ use weft_abi::{
     svc::{Endpoint, ServiceKey},
 };
 
-use crate::store::{Store, validate::SERVICE_NAME_LABEL};
+use crate::store::{Store, object::ip, validate::SERVICE_NAME_LABEL};
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -162,12 +162,8 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
 /// spec.clusterIPs, or spec.clusterIP (none for a headless Service).
 fn cluster_ips(spec: &ServiceSpec) -> Vec<IpAddr> {
     match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|s| s.parse().ok()).collect(),
-        _ => spec
-            .cluster_ip
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect(),
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|s| ip(s)).collect(),
+        _ => spec.cluster_ip.iter().filter_map(|s| ip(s)).collect(),
     }
 }
 
@@ -268,7 +264,7 @@ fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, v4: bool) -> BTree
         }) else {
             continue;
         };
-        let Ok(number) = u16::try_from(number) else {
+        let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
             continue;
         };
         for ep in &slice.endpoints {
@@ -285,7 +281,7 @@ fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, v4: bool) -> BTree
                 continue;
             };
             for a in &ep.addresses {
-                if let Ok(ip) = a.parse::<IpAddr>() {
+                if let Some(ip) = ip(a) {
                     set.insert(endpoint(ip, number));
                 }
             }
@@ -320,12 +316,8 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
         return Vec::new();
     };
     match &status.pod_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|p| p.ip.parse().ok()).collect(),
-        _ => status
-            .pod_ip
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect(),
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|p| ip(&p.ip)).collect(),
+        _ => status.pod_ip.iter().filter_map(|s| ip(s)).collect(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Objects are decoded strictly (unknown fields are errors) and validated before they enter
 //! the store; a rejected document never replaces a good object.
 pub mod object;
+pub mod stand_in;
 pub mod strict;
 pub mod validate;
 
@@ -22,10 +23,13 @@ pub use self::{
 };
 
 /// Why a document was not accepted: the object (when it could be named) and its problems.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Invalid {
     pub object: Option<ObjectRef>,
     pub errors: Vec<FieldError>,
+    /// What the store holds while no good version exists ([`stand_in`]).
+    #[serde(skip)]
+    pub stand_in: Option<Object>,
 }
 
 impl Invalid {
@@ -36,6 +40,7 @@ impl Invalid {
                 field: field.to_owned(),
                 message: message.into(),
             }],
+            stand_in: None,
         }
     }
 }
@@ -79,6 +84,7 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
     let invalid = |errors| Invalid {
         object: object_ref.clone(),
         errors,
+        stand_in: stand_in::stand_in(kind, &value, &namespace),
     };
     let object = match kind {
         Kind::Namespace => {

@@ -32,6 +32,7 @@ use self::{
     blocks::{Block, Blocks},
     selector::Labels,
 };
+pub(crate) use crate::store::stand_in::is_rejected;
 use crate::store::{Store, validate::CGROUP_ANNOTATION};
 
 /// The label the API server puts on every namespace.
@@ -75,7 +76,32 @@ pub struct LocalEndpoint {
     pub egress_policies: Vec<String>,
     /// The pod's addresses.
     pub ips: Vec<IpAddr>,
+    /// Why the pod is isolated both ways whatever the policies say, if it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
 }
+
+/// Why weft isolates a local pod both ways, whatever the policies say: it cannot tell what
+/// they mean for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quarantine {
+    /// The Pod failed validation and no earlier version was good (`store::stand_in`).
+    Unreadable,
+    /// Another pod claims the same cgroup: which policies apply is ambiguous.
+    SharedCgroup,
+}
+
+impl Quarantine {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unreadable => "unreadable",
+            Self::SharedCgroup => "shared_cgroup",
+        }
+    }
+}
+
+crate::metrics::label_value!(Quarantine);
 
 /// What a policy selects and produces, for `weft policies`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -155,21 +181,25 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
         .and_then(|s| s.pod_ips.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|p| p.ip.parse().ok())
+        .filter_map(|p| crate::store::object::ip(&p.ip))
         .collect();
     if ips.is_empty()
         && let Some(ip) = status
             .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|s| s.parse().ok())
+            .and_then(crate::store::object::ip)
     {
         ips.push(ip);
     }
     ips
 }
 
-/// A pod's named container ports: (name, protocol) → port.
+/// A pod's named container ports: (name, protocol) → port. When two containers name a port
+/// alike (the API server allows it), the first container's wins, as Kubernetes resolves a
+/// Service's named targetPort (`podutil.FindPort`).
 pub fn named_ports(pod: &Pod) -> BTreeMap<(String, u8), u16> {
-    pod.spec
+    let mut ports = BTreeMap::new();
+    let named = pod
+        .spec
         .iter()
         .flat_map(|s| &s.containers)
         .flat_map(|c| c.ports.iter().flatten())
@@ -177,8 +207,11 @@ pub fn named_ports(pod: &Pod) -> BTreeMap<(String, u8), u16> {
             let name = p.name.clone()?;
             let proto = protocol_number(p.protocol.as_deref().unwrap_or("TCP"))?;
             Some(((name, proto), u16::try_from(p.container_port).ok()?))
-        })
-        .collect()
+        });
+    for (key, port) in named {
+        ports.entry(key).or_insert(port);
+    }
+    ports
 }
 
 /// One pod as policies see it.
@@ -337,6 +370,10 @@ impl IdentityPass<'_> {
     }
 
     fn pod(&mut self, model: &Model<'_>, p: &PodView<'_>) {
+        if is_rejected(p.pod) {
+            self.rejected_pod(p);
+            return;
+        }
         let pod_ports = named_ports(p.pod);
         let ns_labels = model
             .namespace_labels
@@ -363,6 +400,24 @@ impl IdentityPass<'_> {
                 view.named_ports.entry(k.clone()).or_default().insert(*port);
             }
             self.out.identities.insert(id, ikey);
+            let value = IpcacheValue {
+                identity: id,
+                flags: 0,
+            };
+            self.out.ipcache.insert(IpNet::from(*ip), value);
+        }
+    }
+
+    fn rejected_pod(&mut self, p: &PodView<'_>) {
+        let id = self.ids.identity(&IdentityKey::RejectedPod);
+        self.views.entry(id).or_insert_with(|| IdentityView {
+            id,
+            pod: None,
+            blocks: Vec::new(),
+            named_ports: BTreeMap::new(),
+        });
+        self.out.identities.insert(id, IdentityKey::RejectedPod);
+        for ip in &p.ips {
             let value = IpcacheValue {
                 identity: id,
                 flags: 0,

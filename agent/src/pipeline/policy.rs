@@ -38,6 +38,9 @@ pub struct EndpointStatus {
     pub ips: Vec<IpAddr>,
     /// `POLICY` entries its set should have.
     pub entries: usize,
+    /// Why it is isolated both ways whatever the policies say, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<cp::Quarantine>,
 }
 
 /// A pod (local or not) as `weft policy check` needs it.
@@ -232,6 +235,7 @@ fn endpoint_status(
             .get(&e.info.policy_set)
             .copied()
             .unwrap_or(0),
+        quarantine: e.quarantine,
     }
 }
 

@@ -292,11 +292,25 @@ fn unreadable(path: &Path, error: &str, previous: Option<&FileState>) -> FileSta
     }
 }
 
+/// The previous version of each rejected object (`kept`) that this version does not hold.
+fn keep_good_versions(
+    objects: &mut BTreeMap<ObjectRef, (usize, Object)>,
+    previous: &FileState,
+    kept: impl Fn(&ObjectRef) -> bool,
+) {
+    for (r, old) in &previous.objects {
+        if kept(r) && !objects.contains_key(r) {
+            objects.insert(r.clone(), old.clone());
+        }
+    }
+}
+
 fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>) -> FileState {
     let mut objects: BTreeMap<ObjectRef, (usize, Object)> = BTreeMap::new();
     let mut rejections = Vec::new();
     let mut keep: Vec<ObjectRef> = Vec::new();
     let mut keep_unaccounted = false;
+    let mut stand_ins = Vec::new();
     let mut decoded = HashMap::new();
     for doc in yaml::documents(text) {
         let reject = |object: Option<ObjectRef>, errors: Vec<FieldError>| Rejection {
@@ -343,7 +357,12 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
             },
             Decoded::Invalid(invalid) => {
                 match &invalid.object {
-                    Some(r) => keep.push(r.clone()),
+                    Some(r) => {
+                        keep.push(r.clone());
+                        if let Some(s) = invalid.stand_in {
+                            stand_ins.push((r.clone(), (doc.index, s)));
+                        }
+                    }
                     None => keep_unaccounted = true,
                 }
                 rejections.push(reject(invalid.object, invalid.errors));
@@ -351,12 +370,12 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
         }
     }
     if let Some(prev) = previous {
-        for (r, old) in &prev.objects {
-            let kept = keep.contains(r) || keep_unaccounted;
-            if kept && !objects.contains_key(r) {
-                objects.insert(r.clone(), old.clone());
-            }
-        }
+        let kept = |r: &ObjectRef| keep_unaccounted || keep.contains(r);
+        keep_good_versions(&mut objects, prev, kept);
+    }
+    // A rejected object with no good version isolates what it concerns (`store::stand_in`).
+    for (r, s) in stand_ins {
+        objects.entry(r).or_insert(s);
     }
     FileState {
         fingerprint: None,

@@ -37,7 +37,10 @@ use self::{
 };
 use crate::{
     source::Rejection,
-    store::{self, Kind, Object, ObjectRef, Store, validate::CGROUP_ANNOTATION},
+    store::{
+        self, Kind, Object, ObjectRef, Store, stand_in::REJECTED_ANNOTATION,
+        validate::CGROUP_ANNOTATION,
+    },
 };
 
 /// Errors of this module.
@@ -340,6 +343,10 @@ fn add<K: Resource>(
                 entry.rejection = None;
             }
             Err(errors) => {
+                if entry.good.is_none() {
+                    // Isolates what the object concerns until a good version comes.
+                    entry.good = stand_in_of(kind, &object, &object_ref.namespace);
+                }
                 entry.rejection = Some(Rejection {
                     location: None,
                     object: Some(object_ref),
@@ -348,6 +355,16 @@ fn add<K: Resource>(
             }
         }
     }
+}
+
+/// The store's stand-in for a rejected object ([`store::stand_in`]).
+fn stand_in_of(kind: Kind, object: &Object, namespace: &str) -> Option<Object> {
+    let value = match object {
+        Object::Pod(p) => serde_json::to_value(p.as_ref()),
+        Object::NetworkPolicy(p) => serde_json::to_value(p.as_ref()),
+        Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => return None,
+    };
+    store::stand_in::stand_in(kind, &value.ok()?, namespace)
 }
 
 /// The cgroup of a pod of this node (relative to the cgroup root): found, or where the
@@ -368,29 +385,47 @@ fn local_cgroup(node_name: &str, cgroups: &mut Cgroups, pod: &Pod) -> Option<Pat
 /// The UID the kubelet names a pod's cgroup after: for the mirror of a static pod, the
 /// static pod's (its config hash, in the `kubernetes.io/config.mirror` annotation), not the
 /// mirror object's own.
+///
+/// Anyone who can create a pod can write that annotation, so it is followed only on a pod
+/// the kubelet made: one owned by its Node. Even a forged owner gains nothing: two pods
+/// resolving to one cgroup are both isolated (compile's shared-cgroup quarantine).
 fn cgroup_uid(pod: &Pod) -> Option<&str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get("kubernetes.io/config.mirror"))
-        .or(pod.metadata.uid.as_ref())
-        .map(String::as_str)
-}
-
-/// The pod as the store holds it: without an annotation from the API, with the cgroup this
-/// node found for it.
-fn bind_cgroup(pod: Arc<Pod>, cgroup: Option<&Path>) -> Arc<Pod> {
-    let has = pod
+    let mirror = pod
         .metadata
         .annotations
         .as_ref()
-        .is_some_and(|a| a.contains_key(CGROUP_ANNOTATION));
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .filter(|_| owned_by_its_node(pod));
+    mirror.or(pod.metadata.uid.as_ref()).map(String::as_str)
+}
+
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Whether the pod's controller is the Node it runs on, as the kubelet sets on mirror pods.
+fn owned_by_its_node(pod: &Pod) -> bool {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    pod.metadata.owner_references.iter().flatten().any(|o| {
+        o.api_version == "v1"
+            && o.kind == "Node"
+            && Some(o.name.as_str()) == node
+            && o.controller == Some(true)
+    })
+}
+
+/// The pod as the store holds it: without weft's annotations from the API (they would choose
+/// what weft enforces on), with the cgroup this node found for it.
+fn bind_cgroup(pod: Arc<Pod>, cgroup: Option<&Path>) -> Arc<Pod> {
+    let has =
+        pod.metadata.annotations.as_ref().is_some_and(|a| {
+            a.contains_key(CGROUP_ANNOTATION) || a.contains_key(REJECTED_ANNOTATION)
+        });
     if !has && cgroup.is_none() {
         return pod;
     }
     let mut pod = Arc::unwrap_or_clone(pod);
     let annotations = pod.metadata.annotations.get_or_insert_default();
     annotations.remove(CGROUP_ANNOTATION);
+    annotations.remove(REJECTED_ANNOTATION);
     if let Some(path) = cgroup {
         annotations.insert(
             CGROUP_ANNOTATION.to_owned(),

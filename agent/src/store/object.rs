@@ -1,5 +1,5 @@
 //! The Kubernetes objects weft reads, and how they are named.
-use std::{fmt, sync::Arc};
+use std::{fmt, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -111,4 +111,34 @@ impl Object {
             Self::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
+}
+
+/// An address as Kubernetes reads it (`k8s.io/utils/net.ParseIPSloppy`, accepted outside
+/// `StrictIPCIDRValidation` and kept in objects stored before it): IPv4 octets with leading
+/// zeros are decimal, never octal; an IPv4-mapped IPv6 address is its IPv4 address.
+pub fn ip(text: &str) -> Option<IpAddr> {
+    sloppy_ip(text).map(|a| a.to_canonical())
+}
+
+/// [`ip`] without mapping IPv4-mapped addresses (a CIDR's prefix length depends on the form).
+pub fn sloppy_ip(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse() {
+        return Some(ip);
+    }
+    let (head, tail) = match text.rfind(':') {
+        Some(i) => text.split_at(i + 1),
+        None => ("", text),
+    };
+    let octets: Vec<&str> = tail.split('.').collect();
+    if octets.len() != 4 {
+        return None;
+    }
+    let mut clean = Vec::with_capacity(4);
+    for o in octets {
+        if o.is_empty() || o.len() > 3 || !o.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        clean.push(o.parse::<u8>().ok()?.to_string());
+    }
+    format!("{head}{}", clean.join(".")).parse().ok()
 }

@@ -1,7 +1,7 @@
 //! Validation of the objects weft reads, following the API server's rules
 //! (kubernetes pkg/apis/core/validation, pkg/apis/discovery/validation) for the fields weft
 //! uses. Every problem names its field.
-mod netpol;
+pub mod netpol;
 
 use std::{collections::BTreeSet, net::IpAddr, path::Component, path::Path};
 
@@ -57,12 +57,17 @@ fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn is_dns1035_label(s: &str) -> bool {
-    is_dns1123_label(s) && s.as_bytes()[0].is_ascii_lowercase()
-}
-
+/// apimachinery's `IsDNS1123Subdomain`: a regular expression and 253 characters in all, with
+/// no limit on a part between dots.
 fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(part)
 }
 
 /// IANA_SVC_NAME: what a named port must look like (1-15 characters of [a-z0-9-], at least one
@@ -119,23 +124,14 @@ fn port_number(errors: &mut Errors, field: String, port: i32) {
     }
 }
 
+/// An address as the API server accepts it outside `StrictIPCIDRValidation` (and for values
+/// stored before it): read as [`crate::store::object::ip`] reads it.
 fn ip(errors: &mut Errors, field: String, value: &str) -> Option<IpAddr> {
-    match value.parse::<IpAddr>() {
-        // The API server rejects these; accepting one would make an IPv6 address of an IPv4
-        // one, which the kernel matches as IPv4.
-        Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
-            errors.add(
-                field,
-                format!("{value:?} is an IPv4-mapped IPv6 address: use the IPv4 form"),
-            );
-            None
-        }
-        Ok(ip) => Some(ip),
-        Err(_) => {
-            errors.add(field, format!("{value:?} is not a valid IP address"));
-            None
-        }
+    let addr = crate::store::object::ip(value);
+    if addr.is_none() {
+        errors.add(field, format!("{value:?} is not a valid IP address"));
     }
+    addr
 }
 
 fn metadata(errors: &mut Errors, meta: &ObjectMeta, namespaced: bool, name_ok: fn(&str) -> bool) {
@@ -186,7 +182,9 @@ pub fn namespace(ns: &Namespace) -> Result<(), Vec<FieldError>> {
 
 pub fn service(svc: &Service) -> Result<(), Vec<FieldError>> {
     let mut e = Errors::default();
-    metadata(&mut e, &svc.metadata, true, is_dns1035_label);
+    // A DNS-1123 label, not DNS-1035: `RelaxedServiceNameValidation` (on from 1.36) lets a
+    // name start with a digit.
+    metadata(&mut e, &svc.metadata, true, is_dns1123_label);
     let Some(spec) = &svc.spec else {
         e.add("spec", "required");
         return e.into_result();
@@ -410,35 +408,29 @@ pub fn pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
             families.push(addr.is_ipv4());
         }
     }
-    let mut names = BTreeSet::new();
     for (c, container) in pod.spec.iter().flat_map(|s| &s.containers).enumerate() {
+        // Unique within a container only: the API server accepts (with a warning) two
+        // containers of one pod naming a port alike, and charts do it.
+        let mut names = BTreeSet::new();
         for (i, p) in container.ports.iter().flatten().enumerate() {
             let f = |s: &str| format!("spec.containers[{c}].ports[{i}].{s}");
             port_number(&mut e, f("containerPort"), p.container_port);
             protocol(&mut e, f("protocol"), p.protocol.as_deref());
-            if let Some(n) = p.name.as_deref() {
+            if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
                 if !is_port_name(n) {
                     e.add(f("name"), format!("{n:?} is not a valid port name"));
                 }
                 if !names.insert(n) {
-                    e.add(f("name"), format!("duplicate port name {n:?} in the pod"));
+                    e.add(
+                        f("name"),
+                        format!("duplicate port name {n:?} in the container"),
+                    );
                 }
             }
         }
     }
-    for (i, cond) in status
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        if !matches!(cond.status.as_str(), "True" | "False" | "Unknown") {
-            e.add(
-                format!("status.conditions[{i}].status"),
-                format!("{:?}: use True, False or Unknown", cond.status),
-            );
-        }
-    }
+    // Condition statuses are not checked: the API server does not either (only "True"
+    // counts as ready).
     e.into_result()
 }
 
@@ -477,7 +469,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), Vec<FieldError>> {
                         );
                     }
                 }
-                None if !is_dns1123_subdomain(a) => {
+                // `IsFullyQualifiedDomainName` allows one trailing dot.
+                None if !is_dns1123_subdomain(a.strip_suffix('.').unwrap_or(a)) => {
                     e.add(field, format!("{a:?} is not a valid FQDN"))
                 }
                 None => {}
@@ -487,9 +480,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), Vec<FieldError>> {
     let mut names = BTreeSet::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let f = |s: &str| format!("ports[{i}].{s}");
-        if let Some(port) = p.port {
-            port_number(&mut e, f("port"), port);
-        }
+        // The port number is not range-checked by the API server; compile skips one that is
+        // not a port.
         protocol(&mut e, f("protocol"), p.protocol.as_deref());
         let name = p.name.as_deref().unwrap_or("");
         if !name.is_empty() && !is_dns1123_label(name) {
@@ -510,7 +502,7 @@ mod tests {
     fn names() {
         assert!(is_dns1123_label("web-1"));
         assert!(!is_dns1123_label("Web"));
-        assert!(!is_dns1035_label("1web"));
+        assert!(is_dns1123_subdomain(&format!("{}.example", "a".repeat(70))));
         assert!(is_port_name("http-alt"));
         assert!(!is_port_name("http--alt"));
         assert!(!is_port_name("8080"));
@@ -519,5 +511,46 @@ mod tests {
         assert!(!is_qualified_name("-bad"));
         assert!(is_label_value(""));
         assert!(!is_label_value("a b"));
+    }
+
+    fn pod_with_ports(containers: &[&[&str]]) -> Result<(), Vec<FieldError>> {
+        let containers: Vec<serde_json::Value> = containers
+            .iter()
+            .enumerate()
+            .map(|(i, names)| {
+                let ports: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(
+                        |(j, n)| serde_json::json!({"name": n, "containerPort": 8000 + 10 * i + j}),
+                    )
+                    .collect();
+                serde_json::json!({"name": format!("c{i}"), "ports": ports})
+            })
+            .collect();
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "x"},
+            "spec": {"containers": containers},
+        }))
+        .expect("pod");
+        pod(&p)
+    }
+
+    /// The API server only warns about this; charts do it.
+    #[test]
+    fn two_containers_may_name_a_port_alike() {
+        assert_eq!(pod_with_ports(&[&["metrics"], &["metrics"]]), Ok(()));
+    }
+
+    #[test]
+    fn one_container_may_not_name_two_ports_alike() {
+        let errors = pod_with_ports(&[&["metrics", "metrics"]]).expect_err("rejected");
+        assert_eq!(
+            errors,
+            [FieldError {
+                field: "spec.containers[0].ports[1].name".into(),
+                message: "duplicate port name \"metrics\" in the container".into(),
+            }]
+        );
     }
 }

@@ -7,6 +7,8 @@ use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::IpNet;
 
+use crate::store::validate::netpol::cidr;
+
 /// One `ipBlock`: a cidr and the prefixes it leaves out. Parsed from a validated policy.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Block {
@@ -15,16 +17,20 @@ pub struct Block {
 }
 
 impl Block {
-    /// The block of a validated `IPBlock` (host bits are ignored, as they select nothing).
-    pub fn parse(cidr: &str, except: &[String]) -> Option<Self> {
-        let cidr = cidr.parse::<IpNet>().ok()?.trunc();
-        let mut except: Vec<IpNet> = except
+    /// The block of a validated `IPBlock`, its prefixes read as Kubernetes reads them
+    /// ([`cidr`]: host bits masked off). None when the cidr or an except cannot be read: a
+    /// block that might be wider than its author meant allows nothing.
+    pub fn parse(cidr_text: &str, except: &[String]) -> Option<Self> {
+        let mut except = except
             .iter()
-            .filter_map(|e| e.parse::<IpNet>().ok().map(|n| n.trunc()))
-            .collect();
+            .map(|e| cidr(e))
+            .collect::<Option<Vec<IpNet>>>()?;
         except.sort();
         except.dedup();
-        Some(Self { cidr, except })
+        Some(Self {
+            cidr: cidr(cidr_text)?,
+            except,
+        })
     }
 
     /// Whether every address of `net` is in the block.

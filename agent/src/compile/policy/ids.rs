@@ -27,6 +27,9 @@ pub enum IdentityKey {
     /// Addresses outside pods: the ipBlocks that contain them (never empty: an address in
     /// no block is `IDENTITY_WORLD`).
     External { blocks: BTreeSet<String> },
+    /// Addresses of pods weft could not read (`store::stand_in`): no selector and no
+    /// ipBlock matches them, only rules that allow every peer.
+    RejectedPod,
 }
 
 /// One kind of number: stable while wanted, never reused.

@@ -12,8 +12,9 @@ use weft_abi::policy::{
 };
 
 use super::{
-    EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, RuleRef, isolation,
-    local_cgroup, named_ports, policy_types, ports::range_prefixes, protocol_number, selector,
+    EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, Quarantine, RuleRef,
+    is_rejected, isolation, local_cgroup, named_ports, policy_types, ports::range_prefixes,
+    protocol_number, selector,
 };
 
 /// The peers of a rule: everyone, or these identities.
@@ -316,6 +317,7 @@ pub(super) fn compile_endpoints(
         ids,
         out,
     };
+    let claims = cgroup_claims(model);
     for p in &model.pods {
         let Some(cgroup) = local_cgroup(p.pod) else {
             continue;
@@ -324,9 +326,37 @@ pub(super) fn compile_endpoints(
             .get(&(p.namespace.to_owned(), p.name.to_owned()))
             .copied()
             .unwrap_or_else(|| c.ids.endpoint(cgroup));
-        c.endpoint(p, cgroup, endpoint_id);
+        let quarantine = if claims[cgroup].len() > 1 {
+            c.out.problems.push(super::Problem {
+                object: format!("{}/{}", p.namespace, p.name),
+                message: format!(
+                    "cgroup {cgroup} is claimed by {}: isolated both ways until one pod is left",
+                    claims[cgroup].join(", ")
+                ),
+            });
+            Some(Quarantine::SharedCgroup)
+        } else {
+            is_rejected(p.pod).then_some(Quarantine::Unreadable)
+        };
+        c.endpoint(p, cgroup, endpoint_id, quarantine);
     }
     c.out.policies = c.summaries.into_values().collect();
+}
+
+/// The pods (`namespace/name`) of each local cgroup. Two pods claiming one cgroup (a forged
+/// mirror annotation, a copied standalone annotation) must not let either pod's policies
+/// decide for the other's processes.
+fn cgroup_claims<'m>(model: &'m Model<'_>) -> BTreeMap<&'m str, Vec<String>> {
+    let mut claims: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for p in &model.pods {
+        if let Some(cgroup) = local_cgroup(p.pod) {
+            claims
+                .entry(cgroup)
+                .or_default()
+                .push(format!("{}/{}", p.namespace, p.name));
+        }
+    }
+    claims
 }
 
 /// Every policy as `weft policies` lists it, by `namespace/name`, before it selects anything.
@@ -371,9 +401,22 @@ impl EndpointCompiler<'_, '_> {
     }
 
     /// A local pod: the policies that select it, its set, its `ENDPOINTS` value.
-    fn endpoint(&mut self, p: &PodView<'_>, cgroup: &str, endpoint_id: u32) {
+    fn endpoint(
+        &mut self,
+        p: &PodView<'_>,
+        cgroup: &str,
+        endpoint_id: u32,
+        quarantine: Option<Quarantine>,
+    ) {
         let pod_key = format!("{}/{}", p.namespace, p.name);
-        let selecting = selecting_policies(self.model, p);
+        let rejected = quarantine.is_some();
+        // A quarantined pod is isolated both ways with an empty set: nothing but itself,
+        // loopback and its node reach it.
+        let selecting = if rejected {
+            Vec::new()
+        } else {
+            selecting_policies(self.model, p)
+        };
         let names = |pick: fn(&(usize, bool, bool)) -> bool| -> Vec<String> {
             selecting
                 .iter()
@@ -409,7 +452,10 @@ impl EndpointCompiler<'_, '_> {
             endpoint_id,
             policy_set: set,
             identity,
-            flags: isolation(!ingress.is_empty(), !egress.is_empty()),
+            flags: isolation(
+                rejected || !ingress.is_empty(),
+                rejected || !egress.is_empty(),
+            ),
             ip4: p
                 .ips
                 .iter()
@@ -429,6 +475,7 @@ impl EndpointCompiler<'_, '_> {
             ingress_policies: ingress,
             egress_policies: egress,
             ips: p.ips.clone(),
+            quarantine,
         };
         self.out.endpoints.insert(cgroup.to_owned(), endpoint);
     }

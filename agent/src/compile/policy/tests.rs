@@ -301,3 +301,38 @@ proptest::proptest! {
         reference::check(&world)?;
     }
 }
+
+/// A pod weft could not read stands in isolated, and no selector matches its address.
+#[test]
+fn a_rejected_pod_is_isolated_and_matches_no_peer() {
+    let bad_b = POD_B.replace(
+        "name: serve-80-tcp, containerPort: 8080",
+        "name: Bad_Name, containerPort: 8080",
+    );
+    let invalid = crate::store::decode(crate::source::yaml::parse(&bad_b).expect("yaml"))
+        .expect_err("rejected");
+    let stand_in = invalid.stand_in.expect("a stand-in");
+    let allow_x = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-x, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {}}, {ipBlock: {cidr: 10.0.0.0/8}}]}]\n";
+    let mut store = store_of(&[POD_A, allow_x]);
+    let key = ("x".to_owned(), "b".to_owned());
+    let crate::store::Object::Pod(pod) = stand_in else {
+        panic!("not a pod")
+    };
+    store.pods.insert(key, pod);
+    let mut ids = Ids::default();
+    let p = compile(&store, &[], &mut ids);
+    let b = &p.endpoints["x-b"];
+    assert_eq!(b.quarantine, Some(Quarantine::Unreadable));
+    assert_eq!(b.info.flags, EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+    assert_eq!(b.info.policy_set, 0);
+    let b_id = p.ipcache[&"10.0.0.12/32".parse().expect("net")].identity;
+    assert_eq!(p.identities[&b_id], IdentityKey::RejectedPod);
+    let eval = Eval::new(&p);
+    let egress = eval.allowed("x-b", Direction::Egress, ip("10.0.0.11"), IPPROTO_TCP, 80);
+    assert!(!egress.0, "the rejected pod sends nothing");
+    let ingress = eval.allowed("x-a", Direction::Ingress, ip("10.0.0.12"), IPPROTO_TCP, 80);
+    assert!(
+        !ingress.0,
+        "neither podSelector {{}} nor the ipBlock matches it"
+    );
+}

@@ -168,8 +168,9 @@ fn a_static_pods_mirror_is_found_by_its_config_hash() {
     let hash = "6f1b0a3c9d2e4f5a8b7c6d5e4f3a2b1c";
     let annotations =
         json!({"kubernetes.io/config.mirror": hash, "kubernetes.io/config.hash": hash});
-    h.pods
-        .apply_watcher_event(&Event::Apply(pod("etcd-node-a", NODE, "1", annotations)));
+    let mut mirror = pod("etcd-node-a", NODE, "1", annotations);
+    mirror.metadata.owner_references = Some(vec![node_owner(NODE)]);
+    h.pods.apply_watcher_event(&Event::Apply(mirror));
     let (store, _) = h.snapshot();
     assert_eq!(
         annotation(&store, "etcd-node-a").as_deref(),
@@ -178,6 +179,38 @@ fn a_static_pods_mirror_is_found_by_its_config_hash() {
                 .as_str()
         ),
         "the kubelet names a static pod's cgroup after its config hash, not the mirror's UID"
+    );
+}
+
+fn node_owner(node: &str) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "name": node, "uid": "node-uid", "controller": true,
+    }))
+    .expect("owner")
+}
+
+/// Anyone who can create a pod can write the annotation; only the kubelet's mirror pods,
+/// owned by their Node, are resolved through it.
+#[test]
+fn a_mirror_annotation_on_a_pod_not_owned_by_its_node_is_ignored() {
+    let mut h = Harness::new("forged-mirror");
+    h.list_all();
+    let victim = "11111111-2222-3333-4444-555555555555";
+    let annotations = json!({"kubernetes.io/config.mirror": victim});
+    let mut forged = pod("zz-attacker", NODE, "1", annotations);
+    forged.metadata.owner_references = Some(vec![node_owner("node-b")]);
+    h.pods.apply_watcher_event(&Event::Apply(forged));
+    let (store, _) = h.snapshot();
+    assert_eq!(
+        annotation(&store, "zz-attacker").as_deref(),
+        Some(
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                UID.replace('-', "_")
+            )
+            .as_str()
+        ),
+        "its own UID's cgroup, not the victim's"
     );
 }
 

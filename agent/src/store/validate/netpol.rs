@@ -1,5 +1,6 @@
 //! NetworkPolicy validation as the API server does it (kubernetes
-//! pkg/apis/networking/validation, with `StrictIPCIDRValidation` on, the default from 1.36).
+//! pkg/apis/networking/validation). CIDRs are checked as without `StrictIPCIDRValidation`:
+//! objects stored before it was on still carry legacy forms, and the API server serves them.
 //! Messages are the API server's, so they read the same as `kubectl apply` would show.
 use ipnet::IpNet;
 use k8s_openapi::{
@@ -182,7 +183,7 @@ fn ip_block(e: &mut Errors, base: &str, cidr: &str, except: &[String]) {
         let Some(ex_net) = parse_cidr(e, &field, ex) else {
             continue;
         };
-        if !net.trunc().contains(&ex_net.addr()) || net.prefix_len() >= ex_net.prefix_len() {
+        if !net.contains(&ex_net.addr()) || net.prefix_len() >= ex_net.prefix_len() {
             e.add(
                 field,
                 format!("Invalid value: {ex:?}: must be a strict subset of `cidr`"),
@@ -191,10 +192,12 @@ fn ip_block(e: &mut Errors, base: &str, cidr: &str, except: &[String]) {
     }
 }
 
-/// A CIDR in strict form: parses, no leading zeros, not IPv4-mapped, no host bits. Returns the
-/// network when it parses at all (later checks still use it, as the API server does).
+/// A CIDR as the API server validates it: it must parse, sloppily. Host bits, leading zeros
+/// and IPv4-mapped addresses are accepted: `StrictIPCIDRValidation` refuses them only in new
+/// writes, and objects stored earlier keep them (ratcheting). [`cidr`] says what they mean.
 fn parse_cidr(e: &mut Errors, field: &str, value: &str) -> Option<IpNet> {
-    let Ok(net) = value.parse::<IpNet>() else {
+    let net = cidr(value);
+    if net.is_none() {
         e.add(
             field,
             format!(
@@ -202,23 +205,37 @@ fn parse_cidr(e: &mut Errors, field: &str, value: &str) -> Option<IpNet> {
                  2001:db8::/64)"
             ),
         );
-        return None;
-    };
-    let len = value.rsplit_once('/').map_or("", |(_, l)| l);
-    let mapped = matches!(net, IpNet::V6(n) if n.addr().to_ipv4_mapped().is_some());
-    let problem = if len.len() > 1 && len.starts_with('0') {
-        Some("must not have leading 0s in IP or prefix length")
-    } else if mapped {
-        Some("must not have an IPv4-mapped IPv6 address")
-    } else if net.trunc() != net {
-        Some("must not have bits set beyond the prefix length")
-    } else {
-        None
-    };
-    if let Some(p) = problem {
-        e.add(field, format!("Invalid value: {value:?}: {p}"));
     }
-    Some(net)
+    net
+}
+
+/// What an ipBlock CIDR means, as Kubernetes interprets legacy forms
+/// (`k8s.io/utils/net.ParseCIDRSloppy`, Go's pre-1.17 `net.ParseCIDR`): IPv4 octets and the
+/// prefix length with leading zeros are decimal, host bits are masked off, and an
+/// IPv4-mapped IPv6 prefix of at least /96 is the IPv4 prefix it maps. None when it does not
+/// parse at all.
+pub fn cidr(value: &str) -> Option<IpNet> {
+    let (addr, len) = value.split_once('/')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    let addr = crate::store::object::sloppy_ip(addr)?;
+    let net = IpNet::new(addr, len).ok()?.trunc();
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => Some(IpNet::new(v4.into(), n.prefix_len() - 96).ok()?.trunc()),
+            None => Some(net),
+        },
+        _ => Some(net),
+    }
+}
+
+/// Whether a selector is one the API server would accept.
+pub fn selector_is_valid(sel: &LabelSelector) -> bool {
+    let mut e = Errors::default();
+    label_selector(&mut e, "", sel);
+    e.0.is_empty()
 }
 
 fn label_selector(e: &mut Errors, base: &str, sel: &LabelSelector) {
@@ -260,14 +277,8 @@ fn label_selector(e: &mut Errors, base: &str, sel: &LabelSelector) {
                 format!("Invalid value: {:?}: not a valid label key", r.key),
             );
         }
-        for (j, v) in values.iter().enumerate() {
-            if !is_label_value(v) {
-                e.add(
-                    format!("{f}.values[{j}]"),
-                    format!("Invalid value: {v:?}: not a valid label value"),
-                );
-            }
-        }
+        // `values` are not checked: invalid label values were accepted before 1.26 and are
+        // kept on update (`AllowInvalidLabelValueInSelector`); they simply match no label.
     }
 }
 

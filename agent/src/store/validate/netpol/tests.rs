@@ -134,21 +134,6 @@ fn peers_and_ip_blocks_are_checked() {
         "must be a valid CIDR value",
     );
     rejected(
-        &from("{ipBlock: {cidr: 10.0.0.1/8}}"),
-        "spec.ingress[0].from[0].ipBlock.cidr",
-        "bits set beyond the prefix length",
-    );
-    rejected(
-        &from("{ipBlock: {cidr: 10.0.0.0/08}}"),
-        "spec.ingress[0].from[0].ipBlock.cidr",
-        "leading 0s",
-    );
-    rejected(
-        &from("{ipBlock: {cidr: '::ffff:10.0.0.0/104'}}"),
-        "spec.ingress[0].from[0].ipBlock.cidr",
-        "IPv4-mapped",
-    );
-    rejected(
         &from("{ipBlock: {cidr: ''}}"),
         "spec.ingress[0].from[0].ipBlock.cidr",
         "Required value",
@@ -194,10 +179,12 @@ fn selectors_and_policy_types_are_checked() {
         "spec.podSelector.matchExpressions[0].values",
         "may not be specified",
     );
-    rejected(
-        &sel("{matchExpressions: [{key: pod, operator: In, values: ['a b']}]}"),
-        "spec.podSelector.matchExpressions[0].values[0]",
-        "not a valid label value",
+    // Accepted before 1.26 and kept on update (`AllowInvalidLabelValueInSelector`).
+    assert_eq!(
+        check(&sel(
+            "{matchExpressions: [{key: pod, operator: In, values: ['a b']}]}"
+        )),
+        Ok(())
     );
     rejected(
         &sel("{matchLabels: {pod: '-a'}}"),
@@ -226,4 +213,48 @@ fn selectors_and_policy_types_are_checked() {
         "may not specify more than two",
     );
     check("  policyTypes: [Ingress, Ingress]\n").expect("duplicates are accepted, as upstream");
+}
+
+/// Legacy forms the API server still serves (stored before `StrictIPCIDRValidation`).
+#[test]
+fn legacy_cidr_forms_are_accepted() {
+    for cidr in [
+        "10.0.0.1/8",
+        "10.0.0.0/08",
+        "010.000.0.0/8",
+        "'::ffff:10.0.0.0/104'",
+    ] {
+        let spec = format!("  ingress:\n  - from: [{{ipBlock: {{cidr: {cidr}}}}}]\n");
+        assert_eq!(check(&spec), Ok(()), "{cidr}");
+    }
+    let spec = "  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.2.3/16]}}]\n";
+    assert_eq!(check(spec), Ok(()));
+}
+
+#[test]
+fn legacy_cidrs_mean_their_masked_prefix() {
+    let net = |s: &str| s.parse::<IpNet>().expect("net");
+    assert_eq!(cidr("10.0.0.1/8"), Some(net("10.0.0.0/8")));
+    assert_eq!(cidr("010.001.002.003/024"), Some(net("10.1.2.0/24")));
+    assert_eq!(cidr("::ffff:10.0.0.0/104"), Some(net("10.0.0.0/8")));
+    assert_eq!(cidr("::ffff:0a00:0001/112"), Some(net("10.0.0.0/16")));
+    assert_eq!(cidr("fd00::1/8"), Some(net("fd00::/8")));
+    assert_eq!(cidr("::ffff:0:0/95"), Some(net("::fffe:0:0/95")));
+}
+
+#[test]
+fn what_does_not_parse_is_no_cidr() {
+    for bad in [
+        "10.0.0.0",
+        "10.0.0.0/33",
+        "10.0.0.256/8",
+        "10.0.0/8",
+        "0x0a.0.0.0/8",
+        "fd00::/129",
+        "10.0.0.0/",
+        "10.0.0.0/+8",
+        "1111.0.0.0/8",
+    ] {
+        assert_eq!(cidr(bad), None, "{bad}");
+    }
 }

@@ -1,0 +1,103 @@
+use super::*;
+use crate::{source::yaml, store};
+
+fn stand_in_of(text: &str) -> Object {
+    let invalid = store::decode(yaml::parse(text).expect("yaml")).expect_err("rejected");
+    invalid.stand_in.expect("a stand-in")
+}
+
+const BAD_POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: x
+  labels: {app: web}
+  annotations: {weft.io/cgroup: pod-web}
+spec:
+  containers:
+  - name: main
+    ports: [{name: Not_A_Name, containerPort: 80}]
+status:
+  phase: Running
+  podIP: 10.0.0.5
+  podIPs: [{ip: 10.0.0.5}, {ip: 'fd00::5'}]
+";
+
+#[test]
+fn a_rejected_pod_keeps_its_cgroup_and_addresses_and_nothing_else() {
+    let Object::Pod(pod) = stand_in_of(BAD_POD) else {
+        panic!("not a pod")
+    };
+    assert!(is_rejected(&pod));
+    assert_eq!(
+        pod.metadata.annotations.as_ref().expect("annotations")[CGROUP_ANNOTATION],
+        "pod-web"
+    );
+    assert_eq!(
+        pod.metadata.labels, None,
+        "no label a policy could select on"
+    );
+    assert_eq!(pod.metadata.namespace.as_deref(), Some("x"));
+    let status = pod.status.as_ref().expect("status");
+    assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.5"));
+    let ips: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    assert_eq!(ips, ["10.0.0.5", "fd00::5"]);
+    assert_eq!(pod.spec.as_ref().expect("spec").containers, []);
+}
+
+#[test]
+fn a_rejected_pod_without_a_name_has_no_stand_in() {
+    let text = BAD_POD.replace("  name: web\n", "");
+    let invalid = store::decode(yaml::parse(&text).expect("yaml")).expect_err("rejected");
+    assert_eq!(invalid.stand_in, None);
+}
+
+const BAD_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: not-a-cidr}}]
+";
+
+#[test]
+fn a_rejected_policy_isolates_what_it_selects_both_ways_with_no_rules() {
+    let Object::NetworkPolicy(np) = stand_in_of(BAD_POLICY) else {
+        panic!("not a policy")
+    };
+    let spec = np.spec.as_ref().expect("spec");
+    let selector = spec.pod_selector.as_ref().expect("selector");
+    assert_eq!(
+        selector.match_labels,
+        Some(BTreeMap::from([("app".to_owned(), "web".to_owned())]))
+    );
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
+    );
+    assert_eq!((spec.ingress.as_ref(), spec.egress.as_ref()), (None, None));
+}
+
+#[test]
+fn a_rejected_policy_with_an_unusable_selector_selects_its_whole_namespace() {
+    let text = BAD_POLICY.replace("{app: web}", "{'bad key!': web}");
+    let Object::NetworkPolicy(np) = stand_in_of(&text) else {
+        panic!("not a policy")
+    };
+    let spec = np.spec.as_ref().expect("spec");
+    assert_eq!(spec.pod_selector, Some(LabelSelector::default()));
+}
+
+#[test]
+fn other_kinds_have_no_stand_in() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 0}]}\n";
+    let invalid = store::decode(yaml::parse(text).expect("yaml")).expect_err("rejected");
+    assert_eq!(invalid.stand_in, None);
+}
