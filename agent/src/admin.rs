@@ -323,14 +323,12 @@ fn public_routes() -> Router<AdminState> {
 }
 
 fn status_doc(state: &AdminState) -> StatusDoc {
+    // Before taking the locks below: it takes them itself.
+    let degraded = degraded(state);
     let services = state.services.read().unwrap_or_else(|e| e.into_inner());
     let policy = state.policy.read().unwrap_or_else(|e| e.into_inner());
-    let degraded = degraded(state);
     StatusDoc {
-        healthy: services.ready
-            && services.sync_errors.is_empty()
-            && policy.sync_errors.is_empty()
-            && degraded.is_empty(),
+        healthy: services.ready && degraded.is_empty(),
         degraded,
         agent: (*state.info).clone(),
         services: serde_json::to_value(&*services).unwrap_or_default(),
@@ -342,6 +340,7 @@ fn status_doc(state: &AdminState) -> StatusDoc {
             "policy_entries": policy.policy_entries,
             "problems": policy.problems,
             "sync_errors": policy.sync_errors.iter().map(|f| &f.message).collect::<Vec<_>>(),
+            "over_capacity": policy.over_capacity,
         }),
         telemetry: serde_json::json!({
             "open_connections": state.telemetry.open_count(),
@@ -355,12 +354,48 @@ async fn status(State(state): State<AdminState>) -> Json<StatusDoc> {
     Json(status_doc(&state))
 }
 
+/// Why the agent is not doing its whole job: the source fails, or part of the desired state
+/// is not in the kernel (a map full, a write failed), or pods are isolated because weft could
+/// not read or hold what concerns them.
 fn degraded(state: &AdminState) -> Vec<String> {
-    state
+    let mut out: Vec<String> = state
         .source_health
         .as_ref()
         .map(|h| h.degraded())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let services = state.services.read().unwrap_or_else(|e| e.into_inner());
+    out.extend(
+        services
+            .sync_errors
+            .iter()
+            .map(|e| format!("service sync: {}", e.failure.message)),
+    );
+    drop(services);
+    let policy = state.policy.read().unwrap_or_else(|e| e.into_inner());
+    out.extend(
+        policy
+            .sync_errors
+            .iter()
+            .map(|e| format!("policy sync: {}", e.message)),
+    );
+    if !policy.over_capacity.is_empty() {
+        out.push(format!(
+            "policies over --max-ipcache, isolating what they select: {}",
+            policy.over_capacity.join(", ")
+        ));
+    }
+    let quarantined: Vec<String> = policy
+        .endpoints
+        .iter()
+        .filter_map(|e| Some(format!("{} ({})", e.pod, e.quarantine?.as_str())))
+        .collect();
+    if !quarantined.is_empty() {
+        out.push(format!(
+            "pods isolated both ways by weft: {}",
+            quarantined.join(", ")
+        ));
+    }
+    out
 }
 
 /// Ready: the first full sync is done and the source is not failing. Liveness (`/healthz`)

@@ -627,7 +627,7 @@ mod example_dir {
         // The policies: every pod ingress-isolated, the frontend egress-isolated too, and the
         // demo's traffic allowed while the frontend cannot reach postgres.
         let store = Store::from_objects(objects);
-        let p = policy::compile(&store, &[], &mut policy::Ids::default());
+        let p = policy::compile(&store, &[], &mut policy::Ids::default(), u32::MAX);
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         let flags = |cg: &str| p.endpoints[cg].info.flags;
         use weft_abi::{

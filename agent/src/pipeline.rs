@@ -345,9 +345,11 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             return;
         }
         self.syncer.collect_garbage(Instant::now());
-        if self.policy.cgroups_appeared() {
+        if self.policy.cgroups_appeared() || self.policy.failed() {
             let (written, deleted) = self.policy.run(&self.last_store, &self.metrics);
-            tracing::info!(target: "weft::sync", written, deleted, "policies synced for cgroups that appeared");
+            if written + deleted > 0 {
+                tracing::info!(target: "weft::sync", written, deleted, "policies synced again (cgroups appeared, or the last pass left something out)");
+            }
         }
     }
 

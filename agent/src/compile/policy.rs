@@ -83,7 +83,9 @@ pub struct LocalEndpoint {
 
 /// Why weft isolates a local pod both ways, whatever the policies say: it cannot tell what
 /// they mean for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Quarantine {
     /// The Pod failed validation and no earlier version was good (`store::stand_in`).
@@ -139,6 +141,9 @@ pub struct Policies {
     pub identities: BTreeMap<u32, IdentityKey>,
     pub policies: Vec<PolicySummary>,
     pub problems: Vec<Problem>,
+    /// Policies (`namespace/name`) whose ipBlocks do not fit `IPCACHE`: they isolate what
+    /// they select and allow nothing.
+    pub over_capacity: Vec<String>,
 }
 
 /// An IP protocol name as the API has it.
@@ -229,7 +234,13 @@ pub(crate) struct Model<'a> {
     pub namespace_labels: BTreeMap<String, Labels>,
     pub pods: Vec<PodView<'a>>,
     pub policies: Vec<(&'a str, &'a str, &'a NetworkPolicy)>,
+    /// The ipBlocks of every policy this node enforces.
     pub blocks: Blocks,
+    /// Each policy's ipBlocks (empty for policies selecting no local pod).
+    blocks_of: Vec<Vec<Block>>,
+    /// Policies whose rules do not fit `IPCACHE` (see [`Model::fit`]): they isolate and
+    /// allow nothing.
+    pub dropped: BTreeSet<usize>,
 }
 
 impl<'a> Model<'a> {
@@ -244,7 +255,7 @@ impl<'a> Model<'a> {
         for (name, labels) in &mut namespace_labels {
             labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
         }
-        let pods = store
+        let pods: Vec<PodView<'a>> = store
             .pods
             .iter()
             .map(|((ns, name), pod)| PodView {
@@ -260,34 +271,69 @@ impl<'a> Model<'a> {
             .iter()
             .map(|((ns, name), np)| (ns.as_str(), name.as_str(), np.as_ref()))
             .collect();
-        let mut blocks = Vec::new();
-        for (_, _, np) in &policies {
-            let spec = np.spec.as_ref();
-            let ingress = spec
-                .and_then(|s| s.ingress.as_ref())
-                .into_iter()
-                .flatten()
-                .flat_map(|r| r.from.iter().flatten());
-            let egress = spec
-                .and_then(|s| s.egress.as_ref())
-                .into_iter()
-                .flatten()
-                .flat_map(|r| r.to.iter().flatten());
-            for peer in ingress.chain(egress) {
-                if let Some(b) = &peer.ip_block
-                    && let Some(block) =
-                        Block::parse(&b.cidr, b.except.as_deref().unwrap_or_default())
-                {
-                    blocks.push(block);
+        let blocks_of: Vec<Vec<Block>> = policies
+            .iter()
+            .map(|(ns, _, np)| {
+                // Only policies this node enforces put prefixes in `IPCACHE`: a policy
+                // elsewhere in the cluster must not fill this node's map.
+                if selects_a_local_pod(&pods, ns, np) {
+                    policy_blocks(np)
+                } else {
+                    Vec::new()
                 }
-            }
-        }
+            })
+            .collect();
+        let blocks = Blocks::new(blocks_of.iter().flatten().cloned().collect());
         Self {
             namespace_labels,
             pods,
             policies,
-            blocks: Blocks::new(blocks),
+            blocks,
+            blocks_of,
+            dropped: BTreeSet::new(),
         }
+    }
+
+    /// Keeps the `IPCACHE` prefixes of the policies' ipBlocks within `room` entries: when
+    /// they do not fit, the policies needing the most are dropped (largest first) until the
+    /// rest do. A dropped policy still isolates what it selects but allows nothing, so only
+    /// its pods lose anything, and only allowed traffic.
+    pub fn fit(&mut self, room: usize) -> Vec<(usize, usize)> {
+        let mut order: Vec<usize> = (0..self.policies.len())
+            .filter(|&i| !self.blocks_of[i].is_empty())
+            .collect();
+        let need = |i: usize, blocks_of: &[Vec<Block>]| -> BTreeSet<IpNet> {
+            blocks_of[i]
+                .iter()
+                .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+                .collect()
+        };
+        let total: BTreeSet<IpNet> = order
+            .iter()
+            .flat_map(|&i| need(i, &self.blocks_of))
+            .collect();
+        if total.len() <= room {
+            return Vec::new();
+        }
+        order.sort_by_key(|&i| (need(i, &self.blocks_of).len(), i));
+        let mut kept: BTreeSet<IpNet> = BTreeSet::new();
+        let mut dropped = Vec::new();
+        for i in order {
+            let mine = need(i, &self.blocks_of);
+            let more = mine.difference(&kept).count();
+            if kept.len() + more <= room {
+                kept.extend(mine);
+            } else {
+                dropped.push((i, mine.len()));
+                self.dropped.insert(i);
+            }
+        }
+        let blocks = (0..self.policies.len())
+            .filter(|i| !self.dropped.contains(i))
+            .flat_map(|i| self.blocks_of[i].iter().cloned())
+            .collect();
+        self.blocks = Blocks::new(blocks);
+        dropped
     }
 
     fn block_names(&self, indexes: &[usize]) -> BTreeSet<String> {
@@ -306,6 +352,38 @@ impl<'a> Model<'a> {
     }
 }
 
+/// A policy's ipBlock peers, as blocks.
+fn policy_blocks(np: &NetworkPolicy) -> Vec<Block> {
+    let spec = np.spec.as_ref();
+    let ingress = spec
+        .and_then(|s| s.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r.from.iter().flatten());
+    let egress = spec
+        .and_then(|s| s.egress.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r.to.iter().flatten());
+    ingress
+        .chain(egress)
+        .filter_map(|peer| {
+            let b = peer.ip_block.as_ref()?;
+            Block::parse(&b.cidr, b.except.as_deref().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Whether a policy applies to a pod of this node (whatever its rules say).
+fn selects_a_local_pod(pods: &[PodView<'_>], namespace: &str, np: &NetworkPolicy) -> bool {
+    let selector = np.spec.as_ref().and_then(|s| s.pod_selector.as_ref());
+    pods.iter().any(|p| {
+        p.namespace == namespace
+            && local_cgroup(p.pod).is_some()
+            && selector.is_none_or(|sel| selector::matches(sel, &p.labels))
+    })
+}
+
 /// An identity and what policies match it against.
 #[derive(Debug)]
 pub(crate) struct IdentityView {
@@ -320,8 +398,16 @@ pub(crate) struct IdentityView {
 
 /// Compiles every NetworkPolicy for the pods of this node. `host_ips`: the node's own
 /// addresses (ingress from them is always allowed).
-pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
-    let model = Model::new(store);
+pub fn compile(
+    store: &Store,
+    host_ips: &[IpAddr],
+    ids: &mut Ids,
+    ipcache_capacity: u32,
+) -> Policies {
+    let mut model = Model::new(store);
+    let addresses = model.pods.iter().map(|p| p.ips.len()).sum::<usize>() + host_ips.len();
+    let room = (ipcache_capacity as usize).saturating_sub(addresses);
+    let dropped = model.fit(room);
     let mut pass = IdentityPass {
         ids,
         out: Policies::default(),
@@ -338,6 +424,18 @@ pub fn compile(store: &Store, host_ips: &[IpAddr], ids: &mut Ids) -> Policies {
     } = pass;
     let identities: Vec<IdentityView> = views.into_values().collect();
     rules::compile_endpoints(&model, &identities, &local_ids, ids, &mut out);
+    for (i, prefixes) in dropped {
+        let (ns, name, _) = model.policies[i];
+        out.over_capacity.push(format!("{ns}/{name}"));
+        out.problems.push(Problem {
+            object: format!("{ns}/{name}"),
+            message: format!(
+                "its ipBlocks need {prefixes} IPCACHE entries and do not fit (--max-ipcache \
+                 {ipcache_capacity}, with every pod address first): the pods it selects are \
+                 isolated and it allows nothing"
+            ),
+        });
+    }
     ids.finish_pass();
     out
 }

@@ -8,6 +8,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    compile::policy::Quarantine,
     datapath::metrics::MapMetrics,
     metrics::{duration_histogram, label_value},
     store::ObjectRef,
@@ -59,6 +60,18 @@ pub struct StageLabels {
     pub stage: Stage,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuarantineLabels {
+    pub reason: Quarantine,
+}
+
+/// A map and the flag that sizes it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapFlagLabels {
+    pub map: &'static str,
+    pub flag: String,
+}
+
 /// Every metric of the pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineMetrics {
@@ -77,6 +90,11 @@ pub struct PipelineMetrics {
     pub service_frontends: Gauge,
     /// Entries and capacity of the maps the syncers write.
     pub maps: MapMetrics,
+    /// Local pods isolated both ways by weft, by why.
+    pub quarantined_pods: Family<QuarantineLabels, Gauge>,
+    /// What the last pass could not hold, by map (and the flag that raises it): policies
+    /// dropped for `IPCACHE`, sets and endpoints left out.
+    pub over_capacity: Family<MapFlagLabels, Gauge>,
 }
 
 impl PipelineMetrics {
@@ -89,7 +107,19 @@ impl PipelineMetrics {
             compile_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             service_frontends: Gauge::default(),
             maps,
+            quarantined_pods: Family::default(),
+            over_capacity: Family::default(),
         };
+        registry.register(
+            "policy_quarantined_pods",
+            "Local pods isolated both ways because weft cannot read them or tell which policies apply (`weft policies`)",
+            m.quarantined_pods.clone(),
+        );
+        registry.register(
+            "policy_over_capacity",
+            "Objects the last pass could not hold, by map and the flag that raises it: policies whose ipBlocks do not fit (isolating what they select), policy sets and endpoints left out",
+            m.over_capacity.clone(),
+        );
         registry.register(
             "config_rejections",
             "Documents rejected by a source (file, document, kind and field are in the logs and `weft status`)",
@@ -131,6 +161,28 @@ impl PipelineMetrics {
             .get_or_create(&StageLabels { stage })
             .observe(started.elapsed().as_secs_f64());
         out
+    }
+
+    /// Publishes the quarantined pods and what did not fit after a policy pass.
+    pub fn policy_state(&self, quarantined: &[Quarantine], over: &[(&'static str, u64)]) {
+        for reason in [Quarantine::Unreadable, Quarantine::SharedCgroup] {
+            let n = quarantined.iter().filter(|q| **q == reason).count();
+            self.quarantined_pods
+                .get_or_create(&QuarantineLabels { reason })
+                .set(n as i64);
+        }
+        for map in [
+            weft_abi::maps::ENDPOINTS,
+            weft_abi::maps::IPCACHE,
+            weft_abi::maps::POLICY,
+        ] {
+            let n: u64 = over.iter().filter(|(m, _)| *m == map).map(|(_, n)| n).sum();
+            let labels = MapFlagLabels {
+                map,
+                flag: crate::datapath::map_flag(map).unwrap_or_default(),
+            };
+            self.over_capacity.get_or_create(&labels).set(n as i64);
+        }
     }
 
     pub fn sync_error(&self, reason: Reason) {

@@ -58,6 +58,8 @@ pub struct PolicyStatus {
     pub endpoints: Vec<EndpointStatus>,
     pub problems: Vec<Problem>,
     pub sync_errors: Vec<Failure>,
+    /// Policies whose ipBlocks do not fit `IPCACHE` (`--max-ipcache`).
+    pub over_capacity: Vec<String>,
     pub identities: usize,
     pub ipcache_entries: usize,
     pub policy_entries: usize,
@@ -76,9 +78,13 @@ pub struct PolicyStage<M> {
     seeded: bool,
     cgroup_root: PathBuf,
     host_ips: Vec<IpAddr>,
+    /// `--max-ipcache`: compile keeps the ipBlocks within it.
+    ipcache_capacity: u32,
     status: Arc<RwLock<PolicyStatus>>,
     /// Some local pod's cgroup was missing at the last pass.
     missing_cgroups: bool,
+    /// The last pass left something out (a map full, a write failed): try again.
+    failed: bool,
     /// The id of a cgroup directory; None when it does not exist (yet).
     pub(super) cgroup_id: fn(&Path) -> Option<u64>,
 }
@@ -105,8 +111,10 @@ impl<M: PolicyMaps> PolicyStage<M> {
             seeded: false,
             cgroup_root: cgroup_root.to_owned(),
             host_ips,
+            ipcache_capacity: capacity.ipcache,
             status,
             missing_cgroups: false,
+            failed: false,
             cgroup_id: |path| cgroup::cgroup_id(path).ok(),
         })
     }
@@ -114,6 +122,12 @@ impl<M: PolicyMaps> PolicyStage<M> {
     #[cfg(test)]
     pub fn maps(&self) -> &M {
         self.syncer.maps()
+    }
+
+    /// Whether the last pass left something out and should be retried (room may have been
+    /// made since, or a transient write error passed).
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// Whether a pass is worth running again because a missing cgroup now exists.
@@ -140,19 +154,42 @@ impl<M: PolicyMaps> PolicyStage<M> {
     pub fn run(&mut self, store: &Store, metrics: &PipelineMetrics) -> (usize, usize) {
         if !self.seeded {
             // A restarted agent first learns the numbers the kernel holds.
-            let first = cp::compile(store, &self.host_ips, &mut self.ids);
+            let first = cp::compile(store, &self.host_ips, &mut self.ids, self.ipcache_capacity);
             let ids = self.resolve(&first);
             self.syncer.seed(&mut self.ids, &first, &ids);
             self.seeded = true;
         }
         let policies = metrics.time(Stage::Policy, || {
-            cp::compile(store, &self.host_ips, &mut self.ids)
+            cp::compile(store, &self.host_ips, &mut self.ids, self.ipcache_capacity)
         });
         let cgroup_ids = self.resolve(&policies);
         let report = self.syncer.apply(&policies, &cgroup_ids);
+        self.failed = !report.errors.is_empty();
+        let quarantined: Vec<cp::Quarantine> = policies
+            .endpoints
+            .values()
+            .filter_map(|e| e.quarantine)
+            .collect();
+        let mut over: Vec<(&'static str, u64)> = report
+            .errors
+            .iter()
+            .filter(|e| e.reason == crate::sync::Reason::MapFull)
+            .map(|e| (e.map, 1))
+            .collect();
+        over.push((maps::IPCACHE, policies.over_capacity.len() as u64));
+        metrics.policy_state(&quarantined, &over);
+        let previous = self
+            .status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync_errors
+            .clone();
         for e in &report.errors {
             metrics.sync_error(e.reason);
-            tracing::error!(target: "weft::sync", error = e.message, "policy change not fully applied");
+            // A retry meeting the same problem is counted, not logged again.
+            if !previous.contains(e) {
+                tracing::error!(target: "weft::sync", error = e.message, "policy change not fully applied");
+            }
         }
         let (endpoints, ipcache, entries) = self.syncer.usage();
         for (map, used) in [
@@ -204,6 +241,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             endpoints,
             problems,
             sync_errors: report.errors.clone(),
+            over_capacity: policies.over_capacity.clone(),
             identities: policies.identities.len(),
             ipcache_entries: ipcache,
             policy_entries: entries,

@@ -16,10 +16,15 @@
 //! never reused while the kernel may hold them (see `compile::policy::ids`), so an old key
 //! never takes a new meaning.
 //!
-//! When entries do not fit (or a write fails), pods keep their previous set and a pod that
-//! had none is isolated with set 0, which allows nothing: a capacity problem in `POLICY` or
-//! `IPCACHE` never opens traffic. The exception is `ENDPOINTS` itself: a pod that does not fit
-//! there cannot be enforced, and the error says so (with `--max-endpoints`).
+//! When a set's entries do not fit (or a write fails), the pods that want it get set 0,
+//! which allows nothing in the directions they are isolated in: keeping their previous set
+//! could keep a permission the new policy revokes. Room is made from sets no pod uses, and
+//! once those pods have left their old sets the pass tries again, so a change at the edge of
+//! the capacity completes in the same pass or fails closed for those pods only; every other
+//! pod's update (revocations, addresses) still applies. Old and new addresses that do not fit
+//! together make room from stale addresses whose removal gives them what the new state does.
+//! The exception is `ENDPOINTS` itself: a pod that does not fit there cannot be enforced, and
+//! the error says so (with `--max-endpoints`).
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
@@ -76,7 +81,7 @@ pub struct PolicyReport {
 }
 
 /// What stays in force when a step fails.
-const ENTRIES_KEPT: &str = "Pods keep their previous policies; newly isolated pods allow nothing.";
+const SETS_DENIED: &str = "Pods whose policies did not fit allow nothing in the directions they are isolated in, until they fit.";
 const ENDPOINT_KEPT: &str = "The pod keeps its previous policies.";
 const ADDRESSES_KEPT: &str = "Addresses keep their previous identities.";
 const STALE_KEPT: &str = "The stale entry stays until a later pass removes it.";
@@ -206,53 +211,105 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             .iter()
             .filter_map(|(cg, e)| Some((*cgroup_ids.get(cg)?, e.info)))
             .collect();
-        let entries_ok = self.write_entries(desired, &mut report);
-        self.write_endpoints(&want_endpoints, entries_ok, &mut report);
+        let bridge = self.bridge(desired);
+        let mut sets = PolicyReport::default();
+        let missing = self.write_sets(desired, &bridge, &mut sets);
+        self.write_endpoints(&want_endpoints, &missing, &mut report);
         self.remove_stale_endpoints(&want_endpoints, &mut report);
         self.write_ipcache(desired, &mut report);
-        // Entries nothing wants are kept when the new state could not be written.
-        if entries_ok {
-            self.remove_stale_entries(desired, &mut report);
+        self.remove_stale_entries(desired, &mut report);
+        if !missing.is_empty() {
+            // The pods whose sets did not fit are denied now and their old sets are gone:
+            // the room those held may be enough. (Addresses have moved: no bridge needed.)
+            let mut again = PolicyReport::default();
+            let still = self.write_sets(desired, &BTreeMap::new(), &mut again);
+            self.write_endpoints(&want_endpoints, &still, &mut again);
+            report.written += again.written;
+            report.deleted += again.deleted;
+            if still.is_empty() {
+                sets.errors.clear();
+            }
         }
+        report.written += sets.written;
+        report.deleted += sets.deleted;
+        report.errors.splice(0..0, sets.errors);
         report
     }
 
-    /// Step 1: entries, with the bridge entries for identities being retired. False when
-    /// they could not all be written (then pods keep their sets).
-    fn write_entries(&mut self, desired: &Policies, report: &mut PolicyReport) -> bool {
-        let bridge = self.bridge(desired);
-        let need = (desired.entries.len() + bridge.len()) as u64;
-        if let Err(e) = Error::check(maps::POLICY, 0, need, self.capacity.entries) {
-            report.errors.push(Failure::new(&e, ENTRIES_KEPT));
-            return false;
+    /// Step 1: each set's entries (with the bridge entries for identities being retired),
+    /// set by set as they fit. Returns the sets that could not be written whole: the pods
+    /// that want one of them are denied until it is (step 2).
+    fn write_sets(
+        &mut self,
+        desired: &Policies,
+        bridge: &BTreeMap<EntryKey, PolicyValue>,
+        report: &mut PolicyReport,
+    ) -> BTreeSet<u32> {
+        let mut sets: BTreeMap<u32, Vec<(&EntryKey, &PolicyValue)>> = BTreeMap::new();
+        for (k, v) in desired.entries.iter().chain(bridge) {
+            sets.entry(k.data.policy_set).or_default().push((k, v));
         }
-        for (k, v) in desired.entries.iter().chain(&bridge) {
+        let mut missing = BTreeSet::new();
+        let mut freed = false;
+        for (set, entries) in sets {
+            let new = entries
+                .iter()
+                .filter(|(k, _)| !self.entries.contains_key(k))
+                .count() as u64;
+            let used = self.entries.len() as u64;
+            if new > 0 && !freed && used + new > u64::from(self.capacity.entries) {
+                // Room first: entries of sets no pod uses (left by an earlier pass).
+                freed = true;
+                self.remove_unused_entries(desired, report);
+            }
+            let used = self.entries.len() as u64;
+            if let Err(e) = Error::check(maps::POLICY, used, new, self.capacity.entries) {
+                if missing.is_empty() {
+                    report.errors.push(Failure::new(&e, SETS_DENIED));
+                }
+                missing.insert(set);
+                continue;
+            }
+            if !self.write_set(&entries, report) {
+                missing.insert(set);
+            }
+        }
+        missing
+    }
+
+    fn write_set(
+        &mut self,
+        entries: &[(&EntryKey, &PolicyValue)],
+        report: &mut PolicyReport,
+    ) -> bool {
+        for (k, v) in entries {
             if self.entries.get(k) == Some(v) {
                 continue;
             }
             if let Err(e) = self.maps.put_entry(k, v) {
-                report.errors.push(Failure::new(&e, ENTRIES_KEPT));
+                report.errors.push(Failure::new(&e, SETS_DENIED));
                 return false;
             }
-            self.entries.insert(*k, *v);
+            self.entries.insert(**k, **v);
             report.written += 1;
         }
         true
     }
 
-    /// Step 2: endpoints, as many as fit. Without their new entries, pods keep their set and
-    /// a newly isolated pod gets set 0, which allows nothing.
+    /// Step 2: endpoints, as many as fit. A pod whose set could not be written is denied in
+    /// the directions it is isolated in (set 0 allows nothing): keeping its previous set
+    /// could keep a revoked permission.
     fn write_endpoints(
         &mut self,
         want: &BTreeMap<u64, EndpointInfo>,
-        entries_ok: bool,
+        missing: &BTreeSet<u32>,
         report: &mut PolicyReport,
     ) {
         for (id, want) in want {
             let have = self.endpoints.get(id).copied();
             let mut value = *want;
-            if !entries_ok {
-                value.policy_set = have.map_or(0, |h| h.policy_set);
+            if missing.contains(&value.policy_set) {
+                value.policy_set = 0;
             }
             if have == Some(value) {
                 continue;
@@ -306,6 +363,22 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
             return;
         }
+        let new = desired
+            .ipcache
+            .keys()
+            .filter(|n| !self.ipcache.contains_key(n))
+            .count() as u64;
+        if Error::check(
+            maps::IPCACHE,
+            self.ipcache.len() as u64,
+            new,
+            self.capacity.ipcache,
+        )
+        .is_err()
+        {
+            // Old and new together do not fit: room first.
+            self.remove_stale_ipcache_early(desired, report);
+        }
         // Most specific first: a wider prefix never appears before the narrower ones
         // (excepts, pods) that carve into it, so no address briefly takes its identity.
         let mut writes: Vec<(&IpNet, &IpcacheValue)> = desired.ipcache.iter().collect();
@@ -313,6 +386,17 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         for (net, v) in writes {
             if self.ipcache.get(net) == Some(v) {
                 continue;
+            }
+            if !self.ipcache.contains_key(net)
+                && let Err(e) = Error::check(
+                    maps::IPCACHE,
+                    self.ipcache.len() as u64,
+                    1,
+                    self.capacity.ipcache,
+                )
+            {
+                report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
+                return;
             }
             if let Err(e) = self.maps.put_ipcache(net, v) {
                 report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
@@ -340,15 +424,73 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         }
     }
 
-    /// Step 6: entries nothing wants.
+    /// Stale addresses removed before the new ones are written, to make room: only those
+    /// whose addresses then fall to exactly what the desired state gives them (the same
+    /// covering prefix and value), or to no entry at all (the world, which only rules that
+    /// allow every peer match). Widest first, so a narrower stale entry is judged against
+    /// what remains.
+    fn remove_stale_ipcache_early(&mut self, desired: &Policies, report: &mut PolicyReport) {
+        let mut stale: Vec<IpNet> = self
+            .ipcache
+            .keys()
+            .filter(|n| !desired.ipcache.contains_key(n))
+            .copied()
+            .collect();
+        stale.sort_by_key(IpNet::prefix_len);
+        for net in stale {
+            let after = covering(&self.ipcache, &net);
+            let wanted = covering(&desired.ipcache, &net);
+            if after.is_some() && after != wanted {
+                continue;
+            }
+            self.delete(
+                report,
+                |m| m.del_ipcache(&net),
+                |s| {
+                    s.ipcache.remove(&net);
+                },
+            );
+        }
+    }
+
+    /// Step 6: entries nothing wants (bridges included), except those of an old set a pod
+    /// still uses because its endpoint could not be rewritten.
     fn remove_stale_entries(&mut self, desired: &Policies, report: &mut PolicyReport) {
+        let wanted: BTreeSet<u32> = desired.entries.keys().map(|k| k.data.policy_set).collect();
+        let held: BTreeSet<u32> = self
+            .endpoints
+            .values()
+            .map(|e| e.policy_set)
+            .filter(|s| !wanted.contains(s))
+            .collect();
         let stale: Vec<EntryKey> = self
             .entries
             .keys()
-            .filter(|k| !desired.entries.contains_key(k))
+            .filter(|k| !desired.entries.contains_key(k) && !held.contains(&k.data.policy_set))
             .copied()
             .collect();
-        for k in stale {
+        self.remove_entries(stale, report);
+    }
+
+    /// Entries of sets that no pod uses and no pod will: nothing reads them.
+    fn remove_unused_entries(&mut self, desired: &Policies, report: &mut PolicyReport) {
+        let in_use: BTreeSet<u32> = self
+            .endpoints
+            .values()
+            .map(|e| e.policy_set)
+            .chain(desired.entries.keys().map(|k| k.data.policy_set))
+            .collect();
+        let unused: Vec<EntryKey> = self
+            .entries
+            .keys()
+            .filter(|k| !in_use.contains(&k.data.policy_set))
+            .copied()
+            .collect();
+        self.remove_entries(unused, report);
+    }
+
+    fn remove_entries(&mut self, keys: Vec<EntryKey>, report: &mut PolicyReport) {
+        for k in keys {
             self.delete(
                 report,
                 |m| m.del_entry(&k),
@@ -422,6 +564,14 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             Err(e) => report.errors.push(Failure::new(&e, STALE_KEPT)),
         }
     }
+}
+
+/// The longest prefix strictly wider than `net` that `map` holds, with its value.
+fn covering(map: &BTreeMap<IpNet, IpcacheValue>, net: &IpNet) -> Option<(IpNet, IpcacheValue)> {
+    (0..net.prefix_len()).rev().find_map(|len| {
+        let wider = IpNet::new(net.addr(), len).ok()?.trunc();
+        map.get(&wider).map(|v| (wider, *v))
+    })
 }
 
 /// An entry without its set number: (prefix length, identity, direction, protocol, port,

@@ -494,6 +494,9 @@ impl EndpointCompiler<'_, '_> {
             entries: BTreeMap::new(),
         };
         for &(i, in_sel, eg_sel) in selecting {
+            if self.model.dropped.contains(&i) {
+                continue;
+            }
             let (ns, _, np) = self.model.policies[i];
             let name = self.policy_name(i);
             let rules = Rules {

@@ -18,7 +18,7 @@ fn compile_docs(docs: &[&str]) -> (Policies, Ids) {
     let mut ids = Ids::default();
     let store = store_of(docs);
     let host: [IpAddr; 1] = ["10.0.0.1".parse().expect("ip")];
-    (compile(&store, &host, &mut ids), ids)
+    (compile(&store, &host, &mut ids, u32::MAX), ids)
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -273,12 +273,18 @@ fn numbers_stay_put_when_something_unrelated_changes() {
     let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {}}]}]}\n";
     let mut ids = Ids::default();
     let host: [IpAddr; 0] = [];
-    let before = compile(&store_of(&[POD_A, POD_B, POD_Y, deny]), &host, &mut ids);
+    let before = compile(
+        &store_of(&[POD_A, POD_B, POD_Y, deny]),
+        &host,
+        &mut ids,
+        u32::MAX,
+    );
     let relabelled = POD_Y.replace("labels: {pod: a}", "labels: {pod: a, v: '2'}");
     let after = compile(
         &store_of(&[POD_A, POD_B, &relabelled, deny]),
         &host,
         &mut ids,
+        u32::MAX,
     );
     assert_eq!(before.endpoints, after.endpoints);
     assert_eq!(
@@ -320,7 +326,7 @@ fn a_rejected_pod_is_isolated_and_matches_no_peer() {
     };
     store.pods.insert(key, pod);
     let mut ids = Ids::default();
-    let p = compile(&store, &[], &mut ids);
+    let p = compile(&store, &[], &mut ids, u32::MAX);
     let b = &p.endpoints["x-b"];
     assert_eq!(b.quarantine, Some(Quarantine::Unreadable));
     assert_eq!(b.info.flags, EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
@@ -334,5 +340,61 @@ fn a_rejected_pod_is_isolated_and_matches_no_peer() {
     assert!(
         !ingress.0,
         "neither podSelector {{}} nor the ipBlock matches it"
+    );
+}
+
+/// A policy with `n` ipBlocks (10.<i>.0.0/16, each with an except) in namespace `ns`.
+fn many_blocks(ns: &str, name: &str, n: usize) -> String {
+    let peers: Vec<String> = (0..n)
+        .map(|i| {
+            let (a, b) = (100 + i / 256, i % 256);
+            format!("{{ipBlock: {{cidr: {a}.{b}.0.0/16, except: [{a}.{b}.1.0/24]}}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{}]}}]\n",
+        peers.join(", ")
+    )
+}
+
+#[test]
+fn ip_blocks_of_policies_selecting_no_local_pod_stay_out_of_the_ipcache() {
+    let (without, _) = compile_docs(&[POD_A, POD_B, POD_Y]);
+    let elsewhere = many_blocks("y", "far", 300);
+    let (with, _) = compile_docs(&[POD_A, POD_B, POD_Y, &elsewhere]);
+    assert_eq!(with.ipcache.len(), without.ipcache.len());
+    assert_eq!(with.over_capacity, Vec::<String>::new());
+}
+
+#[test]
+fn a_local_policy_whose_ip_blocks_do_not_fit_isolates_and_allows_nothing() {
+    let big = many_blocks("x", "big", 300);
+    let small = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: small, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{ipBlock: {cidr: 192.168.0.0/16}}]}]\n";
+    let store = store_of(&[POD_A, POD_B, POD_Y, &big, small]);
+    let mut ids = Ids::default();
+    let host: [IpAddr; 1] = [ip("10.0.0.1")];
+    // Three pods and the node, the small policy's prefix, and not the big one's 600.
+    let p = compile(&store, &host, &mut ids, 100);
+    assert_eq!(p.over_capacity, ["x/big"]);
+    assert_eq!(p.ipcache.len(), 5);
+    let a = &p.endpoints["x-a"];
+    assert_eq!(a.info.flags, EP_INGRESS_ISOLATED);
+    let eval = Eval::new(&p);
+    let from_block = eval.allowed("x-a", Direction::Ingress, ip("100.0.2.3"), IPPROTO_TCP, 80);
+    assert!(!from_block.0, "the dropped policy allows nothing");
+    let to_b = eval.allowed(
+        "x-b",
+        Direction::Ingress,
+        ip("192.168.1.1"),
+        IPPROTO_TCP,
+        80,
+    );
+    assert!(to_b.0, "the policy that fits still allows");
+    assert!(
+        p.problems
+            .iter()
+            .any(|pr| pr.object == "x/big" && pr.message.contains("--max-ipcache 100")),
+        "{:?}",
+        p.problems
     );
 }

@@ -37,6 +37,8 @@ struct Fake {
     writes: usize,
     /// Writes fail once this many have succeeded.
     fail_after: Option<usize>,
+    /// Inserting a new `POLICY` key fails beyond this many, as the kernel's does.
+    entries_capacity: Option<usize>,
     /// Probes allowed that neither state allows.
     opened: RefCell<Vec<String>>,
     /// Probes denied that both states allow.
@@ -131,6 +133,16 @@ impl PolicyMaps for Fake {
         self.write(|m| m.del_ipcache(net))
     }
     fn put_entry(&mut self, k: &EntryKey, v: &PolicyValue) -> Result<(), Error> {
+        let full = self
+            .entries_capacity
+            .is_some_and(|cap| !self.entries.contains_key(k) && self.entries.len() >= cap);
+        if full {
+            return Err(Error::Map {
+                map: "POLICY",
+                op: "update (E2BIG)",
+                source: MapError::KeyNotFound,
+            });
+        }
         self.write(|m| m.put_entry(k, v))
     }
     fn del_entry(&mut self, k: &EntryKey) -> Result<(), Error> {
@@ -191,7 +203,7 @@ fn probes(cgroups: impl Iterator<Item = u64>) -> Vec<Probe> {
 fn compiled(world: &reference::World, ids: &mut Ids) -> Policies {
     let docs: Vec<&str> = world.docs.iter().map(String::as_str).collect();
     let host: [IpAddr; 1] = ["10.0.0.1".parse().expect("ip")];
-    compile(&store_of(&docs), &host, ids)
+    compile(&store_of(&docs), &host, ids, CAPACITY.ipcache)
 }
 
 /// Syncs `old`, then `new` with bounds checked after every write; returns the syncer.
@@ -432,4 +444,88 @@ proptest! {
         prop_assert!(opened.is_empty(), "{:?}", opened);
         prop_assert_eq!(&restarted.maps.entries, &after.entries);
     }
+}
+
+/// Pod `a` (cgroup c0) admitting TCP from every pod of `x` on `ports`, and the pods it names.
+fn admitting(ports: std::ops::RangeInclusive<u16>) -> Vec<String> {
+    let list: Vec<String> = ports.map(|p| format!("{{port: {p}}}")).collect();
+    vec![
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}, annotations: {weft.io/cgroup: c0}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.10}\n".to_owned(),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {pod: b}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.11}\n".to_owned(),
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{from: [{{podSelector: {{}}}}], ports: [{}]}}]\n",
+            list.join(", ")
+        ),
+    ]
+}
+
+fn compile_docs(docs: &[String], ids: &mut Ids) -> Policies {
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    compile(&store_of(&docs), &[], ids, CAPACITY.ipcache)
+}
+
+/// Old and new sets together exceed the capacity, each alone fits: the change completes in
+/// one pass, and so does a later revocation.
+#[test]
+fn a_set_change_at_the_capacity_edge_completes_and_a_revocation_follows() {
+    let mut ids = Ids::default();
+    let v1 = compile_docs(&admitting(1..=30), &mut ids);
+    let cap = v1.entries.len() + 4;
+    let fake = Fake {
+        entries_capacity: Some(cap),
+        ..Fake::default()
+    };
+    let capacity = PolicyCapacity {
+        entries: cap as u32,
+        ..CAPACITY
+    };
+    let mut syncer = PolicySyncer::new(fake, capacity).expect("new");
+    assert_eq!(syncer.apply(&v1, &cgroup_ids(&v1)).errors, []);
+    let v2 = compile_docs(&admitting(101..=130), &mut ids);
+    assert_eq!(v2.entries.len(), v1.entries.len());
+    let report = syncer.apply(&v2, &cgroup_ids(&v2));
+    assert_eq!(report.errors, [], "completed");
+    assert_eq!(syncer.maps.entries, v2.entries);
+    assert_eq!(
+        syncer.maps.endpoints[&1000].policy_set,
+        v2.endpoints["c0"].info.policy_set
+    );
+    let v3 = compile_docs(&admitting(101..=110), &mut ids);
+    assert_eq!(syncer.apply(&v3, &cgroup_ids(&v3)).errors, []);
+    assert_eq!(
+        syncer.maps.entries, v3.entries,
+        "the revocation took effect"
+    );
+}
+
+/// A new set that cannot fit even alone: its pod allows nothing, the revocation holds, and
+/// the agent says which map and flag.
+#[test]
+fn a_set_that_cannot_fit_denies_its_pod_instead_of_keeping_the_old_one() {
+    let mut ids = Ids::default();
+    let v1 = compile_docs(&admitting(1..=5), &mut ids);
+    let cap = v1.entries.len() + 2;
+    let capacity = PolicyCapacity {
+        entries: cap as u32,
+        ..CAPACITY
+    };
+    let fake = Fake {
+        entries_capacity: Some(cap),
+        ..Fake::default()
+    };
+    let mut syncer = PolicySyncer::new(fake, capacity).expect("new");
+    assert_eq!(syncer.apply(&v1, &cgroup_ids(&v1)).errors, []);
+    let v2 = compile_docs(&admitting(101..=140), &mut ids);
+    let report = syncer.apply(&v2, &cgroup_ids(&v2));
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert_eq!(report.errors[0].reason, Reason::MapFull);
+    assert!(report.errors[0].message.contains("--max-policy-entries"));
+    let ep = syncer.maps.endpoints[&1000];
+    assert_eq!(ep.policy_set, 0);
+    assert_eq!(ep.flags, v2.endpoints["c0"].info.flags);
+    assert!(
+        syncer.maps.entries.is_empty(),
+        "the old set is gone: {:?}",
+        syncer.maps.entries
+    );
 }

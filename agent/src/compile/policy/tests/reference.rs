@@ -323,7 +323,7 @@ pub fn check(world: &World) -> Result<(), TestCaseError> {
     let docs: Vec<&str> = world.docs.iter().map(String::as_str).collect();
     let store = store_of(&docs);
     let host: [IpAddr; 1] = [HOST.parse().expect("ip")];
-    let compiled = compile(&store, &host, &mut Ids::default());
+    let compiled = compile(&store, &host, &mut Ids::default(), u32::MAX);
     let eval = Eval::new(&compiled);
     let values: Vec<Value> = world
         .docs
