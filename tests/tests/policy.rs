@@ -530,7 +530,7 @@ fn invalid_policies_are_rejected_and_keep_the_previous_version() {
         ),
         (
             "ingress[0].from[0].ipBlock.cidr",
-            "ingress:\n- from:\n  - ipBlock: {cidr: 10.0.0.1/24}",
+            "ingress:\n- from:\n  - ipBlock: {cidr: 10.0.0.0/33}",
         ),
         (
             "ingress[0].from[0].ipBlock.except[0]",

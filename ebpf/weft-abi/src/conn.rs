@@ -91,16 +91,25 @@ pub enum DropReason {
     NoBackends = 2,
     /// A packet that could not be parsed, from or to a pod isolated by policy.
     Unparsed = 3,
+    /// A non-first IP fragment from or to a pod isolated by policy (it carries no ports to
+    /// judge; the kernel's own sockets never send one past the hook).
+    Fragment = 4,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 3] = [Self::PolicyDenied, Self::NoBackends, Self::Unparsed];
+    pub const ALL: [Self; 4] = [
+        Self::PolicyDenied,
+        Self::NoBackends,
+        Self::Unparsed,
+        Self::Fragment,
+    ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::PolicyDenied),
             2 => Some(Self::NoBackends),
             3 => Some(Self::Unparsed),
+            4 => Some(Self::Fragment),
             _ => None,
         }
     }
@@ -110,6 +119,7 @@ impl DropReason {
             Self::PolicyDenied => "policy_denied",
             Self::NoBackends => "no_backends",
             Self::Unparsed => "unparsed",
+            Self::Fragment => "fragment",
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct Headers {
     pub dport: u16,
     /// ICMP / ICMPv6 type, else 0.
     pub icmp_type: u8,
+    /// A fragment after the first: nothing past the IP header is known.
+    pub later_fragment: bool,
 }
 
 /// `None` when `next` is not an IPv6 extension header; else the header's length (`None`
@@ -73,8 +75,8 @@ pub fn parse(ctx: &SkBuffContext) -> Option<Headers> {
             }
             let src: [u32; 4] = packet::load(ctx, 8)?;
             let dst: [u32; 4] = packet::load(ctx, 24)?;
-            let (next, off) = ipv6_transport(ctx)?;
-            (6, next, src, dst, off, true)
+            let (next, off, first) = ipv6_transport(ctx)?;
+            (6, next, src, dst, off, first)
         }
         _ => return None,
     };
@@ -86,6 +88,7 @@ pub fn parse(ctx: &SkBuffContext) -> Option<Headers> {
         sport: 0,
         dport: 0,
         icmp_type: 0,
+        later_fragment: !first_fragment,
     };
     if !first_fragment {
         return Some(h);
@@ -96,24 +99,48 @@ pub fn parse(ctx: &SkBuffContext) -> Option<Headers> {
             h.sport = ports[0];
             h.dport = ports[1];
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => h.icmp_type = packet::load(ctx, l4)?,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            h.icmp_type = packet::load(ctx, l4)?;
+            if is_echo(protocol, h.icmp_type) {
+                // The echo identifier stands for a port: a reply is matched to its request.
+                let id: u16 = packet::load(ctx, l4 + 4)?;
+                h.sport = id;
+                h.dport = id;
+            }
+        }
         _ => {}
     }
     Some(h)
 }
 
-/// The transport protocol of an IPv6 packet and its offset, after extension headers.
+/// ICMP or ICMPv6 echo request or reply.
 #[inline(always)]
-fn ipv6_transport(ctx: &SkBuffContext) -> Option<(u8, usize)> {
+pub fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+    matches!(
+        (protocol, icmp_type),
+        (IPPROTO_ICMP, 0 | 8) | (IPPROTO_ICMPV6, 128 | 129)
+    )
+}
+
+/// The transport protocol of an IPv6 packet and its offset, after extension headers, and
+/// whether it is a first fragment (or no fragment).
+#[inline(always)]
+fn ipv6_transport(ctx: &SkBuffContext) -> Option<(u8, usize, bool)> {
     let mut next: u8 = packet::load(ctx, 6)?;
     let mut off: usize = 40;
+    let mut first = true;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let Some(len) = ext_header_len(ctx, next, off) else {
-            return Some((next, off));
+            return Some((next, off, first));
         };
         // Unwrapped before use: LLVM would otherwise compute `off + len` from a register the
         // failure path never set, and the verifier rejects reading it.
         let len = len?;
+        if next == 44 {
+            // Fragment offset: the upper 13 bits of bytes 2-3.
+            let offset: u16 = u16::from_be(packet::load(ctx, off + 2)?);
+            first &= offset & 0xfff8 == 0;
+        }
         next = packet::load(ctx, off)?;
         off += len;
         // Keeps the offset bounded for the verifier; no real header chain is longer.
@@ -124,5 +151,5 @@ fn ipv6_transport(ctx: &SkBuffContext) -> Option<(u8, usize)> {
     // More extension headers than any real stack sends: reported as unparsed.
     ext_header_len(ctx, next, off)
         .is_none()
-        .then_some((next, off))
+        .then_some((next, off, first))
 }

@@ -32,7 +32,7 @@ use weft_abi::{
 use crate::{
     ctx::SocketCookie,
     events::DropEvent,
-    headers::Headers,
+    headers::{Headers, is_echo},
     maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL, VERDICTS},
     stats,
 };
@@ -275,19 +275,28 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
     true
 }
 
-/// ICMP messages that answer something the pod sent (echo reply, errors).
+/// ICMP in a pod's cgroup: only raw and ping sockets send or receive it here (the kernel
+/// answers pings and handles errors for its own sockets without running the hook), so
+/// nothing passes unjudged. An echo reply passes as part of an allowed echo exchange (its
+/// identifier stands for the port); everything else is judged like any portless protocol.
 #[inline(always)]
-fn is_icmp_reply(h: &Headers) -> bool {
-    match h.protocol {
-        IPPROTO_ICMP => matches!(h.icmp_type, 0 | 3 | 11 | 12),
-        IPPROTO_ICMPV6 => matches!(h.icmp_type, 1..=4 | 129),
-        _ => false,
+fn icmp(ctx: &SkBuffContext, h: &Headers, direction: Direction, peer: &[u32; 4]) -> bool {
+    let key = flow_key(ctx.cookie(), h.version, peer, h.sport, h.protocol);
+    let echo = is_echo(h.protocol, h.icmp_type);
+    let request = echo && matches!(h.icmp_type, 8 | 128);
+    if echo && !request && direction == Direction::Ingress && known_flow(&key) {
+        return true;
     }
+    let remember = (request && direction == Direction::Egress).then_some(&key);
+    decide(ctx, h, direction, peer, 0, remember)
 }
 
 /// cgroup_skb: the verdict for a packet (true = pass). `ingress`: received by the pod.
 #[inline(always)]
 pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: Direction) -> bool {
+    if h.later_fragment {
+        return unjudgeable(ctx, direction, DropReason::Fragment);
+    }
     let ingress = direction == Direction::Ingress;
     let (peer, peer_port, port) = if ingress {
         (&h.src, h.sport, h.dport)
@@ -314,7 +323,7 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: Direction) -> bool {
             }
             decide(ctx, h, direction, peer, port, Some(&key))
         }
-        _ if is_icmp_reply(h) => true,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => icmp(ctx, h, direction, peer),
         _ => decide(ctx, h, direction, peer, 0, None),
     }
 }
@@ -355,12 +364,20 @@ fn decide(
 /// truncated): passes only when the pod is not isolated in that direction (fail closed).
 #[inline(always)]
 pub fn unparsed(ctx: &SkBuffContext, direction: Direction) -> bool {
+    unjudgeable(ctx, direction, DropReason::Unparsed)
+}
+
+/// What cannot be judged passes only a pod not isolated in that direction. Non-first
+/// fragments: the kernel fragments its sockets' datagrams after the egress hook and
+/// reassembles before the ingress one, so only a raw socket shows one here.
+#[inline(always)]
+fn unjudgeable(ctx: &SkBuffContext, direction: Direction, reason: DropReason) -> bool {
     let Some(ep) = skb_endpoint(ctx) else {
         return true;
     };
     if ep.flags & isolation(direction) != 0 {
         count(direction, Match::None);
-        DropEvent::unaddressed(ctx.cookie(), DropReason::Unparsed, direction).report();
+        DropEvent::unaddressed(ctx.cookie(), reason, direction).report();
         return false;
     }
     true

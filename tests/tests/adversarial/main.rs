@@ -3,12 +3,27 @@
 //! before the fix it covers.
 mod capacity;
 mod cgroups;
+mod icmp;
 mod input;
 
 use std::time::Duration;
 
 use serde_json::Value;
-use weft_testkit::Node;
+use weft_testkit::{Agent, Node};
+
+/// Waits until `weft policies` shows `pod` (`namespace/name`) isolated as asked, in the kernel.
+pub fn wait_isolated(agent: &Agent, pod: &str, ingress: bool, egress: bool) {
+    agent.wait_policies(&format!("{pod} isolated in {ingress}/{egress}"), |v| {
+        v["endpoints"].as_array().is_some_and(|e| {
+            e.iter().any(|e| {
+                e["pod"] == pod
+                    && e["ingress_isolated"] == ingress
+                    && e["egress_isolated"] == egress
+                    && e["in_kernel"] == true
+            })
+        })
+    });
+}
 
 /// Probes `target` (`tcp:ip:port` or `udp:ip:port`) from `pod` once: the name the server
 /// answered with, or the error.

@@ -12,6 +12,8 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod raw;
+
 #[derive(Debug, Parser)]
 #[command(name = "weft-pod", about = "Test workload for weft's simulated pods")]
 struct Cli {
@@ -154,6 +156,40 @@ enum Cmd {
         timeout_ms: u64,
         targets: Vec<String>,
     },
+    /// Send an ICMP message (IPv4, raw socket with our own IP header), whole or split in two
+    /// fragments: a workload with CAP_NET_RAW trying to get around policy.
+    RawIcmp {
+        #[arg(long)]
+        to: std::net::Ipv4Addr,
+        /// ICMP type (0: echo reply, 3: unreachable, 8: echo request).
+        #[arg(long, default_value_t = 0)]
+        icmp_type: u8,
+        /// Data after the ICMP header.
+        #[arg(long)]
+        data: String,
+        /// Split the ICMP message into two fragments at this many bytes (a multiple of 8).
+        #[arg(long)]
+        split: Option<usize>,
+    },
+    /// Ping --to from one raw ICMP socket for --seconds: how many replies came back.
+    RawPing {
+        #[arg(long)]
+        to: std::net::Ipv4Addr,
+        #[arg(long)]
+        data: String,
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+    },
+    /// Listen on a raw socket of an IP protocol for --seconds: how many packets carried
+    /// --marker.
+    RawReceive {
+        #[arg(long, default_value_t = 1)]
+        protocol: i32,
+        #[arg(long)]
+        marker: String,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
     /// Echo UDP datagrams back to their sender.
     UdpEcho {
         #[arg(long)]
@@ -234,6 +270,20 @@ fn run(cmd: Cmd) -> Result<(), String> {
             count,
             rate,
         } => churn(connect, seconds, count, rate),
+        Cmd::RawIcmp {
+            to,
+            icmp_type,
+            data,
+            split,
+        } => raw::send(to, 1, &raw::icmp(icmp_type, 7, data.as_bytes()), split),
+        Cmd::RawPing { to, data, seconds } => {
+            raw::ping(to, data.as_bytes(), Duration::from_secs(seconds))
+        }
+        Cmd::RawReceive {
+            protocol,
+            marker,
+            seconds,
+        } => raw::receive(protocol, marker.as_bytes(), Duration::from_secs(seconds)),
         Cmd::UdpEcho { listen } => udp_echo(listen),
         Cmd::Serve { name, tcp, udp } => serve_many(&name, &tcp, &udp),
         Cmd::Probe {

@@ -1,0 +1,178 @@
+//! Raw IPv4 packets, as a workload with CAP_NET_RAW can craft them: what a policy bypass
+//! through ICMP or fragments would use.
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+use super::emit;
+
+/// The internet checksum (RFC 1071).
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP message of `icmp_type` with identifier `id` and `data`, checksummed.
+pub fn icmp(icmp_type: u8, id: u16, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![icmp_type, 0, 0, 0];
+    m.extend(id.to_be_bytes());
+    m.extend(1u16.to_be_bytes());
+    m.extend(data);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+fn raw_socket(protocol: i32) -> Result<std::os::fd::OwnedFd, String> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol) };
+    if fd < 0 {
+        return Err(format!("raw socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor this function owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sends `payload` of IP protocol `protocol` to `to` with a header of our own (IP_HDRINCL),
+/// as one packet or split in two fragments at `split` bytes (a multiple of 8).
+pub fn send(to: Ipv4Addr, protocol: u8, payload: &[u8], split: Option<usize>) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = raw_socket(libc::IPPROTO_RAW)?;
+    let pieces: Vec<(usize, &[u8], bool)> = match split {
+        Some(at) if at < payload.len() => vec![(0, &payload[..at], true), (at, &payload[at..], false)],
+        _ => vec![(0, payload, false)],
+    };
+    for (offset, piece, more) in pieces {
+        let mut packet = vec![0x45, 0, 0, 0, 0x12, 0x34, 0, 0, 64, protocol, 0, 0];
+        let len = u16::try_from(20 + piece.len()).map_err(|_| "payload too long")?;
+        packet[2..4].copy_from_slice(&len.to_be_bytes());
+        let frag = u16::try_from(offset / 8).map_err(|_| "offset too large")? | if more { 0x2000 } else { 0 };
+        packet[6..8].copy_from_slice(&frag.to_be_bytes());
+        packet.extend([0u8; 4]); // source: the kernel fills it in
+        packet.extend(to.octets());
+        packet.extend(piece);
+        let addr = sockaddr(to);
+        // SAFETY: `packet` and `addr` outlive the call; lengths are theirs.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        let result = if sent < 0 {
+            Some(std::io::Error::last_os_error().to_string())
+        } else {
+            None
+        };
+        emit(&json!({"event": "sent", "offset": offset, "bytes": piece.len(), "error": result}));
+    }
+    Ok(())
+}
+
+/// Receives on a raw socket of `protocol` for `wait`: how many datagrams contained `marker`.
+pub fn receive(protocol: i32, marker: &[u8], wait: Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = raw_socket(protocol)?;
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: `timeout` outlives the call and has the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    emit(&json!({"event": "listening", "protocol": protocol}));
+    let deadline = Instant::now() + wait;
+    let (mut marked, mut other) = (0u64, 0u64);
+    let mut buf = [0u8; 65_536];
+    while Instant::now() < deadline {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else { continue };
+        if buf[..n].windows(marker.len()).any(|w| w == marker) {
+            marked += 1;
+        } else {
+            other += 1;
+        }
+    }
+    emit(&json!({"event": "received", "marked": marked, "other": other}));
+    Ok(())
+}
+
+/// Pings `to` from one raw ICMP socket (as iputils' ping does): sends echo requests carrying
+/// `data` for `wait`, and counts the replies that carry it.
+pub fn ping(to: Ipv4Addr, data: &[u8], wait: Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = raw_socket(libc::IPPROTO_ICMP)?;
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: `timeout` outlives the call and has the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    let request = icmp(8, 7, data);
+    let addr = sockaddr(to);
+    let deadline = Instant::now() + wait;
+    let mut replies = 0u64;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: `request` and `addr` outlive the call; lengths are theirs.
+        unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+        }
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else { continue };
+        // A raw socket sees the IP header (20 bytes here), then the ICMP type.
+        if n > 20 && buf[20] == 0 && buf[..n].windows(data.len()).any(|w| w == data) {
+            replies += 1;
+        }
+    }
+    emit(&json!({"event": "ping", "replies": replies}));
+    Ok(())
+}
