@@ -384,6 +384,12 @@ fn degraded(state: &AdminState) -> Vec<String> {
             policy.over_capacity.join(", ")
         ));
     }
+    if !policy.unreadable.is_empty() {
+        out.push(format!(
+            "policies weft cannot read, isolating what they select: {}",
+            policy.unreadable.join(", ")
+        ));
+    }
     let quarantined: Vec<String> = policy
         .endpoints
         .iter()

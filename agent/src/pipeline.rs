@@ -21,7 +21,7 @@ use weft_abi::{maps, svc::ServiceKey};
 
 use self::{
     metrics::{KindLabels, PipelineMetrics, Stage},
-    policy::{PolicyStage, PolicyStatus},
+    policy::{NodeIps, PolicyStage, PolicyStatus},
 };
 use crate::{
     compile::{
@@ -140,10 +140,11 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         let views = Views::default();
         // Known before the first pass: an agent waiting for its first list says what for.
         write(&views.status).source = source.as_ref().map(Source::describe);
+        // Without --node-ip, the interfaces' addresses, followed as they change.
         let node_ips = if settings.node_ips.is_empty() {
-            policy::host_ips()
+            NodeIps::Interfaces(policy::host_ips())
         } else {
-            settings.node_ips.clone()
+            NodeIps::Fixed(settings.node_ips.clone())
         };
         let policy = PolicyStage::new(
             maps.1,
@@ -345,10 +346,11 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             return;
         }
         self.syncer.collect_garbage(Instant::now());
-        if self.policy.cgroups_appeared() || self.policy.failed() {
+        let node_changed = self.policy.refresh_node_ips();
+        if node_changed || self.policy.cgroups_appeared() || self.policy.failed() {
             let (written, deleted) = self.policy.run(&self.last_store, &self.metrics);
             if written + deleted > 0 {
-                tracing::info!(target: "weft::sync", written, deleted, "policies synced again (cgroups appeared, or the last pass left something out)");
+                tracing::info!(target: "weft::sync", written, deleted, node_changed, "policies synced again (node addresses changed, cgroups appeared, or the last pass left something out)");
             }
         }
     }

@@ -144,6 +144,9 @@ pub struct Policies {
     /// Policies (`namespace/name`) whose ipBlocks do not fit `IPCACHE`: they isolate what
     /// they select and allow nothing.
     pub over_capacity: Vec<String>,
+    /// Stand-ins of policies weft could not read (`store::stand_in`): they isolate what the
+    /// rejected version selects and allow nothing.
+    pub unreadable: Vec<String>,
 }
 
 /// An IP protocol name as the API has it.
@@ -424,6 +427,12 @@ pub fn compile(
     } = pass;
     let identities: Vec<IdentityView> = views.into_values().collect();
     rules::compile_endpoints(&model, &identities, &local_ids, ids, &mut out);
+    out.unreadable = model
+        .policies
+        .iter()
+        .filter(|(_, _, np)| crate::store::stand_in::is_stand_in_policy(np))
+        .map(|(ns, name, _)| format!("{ns}/{name}"))
+        .collect();
     for (i, prefixes) in dropped {
         let (ns, name, _) = model.policies[i];
         out.over_capacity.push(format!("{ns}/{name}"));

@@ -60,6 +60,8 @@ pub struct PolicyStatus {
     pub sync_errors: Vec<Failure>,
     /// Policies whose ipBlocks do not fit `IPCACHE` (`--max-ipcache`).
     pub over_capacity: Vec<String>,
+    /// Stand-ins of policies weft could not read.
+    pub unreadable: Vec<String>,
     pub identities: usize,
     pub ipcache_entries: usize,
     pub policy_entries: usize,
@@ -70,6 +72,24 @@ pub struct PolicyStatus {
     pub pods: BTreeMap<String, PodAddress>,
 }
 
+/// Where the node's own addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeIps {
+    /// `--node-ip`, as given.
+    Fixed(Vec<IpAddr>),
+    /// The interfaces of the agent's network namespace (the node's, with hostNetwork), as last
+    /// read.
+    Interfaces(Vec<IpAddr>),
+}
+
+impl NodeIps {
+    pub fn addresses(&self) -> &[IpAddr] {
+        match self {
+            Self::Fixed(a) | Self::Interfaces(a) => a,
+        }
+    }
+}
+
 /// Owns the policy syncer and the numbering it relies on.
 #[derive(Debug)]
 pub struct PolicyStage<M> {
@@ -77,6 +97,7 @@ pub struct PolicyStage<M> {
     ids: Ids,
     seeded: bool,
     cgroup_root: PathBuf,
+    node_ips: NodeIps,
     host_ips: Vec<IpAddr>,
     /// `--max-ipcache`: compile keeps the ipBlocks within it.
     ipcache_capacity: u32,
@@ -94,7 +115,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
         maps: M,
         capacity: PolicyCapacity,
         cgroup_root: &Path,
-        host_ips: Vec<IpAddr>,
+        node_ips: NodeIps,
         metrics: &PipelineMetrics,
         status: Arc<RwLock<PolicyStatus>>,
     ) -> Result<Self, Error> {
@@ -110,7 +131,8 @@ impl<M: PolicyMaps> PolicyStage<M> {
             ids: Ids::default(),
             seeded: false,
             cgroup_root: cgroup_root.to_owned(),
-            host_ips,
+            host_ips: node_ips.addresses().to_vec(),
+            node_ips,
             ipcache_capacity: capacity.ipcache,
             status,
             missing_cgroups: false,
@@ -122,6 +144,21 @@ impl<M: PolicyMaps> PolicyStage<M> {
     #[cfg(test)]
     pub fn maps(&self) -> &M {
         self.syncer.maps()
+    }
+
+    /// Re-reads the node's addresses (unless fixed by --node-ip): whether they changed since
+    /// the last pass, which must then run again (a new address is the node's from now on; an
+    /// old one may be a pod's or a stranger's).
+    pub fn refresh_node_ips(&mut self) -> bool {
+        if let NodeIps::Interfaces(_) = self.node_ips {
+            self.node_ips = NodeIps::Interfaces(host_ips());
+        }
+        if self.node_ips.addresses() == self.host_ips.as_slice() {
+            return false;
+        }
+        tracing::info!(target: "weft::sync", from = ?self.host_ips, to = ?self.node_ips.addresses(), "node addresses changed");
+        self.host_ips = self.node_ips.addresses().to_vec();
+        true
     }
 
     /// Whether the last pass left something out and should be retried (room may have been
@@ -242,6 +279,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             problems,
             sync_errors: report.errors.clone(),
             over_capacity: policies.over_capacity.clone(),
+            unreadable: policies.unreadable.clone(),
             identities: policies.identities.len(),
             ipcache_entries: ipcache,
             policy_entries: entries,

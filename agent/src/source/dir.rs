@@ -22,7 +22,7 @@ use std::{
 };
 
 use super::{Location, Rejection, yaml};
-use crate::store::{self, FieldError, Object, ObjectRef};
+use crate::store::{self, FieldError, Kind, Object, ObjectRef, stand_in};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +292,28 @@ fn unreadable(path: &Path, error: &str, previous: Option<&FileState>) -> FileSta
     }
 }
 
+/// A rejected object with no good version (or only a stand-in) isolates what it concerns;
+/// beside a kept policy, the stand-in of its rejected version isolates what that selects too
+/// (`store::stand_in`).
+fn place_stand_ins(
+    objects: &mut BTreeMap<ObjectRef, (usize, Object)>,
+    stand_ins: Vec<(ObjectRef, (usize, Object))>,
+) {
+    for (r, (doc, s)) in stand_ins {
+        match objects.get(&r) {
+            Some((_, kept)) if !stand_in::is_stand_in(kept) => {
+                if r.kind == Kind::NetworkPolicy {
+                    let (beside, s) = stand_in::beside(&r, s);
+                    objects.insert(beside, (doc, s));
+                }
+            }
+            _ => {
+                objects.insert(r, (doc, s));
+            }
+        }
+    }
+}
+
 /// The previous version of each rejected object (`kept`) that this version does not hold.
 fn keep_good_versions(
     objects: &mut BTreeMap<ObjectRef, (usize, Object)>,
@@ -373,10 +395,7 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
         let kept = |r: &ObjectRef| keep_unaccounted || keep.contains(r);
         keep_good_versions(&mut objects, prev, kept);
     }
-    // A rejected object with no good version isolates what it concerns (`store::stand_in`).
-    for (r, s) in stand_ins {
-        objects.entry(r).or_insert(s);
-    }
+    place_stand_ins(&mut objects, stand_ins);
     FileState {
         fingerprint: None,
         hash,

@@ -98,8 +98,12 @@ struct Validated {
     resource_version: Option<String>,
     /// The cgroup given to a local pod (relative to the cgroup root) with this version.
     cgroup: Option<PathBuf>,
-    /// The last good version: kept when a newer one is rejected.
+    /// The last good version: kept when a newer one is rejected (or the stand-in of the
+    /// rejected version, when there was none).
     good: Option<Object>,
+    /// With a kept policy, the stand-in of its rejected version: what that version selects
+    /// is isolated too.
+    rejected_version: Option<(ObjectRef, Object)>,
     rejection: Option<Rejection>,
 }
 
@@ -231,8 +235,11 @@ impl KubeSource {
             no_cgroup,
         );
         let pods = r.pods.state();
+        // A mirror annotation naming another API pod's UID is forged: static pods' hashes
+        // are no API object's UID.
+        let uids: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
         self.cgroups
-            .retain(pods.iter().filter_map(|p| cgroup_uid(p)));
+            .retain(pods.iter().filter_map(|p| cgroup_uid(p, &uids)));
         if !self.node_seen {
             // A mistyped --node-name finds no local pod and enforces nothing: say so. Our
             // own DaemonSet pod names the node, so a real node always has one.
@@ -246,7 +253,7 @@ impl KubeSource {
         }
         let (node, cgroups) = (self.node_name.as_str(), &mut self.cgroups);
         add(v, &mut live, Kind::Pod, pods, Object::Pod, |p: &Pod| {
-            local_cgroup(node, cgroups, p)
+            local_cgroup(node, cgroups, p, &uids)
         });
         add(
             v,
@@ -276,7 +283,10 @@ impl KubeSource {
         );
         // Objects the API no longer has are gone, rejected versions included.
         v.retain(|k, _| live.contains(k));
-        let objects = v.iter().filter_map(|(r, v)| Some((r, v.good.as_ref()?)));
+        let objects = v.iter().flat_map(|(r, v)| {
+            let extra = v.rejected_version.as_ref().map(|(r, o)| (r, o));
+            v.good.as_ref().map(|g| (r, g)).into_iter().chain(extra)
+        });
         let store = Store::from_objects(objects);
         let rejections = v.values().filter_map(|v| v.rejection.clone()).collect();
         Some((store, rejections))
@@ -329,6 +339,7 @@ fn add<K: Resource>(
                 resource_version: None,
                 cgroup: None,
                 good: None,
+                rejected_version: None,
                 rejection: None,
             });
         if entry.uid != uid {
@@ -340,13 +351,11 @@ fn add<K: Resource>(
         match checked {
             Ok(()) => {
                 entry.good = Some(object);
+                entry.rejected_version = None;
                 entry.rejection = None;
             }
             Err(errors) => {
-                if entry.good.is_none() {
-                    // Isolates what the object concerns until a good version comes.
-                    entry.good = stand_in_of(kind, &object, &object_ref.namespace);
-                }
+                keep_or_stand_in(entry, &object_ref, &object);
                 entry.rejection = Some(Rejection {
                     location: None,
                     object: Some(object_ref),
@@ -354,6 +363,37 @@ fn add<K: Resource>(
                 });
             }
         }
+    }
+}
+
+/// What the store holds for a rejected version. Without an earlier good version (or with only
+/// a stand-in), the stand-in of this version. A kept pod follows its current cgroup and
+/// addresses; a kept policy stays, and the stand-in of the rejected version isolates what
+/// that version selects too.
+fn keep_or_stand_in(entry: &mut Validated, object_ref: &ObjectRef, object: &Object) {
+    let fresh = || stand_in_of(object_ref.kind, object, &object_ref.namespace);
+    entry.good = match entry.good.take() {
+        None => fresh(),
+        Some(prev) if store::stand_in::is_stand_in(&prev) => fresh(),
+        Some(Object::Pod(prev)) => {
+            let current = serde_json::to_value(object_pod(object)).unwrap_or_default();
+            let cgroup = entry.cgroup.as_deref();
+            Some(Object::Pod(bind_cgroup(
+                Arc::new(store::stand_in::with_status_of(&prev, &current)),
+                cgroup,
+            )))
+        }
+        Some(prev) => {
+            entry.rejected_version = fresh().map(|s| store::stand_in::beside(object_ref, s));
+            Some(prev)
+        }
+    };
+}
+
+fn object_pod(object: &Object) -> Option<&Pod> {
+    match object {
+        Object::Pod(p) => Some(p),
+        _ => None,
     }
 }
 
@@ -370,7 +410,12 @@ fn stand_in_of(kind: Kind, object: &Object, namespace: &str) -> Option<Object> {
 /// The cgroup of a pod of this node (relative to the cgroup root): found, or where the
 /// kubelet will create it. None for pods of other nodes and host-network pods (they share
 /// the node's network; NetworkPolicy does not apply to them).
-fn local_cgroup(node_name: &str, cgroups: &mut Cgroups, pod: &Pod) -> Option<PathBuf> {
+fn local_cgroup(
+    node_name: &str,
+    cgroups: &mut Cgroups,
+    pod: &Pod,
+    uids: &BTreeSet<String>,
+) -> Option<PathBuf> {
     let spec = pod.spec.as_ref()?;
     if spec.node_name.as_deref() != Some(node_name)
         || spec.host_network == Some(true)
@@ -379,7 +424,10 @@ fn local_cgroup(node_name: &str, cgroups: &mut Cgroups, pod: &Pod) -> Option<Pat
         // A finished pod's cgroup is gone; nothing of it runs to enforce on.
         return None;
     }
-    Some(cgroups.resolve(cgroup_uid(pod)?, crate::cgroup::pods::QosClass::of(pod)))
+    Some(cgroups.resolve(
+        cgroup_uid(pod, uids)?,
+        crate::cgroup::pods::QosClass::of(pod),
+    ))
 }
 
 /// The UID the kubelet names a pod's cgroup after: for the mirror of a static pod, the
@@ -389,13 +437,13 @@ fn local_cgroup(node_name: &str, cgroups: &mut Cgroups, pod: &Pod) -> Option<Pat
 /// Anyone who can create a pod can write that annotation, so it is followed only on a pod
 /// the kubelet made: one owned by its Node. Even a forged owner gains nothing: two pods
 /// resolving to one cgroup are both isolated (compile's shared-cgroup quarantine).
-fn cgroup_uid(pod: &Pod) -> Option<&str> {
+fn cgroup_uid<'p>(pod: &'p Pod, api_uids: &BTreeSet<String>) -> Option<&'p str> {
     let mirror = pod
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(MIRROR_ANNOTATION))
-        .filter(|_| owned_by_its_node(pod));
+        .filter(|hash| owned_by_its_node(pod) && !api_uids.contains(*hash));
     mirror.or(pod.metadata.uid.as_ref()).map(String::as_str)
 }
 

@@ -135,7 +135,8 @@ pub fn sloppy_ip(text: &str) -> Option<IpAddr> {
     }
     let mut clean = Vec::with_capacity(4);
     for o in octets {
-        if o.is_empty() || o.len() > 3 || !o.bytes().all(|b| b.is_ascii_digit()) {
+        // Any number of leading zeros, as Go's parser reads them; the value must fit a byte.
+        if o.is_empty() || !o.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         clean.push(o.parse::<u8>().ok()?.to_string());

@@ -24,8 +24,11 @@ use serde_json::Value;
 
 use super::{Kind, Object, validate::CGROUP_ANNOTATION};
 
-/// Marks a Pod that stands in for a rejected one. Never taken from the API.
+/// Marks an object that stands in for a rejected one. Never taken from the API.
 pub const REJECTED_ANNOTATION: &str = "weft.io/rejected";
+
+/// The name suffix of the stand-in kept beside a policy's last good version.
+pub const REJECTED_VERSION_SUFFIX: &str = ".rejected-version";
 
 /// The stand-in for a rejected document of `kind` (its raw value), if the kind needs one and
 /// the document names its object.
@@ -48,15 +51,62 @@ pub fn stand_in(kind: Kind, value: &Value, namespace: &str) -> Option<Object> {
 
 /// Whether the pod stands in for a rejected one.
 pub fn is_rejected(pod: &Pod) -> bool {
-    pod.metadata
-        .annotations
+    marked(&pod.metadata)
+}
+
+/// Whether the object is a stand-in (rather than a good version).
+pub fn is_stand_in(object: &Object) -> bool {
+    match object {
+        Object::Pod(p) => marked(&p.metadata),
+        Object::NetworkPolicy(p) => marked(&p.metadata),
+        Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => false,
+    }
+}
+
+/// Whether the policy is a stand-in.
+pub fn is_stand_in_policy(np: &NetworkPolicy) -> bool {
+    marked(&np.metadata)
+}
+
+fn marked(meta: &ObjectMeta) -> bool {
+    meta.annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(REJECTED_ANNOTATION))
 }
 
+/// A kept pod with the addresses and phase of its current (rejected) version: its labels
+/// stay the last good ones, its addresses must not.
+pub fn with_status_of(kept: &Pod, current: &Value) -> Pod {
+    let mut pod = kept.clone();
+    let fresh = self::pod(ObjectMeta::default(), current);
+    let status = pod.status.get_or_insert_default();
+    if let Some(s) = fresh.status {
+        status.phase = s.phase;
+        status.pod_ip = s.pod_ip;
+        status.pod_ips = s.pod_ips;
+    }
+    pod
+}
+
+/// The stand-in of a rejected policy version, named to sit beside its last good version.
+pub fn beside(of: &super::ObjectRef, stand_in: Object) -> (super::ObjectRef, Object) {
+    let name = format!("{}{REJECTED_VERSION_SUFFIX}", of.name);
+    let object = match stand_in {
+        Object::NetworkPolicy(np) => {
+            let mut np = Arc::unwrap_or_clone(np);
+            np.metadata.name = Some(name.clone());
+            Object::NetworkPolicy(Arc::new(np))
+        }
+        other => other,
+    };
+    (super::ObjectRef::new(of.kind, &of.namespace, &name), object)
+}
+
 fn pod(mut metadata: ObjectMeta, value: &Value) -> Pod {
     let mut annotations = BTreeMap::from([(REJECTED_ANNOTATION.to_owned(), "true".to_owned())]);
-    if let Some(cgroup) = value["metadata"]["annotations"][CGROUP_ANNOTATION].as_str() {
+    // Only a path that could be right: an unusable one may be why the pod was rejected.
+    let cgroup = value["metadata"]["annotations"][CGROUP_ANNOTATION].as_str();
+    if let Some(cgroup) = cgroup.filter(|c| super::validate::is_cgroup_path(c)) {
         annotations.insert(CGROUP_ANNOTATION.to_owned(), cgroup.to_owned());
     }
     metadata.annotations = Some(annotations);
@@ -86,7 +136,11 @@ fn pod(mut metadata: ObjectMeta, value: &Value) -> Pod {
     }
 }
 
-fn policy(metadata: ObjectMeta, value: &Value) -> NetworkPolicy {
+fn policy(mut metadata: ObjectMeta, value: &Value) -> NetworkPolicy {
+    metadata.annotations = Some(BTreeMap::from([(
+        REJECTED_ANNOTATION.to_owned(),
+        "true".to_owned(),
+    )]));
     // Selecting more than the original would isolate more pods: that is the direction to
     // err in, so an unusable selector selects the whole namespace.
     let selector = serde_json::from_value::<LabelSelector>(value["spec"]["podSelector"].clone())

@@ -70,6 +70,18 @@ fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(part)
 }
 
+/// A `weft.io/cgroup` path: relative, in its one normal spelling (two spellings of one cgroup
+/// would be two pods' claims that never meet).
+pub fn is_cgroup_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.split('/').all(|part| {
+            matches!(
+                Path::new(part).components().next(),
+                Some(Component::Normal(n)) if n == part
+            )
+        })
+}
+
 /// IANA_SVC_NAME: what a named port must look like (1-15 characters of [a-z0-9-], at least one
 /// letter, no leading, trailing or double hyphen).
 pub fn is_port_name(s: &str) -> bool {
@@ -369,11 +381,13 @@ pub fn pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
         .and_then(|a| a.get(CGROUP_ANNOTATION))
     {
         let field = format!("metadata.annotations[{CGROUP_ANNOTATION}]");
-        let p = Path::new(path);
-        if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        if !is_cgroup_path(path) {
             e.add(
                 field,
-                format!("{path:?} must be a relative path below --cgroup-root, without `..`"),
+                format!(
+                    "{path:?} must be a relative path below --cgroup-root, without `..`, `.`, \
+                     empty parts or a trailing slash"
+                ),
             );
         }
     }

@@ -83,7 +83,8 @@ pub struct PolicyReport {
 /// What stays in force when a step fails.
 const SETS_DENIED: &str = "Pods whose policies did not fit allow nothing in the directions they are isolated in, until they fit.";
 const ENDPOINT_KEPT: &str = "The pod keeps its previous policies.";
-const ADDRESSES_KEPT: &str = "Addresses keep their previous identities.";
+const ADDRESSES_KEPT: &str =
+    "Addresses keep their previous identities; isolated pods allow nothing until they are written.";
 const STALE_KEPT: &str = "The stale entry stays until a later pass removes it.";
 
 /// Applies desired policy state to the maps.
@@ -211,29 +212,59 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             .iter()
             .filter_map(|(cg, e)| Some((*cgroup_ids.get(cg)?, e.info)))
             .collect();
+        // Addresses that cannot all be held make every set's judgement unreliable: the
+        // isolated pods allow nothing until they can be (decided before anything moves).
+        let mut addresses_fit = self.make_ipcache_room(desired, &mut report);
         let bridge = self.bridge(desired);
         let mut sets = PolicyReport::default();
-        let missing = self.write_sets(desired, &bridge, &mut sets);
+        let missing = if addresses_fit {
+            self.write_sets(desired, &bridge, &mut sets)
+        } else {
+            desired.entries.keys().map(|k| k.data.policy_set).collect()
+        };
         self.write_endpoints(&want_endpoints, &missing, &mut report);
         self.remove_stale_endpoints(&want_endpoints, &mut report);
-        self.write_ipcache(desired, &mut report);
+        if !self.write_ipcache(desired, &mut report) && addresses_fit {
+            // A write failed half way: the sets in place may judge stale identities.
+            addresses_fit = false;
+            let all = desired.entries.keys().map(|k| k.data.policy_set).collect();
+            self.write_endpoints(&want_endpoints, &all, &mut report);
+        }
         self.remove_stale_entries(desired, &mut report);
-        if !missing.is_empty() {
-            // The pods whose sets did not fit are denied now and their old sets are gone:
-            // the room those held may be enough. (Addresses have moved: no bridge needed.)
-            let mut again = PolicyReport::default();
-            let still = self.write_sets(desired, &BTreeMap::new(), &mut again);
-            self.write_endpoints(&want_endpoints, &still, &mut again);
-            report.written += again.written;
-            report.deleted += again.deleted;
-            if still.is_empty() {
-                sets.errors.clear();
-            }
+        if !missing.is_empty() && addresses_fit {
+            self.retry_sets(desired, &want_endpoints, &mut sets, &mut report);
         }
         report.written += sets.written;
         report.deleted += sets.deleted;
         report.errors.splice(0..0, sets.errors);
         report
+    }
+
+    /// The pods whose sets did not fit are denied now and their old sets are gone: the room
+    /// those held may be enough. (Addresses have moved: no bridge needed.)
+    fn retry_sets(
+        &mut self,
+        desired: &Policies,
+        want_endpoints: &BTreeMap<u64, EndpointInfo>,
+        sets: &mut PolicyReport,
+        report: &mut PolicyReport,
+    ) {
+        let mut again = PolicyReport::default();
+        let still = self.write_sets(desired, &BTreeMap::new(), &mut again);
+        if still.is_empty() {
+            // Nothing is left out after all: the first round's failures are history.
+            sets.errors.clear();
+        }
+        // The sets' failures are the first round's (told once); the endpoints' are new.
+        again.errors.clear();
+        self.write_endpoints(want_endpoints, &still, &mut again);
+        report.written += again.written;
+        report.deleted += again.deleted;
+        for e in again.errors {
+            if !sets.errors.contains(&e) && !report.errors.contains(&e) {
+                report.errors.push(e);
+            }
+        }
     }
 
     /// Step 1: each set's entries (with the bridge entries for identities being retired),
@@ -355,30 +386,46 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         }
     }
 
-    /// Steps 4 and 5: addresses, all or nothing, so an excepted address never falls back to
-    /// a wider block's identity because its own entry did not fit.
-    fn write_ipcache(&mut self, desired: &Policies, report: &mut PolicyReport) {
+    /// Whether every desired address can be held: the desired state alone fits, and old and
+    /// new together fit once stale addresses that can go early are gone.
+    fn make_ipcache_room(&mut self, desired: &Policies, report: &mut PolicyReport) -> bool {
+        let consequence = "Isolated pods allow nothing until the addresses fit.";
         let need = desired.ipcache.len() as u64;
         if let Err(e) = Error::check(maps::IPCACHE, 0, need, self.capacity.ipcache) {
-            report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
-            return;
+            report.errors.push(Failure::new(&e, consequence));
+            return false;
         }
-        let new = desired
-            .ipcache
-            .keys()
-            .filter(|n| !self.ipcache.contains_key(n))
-            .count() as u64;
-        if Error::check(
-            maps::IPCACHE,
-            self.ipcache.len() as u64,
-            new,
-            self.capacity.ipcache,
-        )
-        .is_err()
-        {
-            // Old and new together do not fit: room first.
-            self.remove_stale_ipcache_early(desired, report);
+        let new = |s: &Self| {
+            desired
+                .ipcache
+                .keys()
+                .filter(|n| !s.ipcache.contains_key(n))
+                .count() as u64
+        };
+        let fits = |s: &Self| {
+            Error::check(
+                maps::IPCACHE,
+                s.ipcache.len() as u64,
+                new(s),
+                s.capacity.ipcache,
+            )
+        };
+        if fits(self).is_ok() {
+            return true;
         }
+        self.remove_stale_ipcache_early(desired, report);
+        match fits(self) {
+            Ok(()) => true,
+            Err(e) => {
+                report.errors.push(Failure::new(&e, consequence));
+                false
+            }
+        }
+    }
+
+    /// Steps 4 and 5: addresses, most specific first, as many as fit (all, unless
+    /// [`Self::make_ipcache_room`] said otherwise). Returns false when a write failed.
+    fn write_ipcache(&mut self, desired: &Policies, report: &mut PolicyReport) -> bool {
         // Most specific first: a wider prefix never appears before the narrower ones
         // (excepts, pods) that carve into it, so no address briefly takes its identity.
         let mut writes: Vec<(&IpNet, &IpcacheValue)> = desired.ipcache.iter().collect();
@@ -387,20 +434,16 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             if self.ipcache.get(net) == Some(v) {
                 continue;
             }
+            let used = self.ipcache.len() as u64;
             if !self.ipcache.contains_key(net)
-                && let Err(e) = Error::check(
-                    maps::IPCACHE,
-                    self.ipcache.len() as u64,
-                    1,
-                    self.capacity.ipcache,
-                )
+                && Error::check(maps::IPCACHE, used, 1, self.capacity.ipcache).is_err()
             {
-                report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
-                return;
+                // Reported by make_ipcache_room; the isolated pods already allow nothing.
+                continue;
             }
             if let Err(e) = self.maps.put_ipcache(net, v) {
                 report.errors.push(Failure::new(&e, ADDRESSES_KEPT));
-                return;
+                return false;
             }
             self.ipcache.insert(*net, *v);
             report.written += 1;
@@ -422,6 +465,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
                 },
             );
         }
+        true
     }
 
     /// Stale addresses removed before the new ones are written, to make room: only those

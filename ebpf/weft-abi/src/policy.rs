@@ -26,8 +26,8 @@ pub const EP_INGRESS_ISOLATED: u32 = 1;
 /// [`EndpointInfo::flags`]: egress is restricted.
 pub const EP_EGRESS_ISOLATED: u32 = 2;
 
-/// [`IpcacheValue::flags`]: the address is the node's own: traffic to and from it is always
-/// allowed, as Kubernetes requires (kubelet probes, node-local DNS, host-network pods).
+/// [`IpcacheValue::flags`]: the address is the node's own: traffic from it is always allowed,
+/// as Kubernetes requires (kubelet probes, host-network peers); traffic to it is judged.
 pub const IP_HOST: u32 = 1;
 
 /// Bits of a `POLICY` key before the protocol: policy set, identity, direction.

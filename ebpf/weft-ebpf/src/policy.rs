@@ -162,10 +162,11 @@ fn judge(
     if ep.owns(family, peer) {
         return Match::Host;
     }
-    // Traffic to and from the pod's node is always allowed (Kubernetes: kubelet probes,
-    // node-local DNS, host-network pods).
+    // Traffic from the pod's node is always allowed, as Kubernetes requires (kubelet probes,
+    // host-network peers). Traffic to it is judged like any address: otherwise a NodePort or
+    // hostPort on the node would lead an egress-isolated pod anywhere.
     let remote = ipcache(family, peer);
-    if remote.flags & IP_HOST != 0 {
+    if direction == Direction::Ingress && remote.flags & IP_HOST != 0 {
         return Match::Host;
     }
     if let Some(flags) = lookup(ep, remote.identity, direction, protocol, port) {

@@ -67,19 +67,12 @@ fn a_pod_claiming_anothers_cgroup_never_loosens_its_isolation() {
     let target = format!("tcp:{}:8080", node.pod("server").ipv4);
     expect_probe(&node, "client", &target, Reach::Blocked);
     api.apply(impostor(&node.pod("server").uid));
-    let v = agent.wait_policies("the impostor seen", |v| {
+    agent.wait_policies("the impostor seen", |v| {
         v["endpoints"]
             .as_array()
             .is_some_and(|e| e.iter().any(|e| e["pod"] == "default/zz-impostor"))
     });
     expect_probe(&node, "client", &target, Reach::Blocked);
-    let shared: Vec<_> = v["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["quarantine"] == "shared_cgroup")
-        .collect();
-    assert_eq!(shared.len(), 1, "the one cgroup is quarantined: {v}");
     api.delete("Pod", "default", "zz-impostor");
     agent.wait_policies("the server alone again", |v| {
         v["endpoints"].as_array().is_some_and(|e| {
@@ -89,4 +82,77 @@ fn a_pod_claiming_anothers_cgroup_never_loosens_its_isolation() {
         })
     });
     expect_probe(&node, "client", &target, Reach::Blocked);
+}
+
+/// Two pods of the standalone source naming one cgroup: neither pod's policies decide for the
+/// processes in it; both are isolated and reported.
+#[test]
+fn two_pods_claiming_one_cgroup_are_both_isolated() {
+    let node = Node::builder("adv_cgroup_twice")
+        .pod("client")
+        .pod("server")
+        .build();
+    let _server = node.start_server("server", &["serve", "--name", "server", "--tcp", "8080"]);
+    let server = k8s::pod(
+        node.pod("server"),
+        "default",
+        &[("app", "server")],
+        &[],
+        true,
+    );
+    let twin = k8s::pod_named(
+        node.pod("server"),
+        "default",
+        "zz-twin",
+        &[("app", "twin")],
+        &[],
+        true,
+    )
+    .replace(
+        &format!("podIP: {}", node.pod("server").ipv4),
+        "podIP: 10.0.0.99",
+    )
+    .replace(
+        &format!("- ip: {}\n", node.pod("server").ipv4),
+        "- ip: 10.0.0.99\n",
+    );
+    node.write_source(
+        "pods.yaml",
+        &k8s::file(&[
+            k8s::pod(
+                node.pod("client"),
+                "default",
+                &[("app", "client")],
+                &[],
+                true,
+            ),
+            server,
+            twin,
+        ]),
+    );
+    node.write_source(
+        "policy.yaml",
+        &np(
+            "default",
+            "deny",
+            "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]",
+        ),
+    );
+    let agent = Agent::with_source(&node, &[]);
+    let v = agent.wait_policies("the cgroup quarantined", |v| {
+        v["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["pod"] == "default/zz-twin"))
+    });
+    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    expect_probe(&node, "client", &target, Reach::Blocked);
+    let quarantined: Vec<_> = v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["quarantine"] == "shared_cgroup")
+        .collect();
+    assert_eq!(quarantined.len(), 1, "{v}");
+    let status = agent.wait_status("reported", |s| s["healthy"] == false);
+    assert!(status.to_string().contains("shared_cgroup"), "{status}");
 }

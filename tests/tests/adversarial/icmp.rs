@@ -26,14 +26,13 @@ fn node(test: &str) -> Node {
 
 fn last_event(p: &mut Process, event: &str) -> Value {
     p.wait_success(Duration::from_secs(20));
-    p.stdout()
-        .wait_for(event, Duration::from_secs(5), |lines| {
-            lines.iter().find_map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .filter(|v| v["event"] == event)
-            })
+    p.stdout().wait_for(event, Duration::from_secs(5), |lines| {
+        lines.iter().find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["event"] == event)
         })
+    })
 }
 
 /// `a` sends an ICMP message of `icmp_type` to `b` (whole, or as two fragments split at
@@ -64,7 +63,11 @@ const DENY_B_INGRESS: &str = "podSelector: {matchLabels: {app: b}}\npolicyTypes:
 fn an_isolated_pod_sends_no_echo_reply_of_its_own() {
     let node = node("adv_icmp_egress");
     let agent = Agent::with_source(&node, &[]);
-    assert_eq!(raw_to_b(&node, 0, None, "open"), 1, "without policy it arrives");
+    assert_eq!(
+        raw_to_b(&node, 0, None, "open"),
+        1,
+        "without policy it arrives"
+    );
     node.write_source("policy.yaml", &np("default", "deny", DENY_A_EGRESS));
     wait_isolated(&agent, "default/a", false, true);
     assert_eq!(raw_to_b(&node, 0, None, "tunnel"), 0);
@@ -86,7 +89,11 @@ fn an_isolated_pod_receives_no_unsolicited_echo_reply() {
 fn fragments_from_an_isolated_pod_do_not_pass() {
     let node = node("adv_fragments");
     let agent = Agent::with_source(&node, &[]);
-    assert_eq!(raw_to_b(&node, 0, Some(16), "whole"), 1, "reassembled without policy");
+    assert_eq!(
+        raw_to_b(&node, 0, Some(16), "whole"),
+        1,
+        "reassembled without policy"
+    );
     node.write_source("policy.yaml", &np("default", "deny", DENY_A_EGRESS));
     wait_isolated(&agent, "default/a", false, true);
     assert_eq!(raw_to_b(&node, 0, Some(16), "split"), 0);
@@ -111,6 +118,8 @@ fn an_allowed_ping_gets_its_replies() {
     wait_isolated(&agent, "default/a", true, true);
     let b = node.pod("b").ipv4.to_string();
     let mut ping = node.spawn("a", &["raw-ping", "--to", &b, "--data", "weft-ping"]);
-    let replies = last_event(&mut ping, "ping")["replies"].as_u64().unwrap_or(0);
+    let replies = last_event(&mut ping, "ping")["replies"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(replies > 0, "the ping got no reply");
 }

@@ -5,6 +5,7 @@ mod capacity;
 mod cgroups;
 mod icmp;
 mod input;
+mod node;
 
 use std::time::Duration;
 

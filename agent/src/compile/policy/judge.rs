@@ -66,7 +66,8 @@ pub fn judge(
         };
     }
     let (family, words) = weft_abi::net::ip_words(peer);
-    if peer.is_loopback() || ep.owns(family as u8, &words) || remote.flags & IP_HOST != 0 {
+    let from_node = direction == Direction::Ingress && remote.flags & IP_HOST != 0;
+    if peer.is_loopback() || ep.owns(family as u8, &words) || from_node {
         return verdict(Match::Host, None);
     }
     let data = |identity| PolicyData {

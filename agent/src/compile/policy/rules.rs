@@ -448,26 +448,11 @@ impl EndpointCompiler<'_, '_> {
             .first()
             .and_then(|ip| self.out.ipcache.get(&ipnet::IpNet::from(*ip)))
             .map_or(0, |v| v.identity);
-        let info = EndpointInfo {
-            endpoint_id,
-            policy_set: set,
-            identity,
-            flags: isolation(
-                rejected || !ingress.is_empty(),
-                rejected || !egress.is_empty(),
-            ),
-            ip4: p
-                .ips
-                .iter()
-                .find(|ip| ip.is_ipv4())
-                .map_or(0, |ip| ip_words(*ip).1[0]),
-            _pad: 0,
-            ip6: p
-                .ips
-                .iter()
-                .find(|ip| ip.is_ipv6())
-                .map_or([0; 4], |ip| ip_words(*ip).1),
-        };
+        let flags = isolation(
+            rejected || !ingress.is_empty(),
+            rejected || !egress.is_empty(),
+        );
+        let info = endpoint_info(p, endpoint_id, set, identity, flags, quarantine);
         let endpoint = LocalEndpoint {
             pod: pod_key,
             cgroup: cgroup.to_owned(),
@@ -527,6 +512,38 @@ impl EndpointCompiler<'_, '_> {
                 (k, v)
             }));
         set
+    }
+}
+
+/// The `ENDPOINTS` value of a local pod.
+fn endpoint_info(
+    p: &PodView<'_>,
+    endpoint_id: u32,
+    policy_set: u32,
+    identity: u32,
+    flags: u32,
+    quarantine: Option<Quarantine>,
+) -> EndpointInfo {
+    // Which pod's addresses are "itself" is ambiguous in a shared cgroup: none are.
+    let own_ips: &[std::net::IpAddr] = if quarantine == Some(Quarantine::SharedCgroup) {
+        &[]
+    } else {
+        &p.ips
+    };
+    EndpointInfo {
+        endpoint_id,
+        policy_set,
+        identity,
+        flags,
+        ip4: own_ips
+            .iter()
+            .find(|ip| ip.is_ipv4())
+            .map_or(0, |ip| ip_words(*ip).1[0]),
+        _pad: 0,
+        ip6: own_ips
+            .iter()
+            .find(|ip| ip.is_ipv6())
+            .map_or([0; 4], |ip| ip_words(*ip).1),
     }
 }
 

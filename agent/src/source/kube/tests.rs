@@ -214,6 +214,31 @@ fn a_mirror_annotation_on_a_pod_not_owned_by_its_node_is_ignored() {
     );
 }
 
+/// Static pods' config hashes are no API object's UID: a mirror annotation naming one is
+/// forged, even on a pod claiming its Node as owner.
+#[test]
+fn a_mirror_annotation_naming_an_api_pods_uid_is_ignored() {
+    let mut h = Harness::new("uid-mirror");
+    h.list_all();
+    let victim = "11111111-2222-3333-4444-555555555555";
+    let mut real = pod("victim", NODE, "1", json!({}));
+    real.metadata.uid = Some(victim.into());
+    let mut forged = pod(
+        "zz-forged",
+        NODE,
+        "1",
+        json!({"kubernetes.io/config.mirror": victim}),
+    );
+    forged.metadata.owner_references = Some(vec![node_owner(NODE)]);
+    h.pods.apply_watcher_event(&Event::Apply(real));
+    h.pods.apply_watcher_event(&Event::Apply(forged));
+    let (store, _) = h.snapshot();
+    assert_ne!(
+        annotation(&store, "zz-forged"),
+        annotation(&store, "victim")
+    );
+}
+
 #[test]
 fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
     let mut h = Harness::new("invalid");
@@ -279,4 +304,91 @@ async fn an_unreachable_api_server_is_reported_degraded_over_tls_too() {
     }
     assert!(!health.listed());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn bad_pod(rv: &str, ip: &str) -> Pod {
+    let mut p = pod("web", NODE, rv, json!({}));
+    p.spec.as_mut().expect("spec").containers[0].ports = Some(vec![
+        serde_json::from_value(json!({"name": "Not_A_Name", "containerPort": 80})).expect("port"),
+    ]);
+    let status = p.status.as_mut().expect("status");
+    status.pod_ip = Some(ip.into());
+    status.pod_ips = Some(vec![serde_json::from_value(json!({"ip": ip})).expect("ip")]);
+    p
+}
+
+fn pod_ip(store: &Store, name: &str) -> Option<String> {
+    store.pods[&("default".to_owned(), name.to_owned())]
+        .status
+        .as_ref()?
+        .pod_ip
+        .clone()
+}
+
+/// A stand-in follows the rejected pod as it changes (addresses, cgroup): it is rebuilt from
+/// each rejected version, not kept from the first.
+#[test]
+fn a_stand_in_follows_each_rejected_version() {
+    let mut h = Harness::new("stand-in-follows");
+    h.list_all();
+    h.pods
+        .apply_watcher_event(&Event::Apply(bad_pod("1", "10.0.0.10")));
+    let (store, rejections) = h.snapshot();
+    assert_eq!(rejections.len(), 1);
+    let web = &store.pods[&("default".to_owned(), "web".to_owned())];
+    assert!(crate::store::stand_in::is_rejected(web));
+    h.pods
+        .apply_watcher_event(&Event::Apply(bad_pod("2", "10.0.0.20")));
+    let (store, _) = h.snapshot();
+    assert_eq!(pod_ip(&store, "web").as_deref(), Some("10.0.0.20"));
+}
+
+/// A kept good pod keeps its labels but takes the rejected version's addresses.
+#[test]
+fn a_kept_pod_takes_the_addresses_of_its_rejected_version() {
+    let mut h = Harness::new("kept-addresses");
+    h.list_all();
+    h.pods
+        .apply_watcher_event(&Event::Apply(pod("web", NODE, "1", json!({}))));
+    assert!(h.snapshot().1.is_empty());
+    h.pods
+        .apply_watcher_event(&Event::Apply(bad_pod("2", "10.0.0.20")));
+    let (store, rejections) = h.snapshot();
+    assert_eq!(rejections.len(), 1);
+    let web = &store.pods[&("default".to_owned(), "web".to_owned())];
+    assert!(
+        !crate::store::stand_in::is_rejected(web),
+        "the good version stays"
+    );
+    assert_eq!(pod_ip(&store, "web").as_deref(), Some("10.0.0.20"));
+}
+
+/// A kept policy's rejected version isolates what it selects too.
+#[test]
+fn a_rejected_policy_version_stands_beside_the_kept_one() {
+    let mut h = Harness::new("policy-beside");
+    h.list_all();
+    let policy = |rv: &str, cidr: &str| -> NetworkPolicy {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default", "resourceVersion": rv, "uid": "np-1"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                     "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}]},
+        }))
+        .expect("policy")
+    };
+    h.others
+        .2
+        .apply_watcher_event(&Event::Apply(policy("1", "10.0.0.0/8")));
+    assert!(h.snapshot().1.is_empty());
+    h.others
+        .2
+        .apply_watcher_event(&Event::Apply(policy("2", "not-a-cidr")));
+    let (store, rejections) = h.snapshot();
+    assert_eq!(rejections.len(), 1);
+    let names: Vec<&str> = store
+        .network_policies
+        .keys()
+        .map(|(_, n)| n.as_str())
+        .collect();
+    assert_eq!(names, ["p", "p.rejected-version"]);
 }

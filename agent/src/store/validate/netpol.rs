@@ -216,7 +216,7 @@ fn parse_cidr(e: &mut Errors, field: &str, value: &str) -> Option<IpNet> {
 /// parse at all.
 pub fn cidr(value: &str) -> Option<IpNet> {
     let (addr, len) = value.split_once('/')?;
-    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let len: u8 = len.parse().ok()?;

@@ -529,3 +529,23 @@ fn a_set_that_cannot_fit_denies_its_pod_instead_of_keeping_the_old_one() {
         syncer.maps.entries
     );
 }
+
+/// Addresses that cannot all be held: sets would judge addresses by stale identities, so the
+/// isolated pods allow nothing, and the agent names the map and the flag.
+#[test]
+fn addresses_that_do_not_fit_deny_the_isolated_pods() {
+    let mut ids = Ids::default();
+    let desired = compile_docs(&admitting(1..=3), &mut ids);
+    let capacity = PolicyCapacity {
+        ipcache: (desired.ipcache.len() - 1) as u32,
+        ..CAPACITY
+    };
+    let mut syncer = PolicySyncer::new(Fake::default(), capacity).expect("new");
+    let report = syncer.apply(&desired, &cgroup_ids(&desired));
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert_eq!(report.errors[0].map, "IPCACHE");
+    assert!(report.errors[0].message.contains("--max-ipcache"));
+    let ep = syncer.maps.endpoints[&1000];
+    assert_eq!(ep.flags, desired.endpoints["c0"].info.flags);
+    assert_eq!(ep.policy_set, 0, "allows nothing");
+}

@@ -55,18 +55,26 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr_in {
 
 /// Sends `payload` of IP protocol `protocol` to `to` with a header of our own (IP_HDRINCL),
 /// as one packet or split in two fragments at `split` bytes (a multiple of 8).
-pub fn send(to: Ipv4Addr, protocol: u8, payload: &[u8], split: Option<usize>) -> Result<(), String> {
+pub fn send(
+    to: Ipv4Addr,
+    protocol: u8,
+    payload: &[u8],
+    split: Option<usize>,
+) -> Result<(), String> {
     use std::os::fd::AsRawFd as _;
     let fd = raw_socket(libc::IPPROTO_RAW)?;
     let pieces: Vec<(usize, &[u8], bool)> = match split {
-        Some(at) if at < payload.len() => vec![(0, &payload[..at], true), (at, &payload[at..], false)],
+        Some(at) if at < payload.len() => {
+            vec![(0, &payload[..at], true), (at, &payload[at..], false)]
+        }
         _ => vec![(0, payload, false)],
     };
     for (offset, piece, more) in pieces {
         let mut packet = vec![0x45, 0, 0, 0, 0x12, 0x34, 0, 0, 64, protocol, 0, 0];
         let len = u16::try_from(20 + piece.len()).map_err(|_| "payload too long")?;
         packet[2..4].copy_from_slice(&len.to_be_bytes());
-        let frag = u16::try_from(offset / 8).map_err(|_| "offset too large")? | if more { 0x2000 } else { 0 };
+        let frag = u16::try_from(offset / 8).map_err(|_| "offset too large")?
+            | if more { 0x2000 } else { 0 };
         packet[6..8].copy_from_slice(&frag.to_be_bytes());
         packet.extend([0u8; 4]); // source: the kernel fills it in
         packet.extend(to.octets());

@@ -221,7 +221,8 @@ fn reference(
     protocol: u8,
     port: u16,
 ) -> bool {
-    if peer == local.ip || peer.to_string() == HOST {
+    // From the node always (Kubernetes); to it only as the policies say.
+    if peer == local.ip || (direction == Direction::Ingress && peer.to_string() == HOST) {
         return true;
     }
     let sel = |v: &Value| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {

@@ -236,6 +236,7 @@ fn legacy_cidrs_mean_their_masked_prefix() {
     let net = |s: &str| s.parse::<IpNet>().expect("net");
     assert_eq!(cidr("10.0.0.1/8"), Some(net("10.0.0.0/8")));
     assert_eq!(cidr("010.001.002.003/024"), Some(net("10.1.2.0/24")));
+    assert_eq!(cidr("0010.0.0.1/0008"), Some(net("10.0.0.0/8")));
     assert_eq!(cidr("::ffff:10.0.0.0/104"), Some(net("10.0.0.0/8")));
     assert_eq!(cidr("::ffff:0a00:0001/112"), Some(net("10.0.0.0/16")));
     assert_eq!(cidr("fd00::1/8"), Some(net("fd00::/8")));
@@ -254,6 +255,7 @@ fn what_does_not_parse_is_no_cidr() {
         "10.0.0.0/",
         "10.0.0.0/+8",
         "1111.0.0.0/8",
+        "10.0.0.0/256",
     ] {
         assert_eq!(cidr(bad), None, "{bad}");
     }
