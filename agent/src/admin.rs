@@ -41,6 +41,7 @@ use weft_abi::net::words_ip;
 
 use crate::{datapath::Pins, pipeline, sync::frontend_name};
 
+pub mod access;
 pub mod policy;
 pub mod telemetry;
 
@@ -83,6 +84,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read the metrics token {path} (--metrics-token-file)", path = path.display())]
+    MetricsToken {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("the admin API stopped")]
     Stopped,
 }
@@ -106,6 +113,15 @@ pub struct Settings {
     /// neither Cilium (9962-9965), Istio (15000-15021) nor node-exporter (9100).
     #[arg(long, default_value = "0.0.0.0:9967", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
+    /// A group (name or number) whose members may use the admin socket besides root and the
+    /// agent's own user (the socket becomes 0660 and owned by it; otherwise 0600).
+    #[arg(long, value_parser = access::parse_group)]
+    pub admin_group: Option<u32>,
+    /// A file holding a bearer token that /metrics on --metrics-addr requires
+    /// (`Authorization: Bearer <token>`, as Prometheus' `authorization` sends it). /healthz and
+    /// /readyz stay open for the kubelet's probes.
+    #[arg(long)]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -125,9 +141,16 @@ pub fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     if s == "off" {
         return Ok(MetricsAddr(None));
     }
-    s.parse()
+    if let Ok(a) = s.parse() {
+        return Ok(MetricsAddr(Some(a)));
+    }
+    // An IPv6 address without brackets, as `$(NODE_IP):9967` expands on an IPv6 node.
+    let unbracketed = s
+        .rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
+    unbracketed
         .map(|a| MetricsAddr(Some(a)))
-        .map_err(|e| format!("{s:?}: {e} (use IP:PORT, e.g. 0.0.0.0:9967, or off)"))
+        .ok_or_else(|| format!("{s:?}: not an address (use IP:PORT, e.g. 0.0.0.0:9967, or off)"))
 }
 
 /// The admin API and the metrics listener, serving until dropped or failed.
@@ -149,8 +172,17 @@ impl Admin {
         socket: &Path,
         state: AdminState,
     ) -> Result<Self, Error> {
-        let listener = bind(socket)?;
+        let listener = bind(
+            socket,
+            access::Access {
+                group: settings.admin_group,
+            },
+        )?;
         let guard = RemoveOnDrop(socket.to_owned());
+        let token = match &settings.metrics_token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
         let tcp = match settings.metrics_addr.0 {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -164,7 +196,7 @@ impl Admin {
             metrics_addr,
             ..state
         };
-        let metrics = tcp.map(|l| tokio::spawn(serve_metrics(l, state.clone())));
+        let metrics = tcp.map(|l| tokio::spawn(serve_metrics(l, state.clone(), token)));
         let admin = tokio::spawn(serve(listener, socket.to_owned(), state));
         Ok(Self {
             admin,
@@ -273,9 +305,10 @@ pub struct AdminState {
     pub telemetry_settings: serde_json::Value,
 }
 
-/// Listens on `path`. A stale socket file from an earlier agent is replaced (the instance
-/// lock guarantees no other agent owns it). Must be called inside a tokio runtime.
-pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+/// Listens on `path`, for the peers `access` allows only (see [`access`]). A stale socket
+/// file from an earlier agent is replaced (the instance lock guarantees no other agent owns
+/// it). Must be called inside a tokio runtime.
+pub fn bind(path: &Path, access: access::Access) -> Result<access::CheckedListener, Error> {
     let listen_err = |source| Error::Listen {
         path: path.to_owned(),
         source,
@@ -288,12 +321,19 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(listen_err(e)),
     }
-    tokio::net::UnixListener::bind(path).map_err(listen_err)
+    let listener = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
+    access.restrict(path).map_err(listen_err)?;
+    Ok(access::CheckedListener {
+        listener,
+        access,
+        // SAFETY: geteuid has no preconditions.
+        own_uid: unsafe { libc::geteuid() },
+    })
 }
 
 /// Serves the admin API until the future is dropped.
 pub async fn serve(
-    listener: tokio::net::UnixListener,
+    listener: access::CheckedListener,
     path: PathBuf,
     state: AdminState,
 ) -> Result<(), Error> {
@@ -316,10 +356,43 @@ pub async fn serve(
 
 /// What is served over TCP too: metrics and the kubelet's probes.
 fn public_routes() -> Router<AdminState> {
+    probe_routes().route("/metrics", get(metrics))
+}
+
+fn probe_routes() -> Router<AdminState> {
     Router::new()
-        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+}
+
+/// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
+fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The metrics token: the file's content without surrounding whitespace; never empty.
+fn read_token(path: &Path) -> Result<Arc<str>, Error> {
+    let err = |source| Error::MetricsToken {
+        path: path.to_owned(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(err)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the file is empty",
+        )));
+    }
+    Ok(Arc::from(token))
 }
 
 fn status_doc(state: &AdminState) -> StatusDoc {
@@ -433,12 +506,38 @@ async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` (for the kubelet's probes) on a TCP listener
-/// (`--metrics-addr`) until the future is dropped. Nothing else is exposed there.
+/// (`--metrics-addr`) until the future is dropped. Nothing else is exposed there. With a
+/// token, `/metrics` answers only requests that carry it.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     state: AdminState,
+    token: Option<Arc<str>>,
 ) -> Result<(), Error> {
-    axum::serve(listener, public_routes().with_state(state))
+    let routes = match token {
+        None => public_routes(),
+        Some(token) => probe_routes().route(
+            "/metrics",
+            get(
+                move |state: State<AdminState>, headers: axum::http::HeaderMap| {
+                    let token = Arc::clone(&token);
+                    async move {
+                        if bearer_matches(&headers, &token) {
+                            metrics(state, headers).await
+                        } else {
+                            let challenge = [(header::WWW_AUTHENTICATE, "Bearer")];
+                            (
+                                StatusCode::UNAUTHORIZED,
+                                challenge,
+                                "a bearer token is required",
+                            )
+                                .into_response()
+                        }
+                    }
+                },
+            ),
+        ),
+    };
+    axum::serve(listener, routes.with_state(state))
         .await
         .map_err(|source| Error::Serve {
             what: "metrics",

@@ -15,15 +15,24 @@ pub struct Response {
 
 /// `GET path` on the agent's metrics listener (`/metrics`, `/healthz`, `/readyz`).
 pub fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
+    let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    get_with(addr, path, &headers)
+}
+
+/// `GET path` with these request headers.
+pub fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
-    let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: weft\r\n{accept}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: weft\r\n{extra}Connection: close\r\n\r\n"
     )
     .expect("send the request");
     let mut response = String::new();

@@ -139,4 +139,13 @@ fn the_metrics_flag_takes_an_address_or_off() {
         Ok(MetricsAddr(Some("127.0.0.1:9967".parse().expect("addr"))))
     );
     assert!(parse_metrics_addr("9967").is_err());
+    // `$(NODE_IP):9967` on an IPv6 node.
+    assert_eq!(
+        parse_metrics_addr("fd00::1:9967"),
+        Ok(MetricsAddr(Some("[fd00::1]:9967".parse().expect("addr"))))
+    );
+    assert!(
+        parse_metrics_addr("fd00::1").is_err(),
+        "the last group is no port"
+    );
 }

@@ -6,6 +6,7 @@ mod cgroups;
 mod icmp;
 mod input;
 mod node;
+mod surface;
 
 use std::time::Duration;
 
