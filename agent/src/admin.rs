@@ -457,6 +457,12 @@ fn degraded(state: &AdminState) -> Vec<String> {
             policy.over_capacity.join(", ")
         ));
     }
+    if !policy.unreachable.is_empty() {
+        out.push(format!(
+            "pods NOT enforced, their cgroups deeper than the kernel looks: {}",
+            policy.unreachable.join(", ")
+        ));
+    }
     if !policy.unreadable.is_empty() {
         out.push(format!(
             "policies weft cannot read, isolating what they select: {}",

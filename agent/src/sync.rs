@@ -469,6 +469,32 @@ impl<M: ServiceMaps> Syncer<M> {
         }
     }
 
+    /// The next revision no live frontend and no retired set in its grace period holds: the
+    /// counter wraps after 2^32 changes (weeks of a churning cluster), and a reused number
+    /// would overwrite slots a connect may be reading. Never 0.
+    fn fresh_revision(&mut self) -> u32 {
+        loop {
+            let r = self.next_revision;
+            self.next_revision = self.next_revision.wrapping_add(1).max(1);
+            let live = self.applied.values().any(|a| a.revision == r)
+                || self.retired.iter().any(|(rev, _, _)| *rev == r);
+            if r != 0 && !live {
+                return r;
+            }
+        }
+    }
+
+    /// The next service id no live frontend holds (ids key `MEMBERS`). Never 0.
+    fn fresh_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if id != 0 && !self.applied.values().any(|a| a.id == id) {
+                return id;
+            }
+        }
+    }
+
     /// Frees one slot; a failed delete is logged and retried.
     fn del_slot(&mut self, key: SlotKey) {
         match self.maps.del_slot(&key) {
@@ -484,9 +510,7 @@ impl<M: ServiceMaps> Syncer<M> {
     fn create(&mut self, key: &ServiceKey, want: &Frontend) -> Result<(), Error> {
         let n = want.backends.len();
         self.check_capacity(true, n, n)?;
-        let (id, revision) = (self.next_id, self.next_revision);
-        self.next_id += 1;
-        self.next_revision += 1;
+        let (id, revision) = (self.fresh_id(), self.fresh_revision());
         let written = self
             .put_members(id, &want.backends)
             .and_then(|()| self.write_slots(revision, &want.backends));
@@ -540,8 +564,7 @@ impl<M: ServiceMaps> Syncer<M> {
         let added: Vec<Endpoint> = new.difference(&old).copied().collect();
         let removed: Vec<Endpoint> = old.difference(&new).copied().collect();
         self.check_capacity(false, want.backends.len(), added.len())?;
-        let revision = self.next_revision;
-        self.next_revision += 1;
+        let revision = self.fresh_revision();
         // New members and slots first; the switch; then what the old set no longer needs.
         let written = self
             .put_members(have.id, &added)

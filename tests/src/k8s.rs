@@ -94,7 +94,11 @@ pub fn pod_named(
         y,
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: \"{name}\"\n  namespace: \"{namespace}\""
     );
-    let _ = writeln!(y, "  annotations:\n    weft.io/cgroup: {}", p.name);
+    let _ = writeln!(
+        y,
+        "  annotations:\n    weft.io/cgroup: {}",
+        p.relative_cgroup
+    );
     if !labels.is_empty() {
         let _ = writeln!(y, "  labels:");
         for (k, v) in labels {

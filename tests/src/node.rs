@@ -28,6 +28,7 @@ pub struct NodeBuilder {
     pods: Vec<String>,
     pod_tool: Option<PathBuf>,
     kubelet_cgroups: bool,
+    nesting: usize,
 }
 
 impl NodeBuilder {
@@ -47,6 +48,14 @@ impl NodeBuilder {
             "pod {name} added twice"
         );
         self.pods.push(name.to_owned());
+        self
+    }
+
+    /// Puts pods' cgroups `levels` directories below the node's cgroup (`n1/n2/.../<pod>`), as
+    /// nested or rootless nodes do.
+    #[must_use]
+    pub fn nested(mut self, levels: usize) -> Self {
+        self.nesting = levels;
         self
     }
 
@@ -92,6 +101,12 @@ impl NodeBuilder {
             // Removed deepest first.
             node.kubelet = vec![besteffort, top];
         }
+        let mut nest = String::new();
+        for level in 1..=self.nesting {
+            nest = format!("{nest}n{level}/");
+            let dir = node.cgroup.child(nest.trim_end_matches('/'));
+            node.kubelet.insert(0, dir);
+        }
         let n = node.netns.name.clone();
         let ip_n = |args: &[&str]| proc::run("ip", [&["-n", n.as_str()], args].concat());
         ip_n(&["link", "set", "lo", "up"]);
@@ -117,9 +132,10 @@ impl NodeBuilder {
                 let slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
                 node.cgroup.child(&format!("{KUBEPODS}/{slice}"))
             } else {
-                node.cgroup.child(name)
+                node.cgroup.child(&format!("{nest}{name}"))
             };
             let pod = Pod {
+                relative_cgroup: format!("{nest}{name}"),
                 name: name.clone(),
                 ipv4: Ipv4Addr::new(10, 0, 0, host),
                 ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(host)),
@@ -183,6 +199,8 @@ pub struct Node {
 #[derive(Debug)]
 pub struct Pod {
     pub name: String,
+    /// The pod's cgroup below the node's (the `weft.io/cgroup` annotation).
+    pub relative_cgroup: String,
     /// metadata.uid for the fake API server (it names the pod's cgroup with
     /// [`NodeBuilder::kubelet_cgroups`]).
     pub uid: String,
@@ -212,6 +230,7 @@ impl Node {
             pods: Vec::new(),
             pod_tool: None,
             kubelet_cgroups: false,
+            nesting: 0,
         }
     }
 

@@ -147,6 +147,9 @@ pub struct Policies {
     /// Stand-ins of policies weft could not read (`store::stand_in`): they isolate what the
     /// rejected version selects and allow nothing.
     pub unreadable: Vec<String>,
+    /// Local pods whose cgroup is deeper below the root than the kernel looks
+    /// (`MAX_POD_DEPTH`): not enforced.
+    pub unreachable: Vec<String>,
 }
 
 /// An IP protocol name as the API has it.

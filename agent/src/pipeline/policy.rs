@@ -62,6 +62,8 @@ pub struct PolicyStatus {
     pub over_capacity: Vec<String>,
     /// Stand-ins of policies weft could not read.
     pub unreadable: Vec<String>,
+    /// Local pods too deep below the cgroup root for the kernel to find: not enforced.
+    pub unreachable: Vec<String>,
     pub identities: usize,
     pub ipcache_entries: usize,
     pub policy_entries: usize,
@@ -280,6 +282,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             sync_errors: report.errors.clone(),
             over_capacity: policies.over_capacity.clone(),
             unreadable: policies.unreadable.clone(),
+            unreachable: policies.unreachable.clone(),
             identities: policies.identities.len(),
             ipcache_entries: ipcache,
             policy_entries: entries,

@@ -368,3 +368,27 @@ fn an_affinity_change_keeps_the_revision() {
     assert_eq!(s.maps().services[&key(1)].revision, rev);
     assert_eq!(s.maps().services[&key(1)].affinity_timeout_s, 60);
 }
+
+/// Revisions wrap after 2^32 changes: a wrapped number skips 0 and every revision still in
+/// use, so no live slot is overwritten.
+#[test]
+fn a_wrapping_revision_never_reuses_a_live_one() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    s.next_revision = 1;
+    s.apply(&desired(&[(1, &[11]), (2, &[21])]), t0);
+    let live: Vec<u32> = [1, 2]
+        .iter()
+        .map(|k| s.maps().services[&key(*k)].revision)
+        .collect();
+    assert_eq!(live, [1, 2]);
+    s.next_revision = u32::MAX;
+    s.apply(&desired(&[(1, &[11]), (2, &[22])]), t0);
+    assert_eq!(s.maps().services[&key(2)].revision, u32::MAX);
+    // Wraps past 0, 1 (service 1's live set) and 2 (service 2's first set, retired and
+    // still in its grace period).
+    s.apply(&desired(&[(1, &[11]), (2, &[23])]), t0);
+    assert_eq!(s.maps().services[&key(2)].revision, 3);
+    assert_eq!(kernel_backends(s.maps(), 1), [backend(11)]);
+    assert_eq!(kernel_backends(s.maps(), 2), [backend(23)]);
+}

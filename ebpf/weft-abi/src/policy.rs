@@ -26,6 +26,11 @@ pub const EP_INGRESS_ISOLATED: u32 = 1;
 /// [`EndpointInfo::flags`]: egress is restricted.
 pub const EP_EGRESS_ISOLATED: u32 = 2;
 
+/// Pod cgroups are looked for this many levels below the agent's cgroup root at most (a
+/// Kubernetes pod's is 3 below the root, kubepods / QoS class / pod; nested and rootless
+/// nodes add a few). The agent refuses, loudly, a pod deeper than this.
+pub const MAX_POD_DEPTH: u32 = 12;
+
 /// [`IpcacheValue::flags`]: the address is the node's own: traffic from it is always allowed,
 /// as Kubernetes requires (kubelet probes, host-network peers); traffic to it is judged.
 pub const IP_HOST: u32 = 1;

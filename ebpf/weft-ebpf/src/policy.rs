@@ -25,7 +25,8 @@ use weft_abi::{
     policy::{
         EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, FLOW_IDLE_NS, FLOW_REFRESH_NS,
         IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue,
-        Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, PolicyFlowKey, verdict_index,
+        MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, PolicyFlowKey,
+        verdict_index,
     },
 };
 
@@ -37,9 +38,6 @@ use crate::{
     stats,
 };
 
-/// Pod cgroups are looked for this many levels below the agent's cgroup root at most (a
-/// Kubernetes pod's is 3 below the root: kubepods / QoS class / pod).
-const MAX_POD_DEPTH: i32 = 6;
 /// `TCP_LISTEN` in the kernel's socket states.
 const TCP_LISTEN: u32 = 10;
 /// `SOCK_STREAM` socket type.
@@ -50,7 +48,7 @@ const SOCK_STREAM: u32 = 1;
 #[inline(always)]
 fn endpoint_by(ancestor: impl Fn(i32) -> u64) -> Option<EndpointInfo> {
     let root = POLICY_ROOT_LEVEL.load() as i32;
-    for depth in 1..=MAX_POD_DEPTH {
+    for depth in 1..=MAX_POD_DEPTH as i32 {
         let id = ancestor(root + depth);
         if id == 0 {
             return None;

@@ -156,3 +156,46 @@ fn two_pods_claiming_one_cgroup_are_both_isolated() {
     let status = agent.wait_status("reported", |s| s["healthy"] == false);
     assert!(status.to_string().contains("shared_cgroup"), "{status}");
 }
+
+/// Nested and rootless nodes put pods deeper than a kubelet on the host does: a pod 8 levels
+/// below the root is enforced (the kernel used to look 6 deep and silently skip it).
+#[test]
+fn a_deeply_nested_pod_is_enforced() {
+    let node = Node::builder("adv_cgroup_deep")
+        .nested(7)
+        .pod("client")
+        .pod("server")
+        .build();
+    let _server = node.start_server("server", &["serve", "--name", "server", "--tcp", "8080"]);
+    node.write_source(
+        "pods.yaml",
+        &k8s::file(&[
+            k8s::pod(
+                node.pod("client"),
+                "default",
+                &[("app", "client")],
+                &[],
+                true,
+            ),
+            k8s::pod(
+                node.pod("server"),
+                "default",
+                &[("app", "server")],
+                &[],
+                true,
+            ),
+        ]),
+    );
+    node.write_source(
+        "policy.yaml",
+        &np(
+            "default",
+            "deny",
+            "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]",
+        ),
+    );
+    let agent = Agent::with_source(&node, &[]);
+    crate::wait_isolated(&agent, "default/server", true, false);
+    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    expect_probe(&node, "client", &target, Reach::Blocked);
+}

@@ -326,6 +326,19 @@ pub(super) fn compile_endpoints(
             .get(&(p.namespace.to_owned(), p.name.to_owned()))
             .copied()
             .unwrap_or_else(|| c.ids.endpoint(cgroup));
+        let depth = cgroup.split('/').count();
+        if depth > weft_abi::policy::MAX_POD_DEPTH as usize {
+            let pod = format!("{}/{}", p.namespace, p.name);
+            c.out.unreachable.push(pod.clone());
+            c.out.problems.push(super::Problem {
+                object: pod,
+                message: format!(
+                    "cgroup {cgroup} is {depth} levels below --cgroup-root; the kernel looks {} \
+                     deep: this pod is NOT enforced (put --cgroup-root nearer its pods)",
+                    weft_abi::policy::MAX_POD_DEPTH
+                ),
+            });
+        }
         let quarantine = if claims[cgroup].len() > 1 {
             c.out.problems.push(super::Problem {
                 object: format!("{}/{}", p.namespace, p.name),

@@ -398,3 +398,20 @@ fn a_local_policy_whose_ip_blocks_do_not_fit_isolates_and_allows_nothing() {
         p.problems
     );
 }
+
+/// A pod deeper below the cgroup root than the kernel looks is reported, not silently
+/// unenforced.
+#[test]
+fn a_pod_too_deep_for_the_kernel_is_reported() {
+    let deep = "a/b/c/d/e/f/g/h/i/j/k/l/m";
+    let pod = POD_A.replace("weft.io/cgroup: x-a", &format!("weft.io/cgroup: {deep}"));
+    let (p, _) = compile_docs(&[&pod, POD_B]);
+    assert_eq!(p.unreachable, ["x/a"]);
+    assert!(
+        p.problems
+            .iter()
+            .any(|pr| pr.object == "x/a" && pr.message.contains("NOT enforced"))
+    );
+    let (p, _) = compile_docs(&[POD_A, POD_B]);
+    assert_eq!(p.unreachable, Vec::<String>::new());
+}
