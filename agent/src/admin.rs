@@ -347,14 +347,16 @@ pub async fn serve(
         .route("/connections", get(telemetry::connections))
         .route("/flows", get(telemetry::flows))
         .route("/config/dump", get(telemetry::config_dump))
-        .merge(public_routes())
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
         .with_state(state);
     axum::serve(listener, app)
         .await
         .map_err(|source| Error::Listen { path, source })
 }
 
-/// What is served over TCP too: metrics and the kubelet's probes.
+/// What is served over TCP: metrics and the kubelet's probes.
 fn public_routes() -> Router<AdminState> {
     probe_routes().route("/metrics", get(metrics))
 }
@@ -362,7 +364,7 @@ fn public_routes() -> Router<AdminState> {
 fn probe_routes() -> Router<AdminState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
+        .route("/readyz", get(ready_brief))
 }
 
 /// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
@@ -487,6 +489,16 @@ fn degraded(state: &AdminState) -> Vec<String> {
 /// stays ok while the API server is away: a restart would not bring it back, and the
 /// datapath keeps its last state either way.
 async fn ready(State(state): State<AdminState>) -> Response {
+    readiness(&state, true)
+}
+
+/// `/readyz` over TCP: the same answer without the names of pods and policies (whoever
+/// reaches the port may not see them; `weft status` has them).
+async fn ready_brief(State(state): State<AdminState>) -> Response {
+    readiness(&state, false)
+}
+
+fn readiness(state: &AdminState, detail: bool) -> Response {
     if !state
         .services
         .read()
@@ -495,16 +507,16 @@ async fn ready(State(state): State<AdminState>) -> Response {
     {
         return (StatusCode::SERVICE_UNAVAILABLE, "first sync not done").into_response();
     }
-    let degraded = degraded(&state);
-    if degraded.is_empty() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("degraded: {}", degraded.join("; ")),
-        )
-            .into_response()
-    }
+    let degraded = degraded(state);
+    let body = match (degraded.is_empty(), detail) {
+        (true, _) => return (StatusCode::OK, "ready").into_response(),
+        (false, true) => format!("degraded: {}", degraded.join("; ")),
+        (false, false) => format!(
+            "degraded: {} problem(s); see `weft status` on the node",
+            degraded.len()
+        ),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {

@@ -19,10 +19,11 @@ use std::{
     io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::{Location, Rejection, yaml};
-use crate::store::{self, FieldError, Kind, Object, ObjectRef, stand_in};
+use crate::store::{self, FieldError, Object, ObjectRef, stand_in};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -292,20 +293,25 @@ fn unreadable(path: &Path, error: &str, previous: Option<&FileState>) -> FileSta
     }
 }
 
-/// A rejected object with no good version (or only a stand-in) isolates what it concerns;
-/// beside a kept policy, the stand-in of its rejected version isolates what that selects too
-/// (`store::stand_in`).
+/// What a rejected document leaves (`store::stand_in`): a pod's stand-in replaces it; a
+/// policy's last version stays without its rules, the stand-in of the rejected one beside it,
+/// so that what either selects is isolated and nothing either allowed stays allowed.
 fn place_stand_ins(
     objects: &mut BTreeMap<ObjectRef, (usize, Object)>,
     stand_ins: Vec<(ObjectRef, (usize, Object))>,
 ) {
     for (r, (doc, s)) in stand_ins {
         match objects.get(&r) {
-            Some((_, kept)) if !stand_in::is_stand_in(kept) => {
-                if r.kind == Kind::NetworkPolicy {
-                    let (beside, s) = stand_in::beside(&r, s);
-                    objects.insert(beside, (doc, s));
-                }
+            Some((kept_doc, Object::NetworkPolicy(kept))) => {
+                let kept = if stand_in::is_stand_in_policy(kept) {
+                    Object::NetworkPolicy(Arc::clone(kept))
+                } else {
+                    Object::NetworkPolicy(Arc::new(stand_in::stripped(kept)))
+                };
+                let kept_doc = *kept_doc;
+                objects.insert(r.clone(), (kept_doc, kept));
+                let (beside, s) = stand_in::beside(&r, s);
+                objects.insert(beside, (doc, s));
             }
             _ => {
                 objects.insert(r, (doc, s));

@@ -345,6 +345,7 @@ fn add<K: Resource>(
         if entry.uid != uid {
             entry.uid = uid;
             entry.good = None;
+            entry.rejected_version = None;
         }
         entry.resource_version = rv;
         entry.cgroup = cgroup;
@@ -366,35 +367,29 @@ fn add<K: Resource>(
     }
 }
 
-/// What the store holds for a rejected version. Without an earlier good version (or with only
-/// a stand-in), the stand-in of this version. A kept pod follows its current cgroup and
-/// addresses; a kept policy stays, and the stand-in of the rejected version isolates what
-/// that version selects too.
+/// What the store holds for a rejected version (`store::stand_in`): for a pod, the stand-in of
+/// this version (its labels may have changed to revoke what peers allowed it); for a policy,
+/// its last version without rules beside the stand-in of this one, so that what either
+/// selects is isolated and nothing either allowed stays allowed; other kinds keep their last
+/// good version.
 fn keep_or_stand_in(entry: &mut Validated, object_ref: &ObjectRef, object: &Object) {
-    let fresh = || stand_in_of(object_ref.kind, object, &object_ref.namespace);
-    entry.good = match entry.good.take() {
-        None => fresh(),
-        Some(prev) if store::stand_in::is_stand_in(&prev) => fresh(),
-        Some(Object::Pod(prev)) => {
-            let current = serde_json::to_value(object_pod(object)).unwrap_or_default();
-            let cgroup = entry.cgroup.as_deref();
-            Some(Object::Pod(bind_cgroup(
-                Arc::new(store::stand_in::with_status_of(&prev, &current)),
-                cgroup,
-            )))
+    let fresh = stand_in_of(object_ref.kind, object, &object_ref.namespace);
+    entry.good = match (entry.good.take(), fresh) {
+        (Some(Object::NetworkPolicy(prev)), Some(fresh)) => {
+            entry.rejected_version = Some(store::stand_in::beside(object_ref, fresh));
+            if store::stand_in::is_stand_in_policy(&prev) {
+                Some(Object::NetworkPolicy(prev))
+            } else {
+                Some(Object::NetworkPolicy(Arc::new(store::stand_in::stripped(
+                    &prev,
+                ))))
+            }
         }
-        Some(prev) => {
-            entry.rejected_version = fresh().map(|s| store::stand_in::beside(object_ref, s));
-            Some(prev)
-        }
+        // Kinds without a stand-in (Services, EndpointSlices, Namespaces) keep their last
+        // good version.
+        (prev, None) => prev,
+        (_, fresh) => fresh,
     };
-}
-
-fn object_pod(object: &Object) -> Option<&Pod> {
-    match object {
-        Object::Pod(p) => Some(p),
-        _ => None,
-    }
 }
 
 /// The store's stand-in for a rejected object ([`store::stand_in`]).

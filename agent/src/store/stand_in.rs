@@ -6,9 +6,9 @@
 //! identity; a missing policy does not isolate the pods it selects. Instead the store holds:
 //! - for a Pod, its name, cgroup and addresses only, marked [`REJECTED_ANNOTATION`]: compile
 //!   isolates it both ways and gives its addresses an identity no policy peer matches;
-//! - for a NetworkPolicy, a policy of the same name with no rules for both directions,
-//!   selecting what the original selects (its whole namespace when even the selector is
-//!   unusable).
+//! - for a NetworkPolicy, a policy of the same name with no rules, isolating the directions
+//!   the original does (both when its `policyTypes` cannot be read) for what the original
+//!   selects (its whole namespace when even the selector is unusable).
 //!
 //! The rejection itself is reported as before (`weft status`, the rejection metric).
 use std::{collections::BTreeMap, sync::Arc};
@@ -27,8 +27,9 @@ use super::{Kind, Object, validate::CGROUP_ANNOTATION};
 /// Marks an object that stands in for a rejected one. Never taken from the API.
 pub const REJECTED_ANNOTATION: &str = "weft.io/rejected";
 
-/// The name suffix of the stand-in kept beside a policy's last good version.
-pub const REJECTED_VERSION_SUFFIX: &str = ".rejected-version";
+/// The name suffix of the stand-in beside a policy's last version: `~` is in no name the API
+/// server accepts, so it never meets a real policy's.
+pub const REJECTED_VERSION_SUFFIX: &str = "~rejected-version";
 
 /// The stand-in for a rejected document of `kind` (its raw value), if the kind needs one and
 /// the document names its object.
@@ -74,21 +75,25 @@ fn marked(meta: &ObjectMeta) -> bool {
         .is_some_and(|a| a.contains_key(REJECTED_ANNOTATION))
 }
 
-/// A kept pod with the addresses and phase of its current (rejected) version: its labels
-/// stay the last good ones, its addresses must not.
-pub fn with_status_of(kept: &Pod, current: &Value) -> Pod {
-    let mut pod = kept.clone();
-    let fresh = self::pod(ObjectMeta::default(), current);
-    let status = pod.status.get_or_insert_default();
-    if let Some(s) = fresh.status {
-        status.phase = s.phase;
-        status.pod_ip = s.pod_ip;
-        status.pod_ips = s.pod_ips;
+/// What stays of a policy's last good version once a newer one is rejected: its selector and
+/// directions, none of its rules (the rejected version may have revoked them). Together with
+/// the stand-in of the rejected version, beside it, what either version selects is isolated.
+pub fn stripped(kept: &NetworkPolicy) -> NetworkPolicy {
+    let mut np = kept.clone();
+    np.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(REJECTED_ANNOTATION.to_owned(), "true".to_owned());
+    let value = serde_json::to_value(kept).unwrap_or_default();
+    if let Some(spec) = np.spec.as_mut() {
+        spec.policy_types = Some(policy_types(&value["spec"]));
+        spec.ingress = None;
+        spec.egress = None;
     }
-    pod
+    np
 }
 
-/// The stand-in of a rejected policy version, named to sit beside its last good version.
+/// The stand-in of a rejected policy version, named to sit beside its last version.
 pub fn beside(of: &super::ObjectRef, stand_in: Object) -> (super::ObjectRef, Object) {
     let name = format!("{}{REJECTED_VERSION_SUFFIX}", of.name);
     let object = match stand_in {
@@ -151,10 +156,45 @@ fn policy(mut metadata: ObjectMeta, value: &Value) -> NetworkPolicy {
         metadata,
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(selector),
-            policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+            policy_types: Some(policy_types(&value["spec"])),
             ingress: None,
             egress: None,
         }),
+    }
+}
+
+/// The directions the rejected version isolates: its `policyTypes` when they can be read
+/// (defaulted as the API server does when absent), both when they cannot.
+fn policy_types(spec: &Value) -> Vec<String> {
+    let both = || vec!["Ingress".to_owned(), "Egress".to_owned()];
+    match &spec["policyTypes"] {
+        Value::Null => {
+            let egress = match &spec["egress"] {
+                Value::Null => false,
+                Value::Array(rules) => !rules.is_empty(),
+                // Something weft cannot read: as if it had egress rules.
+                _ => true,
+            };
+            let mut types = vec!["Ingress".to_owned()];
+            if egress {
+                types.push("Egress".to_owned());
+            }
+            types
+        }
+        Value::Array(given) => {
+            let known: Vec<String> = given
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|t| matches!(*t, "Ingress" | "Egress"))
+                .map(str::to_owned)
+                .collect();
+            if known.is_empty() || known.len() != given.len() {
+                both()
+            } else {
+                known
+            }
+        }
+        _ => both(),
     }
 }
 

@@ -95,6 +95,8 @@ pub struct PolicySyncer<M> {
     endpoints: BTreeMap<u64, EndpointInfo>,
     ipcache: BTreeMap<IpNet, IpcacheValue>,
     entries: BTreeMap<EntryKey, PolicyValue>,
+    /// The last pass could not write every address (isolated pods were left on set 0).
+    addresses_pending: bool,
 }
 
 impl<M: PolicyMaps> PolicySyncer<M> {
@@ -106,6 +108,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             entries: maps.read_entries()?.into_iter().collect(),
             maps,
             capacity,
+            addresses_pending: false,
         })
     }
 
@@ -215,6 +218,11 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         // Addresses that cannot all be held make every set's judgement unreliable: the
         // isolated pods allow nothing until they can be (decided before anything moves).
         let mut addresses_fit = self.make_ipcache_room(desired, &mut report);
+        if addresses_fit && self.addresses_pending {
+            // The last pass could not hold every address: its isolated pods are on set 0 and
+            // `IPCACHE` is half-written. Addresses first, before any pod leaves set 0.
+            addresses_fit = self.write_ipcache(desired, &mut report);
+        }
         let bridge = self.bridge(desired);
         let mut sets = PolicyReport::default();
         let missing = if addresses_fit {
@@ -234,6 +242,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         if !missing.is_empty() && addresses_fit {
             self.retry_sets(desired, &want_endpoints, &mut sets, &mut report);
         }
+        self.addresses_pending = !addresses_fit;
         report.written += sets.written;
         report.deleted += sets.deleted;
         report.errors.splice(0..0, sets.errors);

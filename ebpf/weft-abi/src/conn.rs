@@ -94,14 +94,18 @@ pub enum DropReason {
     /// A non-first IP fragment from or to a pod isolated by policy (it carries no ports to
     /// judge; the kernel's own sockets never send one past the hook).
     Fragment = 4,
+    /// A packet from a pod isolated by policy whose source is not the pod's address (a raw
+    /// socket or IP_FREEBIND): it could plant a reply path for a peer policy does not allow.
+    SpoofedSource = 5,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::PolicyDenied,
         Self::NoBackends,
         Self::Unparsed,
         Self::Fragment,
+        Self::SpoofedSource,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -110,6 +114,7 @@ impl DropReason {
             2 => Some(Self::NoBackends),
             3 => Some(Self::Unparsed),
             4 => Some(Self::Fragment),
+            5 => Some(Self::SpoofedSource),
             _ => None,
         }
     }
@@ -120,6 +125,7 @@ impl DropReason {
             Self::NoBackends => "no_backends",
             Self::Unparsed => "unparsed",
             Self::Fragment => "fragment",
+            Self::SpoofedSource => "spoofed_source",
         }
     }
 }

@@ -296,6 +296,15 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: Direction) -> bool {
     if h.later_fragment {
         return unjudgeable(ctx, direction, DropReason::Fragment);
     }
+    if direction == Direction::Egress
+        && let Some(ep) = skb_endpoint(ctx)
+        && ep.flags & EP_EGRESS_ISOLATED != 0
+        && spoofed(&ep, h)
+    {
+        count(direction, Match::None);
+        DropEvent::unaddressed(ctx.cookie(), DropReason::SpoofedSource, direction).report();
+        return false;
+    }
     let ingress = direction == Direction::Ingress;
     let (peer, peer_port, port) = if ingress {
         (&h.src, h.sport, h.dport)
@@ -364,6 +373,19 @@ fn decide(
 #[inline(always)]
 pub fn unparsed(ctx: &SkBuffContext, direction: Direction) -> bool {
     unjudgeable(ctx, direction, DropReason::Unparsed)
+}
+
+/// Whether an egress-isolated pod sends from an address not its own (loopback aside). Raw
+/// sockets and IP_FREEBIND can; a packet looped back to the pod with a forged source would
+/// otherwise leave a reply path (`POLICY_FLOWS`) to a peer its policy does not allow. Unknown
+/// while the pod has no address of the family yet.
+#[inline(always)]
+fn spoofed(ep: &EndpointInfo, h: &Headers) -> bool {
+    let known = match Family::of(h.version) {
+        Family::V4 => ep.ip4 != 0,
+        Family::V6 => ep.ip6 != [0; 4],
+    };
+    known && !ep.owns(h.version, &h.src) && !is_loopback(h.version, &h.src)
 }
 
 /// What cannot be judged passes only a pod not isolated in that direction. Non-first

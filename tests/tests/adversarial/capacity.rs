@@ -131,7 +131,10 @@ fn a_change_at_the_capacity_edge_completes_and_revocations_follow() {
     expect_probe(&node, "client", &to_9090, Reach::Blocked);
     let (code, body) = readyz(&agent);
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("--max-policy-entries"), "{body}");
+    let status = agent.wait_status("the map and flag named", |s| {
+        s["degraded"].to_string().contains("--max-policy-entries")
+    });
+    assert_eq!(status["healthy"], false);
     node.write_source("policy.yaml", &admitting(8080, 20_000));
     expect_probe(&node, "client", &to_8080, Reach::Answer("server"));
     expect_probe(&node, "client", &to_9090, Reach::Blocked);

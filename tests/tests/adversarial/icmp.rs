@@ -123,3 +123,56 @@ fn an_allowed_ping_gets_its_replies() {
         .unwrap_or(0);
     assert!(replies > 0, "the ping got no reply");
 }
+
+/// A raw socket forging a datagram "from" a peer to the pod itself used to plant a reply
+/// path: the pod's socket could then send to that peer although its policy denies it.
+#[test]
+fn a_forged_source_plants_no_reply_path() {
+    let node = node("adv_forged_src");
+    let agent = Agent::with_source(&node, &[]);
+    node.write_source("policy.yaml", &np("default", "deny", DENY_A_EGRESS));
+    wait_isolated(&agent, "default/a", false, true);
+    let mut rx = node.spawn(
+        "b",
+        &[
+            "raw-receive",
+            "--protocol",
+            "17",
+            "--marker",
+            "leaked",
+            "--seconds",
+            "2",
+        ],
+    );
+    rx.wait_listening();
+    let (a, b) = (
+        node.pod("a").ipv4.to_string(),
+        format!("{}:5353", node.pod("b").ipv4),
+    );
+    let mut forge = node.spawn(
+        "a",
+        &[
+            "forge-reply-path",
+            "--own",
+            &a,
+            "--port",
+            "4444",
+            "--peer",
+            &b,
+            "--data",
+            "leaked",
+        ],
+    );
+    let forged = last_event(&mut forge, "forged");
+    assert_eq!(forged["planted"], false, "{forged}");
+    assert_eq!(forged["sent"], false, "{forged}");
+    let received = last_event(&mut rx, "received");
+    assert_eq!(received["marked"], 0, "{received}");
+    agent.wait_metrics("the forged packet dropped", |m| {
+        prom::sum(
+            m,
+            "weft_dropped_flows_total",
+            &[("reason", "spoofed_source")],
+        ) >= 1.0
+    });
+}

@@ -343,9 +343,10 @@ fn a_stand_in_follows_each_rejected_version() {
     assert_eq!(pod_ip(&store, "web").as_deref(), Some("10.0.0.20"));
 }
 
-/// A kept good pod keeps its labels but takes the rejected version's addresses.
+/// A rejected version replaces even a good pod by its stand-in: the new labels may revoke
+/// what peers allowed the old ones.
 #[test]
-fn a_kept_pod_takes_the_addresses_of_its_rejected_version() {
+fn a_rejected_pod_version_stands_in_for_the_good_one() {
     let mut h = Harness::new("kept-addresses");
     h.list_all();
     h.pods
@@ -356,16 +357,15 @@ fn a_kept_pod_takes_the_addresses_of_its_rejected_version() {
     let (store, rejections) = h.snapshot();
     assert_eq!(rejections.len(), 1);
     let web = &store.pods[&("default".to_owned(), "web".to_owned())];
-    assert!(
-        !crate::store::stand_in::is_rejected(web),
-        "the good version stays"
-    );
+    assert!(crate::store::stand_in::is_rejected(web));
+    assert_eq!(web.metadata.labels, None);
     assert_eq!(pod_ip(&store, "web").as_deref(), Some("10.0.0.20"));
 }
 
-/// A kept policy's rejected version isolates what it selects too.
+/// A policy's rejected version: the last version stays without its rules (they may be
+/// revoked), the rejected one's stand-in beside it.
 #[test]
-fn a_rejected_policy_version_stands_beside_the_kept_one() {
+fn a_rejected_policy_version_stands_beside_the_last_one_stripped() {
     let mut h = Harness::new("policy-beside");
     h.list_all();
     let policy = |rv: &str, cidr: &str| -> NetworkPolicy {
@@ -390,5 +390,13 @@ fn a_rejected_policy_version_stands_beside_the_kept_one() {
         .keys()
         .map(|(_, n)| n.as_str())
         .collect();
-    assert_eq!(names, ["p", "p.rejected-version"]);
+    assert_eq!(names, ["p", "p~rejected-version"]);
+    for np in store.network_policies.values() {
+        let spec = np.spec.as_ref().expect("spec");
+        assert_eq!((spec.ingress.as_ref(), spec.egress.as_ref()), (None, None));
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_owned()][..])
+        );
+    }
 }

@@ -68,7 +68,7 @@ spec:
 ";
 
 #[test]
-fn a_rejected_policy_isolates_what_it_selects_both_ways_with_no_rules() {
+fn a_rejected_policy_isolates_what_it_selects_with_no_rules() {
     let Object::NetworkPolicy(np) = stand_in_of(BAD_POLICY) else {
         panic!("not a policy")
     };
@@ -80,9 +80,33 @@ fn a_rejected_policy_isolates_what_it_selects_both_ways_with_no_rules() {
     );
     assert_eq!(
         spec.policy_types.as_deref(),
-        Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
+        Some(&["Ingress".to_owned()][..])
     );
     assert_eq!((spec.ingress.as_ref(), spec.egress.as_ref()), (None, None));
+}
+
+fn types_of(text: &str) -> Vec<String> {
+    let Object::NetworkPolicy(np) = stand_in_of(text) else {
+        panic!("not a policy")
+    };
+    np.spec
+        .clone()
+        .and_then(|s| s.policy_types)
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_rejected_policy_without_policy_types_isolates_as_the_api_server_defaults() {
+    let no_types = BAD_POLICY.replace("  policyTypes: [Ingress]\n", "");
+    assert_eq!(types_of(&no_types), ["Ingress"]);
+    let with_egress = format!("{no_types}  egress: [{{}}]\n");
+    assert_eq!(types_of(&with_egress), ["Ingress", "Egress"]);
+}
+
+#[test]
+fn a_rejected_policy_whose_types_cannot_be_read_isolates_both_ways() {
+    let bad = BAD_POLICY.replace("[Ingress]", "[Ingress, Sideways]");
+    assert_eq!(types_of(&bad), ["Ingress", "Egress"]);
 }
 
 #[test]

@@ -549,3 +549,30 @@ fn addresses_that_do_not_fit_deny_the_isolated_pods() {
     assert_eq!(ep.flags, desired.endpoints["c0"].info.flags);
     assert_eq!(ep.policy_set, 0, "allows nothing");
 }
+
+/// Once the addresses fit again, they are written before any pod leaves set 0, and the pass
+/// ends in the desired state.
+#[test]
+fn addresses_that_fit_again_are_written_first() {
+    let mut ids = Ids::default();
+    let small = compile_docs(&admitting(1..=3), &mut ids);
+    let capacity = PolicyCapacity {
+        ipcache: small.ipcache.len() as u32,
+        ..CAPACITY
+    };
+    let mut syncer = PolicySyncer::new(Fake::default(), capacity).expect("new");
+    let mut big_docs = admitting(1..=3);
+    big_docs.push("apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: x, labels: {pod: c}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.12}\n".to_owned());
+    let big = compile_docs(&big_docs, &mut ids);
+    assert_eq!(syncer.apply(&big, &cgroup_ids(&big)).errors.len(), 1);
+    assert_eq!(syncer.maps.endpoints[&1000].policy_set, 0);
+    let again = compile_docs(&admitting(1..=3), &mut ids);
+    let report = syncer.apply(&again, &cgroup_ids(&again));
+    assert_eq!(report.errors, []);
+    assert_eq!(syncer.maps.ipcache, again.ipcache);
+    assert_eq!(syncer.maps.entries, again.entries);
+    assert_eq!(
+        syncer.maps.endpoints[&1000].policy_set,
+        again.endpoints["c0"].info.policy_set
+    );
+}

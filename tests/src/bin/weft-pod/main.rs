@@ -171,6 +171,18 @@ enum Cmd {
         #[arg(long)]
         split: Option<usize>,
     },
+    /// The reply-path trick against policy: forge a datagram from --peer to ourselves on
+    /// --port, then send to --peer from that socket.
+    ForgeReplyPath {
+        #[arg(long)]
+        own: std::net::Ipv4Addr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        peer: std::net::SocketAddrV4,
+        #[arg(long)]
+        data: String,
+    },
     /// Ping --to from one raw ICMP socket for --seconds: how many replies came back.
     RawPing {
         #[arg(long)]
@@ -276,6 +288,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
             data,
             split,
         } => raw::send(to, 1, &raw::icmp(icmp_type, 7, data.as_bytes()), split),
+        Cmd::ForgeReplyPath {
+            own,
+            port,
+            peer,
+            data,
+        } => raw::forge_reply_path(own, port, peer, data.as_bytes()),
         Cmd::RawPing { to, data, seconds } => {
             raw::ping(to, data.as_bytes(), Duration::from_secs(seconds))
         }

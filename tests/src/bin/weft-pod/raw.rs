@@ -184,3 +184,66 @@ pub fn ping(to: Ipv4Addr, data: &[u8], wait: Duration) -> Result<(), String> {
     emit(&json!({"event": "ping", "replies": replies}));
     Ok(())
 }
+
+/// The reply-path trick: an unconnected UDP socket on `port` receives a datagram forged to
+/// come from `peer` (sent to our own address through a raw socket), then sends `data` to
+/// `peer`, which policy alone would judge. Prints what each step got.
+pub fn forge_reply_path(
+    own: Ipv4Addr,
+    port: u16,
+    peer: std::net::SocketAddrV4,
+    data: &[u8],
+) -> Result<(), String> {
+    let socket = std::net::UdpSocket::bind((own, port)).map_err(|e| format!("bind: {e}"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let mut udp = Vec::new();
+    udp.extend(peer.port().to_be_bytes());
+    udp.extend(port.to_be_bytes());
+    udp.extend(u16::try_from(8 + 5).map_err(|_| "len")?.to_be_bytes());
+    udp.extend([0u8, 0]); // no checksum (IPv4 allows it)
+    udp.extend(b"forge");
+    // Refused at once when the hook drops it (EPERM): then nothing is planted.
+    let forged = send_from(*peer.ip(), own, 17, &udp);
+    let mut buf = [0u8; 64];
+    let planted = forged.is_ok() && socket.recv_from(&mut buf).is_ok();
+    let sent = socket.send_to(data, peer).map_err(|e| e.to_string());
+    emit(&json!({
+        "event": "forged",
+        "forge_error": forged.err(),
+        "planted": planted,
+        "sent": sent.is_ok(),
+        "error": sent.err(),
+    }));
+    Ok(())
+}
+
+/// One IPv4 packet with a chosen source address (IP_HDRINCL).
+fn send_from(src: Ipv4Addr, to: Ipv4Addr, protocol: u8, payload: &[u8]) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = raw_socket(libc::IPPROTO_RAW)?;
+    let len = u16::try_from(20 + payload.len()).map_err(|_| "payload too long")?;
+    let mut packet = vec![0x45, 0];
+    packet.extend(len.to_be_bytes());
+    packet.extend([0x43, 0x21, 0, 0, 64, protocol, 0, 0]);
+    packet.extend(src.octets());
+    packet.extend(to.octets());
+    packet.extend(payload);
+    let addr = sockaddr(to);
+    // SAFETY: `packet` and `addr` outlive the call; lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(format!("raw send: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
