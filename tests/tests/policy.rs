@@ -503,7 +503,7 @@ fn policy_and_label_updates_apply_to_new_connections() {
 }
 
 #[test]
-fn invalid_policies_are_rejected_and_keep_the_previous_version() {
+fn invalid_policies_are_rejected_and_isolate_what_either_version_selects() {
     let (model, agent) = start("policy_invalid");
     let good = np(
         "x",
@@ -513,8 +513,9 @@ fn invalid_policies_are_rejected_and_keep_the_previous_version() {
     apply(&model, &agent, std::slice::from_ref(&good));
     let expected = only_from("x/a", &["x/b"]);
     model.expect("the valid version", 80, "tcp", Via::PodIp, &expected);
-    // Each bad version of the same policy is rejected with its field named; the valid one
-    // stays in force (and the rejected one isolates what it selects, see below).
+    // Each bad version of the same policy is rejected with its field named. Nothing either
+    // version allowed stays allowed (the bad one may revoke it): the valid one stays without
+    // its rules, the rejected one isolates what it selects in the directions it names.
     let bad = [
         (
             "ingress[0].ports[0].protocol",
@@ -563,14 +564,21 @@ fn invalid_policies_are_rejected_and_keep_the_previous_version() {
                 && rejection.contains("\"p\""),
             "the rejection names the object: {rejection}"
         );
-        // The rejected version stands beside the valid one, isolating what it selects in the
-        // directions it names; when even those cannot be read, both.
-        let mut now = expected.clone();
-        if field == "policyTypes[0]" {
-            now.deny_from("x/a");
+        let mut now = Table::all(true);
+        now.deny_to("x/a");
+        match field {
+            // Directions that cannot be read: both.
+            "policyTypes[0]" => {
+                now.deny_from("x/a");
+            }
+            // A selector that cannot be read: the whole namespace.
+            "podSelector.matchExpressions[0].operator" => {
+                now.deny_to("x/b").deny_to("x/c");
+            }
+            _ => {}
         }
         model.expect(
-            &format!("the valid version, and the rejected one isolating, after a bad {field}"),
+            &format!("both versions isolating, no rule allowing, after a bad {field}"),
             80,
             "tcp",
             Via::PodIp,
