@@ -277,12 +277,16 @@ impl<'a> Model<'a> {
             .iter()
             .map(|((ns, name), np)| (ns.as_str(), name.as_str(), np.as_ref()))
             .collect();
+        // Only policies this node enforces put prefixes in `IPCACHE`: a policy elsewhere in
+        // the cluster must not fill this node's map.
+        let local: Vec<&PodView<'_>> = pods
+            .iter()
+            .filter(|p| local_cgroup(p.pod).is_some())
+            .collect();
         let blocks_of: Vec<Vec<Block>> = policies
             .iter()
             .map(|(ns, _, np)| {
-                // Only policies this node enforces put prefixes in `IPCACHE`: a policy
-                // elsewhere in the cluster must not fill this node's map.
-                if selects_a_local_pod(&pods, ns, np) {
+                if selects_a_local_pod(&local, ns, np) {
                     policy_blocks(np)
                 } else {
                     Vec::new()
@@ -381,12 +385,10 @@ fn policy_blocks(np: &NetworkPolicy) -> Vec<Block> {
 }
 
 /// Whether a policy applies to a pod of this node (whatever its rules say).
-fn selects_a_local_pod(pods: &[PodView<'_>], namespace: &str, np: &NetworkPolicy) -> bool {
+fn selects_a_local_pod(local: &[&PodView<'_>], namespace: &str, np: &NetworkPolicy) -> bool {
     let selector = np.spec.as_ref().and_then(|s| s.pod_selector.as_ref());
-    pods.iter().any(|p| {
-        p.namespace == namespace
-            && local_cgroup(p.pod).is_some()
-            && selector.is_none_or(|sel| selector::matches(sel, &p.labels))
+    local.iter().any(|p| {
+        p.namespace == namespace && selector.is_none_or(|sel| selector::matches(sel, &p.labels))
     })
 }
 
