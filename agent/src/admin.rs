@@ -321,8 +321,7 @@ pub fn bind(path: &Path, access: access::Access) -> Result<access::CheckedListen
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(listen_err(e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(listen_err)?;
-    access.restrict(path).map_err(listen_err)?;
+    let listener = access.bind(path).map_err(listen_err)?;
     Ok(access::CheckedListener {
         listener,
         access,

@@ -4,7 +4,10 @@
 //! `/flows` (every connection of the node) are for the node's administrators only.
 use std::{
     io,
-    os::unix::fs::{PermissionsExt as _, chown},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::lchown},
+    },
     path::Path,
 };
 
@@ -18,16 +21,32 @@ pub struct Access {
 }
 
 impl Access {
-    /// Sets the socket's owner group and mode: 0600, or 0660 for the group.
-    pub fn restrict(&self, path: &Path) -> io::Result<()> {
-        let mode = match self.group {
-            Some(gid) => {
-                chown(path, None, Some(gid))?;
-                0o660
-            }
+    /// The socket's mode: 0600, or 0660 for the group.
+    pub const fn mode(&self) -> u32 {
+        match self.group {
+            Some(_) => 0o660,
             None => 0o600,
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        }
+    }
+
+    /// Binds and listens on `path`. The socket's mode is set before bind (Linux creates the
+    /// file with it, less the umask), so the file never exists with a looser one; the group
+    /// and its exact mode are then set on the file bound, never through a symlink swapped in
+    /// its place. Must be called inside a tokio runtime.
+    pub fn bind(&self, path: &Path) -> io::Result<UnixListener> {
+        let fd = unix_socket()?;
+        // SAFETY: fchmod on the socket we own.
+        if unsafe { libc::fchmod(fd.as_raw_fd(), self.mode()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let std = std::os::unix::net::UnixListener::from(fd);
+        bind_listen(&std, path)?;
+        if let Some(gid) = self.group {
+            lchown(path, None, Some(gid))?;
+            set_mode_no_follow(path, self.mode())?;
+        }
+        std.set_nonblocking(true)?;
+        UnixListener::from_std(std)
     }
 
     /// Whether a peer with these credentials may use the API.
@@ -60,6 +79,61 @@ struct Peer {
     uid: u32,
     gid: u32,
     pid: Option<i32>,
+}
+
+/// chmod of `path` itself (a socket), not of what a symlink there would point at: through an
+/// O_PATH descriptor opened without following links.
+fn set_mode_no_follow(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not the socket bound",
+        ));
+    }
+    let handle = format!("/proc/self/fd/{}", file.as_raw_fd());
+    std::fs::set_permissions(handle, std::fs::Permissions::from_mode(mode))
+}
+
+fn unix_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind_listen(listener: &std::os::unix::net::UnixListener, path: &Path) -> io::Result<()> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let fd = listener.as_raw_fd();
+    // SAFETY: `addr` outlives the call and `len` is within it.
+    if unsafe { libc::bind(fd, std::ptr::from_ref(&addr).cast(), len as libc::socklen_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on the socket we own.
+    if unsafe { libc::listen(fd, 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The supplementary groups of a process (`Groups:` in /proc/PID/status).
@@ -176,6 +250,40 @@ mod tests {
             vec![7, 4242]
         }));
         assert!(!access.allows_peer(peer(1001, 1001), AGENT, |_| vec![7]));
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path)
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_created_in_its_final_mode() {
+        let dir = crate::tests::TempDir::new("admin-mode");
+        let path = dir.path().join("a.sock");
+        let _listener = Access::default().bind(&path).expect("bind");
+        assert_eq!(mode_of(&path), 0o600);
+    }
+
+    #[tokio::test]
+    async fn an_admin_group_owns_the_socket_with_mode_0660() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = crate::tests::TempDir::new("admin-group");
+        let path = dir.path().join("a.sock");
+        let _listener = Access { group: Some(4242) }.bind(&path).expect("bind");
+        assert_eq!(mode_of(&path), 0o660);
+        assert_eq!(std::fs::metadata(&path).expect("socket").gid(), 4242);
+    }
+
+    #[tokio::test]
+    async fn a_path_too_long_for_a_socket_is_refused() {
+        let long = Path::new("/tmp").join("x".repeat(200));
+        let err = Access::default().bind(&long).expect_err("too long");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
