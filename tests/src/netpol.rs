@@ -8,8 +8,6 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
-
 use crate::{fakeapi::FakeApi, k8s, node::Node, proc::Process};
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -334,18 +332,9 @@ impl Model {
         }
         let mut table = Table::all(false);
         for (from, targets, mut p) in procs {
-            p.wait_success(Duration::from_secs(30));
-            let v: Value = p
-                .stdout()
-                .wait_for("probe results", Duration::from_secs(5), |lines| {
-                    lines.iter().find_map(|l| {
-                        serde_json::from_str::<Value>(l)
-                            .ok()
-                            .filter(|v| v["event"] == "probe")
-                    })
-                });
+            let results = p.probe_results();
             for (to, target) in all_pods().iter().zip(&targets) {
-                let answer = v["results"][target].as_str().unwrap_or_default();
+                let answer = results[target].as_str().unwrap_or_default();
                 let reached = answer == to.as_str();
                 assert!(
                     reached || answer.starts_with("error"),

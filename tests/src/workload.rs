@@ -35,6 +35,22 @@ pub struct Exchange {
 }
 
 impl Process {
+    /// Waits for a `weft-pod probe` to finish: its results, by target (the name the server
+    /// answered, or `error: ...`).
+    pub fn probe_results(&mut self) -> Value {
+        self.wait_success(Duration::from_secs(30));
+        let v: Value = self
+            .stdout()
+            .wait_for("probe results", Duration::from_secs(5), |lines| {
+                lines.iter().find_map(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .filter(|v| v["event"] == "probe")
+                })
+            });
+        v["results"].clone()
+    }
+
     /// Waits for a `weft-pod` server's `listening` line.
     pub fn wait_listening(&self) {
         self.stdout()

@@ -309,27 +309,28 @@ impl<'a> Model<'a> {
     /// rest do. A dropped policy still isolates what it selects but allows nothing, so only
     /// its pods lose anything, and only allowed traffic.
     pub fn fit(&mut self, room: usize) -> Vec<(usize, usize)> {
-        let mut order: Vec<usize> = (0..self.policies.len())
-            .filter(|&i| !self.blocks_of[i].is_empty())
-            .collect();
-        let need = |i: usize, blocks_of: &[Vec<Block>]| -> BTreeSet<IpNet> {
-            blocks_of[i]
-                .iter()
-                .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
-                .collect()
-        };
-        let total: BTreeSet<IpNet> = order
+        // Each policy's prefixes, once.
+        let mut needs: Vec<(usize, BTreeSet<IpNet>)> = self
+            .blocks_of
             .iter()
-            .flat_map(|&i| need(i, &self.blocks_of))
+            .enumerate()
+            .filter(|(_, blocks)| !blocks.is_empty())
+            .map(|(i, blocks)| {
+                let prefixes = blocks
+                    .iter()
+                    .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+                    .collect();
+                (i, prefixes)
+            })
             .collect();
+        let total: BTreeSet<&IpNet> = needs.iter().flat_map(|(_, n)| n).collect();
         if total.len() <= room {
             return Vec::new();
         }
-        order.sort_by_key(|&i| (need(i, &self.blocks_of).len(), i));
+        needs.sort_by_key(|(i, n)| (n.len(), *i));
         let mut kept: BTreeSet<IpNet> = BTreeSet::new();
         let mut dropped = Vec::new();
-        for i in order {
-            let mine = need(i, &self.blocks_of);
+        for (i, mine) in needs {
             let more = mine.difference(&kept).count();
             if kept.len() + more <= room {
                 kept.extend(mine);

@@ -457,32 +457,19 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             self.ipcache.insert(*net, *v);
             report.written += 1;
         }
-        // Widest first, for the same reason.
-        let mut stale: Vec<IpNet> = self
-            .ipcache
-            .keys()
-            .filter(|n| !desired.ipcache.contains_key(n))
-            .copied()
-            .collect();
-        stale.sort_by_key(IpNet::prefix_len);
-        for net in stale {
-            self.delete(
-                report,
-                |m| m.del_ipcache(&net),
-                |s| {
-                    s.ipcache.remove(&net);
-                },
-            );
-        }
+        self.remove_stale_ipcache(desired, report, |_, _| false);
         true
     }
 
-    /// Stale addresses removed before the new ones are written, to make room: only those
-    /// whose addresses then fall to exactly what the desired state gives them (the same
-    /// covering prefix and value), or to no entry at all (the world, which only rules that
-    /// allow every peer match). Widest first, so a narrower stale entry is judged against
-    /// what remains.
-    fn remove_stale_ipcache_early(&mut self, desired: &Policies, report: &mut PolicyReport) {
+    /// Addresses the desired state no longer has, widest first (no address briefly takes a
+    /// wider prefix's identity; an entry is judged against what remains), except those
+    /// `hold` keeps for now.
+    fn remove_stale_ipcache(
+        &mut self,
+        desired: &Policies,
+        report: &mut PolicyReport,
+        hold: impl Fn(&Self, &IpNet) -> bool,
+    ) {
         let mut stale: Vec<IpNet> = self
             .ipcache
             .keys()
@@ -491,9 +478,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             .collect();
         stale.sort_by_key(IpNet::prefix_len);
         for net in stale {
-            let after = covering(&self.ipcache, &net);
-            let wanted = covering(&desired.ipcache, &net);
-            if after.is_some() && after != wanted {
+            if hold(self, &net) {
                 continue;
             }
             self.delete(
@@ -504,6 +489,17 @@ impl<M: PolicyMaps> PolicySyncer<M> {
                 },
             );
         }
+    }
+
+    /// Stale addresses removed before the new ones are written, to make room: only those
+    /// whose addresses then fall to exactly what the desired state gives them (the same
+    /// covering prefix and value), or to no entry at all (the world, which only rules that
+    /// allow every peer match).
+    fn remove_stale_ipcache_early(&mut self, desired: &Policies, report: &mut PolicyReport) {
+        self.remove_stale_ipcache(desired, report, |s, net| {
+            let after = covering(&s.ipcache, net);
+            after.is_some() && after != covering(&desired.ipcache, net)
+        });
     }
 
     /// Step 6: entries nothing wants (bridges included), except those of an old set a pod

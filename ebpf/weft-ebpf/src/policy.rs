@@ -296,15 +296,6 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: Direction) -> bool {
     if h.later_fragment {
         return unjudgeable(ctx, direction, DropReason::Fragment);
     }
-    if direction == Direction::Egress
-        && let Some(ep) = skb_endpoint(ctx)
-        && ep.flags & EP_EGRESS_ISOLATED != 0
-        && spoofed(&ep, h)
-    {
-        count(direction, Match::None);
-        DropEvent::unaddressed(ctx.cookie(), DropReason::SpoofedSource, direction).report();
-        return false;
-    }
     let ingress = direction == Direction::Ingress;
     let (peer, peer_port, port) = if ingress {
         (&h.src, h.sport, h.dport)
@@ -350,6 +341,13 @@ fn decide(
     let Some(ep) = skb_endpoint(ctx) else {
         return true;
     };
+    // Checked here, where the endpoint is at hand: a packet of a known flow goes to a peer
+    // the pod may reach anyway, and plants nothing.
+    if direction == Direction::Egress && ep.flags & EP_EGRESS_ISOLATED != 0 && spoofed(&ep, h) {
+        count(direction, Match::None);
+        DropEvent::unaddressed(ctx.cookie(), DropReason::SpoofedSource, direction).report();
+        return false;
+    }
     if ep.flags & isolation(direction) != 0 {
         let m = judge(&ep, direction, h.version, peer, h.protocol, port);
         count(direction, m);

@@ -1,35 +1,14 @@
 //! 3. Full maps neither freeze policy nor let one tenant starve the others.
-use weft_testkit::{
-    Agent, Node,
-    k8s::{file, pod},
-    netpol::np,
-    prom,
-};
+use weft_testkit::{Agent, Node, k8s::http_pods, netpol::np, prom};
 
-use crate::{Reach, expect_probe};
-
-fn node(test: &str) -> (Node, weft_testkit::proc::Process) {
-    let node = Node::builder(test).pod("client").pod("server").build();
-    let server = node.start_server(
-        "server",
-        &[
-            "serve", "--name", "server", "--tcp", "8080", "--tcp", "9090",
-        ],
-    );
-    (node, server)
-}
+use crate::{Reach, client_server, expect_probe, server_target};
 
 fn pods(node: &Node, client_labels: &[(&str, &str)]) -> String {
-    file(&[
-        pod(node.pod("client"), "default", client_labels, &[], true),
-        pod(
-            node.pod("server"),
-            "default",
-            &[("app", "server")],
-            &[],
-            true,
-        ),
-    ])
+    http_pods(
+        node,
+        "default",
+        &[("client", client_labels), ("server", &[("app", "server")])],
+    )
 }
 
 /// `n` ipBlocks in another namespace, selecting none of this node's pods.
@@ -54,7 +33,7 @@ fn far_policy(n: usize) -> String {
 /// keeps applying its own pods' changes.
 #[test]
 fn a_huge_policy_elsewhere_does_not_freeze_this_node() {
-    let (node, _server) = node("adv_far_blocks");
+    let (node, _server) = client_server(Node::builder("adv_far_blocks"), &["8080", "9090"]);
     node.write_source("pods.yaml", &pods(&node, &[("app", "client")]));
     let friends = np(
         "default",
@@ -63,7 +42,7 @@ fn a_huge_policy_elsewhere_does_not_freeze_this_node() {
     );
     node.write_source("policy.yaml", &friends);
     let agent = Agent::with_source(&node, &["--max-ipcache", "256"]);
-    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
     node.write_source("far.yaml", &far_policy(600));
     agent.wait_policies("the far policy in force", |v| {
@@ -113,14 +92,11 @@ fn readyz(agent: &Agent) -> (u16, String) {
 /// recovers once it fits.
 #[test]
 fn a_change_at_the_capacity_edge_completes_and_revocations_follow() {
-    let (node, _server) = node("adv_policy_edge");
+    let (node, _server) = client_server(Node::builder("adv_policy_edge"), &["8080", "9090"]);
     node.write_source("pods.yaml", &pods(&node, &[("app", "client")]));
     node.write_source("policy.yaml", &admitting(8080, 20_000));
     let agent = Agent::with_source(&node, &["--max-policy-entries", "40"]);
-    let (to_8080, to_9090) = (
-        format!("tcp:{}:8080", node.pod("server").ipv4),
-        format!("tcp:{}:9090", node.pod("server").ipv4),
-    );
+    let (to_8080, to_9090) = (server_target(&node, 8080), server_target(&node, 9090));
     expect_probe(&node, "client", &to_8080, Reach::Answer("server"));
     node.write_source("policy.yaml", &admitting(9090, 21_000));
     expect_probe(&node, "client", &to_9090, Reach::Answer("server"));

@@ -7,7 +7,9 @@ use weft_testkit::{
     netpol::np,
 };
 
-use crate::{Reach, expect_probe};
+use crate::{
+    DENY_SERVER_INGRESS, Reach, client_server, client_server_pods, expect_probe, server_target,
+};
 
 /// A pod of this node that names the victim's UID as its static pod's: the annotation a
 /// kubelet writes on mirror pods, here with a forged Node owner too, and a name sorting after
@@ -33,38 +35,19 @@ fn impostor(victim_uid: &str) -> serde_json::Value {
 
 #[test]
 fn a_pod_claiming_anothers_cgroup_never_loosens_its_isolation() {
-    let node = Node::builder("adv_cgroup_claim")
-        .kubelet_cgroups()
-        .pod("client")
-        .pod("server")
-        .build();
-    let _server = node.start_server("server", &["serve", "--name", "server", "--tcp", "8080"]);
+    let (node, _server) = client_server(
+        Node::builder("adv_cgroup_claim").kubelet_cgroups(),
+        &["8080"],
+    );
     let api = FakeApi::start();
     api.apply(json!({"kind": "Namespace", "metadata": {"name": "default"}}));
     let docs = k8s::file(&[
-        k8s::pod(
-            node.pod("client"),
-            "default",
-            &[("app", "client")],
-            &[],
-            true,
-        ),
-        k8s::pod(
-            node.pod("server"),
-            "default",
-            &[("app", "server")],
-            &[],
-            true,
-        ),
-        np(
-            "default",
-            "deny",
-            "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]",
-        ),
+        client_server_pods(&node),
+        np("default", "deny", DENY_SERVER_INGRESS),
     ]);
     k8s::apply_to_api(&api, &node, &docs);
     let agent = Agent::start_with(&node, AgentOptions::with_api(&api, &node, &[]));
-    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
     api.apply(impostor(&node.pod("server").uid));
     agent.wait_policies("the impostor seen", |v| {
@@ -88,18 +71,7 @@ fn a_pod_claiming_anothers_cgroup_never_loosens_its_isolation() {
 /// processes in it; both are isolated and reported.
 #[test]
 fn two_pods_claiming_one_cgroup_are_both_isolated() {
-    let node = Node::builder("adv_cgroup_twice")
-        .pod("client")
-        .pod("server")
-        .build();
-    let _server = node.start_server("server", &["serve", "--name", "server", "--tcp", "8080"]);
-    let server = k8s::pod(
-        node.pod("server"),
-        "default",
-        &[("app", "server")],
-        &[],
-        true,
-    );
+    let (node, _server) = client_server(Node::builder("adv_cgroup_twice"), &["8080"]);
     let twin = k8s::pod_named(
         node.pod("server"),
         "default",
@@ -116,35 +88,15 @@ fn two_pods_claiming_one_cgroup_are_both_isolated() {
         &format!("- ip: {}\n", node.pod("server").ipv4),
         "- ip: 10.0.0.99\n",
     );
-    node.write_source(
-        "pods.yaml",
-        &k8s::file(&[
-            k8s::pod(
-                node.pod("client"),
-                "default",
-                &[("app", "client")],
-                &[],
-                true,
-            ),
-            server,
-            twin,
-        ]),
-    );
-    node.write_source(
-        "policy.yaml",
-        &np(
-            "default",
-            "deny",
-            "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]",
-        ),
-    );
+    node.write_source("pods.yaml", &k8s::file(&[client_server_pods(&node), twin]));
+    node.write_source("policy.yaml", &np("default", "deny", DENY_SERVER_INGRESS));
     let agent = Agent::with_source(&node, &[]);
     let v = agent.wait_policies("the cgroup quarantined", |v| {
         v["endpoints"]
             .as_array()
             .is_some_and(|e| e.iter().any(|e| e["pod"] == "default/zz-twin"))
     });
-    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
     let quarantined: Vec<_> = v["endpoints"]
         .as_array()
@@ -161,41 +113,10 @@ fn two_pods_claiming_one_cgroup_are_both_isolated() {
 /// below the root is enforced (the kernel used to look 6 deep and silently skip it).
 #[test]
 fn a_deeply_nested_pod_is_enforced() {
-    let node = Node::builder("adv_cgroup_deep")
-        .nested(7)
-        .pod("client")
-        .pod("server")
-        .build();
-    let _server = node.start_server("server", &["serve", "--name", "server", "--tcp", "8080"]);
-    node.write_source(
-        "pods.yaml",
-        &k8s::file(&[
-            k8s::pod(
-                node.pod("client"),
-                "default",
-                &[("app", "client")],
-                &[],
-                true,
-            ),
-            k8s::pod(
-                node.pod("server"),
-                "default",
-                &[("app", "server")],
-                &[],
-                true,
-            ),
-        ]),
-    );
-    node.write_source(
-        "policy.yaml",
-        &np(
-            "default",
-            "deny",
-            "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]",
-        ),
-    );
+    let (node, _server) = client_server(Node::builder("adv_cgroup_deep").nested(7), &["8080"]);
+    node.write_source("policy.yaml", &np("default", "deny", DENY_SERVER_INGRESS));
     let agent = Agent::with_source(&node, &[]);
     crate::wait_isolated(&agent, "default/server", true, false);
-    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
 }

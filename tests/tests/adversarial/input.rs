@@ -2,46 +2,36 @@
 //!    isolates the pods it concerns.
 use weft_testkit::{
     Agent, Node,
-    k8s::{file, pod},
+    k8s::{file, http_pods},
     netpol::np,
+    proc::Process,
 };
 
-use crate::{Reach, expect_probe};
+use crate::{
+    DENY_SERVER_INGRESS, Reach, client_server, client_server_pods, expect_probe, server_target,
+};
 
-/// A node with pods `client` and `server` (a server answering "server" on 8080/TCP), the
-/// client declared, and an agent reading the source directory.
-fn node(test: &str) -> (Node, weft_testkit::proc::Process) {
-    let node = Node::builder(test).pod("client").pod("server").build();
-    let server = node.start_server("server", &["serve", "--name", "server", "--tcp", "8080"]);
-    (node, server)
+fn node(test: &str) -> (Node, Process) {
+    client_server(Node::builder(test), &["8080"])
 }
 
 fn client_doc(node: &Node) -> String {
-    pod(
-        node.pod("client"),
-        "default",
-        &[("app", "client")],
-        &[],
-        true,
-    )
+    http_pods(node, "default", &[("client", &[("app", "client")])])
 }
 
 fn server_doc(node: &Node) -> String {
-    pod(
-        node.pod("server"),
-        "default",
-        &[("app", "server")],
-        &[("http", 8080, "TCP")],
-        true,
-    )
+    http_pods(node, "default", &[("server", &[("app", "server")])])
 }
 
-fn server_target(node: &Node) -> String {
-    format!("tcp:{}:8080", node.pod("server").ipv4)
+/// With the agent running on `node` (its pods declared), the client reaches the server until
+/// `policy` arrives, then never.
+fn isolates(node: &Node, policy: &str) {
+    let _agent = Agent::with_source(node, &[]);
+    let target = server_target(node, 8080);
+    expect_probe(node, "client", &target, Reach::Answer("server"));
+    node.write_source("policy.yaml", policy);
+    expect_probe(node, "client", &target, Reach::Blocked);
 }
-
-const DENY_SERVER_INGRESS: &str =
-    "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]";
 
 /// Two containers naming a port alike: the API server accepts it (with a warning).
 #[test]
@@ -52,30 +42,20 @@ fn a_pod_naming_a_port_alike_in_two_containers_is_enforced() {
         "  - name: sidecar\n    image: weft-pod\n    ports:\n    - {name: http, containerPort: 9090, protocol: TCP}\nstatus:\n",
         1,
     );
-    let pods = [client_doc(&node), server];
-    node.write_source("pods.yaml", &file(&pods));
-    let _agent = Agent::with_source(&node, &[]);
-    let target = server_target(&node);
-    expect_probe(&node, "client", &target, Reach::Answer("server"));
-    node.write_source("policy.yaml", &np("default", "deny", DENY_SERVER_INGRESS));
-    expect_probe(&node, "client", &target, Reach::Blocked);
+    node.write_source("pods.yaml", &file(&[client_doc(&node), server]));
+    isolates(&node, &np("default", "deny", DENY_SERVER_INGRESS));
 }
 
 /// `192.0.2.7/24` is what an older API server stored; Kubernetes reads it as 192.0.2.0/24.
 #[test]
 fn a_policy_whose_cidr_has_host_bits_isolates_its_pods() {
     let (node, _server) = node("adv_host_bits");
-    node.write_source("pods.yaml", &file(&[client_doc(&node), server_doc(&node)]));
-    let _agent = Agent::with_source(&node, &[]);
-    let target = server_target(&node);
-    expect_probe(&node, "client", &target, Reach::Answer("server"));
     let policy = np(
         "default",
         "from-test-net",
         "podSelector: {matchLabels: {app: server}}\ningress:\n- from: [{ipBlock: {cidr: 192.0.2.7/24}}]",
     );
-    node.write_source("policy.yaml", &policy);
-    expect_probe(&node, "client", &target, Reach::Blocked);
+    isolates(&node, &policy);
 }
 
 /// The standalone source is stricter (unknown fields); a pod it rejects is isolated both
@@ -91,12 +71,12 @@ fn a_pod_the_standalone_source_rejects_is_isolated_both_ways() {
         v.to_string().contains("notAField")
     });
     let (to_server, to_client) = (
-        server_target(&node),
+        server_target(&node, 8080),
         format!("tcp:{}:8080", node.pod("client").ipv4),
     );
     expect_probe(&node, "client", &to_server, Reach::Blocked);
     expect_probe(&node, "server", &to_client, Reach::Blocked);
-    node.write_source("pods.yaml", &file(&[client_doc(&node), server_doc(&node)]));
+    node.write_source("pods.yaml", &client_server_pods(&node));
     expect_probe(&node, "client", &to_server, Reach::Answer("server"));
     expect_probe(&node, "server", &to_client, Reach::Answer("client"));
 }
@@ -105,15 +85,10 @@ fn a_pod_the_standalone_source_rejects_is_isolated_both_ways() {
 #[test]
 fn a_policy_that_cannot_be_read_isolates_what_it_selects() {
     let (node, _server) = node("adv_rejected_policy");
-    node.write_source("pods.yaml", &file(&[client_doc(&node), server_doc(&node)]));
-    let _agent = Agent::with_source(&node, &[]);
-    let target = server_target(&node);
-    expect_probe(&node, "client", &target, Reach::Answer("server"));
     let policy = np(
         "default",
         "broken",
         "podSelector: {matchLabels: {app: server}}\ningress:\n- from: [{ipBlock: {cidr: not-a-cidr}}]",
     );
-    node.write_source("policy.yaml", &policy);
-    expect_probe(&node, "client", &target, Reach::Blocked);
+    isolates(&node, &policy);
 }

@@ -10,8 +10,42 @@ mod surface;
 
 use std::time::Duration;
 
-use serde_json::Value;
-use weft_testkit::{Agent, Node};
+use weft_testkit::{Agent, Node, NodeBuilder, k8s, proc::Process};
+
+/// Pods `client` and `server` of `default`, labelled `app: client` and `app: server` (with
+/// an `http` port 8080), as a source file.
+pub fn client_server_pods(node: &Node) -> String {
+    k8s::http_pods(
+        node,
+        "default",
+        &[
+            ("client", &[("app", "client")]),
+            ("server", &[("app", "server")]),
+        ],
+    )
+}
+
+/// A node of `builder` with pods `client` and `server` declared ([`client_server_pods`]), and
+/// a server in `server` answering "server" on these TCP ports.
+pub fn client_server(builder: NodeBuilder, ports: &[&str]) -> (Node, Process) {
+    let node = builder.pod("client").pod("server").build();
+    node.write_source("pods.yaml", &client_server_pods(&node));
+    let mut args = vec!["serve", "--name", "server"];
+    for p in ports {
+        args.extend(["--tcp", *p]);
+    }
+    let server = node.start_server("server", &args);
+    (node, server)
+}
+
+/// Ingress to `server` isolated, nothing allowed.
+pub const DENY_SERVER_INGRESS: &str =
+    "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]";
+
+/// `tcp:<server's address>:<port>`.
+pub fn server_target(node: &Node, port: u16) -> String {
+    format!("tcp:{}:{port}", node.pod("server").ipv4)
+}
 
 /// Waits until `weft policies` shows `pod` (`namespace/name`) isolated as asked, in the kernel.
 pub fn wait_isolated(agent: &Agent, pod: &str, ingress: bool, egress: bool) {
@@ -31,17 +65,10 @@ pub fn wait_isolated(agent: &Agent, pod: &str, ingress: bool, egress: bool) {
 /// answered with, or the error.
 pub fn probe(node: &Node, pod: &str, target: &str) -> String {
     let mut p = node.spawn(pod, &["probe", "--timeout-ms", "1000", target]);
-    p.wait_success(Duration::from_secs(20));
-    let v: Value = p
-        .stdout()
-        .wait_for("probe results", Duration::from_secs(5), |lines| {
-            lines.iter().find_map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .filter(|v| v["event"] == "probe")
-            })
-        });
-    v["results"][target].as_str().unwrap_or_default().to_owned()
+    p.probe_results()[target]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Probes until the answer is `want` (a change takes a moment to reach the kernel), for up to

@@ -1,37 +1,15 @@
 //! 8. The node's addresses: traffic from the node passes (Kubernetes requires it), traffic
 //!    to the node is judged like any other, so a NodePort or hostPort is no way around
 //!    egress policy.
-use weft_testkit::{
-    Agent, Node,
-    k8s::{file, pod},
-    netpol::np,
-};
+use weft_testkit::{Agent, Node, netpol::np};
 
-use crate::{Reach, expect_probe, wait_isolated};
+use crate::{Reach, client_server_pods, expect_probe, server_target, wait_isolated};
 
 const NODE_IP: &str = "10.0.0.1";
 
 fn node(test: &str) -> Node {
     let node = Node::builder(test).pod("client").pod("server").build();
-    node.write_source(
-        "pods.yaml",
-        &file(&[
-            pod(
-                node.pod("client"),
-                "default",
-                &[("app", "client")],
-                &[],
-                true,
-            ),
-            pod(
-                node.pod("server"),
-                "default",
-                &[("app", "server")],
-                &[],
-                true,
-            ),
-        ]),
-    );
+    node.write_source("pods.yaml", &client_server_pods(&node));
     node
 }
 
@@ -76,7 +54,7 @@ fn the_node_reaches_an_ingress_isolated_pod() {
     );
     node.write_source("policy.yaml", &deny);
     wait_isolated(&agent, "default/server", true, false);
-    let target = format!("tcp:{}:8080", node.pod("server").ipv4);
+    let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
     let mut probe = node.spawn_host(&["probe", "--timeout-ms", "1000", &target]);
     probe.wait_success(std::time::Duration::from_secs(10));

@@ -61,7 +61,6 @@ pub fn send(
     payload: &[u8],
     split: Option<usize>,
 ) -> Result<(), String> {
-    use std::os::fd::AsRawFd as _;
     let fd = raw_socket(libc::IPPROTO_RAW)?;
     let pieces: Vec<(usize, &[u8], bool)> = match split {
         Some(at) if at < payload.len() => {
@@ -70,44 +69,74 @@ pub fn send(
         _ => vec![(0, payload, false)],
     };
     for (offset, piece, more) in pieces {
-        let mut packet = vec![0x45, 0, 0, 0, 0x12, 0x34, 0, 0, 64, protocol, 0, 0];
-        let len = u16::try_from(20 + piece.len()).map_err(|_| "payload too long")?;
-        packet[2..4].copy_from_slice(&len.to_be_bytes());
-        let frag = u16::try_from(offset / 8).map_err(|_| "offset too large")?
-            | if more { 0x2000 } else { 0 };
-        packet[6..8].copy_from_slice(&frag.to_be_bytes());
-        packet.extend([0u8; 4]); // source: the kernel fills it in
-        packet.extend(to.octets());
-        packet.extend(piece);
-        let addr = sockaddr(to);
-        // SAFETY: `packet` and `addr` outlive the call; lengths are theirs.
-        let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                std::ptr::from_ref(&addr).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
+        let fragment = Fragment {
+            offset: u16::try_from(offset / 8).map_err(|_| "offset too large")?,
+            more,
         };
-        let result = if sent < 0 {
-            Some(std::io::Error::last_os_error().to_string())
-        } else {
-            None
-        };
-        emit(&json!({"event": "sent", "offset": offset, "bytes": piece.len(), "error": result}));
+        // Source 0: the kernel fills it in.
+        let packet = ipv4(Ipv4Addr::UNSPECIFIED, to, protocol, fragment, piece)?;
+        let error = send_to(&fd, &packet, to).err();
+        emit(&json!({"event": "sent", "offset": offset, "bytes": piece.len(), "error": error}));
     }
     Ok(())
 }
 
-/// Receives on a raw socket of `protocol` for `wait`: how many datagrams contained `marker`.
-pub fn receive(protocol: i32, marker: &[u8], wait: Duration) -> Result<(), String> {
+/// Where an IPv4 packet sits in its datagram.
+#[derive(Clone, Copy, Default)]
+struct Fragment {
+    /// In units of 8 bytes.
+    offset: u16,
+    more: bool,
+}
+
+/// An IPv4 packet (20-byte header, checksum left to the kernel).
+fn ipv4(
+    src: Ipv4Addr,
+    to: Ipv4Addr,
+    protocol: u8,
+    fragment: Fragment,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    let len = u16::try_from(20 + payload.len()).map_err(|_| "payload too long")?;
+    let frag = fragment.offset | if fragment.more { 0x2000 } else { 0 };
+    let mut packet = vec![0x45, 0];
+    packet.extend(len.to_be_bytes());
+    packet.extend([0x12, 0x34]);
+    packet.extend(frag.to_be_bytes());
+    packet.extend([64, protocol, 0, 0]);
+    packet.extend(src.octets());
+    packet.extend(to.octets());
+    packet.extend(payload);
+    Ok(packet)
+}
+
+/// sendto(2) of `bytes` to `to` on a raw socket.
+fn send_to(fd: &std::os::fd::OwnedFd, bytes: &[u8], to: Ipv4Addr) -> Result<(), String> {
     use std::os::fd::AsRawFd as _;
-    let fd = raw_socket(protocol)?;
+    let addr = sockaddr(to);
+    // SAFETY: `bytes` and `addr` outlive the call; lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// SO_RCVTIMEO: a receive waits at most `micros`.
+fn set_timeout(fd: &std::os::fd::OwnedFd, micros: i64) {
+    use std::os::fd::AsRawFd as _;
     let timeout = libc::timeval {
         tv_sec: 0,
-        tv_usec: 100_000,
+        tv_usec: micros,
     };
     // SAFETY: `timeout` outlives the call and has the size passed.
     unsafe {
@@ -119,6 +148,13 @@ pub fn receive(protocol: i32, marker: &[u8], wait: Duration) -> Result<(), Strin
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         );
     }
+}
+
+/// Receives on a raw socket of `protocol` for `wait`: how many datagrams contained `marker`.
+pub fn receive(protocol: i32, marker: &[u8], wait: Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = raw_socket(protocol)?;
+    set_timeout(&fd, 100_000);
     emit(&json!({"event": "listening", "protocol": protocol}));
     let deadline = Instant::now() + wait;
     let (mut marked, mut other) = (0u64, 0u64);
@@ -142,37 +178,14 @@ pub fn receive(protocol: i32, marker: &[u8], wait: Duration) -> Result<(), Strin
 pub fn ping(to: Ipv4Addr, data: &[u8], wait: Duration) -> Result<(), String> {
     use std::os::fd::AsRawFd as _;
     let fd = raw_socket(libc::IPPROTO_ICMP)?;
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: `timeout` outlives the call and has the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&timeout).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
+    set_timeout(&fd, 200_000);
     let request = icmp(8, 7, data);
-    let addr = sockaddr(to);
     let deadline = Instant::now() + wait;
     let mut replies = 0u64;
     let mut buf = [0u8; 2048];
     while Instant::now() < deadline {
-        // SAFETY: `request` and `addr` outlive the call; lengths are theirs.
-        unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-                std::ptr::from_ref(&addr).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
-        }
+        // A refused request shows as no reply.
+        let _ = send_to(&fd, &request, to);
         // SAFETY: `buf` is writable for its whole length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         let Ok(n) = usize::try_from(n) else { continue };
@@ -221,29 +234,7 @@ pub fn forge_reply_path(
 
 /// One IPv4 packet with a chosen source address (IP_HDRINCL).
 fn send_from(src: Ipv4Addr, to: Ipv4Addr, protocol: u8, payload: &[u8]) -> Result<(), String> {
-    use std::os::fd::AsRawFd as _;
     let fd = raw_socket(libc::IPPROTO_RAW)?;
-    let len = u16::try_from(20 + payload.len()).map_err(|_| "payload too long")?;
-    let mut packet = vec![0x45, 0];
-    packet.extend(len.to_be_bytes());
-    packet.extend([0x43, 0x21, 0, 0, 64, protocol, 0, 0]);
-    packet.extend(src.octets());
-    packet.extend(to.octets());
-    packet.extend(payload);
-    let addr = sockaddr(to);
-    // SAFETY: `packet` and `addr` outlive the call; lengths are theirs.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            std::ptr::from_ref(&addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(format!("raw send: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    let packet = ipv4(src, to, protocol, Fragment::default(), payload)?;
+    send_to(&fd, &packet, to).map_err(|e| format!("raw send: {e}"))
 }
