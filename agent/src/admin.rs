@@ -460,7 +460,8 @@ fn degraded(state: &AdminState) -> Vec<String> {
     }
     if !policy.unreachable.is_empty() {
         out.push(format!(
-            "pods NOT enforced, their cgroups deeper than the kernel looks: {}",
+            "pods NOT enforced by their policies (isolated with --unbound-pods=isolate), their \
+             cgroups deeper than the kernel looks: {}",
             policy.unreachable.join(", ")
         ));
     }

@@ -18,9 +18,9 @@ use tokio::{
 
 use crate::{
     admin::{self, Admin, AdminState, AgentInfo, ProgramInfo},
-    cgroup,
+    cgroup::{self, watch::CgroupWatch},
     config::Config,
-    datapath::{self, Datapath, Globals, metrics::MapMetrics},
+    datapath::{self, Datapath, Globals, Unbound, metrics::MapMetrics},
     events::{
         self, Connection,
         reader::Reader,
@@ -130,14 +130,28 @@ fn check_node(config: &Config) -> Result<PathBuf, Error> {
     })
 }
 
+/// `--unbound-pods`, or its default for the source: in Kubernetes mode a pod's cgroup can
+/// exist before the agent has bound it, and must not run unenforced meanwhile.
+fn unbound_pods(config: &Config) -> Unbound {
+    config
+        .datapath
+        .unbound_pods
+        .unwrap_or(match config.source.source {
+            Some(source::Kind::Kubernetes) => Unbound::Isolate,
+            _ => Unbound::Pass,
+        })
+}
+
 /// Loads and attaches (or adopts) the programs.
 fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error> {
     let mut globals = Globals {
         kernel_log_level: logging::kernel_log_level(),
         events_wakeup_bytes: config.datapath.events_wakeup_bytes,
-        cgroup_level: cgroup::level(cgroup_root)?,
+        cgroup_level: datapath::cgroup_level(cgroup_root, &config.datapath.capacities)?,
         conn_update_interval_ns: 0,
         conn_events_enabled: 0,
+        unbound_isolated: u32::from(unbound_pods(config) == Unbound::Isolate),
+        host_netns_cookie: datapath::host_netns_cookie(config.datapath.host_netns.as_deref())?,
     };
     config.telemetry.apply_to(&mut globals);
     let datapath = Datapath::start(&datapath::Config {
@@ -146,7 +160,18 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
         capacities: config.datapath.capacities.clone(),
         globals,
     })?;
-    for link in datapath.links() {
+    tracing::info!(
+        cgroup_level = globals.cgroup_level,
+        unbound_pods = ?unbound_pods(config),
+        attach_after_first_sync = datapath.pending(),
+        "programs loaded"
+    );
+    log_links(datapath.links());
+    Ok(datapath)
+}
+
+fn log_links(links: &[datapath::InstalledLink]) {
+    for link in links {
         tracing::info!(
             program = link.program,
             install = ?link.install,
@@ -155,7 +180,17 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
             "program attached"
         );
     }
-    Ok(datapath)
+}
+
+/// A fresh instance's programs are attached once the first full sync is in its maps; the
+/// agent is ready only then.
+fn commit_when_synced(datapath: &mut Datapath, pipeline: &mut Pipeline) -> Result<(), Error> {
+    if !datapath.pending() || !pipeline.synced() {
+        return Ok(());
+    }
+    log_links(datapath.commit()?);
+    pipeline.release_ready();
+    Ok(())
 }
 
 /// Kernel events into telemetry: the ring buffer, the UDP flow counters (read off the event
@@ -279,6 +314,9 @@ struct Agent {
     schedule: Schedule,
     source_events: Option<UnboundedReceiver<SourceEvent>>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// The parents of pods' missing cgroups, and what it reports.
+    cgroup_watch: Option<CgroupWatch>,
+    cgroup_created: UnboundedReceiver<()>,
     kernel_logs: KernelLogs,
     telemetry: TelemetryLoop,
     stats: Stats,
@@ -315,11 +353,15 @@ impl Agent {
             &cgroup_root,
             PipelineMetrics::new(weft, maps.clone()),
         )?;
+        if datapath.pending() {
+            pipeline.hold_ready();
+        }
         let mut schedule = Schedule::new(Instant::now());
         // A file still being written is read again shortly instead of waiting for the resync.
         if pipeline.refresh(true)? {
             schedule.retry_unsettled(Instant::now());
         }
+        commit_when_synced(&mut datapath, &mut pipeline)?;
         let views = pipeline.views();
         let telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
@@ -342,18 +384,26 @@ impl Agent {
             source = pipeline.source_name(),
             "datapath ready"
         );
-        Ok(Self {
+        let (cgroup_tx, cgroup_created) = unbounded_channel();
+        let cgroup_watch = CgroupWatch::new(cgroup_tx)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot watch for new cgroups; new pods are bound at the periodic check only"))
+            .ok();
+        let mut agent = Self {
             kernel_logs: KernelLogs::new(datapath.ebpf_mut())?,
             datapath,
             pipeline,
             schedule,
             source_events,
             _watcher: watcher,
+            cgroup_watch,
+            cgroup_created,
             telemetry,
             stats,
             admin,
             timers: Timers::new(config).await,
-        })
+        };
+        agent.watch_cgroups();
+        Ok(agent)
     }
 
     /// Handles events until a signal (or a failed admin server) stops the agent.
@@ -367,9 +417,14 @@ impl Agent {
                 }
                 () = self.kernel_logs.readable() => self.kernel_logs.flush(),
                 Some(event) = recv(&mut self.source_events) => self.on_source_event(event),
-                () = sleep_until(due), if due.is_some() => self.pass(false),
-                _ = self.timers.resync.tick() => self.pass(true),
-                _ = self.timers.gc.tick() => self.pipeline.collect_garbage(),
+                () = sleep_until(due), if due.is_some() => self.pass(false)?,
+                _ = self.timers.resync.tick() => self.pass(true)?,
+                _ = self.timers.gc.tick() => self.bind_new_cgroups(),
+                Some(()) = self.cgroup_created.recv() => {
+                    // One look covers every creation reported so far.
+                    while self.cgroup_created.try_recv().is_ok() {}
+                    self.bind_new_cgroups();
+                }
                 _ = self.timers.stats.tick() => self.stats.tick(self.telemetry.reader.stats())?,
                 _ = self.timers.telemetry.tick() => self.telemetry.tick(),
                 Some(batch) = self.telemetry.udp_rx.recv() => self.telemetry.apply_udp(batch),
@@ -378,6 +433,25 @@ impl Agent {
             }
         }
         self.stop()
+    }
+
+    /// Binds pods whose cgroup appeared (and collects the syncers' garbage), then watches
+    /// where the still missing ones will appear.
+    fn bind_new_cgroups(&mut self) {
+        self.pipeline.collect_garbage();
+        self.watch_cgroups();
+    }
+
+    /// Watches the parents of the missing cgroups; a new watch is followed by a look, for
+    /// what was created before it took effect.
+    fn watch_cgroups(&mut self) {
+        let Some(watch) = &mut self.cgroup_watch else {
+            return;
+        };
+        let missing = self.pipeline.missing_cgroups();
+        if watch.watch_parents_of(missing.iter().map(PathBuf::as_path)) {
+            self.pipeline.collect_garbage();
+        }
     }
 
     /// A change the source saw: schedules a pass.
@@ -394,8 +468,9 @@ impl Agent {
     }
 
     /// One pass of the pipeline. A failed pass (the source directory vanished, a map read
-    /// failed) keeps the state the kernel has; the next event or resync tries again.
-    fn pass(&mut self, force: bool) {
+    /// failed) keeps the state the kernel has; the next event or resync tries again. Fails
+    /// only when the programs cannot be attached after the first full sync.
+    fn pass(&mut self, force: bool) -> Result<(), Error> {
         let now = Instant::now();
         if !force {
             self.schedule.pass_started(now);
@@ -407,6 +482,8 @@ impl Agent {
                 tracing::error!(error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");
             }
         }
+        self.watch_cgroups();
+        commit_when_synced(&mut self.datapath, &mut self.pipeline)
     }
 
     /// Reads what the kernel has left and says how to remove the datapath.

@@ -3,6 +3,7 @@
 //! The cgroup v2 id that BPF helpers return (`bpf_skb_cgroup_id`, `bpf_get_current_cgroup_id`)
 //! is the inode number of the cgroup's directory.
 pub mod pods;
+pub mod watch;
 
 use std::{
     fs, io,

@@ -4,9 +4,12 @@
 //! and the kernel keeps counting while no agent runs. Every program is attached through a
 //! pinned cgroup link, so it stays attached after the agent exits or is killed. On start the
 //! agent adopts a pinned link whose program is the one it embeds, replaces the program in place
-//! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link.
+//! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link. A
+//! fresh instance (no link yet) attaches only after the first full sync has filled its maps
+//! ([`Datapath::commit`]): from the first packet, a pod is judged by its policy.
 mod admin;
 mod config;
+mod level;
 pub mod metrics;
 mod pins;
 mod sys;
@@ -32,7 +35,7 @@ use weft_abi::{globals, maps, programs};
 use self::{admin::remove_link, config::MapSpec};
 pub use self::{
     admin::{Attached, CleanupReport, MapUsage, attached_programs, cleanup, map_usage},
-    config::{Capacities, Config, Globals, Instance, Settings, map_flag},
+    config::{Capacities, Config, Globals, Instance, Settings, Unbound, map_flag},
     pins::{InstanceLock, Pins},
 };
 use crate::cgroup;
@@ -201,6 +204,18 @@ pub enum Error {
         found_type: u32,
         expected_type: u32,
     },
+    #[error(
+        "cannot tell the cgroup level of {path}: none of its ancestors in this view is an \
+         ancestor of the agent's own cgroup",
+        path = path.display()
+    )]
+    CgroupLevel { path: PathBuf },
+    #[error("cannot read the cookie of the node's network namespace {path}", path = path.display())]
+    HostNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot open map {name}")]
     TakeMap {
         name: &'static str,
@@ -244,13 +259,18 @@ pub struct InstalledLink {
 pub struct Datapath {
     pins: Pins,
     cgroup: PathBuf,
+    cgroup_file: File,
+    cgroup_id: u64,
     ebpf: Ebpf,
     links: Vec<InstalledLink>,
+    /// The programs are loaded but not attached yet (see [`Datapath::commit`]).
+    pending: bool,
     _lock: InstanceLock,
 }
 
 impl Datapath {
-    /// Loads the object, checks or creates the pinned maps, and attaches or adopts every program.
+    /// Loads the object and its programs, checks or creates the pinned maps, and adopts the
+    /// pinned links; a fresh instance's programs wait for [`Datapath::commit`].
     pub fn start(config: &Config) -> Result<Self, Error> {
         let cgroup_id = cgroup::cgroup_id(&config.cgroup)?;
         let cgroup_file = File::open(&config.cgroup).map_err(|source| Error::OpenCgroup {
@@ -285,36 +305,65 @@ impl Datapath {
                 &g.conn_update_interval_ns,
                 true,
             )
-            .override_global(globals::CONN_EVENTS_ENABLED, &g.conn_events_enabled, true);
+            .override_global(globals::CONN_EVENTS_ENABLED, &g.conn_events_enabled, true)
+            .override_global(globals::UNBOUND_ISOLATED, &g.unbound_isolated, true)
+            .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
         check_maps(&pins, &specs)?;
-
-        let ctx = AttachCtx {
-            pins: &pins,
-            cgroup: &config.cgroup,
+        load_all(&mut ebpf)?;
+        // A fresh instance attaches once the maps hold the first full sync (`commit`): an
+        // attached program with empty maps would judge every pod as not bound yet. Pinned
+        // links run on pinned maps that a previous agent filled: they are adopted at once.
+        let fresh = !ATTACHMENTS.iter().any(|a| pins.link(a.program).exists());
+        let mut datapath = Self {
+            pins,
+            cgroup: config.cgroup.clone(),
+            cgroup_file,
             cgroup_id,
+            ebpf,
+            links: Vec::new(),
+            pending: true,
+            _lock: lock,
+        };
+        if !fresh {
+            datapath.commit()?;
+        }
+        Ok(datapath)
+    }
+
+    /// Whether the programs still wait for [`Datapath::commit`].
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Attaches (or adopts) every program; once, after the first full sync of a fresh
+    /// instance. On failure nothing this call attached stays attached.
+    pub fn commit(&mut self) -> Result<&[InstalledLink], Error> {
+        if !self.pending {
+            return Ok(&self.links);
+        }
+        let ctx = AttachCtx {
+            pins: &self.pins,
+            cgroup: &self.cgroup,
+            cgroup_id: self.cgroup_id,
         };
         let mut links = Vec::new();
-        if let Err(e) = attach_all(&mut ebpf, &ctx, &cgroup_file, &mut links) {
+        if let Err(e) = install_all(&mut self.ebpf, &ctx, &self.cgroup_file, &mut links) {
             // Leave no half-installed instance: undo the attachments this start made (adopted
             // or replaced links were working before and stay).
             for link in links.iter().filter(|l| l.install == Install::Attached) {
-                let path = pins.link(link.program);
+                let path = self.pins.link(link.program);
                 if let Err(undo) = remove_link(&path) {
                     tracing::warn!(path = %path.display(), error = %undo, "cannot undo attachment");
                 }
             }
             return Err(e);
         }
-        Ok(Self {
-            pins,
-            cgroup: config.cgroup.clone(),
-            ebpf,
-            links,
-            _lock: lock,
-        })
+        self.links = links;
+        self.pending = false;
+        Ok(&self.links)
     }
 
     pub fn pins(&self) -> &Pins {
@@ -355,7 +404,22 @@ impl Datapath {
     }
 }
 
-fn attach_all(
+/// Loads every program (the verifier runs here, before anything is attached).
+fn load_all(ebpf: &mut Ebpf) -> Result<(), Error> {
+    for a in &ATTACHMENTS {
+        let name = a.program;
+        let loaded = match a.kind {
+            Kind::SockOps => program::<SockOps>(ebpf, name)?.load(),
+            Kind::Skb(_) => program::<CgroupSkb>(ebpf, name)?.load(),
+            Kind::Sock => program::<CgroupSock>(ebpf, name)?.load(),
+            Kind::SockAddr => program::<CgroupSockAddr>(ebpf, name)?.load(),
+        };
+        loaded.map_err(|source| load_err(name, source))?;
+    }
+    Ok(())
+}
+
+fn install_all(
     ebpf: &mut Ebpf,
     ctx: &AttachCtx<'_>,
     cgroup_file: &File,
@@ -368,37 +432,38 @@ fn attach_all(
         let name = a.program;
         let link = match a.kind {
             Kind::SockOps => {
-                let prog: &mut SockOps = program(ebpf, name)?;
-                prog.load().map_err(|source| load_err(name, source))?;
-                ctx.install(name, a.attach_type, prog, |p| {
+                ctx.install(name, a.attach_type, program::<SockOps>(ebpf, name)?, |p| {
                     let id = p.attach(cgroup_file, mode)?;
                     Ok(p.take_link(id)?.try_into()?)
                 })?
             }
-            Kind::Skb(kind) => {
-                let prog: &mut CgroupSkb = program(ebpf, name)?;
-                prog.load().map_err(|source| load_err(name, source))?;
-                ctx.install(name, a.attach_type, prog, |p| {
+            Kind::Skb(kind) => ctx.install(
+                name,
+                a.attach_type,
+                program::<CgroupSkb>(ebpf, name)?,
+                |p| {
                     let id = p.attach(cgroup_file, kind, mode)?;
                     Ok(p.take_link(id)?.try_into()?)
-                })?
-            }
-            Kind::Sock => {
-                let prog: &mut CgroupSock = program(ebpf, name)?;
-                prog.load().map_err(|source| load_err(name, source))?;
-                ctx.install(name, a.attach_type, prog, |p| {
+                },
+            )?,
+            Kind::Sock => ctx.install(
+                name,
+                a.attach_type,
+                program::<CgroupSock>(ebpf, name)?,
+                |p| {
                     let id = p.attach(cgroup_file, mode)?;
                     Ok(p.take_link(id)?.try_into()?)
-                })?
-            }
-            Kind::SockAddr => {
-                let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-                prog.load().map_err(|source| load_err(name, source))?;
-                ctx.install(name, a.attach_type, prog, |p| {
+                },
+            )?,
+            Kind::SockAddr => ctx.install(
+                name,
+                a.attach_type,
+                program::<CgroupSockAddr>(ebpf, name)?,
+                |p| {
                     let id = p.attach(cgroup_file, mode)?;
                     Ok(p.take_link(id)?.try_into()?)
-                })?
-            }
+                },
+            )?,
         };
         links.push(link);
     }
@@ -415,6 +480,20 @@ where
 }
 
 /// Whether `path` is a bpffs mount.
+/// The absolute cgroup level of `cgroup` (what the kernel's ancestor lookups count), right
+/// under a cgroup namespace too.
+pub fn cgroup_level(cgroup: &Path, capacities: &Capacities) -> Result<u32, Error> {
+    level::cgroup_level(cgroup, &config::map_specs(capacities))
+}
+
+/// The cookie of the node's network namespace (`--host-netns`, else the agent's own).
+pub fn host_netns_cookie(path: Option<&Path>) -> Result<u64, Error> {
+    sys::netns_cookie(path).map_err(|source| Error::HostNetns {
+        path: path.map_or_else(|| PathBuf::from("/proc/self/ns/net"), Path::to_owned),
+        source,
+    })
+}
+
 pub fn check_bpffs(path: &Path) -> Result<(), Error> {
     pins::check_bpffs(path)
 }

@@ -69,7 +69,7 @@ pub struct FrontendName {
 /// What `weft status` shows about services and their source.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
-    /// The first full sync is done.
+    /// The first full sync is done (and the programs are attached).
     pub ready: bool,
     /// `dir:PATH`, `kubernetes:SERVER (node NAME)`, or none.
     pub source: Option<String>,
@@ -110,6 +110,10 @@ pub struct Pipeline<S = KernelMaps, P = KernelPolicyMaps> {
     views: Views,
     /// The store of the last pass, for policy passes that need no new read.
     last_store: Arc<Store>,
+    /// A pass has published its state.
+    synced: bool,
+    /// Readiness waits for the caller (the programs are attached after the first pass).
+    held: bool,
 }
 
 /// What one read of the source gave: the store and its rejections (None: nothing to apply),
@@ -162,7 +166,25 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             names: settings.names.clone(),
             views,
             last_store: Arc::default(),
+            synced: false,
+            held: false,
         })
+    }
+
+    /// Readiness waits for [`Pipeline::release_ready`] even after the first full sync.
+    pub fn hold_ready(&mut self) {
+        self.held = true;
+    }
+
+    /// Whether a full sync has been applied.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Ready from now on, once a full sync has been applied.
+    pub fn release_ready(&mut self) {
+        self.held = false;
+        write(&self.views.status).ready = self.synced;
     }
 
     /// What the pipeline publishes (status, store, names).
@@ -313,8 +335,9 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         });
         *write(&self.views.directory) = Arc::new(directory);
         let mut status = write(&self.views.status);
+        self.synced = true;
         *status = Status {
-            ready: true,
+            ready: !self.held,
             source: status.source.take(),
             objects: store.counts(),
             rejections,
@@ -353,6 +376,12 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
                 tracing::info!(target: "weft::sync", written, deleted, node_changed, "policies synced again (node addresses changed, cgroups appeared, or the last pass left something out)");
             }
         }
+    }
+
+    /// Where the local pods whose cgroup does not exist yet will have it (watched, so that
+    /// [`Pipeline::collect_garbage`] binds them as soon as they appear).
+    pub fn missing_cgroups(&self) -> Vec<PathBuf> {
+        self.policy.missing_cgroups()
     }
 
     /// Resolves cgroup ids with `f` instead of the cgroup2 filesystem (tests use plain

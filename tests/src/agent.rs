@@ -37,6 +37,10 @@ pub struct AgentOptions {
     /// `--metrics-addr`: by default a free port on loopback (agents of parallel tests must
     /// not compete for one); the address taken is in `Agent::metrics_url`.
     pub metrics_addr: String,
+    /// Run the agent in the node's cgroup, inside a cgroup namespace rooted there with its
+    /// own cgroup2 mount: it sees the node's cgroup as the cgroup2 root, as the agent of a
+    /// nested or rootless node does.
+    pub cgroup_namespace: bool,
 }
 
 impl AgentOptions {
@@ -78,6 +82,7 @@ impl Default for AgentOptions {
             binary: None,
             source: false,
             metrics_addr: "127.0.0.1:0".into(),
+            cgroup_namespace: false,
         }
     }
 }
@@ -92,6 +97,10 @@ pub struct Agent {
     process: Option<Process>,
     instance: String,
     cgroup: PathBuf,
+    /// The simulated node's network namespace: its host network.
+    host_netns: PathBuf,
+    /// The node's scratch directory.
+    workdir: PathBuf,
     options: AgentOptions,
     /// Logs of earlier processes of this agent (before a restart).
     previous: Vec<String>,
@@ -115,6 +124,8 @@ impl Agent {
             process: None,
             instance: node.tag().to_owned(),
             cgroup: node.cgroup().to_owned(),
+            host_netns: node.netns_path(),
+            workdir: node.workdir().to_owned(),
             options,
             previous: Vec::new(),
         };
@@ -127,7 +138,7 @@ impl Agent {
             is_bpffs(Path::new(BPFFS)),
             "{BPFFS} is not a bpffs mount: run `cargo xtask setup`"
         );
-        let mut command = Command::new(&self.binary);
+        let (mut command, cgroup_root) = self.command();
         command
             .args([
                 "--log-format",
@@ -137,8 +148,10 @@ impl Agent {
                 "agent",
             ])
             .arg("--cgroup-root")
-            .arg(&self.cgroup)
+            .arg(&cgroup_root)
             .args(["--instance", &self.instance, "--bpffs", BPFFS])
+            .arg("--host-netns")
+            .arg(&self.host_netns)
             .args(["--stats-interval", &self.options.stats_interval])
             .args(["--metrics-addr", &self.options.metrics_addr])
             .arg("--admin-socket")
@@ -162,6 +175,29 @@ impl Agent {
             },
         );
         self.process = Some(process);
+    }
+
+    /// The command that starts the agent (the binary, or a shell putting it in a cgroup
+    /// namespace first), and the cgroup root as the agent will see it.
+    fn command(&self) -> (Command, PathBuf) {
+        if !self.options.cgroup_namespace {
+            return (Command::new(&self.binary), self.cgroup.clone());
+        }
+        // Into the node's cgroup, then a cgroup namespace rooted there with its own cgroup2
+        // mount (in a private mount namespace; the kernel refuses a second mount of cgroup2
+        // where the host's is).
+        let mount = self.workdir.join("cgroup2");
+        std::fs::create_dir_all(&mount).unwrap_or_else(|e| panic!("{}: {e}", mount.display()));
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(
+                r#"echo $$ > "$0/cgroup.procs" && exec unshare --cgroup --mount --propagation private -- sh -c 'mount -t cgroup2 cgroup2 "$0" && exec "$@"' "$@""#,
+            )
+            .arg(&self.cgroup)
+            .arg(&mount)
+            .arg(&self.binary);
+        (command, mount)
     }
 
     pub fn instance(&self) -> &str {

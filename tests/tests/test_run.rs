@@ -228,3 +228,31 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
         "every unparsable packet is counted"
     );
 }
+
+/// The level probe agrees with counting directories where the agent sees the real root, for
+/// its own cgroup and for a cgroup outside its ancestry.
+#[test]
+fn the_level_probe_agrees_with_the_directory_count_outside_a_cgroup_namespace() {
+    let mount =
+        weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo")).expect("cgroup2 mount");
+    let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line in /proc/self/cgroup");
+    let own = mount.join(rel.trim_start_matches('/'));
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        caps: weft::datapath::Capacities,
+    }
+    let caps = <Defaults as clap::Parser>::parse_from(["defaults"]).caps;
+    for dir in [own.as_path(), mount.as_path()] {
+        assert_eq!(
+            weft::datapath::cgroup_level(dir, &caps).expect("probe"),
+            weft::cgroup::level(dir).expect("count"),
+            "{}",
+            dir.display()
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! JSON under target/bench/ and print ratios.
 //!
 //! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `policy`
-//! (bench/policy.rs), `telemetry` (bench/telemetry.rs), `kube` (bench/kube.rs).
+//! (bench/policy.rs), `telemetry` (bench/telemetry.rs), `kube` (bench/kube.rs), `bind`
+//! (bench/bind.rs).
+mod bind;
 mod churn;
 mod kube;
 mod policy;
@@ -18,7 +20,7 @@ use weft_testkit::AgentOptions;
 
 use crate::{build, setup::Tools};
 
-const SCENARIOS: &[&str] = &["churn", "services", "policy", "telemetry", "kube"];
+const SCENARIOS: &[&str] = &["churn", "services", "policy", "telemetry", "kube", "bind"];
 
 pub fn run(
     ws: &Path,
@@ -67,6 +69,11 @@ pub fn run(
             }
             "kube" => {
                 let r = kube::run(&bins)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "bind" => {
+                let r = bind::run(&bins)?;
                 write(&path, &r)?;
                 r.print();
             }

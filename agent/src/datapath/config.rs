@@ -92,6 +92,23 @@ pub struct Settings {
     /// --events-poll-interval bounds the delay.
     #[arg(long, default_value_t = 16 * 1024)]
     pub events_wakeup_bytes: u64,
+    /// What the kernel does with a socket below --cgroup-root, outside the node's network
+    /// namespace, in a cgroup no pod is bound to yet: `isolate` it both ways until the agent
+    /// binds the pod, or `pass` it unjudged [default: isolate with --source kubernetes, pass
+    /// with a directory source]
+    #[arg(long, value_enum)]
+    pub unbound_pods: Option<Unbound>,
+    /// The node's network namespace (host-network pods and node processes live there; they
+    /// are never taken for unbound pods) [default: the agent's own]
+    #[arg(long)]
+    pub host_netns: Option<PathBuf>,
+}
+
+/// `--unbound-pods`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unbound {
+    Isolate,
+    Pass,
 }
 
 impl Settings {
@@ -122,6 +139,10 @@ pub struct Globals {
     pub conn_update_interval_ns: u64,
     /// 1: connection and drop events are written; 0: telemetry off.
     pub conn_events_enabled: u32,
+    /// 1: sockets of pods not bound yet are isolated (see `weft_abi::globals`).
+    pub unbound_isolated: u32,
+    /// The node's network namespace cookie.
+    pub host_netns_cookie: u64,
 }
 
 /// Everything [`super::Datapath::start`] needs.

@@ -1,5 +1,6 @@
 //! The few bpf(2) commands aya 0.14 does not expose: reading a cgroup link's target,
-//! replacing the program of a link in place, and walking a map's keys whatever their type.
+//! replacing the program of a link in place, and walking a map's keys whatever their type;
+//! and a network namespace's cookie.
 use std::{
     ffi::CString,
     io,
@@ -214,4 +215,54 @@ pub fn query_cgroup(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<
         .copied()
         .zip(link_ids[..n].iter().copied())
         .collect())
+}
+
+/// `SO_NETNS_COOKIE` (kernel 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of a network namespace (what `bpf_get_netns_cookie` returns for its sockets):
+/// `path` (`/proc/PID/ns/net`, `/run/netns/NAME`), or the caller's own when None. Another
+/// namespace is entered by a short-lived thread only (setns affects the calling thread).
+pub fn netns_cookie(path: Option<&Path>) -> io::Result<u64> {
+    let Some(path) = path else {
+        return own_netns_cookie();
+    };
+    let ns = std::fs::File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a descriptor we own, in this thread only; no memory is passed.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            own_netns_cookie()
+        })
+        .join()
+        .map_err(|_| io::Error::other("the thread entering the namespace panicked"))?
+    })
+}
+
+fn own_netns_cookie() -> io::Result<u64> {
+    // SAFETY: no memory is passed; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for the kernel to write 8 bytes and a length.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }

@@ -1,7 +1,7 @@
 //! The NetworkPolicy stage of the pipeline: compile the store for this node's pods, resolve
 //! their cgroups, sync the policy maps, and publish what `weft status` / `weft policies` show.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
@@ -181,6 +181,18 @@ impl<M: PolicyMaps> PolicyStage<M> {
                 .any(|e| e.cgroup_id.is_none() && self.cgroup_root.join(&e.cgroup).is_dir())
     }
 
+    /// Where the local pods whose cgroup does not exist yet will have it.
+    pub fn missing_cgroups(&self) -> Vec<PathBuf> {
+        self.status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .endpoints
+            .iter()
+            .filter(|e| e.cgroup_id.is_none())
+            .map(|e| self.cgroup_root.join(&e.cgroup))
+            .collect()
+    }
+
     fn resolve(&self, policies: &cp::Policies) -> BTreeMap<String, u64> {
         policies
             .endpoints
@@ -243,7 +255,9 @@ impl<M: PolicyMaps> PolicyStage<M> {
         }
         let status = self.status_of(store, &policies, &cgroup_ids, &report);
         self.missing_cgroups = status.endpoints.iter().any(|e| e.cgroup_id.is_none());
-        *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+        let mut published = self.status.write().unwrap_or_else(|e| e.into_inner());
+        log_bound(&published.endpoints, &status.endpoints);
+        *published = status;
         (report.written, report.deleted)
     }
 
@@ -287,6 +301,22 @@ impl<M: PolicyMaps> PolicyStage<M> {
             ipcache_entries: ipcache,
             policy_entries: entries,
             rules: policies.rules.clone(),
+        }
+    }
+}
+
+/// Logs the pods whose cgroup was missing at the last pass and is bound now.
+fn log_bound(before: &[EndpointStatus], now: &[EndpointStatus]) {
+    let missing: BTreeSet<(&str, &str)> = before
+        .iter()
+        .filter(|e| e.cgroup_id.is_none())
+        .map(|e| (e.pod.as_str(), e.cgroup.as_str()))
+        .collect();
+    for e in now {
+        if let Some(id) = e.cgroup_id
+            && missing.contains(&(e.pod.as_str(), e.cgroup.as_str()))
+        {
+            tracing::info!(target: "weft::sync", pod = e.pod, cgroup = e.cgroup, cgroup_id = id, "pod cgroup bound");
         }
     }
 }

@@ -357,7 +357,10 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             if have.is_none() {
                 let used = self.endpoints.len() as u64;
                 if let Err(e) = Error::check(maps::ENDPOINTS, used, 1, self.capacity.endpoints) {
-                    let consequence = format!("The pod with cgroup id {id} is not enforced.");
+                    let consequence = format!(
+                        "The pod with cgroup id {id} is not enforced by its policies \
+                         (isolated both ways with --unbound-pods=isolate)."
+                    );
                     report.errors.push(Failure::new(&e, &consequence));
                     continue;
                 }

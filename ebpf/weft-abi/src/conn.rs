@@ -97,15 +97,19 @@ pub enum DropReason {
     /// A packet from a pod isolated by policy whose source is not the pod's address (a raw
     /// socket or IP_FREEBIND): it could plant a reply path for a peer policy does not allow.
     SpoofedSource = 5,
+    /// Traffic of a pod whose cgroup the agent has not bound yet (Kubernetes mode): isolated
+    /// both ways until it is.
+    Unbound = 6,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::PolicyDenied,
         Self::NoBackends,
         Self::Unparsed,
         Self::Fragment,
         Self::SpoofedSource,
+        Self::Unbound,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -115,6 +119,7 @@ impl DropReason {
             3 => Some(Self::Unparsed),
             4 => Some(Self::Fragment),
             5 => Some(Self::SpoofedSource),
+            6 => Some(Self::Unbound),
             _ => None,
         }
     }
@@ -126,6 +131,7 @@ impl DropReason {
             Self::Unparsed => "unparsed",
             Self::Fragment => "fragment",
             Self::SpoofedSource => "spoofed_source",
+            Self::Unbound => "unbound_pod",
         }
     }
 }

@@ -40,6 +40,9 @@ pub mod programs {
     /// cgroup/sock_release: removes a UDP socket's translation entries.
     pub const SOCK_RELEASE: &str = "weft_sock_release";
 
+    /// Never attached: run by the agent (BPF_PROG_TEST_RUN) to learn cgroup levels.
+    pub const LEVEL_PROBE: &str = "weft_level_probe";
+
     /// Every program the agent attaches, in attach order.
     pub const ALL: [&str; 12] = [
         SOCKOPS,
@@ -71,6 +74,13 @@ pub mod globals {
     /// u32: 1 = write connection and drop events; 0 = telemetry off (the datapath still
     /// translates, enforces and counts).
     pub const CONN_EVENTS_ENABLED: &str = "CONN_EVENTS_ENABLED";
+    /// u32: 1 = a socket below the cgroup root, in a network namespace other than
+    /// `HOST_NETNS_COOKIE`, whose cgroup `ENDPOINTS` does not know yet is a pod not bound yet:
+    /// isolated both ways (Kubernetes mode). 0 = such sockets are not judged.
+    pub const UNBOUND_ISOLATED: &str = "UNBOUND_ISOLATED";
+    /// u64: the node's network namespace (its cookie): host-network pods and node processes
+    /// live there and are never judged as unbound pods.
+    pub const HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
 }
 
 /// Address families as the kernel numbers them.

@@ -26,6 +26,10 @@ pub const EP_INGRESS_ISOLATED: u32 = 1;
 /// [`EndpointInfo::flags`]: egress is restricted.
 pub const EP_EGRESS_ISOLATED: u32 = 2;
 
+/// The policy set of a pod not bound yet (see `globals::UNBOUND_ISOLATED`): never allocated,
+/// so no `POLICY` entry has it and everything it is judged on is denied.
+pub const POLICY_SET_UNBOUND: u32 = u32::MAX;
+
 /// Pod cgroups are looked for this many levels below the agent's cgroup root at most (a
 /// Kubernetes pod's is 3 below the root, kubepods / QoS class / pod; nested and rootless
 /// nodes add a few). The agent refuses, loudly, a pod deeper than this.
@@ -65,6 +69,23 @@ pub struct EndpointInfo {
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 40);
 
 impl EndpointInfo {
+    /// What the kernel judges a pod by before the agent has bound its cgroup: isolated both
+    /// ways with no rule, no address (so no source is taken for spoofed).
+    pub const UNBOUND: Self = Self {
+        endpoint_id: 0,
+        policy_set: POLICY_SET_UNBOUND,
+        identity: IDENTITY_WORLD,
+        flags: EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED,
+        ip4: 0,
+        _pad: 0,
+        ip6: [0; 4],
+    };
+
+    /// Whether this is [`Self::UNBOUND`]'s stand-in rather than a bound pod.
+    pub const fn is_unbound(&self) -> bool {
+        self.policy_set == POLICY_SET_UNBOUND
+    }
+
     /// Whether `addr` (family 4 or 6) is one of the pod's own addresses.
     pub fn owns(&self, family: u8, addr: &[u32; 4]) -> bool {
         if family == 4 {

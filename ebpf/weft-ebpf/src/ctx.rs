@@ -50,3 +50,30 @@ socket_cookie!(
     aya_ebpf::programs::SockOpsContext => ops,
     aya_ebpf::programs::SockContext => sock,
 );
+
+/// The cookie of the network namespace of a program's socket (sock_addr: the caller's socket;
+/// cgroup_skb: the packet's socket, kernel 6.15+).
+pub trait NetnsCookie {
+    fn netns_cookie(&self) -> u64;
+}
+
+macro_rules! netns_cookie {
+    ($($ctx:ty => $($field:ident).+),* $(,)?) => {$(
+        impl NetnsCookie for $ctx {
+            #[inline(always)]
+            fn netns_cookie(&self) -> u64 {
+                // SAFETY: the program's own context; the helper reads its socket's namespace.
+                unsafe {
+                    aya_ebpf::helpers::generated::bpf_get_netns_cookie(
+                        self.$($field).+.cast::<core::ffi::c_void>(),
+                    )
+                }
+            }
+        }
+    )*};
+}
+
+netns_cookie!(
+    aya_ebpf::programs::SkBuffContext => skb.skb,
+    aya_ebpf::programs::SockAddrContext => sock_addr,
+);

@@ -59,6 +59,22 @@ pub fn weft_skb_egress(ctx: SkBuffContext) -> i32 {
     }
 }
 
+/// Never attached: the agent runs it with BPF_PROG_TEST_RUN, whose packet belongs to a socket
+/// of the calling thread, to learn the absolute level of a cgroup it may only see through a
+/// cgroup namespace. In: `cb[0]`, a level. Out: `cb[1]`, `cb[2]`, the low and high words of
+/// the caller's ancestor cgroup id at that level (0 past its own level).
+#[cgroup_skb]
+pub fn weft_level_probe(ctx: SkBuffContext) -> i32 {
+    let level = ctx_read!(ctx.skb.skb, cb[0]);
+    // SAFETY: the program's context; the helper reads the socket's cgroup only.
+    let id = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level as i32)
+    };
+    ctx_write!(ctx.skb.skb, id as u32, cb[1]);
+    ctx_write!(ctx.skb.skb, (id >> 32) as u32, cb[2]);
+    1
+}
+
 #[inline(always)]
 fn try_skb(ctx: &SkBuffContext, direction: Direction) -> Result<Verdict, Fault> {
     // Most packets: TCP of a TCP socket, nothing to judge or count here (an established

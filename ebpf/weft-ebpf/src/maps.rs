@@ -72,3 +72,11 @@ pub static CONN_EVENTS_ENABLED: Global<u32> = Global::new(1);
 /// See `weft_abi::globals::POLICY_ROOT_LEVEL`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static POLICY_ROOT_LEVEL: Global<u32> = Global::new(0);
+
+/// See `weft_abi::globals::UNBOUND_ISOLATED`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static UNBOUND_ISOLATED: Global<u32> = Global::new(0);
+
+/// See `weft_abi::globals::HOST_NETNS_COOKIE`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static HOST_NETNS_COOKIE: Global<u64> = Global::new(0);

@@ -31,10 +31,13 @@ use weft_abi::{
 };
 
 use crate::{
-    ctx::SocketCookie,
+    ctx::{NetnsCookie as _, SocketCookie},
     events::DropEvent,
     headers::{Headers, is_echo},
-    maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL, VERDICTS},
+    maps::{
+        ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL,
+        UNBOUND_ISOLATED, VERDICTS,
+    },
     stats,
 };
 
@@ -44,36 +47,46 @@ const TCP_LISTEN: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 
 /// The pod an ancestor cgroup lookup leads to: the first ancestor (from the top) below the
-/// root that `ENDPOINTS` knows. `ancestor(level)` returns 0 past the cgroup's own level.
+/// root that `ENDPOINTS` knows. `ancestor(level)` returns 0 past the cgroup's own level. A
+/// cgroup below the root that no entry covers is a pod not bound yet when the agent says so
+/// (`UNBOUND_ISOLATED`) and the socket is not in the node's network namespace: it gets
+/// [`EndpointInfo::UNBOUND`], isolated both ways.
 #[inline(always)]
-fn endpoint_by(ancestor: impl Fn(i32) -> u64) -> Option<EndpointInfo> {
+fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option<EndpointInfo> {
     let root = POLICY_ROOT_LEVEL.load() as i32;
+    let mut below_root = false;
     for depth in 1..=MAX_POD_DEPTH as i32 {
         let id = ancestor(root + depth);
         if id == 0 {
-            return None;
+            break;
         }
+        below_root = true;
         // SAFETY: ENDPOINTS is not preallocated: a replaced value stays valid until this
         // program's RCU section ends; it is copied at once.
         if let Some(ep) = unsafe { ENDPOINTS.get(id) } {
             return Some(*ep);
         }
     }
-    None
+    // Deeper than MAX_POD_DEPTH counts as unbound too: the agent refuses such pods.
+    (below_root && UNBOUND_ISOLATED.load() != 0 && netns() != HOST_NETNS_COOKIE.load())
+        .then_some(EndpointInfo::UNBOUND)
 }
 
 /// The pod of the calling process (sock_addr hooks).
 #[inline(always)]
-fn current_endpoint() -> Option<EndpointInfo> {
-    // SAFETY: no memory is passed.
-    endpoint_by(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+fn current_endpoint(ctx: &SockAddrContext) -> Option<EndpointInfo> {
+    endpoint_by(
+        // SAFETY: no memory is passed.
+        |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+        || ctx.netns_cookie(),
+    )
 }
 
 /// The calling process's pod address of `family` (zeros when it has none or is no pod), for
 /// drop events of a connect that has no local address yet.
 #[inline(always)]
-pub fn current_pod_addr(family: u8) -> [u32; 4] {
-    current_endpoint().map_or([0; 4], |ep| pod_addr(&ep, family))
+pub fn current_pod_addr(ctx: &SockAddrContext, family: u8) -> [u32; 4] {
+    current_endpoint(ctx).map_or([0; 4], |ep| pod_addr(&ep, family))
 }
 
 #[inline(always)]
@@ -87,8 +100,21 @@ fn pod_addr(ep: &EndpointInfo, family: u8) -> [u32; 4] {
 /// The pod of the packet's socket (cgroup_skb).
 #[inline(always)]
 fn skb_endpoint(ctx: &SkBuffContext) -> Option<EndpointInfo> {
-    // SAFETY: the program's context; the helper reads the socket's cgroup only.
-    endpoint_by(|level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) })
+    endpoint_by(
+        // SAFETY: the program's context; the helper reads the socket's cgroup only.
+        |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) },
+        || ctx.netns_cookie(),
+    )
+}
+
+/// Why `ep` denies what its policy does not allow.
+#[inline(always)]
+fn denial(ep: &EndpointInfo) -> DropReason {
+    if ep.is_unbound() {
+        DropReason::Unbound
+    } else {
+        DropReason::PolicyDenied
+    }
 }
 
 #[inline(always)]
@@ -245,7 +271,7 @@ fn known_flow(key: &PolicyFlowKey) -> bool {
 /// backend, when translated). Returns false to fail the connect with EPERM.
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], port: u16) -> bool {
-    let Some(ep) = current_endpoint() else {
+    let Some(ep) = current_endpoint(ctx) else {
         return true;
     };
     if ep.flags & EP_EGRESS_ISOLATED != 0 {
@@ -260,7 +286,7 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
                 remote: *dst,
                 remote_port: port,
                 protocol,
-                reason: DropReason::PolicyDenied,
+                reason: denial(&ep),
                 direction: Direction::Egress,
             }
             .report();
@@ -352,7 +378,7 @@ fn decide(
         let m = judge(&ep, direction, h.version, peer, h.protocol, port);
         count(direction, m);
         if m == Match::None {
-            skb_dropped(ctx, h, direction, DropReason::PolicyDenied);
+            skb_dropped(ctx, h, direction, denial(&ep));
             return false;
         }
     }

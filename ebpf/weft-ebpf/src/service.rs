@@ -120,7 +120,7 @@ pub fn try_translate<const IS_V6: bool>(
         DropEvent {
             cookie: ctx.cookie(),
             family: fam,
-            local: policy::current_pod_addr(fam),
+            local: policy::current_pod_addr(ctx, fam),
             local_port: 0,
             remote: addr,
             remote_port: port,

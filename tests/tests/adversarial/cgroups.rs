@@ -120,3 +120,57 @@ fn a_deeply_nested_pod_is_enforced() {
     let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
 }
+
+/// Kubernetes mode: a pod whose cgroup exists before the agent knows the pod (the kubelet
+/// creates it, the API has not told the agent yet) is isolated both ways until it is bound;
+/// a host-network process of the node is not taken for one.
+#[test]
+fn a_pod_not_bound_yet_is_isolated_both_ways() {
+    let (node, _server) = client_server(
+        Node::builder("adv_cgroup_unbound")
+            .kubelet_cgroups()
+            .pod("newcomer"),
+        &["8080"],
+    );
+    let _newcomer_server = node.start_server(
+        "newcomer",
+        &["serve", "--name", "newcomer", "--tcp", "8080"],
+    );
+    let api = FakeApi::start();
+    api.apply(json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    k8s::apply_to_api(&api, &node, &client_server_pods(&node));
+    let agent = Agent::start_with(&node, AgentOptions::with_api(&api, &node, &[]));
+    agent.wait_status("ready", |s| s["services"]["ready"] == true);
+    let to_server = server_target(&node, 8080);
+    let to_newcomer = format!("tcp:{}:8080", node.pod("newcomer").ipv4);
+    expect_probe(&node, "client", &to_server, Reach::Answer("server"));
+    expect_probe(&node, "newcomer", &to_server, Reach::Blocked);
+    expect_probe(&node, "client", &to_newcomer, Reach::Blocked);
+    let mut host = node.spawn_host(&["probe", "--timeout-ms", "1000", &to_server]);
+    assert_eq!(host.probe_results()[&to_server], "server");
+    agent.wait_metrics("the unbound pod's drops counted", |m| {
+        weft_testkit::prom::sum(m, "weft_dropped_flows_total", &[("reason", "unbound_pod")]) >= 2.0
+    });
+
+    k8s::apply_to_api(
+        &api,
+        &node,
+        &k8s::http_pods(&node, "default", &[("newcomer", &[("app", "newcomer")])]),
+    );
+    expect_probe(&node, "newcomer", &to_server, Reach::Answer("server"));
+    expect_probe(&node, "client", &to_newcomer, Reach::Answer("newcomer"));
+}
+
+/// Under a cgroup namespace the agent sees its cgroup root as the cgroup2 root, while the
+/// kernel counts levels from the real one: the deepest pod the kernel looks for (12 levels
+/// below the root) is enforced there too.
+#[test]
+fn under_a_cgroup_namespace_the_deepest_pod_is_enforced() {
+    let (node, _server) = client_server(Node::builder("adv_cgroup_ns").nested(11), &["8080"]);
+    node.write_source("policy.yaml", &np("default", "deny", DENY_SERVER_INGRESS));
+    let mut options = AgentOptions::with_source(&[]);
+    options.cgroup_namespace = true;
+    let agent = Agent::start_with(&node, options);
+    crate::wait_isolated(&agent, "default/server", true, false);
+    expect_probe(&node, "client", &server_target(&node, 8080), Reach::Blocked);
+}

@@ -5,7 +5,7 @@
 //! Services with one EndpointSlice each, NetworkPolicies, and the node's own four pods. For
 //! each scale and each source, a fresh agent is started and measured:
 //!
-//! - start: from the programs being attached to the first pass that programmed the services
+//! - start: from the programs being loaded to the first pass that programmed the services
 //!   (for the API server: the lists over HTTP and JSON decoding; for the directory: YAML
 //!   parsing);
 //! - the agent's CPU seconds and resident memory once it has synced;
@@ -29,7 +29,7 @@ const NAMESPACES: usize = 20;
 const CHANGES: usize = 30;
 
 #[derive(Debug, Default, Serialize)]
-struct Run {
+pub(super) struct Run {
     start_to_synced_ms: f64,
     cpu_s_at_synced: f64,
     rss_kib: u64,
@@ -137,7 +137,7 @@ pub fn run(bins: &Path) -> Result<KubeResult> {
 }
 
 /// Every object of the cluster, the node's pods as the API server has them (UID, nodeName).
-fn cluster(node: &Node, pods: usize, services: usize) -> Vec<Value> {
+pub(super) fn cluster(node: &Node, pods: usize, services: usize) -> Vec<Value> {
     let mut out = Vec::new();
     for n in 0..NAMESPACES {
         out.push(json!({"apiVersion": "v1", "kind": "Namespace",
@@ -296,7 +296,7 @@ fn measure_kube(bins: &Path, node: &Node, objects: &[Value]) -> Result<Run> {
 }
 
 /// Waits for the first pass with every object, and reads the agent's cost so far.
-fn synced(agent: &Agent, objects: usize) -> Result<Run> {
+pub(super) fn synced(agent: &Agent, objects: usize) -> Result<Run> {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
         let (_, status) = agent.client("status");
@@ -317,7 +317,8 @@ fn synced(agent: &Agent, objects: usize) -> Result<Run> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let logs = agent.logs().snapshot();
-    // The last program attached: the source starts reading right after.
+    // The programs loaded: the source starts reading right after (a fresh instance attaches
+    // them after its first full sync).
     let at = |marker: &str, last: bool| -> Result<std::time::SystemTime> {
         let mut matching = logs.iter().filter(|l| l.contains(marker));
         let line = if last {
@@ -331,7 +332,7 @@ fn synced(agent: &Agent, objects: usize) -> Result<Run> {
             v["timestamp"].as_str().unwrap_or_default(),
         )?)
     };
-    let start = at("program attached", true)?;
+    let start = at("programs loaded", true)?;
     let synced = at("services synced", false)?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
     Ok(Run {

@@ -334,7 +334,8 @@ pub(super) fn compile_endpoints(
                 object: pod,
                 message: format!(
                     "cgroup {cgroup} is {depth} levels below --cgroup-root; the kernel looks {} \
-                     deep: this pod is NOT enforced (put --cgroup-root nearer its pods)",
+                     deep: this pod is NOT enforced by its policies (isolated both ways with \
+                     --unbound-pods=isolate, unjudged otherwise; put --cgroup-root nearer its pods)",
                     weft_abi::policy::MAX_POD_DEPTH
                 ),
             });
