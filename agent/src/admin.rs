@@ -290,7 +290,8 @@ pub struct KernelService {
 /// What the handlers read.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    pub info: Arc<AgentInfo>,
+    /// The programs change once, when a fresh instance attaches after its first sync.
+    pub info: Arc<std::sync::RwLock<AgentInfo>>,
     pub services: Arc<RwLock<pipeline::Status>>,
     pub policy: Arc<RwLock<pipeline::policy::PolicyStatus>>,
     pub registry: Arc<Registry>,
@@ -404,7 +405,7 @@ fn status_doc(state: &AdminState) -> StatusDoc {
     StatusDoc {
         healthy: services.ready && degraded.is_empty(),
         degraded,
-        agent: (*state.info).clone(),
+        agent: state.info.read().unwrap_or_else(|e| e.into_inner()).clone(),
         services: serde_json::to_value(&*services).unwrap_or_default(),
         policy: serde_json::json!({
             "policies": policy.policies.len(),

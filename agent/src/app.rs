@@ -142,32 +142,70 @@ fn unbound_pods(config: &Config) -> Unbound {
         })
 }
 
-/// Loads and attaches (or adopts) the programs.
+/// Loads the programs (attached after the first full sync).
 fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error> {
+    let capacities = &config.datapath.capacities;
     let mut globals = Globals {
         kernel_log_level: logging::kernel_log_level(),
         events_wakeup_bytes: config.datapath.events_wakeup_bytes,
-        cgroup_level: datapath::cgroup_level(cgroup_root, &config.datapath.capacities)?,
+        cgroup_level: datapath::cgroup_level(cgroup_root, capacities)?,
         conn_update_interval_ns: 0,
         conn_events_enabled: 0,
-        unbound_isolated: u32::from(unbound_pods(config) == Unbound::Isolate),
+        unbound_isolated: 0,
+        unbound_scope_level: 0,
+        unbound_scope_id: 0,
         host_netns_cookie: datapath::host_netns_cookie(config.datapath.host_netns.as_deref())?,
     };
     config.telemetry.apply_to(&mut globals);
-    let datapath = Datapath::start(&datapath::Config {
-        cgroup: cgroup_root.to_owned(),
-        instance: config.datapath.instance.clone(),
-        capacities: config.datapath.capacities.clone(),
-        globals,
-    })?;
+    if unbound_pods(config) == Unbound::Isolate {
+        match pods_cgroup(config, cgroup_root) {
+            Some(dir) => {
+                globals.unbound_isolated = 1;
+                globals.unbound_scope_level = datapath::cgroup_level(&dir, capacities)?;
+                globals.unbound_scope_id = cgroup::cgroup_id(&dir)?;
+            }
+            None => tracing::warn!(
+                root = %cgroup_root.display(),
+                "no kubelet pods cgroup (kubepods.slice, kubepods) under the cgroup root: pods not bound yet are NOT isolated; name it with --pods-cgroup"
+            ),
+        }
+    }
+    let start = |globals| {
+        Datapath::start(&datapath::Config {
+            cgroup: cgroup_root.to_owned(),
+            instance: config.datapath.instance.clone(),
+            capacities: capacities.clone(),
+            globals,
+        })
+    };
+    let datapath = match start(globals) {
+        // Kernels before 6.15 lack the netns cookie in cgroup_skb: the default gives way.
+        Err(datapath::Error::LoadProgram { name, source })
+            if globals.unbound_isolated == 1 && config.datapath.unbound_pods.is_none() =>
+        {
+            tracing::warn!(program = name, error = %crate::chain(&source), "this kernel cannot isolate pods not bound yet (cgroup_skb needs bpf_get_netns_cookie, Linux 6.15): they are NOT isolated until bound");
+            globals.unbound_isolated = 0;
+            start(globals)?
+        }
+        other => other?,
+    };
     tracing::info!(
         cgroup_level = globals.cgroup_level,
-        unbound_pods = ?unbound_pods(config),
-        attach_after_first_sync = datapath.pending(),
+        unbound_isolated = globals.unbound_isolated == 1,
         "programs loaded"
     );
-    log_links(datapath.links());
     Ok(datapath)
+}
+
+/// `--pods-cgroup`, or the kubelet's pods cgroup under the root (either driver).
+fn pods_cgroup(config: &Config, cgroup_root: &Path) -> Option<PathBuf> {
+    if let Some(dir) = &config.datapath.pods_cgroup {
+        return Some(dir.clone());
+    }
+    ["kubepods.slice", "kubepods"]
+        .into_iter()
+        .map(|d| cgroup_root.join(d))
+        .find(|d| d.is_dir())
 }
 
 fn log_links(links: &[datapath::InstalledLink]) {
@@ -182,15 +220,15 @@ fn log_links(links: &[datapath::InstalledLink]) {
     }
 }
 
-/// A fresh instance's programs are attached once the first full sync is in its maps; the
-/// agent is ready only then.
-fn commit_when_synced(datapath: &mut Datapath, pipeline: &mut Pipeline) -> Result<(), Error> {
+/// The programs are attached (or the pinned links take this agent's programs) once the first
+/// full sync is in the maps; the agent is ready only then. Returns whether that happened now.
+fn commit_when_synced(datapath: &mut Datapath, pipeline: &mut Pipeline) -> Result<bool, Error> {
     if !datapath.pending() || !pipeline.synced() {
-        return Ok(());
+        return Ok(false);
     }
     log_links(datapath.commit()?);
     pipeline.release_ready();
-    Ok(())
+    Ok(true)
 }
 
 /// Kernel events into telemetry: the ring buffer, the UDP flow counters (read off the event
@@ -321,6 +359,8 @@ struct Agent {
     telemetry: TelemetryLoop,
     stats: Stats,
     admin: Admin,
+    /// What `weft status` says of the agent (its programs once attached).
+    agent_info: Arc<std::sync::RwLock<AgentInfo>>,
     timers: Timers,
 }
 
@@ -374,6 +414,7 @@ impl Agent {
             source_health,
         );
         let socket = config.admin_socket();
+        let agent_info = Arc::clone(&state.info);
         let admin = Admin::spawn(&config.admin, &socket, state).await?;
         tracing::info!(
             instance = datapath.pins().instance(),
@@ -400,6 +441,7 @@ impl Agent {
             telemetry,
             stats,
             admin,
+            agent_info,
             timers: Timers::new(config).await,
         };
         agent.watch_cgroups();
@@ -483,7 +525,11 @@ impl Agent {
             }
         }
         self.watch_cgroups();
-        commit_when_synced(&mut self.datapath, &mut self.pipeline)
+        if commit_when_synced(&mut self.datapath, &mut self.pipeline)? {
+            let mut info = self.agent_info.write().unwrap_or_else(|e| e.into_inner());
+            info.programs = program_infos(self.datapath.links());
+        }
+        Ok(())
     }
 
     /// Reads what the kernel has left and says how to remove the datapath.
@@ -516,6 +562,18 @@ async fn sleep_until(due: Option<Instant>) {
 }
 
 /// What the admin API reads: facts about the agent and handles on what the subsystems publish.
+fn program_infos(links: &[datapath::InstalledLink]) -> Vec<ProgramInfo> {
+    links
+        .iter()
+        .map(|l| ProgramInfo {
+            program: l.program.to_owned(),
+            install: format!("{:?}", l.install),
+            link_id: l.link_id,
+            program_id: l.program_id,
+        })
+        .collect()
+}
+
 fn admin_state(
     config: &Config,
     datapath: &Datapath,
@@ -529,19 +587,10 @@ fn admin_state(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         cgroup: datapath.cgroup().to_owned(),
         pins: datapath.pins().dir().to_owned(),
-        programs: datapath
-            .links()
-            .iter()
-            .map(|l| ProgramInfo {
-                program: l.program.to_owned(),
-                install: format!("{:?}", l.install),
-                link_id: l.link_id,
-                program_id: l.program_id,
-            })
-            .collect(),
+        programs: program_infos(datapath.links()),
     };
     AdminState {
-        info: Arc::new(info),
+        info: Arc::new(std::sync::RwLock::new(info)),
         services: Arc::clone(&views.status),
         policy: Arc::clone(&views.policy),
         registry: Arc::new(registry),

@@ -109,6 +109,8 @@ mod tests {
                 events_wakeup_bytes: 0,
                 cgroup_level: 0,
                 unbound_isolated: 0,
+                unbound_scope_level: 0,
+                unbound_scope_id: 0,
                 host_netns_cookie: 0,
                 conn_update_interval_ns: 7,
                 conn_events_enabled: 7,

@@ -4,9 +4,10 @@
 //! and the kernel keeps counting while no agent runs. Every program is attached through a
 //! pinned cgroup link, so it stays attached after the agent exits or is killed. On start the
 //! agent adopts a pinned link whose program is the one it embeds, replaces the program in place
-//! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link. A
-//! fresh instance (no link yet) attaches only after the first full sync has filled its maps
-//! ([`Datapath::commit`]): from the first packet, a pod is judged by its policy.
+//! (BPF_LINK_UPDATE, atomic) when it differs, and attaches only where there is no link. All
+//! of that happens after the first full sync has filled the maps ([`Datapath::commit`]): a
+//! new instance judges every pod by its policy from the first packet, and a restarted one
+//! keeps the previous programs until then.
 mod admin;
 mod config;
 mod level;
@@ -269,8 +270,8 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and its programs, checks or creates the pinned maps, and adopts the
-    /// pinned links; a fresh instance's programs wait for [`Datapath::commit`].
+    /// Loads the object and its programs and checks or creates the pinned maps; attaching
+    /// (or adopting the pinned links) waits for [`Datapath::commit`].
     pub fn start(config: &Config) -> Result<Self, Error> {
         let cgroup_id = cgroup::cgroup_id(&config.cgroup)?;
         let cgroup_file = File::open(&config.cgroup).map_err(|source| Error::OpenCgroup {
@@ -307,17 +308,19 @@ impl Datapath {
             )
             .override_global(globals::CONN_EVENTS_ENABLED, &g.conn_events_enabled, true)
             .override_global(globals::UNBOUND_ISOLATED, &g.unbound_isolated, true)
+            .override_global(globals::UNBOUND_SCOPE_LEVEL, &g.unbound_scope_level, true)
+            .override_global(globals::UNBOUND_SCOPE_ID, &g.unbound_scope_id, true)
             .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
         check_maps(&pins, &specs)?;
         load_all(&mut ebpf)?;
-        // A fresh instance attaches once the maps hold the first full sync (`commit`): an
-        // attached program with empty maps would judge every pod as not bound yet. Pinned
-        // links run on pinned maps that a previous agent filled: they are adopted at once.
-        let fresh = !ATTACHMENTS.iter().any(|a| pins.link(a.program).exists());
-        let mut datapath = Self {
+        // Nothing changes in the kernel before `commit`, after the first full sync: a fresh
+        // instance's programs attached to empty maps would take every pod for one not bound
+        // yet, and pinned links keep running the previous agent's programs (with the rules
+        // and the settings the maps were filled under) until this agent's are in the maps.
+        Ok(Self {
             pins,
             cgroup: config.cgroup.clone(),
             cgroup_file,
@@ -326,11 +329,7 @@ impl Datapath {
             links: Vec::new(),
             pending: true,
             _lock: lock,
-        };
-        if !fresh {
-            datapath.commit()?;
-        }
-        Ok(datapath)
+        })
     }
 
     /// Whether the programs still wait for [`Datapath::commit`].
@@ -338,8 +337,8 @@ impl Datapath {
         self.pending
     }
 
-    /// Attaches (or adopts) every program; once, after the first full sync of a fresh
-    /// instance. On failure nothing this call attached stays attached.
+    /// Attaches (or adopts) every program; once, after the first full sync. On failure
+    /// nothing this call attached stays attached.
     pub fn commit(&mut self) -> Result<&[InstalledLink], Error> {
         if !self.pending {
             return Ok(&self.links);
@@ -479,7 +478,6 @@ where
     T::try_from(map)
 }
 
-/// Whether `path` is a bpffs mount.
 /// The absolute cgroup level of `cgroup` (what the kernel's ancestor lookups count), right
 /// under a cgroup namespace too.
 pub fn cgroup_level(cgroup: &Path, capacities: &Capacities) -> Result<u32, Error> {
@@ -494,6 +492,7 @@ pub fn host_netns_cookie(path: Option<&Path>) -> Result<u64, Error> {
     })
 }
 
+/// Whether `path` is a bpffs mount.
 pub fn check_bpffs(path: &Path) -> Result<(), Error> {
     pins::check_bpffs(path)
 }

@@ -24,13 +24,13 @@ fn state() -> AdminState {
         Arc::clone(&views.directory),
     );
     AdminState {
-        info: Arc::new(AgentInfo {
+        info: Arc::new(std::sync::RwLock::new(AgentInfo {
             instance: "unit".into(),
             version: "0".into(),
             cgroup: "/sys/fs/cgroup/unit".into(),
             pins: "/sys/fs/bpf/weft/unit".into(),
             programs: Vec::new(),
-        }),
+        })),
         services: views.status,
         policy: views.policy,
         registry: Arc::new(root),

@@ -98,6 +98,11 @@ pub struct Settings {
     /// with a directory source]
     #[arg(long, value_enum)]
     pub unbound_pods: Option<Unbound>,
+    /// The cgroup that holds the kubelet's pods: only below it can a cgroup be a pod not bound
+    /// yet [default: kubepods.slice or kubepods under --cgroup-root, the first that exists;
+    /// neither: unbound pods are not isolated, with a warning]
+    #[arg(long)]
+    pub pods_cgroup: Option<PathBuf>,
     /// The node's network namespace (host-network pods and node processes live there; they
     /// are never taken for unbound pods) [default: the agent's own]
     #[arg(long)]
@@ -141,6 +146,9 @@ pub struct Globals {
     pub conn_events_enabled: u32,
     /// 1: sockets of pods not bound yet are isolated (see `weft_abi::globals`).
     pub unbound_isolated: u32,
+    /// The level and id of the kubelet's pods cgroup.
+    pub unbound_scope_level: u32,
+    pub unbound_scope_id: u64,
     /// The node's network namespace cookie.
     pub host_netns_cookie: u64,
 }

@@ -217,9 +217,6 @@ pub fn query_cgroup(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<
         .collect())
 }
 
-/// `SO_NETNS_COOKIE` (kernel 5.14+).
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
 /// The cookie of a network namespace (what `bpf_get_netns_cookie` returns for its sockets):
 /// `path` (`/proc/PID/ns/net`, `/run/netns/NAME`), or the caller's own when None. Another
 /// namespace is entered by a short-lived thread only (setns affects the calling thread).
@@ -256,7 +253,7 @@ fn own_netns_cookie() -> io::Result<u64> {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            libc::SO_NETNS_COOKIE,
             (&raw mut cookie).cast(),
             &raw mut len,
         )

@@ -78,6 +78,11 @@ pub mod globals {
     /// `HOST_NETNS_COOKIE`, whose cgroup `ENDPOINTS` does not know yet is a pod not bound yet:
     /// isolated both ways (Kubernetes mode). 0 = such sockets are not judged.
     pub const UNBOUND_ISOLATED: &str = "UNBOUND_ISOLATED";
+    /// u32 and u64: the level and id of the cgroup that holds the kubelet's pods
+    /// (`kubepods.slice`): only sockets below it can be pods not bound yet (other containers
+    /// and network namespaces of the node are not pods).
+    pub const UNBOUND_SCOPE_LEVEL: &str = "UNBOUND_SCOPE_LEVEL";
+    pub const UNBOUND_SCOPE_ID: &str = "UNBOUND_SCOPE_ID";
     /// u64: the node's network namespace (its cookie): host-network pods and node processes
     /// live there and are never judged as unbound pods.
     pub const HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";

@@ -80,3 +80,11 @@ pub static UNBOUND_ISOLATED: Global<u32> = Global::new(0);
 /// See `weft_abi::globals::HOST_NETNS_COOKIE`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static HOST_NETNS_COOKIE: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::UNBOUND_SCOPE_LEVEL`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static UNBOUND_SCOPE_LEVEL: Global<u32> = Global::new(0);
+
+/// See `weft_abi::globals::UNBOUND_SCOPE_ID`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static UNBOUND_SCOPE_ID: Global<u64> = Global::new(0);

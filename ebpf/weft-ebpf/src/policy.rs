@@ -36,7 +36,7 @@ use crate::{
     headers::{Headers, is_echo},
     maps::{
         ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL,
-        UNBOUND_ISOLATED, VERDICTS,
+        UNBOUND_ISOLATED, UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL, VERDICTS,
     },
     stats,
 };
@@ -49,7 +49,8 @@ const SOCK_STREAM: u32 = 1;
 /// The pod an ancestor cgroup lookup leads to: the first ancestor (from the top) below the
 /// root that `ENDPOINTS` knows. `ancestor(level)` returns 0 past the cgroup's own level. A
 /// cgroup below the root that no entry covers is a pod not bound yet when the agent says so
-/// (`UNBOUND_ISOLATED`) and the socket is not in the node's network namespace: it gets
+/// (`UNBOUND_ISOLATED`), the cgroup is below the kubelet's pods cgroup (`UNBOUND_SCOPE_*`) and
+/// the socket is not in the node's network namespace: it gets
 /// [`EndpointInfo::UNBOUND`], isolated both ways.
 #[inline(always)]
 fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option<EndpointInfo> {
@@ -68,8 +69,11 @@ fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option
         }
     }
     // Deeper than MAX_POD_DEPTH counts as unbound too: the agent refuses such pods.
-    (below_root && UNBOUND_ISOLATED.load() != 0 && netns() != HOST_NETNS_COOKIE.load())
-        .then_some(EndpointInfo::UNBOUND)
+    (below_root
+        && UNBOUND_ISOLATED.load() != 0
+        && ancestor(UNBOUND_SCOPE_LEVEL.load() as i32) == UNBOUND_SCOPE_ID.load()
+        && netns() != HOST_NETNS_COOKIE.load())
+    .then_some(EndpointInfo::UNBOUND)
 }
 
 /// The pod of the calling process (sock_addr hooks).
