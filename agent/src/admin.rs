@@ -627,6 +627,11 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
             map: maps::SERVICES,
             source,
         })?;
+        // A value whose seal does not match is refused by the kernel: no backend serves it.
+        if !value.is_sealed_for(&key) {
+            tracing::warn!(frontend = ?key, "SERVICES holds a value whose seal does not match: connections to it are denied");
+            continue;
+        }
         let mut backends = Vec::new();
         for index in 0..value.count {
             let slot = SlotKey {

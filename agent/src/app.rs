@@ -222,8 +222,18 @@ fn log_links(links: &[datapath::InstalledLink]) {
 
 /// The programs are attached (or the pinned links take this agent's programs) once the first
 /// full sync is in the maps; the agent is ready only then. Returns whether that happened now.
+/// Moving off maps of another version or shape waits for a pass that wrote everything: until
+/// then the programs in place keep working on the maps they were filled for.
 fn commit_when_synced(datapath: &mut Datapath, pipeline: &mut Pipeline) -> Result<bool, Error> {
     if !datapath.pending() || !pipeline.synced() {
+        return Ok(false);
+    }
+    if datapath.migrating() && !pipeline.clean() {
+        if datapath.note_migration_waits() {
+            tracing::warn!(
+                "the move to new maps waits for a pass without errors; the programs in place keep working on the previous maps"
+            );
+        }
         return Ok(false);
     }
     log_links(datapath.commit()?);
@@ -461,11 +471,11 @@ impl Agent {
                 Some(event) = recv(&mut self.source_events) => self.on_source_event(event),
                 () = sleep_until(due), if due.is_some() => self.pass(false)?,
                 _ = self.timers.resync.tick() => self.pass(true)?,
-                _ = self.timers.gc.tick() => self.bind_new_cgroups(),
+                _ = self.timers.gc.tick() => self.bind_new_cgroups()?,
                 Some(()) = self.cgroup_created.recv() => {
                     // One look covers every creation reported so far.
                     while self.cgroup_created.try_recv().is_ok() {}
-                    self.bind_new_cgroups();
+                    self.bind_new_cgroups()?;
                 }
                 _ = self.timers.stats.tick() => self.stats.tick(self.telemetry.reader.stats())?,
                 _ = self.timers.telemetry.tick() => self.telemetry.tick(),
@@ -479,9 +489,11 @@ impl Agent {
 
     /// Binds pods whose cgroup appeared (and collects the syncers' garbage), then watches
     /// where the still missing ones will appear.
-    fn bind_new_cgroups(&mut self) {
+    fn bind_new_cgroups(&mut self) -> Result<(), Error> {
         self.pipeline.collect_garbage();
         self.watch_cgroups();
+        // A retried pass may be the first without errors.
+        self.try_commit()
     }
 
     /// Watches the parents of the missing cgroups; a new watch is followed by a look, for
@@ -525,6 +537,11 @@ impl Agent {
             }
         }
         self.watch_cgroups();
+        self.try_commit()
+    }
+
+    /// Attaches the programs once the state allows it (see [`commit_when_synced`]).
+    fn try_commit(&mut self) -> Result<(), Error> {
         if commit_when_synced(&mut self.datapath, &mut self.pipeline)? {
             let mut info = self.agent_info.write().unwrap_or_else(|e| e.into_inner());
             info.programs = program_infos(self.datapath.links());

@@ -253,6 +253,9 @@ pub struct InstalledLink {
     pub install: Install,
     pub link_id: u32,
     pub program_id: u32,
+    /// The program the link ran before this agent's (adopted or replaced links), held open
+    /// until the commit is done so that a failed one can put it back.
+    previous: Option<std::os::fd::OwnedFd>,
 }
 
 /// The loaded object with its programs attached; maps are taken from it by the readers.
@@ -266,6 +269,9 @@ pub struct Datapath {
     links: Vec<InstalledLink>,
     /// The programs are loaded but not attached yet (see [`Datapath::commit`]).
     pending: bool,
+    /// Maps directories of another version or shape, removed once the links are switched.
+    superseded: Vec<PathBuf>,
+    migration_noted: bool,
     _lock: InstanceLock,
 }
 
@@ -278,9 +284,14 @@ impl Datapath {
             path: config.cgroup.clone(),
             source,
         })?;
-        let pins = Pins::new(&config.instance.bpffs, &config.instance.name)?;
-        pins.create_dirs()?;
+        let specs = config::map_specs(&config.capacities);
+        let pins = Pins::new(&config.instance.bpffs, &config.instance.name)?
+            .versioned(weft_abi::ABI_VERSION, config::fingerprint(&specs));
+        pins.create_instance_dir()?;
         let lock = pins.lock()?;
+        let others = announce_migration(&pins)?;
+        pins.create_dirs()?;
+        carry_over(&pins, &others, &specs);
 
         let map_paths: Vec<(&'static str, PathBuf)> =
             maps::ALL.iter().map(|m| (*m, pins.map(m))).collect();
@@ -288,7 +299,6 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let specs = config::map_specs(&config.capacities);
         for spec in &specs {
             loader.map_max_entries(spec.name, spec.max_entries);
         }
@@ -328,8 +338,20 @@ impl Datapath {
             ebpf,
             links: Vec::new(),
             pending: true,
+            superseded: others,
+            migration_noted: false,
             _lock: lock,
         })
+    }
+
+    /// Whether this agent moves off maps of another version or shape at its commit.
+    pub fn migrating(&self) -> bool {
+        !self.superseded.is_empty()
+    }
+
+    /// True the first time it is called: the caller says once that the move waits.
+    pub fn note_migration_waits(&mut self) -> bool {
+        !std::mem::replace(&mut self.migration_noted, true)
     }
 
     /// Whether the programs still wait for [`Datapath::commit`].
@@ -350,18 +372,37 @@ impl Datapath {
         };
         let mut links = Vec::new();
         if let Err(e) = install_all(&mut self.ebpf, &ctx, &self.cgroup_file, &mut links) {
-            // Leave no half-installed instance: undo the attachments this start made (adopted
-            // or replaced links were working before and stay).
-            for link in links.iter().filter(|l| l.install == Install::Attached) {
+            // Leave no half-installed instance: undo what this commit did, so every hook runs
+            // what it ran before (programs of the maps they were filled for).
+            for link in &links {
                 let path = self.pins.link(link.program);
-                if let Err(undo) = remove_link(&path) {
-                    tracing::warn!(path = %path.display(), error = %undo, "cannot undo attachment");
+                let undone = match &link.previous {
+                    None => remove_link(&path).map_err(|e| crate::chain(&e)),
+                    Some(prog) => restore_program(&path, prog).map_err(|e| e.to_string()),
+                };
+                if let Err(undo) = undone {
+                    tracing::warn!(path = %path.display(), error = undo, "cannot undo the link's change");
                 }
             }
             return Err(e);
         }
+        // The previous programs may go now.
+        for link in &mut links {
+            link.previous = None;
+        }
         self.links = links;
         self.pending = false;
+        // No program reads the other maps directories now: their maps go with their pins.
+        for dir in std::mem::take(&mut self.superseded) {
+            match admin::remove_maps_dir(&dir) {
+                Ok(n) => {
+                    tracing::info!(dir = %dir.display(), maps = n, "maps of another version or shape removed")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %crate::chain(&e), "cannot remove maps of another version or shape")
+                }
+            }
+        }
         Ok(&self.links)
     }
 
@@ -401,6 +442,12 @@ impl Datapath {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// Puts `prog` back into the pinned link at `path`.
+fn restore_program(path: &Path, prog: &std::os::fd::OwnedFd) -> io::Result<()> {
+    let link = sys::obj_get(path)?;
+    sys::link_update(link.as_fd(), prog.as_fd())
 }
 
 /// Loads every program (the verifier runs here, before anything is attached).
@@ -558,23 +605,72 @@ fn load_err(name: &'static str, source: ProgramError) -> Error {
     Error::LoadProgram { name, source }
 }
 
+/// The maps directories other than this agent's, announced: the programs still running on
+/// them keep doing so until this agent's maps hold its first full sync.
+fn announce_migration(pins: &Pins) -> Result<Vec<PathBuf>, Error> {
+    let ours = pins.maps_dir();
+    let others: Vec<PathBuf> = pins
+        .all_maps_dirs()?
+        .into_iter()
+        .filter(|d| *d != ours)
+        .collect();
+    if !others.is_empty() {
+        tracing::warn!(
+            found = ?others,
+            ours = %ours.display(),
+            "pinned maps of another version or shape: new maps are filled first, then the programs switch to them in place; connection state (tracked connections, affinity, socket translations) starts afresh"
+        );
+    }
+    Ok(others)
+}
+
+/// Maps of the same ABI version and the same shape in another directory (a capacity change
+/// moved the others) are pinned into this agent's too: they keep their state (flows allowed
+/// for replies, socket translations, tracked connections) and the programs of both sides
+/// share them while the links switch. A map that cannot be taken over starts afresh.
+fn carry_over(pins: &Pins, others: &[PathBuf], specs: &[MapSpec]) {
+    let same_abi = format!("maps-v{}-", weft_abi::ABI_VERSION);
+    let sources = others.iter().filter(|d| {
+        d.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&same_abi))
+    });
+    for dir in sources {
+        for spec in specs {
+            let (from, to) = (dir.join(spec.name), pins.map(spec.name));
+            if to.exists() || !from.exists() || shape_of(&from, spec.name).ok() != Some(*spec) {
+                continue;
+            }
+            match sys::obj_get(&from).and_then(|fd| sys::obj_pin(fd.as_fd(), &to)) {
+                Ok(()) => {
+                    tracing::info!(map = spec.name, from = %from.display(), "map kept across the move")
+                }
+                Err(e) => {
+                    tracing::warn!(map = spec.name, from = %from.display(), error = %e, "cannot keep map across the move; it starts afresh")
+                }
+            }
+        }
+    }
+}
+
+/// The shape of the map pinned at `path`.
+fn shape_of(path: &Path, name: &'static str) -> Result<MapSpec, Error> {
+    let info = MapInfo::from_pin(path).map_err(|source| Error::MapInfo { name, source })?;
+    Ok(MapSpec {
+        name,
+        map_type: info
+            .map_type()
+            .map_err(|source| Error::MapInfo { name, source })?,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
 fn check_maps(pins: &Pins, specs: &[MapSpec]) -> Result<(), Error> {
     for &spec in specs {
         let path = pins.map(spec.name);
-        let info = MapInfo::from_pin(&path).map_err(|source| Error::MapInfo {
-            name: spec.name,
-            source,
-        })?;
-        let found = MapSpec {
-            name: spec.name,
-            map_type: info.map_type().map_err(|source| Error::MapInfo {
-                name: spec.name,
-                source,
-            })?,
-            key_size: info.key_size(),
-            value_size: info.value_size(),
-            max_entries: info.max_entries(),
-        };
+        let found = shape_of(&path, spec.name)?;
         if found != spec {
             return Err(Error::MapMismatch {
                 instance: pins.instance().to_owned(),
@@ -630,6 +726,7 @@ impl AttachCtx<'_> {
         let info = prog
             .program_info()
             .map_err(|source| load_err(name, source))?;
+        let mut previous = None;
         let install = if path.exists() {
             let link = sys::obj_get(&path).map_err(|e| syscall_err("open", e))?;
             let current =
@@ -651,7 +748,10 @@ impl AttachCtx<'_> {
             // The tag identifies the code; read it before the update frees the old program.
             let same_code = program_info(current.prog_id).map(|p| p.tag()) == Some(info.tag());
             let new_fd = prog.program_fd().map_err(|source| load_err(name, source))?;
+            // Held: the update frees the old program, and a failed commit puts it back.
+            let old = sys::prog_fd_by_id(current.prog_id).map_err(|e| syscall_err("hold", e))?;
             sys::link_update(link.as_fd(), new_fd.as_fd()).map_err(|e| syscall_err("update", e))?;
+            previous = Some(old);
             if same_code {
                 Install::Adopted
             } else {
@@ -680,6 +780,7 @@ impl AttachCtx<'_> {
             install,
             link_id: now.link_id,
             program_id: now.prog_id,
+            previous,
         })
     }
 }

@@ -176,9 +176,20 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         self.held = true;
     }
 
-    /// Whether a full sync has been applied.
+    /// Whether a full sync has been applied (in Kubernetes mode, with some pod on this node:
+    /// a mistyped node name must not bind nothing and isolate every pod as not bound yet).
     pub fn synced(&self) -> bool {
         self.synced
+            && match &self.source {
+                Some(Source::Kubernetes(kube)) => kube.node_seen(),
+                _ => true,
+            }
+    }
+
+    /// Whether the last pass wrote everything it wanted (no service or policy write failed,
+    /// nothing left out for lack of room).
+    pub fn clean(&self) -> bool {
+        read(&self.views.status).sync_errors.is_empty() && !self.policy.failed()
     }
 
     /// Ready from now on, once a full sync has been applied.
@@ -361,8 +372,8 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         if let Some(Source::Kubernetes(kube)) = &mut self.source
             && kube.cgroups_appeared()
         {
-            // The pods get their real cgroup paths: a pass like any other change (it
-            // collects the syncer's garbage too).
+            // A cgroup found elsewhere than the kubelet's rule said: the pod's path changes,
+            // a pass like any other change (it collects the syncer's garbage too).
             if let Err(e) = self.refresh(false) {
                 tracing::error!(target: "weft::sync", error = %crate::chain(&e), "cannot apply the source; the previous state stays in force");
             }
@@ -370,11 +381,15 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         }
         self.syncer.collect_garbage(Instant::now());
         let node_changed = self.policy.refresh_node_ips();
-        if node_changed || self.policy.cgroups_appeared() || self.policy.failed() {
-            let (written, deleted) = self.policy.run(&self.last_store, &self.metrics);
-            if written + deleted > 0 {
-                tracing::info!(target: "weft::sync", written, deleted, node_changed, "policies synced again (node addresses changed, cgroups appeared, or the last pass left something out)");
-            }
+        let (written, deleted) = if node_changed || self.policy.failed() {
+            self.policy.run(&self.last_store, &self.metrics)
+        } else if self.policy.cgroups_appeared() {
+            self.policy.bind_appeared(&self.last_store, &self.metrics)
+        } else {
+            return;
+        };
+        if written + deleted > 0 {
+            tracing::info!(target: "weft::sync", written, deleted, node_changed, "policies synced again (node addresses changed, cgroups appeared, or the last pass left something out)");
         }
     }
 

@@ -344,6 +344,11 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
             false,
             "connections to services without ready endpoints were refused",
         ),
+        Counter::TornRead => (
+            false,
+            "a map value was read while being replaced and read again (one still torn after \
+             that failed safe: a connect denied, a pod judged as not bound)",
+        ),
         Counter::ServiceSlotMissing => (
             true,
             "a service's backend set was incomplete in the kernel (a weft bug): connections \

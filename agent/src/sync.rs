@@ -519,6 +519,7 @@ impl<M: ServiceMaps> Syncer<M> {
             revision,
             count: n as u32,
             affinity_timeout_s: want.affinity_timeout_s,
+            seal: 0,
         };
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
             self.del_members(id, &want.backends);
@@ -552,6 +553,7 @@ impl<M: ServiceMaps> Syncer<M> {
                 revision: have.revision,
                 count: have.backends.len() as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
+                seal: 0,
             };
             self.maps.put_service(key, &value)?;
             if let Some(a) = self.applied.get_mut(key) {
@@ -574,6 +576,7 @@ impl<M: ServiceMaps> Syncer<M> {
             revision,
             count: want.backends.len() as u32,
             affinity_timeout_s: want.affinity_timeout_s,
+            seal: 0,
         };
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
             self.del_members(have.id, &added);

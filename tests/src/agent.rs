@@ -323,6 +323,13 @@ impl Agent {
         }
     }
 
+    /// Starts a new agent process for the same instance with other `weft agent` arguments
+    /// (those the agent was started with are replaced).
+    pub fn restart_with(&mut self, extra_args: &[&str]) {
+        self.options.extra_args = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        self.restart();
+    }
+
     /// Starts a new agent process for the same instance.
     pub fn restart(&mut self) {
         assert!(
@@ -434,6 +441,29 @@ impl Agent {
     /// The instance's pin directory.
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join("weft").join(&self.instance)
+    }
+
+    /// The directories of pinned maps (`maps-v<ABI>-<shape>`, or `maps` of agents before
+    /// versions), sorted: one, except while an agent moves to maps of another version.
+    pub fn maps_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.pin_dir())
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("maps"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        dirs.sort();
+        dirs
+    }
+
+    /// The directory of the agent's pinned maps.
+    pub fn maps_dir(&self) -> PathBuf {
+        let dirs = self.maps_dirs();
+        assert_eq!(dirs.len(), 1, "one maps directory expected: {dirs:?}");
+        dirs[0].clone()
     }
 }
 

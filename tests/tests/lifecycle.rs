@@ -66,8 +66,13 @@ fn datapath_survives_sigkill_and_a_restarted_agent_adopts_it() {
         links(&before),
         "SIGKILL detached nothing"
     );
-    for pin in ["links/weft_sockops", "maps/CONN_EVENTS", "maps/CONN_STATE"] {
-        assert!(agent.pin_dir().join(pin).exists(), "{pin} is still pinned");
+    let maps = agent.maps_dir();
+    for pin in [
+        agent.pin_dir().join("links/weft_sockops"),
+        maps.join("CONN_EVENTS"),
+        maps.join("CONN_STATE"),
+    ] {
+        assert!(pin.exists(), "{} is still pinned", pin.display());
     }
     // Traffic while no agent runs: the kernel keeps recording into the pinned ring buffer.
     let x = node.tcp_exchange(
@@ -207,26 +212,39 @@ fn a_second_agent_for_a_running_instance_is_refused() {
     assert_one_of_each(&attached(&node));
 }
 
+/// A capacity change is a move to new maps, as an upgrade is: the agent fills maps of the
+/// new shape (keeping those whose shape did not change), switches the programs in place
+/// (nothing is detached) and then removes the old directory.
 #[test]
-fn a_pinned_map_of_another_size_is_a_clear_error() {
-    let node = Node::builder("map_mismatch").pod("client").build();
+fn a_capacity_change_moves_to_new_maps_in_place() {
+    let node = Node::builder("map_resize").pod("client").build();
     let options = AgentOptions {
         extra_args: vec!["--max-connections".into(), "1024".into()],
         ..AgentOptions::default()
     };
     let mut agent = Agent::start_with(&node, options);
+    let before = attached(&node);
+    let old = agent.maps_dir();
+    let policy_map = aya::maps::MapInfo::from_pin(old.join("POLICY")).expect("POLICY");
     agent.stop();
-    let text = run_refused(agent.instance(), node.cgroup(), &[]);
-    for needle in [
-        "CONN_STATE",
-        "1024 entries",
-        "65536 entries",
-        "weft cleanup",
-    ] {
-        assert!(text.contains(needle), "{needle:?} missing in {text}");
-    }
-    // The instance keeps working with its own settings.
-    assert_one_of_each(&attached(&node));
+    agent.restart_with(&[]);
+    agent
+        .logs()
+        .wait_for("the old maps removed", Duration::from_secs(10), |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("maps of another version or shape removed"))
+                .then_some(())
+        });
+    let new = agent.maps_dir();
+    assert_ne!(new, old);
+    let info = aya::maps::MapInfo::from_pin(new.join("CONN_STATE")).expect("CONN_STATE");
+    assert_eq!(info.max_entries(), 65_536);
+    // A map whose shape did not change is the same map, state and all.
+    let kept = aya::maps::MapInfo::from_pin(new.join("POLICY")).expect("POLICY");
+    assert_eq!(kept.id(), policy_map.id());
+    assert!(!old.exists(), "{} is left", old.display());
+    assert_eq!(links(&attached(&node)), links(&before), "the links stayed");
 }
 
 #[test]

@@ -245,7 +245,7 @@ fn udp_through_a_clusterip_connected_and_unconnected() {
 
 /// Entries of one of the agent's pinned hash maps.
 fn entries<K: aya::Pod, V: aya::Pod>(agent: &Agent, name: &str) -> usize {
-    let path = agent.pin_dir().join("maps").join(name);
+    let path = agent.maps_dir().join(name);
     let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let map = Map::LruHashMap(data);
     let hash =

@@ -125,6 +125,15 @@ struct KernelTables {
 }
 
 impl KernelTables {
+    /// A pod's endpoint as the kernel takes it: one whose seal does not match is no endpoint
+    /// (the kernel judges the pod as not bound).
+    fn endpoint(&self, id: u64) -> Option<EndpointInfo> {
+        self.endpoints
+            .get(&id, 0)
+            .ok()
+            .filter(|e| e.is_sealed_for(id))
+    }
+
     fn open(state: &AdminState) -> Result<Self, Error> {
         let open = |map: &'static str| {
             MapData::from_pin(state.pins.map(map)).map_err(|source| Error::Map { map, source })
@@ -216,7 +225,7 @@ fn policies(state: &AdminState) -> Result<PoliciesDoc, Error> {
         .endpoints
         .iter()
         .map(|e| {
-            let kernel = e.cgroup_id.and_then(|id| tables.endpoints.get(&id, 0).ok());
+            let kernel = e.cgroup_id.and_then(|id| tables.endpoint(id));
             EndpointRow {
                 status: e.clone(),
                 in_kernel: kernel.is_some_and(|k| k.policy_set == e.policy_set),
@@ -287,9 +296,7 @@ impl Judging<'_> {
     /// The kernel's verdict for one side, with the rule or policies that decide it.
     fn side(&self, s: &Side<'_>) -> SideVerdict {
         let (name, pod) = (s.direction.as_str(), s.pod);
-        let ep = s
-            .cgroup_id
-            .and_then(|id| self.tables.endpoints.get(&id, 0).ok());
+        let ep = s.cgroup_id.and_then(|id| self.tables.endpoint(id));
         let Some(ep) = ep else {
             return self.unenforced(s);
         };

@@ -90,6 +90,22 @@ pub struct CleanupReport {
     pub dirs_removed: Vec<PathBuf>,
 }
 
+/// Unpins every map of a maps directory and removes it; returns how many maps it held.
+pub(super) fn remove_maps_dir(dir: &Path) -> Result<usize, Error> {
+    let maps = list(dir)?;
+    for path in &maps {
+        fs::remove_file(path).map_err(|source| Error::Pin {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    fs::remove_dir(dir).map_err(|source| Error::Pin {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok(maps.len())
+}
+
 /// Detaches every link of an instance and removes every pin and directory it made. Refuses
 /// while an agent holds the instance. Removing nothing is not an error.
 pub fn cleanup(bpffs: &Path, instance: &str) -> Result<CleanupReport, Error> {
@@ -108,11 +124,18 @@ pub fn cleanup(bpffs: &Path, instance: &str) -> Result<CleanupReport, Error> {
         remove_link(&path)?;
         report.links_detached.push(path);
     }
-    for path in list(&pins.maps_dir())? {
-        fs::remove_file(&path).map_err(pin_err(&path))?;
-        report.maps_unpinned.push(path);
+    let maps_dirs = pins.all_maps_dirs()?;
+    for dir in &maps_dirs {
+        for path in list(dir)? {
+            fs::remove_file(&path).map_err(pin_err(&path))?;
+            report.maps_unpinned.push(path);
+        }
     }
-    for dir in [pins.links_dir(), pins.maps_dir(), pins.dir().to_owned()] {
+    let dirs = [pins.links_dir()]
+        .into_iter()
+        .chain(maps_dirs)
+        .chain([pins.dir().to_owned()]);
+    for dir in dirs {
         match fs::remove_dir(&dir) {
             Ok(()) => report.dirs_removed.push(dir),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -177,7 +177,12 @@ pub(super) struct MapSpec {
     pub(super) key_size: u32,
     pub(super) value_size: u32,
     pub(super) max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub(super) flags: u32,
 }
+
+/// `BPF_F_NO_PREALLOC`.
+const NO_PREALLOC: u32 = 1;
 
 impl MapSpec {
     fn of<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> Self {
@@ -187,15 +192,34 @@ impl MapSpec {
             key_size: size_of::<K>() as u32,
             value_size: size_of::<V>() as u32,
             max_entries,
+            flags: 0,
         }
+    }
+
+    const fn with_flags(mut self, flags: u32) -> Self {
+        self.flags = flags;
+        self
     }
 
     pub(super) fn describe(&self) -> String {
         format!(
-            "type {:?}, key {} B, value {} B, {} entries",
-            self.map_type, self.key_size, self.value_size, self.max_entries
+            "type {:?}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
         )
     }
+}
+
+/// A fingerprint of every map's name and shape (FNV-1a, the same in every build): pinned maps
+/// of another shape live in another directory.
+pub(super) fn fingerprint(specs: &[MapSpec]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for spec in specs {
+        for byte in format!("{}: {};", spec.name, spec.describe()).bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 /// A row's capacity: a field of [`Capacities`], or a size the agent does not choose.
@@ -225,7 +249,7 @@ macro_rules! map_spec {
         MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::Hash, $cap)
     };
     ($name:ident, HashNoPrealloc<$k:ty, $v:ty>, $cap:expr) => {
-        MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::Hash, $cap)
+        MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::Hash, $cap).with_flags(NO_PREALLOC)
     };
     ($name:ident, LruHash<$k:ty, $v:ty>, $cap:expr) => {
         MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::LruHash, $cap)
@@ -233,8 +257,10 @@ macro_rules! map_spec {
     ($name:ident, PerCpuHash<$k:ty, $v:ty>, $cap:expr) => {
         MapSpec::of::<$k, $v>(weft_abi::maps::$name, MapType::PerCpuHash, $cap)
     };
+    // The kernel requires BPF_F_NO_PREALLOC of LPM tries.
     ($name:ident, LpmTrie<$k:ty, $v:ty>, $cap:expr) => {
         MapSpec::of::<Key<$k>, $v>(weft_abi::maps::$name, MapType::LpmTrie, $cap)
+            .with_flags(NO_PREALLOC)
     };
     ($name:ident, PerCpuArray<$v:ty>, $cap:expr) => {
         MapSpec::of::<u32, $v>(weft_abi::maps::$name, MapType::PerCpuArray, $cap)

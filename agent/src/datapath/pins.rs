@@ -1,10 +1,15 @@
 //! Where an instance keeps its pins, and the lock that makes one agent own an instance.
 //!
 //! ```text
-//! <bpffs>/weft/<instance>/maps/<MAP>      every map of the object
-//! <bpffs>/weft/<instance>/links/<PROGRAM> one cgroup link per program
+//! <bpffs>/weft/<instance>/maps-v<ABI>-<SHAPE>/<MAP>  every map of the object
+//! <bpffs>/weft/<instance>/links/<PROGRAM>            one cgroup link per program
 //! ```
-//! The agent holds an exclusive flock on `<bpffs>/weft/<instance>` while it runs.
+//! The maps directory is named after `weft_abi::ABI_VERSION` and a fingerprint of every map's
+//! shape (type, key and value sizes, capacity, flags): an agent adopts only maps its programs
+//! read the same way. Another directory (another version or shape, or `maps/` of agents
+//! before versions) is left to the programs still running on it until the new maps are
+//! filled and the links switched; then it is removed. The agent holds an exclusive flock on
+//! `<bpffs>/weft/<instance>` while it runs.
 use std::{
     fs::{self, File},
     io,
@@ -19,7 +24,12 @@ use super::Error;
 pub struct Pins {
     instance: String,
     dir: PathBuf,
+    /// The maps directory's name (see the module's documentation).
+    maps: String,
 }
+
+/// The maps directory of agents before maps were versioned.
+const LEGACY_MAPS: &str = "maps";
 
 impl Pins {
     /// Validates the instance name and the bpffs mount. Creates nothing.
@@ -29,7 +39,38 @@ impl Pins {
         Ok(Self {
             instance: instance.to_owned(),
             dir: bpffs.join("weft").join(instance),
+            maps: LEGACY_MAPS.to_owned(),
         })
+    }
+
+    /// These pins with the maps of version `abi` and shape `fingerprint`.
+    pub fn versioned(mut self, abi: u32, fingerprint: u64) -> Self {
+        self.maps = format!("maps-v{abi}-{fingerprint:016x}");
+        self
+    }
+
+    /// Every maps directory of the instance (this agent's and any other), sorted.
+    pub fn all_maps_dirs(&self) -> Result<Vec<PathBuf>, Error> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(Error::Pin {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name == LEGACY_MAPS || name.starts_with("maps-")
+            })
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        Ok(dirs)
     }
 
     /// Pins under `bpffs` without checking it (tests that never open one).
@@ -38,6 +79,7 @@ impl Pins {
         Self {
             instance: instance.to_owned(),
             dir: bpffs.join("weft").join(instance),
+            maps: LEGACY_MAPS.to_owned(),
         }
     }
 
@@ -50,7 +92,7 @@ impl Pins {
     }
 
     pub fn maps_dir(&self) -> PathBuf {
-        self.dir.join("maps")
+        self.dir.join(&self.maps)
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -65,7 +107,15 @@ impl Pins {
         self.links_dir().join(program)
     }
 
-    /// Creates the directories (idempotent).
+    /// Creates the instance's directory (idempotent), which [`Pins::lock`] locks.
+    pub fn create_instance_dir(&self) -> Result<(), Error> {
+        fs::create_dir_all(&self.dir).map_err(|source| Error::Pin {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+
+    /// Creates the maps and links directories (idempotent).
     pub fn create_dirs(&self) -> Result<(), Error> {
         for dir in [self.maps_dir(), self.links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| Error::Pin { path: dir, source })?;

@@ -110,6 +110,8 @@ pub struct PolicyStage<M> {
     failed: bool,
     /// The id of a cgroup directory; None when it does not exist (yet).
     pub(super) cgroup_id: fn(&Path) -> Option<u64>,
+    /// What the last pass compiled (bound again when a cgroup appears).
+    last: Option<cp::Policies>,
 }
 
 impl<M: PolicyMaps> PolicyStage<M> {
@@ -140,6 +142,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             missing_cgroups: false,
             failed: false,
             cgroup_id: |path| cgroup::cgroup_id(path).ok(),
+            last: None,
         })
     }
 
@@ -213,6 +216,26 @@ impl<M: PolicyMaps> PolicyStage<M> {
         let policies = metrics.time(Stage::Policy, || {
             cp::compile(store, &self.host_ips, &mut self.ids, self.ipcache_capacity)
         });
+        self.sync(store, policies, metrics)
+    }
+
+    /// Binds the pods whose cgroup appeared since the last pass, from that pass's compiled
+    /// state: nothing else changed, so nothing is compiled (a new pod is isolated as not
+    /// bound until this is done). `store` is the last pass's.
+    pub fn bind_appeared(&mut self, store: &Store, metrics: &PipelineMetrics) -> (usize, usize) {
+        match self.last.take() {
+            Some(policies) => self.sync(store, policies, metrics),
+            None => self.run(store, metrics),
+        }
+    }
+
+    /// Writes compiled policies to the maps and publishes the status.
+    fn sync(
+        &mut self,
+        store: &Store,
+        policies: cp::Policies,
+        metrics: &PipelineMetrics,
+    ) -> (usize, usize) {
         let cgroup_ids = self.resolve(&policies);
         let report = self.syncer.apply(&policies, &cgroup_ids);
         self.failed = !report.errors.is_empty();
@@ -258,6 +281,8 @@ impl<M: PolicyMaps> PolicyStage<M> {
         let mut published = self.status.write().unwrap_or_else(|e| e.into_inner());
         log_bound(&published.endpoints, &status.endpoints);
         *published = status;
+        drop(published);
+        self.last = Some(policies);
         (report.written, report.deleted)
     }
 

@@ -196,6 +196,12 @@ impl KubeSource {
         format!("kubernetes:{} (node {})", self.server, self.node_name)
     }
 
+    /// Whether some pod of the cluster is on this node (`--node-name`); our own DaemonSet pod
+    /// always is, so until then the node name may be wrong.
+    pub fn node_seen(&self) -> bool {
+        self.node_seen
+    }
+
     pub fn health(&self) -> Arc<Health> {
         Arc::clone(&self.health)
     }
@@ -248,7 +254,7 @@ impl KubeSource {
             });
             if !self.node_seen && !self.node_warned {
                 self.node_warned = true;
-                tracing::warn!(target: "weft::source", node = self.node_name, "no pod of the cluster is on this node: check --node-name (NODE_NAME); no local pod is enforced on until one is");
+                tracing::warn!(target: "weft::source", node = self.node_name, "no pod of the cluster is on this node: check --node-name (NODE_NAME); the programs are not attached (a restarted agent's stay as they were) until one is");
             }
         }
         let (node, cgroups) = (self.node_name.as_str(), &mut self.cgroups);

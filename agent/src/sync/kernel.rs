@@ -36,11 +36,31 @@ fn err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
 }
 
 impl ServiceMaps for KernelMaps {
+    /// Values as the syncer holds them (unsealed). One whose seal does not match (the kernel
+    /// refuses it) keeps its id and revision reserved but reads with an affinity no Service
+    /// has, so the first pass rewrites it, or deletes it when its frontend is gone.
     fn read_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
-        self.services
+        let all: Vec<(ServiceKey, ServiceValue)> = self
+            .services
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(err(maps::SERVICES, "read"))
+            .map_err(err(maps::SERVICES, "read"))?;
+        Ok(all
+            .into_iter()
+            .map(|(k, v)| {
+                let affinity_timeout_s = if v.is_sealed_for(&k) {
+                    v.affinity_timeout_s
+                } else {
+                    u32::MAX
+                };
+                let v = ServiceValue {
+                    affinity_timeout_s,
+                    seal: 0,
+                    ..v
+                };
+                (k, v)
+            })
+            .collect())
     }
 
     fn read_slots(&self) -> Result<Vec<(SlotKey, Endpoint)>, Error> {
@@ -59,7 +79,7 @@ impl ServiceMaps for KernelMaps {
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error> {
         self.services
-            .insert(key, value, 0)
+            .insert(key, value.sealed(key), 0)
             .map_err(err(maps::SERVICES, "write"))
     }
 

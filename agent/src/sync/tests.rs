@@ -339,6 +339,7 @@ fn an_incomplete_set_found_at_start_is_freed_completely() {
             revision: 7,
             count: 3,
             affinity_timeout_s: 0,
+            seal: 0,
         },
     );
     maps.broken_revision = Some(7);

@@ -10,11 +10,18 @@ pub mod conn;
 pub mod maps;
 pub mod net;
 pub mod policy;
+pub mod seal;
 pub mod stats;
 pub mod svc;
 pub mod traffic;
 #[cfg(feature = "user")]
 mod user;
+
+/// The version of what the maps hold and how the programs read it. Bump it with every change
+/// to a map's key or value layout or meaning (a same-size change included): maps are pinned
+/// per version (and per shape, see the agent's `datapath::pins`), so an agent of another
+/// version never adopts them; it fills new ones and switches the programs after.
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the programs in the object, as the agent looks them up.
 pub mod programs {

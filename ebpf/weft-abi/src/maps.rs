@@ -6,8 +6,10 @@
 //! must have and which flag raises it, and the names below come from it too: a map cannot be
 //! added, resized or retyped on one side only.
 //!
-//! Kinds: `RingBuf` (capacity in bytes), `Hash`, `HashNoPrealloc` (entries are freed after an
-//! RCU grace period, so a program never reads an entry replaced under it), `LruHash`,
+//! Kinds: `RingBuf` (capacity in bytes), `Hash`, `HashNoPrealloc` (allocated as they are written:
+//! a map sized for the worst case costs only what it holds; a replaced element may be reused
+//! at once, so values replaced while programs read them carry a seal, see [`crate::seal`]),
+//! `LruHash`,
 //! `PerCpuHash`, `LpmTrie` (the key type is the data after the prefix length), `PerCpuArray`
 //! (key: u32 index), and `External` (declared by a library: aya-log's ring buffer). The
 //! setting is a field of the agent's capacity flags, or `fixed` for a size the agent does not

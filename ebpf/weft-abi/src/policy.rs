@@ -63,7 +63,8 @@ pub struct EndpointInfo {
     /// reaching itself is always allowed. Here rather than in `IPCACHE` so that the check
     /// changes in the same update as the endpoint.
     pub ip4: u32,
-    pub _pad: u32,
+    /// [`crate::seal`] of the cgroup id and the other fields, set by the agent's map writer.
+    pub seal: u32,
     pub ip6: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 40);
@@ -77,9 +78,40 @@ impl EndpointInfo {
         identity: IDENTITY_WORLD,
         flags: EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED,
         ip4: 0,
-        _pad: 0,
+        seal: 0,
         ip6: [0; 4],
     };
+
+    /// The seal of this value under the cgroup id `key`.
+    #[inline(always)]
+    pub const fn seal_for(&self, key: u64) -> u32 {
+        use crate::seal::{SEED_ENDPOINTS, finish, mix};
+        let mut h = SEED_ENDPOINTS;
+        h = mix(h, key as u32);
+        h = mix(h, (key >> 32) as u32);
+        h = mix(h, self.endpoint_id);
+        h = mix(h, self.policy_set);
+        h = mix(h, self.identity);
+        h = mix(h, self.flags);
+        h = mix(h, self.ip4);
+        h = mix(h, self.ip6[0]);
+        h = mix(h, self.ip6[1]);
+        h = mix(h, self.ip6[2]);
+        h = mix(h, self.ip6[3]);
+        finish(h, 11)
+    }
+
+    /// This value as written under the cgroup id `key`.
+    pub const fn sealed(mut self, key: u64) -> Self {
+        self.seal = self.seal_for(key);
+        self
+    }
+
+    /// Whether this copy is a whole value written under `key`.
+    #[inline(always)]
+    pub const fn is_sealed_for(&self, key: u64) -> bool {
+        self.seal == self.seal_for(key)
+    }
 
     /// Whether this is [`Self::UNBOUND`]'s stand-in rather than a bound pod.
     pub const fn is_unbound(&self) -> bool {

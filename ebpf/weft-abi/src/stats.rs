@@ -28,11 +28,14 @@ pub enum Counter {
     /// A drop event was not written: the CPU's budget of `DROP_EVENTS_PER_SECOND` was spent
     /// (the drop itself is counted in `VERDICTS`/`STATS` as always).
     DropEventsSuppressed = 8,
+    /// A `SERVICES` or `ENDPOINTS` value was copied while the agent replaced it (its seal did
+    /// not match) and was looked up again; one still torn after that failed safe.
+    TornRead = 9,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -42,6 +45,7 @@ impl Counter {
         Self::ServiceSlotMissing,
         Self::RevNatFailed,
         Self::DropEventsSuppressed,
+        Self::TornRead,
     ];
 
     /// The name the agent reports.
@@ -56,6 +60,7 @@ impl Counter {
             Self::ServiceSlotMissing => "service_slot_missing",
             Self::RevNatFailed => "revnat_failed",
             Self::DropEventsSuppressed => "drop_events_suppressed",
+            Self::TornRead => "torn_read",
         }
     }
 }

@@ -41,8 +41,42 @@ pub struct ServiceValue {
     pub count: u32,
     /// ClientIP session affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// [`crate::seal`] of the key and the fields above, set by the agent's map writer.
+    pub seal: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+
+impl ServiceValue {
+    /// The seal of this value under `key`.
+    #[inline(always)]
+    pub const fn seal_for(&self, key: &ServiceKey) -> u32 {
+        use crate::seal::{SEED_SERVICES, finish, mix};
+        let tail = key.port as u32 | (key.protocol as u32) << 16 | (key.family as u32) << 24;
+        let mut h = SEED_SERVICES;
+        h = mix(h, key.addr[0]);
+        h = mix(h, key.addr[1]);
+        h = mix(h, key.addr[2]);
+        h = mix(h, key.addr[3]);
+        h = mix(h, tail);
+        h = mix(h, self.service_id);
+        h = mix(h, self.revision);
+        h = mix(h, self.count);
+        h = mix(h, self.affinity_timeout_s);
+        finish(h, 9)
+    }
+
+    /// This value as written under `key`.
+    pub const fn sealed(mut self, key: &ServiceKey) -> Self {
+        self.seal = self.seal_for(key);
+        self
+    }
+
+    /// Whether this copy is a whole value written under `key`.
+    #[inline(always)]
+    pub const fn is_sealed_for(&self, key: &ServiceKey) -> bool {
+        self.seal == self.seal_for(key)
+    }
+}
 
 /// An address and port: a backend, or (in `REVNAT` values) the ClusterIP and port a socket
 /// asked for.

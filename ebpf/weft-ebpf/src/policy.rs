@@ -28,6 +28,7 @@ use weft_abi::{
         MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, PolicyFlowKey,
         verdict_index,
     },
+    stats::Counter,
 };
 
 use crate::{
@@ -62,10 +63,11 @@ fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option
             break;
         }
         below_root = true;
-        // SAFETY: ENDPOINTS is not preallocated: a replaced value stays valid until this
-        // program's RCU section ends; it is copied at once.
-        if let Some(ep) = unsafe { ENDPOINTS.get(id) } {
-            return Some(*ep);
+        match endpoint(id) {
+            Bound::Pod(ep) => return Some(ep),
+            // Unreadable: the pod is judged as not bound, isolated both ways.
+            Bound::Torn => return Some(EndpointInfo::UNBOUND),
+            Bound::No => {}
         }
     }
     // Deeper than MAX_POD_DEPTH counts as unbound too: the agent refuses such pods.
@@ -74,6 +76,35 @@ fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option
         && ancestor(UNBOUND_SCOPE_LEVEL.load() as i32) == UNBOUND_SCOPE_ID.load()
         && netns() != HOST_NETNS_COOKIE.load())
     .then_some(EndpointInfo::UNBOUND)
+}
+
+/// What `ENDPOINTS` says of a cgroup.
+enum Bound {
+    Pod(EndpointInfo),
+    No,
+    /// The value stayed torn over every try (see `weft_abi::seal`).
+    Torn,
+}
+
+/// Tries to copy a whole `ENDPOINTS` value before giving up.
+const SEAL_TRIES: usize = 3;
+
+#[inline(always)]
+fn endpoint(id: u64) -> Bound {
+    for _ in 0..SEAL_TRIES {
+        let Some(ptr) = ENDPOINTS.get_ptr(id) else {
+            return Bound::No;
+        };
+        // SAFETY: a map value pointer stays valid memory for this program's RCU section,
+        // though its element may be reused meanwhile: one volatile copy, then the seal says
+        // whether that copy is one whole write for this cgroup.
+        let ep = unsafe { core::ptr::read_volatile(ptr) };
+        if ep.is_sealed_for(id) {
+            return Bound::Pod(ep);
+        }
+        stats::bump(Counter::TornRead);
+    }
+    Bound::Torn
 }
 
 /// The pod of the calling process (sock_addr hooks).

@@ -106,9 +106,7 @@ pub fn try_translate<const IS_V6: bool>(
         protocol,
         family: fam,
     };
-    // SAFETY: SERVICES is not preallocated: an entry replaced concurrently is freed only after
-    // this program's RCU read section, so the reference stays valid while it is copied.
-    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+    let Some(svc) = service(&key)? else {
         // Not a service: only egress policy applies.
         if hook == Hook::Connect && !policy::connect(ctx, protocol, fam, &addr, port) {
             return Ok(Verdict::Deny);
@@ -168,6 +166,28 @@ pub fn try_translate<const IS_V6: bool>(
     }
     write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
     Ok(Verdict::Pass)
+}
+
+/// Tries to copy a whole `SERVICES` value (see `weft_abi::seal`) before giving up.
+const SEAL_TRIES: usize = 3;
+
+/// The service of a frontend: a whole value written under `key` (its seal checked), or none.
+#[inline(always)]
+fn service(key: &ServiceKey) -> Result<Option<ServiceValue>, Fault> {
+    for _ in 0..SEAL_TRIES {
+        let Some(ptr) = SERVICES.get_ptr(key) else {
+            return Ok(None);
+        };
+        // SAFETY: a map value pointer stays valid memory for this program's RCU section,
+        // though its element may be reused meanwhile: one volatile copy, then the seal says
+        // whether that copy is one whole write under this key.
+        let svc = unsafe { core::ptr::read_volatile(ptr) };
+        if svc.is_sealed_for(key) {
+            return Ok(Some(svc));
+        }
+        stats::bump(Counter::TornRead);
+    }
+    Err(Fault::Torn)
 }
 
 fn is_member(service_id: u32, backend: &Endpoint) -> bool {

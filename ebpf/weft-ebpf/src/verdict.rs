@@ -43,6 +43,9 @@ pub enum Fault {
     /// A service's current revision lacks a backend slot (a sync bug): the connect is refused,
     /// as for a service without backends, rather than sent somewhere unknown.
     SlotMissing,
+    /// A `SERVICES` value stayed torn over every try (see `weft_abi::seal`): the call is
+    /// denied rather than sent where a mix of two writes points.
+    Torn,
 }
 
 impl Fault {
@@ -54,6 +57,8 @@ impl Fault {
                 stats::bump(Counter::ServiceSlotMissing);
                 Verdict::Refuse.code()
             }
+            // Counted at each try already.
+            Self::Torn => Verdict::Deny.code(),
         }
     }
 }

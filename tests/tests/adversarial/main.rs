@@ -7,6 +7,7 @@ mod icmp;
 mod input;
 mod node;
 mod surface;
+mod upgrade;
 
 use std::time::Duration;
 

@@ -523,7 +523,7 @@ fn measure_memory(agent: &Agent, result: &mut ServicesResult) -> Result<()> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    for entry in std::fs::read_dir(agent.pin_dir().join("maps"))? {
+    for entry in std::fs::read_dir(agent.maps_dir())? {
         let path = entry?.path();
         let info = bpftool_json(&["map", "show", "pinned", &path.to_string_lossy()])?;
         let bytes = info["bytes_memlock"].as_u64().unwrap_or(0);

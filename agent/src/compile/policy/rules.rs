@@ -553,7 +553,7 @@ fn endpoint_info(
             .iter()
             .find(|ip| ip.is_ipv4())
             .map_or(0, |ip| ip_words(*ip).1[0]),
-        _pad: 0,
+        seal: 0,
         ip6: own_ips
             .iter()
             .find(|ip| ip.is_ipv6())

@@ -16,8 +16,9 @@ const SCAN_EVERY: Duration = Duration::from_secs(10);
 pub struct Cgroups {
     root: PathBuf,
     found: HashMap<String, PathBuf>,
-    /// Pods whose cgroup does not exist yet, with their QoS class.
-    pending: HashMap<String, QosClass>,
+    /// Pods whose cgroup does not exist yet, with their QoS class and where the store was
+    /// told the kubelet will create it.
+    pending: HashMap<String, (QosClass, PathBuf)>,
     last_scan: Option<Instant>,
 }
 
@@ -45,11 +46,14 @@ impl Cgroups {
             self.found.insert(uid.to_owned(), path.clone());
             return path;
         }
-        self.pending.insert(uid.to_owned(), qos);
-        pods::pod_cgroup(self.driver(), uid, qos)
+        let expected = pods::pod_cgroup(self.driver(), uid, qos);
+        self.pending.insert(uid.to_owned(), (qos, expected.clone()));
+        expected
     }
 
-    /// Whether a pending pod's cgroup exists now.
+    /// Whether a pending pod's cgroup exists now somewhere else than where [`Cgroups::resolve`]
+    /// said the kubelet would put it (the store must then change). One that appeared where
+    /// expected changes nothing here: the policy stage binds it by its path.
     pub fn appeared(&mut self) -> bool {
         if self.pending.is_empty() {
             return false;
@@ -58,17 +62,20 @@ impl Cgroups {
         if scan {
             self.last_scan = Some(Instant::now());
         }
-        let pending: Vec<(String, QosClass)> =
-            self.pending.iter().map(|(u, q)| (u.clone(), *q)).collect();
-        let mut any = false;
-        for (uid, qos) in pending {
+        let pending: Vec<(String, QosClass, PathBuf)> = self
+            .pending
+            .iter()
+            .map(|(u, (q, p))| (u.clone(), *q, p.clone()))
+            .collect();
+        let mut moved = false;
+        for (uid, qos, expected) in pending {
             if let Some(path) = self.find(&uid, qos, scan) {
+                moved |= path != expected;
                 self.pending.remove(&uid);
                 self.found.insert(uid, path);
-                any = true;
             }
         }
-        any
+        moved
     }
 
     /// Forgets pods that are gone.
@@ -119,7 +126,7 @@ mod tests {
         );
         assert!(!c.appeared(), "nothing yet");
         std::fs::create_dir_all(root.join(&expected)).expect("mkdir pod");
-        assert!(c.appeared());
+        assert!(!c.appeared(), "where expected: the store keeps its path");
         assert_eq!(c.resolve(UID, QosClass::BestEffort), expected);
         assert!(!c.appeared(), "found once");
         c.retain(std::iter::empty());

@@ -67,11 +67,22 @@ pub fn ipcache_net(key: &Key<IpcacheData>) -> Option<IpNet> {
 }
 
 impl PolicyMaps for KernelPolicyMaps {
+    /// Values as the syncer holds them (unsealed). One whose seal does not match (the kernel
+    /// treats its pod as not bound) keeps a seal no desired value has, so the first pass
+    /// rewrites it, or deletes it when its pod is gone.
     fn read_endpoints(&self) -> Result<Vec<(u64, EndpointInfo)>, Error> {
-        self.endpoints
+        let all: Vec<(u64, EndpointInfo)> = self
+            .endpoints
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(err(maps::ENDPOINTS, "read"))
+            .map_err(err(maps::ENDPOINTS, "read"))?;
+        Ok(all
+            .into_iter()
+            .map(|(id, v)| {
+                let seal = u32::from(!v.is_sealed_for(id));
+                (id, EndpointInfo { seal, ..v })
+            })
+            .collect())
     }
 
     fn read_ipcache(&self) -> Result<Vec<(IpNet, IpcacheValue)>, Error> {
@@ -102,7 +113,7 @@ impl PolicyMaps for KernelPolicyMaps {
 
     fn put_endpoint(&mut self, cgroup_id: u64, value: &EndpointInfo) -> Result<(), Error> {
         self.endpoints
-            .insert(cgroup_id, value, 0)
+            .insert(cgroup_id, value.sealed(cgroup_id), 0)
             .map_err(err(maps::ENDPOINTS, "write"))
     }
 
