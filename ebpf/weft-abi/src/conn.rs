@@ -100,16 +100,20 @@ pub enum DropReason {
     /// Traffic of a pod whose cgroup the agent has not bound yet (Kubernetes mode): isolated
     /// both ways until it is.
     Unbound = 6,
+    /// A datagram of a UDP socket connected through a ClusterIP to a backend that has left
+    /// the Service since: dropped (the send fails) so the application reconnects.
+    StaleBackend = 7,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::PolicyDenied,
         Self::NoBackends,
         Self::Unparsed,
         Self::Fragment,
         Self::SpoofedSource,
         Self::Unbound,
+        Self::StaleBackend,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -120,6 +124,7 @@ impl DropReason {
             4 => Some(Self::Fragment),
             5 => Some(Self::SpoofedSource),
             6 => Some(Self::Unbound),
+            7 => Some(Self::StaleBackend),
             _ => None,
         }
     }
@@ -132,6 +137,7 @@ impl DropReason {
             Self::Fragment => "fragment",
             Self::SpoofedSource => "spoofed_source",
             Self::Unbound => "unbound_pod",
+            Self::StaleBackend => "stale_backend",
         }
     }
 }

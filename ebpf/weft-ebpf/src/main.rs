@@ -27,9 +27,10 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
+use ctx::SocketCookie as _;
 use service::{Hook, V4, V6};
 use verdict::{Fault, Verdict};
-use weft_abi::{net::Direction, stats::Counter};
+use weft_abi::{IPPROTO_UDP, conn::DropReason, net::Direction, stats::Counter};
 
 /// TCP connection lifecycle of every socket under the attached cgroup.
 #[sock_ops]
@@ -93,6 +94,13 @@ fn try_skb(ctx: &SkBuffContext, direction: Direction) -> Result<Verdict, Fault> 
         return Ok(pass_if(policy::unparsed(ctx, direction)));
     };
     if !policy::packet(ctx, &h, direction) {
+        return Ok(Verdict::Deny);
+    }
+    if direction == Direction::Egress
+        && h.protocol == IPPROTO_UDP
+        && !service::backend_current(ctx.cookie(), h.version, &h.dst, h.dport)
+    {
+        policy::skb_dropped(ctx, &h, direction, DropReason::StaleBackend);
         return Ok(Verdict::Deny);
     }
     traffic::account(ctx, &h, direction);

@@ -465,7 +465,7 @@ fn unjudgeable(ctx: &SkBuffContext, direction: Direction, reason: DropReason) ->
 
 /// Reports a dropped packet, seen from the pod: its side is the destination for ingress.
 #[inline(always)]
-fn skb_dropped(ctx: &SkBuffContext, h: &Headers, direction: Direction, reason: DropReason) {
+pub fn skb_dropped(ctx: &SkBuffContext, h: &Headers, direction: Direction, reason: DropReason) {
     let ((local, local_port), (remote, remote_port)) = match direction {
         Direction::Ingress => ((h.dst, h.dport), (h.src, h.sport)),
         Direction::Egress => ((h.src, h.sport), (h.dst, h.dport)),

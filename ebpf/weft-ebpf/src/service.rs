@@ -275,6 +275,29 @@ fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> 
     Some(backend)
 }
 
+/// cgroup_skb egress, UDP: whether a datagram of a socket that went through a ClusterIP goes to
+/// a backend that still serves it. A connected socket keeps the backend connect chose, and
+/// nothing moves it when that backend leaves the Service (kube-proxy flushes conntrack for
+/// this; Cilium destroys the socket): its datagrams are dropped instead, the send fails with
+/// EPERM, and the application's reconnect (or new socket) reaches a current backend.
+#[inline(always)]
+pub fn backend_current(cookie: u64, family: u8, dst: &[u32; 4], dport: u16) -> bool {
+    // SAFETY: LRU entries are only read and copied here.
+    let Some(sock) = (unsafe { UDP_SOCKS.get(cookie) }).copied() else {
+        return true;
+    };
+    let b = &sock.backend;
+    if b.family != family || b.addr != *dst || b.port != dport {
+        // The socket talks to another peer too (directly, or through another frontend).
+        return true;
+    }
+    match service(&sock.frontend) {
+        Ok(Some(svc)) => is_member(svc.service_id, b),
+        // The Service is gone, or its entry unreadable: the backend serves nothing here.
+        Ok(None) | Err(_) => false,
+    }
+}
+
 /// recvmsg4/6 and getpeername4/6: if the peer is a backend this socket reached through a
 /// ClusterIP, show the ClusterIP instead. Always passes (these hooks cannot fail a call).
 #[inline(always)]

@@ -6,6 +6,7 @@ mod cgroups;
 mod icmp;
 mod input;
 mod node;
+mod services;
 mod surface;
 mod upgrade;
 

@@ -220,6 +220,17 @@ enum Cmd {
         #[arg(long)]
         unconnected: bool,
     },
+    /// A stub resolver's client: one connected UDP socket, a query every --interval-ms for
+    /// --seconds. A failed send or a reply that does not come within 500 ms closes it and
+    /// opens a new one, as glibc's resolver does. Prints each answer (the server's name).
+    UdpResolver {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -320,6 +331,11 @@ fn run(cmd: Cmd) -> Result<(), String> {
             size,
             unconnected,
         } => udp_client(connect, count, size, unconnected),
+        Cmd::UdpResolver {
+            connect,
+            seconds,
+            interval_ms,
+        } => udp_resolver(connect, seconds, interval_ms),
     }
 }
 
@@ -849,6 +865,47 @@ fn udp_client(
             "{echoed} of {count} echoed, {wrong_source} from another address than {connect}"
         ))
     }
+}
+
+/// A connected UDP socket to `connect`, with a half-second reply timeout.
+fn resolver_socket(connect: SocketAddr) -> Result<UdpSocket, String> {
+    let bind = if connect.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    socket
+        .connect(connect)
+        .map_err(|e| format!("connect {connect}: {e}"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn udp_resolver(connect: SocketAddr, seconds: u64, interval_ms: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut socket = resolver_socket(connect)?;
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        let answer = socket
+            .send(b"query")
+            .map_err(|e| format!("send: {}", errno_name(&e)))
+            .and_then(|_| socket.recv(&mut buf).map_err(|e| format!("recv: {e}")));
+        match answer {
+            Ok(n) => emit(&json!({
+                "event": "answer",
+                "from": String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+            })),
+            Err(e) => {
+                emit(&json!({"event": "failed", "error": e}));
+                socket = resolver_socket(connect)?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
+    Ok(())
 }
 
 /// Binds `[::]:port` (dual stack) for each port, answers with `name`; runs until killed.
