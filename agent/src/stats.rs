@@ -344,6 +344,11 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
             false,
             "connections to services without ready endpoints were refused",
         ),
+        Counter::RevNatShared => (
+            false,
+            "an unconnected UDP socket reached one backend through two ClusterIPs: its replies \
+             show the one dialled last",
+        ),
         Counter::TornRead => (
             false,
             "a map value was read while being replaced and read again (one still torn after \

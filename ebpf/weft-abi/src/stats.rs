@@ -31,11 +31,14 @@ pub enum Counter {
     /// A `SERVICES` or `ENDPOINTS` value was copied while the agent replaced it (its seal did
     /// not match) and was looked up again; one still torn after that failed safe.
     TornRead = 9,
+    /// An unconnected UDP socket reached one backend through two ClusterIPs (every backend
+    /// looked at was taken): replies from it show the ClusterIP dialled last.
+    RevNatShared = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -46,6 +49,7 @@ impl Counter {
         Self::RevNatFailed,
         Self::DropEventsSuppressed,
         Self::TornRead,
+        Self::RevNatShared,
     ];
 
     /// The name the agent reports.
@@ -61,6 +65,7 @@ impl Counter {
             Self::RevNatFailed => "revnat_failed",
             Self::DropEventsSuppressed => "drop_events_suppressed",
             Self::TornRead => "torn_read",
+            Self::RevNatShared => "revnat_shared",
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Writers and readers:
 //! - `SERVICES`, `BACKEND_SLOTS`, `MEMBERS`: written by the agent's `sync`, read by the
-//!   sock_addr programs (connect, sendmsg) of the kernel.
+//!   sock_addr programs (connect, sendmsg) of the kernel, and by cgroup_skb egress for UDP
+//!   sockets connected through a ClusterIP (is their backend still a member?).
 //! - `AFFINITY`, `REVNAT`, `UDP_FLOWS`, `UDP_SOCKS`: written and read by the kernel programs
 //!   (LRU maps; TCP entries of `REVNAT` are removed when the socket closes, UDP ones when it is
 //!   released).
@@ -172,14 +173,17 @@ pub const fn normalize_v6(words: [u32; 4]) -> (u8, [u32; 4]) {
 
 /// Value of `UDP_SOCKS` (LRU, key: socket cookie): the last translation of a UDP socket, so the
 /// sock_release program can remove its `REVNAT` and `UDP_FLOWS` entries when it closes (a
-/// resolver opens a socket per query; left to LRU eviction they would push out live entries).
+/// resolver opens a socket per query; left to LRU eviction they would push out live entries),
+/// and cgroup_skb can tell a connected socket whose backend has left the Service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpSock {
     pub frontend: ServiceKey,
     pub backend: Endpoint,
+    /// 1: made by connect (the socket sends only there); 0: by sendmsg (chosen per datagram).
+    pub connected: u32,
 }
-const _: () = assert!(core::mem::size_of::<UdpSock>() == 40);
+const _: () = assert!(core::mem::size_of::<UdpSock>() == 44);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -93,14 +93,15 @@ fn try_skb(ctx: &SkBuffContext, direction: Direction) -> Result<Verdict, Fault> 
         stats::bump(Counter::PacketsUnparsed);
         return Ok(pass_if(policy::unparsed(ctx, direction)));
     };
-    if !policy::packet(ctx, &h, direction) {
-        return Ok(Verdict::Deny);
-    }
+    // Before policy: a datagram dropped here leaves no reply path behind.
     if direction == Direction::Egress
         && h.protocol == IPPROTO_UDP
         && !service::backend_current(ctx.cookie(), h.version, &h.dst, h.dport)
     {
         policy::skb_dropped(ctx, &h, direction, DropReason::StaleBackend);
+        return Ok(Verdict::Deny);
+    }
+    if !policy::packet(ctx, &h, direction) {
         return Ok(Verdict::Deny);
     }
     traffic::account(ctx, &h, direction);

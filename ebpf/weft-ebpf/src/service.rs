@@ -111,6 +111,11 @@ pub fn try_translate<const IS_V6: bool>(
         if hook == Hook::Connect && !policy::connect(ctx, protocol, fam, &addr, port) {
             return Ok(Verdict::Deny);
         }
+        if hook == Hook::Connect && protocol == IPPROTO_UDP {
+            // Connected elsewhere now: an earlier ClusterIP translation no longer describes
+            // where this socket sends.
+            forget_connected(ctx.cookie());
+        }
         return Ok(Verdict::Pass);
     };
     if svc.count == 0 {
@@ -138,34 +143,41 @@ pub fn try_translate<const IS_V6: bool>(
     {
         return Ok(Verdict::Deny);
     }
-    // What recvmsg and getpeername must show instead of this backend.
+    remember(cookie, &key, &backend, hook);
+    write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
+    Ok(Verdict::Pass)
+}
+
+/// Records a translation: what recvmsg and getpeername must show instead of the backend, and
+/// (UDP) the socket's last translation, for its cleanup and its backend's membership.
+#[inline(always)]
+fn remember(cookie: u64, key: &ServiceKey, backend: &Endpoint, hook: Hook) {
     let frontend = Endpoint {
-        addr,
-        port,
-        family: fam,
+        addr: key.addr,
+        port: key.port,
+        family: key.family,
         _pad: 0,
     };
     let rev = RevNatKey {
         cookie,
-        backend,
+        backend: *backend,
         _pad: 0,
     };
     if REVNAT.insert(rev, frontend, 0).is_err() {
         stats::bump(Counter::RevNatFailed);
     }
-    if protocol == IPPROTO_UDP {
+    if key.protocol == IPPROTO_UDP {
         // Lost stickiness at worst: REVNAT and UDP_FLOWS then age out by LRU.
         let _ = UDP_SOCKS.insert(
             cookie,
             UdpSock {
-                frontend: key,
-                backend,
+                frontend: *key,
+                backend: *backend,
+                connected: u32::from(hook == Hook::Connect),
             },
             0,
         );
     }
-    write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
-    Ok(Verdict::Pass)
 }
 
 /// Tries to copy a whole `SERVICES` value (see `weft_abi::seal`) before giving up.
@@ -201,7 +213,10 @@ fn is_member(service_id: u32, backend: &Endpoint) -> bool {
 
 fn random_backend(svc: &ServiceValue) -> Option<Endpoint> {
     // SAFETY: no arguments.
-    let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+    slot(svc, unsafe { bpf_get_prandom_u32() } % svc.count)
+}
+
+fn slot(svc: &ServiceValue, index: u32) -> Option<Endpoint> {
     let slot = SlotKey {
         revision: svc.revision,
         index,
@@ -209,6 +224,46 @@ fn random_backend(svc: &ServiceValue) -> Option<Endpoint> {
     // SAFETY: slots of a revision are written before the revision is published and freed
     // only after a grace period, never updated in place.
     unsafe { BACKEND_SLOTS.get(slot) }.copied()
+}
+
+/// Backends looked at for an unconnected UDP translation that no other frontend of the socket
+/// already uses.
+const UNSHARED_TRIES: u32 = 4;
+
+/// A backend for an unconnected UDP socket's first datagram to `key`: one that the socket does
+/// not already reach through another ClusterIP. Replies are told apart by their source only,
+/// so a backend reached through two frontends would show one of them for both; when every
+/// backend looked at is taken, the socket shares one (counted).
+#[inline(always)]
+fn unshared_backend(cookie: u64, key: &ServiceKey, svc: &ServiceValue) -> Option<Endpoint> {
+    let frontend = Endpoint {
+        addr: key.addr,
+        port: key.port,
+        family: key.family,
+        _pad: 0,
+    };
+    // SAFETY: no arguments.
+    let start = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let mut first = None;
+    for i in 0..UNSHARED_TRIES {
+        if i >= svc.count {
+            break;
+        }
+        let b = slot(svc, (start + i) % svc.count)?;
+        first = first.or(Some(b));
+        let rev = RevNatKey {
+            cookie,
+            backend: b,
+            _pad: 0,
+        };
+        // SAFETY: LRU entries are only read and copied here.
+        match unsafe { REVNAT.get(rev) }.copied() {
+            Some(f) if f != frontend => {}
+            _ => return Some(b),
+        }
+    }
+    stats::bump(Counter::RevNatShared);
+    first
 }
 
 // Inlined: with its return slot it would take more than the 5 arguments a BPF call can pass.
@@ -237,7 +292,7 @@ fn select(
         {
             return Some(b);
         }
-        let b = random_backend(svc)?;
+        let b = unshared_backend(cookie, key, svc)?;
         // A failed insert only loses stickiness, never correctness.
         let _ = UDP_FLOWS.insert(flow, b, 0);
         return Some(b);
@@ -275,11 +330,25 @@ fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> 
     Some(backend)
 }
 
-/// cgroup_skb egress, UDP: whether a datagram of a socket that went through a ClusterIP goes to
-/// a backend that still serves it. A connected socket keeps the backend connect chose, and
+/// A UDP socket connected to an address that is no Service: its last translation, if made
+/// by connect, no longer says where it sends (kept, unmarked, for the release cleanup).
+#[inline(always)]
+fn forget_connected(cookie: u64) {
+    // SAFETY: LRU entries are only read and copied here.
+    if let Some(mut sock) = unsafe { UDP_SOCKS.get(cookie) }.copied()
+        && sock.connected != 0
+    {
+        sock.connected = 0;
+        let _ = UDP_SOCKS.insert(cookie, sock, 0);
+    }
+}
+
+/// cgroup_skb egress, UDP: whether a datagram of a socket connected through a ClusterIP goes
+/// to a backend that still serves it. A connected socket keeps the backend connect chose, and
 /// nothing moves it when that backend leaves the Service (kube-proxy flushes conntrack for
 /// this; Cilium destroys the socket): its datagrams are dropped instead, the send fails with
-/// EPERM, and the application's reconnect (or new socket) reaches a current backend.
+/// EPERM, and the application's reconnect (or new socket) reaches a current backend. Best
+/// effort: it knows the socket's last translation only, while `UDP_SOCKS` keeps it.
 #[inline(always)]
 pub fn backend_current(cookie: u64, family: u8, dst: &[u32; 4], dport: u16) -> bool {
     // SAFETY: LRU entries are only read and copied here.
@@ -287,14 +356,16 @@ pub fn backend_current(cookie: u64, family: u8, dst: &[u32; 4], dport: u16) -> b
         return true;
     };
     let b = &sock.backend;
-    if b.family != family || b.addr != *dst || b.port != dport {
-        // The socket talks to another peer too (directly, or through another frontend).
+    if sock.connected == 0 || b.family != family || b.addr != *dst || b.port != dport {
+        // Unconnected (sendmsg chooses a member per datagram), or another peer.
         return true;
     }
     match service(&sock.frontend) {
         Ok(Some(svc)) => is_member(svc.service_id, b),
-        // The Service is gone, or its entry unreadable: the backend serves nothing here.
-        Ok(None) | Err(_) => false,
+        // The Service is gone: its backends serve nothing here.
+        Ok(None) => false,
+        // Unreadable now (being rewritten): not a reason to drop.
+        Err(_) => true,
     }
 }
 

@@ -69,4 +69,80 @@ fn a_connected_udp_client_moves_off_a_removed_backend() {
         },
     );
     assert!(!after.iter().any(answered("b1")), "{after:#?}");
+    let failed = resolver.stdout().snapshot();
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains("\"failed\"") && l.contains("EPERM")),
+        "the send to b1 failed with EPERM: {failed:#?}"
+    );
+    agent.wait_metrics("the stale datagram counted", |m| {
+        weft_testkit::prom::sum(
+            m,
+            "weft_dropped_flows_total",
+            &[("reason", "stale_backend")],
+        ) >= 1.0
+    });
+}
+
+/// One unconnected UDP socket asks two ClusterIPs at once (as resolvers do with several
+/// nameservers); a backend serves both. Each reply must show the ClusterIP it answers: the
+/// kernel gives the socket a backend it does not already reach through the other frontend.
+/// (It used to pick the shared backend half the time, and both replies then showed one
+/// ClusterIP.)
+#[test]
+fn two_clusterips_sharing_a_backend_each_answer_from_their_own_address() {
+    let node = Node::builder("adv_svc_udp_shared")
+        .pod("client")
+        .pod("b1")
+        .pod("b2")
+        .build();
+    let _servers: Vec<_> = ["b1", "b2"]
+        .iter()
+        .map(|b| node.start_server(b, &["serve", "--name", b, "--udp", "5353"]))
+        .collect();
+    let pods = k8s::http_pods(
+        &node,
+        "default",
+        &[("client", &[]), ("b1", &[]), ("b2", &[])],
+    );
+    let port = [("dns", 53, "5353", "UDP")];
+    let only_b1 = k8s::service("one", "default", &["10.96.0.61"], &[], &port, None);
+    let both = k8s::service("two", "default", &["10.96.0.62"], &[], &port, None);
+    let slice = |svc: &str, pods: &[&str]| {
+        let endpoints: Vec<_> = pods.iter().map(|p| (node.pod(p), true)).collect();
+        format!(
+            "{}\n",
+            k8s::endpoint_slice(svc, "default", &endpoints, &[("dns", 5353, "UDP")])
+        )
+    };
+    node.write_source(
+        "services.yaml",
+        &k8s::file(&[
+            pods,
+            only_b1,
+            both,
+            slice("one", &["b1"]),
+            slice("two", &["b1", "b2"]),
+        ]),
+    );
+    let agent = Agent::with_source(&node, &[]);
+    agent.wait_backends("10.96.0.61:53/UDP", 1, Duration::from_secs(10));
+    agent.wait_backends("10.96.0.62:53/UDP", 2, Duration::from_secs(10));
+    // "one" is asked first: its only backend is taken when "two" is translated.
+    let mut pair = node.spawn(
+        "client",
+        &[
+            "udp-pair",
+            "--to",
+            "10.96.0.61:53",
+            "--to",
+            "10.96.0.62:53",
+            "--rounds",
+            "10",
+        ],
+    );
+    let status = pair.wait(Duration::from_secs(30));
+    let out = pair.stdout().snapshot();
+    assert!(status.success(), "{out:#?}");
 }

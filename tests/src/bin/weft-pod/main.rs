@@ -220,6 +220,15 @@ enum Cmd {
         #[arg(long)]
         unconnected: bool,
     },
+    /// --rounds times: one unconnected UDP socket sends to each --to, then reads one reply per
+    /// target; the replies' sources must be the targets, each once (as a resolver asking
+    /// several servers at once checks them).
+    UdpPair {
+        #[arg(long = "to", required = true)]
+        to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+    },
     /// A stub resolver's client: one connected UDP socket, a query every --interval-ms for
     /// --seconds. A failed send or a reply that does not come within 500 ms closes it and
     /// opens a new one, as glibc's resolver does. Prints each answer (the server's name).
@@ -331,6 +340,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             size,
             unconnected,
         } => udp_client(connect, count, size, unconnected),
+        Cmd::UdpPair { to, rounds } => udp_pair(&to, rounds),
         Cmd::UdpResolver {
             connect,
             seconds,
@@ -863,6 +873,49 @@ fn udp_client(
     } else {
         Err(format!(
             "{echoed} of {count} echoed, {wrong_source} from another address than {connect}"
+        ))
+    }
+}
+
+fn udp_pair(to: &[SocketAddr], rounds: u32) -> Result<(), String> {
+    let mut wrong = 0;
+    for round in 0..rounds {
+        let bind = if to[0].is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        for target in to {
+            socket
+                .send_to(b"query", target)
+                .map_err(|e| format!("send_to {target}: {}", errno_name(&e)))?;
+        }
+        let mut sources = Vec::new();
+        let mut buf = [0u8; 512];
+        for _ in to {
+            let (_, from) = socket
+                .recv_from(&mut buf)
+                .map_err(|e| format!("recv_from: {e}"))?;
+            sources.push(from);
+        }
+        let mut want = to.to_vec();
+        let mut got = sources.clone();
+        want.sort();
+        got.sort();
+        wrong += u32::from(want != got);
+        emit(
+            &json!({"event": "round", "round": round, "sources": sources.iter().map(ToString::to_string).collect::<Vec<_>>()}),
+        );
+    }
+    if wrong == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{wrong} of {rounds} rounds saw a reply from another source than its target"
         ))
     }
 }
