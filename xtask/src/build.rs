@@ -30,6 +30,13 @@ pub fn object_path(ws: &Path) -> PathBuf {
         .join("weft-ebpf")
 }
 
+/// Flags of every crate of the kernel build, `core` and `compiler_builtins` included: debug
+/// info everywhere, so bpf-linker's `--btf` gives every function (`memcpy` too) its BTF.
+/// With a function lacking it, the kernel refuses a program calling it ("number of funcs in
+/// func_info doesn't match number of subprogs"). BTF is what BTF-defined maps (socket
+/// storage, maps of maps) need.
+const KERNEL_RUSTFLAGS: &str = "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf";
+
 /// `cargo +nightly <subcommand>` for the kernel crate.
 pub fn nightly_cargo(ws: &Path, tools: &Tools, subcommand: &str) -> Command {
     let mut c = clean_command("cargo");
@@ -50,6 +57,7 @@ pub fn nightly_cargo(ws: &Path, tools: &Tools, subcommand: &str) -> Command {
         ])
         .arg("--target-dir")
         .arg(ebpf_target_dir(ws))
+        .env("CARGO_ENCODED_RUSTFLAGS", KERNEL_RUSTFLAGS)
         .env("PATH", std::env::join_paths(paths).unwrap_or(path));
     c
 }
