@@ -158,15 +158,20 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
     };
     config.telemetry.apply_to(&mut globals);
     if unbound_pods(config) == Unbound::Isolate {
-        match pods_cgroup(config, cgroup_root) {
-            Some(dir) => {
+        // Below the root, so its level follows from the root's (no second probe).
+        let scope = pods_cgroup(config, cgroup_root).and_then(|dir| {
+            let below = dir.strip_prefix(cgroup_root).ok()?.components().count();
+            Some((dir, u32::try_from(below).ok()?))
+        });
+        match scope {
+            Some((dir, below)) => {
                 globals.unbound_isolated = 1;
-                globals.unbound_scope_level = datapath::cgroup_level(&dir, capacities)?;
+                globals.unbound_scope_level = globals.cgroup_level + below;
                 globals.unbound_scope_id = cgroup::cgroup_id(&dir)?;
             }
             None => tracing::warn!(
                 root = %cgroup_root.display(),
-                "no kubelet pods cgroup (kubepods.slice, kubepods) under the cgroup root: pods not bound yet are NOT isolated; name it with --pods-cgroup"
+                "no kubelet pods cgroup (kubepods.slice, kubepods, or --pods-cgroup) under the cgroup root: pods not bound yet are NOT isolated"
             ),
         }
     }

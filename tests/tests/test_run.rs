@@ -16,8 +16,8 @@ use weft_abi::{
 const EGRESS: &str = "weft_skb_egress";
 const INGRESS: &str = "weft_skb_ingress";
 
-/// The cgroup v2 id of this test process (test-run skbs belong to a socket of the caller).
-fn own_cgroup_id() -> u64 {
+/// The cgroup2 mount and this test process's cgroup v2 directory in it.
+fn own_cgroup_dir() -> (std::path::PathBuf, std::path::PathBuf) {
     let mount =
         weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo")).expect("cgroup2 mount");
     let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
@@ -25,7 +25,13 @@ fn own_cgroup_id() -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .expect("a cgroup v2 line in /proc/self/cgroup");
-    weft::cgroup::cgroup_id(&mount.join(rel.trim_start_matches('/'))).expect("cgroup id")
+    let own = mount.join(rel.trim_start_matches('/'));
+    (mount, own)
+}
+
+/// The cgroup v2 id of this test process (test-run skbs belong to a socket of the caller).
+fn own_cgroup_id() -> u64 {
+    weft::cgroup::cgroup_id(&own_cgroup_dir().1).expect("cgroup id")
 }
 
 fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -233,14 +239,7 @@ fn cgroup_skb_programs_account_packets_by_protocol_and_never_drop() {
 /// its own cgroup and for a cgroup outside its ancestry.
 #[test]
 fn the_level_probe_agrees_with_the_directory_count_outside_a_cgroup_namespace() {
-    let mount =
-        weft::cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo")).expect("cgroup2 mount");
-    let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("a cgroup v2 line in /proc/self/cgroup");
-    let own = mount.join(rel.trim_start_matches('/'));
+    let (mount, own) = own_cgroup_dir();
     #[derive(clap::Parser)]
     struct Defaults {
         #[command(flatten)]

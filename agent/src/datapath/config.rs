@@ -98,9 +98,9 @@ pub struct Settings {
     /// with a directory source]
     #[arg(long, value_enum)]
     pub unbound_pods: Option<Unbound>,
-    /// The cgroup that holds the kubelet's pods: only below it can a cgroup be a pod not bound
-    /// yet [default: kubepods.slice or kubepods under --cgroup-root, the first that exists;
-    /// neither: unbound pods are not isolated, with a warning]
+    /// The cgroup that holds the kubelet's pods, below --cgroup-root: only below it can a
+    /// cgroup be a pod not bound yet [default: kubepods.slice or kubepods under --cgroup-root,
+    /// the first that exists; neither: unbound pods are not isolated, with a warning]
     #[arg(long)]
     pub pods_cgroup: Option<PathBuf>,
     /// The node's network namespace (host-network pods and node processes live there; they

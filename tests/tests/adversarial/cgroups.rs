@@ -2,7 +2,6 @@
 use serde_json::json;
 use weft_testkit::{
     Agent, AgentOptions, Node,
-    fakeapi::FakeApi,
     k8s::{self, NODE_NAME},
     netpol::np,
 };
@@ -39,13 +38,13 @@ fn a_pod_claiming_anothers_cgroup_never_loosens_its_isolation() {
         Node::builder("adv_cgroup_claim").kubelet_cgroups(),
         &["8080"],
     );
-    let api = FakeApi::start();
-    api.apply(json!({"kind": "Namespace", "metadata": {"name": "default"}}));
-    let docs = k8s::file(&[
-        client_server_pods(&node),
-        np("default", "deny", DENY_SERVER_INGRESS),
-    ]);
-    k8s::apply_to_api(&api, &node, &docs);
+    let api = crate::api_with(
+        &node,
+        &[
+            client_server_pods(&node),
+            np("default", "deny", DENY_SERVER_INGRESS),
+        ],
+    );
     let agent = Agent::start_with(&node, AgentOptions::with_api(&api, &node, &[]));
     let target = server_target(&node, 8080);
     expect_probe(&node, "client", &target, Reach::Blocked);
@@ -136,9 +135,7 @@ fn a_pod_not_bound_yet_is_isolated_both_ways() {
         "newcomer",
         &["serve", "--name", "newcomer", "--tcp", "8080"],
     );
-    let api = FakeApi::start();
-    api.apply(json!({"kind": "Namespace", "metadata": {"name": "default"}}));
-    k8s::apply_to_api(&api, &node, &client_server_pods(&node));
+    let api = crate::api_with(&node, &[client_server_pods(&node)]);
     let agent = Agent::start_with(&node, AgentOptions::with_api(&api, &node, &[]));
     agent.wait_status("ready", |s| s["services"]["ready"] == true);
     let to_server = server_target(&node, 8080);

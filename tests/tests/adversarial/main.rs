@@ -40,6 +40,15 @@ pub fn client_server(builder: NodeBuilder, ports: &[&str]) -> (Node, Process) {
     (node, server)
 }
 
+/// A fake API server holding namespace `default` and the documents of `docs` (the node's pods
+/// bound to their simulated pods).
+pub fn api_with(node: &Node, docs: &[String]) -> weft_testkit::fakeapi::FakeApi {
+    let api = weft_testkit::fakeapi::FakeApi::start();
+    api.apply(serde_json::json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    k8s::apply_to_api(&api, node, &k8s::file(docs));
+    api
+}
+
 /// Ingress to `server` isolated, nothing allowed.
 pub const DENY_SERVER_INGRESS: &str =
     "podSelector: {matchLabels: {app: server}}\npolicyTypes: [Ingress]";

@@ -1,29 +1,40 @@
 //! Item 7, service translation corners.
 use std::time::Duration;
 
-use weft_testkit::{Agent, Node, k8s};
+use weft_testkit::{Agent, Node, k8s, proc::Process};
 
 const DNS_VIP: &str = "10.96.0.53";
+
+/// A node with pods `client`, `b1` and `b2`; each backend answers its name on UDP 5353.
+fn udp_backends(test: &str) -> (Node, Vec<Process>) {
+    let node = Node::builder(test)
+        .pod("client")
+        .pod("b1")
+        .pod("b2")
+        .build();
+    let servers = ["b1", "b2"]
+        .iter()
+        .map(|b| node.start_server(b, &["serve", "--name", b, "--udp", "5353"]))
+        .collect();
+    (node, servers)
+}
+
+/// The node's three pods, unlabelled, in `default`.
+fn pods(node: &Node) -> String {
+    k8s::http_pods(
+        node,
+        "default",
+        &[("client", &[]), ("b1", &[]), ("b2", &[])],
+    )
+}
 
 /// A resolver keeps one connected UDP socket to a ClusterIP (glibc does): when its backend
 /// leaves the Service, its next send fails, the resolver opens a new socket, and from then
 /// on the current backend answers. (It used to stay on the removed backend for good.)
 #[test]
 fn a_connected_udp_client_moves_off_a_removed_backend() {
-    let node = Node::builder("adv_svc_udp_stale")
-        .pod("client")
-        .pod("b1")
-        .pod("b2")
-        .build();
-    let _servers: Vec<_> = ["b1", "b2"]
-        .iter()
-        .map(|b| node.start_server(b, &["serve", "--name", b, "--udp", "5353"]))
-        .collect();
-    let pods = k8s::http_pods(
-        &node,
-        "default",
-        &[("client", &[]), ("b1", &[]), ("b2", &[])],
-    );
+    let (node, _servers) = udp_backends("adv_svc_udp_stale");
+    let pods = pods(&node);
     let svc = k8s::service(
         "dns",
         "default",
@@ -92,20 +103,8 @@ fn a_connected_udp_client_moves_off_a_removed_backend() {
 /// ClusterIP.)
 #[test]
 fn two_clusterips_sharing_a_backend_each_answer_from_their_own_address() {
-    let node = Node::builder("adv_svc_udp_shared")
-        .pod("client")
-        .pod("b1")
-        .pod("b2")
-        .build();
-    let _servers: Vec<_> = ["b1", "b2"]
-        .iter()
-        .map(|b| node.start_server(b, &["serve", "--name", b, "--udp", "5353"]))
-        .collect();
-    let pods = k8s::http_pods(
-        &node,
-        "default",
-        &[("client", &[]), ("b1", &[]), ("b2", &[])],
-    );
+    let (node, _servers) = udp_backends("adv_svc_udp_shared");
+    let pods = pods(&node);
     let port = [("dns", 53, "5353", "UDP")];
     let only_b1 = k8s::service("one", "default", &["10.96.0.61"], &[], &port, None);
     let both = k8s::service("two", "default", &["10.96.0.62"], &[], &port, None);

@@ -1,7 +1,6 @@
 //! Item 6, upgrades: maps pinned by an agent of another ABI version are never read by new
 //! programs, and the move to new maps leaves no window of wrong verdicts.
-use serde_json::json;
-use weft_testkit::{Agent, AgentOptions, Node, fakeapi::FakeApi, k8s, netpol::np};
+use weft_testkit::{Agent, AgentOptions, Node, netpol::np};
 
 use crate::{
     DENY_SERVER_INGRESS, Reach, client_server, client_server_pods, expect_probe, probe,
@@ -20,13 +19,13 @@ fn pins_of_another_abi_version_keep_enforcing_until_new_maps_are_filled() {
     );
     let _client_server =
         node.start_server("client", &["serve", "--name", "client", "--tcp", "8080"]);
-    let api = FakeApi::start();
-    api.apply(json!({"kind": "Namespace", "metadata": {"name": "default"}}));
-    let docs = k8s::file(&[
-        client_server_pods(&node),
-        np("default", "deny", DENY_SERVER_INGRESS),
-    ]);
-    k8s::apply_to_api(&api, &node, &docs);
+    let api = crate::api_with(
+        &node,
+        &[
+            client_server_pods(&node),
+            np("default", "deny", DENY_SERVER_INGRESS),
+        ],
+    );
     let mut agent = Agent::start_with(&node, AgentOptions::with_api(&api, &node, &[]));
     let denied = server_target(&node, 8080);
     let allowed = format!("tcp:{}:8080", node.pod("client").ipv4);

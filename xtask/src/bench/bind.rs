@@ -11,7 +11,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use serde_json::{Value, json};
-use weft_testkit::{Agent, AgentOptions, Node, fakeapi::FakeApi, k8s};
+use weft_testkit::{Agent, AgentOptions, fakeapi::FakeApi, k8s};
 
 use super::{kube, source_agent_options, time_to_log};
 
@@ -73,14 +73,7 @@ pub fn run(bins: &std::path::Path) -> Result<BindResult> {
 }
 
 fn measure(bins: &std::path::Path, pods: usize, services: usize) -> Result<Scale> {
-    let node = Node::builder("bench_bind")
-        .kubelet_cgroups()
-        .pod("client")
-        .pod("b1")
-        .pod("b2")
-        .pod("b3")
-        .pod_tool(&bins.join("weft-pod"))
-        .build();
+    let node = kube::node(bins, "bench_bind");
     let api = FakeApi::start();
     let objects = kube::cluster(&node, pods, services);
     for o in &objects {

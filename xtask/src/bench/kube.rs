@@ -112,14 +112,7 @@ pub fn run(bins: &Path) -> Result<KubeResult> {
         scales: Vec::new(),
     };
     for (pods, services) in SCALES {
-        let node = Node::builder("bench_kube")
-            .kubelet_cgroups()
-            .pod("client")
-            .pod("b1")
-            .pod("b2")
-            .pod("b3")
-            .pod_tool(&bins.join("weft-pod"))
-            .build();
+        let node = node(bins, "bench_kube");
         let objects = cluster(&node, pods, services);
         let policies = services / 10;
         let dir = measure_dir(bins, &node, &objects)?;
@@ -134,6 +127,18 @@ pub fn run(bins: &Path) -> Result<KubeResult> {
         });
     }
     Ok(result)
+}
+
+/// The node `cluster` puts its own pods on (kubelet cgroups).
+pub(super) fn node(bins: &Path, tag: &str) -> Node {
+    Node::builder(tag)
+        .kubelet_cgroups()
+        .pod("client")
+        .pod("b1")
+        .pod("b2")
+        .pod("b3")
+        .pod_tool(&bins.join("weft-pod"))
+        .build()
 }
 
 /// Every object of the cluster, the node's pods as the API server has them (UID, nodeName).
