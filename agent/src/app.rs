@@ -78,6 +78,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Before anything else: a SIGTERM during start-up must stop the agent cleanly too.
     // (A signal during start-up is handled by the run loop, once every subsystem is up.)
     let signals = Signals::install()?;
+    for flag in config.datapath.retired_flags() {
+        tracing::warn!(
+            flag,
+            "retired flag ignored: socket state lives in socket storage, which has no capacity"
+        );
+    }
     let agent = Agent::start(&config).await?;
     agent.run(signals).await
 }
@@ -155,6 +161,8 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
         unbound_scope_level: 0,
         unbound_scope_id: 0,
         host_netns_cookie: datapath::host_netns_cookie(config.datapath.host_netns.as_deref())?,
+        sock_states: u64::from(config.datapath.max_socket_states),
+        sock_states_per_pod: u64::from(config.datapath.max_socket_states_per_pod),
     };
     config.telemetry.apply_to(&mut globals);
     if unbound_pods(config) == Unbound::Isolate {

@@ -112,6 +112,8 @@ mod tests {
                 unbound_scope_level: 0,
                 unbound_scope_id: 0,
                 host_netns_cookie: 0,
+                sock_states: 0,
+                sock_states_per_pod: 0,
                 conn_update_interval_ns: 7,
                 conn_events_enabled: 7,
             };

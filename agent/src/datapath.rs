@@ -320,7 +320,9 @@ impl Datapath {
             .override_global(globals::UNBOUND_ISOLATED, &g.unbound_isolated, true)
             .override_global(globals::UNBOUND_SCOPE_LEVEL, &g.unbound_scope_level, true)
             .override_global(globals::UNBOUND_SCOPE_ID, &g.unbound_scope_id, true)
-            .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true);
+            .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true)
+            .override_global(globals::SOCK_STATES, &g.sock_states, true)
+            .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
@@ -392,6 +394,7 @@ impl Datapath {
         }
         self.links = links;
         self.pending = false;
+        remove_retired_links(&self.pins);
         // No program reads the other maps directories now: their maps go with their pins.
         for dir in std::mem::take(&mut self.superseded) {
             match admin::remove_maps_dir(&dir) {
@@ -457,8 +460,8 @@ fn load_all(ebpf: &mut Ebpf) -> Result<(), Error> {
         let loaded = match a.kind {
             Kind::SockOps => program::<SockOps>(ebpf, name)?.load(),
             Kind::Skb(_) => program::<CgroupSkb>(ebpf, name)?.load(),
-            Kind::Sock => program::<CgroupSock>(ebpf, name)?.load(),
             Kind::SockAddr => program::<CgroupSockAddr>(ebpf, name)?.load(),
+            Kind::Sock => program::<CgroupSock>(ebpf, name)?.load(),
         };
         loaded.map_err(|source| load_err(name, source))?;
     }
@@ -492,15 +495,6 @@ fn install_all(
                     Ok(p.take_link(id)?.try_into()?)
                 },
             )?,
-            Kind::Sock => ctx.install(
-                name,
-                a.attach_type,
-                program::<CgroupSock>(ebpf, name)?,
-                |p| {
-                    let id = p.attach(cgroup_file, mode)?;
-                    Ok(p.take_link(id)?.try_into()?)
-                },
-            )?,
             Kind::SockAddr => ctx.install(
                 name,
                 a.attach_type,
@@ -510,10 +504,39 @@ fn install_all(
                     Ok(p.take_link(id)?.try_into()?)
                 },
             )?,
+            Kind::Sock => ctx.install(
+                name,
+                a.attach_type,
+                program::<CgroupSock>(ebpf, name)?,
+                |p| {
+                    let id = p.attach(cgroup_file, mode)?;
+                    Ok(p.take_link(id)?.try_into()?)
+                },
+            )?,
         };
         links.push(link);
     }
     Ok(())
+}
+
+/// Links pinned by an earlier version for programs this one no longer has: detached once this
+/// agent's programs run, so nothing keeps running on maps no program of this version fills.
+fn remove_retired_links(pins: &Pins) {
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ATTACHMENTS.iter().any(|a| a.program == name) {
+            continue;
+        }
+        match remove_link(&entry.path()) {
+            Ok(()) => tracing::info!(link = name, "link of a retired program removed"),
+            Err(e) => {
+                tracing::warn!(link = name, error = %crate::chain(&e), "cannot remove the link of a retired program")
+            }
+        }
+    }
 }
 
 /// A handle on a pinned map of an instance, typed by what it holds.
@@ -578,10 +601,10 @@ pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), LoadFa
                 Kind::Skb(_) => program::<CgroupSkb>(&mut ebpf, name)
                     .map_err(|e| (crate::chain(&e), String::new()))
                     .and_then(|p| p.load().map_err(failed)),
-                Kind::Sock => program::<CgroupSock>(&mut ebpf, name)
+                Kind::SockAddr => program::<CgroupSockAddr>(&mut ebpf, name)
                     .map_err(|e| (crate::chain(&e), String::new()))
                     .and_then(|p| p.load().map_err(failed)),
-                Kind::SockAddr => program::<CgroupSockAddr>(&mut ebpf, name)
+                Kind::Sock => program::<CgroupSock>(&mut ebpf, name)
                     .map_err(|e| (crate::chain(&e), String::new()))
                     .and_then(|p| p.load().map_err(failed)),
             };

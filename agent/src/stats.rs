@@ -359,10 +359,22 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
             "a service's backend set was incomplete in the kernel (a weft bug): connections \
              were refused",
         ),
-        Counter::RevNatFailed => (
+        Counter::SockStateFailed => (
             true,
-            "the kernel could not store a reverse translation: getpeername/recvmsg may show a \
-             backend address",
+            "the kernel had no memory for a socket's storage: a translation or an allowed \
+             exchange was not remembered (getpeername/recvmsg may show a backend; replies may \
+             be judged again)",
+        ),
+        Counter::FlowOverflow => (
+            false,
+            "a socket with more live UDP/SCTP/echo peers than its own storage holds (a server) \
+             put one in the node-wide POLICY_FLOWS; raise --max-policy-flows if it fills",
+        ),
+        Counter::SockStateOverBudget => (
+            true,
+            "a pod (or the node) holds as many socket states as --max-socket-states-per-pod \
+             (--max-socket-states) allow: its new sockets' translations and exchanges are not \
+             remembered (replies judged again, recvmsg shows backends)",
         ),
         Counter::DropEventsSuppressed => (
             false,

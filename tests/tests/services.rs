@@ -2,14 +2,9 @@
 //!
 //! Service ranges are unreachable in the node namespace: a connection to a ClusterIP works
 //! only if weft translates it.
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
-use aya::maps::{HashMap, Map, MapData};
 use serde_json::Value;
-use weft_abi::svc::{Endpoint, RevNatKey, UdpFlowKey, UdpSock};
 use weft_testkit::{Agent, AgentOptions, Node, k8s, prom};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -207,13 +202,11 @@ fn a_clusterip_balances_tcp_over_three_backends_and_getpeername_shows_it() {
     let (ok, text) = log_level(&["info,weft=notalevel"]);
     assert!(!ok && text.contains("invalid"), "{text}");
     assert_eq!(log_level(&[]), (true, "info,weft::sync=debug\n".to_owned()));
-    // Every closed connection took its reverse translation with it.
-    wait_empty::<RevNatKey, Endpoint>(&agent, "REVNAT");
 }
 
 #[test]
 fn udp_through_a_clusterip_connected_and_unconnected() {
-    let (node, agent, _servers) = setup("udp_clusterip", None);
+    let (node, _agent, _servers) = setup("udp_clusterip", None);
     for args in [
         vec!["udp-client", "--connect", "10.96.0.10:53", "--count", "20"],
         // Unconnected: sendmsg translates, recvmsg shows the reply as coming from the ClusterIP.
@@ -236,37 +229,6 @@ fn udp_through_a_clusterip_connected_and_unconnected() {
     ] {
         let mut c = node.spawn("client", &args);
         c.wait_success(WAIT);
-    }
-    // Closed sockets leave nothing behind for LRU eviction to push live entries out with.
-    wait_empty::<RevNatKey, Endpoint>(&agent, "REVNAT");
-    wait_empty::<UdpFlowKey, Endpoint>(&agent, "UDP_FLOWS");
-    wait_empty::<u64, UdpSock>(&agent, "UDP_SOCKS");
-}
-
-/// Entries of one of the agent's pinned hash maps.
-fn entries<K: aya::Pod, V: aya::Pod>(agent: &Agent, name: &str) -> usize {
-    let path = agent.maps_dir().join(name);
-    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let map = Map::LruHashMap(data);
-    let hash =
-        HashMap::<_, K, V>::try_from(&map).unwrap_or_else(|e| panic!("{name} as a hash map: {e}"));
-    hash.keys().count()
-}
-
-/// Waits (a TCP socket closes once its peer's FIN arrives, after the client has exited) until a
-/// pinned map is empty.
-fn wait_empty<K: aya::Pod, V: aya::Pod>(agent: &Agent, name: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let n = entries::<K, V>(agent, name);
-        if n == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} still holds {n} entries after every socket closed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -40,9 +40,6 @@ pub struct Capacities {
     /// ClientIP affinity entries (client pods x services with affinity).
     #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
     pub max_affinity: u32,
-    /// Sockets whose ClusterIP translation is remembered (getpeername, UDP replies).
-    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
-    pub max_socket_translations: u32,
     /// Local pods whose policy the kernel can enforce (size of ENDPOINTS).
     #[arg(long, default_value_t = 16_384, value_parser = at_least_one())]
     pub max_endpoints: u32,
@@ -52,7 +49,8 @@ pub struct Capacities {
     /// Policy entries over all local pods' policy sets (size of POLICY).
     #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
     pub max_policy_entries: u32,
-    /// UDP/SCTP exchanges of pods remembered so replies pass (size of POLICY_FLOWS, LRU).
+    /// UDP/SCTP exchanges remembered for sockets with more live peers than their own storage
+    /// holds (servers answering many clients; size of POLICY_FLOWS, LRU).
     #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
     pub max_policy_flows: u32,
     /// UDP flows counted at once (size of UDP_FLOW_STATS, LRU).
@@ -107,6 +105,18 @@ pub struct Settings {
     /// are never taken for unbound pods) [default: the agent's own]
     #[arg(long)]
     pub host_netns: Option<PathBuf>,
+    /// Retired: socket translations live in socket storage, which has no capacity. Accepted
+    /// and ignored (with a warning) so a command line of an older agent still starts.
+    #[arg(long, hide = true)]
+    pub max_socket_translations: Option<u32>,
+    /// Socket-storage values (a socket's ClusterIP translations, its allowed exchanges) the
+    /// node holds at most; about 1 KiB each, charged to the agent's memory cgroup.
+    #[arg(long, default_value_t = 131_072, value_parser = at_least_one())]
+    pub max_socket_states: u32,
+    /// Socket-storage values one pod holds at most: past it, that pod's new sockets are not
+    /// remembered (their replies are judged again), and no other pod is affected.
+    #[arg(long, default_value_t = 8_192, value_parser = at_least_one())]
+    pub max_socket_states_per_pod: u32,
 }
 
 /// `--unbound-pods`.
@@ -117,6 +127,14 @@ pub enum Unbound {
 }
 
 impl Settings {
+    /// Retired flags given on the command line (they change nothing).
+    pub fn retired_flags(&self) -> Vec<&'static str> {
+        [("--max-socket-translations", self.max_socket_translations)]
+            .into_iter()
+            .filter_map(|(flag, v)| v.map(|_| flag))
+            .collect()
+    }
+
     /// What clap cannot check field by field.
     pub fn validate(&self) -> Result<(), String> {
         let ring = u64::from(self.capacities.ring_buffer_size);
@@ -151,6 +169,9 @@ pub struct Globals {
     pub unbound_scope_id: u64,
     /// The node's network namespace cookie.
     pub host_netns_cookie: u64,
+    /// Socket-storage budgets of the node and of one pod.
+    pub sock_states: u64,
+    pub sock_states_per_pod: u64,
 }
 
 /// Everything [`super::Datapath::start`] needs.
@@ -265,6 +286,12 @@ macro_rules! map_spec {
     ($name:ident, PerCpuArray<$v:ty>, $cap:expr) => {
         MapSpec::of::<u32, $v>(weft_abi::maps::$name, MapType::PerCpuArray, $cap)
     };
+    // The kernel requires BPF_F_NO_PREALLOC and no capacity of socket storage; its key is a
+    // socket's descriptor (from user space).
+    ($name:ident, SkStorage<$v:ty>, $cap:expr) => {
+        MapSpec::of::<i32, $v>(weft_abi::maps::$name, MapType::SkStorage, $cap)
+            .with_flags(NO_PREALLOC)
+    };
 }
 
 /// `map_specs` (every row's spec at the given capacities), `settings` (every row's setting,
@@ -343,6 +370,16 @@ mod tests {
         .expect("each flag alone is valid");
         let e = s.validate().expect_err("refused");
         assert!(e.starts_with("--events-wakeup-bytes 32768"), "{e}");
+    }
+
+    #[test]
+    fn retired_capacity_flags_are_accepted_and_named() {
+        let s = parse(&["--max-socket-translations", "1000"]).expect("an old command line parses");
+        assert_eq!(s.retired_flags(), ["--max-socket-translations"]);
+        assert_eq!(
+            parse(&[]).expect("defaults").retired_flags(),
+            Vec::<&str>::new()
+        );
     }
 
     #[test]

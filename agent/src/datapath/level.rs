@@ -57,8 +57,12 @@ pub fn cgroup_level(cgroup: &Path, specs: &[MapSpec]) -> Result<u32, Error> {
 /// The ids of the calling thread's cgroup and its ancestors, by level (index 0: the root).
 fn own_ancestors(specs: &[MapSpec]) -> Result<Vec<u64>, Error> {
     let mut loader = EbpfLoader::new();
-    // Nothing is written to the maps of this throwaway copy: make them as small as allowed.
-    for spec in specs.iter().filter(|s| s.map_type != MapType::RingBuf) {
+    // Nothing is written to the maps of this throwaway copy: make them as small as allowed
+    // (ring buffers have a minimum, socket storage no capacity at all).
+    for spec in specs
+        .iter()
+        .filter(|s| !matches!(s.map_type, MapType::RingBuf | MapType::SkStorage))
+    {
         loader.map_max_entries(spec.name, 1);
     }
     let mut ebpf = loader

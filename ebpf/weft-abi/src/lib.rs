@@ -21,7 +21,7 @@ mod user;
 /// to a map's key or value layout or meaning (a same-size change included): maps are pinned
 /// per version (and per shape, see the agent's `datapath::pins`), so an agent of another
 /// version never adopts them; it fills new ones and switches the programs after.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the programs in the object, as the agent looks them up.
 pub mod programs {
@@ -44,7 +44,7 @@ pub mod programs {
     /// cgroup/getpeername4 and getpeername6: getpeername() returns the ClusterIP.
     pub const GETPEERNAME4: &str = "weft_getpeername4";
     pub const GETPEERNAME6: &str = "weft_getpeername6";
-    /// cgroup/sock_release: removes a UDP socket's translation entries.
+    /// cgroup/sock_release: a closing socket's storage values leave its pod's budget.
     pub const SOCK_RELEASE: &str = "weft_sock_release";
 
     /// Never attached: run by the agent (BPF_PROG_TEST_RUN) to learn cgroup levels.
@@ -93,6 +93,10 @@ pub mod globals {
     /// u64: the node's network namespace (its cookie): host-network pods and node processes
     /// live there and are never judged as unbound pods.
     pub const HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
+    /// u64: socket-storage values the node may hold, and one pod may (see
+    /// `crate::svc::SockOwner`).
+    pub const SOCK_STATES: &str = "SOCK_STATES";
+    pub const SOCK_STATES_PER_POD: &str = "SOCK_STATES_PER_POD";
 }
 
 /// Address families as the kernel numbers them.

@@ -11,7 +11,8 @@
 //! at once, so values replaced while programs read them carry a seal, see [`crate::seal`]),
 //! `LruHash`,
 //! `PerCpuHash`, `LpmTrie` (the key type is the data after the prefix length), `PerCpuArray`
-//! (key: u32 index), and `External` (declared by a library: aya-log's ring buffer). The
+//! (key: u32 index), `SkStorage` (socket storage, a BTF-defined map: one value per socket,
+//! created by the programs, freed with the socket; no capacity), and `External` (declared by a library: aya-log's ring buffer). The
 //! setting is a field of the agent's capacity flags, or `fixed` for a size the agent does not
 //! choose. BPF object names are limited to 15 bytes.
 
@@ -46,16 +47,8 @@ macro_rules! for_each_map {
             AFFINITY: LruHash<$crate::svc::AffinityKey, $crate::svc::AffinityValue>(
                 max_affinity = 65_536
             );
-            /// (socket, backend) to the frontend the application asked for.
-            REVNAT: LruHash<$crate::svc::RevNatKey, $crate::svc::Endpoint>(
-                max_socket_translations = 65_536
-            );
-            /// (unconnected UDP socket, frontend) to the backend chosen for it.
-            UDP_FLOWS: LruHash<$crate::svc::UdpFlowKey, $crate::svc::Endpoint>(
-                max_socket_translations = 65_536
-            );
-            /// UDP socket cookie to its last translation (for cleanup at release).
-            UDP_SOCKS: LruHash<u64, $crate::svc::UdpSock>(max_socket_translations = 65_536);
+            /// Per socket: the ClusterIP translations it made (`SockXlate`).
+            SOCK_XLATE: SkStorage<$crate::svc::SockXlate>(fixed = 0);
             /// Local pods by cgroup id.
             ENDPOINTS: HashNoPrealloc<u64, $crate::policy::EndpointInfo>(
                 max_endpoints = 16_384
@@ -68,10 +61,15 @@ macro_rules! for_each_map {
             POLICY: LpmTrie<$crate::policy::PolicyData, $crate::policy::PolicyValue>(
                 max_policy_entries = 262_144
             );
-            /// Allowed UDP/SCTP exchanges by (socket, peer): their packets pass unjudged.
+            /// Per socket: its allowed UDP/SCTP/echo exchanges (`SockFlows`); their packets
+            /// pass unjudged.
+            SOCK_FLOWS: SkStorage<$crate::policy::SockFlows>(fixed = 0);
+            /// Allowed exchanges of sockets whose own `SOCK_FLOWS` slots were full.
             POLICY_FLOWS: LruHash<$crate::policy::PolicyFlowKey, u64>(
                 max_policy_flows = 65_536
             );
+            /// Socket-storage values held, per owner and in total (`SockOwner`).
+            SOCK_COUNTS: LruHash<$crate::svc::SockOwner, u64>(max_endpoints = 16_384);
             /// Policy verdicts by (direction, match), see `verdict_index`.
             VERDICTS: PerCpuArray<u64>(fixed = $crate::policy::VERDICTS);
             /// Packets and bytes per UDP flow of a local socket.

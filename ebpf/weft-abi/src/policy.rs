@@ -12,7 +12,7 @@
 //!    A missing protocol or port is a shorter prefix; a port range is split into prefixes.
 //!
 //! Replies are never judged: a TCP packet reaching a socket that is not listening belongs to a
-//! connection judged when it began, and other protocols are recognised by `POLICY_FLOWS`.
+//! connection judged when it began, and other protocols are recognised by the socket's `SOCK_FLOWS` storage.
 
 /// Identity in a `POLICY` key that matches every peer (a rule without `from`/`to`).
 pub const IDENTITY_ANY: u32 = 0;
@@ -181,13 +181,12 @@ pub struct PolicyValue {
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 
-/// Key of `POLICY_FLOWS` (LRU hash): a socket's allowed exchange with one peer, for protocols
-/// without connection state in the socket (UDP, SCTP). Writer and reader: connect4/6 and
-/// cgroup_skb. Value: the last time (ktime ns) the flow was refreshed.
+/// A socket's allowed exchange with one peer, for protocols without connection state in the
+/// socket (UDP, SCTP, ICMP echo with its identifier as the port): what a slot of
+/// [`SockFlows`] is looked up by.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PolicyFlowKey {
-    pub cookie: u64,
+pub struct FlowPeer {
     /// Network byte order; IPv4 in the first word.
     pub peer: [u32; 4],
     /// Network byte order.
@@ -195,6 +194,83 @@ pub struct PolicyFlowKey {
     pub protocol: u8,
     /// A [`crate::net::Family`]: 4 or 6.
     pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowPeer>() == 20);
+
+impl FlowPeer {
+    /// A hash of the peer: where in [`SockFlows`] its slot is looked for.
+    #[inline(always)]
+    pub const fn hash(&self) -> u32 {
+        let mut h = crate::seal::SEED_FLOWS;
+        h = crate::seal::mix(h, self.peer[0]);
+        h = crate::seal::mix(h, self.peer[1]);
+        h = crate::seal::mix(h, self.peer[2]);
+        h = crate::seal::mix(h, self.peer[3]);
+        h = crate::seal::mix(
+            h,
+            self.peer_port as u32 | (self.protocol as u32) << 16 | (self.family as u32) << 24,
+        );
+        crate::seal::finish(h, 5)
+    }
+}
+
+/// One remembered exchange of a socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub peer: FlowPeer,
+    pub _pad: u32,
+    /// When the exchange was last seen (ktime ns); 0: the slot is free.
+    pub seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 32);
+
+/// The kernel's `struct bpf_spin_lock`, found by its BTF name in a map value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// Slots of [`SockFlows`]; a power of two.
+pub const FLOW_SLOTS: u32 = 16;
+/// Consecutive slots a peer may occupy, from the one its hash names.
+pub const FLOW_WAYS: u32 = 4;
+
+/// [`SockFlows::flags`]: some exchange of the socket did not fit its slots and went to the
+/// node-wide `POLICY_FLOWS` (look there too).
+pub const FLOWS_OVERFLOWED: u32 = 1;
+/// [`SockFlows::flags`]: the value counts against `owner`'s budget (cleared when sock_release
+/// gives it back).
+pub const FLOWS_COUNTED: u32 = 2;
+
+/// Value of `SOCK_FLOWS` (socket storage): the allowed exchanges of one socket, so the packets
+/// of each pass both ways without being judged again. The storage lives and dies with its
+/// socket: no socket's exchanges push out another's. A socket with more than [`FLOW_WAYS`]
+/// live peers in one run of slots (a server answering many clients) puts the next ones in the
+/// node-wide `POLICY_FLOWS` LRU instead. Writers and readers: connect4/6 and cgroup_skb, from
+/// several CPUs at once: every access holds `lock`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockFlows {
+    pub lock: bpf_spin_lock,
+    /// The pod whose socket-state budget this value counts against (see
+    /// `crate::svc::SockOwner`).
+    pub owner: u32,
+    /// `FLOWS_*`.
+    pub flags: u32,
+    pub _pad: u32,
+    pub slots: [FlowSlot; FLOW_SLOTS as usize],
+}
+const _: () = assert!(core::mem::size_of::<SockFlows>() == 528);
+
+/// Key of `POLICY_FLOWS` (LRU hash): an allowed exchange of a socket whose own slots were full
+/// (see [`SockFlows`]). Value: the last time (ktime ns) it was seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyFlowKey {
+    pub cookie: u64,
+    pub peer: FlowPeer,
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyFlowKey>() == 32);
@@ -267,6 +343,10 @@ mod pod {
     unsafe impl aya::Pod for PolicyData {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockFlows {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PolicyFlowKey {}
 }

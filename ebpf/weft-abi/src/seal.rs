@@ -36,6 +36,7 @@ pub const fn finish(hash: u32, words: u32) -> u32 {
 /// Seeds tell the maps apart: a value of one map never seals for another.
 pub const SEED_SERVICES: u32 = 0x5345_5256;
 pub const SEED_ENDPOINTS: u32 = 0x454e_4450;
+pub const SEED_FLOWS: u32 = 0x464c_4f57;
 
 #[cfg(test)]
 mod tests {

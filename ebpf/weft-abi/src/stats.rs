@@ -22,9 +22,10 @@ pub enum Counter {
     ServiceNoBackends = 5,
     /// A service's backend slot was missing (a sync bug): the connect was refused.
     ServiceSlotMissing = 6,
-    /// A reverse translation entry could not be written (getpeername/recvmsg may show the
-    /// backend instead of the ClusterIP).
-    RevNatFailed = 7,
+    /// A socket's storage could not be created (the kernel is out of memory for it): a
+    /// translation or an allowed exchange of that socket was not remembered (getpeername and
+    /// recvmsg may show the backend; the exchange's next packets are judged again).
+    SockStateFailed = 7,
     /// A drop event was not written: the CPU's budget of `DROP_EVENTS_PER_SECOND` was spent
     /// (the drop itself is counted in `VERDICTS`/`STATS` as always).
     DropEventsSuppressed = 8,
@@ -34,11 +35,18 @@ pub enum Counter {
     /// An unconnected UDP socket reached one backend through two ClusterIPs (every backend
     /// looked at was taken): replies from it show the ClusterIP dialled last.
     RevNatShared = 10,
+    /// A socket with more live exchanges than its own storage holds (a server answering many
+    /// clients) put one in the node-wide `POLICY_FLOWS` LRU.
+    FlowOverflow = 11,
+    /// A socket's storage was not created: its pod (or the node) holds as many values as
+    /// `--max-socket-states-per-pod` (`--max-socket-states`) allow. That pod's translations
+    /// and exchanges are not remembered until some of its sockets close.
+    SockStateOverBudget = 12,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -46,10 +54,12 @@ impl Counter {
         Self::CallbackFlagsFailed,
         Self::ServiceNoBackends,
         Self::ServiceSlotMissing,
-        Self::RevNatFailed,
+        Self::SockStateFailed,
         Self::DropEventsSuppressed,
         Self::TornRead,
         Self::RevNatShared,
+        Self::FlowOverflow,
+        Self::SockStateOverBudget,
     ];
 
     /// The name the agent reports.
@@ -62,10 +72,12 @@ impl Counter {
             Self::CallbackFlagsFailed => "callback_flags_failed",
             Self::ServiceNoBackends => "service_no_backends",
             Self::ServiceSlotMissing => "service_slot_missing",
-            Self::RevNatFailed => "revnat_failed",
+            Self::SockStateFailed => "sock_state_failed",
             Self::DropEventsSuppressed => "drop_events_suppressed",
             Self::TornRead => "torn_read",
             Self::RevNatShared => "revnat_shared",
+            Self::FlowOverflow => "flow_overflow",
+            Self::SockStateOverBudget => "sock_state_over_budget",
         }
     }
 }

@@ -4,9 +4,8 @@
 //! - `SERVICES`, `BACKEND_SLOTS`, `MEMBERS`: written by the agent's `sync`, read by the
 //!   sock_addr programs (connect, sendmsg) of the kernel, and by cgroup_skb egress for UDP
 //!   sockets connected through a ClusterIP (is their backend still a member?).
-//! - `AFFINITY`, `REVNAT`, `UDP_FLOWS`, `UDP_SOCKS`: written and read by the kernel programs
-//!   (LRU maps; TCP entries of `REVNAT` are removed when the socket closes, UDP ones when it is
-//!   released).
+//! - `AFFINITY` (LRU map) and `SOCK_XLATE` (socket storage): written and read by the kernel
+//!   programs.
 //!
 //! Consistency: a service's backends live in `BACKEND_SLOTS` under a revision. `sync` writes a
 //! new revision's slots (and new `MEMBERS`) first, then switches the `SERVICES` entry to it in
@@ -79,8 +78,7 @@ impl ServiceValue {
     }
 }
 
-/// An address and port: a backend, or (in `REVNAT` values) the ClusterIP and port a socket
-/// asked for.
+/// An address and port: a backend, or a ClusterIP and port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
@@ -134,30 +132,6 @@ pub struct AffinityValue {
 }
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 32);
 
-/// Key of `REVNAT` (LRU): a socket and the backend it was sent to. The value is the ClusterIP
-/// and port ([`Endpoint`]) the application asked for, so getpeername() and UDP recvmsg() show
-/// it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNatKey {
-    pub cookie: u64,
-    pub backend: Endpoint,
-    pub _pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<RevNatKey>() == 32);
-
-/// Key of `UDP_FLOWS` (LRU): an unconnected UDP socket and the frontend it sends to; the value
-/// is the backend [`Endpoint`] chosen for it, kept while it stays a member (like a conntrack
-/// entry).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct UdpFlowKey {
-    pub cookie: u64,
-    pub frontend: ServiceKey,
-    pub _pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 32);
-
 /// `u32::from_ne_bytes([0, 0, 0xff, 0xff])`: the third word of an IPv4-mapped IPv6 address.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -171,19 +145,68 @@ pub const fn normalize_v6(words: [u32; 4]) -> (u8, [u32; 4]) {
     }
 }
 
-/// Value of `UDP_SOCKS` (LRU, key: socket cookie): the last translation of a UDP socket, so the
-/// sock_release program can remove its `REVNAT` and `UDP_FLOWS` entries when it closes (a
-/// resolver opens a socket per query; left to LRU eviction they would push out live entries),
-/// and cgroup_skb can tell a connected socket whose backend has left the Service.
+/// [`Xlate::flags`]: the slot holds a translation.
+pub const XLATE_USED: u32 = 1;
+/// [`Xlate::flags`]: made by connect (a TCP socket, or a UDP socket that sends only there);
+/// without it, by sendmsg (unconnected UDP, a backend chosen per frontend).
+pub const XLATE_CONNECTED: u32 = 2;
+
+/// One translation of a socket: it asked for `frontend` and reaches `backend`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UdpSock {
+pub struct Xlate {
     pub frontend: ServiceKey,
     pub backend: Endpoint,
-    /// 1: made by connect (the socket sends only there); 0: by sendmsg (chosen per datagram).
-    pub connected: u32,
+    /// `XLATE_*`.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<UdpSock>() == 44);
+const _: () = assert!(core::mem::size_of::<Xlate>() == 44);
+
+/// Translations of unconnected UDP one socket keeps, one per ClusterIP it sends to (past
+/// that, the oldest is replaced); a power of two.
+pub const XLATE_UNCONNECTED: u32 = 4;
+/// Translations one socket keeps: connect's, and those of unconnected UDP.
+pub const XLATE_SLOTS: u32 = 1 + XLATE_UNCONNECTED;
+
+/// Value of `SOCK_XLATE` (socket storage): what a socket asked for and reaches, so recvmsg and
+/// getpeername show the ClusterIP, an unconnected UDP socket stays on its backend per frontend
+/// (like a conntrack entry) and cgroup_skb can tell a connected socket whose backend left the
+/// Service. The storage lives and dies with its socket: no socket's translations push out
+/// another's, and nothing is left to clean up. Writers: connect4/6, sendmsg4/6 (under the
+/// socket's lock). Readers: those, recvmsg4/6, getpeername4/6, sock_ops and cgroup_skb.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockXlate {
+    pub slots: [Xlate; XLATE_SLOTS as usize],
+    /// The slot a new unconnected translation replaces when none is free.
+    pub next: u32,
+    /// The pod whose socket-state budget this value counts against (see [`SockOwner`]).
+    pub owner: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockXlate>() == 228);
+
+/// Who a socket-storage value (`SOCK_XLATE`, `SOCK_FLOWS`) is counted against: the pod's
+/// `EndpointInfo::endpoint_id`, or [`SockOwner::NODE`] for sockets of no pod. Key of
+/// `SOCK_COUNTS` (LRU; value: u64 values held), with [`SockOwner::TOTAL`] for the node's sum.
+/// A pod past `globals::SOCK_STATES_PER_POD`, or the node past `globals::SOCK_STATES`, gets
+/// no new values (its sockets' translations and exchanges are not remembered: replies are
+/// judged again, recvmsg shows the backend), so memory the kernel charges to the agent stays
+/// bounded and no pod can take another's share. Writers: the programs that create values
+/// (increment) and sock_release (decrement).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockOwner {
+    pub id: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockOwner>() == 8);
+
+impl SockOwner {
+    /// Sockets of no pod (node processes, pods not bound yet).
+    pub const NODE: u32 = 0;
+    /// The key of the node-wide sum.
+    pub const TOTAL: Self = Self { id: u64::MAX };
+}
+const _: () = assert!(XLATE_UNCONNECTED.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod pod {
@@ -203,9 +226,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for AffinityValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for Xlate {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for UdpFlowKey {}
+    unsafe impl aya::Pod for SockXlate {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for UdpSock {}
+    unsafe impl aya::Pod for SockOwner {}
 }

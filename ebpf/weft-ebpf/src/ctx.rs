@@ -48,7 +48,6 @@ socket_cookie!(
     aya_ebpf::programs::SkBuffContext => skb.skb,
     aya_ebpf::programs::SockAddrContext => sock_addr,
     aya_ebpf::programs::SockOpsContext => ops,
-    aya_ebpf::programs::SockContext => sock,
 );
 
 /// The cookie of the network namespace of a program's socket (sock_addr: the caller's socket;

@@ -15,16 +15,16 @@ use weft_abi::{
     },
     net::{Direction, Family},
     stats::Counter,
-    svc::{Endpoint, RevNatKey, normalize_v6},
+    svc::{Endpoint, normalize_v6},
 };
 
 use crate::{
     ctx::SocketCookie,
     maps::{
         CONN_EVENTS, CONN_EVENTS_ENABLED, CONN_EVENTS_WAKEUP_BYTES, CONN_STATE,
-        CONN_UPDATE_INTERVAL_NS, DROP_BUDGET, REVNAT,
+        CONN_UPDATE_INTERVAL_NS, DROP_BUDGET,
     },
-    stats,
+    stats, xlate,
 };
 
 /// Whether the agent wants events at all (telemetry can be switched off).
@@ -58,26 +58,17 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The reverse-translation key of a client socket connected to `backend` (its remote end).
+/// Fills `ev.service_*` when the socket reaches its peer (`ev.remote_addr`, `port_be` in
+/// network order) through a ClusterIP.
 #[inline(always)]
-pub fn revnat_key(cookie: u64, family: u8, addr: [u32; 4], port_be: u16) -> RevNatKey {
-    RevNatKey {
-        cookie,
-        backend: Endpoint {
-            addr,
-            port: port_be,
-            family,
-            _pad: 0,
-        },
+pub fn add_service(ev: &mut ConnEvent, sk: *mut bpf_sock, family: u8, port_be: u16) {
+    let backend = Endpoint {
+        addr: ev.remote_addr,
+        port: port_be,
+        family,
         _pad: 0,
-    }
-}
-
-/// Fills `ev.service_*` from `REVNAT` when the client socket went through a ClusterIP.
-#[inline(always)]
-pub fn add_service(ev: &mut ConnEvent, key: &RevNatKey) {
-    // SAFETY: REVNAT values are plain data, copied out at once.
-    if let Some(frontend) = unsafe { REVNAT.get(key) } {
+    };
+    if let Some(frontend) = xlate::frontend_of(sk, &backend) {
         ev.service_addr = frontend.addr;
         ev.service_port = u32::from(u16::from_be(frontend.port));
         ev.flags |= flags::VIA_SERVICE;
@@ -134,8 +125,7 @@ pub fn maybe_update(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     }
     // SAFETY: `sk` is a full socket and `tp` its non-null bpf_tcp_sock.
     let (mut ev, family, remote_port_be) = unsafe { update_event(sk, tp, s, cookie, now) };
-    let key = revnat_key(cookie, family, ev.remote_addr, remote_port_be);
-    add_service(&mut ev, &key);
+    add_service(&mut ev, sk, family, remote_port_be);
     submit(&ev);
 }
 
@@ -173,7 +163,7 @@ unsafe fn sock_ends(sk: *mut bpf_sock) -> (u8, [u32; 4], [u32; 4]) {
 }
 
 /// An `Update` event of an established connection: its counters so far, from the socket;
-/// with the socket's family and remote port (network order) for its `REVNAT` key.
+/// with the socket's family and remote port (network order) for its translation.
 ///
 /// # Safety
 /// `sk` must be a full TCP socket and `tp` its non-null `bpf_tcp_sock`.

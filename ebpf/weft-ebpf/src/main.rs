@@ -13,6 +13,7 @@
 #[macro_use]
 mod ctx;
 mod events;
+mod flows;
 mod headers;
 mod maps;
 mod packet;
@@ -20,14 +21,15 @@ mod policy;
 mod service;
 mod sockops;
 mod stats;
+mod storage;
 mod traffic;
 mod verdict;
+mod xlate;
 
 use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
-use ctx::SocketCookie as _;
 use service::{Hook, V4, V6};
 use verdict::{Fault, Verdict};
 use weft_abi::{IPPROTO_UDP, conn::DropReason, net::Direction, stats::Counter};
@@ -96,7 +98,7 @@ fn try_skb(ctx: &SkBuffContext, direction: Direction) -> Result<Verdict, Fault> 
     // Before policy: a datagram dropped here leaves no reply path behind.
     if direction == Direction::Egress
         && h.protocol == IPPROTO_UDP
-        && !service::backend_current(ctx.cookie(), h.version, &h.dst, h.dport)
+        && !service::backend_current(ctx, h.version, &h.dst, h.dport)
     {
         policy::skb_dropped(ctx, &h, direction, DropReason::StaleBackend);
         return Ok(Verdict::Deny);
@@ -156,7 +158,7 @@ sock_addr_program!(
 );
 sock_addr_program!(getpeername6: weft_getpeername6 => service::try_reverse::<V6>);
 
-/// Removes a released UDP socket's translation entries.
+/// A closing socket's storage values leave its pod's budget.
 #[cgroup_sock(sock_release)]
 pub fn weft_sock_release(ctx: SockContext) -> i32 {
     match service::try_release(&ctx) {

@@ -4,7 +4,8 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
@@ -51,6 +52,12 @@ macro_rules! declare_map {
         #[map]
         pub static $name: PerCpuArray<$v> = PerCpuArray::with_max_entries($size, 0);
     };
+    // BTF-defined (aya's socket storage has no legacy definition); no capacity.
+    ($(#[doc = $doc:literal])* $name:ident, SkStorage<$v:ty>, $size:expr) => {
+        $(#[doc = $doc])*
+        #[btf_map]
+        pub static $name: SkStorage<$v> = SkStorage::new();
+    };
     // Declared by the library that owns it (aya-log-ebpf's `AYA_LOGS`).
     ($(#[doc = $doc:literal])* $name:ident, External, $size:expr) => {};
 }
@@ -88,3 +95,11 @@ pub static UNBOUND_SCOPE_LEVEL: Global<u32> = Global::new(0);
 /// See `weft_abi::globals::UNBOUND_SCOPE_ID`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static UNBOUND_SCOPE_ID: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::SOCK_STATES`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static SOCK_STATES: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::SOCK_STATES_PER_POD`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static SOCK_STATES_PER_POD: Global<u64> = Global::new(0);

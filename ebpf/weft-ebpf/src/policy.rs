@@ -5,15 +5,14 @@
 //! - TCP ingress is judged on the packets that reach a listening socket (the SYN and the
 //!   handshake's last ACK); packets of an established connection pass.
 //! - UDP and SCTP are judged on a socket's first packet to or from a peer (connect judges
-//!   connected UDP early); an allowed exchange is remembered in `POLICY_FLOWS` under the
-//!   socket's cookie, so its packets in both directions pass without being judged again.
+//!   connected UDP early); an allowed exchange is remembered in the socket's own storage
+//!   (`SOCK_FLOWS`), so its packets in both directions pass without being judged again.
 //! - ICMP replies and errors pass; other protocols are judged per packet with port 0 (only
 //!   rules without ports match them).
 use aya_ebpf::{
     bindings::bpf_sock,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_sk_fullsock,
-        bpf_skb_ancestor_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
     },
     maps::lpm_trie::Key,
     programs::{SkBuffContext, SockAddrContext},
@@ -23,10 +22,9 @@ use weft_abi::{
     conn::DropReason,
     net::{Direction, Family},
     policy::{
-        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, FLOW_IDLE_NS, FLOW_REFRESH_NS,
-        IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue,
-        MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, PolicyFlowKey,
-        verdict_index,
+        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, FlowPeer, IDENTITY_ANY,
+        IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, MAX_POD_DEPTH,
+        Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, verdict_index,
     },
     stats::Counter,
 };
@@ -34,10 +32,11 @@ use weft_abi::{
 use crate::{
     ctx::{NetnsCookie as _, SocketCookie},
     events::DropEvent,
+    flows,
     headers::{Headers, is_echo},
     maps::{
-        ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY, POLICY_FLOWS, POLICY_ROOT_LEVEL,
-        UNBOUND_ISOLATED, UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL, VERDICTS,
+        ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY, POLICY_ROOT_LEVEL, UNBOUND_ISOLATED,
+        UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL, VERDICTS,
     },
     stats,
 };
@@ -109,7 +108,7 @@ fn endpoint(id: u64) -> Bound {
 
 /// The pod of the calling process (sock_addr hooks).
 #[inline(always)]
-fn current_endpoint(ctx: &SockAddrContext) -> Option<EndpointInfo> {
+pub fn current_endpoint(ctx: &SockAddrContext) -> Option<EndpointInfo> {
     endpoint_by(
         // SAFETY: no memory is passed.
         |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
@@ -258,55 +257,19 @@ fn count(direction: Direction, m: Match) {
     }
 }
 
-/// Records an allowed exchange of a socket with a peer (protocols without socket state).
+/// connect4/6, after service translation: judges TCP and UDP egress of pod `ep` (the caller's,
+/// None: no pod) to `dst:port` (the backend, when translated). Returns false to fail the
+/// connect with EPERM.
 #[inline(always)]
-fn remember(key: &PolicyFlowKey) {
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // A lost entry only means the next packet is judged again.
-    let _ = POLICY_FLOWS.insert(key, now, 0);
-}
-
-#[inline(always)]
-fn flow_key(cookie: u64, family: u8, peer: &[u32; 4], port: u16, protocol: u8) -> PolicyFlowKey {
-    PolicyFlowKey {
-        cookie,
-        peer: *peer,
-        peer_port: port,
-        protocol,
-        family,
-        _pad: 0,
-    }
-}
-
-/// Whether a socket already exchanged with this peer recently (then the packet is part of an
-/// allowed flow, whichever side started it).
-#[inline(always)]
-fn known_flow(key: &PolicyFlowKey) -> bool {
-    // SAFETY: LRU values are u64 timestamps, read and written whole.
-    let Some(seen) = POLICY_FLOWS.get_ptr_mut(key) else {
-        return false;
-    };
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: `seen` points at a live 8-byte aligned map value.
-    let last = unsafe { core::ptr::read_volatile(seen) };
-    let idle = now.saturating_sub(last);
-    if idle > FLOW_IDLE_NS {
-        return false;
-    }
-    if idle > FLOW_REFRESH_NS {
-        // SAFETY: as above; a racing writer stores a timestamp just as good.
-        unsafe { core::ptr::write_volatile(seen, now) };
-    }
-    true
-}
-
-/// connect4/6, after service translation: judges TCP and UDP egress to `dst:port` (the
-/// backend, when translated). Returns false to fail the connect with EPERM.
-#[inline(always)]
-pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], port: u16) -> bool {
-    let Some(ep) = current_endpoint(ctx) else {
+pub fn connect_as(
+    ctx: &SockAddrContext,
+    ep: Option<EndpointInfo>,
+    protocol: u8,
+    family: u8,
+    dst: &[u32; 4],
+    port: u16,
+) -> bool {
+    let Some(ep) = ep else {
         return true;
     };
     if ep.flags & EP_EGRESS_ISOLATED != 0 {
@@ -330,7 +293,11 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
     }
     // Replies pass the pod's ingress by this entry; only an ingress-isolated pod needs it.
     if protocol == IPPROTO_UDP && ep.flags & EP_INGRESS_ISOLATED != 0 {
-        remember(&flow_key(ctx.cookie(), family, dst, port, protocol));
+        flows::remember(
+            ctx,
+            ep.endpoint_id,
+            &flows::peer(family, dst, port, protocol),
+        );
     }
     true
 }
@@ -341,10 +308,10 @@ pub fn connect(ctx: &SockAddrContext, protocol: u8, family: u8, dst: &[u32; 4], 
 /// identifier stands for the port); everything else is judged like any portless protocol.
 #[inline(always)]
 fn icmp(ctx: &SkBuffContext, h: &Headers, direction: Direction, peer: &[u32; 4]) -> bool {
-    let key = flow_key(ctx.cookie(), h.version, peer, h.sport, h.protocol);
+    let key = flows::peer(h.version, peer, h.sport, h.protocol);
     let echo = is_echo(h.protocol, h.icmp_type);
     let request = echo && matches!(h.icmp_type, 8 | 128);
-    if echo && !request && direction == Direction::Ingress && known_flow(&key) {
+    if echo && !request && direction == Direction::Ingress && flows::known(ctx, &key) {
         return true;
     }
     let remember = (request && direction == Direction::Egress).then_some(&key);
@@ -377,8 +344,8 @@ pub fn packet(ctx: &SkBuffContext, h: &Headers, direction: Direction) -> bool {
             decide(ctx, h, direction, peer, port, None)
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            let key = flow_key(ctx.cookie(), h.version, peer, peer_port, h.protocol);
-            if known_flow(&key) {
+            let key = flows::peer(h.version, peer, peer_port, h.protocol);
+            if flows::known(ctx, &key) {
                 return true;
             }
             decide(ctx, h, direction, peer, port, Some(&key))
@@ -397,7 +364,7 @@ fn decide(
     direction: Direction,
     peer: &[u32; 4],
     port: u16,
-    flow: Option<&PolicyFlowKey>,
+    flow: Option<&FlowPeer>,
 ) -> bool {
     let Some(ep) = skb_endpoint(ctx) else {
         return true;
@@ -418,11 +385,11 @@ fn decide(
         }
     }
     // Replies of the exchange pass the other direction by this entry; only a pod isolated in
-    // that direction needs it (fewer entries for the LRU to evict).
+    // that direction needs it (no storage for the rest).
     if let Some(key) = flow
         && ep.flags & isolation(direction.opposite()) != 0
     {
-        remember(key);
+        flows::remember(ctx, ep.endpoint_id, key);
     }
     true
 }
@@ -436,7 +403,7 @@ pub fn unparsed(ctx: &SkBuffContext, direction: Direction) -> bool {
 
 /// Whether an egress-isolated pod sends from an address not its own (loopback aside). Raw
 /// sockets and IP_FREEBIND can; a packet looped back to the pod with a forged source would
-/// otherwise leave a reply path (`POLICY_FLOWS`) to a peer its policy does not allow. Unknown
+/// otherwise leave a reply path (`SOCK_FLOWS`) to a peer its policy does not allow. Unknown
 /// while the pod has no address of the family yet.
 #[inline(always)]
 fn spoofed(ep: &EndpointInfo, h: &Headers) -> bool {

@@ -2,31 +2,38 @@
 //!
 //! connect4/6 and sendmsg4/6 replace a ClusterIP destination with a backend before the kernel
 //! routes anything: no DNAT, no conntrack entry. recvmsg4/6 and getpeername4/6 put the ClusterIP
-//! back where the application looks, from `REVNAT`. Destinations that are not services are not
-//! touched. A service without ready backends fails the call with ECONNREFUSED at once.
+//! back where the application looks. Destinations that are not services are not
+//! touched. A service without ready backends fails the call with ECONNREFUSED at once. What a
+//! socket asked for and reaches lives in its own storage (`SOCK_XLATE`): slot 0 holds the
+//! translation connect made, the others those of unconnected UDP, one per ClusterIP.
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns},
-    programs::{SockAddrContext, SockContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
     conn::DropReason,
     net::{Direction, Family},
+    policy::EndpointInfo,
     stats::Counter,
     svc::{
-        AffinityKey, AffinityValue, Endpoint, MemberKey, RevNatKey, ServiceKey, ServiceValue,
-        SlotKey, UdpFlowKey, UdpSock, V4_MAPPED_WORD, normalize_v6,
+        AffinityKey, AffinityValue, Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey,
+        SockOwner, SockXlate, V4_MAPPED_WORD, XLATE_CONNECTED, XLATE_SLOTS, XLATE_UNCONNECTED,
+        XLATE_USED, Xlate, normalize_v6,
     },
 };
 
 use crate::{
     ctx::SocketCookie,
     events::DropEvent,
-    maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, REVNAT, SERVICES, UDP_FLOWS, UDP_SOCKS},
+    flows,
+    maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, SERVICES, SOCK_XLATE},
     policy, stats,
+    storage::{self, Socket as _},
     verdict::{Fault, Verdict},
+    xlate,
 };
 
 /// Which forward hook runs.
@@ -108,76 +115,133 @@ pub fn try_translate<const IS_V6: bool>(
     };
     let Some(svc) = service(&key)? else {
         // Not a service: only egress policy applies.
-        if hook == Hook::Connect && !policy::connect(ctx, protocol, fam, &addr, port) {
+        if hook == Hook::Connect
+            && !policy::connect_as(
+                ctx,
+                policy::current_endpoint(ctx),
+                protocol,
+                fam,
+                &addr,
+                port,
+            )
+        {
             return Ok(Verdict::Deny);
         }
         if hook == Hook::Connect && protocol == IPPROTO_UDP {
             // Connected elsewhere now: an earlier ClusterIP translation no longer describes
             // where this socket sends.
-            forget_connected(ctx.cookie());
+            forget_connected(ctx);
         }
         return Ok(Verdict::Pass);
     };
     if svc.count == 0 {
-        stats::bump(Counter::ServiceNoBackends);
-        DropEvent {
-            cookie: ctx.cookie(),
-            family: fam,
-            local: policy::current_pod_addr(ctx, fam),
-            local_port: 0,
-            remote: addr,
-            remote_port: port,
-            protocol,
-            reason: DropReason::NoBackends,
-            direction: Direction::Egress,
-        }
-        .report();
-        return Ok(Verdict::Refuse);
+        return Ok(no_backends(ctx, &key));
     }
-    let cookie = ctx.cookie();
-    let backend = select(ctx, cookie, &key, &svc, hook).ok_or(Fault::SlotMissing)?;
+    // The pod is looked up once: for connect's policy check, and for the budget a new
+    // translation counts against.
+    let ep = (hook == Hook::Connect).then(|| policy::current_endpoint(ctx));
+    let xlate = translations(ctx, ep);
+    let backend = select(ctx, xlate, &key, &svc, hook).ok_or(Fault::SlotMissing)?;
     // Egress policy judges the backend the connection really reaches. (Unconnected UDP is
     // judged per peer by cgroup_skb, which sees the backend too.)
-    if hook == Hook::Connect
-        && !policy::connect(ctx, protocol, backend.family, &backend.addr, backend.port)
+    if let Some(ep) = ep
+        && !policy::connect_as(
+            ctx,
+            ep,
+            protocol,
+            backend.family,
+            &backend.addr,
+            backend.port,
+        )
     {
         return Ok(Verdict::Deny);
     }
-    remember(cookie, &key, &backend, hook);
+    if let Some(x) = xlate {
+        // SAFETY: the socket's own storage; sock_addr hooks run under the socket's lock, so
+        // no other writer runs meanwhile.
+        remember(unsafe { &mut *x }, &key, &backend, hook);
+    }
     write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
     Ok(Verdict::Pass)
 }
 
-/// Records a translation: what recvmsg and getpeername must show instead of the backend, and
-/// (UDP) the socket's last translation, for its cleanup and its backend's membership.
+/// A Service without ready backends: the call fails with ECONNREFUSED, reported.
 #[inline(always)]
-fn remember(cookie: u64, key: &ServiceKey, backend: &Endpoint, hook: Hook) {
-    let frontend = Endpoint {
-        addr: key.addr,
-        port: key.port,
+fn no_backends(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
+    stats::bump(Counter::ServiceNoBackends);
+    DropEvent {
+        cookie: ctx.cookie(),
         family: key.family,
-        _pad: 0,
-    };
-    let rev = RevNatKey {
-        cookie,
-        backend: *backend,
-        _pad: 0,
-    };
-    if REVNAT.insert(rev, frontend, 0).is_err() {
-        stats::bump(Counter::RevNatFailed);
+        local: policy::current_pod_addr(ctx, key.family),
+        local_port: 0,
+        remote: key.addr,
+        remote_port: key.port,
+        protocol: key.protocol,
+        reason: DropReason::NoBackends,
+        direction: Direction::Egress,
     }
-    if key.protocol == IPPROTO_UDP {
-        // Lost stickiness at worst: REVNAT and UDP_FLOWS then age out by LRU.
-        let _ = UDP_SOCKS.insert(
-            cookie,
-            UdpSock {
-                frontend: *key,
-                backend: *backend,
-                connected: u32::from(hook == Hook::Connect),
-            },
-            0,
-        );
+    .report();
+    Verdict::Refuse
+}
+
+/// The socket's translations, made (and counted against its pod, `ep` or looked up now) if
+/// it has none yet.
+#[inline(always)]
+fn translations(ctx: &SockAddrContext, ep: Option<Option<EndpointInfo>>) -> Option<*mut SockXlate> {
+    let sk = ctx.socket()?;
+    if let Some(x) = storage::get(&SOCK_XLATE, sk, false) {
+        return Some(x);
     }
+    let ep = match ep {
+        Some(ep) => ep,
+        None => policy::current_endpoint(ctx),
+    };
+    let owner = ep.map_or(SockOwner::NODE, |e| e.endpoint_id);
+    let x = storage::create(&SOCK_XLATE, sk, owner)?;
+    // SAFETY: the socket's own storage, new and zeroed; sock_addr hooks run under the
+    // socket's lock, so this call is its only writer.
+    unsafe { (*x).owner = owner };
+    Some(x)
+}
+
+/// Records a translation: what recvmsg and getpeername must show instead of the backend, and
+/// (unconnected UDP) the backend the socket keeps for this frontend.
+#[inline(always)]
+fn remember(x: &mut SockXlate, key: &ServiceKey, backend: &Endpoint, hook: Hook) {
+    let (index, flags) = match hook {
+        Hook::Connect => (xlate::CONNECTED_SLOT, XLATE_USED | XLATE_CONNECTED),
+        Hook::Sendmsg => (unconnected_slot(x, key), XLATE_USED),
+    };
+    if let Some(slot) = x.slots.get_mut(index) {
+        *slot = Xlate {
+            frontend: *key,
+            backend: *backend,
+            flags,
+        };
+    }
+}
+
+/// Where an unconnected translation for `key` goes: its frontend's slot, a free one, or the
+/// next in turn (a socket sending to more ClusterIPs than it has slots forgets its own
+/// oldest; no other socket's).
+#[inline(always)]
+fn unconnected_slot(x: &mut SockXlate, key: &ServiceKey) -> usize {
+    let mut free = None;
+    for i in 1..XLATE_SLOTS as usize {
+        let Some(slot) = x.slots.get(i) else { break };
+        if slot.flags & XLATE_USED == 0 {
+            free = free.or(Some(i));
+        } else if slot.frontend == *key {
+            return i;
+        }
+    }
+    if let Some(i) = free {
+        return i;
+    }
+    // A mask, not a remainder: the verifier follows its bound.
+    let turn = x.next & (XLATE_UNCONNECTED - 1);
+    x.next = turn.wrapping_add(1);
+    turn as usize + 1
 }
 
 /// Tries to copy a whole `SERVICES` value (see `weft_abi::seal`) before giving up.
@@ -230,18 +294,20 @@ fn slot(svc: &ServiceValue, index: u32) -> Option<Endpoint> {
 /// already uses.
 const UNSHARED_TRIES: u32 = 4;
 
+/// Whether the socket reaches `backend` through a frontend other than `key`.
+#[inline(always)]
+fn taken(x: &SockXlate, key: &ServiceKey, backend: &Endpoint) -> bool {
+    x.slots
+        .iter()
+        .any(|s| s.flags & XLATE_USED != 0 && s.backend == *backend && s.frontend != *key)
+}
+
 /// A backend for an unconnected UDP socket's first datagram to `key`: one that the socket does
 /// not already reach through another ClusterIP. Replies are told apart by their source only,
 /// so a backend reached through two frontends would show one of them for both; when every
 /// backend looked at is taken, the socket shares one (counted).
 #[inline(always)]
-fn unshared_backend(cookie: u64, key: &ServiceKey, svc: &ServiceValue) -> Option<Endpoint> {
-    let frontend = Endpoint {
-        addr: key.addr,
-        port: key.port,
-        family: key.family,
-        _pad: 0,
-    };
+fn unshared_backend(x: &SockXlate, key: &ServiceKey, svc: &ServiceValue) -> Option<Endpoint> {
     // SAFETY: no arguments.
     let start = unsafe { bpf_get_prandom_u32() } % svc.count;
     let mut first = None;
@@ -251,15 +317,8 @@ fn unshared_backend(cookie: u64, key: &ServiceKey, svc: &ServiceValue) -> Option
         }
         let b = slot(svc, (start + i) % svc.count)?;
         first = first.or(Some(b));
-        let rev = RevNatKey {
-            cookie,
-            backend: b,
-            _pad: 0,
-        };
-        // SAFETY: LRU entries are only read and copied here.
-        match unsafe { REVNAT.get(rev) }.copied() {
-            Some(f) if f != frontend => {}
-            _ => return Some(b),
+        if !taken(x, key, &b) {
+            return Some(b);
         }
     }
     stats::bump(Counter::RevNatShared);
@@ -270,7 +329,7 @@ fn unshared_backend(cookie: u64, key: &ServiceKey, svc: &ServiceValue) -> Option
 #[inline(always)]
 fn select(
     ctx: &SockAddrContext,
-    cookie: u64,
+    xlate: Option<*mut SockXlate>,
     key: &ServiceKey,
     svc: &ServiceValue,
     hook: Hook,
@@ -278,24 +337,19 @@ fn select(
     if svc.affinity_timeout_s > 0 {
         return with_affinity(ctx, svc);
     }
-    if hook == Hook::Sendmsg {
+    if hook == Hook::Sendmsg
+        && let Some(x) = xlate
+    {
+        // SAFETY: the socket's own storage, read under the socket's lock.
+        let x = unsafe { &*x };
         // Keep an unconnected UDP socket on one backend per frontend while it stays a
         // member, as a conntrack entry would.
-        let flow = UdpFlowKey {
-            cookie,
-            frontend: *key,
-            _pad: 0,
-        };
-        // SAFETY: LRU entries are only read and copied here.
-        if let Some(b) = unsafe { UDP_FLOWS.get(flow) }.copied()
-            && is_member(svc.service_id, &b)
-        {
-            return Some(b);
+        if let Some(s) = x.slots.iter().find(|s| {
+            s.flags & XLATE_USED != 0 && s.frontend == *key && is_member(svc.service_id, &s.backend)
+        }) {
+            return Some(s.backend);
         }
-        let b = unshared_backend(cookie, key, svc)?;
-        // A failed insert only loses stickiness, never correctness.
-        let _ = UDP_FLOWS.insert(flow, b, 0);
-        return Some(b);
+        return unshared_backend(x, key, svc);
     }
     random_backend(svc)
 }
@@ -330,16 +384,19 @@ fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> 
     Some(backend)
 }
 
-/// A UDP socket connected to an address that is no Service: its last translation, if made
-/// by connect, no longer says where it sends (kept, unmarked, for the release cleanup).
+/// A UDP socket connected to an address that is no Service: its translation by connect no
+/// longer says where it sends.
 #[inline(always)]
-fn forget_connected(cookie: u64) {
-    // SAFETY: LRU entries are only read and copied here.
-    if let Some(mut sock) = unsafe { UDP_SOCKS.get(cookie) }.copied()
-        && sock.connected != 0
-    {
-        sock.connected = 0;
-        let _ = UDP_SOCKS.insert(cookie, sock, 0);
+fn forget_connected(ctx: &SockAddrContext) {
+    let Some(x) = ctx
+        .socket()
+        .and_then(|sk| storage::get(&SOCK_XLATE, sk, false))
+    else {
+        return;
+    };
+    // SAFETY: the socket's own storage, written under the socket's lock.
+    if let Some(slot) = unsafe { (*x).slots.get_mut(xlate::CONNECTED_SLOT) } {
+        slot.flags = 0;
     }
 }
 
@@ -347,20 +404,18 @@ fn forget_connected(cookie: u64) {
 /// to a backend that still serves it. A connected socket keeps the backend connect chose, and
 /// nothing moves it when that backend leaves the Service (kube-proxy flushes conntrack for
 /// this; Cilium destroys the socket): its datagrams are dropped instead, the send fails with
-/// EPERM, and the application's reconnect (or new socket) reaches a current backend. Best
-/// effort: it knows the socket's last translation only, while `UDP_SOCKS` keeps it.
+/// EPERM, and the application's reconnect (or new socket) reaches a current backend.
 #[inline(always)]
-pub fn backend_current(cookie: u64, family: u8, dst: &[u32; 4], dport: u16) -> bool {
-    // SAFETY: LRU entries are only read and copied here.
-    let Some(sock) = (unsafe { UDP_SOCKS.get(cookie) }).copied() else {
+pub fn backend_current(ctx: &SkBuffContext, family: u8, dst: &[u32; 4], dport: u16) -> bool {
+    let Some(t) = ctx.socket().and_then(xlate::connected) else {
         return true;
     };
-    let b = &sock.backend;
-    if sock.connected == 0 || b.family != family || b.addr != *dst || b.port != dport {
+    let b = &t.backend;
+    if t.flags & XLATE_CONNECTED == 0 || b.family != family || b.addr != *dst || b.port != dport {
         // Unconnected (sendmsg chooses a member per datagram), or another peer.
         return true;
     }
-    match service(&sock.frontend) {
+    match service(&t.frontend) {
         Ok(Some(svc)) => is_member(svc.service_id, b),
         // The Service is gone: its backends serve nothing here.
         Ok(None) => false,
@@ -374,46 +429,32 @@ pub fn backend_current(cookie: u64, family: u8, dst: &[u32; 4], dport: u16) -> b
 #[inline(always)]
 pub fn try_reverse<const IS_V6: bool>(ctx: &SockAddrContext) -> Result<Verdict, Fault> {
     let (fam, addr, port) = read_addr::<IS_V6>(ctx);
-    let key = RevNatKey {
-        cookie: ctx.cookie(),
-        backend: Endpoint {
-            addr,
-            port,
-            family: fam,
-            _pad: 0,
-        },
+    let backend = Endpoint {
+        addr,
+        port,
+        family: fam,
         _pad: 0,
     };
-    // SAFETY: LRU entries are only read and copied here.
-    if let Some(frontend) = unsafe { REVNAT.get(key) }.copied() {
+    if let Some(frontend) = ctx.socket().and_then(|sk| xlate::frontend_of(sk, &backend)) {
         write_addr::<IS_V6>(ctx, frontend.family, &frontend.addr, frontend.port);
     }
     Ok(Verdict::Pass)
 }
 
-/// sock_release: a UDP socket that went through a ClusterIP takes its translation entries
-/// with it. (A socket that talked to several frontends leaves the older ones to LRU eviction.)
+/// sock_release: the socket's storage values leave its pod's budget (the kernel frees them
+/// with the socket).
 #[inline(always)]
 pub fn try_release(ctx: &SockContext) -> Result<Verdict, Fault> {
-    if ctx_read!(ctx.sock, protocol) != u32::from(IPPROTO_UDP) {
-        return Ok(Verdict::Pass);
+    if let Some(x) = ctx
+        .socket()
+        .and_then(|sk| storage::get(&SOCK_XLATE, sk, false))
+    {
+        // SAFETY: the socket's storage; a socket is released once, when no call of it runs.
+        let owner = unsafe { core::ptr::replace(&raw mut (*x).owner, storage::NOT_COUNTED) };
+        if owner != storage::NOT_COUNTED {
+            storage::unreserve(owner);
+        }
     }
-    let cookie = ctx.cookie();
-    // SAFETY: LRU entries are only read and copied here.
-    let Some(last) = (unsafe { UDP_SOCKS.get(cookie) }).copied() else {
-        return Ok(Verdict::Pass);
-    };
-    // Absent entries (evicted, or a connect-only socket) are fine.
-    let _ = REVNAT.remove(RevNatKey {
-        cookie,
-        backend: last.backend,
-        _pad: 0,
-    });
-    let _ = UDP_FLOWS.remove(UdpFlowKey {
-        cookie,
-        frontend: last.frontend,
-        _pad: 0,
-    });
-    let _ = UDP_SOCKS.remove(cookie);
+    flows::release(ctx);
     Ok(Verdict::Pass)
 }

@@ -25,14 +25,14 @@ use weft_abi::{
     conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
     net::Family,
     stats::Counter,
-    svc::RevNatKey,
 };
 
 use crate::{
     ctx::SocketCookie,
-    events::{self, add_service, family_words, now, revnat_key},
-    maps::{CONN_STATE, REVNAT},
+    events::{self, add_service, family_words, now},
+    maps::CONN_STATE,
     packet, stats,
+    storage::Socket as _,
 };
 
 const TCP_FLAG_FIN: u32 = 0x01;
@@ -166,9 +166,6 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
             // Cannot fail: the entry was just found, and callbacks of one socket run under its
             // lock.
             let _ = CONN_STATE.remove(cookie);
-            if state.side == Side::Active as u32 {
-                forget_revnat(ctx, cookie);
-            }
         }
         _ => {}
     }
@@ -215,20 +212,11 @@ fn addresses(ctx: &SockOpsContext) -> (u8, [u32; 4], [u32; 4]) {
     (fam, local, remote)
 }
 
-/// The reverse translation key of this (client) socket.
+/// The remote port of the socket, in network byte order.
 #[inline(always)]
-fn own_revnat_key(ctx: &SockOpsContext, cookie: u64, family: u8, remote: [u32; 4]) -> RevNatKey {
+fn remote_port_be(ctx: &SockOpsContext) -> u16 {
     // remote_port holds the port in network byte order in its upper 16 bits.
-    let port = (u32::from_be(ctx_read!(ctx.ops, remote_port)) as u16).to_be();
-    revnat_key(cookie, family, remote, port)
-}
-
-/// A closed client socket no longer needs its reverse translation (if it connected through a
-/// ClusterIP): removing it keeps the LRU map for the sockets that still do.
-fn forget_revnat(ctx: &SockOpsContext, cookie: u64) {
-    let (family, _, remote) = addresses(ctx);
-    // Absent for the many connections that did not go through a service.
-    let _ = REVNAT.remove(own_revnat_key(ctx, cookie, family, remote));
+    (u32::from_be(ctx_read!(ctx.ops, remote_port)) as u16).to_be()
 }
 
 fn on_header(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
@@ -320,8 +308,10 @@ fn emit(
         protocol: u32::from(IPPROTO_TCP),
         ..ConnEvent::default()
     };
-    if state.side == Side::Active as u32 {
-        add_service(&mut ev, &own_revnat_key(ctx, cookie, family, remote_addr));
+    if state.side == Side::Active as u32
+        && let Some(sk) = ctx.socket()
+    {
+        add_service(&mut ev, sk, family, remote_port_be(ctx));
     }
     events::submit(&ev);
 }

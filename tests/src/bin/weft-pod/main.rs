@@ -202,10 +202,36 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
-    /// Echo UDP datagrams back to their sender.
+    /// Echo UDP datagrams back to their sender, each after --delay-ms (one at a time),
+    /// printing when each arrived and when its echo left.
     UdpEcho {
         #[arg(long)]
         listen: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Gather this many datagrams before echoing them all (that many exchanges pending at
+        /// once).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+    /// Send one datagram from each of --sockets UDP sockets to --to, then wait for every echo;
+    /// prints how many came back.
+    UdpMany {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sockets: usize,
+    },
+    /// Open --sockets unconnected UDP sockets (IPv4), send one datagram from each to --to,
+    /// print when all were sent, and keep them open for --hold-seconds (a workload filling
+    /// the node with socket state).
+    UdpFlood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sockets: u32,
+        #[arg(long, default_value_t = 10)]
+        hold_seconds: u64,
     },
     /// Send --count datagrams of --size bytes and wait for each echo.
     UdpClient {
@@ -219,6 +245,9 @@ enum Cmd {
         /// --connect.
         #[arg(long)]
         unconnected: bool,
+        /// How long to wait for each echo.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// --rounds times: one unconnected UDP socket sends to each --to, then reads one reply per
     /// target; the replies' sources must be the targets, each once (as a resolver asking
@@ -322,7 +351,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
             marker,
             seconds,
         } => raw::receive(protocol, marker.as_bytes(), Duration::from_secs(seconds)),
-        Cmd::UdpEcho { listen } => udp_echo(listen),
+        Cmd::UdpEcho {
+            listen,
+            delay_ms,
+            batch,
+        } => udp_echo(listen, Duration::from_millis(delay_ms), batch),
+        Cmd::UdpMany { to, sockets } => udp_many(to, sockets),
+        Cmd::UdpFlood {
+            to,
+            sockets,
+            hold_seconds,
+        } => udp_flood(to, sockets, Duration::from_secs(hold_seconds)),
         Cmd::Serve { name, tcp, udp } => serve_many(&name, &tcp, &udp),
         Cmd::Probe {
             timeout_ms,
@@ -339,7 +378,14 @@ fn run(cmd: Cmd) -> Result<(), String> {
             count,
             size,
             unconnected,
-        } => udp_client(connect, count, size, unconnected),
+            timeout_ms,
+        } => udp_client(
+            connect,
+            count,
+            size,
+            unconnected,
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::UdpPair { to, rounds } => udp_pair(&to, rounds),
         Cmd::UdpResolver {
             connect,
@@ -513,6 +559,18 @@ fn tcp_client(connect: SocketAddr, send: u64, expect: u64, close: CloseMode) -> 
         Ok(())
     } else {
         Err(format!("received {received} bytes, expected {expect}"))
+    }
+}
+
+/// Raises the open-files limit (soft and hard) to at least `n`: root may.
+fn raise_nofile_to(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: plain setrlimit on a valid struct; a failure leaves the old limit.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
 }
 
@@ -803,20 +861,123 @@ fn abort_on_close(s: &TcpStream) -> Result<(), String> {
     }
 }
 
-fn udp_echo(listen: SocketAddr) -> Result<(), String> {
+fn udp_echo(listen: SocketAddr, delay: Duration, batch: usize) -> Result<(), String> {
     let socket = UdpSocket::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     emit(
         &json!({"event": "listening", "addr": socket.local_addr().map_err(|e| e.to_string())?.to_string()}),
     );
     let mut buf = vec![0u8; 65_536];
+    let mut pending = Vec::with_capacity(batch);
     loop {
         let (n, peer) = socket
             .recv_from(&mut buf)
             .map_err(|e| format!("recv: {e}"))?;
-        socket
-            .send_to(&buf[..n], peer)
-            .map_err(|e| format!("send: {e}"))?;
+        pending.push((buf[..n].to_vec(), peer));
+        if pending.len() < batch.max(1) {
+            continue;
+        }
+        if !delay.is_zero() {
+            emit(&json!({"event": "received", "from": peer.to_string(), "at_ms": unix_ms()}));
+            thread::sleep(delay);
+        }
+        for (data, peer) in pending.drain(..) {
+            socket
+                .send_to(&data, peer)
+                .map_err(|e| format!("send: {e}"))?;
+        }
+        if !delay.is_zero() {
+            emit(&json!({"event": "echoed", "to": peer.to_string(), "at_ms": unix_ms()}));
+        }
     }
+}
+
+fn udp_many(to: SocketAddr, sockets: usize) -> Result<(), String> {
+    let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let all = (0..sockets)
+        .map(|i| {
+            let s = UdpSocket::bind(bind).map_err(|e| format!("bind socket {i}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+            s.send_to(b"many", to)
+                .map_err(|e| format!("send_to from socket {i}: {}", errno_name(&e)))?;
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut buf = [0u8; 64];
+    let echoed = all.iter().filter(|s| s.recv_from(&mut buf).is_ok()).count();
+    emit(&json!({"event": "done", "sockets": sockets, "echoed": echoed}));
+    if echoed == sockets {
+        Ok(())
+    } else {
+        Err(format!("{echoed} of {sockets} echoes"))
+    }
+}
+
+/// Milliseconds since the Unix epoch (to order events of several processes).
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+fn udp_flood(to: SocketAddr, sockets: u32, hold: Duration) -> Result<(), String> {
+    raise_nofile_to(u64::from(sockets) + 1024);
+    let mut held = Vec::with_capacity(sockets as usize);
+    for i in 0..sockets {
+        // More sockets than a namespace has ephemeral ports: they share a few, as SO_REUSEADDR
+        // lets UDP sockets do.
+        let socket = reusable_udp(FLOOD_PORT + (i % FLOOD_PORTS) as u16)
+            .map_err(|e| format!("socket {i}: {e}"))?;
+        socket
+            .send_to(b"flood", to)
+            .map_err(|e| format!("send_to from socket {i}: {}", errno_name(&e)))?;
+        held.push(socket);
+    }
+    emit(&json!({"event": "flooded", "sockets": held.len(), "at_ms": unix_ms()}));
+    thread::sleep(hold);
+    Ok(())
+}
+
+/// The first of the local ports flood sockets share, and how many.
+const FLOOD_PORT: u16 = 40_000;
+const FLOOD_PORTS: u32 = 4096;
+
+/// An IPv4 UDP socket with SO_REUSEADDR bound to 0.0.0.0:`port`.
+fn reusable_udp(port: u16) -> Result<UdpSocket, String> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket(2); the descriptor is owned by the UdpSocket below or closed.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a socket we own; from here the UdpSocket closes it.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid option and address buffers of the sizes passed.
+    let ok = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+            && libc::bind(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) == 0
+    };
+    if !ok {
+        return Err(format!("bind :{port}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(socket)
 }
 
 fn udp_client(
@@ -824,6 +985,7 @@ fn udp_client(
     count: u64,
     size: usize,
     unconnected: bool,
+    timeout: Duration,
 ) -> Result<(), String> {
     let bind: SocketAddr = if connect.is_ipv4() {
         "0.0.0.0:0"
@@ -839,7 +1001,7 @@ fn udp_client(
             .map_err(|e| format!("connect {connect}: {e}"))?;
     }
     socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let payload = vec![0xa5u8; size];
     let mut buf = vec![0u8; 65_536];
