@@ -163,6 +163,7 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
         host_netns_cookie: datapath::host_netns_cookie(config.datapath.host_netns.as_deref())?,
         sock_states: u64::from(config.datapath.max_socket_states),
         sock_states_per_pod: u64::from(config.datapath.max_socket_states_per_pod),
+        sock_states_floor: u64::from(config.datapath.min_socket_states_per_pod),
     };
     config.telemetry.apply_to(&mut globals);
     if unbound_pods(config) == Unbound::Isolate {

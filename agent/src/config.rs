@@ -114,6 +114,7 @@ mod tests {
                 host_netns_cookie: 0,
                 sock_states: 0,
                 sock_states_per_pod: 0,
+                sock_states_floor: 0,
                 conn_update_interval_ns: 7,
                 conn_events_enabled: 7,
             };

@@ -322,7 +322,8 @@ impl Datapath {
             .override_global(globals::UNBOUND_SCOPE_ID, &g.unbound_scope_id, true)
             .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true)
             .override_global(globals::SOCK_STATES, &g.sock_states, true)
-            .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true);
+            .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true)
+            .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;

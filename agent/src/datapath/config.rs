@@ -110,13 +110,18 @@ pub struct Settings {
     #[arg(long, hide = true)]
     pub max_socket_translations: Option<u32>,
     /// Socket-storage values (a socket's ClusterIP translations, its allowed exchanges) the
-    /// node holds at most; about 1 KiB each, charged to the agent's memory cgroup.
+    /// node holds at most, beyond each pod's --min-socket-states-per-pod; about 1 KiB each,
+    /// charged to the agent's memory cgroup (past its limit: size the limit with this).
     #[arg(long, default_value_t = 131_072, value_parser = at_least_one())]
     pub max_socket_states: u32,
-    /// Socket-storage values one pod holds at most: past it, that pod's new sockets are not
-    /// remembered (their replies are judged again), and no other pod is affected.
-    #[arg(long, default_value_t = 8_192, value_parser = at_least_one())]
+    /// Socket-storage values of each kind one pod holds at most: past it, that pod's new
+    /// sockets are not remembered (their replies are judged again); no other pod is affected.
+    #[arg(long, default_value_t = 16_384, value_parser = at_least_one())]
     pub max_socket_states_per_pod: u32,
+    /// Socket-storage values of each kind every pod may hold whatever the node holds: what
+    /// other pods do cannot take these from it.
+    #[arg(long, default_value_t = 512)]
+    pub min_socket_states_per_pod: u32,
 }
 
 /// `--unbound-pods`.
@@ -169,9 +174,10 @@ pub struct Globals {
     pub unbound_scope_id: u64,
     /// The node's network namespace cookie.
     pub host_netns_cookie: u64,
-    /// Socket-storage budgets of the node and of one pod.
+    /// Socket-storage budgets of the node and of one pod, and a pod's floor.
     pub sock_states: u64,
     pub sock_states_per_pod: u64,
+    pub sock_states_floor: u64,
 }
 
 /// Everything [`super::Datapath::start`] needs.

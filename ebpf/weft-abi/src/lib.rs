@@ -93,10 +93,11 @@ pub mod globals {
     /// u64: the node's network namespace (its cookie): host-network pods and node processes
     /// live there and are never judged as unbound pods.
     pub const HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
-    /// u64: socket-storage values the node may hold, and one pod may (see
-    /// `crate::svc::SockOwner`).
+    /// u64: socket-storage values the node may hold; one pod may, of each kind; and one pod
+    /// may whatever the node holds (see `crate::svc::SockOwner`).
     pub const SOCK_STATES: &str = "SOCK_STATES";
     pub const SOCK_STATES_PER_POD: &str = "SOCK_STATES_PER_POD";
+    pub const SOCK_STATES_FLOOR: &str = "SOCK_STATES_FLOOR";
 }
 
 /// Address families as the kernel numbers them.

@@ -69,7 +69,9 @@ macro_rules! for_each_map {
                 max_policy_flows = 65_536
             );
             /// Socket-storage values held, per owner and in total (`SockOwner`).
-            SOCK_COUNTS: LruHash<$crate::svc::SockOwner, u64>(max_endpoints = 16_384);
+            SOCK_COUNTS: Hash<$crate::svc::SockOwner, $crate::svc::SockCounts>(
+                max_endpoints = 16_384
+            );
             /// Policy verdicts by (direction, match), see `verdict_index`.
             VERDICTS: PerCpuArray<u64>(fixed = $crate::policy::VERDICTS);
             /// Packets and bytes per UDP flow of a local socket.

@@ -186,13 +186,15 @@ pub struct SockXlate {
 const _: () = assert!(core::mem::size_of::<SockXlate>() == 228);
 
 /// Who a socket-storage value (`SOCK_XLATE`, `SOCK_FLOWS`) is counted against: the pod's
-/// `EndpointInfo::endpoint_id`, or [`SockOwner::NODE`] for sockets of no pod. Key of
-/// `SOCK_COUNTS` (LRU; value: u64 values held), with [`SockOwner::TOTAL`] for the node's sum.
-/// A pod past `globals::SOCK_STATES_PER_POD`, or the node past `globals::SOCK_STATES`, gets
-/// no new values (its sockets' translations and exchanges are not remembered: replies are
-/// judged again, recvmsg shows the backend), so memory the kernel charges to the agent stays
-/// bounded and no pod can take another's share. Writers: the programs that create values
-/// (increment) and sock_release (decrement).
+/// `EndpointInfo::endpoint_id`, [`SockOwner::NODE`] for sockets of no pod, or
+/// [`SockOwner::UNBOUND`] for pods not bound yet. Key of `SOCK_COUNTS` (value:
+/// [`SockCounts`]), with [`SockOwner::TOTAL`] for the node's sums. An owner holding
+/// `globals::SOCK_STATES_PER_POD` values of a kind gets no new one of that kind; past
+/// `globals::SOCK_STATES_FLOOR` it also gets none while the node holds
+/// `globals::SOCK_STATES`. So memory the kernel charges to the agent stays bounded, and no pod
+/// can take another's floor. Without a value, a socket's translations and exchanges are not
+/// remembered: replies are judged again, recvmsg shows the backend. Writers: the programs that
+/// create values (add) and sock_release (subtract; an owner back at zero is deleted).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockOwner {
@@ -201,12 +203,26 @@ pub struct SockOwner {
 const _: () = assert!(core::mem::size_of::<SockOwner>() == 8);
 
 impl SockOwner {
-    /// Sockets of no pod (node processes, pods not bound yet).
+    /// Sockets of no pod (node processes).
     pub const NODE: u32 = 0;
-    /// The key of the node-wide sum.
+    /// Sockets of pods not bound yet.
+    pub const UNBOUND: u32 = u32::MAX - 1;
+    /// The key of the node-wide sums.
     pub const TOTAL: Self = Self { id: u64::MAX };
 }
-const _: () = assert!(XLATE_UNCONNECTED.is_power_of_two());
+
+/// Value of `SOCK_COUNTS`: values held, by kind (the index is the kind).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCounts {
+    pub held: [u64; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockCounts>() == 16);
+
+/// [`SockCounts::held`] index of `SOCK_XLATE` values.
+pub const COUNT_XLATE: usize = 0;
+/// [`SockCounts::held`] index of `SOCK_FLOWS` values.
+pub const COUNT_FLOWS: usize = 1;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -231,4 +247,6 @@ mod pod {
     unsafe impl aya::Pod for SockXlate {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockOwner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockCounts {}
 }

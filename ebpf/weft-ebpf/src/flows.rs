@@ -12,6 +12,7 @@ use weft_abi::{
         FlowPeer, FlowSlot, PolicyFlowKey, SockFlows,
     },
     stats::Counter,
+    svc::COUNT_FLOWS,
 };
 
 use crate::{
@@ -156,18 +157,19 @@ fn known_overflow(key: &PolicyFlowKey, now: u64) -> bool {
 
 /// Writes `peer` into a slot: its own, else a free or idle one of its run. False when the run
 /// holds other live peers only. Also settles who counts a value this call made (`counted`:
-/// its owner, see `storage::create`): true in `.1` when this call's count is one too many.
+/// the owner it was counted for, see `storage::create`): true in `.1` when this call's count
+/// is one too many (another CPU counted the value first).
 #[inline(always)]
-fn store(flows: *mut SockFlows, peer: &FlowPeer, now: u64, counted: u32) -> (bool, bool) {
+fn store(flows: *mut SockFlows, peer: &FlowPeer, now: u64, counted: Option<u32>) -> (bool, bool) {
     let hash = peer.hash();
     let guard = Locked::new(flows);
     let mut extra = false;
-    if counted != storage::NOT_COUNTED {
+    if let Some(owner) = counted {
         // SAFETY: the value's header; the lock is held.
         unsafe {
             if (*flows).flags & FLOWS_COUNTED == 0 {
                 (*flows).flags |= FLOWS_COUNTED;
-                (*flows).owner = counted;
+                (*flows).owner = owner;
             } else {
                 extra = true;
             }
@@ -220,17 +222,17 @@ pub fn remember(ctx: &(impl Socket + SocketCookie), owner: u32, peer: &FlowPeer)
         return;
     };
     let (flows, counted) = match storage::get(&SOCK_FLOWS, sk, false) {
-        Some(flows) => (flows, storage::NOT_COUNTED),
-        None => match storage::create(&SOCK_FLOWS, sk, owner) {
-            Some(flows) => (flows, owner),
+        Some(flows) => (flows, false),
+        None => match storage::create(&SOCK_FLOWS, sk, COUNT_FLOWS, owner) {
+            Some(made) => made,
             None => return,
         },
     };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (stored, extra) = store(flows, peer, now, counted);
+    let (stored, extra) = store(flows, peer, now, counted.then_some(owner));
     if extra {
-        storage::unreserve(counted);
+        storage::unreserve(COUNT_FLOWS, owner);
     }
     if !stored {
         stats::bump(Counter::FlowOverflow);
@@ -256,6 +258,6 @@ pub fn release(ctx: &impl Socket) {
     };
     drop(guard);
     if let Some(owner) = owner {
-        storage::unreserve(owner);
+        storage::unreserve(COUNT_FLOWS, owner);
     }
 }

@@ -103,3 +103,7 @@ pub static SOCK_STATES: Global<u64> = Global::new(0);
 /// See `weft_abi::globals::SOCK_STATES_PER_POD`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static SOCK_STATES_PER_POD: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::SOCK_STATES_FLOOR`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static SOCK_STATES_FLOOR: Global<u64> = Global::new(0);

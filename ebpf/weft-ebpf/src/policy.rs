@@ -27,6 +27,7 @@ use weft_abi::{
         Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, verdict_index,
     },
     stats::Counter,
+    svc::SockOwner,
 };
 
 use crate::{
@@ -114,6 +115,16 @@ pub fn current_endpoint(ctx: &SockAddrContext) -> Option<EndpointInfo> {
         |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
         || ctx.netns_cookie(),
     )
+}
+
+/// Whose socket-state budget a socket of pod `ep` counts against (see `SockOwner`).
+#[inline(always)]
+pub fn owner_of(ep: Option<EndpointInfo>) -> u32 {
+    match ep {
+        None => SockOwner::NODE,
+        Some(ep) if ep.is_unbound() => SockOwner::UNBOUND,
+        Some(ep) => ep.endpoint_id,
+    }
 }
 
 /// The calling process's pod address of `family` (zeros when it has none or is no pod), for
@@ -389,7 +400,7 @@ fn decide(
     if let Some(key) = flow
         && ep.flags & isolation(direction.opposite()) != 0
     {
-        flows::remember(ctx, ep.endpoint_id, key);
+        flows::remember(ctx, owner_of(Some(ep)), key);
     }
     true
 }

@@ -19,8 +19,8 @@ use weft_abi::{
     policy::EndpointInfo,
     stats::Counter,
     svc::{
-        AffinityKey, AffinityValue, Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey,
-        SockOwner, SockXlate, V4_MAPPED_WORD, XLATE_CONNECTED, XLATE_SLOTS, XLATE_UNCONNECTED,
+        AffinityKey, AffinityValue, COUNT_XLATE, Endpoint, MemberKey, ServiceKey, ServiceValue,
+        SlotKey, SockXlate, V4_MAPPED_WORD, XLATE_CONNECTED, XLATE_SLOTS, XLATE_UNCONNECTED,
         XLATE_USED, Xlate, normalize_v6,
     },
 };
@@ -138,10 +138,14 @@ pub fn try_translate<const IS_V6: bool>(
         return Ok(no_backends(ctx, &key));
     }
     // The pod is looked up once: for connect's policy check, and for the budget a new
-    // translation counts against.
+    // translation counts against. Unconnected UDP keeps its backends in its translations.
     let ep = (hook == Hook::Connect).then(|| policy::current_endpoint(ctx));
-    let xlate = translations(ctx, ep);
-    let backend = select(ctx, xlate, &key, &svc, hook).ok_or(Fault::SlotMissing)?;
+    let kept = if hook == Hook::Sendmsg {
+        translations(ctx, None)
+    } else {
+        None
+    };
+    let backend = select(ctx, kept, &key, &svc, hook).ok_or(Fault::SlotMissing)?;
     // Egress policy judges the backend the connection really reaches. (Unconnected UDP is
     // judged per peer by cgroup_skb, which sees the backend too.)
     if let Some(ep) = ep
@@ -156,6 +160,12 @@ pub fn try_translate<const IS_V6: bool>(
     {
         return Ok(Verdict::Deny);
     }
+    // A denied connect has returned: it holds no state.
+    let xlate = if hook == Hook::Connect {
+        translations(ctx, ep)
+    } else {
+        kept
+    };
     if let Some(x) = xlate {
         // SAFETY: the socket's own storage; sock_addr hooks run under the socket's lock, so
         // no other writer runs meanwhile.
@@ -164,6 +174,9 @@ pub fn try_translate<const IS_V6: bool>(
     write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
     Ok(Verdict::Pass)
 }
+
+/// [`SockXlate::owner`] of a value counted for nobody.
+const NOT_COUNTED: u32 = u32::MAX;
 
 /// A Service without ready backends: the call fails with ECONNREFUSED, reported.
 #[inline(always)]
@@ -196,11 +209,11 @@ fn translations(ctx: &SockAddrContext, ep: Option<Option<EndpointInfo>>) -> Opti
         Some(ep) => ep,
         None => policy::current_endpoint(ctx),
     };
-    let owner = ep.map_or(SockOwner::NODE, |e| e.endpoint_id);
-    let x = storage::create(&SOCK_XLATE, sk, owner)?;
+    let owner = policy::owner_of(ep);
+    let (x, counted) = storage::create(&SOCK_XLATE, sk, COUNT_XLATE, owner)?;
     // SAFETY: the socket's own storage, new and zeroed; sock_addr hooks run under the
     // socket's lock, so this call is its only writer.
-    unsafe { (*x).owner = owner };
+    unsafe { (*x).owner = if counted { owner } else { NOT_COUNTED } };
     Some(x)
 }
 
@@ -450,9 +463,9 @@ pub fn try_release(ctx: &SockContext) -> Result<Verdict, Fault> {
         .and_then(|sk| storage::get(&SOCK_XLATE, sk, false))
     {
         // SAFETY: the socket's storage; a socket is released once, when no call of it runs.
-        let owner = unsafe { core::ptr::replace(&raw mut (*x).owner, storage::NOT_COUNTED) };
-        if owner != storage::NOT_COUNTED {
-            storage::unreserve(owner);
+        let owner = unsafe { core::ptr::replace(&raw mut (*x).owner, NOT_COUNTED) };
+        if owner != NOT_COUNTED {
+            storage::unreserve(COUNT_XLATE, owner);
         }
     }
     flows::release(ctx);

@@ -7,10 +7,15 @@ use aya_ebpf::{
     helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
-use weft_abi::{stats::Counter, svc::SockOwner};
+use core::ptr::read_volatile;
+
+use weft_abi::{
+    stats::Counter,
+    svc::{SockCounts, SockOwner},
+};
 
 use crate::{
-    maps::{SOCK_COUNTS, SOCK_STATES, SOCK_STATES_PER_POD},
+    maps::{SOCK_COUNTS, SOCK_STATES, SOCK_STATES_FLOOR, SOCK_STATES_PER_POD},
     stats,
 };
 
@@ -86,58 +91,70 @@ pub fn get<T>(map: &SkStorage<T>, sk: *mut bpf_sock, create: bool) -> Option<*mu
     Some(value.cast())
 }
 
-/// An owner that is no pod's nor the node's: "counted for nobody".
-pub const NOT_COUNTED: u32 = u32::MAX;
-
-/// A new zeroed value of `map` for `sk` (or the one another CPU made meanwhile), counted
-/// against `owner`'s budget (see `SockOwner`). None when the budget is spent or the kernel has
-/// no memory (both counted). Two CPUs racing to create one socket's value both count it: the
-/// caller keeps one count (see `flows::store`).
+/// A new zeroed value of `map` for `sk` counted as `kind` (`COUNT_*`) against `owner`'s budget
+/// (see `SockOwner`): (value, whether it is counted for this call). When another CPU made the
+/// socket's value meanwhile, that one, uncounted. None when the budget is spent or the kernel
+/// has no memory (both counted). Two CPUs racing to create one socket's value may both count
+/// it: the caller keeps one count (see `flows::store`).
 #[inline(always)]
-pub fn create<T>(map: &SkStorage<T>, sk: *mut bpf_sock, owner: u32) -> Option<*mut T> {
-    if !reserve(owner) {
+pub fn create<T>(
+    map: &SkStorage<T>,
+    sk: *mut bpf_sock,
+    kind: usize,
+    owner: u32,
+) -> Option<(*mut T, bool)> {
+    if !reserve(kind, owner) {
         return None;
     }
-    let value = get(map, sk, true);
-    if value.is_none() {
-        unreserve(owner);
+    if let Some(value) = get(map, sk, true) {
+        return Some((value, true));
     }
-    value
+    unreserve(kind, owner);
+    // A create racing another for the same socket fails (EEXIST, EAGAIN): take theirs.
+    get(map, sk, false).map(|value| (value, false))
 }
 
-/// The counter of `key` in `SOCK_COUNTS`, made if missing.
+/// The counts of `key` in `SOCK_COUNTS`, made if missing.
 #[inline(always)]
-fn counter(key: &SockOwner) -> Option<*mut u64> {
+fn counts(key: &SockOwner) -> Option<*mut SockCounts> {
     if let Some(c) = SOCK_COUNTS.get_ptr_mut(key) {
         return Some(c);
     }
     // Another CPU may make it first: then this insert fails and the lookup finds theirs.
-    let _ = SOCK_COUNTS.insert(key, 0, u64::from(aya_ebpf::bindings::BPF_NOEXIST));
+    let _ = SOCK_COUNTS.insert(
+        key,
+        SockCounts::default(),
+        u64::from(aya_ebpf::bindings::BPF_NOEXIST),
+    );
     SOCK_COUNTS.get_ptr_mut(key)
 }
 
-/// Counts one more value for `owner` and the node, unless that passes either budget.
+/// The count of `kind` in a `SOCK_COUNTS` value.
 #[inline(always)]
-fn reserve(owner: u32) -> bool {
+fn held(counts: *mut SockCounts, kind: usize) -> *mut u64 {
+    // SAFETY: `counts` is a live map value; `kind & 1` indexes its two counts.
+    unsafe { (&raw mut (*counts).held).cast::<u64>().add(kind & 1) }
+}
+
+/// Counts one more value of `kind` for `owner` and the node, unless that passes the owner's
+/// budget, or its floor while the node's is spent.
+#[inline(always)]
+fn reserve(kind: usize, owner: u32) -> bool {
     let pod = SockOwner {
         id: u64::from(owner),
     };
-    let (Some(total), Some(mine)) = (counter(&SockOwner::TOTAL), counter(&pod)) else {
+    let (Some(total), Some(mine)) = (counts(&SockOwner::TOTAL), counts(&pod)) else {
         stats::bump(Counter::SockStateFailed);
         return false;
     };
+    let (total, mine) = (held(total, kind), held(mine, kind));
     stats::add(total, 1);
     stats::add(mine, 1);
-    // SAFETY: live LRU values, 8-byte aligned; read after the atomic adds (racing adds may
-    // push a value over by the number of CPUs, no more).
-    let (n_total, n_mine) = unsafe {
-        (
-            core::ptr::read_volatile(total),
-            core::ptr::read_volatile(mine),
-        )
-    };
-    let over = n_total > SOCK_STATES.load()
-        || (owner != SockOwner::NODE && n_mine > SOCK_STATES_PER_POD.load());
+    // SAFETY: live map values, 8-byte aligned; read after the atomic adds, so CPUs adding at
+    // once may each see the others' adds (and refuse at the edge), never miss their own.
+    let (n_total, n_mine) = unsafe { (read_volatile(total), read_volatile(mine)) };
+    let over = n_mine > SOCK_STATES_PER_POD.load()
+        || (n_mine > SOCK_STATES_FLOOR.load() && n_total > SOCK_STATES.load());
     if over {
         stats::add(total, u64::MAX);
         stats::add(mine, u64::MAX);
@@ -146,17 +163,32 @@ fn reserve(owner: u32) -> bool {
     !over
 }
 
-/// Gives back one value of `owner` (its socket closed, or it was never made).
+/// Gives back one value of `kind` of `owner` (its socket closed, or it was never made). A
+/// count never goes below zero; an owner back at zero is deleted (pods come and go).
 #[inline(always)]
-pub fn unreserve(owner: u32) {
+pub fn unreserve(kind: usize, owner: u32) {
     let pod = SockOwner {
         id: u64::from(owner),
     };
-    // Absent counters (evicted, which takes more live pods than the map holds) stay absent.
     if let Some(total) = SOCK_COUNTS.get_ptr_mut(SockOwner::TOTAL) {
-        stats::add(total, u64::MAX);
+        give_back(held(total, kind));
     }
-    if let Some(mine) = SOCK_COUNTS.get_ptr_mut(pod) {
-        stats::add(mine, u64::MAX);
+    let Some(mine) = SOCK_COUNTS.get_ptr_mut(pod) else {
+        return;
+    };
+    give_back(held(mine, kind));
+    // SAFETY: a live map value, read whole.
+    let rest = unsafe { read_volatile(&raw const (*mine).held) };
+    if rest == [0, 0] {
+        // A reserve racing this delete loses its count (one value more for the pod, once).
+        let _ = SOCK_COUNTS.remove(pod);
+    }
+}
+
+#[inline(always)]
+fn give_back(count: *mut u64) {
+    // SAFETY: a live map value's count, 8-byte aligned.
+    if unsafe { read_volatile(count) } > 0 {
+        stats::add(count, u64::MAX);
     }
 }
