@@ -66,6 +66,16 @@ impl Socket for SkBuffContext {
 /// (None and counted when the kernel has no memory for it).
 #[inline(always)]
 pub fn get<T>(map: &SkStorage<T>, sk: *mut bpf_sock, create: bool) -> Option<*mut T> {
+    let value = lookup(map, sk, create);
+    if value.is_none() && create {
+        stats::bump(Counter::SockStateFailed);
+    }
+    value
+}
+
+/// `bpf_sk_storage_get`, nothing counted.
+#[inline(always)]
+fn lookup<T>(map: &SkStorage<T>, sk: *mut bpf_sock, create: bool) -> Option<*mut T> {
     let flags = if create {
         u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {
@@ -82,13 +92,7 @@ pub fn get<T>(map: &SkStorage<T>, sk: *mut bpf_sock, create: bool) -> Option<*mu
             flags,
         )
     };
-    if value.is_null() {
-        if create {
-            stats::bump(Counter::SockStateFailed);
-        }
-        return None;
-    }
-    Some(value.cast())
+    (!value.is_null()).then(|| value.cast())
 }
 
 /// A new zeroed value of `map` for `sk` counted as `kind` (`COUNT_*`) against `owner`'s budget
@@ -106,12 +110,17 @@ pub fn create<T>(
     if !reserve(kind, owner) {
         return None;
     }
-    if let Some(value) = get(map, sk, true) {
+    if let Some(value) = lookup(map, sk, true) {
         return Some((value, true));
     }
     unreserve(kind, owner);
-    // A create racing another for the same socket fails (EEXIST, EAGAIN): take theirs.
-    get(map, sk, false).map(|value| (value, false))
+    // A create racing another for the same socket fails (EEXIST, EAGAIN): take theirs. Only
+    // when there is none did the kernel lack memory.
+    let theirs = lookup(map, sk, false);
+    if theirs.is_none() {
+        stats::bump(Counter::SockStateFailed);
+    }
+    theirs.map(|value| (value, false))
 }
 
 /// The counts of `key` in `SOCK_COUNTS`, made if missing.
