@@ -11,7 +11,8 @@
 //!
 //! Every variant is a node of its own (six nodes, three agents), all set up before measuring,
 //! so each round measures all six back to back in rotating order and the ratios are medians of
-//! per-round ratios: drift of the machine cancels out. It also reports the time from a policy
+//! per-round ratios: drift of the machine cancels out. Each ratio is printed with the spread of
+//! its per-round ratios, as "no measurable difference" when that spread holds 1. It also reports the time from a policy
 //! file change to the kernel maps with 1 000 policies in force, and the peak memory of
 //! compiling 10 000 pods (`weft compile`).
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
@@ -21,7 +22,7 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, Node, k8s, proc::Process};
 
-use super::{iptables_restore, median, run_rr, source_agent_options, time_to_log};
+use super::{iptables_restore, median, run_rr, source_agent_options, time_to_log, verdict};
 
 const SCALES: [usize; 3] = [0, 1_000, 10_000];
 const PORT: u16 = 8080;
@@ -46,11 +47,14 @@ struct Scale {
     weft: Mode,
     iptables: Mode,
     /// Connections per second relative to the same engine with 0 rules (median of per-round
-    /// ratios).
+    /// ratios), and the per-round ratios.
     weft_vs_0: f64,
+    weft_vs_0_rounds: Vec<f64>,
     iptables_vs_0: f64,
-    /// weft / iptables connections per second at this scale.
+    iptables_vs_0_rounds: Vec<f64>,
+    /// weft / iptables connections per second at this scale, and per round.
     weft_vs_iptables: f64,
+    weft_vs_iptables_rounds: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,6 +99,16 @@ impl PolicyResult {
                 s.weft_vs_0,
                 s.iptables_vs_0,
                 s.weft_vs_iptables
+            );
+        }
+        println!("ratios of connections per second, with the spread of the per-round ratios:");
+        for s in &self.scales {
+            println!(
+                "{:>6} rules: weft/ipt {}; weft/w0 {}; ipt/ipt0 {}",
+                s.rules,
+                verdict(&s.weft_vs_iptables_rounds),
+                verdict(&s.weft_vs_0_rounds),
+                verdict(&s.iptables_vs_0_rounds)
             );
         }
         println!(
@@ -223,15 +237,13 @@ fn wait_policies(agent: &Agent, n: usize) -> Result<()> {
     }
 }
 
-/// The median of per-round ratios `num / den` of connections per second.
-fn paired(num: &Mode, den: &Mode) -> f64 {
-    median(
-        &num.per_second
-            .iter()
-            .zip(&den.per_second)
-            .map(|(n, d)| n / d)
-            .collect::<Vec<_>>(),
-    )
+/// The per-round ratios `num / den` of connections per second.
+fn paired(num: &Mode, den: &Mode) -> Vec<f64> {
+    num.per_second
+        .iter()
+        .zip(&den.per_second)
+        .map(|(n, d)| n / d)
+        .collect()
 }
 
 pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
@@ -290,7 +302,7 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
     drop(ipt_pairs);
     let compile = measure_compile(bins)?;
     // Ratios first: they compare against scale 0, which is moved out below.
-    let ratios: Vec<(f64, f64, f64)> = (0..SCALES.len())
+    let ratios: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = (0..SCALES.len())
         .map(|i| {
             (
                 paired(&weft[i], &weft[0]),
@@ -307,9 +319,12 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
             rules: n,
             weft,
             iptables,
-            weft_vs_0: w0,
-            iptables_vs_0: i0,
-            weft_vs_iptables: wi,
+            weft_vs_0: median(&w0),
+            weft_vs_0_rounds: w0,
+            iptables_vs_0: median(&i0),
+            iptables_vs_0_rounds: i0,
+            weft_vs_iptables: median(&wi),
+            weft_vs_iptables_rounds: wi,
         })
         .collect();
     let mut sorted = change.clone();
