@@ -81,30 +81,47 @@ unsafe fn holds(s: *const FlowSlot, peer: &FlowPeer) -> bool {
 
 /// Where the socket remembers `peer`: 1 = in its slots (refreshed), 2 = it has overflowed
 /// (look in `POLICY_FLOWS`), 0 = nowhere.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// In the socket's slots (and refreshed).
+    Here,
+    /// Not in its slots, but the socket has overflowed: look in `POLICY_FLOWS`.
+    Overflowed,
+    Nowhere,
+}
+
+/// What an exchange last seen at `last` is at `now`: None when idle too long, else whether
+/// its timestamp is due a rewrite (at most once per `FLOW_REFRESH_NS`, or every CPU would
+/// fight over it).
 #[inline(always)]
-fn look_up(flows: *mut SockFlows, peer: &FlowPeer, now: u64) -> u32 {
+fn freshness(last: u64, now: u64) -> Option<bool> {
+    let idle = now.saturating_sub(last);
+    (idle <= FLOW_IDLE_NS).then_some(idle > FLOW_REFRESH_NS)
+}
+
+#[inline(always)]
+fn look_up(flows: *mut SockFlows, peer: &FlowPeer, now: u64) -> Found {
     let hash = peer.hash();
     let guard = Locked::new(flows);
-    let mut found = 0;
+    let mut found = Found::Nowhere;
     for way in 0..FLOW_WAYS {
         let s = slot(flows, hash, way);
         // SAFETY: a slot of the value; the lock is held.
         if unsafe { holds(s, peer) } {
             // SAFETY: as above.
-            let idle = now.saturating_sub(unsafe { (*s).seen_ns });
-            if idle <= FLOW_IDLE_NS {
-                if idle > FLOW_REFRESH_NS {
+            if let Some(due) = freshness(unsafe { (*s).seen_ns }, now) {
+                if due {
                     // SAFETY: as above.
                     unsafe { (*s).seen_ns = now };
                 }
-                found = 1;
+                found = Found::Here;
             }
             break;
         }
     }
     // SAFETY: the value's flags; the lock is held.
-    if found == 0 && unsafe { (*flows).flags } & FLOWS_OVERFLOWED != 0 {
-        found = 2;
+    if found == Found::Nowhere && unsafe { (*flows).flags } & FLOWS_OVERFLOWED != 0 {
+        found = Found::Overflowed;
     }
     drop(guard);
     found
@@ -123,9 +140,9 @@ pub fn known(ctx: &(impl Socket + SocketCookie), peer: &FlowPeer) -> bool {
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     match look_up(flows, peer, now) {
-        1 => true,
-        2 => known_overflow(&overflow_key(ctx.cookie(), peer), now),
-        _ => false,
+        Found::Here => true,
+        Found::Overflowed => known_overflow(&overflow_key(ctx.cookie(), peer), now),
+        Found::Nowhere => false,
     }
 }
 
@@ -144,11 +161,10 @@ fn known_overflow(key: &PolicyFlowKey, now: u64) -> bool {
     };
     // SAFETY: `seen` points at a live 8-byte aligned LRU value, read and written whole.
     let last = unsafe { core::ptr::read_volatile(seen) };
-    let idle = now.saturating_sub(last);
-    if idle > FLOW_IDLE_NS {
+    let Some(due) = freshness(last, now) else {
         return false;
-    }
-    if idle > FLOW_REFRESH_NS {
+    };
+    if due {
         // SAFETY: as above; a racing writer stores a timestamp just as good.
         unsafe { core::ptr::write_volatile(seen, now) };
     }
@@ -184,7 +200,7 @@ fn store(flows: *mut SockFlows, peer: &FlowPeer, now: u64, counted: Option<u32>)
             target = Some(s);
             break;
         }
-        let free = seen == 0 || now.saturating_sub(seen) > FLOW_IDLE_NS;
+        let free = seen == 0 || freshness(seen, now).is_none();
         if free && target.is_none() {
             target = Some(s);
         }
