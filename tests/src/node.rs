@@ -292,11 +292,30 @@ impl Node {
 
     /// Runs the pod tool (see `weft-pod --help`) inside a pod: its namespace and its cgroup.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Process {
+        let (name, command) = self.pod_command(pod, true, args);
+        Process::spawn(&name, command)
+    }
+
+    /// Runs the pod tool in a pod's network namespace but outside every cgroup weft attaches
+    /// to (in the test process's own cgroup): the pod's network path with no weft program on
+    /// the process's sockets (a benchmark's baseline).
+    pub fn spawn_unobserved(&self, pod: &str, args: &[&str]) -> Process {
+        let (name, command) = self.pod_command(pod, false, args);
+        Process::spawn(&name, command)
+    }
+
+    /// The pod tool's command in a pod's namespace, in its cgroup if `observed` (as
+    /// [`Node::spawn`]) or outside weft's cgroups (as [`Node::spawn_unobserved`]), and a name
+    /// for it: for callers that start it themselves, e.g. with
+    /// [`Process::spawn_interactive`].
+    pub fn pod_command(&self, pod: &str, observed: bool, args: &[&str]) -> (String, Command) {
         let pod = self.pod(pod);
-        let mut command = proc::command_in(&pod.netns_path(), Some(pod.cgroup()), &self.pod_tool);
+        let cgroup = observed.then(|| pod.cgroup());
+        let mut command = proc::command_in(&pod.netns_path(), cgroup, &self.pod_tool);
         command.args(args);
-        Process::spawn(
-            &format!("{}/{}:{}", self.tag, pod.name, args.join(" ")),
+        let place = if observed { "" } else { "(unobserved)" };
+        (
+            format!("{}/{}{place}:{}", self.tag, pod.name, args.join(" ")),
             command,
         )
     }

@@ -106,15 +106,42 @@ pub struct Process {
     stdout: Lines,
     /// The thread collecting stdout; done once the child's stdout reached EOF.
     collector: Option<thread::JoinHandle<()>>,
+    /// The child's stdin, for [`Process::spawn_interactive`].
+    stdin: Option<std::process::ChildStdin>,
 }
 
 impl Process {
     /// Starts `command` with stdout collected and stderr passed through.
-    pub fn spawn(name: &str, mut command: Command) -> Self {
-        command.stdout(Stdio::piped()).stdin(Stdio::null());
+    pub fn spawn(name: &str, command: Command) -> Self {
+        Self::start(name, command, false)
+    }
+
+    /// Like [`Process::spawn`], with a pipe to the child's stdin for [`Process::send_line`].
+    pub fn spawn_interactive(name: &str, command: Command) -> Self {
+        Self::start(name, command, true)
+    }
+
+    /// Writes one line to the child's stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("{}: not started with spawn_interactive", self.name));
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("write to {}: {e}", self.name));
+    }
+
+    fn start(name: &str, mut command: Command, interactive: bool) -> Self {
+        command.stdout(Stdio::piped()).stdin(if interactive {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
+        let stdin = child.stdin.take();
         let stdout = Lines::default();
         let pipe = child
             .stdout
@@ -127,6 +154,7 @@ impl Process {
             child,
             stdout,
             collector,
+            stdin,
         }
     }
 

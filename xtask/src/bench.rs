@@ -1,11 +1,12 @@
 //! `cargo xtask bench`: scenarios that measure weft and its baselines in the same run, write
 //! JSON under target/bench/ and print ratios.
 //!
-//! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `policy`
-//! (bench/policy.rs), `telemetry` (bench/telemetry.rs), `kube` (bench/kube.rs), `bind`
-//! (bench/bind.rs).
+//! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `established`
+//! (bench/established.rs), `policy` (bench/policy.rs), `telemetry` (bench/telemetry.rs),
+//! `kube` (bench/kube.rs), `bind` (bench/bind.rs).
 mod bind;
 mod churn;
+mod established;
 mod kube;
 mod policy;
 mod services;
@@ -20,16 +21,33 @@ use weft_testkit::AgentOptions;
 
 use crate::{build, setup::Tools};
 
-const SCENARIOS: &[&str] = &["churn", "services", "policy", "telemetry", "kube", "bind"];
+const SCENARIOS: &[&str] = &[
+    "churn",
+    "services",
+    "established",
+    "policy",
+    "telemetry",
+    "kube",
+    "bind",
+];
 
-pub fn run(
-    ws: &Path,
-    tools: &Tools,
-    scenarios: &[String],
-    seconds: f64,
-    rounds: usize,
-    compare: Option<&Path>,
-) -> Result<()> {
+/// What `cargo xtask bench` was asked for.
+pub struct Options<'a> {
+    pub scenarios: &'a [String],
+    pub seconds: f64,
+    pub rounds: usize,
+    pub compare: Option<&'a Path>,
+    pub pinning: Pinning,
+}
+
+pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
+    let Options {
+        scenarios,
+        seconds,
+        rounds,
+        compare,
+        pinning: ref pin,
+    } = *options;
     let selected: Vec<&str> = if scenarios.is_empty() {
         SCENARIOS.to_vec()
     } else {
@@ -47,28 +65,34 @@ pub fn run(
         let path = out_dir.join(format!("{s}.json"));
         match s {
             "churn" => {
-                let r = churn::churn(&bins, compare, seconds, rounds)?;
+                let r = churn::churn(&bins, pin, compare, seconds, rounds)?;
                 write(&path, &r)?;
                 r.print();
             }
             "services" => {
                 // Each round: this many connections per mode.
-                let r = services::run(&bins, compare, rounds.clamp(1, 9), 2_000)?;
+                let r = services::run(&bins, pin, compare, rounds.clamp(1, 9), 2_000)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "established" => {
+                let r = established::run(&bins, pin, rounds)?;
                 write(&path, &r)?;
                 r.print();
             }
             "policy" => {
-                let r = policy::run(&bins, rounds.clamp(1, 9), 2_000)?;
+                let r = policy::run(&bins, pin, rounds.clamp(1, 9), 2_000)?;
                 write(&path, &r)?;
                 r.print();
             }
             "telemetry" => {
-                let r = telemetry::run(&bins, seconds, rounds)?;
+                let r = telemetry::run(&bins, pin, seconds, rounds)?;
                 write(&path, &r)?;
                 r.print();
             }
             "kube" => {
-                let r = kube::run(&bins)?;
+                // Each round is two fresh agents at each scale: fewer rounds.
+                let r = kube::run(&bins, pin, rounds.clamp(1, 3))?;
                 write(&path, &r)?;
                 r.print();
             }
@@ -127,15 +151,160 @@ pub(crate) fn spread(ratios: &[f64]) -> (f64, f64, f64) {
     (median(ratios), min, max)
 }
 
-/// A ratio and its spread, or "no measurable difference" when the spread of the per-round
-/// ratios straddles 1.
+/// A ratio and its spread (min-max of the per-round ratios), or "no measurable difference"
+/// when the spread reaches from the median back to 1: the rounds do not agree there is an
+/// effect at all.
 pub(crate) fn verdict(ratios: &[f64]) -> String {
     let (m, min, max) = spread(ratios);
-    if min <= 1.0 && max >= 1.0 {
-        format!("no measurable difference (median {m:.3}, rounds {min:.3}-{max:.3})")
-    } else {
+    if measurable(ratios) {
         format!("{m:.3} (rounds {min:.3}-{max:.3})")
+    } else {
+        format!("no measurable difference (median {m:.3}, rounds {min:.3}-{max:.3})")
     }
+}
+
+/// Whether every round shows the effect on the same side of 1: the spread toward 1 is
+/// narrower than the effect the median claims.
+pub(crate) fn measurable(ratios: &[f64]) -> bool {
+    let (_, min, max) = spread(ratios);
+    !ratios.is_empty() && (min > 1.0 || max < 1.0)
+}
+
+/// A ratio as the JSON records it: per-round values, median, spread and the printed verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub rounds: Vec<f64>,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub measurable: bool,
+    pub verdict: String,
+}
+
+impl Ratio {
+    pub(crate) fn of(rounds: Vec<f64>) -> Self {
+        let (median, min, max) = spread(&rounds);
+        Self {
+            measurable: measurable(&rounds),
+            verdict: verdict(&rounds),
+            rounds,
+            median,
+            min,
+            max,
+        }
+    }
+
+    /// `num / den` per round.
+    pub(crate) fn per_round(num: &[f64], den: &[f64]) -> Self {
+        Self::of(num.iter().zip(den).map(|(n, d)| n / d).collect())
+    }
+}
+
+/// Where a scenario's processes run, the same for every variant: clients on one CPU, servers
+/// on one CPU (by default the same one: a request/response then costs no cross-CPU wake-up,
+/// whose latency in a VM varies more than anything weft does). Recorded in every result's
+/// JSON. The agent is unpinned in latency scenarios (its work is off the request path), and
+/// pinned with the client where throughput is measured, so every microsecond of its work per
+/// connection is charged to the ratio.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pinning {
+    client_cpu: usize,
+    server_cpu: usize,
+    agent: String,
+    #[serde(skip)]
+    agent_cpu: Option<usize>,
+    #[serde(skip)]
+    client: String,
+    #[serde(skip)]
+    server: String,
+}
+
+impl Pinning {
+    pub fn new(client_cpu: usize, server_cpu: usize) -> Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if client_cpu >= cpus || server_cpu >= cpus {
+            bail!(
+                "--cpus {client_cpu},{server_cpu}: this machine has CPUs 0-{}",
+                cpus - 1
+            );
+        }
+        Ok(Self {
+            client_cpu,
+            server_cpu,
+            agent: "unpinned".into(),
+            agent_cpu: None,
+            client: client_cpu.to_string(),
+            server: server_cpu.to_string(),
+        })
+    }
+
+    /// `weft-pod` arguments for a client: `--cpu N` and then `args`.
+    pub(crate) fn client<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        ["--cpu", self.client.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect()
+    }
+
+    /// The same placement with the agent on the client's CPU.
+    pub(crate) fn with_agent_on_client_cpu(&self) -> Self {
+        Self {
+            agent: format!("CPU {} (with the client)", self.client_cpu),
+            agent_cpu: Some(self.client_cpu),
+            ..self.clone()
+        }
+    }
+
+    /// Starts an agent where this placement puts it.
+    pub(crate) fn start_agent(
+        &self,
+        node: &weft_testkit::Node,
+        options: AgentOptions,
+    ) -> Result<weft_testkit::Agent> {
+        match self.agent_cpu {
+            Some(cpu) => on_cpu(cpu, || weft_testkit::Agent::start_with(node, options)),
+            None => Ok(weft_testkit::Agent::start_with(node, options)),
+        }
+    }
+
+    /// Runs `f` with this thread pinned to the server CPU, so the threads it starts (an
+    /// in-process server) stay there.
+    pub(crate) fn on_server_cpu<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        on_cpu(self.server_cpu, f)
+    }
+
+    /// `weft-pod` arguments for a server.
+    pub(crate) fn server<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        ["--cpu", self.server.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect()
+    }
+}
+
+/// Runs `f` with this thread pinned to `cpu`, so the threads and processes it starts stay
+/// there; this thread's own placement is restored after.
+fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> Result<T> {
+    let size = size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let (mut before, mut only): (libc::cpu_set_t, libc::cpu_set_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: a set of the size passed; pid 0 is the calling thread.
+    if unsafe { libc::sched_getaffinity(0, size, &raw mut before) } != 0 {
+        bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: callers pass a CPU `Pinning::new` checked exists, far below the set's 1024 bits.
+    unsafe { libc::CPU_SET(cpu, &mut only) };
+    // SAFETY: as above.
+    if unsafe { libc::sched_setaffinity(0, size, &raw const only) } != 0 {
+        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    let out = f();
+    // SAFETY: as above; the mask read before.
+    if unsafe { libc::sched_setaffinity(0, size, &raw const before) } != 0 {
+        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(out)
 }
 
 pub(crate) fn agent_options(bins: &Path) -> AgentOptions {
@@ -181,6 +350,71 @@ impl Drop for BpfStats {
     }
 }
 
+/// One of weft's programs, from BPF run-time statistics: how often it ran and how long, per
+/// unit of work (a connection, an exchange).
+#[derive(Debug, Serialize)]
+pub(crate) struct ProgramProfile {
+    program: String,
+    runs_per_unit: f64,
+    ns_per_run: f64,
+    pub(crate) ns_per_unit: f64,
+}
+
+impl ProgramProfile {
+    pub(crate) fn print(&self) {
+        println!(
+            "  {:<18} {:>6.1} runs x {:>6.0} ns = {:>7.0} ns",
+            self.program, self.runs_per_unit, self.ns_per_run, self.ns_per_unit
+        );
+    }
+}
+
+/// Run counts and run times (ns) of the programs attached to `node`'s cgroup, by name, as
+/// counted while [`BpfStats`] is on.
+pub(crate) fn program_stats(node: &weft_testkit::Node) -> Result<Vec<(String, f64, f64)>> {
+    let cgroup = node.cgroup().to_string_lossy().into_owned();
+    let attached = bpftool_json(&["cgroup", "show", &cgroup])?;
+    let mut out = Vec::new();
+    for prog in attached
+        .as_array()
+        .context("bpftool cgroup show: not a list")?
+    {
+        let id = prog["id"].as_u64().context("program id")?.to_string();
+        let info = bpftool_json(&["prog", "show", "id", &id])?;
+        out.push((
+            info["name"].as_str().unwrap_or("?").to_owned(),
+            info["run_cnt"].as_f64().unwrap_or(0.0),
+            info["run_time_ns"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    Ok(out)
+}
+
+/// What each program did between two [`program_stats`] readings, per unit of work.
+pub(crate) fn profile(
+    before: &[(String, f64, f64)],
+    after: &[(String, f64, f64)],
+    units: u64,
+) -> Vec<ProgramProfile> {
+    let units = units.max(1) as f64;
+    after
+        .iter()
+        .map(|(name, runs, ns)| {
+            let (r0, n0) = before
+                .iter()
+                .find(|b| &b.0 == name)
+                .map_or((0.0, 0.0), |b| (b.1, b.2));
+            let (runs, ns) = (runs - r0, ns - n0);
+            ProgramProfile {
+                program: name.clone(),
+                runs_per_unit: runs / units,
+                ns_per_run: if runs > 0.0 { ns / runs } else { 0.0 },
+                ns_per_unit: ns / units,
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn bpftool_json(args: &[&str]) -> Result<Value> {
     let out = std::process::Command::new("bpftool")
         .arg("--json")
@@ -220,17 +454,103 @@ pub(crate) fn iptables_restore(netns: &Path, rules: &str, noflush: bool) -> Resu
     Ok(())
 }
 
-/// Waits for a `weft-pod rr` client and returns its result line.
-pub(crate) fn run_rr(p: &mut weft_testkit::proc::Process, what: &str) -> Result<Value> {
-    p.wait_success(std::time::Duration::from_secs(300));
-    Ok(p.stdout()
-        .wait_for(what, std::time::Duration::from_secs(5), |lines| {
-            lines.iter().find_map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .filter(|v| v["event"] == "rr")
-            })
-        }))
+/// A `weft-pod rr --bursts` client that lives for a whole scenario, so that variants can take
+/// turns in short bursts: the machine's drift then falls on every variant alike, and no
+/// variant pays for a fresh process (page faults, cold caches) that another does not.
+pub(crate) struct RrClient {
+    process: weft_testkit::proc::Process,
+    what: String,
+    bursts: usize,
+    reports: usize,
+}
+
+impl RrClient {
+    /// Starts the client in `pod` (in its cgroup when `observed`, else outside weft's
+    /// cgroups), pinned to the client CPU, making connections to `targets` in turn; `extra`:
+    /// more `weft-pod rr` arguments.
+    pub(crate) fn start(
+        node: &weft_testkit::Node,
+        (pod, observed): (&str, bool),
+        pin: &Pinning,
+        targets: &str,
+        extra: &[&str],
+        what: &str,
+    ) -> Self {
+        let mut args = pin.client(&["rr", "--bursts", "--connect", targets]);
+        args.extend_from_slice(extra);
+        let (name, command) = node.pod_command(pod, observed, &args);
+        Self {
+            process: weft_testkit::proc::Process::spawn_interactive(&name, command),
+            what: what.to_owned(),
+            bursts: 0,
+            reports: 0,
+        }
+    }
+
+    /// The `n`-th line of `event` (0-based), or the client's error.
+    fn wait_event(&self, event: &str, n: usize) -> Result<Value> {
+        self.process.stdout().wait_for(
+            &format!("{}: {event} {}", self.what, n + 1),
+            std::time::Duration::from_secs(120),
+            |lines| {
+                let mut seen = 0;
+                for v in lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                {
+                    if v["event"] == "error" {
+                        return Some(Err(anyhow::anyhow!("{}: {}", self.what, v["error"])));
+                    }
+                    if v["event"] == event {
+                        if seen == n {
+                            return Some(Ok(v));
+                        }
+                        seen += 1;
+                    }
+                }
+                None
+            },
+        )
+    }
+
+    /// `n` more connections, waited for.
+    pub(crate) fn burst(&mut self, n: u64) -> Result<()> {
+        self.process.send_line(&n.to_string());
+        self.wait_event("burst", self.bursts)?;
+        self.bursts += 1;
+        Ok(())
+    }
+
+    /// The results since the last report (as `weft-pod rr` prints them).
+    pub(crate) fn report(&mut self) -> Result<Value> {
+        self.process.send_line("report");
+        let v = self.wait_event("rr", self.reports)?;
+        self.reports += 1;
+        Ok(v)
+    }
+}
+
+/// Connections per burst when clients take turns: short enough that drift within a round is
+/// shared, long enough that switching costs nothing measurable (~10 ms).
+pub(crate) const BURST: u64 = 100;
+
+/// One round over `clients`: `count` connections (or requests) each, in bursts of `burst`,
+/// the clients taking turns in an order that rotates every burst and every round (`round`);
+/// then one report per client, in the order of `clients`.
+pub(crate) fn interleaved_round(
+    clients: &mut [&mut RrClient],
+    round: usize,
+    count: u64,
+    burst: u64,
+) -> Result<Vec<Value>> {
+    let n = clients.len();
+    let bursts = count.div_ceil(burst) as usize;
+    for b in 0..bursts {
+        for k in 0..n {
+            clients[(round + b + k) % n].burst(burst)?;
+        }
+    }
+    clients.iter_mut().map(|c| c.report()).collect()
 }
 
 /// Milliseconds from `write` (a change on disk) to the agent logging a new `marker` line (its
@@ -256,4 +576,9 @@ pub(crate) fn time_to_log(
     let v: Value = serde_json::from_str(&line)?;
     let at = humantime::parse_rfc3339(v["timestamp"].as_str().unwrap_or_default())?;
     Ok(at.duration_since(written).unwrap_or_default().as_secs_f64() * 1000.0)
+}
+
+/// Clients and servers on CPU 0 (see [`Pinning`]).
+pub fn default_cpus() -> Vec<usize> {
+    vec![0, 0]
 }

@@ -51,7 +51,9 @@ enum Cmd {
     },
     /// Run benchmark scenarios; each measures weft against its baselines in the same run.
     Bench {
-        /// Scenarios to run (default: all). Known: churn, services, policy, telemetry.
+        /// Scenarios to run (default: all). Known: churn, services, established, policy,
+        /// telemetry, kube,
+        /// bind.
         scenarios: Vec<String>,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2.0)]
@@ -64,6 +66,10 @@ enum Cmd {
         /// is compared with what it replaces side by side.
         #[arg(long)]
         compare: Option<PathBuf>,
+        /// The CPUs clients and servers are pinned to (`CLIENT,SERVER`), the same for every
+        /// variant; default 0,0.
+        #[arg(long, value_delimiter = ',')]
+        cpus: Option<Vec<usize>>,
     },
 }
 
@@ -91,7 +97,21 @@ fn main() -> Result<()> {
             seconds,
             rounds,
             compare,
-        } => bench::run(&ws, &tools, &scenarios, seconds, rounds, compare.as_deref()),
+            cpus,
+        } => {
+            let cpus = cpus.unwrap_or_else(bench::default_cpus);
+            let [client, server] = cpus[..] else {
+                anyhow::bail!("--cpus takes two CPUs, CLIENT,SERVER: got {cpus:?}");
+            };
+            let options = bench::Options {
+                scenarios: &scenarios,
+                seconds,
+                rounds,
+                compare: compare.as_deref(),
+                pinning: bench::Pinning::new(client, server)?,
+            };
+            bench::run(&ws, &tools, &options)
+        }
     }
 }
 

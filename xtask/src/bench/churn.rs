@@ -1,25 +1,29 @@
 //! `churn`: short TCP connections per second between two pods (connect, server closes,
-//! client closes), with no program attached and with the weft agent attached. Rounds
-//! alternate so drift on the machine affects both sides alike; the median ratio is reported.
+//! client closes), with no program attached and with the weft agent attached (services,
+//! policy and telemetry on), client and server pinned ([`Pinning`]). Every round runs each
+//! variant in rotating order, so drift on the machine affects all alike; the median of the
+//! per-round ratios is reported with their spread.
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use serde_json::Value;
-use weft_testkit::{Agent, Node, proc::Process};
+use weft_testkit::{Node, proc::Process};
 
-use super::{BpfStats, agent_options, bpftool_json, cpu_seconds, median, spread, verdict};
+use super::{
+    BpfStats, Pinning, ProgramProfile, Ratio, agent_options, cpu_seconds, profile, program_stats,
+};
 
 #[derive(Debug, Serialize)]
 pub struct ChurnResult {
     scenario: &'static str,
+    pinning: Pinning,
     unit: &'static str,
     seconds_per_round: f64,
     baseline: Vec<f64>,
     weft: Vec<f64>,
     /// weft / baseline per round.
-    ratios: Vec<f64>,
-    median_ratio: f64,
+    ratio: Ratio,
     /// CPU time the agent process spent per connection (user + system), microseconds.
     agent_cpu_us_per_connection: Vec<f64>,
     /// Kernel time of weft's programs per connection, from BPF run-time statistics in an
@@ -38,59 +42,47 @@ struct Compare {
     binary: String,
     rates: Vec<f64>,
     /// compare / no agent per round.
-    ratios: Vec<f64>,
-    median_ratio: f64,
+    ratio: Ratio,
     /// this build / that build per round.
-    this_over_that: Vec<f64>,
-    this_over_that_median: f64,
-    this_over_that_min: f64,
-    this_over_that_max: f64,
-}
-
-#[derive(Debug, Serialize)]
-struct ProgramProfile {
-    program: String,
-    runs_per_connection: f64,
-    ns_per_run: f64,
-    ns_per_connection: f64,
+    this_over_that: Ratio,
 }
 
 impl ChurnResult {
     pub fn print(&self) {
-        println!("\nchurn: short TCP connections per second between two pods (higher is better)");
+        println!(
+            "\nchurn: short TCP connections per second between two pods (higher is better; client on CPU {}, server on CPU {})",
+            self.pinning.client_cpu, self.pinning.server_cpu
+        );
         println!(
             "{:>5} {:>14} {:>14} {:>8} {:>18}",
             "round", "no agent", "weft", "ratio", "agent CPU µs/conn"
         );
-        for i in 0..self.ratios.len() {
+        for i in 0..self.ratio.rounds.len() {
             println!(
                 "{:>5} {:>14.0} {:>14.0} {:>8.3} {:>18.2}",
                 i + 1,
                 self.baseline[i],
                 self.weft[i],
-                self.ratios[i],
+                self.ratio.rounds[i],
                 self.agent_cpu_us_per_connection[i]
             );
         }
-        println!("median ratio weft / no agent: {:.3}", self.median_ratio);
+        println!("weft / no agent: {}", self.ratio.verdict);
         if let Some(c) = &self.compare {
             println!("compared with {}:", c.binary);
-            for (i, (rate, ratio)) in c.rates.iter().zip(&c.ratios).enumerate() {
+            for (i, (rate, ratio)) in c.rates.iter().zip(&c.ratio.rounds).enumerate() {
                 println!(
                     "  round {:>2}: {rate:>8.0} conn/s, ratio {ratio:.3}, this/that {:.3}",
                     i + 1,
-                    c.this_over_that[i]
+                    c.this_over_that.rounds[i]
                 );
             }
-            println!("  median ratio that / no agent: {:.3}", c.median_ratio);
-            println!("  this build / that build: {}", verdict(&c.this_over_that));
+            println!("  that / no agent: {}", c.ratio.verdict);
+            println!("  this build / that build: {}", c.this_over_that.verdict);
         }
         println!("kernel programs per connection (both ends, from BPF run-time statistics):");
         for p in &self.kernel {
-            println!(
-                "  {:<18} {:>6.1} runs x {:>6.0} ns = {:>7.0} ns",
-                p.program, p.runs_per_connection, p.ns_per_run, p.ns_per_connection
-            );
+            p.print();
         }
         println!(
             "  {:<18} {:>34.0} ns",
@@ -101,17 +93,12 @@ impl ChurnResult {
 
 /// One churn run from `client` to the `server` pod's port 8080: (connections per second,
 /// connections).
-pub(crate) fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
-    let server = node.pod("server").ipv4;
+pub(crate) fn churn_once(node: &Node, pin: &Pinning, seconds: f64) -> Result<(f64, u64)> {
+    let server = format!("{}:8080", node.pod("server").ipv4);
+    let seconds_s = seconds.to_string();
     let mut c = node.spawn(
         "client",
-        &[
-            "churn",
-            "--connect",
-            &format!("{server}:8080"),
-            "--seconds",
-            &seconds.to_string(),
-        ],
+        &pin.client(&["churn", "--connect", &server, "--seconds", &seconds_s]),
     );
     c.wait_success(Duration::from_secs_f64(seconds + 30.0));
     let v: Value = c
@@ -129,64 +116,52 @@ pub(crate) fn churn_once(node: &Node, seconds: f64) -> Result<(f64, u64)> {
     ))
 }
 
-fn profile_round(node: &Node, bins: &Path, seconds: f64) -> Result<Vec<ProgramProfile>> {
+fn profile_round(
+    node: &Node,
+    pin: &Pinning,
+    bins: &Path,
+    seconds: f64,
+) -> Result<Vec<ProgramProfile>> {
     let _stats = BpfStats::enable()?;
-    let agent = Agent::start_with(node, agent_options(bins));
-    let (_, conns) = churn_once(node, seconds)?;
-    let cgroup = node.cgroup().to_string_lossy().into_owned();
-    let attached = bpftool_json(&["cgroup", "show", &cgroup])?;
-    let mut out = Vec::new();
-    for prog in attached
-        .as_array()
-        .context("bpftool cgroup show: not a list")?
-    {
-        let id = prog["id"].as_u64().context("program id")?.to_string();
-        let info = bpftool_json(&["prog", "show", "id", &id])?;
-        let runs = info["run_cnt"].as_f64().unwrap_or(0.0);
-        let ns = info["run_time_ns"].as_f64().unwrap_or(0.0);
-        let conns = conns.max(1) as f64;
-        out.push(ProgramProfile {
-            program: info["name"].as_str().unwrap_or("?").to_owned(),
-            runs_per_connection: runs / conns,
-            ns_per_run: if runs > 0.0 { ns / runs } else { 0.0 },
-            ns_per_connection: ns / conns,
-        });
-    }
+    let agent = pin.start_agent(node, agent_options(bins))?;
+    let before = program_stats(node)?;
+    let (_, conns) = churn_once(node, pin, seconds)?;
+    let out = profile(&before, &program_stats(node)?, conns);
     drop(agent);
     Ok(out)
 }
 
 /// A node with a `client` and a `server` pod whose server closes every connection at once,
 /// warmed up (caches, ARP, the tools' first page faults). Keep the process: it is the server.
-pub(crate) fn churn_node(bins: &Path, name: &str) -> Result<(Node, Process)> {
+pub(crate) fn churn_node(bins: &Path, pin: &Pinning, name: &str) -> Result<(Node, Process)> {
     let node = Node::builder(name)
         .pod_tool(&bins.join("weft-pod"))
         .pod("client")
         .pod("server")
         .build();
-    let server = node.pod("server").ipv4;
+    let server = format!("{}:8080", node.pod("server").ipv4);
     let srv = node.spawn(
         "server",
-        &[
-            "tcp-server",
-            "--listen",
-            &format!("{server}:8080"),
-            "--close-at-once",
-        ],
+        &pin.server(&["tcp-server", "--listen", &server, "--close-at-once"]),
     );
     srv.wait_listening();
-    churn_once(&node, 1.0)?;
+    churn_once(&node, pin, 1.0)?;
     Ok((node, srv))
 }
 
 /// One measured round of a variant: (connections per second, agent CPU µs per connection).
-fn measure(node: &Node, agent_bins: Option<&Path>, seconds: f64) -> Result<(f64, f64)> {
+fn measure(
+    node: &Node,
+    pin: &Pinning,
+    agent_bins: Option<&Path>,
+    seconds: f64,
+) -> Result<(f64, f64)> {
     let Some(bins) = agent_bins else {
-        return Ok((churn_once(node, seconds)?.0, 0.0));
+        return Ok((churn_once(node, pin, seconds)?.0, 0.0));
     };
-    let mut agent = Agent::start_with(node, agent_options(bins));
+    let mut agent = pin.start_agent(node, agent_options(bins))?;
     let cpu_before = cpu_seconds(agent.pid())?;
-    let (rate, conns) = churn_once(node, seconds)?;
+    let (rate, conns) = churn_once(node, pin, seconds)?;
     // Let the agent drain the ring buffer before reading its CPU time.
     std::thread::sleep(Duration::from_millis(300));
     let cpu_after = cpu_seconds(agent.pid())?;
@@ -196,11 +171,13 @@ fn measure(node: &Node, agent_bins: Option<&Path>, seconds: f64) -> Result<(f64,
 
 pub fn churn(
     bins: &Path,
+    pin: &Pinning,
     compare: Option<&Path>,
     seconds: f64,
     rounds: usize,
 ) -> Result<ChurnResult> {
-    let (node, _server) = churn_node(bins, "xtask-bench-churn")?;
+    let pin = &pin.with_agent_on_client_cpu();
+    let (node, _server) = churn_node(bins, pin, "xtask-bench-churn")?;
     // Variants: no agent, this build, and the compared build; rotated every round so none
     // always runs first (on a cooler or warmer machine).
     let variants: Vec<Option<&Path>> = std::iter::once(None)
@@ -213,7 +190,7 @@ pub fn churn(
         eprintln!("bench churn: round {}/{rounds}", round + 1);
         for k in 0..variants.len() {
             let v = (round + k) % variants.len();
-            let (rate, cpu_us) = measure(&node, variants[v], seconds)?;
+            let (rate, cpu_us) = measure(&node, pin, variants[v], seconds)?;
             rates[v].push(rate);
             if v == 1 {
                 cpu.push(cpu_us);
@@ -221,35 +198,23 @@ pub fn churn(
         }
     }
     eprintln!("bench churn: profiling round (BPF run-time statistics on)");
-    let kernel = profile_round(&node, bins, seconds)?;
-    let per_round =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
-    let ratios = per_round(&rates[1], &rates[0]);
-    let compare = compare.map(|dir| {
-        let that = per_round(&rates[2], &rates[0]);
-        let this_over_that = per_round(&rates[1], &rates[2]);
-        let (m, min, max) = spread(&this_over_that);
-        Compare {
-            binary: dir.join("weft").display().to_string(),
-            rates: rates[2].clone(),
-            median_ratio: median(&that),
-            ratios: that,
-            this_over_that,
-            this_over_that_median: m,
-            this_over_that_min: min,
-            this_over_that_max: max,
-        }
+    let kernel = profile_round(&node, pin, bins, seconds)?;
+    let compare = compare.map(|dir| Compare {
+        binary: dir.join("weft").display().to_string(),
+        rates: rates[2].clone(),
+        ratio: Ratio::per_round(&rates[2], &rates[0]),
+        this_over_that: Ratio::per_round(&rates[1], &rates[2]),
     });
     Ok(ChurnResult {
-        kernel_ns_per_connection: kernel.iter().map(|p| p.ns_per_connection).sum(),
+        kernel_ns_per_connection: kernel.iter().map(|p| p.ns_per_unit).sum(),
         kernel,
         scenario: "churn",
+        pinning: pin.clone(),
         unit: "connections per second",
         seconds_per_round: seconds,
-        median_ratio: median(&ratios),
+        ratio: Ratio::per_round(&rates[1], &rates[0]),
         baseline: rates[0].clone(),
         weft: rates[1].clone(),
-        ratios,
         agent_cpu_us_per_connection: cpu,
         compare,
     })

@@ -12,8 +12,10 @@
 //! - change: 30 times, one EndpointSlice changed (applied to the fake API server, or
 //!   written to a file), to the `services synced` log line that follows its map writes.
 //!
-//! The fake API server runs in this process (plain HTTP on loopback), so the numbers include
-//! its work on the same two cores.
+//! Each scale runs `rounds` rounds of both sources in rotating order; the kube/dir ratios of
+//! the start and of the change p50 are medians of per-round ratios, with their spread. The
+//! fake API server runs in this process (plain HTTP on loopback), its threads pinned to the
+//! server CPU ([`Pinning`]); the agent is not pinned.
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
@@ -21,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use weft_testkit::{Agent, AgentOptions, Node, fakeapi::FakeApi, k8s, prom};
 
-use super::{cpu_seconds, median, source_agent_options, time_to_log};
+use super::{Pinning, Ratio, cpu_seconds, median, source_agent_options, time_to_log};
 
 /// (pods of other nodes, Services).
 const SCALES: [(usize, usize); 2] = [(1_000, 200), (10_000, 2_000)];
@@ -47,13 +49,26 @@ struct Scale {
     services: usize,
     network_policies: usize,
     objects: usize,
-    dir: Run,
-    kube: Run,
+    /// One run per round.
+    dir: Vec<Run>,
+    kube: Vec<Run>,
+    /// kube / dir per round: start to synced, and the change p50.
+    start_kube_over_dir: Ratio,
+    change_kube_over_dir: Ratio,
+}
+
+impl Scale {
+    /// The median over rounds of one figure of a source's runs.
+    fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
+        median(&runs.iter().map(f).collect::<Vec<_>>())
+    }
 }
 
 #[derive(Debug, Serialize)]
 pub struct KubeResult {
     scenario: &'static str,
+    pinning: Pinning,
+    rounds: usize,
     scales: Vec<Scale>,
 }
 
@@ -79,56 +94,89 @@ impl KubeResult {
             "kube max"
         );
         for s in &self.scales {
+            let (d, k) = (&s.dir, &s.kube);
             println!(
                 "{:>7} {:>6} | {:>9.0} {:>9.0} {:>6.2} | {:>7.2} {:>7.2} | {:>8.1} {:>8.1} | {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
                 s.remote_pods,
                 s.services,
-                s.dir.start_to_synced_ms,
-                s.kube.start_to_synced_ms,
-                s.kube.start_to_synced_ms / s.dir.start_to_synced_ms,
-                s.dir.cpu_s_at_synced,
-                s.kube.cpu_s_at_synced,
-                s.dir.rss_kib as f64 / 1024.0,
-                s.kube.rss_kib as f64 / 1024.0,
-                s.dir.change_p50_ms,
-                s.dir.change_max_ms,
-                s.kube.change_p50_ms,
-                s.kube.change_max_ms,
+                Scale::median(d, |r| r.start_to_synced_ms),
+                Scale::median(k, |r| r.start_to_synced_ms),
+                s.start_kube_over_dir.median,
+                Scale::median(d, |r| r.cpu_s_at_synced),
+                Scale::median(k, |r| r.cpu_s_at_synced),
+                Scale::median(d, |r| r.rss_kib as f64) / 1024.0,
+                Scale::median(k, |r| r.rss_kib as f64) / 1024.0,
+                Scale::median(d, |r| r.change_p50_ms),
+                Scale::median(d, |r| r.change_max_ms),
+                Scale::median(k, |r| r.change_p50_ms),
+                Scale::median(k, |r| r.change_max_ms),
             );
         }
-        println!("mean ms per pass (sync: read to last map write; compile stages):");
+        println!(
+            "(medians of {} rounds; kube/dir with the spread of the per-round ratios:)",
+            self.rounds
+        );
         for s in &self.scales {
             println!(
-                "{:>7} {:>6} | dir {:?} | kube {:?}",
-                s.remote_pods, s.services, s.dir.pass_ms, s.kube.pass_ms
+                "{:>7} pods: start {}; change p50 {}",
+                s.remote_pods, s.start_kube_over_dir.verdict, s.change_kube_over_dir.verdict
             );
+        }
+        println!(
+            "mean ms per pass in the last round (sync: read to last map write; compile stages):"
+        );
+        for s in &self.scales {
+            if let (Some(d), Some(k)) = (s.dir.last(), s.kube.last()) {
+                println!(
+                    "{:>7} {:>6} | dir {:?} | kube {:?}",
+                    s.remote_pods, s.services, d.pass_ms, k.pass_ms
+                );
+            }
         }
     }
 }
 
-pub fn run(bins: &Path) -> Result<KubeResult> {
+pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<KubeResult> {
     let mut result = KubeResult {
         scenario: "kube",
+        pinning: pin.clone(),
+        rounds,
         scales: Vec::new(),
     };
     for (pods, services) in SCALES {
         let node = node(bins, "bench_kube");
         let objects = cluster(&node, pods, services);
         let policies = services / 10;
-        let dir = measure_dir(bins, &node, &objects)?;
-        let kube = measure_kube(bins, &node, &objects)?;
+        let (mut dir, mut kube) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            eprintln!("bench kube: {pods} pods: round {}/{rounds}", r + 1);
+            for k in 0..2 {
+                if (r + k) % 2 == 0 {
+                    dir.push(measure_dir(bins, &node, &objects)?);
+                } else {
+                    kube.push(measure_kube(bins, pin, &node, &objects)?);
+                }
+            }
+        }
+        let per_round = |f: fn(&Run) -> f64| {
+            Ratio::per_round(
+                &kube.iter().map(f).collect::<Vec<_>>(),
+                &dir.iter().map(f).collect::<Vec<_>>(),
+            )
+        };
         result.scales.push(Scale {
             remote_pods: pods,
             services,
             network_policies: policies,
             objects: objects.len(),
+            start_kube_over_dir: per_round(|r| r.start_to_synced_ms),
+            change_kube_over_dir: per_round(|r| r.change_p50_ms),
             dir,
             kube,
         });
     }
     Ok(result)
 }
-
 /// The node `cluster` puts its own pods on (kubelet cgroups).
 pub(super) fn node(bins: &Path, tag: &str) -> Node {
     Node::builder(tag)
@@ -276,8 +324,8 @@ fn measure_dir(bins: &Path, node: &Node, objects: &[Value]) -> Result<Run> {
     Ok(run)
 }
 
-fn measure_kube(bins: &Path, node: &Node, objects: &[Value]) -> Result<Run> {
-    let api = FakeApi::start();
+fn measure_kube(bins: &Path, pin: &Pinning, node: &Node, objects: &[Value]) -> Result<Run> {
+    let api = pin.on_server_cpu(FakeApi::start)?;
     for o in objects {
         api.apply(o.clone());
     }

@@ -1,7 +1,8 @@
 //! `policy`: connect + one 64-byte request/response + close from a client pod to a server pod
 //! whose ingress is restricted by NetworkPolicy, with 0, 1 000 and 10 000 rules that do not
-//! match the pair plus one that does, measured two ways in one run:
+//! match the pair plus one that does, measured three ways in one run:
 //!
+//! - none: no agent and no rules (the floor);
 //! - weft: `n` policies on the server pod, each allowing one /32 outside the node on the
 //!   server port, plus the one allowing the client by podSelector (the kernel holds an
 //!   ipcache entry and a policy entry per rule);
@@ -9,10 +10,11 @@
 //!   `n` non-matching ACCEPT rules, then the matching one, then DROP for the port (a linear
 //!   chain, as iptables-based policy engines lay out per-pod rules without ipsets).
 //!
-//! Every variant is a node of its own (six nodes, three agents), all set up before measuring,
-//! so each round measures all six back to back in rotating order and the ratios are medians of
-//! per-round ratios: drift of the machine cancels out. Each ratio is printed with the spread of
-//! its per-round ratios, as "no measurable difference" when that spread holds 1. It also reports the time from a policy
+//! Every variant is a node of its own (seven nodes, three agents), all set up before
+//! measuring, with the client and the server pinned ([`Pinning`]); their seven clients take
+//! turns in bursts every round and the ratios are medians of per-round ratios: drift of the
+//! machine cancels out. Each ratio is printed with the spread of its per-round ratios, as "no
+//! measurable difference" when that spread reaches 1. It also reports the time from a policy
 //! file change to the kernel maps with 1 000 policies in force, and the peak memory of
 //! compiling 10 000 pods (`weft compile`).
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
@@ -22,7 +24,10 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, Node, k8s, proc::Process};
 
-use super::{iptables_restore, median, run_rr, source_agent_options, time_to_log, verdict};
+use super::{
+    BURST, Pinning, Ratio, RrClient, interleaved_round, iptables_restore, median,
+    source_agent_options, time_to_log,
+};
 
 const SCALES: [usize; 3] = [0, 1_000, 10_000];
 const PORT: u16 = 8080;
@@ -46,22 +51,24 @@ struct Scale {
     rules: usize,
     weft: Mode,
     iptables: Mode,
-    /// Connections per second relative to the same engine with 0 rules (median of per-round
-    /// ratios), and the per-round ratios.
-    weft_vs_0: f64,
-    weft_vs_0_rounds: Vec<f64>,
-    iptables_vs_0: f64,
-    iptables_vs_0_rounds: Vec<f64>,
-    /// weft / iptables connections per second at this scale, and per round.
-    weft_vs_iptables: f64,
-    weft_vs_iptables_rounds: Vec<f64>,
+    /// Connections per second relative to the same engine with 0 rules, per round.
+    weft_vs_0: Ratio,
+    iptables_vs_0: Ratio,
+    /// weft / iptables connections per second at this scale.
+    weft_vs_iptables: Ratio,
+    /// Relative to no agent and no rules.
+    weft_vs_none: Ratio,
+    iptables_vs_none: Ratio,
 }
 
 #[derive(Debug, Serialize)]
 pub struct PolicyResult {
     scenario: &'static str,
+    pinning: Pinning,
     connections_per_round: u64,
     rounds: usize,
+    /// No agent, no rules.
+    none: Mode,
     scales: Vec<Scale>,
     /// Policy file change to kernel maps, with 1 000 policies in force.
     change_to_map_ms: Vec<f64>,
@@ -74,41 +81,45 @@ pub struct PolicyResult {
 impl PolicyResult {
     pub fn print(&self) {
         println!(
-            "\npolicy: connect + one 64-byte request/response + close to a pod with ingress policy (median of {} rounds of {} connections)",
-            self.rounds, self.connections_per_round
+            "\npolicy: connect + one 64-byte request/response + close to a pod with ingress policy (median of {} rounds of {} connections; client on CPU {}, server on CPU {})",
+            self.rounds,
+            self.connections_per_round,
+            self.pinning.client_cpu,
+            self.pinning.server_cpu
         );
         println!(
-            "{:>6} | {:>9} {:>9} | {:>9} {:>9} | {:>10} {:>10} {:>10}",
-            "rules",
-            "weft c/s",
-            "weft p50",
-            "ipt c/s",
-            "ipt p50",
-            "weft/w0",
-            "ipt/ipt0",
-            "weft/ipt"
+            "no agent, no rules: {:.0} conn/s, p50 {:.1} µs",
+            median(&self.none.per_second),
+            median(&self.none.p50_us)
+        );
+        println!(
+            "{:>6} | {:>9} {:>9} | {:>9} {:>9}",
+            "rules", "weft c/s", "weft p50", "ipt c/s", "ipt p50"
         );
         for s in &self.scales {
             println!(
-                "{:>6} | {:>9.0} {:>9.1} | {:>9.0} {:>9.1} | {:>10.3} {:>10.3} {:>10.3}",
+                "{:>6} | {:>9.0} {:>9.1} | {:>9.0} {:>9.1}",
                 s.rules,
                 median(&s.weft.per_second),
                 median(&s.weft.p50_us),
                 median(&s.iptables.per_second),
                 median(&s.iptables.p50_us),
-                s.weft_vs_0,
-                s.iptables_vs_0,
-                s.weft_vs_iptables
             );
         }
         println!("ratios of connections per second, with the spread of the per-round ratios:");
         for s in &self.scales {
             println!(
-                "{:>6} rules: weft/ipt {}; weft/w0 {}; ipt/ipt0 {}",
+                "{:>6} rules: weft/ipt {}\n{:>14}weft/none {}\n{:>14}ipt/none {}\n{:>14}weft/w0 {}\n{:>14}ipt/ipt0 {}",
                 s.rules,
-                verdict(&s.weft_vs_iptables_rounds),
-                verdict(&s.weft_vs_0_rounds),
-                verdict(&s.iptables_vs_0_rounds)
+                s.weft_vs_iptables.verdict,
+                "",
+                s.weft_vs_none.verdict,
+                "",
+                s.iptables_vs_none.verdict,
+                "",
+                s.weft_vs_0.verdict,
+                "",
+                s.iptables_vs_0.verdict
             );
         }
         println!(
@@ -189,13 +200,16 @@ struct Pair {
     target: String,
 }
 
-fn pair(bins: &Path, name: &str) -> Pair {
+fn pair(bins: &Path, pin: &Pinning, name: &str) -> Pair {
     let node = Node::builder(name)
         .pod_tool(&bins.join("weft-pod"))
         .pod("client")
         .pod("server")
         .build();
-    let server = node.start_server("server", &["rr-server", "--listen", "[::]:8080"]);
+    let server = node.start_server(
+        "server",
+        &pin.server(&["rr-server", "--listen", "[::]:8080"]),
+    );
     let target = format!("{}:{PORT}", node.pod("server").ipv4);
     Pair {
         node,
@@ -238,20 +252,18 @@ fn wait_policies(agent: &Agent, n: usize) -> Result<()> {
 }
 
 /// The per-round ratios `num / den` of connections per second.
-fn paired(num: &Mode, den: &Mode) -> Vec<f64> {
-    num.per_second
-        .iter()
-        .zip(&den.per_second)
-        .map(|(n, d)| n / d)
-        .collect()
+fn paired(num: &Mode, den: &Mode) -> Ratio {
+    Ratio::per_round(&num.per_second, &den.per_second)
 }
 
-pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
+/// Every pair set up and measured once: (none, weft's at each scale, iptables' at each scale).
+fn pairs(bins: &Path, pin: &Pinning) -> Result<(Pair, Vec<Pair>, Vec<Pair>)> {
+    let none = pair(bins, pin, "xtask-bench-pol-none");
     let mut weft_pairs = Vec::new();
     let mut ipt_pairs = Vec::new();
     for &n in &SCALES {
         eprintln!("bench policy: {n} rules: starting weft's node");
-        let mut p = pair(bins, &format!("xtask-bench-pol-w{n}"));
+        let mut p = pair(bins, pin, &format!("xtask-bench-pol-w{n}"));
         p.node.write_source("pods.yaml", &pods_yaml(&p.node));
         p.node
             .write_source("policies.yaml", &policies_yaml(n, None));
@@ -260,7 +272,7 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
         p.agent = Some(agent);
         weft_pairs.push(p);
         eprintln!("bench policy: {n} rules: iptables node");
-        let q = pair(bins, &format!("xtask-bench-pol-i{n}"));
+        let q = pair(bins, pin, &format!("xtask-bench-pol-i{n}"));
         let client = q.node.pod("client").ipv4.to_string();
         iptables_restore(
             &q.node.pod("server").netns_path(),
@@ -269,70 +281,82 @@ pub fn run(bins: &Path, rounds: usize, count: u64) -> Result<PolicyResult> {
         )?;
         ipt_pairs.push(q);
     }
-    let count_s = count.to_string();
-    let measure = |p: &Pair, what: &str, n: &str| -> Result<Value> {
-        run_rr(
-            &mut p
-                .node
-                .spawn("client", &["rr", "--connect", &p.target, "--count", n]),
-            what,
+    Ok((none, weft_pairs, ipt_pairs))
+}
+
+pub fn run(bins: &Path, pin: &Pinning, rounds: usize, count: u64) -> Result<PolicyResult> {
+    let (none_pair, weft_pairs, ipt_pairs) = pairs(bins, pin)?;
+    // One client per variant, in this order: none, then weft and iptables at each scale.
+    let mut clients: Vec<RrClient> = std::iter::once((&none_pair, "none"))
+        .chain(
+            weft_pairs
+                .iter()
+                .zip(ipt_pairs.iter())
+                .flat_map(|(w, i)| [(w, "weft"), (i, "iptables")]),
         )
-    };
-    for p in weft_pairs.iter().chain(&ipt_pairs) {
+        .map(|(p, what)| RrClient::start(&p.node, ("client", true), pin, &p.target, &[], what))
+        .collect();
+    for c in &mut clients {
         // Warm-up, and a check that the path works at all (a DROP would time out here).
-        measure(p, "warm-up", "200")?;
+        c.burst(200)?;
+        c.report()?;
     }
-    let mut weft: Vec<Mode> = SCALES.iter().map(|_| Mode::default()).collect();
-    let mut ipt: Vec<Mode> = SCALES.iter().map(|_| Mode::default()).collect();
-    let variants = 2 * SCALES.len();
+    let mut modes: Vec<Mode> = clients.iter().map(|_| Mode::default()).collect();
     for r in 0..rounds {
         eprintln!("bench policy: round {}/{rounds}", r + 1);
-        for k in 0..variants {
-            let v = (r + k) % variants;
-            let (i, is_weft) = (v / 2, v.is_multiple_of(2));
-            if is_weft {
-                weft[i].add(&measure(&weft_pairs[i], "weft", &count_s)?);
-            } else {
-                ipt[i].add(&measure(&ipt_pairs[i], "iptables", &count_s)?);
-            }
+        let mut refs: Vec<&mut RrClient> = clients.iter_mut().collect();
+        for (m, v) in modes
+            .iter_mut()
+            .zip(interleaved_round(&mut refs, r, count, BURST)?)
+        {
+            m.add(&v);
         }
     }
+    drop(clients);
+    let mut modes = modes.into_iter();
+    let none = modes.next().unwrap_or_default();
+    let (mut weft, mut ipt) = (Vec::new(), Vec::new());
+    while let (Some(w), Some(i)) = (modes.next(), modes.next()) {
+        weft.push(w);
+        ipt.push(i);
+    }
     let change = measure_change_latency(&weft_pairs[1], 1_000)?;
-    drop(weft_pairs);
-    drop(ipt_pairs);
+    drop((none_pair, weft_pairs, ipt_pairs));
     let compile = measure_compile(bins)?;
-    // Ratios first: they compare against scale 0, which is moved out below.
-    let ratios: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = (0..SCALES.len())
+    let ratios: Vec<[Ratio; 5]> = (0..SCALES.len())
         .map(|i| {
-            (
+            [
                 paired(&weft[i], &weft[0]),
                 paired(&ipt[i], &ipt[0]),
                 paired(&weft[i], &ipt[i]),
-            )
+                paired(&weft[i], &none),
+                paired(&ipt[i], &none),
+            ]
         })
         .collect();
     let scales = SCALES
         .iter()
         .zip(weft.into_iter().zip(ipt))
         .zip(ratios)
-        .map(|((&n, (weft, iptables)), (w0, i0, wi))| Scale {
+        .map(|((&n, (weft, iptables)), [w0, i0, wi, wn, inone])| Scale {
             rules: n,
             weft,
             iptables,
-            weft_vs_0: median(&w0),
-            weft_vs_0_rounds: w0,
-            iptables_vs_0: median(&i0),
-            iptables_vs_0_rounds: i0,
-            weft_vs_iptables: median(&wi),
-            weft_vs_iptables_rounds: wi,
+            weft_vs_0: w0,
+            iptables_vs_0: i0,
+            weft_vs_iptables: wi,
+            weft_vs_none: wn,
+            iptables_vs_none: inone,
         })
         .collect();
     let mut sorted = change.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(PolicyResult {
         scenario: "policy",
+        pinning: pin.clone(),
         connections_per_round: count,
         rounds,
+        none,
         scales,
         change_to_map_p50_ms: median(&sorted),
         change_to_map_p99_ms: sorted[((sorted.len() as f64 - 1.0) * 0.99).round() as usize],

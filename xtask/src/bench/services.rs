@@ -1,16 +1,20 @@
 //! `services`: a connection plus one 64-byte request/response through a Service, for 1, 1 000
-//! and 10 000 Services of 3 backends each, measured three ways in one run:
+//! and 10 000 Services of 3 backends each, measured four ways in the same rounds:
 //!
-//! - (a) direct: to a backend's pod IP, nothing attached (the floor);
-//! - (b) weft: to the ClusterIP, translated at connect() by weft (all its programs attached);
-//! - (c) iptables: to the ClusterIP through kube-proxy's iptables layout (KUBE-SERVICES →
-//!   KUBE-SVC-* → KUBE-SEP-* with statistic-random DNAT and masquerade marking), no weft.
+//! - (a) direct: round-robin over the three backends' pod IPs from the client pod's network
+//!   namespace, the process outside weft's cgroups (nothing of weft on the client's sockets);
+//! - (a') direct from the client pod's cgroup: every weft hook runs, nothing is translated;
+//! - (b) weft: to the ClusterIP from the client pod's cgroup, translated at connect() by weft;
+//! - (c) iptables: to the ClusterIP from a second client pod whose namespace holds
+//!   kube-proxy's iptables layout (KUBE-SERVICES → KUBE-SVC-* → KUBE-SEP-* with
+//!   statistic-random DNAT and masquerade marking); its rules and conntrack tax only that
+//!   namespace, so (c) runs in the same rounds as the others.
 //!
-//! The client is a host-network workload on the node: in the node namespace, in a cgroup below
-//! weft's (b), or outside it (a, c) so weft leaves it alone. Rounds of (a) and (b) alternate;
-//! (c) runs after them, with its rules installed only then (they and conntrack would otherwise
-//! tax every connection of (a) and (b)). It also reports, at the largest scale, the agent's
-//! memory, the BPF maps' memory, and the time from a Service change on disk to the kernel maps.
+//! Every variant reaches the same three backends in the same proportions, from a client on
+//! the same CPU to servers on the same CPU ([`Pinning`]); the four clients live for the whole
+//! scale and take turns in bursts of [`BURST`] connections in rotating order. It also
+//! reports, at the largest scale, the agent's memory, the BPF maps' memory, and the time from
+//! a Service change on disk to the kernel maps.
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Result, bail};
@@ -19,12 +23,15 @@ use serde_json::Value;
 use weft_testkit::{Agent, Node, k8s, proc::Process};
 
 use super::{
-    bpftool_json, iptables_restore, median, run_rr, source_agent_options, spread, time_to_log,
-    verdict,
+    BURST, Pinning, Ratio, RrClient, bpftool_json, interleaved_round, iptables_restore, median,
+    source_agent_options, time_to_log,
 };
 
 const SCALES: [usize; 3] = [1, 1_000, 10_000];
 const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
+/// The client pod of (a), (a') and (b); (c)'s client pod, whose namespace holds the rules.
+const CLIENT: &str = "client";
+const IPT_CLIENT: &str = "client-ipt";
 
 #[derive(Debug, Default, Serialize)]
 struct Mode {
@@ -49,8 +56,9 @@ impl Mode {
         median(&self.p99_us)
     }
 
-    fn rate(&self) -> f64 {
-        median(&self.per_second)
+    /// `self / den` of the p50 latencies, per round (both measured in the same round).
+    fn over(&self, den: &Mode) -> Ratio {
+        Ratio::per_round(&self.p50_us, &den.p50_us)
     }
 }
 
@@ -61,14 +69,14 @@ struct Scale {
     direct_hooked: Mode,
     weft: Mode,
     iptables: Mode,
-    /// weft / direct, p50 latency: the median of the per-round ratios (each round measures
-    /// both back to back, so drift of the machine cancels out).
-    b_over_a_p50: f64,
-    /// weft / direct from a pod cgroup (every weft hook runs, nothing is translated): the
-    /// cost of the translation alone, the same way.
-    b_over_a_hooked_p50: f64,
-    /// iptables / weft, p50 latency.
-    c_over_b_p50: f64,
+    /// weft / direct, p50 latency, per round.
+    b_over_a: Ratio,
+    /// weft / direct from the pod cgroup: the translation alone.
+    b_over_a_hooked: Ratio,
+    /// iptables / weft.
+    c_over_b: Ratio,
+    /// iptables / direct.
+    c_over_a: Ratio,
     /// With `--compare`: this build and the other one through the ClusterIP, each with a
     /// fresh agent, in the same rounds in rotating order.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,7 +85,7 @@ struct Scale {
 
 /// This build against another, each round starting each build's agent in turn and measuring
 /// direct and through the ClusterIP back to back.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Serialize)]
 struct CompareScale {
     binary: String,
     this_direct: Mode,
@@ -85,15 +93,13 @@ struct CompareScale {
     that_direct: Mode,
     that_weft: Mode,
     /// (this b/a) / (that b/a) per round: below 1, this build adds less per connection.
-    this_over_that: Vec<f64>,
-    this_over_that_median: f64,
-    this_over_that_min: f64,
-    this_over_that_max: f64,
+    this_over_that: Ratio,
 }
 
 #[derive(Debug, Serialize)]
 pub struct ServicesResult {
     scenario: &'static str,
+    pinning: Pinning,
     connections_per_round: u64,
     rounds: usize,
     iptables: String,
@@ -111,58 +117,60 @@ pub struct ServicesResult {
 impl ServicesResult {
     pub fn print(&self) {
         println!(
-            "\nservices: connect + one 64-byte request/response + close, per connection (median of {} rounds; b/a: median of per-round ratios)",
-            self.rounds
+            "\nservices: connect + one 64-byte request/response + close, per connection (median of {} rounds of {} connections; client on CPU {}, servers on CPU {})",
+            self.rounds,
+            self.connections_per_round,
+            self.pinning.client_cpu,
+            self.pinning.server_cpu
         );
         println!(
-            "{:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>6} {:>6} {:>6}",
+            "{:>8} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9}",
             "services",
             "a p50 µs",
             "a p99 µs",
-            "a conn/s",
+            "a' p50 µs",
+            "a' p99 µs",
             "b p50 µs",
             "b p99 µs",
-            "b conn/s",
             "c p50 µs",
-            "c p99 µs",
-            "c conn/s",
-            "b/a",
-            "c/b",
-            "b/a'"
+            "c p99 µs"
         );
         for s in &self.scales {
             println!(
-                "{:>8} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | {:>6.3} {:>6.3} {:>6.3}",
+                "{:>8} | {:>9.1} {:>9.1} | {:>9.1} {:>9.1} | {:>9.1} {:>9.1} | {:>9.1} {:>9.1}",
                 s.services,
                 s.direct.p50(),
                 s.direct.p99(),
-                s.direct.rate(),
+                s.direct_hooked.p50(),
+                s.direct_hooked.p99(),
                 s.weft.p50(),
                 s.weft.p99(),
-                s.weft.rate(),
                 s.iptables.p50(),
                 s.iptables.p99(),
-                s.iptables.rate(),
-                s.b_over_a_p50,
-                s.c_over_b_p50,
-                s.b_over_a_hooked_p50
             );
         }
         for s in &self.scales {
+            println!(
+                "{:>8} services: b/a {}\n{:>18} b/a' {}\n{:>18} c/b {}\n{:>18} c/a {}",
+                s.services,
+                s.b_over_a.verdict,
+                "",
+                s.b_over_a_hooked.verdict,
+                "",
+                s.c_over_b.verdict,
+                "",
+                s.c_over_a.verdict
+            );
             if let Some(c) = &s.compare {
                 println!(
-                    "{:>8} services, compared with {}: b/a this {:.3}, that {:.3}; this/that {}",
-                    s.services,
-                    c.binary,
-                    paired_ratio(&c.this_direct, &c.this_weft),
-                    paired_ratio(&c.that_direct, &c.that_weft),
-                    verdict(&c.this_over_that)
+                    "{:>18} compared with {}: this/that {}",
+                    "", c.binary, c.this_over_that.verdict
                 );
             }
         }
         println!(
-            "a = direct to the pod IP, b = weft via the ClusterIP, c = iptables ({}) via the ClusterIP;\n\
-             a' = direct from a pod cgroup (weft's telemetry runs, nothing is translated): b/a' is the translation alone",
+            "a = direct round-robin over the backends' pod IPs, b = weft via the ClusterIP, c = iptables ({}) via the ClusterIP;\n\
+             a' = direct from the client pod's cgroup (weft's hooks run, nothing is translated): b/a' is the translation alone",
             self.iptables
         );
         let largest = SCALES[SCALES.len() - 1];
@@ -205,7 +213,8 @@ fn services_yaml(n: usize) -> String {
 }
 
 /// kube-proxy's nat rules for `n` services of the node's three backends (large-cluster mode:
-/// no comments on the per-endpoint rules), as iptables-restore input.
+/// no comments on the per-endpoint rules; the cluster CIDR is the pods' range, so pod clients
+/// are not masqueraded), as iptables-restore input.
 fn iptables_rules(node: &Node, n: usize) -> String {
     let ips: Vec<String> = BACKENDS
         .iter()
@@ -241,7 +250,7 @@ fn iptables_rules(node: &Node, n: usize) -> String {
         );
         let _ = writeln!(
             rules,
-            "-A {svc} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"
+            "-A {svc} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport 80 ! -s 10.0.0.0/16 -j KUBE-MARK-MASQ"
         );
         for (k, backend) in ips.iter().enumerate() {
             let sep = format!("KUBE-SEP-{}", hash(&format!("{name}tcp{backend}:8080")));
@@ -279,8 +288,93 @@ fn wait_frontends(agent: &Agent, n: usize) -> Result<()> {
     }
 }
 
+/// One scale's node: the client pods, the three backends serving, the Services on disk, and
+/// one client per variant: (a), (a'), (b), (c).
+struct Bed {
+    node: Node,
+    _servers: Vec<Process>,
+    clients: [RrClient; 4],
+}
+
+impl Bed {
+    fn new(bins: &Path, pin: &Pinning, n: usize) -> Result<Self> {
+        let node = Node::builder(&format!("xtask-bench-svc-{n}"))
+            .pod_tool(&bins.join("weft-pod"))
+            .pod(CLIENT)
+            .pod(IPT_CLIENT)
+            .pod("b1")
+            .pod("b2")
+            .pod("b3")
+            .build();
+        let _servers = BACKENDS
+            .iter()
+            .map(|b| node.start_server(b, &pin.server(&["rr-server", "--listen", "[::]:8080"])))
+            .collect();
+        let mut pods: Vec<String> = BACKENDS
+            .iter()
+            .map(|b| {
+                k8s::pod(
+                    node.pod(b),
+                    "bench",
+                    &[("app", "web")],
+                    &[("http", 8080, "TCP")],
+                    true,
+                )
+            })
+            .collect();
+        pods.push(k8s::pod(
+            node.pod(CLIENT),
+            "bench",
+            &[("app", "client")],
+            &[],
+            true,
+        ));
+        node.write_source("pods.yaml", &k8s::file(&pods));
+        node.write_source("services.yaml", &services_yaml(n));
+        iptables_restore(
+            &node.pod(IPT_CLIENT).netns_path(),
+            &iptables_rules(&node, n),
+            false,
+        )?;
+        let direct = BACKENDS
+            .iter()
+            .map(|b| format!("{}:8080", node.pod(b).ipv4))
+            .collect::<Vec<_>>()
+            .join(",");
+        let via_vip = format!("{}:80", vip(n / 2));
+        let clients = [
+            RrClient::start(&node, (CLIENT, false), pin, &direct, &[], "direct"),
+            RrClient::start(
+                &node,
+                (CLIENT, true),
+                pin,
+                &direct,
+                &[],
+                "direct, pod cgroup",
+            ),
+            RrClient::start(&node, (CLIENT, true), pin, &via_vip, &[], "weft"),
+            RrClient::start(&node, (IPT_CLIENT, false), pin, &via_vip, &[], "iptables"),
+        ];
+        Ok(Self {
+            node,
+            _servers,
+            clients,
+        })
+    }
+
+    /// A burst from every client, not counted: caches, ARP, conntrack, the first page faults.
+    fn warm_up(&mut self) -> Result<()> {
+        for c in &mut self.clients {
+            c.burst(200)?;
+            c.report()?;
+        }
+        Ok(())
+    }
+}
+
 pub fn run(
     bins: &Path,
+    pin: &Pinning,
     compare: Option<&Path>,
     rounds: usize,
     count: u64,
@@ -290,6 +384,7 @@ pub fn run(
         .to_owned();
     let mut result = ServicesResult {
         scenario: "services",
+        pinning: pin.clone(),
         connections_per_round: count,
         rounds,
         iptables,
@@ -303,123 +398,41 @@ pub fn run(
         change_to_map_p99_ms: f64::NAN,
     };
     for (si, &n) in SCALES.iter().enumerate() {
-        let node = Node::builder(&format!("xtask-bench-svc-{n}"))
-            .pod_tool(&bins.join("weft-pod"))
-            .pod("b1")
-            .pod("b2")
-            .pod("b3")
-            .build();
-        let _servers: Vec<Process> = BACKENDS
-            .iter()
-            .map(|b| node.start_server(b, &["rr-server", "--listen", "[::]:8080"]))
-            .collect();
-        let pods: Vec<String> = BACKENDS
-            .iter()
-            .map(|b| {
-                k8s::pod(
-                    node.pod(b),
-                    "bench",
-                    &[("app", "web")],
-                    &[("http", 8080, "TCP")],
-                    true,
-                )
-            })
-            .collect();
-        node.write_source("pods.yaml", &k8s::file(&pods));
-        node.write_source("services.yaml", &services_yaml(n));
+        let mut bed = Bed::new(bins, pin, n)?;
         eprintln!("bench services: {n} services: starting the agent");
         let started = std::time::Instant::now();
-        let agent = Agent::start_with(&node, source_agent_options(bins));
+        let agent = Agent::start_with(&bed.node, source_agent_options(bins));
         wait_frontends(&agent, n)?;
         let ready_s = started.elapsed().as_secs_f64();
-        let target = vip(n / 2);
-        let direct = format!("{}:8080", node.pod("b1").ipv4);
-        let via_vip = format!("{target}:80");
-        let count_s = count.to_string();
-        // Warm-up of both paths.
-        run_rr(
-            &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", "200"]),
-            "warm-up",
-        )?;
-        run_rr(
-            &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", "200"]),
-            "warm-up",
-        )?;
-        let (mut a, mut a_hooked, mut b, mut c) = (
-            Mode::default(),
-            Mode::default(),
-            Mode::default(),
-            Mode::default(),
-        );
+        bed.warm_up()?;
+        let mut modes: [Mode; 4] = Default::default();
         for r in 0..rounds {
-            eprintln!(
-                "bench services: {n} services: round {}/{rounds} (direct, direct in a pod cgroup, weft)",
-                r + 1
-            );
-            // Rotate the order, so none always runs on a warmer machine.
-            for k in 0..3 {
-                match (r + k) % 3 {
-                    0 => a.add(&run_rr(
-                        &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", &count_s]),
-                        "direct",
-                    )?),
-                    1 => a_hooked.add(&run_rr(
-                        &mut node.spawn_host(&["rr", "--connect", &direct, "--count", &count_s]),
-                        "direct in a pod cgroup",
-                    )?),
-                    _ => b.add(&run_rr(
-                        &mut node.spawn_host(&["rr", "--connect", &via_vip, "--count", &count_s]),
-                        "weft",
-                    )?),
-                }
+            eprintln!("bench services: {n} services: round {}/{rounds}", r + 1);
+            let mut clients: Vec<&mut RrClient> = bed.clients.iter_mut().collect();
+            for (m, v) in modes
+                .iter_mut()
+                .zip(interleaved_round(&mut clients, r, count, BURST)?)
+            {
+                m.add(&v);
             }
         }
         if si == SCALES.len() - 1 {
             result.agent_start_to_ready_s = ready_s;
             measure_memory(&agent, &mut result)?;
-            measure_change_latency(&node, &agent, &mut result)?;
+            measure_change_latency(&bed.node, &agent, &mut result)?;
         }
         drop(agent);
         let compared = match compare {
-            Some(that) => Some(compare_builds(&node, bins, that, rounds, &count_s)?),
+            Some(that) => Some(compare_builds(&mut bed, bins, that, rounds, count)?),
             None => None,
         };
-        eprintln!("bench services: {n} services: installing kube-proxy's iptables rules");
-        iptables_restore(&node.netns_path(), &iptables_rules(&node, n), true)?;
-        // A local packet is routed before OUTPUT's DNAT, and the node keeps the service range
-        // unreachable: for iptables it needs a route, as on a real node. The node's own bridge
-        // keeps the traffic inside its namespace.
-        weft_testkit::proc::run(
-            "ip",
-            [
-                "-n",
-                node.netns_name(),
-                "route",
-                "replace",
-                weft_testkit::node::SERVICE_CIDR_V4,
-                "dev",
-                "br0",
-            ],
-        );
-        run_rr(
-            &mut node.spawn_outside(&["rr", "--connect", &via_vip, "--count", "200"]),
-            "warm-up",
-        )?;
-        for r in 0..rounds {
-            eprintln!(
-                "bench services: {n} services: round {}/{rounds} (iptables)",
-                r + 1
-            );
-            c.add(&run_rr(
-                &mut node.spawn_outside(&["rr", "--connect", &via_vip, "--count", &count_s]),
-                "iptables",
-            )?);
-        }
+        let [a, a_hooked, b, c] = modes;
         result.scales.push(Scale {
             services: n,
-            b_over_a_p50: paired_ratio(&a, &b),
-            b_over_a_hooked_p50: paired_ratio(&a_hooked, &b),
-            c_over_b_p50: c.p50() / b.p50(),
+            b_over_a: b.over(&a),
+            b_over_a_hooked: b.over(&a_hooked),
+            c_over_b: c.over(&b),
+            c_over_a: c.over(&a),
             direct: a,
             direct_hooked: a_hooked,
             weft: b,
@@ -433,19 +446,14 @@ pub fn run(
 /// Each round, for this build and `that` in rotating order: a fresh agent, then direct and
 /// through the ClusterIP back to back (the same node, services and backends for both).
 fn compare_builds(
-    node: &Node,
+    bed: &mut Bed,
     this: &Path,
     that: &Path,
     rounds: usize,
-    count: &str,
+    count: u64,
 ) -> Result<CompareScale> {
-    let target = format!("{}:80", vip(0));
-    let direct = format!("{}:8080", node.pod("b1").ipv4);
-    let n = node_frontends(node);
-    let mut modes = [
-        (Mode::default(), Mode::default()),
-        (Mode::default(), Mode::default()),
-    ];
+    let n = node_frontends(&bed.node);
+    let mut modes: [(Mode, Mode); 2] = Default::default();
     for r in 0..rounds {
         for k in 0..2 {
             let v = (r + k) % 2;
@@ -455,33 +463,22 @@ fn compare_builds(
                 r + 1,
                 bins.display()
             );
-            let agent = Agent::start_with(node, source_agent_options(bins));
+            let agent = Agent::start_with(&bed.node, source_agent_options(bins));
             wait_frontends(&agent, n)?;
-            run_rr(
-                &mut node.spawn_host(&["rr", "--connect", &target, "--count", "200"]),
-                "warm-up",
-            )?;
+            let [direct, _, weft, _] = &mut bed.clients;
+            weft.burst(200)?;
+            weft.report()?;
+            let reports = interleaved_round(&mut [direct, weft], r, count, BURST)?;
             let (a, b) = &mut modes[v];
-            a.add(&run_rr(
-                &mut node.spawn_outside(&["rr", "--connect", &direct, "--count", count]),
-                "direct",
-            )?);
-            b.add(&run_rr(
-                &mut node.spawn_host(&["rr", "--connect", &target, "--count", count]),
-                "weft",
-            )?);
+            a.add(&reports[0]);
+            b.add(&reports[1]);
         }
     }
     let [(this_direct, this_weft), (that_direct, that_weft)] = modes;
-    let ratio = |a: &Mode, b: &Mode| -> Vec<f64> {
-        a.p50_us.iter().zip(&b.p50_us).map(|(a, b)| b / a).collect()
-    };
-    let this_over_that: Vec<f64> = ratio(&this_direct, &this_weft)
-        .iter()
-        .zip(ratio(&that_direct, &that_weft))
-        .map(|(this, that)| this / that)
-        .collect();
-    let (m, min, max) = spread(&this_over_that);
+    let this_over_that = Ratio::per_round(
+        &this_weft.over(&this_direct).rounds,
+        &that_weft.over(&that_direct).rounds,
+    );
     Ok(CompareScale {
         binary: that.join("weft").display().to_string(),
         this_direct,
@@ -489,9 +486,6 @@ fn compare_builds(
         that_direct,
         that_weft,
         this_over_that,
-        this_over_that_median: m,
-        this_over_that_min: min,
-        this_over_that_max: max,
     })
 }
 
@@ -503,17 +497,6 @@ fn node_frontends(node: &Node) -> usize {
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
         .map(|s| s.matches("kind: Service\n").count())
         .sum()
-}
-
-/// The median of the per-round p50 ratios `b / a` (both measured in the same round).
-fn paired_ratio(a: &Mode, b: &Mode) -> f64 {
-    median(
-        &a.p50_us
-            .iter()
-            .zip(&b.p50_us)
-            .map(|(a, b)| b / a)
-            .collect::<Vec<_>>(),
-    )
 }
 
 fn measure_memory(agent: &Agent, result: &mut ServicesResult) -> Result<()> {

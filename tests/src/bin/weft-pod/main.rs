@@ -17,6 +17,10 @@ mod raw;
 #[derive(Debug, Parser)]
 #[command(name = "weft-pod", about = "Test workload for weft's simulated pods")]
 struct Cli {
+    /// Run on this CPU only (sched_setaffinity, before anything else): benchmarks place
+    /// clients and servers on fixed CPUs so every variant runs with the same placement.
+    #[arg(long)]
+    cpu: Option<usize>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -127,15 +131,32 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Keep-alive: serve every connection on its own thread, answering each --size
+        /// request until the client closes.
+        #[arg(long)]
+        keepalive: bool,
     },
     /// Request/response client: --count times connect, send --size bytes, read --size bytes,
     /// close with RST (no TIME_WAIT on either side). Reports latency percentiles and
-    /// connections per second.
+    /// connections per second. Several --connect addresses (comma-separated) are taken in
+    /// turn, as a Service's backends would be.
     Rr {
-        #[arg(long)]
-        connect: SocketAddr,
-        #[arg(long)]
+        #[arg(long, value_delimiter = ',', required = true)]
+        connect: Vec<SocketAddr>,
+        /// Connections to make; 0 with --bursts. With --keepalive: requests.
+        #[arg(long, default_value_t = 0)]
         count: u64,
+        /// Open this many connections once and send every request over them in turn (an
+        /// established connection's cost) instead of a connection per request; latency is
+        /// then per request.
+        #[arg(long)]
+        keepalive: Option<usize>,
+        /// Take orders from stdin, one per line: a number N makes N more connections and
+        /// prints `{"event": "burst"}`; `report` prints the results of every connection since
+        /// the last report and starts over; EOF exits. Benchmarks interleave several such
+        /// clients at a fine grain.
+        #[arg(long)]
+        bursts: bool,
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
@@ -272,12 +293,32 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    match cli.cpu.map_or(Ok(()), pin).and_then(|()| run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             println!("{}", json!({"event": "error", "error": e}));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Pins this process (and the threads it starts later) to `cpu`.
+fn pin(cpu: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * size_of::<libc::cpu_set_t>() {
+        return Err(format!("--cpu {cpu}: out of range"));
+    }
+    // SAFETY: `cpu` is below the set's size in bits, checked above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid set of the size passed; pid 0 is the calling thread, whose mask new
+    // threads inherit.
+    let ret = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(format!("--cpu {cpu}: {}", std::io::Error::last_os_error()))
     }
 }
 
@@ -367,12 +408,27 @@ fn run(cmd: Cmd) -> Result<(), String> {
             timeout_ms,
             targets,
         } => probe(Duration::from_millis(timeout_ms), &targets),
-        Cmd::RrServer { listen, size } => rr_server(listen, size),
+        Cmd::RrServer {
+            listen,
+            size,
+            keepalive,
+        } => rr_server(listen, size, keepalive),
         Cmd::Rr {
             connect,
             count,
             size,
-        } => rr(connect, count, size),
+            bursts,
+            keepalive,
+        } => {
+            let mut rr = Rr::new(connect, size, keepalive)?;
+            if bursts {
+                rr.serve_orders()
+            } else {
+                rr.run(count)?;
+                rr.report();
+                Ok(())
+            }
+        }
         Cmd::UdpClient {
             connect,
             count,
@@ -794,7 +850,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-fn rr_server(listen: SocketAddr, size: usize) -> Result<(), String> {
+fn rr_server(listen: SocketAddr, size: usize, keepalive: bool) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     emit(
         &json!({"event": "listening", "addr": listener.local_addr().map_err(|e| e.to_string())?.to_string()}),
@@ -802,6 +858,14 @@ fn rr_server(listen: SocketAddr, size: usize) -> Result<(), String> {
     let mut buf = vec![0u8; size];
     loop {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        if keepalive {
+            thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; size];
+                while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+            });
+            continue;
+        }
         // A broken client must not stop the server.
         if s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {
             let mut end = [0u8; 1];
@@ -810,29 +874,120 @@ fn rr_server(listen: SocketAddr, size: usize) -> Result<(), String> {
     }
 }
 
-fn rr(connect: SocketAddr, count: u64, size: usize) -> Result<(), String> {
-    let request = vec![0x42u8; size];
-    let mut reply = vec![0u8; size];
-    let mut latencies = Vec::with_capacity(count as usize);
-    let started = Instant::now();
-    for _ in 0..count {
-        let t = Instant::now();
-        let mut s = TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
-        s.write_all(&request).map_err(|e| format!("write: {e}"))?;
-        s.read_exact(&mut reply).map_err(|e| format!("read: {e}"))?;
-        abort_on_close(&s)?;
-        drop(s);
-        latencies.push(t.elapsed().as_nanos() as u64);
+/// The request/response client: its targets, taken in turn, and its results so far.
+struct Rr {
+    targets: Vec<SocketAddr>,
+    next: usize,
+    request: Vec<u8>,
+    reply: Vec<u8>,
+    latencies_ns: Vec<u64>,
+    busy: Duration,
+    /// With --keepalive: the open connections requests take in turn.
+    open: Vec<TcpStream>,
+}
+
+impl Rr {
+    fn new(
+        targets: Vec<SocketAddr>,
+        size: usize,
+        keepalive: Option<usize>,
+    ) -> Result<Self, String> {
+        let open = (0..keepalive.unwrap_or(0))
+            .map(|i| {
+                let to = targets[i % targets.len()];
+                let s = TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
+                s.set_nodelay(true)
+                    .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+                Ok(s)
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            targets,
+            next: 0,
+            request: vec![0x42; size],
+            reply: vec![0; size],
+            latencies_ns: Vec::new(),
+            busy: Duration::ZERO,
+            open,
+        })
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let pct =
-        |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0;
-    emit(&json!({
-        "event": "rr", "count": count, "seconds": elapsed,
-        "per_second": count as f64 / elapsed, "p50_us": pct(0.5), "p99_us": pct(0.99),
-    }));
-    Ok(())
+
+    fn run(&mut self, count: u64) -> Result<(), String> {
+        if self.open.is_empty() {
+            self.connections(count)
+        } else {
+            self.requests(count)
+        }
+    }
+
+    /// `count` requests over the open connections, in turn.
+    fn requests(&mut self, count: u64) -> Result<(), String> {
+        let started = Instant::now();
+        for _ in 0..count {
+            let n = self.open.len();
+            let s = &mut self.open[self.next % n];
+            self.next += 1;
+            let t = Instant::now();
+            s.write_all(&self.request)
+                .map_err(|e| format!("write: {e}"))?;
+            s.read_exact(&mut self.reply)
+                .map_err(|e| format!("read: {e}"))?;
+            self.latencies_ns.push(t.elapsed().as_nanos() as u64);
+        }
+        self.busy += started.elapsed();
+        Ok(())
+    }
+
+    /// `count` connections, each with one request.
+    fn connections(&mut self, count: u64) -> Result<(), String> {
+        let started = Instant::now();
+        for _ in 0..count {
+            let connect = self.targets[self.next % self.targets.len()];
+            self.next += 1;
+            let t = Instant::now();
+            let mut s =
+                TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
+            s.write_all(&self.request)
+                .map_err(|e| format!("write: {e}"))?;
+            s.read_exact(&mut self.reply)
+                .map_err(|e| format!("read: {e}"))?;
+            abort_on_close(&s)?;
+            drop(s);
+            self.latencies_ns.push(t.elapsed().as_nanos() as u64);
+        }
+        self.busy += started.elapsed();
+        Ok(())
+    }
+
+    /// Prints the results since the last report, and starts over.
+    fn report(&mut self) {
+        let mut l = std::mem::take(&mut self.latencies_ns);
+        let seconds = std::mem::take(&mut self.busy).as_secs_f64();
+        l.sort_unstable();
+        let pct = |p: f64| {
+            l.get(((l.len() as f64 - 1.0) * p).round() as usize)
+                .map_or(f64::NAN, |&ns| ns as f64 / 1000.0)
+        };
+        emit(&json!({
+            "event": "rr", "count": l.len(), "seconds": seconds,
+            "per_second": l.len() as f64 / seconds, "p50_us": pct(0.5), "p99_us": pct(0.99),
+        }));
+    }
+
+    fn serve_orders(&mut self) -> Result<(), String> {
+        for line in std::io::stdin().lines() {
+            let line = line.map_err(|e| format!("stdin: {e}"))?;
+            match line.trim() {
+                "report" => self.report(),
+                n => {
+                    let n = n.parse().map_err(|e| format!("order {n:?}: {e}"))?;
+                    self.run(n)?;
+                    emit(&json!({"event": "burst", "count": n}));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Closes with RST (SO_LINGER 0) instead of leaving TIME_WAIT: thousands of TIME_WAIT sockets
