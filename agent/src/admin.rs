@@ -274,6 +274,10 @@ pub struct StatusDoc {
     /// Why the source is degraded (the API server fails); the datapath keeps its last state.
     #[serde(default)]
     pub degraded: Vec<String>,
+    /// The kernel memory of weft's BPF maps: `bytes` in all, and `by_map`; `error` when they
+    /// could not be read.
+    #[serde(default)]
+    pub maps: serde_json::Value,
 }
 
 /// One frontend as the kernel holds it (`GET /services`).
@@ -397,7 +401,7 @@ fn read_token(path: &Path) -> Result<Arc<str>, Error> {
     Ok(Arc::from(token))
 }
 
-fn status_doc(state: &AdminState) -> StatusDoc {
+fn status_doc(state: &AdminState, maps: serde_json::Value) -> StatusDoc {
     // Before taking the locks below: it takes them itself.
     let degraded = degraded(state);
     let services = state.services.read().unwrap_or_else(|e| e.into_inner());
@@ -422,11 +426,21 @@ fn status_doc(state: &AdminState) -> StatusDoc {
             "flow_records_buffered": state.telemetry.flows.len(),
             "metrics_addr": state.metrics_addr,
         }),
+        maps,
     }
 }
 
 async fn status(State(state): State<AdminState>) -> Json<StatusDoc> {
-    Json(status_doc(&state))
+    let pins = state.pins.clone();
+    let maps = match tokio::task::spawn_blocking(move || crate::datapath::map_memory(&pins)).await {
+        Ok(Ok(list)) => serde_json::json!({
+            "bytes": list.iter().map(|(_, b)| b).sum::<u64>(),
+            "by_map": list.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        }),
+        Ok(Err(e)) => serde_json::json!({ "error": crate::chain(&e) }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    Json(status_doc(&state, maps))
 }
 
 /// Why the agent is not doing its whole job: the source fails, or part of the desired state

@@ -113,7 +113,35 @@ fn status_summary(doc: &StatusDoc) -> String {
             |a| format!("http://{a}/metrics")
         ),
     );
+    let _ = writeln!(out, "bpf maps:   {}", maps_line(&doc.maps));
     out
+}
+
+/// The maps' memory: the total and the three largest (`weft maps` lists them all).
+fn maps_line(maps: &serde_json::Value) -> String {
+    if let Some(e) = maps["error"].as_str() {
+        return format!("memory unknown ({e})");
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut by_map: Vec<(&String, u64)> = maps["by_map"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k, v.as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    by_map.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
+    let largest = by_map
+        .iter()
+        .take(3)
+        .map(|(m, b)| format!("{m} {:.1}", mib(*b)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{:.1} MiB of kernel memory (largest: {largest} MiB)",
+        mib(maps["bytes"].as_u64().unwrap_or(0))
+    )
 }
 
 /// The problems `weft status` lists, one per line.
@@ -386,8 +414,8 @@ pub async fn maps(socket: &Path, output: Output) -> Result<String, Error> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<14} {:>10} {:>10} {:>6}  KEY/VALUE BYTES",
-        "MAP", "TYPE", "ENTRIES", "CAPACITY", "FILL"
+        "{:<16} {:<14} {:>10} {:>10} {:>6} {:>10}  KEY/VALUE BYTES",
+        "MAP", "TYPE", "ENTRIES", "CAPACITY", "FILL", "MEMORY KiB"
     );
     for m in &list {
         let (entries, fill) = match (m.entries, m.fill_ratio) {
@@ -396,10 +424,17 @@ pub async fn maps(socket: &Path, output: Output) -> Result<String, Error> {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:<14} {entries:>10} {:>10} {fill:>6}  {}/{}",
-            m.name, m.map_type, m.max_entries, m.key_size, m.value_size
+            "{:<16} {:<14} {entries:>10} {:>10} {fill:>6} {:>10}  {}/{}",
+            m.name,
+            m.map_type,
+            m.max_entries,
+            m.bytes / 1024,
+            m.key_size,
+            m.value_size
         );
     }
+    let total: u64 = list.iter().map(|m| m.bytes).sum();
+    let _ = writeln!(out, "total: {} KiB of kernel memory", total / 1024);
     Ok(out)
 }
 

@@ -35,7 +35,7 @@ use weft_abi::{globals, maps, programs};
 
 use self::{admin::remove_link, config::MapSpec};
 pub use self::{
-    admin::{Attached, CleanupReport, MapUsage, attached_programs, cleanup, map_usage},
+    admin::{Attached, CleanupReport, MapUsage, attached_programs, cleanup, map_memory, map_usage},
     config::{Capacities, Config, Globals, Instance, Settings, Unbound, map_flag},
     pins::{InstanceLock, Pins},
 };

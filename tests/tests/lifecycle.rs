@@ -247,6 +247,53 @@ fn a_capacity_change_moves_to_new_maps_in_place() {
     assert_eq!(links(&attached(&node)), links(&before), "the links stayed");
 }
 
+/// The per-pod maps are sized from `--max-pods` (a map's own flag still wins), and `weft
+/// status` reports what the maps hold in kernel memory, map by map as `weft maps` does.
+#[test]
+fn per_pod_maps_follow_max_pods_and_status_reports_their_memory() {
+    let node = Node::builder("map_memory").pod("client").build();
+    let options = AgentOptions {
+        extra_args: ["--max-pods", "20", "--max-policy-flows", "2048"]
+            .map(String::from)
+            .to_vec(),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start_with(&node, options);
+    let capacity = |map: &str| aya::maps::MapInfo::from_pin(agent.maps_dir().join(map)).expect(map);
+    // 20 pods: 128 (LRU maps) or 32 (TRAFFIC) per pod, a power of two, at least 1 024.
+    assert_eq!(capacity("UDP_FLOW_STATS").max_entries(), 4_096);
+    assert_eq!(capacity("AFFINITY").max_entries(), 4_096);
+    assert_eq!(capacity("TRAFFIC").max_entries(), 1_024);
+    assert_eq!(capacity("POLICY_FLOWS").max_entries(), 2_048);
+    let (_, maps) = agent.client("maps");
+    let by_map: std::collections::BTreeMap<String, u64> = maps
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().expect("name").to_owned(),
+                m["bytes"].as_u64().expect("bytes"),
+            )
+        })
+        .collect();
+    // An LRU map is allocated whole: its memory is at least its entries' size.
+    let udp = capacity("UDP_FLOW_STATS");
+    assert!(
+        by_map["UDP_FLOW_STATS"] >= 4_096 * u64::from(udp.key_size() + udp.value_size()),
+        "{by_map:?}"
+    );
+    let (_, status) = agent.client("status");
+    let reported: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(status["maps"]["by_map"].clone()).expect("by_map");
+    assert_eq!(reported["UDP_FLOW_STATS"], by_map["UDP_FLOW_STATS"]);
+    assert_eq!(reported.len(), by_map.len());
+    assert_eq!(
+        status["maps"]["bytes"].as_u64(),
+        Some(reported.values().sum::<u64>())
+    );
+}
+
 #[test]
 fn an_instance_is_bound_to_its_cgroup() {
     let node = Node::builder("bound_to_cgroup")

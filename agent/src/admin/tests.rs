@@ -87,7 +87,7 @@ fn a_sync_error_makes_the_agent_unhealthy() {
             ..Status::default()
         },
     );
-    assert!(status_doc(&state).healthy);
+    assert!(status_doc(&state, serde_json::Value::Null).healthy);
     let failure = Failure {
         reason: Reason::MapFull,
         map: "SERVICES",
@@ -105,7 +105,7 @@ fn a_sync_error_makes_the_agent_unhealthy() {
             ..Status::default()
         },
     );
-    let doc = status_doc(&state);
+    let doc = status_doc(&state, serde_json::Value::Null);
     assert!(!doc.healthy);
     assert_eq!(doc.services["sync_errors"][0]["reason"], "map_full");
     assert_eq!(doc.services["sync_errors"][0]["map"], "SERVICES");

@@ -185,6 +185,28 @@ pub struct MapUsage {
     pub entries: Option<u64>,
     /// `entries / max_entries`.
     pub fill_ratio: Option<f64>,
+    /// Kernel memory the map holds (fdinfo `memlock`).
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+/// The kernel memory of every map of `weft_abi::maps::ALL` under the instance's pins (no key
+/// is walked: cheap enough for every `weft status`).
+pub fn map_memory(pins: &Pins) -> Result<Vec<(&'static str, u64)>, Error> {
+    use aya::maps::MapInfo;
+    weft_abi::maps::ALL
+        .iter()
+        .map(|&name| {
+            let fd = MapInfo::from_pin(pins.map(name))
+                .and_then(|info| info.fd())
+                .map_err(|source| Error::MapInfo { name, source })?;
+            let bytes = sys::map_memory(fd.as_fd()).map_err(|source| Error::Pin {
+                path: pins.map(name),
+                source,
+            })?;
+            Ok((name, bytes))
+        })
+        .collect()
 }
 
 /// Every map of `weft_abi::maps::ALL` under the instance's pins, with its entries counted.
@@ -205,18 +227,17 @@ pub fn map_usage(pins: &Pins) -> Result<Vec<MapUsage>, Error> {
                 | MapType::LruPerCpuHash
                 | MapType::LpmTrie
         );
+        let fd = info
+            .fd()
+            .map_err(|source| Error::MapInfo { name, source })?;
+        let pin_error = |source| Error::Pin {
+            path: pins.map(name),
+            source,
+        };
+        let bytes = sys::map_memory(fd.as_fd()).map_err(pin_error)?;
         let entries = if counted {
-            let fd = info
-                .fd()
-                .map_err(|source| Error::MapInfo { name, source })?;
             let limit = u64::from(info.max_entries()).saturating_mul(2);
-            let n = sys::count_keys(fd.as_fd(), info.key_size(), limit).map_err(|source| {
-                Error::Pin {
-                    path: pins.map(name),
-                    source,
-                }
-            })?;
-            Some(n)
+            Some(sys::count_keys(fd.as_fd(), info.key_size(), limit).map_err(pin_error)?)
         } else {
             None
         };
@@ -230,6 +251,7 @@ pub fn map_usage(pins: &Pins) -> Result<Vec<MapUsage>, Error> {
             fill_ratio: entries
                 .filter(|_| info.max_entries() > 0)
                 .map(|n| n as f64 / f64::from(info.max_entries())),
+            bytes,
         });
     }
     Ok(out)

@@ -18,18 +18,26 @@ pub struct Instance {
 }
 
 /// The capacity of every map the agent sizes. Each field names its flag, and the rows of the
-/// map table that use it name the field: a map's size and its flag cannot drift apart.
+/// map table that use it name the field: a map's size and its flag cannot drift apart. The
+/// maps that hold per-socket or per-pod state of this node are sized from `--max-pods` unless
+/// their own flag is given; [`Capacities::sizes`] resolves that.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Capacities {
+    /// Pods this node runs at most (the kubelet's maxPods): sizes the maps of per-pod and
+    /// per-socket state whose own flag is not given (see `weft maps` for what each holds).
+    #[arg(long, default_value_t = 110, value_parser = at_least_one())]
+    pub max_pods: u32,
     /// Connection event ring buffer size in bytes (a power of two of at least one page).
     #[arg(long, default_value_t = 512 * 1024, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
-    /// Open TCP connections tracked at once (size of CONN_STATE).
+    /// Open TCP connections tracked at once (size of CONN_STATE; allocated as connections
+    /// open).
     #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
     pub max_connections: u32,
-    /// (cgroup, direction, protocol) traffic counters (size of TRAFFIC).
-    #[arg(long, default_value_t = 16_384, value_parser = at_least_one())]
-    pub traffic_entries: u32,
+    /// (cgroup, direction, protocol) traffic counters (size of TRAFFIC, one per CPU each)
+    /// [default: 32 per pod of --max-pods, a power of two]
+    #[arg(long, value_parser = at_least_one())]
+    pub traffic_entries: Option<u32>,
     /// Service frontends (ClusterIP x port x protocol) the kernel can hold.
     #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
     pub max_services: u32,
@@ -37,9 +45,10 @@ pub struct Capacities {
     /// holds its old and new slots: leave headroom).
     #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
     pub max_backends: u32,
-    /// ClientIP affinity entries (client pods x services with affinity).
-    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
-    pub max_affinity: u32,
+    /// ClientIP affinity entries (client pods x services with affinity; LRU)
+    /// [default: 128 per pod of --max-pods, a power of two]
+    #[arg(long, value_parser = at_least_one())]
+    pub max_affinity: Option<u32>,
     /// Local pods whose policy the kernel can enforce (size of ENDPOINTS).
     #[arg(long, default_value_t = 16_384, value_parser = at_least_one())]
     pub max_endpoints: u32,
@@ -50,12 +59,57 @@ pub struct Capacities {
     #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
     pub max_policy_entries: u32,
     /// UDP/SCTP exchanges remembered for sockets with more live peers than their own storage
-    /// holds (servers answering many clients; size of POLICY_FLOWS, LRU).
-    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    /// holds (servers answering many clients; size of POLICY_FLOWS, LRU)
+    /// [default: 128 per pod of --max-pods, a power of two]
+    #[arg(long, value_parser = at_least_one())]
+    pub max_policy_flows: Option<u32>,
+    /// UDP flows counted at once (size of UDP_FLOW_STATS, LRU)
+    /// [default: 128 per pod of --max-pods, a power of two]
+    #[arg(long, value_parser = at_least_one())]
+    pub max_udp_flows: Option<u32>,
+}
+
+/// Every capacity resolved: what the maps are created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub ring_buffer_size: u32,
+    pub max_connections: u32,
+    pub traffic_entries: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_affinity: u32,
+    pub max_endpoints: u32,
+    pub max_ipcache: u32,
+    pub max_policy_entries: u32,
     pub max_policy_flows: u32,
-    /// UDP flows counted at once (size of UDP_FLOW_STATS, LRU).
-    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
     pub max_udp_flows: u32,
+}
+
+impl Capacities {
+    /// The flags resolved: a per-pod map's own flag, or its share of `--max-pods`. LRU maps
+    /// are allocated whole when created, so sizing them for the node's pods rather than for
+    /// the largest node saves their memory on every node (at 110 pods, 16 384 entries each).
+    pub fn sizes(&self) -> Sizes {
+        let per_pod = |flag: Option<u32>, per: u64| {
+            flag.unwrap_or_else(|| {
+                let n = (u64::from(self.max_pods) * per).next_power_of_two();
+                u32::try_from(n.clamp(1024, 1 << 24)).unwrap_or(1 << 24)
+            })
+        };
+        Sizes {
+            ring_buffer_size: self.ring_buffer_size,
+            max_connections: self.max_connections,
+            traffic_entries: per_pod(self.traffic_entries, 32),
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            max_affinity: per_pod(self.max_affinity, 128),
+            max_endpoints: self.max_endpoints,
+            max_ipcache: self.max_ipcache,
+            max_policy_entries: self.max_policy_entries,
+            max_policy_flows: per_pod(self.max_policy_flows, 128),
+            max_udp_flows: per_pod(self.max_udp_flows, 128),
+        }
+    }
 }
 
 fn at_least_one() -> clap::builder::RangedI64ValueParser<u32> {
@@ -306,6 +360,7 @@ macro_rules! from_table {
     ($($(#[doc = $doc:literal])* $name:ident: $kind:ident $(<$($t:ty),+ $(,)?>)? ($setting:ident = $size:expr);)*) => {
         /// What every map must look like at these capacities. The loader sizes maps from it.
         pub(super) fn map_specs(c: &Capacities) -> Vec<MapSpec> {
+            let c = c.sizes();
             vec![$(map_spec!($name, $kind $(<$($t),+>)?, capacity!(c, $setting, $size))),*]
         }
 
@@ -320,6 +375,7 @@ macro_rules! from_table {
 
         #[cfg(test)]
         fn table_defaults(defaults: &Capacities) -> Vec<(&'static str, u64, u64)> {
+            let defaults = defaults.sizes();
             vec![$((
                 weft_abi::maps::$name,
                 u64::from(capacity!(defaults, $setting, $size) as u32),
@@ -398,5 +454,26 @@ mod tests {
         let policy = specs.iter().find(|s| s.name == "POLICY").expect("POLICY");
         assert_eq!(policy.map_type, MapType::LpmTrie);
         assert_eq!(policy.max_entries, 262_144);
+    }
+
+    #[test]
+    fn per_pod_maps_follow_max_pods_unless_their_own_flag_is_given() {
+        let sizes = |args: &[&str]| parse(args).expect("parses").capacities.sizes();
+        let default = sizes(&[]);
+        assert_eq!(
+            (
+                default.max_udp_flows,
+                default.max_affinity,
+                default.traffic_entries
+            ),
+            (16_384, 16_384, 4_096)
+        );
+        let big = sizes(&["--max-pods", "500"]);
+        assert_eq!((big.max_udp_flows, big.traffic_entries), (65_536, 16_384));
+        let small = sizes(&["--max-pods", "1"]);
+        assert_eq!(small.max_policy_flows, 1024);
+        let own = sizes(&["--max-pods", "500", "--max-udp-flows", "3000"]);
+        assert_eq!((own.max_udp_flows, own.max_affinity), (3000, 65_536));
+        assert_eq!(own.max_services, default.max_services);
     }
 }

@@ -1,4 +1,5 @@
-//! BPF map pressure, per map: entries in use, capacity, and fill ratio (`weft_bpf_map_*`).
+//! BPF map pressure, per map: entries in use, capacity, fill ratio and kernel memory
+//! (`weft_bpf_map_*`).
 //! Written by the syncers (which know their own counts exactly) and by the periodic count of
 //! every map's keys.
 use std::sync::atomic::AtomicU64;
@@ -23,6 +24,7 @@ pub struct MapMetrics {
     capacity: Family<MapLabels, Gauge>,
     /// entries / capacity for hash, LRU and LPM maps.
     fill: Family<MapLabels, Gauge<f64, AtomicU64>>,
+    memory: Family<MapLabels, Gauge>,
 }
 
 impl MapMetrics {
@@ -42,6 +44,11 @@ impl MapMetrics {
             "bpf_map_fill_ratio",
             "Entries in use over capacity of a BPF map (hash, LRU and LPM maps; counted every stats interval)",
             m.fill.clone(),
+        );
+        registry.register(
+            "bpf_map_memory_bytes",
+            "Kernel memory a BPF map holds (preallocated maps: their whole capacity; counted every stats interval)",
+            m.memory.clone(),
         );
         m
     }
@@ -65,6 +72,9 @@ impl MapMetrics {
                 continue;
             };
             self.set_capacity(map, u.max_entries);
+            self.memory
+                .get_or_create(&MapLabels { map_name: map })
+                .set(i64::try_from(u.bytes).unwrap_or(i64::MAX));
             if let Some(n) = u.entries {
                 self.set_entries(map, n);
             }

@@ -1,6 +1,6 @@
 //! The few bpf(2) commands aya 0.14 does not expose: reading a cgroup link's target,
 //! replacing the program of a link in place, and walking a map's keys whatever their type;
-//! and a network namespace's cookie.
+//! a map's memory (fdinfo) and a network namespace's cookie.
 use std::{
     ffi::CString,
     io,
@@ -144,6 +144,16 @@ pub fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u64) -> io::Result<
         }
     }
     Ok(count)
+}
+
+/// The kernel memory a map holds now, in bytes: `memlock` of its descriptor's fdinfo (for
+/// preallocated maps their whole capacity, for the others what they hold).
+pub fn map_memory(map: BorrowedFd<'_>) -> io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", map.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no memlock in fdinfo"))
 }
 
 /// Pins a BPF object at `path` (another name for the same object).

@@ -24,12 +24,12 @@ macro_rules! for_each_map {
             /// Connection events for the agent (`ConnEvent`).
             CONN_EVENTS: RingBuf(ring_buffer_size = 512 * 1024);
             /// Open connections by socket cookie (`ConnState`).
-            CONN_STATE: Hash<u64, $crate::conn::ConnState>(max_connections = 65_536);
+            CONN_STATE: HashNoPrealloc<u64, $crate::conn::ConnState>(max_connections = 65_536);
             /// Datapath health counters, indexed by `Counter`.
             STATS: PerCpuArray<u64>(fixed = $crate::stats::COUNTERS);
             /// Packets and bytes per cgroup, direction and protocol.
             TRAFFIC: PerCpuHash<$crate::traffic::TrafficKey, $crate::traffic::TrafficValue>(
-                traffic_entries = 16_384
+                traffic_entries = 4_096
             );
             /// aya-log's records (declared by aya-log-ebpf; its size is that crate's).
             AYA_LOGS: External(fixed = 1 << 17);
@@ -45,7 +45,7 @@ macro_rules! for_each_map {
             MEMBERS: HashNoPrealloc<$crate::svc::MemberKey, u32>(max_backends = 262_144);
             /// ClientIP session affinity: (client netns, service) to backend.
             AFFINITY: LruHash<$crate::svc::AffinityKey, $crate::svc::AffinityValue>(
-                max_affinity = 65_536
+                max_affinity = 16_384
             );
             /// Per socket: the ClusterIP translations it made (`SockXlate`).
             SOCK_XLATE: SkStorage<$crate::svc::SockXlate>(fixed = 0);
@@ -66,7 +66,7 @@ macro_rules! for_each_map {
             SOCK_FLOWS: SkStorage<$crate::policy::SockFlows>(fixed = 0);
             /// Allowed exchanges of sockets whose own `SOCK_FLOWS` slots were full.
             POLICY_FLOWS: LruHash<$crate::policy::PolicyFlowKey, u64>(
-                max_policy_flows = 65_536
+                max_policy_flows = 16_384
             );
             /// Socket-storage values held, per owner and in total (`SockOwner`).
             SOCK_COUNTS: Hash<$crate::svc::SockOwner, $crate::svc::SockCounts>(
@@ -78,7 +78,7 @@ macro_rules! for_each_map {
             UDP_FLOW_STATS: LruHash<
                 $crate::traffic::UdpFlowStatsKey,
                 $crate::traffic::UdpFlowStatsValue,
-            >(max_udp_flows = 65_536);
+            >(max_udp_flows = 16_384);
             /// Each CPU's budget of drop events for the current second.
             DROP_BUDGET: PerCpuArray<$crate::conn::DropBudget>(fixed = 1);
         }
