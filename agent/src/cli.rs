@@ -122,6 +122,9 @@ fn maps_line(maps: &serde_json::Value) -> String {
     if let Some(e) = maps["error"].as_str() {
         return format!("memory unknown ({e})");
     }
+    if maps.is_null() {
+        return "memory not reported (an older agent)".to_owned();
+    }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let mut by_map: Vec<(&String, u64)> = maps["by_map"]
         .as_object()

@@ -333,7 +333,10 @@ fn log_traffic_by_cgroup(traffic: &BTreeMap<TrafficKey, Totals>, live: &HashMap<
 fn meaning(counter: Counter) -> (bool, &'static str) {
     match counter {
         Counter::ConnEventsLost => (true, "raise --ring-buffer-size"),
-        Counter::ConnStateFull => (true, "raise --max-connections"),
+        Counter::ConnStateFull => (
+            true,
+            "raise --max-connections (or the agent's memory limit: CONN_STATE is allocated as connections open)",
+        ),
         Counter::TrafficFull => (true, "raise --traffic-entries"),
         Counter::PacketsUnparsed => (true, "packets weft could not classify"),
         Counter::CallbackFlagsFailed => (

@@ -121,15 +121,19 @@ impl Process {
         Self::start(name, command, true)
     }
 
-    /// Writes one line to the child's stdin.
+    /// Writes one line to the child's stdin; panics if it cannot.
     pub fn send_line(&mut self, line: &str) {
+        self.try_send_line(line)
+            .unwrap_or_else(|e| panic!("write to {}: {e}", self.name));
+    }
+
+    /// Writes one line to the child's stdin (an error when the child has gone).
+    pub fn try_send_line(&mut self, line: &str) -> std::io::Result<()> {
         let stdin = self
             .stdin
             .as_mut()
             .unwrap_or_else(|| panic!("{}: not started with spawn_interactive", self.name));
-        writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .unwrap_or_else(|e| panic!("write to {}: {e}", self.name));
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush())
     }
 
     fn start(name: &str, mut command: Command, interactive: bool) -> Self {

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use serde_json::Value;
 use weft::datapath::{self, Attached};
-use weft_testkit::{Agent, AgentOptions, Close, Node, agent::run_refused};
+use weft_testkit::{Agent, AgentOptions, Close, Node, agent::run_refused, prom};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -248,50 +248,60 @@ fn a_capacity_change_moves_to_new_maps_in_place() {
 }
 
 /// The per-pod maps are sized from `--max-pods` (a map's own flag still wins), and `weft
-/// status` reports what the maps hold in kernel memory, map by map as `weft maps` does.
+/// maps`, `weft status` and the metrics report what each map holds in kernel memory.
 #[test]
-fn per_pod_maps_follow_max_pods_and_status_reports_their_memory() {
+fn per_pod_maps_follow_max_pods_and_their_memory_is_reported() {
     let node = Node::builder("map_memory").pod("client").build();
     let options = AgentOptions {
-        extra_args: ["--max-pods", "20", "--max-policy-flows", "2048"]
+        extra_args: ["--max-pods", "50", "--max-affinity", "2048"]
             .map(String::from)
             .to_vec(),
         ..AgentOptions::default()
     };
     let agent = Agent::start_with(&node, options);
-    let capacity = |map: &str| aya::maps::MapInfo::from_pin(agent.maps_dir().join(map)).expect(map);
-    // 20 pods: 128 (LRU maps) or 32 (TRAFFIC) per pod, a power of two, at least 1 024.
-    assert_eq!(capacity("UDP_FLOW_STATS").max_entries(), 4_096);
-    assert_eq!(capacity("AFFINITY").max_entries(), 4_096);
-    assert_eq!(capacity("TRAFFIC").max_entries(), 1_024);
-    assert_eq!(capacity("POLICY_FLOWS").max_entries(), 2_048);
+    let info = |map: &str| aya::maps::MapInfo::from_pin(agent.maps_dir().join(map)).expect(map);
+    // 50 pods: 128 per pod (UDP flows), 512 (remembered exchanges), 32 (TRAFFIC), rounded up
+    // to a power of two.
+    assert_eq!(info("UDP_FLOW_STATS").max_entries(), 8_192);
+    assert_eq!(info("POLICY_FLOWS").max_entries(), 32_768);
+    assert_eq!(info("TRAFFIC").max_entries(), 2_048);
+    assert_eq!(info("AFFINITY").max_entries(), 2_048);
     let (_, maps) = agent.client("maps");
-    let by_map: std::collections::BTreeMap<String, u64> = maps
+    let bytes: std::collections::BTreeMap<String, u64> = maps
         .as_array()
         .expect("a list")
         .iter()
         .map(|m| {
-            (
-                m["name"].as_str().expect("name").to_owned(),
-                m["bytes"].as_u64().expect("bytes"),
-            )
+            let name = m["name"].as_str().expect("name").to_owned();
+            (name, m["bytes"].as_u64().expect("bytes"))
         })
         .collect();
-    // An LRU map is allocated whole: its memory is at least its entries' size.
-    let udp = capacity("UDP_FLOW_STATS");
-    assert!(
-        by_map["UDP_FLOW_STATS"] >= 4_096 * u64::from(udp.key_size() + udp.value_size()),
-        "{by_map:?}"
-    );
+    // An LRU map is allocated whole; CONN_STATE only as connections open (an idle node holds
+    // its buckets, less than its 65 536 entries would take).
+    let udp = info("UDP_FLOW_STATS");
+    let udp_entry = u64::from(udp.key_size() + udp.value_size());
+    assert!(bytes["UDP_FLOW_STATS"] >= 8_192 * udp_entry, "{bytes:?}");
+    let conn = info("CONN_STATE");
+    let conn_entry = u64::from(conn.key_size() + conn.value_size());
+    assert!(bytes["CONN_STATE"] < 65_536 * conn_entry, "{bytes:?}");
+    // `weft status` reads the same memory map by map, without walking keys.
     let (_, status) = agent.client("status");
     let reported: std::collections::BTreeMap<String, u64> =
         serde_json::from_value(status["maps"]["by_map"].clone()).expect("by_map");
-    assert_eq!(reported["UDP_FLOW_STATS"], by_map["UDP_FLOW_STATS"]);
-    assert_eq!(reported.len(), by_map.len());
+    assert_eq!(reported["UDP_FLOW_STATS"], bytes["UDP_FLOW_STATS"]);
     assert_eq!(
-        status["maps"]["bytes"].as_u64(),
-        Some(reported.values().sum::<u64>())
+        reported.keys().collect::<Vec<_>>(),
+        bytes.keys().collect::<Vec<_>>()
     );
+    let udp_memory = |m: &[prom::Sample]| {
+        prom::sum(
+            m,
+            "weft_bpf_map_memory_bytes",
+            &[("map_name", "UDP_FLOW_STATS")],
+        )
+    };
+    let m = agent.wait_metrics("the maps' memory counted", |m| udp_memory(m) > 0.0);
+    assert_eq!(udp_memory(&m) as u64, bytes["UDP_FLOW_STATS"]);
 }
 
 #[test]

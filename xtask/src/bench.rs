@@ -91,8 +91,8 @@ pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
                 r.print();
             }
             "kube" => {
-                // Each round is two fresh agents at each scale: fewer rounds.
-                let r = kube::run(&bins, pin, rounds.clamp(1, 3))?;
+                // Each round is two fresh agents at each scale: at most 5 rounds.
+                let r = kube::run(&bins, pin, rounds.clamp(1, 5))?;
                 write(&path, &r)?;
                 r.print();
             }
@@ -156,18 +156,26 @@ pub(crate) fn spread(ratios: &[f64]) -> (f64, f64, f64) {
 /// effect at all.
 pub(crate) fn verdict(ratios: &[f64]) -> String {
     let (m, min, max) = spread(ratios);
-    if measurable(ratios) {
+    if ratios.len() < MIN_ROUNDS {
+        format!(
+            "too few rounds to tell (median {m:.3}, {} rounds {min:.3}-{max:.3})",
+            ratios.len()
+        )
+    } else if measurable(ratios) {
         format!("{m:.3} (rounds {min:.3}-{max:.3})")
     } else {
         format!("no measurable difference (median {m:.3}, rounds {min:.3}-{max:.3})")
     }
 }
 
-/// Whether every round shows the effect on the same side of 1: the spread toward 1 is
-/// narrower than the effect the median claims.
+/// Fewer rounds than this say nothing about their spread.
+const MIN_ROUNDS: usize = 3;
+
+/// Whether every round shows the effect on the same side of 1 (the spread toward 1 is
+/// narrower than the effect the median claims), over enough rounds, none of them broken.
 pub(crate) fn measurable(ratios: &[f64]) -> bool {
     let (_, min, max) = spread(ratios);
-    !ratios.is_empty() && (min > 1.0 || max < 1.0)
+    ratios.len() >= MIN_ROUNDS && ratios.iter().all(|r| r.is_finite()) && (min > 1.0 || max < 1.0)
 }
 
 /// A ratio as the JSON records it: per-round values, median, spread and the printed verdict.
@@ -203,9 +211,10 @@ impl Ratio {
 /// Where a scenario's processes run, the same for every variant: clients on one CPU, servers
 /// on one CPU (by default the same one: a request/response then costs no cross-CPU wake-up,
 /// whose latency in a VM varies more than anything weft does). Recorded in every result's
-/// JSON. The agent is unpinned in latency scenarios (its work is off the request path), and
-/// pinned with the client where throughput is measured, so every microsecond of its work per
-/// connection is charged to the ratio.
+/// JSON. Where each variant has its own agent run (`churn`, `telemetry`) the agent is pinned
+/// with the client, so every microsecond of its work per connection is charged to that
+/// variant; where variants take turns in short bursts under one running agent, it is left
+/// unpinned, or its work for one variant's burst would fall on the next one's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pinning {
     client_cpu: usize,
@@ -255,16 +264,19 @@ impl Pinning {
         }
     }
 
-    /// Starts an agent where this placement puts it.
+    /// Starts an agent where this placement puts it, and lets it settle (the work that
+    /// follows its first full sync is not part of any measurement).
     pub(crate) fn start_agent(
         &self,
         node: &weft_testkit::Node,
         options: AgentOptions,
     ) -> Result<weft_testkit::Agent> {
-        match self.agent_cpu {
-            Some(cpu) => on_cpu(cpu, || weft_testkit::Agent::start_with(node, options)),
-            None => Ok(weft_testkit::Agent::start_with(node, options)),
-        }
+        let agent = match self.agent_cpu {
+            Some(cpu) => on_cpu(cpu, || weft_testkit::Agent::start_with(node, options))?,
+            None => weft_testkit::Agent::start_with(node, options),
+        };
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Ok(agent)
     }
 
     /// Runs `f` with this thread pinned to the server CPU, so the threads it starts (an
@@ -513,19 +525,35 @@ impl RrClient {
         )
     }
 
+    /// Sends an order; a client that exited (its error is on its stdout) cannot take it.
+    fn order(&mut self, line: &str) -> Result<()> {
+        self.process.try_send_line(line).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot send {line:?} ({e}); its output:\n{}",
+                self.what,
+                self.process.stdout().snapshot().join("\n")
+            )
+        })
+    }
+
     /// `n` more connections, waited for.
     pub(crate) fn burst(&mut self, n: u64) -> Result<()> {
-        self.process.send_line(&n.to_string());
+        self.order(&n.to_string())?;
         self.wait_event("burst", self.bursts)?;
         self.bursts += 1;
         Ok(())
     }
 
-    /// The results since the last report (as `weft-pod rr` prints them).
+    /// The results since the last report (as `weft-pod rr` prints them), each figure a number.
     pub(crate) fn report(&mut self) -> Result<Value> {
-        self.process.send_line("report");
+        self.order("report")?;
         let v = self.wait_event("rr", self.reports)?;
         self.reports += 1;
+        for field in ["p50_us", "p99_us", "per_second"] {
+            if !v[field].as_f64().is_some_and(f64::is_finite) {
+                bail!("{}: no {field} in its report {v}", self.what);
+            }
+        }
         Ok(v)
     }
 }
@@ -534,23 +562,46 @@ impl RrClient {
 /// shared, long enough that switching costs nothing measurable (~10 ms).
 pub(crate) const BURST: u64 = 100;
 
-/// One round over `clients`: `count` connections (or requests) each, in bursts of `burst`,
-/// the clients taking turns in an order that rotates every burst and every round (`round`);
-/// then one report per client, in the order of `clients`.
+/// One round over `clients`: `count` connections (or requests) each, in bursts of at most
+/// `burst`, the clients taking turns in a new order every burst ([`burst_order`]); then one
+/// report per client, in the order of `clients`.
 pub(crate) fn interleaved_round(
     clients: &mut [&mut RrClient],
     round: usize,
     count: u64,
     burst: u64,
 ) -> Result<Vec<Value>> {
-    let n = clients.len();
-    let bursts = count.div_ceil(burst) as usize;
+    let bursts = count.div_ceil(burst);
     for b in 0..bursts {
-        for k in 0..n {
-            clients[(round + b + k) % n].burst(burst)?;
+        let n = burst.min(count - b * burst);
+        for i in burst_order(clients.len(), round, b) {
+            clients[i].burst(n)?;
         }
     }
     clients.iter_mut().map(|c| c.report()).collect()
+}
+
+/// The order `n` clients take turns in for burst `b` of round `round`: a permutation drawn
+/// from a fixed pseudo-random sequence (the same in every run), so that no client always
+/// follows the same other one (whatever a client leaves behind in caches falls on all alike).
+pub(crate) fn burst_order(n: usize, round: usize, b: u64) -> Vec<usize> {
+    let mut state = (round as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(b.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+        | 1;
+    let mut next = || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
 }
 
 /// Milliseconds from `write` (a change on disk) to the agent logging a new `marker` line (its
@@ -581,4 +632,54 @@ pub(crate) fn time_to_log(
 /// Clients and servers on CPU 0 (see [`Pinning`]).
 pub fn default_cpus() -> Vec<usize> {
     vec![0, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spread_that_reaches_one_is_no_measurable_difference() {
+        assert!(!measurable(&[0.98, 1.01, 0.97]));
+        assert!(verdict(&[0.98, 1.01, 0.97]).starts_with("no measurable difference"));
+        assert!(measurable(&[0.80, 0.86, 0.83]));
+        assert_eq!(verdict(&[0.80, 0.86, 0.83]), "0.830 (rounds 0.800-0.860)");
+        assert!(measurable(&[1.02, 1.04, 1.03]));
+    }
+
+    #[test]
+    fn too_few_rounds_or_a_broken_one_is_not_a_result() {
+        assert!(!measurable(&[0.5, 0.5]));
+        assert!(verdict(&[0.5, 0.5]).starts_with("too few rounds"));
+        assert!(!measurable(&[0.8, f64::NAN, 0.8]));
+    }
+
+    #[test]
+    fn every_burst_order_is_a_permutation_and_they_vary() {
+        let mut firsts = std::collections::BTreeSet::new();
+        let mut followers_of_0 = std::collections::BTreeSet::new();
+        for round in 0..9 {
+            for b in 0..20 {
+                let order = burst_order(4, round, b);
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, [0, 1, 2, 3]);
+                firsts.insert(order[0]);
+                if let Some(i) = order.iter().position(|&c| c == 0).filter(|&i| i < 3) {
+                    followers_of_0.insert(order[i + 1]);
+                }
+            }
+        }
+        assert_eq!(firsts.len(), 4);
+        assert_eq!(followers_of_0.len(), 3);
+        assert_eq!(burst_order(4, 2, 5), burst_order(4, 2, 5));
+    }
+
+    #[test]
+    fn ratios_are_per_round() {
+        let r = Ratio::per_round(&[2.0, 3.0, 4.0], &[1.0, 2.0, 4.0]);
+        assert_eq!(r.rounds, [2.0, 1.5, 1.0]);
+        assert_eq!((r.median, r.min, r.max), (1.5, 1.0, 2.0));
+        assert!(!r.measurable);
+    }
 }

@@ -25,7 +25,7 @@ pub struct Instance {
 pub struct Capacities {
     /// Pods this node runs at most (the kubelet's maxPods): sizes the maps of per-pod and
     /// per-socket state whose own flag is not given (see `weft maps` for what each holds).
-    #[arg(long, default_value_t = 110, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 110, value_parser = clap::value_parser!(u32).range(1..=8192))]
     pub max_pods: u32,
     /// Connection event ring buffer size in bytes (a power of two of at least one page).
     #[arg(long, default_value_t = 512 * 1024, value_parser = parse_ring_size)]
@@ -59,8 +59,9 @@ pub struct Capacities {
     #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
     pub max_policy_entries: u32,
     /// UDP/SCTP exchanges remembered for sockets with more live peers than their own storage
-    /// holds (servers answering many clients; size of POLICY_FLOWS, LRU)
-    /// [default: 128 per pod of --max-pods, a power of two]
+    /// holds (servers answering many clients; size of POLICY_FLOWS, LRU: an exchange pushed
+    /// out has its next reply judged again) [default: 512 per pod of --max-pods, a power of
+    /// two]
     #[arg(long, value_parser = at_least_one())]
     pub max_policy_flows: Option<u32>,
     /// UDP flows counted at once (size of UDP_FLOW_STATS, LRU)
@@ -88,12 +89,13 @@ pub struct Sizes {
 impl Capacities {
     /// The flags resolved: a per-pod map's own flag, or its share of `--max-pods`. LRU maps
     /// are allocated whole when created, so sizing them for the node's pods rather than for
-    /// the largest node saves their memory on every node (at 110 pods, 16 384 entries each).
+    /// the largest node saves their memory on every node (at 110 pods, 16 384 entries for 128
+    /// per pod). `--max-pods` is at most 8 192, so no share passes 2^22 entries.
     pub fn sizes(&self) -> Sizes {
         let per_pod = |flag: Option<u32>, per: u64| {
             flag.unwrap_or_else(|| {
                 let n = (u64::from(self.max_pods) * per).next_power_of_two();
-                u32::try_from(n.clamp(1024, 1 << 24)).unwrap_or(1 << 24)
+                u32::try_from(n.max(1024)).unwrap_or(u32::MAX)
             })
         };
         Sizes {
@@ -106,7 +108,7 @@ impl Capacities {
             max_endpoints: self.max_endpoints,
             max_ipcache: self.max_ipcache,
             max_policy_entries: self.max_policy_entries,
-            max_policy_flows: per_pod(self.max_policy_flows, 128),
+            max_policy_flows: per_pod(self.max_policy_flows, 512),
             max_udp_flows: per_pod(self.max_udp_flows, 128),
         }
     }
@@ -471,7 +473,9 @@ mod tests {
         let big = sizes(&["--max-pods", "500"]);
         assert_eq!((big.max_udp_flows, big.traffic_entries), (65_536, 16_384));
         let small = sizes(&["--max-pods", "1"]);
-        assert_eq!(small.max_policy_flows, 1024);
+        assert_eq!(small.max_udp_flows, 1024);
+        assert_eq!(default.max_policy_flows, 65_536);
+        assert!(parse(&["--max-pods", "8193"]).is_err());
         let own = sizes(&["--max-pods", "500", "--max-udp-flows", "3000"]);
         assert_eq!((own.max_udp_flows, own.max_affinity), (3000, 65_536));
         assert_eq!(own.max_services, default.max_services);

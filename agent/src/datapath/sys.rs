@@ -147,7 +147,8 @@ pub fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u64) -> io::Result<
 }
 
 /// The kernel memory a map holds now, in bytes: `memlock` of its descriptor's fdinfo (for
-/// preallocated maps their whole capacity, for the others what they hold).
+/// preallocated maps their whole capacity, for the others what they hold; before Linux 6.4,
+/// an estimate from the capacity for every map).
 pub fn map_memory(map: BorrowedFd<'_>) -> io::Result<u64> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", map.as_raw_fd()))?;
     info.lines()

@@ -66,7 +66,7 @@ macro_rules! for_each_map {
             SOCK_FLOWS: SkStorage<$crate::policy::SockFlows>(fixed = 0);
             /// Allowed exchanges of sockets whose own `SOCK_FLOWS` slots were full.
             POLICY_FLOWS: LruHash<$crate::policy::PolicyFlowKey, u64>(
-                max_policy_flows = 16_384
+                max_policy_flows = 65_536
             );
             /// Socket-storage values held, per owner and in total (`SockOwner`).
             SOCK_COUNTS: Hash<$crate::svc::SockOwner, $crate::svc::SockCounts>(

@@ -78,12 +78,11 @@ impl KubeResult {
             "\nkube: the same cluster from a directory (dir) and from the API server (kube); change = one EndpointSlice to the maps"
         );
         println!(
-            "{:>7} {:>6} | {:>9} {:>9} {:>6} | {:>7} {:>7} | {:>8} {:>8} | {:>9} {:>9} {:>9} {:>9}",
+            "{:>7} {:>6} | {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9} {:>9} {:>9} {:>9}",
             "pods",
             "svcs",
             "dir ms",
             "kube ms",
-            "k/d",
             "dir cpu",
             "k cpu",
             "dir MiB",
@@ -96,12 +95,11 @@ impl KubeResult {
         for s in &self.scales {
             let (d, k) = (&s.dir, &s.kube);
             println!(
-                "{:>7} {:>6} | {:>9.0} {:>9.0} {:>6.2} | {:>7.2} {:>7.2} | {:>8.1} {:>8.1} | {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                "{:>7} {:>6} | {:>9.0} {:>9.0} | {:>7.2} {:>7.2} | {:>8.1} {:>8.1} | {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
                 s.remote_pods,
                 s.services,
                 Scale::median(d, |r| r.start_to_synced_ms),
                 Scale::median(k, |r| r.start_to_synced_ms),
-                s.start_kube_over_dir.median,
                 Scale::median(d, |r| r.cpu_s_at_synced),
                 Scale::median(k, |r| r.cpu_s_at_synced),
                 Scale::median(d, |r| r.rss_kib as f64) / 1024.0,

@@ -466,8 +466,10 @@ fn compare_builds(
             let agent = Agent::start_with(&bed.node, source_agent_options(bins));
             wait_frontends(&agent, n)?;
             let [direct, _, weft, _] = &mut bed.clients;
-            weft.burst(200)?;
-            weft.report()?;
+            for c in [&mut *direct, &mut *weft] {
+                c.burst(200)?;
+                c.report()?;
+            }
             let reports = interleaved_round(&mut [direct, weft], r, count, BURST)?;
             let (a, b) = &mut modes[v];
             a.add(&reports[0]);

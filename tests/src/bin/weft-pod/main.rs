@@ -149,8 +149,8 @@ enum Cmd {
         /// Open this many connections once and send every request over them in turn (an
         /// established connection's cost) instead of a connection per request; latency is
         /// then per request.
-        #[arg(long)]
-        keepalive: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        keepalive: Option<u16>,
         /// Take orders from stdin, one per line: a number N makes N more connections and
         /// prints `{"event": "burst"}`; `report` prints the results of every connection since
         /// the last report and starts over; EOF exits. Benchmarks interleave several such
@@ -887,12 +887,8 @@ struct Rr {
 }
 
 impl Rr {
-    fn new(
-        targets: Vec<SocketAddr>,
-        size: usize,
-        keepalive: Option<usize>,
-    ) -> Result<Self, String> {
-        let open = (0..keepalive.unwrap_or(0))
+    fn new(targets: Vec<SocketAddr>, size: usize, keepalive: Option<u16>) -> Result<Self, String> {
+        let open = (0..usize::from(keepalive.unwrap_or(0)))
             .map(|i| {
                 let to = targets[i % targets.len()];
                 let s = TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
