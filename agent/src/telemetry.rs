@@ -29,6 +29,7 @@ use crate::{
     datapath::Globals,
     events::{ConnEventKindName, Connection, Outcome, Role, udp::UdpBatch},
 };
+pub use flows::Now;
 use flows::{FlowEnd, FlowEvent, FlowRecord, Flows, Reporter, Verdict, protocol_name};
 use metrics::{
     ConnLabels, ConnectionLabels, Detail, DropLabels, Ends, EventKind, EventLabels, Families,
@@ -166,7 +167,8 @@ struct Open {
     seen: Instant,
 }
 
-type OpenTable = Arc<Mutex<HashMap<u64, Box<Open>>>>;
+/// Keyed by socket cookie (kernel-made, not chosen by a workload): the fast hash suffices.
+type OpenTable = Arc<Mutex<HashMap<u64, Box<Open>, foldhash::fast::RandomState>>>;
 
 /// What the admin API reads.
 #[derive(Clone)]
@@ -325,6 +327,11 @@ impl Telemetry {
 
     /// Handles one kernel event.
     pub fn on_event(&mut self, c: &Connection) {
+        self.on_event_at(c, Now::read());
+    }
+
+    /// Handles one kernel event at `now` (one reading serves a batch of events).
+    pub fn on_event_at(&mut self, c: &Connection, now: Now) {
         self.follow_directory();
         match c.event {
             ConnEventKindName::TcpOpen => self.events.open.inc(),
@@ -342,23 +349,23 @@ impl Telemetry {
             Some(e) => e,
             // An update or close of a connection opened before this agent started, or whose
             // open event was lost; or a close of one that never opened (refused, timed out).
-            None => self.new_open(c),
+            None => self.new_open(c, now),
         };
         if c.event == ConnEventKindName::TcpOpen {
             entry.series.opened.inc();
         }
-        account(&mut entry, c);
+        account(&mut entry, c, now);
         let record = match c.event {
             ConnEventKindName::TcpClose => {
                 let outcome = c.outcome.unwrap_or(Outcome::Reset);
                 entry.series.closed(outcome).inc();
                 if let Some(labels) = entry.connection_labels.take() {
-                    self.tcp.expire_later(*labels, Instant::now());
+                    self.tcp.expire_later(*labels, now.instant);
                 }
-                Some(tcp_record(FlowEvent::TcpClose, c, &entry.view))
+                Some(tcp_record(FlowEvent::TcpClose, c, &entry.view, now))
             }
             ConnEventKindName::TcpOpen => {
-                let record = tcp_record(FlowEvent::TcpOpen, c, &entry.view);
+                let record = tcp_record(FlowEvent::TcpOpen, c, &entry.view, now);
                 open.insert(c.cookie, entry);
                 Some(record)
             }
@@ -393,7 +400,7 @@ impl Telemetry {
         self.udp_series.prune(&self.families, |l| l.is_current(dir));
     }
 
-    fn new_open(&mut self, c: &Connection) -> Box<Open> {
+    fn new_open(&mut self, c: &Connection, now: Now) -> Box<Open> {
         let dir = Arc::clone(&self.current);
         let local_pod = dir.pod(c.local.ip());
         let remote_pod = dir.pod(c.remote.ip());
@@ -429,11 +436,11 @@ impl Telemetry {
                 srtt_us: 0,
                 retransmits: 0,
                 duration_ms: 0,
-                updated: flows::Timestamp::now(),
+                updated: now.wall,
             },
             series,
             connection_labels: labels.detail.is_per_connection().then(|| Box::new(labels)),
-            seen: Instant::now(),
+            seen: now.instant,
         })
     }
 
@@ -541,7 +548,7 @@ fn pod_name(p: Option<&Arc<PodName>>) -> Arc<str> {
 }
 
 /// Adds a TCP event's increases over what the table last saw to the connection's series.
-fn account(entry: &mut Open, c: &Connection) {
+fn account(entry: &mut Open, c: &Connection, now: Now) {
     let v = &mut entry.view;
     let sent = c.bytes_sent.saturating_sub(v.bytes_sent);
     let received = c.bytes_received.saturating_sub(v.bytes_received);
@@ -562,11 +569,11 @@ fn account(entry: &mut Open, c: &Connection) {
     v.retransmits = v.retransmits.max(c.retransmits);
     v.srtt_us = c.srtt.as_micros() as u64;
     v.duration_ms = c.duration.as_millis() as u64;
-    v.updated = flows::Timestamp::now();
-    entry.seen = Instant::now();
+    v.updated = now.wall;
+    entry.seen = now.instant;
 }
 
-fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection) -> FlowRecord {
+fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection, now: Now) -> FlowRecord {
     let client = c.role == Role::Client;
     let (reporter, source, destination) = if client {
         (Reporter::Source, v.local.clone(), v.remote.clone())
@@ -587,13 +594,13 @@ fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection) -> FlowRecor
         duration_us: Some(c.duration.as_micros() as u64),
         outcome: c.outcome,
         cookie: c.cookie,
-        ..FlowRecord::new(
+        ..FlowRecord::at(
+            now.wall,
             event,
             Verdict::Allowed,
             "TCP".to_owned(),
             reporter,
-            source,
-            destination,
+            (source, destination),
         )
     }
 }

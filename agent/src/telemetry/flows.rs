@@ -62,6 +62,23 @@ impl Timestamp {
     }
 }
 
+/// One reading of both clocks, shared by the events handled together: reading them costs more
+/// than anything else done per event.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub instant: std::time::Instant,
+    pub wall: Timestamp,
+}
+
+impl Now {
+    pub fn read() -> Self {
+        Self {
+            instant: std::time::Instant::now(),
+            wall: Timestamp::now(),
+        }
+    }
+}
+
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_rfc3339_millis(self.0))
@@ -166,9 +183,28 @@ impl FlowRecord {
         source: FlowEnd,
         destination: FlowEnd,
     ) -> Self {
+        Self::at(
+            Timestamp::now(),
+            event,
+            verdict,
+            protocol,
+            reporter,
+            (source, destination),
+        )
+    }
+
+    /// A record made at `time`.
+    pub fn at(
+        time: Timestamp,
+        event: FlowEvent,
+        verdict: Verdict,
+        protocol: String,
+        reporter: Reporter,
+        (source, destination): (FlowEnd, FlowEnd),
+    ) -> Self {
         Self {
             seq: 0,
-            time: Timestamp::now(),
+            time,
             event,
             verdict,
             protocol,

@@ -450,7 +450,8 @@ impl SeriesSet for UdpSeries {
 /// after its connection ended.
 #[derive(Debug)]
 pub struct SeriesCache<S> {
-    live: HashMap<ConnLabels, Arc<S>>,
+    /// Label values come from the cluster's names: a keyed hash of good quality.
+    live: HashMap<ConnLabels, Arc<S>, foldhash::quality::RandomState>,
     /// Per-connection series to remove once their time is up.
     expiring: VecDeque<(Instant, ConnLabels)>,
     ttl: Duration,
@@ -459,7 +460,7 @@ pub struct SeriesCache<S> {
 impl<S: SeriesSet> SeriesCache<S> {
     pub fn new(ttl: Duration) -> Self {
         Self {
-            live: HashMap::new(),
+            live: HashMap::default(),
             expiring: VecDeque::new(),
             ttl,
         }

@@ -45,6 +45,10 @@ struct Compare {
     ratio: Ratio,
     /// this build / that build per round.
     this_over_that: Ratio,
+    /// That build's agent CPU per connection, µs, per round.
+    agent_cpu_us_per_connection: Vec<f64>,
+    /// This build's agent CPU per connection over that build's, per round.
+    agent_cpu_this_over_that: Ratio,
 }
 
 impl ChurnResult {
@@ -79,6 +83,10 @@ impl ChurnResult {
             }
             println!("  that / no agent: {}", c.ratio.verdict);
             println!("  this build / that build: {}", c.this_over_that.verdict);
+            println!(
+                "  agent CPU per connection, this build / that build: {}",
+                c.agent_cpu_this_over_that.verdict
+            );
         }
         println!("kernel programs per connection (both ends, from BPF run-time statistics):");
         for p in &self.kernel {
@@ -185,13 +193,16 @@ pub fn churn(
         .chain(compare.map(Some))
         .collect();
     let mut rates = vec![Vec::new(); variants.len()];
-    let mut cpu = Vec::new();
+    let (mut cpu, mut that_cpu) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         eprintln!("bench churn: round {}/{rounds}", round + 1);
         for k in 0..variants.len() {
             let v = (round + k) % variants.len();
             let (rate, cpu_us) = measure(&node, pin, variants[v], seconds)?;
             rates[v].push(rate);
+            if v == 2 {
+                that_cpu.push(cpu_us);
+            }
             if v == 1 {
                 cpu.push(cpu_us);
             }
@@ -204,6 +215,8 @@ pub fn churn(
         rates: rates[2].clone(),
         ratio: Ratio::per_round(&rates[2], &rates[0]),
         this_over_that: Ratio::per_round(&rates[1], &rates[2]),
+        agent_cpu_this_over_that: Ratio::per_round(&cpu, &that_cpu),
+        agent_cpu_us_per_connection: that_cpu,
     });
     Ok(ChurnResult {
         kernel_ns_per_connection: kernel.iter().map(|p| p.ns_per_unit).sum(),
