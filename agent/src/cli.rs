@@ -505,3 +505,28 @@ pub async fn log_level(socket: &Path, filter: Option<&str>) -> Result<String, Er
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::maps_line;
+
+    #[test]
+    fn the_maps_line_gives_the_total_and_the_three_largest() {
+        let maps = serde_json::json!({
+            "bytes": 6 * 1024 * 1024,
+            "by_map": {"A": 1024 * 1024, "B": 3 * 1024 * 1024, "C": 512 * 1024, "D": 1536 * 1024},
+        });
+        assert_eq!(
+            maps_line(&maps),
+            "6.0 MiB of kernel memory (largest: B 3.0, D 1.5, A 1.0 MiB)"
+        );
+        assert_eq!(
+            maps_line(&serde_json::json!({"error": "cannot open pin"})),
+            "memory unknown (cannot open pin)"
+        );
+        assert_eq!(
+            maps_line(&serde_json::Value::Null),
+            "memory not reported (an older agent)"
+        );
+    }
+}
