@@ -249,10 +249,7 @@ impl Pinning {
 
     /// `weft-pod` arguments for a client: `--cpu N` and then `args`.
     pub(crate) fn client<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        ["--cpu", self.client.as_str()]
-            .into_iter()
-            .chain(args.iter().copied())
-            .collect()
+        on(&self.client, args)
     }
 
     /// The same placement with the agent on the client's CPU.
@@ -287,11 +284,16 @@ impl Pinning {
 
     /// `weft-pod` arguments for a server.
     pub(crate) fn server<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        ["--cpu", self.server.as_str()]
-            .into_iter()
-            .chain(args.iter().copied())
-            .collect()
+        on(&self.server, args)
     }
+}
+
+/// `--cpu <cpu>` and then `args`.
+fn on<'a>(cpu: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    ["--cpu", cpu]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect()
 }
 
 /// Runs `f` with this thread pinned to `cpu`, so the threads and processes it starts stay

@@ -3,7 +3,7 @@
 use std::{
     fs::{self, File},
     io,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -200,13 +200,17 @@ pub fn map_memory(pins: &Pins) -> Result<Vec<(&'static str, u64)>, Error> {
             let fd = MapInfo::from_pin(pins.map(name))
                 .and_then(|info| info.fd())
                 .map_err(|source| Error::MapInfo { name, source })?;
-            let bytes = sys::map_memory(fd.as_fd()).map_err(|source| Error::Pin {
-                path: pins.map(name),
-                source,
-            })?;
-            Ok((name, bytes))
+            Ok((name, memory_of(pins, name, fd.as_fd())?))
         })
         .collect()
+}
+
+/// One map's kernel memory, its pin named in the error.
+fn memory_of(pins: &Pins, name: &'static str, fd: BorrowedFd<'_>) -> Result<u64, Error> {
+    sys::map_memory(fd).map_err(|source| Error::Pin {
+        path: pins.map(name),
+        source,
+    })
 }
 
 /// Every map of `weft_abi::maps::ALL` under the instance's pins, with its entries counted.
@@ -230,14 +234,16 @@ pub fn map_usage(pins: &Pins) -> Result<Vec<MapUsage>, Error> {
         let fd = info
             .fd()
             .map_err(|source| Error::MapInfo { name, source })?;
-        let pin_error = |source| Error::Pin {
-            path: pins.map(name),
-            source,
-        };
-        let bytes = sys::map_memory(fd.as_fd()).map_err(pin_error)?;
+        let bytes = memory_of(pins, name, fd.as_fd())?;
         let entries = if counted {
             let limit = u64::from(info.max_entries()).saturating_mul(2);
-            Some(sys::count_keys(fd.as_fd(), info.key_size(), limit).map_err(pin_error)?)
+            let n = sys::count_keys(fd.as_fd(), info.key_size(), limit).map_err(|source| {
+                Error::Pin {
+                    path: pins.map(name),
+                    source,
+                }
+            })?;
+            Some(n)
         } else {
             None
         };
