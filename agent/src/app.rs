@@ -164,6 +164,7 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
         sock_states: u64::from(config.datapath.max_socket_states),
         sock_states_per_pod: u64::from(config.datapath.max_socket_states_per_pod),
         sock_states_floor: u64::from(config.datapath.min_socket_states_per_pod),
+        sockmap_enabled: u32::from(config.datapath.sockmap),
     };
     config.telemetry.apply_to(&mut globals);
     if unbound_pods(config) == Unbound::Isolate {

@@ -115,6 +115,7 @@ mod tests {
                 sock_states: 0,
                 sock_states_per_pod: 0,
                 sock_states_floor: 0,
+                sockmap_enabled: 0,
                 conn_update_interval_ns: 7,
                 conn_events_enabled: 7,
             };

@@ -27,7 +27,7 @@ use aya::{
     maps::{MapData, MapError, MapInfo},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        SockOps,
+        SkMsg, SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -217,6 +217,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot attach program {name} to map {map} (--sockmap)")]
+    AttachSockmap {
+        name: &'static str,
+        map: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("cannot open map {name}")]
     TakeMap {
         name: &'static str,
@@ -272,6 +279,9 @@ pub struct Datapath {
     /// Maps directories of another version or shape, removed once the links are switched.
     superseded: Vec<PathBuf>,
     migration_noted: bool,
+    /// `--sockmap`: attach `weft_sk_msg` to `SOCK_PAIRS` at the commit (once).
+    sockmap: bool,
+    sockmap_attached: bool,
     _lock: InstanceLock,
 }
 
@@ -323,7 +333,8 @@ impl Datapath {
             .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true)
             .override_global(globals::SOCK_STATES, &g.sock_states, true)
             .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true)
-            .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true);
+            .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true)
+            .override_global(globals::SOCKMAP_ENABLED, &g.sockmap_enabled, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
@@ -343,6 +354,8 @@ impl Datapath {
             pending: true,
             superseded: others,
             migration_noted: false,
+            sockmap: g.sockmap_enabled != 0,
+            sockmap_attached: false,
             _lock: lock,
         })
     }
@@ -373,6 +386,13 @@ impl Datapath {
             cgroup: &self.cgroup,
             cgroup_id: self.cgroup_id,
         };
+        // Before the links, which pair sockets that need it; a failure here stops the commit
+        // before any link changes. (Once attached, this program stays the map's even if the
+        // links fail next: it reads the same maps as the previous one.)
+        if self.sockmap && !self.sockmap_attached {
+            attach_sockmap(&mut self.ebpf, &self.pins)?;
+            self.sockmap_attached = true;
+        }
         let mut links = Vec::new();
         if let Err(e) = install_all(&mut self.ebpf, &ctx, &self.cgroup_file, &mut links) {
             // Leave no half-installed instance: undo what this commit did, so every hook runs
@@ -397,6 +417,8 @@ impl Datapath {
         self.pending = false;
         remove_retired_links(&self.pins);
         // No program reads the other maps directories now: their maps go with their pins.
+        // (A socket map's sockets stay paired until they close: each keeps the program it
+        // was paired with, which holds the map.)
         for dir in std::mem::take(&mut self.superseded) {
             match admin::remove_maps_dir(&dir) {
                 Ok(n) => {
@@ -454,8 +476,33 @@ fn restore_program(path: &Path, prog: &std::os::fd::OwnedFd) -> io::Result<()> {
     sys::link_update(link.as_fd(), prog.as_fd())
 }
 
+/// Attaches `weft_sk_msg` to the pinned `SOCK_PAIRS` map. The attachment belongs to the map,
+/// not to this process: it stays while the map is pinned, as the cgroup links do (the
+/// handle is forgotten, since dropping it would detach the program). Sockets already paired
+/// keep the program they were paired with until they close.
+fn attach_sockmap(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), Error> {
+    let map: aya::maps::SockHash<MapData, weft_abi::conn::PairKey> =
+        open_pinned(pins, maps::SOCK_PAIRS).map_err(|source| Error::TakeMap {
+            name: maps::SOCK_PAIRS,
+            source,
+        })?;
+    let failed = |source| Error::AttachSockmap {
+        name: programs::SK_MSG,
+        map: maps::SOCK_PAIRS,
+        source,
+    };
+    let prog = program::<SkMsg>(ebpf, programs::SK_MSG)?;
+    let id = prog.attach(map.fd()).map_err(failed)?;
+    let link = prog.take_link(id).map_err(failed)?;
+    std::mem::forget(link);
+    Ok(())
+}
+
 /// Loads every program (the verifier runs here, before anything is attached).
 fn load_all(ebpf: &mut Ebpf) -> Result<(), Error> {
+    program::<SkMsg>(ebpf, programs::SK_MSG)?
+        .load()
+        .map_err(|source| load_err(programs::SK_MSG, source))?;
     for a in &ATTACHMENTS {
         let name = a.program;
         let loaded = match a.kind {
@@ -580,7 +627,9 @@ pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), LoadFa
             let error = crate::chain(&e);
             return ATTACHMENTS
                 .iter()
-                .map(|a| (a.program, a.label, Err((error.clone(), String::new()))))
+                .map(|a| (a.program, a.label))
+                .chain([(programs::SK_MSG, "sk_msg (--sockmap)")])
+                .map(|(program, label)| (program, label, Err((error.clone(), String::new()))))
                 .collect();
         }
     };
@@ -591,7 +640,10 @@ pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), LoadFa
         } => (io_error.to_string(), format!("{verifier_log}")),
         other => (crate::chain(&other), String::new()),
     };
-    ATTACHMENTS
+    let sk_msg = program::<SkMsg>(&mut ebpf, programs::SK_MSG)
+        .map_err(|e| (crate::chain(&e), String::new()))
+        .and_then(|p| p.load().map_err(failed));
+    let mut outcomes: Vec<_> = ATTACHMENTS
         .iter()
         .map(|a| {
             let name = a.program;
@@ -611,7 +663,9 @@ pub fn load_each_program() -> Vec<(&'static str, &'static str, Result<(), LoadFa
             };
             (name, a.label, result)
         })
-        .collect()
+        .collect();
+    outcomes.push((programs::SK_MSG, "sk_msg (--sockmap)", sk_msg));
+    outcomes
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
@@ -659,9 +713,21 @@ fn carry_over(pins: &Pins, others: &[PathBuf], specs: &[MapSpec]) {
             .is_some_and(|n| n.to_string_lossy().starts_with(&same_abi))
     });
     for dir in sources {
+        let keeps = |spec: &MapSpec| {
+            let from = dir.join(spec.name);
+            from.exists() && shape_of(&from, spec.name).ok() == Some(*spec)
+        };
+        // Connection state and the socket-to-socket pairs refer to one another (a paired
+        // connection's close takes its REDIRECTED entry): kept together or not at all.
+        let together = [maps::CONN_STATE, maps::SOCK_PAIRS, maps::REDIRECTED];
+        let keep_together = specs
+            .iter()
+            .filter(|s| together.contains(&s.name))
+            .all(keeps);
         for spec in specs {
             let (from, to) = (dir.join(spec.name), pins.map(spec.name));
-            if to.exists() || !from.exists() || shape_of(&from, spec.name).ok() != Some(*spec) {
+            let grouped = together.contains(&spec.name);
+            if to.exists() || !keeps(spec) || (grouped && !keep_together) {
                 continue;
             }
             match sys::obj_get(&from).and_then(|fd| sys::obj_pin(fd.as_fd(), &to)) {

@@ -373,6 +373,11 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
             "a socket with more live UDP/SCTP/echo peers than its own storage holds (a server) \
              put one in the node-wide POLICY_FLOWS; raise --max-policy-flows if it fills",
         ),
+        Counter::SockmapFull => (
+            true,
+            "with --sockmap, a TCP socket could not be paired (raise --max-sockmap-connections): \
+             its data takes the TCP/IP stack, fully counted",
+        ),
         Counter::SockStateOverBudget => (
             true,
             "a pod (or the node) holds as many socket states as --max-socket-states-per-pod \

@@ -567,7 +567,10 @@ fn account(entry: &mut Open, c: &Connection, now: Now) {
     v.bytes_sent = v.bytes_sent.max(c.bytes_sent);
     v.bytes_received = v.bytes_received.max(c.bytes_received);
     v.retransmits = v.retransmits.max(c.retransmits);
-    v.srtt_us = c.srtt.as_micros() as u64;
+    // Zero is no sample (an update of bytes that went socket to socket): keep the last one.
+    if !c.srtt.is_zero() {
+        v.srtt_us = c.srtt.as_micros() as u64;
+    }
     v.duration_ms = c.duration.as_millis() as u64;
     v.updated = now.wall;
     entry.seen = now.instant;

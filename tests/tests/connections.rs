@@ -108,6 +108,62 @@ fn byte_counts_are_exact_for_both_ends_and_both_close_orders() {
     );
 }
 
+/// Bytes the node's end of a pod's veth has carried, both ways.
+fn veth_bytes(node: &Node, pod: &str) -> u64 {
+    let out = weft_testkit::proc::run(
+        "ip",
+        [
+            "-n",
+            node.netns_name(),
+            "-j",
+            "-s",
+            "link",
+            "show",
+            &format!("v-{pod}"),
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).expect("ip -j output");
+    let stats = &v[0]["stats64"];
+    let bytes = |dir: &str| stats[dir]["bytes"].as_u64().expect("link bytes");
+    bytes("rx") + bytes("tx")
+}
+
+/// With `--sockmap` the payload between two pods of the node goes socket to socket: almost
+/// nothing crosses the pods' interfaces, and both ends still report it to the byte, for both
+/// families and both close orders.
+#[test]
+fn with_sockmap_payload_skips_the_stack_and_is_counted_to_the_byte() {
+    let node = Node::builder("sockmap_exact")
+        .pod("client")
+        .pod("server")
+        .build();
+    let agent = Agent::start_with(
+        &node,
+        AgentOptions {
+            extra_args: vec!["--sockmap".into()],
+            ..AgentOptions::default()
+        },
+    );
+    let server = node.pod("server");
+    let (n, m) = (3_456_789, 1_234_567);
+    let before = veth_bytes(&node, "server");
+    let cases = [
+        (SocketAddr::new(server.ipv4.into(), 8080), Close::Shutdown),
+        (SocketAddr::new(server.ipv4.into(), 8081), Close::Close),
+        (SocketAddr::new(server.ipv6.into(), 8082), Close::Shutdown),
+        (SocketAddr::new(server.ipv6.into(), 8083), Close::Close),
+    ];
+    for (to, close) in cases {
+        check_exchange(&node, &agent, to, n, m, close);
+    }
+    let carried = veth_bytes(&node, "server") - before;
+    let payload = 4 * (n + m);
+    assert!(
+        carried < payload / 20,
+        "the server's interface carried {carried} bytes for {payload} bytes of payload"
+    );
+}
+
 #[test]
 fn processes_outside_the_cgroup_are_not_reported() {
     let node = Node::builder("outside_not_reported")

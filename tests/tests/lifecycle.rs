@@ -445,7 +445,7 @@ fn doctor_loads_every_program_and_names_what_a_node_lacks() {
                 .is_some_and(|n| n.starts_with("program "))
         })
         .count();
-    assert_eq!(programs, 12, "every program is loaded once: {checks:#?}");
+    assert_eq!(programs, 13, "every program is loaded once: {checks:#?}");
 
     // Without CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN, which would stand in for them).
     let drop_caps = |args: &[&str]| {

@@ -11,12 +11,19 @@ use weft_testkit::{
 };
 
 fn start(test: &str) -> (Model, Agent) {
+    start_with(test, &[])
+}
+
+/// The model with an agent given `extra` arguments too.
+fn start_with(test: &str, extra: &[&str]) -> (Model, Agent) {
     let model = Model::new(test);
+    let mut extra_args = vec!["--node-ip".to_owned(), "10.0.0.1".to_owned()];
+    extra_args.extend(extra.iter().map(|a| (*a).to_owned()));
     let agent = Agent::start_with(
         &model.node,
         AgentOptions {
             source: true,
-            extra_args: vec!["--node-ip".into(), "10.0.0.1".into()],
+            extra_args,
             ..AgentOptions::default()
         },
     );
@@ -304,6 +311,36 @@ fn egress_to_one_pod_of_another_namespace() {
     t.deny_from("x/a").set("x/a", "y/b", true);
     model.expect_both("x/a egress only to y/b", 80, "tcp", &t);
     model.expect_both("x/a egress only to y/b (UDP)", 81, "udp", &t);
+}
+
+/// With the socket-to-socket path (`--sockmap`), every pair of these pods is on one node:
+/// allowed connections go socket to socket, and the verdicts are exactly those without it,
+/// ingress and egress, TCP through pod IPs and ClusterIPs.
+#[test]
+fn with_sockmap_the_verdicts_are_the_same() {
+    let (model, agent) = start_with("policy_sockmap", &["--sockmap"]);
+    apply(
+        &model,
+        &agent,
+        &[
+            np(
+                "x",
+                "allow-b",
+                "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {pod: b}",
+            ),
+            np(
+                "y",
+                "egress-to-z",
+                "podSelector:\n  matchLabels: {pod: c}\npolicyTypes: [Egress]\negress:\n- to:\n  - namespaceSelector:\n      matchLabels: {ns: \"z\"}",
+            ),
+        ],
+    );
+    let mut t = only_from("x/a", &["x/b"]);
+    t.deny_from("y/c");
+    for to in ["z/a", "z/b", "z/c", "y/c"] {
+        t.set("y/c", to, true);
+    }
+    model.expect_both("x/a from x/b only; y/c to z only", 80, "tcp", &t);
 }
 
 /// "should allow egress access to DNS only": a DNS-like server on z/c port 53; anything else,

@@ -350,8 +350,20 @@ fn a_connect_whose_syns_are_dropped_times_out() {
 
 #[test]
 fn a_long_lived_connection_reports_while_open() {
-    let node = k8s::client_server_node("telemetry_long");
-    let agent = Agent::with_source(&node, &["--conn-update-interval", "1s"]);
+    long_lived_connection_reports_while_open("telemetry_long", &[]);
+}
+
+/// The same with `--sockmap`: the payload goes socket to socket, so no packet crosses
+/// cgroup_skb, and the updates of both ends come from the sending socket's sk_msg program.
+#[test]
+fn a_long_lived_connection_going_socket_to_socket_reports_while_open() {
+    long_lived_connection_reports_while_open("telemetry_long_sockmap", &["--sockmap"]);
+}
+
+fn long_lived_connection_reports_while_open(test: &str, extra: &[&str]) {
+    let node = k8s::client_server_node(test);
+    let args = [&["--conn-update-interval", "1s"], extra].concat();
+    let agent = Agent::with_source(&node, &args);
     let server = node.pod("server").ipv4;
     let _srv = node.start_server(
         "server",

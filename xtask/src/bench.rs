@@ -12,7 +12,10 @@ mod policy;
 mod services;
 mod telemetry;
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
@@ -36,8 +39,49 @@ pub struct Options<'a> {
     pub scenarios: &'a [String],
     pub seconds: f64,
     pub rounds: usize,
-    pub compare: Option<&'a Path>,
+    pub compare: Option<Other>,
     pub pinning: Pinning,
+}
+
+/// The agent `churn` and `services` measure beside this build (`--compare`,
+/// `--compare-args`): another build, this one with other arguments, or both.
+#[derive(Debug, Clone)]
+pub struct Other {
+    /// A directory holding its `weft`; None: this build's.
+    pub bins: Option<PathBuf>,
+    pub args: Vec<String>,
+}
+
+impl Other {
+    pub fn from_flags(bins: Option<PathBuf>, args: Option<&str>) -> Option<Self> {
+        let args: Vec<String> = args
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        (bins.is_some() || !args.is_empty()).then_some(Self { bins, args })
+    }
+
+    /// Its binaries: its own, or this build's.
+    pub(crate) fn bins<'a>(&'a self, this: &'a Path) -> &'a Path {
+        self.bins.as_deref().unwrap_or(this)
+    }
+
+    /// How results name it: its `weft` and arguments.
+    pub(crate) fn label(&self, this: &Path) -> String {
+        let mut label = self.bins(this).join("weft").display().to_string();
+        for a in &self.args {
+            label.push(' ');
+            label.push_str(a);
+        }
+        label
+    }
+
+    /// `options` with its arguments added.
+    pub(crate) fn options(&self, mut options: AgentOptions) -> AgentOptions {
+        options.extra_args.extend(self.args.iter().cloned());
+        options
+    }
 }
 
 pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
@@ -45,9 +89,10 @@ pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
         scenarios,
         seconds,
         rounds,
-        compare,
+        ref compare,
         pinning: ref pin,
     } = *options;
+    let compare = compare.as_ref();
     let selected: Vec<&str> = if scenarios.is_empty() {
         SCENARIOS.to_vec()
     } else {
@@ -385,7 +430,10 @@ impl ProgramProfile {
 
 /// Run counts and run times (ns) of the programs attached to `node`'s cgroup, by name, as
 /// counted while [`BpfStats`] is on.
-pub(crate) fn program_stats(node: &weft_testkit::Node) -> Result<Vec<(String, f64, f64)>> {
+pub(crate) fn program_stats(
+    node: &weft_testkit::Node,
+    agent: &weft_testkit::Agent,
+) -> Result<Vec<(String, f64, f64)>> {
     let cgroup = node.cgroup().to_string_lossy().into_owned();
     let attached = bpftool_json(&["cgroup", "show", &cgroup])?;
     let mut out = Vec::new();
@@ -394,15 +442,37 @@ pub(crate) fn program_stats(node: &weft_testkit::Node) -> Result<Vec<(String, f6
         .context("bpftool cgroup show: not a list")?
     {
         let id = prog["id"].as_u64().context("program id")?.to_string();
-        let info = bpftool_json(&["prog", "show", "id", &id])?;
-        out.push((
-            info["name"].as_str().unwrap_or("?").to_owned(),
-            info["run_cnt"].as_f64().unwrap_or(0.0),
-            info["run_time_ns"].as_f64().unwrap_or(0.0),
-        ));
+        out.push(run_stats(&bpftool_json(&["prog", "show", "id", &id])?));
+    }
+    // The sk_msg program belongs to the agent's SOCK_PAIRS map, not to the cgroup: it is the
+    // one that uses that map (it runs only with --sockmap).
+    let pairs = agent.maps_dir().join(SOCK_PAIRS);
+    let map = bpftool_json(&["map", "show", "pinned", &pairs.to_string_lossy()])?;
+    let map_id = map["id"].as_u64().context("SOCK_PAIRS map id")?;
+    let all = bpftool_json(&["prog", "show"])?;
+    for info in all.as_array().context("bpftool prog show: not a list")? {
+        let uses = info["map_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id.as_u64() == Some(map_id)));
+        if uses && info["type"] == "sk_msg" {
+            out.push(run_stats(info));
+        }
     }
     Ok(out)
 }
+
+/// (name, runs, run time in ns) of a `bpftool prog show` entry.
+fn run_stats(info: &Value) -> (String, f64, f64) {
+    (
+        info["name"].as_str().unwrap_or("?").to_owned(),
+        info["run_cnt"].as_f64().unwrap_or(0.0),
+        info["run_time_ns"].as_f64().unwrap_or(0.0),
+    )
+}
+
+/// The pinned name of the agent's socket map (`weft_abi::maps::SOCK_PAIRS`; xtask does not
+/// depend on the ABI crate).
+const SOCK_PAIRS: &str = "SOCK_PAIRS";
 
 /// What each program did between two [`program_stats`] readings, per unit of work.
 pub(crate) fn profile(

@@ -66,6 +66,10 @@ enum Cmd {
         /// is compared with what it replaces side by side.
         #[arg(long)]
         compare: Option<PathBuf>,
+        /// More `weft agent` arguments for the compared agent (this build's when --compare is
+        /// not given), e.g. `--compare-args=--sockmap`.
+        #[arg(long, allow_hyphen_values = true)]
+        compare_args: Option<String>,
         /// The CPUs clients and servers are pinned to (`CLIENT,SERVER`), the same for every
         /// variant; default 0,0.
         #[arg(long, value_delimiter = ',')]
@@ -97,6 +101,7 @@ fn main() -> Result<()> {
             seconds,
             rounds,
             compare,
+            compare_args,
             cpus,
         } => {
             let cpus = cpus.unwrap_or_else(bench::default_cpus);
@@ -107,7 +112,7 @@ fn main() -> Result<()> {
                 scenarios: &scenarios,
                 seconds,
                 rounds,
-                compare: compare.as_deref(),
+                compare: bench::Other::from_flags(compare, compare_args.as_deref()),
                 pinning: bench::Pinning::new(client, server)?,
             };
             bench::run(&ws, &tools, &options)

@@ -68,6 +68,11 @@ pub struct Capacities {
     /// [default: 128 per pod of --max-pods, a power of two]
     #[arg(long, value_parser = at_least_one())]
     pub max_udp_flows: Option<u32>,
+    /// With --sockmap: TCP sockets of pods paired at once (sizes SOCK_PAIRS and REDIRECTED;
+    /// a socket past it keeps the TCP/IP path) [default: 128 per pod of --max-pods, a power
+    /// of two]
+    #[arg(long, value_parser = at_least_one())]
+    pub max_sockmap_connections: Option<u32>,
 }
 
 /// Every capacity resolved: what the maps are created with.
@@ -84,6 +89,7 @@ pub struct Sizes {
     pub max_policy_entries: u32,
     pub max_policy_flows: u32,
     pub max_udp_flows: u32,
+    pub max_sockmap_connections: u32,
 }
 
 impl Capacities {
@@ -110,6 +116,7 @@ impl Capacities {
             max_policy_entries: self.max_policy_entries,
             max_policy_flows: per_pod(self.max_policy_flows, 512),
             max_udp_flows: per_pod(self.max_udp_flows, 128),
+            max_sockmap_connections: per_pod(self.max_sockmap_connections, 128),
         }
     }
 }
@@ -152,6 +159,11 @@ pub struct Settings {
     /// with a directory source]
     #[arg(long, value_enum)]
     pub unbound_pods: Option<Unbound>,
+    /// Same-node acceleration: data between two pods' TCP sockets on this node goes socket to
+    /// socket (sockmap and sk_msg), skipping the TCP/IP stack. Off by default: see README
+    /// ("Same-node acceleration") for what it measured here and what it changes.
+    #[arg(long)]
+    pub sockmap: bool,
     /// The cgroup that holds the kubelet's pods, below --cgroup-root: only below it can a
     /// cgroup be a pod not bound yet [default: kubepods.slice or kubepods under --cgroup-root,
     /// the first that exists; neither: unbound pods are not isolated, with a warning]
@@ -234,6 +246,8 @@ pub struct Globals {
     pub sock_states: u64,
     pub sock_states_per_pod: u64,
     pub sock_states_floor: u64,
+    /// 1: established TCP sockets of pods are paired for the socket-to-socket path.
+    pub sockmap_enabled: u32,
 }
 
 /// Everything [`super::Datapath::start`] needs.
@@ -347,6 +361,10 @@ macro_rules! map_spec {
     };
     ($name:ident, PerCpuArray<$v:ty>, $cap:expr) => {
         MapSpec::of::<u32, $v>(weft_abi::maps::$name, MapType::PerCpuArray, $cap)
+    };
+    // The value of a socket map is a socket's descriptor (from user space).
+    ($name:ident, SockHash<$k:ty>, $cap:expr) => {
+        MapSpec::of::<$k, u32>(weft_abi::maps::$name, MapType::SockHash, $cap)
     };
     // The kernel requires BPF_F_NO_PREALLOC and no capacity of socket storage; its key is a
     // socket's descriptor (from user space).

@@ -79,6 +79,12 @@ pub mod flags {
     pub const TIMED_OUT: u32 = 1 << 4;
     /// `ConnEvent::service_*` hold the ClusterIP frontend the client asked for.
     pub const VIA_SERVICE: u32 = 1 << 5;
+    /// Kernel-internal (`ConnState`): the socket is in `SOCK_PAIRS` and has a `REDIRECTED`
+    /// entry to take at close.
+    pub const PAIRED: u32 = 1 << 6;
+    /// Some of the connection's payload went socket to socket (`--sockmap`): counted by
+    /// `weft_sk_msg`, not by TCP; segment and RTT figures cover only what crossed the stack.
+    pub const REDIRECTED: u32 = 1 << 7;
 }
 
 /// Why a [`ConnEventKind::Drop`] happened (`ConnEvent::reason`).
@@ -255,3 +261,75 @@ unsafe impl aya::Pod for ConnEvent {}
 #[cfg(feature = "user")]
 // SAFETY: ConnState is repr(C), made of integers only, with no implicit padding (size asserted).
 unsafe impl aya::Pod for ConnState {}
+
+/// Key of `SOCK_PAIRS` and `REDIRECTED`: one end of a TCP connection, as its socket sees it.
+/// The peer's key is the same with local and remote swapped. Addresses as in [`ConnEvent`]
+/// (an IPv4 or IPv4-mapped address in word 0); ports in host byte order.
+///
+/// Writers: `weft_sockops` (at establishment, with `--sockmap`). Readers: `weft_sk_msg`,
+/// `weft_sockops` (at close).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+const _: () = assert!(core::mem::size_of::<PairKey>() == 40);
+
+impl PairKey {
+    /// The key of the other end of this connection.
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Value of `REDIRECTED`: payload that went socket to socket, outside the TCP counters the
+/// close event reads (`bytes_acked`, `bytes_received` never see it).
+///
+/// Writers: `weft_sockops` (creates it at establishment, removes it at close), `weft_sk_msg`
+/// (adds what it redirects: `sent` of the sending end, `received` of the receiving end, with
+/// atomic adds, since both ends' programs write them). Reader: `weft_sockops` at close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Redirected {
+    /// The socket's cookie (its `CONN_STATE` key).
+    pub cookie: u64,
+    pub sent: u64,
+    pub received: u64,
+    /// `bpf_ktime_get_coarse_ns()` of this end's last `Update` event written by
+    /// `weft_sk_msg` (0: none yet).
+    pub last_update_ns: u64,
+    /// `snd_nxt` and `rcv_nxt` at establishment: the first sequence number of this end's
+    /// payload and of its peer's. Two entries are the two ends of one connection only when
+    /// each one's `send_seq` is the other's `recv_seq` (random initial sequence numbers): a
+    /// socket elsewhere with the same addresses (another network namespace) is no peer.
+    pub send_seq: u32,
+    pub recv_seq: u32,
+    /// Non-zero once a send of this end took the TCP/IP stack (its peer was not paired yet):
+    /// its later sends do too, or the peer could read them before the ones still in the
+    /// stack (a receiver reads redirected data first).
+    pub stack: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Redirected>() == 48);
+
+impl Redirected {
+    /// Whether `peer` is the other end of this entry's connection.
+    pub const fn pairs_with(&self, peer: &Self) -> bool {
+        self.send_seq == peer.recv_seq && self.recv_seq == peer.send_seq
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding, size asserted.
+unsafe impl aya::Pod for PairKey {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding, size asserted.
+unsafe impl aya::Pod for Redirected {}

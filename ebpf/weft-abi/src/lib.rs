@@ -21,7 +21,7 @@ mod user;
 /// to a map's key or value layout or meaning (a same-size change included): maps are pinned
 /// per version (and per shape, see the agent's `datapath::pins`), so an agent of another
 /// version never adopts them; it fills new ones and switches the programs after.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Names of the programs in the object, as the agent looks them up.
 pub mod programs {
@@ -46,6 +46,10 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "weft_getpeername6";
     /// cgroup/sock_release: a closing socket's storage values leave its pod's budget.
     pub const SOCK_RELEASE: &str = "weft_sock_release";
+
+    /// sk_msg program attached to the `SOCK_PAIRS` socket map (with `--sockmap`): data
+    /// between two local sockets skips the TCP/IP stack.
+    pub const SK_MSG: &str = "weft_sk_msg";
 
     /// Never attached: run by the agent (BPF_PROG_TEST_RUN) to learn cgroup levels.
     pub const LEVEL_PROBE: &str = "weft_level_probe";
@@ -98,6 +102,9 @@ pub mod globals {
     pub const SOCK_STATES: &str = "SOCK_STATES";
     pub const SOCK_STATES_PER_POD: &str = "SOCK_STATES_PER_POD";
     pub const SOCK_STATES_FLOOR: &str = "SOCK_STATES_FLOOR";
+    /// u32: 1 = established TCP sockets of pods enter `SOCK_PAIRS`, and data between two of
+    /// them is redirected socket to socket (`--sockmap`); 0 = never.
+    pub const SOCKMAP_ENABLED: &str = "SOCKMAP_ENABLED";
 }
 
 /// Address families as the kernel numbers them.

@@ -12,7 +12,8 @@
 //! `LruHash`,
 //! `PerCpuHash`, `LpmTrie` (the key type is the data after the prefix length), `PerCpuArray`
 //! (key: u32 index), `SkStorage` (socket storage, a BTF-defined map: one value per socket,
-//! created by the programs, freed with the socket; no capacity), and `External` (declared by a library: aya-log's ring buffer). The
+//! created by the programs, freed with the socket; no capacity), `SockHash` (sockets by key,
+//! value a socket; entries leave with their socket), and `External` (declared by a library: aya-log's ring buffer). The
 //! setting is a field of the agent's capacity flags, or `fixed` for a size the agent does not
 //! choose. BPF object names are limited to 15 bytes.
 
@@ -81,6 +82,12 @@ macro_rules! for_each_map {
             >(max_udp_flows = 16_384);
             /// Each CPU's budget of drop events for the current second.
             DROP_BUDGET: PerCpuArray<$crate::conn::DropBudget>(fixed = 1);
+            /// With `--sockmap`: established TCP sockets of pods by (local, remote) address.
+            SOCK_PAIRS: SockHash<$crate::conn::PairKey>(max_sockmap_connections = 16_384);
+            /// With `--sockmap`: bytes redirected socket to socket, per socket of `SOCK_PAIRS`.
+            REDIRECTED: HashNoPrealloc<$crate::conn::PairKey, $crate::conn::Redirected>(
+                max_sockmap_connections = 16_384
+            );
         }
     };
 }
@@ -112,7 +119,7 @@ mod tests {
             );
             assert!(!ALL[..i].contains(name), "{name} twice");
         }
-        assert_eq!(ALL.len(), 19);
+        assert_eq!(ALL.len(), 21);
         assert_eq!(POLICY, "POLICY");
     }
 }

@@ -42,11 +42,14 @@ pub enum Counter {
     /// `--max-socket-states-per-pod` (`--max-socket-states`) allow. That pod's translations
     /// and exchanges are not remembered until some of its sockets close.
     SockStateOverBudget = 12,
+    /// With `--sockmap`: an established socket could not enter `SOCK_PAIRS` or `REDIRECTED`
+    /// (full, or the kernel refused it): its data takes the TCP/IP stack, as without.
+    SockmapFull = 13,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -60,6 +63,7 @@ impl Counter {
         Self::RevNatShared,
         Self::FlowOverflow,
         Self::SockStateOverBudget,
+        Self::SockmapFull,
     ];
 
     /// The name the agent reports.
@@ -78,6 +82,7 @@ impl Counter {
             Self::RevNatShared => "revnat_shared",
             Self::FlowOverflow => "flow_overflow",
             Self::SockStateOverBudget => "sock_state_over_budget",
+            Self::SockmapFull => "sockmap_full",
         }
     }
 }

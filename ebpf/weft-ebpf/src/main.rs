@@ -18,6 +18,7 @@ mod headers;
 mod maps;
 mod packet;
 mod policy;
+mod redirect;
 mod service;
 mod sockops;
 mod stats;
@@ -27,8 +28,8 @@ mod verdict;
 mod xlate;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use service::{Hook, V4, V6};
 use verdict::{Fault, Verdict};
@@ -42,6 +43,13 @@ pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
     match sockops::try_sockops(&ctx) {
         Ok(()) | Err(_) => 1,
     }
+}
+
+/// With `--sockmap`, attached to `SOCK_PAIRS`: sends between two local pods' sockets go
+/// socket to socket.
+#[sk_msg]
+pub fn weft_sk_msg(ctx: SkMsgContext) -> u32 {
+    redirect::try_sk_msg(&ctx)
 }
 
 /// Packets delivered to sockets under the attached cgroup: accounting, ingress policy.

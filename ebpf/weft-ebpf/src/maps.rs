@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
 };
 
 /// One `#[map] static` per row of the table.
@@ -51,6 +51,11 @@ macro_rules! declare_map {
         $(#[doc = $doc])*
         #[map]
         pub static $name: PerCpuArray<$v> = PerCpuArray::with_max_entries($size, 0);
+    };
+    ($(#[doc = $doc:literal])* $name:ident, SockHash<$k:ty>, $size:expr) => {
+        $(#[doc = $doc])*
+        #[map]
+        pub static $name: SockHash<$k> = SockHash::with_max_entries($size, 0);
     };
     // BTF-defined (aya's socket storage has no legacy definition); no capacity.
     ($(#[doc = $doc:literal])* $name:ident, SkStorage<$v:ty>, $size:expr) => {
@@ -107,3 +112,7 @@ pub static SOCK_STATES_PER_POD: Global<u64> = Global::new(0);
 /// See `weft_abi::globals::SOCK_STATES_FLOOR`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static SOCK_STATES_FLOOR: Global<u64> = Global::new(0);
+
+/// See `weft_abi::globals::SOCKMAP_ENABLED`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static SOCKMAP_ENABLED: Global<u32> = Global::new(0);

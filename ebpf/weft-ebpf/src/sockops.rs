@@ -31,7 +31,7 @@ use crate::{
     ctx::SocketCookie,
     events::{self, add_service, family_words, now},
     maps::CONN_STATE,
-    packet, stats,
+    packet, redirect, stats,
     storage::Socket as _,
 };
 
@@ -105,18 +105,31 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
             s
         }
     };
+    if redirect::enabled() {
+        pair(ctx, cookie, side);
+    }
     debug!(
         ctx,
         "tcp established cookie={} side={}", cookie, side as u32
     );
-    emit(
-        ctx,
-        cookie,
-        ConnEventKind::Open,
-        &state,
-        tcp_state::ESTABLISHED,
-    );
+    emit(ctx, cookie, &state, None);
     Ok(())
+}
+
+/// With `--sockmap`: the socket enters `SOCK_PAIRS`, marked so that its close takes its
+/// redirected bytes. Not inlined: its key would add to on_established's stack, which emit's
+/// is stacked on.
+#[inline(never)]
+fn pair(ctx: &SockOpsContext, cookie: u64, side: Side) {
+    let (_, local, remote) = addresses(ctx);
+    let key = redirect::sockops_key(ctx, local, remote);
+    if !redirect::register(ctx, cookie, &key, side) {
+        return;
+    }
+    if let Some(s) = CONN_STATE.get_ptr_mut(cookie) {
+        // SAFETY: see on_established.
+        unsafe { (*s).flags |= flags::PAIRED };
+    }
 }
 
 fn track(ctx: &SockOpsContext, cookie: u64, state: &ConnState) -> Result<(), i64> {
@@ -160,16 +173,35 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
         // Both are entered only when the peer's FIN is consumed.
         tcp_state::CLOSE_WAIT | tcp_state::CLOSING => s.flags |= flags::FIN_RECEIVED,
         tcp_state::CLOSE => {
-            let last_state = ctx.arg(0);
             let state = *s;
-            emit(ctx, cookie, ConnEventKind::Close, &state, last_state);
-            // Cannot fail: the entry was just found, and callbacks of one socket run under its
-            // lock.
-            let _ = CONN_STATE.remove(cookie);
+            on_close(ctx, cookie, &state);
         }
         _ => {}
     }
     Ok(())
+}
+
+/// The socket reached CLOSE: its final counters, and its entry goes.
+#[inline(never)]
+fn on_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState) {
+    let close = Closing {
+        last_state: ctx.arg(0),
+        redirected: if state.flags & flags::PAIRED != 0 {
+            redirected(ctx, cookie)
+        } else {
+            (0, 0)
+        },
+    };
+    emit(ctx, cookie, state, Some(&close));
+    // Cannot fail: the entry was just found, and callbacks of one socket run under its lock.
+    let _ = CONN_STATE.remove(cookie);
+}
+
+/// The bytes (sent, received) a paired socket's peer and it exchanged socket to socket.
+#[inline(never)]
+fn redirected(ctx: &SockOpsContext, cookie: u64) -> (u64, u64) {
+    let (_, local, remote) = addresses(ctx);
+    redirect::take(&redirect::sockops_key(ctx, local, remote), cookie)
 }
 
 /// A retransmission timer fired; `arg(2)` is non-zero when the kernel gives up on the
@@ -240,16 +272,23 @@ fn on_header(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
     Ok(())
 }
 
-fn emit(
-    ctx: &SockOpsContext,
-    cookie: u64,
-    kind: ConnEventKind,
-    state: &ConnState,
+/// How a socket closed.
+struct Closing {
+    /// The state it left for CLOSE.
     last_state: u32,
-) {
+    /// Bytes (sent, received) that went socket to socket.
+    redirected: (u64, u64),
+}
+
+/// The open event (`closing` None) or the close event of a socket.
+fn emit(ctx: &SockOpsContext, cookie: u64, state: &ConnState, closing: Option<&Closing>) {
     if !events::enabled() {
         return;
     }
+    let (kind, last_state, redirected) = match closing {
+        None => (ConnEventKind::Open, tcp_state::ESTABLISHED, (0, 0)),
+        Some(c) => (ConnEventKind::Close, c.last_state, c.redirected),
+    };
     let now = now();
     let (family, local_addr, remote_addr) = addresses(ctx);
     let mut ev_flags = state.flags & (flags::FIN_SENT | flags::FIN_RECEIVED | flags::TIMED_OUT);
@@ -276,6 +315,9 @@ fn emit(
         if ev_flags & flags::FIN_RECEIVED != 0 {
             fin_received = 1;
         }
+        if redirected != (0, 0) {
+            ev_flags |= flags::REDIRECTED;
+        }
     }
     // A connection that never reached ESTABLISHED has no baseline and moved no payload.
     let established = state.states_seen & (1 << tcp_state::ESTABLISHED) != 0;
@@ -297,8 +339,8 @@ fn emit(
         remote_port: u32::from_be(ctx_read!(ctx.ops, remote_port)),
         side: state.side,
         last_state,
-        bytes_sent: if established { sent } else { 0 },
-        bytes_received: if established { received } else { 0 },
+        bytes_sent: if established { sent } else { 0 } + redirected.0,
+        bytes_received: if established { received } else { 0 } + redirected.1,
         srtt_us: ctx_read!(ctx.ops, srtt_us) >> 3,
         rtt_min_us: ctx_read!(ctx.ops, rtt_min),
         total_retrans: ctx_read!(ctx.ops, total_retrans),

@@ -1,6 +1,11 @@
 //! Item 6, upgrades: maps pinned by an agent of another ABI version are never read by new
 //! programs, and the move to new maps leaves no window of wrong verdicts.
-use weft_testkit::{Agent, AgentOptions, Node, netpol::np};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Node, netpol::np, proc::Process};
 
 use crate::{
     DENY_SERVER_INGRESS, Reach, client_server, client_server_pods, expect_probe, probe,
@@ -89,4 +94,72 @@ fn a_torn_endpoint_value_isolates_its_pod() {
     agent.wait_metrics("torn reads counted", |m| {
         weft_testkit::prom::sum(m, "weft_datapath_errors_total", &[("reason", "torn_read")]) >= 1.0
     });
+}
+
+/// With `--sockmap`, a move to maps of another shape loses no data a paired socket was sent
+/// socket to socket and has not read yet: the old socket map's pins go, but each paired
+/// socket keeps the program it was paired with, which holds the map, until it closes. The
+/// server reads only after the move; every byte arrives, in order.
+#[test]
+fn a_move_to_new_maps_loses_no_unread_paired_data() {
+    let node = Node::builder("adv_upgrade_sockmap")
+        .pod("client")
+        .pod("server")
+        .build();
+    let mut agent = Agent::start_with(
+        &node,
+        AgentOptions {
+            extra_args: vec!["--sockmap".into()],
+            ..AgentOptions::default()
+        },
+    );
+    let to = format!("{}:8080", node.pod("server").ipv4);
+    let server = node.start_server(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            &to,
+            "--connections",
+            "1",
+            "--read-after-ms",
+            "6000",
+        ],
+    );
+    let mut client = node.spawn(
+        "client",
+        &[
+            "tcp-trickle",
+            "--connect",
+            &to,
+            "--chunk",
+            "1000",
+            "--every-ms",
+            "50",
+            "--seconds",
+            "3",
+        ],
+    );
+    result(&client, "open");
+    std::thread::sleep(Duration::from_millis(500));
+    let old = agent.maps_dir();
+    agent.stop();
+    agent.restart_with(&["--sockmap", "--max-sockmap-connections", "2048"]);
+    agent.wait_status("ready", |s| s["services"]["ready"] == true);
+    let dirs = agent.maps_dirs();
+    assert!(dirs.len() == 1 && dirs[0] != old, "{dirs:?}");
+    client.wait_success(WAIT);
+    let sent = result(&client, "done")["sent"].as_u64().expect("sent");
+    let served = result(&server, "served");
+    assert_eq!(served["received"], sent, "{served}");
+}
+
+/// The first JSON line of `p` with this `event`.
+fn result(p: &Process, event: &str) -> Value {
+    p.stdout().wait_for(event, WAIT, |lines| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["event"] == event)
+    })
 }

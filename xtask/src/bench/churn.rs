@@ -11,7 +11,8 @@ use serde_json::Value;
 use weft_testkit::{Node, proc::Process};
 
 use super::{
-    BpfStats, Pinning, ProgramProfile, Ratio, agent_options, cpu_seconds, profile, program_stats,
+    BpfStats, Other, Pinning, ProgramProfile, Ratio, agent_options, cpu_seconds, profile,
+    program_stats,
 };
 
 #[derive(Debug, Serialize)]
@@ -35,10 +36,11 @@ pub struct ChurnResult {
     compare: Option<Compare>,
 }
 
-/// Another build of the agent in the same rounds (each round runs no agent, this build and
-/// that one in rotating order).
+/// Another agent (build or arguments) in the same rounds (each round runs no agent, this
+/// build and that one in rotating order).
 #[derive(Debug, Serialize)]
 struct Compare {
+    /// Its `weft` and extra arguments.
     binary: String,
     rates: Vec<f64>,
     /// compare / no agent per round.
@@ -132,9 +134,9 @@ fn profile_round(
 ) -> Result<Vec<ProgramProfile>> {
     let _stats = BpfStats::enable()?;
     let agent = pin.start_agent(node, agent_options(bins))?;
-    let before = program_stats(node)?;
+    let before = program_stats(node, &agent)?;
     let (_, conns) = churn_once(node, pin, seconds)?;
-    let out = profile(&before, &program_stats(node)?, conns);
+    let out = profile(&before, &program_stats(node, &agent)?, conns);
     drop(agent);
     Ok(out)
 }
@@ -157,17 +159,19 @@ pub(crate) fn churn_node(bins: &Path, pin: &Pinning, name: &str) -> Result<(Node
     Ok((node, srv))
 }
 
-/// One measured round of a variant: (connections per second, agent CPU µs per connection).
+/// One measured round of a variant (None: no agent): (connections per second, agent CPU µs
+/// per connection).
 fn measure(
     node: &Node,
     pin: &Pinning,
-    agent_bins: Option<&Path>,
+    agent: Option<(&Path, &Other)>,
     seconds: f64,
 ) -> Result<(f64, f64)> {
-    let Some(bins) = agent_bins else {
+    let Some((this, other)) = agent else {
         return Ok((churn_once(node, pin, seconds)?.0, 0.0));
     };
-    let mut agent = pin.start_agent(node, agent_options(bins))?;
+    let options = other.options(agent_options(other.bins(this)));
+    let mut agent = pin.start_agent(node, options)?;
     let cpu_before = cpu_seconds(agent.pid())?;
     let (rate, conns) = churn_once(node, pin, seconds)?;
     // Let the agent drain the ring buffer before reading its CPU time.
@@ -180,17 +184,21 @@ fn measure(
 pub fn churn(
     bins: &Path,
     pin: &Pinning,
-    compare: Option<&Path>,
+    compare: Option<&Other>,
     seconds: f64,
     rounds: usize,
 ) -> Result<ChurnResult> {
     let pin = &pin.with_agent_on_client_cpu();
     let (node, _server) = churn_node(bins, pin, "xtask-bench-churn")?;
-    // Variants: no agent, this build, and the compared build; rotated every round so none
+    let this = Other {
+        bins: None,
+        args: Vec::new(),
+    };
+    // Variants: no agent, this build, and the compared agent; rotated every round so none
     // always runs first (on a cooler or warmer machine).
-    let variants: Vec<Option<&Path>> = std::iter::once(None)
-        .chain(std::iter::once(Some(bins)))
-        .chain(compare.map(Some))
+    let variants: Vec<Option<(&Path, &Other)>> = std::iter::once(None)
+        .chain(std::iter::once(Some((bins, &this))))
+        .chain(compare.map(|c| Some((bins, c))))
         .collect();
     let mut rates = vec![Vec::new(); variants.len()];
     let (mut cpu, mut that_cpu) = (Vec::new(), Vec::new());
@@ -210,8 +218,8 @@ pub fn churn(
     }
     eprintln!("bench churn: profiling round (BPF run-time statistics on)");
     let kernel = profile_round(&node, pin, bins, seconds)?;
-    let compare = compare.map(|dir| Compare {
-        binary: dir.join("weft").display().to_string(),
+    let compare = compare.map(|other| Compare {
+        binary: other.label(bins),
         rates: rates[2].clone(),
         ratio: Ratio::per_round(&rates[2], &rates[0]),
         this_over_that: Ratio::per_round(&rates[1], &rates[2]),

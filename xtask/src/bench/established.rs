@@ -5,11 +5,12 @@
 //! - request/response: 64 bytes each way over 8 keep-alive connections, in turn;
 //! - bulk: 64 KiB each way per exchange over one connection.
 //!
-//! Each is measured two ways, in the same rounds, interleaved in bursts: *with* weft (client
-//! and server processes in their pods' cgroups, where every weft program sees their sockets)
-//! and *without* (the same pods' namespaces and path, both processes outside weft's cgroups,
-//! servers on other ports). The ratios with / without are medians of per-round ratios with
-//! their spread.
+//! Each is measured three ways, in the same rounds, interleaved in bursts: *with* weft (client
+//! and server processes in their pods' cgroups, where every weft program sees their sockets),
+//! *without* (the same pods' namespaces and path, both processes outside weft's cgroups,
+//! servers on other ports), and *with weft and `--sockmap`* (a second node like the first,
+//! whose agent sends data between its pods socket to socket). The ratios are medians of
+//! per-round ratios with their spread.
 use std::path::Path;
 
 use anyhow::Result;
@@ -51,13 +52,21 @@ struct Workload {
     exchanges_per_round: u64,
     with_weft: Side,
     without: Side,
+    with_sockmap: Side,
     /// Exchanges per second, with / without, per round (below 1: weft's cost).
     throughput_with_over_without: Ratio,
     /// p50 latency of an exchange, with / without (above 1: weft's cost).
     p50_with_over_without: Ratio,
+    /// `--sockmap` against weft without it (above 1: the socket-to-socket path wins).
+    throughput_sockmap_over_with: Ratio,
+    /// (below 1: the socket-to-socket path wins).
+    p50_sockmap_over_with: Ratio,
+    throughput_sockmap_over_without: Ratio,
     /// weft's programs per exchange (both ends), from BPF run-time statistics in an extra
     /// burst of the client with weft (statistics cost time themselves: not in the ratios).
     kernel: Vec<ProgramProfile>,
+    /// The same with `--sockmap`.
+    kernel_sockmap: Vec<ProgramProfile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,9 +101,24 @@ impl EstablishedResult {
                 "{:<22} throughput with/without {}; p50 with/without {}",
                 "", w.throughput_with_over_without.verdict, w.p50_with_over_without.verdict
             );
-            println!("{:<22} weft's programs per exchange (both ends):", "");
-            for p in w.kernel.iter().filter(|p| p.ns_per_unit > 0.0) {
-                p.print();
+            println!(
+                "{:<22} with --sockmap: {:>8.0}/s {:>8.1} MiB/s p50 {:>6.1} µs; throughput sockmap/with {}; p50 sockmap/with {}; throughput sockmap/without {}",
+                "",
+                median(&w.with_sockmap.per_second),
+                mib(&w.with_sockmap),
+                median(&w.with_sockmap.p50_us),
+                w.throughput_sockmap_over_with.verdict,
+                w.p50_sockmap_over_with.verdict,
+                w.throughput_sockmap_over_without.verdict,
+            );
+            for (label, kernel) in [("", &w.kernel), (" with --sockmap", &w.kernel_sockmap)] {
+                println!(
+                    "{:<22} weft's programs per exchange (both ends){label}:",
+                    ""
+                );
+                for p in kernel.iter().filter(|p| p.ns_per_unit > 0.0) {
+                    p.print();
+                }
             }
         }
     }
@@ -103,8 +127,8 @@ impl EstablishedResult {
 /// The client and server pods, the policy allowing the client on the ports with weft, and
 /// the servers: each workload's port with weft in the server pod's cgroup, its port without
 /// outside it.
-fn bed(bins: &Path, pin: &Pinning) -> (Node, Vec<Process>) {
-    let node = Node::builder("xtask-bench-established")
+fn bed(bins: &Path, pin: &Pinning, name: &str) -> (Node, Vec<Process>) {
+    let node = Node::builder(name)
         .pod_tool(&bins.join("weft-pod"))
         .pod("client")
         .pod("server")
@@ -152,51 +176,21 @@ fn bed(bins: &Path, pin: &Pinning) -> (Node, Vec<Process>) {
 }
 
 pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<EstablishedResult> {
-    let (node, _servers) = bed(bins, pin);
-    let _agent = Agent::start_with(&node, source_agent_options(bins));
-    let server = node.pod("server").ipv4;
+    let (node, _servers) = bed(bins, pin, "xtask-bench-established");
+    let agent = Agent::start_with(&node, source_agent_options(bins));
+    let (sm_node, _sm_servers) = bed(bins, pin, "xtask-bench-sockmap");
+    let mut options = source_agent_options(bins);
+    options.extra_args.push("--sockmap".into());
+    let sm_agent = Agent::start_with(&sm_node, options);
     let mut workloads = Vec::new();
-    for (name, size, conns, count, burst, with, without) in WORKLOADS {
-        let extra_s = [size.to_string(), conns.to_string()];
-        let extra = ["--size", &extra_s[0], "--keepalive", &extra_s[1]];
-        let client = |observed, port: u16, what| {
-            let to = format!("{server}:{port}");
-            RrClient::start(&node, ("client", observed), pin, &to, &extra, what)
-        };
-        let mut pair = [
-            client(true, with, "with weft"),
-            client(false, without, "without"),
-        ];
-        for c in &mut pair {
-            c.burst(burst)?;
-            c.report()?;
-        }
-        let (mut w, mut wo) = (Side::default(), Side::default());
-        for r in 0..rounds {
-            eprintln!("bench established: {name}: round {}/{rounds}", r + 1);
-            let [a, b] = &mut pair;
-            let reports = interleaved_round(&mut [a, b], r, count, burst)?;
-            w.add(&reports[0]);
-            wo.add(&reports[1]);
-        }
-        let kernel = {
-            let _stats = BpfStats::enable()?;
-            let before = program_stats(&node)?;
-            pair[0].burst(count)?;
-            pair[0].report()?;
-            profile(&before, &program_stats(&node)?, count)
-        };
-        workloads.push(Workload {
-            kernel,
-            name,
-            bytes_each_way: size,
-            connections: conns,
-            exchanges_per_round: count,
-            throughput_with_over_without: Ratio::per_round(&w.per_second, &wo.per_second),
-            p50_with_over_without: Ratio::per_round(&w.p50_us, &wo.p50_us),
-            with_weft: w,
-            without: wo,
-        });
+    for w in WORKLOADS {
+        workloads.push(workload(
+            w,
+            pin,
+            rounds,
+            (&node, &agent),
+            (&sm_node, &sm_agent),
+        )?);
     }
     Ok(EstablishedResult {
         scenario: "established",
@@ -204,4 +198,75 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<EstablishedResul
         rounds,
         workloads,
     })
+}
+
+type Spec = (&'static str, usize, usize, u64, u64, u16, u16);
+
+/// One workload on both nodes: with and without weft on the first, with `--sockmap` on the
+/// second, in the same rounds.
+fn workload(
+    (name, size, conns, count, burst, with, without): Spec,
+    pin: &Pinning,
+    rounds: usize,
+    (node, agent): (&Node, &Agent),
+    (sm_node, sm_agent): (&Node, &Agent),
+) -> Result<Workload> {
+    let extra_s = [size.to_string(), conns.to_string()];
+    let extra = ["--size", &extra_s[0], "--keepalive", &extra_s[1]];
+    let client = |node: &Node, observed, port: u16, what| {
+        let to = format!("{}:{port}", node.pod("server").ipv4);
+        RrClient::start(node, ("client", observed), pin, &to, &extra, what)
+    };
+    let mut clients = [
+        client(node, true, with, "with weft"),
+        client(node, false, without, "without"),
+        client(sm_node, true, with, "with weft and --sockmap"),
+    ];
+    for c in &mut clients {
+        c.burst(burst)?;
+        c.report()?;
+    }
+    let mut sides: [Side; 3] = Default::default();
+    for r in 0..rounds {
+        eprintln!("bench established: {name}: round {}/{rounds}", r + 1);
+        let [a, b, c] = &mut clients;
+        let reports = interleaved_round(&mut [a, b, c], r, count, burst)?;
+        for (side, report) in sides.iter_mut().zip(&reports) {
+            side.add(report);
+        }
+    }
+    let [with_c, _, sm_c] = &mut clients;
+    let kernel = kernel_profile(node, agent, with_c, count)?;
+    let kernel_sockmap = kernel_profile(sm_node, sm_agent, sm_c, count)?;
+    let [w, wo, sm] = sides;
+    Ok(Workload {
+        kernel,
+        kernel_sockmap,
+        name,
+        bytes_each_way: size,
+        connections: conns,
+        exchanges_per_round: count,
+        throughput_with_over_without: Ratio::per_round(&w.per_second, &wo.per_second),
+        p50_with_over_without: Ratio::per_round(&w.p50_us, &wo.p50_us),
+        throughput_sockmap_over_with: Ratio::per_round(&sm.per_second, &w.per_second),
+        p50_sockmap_over_with: Ratio::per_round(&sm.p50_us, &w.p50_us),
+        throughput_sockmap_over_without: Ratio::per_round(&sm.per_second, &wo.per_second),
+        with_weft: w,
+        without: wo,
+        with_sockmap: sm,
+    })
+}
+
+/// weft's programs per exchange over an extra burst of `client`, statistics on.
+fn kernel_profile(
+    node: &Node,
+    agent: &Agent,
+    client: &mut RrClient,
+    count: u64,
+) -> Result<Vec<ProgramProfile>> {
+    let _stats = BpfStats::enable()?;
+    let before = program_stats(node, agent)?;
+    client.burst(count)?;
+    client.report()?;
+    Ok(profile(&before, &program_stats(node, agent)?, count))
 }

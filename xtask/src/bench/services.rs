@@ -23,8 +23,8 @@ use serde_json::Value;
 use weft_testkit::{Agent, Node, k8s, proc::Process};
 
 use super::{
-    BURST, Pinning, Ratio, RrClient, bpftool_json, interleaved_round, iptables_restore, median,
-    source_agent_options, time_to_log,
+    BURST, Other, Pinning, Ratio, RrClient, bpftool_json, interleaved_round, iptables_restore,
+    median, source_agent_options, time_to_log,
 };
 
 const SCALES: [usize; 3] = [1, 1_000, 10_000];
@@ -375,7 +375,7 @@ impl Bed {
 pub fn run(
     bins: &Path,
     pin: &Pinning,
-    compare: Option<&Path>,
+    compare: Option<&Other>,
     rounds: usize,
     count: u64,
 ) -> Result<ServicesResult> {
@@ -448,7 +448,7 @@ pub fn run(
 fn compare_builds(
     bed: &mut Bed,
     this: &Path,
-    that: &Path,
+    that: &Other,
     rounds: usize,
     count: u64,
 ) -> Result<CompareScale> {
@@ -457,13 +457,21 @@ fn compare_builds(
     for r in 0..rounds {
         for k in 0..2 {
             let v = (r + k) % 2;
-            let bins = if v == 0 { this } else { that };
+            let options = if v == 0 {
+                source_agent_options(this)
+            } else {
+                that.options(source_agent_options(that.bins(this)))
+            };
             eprintln!(
                 "bench services: compare round {}/{rounds}: {}",
                 r + 1,
-                bins.display()
+                if v == 0 {
+                    "this build".to_owned()
+                } else {
+                    that.label(this)
+                }
             );
-            let agent = Agent::start_with(&bed.node, source_agent_options(bins));
+            let agent = Agent::start_with(&bed.node, options);
             wait_frontends(&agent, n)?;
             let [direct, _, weft, _] = &mut bed.clients;
             for c in [&mut *direct, &mut *weft] {
@@ -482,7 +490,7 @@ fn compare_builds(
         &that_weft.over(&that_direct).rounds,
     );
     Ok(CompareScale {
-        binary: that.join("weft").display().to_string(),
+        binary: that.label(this),
         this_direct,
         this_weft,
         that_direct,

@@ -57,6 +57,9 @@ enum Cmd {
         /// Send the reply in 4 KiB pieces this many milliseconds apart.
         #[arg(long)]
         reply_every_ms: Option<u64>,
+        /// Wait this many milliseconds after accepting before reading (data piles up unread).
+        #[arg(long)]
+        read_after_ms: Option<u64>,
     },
     /// One connection to --connect that sends --chunk bytes every --every-ms for --seconds,
     /// printing `{"event": "open", ...}` once connected; then shuts down writing, reads to the
@@ -339,6 +342,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             close_at_once,
             reply_name,
             reply_every_ms,
+            read_after_ms,
         } => tcp_server(
             listen,
             Reply {
@@ -346,7 +350,10 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 name: reply_name,
                 every: reply_every_ms.map(Duration::from_millis),
             },
-            read,
+            Reading {
+                limit: read,
+                after: read_after_ms.map(Duration::from_millis),
+            },
             connections,
             close_at_once,
         ),
@@ -452,6 +459,14 @@ fn run(cmd: Cmd) -> Result<(), String> {
 }
 
 /// What a server sends back.
+/// How a server reads a connection: this many bytes before replying (None: to EOF), after
+/// waiting this long.
+#[derive(Clone, Copy)]
+struct Reading {
+    limit: Option<u64>,
+    after: Option<Duration>,
+}
+
 #[derive(Debug, Clone)]
 struct Reply {
     bytes: u64,
@@ -463,7 +478,7 @@ struct Reply {
 fn tcp_server(
     listen: SocketAddr,
     reply: Reply,
-    read: Option<u64>,
+    read: Reading,
     connections: Option<u64>,
     close_at_once: bool,
 ) -> Result<(), String> {
@@ -507,20 +522,25 @@ fn tcp_server(
 fn serve(
     mut stream: TcpStream,
     reply: &Reply,
-    read: Option<u64>,
+    read: Reading,
 ) -> Result<(String, u64, u64), String> {
     let local = stream.local_addr().map_err(|e| e.to_string())?.to_string();
-    match read {
+    if let Some(after) = read.after {
+        thread::sleep(after);
+    }
+    match read.limit {
+        // Clients here write the pattern: what arrives is checked, in order.
         None => {
-            let received = drain(&mut stream)?;
+            let received = read_up_to(&mut stream, None, Some(0))?;
             let sent = send_reply(&mut stream, reply)?;
             Ok((local, received, sent))
         }
         Some(n) => {
-            let got = read_exactly(&mut stream, n)?;
+            let got = read_up_to(&mut stream, Some(n), Some(0))?;
             let sent = send_reply(&mut stream, reply)?;
             // Wait for the peer's FIN so the peer closes first.
-            Ok((local, got + drain(&mut stream)?, sent))
+            let rest = read_up_to(&mut stream, None, Some(got))?;
+            Ok((local, got + rest, sent))
         }
     }
 }
@@ -534,11 +554,11 @@ fn send_reply(stream: &mut TcpStream, reply: &Reply) -> Result<u64, String> {
             Ok(name.len() as u64)
         }
         None => match reply.every {
-            None => write_bytes(stream, reply.bytes),
+            None => write_bytes(stream, 0, reply.bytes),
             Some(every) => {
                 let mut sent = 0;
                 while sent < reply.bytes {
-                    sent += write_bytes(stream, (reply.bytes - sent).min(4096))?;
+                    sent += write_bytes(stream, sent, (reply.bytes - sent).min(4096))?;
                     thread::sleep(every);
                 }
                 Ok(sent)
@@ -549,38 +569,91 @@ fn send_reply(stream: &mut TcpStream, reply: &Reply) -> Result<u64, String> {
 
 /// Reads up to `n` bytes (fewer only at EOF).
 fn read_exactly(stream: &mut TcpStream, n: u64) -> Result<u64, String> {
+    read_up_to(stream, Some(n), None)
+}
+
+fn drain(stream: &mut TcpStream) -> Result<u64, String> {
+    read_up_to(stream, None, None)
+}
+
+/// Reads until EOF or `limit` bytes; with `checked_from`, each byte must be the pattern's at
+/// its offset in the stream (see [`pattern`]). Returns the bytes read.
+fn read_up_to(
+    stream: &mut TcpStream,
+    limit: Option<u64>,
+    checked_from: Option<u64>,
+) -> Result<u64, String> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
-    while total < n {
-        let want = (n - total).min(buf.len() as u64) as usize;
+    while limit.is_none_or(|n| total < n) {
+        let want = limit.map_or(buf.len(), |n| (n - total).min(buf.len() as u64) as usize);
         match stream.read(&mut buf[..want]) {
             Ok(0) => break,
-            Ok(got) => total += got as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(got) => {
+                if let Some(from) = checked_from {
+                    let at = from + total;
+                    if buf[..got] != pattern_at(at)[..got] {
+                        return Err(format!(
+                            "bytes {at}..{} are not the stream's: data arrived out of order",
+                            at + got as u64
+                        ));
+                    }
+                }
+                total += got as u64;
+            }
+            Err(e) if retry(&e) => {}
             Err(e) => return Err(format!("read: {e}")),
         }
     }
     Ok(total)
 }
 
-fn drain(stream: &mut TcpStream) -> Result<u64, String> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => total += n as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
+/// Whether a read of a blocking socket without a timeout should be tried again. EAGAIN is
+/// one: with weft's `--sockmap` the kernel's receive path of a paired socket
+/// (tcp_bpf_recvmsg) returns it when a wakeup finds no data (event-loop applications take it
+/// as "not ready"; blocking ones must retry).
+fn retry(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+    )
 }
 
-/// Writes `n` bytes; returns how many the socket accepted (what the caller reports).
-fn write_bytes(stream: &mut TcpStream, n: u64) -> Result<u64, String> {
-    let buf = vec![0x5au8; 64 * 1024];
+/// Fills `buf` from a blocking socket without a timeout (see [`retry`]).
+fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if retry(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Byte `i` of every stream a TCP writer here sends is `i % 251`: a reader can tell data
+/// delivered out of order (a prime period, so no segment or buffer size lines up with it).
+const PERIOD: usize = 251;
+
+/// The pattern from stream offset `at`, 64 KiB of it.
+fn pattern_at(at: u64) -> &'static [u8] {
+    static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let p = PATTERN.get_or_init(|| {
+        (0..64 * 1024 + PERIOD)
+            .map(|i| (i % PERIOD) as u8)
+            .collect()
+    });
+    &p[(at % PERIOD as u64) as usize..][..64 * 1024]
+}
+
+/// Writes `n` bytes of the pattern from stream offset `from`; returns how many the socket
+/// accepted (what the caller reports).
+fn write_bytes(stream: &mut TcpStream, from: u64, n: u64) -> Result<u64, String> {
     let mut written = 0u64;
     while written < n {
+        let buf = pattern_at(from + written);
         let chunk = (n - written).min(buf.len() as u64) as usize;
         match stream.write(&buf[..chunk]) {
             Ok(0) => return Err(format!("write: connection closed after {written} bytes")),
@@ -596,7 +669,7 @@ fn tcp_client(connect: SocketAddr, send: u64, expect: u64, close: CloseMode) -> 
     let mut stream = TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
-    let sent = write_bytes(&mut stream, send)?;
+    let sent = write_bytes(&mut stream, 0, send)?;
     let received = match close {
         CloseMode::Shutdown => {
             stream
@@ -684,7 +757,7 @@ fn tcp_trickle(
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut sent = 0;
     while Instant::now() < end {
-        sent += write_bytes(&mut stream, chunk)?;
+        sent += write_bytes(&mut stream, sent, chunk)?;
         thread::sleep(every);
     }
     stream
@@ -862,12 +935,12 @@ fn rr_server(listen: SocketAddr, size: usize, keepalive: bool) -> Result<(), Str
             thread::spawn(move || {
                 let _ = s.set_nodelay(true);
                 let mut buf = vec![0u8; size];
-                while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+                while read_full(&mut s, &mut buf).is_ok() && s.write_all(&buf).is_ok() {}
             });
             continue;
         }
         // A broken client must not stop the server.
-        if s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {
+        if read_full(&mut s, &mut buf).is_ok() && s.write_all(&buf).is_ok() {
             let mut end = [0u8; 1];
             let _ = s.read(&mut end);
         }
@@ -926,8 +999,7 @@ impl Rr {
             let t = Instant::now();
             s.write_all(&self.request)
                 .map_err(|e| format!("write: {e}"))?;
-            s.read_exact(&mut self.reply)
-                .map_err(|e| format!("read: {e}"))?;
+            read_full(s, &mut self.reply).map_err(|e| format!("read: {e}"))?;
             self.latencies_ns.push(t.elapsed().as_nanos() as u64);
         }
         self.busy += started.elapsed();
@@ -945,8 +1017,7 @@ impl Rr {
                 TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
             s.write_all(&self.request)
                 .map_err(|e| format!("write: {e}"))?;
-            s.read_exact(&mut self.reply)
-                .map_err(|e| format!("read: {e}"))?;
+            read_full(&mut s, &mut self.reply).map_err(|e| format!("read: {e}"))?;
             abort_on_close(&s)?;
             drop(s);
             self.latencies_ns.push(t.elapsed().as_nanos() as u64);
