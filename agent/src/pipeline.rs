@@ -231,7 +231,11 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
                 let rescan = dir.rescan(force)?;
                 let store = (force || rescan.changed).then(|| {
                     let (objects, rejections) = dir.objects();
-                    (Store::from_objects(objects), rejections)
+                    let mut store = Store::from_objects(objects);
+                    if let Some(node) = dir.node() {
+                        store.unbind_other_nodes(node);
+                    }
+                    (store, rejections)
                 });
                 Ok(Read {
                     store,

@@ -38,8 +38,9 @@ pub struct Settings {
     /// ~/.kube/config).
     #[arg(long, value_parser = parse_source)]
     pub source: Option<Kind>,
-    /// This node's name, as pods' spec.nodeName has it (--source kubernetes). The DaemonSet
-    /// takes it from the downward API.
+    /// This node's name, as pods' spec.nodeName has it (required with --source kubernetes;
+    /// the DaemonSet takes it from the downward API). With a directory source shared by
+    /// several nodes, a pod whose spec.nodeName names another node is a peer only.
     #[arg(long, env = "NODE_NAME", required_if_eq("source", "kubernetes"))]
     pub node_name: Option<String>,
     /// A kubeconfig file for --source kubernetes (default: in-cluster config, else
@@ -116,7 +117,7 @@ impl Source {
         match &settings.source {
             None => Ok(None),
             Some(Kind::Dir(dir)) => Ok(Some(Started {
-                source: Self::Dir(DirSource::new(dir)),
+                source: Self::Dir(DirSource::new(dir).for_node(settings.node_name.clone())),
                 events,
                 watcher: Some(dir::watch(dir, tx)?),
             })),

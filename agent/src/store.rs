@@ -165,6 +165,31 @@ impl Store {
         store
     }
 
+    /// A directory source with `--node-name`: a pod whose `spec.nodeName` names another node
+    /// is not this agent's to enforce on. Its cgroup annotation goes; its address still names
+    /// it (a peer, as every pod of another node is in Kubernetes mode).
+    pub fn unbind_other_nodes(&mut self, node: &str) {
+        for pod in self.pods.values_mut() {
+            let elsewhere = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .is_some_and(|n| n != node);
+            let bound = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(validate::CGROUP_ANNOTATION));
+            if elsewhere && bound {
+                let mut p = Pod::clone(pod);
+                if let Some(a) = p.metadata.annotations.as_mut() {
+                    a.remove(validate::CGROUP_ANNOTATION);
+                }
+                *pod = Arc::new(p);
+            }
+        }
+    }
+
     /// Object counts by kind, for status.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         BTreeMap::from([
@@ -229,6 +254,35 @@ mod tests {
         let err =
             doc(&SERVICE.replace("targetPort: http", "targetPort: \"--x\"")).expect_err("bad name");
         assert_eq!(err.errors[0].field, "spec.ports[0].targetPort");
+    }
+
+    #[test]
+    fn pods_of_other_nodes_lose_their_cgroup_and_keep_their_address() {
+        let pod = |name: &str, node: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, annotations: {{weft.io/cgroup: {name}}}}}\n\
+                 spec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: 10.0.1.10}}\n"
+            )
+        };
+        let docs = [
+            doc(&pod("here", "a")).expect("valid"),
+            doc(&pod("there", "b")).expect("valid"),
+        ];
+        let mut store = Store::from_objects(docs.iter().map(|(r, o)| (r, o)));
+        store.unbind_other_nodes("a");
+        let cgroup = |name: &str| {
+            let p = &store.pods[&("default".to_owned(), name.to_owned())];
+            let a = p.metadata.annotations.as_ref().expect("annotations");
+            (
+                a.get(validate::CGROUP_ANNOTATION).cloned(),
+                p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+            )
+        };
+        assert_eq!(
+            cgroup("here"),
+            (Some("here".to_owned()), Some("10.0.1.10".to_owned()))
+        );
+        assert_eq!(cgroup("there"), (None, Some("10.0.1.10".to_owned())));
     }
 
     #[test]

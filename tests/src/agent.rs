@@ -34,6 +34,8 @@ pub struct AgentOptions {
     pub binary: Option<PathBuf>,
     /// Read the node's source directory (`--source dir:`).
     pub source: bool,
+    /// With `source`: read this directory instead of the node's (a cluster's shared one).
+    pub source_dir: Option<PathBuf>,
     /// `--metrics-addr`: by default a free port on loopback (agents of parallel tests must
     /// not compete for one); the address taken is in `Agent::metrics_url`.
     pub metrics_addr: String,
@@ -81,6 +83,7 @@ impl Default for AgentOptions {
             extra_args: Vec::new(),
             binary: None,
             source: false,
+            source_dir: None,
             metrics_addr: "127.0.0.1:0".into(),
             cgroup_namespace: false,
         }
@@ -119,7 +122,12 @@ impl Agent {
     pub fn start_with(node: &Node, options: AgentOptions) -> Self {
         let mut agent = Self {
             admin_socket: node.workdir().join("admin.sock"),
-            source: options.source.then(|| node.source_dir()),
+            source: options.source.then(|| {
+                options
+                    .source_dir
+                    .clone()
+                    .unwrap_or_else(|| node.source_dir())
+            }),
             binary: options.binary.clone().unwrap_or_else(weft_binary),
             process: None,
             instance: node.tag().to_owned(),

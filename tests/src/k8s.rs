@@ -105,10 +105,11 @@ pub fn pod_named(
             let _ = writeln!(y, "    {k}: \"{v}\"");
         }
     }
-    let _ = writeln!(
-        y,
-        "spec:\n  containers:\n  - name: main\n    image: weft-pod"
-    );
+    let _ = writeln!(y, "spec:");
+    if let Some(node) = &p.node {
+        let _ = writeln!(y, "  nodeName: \"{node}\"");
+    }
+    let _ = writeln!(y, "  containers:\n  - name: main\n    image: weft-pod");
     if !ports.is_empty() {
         let _ = writeln!(y, "    ports:");
         for (name, port, proto) in ports {

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{fakeapi::FakeApi, k8s, node::Node, proc::Process};
+use crate::{cluster::Cluster, fakeapi::FakeApi, k8s, node::Node, proc::Process};
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 pub const PODS: [&str; 3] = ["a", "b", "c"];
@@ -140,10 +140,18 @@ impl fmt::Display for Table {
     }
 }
 
-/// The model's node, its objects and its servers.
+/// Where the model's pods run.
+#[derive(Debug)]
+enum Place {
+    Node(Node),
+    /// Over two nodes, every other pod of [`all_pods`] on each (x/a on `a`, x/b on `b`, ...).
+    Cluster(Cluster),
+}
+
+/// The model's node(s), its objects and its servers.
 #[derive(Debug)]
 pub struct Model {
-    pub node: Node,
+    place: Place,
     /// Objects go to this fake API server instead of the source directory.
     api: Option<Arc<FakeApi>>,
     namespace_labels: BTreeMap<String, Vec<(String, String)>>,
@@ -169,6 +177,25 @@ impl Model {
         Self::build(test, Some(api))
     }
 
+    /// Like [`Model::new`], with the pods over two nodes of a cluster (`a` and `b`, every
+    /// other pod on each), their objects in the cluster's shared source directory. Start an
+    /// agent on each node afterwards.
+    pub fn over_two_nodes(test: &str) -> Self {
+        let pods: Vec<String> = all_pods().iter().map(|p| node_pod(p)).collect();
+        let on = |parity: usize| -> Vec<&str> {
+            pods.iter()
+                .enumerate()
+                .filter(|(i, _)| i % 2 == parity)
+                .map(|(_, p)| p.as_str())
+                .collect()
+        };
+        let cluster = Cluster::builder(test)
+            .node("a", &on(0))
+            .node("b", &on(1))
+            .build();
+        Self::serve(Place::Cluster(cluster), None)
+    }
+
     fn build(test: &str, api: Option<Arc<FakeApi>>) -> Self {
         let mut builder = Node::builder(test);
         if api.is_some() {
@@ -177,17 +204,12 @@ impl Model {
         for p in all_pods() {
             builder = builder.pod(&node_pod(&p));
         }
-        let node = builder.build();
-        let mut servers = Vec::new();
-        for p in all_pods() {
-            let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
-            let mut args: Vec<&str> = vec!["serve", "--name", p.as_str()];
-            for port in &ports {
-                args.extend(["--tcp", port, "--udp", port]);
-            }
-            servers.push(node.start_server(&node_pod(&p), &args));
-        }
-        let model = Self {
+        Self::serve(Place::Node(builder.build()), api)
+    }
+
+    /// Starts every pod's server and writes every object.
+    fn serve(place: Place, api: Option<Arc<FakeApi>>) -> Self {
+        let mut model = Self {
             namespace_labels: NAMESPACES
                 .iter()
                 .map(|ns| ((*ns).to_owned(), vec![("ns".to_owned(), (*ns).to_owned())]))
@@ -199,18 +221,59 @@ impl Model {
                     (p, vec![("pod".to_owned(), name)])
                 })
                 .collect(),
-            node,
+            place,
             api,
-            _servers: servers,
+            _servers: Vec::new(),
         };
+        for p in all_pods() {
+            let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
+            let mut args: Vec<&str> = vec!["serve", "--name", p.as_str()];
+            for port in &ports {
+                args.extend(["--tcp", port, "--udp", port]);
+            }
+            let server = model.host(&p).start_server(&node_pod(&p), &args);
+            model._servers.push(server);
+        }
         model.write_namespaces();
         model.write_pods();
         model.write_services();
         model
     }
 
+    /// The node (of a one-node model).
+    pub fn node(&self) -> &Node {
+        match &self.place {
+            Place::Node(node) => node,
+            Place::Cluster(_) => panic!("the model is over two nodes: use cluster()"),
+        }
+    }
+
+    /// The cluster (of a two-node model).
+    pub fn cluster(&self) -> &Cluster {
+        match &self.place {
+            Place::Cluster(c) => c,
+            Place::Node(_) => panic!("the model is on one node: use node()"),
+        }
+    }
+
+    /// The node pod `ns/pod` runs on.
+    pub fn host(&self, pod: &str) -> &Node {
+        match &self.place {
+            Place::Node(node) => node,
+            Place::Cluster(c) => c.pod(&node_pod(pod)).0,
+        }
+    }
+
+    /// Writes a file of the source directory the model's agents read.
+    pub fn write_source(&self, file: &str, text: &str) {
+        match &self.place {
+            Place::Node(node) => node.write_source(file, text),
+            Place::Cluster(c) => c.write_source(file, text),
+        }
+    }
+
     pub fn pod_ip(&self, pod: &str) -> String {
-        self.node.pod(&node_pod(pod)).ipv4.to_string()
+        self.host(pod).pod(&node_pod(pod)).ipv4.to_string()
     }
 
     /// The ClusterIP of the pod's Service `s-<pod>`.
@@ -271,7 +334,8 @@ impl Model {
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                k8s::pod_named(self.node.pod(&node_pod(p)), ns, name, &labels, &ports, true)
+                let pod = self.host(p).pod(&node_pod(p));
+                k8s::pod_named(pod, ns, name, &labels, &ports, true)
             })
             .collect();
         self.publish("pods.yaml", &docs);
@@ -305,8 +369,8 @@ impl Model {
     /// Writes `docs` as one file of the source directory, or applies them to the API server.
     pub fn publish(&self, file: &str, docs: &[String]) {
         match &self.api {
-            None => self.node.write_source(file, &k8s::file(docs)),
-            Some(api) => k8s::apply_to_api(api, &self.node, &k8s::file(docs)),
+            None => self.write_source(file, &k8s::file(docs)),
+            Some(api) => k8s::apply_to_api(api, self.node(), &k8s::file(docs)),
         }
     }
 
@@ -327,7 +391,7 @@ impl Model {
                 .collect();
             let mut args = vec!["probe", "--timeout-ms", "1000"];
             args.extend(targets.iter().map(String::as_str));
-            let p = self.node.spawn(&node_pod(&from), &args);
+            let p = self.host(&from).spawn(&node_pod(&from), &args);
             procs.push((from.clone(), targets, p));
         }
         let mut table = Table::all(false);

@@ -18,8 +18,23 @@ use crate::{
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/12";
 /// The IPv6 service range (unreachable on the node).
 pub const SERVICE_CIDR_V6: &str = "fd00:96::/108";
-const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const BRIDGE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+
+/// The node's bridge addresses (its pods' gateway) in pod subnet `subnet`: 10.0.<subnet>.1
+/// and fd00:0:0:<subnet>::1.
+fn bridge(subnet: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(10, 0, subnet, 1),
+        Ipv6Addr::new(0xfd00, 0, 0, u16::from(subnet), 0, 0, 0, 1),
+    )
+}
+
+/// A node's pod prefixes: (10.0.<subnet>.0/24, fd00:0:0:<subnet>::/64).
+pub fn pod_prefixes(subnet: u8) -> (String, String) {
+    (
+        format!("10.0.{subnet}.0/24"),
+        format!("fd00:0:0:{subnet}::/64"),
+    )
+}
 
 /// Builds a [`Node`].
 #[derive(Debug)]
@@ -29,9 +44,27 @@ pub struct NodeBuilder {
     pod_tool: Option<PathBuf>,
     kubelet_cgroups: bool,
     nesting: usize,
+    subnet: u8,
+    /// The node's name in the cluster (pods' `spec.nodeName`), for a [`crate::Cluster`].
+    name: Option<String>,
 }
 
 impl NodeBuilder {
+    /// Names the node (its pods' `spec.nodeName`; the agent's `--node-name`).
+    #[must_use]
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Some(name.to_owned());
+        self
+    }
+
+    /// Gives the node pod subnet `subnet` (default 0: 10.0.0.0/24 and fd00::/64), so that the
+    /// nodes of a [`crate::cluster::Cluster`] do not share addresses.
+    #[must_use]
+    pub fn subnet(mut self, subnet: u8) -> Self {
+        self.subnet = subnet;
+        self
+    }
+
     /// Adds a pod (names: 1 to 10 characters of [a-z0-9-]).
     #[must_use]
     pub fn pod(mut self, name: &str) -> Self {
@@ -93,6 +126,7 @@ impl NodeBuilder {
             kubelet: Vec::new(),
             cgroup,
             pods: Vec::new(),
+            subnet: self.subnet,
         };
         const KUBEPODS: &str = "kubepods.slice/kubepods-besteffort.slice";
         if self.kubelet_cgroups {
@@ -109,14 +143,15 @@ impl NodeBuilder {
         }
         let n = node.netns.name.clone();
         let ip_n = |args: &[&str]| proc::run("ip", [&["-n", n.as_str()], args].concat());
+        let (bridge_v4, bridge_v6) = bridge(self.subnet);
         ip_n(&["link", "set", "lo", "up"]);
         ip_n(&["link", "add", "br0", "type", "bridge"]);
-        ip_n(&["addr", "add", &format!("{BRIDGE_V4}/24"), "dev", "br0"]);
+        ip_n(&["addr", "add", &format!("{bridge_v4}/24"), "dev", "br0"]);
         ip_n(&[
             "-6",
             "addr",
             "add",
-            &format!("{BRIDGE_V6}/64"),
+            &format!("{bridge_v6}/64"),
             "dev",
             "br0",
             "nodad",
@@ -137,9 +172,19 @@ impl NodeBuilder {
             let pod = Pod {
                 relative_cgroup: format!("{nest}{name}"),
                 name: name.clone(),
-                ipv4: Ipv4Addr::new(10, 0, 0, host),
-                ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(host)),
+                ipv4: Ipv4Addr::new(10, 0, self.subnet, host),
+                ipv6: Ipv6Addr::new(
+                    0xfd00,
+                    0,
+                    0,
+                    u16::from(self.subnet),
+                    0,
+                    0,
+                    0,
+                    u16::from(host),
+                ),
                 uid,
+                node: self.name.clone(),
                 netns: Netns::create(&format!("weft-{tag}-{name}")),
                 cgroup,
             };
@@ -162,14 +207,14 @@ impl NodeBuilder {
                 "nodad",
             ]);
             ip_p(&["link", "set", "eth0", "up"]);
-            ip_p(&["route", "add", "default", "via", &BRIDGE_V4.to_string()]);
+            ip_p(&["route", "add", "default", "via", &bridge_v4.to_string()]);
             ip_p(&[
                 "-6",
                 "route",
                 "add",
                 "default",
                 "via",
-                &BRIDGE_V6.to_string(),
+                &bridge_v6.to_string(),
             ]);
             node.pods.push(pod);
         }
@@ -193,6 +238,8 @@ pub struct Node {
     netns: Netns,
     cgroup: Cgroup,
     pods: Vec<Pod>,
+    /// Its pod subnet (see [`NodeBuilder::subnet`]).
+    subnet: u8,
 }
 
 /// A pod on a [`Node`].
@@ -206,6 +253,8 @@ pub struct Pod {
     pub uid: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// The name of the node it runs on, when its node has one ([`NodeBuilder::named`]).
+    pub node: Option<String>,
     netns: Netns,
     cgroup: Cgroup,
 }
@@ -231,7 +280,14 @@ impl Node {
             pod_tool: None,
             kubelet_cgroups: false,
             nesting: 0,
+            subnet: 0,
+            name: None,
         }
+    }
+
+    /// Its pod subnet (see [`NodeBuilder::subnet`]).
+    pub fn subnet(&self) -> u8 {
+        self.subnet
     }
 
     /// Short unique tag derived from the test's name.
@@ -354,19 +410,19 @@ impl Drop for Node {
 
 /// A named network namespace (`ip netns add`), deleted on drop.
 #[derive(Debug)]
-struct Netns {
-    name: String,
+pub(crate) struct Netns {
+    pub(crate) name: String,
 }
 
 impl Netns {
-    fn create(name: &str) -> Self {
+    pub(crate) fn create(name: &str) -> Self {
         proc::run("ip", ["netns", "add", name]);
         Self {
             name: name.to_owned(),
         }
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.name)
     }
 }

@@ -361,8 +361,8 @@ fn policy_from_the_api_server_holds_through_an_outage_and_an_agent_restart() {
     let api = Arc::new(FakeApi::start());
     let model = Model::with_api("k8s_policy", Arc::clone(&api));
     let mut agent = Agent::start_with(
-        &model.node,
-        AgentOptions::with_api(&api, &model.node, &["--node-ip", "10.0.0.1"]),
+        model.node(),
+        AgentOptions::with_api(&api, model.node(), &["--node-ip", "10.0.0.1"]),
     );
     // Every pod is local and found where the kubelet puts it, by UID.
     let v = agent.wait_policies("all nine pods with their cgroups", |v| {
@@ -374,7 +374,7 @@ fn policy_from_the_api_server_holds_through_an_outage_and_an_agent_restart() {
         .as_array()
         .and_then(|e| e.iter().find(|e| e["pod"] == "x/a"))
         .unwrap_or_else(|| panic!("x/a: {v:#}"));
-    let uid = model.node.pod("x-a").uid.replace('-', "_");
+    let uid = model.node().pod("x-a").uid.replace('-', "_");
     assert_eq!(
         xa["cgroup"],
         format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice"),

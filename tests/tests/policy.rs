@@ -20,7 +20,7 @@ fn start_with(test: &str, extra: &[&str]) -> (Model, Agent) {
     let mut extra_args = vec!["--node-ip".to_owned(), "10.0.0.1".to_owned()];
     extra_args.extend(extra.iter().map(|a| (*a).to_owned()));
     let agent = Agent::start_with(
-        &model.node,
+        model.node(),
         AgentOptions {
             source: true,
             extra_args,
@@ -37,7 +37,7 @@ fn start_with(test: &str, extra: &[&str]) -> (Model, Agent) {
 /// name) with every pod's set in the kernel.
 fn apply(model: &Model, agent: &Agent, docs: &[String]) {
     model
-        .node
+        .node()
         .write_source("policies.yaml", &docs.join("---\n"));
     let want: BTreeSet<String> = docs.iter().map(|d| object_name(d)).collect();
     agent.wait_policies(&format!("policies {want:?} in force"), |v| {
@@ -349,7 +349,7 @@ fn with_sockmap_the_verdicts_are_the_same() {
 fn egress_to_dns_only_but_the_node() {
     let (model, agent) = start("policy_dns_only");
     let _dns = model
-        .node
+        .node()
         .start_server("z-c", &["serve", "--name", "z/c", "--udp", "53"]);
     apply(
         &model,
@@ -368,12 +368,12 @@ fn egress_to_dns_only_but_the_node() {
     model.expect_both("egress DNS only: nothing else", 80, "tcp", &t);
     // The pod's node too: only traffic from it is always allowed.
     let _node_server = model
-        .node
+        .node()
         .spawn_host(&["serve", "--name", "node", "--tcp", "8081"]);
     _node_server.wait_listening();
     for (target, expected) in [("tcp:10.0.0.1:8081", ""), ("tcp:10.0.1.99:8081", "")] {
         let mut p = model
-            .node
+            .node()
             .spawn("x-a", &["probe", "--timeout-ms", "1000", target]);
         p.wait_success(std::time::Duration::from_secs(10));
         let line = p.stdout().snapshot().join("");
@@ -423,7 +423,7 @@ fn a_denied_connect_is_counted_exactly_once() {
         .len();
     let target = format!("tcp:{}:80", model.pod_ip("y/b"));
     let mut p = model
-        .node
+        .node()
         .spawn("x-a", &["probe", "--timeout-ms", "1000", &target]);
     p.wait_success(std::time::Duration::from_secs(10));
     let line = p.stdout().snapshot().join("");
@@ -588,7 +588,7 @@ fn invalid_policies_are_rejected_and_isolate_what_either_version_selects() {
             format!("podSelector:\n  matchLabels: {{pod: a}}\n{spec}")
         };
         let doc = np("x", "p", &spec);
-        model.node.write_source("policies.yaml", &doc);
+        model.write_source("policies.yaml", &doc);
         let status = agent.wait_status(&format!("the rejection of {field}"), |s| {
             s["services"]["rejections"]
                 .as_array()

@@ -111,6 +111,8 @@ pub struct DirSource {
     /// Files known complete (closed after writing, renamed into place) in this version: read
     /// without waiting for them to settle.
     complete: BTreeMap<PathBuf, Fingerprint>,
+    /// `--node-name`: pods of other nodes are peers only (see `Store::unbind_other_nodes`).
+    node: Option<String>,
 }
 
 /// What a rescan changed.
@@ -136,7 +138,21 @@ impl DirSource {
             files: BTreeMap::new(),
             settle,
             complete: BTreeMap::new(),
+            node: None,
         }
+    }
+
+    /// This node's name (`--node-name`): pods whose `spec.nodeName` names another node are
+    /// peers only, their cgroups another agent's.
+    #[must_use]
+    pub fn for_node(mut self, node: Option<String>) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// See [`DirSource::for_node`].
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     /// The file at `path` is complete as it is now (the watcher saw it closed after writing

@@ -1,0 +1,455 @@
+//! Two simulated nodes in one cluster (see `weft_testkit::cluster`): each with its own pod
+//! subnet and agent, both agents reading one standalone source. A pod's peers on the other
+//! node are known to its agent from the source alone.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use serde_json::Value;
+use weft_testkit::{
+    Agent, AgentOptions, Cluster, k8s,
+    netpol::{Model, Table, Via, np, object_name},
+    proc::Process,
+    prom,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// All three backends (b1 on node a; b2, b3 on node b).
+const WEB: &str = "10.96.0.10";
+/// The backends of node b only.
+const FAR: &str = "10.96.0.11";
+/// No backends.
+const EMPTY: &str = "10.96.0.12";
+
+/// An agent on every node, reading the cluster's source.
+fn agents(c: &Cluster, nodes: &[&str]) -> Vec<Agent> {
+    nodes
+        .iter()
+        .map(|n| {
+            Agent::start_with(
+                c.node(n),
+                AgentOptions {
+                    source: true,
+                    source_dir: Some(c.source_dir()),
+                    extra_args: vec!["--node-name".into(), (*n).to_owned()],
+                    ..AgentOptions::default()
+                },
+            )
+        })
+        .collect()
+}
+
+/// Clients on both nodes and three backends over them, the `web`, `far` and `empty`
+/// Services, and a TCP server naming its pod in every backend.
+fn services_cluster(test: &str) -> (Cluster, Vec<Process>) {
+    let c = Cluster::builder(test)
+        .node("a", &["client", "b1"])
+        .node("b", &["client2", "b2", "b3"])
+        .build();
+    let mut docs = Vec::new();
+    for client in ["client", "client2"] {
+        docs.push(k8s::pod(
+            c.pod(client).1,
+            "default",
+            &[("app", "client")],
+            &[],
+            true,
+        ));
+    }
+    for (b, tier) in [("b1", "near"), ("b2", "far"), ("b3", "far")] {
+        docs.push(k8s::pod(
+            c.pod(b).1,
+            "default",
+            &[("app", "web"), ("tier", tier)],
+            &[("http", 8080, "TCP")],
+            true,
+        ));
+    }
+    let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
+    for (name, vip, selector) in [
+        ("web", WEB, ("app", "web")),
+        ("far", FAR, ("tier", "far")),
+        ("empty", EMPTY, ("app", "nobody")),
+    ] {
+        docs.push(k8s::service(
+            name,
+            "default",
+            &[vip],
+            &[selector],
+            &http,
+            None,
+        ));
+    }
+    c.write_source("cluster.yaml", &k8s::file(&docs));
+    let servers = ["b1", "b2", "b3"]
+        .iter()
+        .map(|b| {
+            c.pod(b).0.start_server(
+                b,
+                &["tcp-server", "--listen", "[::]:8080", "--reply-name", b],
+            )
+        })
+        .collect();
+    (c, servers)
+}
+
+/// Connections per backend name from `count` connections of `client` to `target`.
+fn spray(c: &Cluster, client: &str, target: &str, count: u64) -> BTreeMap<String, u64> {
+    c.pod(client).0.spray(client, target, count)
+}
+
+#[test]
+fn a_clusterip_reaches_backends_on_the_other_node_and_on_both() {
+    let (c, _servers) = services_cluster("cl_svc");
+    let agents = agents(&c, &["a", "b"]);
+    for agent in &agents {
+        agent.wait_backends(&format!("{WEB}:80/TCP"), 3, WAIT);
+        agent.wait_backends(&format!("{FAR}:80/TCP"), 2, WAIT);
+    }
+    for client in ["client", "client2"] {
+        let all = spray(&c, client, &format!("{WEB}:80"), 600);
+        assert_eq!(all.values().sum::<u64>(), 600, "{client}: {all:?}");
+        for b in ["b1", "b2", "b3"] {
+            assert!(all.get(b).copied().unwrap_or(0) > 100, "{client}: {all:?}");
+        }
+        let far = spray(&c, client, &format!("{FAR}:80"), 200);
+        assert_eq!(
+            far.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["b2", "b3"],
+            "{client}: {far:?}"
+        );
+        assert_eq!(far.values().sum::<u64>(), 200, "{client}: {far:?}");
+        // No endpoints anywhere: refused inside connect() on either node.
+        let (node, _) = c.pod(client);
+        let mut p = node.spawn(
+            client,
+            &["connect-probe", "--connect", &format!("{EMPTY}:80")],
+        );
+        p.wait_success(WAIT);
+        let v: Value = p.stdout().wait_for("probe", WAIT, |l| {
+            l.iter().find_map(|l| serde_json::from_str::<Value>(l).ok())
+        });
+        assert_eq!(v["immediate"], "ECONNREFUSED", "{client}: {v}");
+    }
+}
+
+/// A connection from node a's client to node b's server through a ClusterIP: node a's agent
+/// reports it as the source, node b's as the destination; both name both workloads and the
+/// Service, with exact bytes.
+#[test]
+fn both_agents_report_a_cross_node_connection_with_both_names_and_exact_bytes() {
+    let c = Cluster::builder("cl_tel")
+        .node("a", &["client"])
+        .node("b", &["server"])
+        .build();
+    let docs = [
+        k8s::pod(c.pod("client").1, "default", &[("app", "shop")], &[], true),
+        k8s::pod(
+            c.pod("server").1,
+            "default",
+            &[("app", "web")],
+            &[("http", 8080, "TCP")],
+            true,
+        ),
+        k8s::service(
+            "web",
+            "default",
+            &[WEB],
+            &[("app", "web")],
+            &[("http", 80, "8080", "TCP")],
+            None,
+        ),
+    ];
+    c.write_source("cluster.yaml", &k8s::file(&docs));
+    let agents = agents(&c, &["a", "b"]);
+    for agent in &agents {
+        agent.wait_backends(&format!("{WEB}:80/TCP"), 1, WAIT);
+    }
+    let (n, m) = (123_457_u64, 65_432_u64);
+    let _server = c.node("b").start_server(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            "0.0.0.0:8080",
+            "--reply",
+            &m.to_string(),
+            "--connections",
+            "1",
+        ],
+    );
+    let mut client = c.node("a").spawn(
+        "client",
+        &[
+            "tcp-client",
+            "--connect",
+            &format!("{WEB}:80"),
+            "--send",
+            &n.to_string(),
+            "--expect",
+            &m.to_string(),
+        ],
+    );
+    client.wait_success(WAIT);
+    let labels = |reporter: &'static str| {
+        [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("source_app", "shop"),
+            ("destination_workload", "server"),
+            ("destination_app", "web"),
+            ("destination_service_name", "web"),
+        ]
+    };
+    for (agent, reporter) in agents.iter().zip(["source", "destination"]) {
+        let l = labels(reporter);
+        let m_ = agent.wait_metrics(&format!("the {reporter} reporter's close"), |s| {
+            prom::sum(s, "weft_tcp_connections_closed_total", &l) == 1.0
+        });
+        // Istio's view: the destination received the request and sent the response.
+        assert_eq!(
+            prom::sum(&m_, "weft_tcp_received_bytes_total", &l),
+            n as f64,
+            "{reporter}"
+        );
+        assert_eq!(
+            prom::sum(&m_, "weft_tcp_sent_bytes_total", &l),
+            m as f64,
+            "{reporter}"
+        );
+        // Each agent reports only its own end.
+        let other = labels(if reporter == "source" {
+            "destination"
+        } else {
+            "source"
+        });
+        assert_eq!(
+            prom::sum(&m_, "weft_tcp_connections_opened_total", &other),
+            0.0,
+            "{reporter}"
+        );
+    }
+}
+
+/// The upstream policy model over both nodes, an agent on each (its `--node-ip` its bridge
+/// address), each holding its own pods' policy in its kernel.
+fn policy_model(test: &str) -> (Model, Vec<Agent>) {
+    let model = Model::over_two_nodes(test);
+    let agents: Vec<Agent> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let node = model.cluster().node(n);
+            Agent::start_with(
+                node,
+                AgentOptions {
+                    source: true,
+                    source_dir: Some(model.cluster().source_dir()),
+                    extra_args: vec![
+                        "--node-ip".into(),
+                        format!("10.0.{}.1", node.subnet()),
+                        "--node-name".into(),
+                        (*n).to_owned(),
+                    ],
+                    ..AgentOptions::default()
+                },
+            )
+        })
+        .collect();
+    for (agent, local) in agents.iter().zip([5, 4]) {
+        agent.wait_policies("the node's own pods", |v| {
+            v["endpoints"].as_array().is_some_and(|e| e.len() == local)
+        });
+    }
+    (model, agents)
+}
+
+/// Replaces the policies and waits until both agents enforce exactly these (by name) with
+/// their pods' sets in the kernel.
+fn apply(model: &Model, agents: &[Agent], docs: &[String]) {
+    model.write_source("policies.yaml", &docs.join("---\n"));
+    let want: BTreeSet<String> = docs.iter().map(|d| object_name(d)).collect();
+    for agent in agents {
+        agent.wait_policies(&format!("policies {want:?} in force"), |v| {
+            let have: BTreeSet<String> = v["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["policy"].as_str().map(str::to_owned))
+                .collect();
+            have == want
+                && v["endpoints"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().all(|e| e["in_kernel"] == true))
+        });
+    }
+}
+
+/// Each node judges its own pods' ingress and egress; the identities of the other node's
+/// pods come from the source alone. Truth tables through pod IPs and ClusterIPs, TCP and
+/// UDP, as on one node.
+#[test]
+fn policy_truth_tables_hold_across_nodes() {
+    let (model, agents) = policy_model("cl_pol");
+    model.expect_both("no policies", 80, "tcp", &Table::all(true));
+    apply(
+        &model,
+        &agents,
+        &[
+            // x/a (node a) admits only x/b (node b).
+            np(
+                "x",
+                "allow-b",
+                "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {pod: b}",
+            ),
+            // y/c (node b) reaches only namespace z (both nodes).
+            np(
+                "y",
+                "egress-to-z",
+                "podSelector:\n  matchLabels: {pod: c}\npolicyTypes: [Egress]\negress:\n- to:\n  - namespaceSelector:\n      matchLabels: {ns: \"z\"}",
+            ),
+            // Nothing reaches z/b (node b) on port 81, from anywhere.
+            np(
+                "z",
+                "b-80-only",
+                "podSelector:\n  matchLabels: {pod: b}\ningress:\n- ports:\n  - {port: 80, protocol: TCP}\n  - {port: 80, protocol: UDP}",
+            ),
+        ],
+    );
+    let mut t = Table::all(true);
+    t.deny_to("x/a").set("x/b", "x/a", true);
+    t.deny_from("y/c");
+    for to in ["z/a", "z/b", "z/c"] {
+        t.set("y/c", to, true);
+    }
+    model.expect_both("policies over two nodes", 80, "tcp", &t);
+    model.expect("policies over two nodes (UDP)", 80, "udp", Via::PodIp, &t);
+    let mut t81 = t.clone();
+    t81.deny_to("z/b");
+    model.expect_both("z/b admits only port 80", 81, "tcp", &t81);
+}
+
+/// A label change of a pod on node b changes node a's egress verdicts for new connections.
+#[test]
+fn a_label_change_on_one_node_changes_verdicts_on_the_other() {
+    let (mut model, agents) = policy_model("cl_lbl");
+    apply(
+        &model,
+        &agents,
+        &[np(
+            "x",
+            "egress-to-db",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]\negress:\n- to:\n  - namespaceSelector: {}\n    podSelector:\n      matchLabels: {role: db}",
+        )],
+    );
+    let mut t = Table::all(true);
+    t.deny_from("x/a");
+    model.expect("x/a reaches no db yet", 80, "tcp", Via::PodIp, &t);
+    // y/a runs on node b; x/a on node a.
+    assert_ne!(
+        model.host("y/a").subnet(),
+        model.host("x/a").subnet(),
+        "the model puts them on two nodes"
+    );
+    model.set_pod_labels("y/a", &[("pod", "a"), ("role", "db")]);
+    t.set("x/a", "y/a", true);
+    model.expect("x/a reaches y/a once it is a db", 80, "tcp", Via::PodIp, &t);
+}
+
+/// What `pod` gets probing TCP port 8080 of `target` (its name, or an error).
+fn probe(c: &Cluster, pod: &str, target: &str) -> String {
+    let to = format!("tcp:{}:8080", c.pod(target).1.ipv4);
+    let mut p = c
+        .pod(pod)
+        .0
+        .spawn(pod, &["probe", "--timeout-ms", "1000", &to]);
+    p.probe_results()[&to]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Node b's agent is killed (SIGKILL), restarted, stopped (SIGTERM) and restarted while
+/// allowed connections cross both ways: none fails, and node b keeps refusing a pod of node
+/// a that its policy does not admit, with no agent running and while one starts.
+#[test]
+fn restarting_one_nodes_agent_fails_no_crossing_connection_and_opens_no_gap() {
+    let c = Cluster::builder("cl_rst")
+        .node("a", &["client", "srv-a", "intruder"])
+        .node("b", &["client-b", "srv-b"])
+        .build();
+    let mut docs: Vec<String> = [
+        ("client", "client"),
+        ("client-b", "client"),
+        ("intruder", "other"),
+        ("srv-a", "srv"),
+        ("srv-b", "srv"),
+    ]
+    .iter()
+    .map(|(p, app)| k8s::pod(c.pod(p).1, "default", &[("app", app)], &[], true))
+    .collect();
+    docs.push(np(
+        "default",
+        "srv-from-clients",
+        "podSelector:\n  matchLabels: {app: srv}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: client}",
+    ));
+    c.write_source("cluster.yaml", &k8s::file(&docs));
+    let _servers: Vec<Process> = ["srv-a", "srv-b"]
+        .iter()
+        .map(|s| {
+            c.pod(s)
+                .0
+                .start_server(s, &["serve", "--name", s, "--tcp", "8080"])
+        })
+        .collect();
+    let mut agents = agents(&c, &["a", "b"]);
+    for agent in &agents {
+        agent.wait_policies("the policy in force", |v| {
+            v["endpoints"].as_array().is_some_and(|e| {
+                e.iter()
+                    .any(|e| e["ingress_isolated"] == true && e["in_kernel"] == true)
+            })
+        });
+    }
+    assert_eq!(probe(&c, "client", "srv-b"), "srv-b");
+    assert!(probe(&c, "intruder", "srv-b").starts_with("error"));
+    let churn = |from: &str, to: &str| {
+        let target = format!("{}:8080", c.pod(to).1.ipv4);
+        c.pod(from).0.spawn(
+            from,
+            &[
+                "churn",
+                "--connect",
+                &target,
+                "--rate",
+                "100",
+                "--seconds",
+                "16",
+            ],
+        )
+    };
+    let mut crossing = [churn("client", "srv-b"), churn("client-b", "srv-a")];
+    let b = &mut agents[1];
+    for sigkill in [true, false] {
+        if sigkill {
+            b.kill();
+        } else {
+            b.stop();
+        }
+        assert!(
+            probe(&c, "intruder", "srv-b").starts_with("error"),
+            "no agent on node b"
+        );
+        b.restart();
+        assert!(
+            probe(&c, "intruder", "srv-b").starts_with("error"),
+            "node b's agent starting"
+        );
+        b.wait_status("ready", |s| s["services"]["ready"] == true);
+    }
+    for p in &mut crossing {
+        p.wait_success(Duration::from_secs(40));
+    }
+    assert!(probe(&c, "intruder", "srv-b").starts_with("error"));
+    assert_eq!(probe(&c, "client", "srv-b"), "srv-b");
+}
