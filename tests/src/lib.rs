@@ -20,6 +20,7 @@ pub mod netpol;
 pub mod node;
 pub mod proc;
 pub mod prom;
+pub mod prometheus;
 pub mod workload;
 
 pub use agent::{Agent, AgentOptions};

@@ -12,6 +12,7 @@ use weft_testkit::{
     netpol::{Model, Table, Via, np, object_name},
     proc::Process,
     prom,
+    prometheus::{Prometheus, dashboard_exprs, substitute},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -229,6 +230,33 @@ fn both_agents_report_a_cross_node_connection_with_both_names_and_exact_bytes() 
             0.0,
             "{reporter}"
         );
+        // `weft flows` on each node: its own end's close, both pods named, exact bytes.
+        let closes: Vec<Value> = agent
+            .flows(&["--last", "100"])
+            .into_iter()
+            .filter(|r| r["event"] == "tcp_close")
+            .collect();
+        assert_eq!(closes.len(), 1, "{reporter}: {closes:#?}");
+        let r = &closes[0];
+        assert_eq!(
+            (
+                r["reporter"].as_str(),
+                r["source"]["pod"].as_str(),
+                r["destination"]["pod"].as_str(),
+                r["service"].as_str(),
+                r["bytes_to_destination"].as_u64(),
+                r["bytes_to_source"].as_u64(),
+            ),
+            (
+                Some(reporter),
+                Some("client"),
+                Some("server"),
+                Some("default/web"),
+                Some(n),
+                Some(m)
+            ),
+            "{r}"
+        );
     }
 }
 
@@ -356,6 +384,13 @@ fn a_label_change_on_one_node_changes_verdicts_on_the_other() {
     model.expect("x/a reaches y/a once it is a db", 80, "tcp", Via::PodIp, &t);
 }
 
+/// Ready pods of `default`, each labelled `app` = its given value.
+fn app_pods(c: &Cluster, pods: &[(&str, &str)]) -> Vec<String> {
+    pods.iter()
+        .map(|(p, app)| k8s::pod(c.pod(p).1, "default", &[("app", app)], &[], true))
+        .collect()
+}
+
 /// What `pod` gets probing TCP port 8080 of `target` (its name, or an error).
 fn probe(c: &Cluster, pod: &str, target: &str) -> String {
     let to = format!("tcp:{}:8080", c.pod(target).1.ipv4);
@@ -378,16 +413,16 @@ fn restarting_one_nodes_agent_fails_no_crossing_connection_and_opens_no_gap() {
         .node("a", &["client", "srv-a", "intruder"])
         .node("b", &["client-b", "srv-b"])
         .build();
-    let mut docs: Vec<String> = [
-        ("client", "client"),
-        ("client-b", "client"),
-        ("intruder", "other"),
-        ("srv-a", "srv"),
-        ("srv-b", "srv"),
-    ]
-    .iter()
-    .map(|(p, app)| k8s::pod(c.pod(p).1, "default", &[("app", app)], &[], true))
-    .collect();
+    let mut docs = app_pods(
+        &c,
+        &[
+            ("client", "client"),
+            ("client-b", "client"),
+            ("intruder", "other"),
+            ("srv-a", "srv"),
+            ("srv-b", "srv"),
+        ],
+    );
     docs.push(np(
         "default",
         "srv-from-clients",
@@ -452,4 +487,81 @@ fn restarting_one_nodes_agent_fails_no_crossing_connection_and_opens_no_gap() {
     }
     assert!(probe(&c, "intruder", "srv-b").starts_with("error"));
     assert_eq!(probe(&c, "client", "srv-b"), "srv-b");
+}
+
+/// Every query of every panel of deploy/'s Grafana dashboard, run by a real Prometheus that
+/// scrapes both agents (labelled `node` as the deploy/ monitors label them), with the
+/// dashboard's variables set to node b: each returns a series once traffic crossed the
+/// nodes (TCP connections and bytes, UDP, and a connection node b's policy drops).
+#[test]
+fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agents() {
+    let c = Cluster::builder("cl_dash")
+        .node("a", &["client", "intruder"])
+        .node("b", &["server"])
+        .build();
+    let mut docs = app_pods(
+        &c,
+        &[
+            ("client", "client"),
+            ("intruder", "other"),
+            ("server", "web"),
+        ],
+    );
+    docs.extend([np(
+            "default",
+            "web-from-clients",
+            "podSelector:\n  matchLabels: {app: web}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: client}",
+        )]);
+    c.write_source("cluster.yaml", &k8s::file(&docs));
+    let _server = c.node("b").start_server(
+        "server",
+        &[
+            "serve", "--name", "server", "--tcp", "8080", "--udp", "5353",
+        ],
+    );
+    let agents = agents(&c, &["a", "b"]);
+    for agent in &agents {
+        agent.wait_policies("the policy in force", |v| {
+            v["policies"].as_array().is_some_and(|p| p.len() == 1)
+        });
+    }
+    let server = &c.pod("server").1.ipv4;
+    let targets = [
+        ("a", agents[0].metrics_addr()),
+        ("b", agents[1].metrics_addr()),
+    ];
+    let prometheus = Prometheus::start("weft", &targets);
+    let mut churn = c.node("a").spawn(
+        "client",
+        &[
+            "churn",
+            "--connect",
+            &format!("{server}:8080"),
+            "--rate",
+            "20",
+            "--seconds",
+            "12",
+        ],
+    );
+    let udp = format!("udp:{server}:5353");
+    for _ in 0..3 {
+        let mut p = c
+            .node("a")
+            .spawn("client", &["probe", "--timeout-ms", "1000", &udp]);
+        assert_eq!(p.probe_results()[&udp], "server");
+    }
+    assert!(probe(&c, "intruder", "server").starts_with("error"));
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/weft-dashboard.json"),
+    )
+    .expect("the dashboard");
+    let exprs = dashboard_exprs(&serde_json::from_str(&text).expect("dashboard JSON"));
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let empty: Vec<String> = exprs
+        .iter()
+        .map(|e| substitute(e, "weft", "b", "30s"))
+        .filter(|e| prometheus.wait_series(e, Duration::from_secs(30)).is_none())
+        .collect();
+    assert!(empty.is_empty(), "queries without data: {empty:#?}");
+    churn.wait_success(WAIT);
 }

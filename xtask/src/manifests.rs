@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
+use weft_testkit::prometheus::{dashboard_exprs, substitute};
 
 use crate::{
     build,
@@ -139,10 +140,7 @@ fn check_promql(out: &Path, dashboard: &Path) -> Result<()> {
     }
     let mut rules = String::from("groups:\n  - name: weft-dashboard\n    rules:\n");
     for (i, e) in exprs.iter().enumerate() {
-        let e = e
-            .replace("$__rate_interval", "5m")
-            .replace("$job", ".*")
-            .replace("$node", ".*");
+        let e = substitute(e, ".*", ".*", "5m");
         rules.push_str(&format!(
             "      - record: weft:dashboard:query{i}\n        expr: {}\n",
             serde_json::to_string(&e)?
@@ -152,17 +150,4 @@ fn check_promql(out: &Path, dashboard: &Path) -> Result<()> {
     fs::write(&file, rules).with_context(|| format!("write {}", file.display()))?;
     status(Command::new("promtool").args(["check", "rules"]).arg(&file))
         .context("promtool check rules on the dashboard's queries")
-}
-
-/// The `expr` of every panel target and every query variable.
-pub fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for panel in dashboard["panels"].as_array().into_iter().flatten() {
-        for t in panel["targets"].as_array().into_iter().flatten() {
-            if let Some(e) = t["expr"].as_str() {
-                out.push(e.to_owned());
-            }
-        }
-    }
-    out
 }

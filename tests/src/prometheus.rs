@@ -1,0 +1,149 @@
+//! A real Prometheus server (the Debian `prometheus` package) scraping agents, so that the
+//! Grafana dashboard's queries are run on what the agents export, not only parsed.
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{proc::Process, prom};
+
+/// A Prometheus server on a loopback port. Dropping it kills it and removes its files.
+#[derive(Debug)]
+pub struct Prometheus {
+    addr: SocketAddr,
+    dir: PathBuf,
+    process: Option<Process>,
+}
+
+impl Prometheus {
+    /// Starts one scraping every `(node, address)` each second as job `job`, each target
+    /// labelled `node` as the deploy/ monitors label them; returns once it is ready.
+    pub fn start(job: &str, targets: &[(&str, SocketAddr)]) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dir =
+            std::env::temp_dir().join(format!("weft-prometheus-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data"))
+            .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let mut config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: {job}\n  static_configs:\n"
+        );
+        for (node, target) in targets {
+            config.push_str(&format!(
+                "  - targets: [\"{target}\"]\n    labels: {{node: \"{node}\"}}\n"
+            ));
+        }
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        let mut command = Command::new("prometheus");
+        command
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn");
+        let server = Self {
+            addr,
+            process: Some(Process::spawn("prometheus", command)),
+            dir,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(self.addr).is_ok()
+                && prom::get(self.addr, "/-/ready", None).status == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus on {} never got ready",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The series an instant query returns now (`data.result`); panics on an error answer.
+    pub fn query(&self, expr: &str) -> Vec<Value> {
+        let r = prom::get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(expr)),
+            None,
+        );
+        let v: Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{expr}: not JSON ({e}): {}", r.body));
+        assert_eq!(v["status"], "success", "{expr}: {v}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Queries `expr` until it returns a series; None after `timeout`.
+    pub fn wait_series(&self, expr: &str, timeout: Duration) -> Option<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let result = self.query(expr);
+            if !result.is_empty() {
+                return Some(result);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // The server first: it writes below the directory.
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Percent-encodes a query parameter (everything but unreserved characters).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The `expr` of every panel target of a Grafana dashboard.
+pub fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push(e.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// A dashboard expression with Grafana's variables replaced as Grafana would: `$job` and
+/// `$node` by (regex) values, `$__rate_interval` by a range.
+pub fn substitute(expr: &str, job: &str, node: &str, rate_interval: &str) -> String {
+    expr.replace("$__rate_interval", rate_interval)
+        .replace("$job", job)
+        .replace("$node", node)
+}
