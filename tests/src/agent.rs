@@ -57,13 +57,14 @@ impl AgentOptions {
 }
 
 impl AgentOptions {
-    /// `--source kubernetes` against a fake API server (node [`crate::k8s::NODE_NAME`]),
-    /// with more `weft agent` arguments.
+    /// `--source kubernetes` against a fake API server (as the node's name, or
+    /// [`crate::k8s::NODE_NAME`]), with more `weft agent` arguments.
     pub fn with_api(api: &crate::fakeapi::FakeApi, node: &Node, extra: &[&str]) -> Self {
         let kubeconfig = api.kubeconfig(node.workdir());
+        let name = node.name().unwrap_or(crate::k8s::NODE_NAME);
         let mut extra_args = vec![
             "--source=kubernetes".to_owned(),
-            format!("--node-name={}", crate::k8s::NODE_NAME),
+            format!("--node-name={name}"),
             format!("--kubeconfig={}", kubeconfig.display()),
         ];
         extra_args.extend(extra.iter().map(|s| (*s).to_owned()));

@@ -24,9 +24,18 @@ pub struct ClusterBuilder {
     test: String,
     nodes: Vec<(String, Vec<String>)>,
     pod_tool: Option<PathBuf>,
+    kubelet_cgroups: bool,
 }
 
 impl ClusterBuilder {
+    /// Puts every node's pod cgroups where the kubelet does (for `--source kubernetes`; see
+    /// [`crate::NodeBuilder::kubelet_cgroups`]).
+    #[must_use]
+    pub fn kubelet_cgroups(mut self) -> Self {
+        self.kubelet_cgroups = true;
+        self
+    }
+
     /// Adds a node named `name` (one letter or a short word) with these pods. Pod names are
     /// unique across the cluster (a standalone source names a pod's cgroup by it).
     #[must_use]
@@ -70,6 +79,9 @@ impl ClusterBuilder {
                 .named(name);
             if let Some(tool) = &self.pod_tool {
                 b = b.pod_tool(tool);
+            }
+            if self.kubelet_cgroups {
+                b = b.kubelet_cgroups();
             }
             for p in pods {
                 b = b.pod(p);
@@ -172,6 +184,7 @@ impl Cluster {
             test: test.to_owned(),
             nodes: Vec::new(),
             pod_tool: None,
+            kubelet_cgroups: false,
         }
     }
 
@@ -202,6 +215,14 @@ impl Cluster {
     /// below its root).
     pub fn source_dir(&self) -> PathBuf {
         self.workdir.join("source")
+    }
+
+    /// Applies every document of a multi-document text to a fake API server, each Pod on its
+    /// own node (see [`crate::k8s::api_object_with`]).
+    pub fn apply_to_api(&self, api: &crate::fakeapi::FakeApi, text: &str) {
+        for doc in text.split("---\n").filter(|d| !d.trim().is_empty()) {
+            api.apply(crate::k8s::api_object_with(|sim| self.pod(sim).1, doc));
+        }
     }
 
     /// Writes a file of the shared source directory atomically.

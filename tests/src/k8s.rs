@@ -16,6 +16,12 @@ pub const NODE_NAME: &str = "node-a";
 /// `weft.io/cgroup` annotation (it names the simulated pod) and gets that pod's UID and
 /// `spec.nodeName` = [`NODE_NAME`].
 pub fn api_object(node: &Node, doc: &str) -> Value {
+    api_object_with(|sim| node.pod(sim), doc)
+}
+
+/// [`api_object`] with the simulated pod found by `pod_of` (on any node of a cluster): its
+/// `spec.nodeName` is its own node's name ([`Pod::node`]), or [`NODE_NAME`].
+pub fn api_object_with<'a>(pod_of: impl Fn(&str) -> &'a Pod, doc: &str) -> Value {
     let mut v: Value = serde_saphyr::from_str(doc)
         .unwrap_or_else(|e| panic!("test YAML does not parse: {e}\n{doc}"));
     if v["kind"] == "Pod" {
@@ -26,8 +32,9 @@ pub fn api_object(node: &Node, doc: &str) -> Value {
             .remove("weft.io/cgroup")
             .and_then(|c| c.as_str().map(str::to_owned))
             .unwrap_or_else(|| panic!("a test Pod names its simulated pod: {doc}"));
-        v["metadata"]["uid"] = json!(node.pod(&sim).uid);
-        v["spec"]["nodeName"] = json!(NODE_NAME);
+        let pod = pod_of(&sim);
+        v["metadata"]["uid"] = json!(pod.uid);
+        v["spec"]["nodeName"] = json!(pod.node.as_deref().unwrap_or(NODE_NAME));
     }
     v
 }
@@ -59,7 +66,7 @@ pub fn endpoint_slice(
         "endpoints": endpoints.iter().map(|(p, ready)| json!({
             "addresses": [p.ipv4.to_string()],
             "conditions": {"ready": ready, "serving": ready, "terminating": false},
-            "nodeName": NODE_NAME,
+            "nodeName": p.node.as_deref().unwrap_or(NODE_NAME),
             "targetRef": {"kind": "Pod", "namespace": namespace, "name": p.name, "uid": p.uid},
         })).collect::<Vec<_>>(),
         "ports": ports.iter().map(|(name, port, proto)| json!({

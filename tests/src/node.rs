@@ -127,6 +127,7 @@ impl NodeBuilder {
             cgroup,
             pods: Vec::new(),
             subnet: self.subnet,
+            name: self.name.clone(),
         };
         const KUBEPODS: &str = "kubepods.slice/kubepods-besteffort.slice";
         if self.kubelet_cgroups {
@@ -240,6 +241,8 @@ pub struct Node {
     pods: Vec<Pod>,
     /// Its pod subnet (see [`NodeBuilder::subnet`]).
     subnet: u8,
+    /// Its name (see [`NodeBuilder::named`]).
+    name: Option<String>,
 }
 
 /// A pod on a [`Node`].
@@ -288,6 +291,11 @@ impl Node {
     /// Its pod subnet (see [`NodeBuilder::subnet`]).
     pub fn subnet(&self) -> u8 {
         self.subnet
+    }
+
+    /// Its name in a cluster (see [`NodeBuilder::named`]).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// Short unique tag derived from the test's name.

@@ -8,7 +8,9 @@ use std::{
 
 use serde_json::Value;
 use weft_testkit::{
-    Agent, AgentOptions, Cluster, k8s,
+    Agent, AgentOptions, Cluster,
+    fakeapi::FakeApi,
+    k8s,
     netpol::{Model, Table, Via, np, object_name},
     proc::Process,
     prom,
@@ -153,14 +155,7 @@ fn both_agents_report_a_cross_node_connection_with_both_names_and_exact_bytes() 
             &[("http", 8080, "TCP")],
             true,
         ),
-        k8s::service(
-            "web",
-            "default",
-            &[WEB],
-            &[("app", "web")],
-            &[("http", 80, "8080", "TCP")],
-            None,
-        ),
+        web_service("8080"),
     ];
     c.write_source("cluster.yaml", &k8s::file(&docs));
     let agents = agents(&c, &["a", "b"]);
@@ -384,6 +379,18 @@ fn a_label_change_on_one_node_changes_verdicts_on_the_other() {
     model.expect("x/a reaches y/a once it is a db", 80, "tcp", Via::PodIp, &t);
 }
 
+/// The `web` Service on [`WEB`] port 80 to `target` of the pods labelled `app: web`.
+fn web_service(target: &str) -> String {
+    k8s::service(
+        "web",
+        "default",
+        &[WEB],
+        &[("app", "web")],
+        &[("http", 80, target, "TCP")],
+        None,
+    )
+}
+
 /// Ready pods of `default`, each labelled `app` = its given value.
 fn app_pods(c: &Cluster, pods: &[(&str, &str)]) -> Vec<String> {
     pods.iter()
@@ -564,4 +571,79 @@ fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agent
         .collect();
     assert!(empty.is_empty(), "queries without data: {empty:#?}");
     churn.wait_success(WAIT);
+}
+
+/// Kubernetes mode: one fake API server feeds both agents (`--node-name a` and `b`). Each
+/// binds only its own node's pods (by UID, where the kubelet puts their cgroups), learns the
+/// other node's from the API, balances a Service over backends on both nodes and judges its
+/// pods' ingress against pods of the other node.
+#[test]
+fn kubernetes_mode_two_agents_one_api_server() {
+    let c = Cluster::builder("cl_kube")
+        .kubelet_cgroups()
+        .node("a", &["client", "intruder", "b1"])
+        .node("b", &["b2"])
+        .build();
+    let api = FakeApi::start();
+    api.apply(serde_json::json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    let mut docs = app_pods(&c, &[("client", "client"), ("intruder", "other")]);
+    for b in ["b1", "b2"] {
+        docs.push(k8s::pod(
+            c.pod(b).1,
+            "default",
+            &[("app", "web")],
+            &[("http", 8080, "TCP")],
+            true,
+        ));
+    }
+    docs.push(web_service("http"));
+    docs.push(np(
+        "default",
+        "web-from-clients",
+        "podSelector:\n  matchLabels: {app: web}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: client}",
+    ));
+    c.apply_to_api(&api, &k8s::file(&docs));
+    let endpoints = [(c.pod("b1").1, true), (c.pod("b2").1, true)];
+    api.apply(k8s::endpoint_slice(
+        "web",
+        "default",
+        &endpoints,
+        &[("http", 8080, "TCP")],
+    ));
+    let _servers: Vec<Process> = ["b1", "b2"]
+        .iter()
+        .map(|b| {
+            c.pod(b).0.start_server(
+                b,
+                &["tcp-server", "--listen", "[::]:8080", "--reply-name", b],
+            )
+        })
+        .collect();
+    let agents: Vec<Agent> = ["a", "b"]
+        .iter()
+        .map(|n| Agent::start_with(c.node(n), AgentOptions::with_api(&api, c.node(n), &[])))
+        .collect();
+    for (agent, local) in agents.iter().zip([3, 1]) {
+        agent.wait_backends(&format!("{WEB}:80/TCP"), 2, WAIT);
+        agent.wait_policies("the node's own pods bound", |v| {
+            v["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == local && e.iter().all(|e| e["in_kernel"] == true))
+        });
+    }
+    let all = spray(&c, "client", &format!("{WEB}:80"), 400);
+    assert_eq!(all.values().sum::<u64>(), 400, "{all:?}");
+    for b in ["b1", "b2"] {
+        assert!(all.get(b).copied().unwrap_or(0) > 100, "{all:?}");
+    }
+    let to_b2 = format!("tcp:{}:8080", c.pod("b2").1.ipv4);
+    let mut p = c
+        .node("a")
+        .spawn("intruder", &["probe", "--timeout-ms", "1000", &to_b2]);
+    assert!(
+        p.probe_results()[&to_b2]
+            .as_str()
+            .is_some_and(|r| r.starts_with("error")),
+        "node b admits only clients"
+    );
 }
