@@ -24,6 +24,8 @@ const WEB: &str = "10.96.0.10";
 const FAR: &str = "10.96.0.11";
 /// No backends.
 const EMPTY: &str = "10.96.0.12";
+/// All three backends, with ClientIP affinity.
+const STICKY: &str = "10.96.0.13";
 
 /// An agent on every node, reading the cluster's source.
 fn agents(c: &Cluster, nodes: &[&str]) -> Vec<Agent> {
@@ -43,48 +45,14 @@ fn agents(c: &Cluster, nodes: &[&str]) -> Vec<Agent> {
         .collect()
 }
 
-/// Clients on both nodes and three backends over them, the `web`, `far` and `empty`
-/// Services, and a TCP server naming its pod in every backend.
+/// Clients on both nodes and three backends over them, the `web`, `far`, `empty` and
+/// `sticky` Services, and a TCP server naming its pod in every backend.
 fn services_cluster(test: &str) -> (Cluster, Vec<Process>) {
     let c = Cluster::builder(test)
         .node("a", &["client", "b1"])
         .node("b", &["client2", "b2", "b3"])
         .build();
-    let mut docs = Vec::new();
-    for client in ["client", "client2"] {
-        docs.push(k8s::pod(
-            c.pod(client).1,
-            "default",
-            &[("app", "client")],
-            &[],
-            true,
-        ));
-    }
-    for (b, tier) in [("b1", "near"), ("b2", "far"), ("b3", "far")] {
-        docs.push(k8s::pod(
-            c.pod(b).1,
-            "default",
-            &[("app", "web"), ("tier", tier)],
-            &[("http", 8080, "TCP")],
-            true,
-        ));
-    }
-    let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
-    for (name, vip, selector) in [
-        ("web", WEB, ("app", "web")),
-        ("far", FAR, ("tier", "far")),
-        ("empty", EMPTY, ("app", "nobody")),
-    ] {
-        docs.push(k8s::service(
-            name,
-            "default",
-            &[vip],
-            &[selector],
-            &http,
-            None,
-        ));
-    }
-    c.write_source("cluster.yaml", &k8s::file(&docs));
+    c.write_source("cluster.yaml", &services_docs(&c, &[]));
     let servers = ["b1", "b2", "b3"]
         .iter()
         .map(|b| {
@@ -95,6 +63,37 @@ fn services_cluster(test: &str) -> (Cluster, Vec<Process>) {
         })
         .collect();
     (c, servers)
+}
+
+/// The objects of [`services_cluster`], the backends in `not_ready` marked Ready=False.
+fn services_docs(c: &Cluster, not_ready: &[&str]) -> String {
+    let mut docs = app_pods(c, &[("client", "client"), ("client2", "client")]);
+    for (b, tier) in [("b1", "near"), ("b2", "far"), ("b3", "far")] {
+        docs.push(k8s::pod(
+            c.pod(b).1,
+            "default",
+            &[("app", "web"), ("tier", tier)],
+            &[("http", 8080, "TCP")],
+            !not_ready.contains(&b),
+        ));
+    }
+    let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
+    for (name, vip, selector, affinity) in [
+        ("web", WEB, ("app", "web"), None),
+        ("far", FAR, ("tier", "far"), None),
+        ("empty", EMPTY, ("app", "nobody"), None),
+        ("sticky", STICKY, ("app", "web"), Some(600)),
+    ] {
+        docs.push(k8s::service(
+            name,
+            "default",
+            &[vip],
+            &[selector],
+            &http,
+            affinity,
+        ));
+    }
+    k8s::file(&docs)
 }
 
 /// Connections per backend name from `count` connections of `client` to `target`.
@@ -134,6 +133,35 @@ fn a_clusterip_reaches_backends_on_the_other_node_and_on_both() {
             l.iter().find_map(|l| serde_json::from_str::<Value>(l).ok())
         });
         assert_eq!(v["immediate"], "ECONNREFUSED", "{client}: {v}");
+    }
+}
+
+/// ClientIP affinity holds for clients on both nodes over backends on both; a backend that
+/// turns not ready leaves the Service on both nodes.
+#[test]
+fn affinity_and_readiness_changes_apply_on_both_nodes() {
+    let (c, _servers) = services_cluster("cl_aff");
+    let agents = agents(&c, &["a", "b"]);
+    for agent in &agents {
+        agent.wait_backends(&format!("{STICKY}:80/TCP"), 3, WAIT);
+    }
+    for client in ["client", "client2"] {
+        let sticky = spray(&c, client, &format!("{STICKY}:80"), 60);
+        assert_eq!(sticky.len(), 1, "{client} keeps one backend: {sticky:?}");
+        assert_eq!(sticky.values().sum::<u64>(), 60, "{client}: {sticky:?}");
+    }
+    // b2 (node b) turns not ready: both nodes stop choosing it.
+    c.write_source("cluster.yaml", &services_docs(&c, &["b2"]));
+    for agent in &agents {
+        agent.wait_backends(&format!("{WEB}:80/TCP"), 2, WAIT);
+    }
+    for client in ["client", "client2"] {
+        let all = spray(&c, client, &format!("{WEB}:80"), 300);
+        assert_eq!(
+            all.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["b1", "b3"],
+            "{client}: {all:?}"
+        );
     }
 }
 
