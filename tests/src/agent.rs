@@ -389,6 +389,29 @@ impl Agent {
         self.wait_output("policies", what, Duration::from_secs(10), pred)
     }
 
+    /// Polls `weft policies -o json` until exactly the policies `want` (`namespace/name`) are
+    /// in force and every local pod's set is in the kernel.
+    pub fn wait_policies_in_force<S: AsRef<str>>(&self, want: &[S], timeout: Duration) -> Value {
+        let want: std::collections::BTreeSet<&str> = want.iter().map(AsRef::as_ref).collect();
+        self.wait_output(
+            "policies",
+            &format!("policies {want:?} in force"),
+            timeout,
+            |v| {
+                let have: std::collections::BTreeSet<&str> = v["policies"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["policy"].as_str())
+                    .collect();
+                have == want
+                    && v["endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.iter().all(|e| e["in_kernel"] == true))
+            },
+        )
+    }
+
     /// Polls `weft services -o json` until `pred` holds.
     pub fn wait_services(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let v = self.wait_output("services", what, Duration::from_secs(10), |v| {

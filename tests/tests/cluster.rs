@@ -1,10 +1,7 @@
 //! Two simulated nodes in one cluster (see `weft_testkit::cluster`): each with its own pod
 //! subnet and agent, both agents reading one standalone source. A pod's peers on the other
 //! node are known to its agent from the source alone.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use serde_json::Value;
 use weft_testkit::{
@@ -319,20 +316,9 @@ fn policy_model(test: &str) -> (Model, Vec<Agent>) {
 /// their pods' sets in the kernel.
 fn apply(model: &Model, agents: &[Agent], docs: &[String]) {
     model.write_source("policies.yaml", &docs.join("---\n"));
-    let want: BTreeSet<String> = docs.iter().map(|d| object_name(d)).collect();
+    let want: Vec<String> = docs.iter().map(|d| object_name(d)).collect();
     for agent in agents {
-        agent.wait_policies(&format!("policies {want:?} in force"), |v| {
-            let have: BTreeSet<String> = v["policies"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p["policy"].as_str().map(str::to_owned))
-                .collect();
-            have == want
-                && v["endpoints"]
-                    .as_array()
-                    .is_some_and(|e| e.iter().all(|e| e["in_kernel"] == true))
-        });
+        agent.wait_policies_in_force(&want, Duration::from_secs(10));
     }
 }
 

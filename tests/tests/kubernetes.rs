@@ -341,21 +341,6 @@ fn a_deleted_service_loses_its_frontend() {
     });
 }
 
-fn policies_in_force(agent: &Agent, want: &[&str], timeout: Duration) {
-    agent.wait_output("policies", &format!("policies {want:?}"), timeout, |v| {
-        let have: Vec<&str> = v["policies"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p["policy"].as_str())
-            .collect();
-        have == want
-            && v["endpoints"]
-                .as_array()
-                .is_some_and(|e| e.iter().all(|e| e["in_kernel"] == true))
-    });
-}
-
 #[test]
 fn policy_from_the_api_server_holds_through_an_outage_and_an_agent_restart() {
     let api = Arc::new(FakeApi::start());
@@ -393,11 +378,7 @@ fn policy_from_the_api_server_holds_through_an_outage_and_an_agent_restart() {
         "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {ns: \"y\"}",
     );
     model.publish("policies.yaml", &[deny.clone(), allow_y]);
-    policies_in_force(
-        &agent,
-        &["x/allow-y", "x/deny-ingress"],
-        Duration::from_secs(20),
-    );
+    agent.wait_policies_in_force(&["x/allow-y", "x/deny-ingress"], Duration::from_secs(20));
     let mut only_y = Table::all(true);
     for to in ["x/a", "x/b", "x/c"] {
         only_y.deny_to(to);
@@ -431,7 +412,7 @@ fn policy_from_the_api_server_holds_through_an_outage_and_an_agent_restart() {
     assert!(api.delete("NetworkPolicy", "x", "allow-y"));
     api.set_down(false);
     wait_status(&agent, "ready and healthy", RECOVERY, healthy_and_ready);
-    policies_in_force(&agent, &["x/deny-ingress"], Duration::from_secs(20));
+    agent.wait_policies_in_force(&["x/deny-ingress"], Duration::from_secs(20));
     let mut closed = Table::all(true);
     for to in ["x/a", "x/b", "x/c"] {
         closed.deny_to(to);
