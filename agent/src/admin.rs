@@ -486,6 +486,12 @@ fn degraded(state: &AdminState) -> Vec<String> {
             policy.unreadable.join(", ")
         ));
     }
+    if !policy.contested.is_empty() {
+        out.push(format!(
+            "addresses several pods claim, matching no selector until one pod is left: {}",
+            policy.contested.join(", ")
+        ));
+    }
     let quarantined: Vec<String> = policy
         .endpoints
         .iter()

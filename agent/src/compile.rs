@@ -1,6 +1,7 @@
 //! Pure functions from the store to desired datapath state. No I/O, no clock: the same store
 //! always compiles to the same result, which is what makes the sync diff small and testable.
 //! This file compiles Services; [`policy`] compiles NetworkPolicies.
+pub mod addresses;
 pub mod names;
 pub mod policy;
 use std::{

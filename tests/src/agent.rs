@@ -390,7 +390,7 @@ impl Agent {
     }
 
     /// Polls `weft policies -o json` until exactly the policies `want` (`namespace/name`) are
-    /// in force and every local pod's set is in the kernel.
+    /// in force and the set of every local pod with a cgroup is in the kernel.
     pub fn wait_policies_in_force<S: AsRef<str>>(&self, want: &[S], timeout: Duration) -> Value {
         let want: std::collections::BTreeSet<&str> = want.iter().map(AsRef::as_ref).collect();
         self.wait_output(
@@ -405,9 +405,10 @@ impl Agent {
                     .filter_map(|p| p["policy"].as_str())
                     .collect();
                 have == want
-                    && v["endpoints"]
-                        .as_array()
-                        .is_some_and(|e| e.iter().all(|e| e["in_kernel"] == true))
+                    && v["endpoints"].as_array().is_some_and(|e| {
+                        e.iter()
+                            .all(|e| e["in_kernel"] == true || e["cgroup_id"].is_null())
+                    })
             },
         )
     }

@@ -210,6 +210,68 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {pod} in the cluster"))
     }
 
+    /// Deletes pod `pod` and creates pod `new` on node `to` with the old pod's addresses, as
+    /// a network plugin that hands a freed address to a pod on another node does. Every other
+    /// node routes the addresses to `to`; the old node answers ARP and neighbour discovery
+    /// for them on its bridge, since its pods take them for neighbours.
+    pub fn move_pod(&mut self, pod: &str, to: &str, new: &str) {
+        let from = self.pod(pod).0.name().unwrap_or_default().to_owned();
+        assert_ne!(from, to, "{pod} already runs on {to}");
+        let (v4, v6) = self.node_mut(&from).delete_pod(pod);
+        let to_node = self.node(to);
+        assert!(
+            to_node.pods().iter().all(|p| p.ipv4 != v4),
+            "{v4} is in use on {to}"
+        );
+        let (via4, via6) = underlay_addrs(to_node.subnet());
+        self.node_mut(to).create_pod(new, v4, v6);
+        for (_, node) in self.nodes.iter().filter(|(n, _)| n != to) {
+            let n = node.netns_name();
+            let (h4, h6) = (format!("{v4}/32"), format!("{v6}/128"));
+            proc::run("ip", ["-n", n, "route", "add", &h4, "via", &via4]);
+            proc::run("ip", ["-n", n, "-6", "route", "add", &h6, "via", &via6]);
+        }
+        let old = self.node(&from);
+        let n = old.netns_name();
+        let netns = format!("--net={}", old.netns_path().display());
+        proc::run(
+            "nsenter",
+            [
+                netns.as_str(),
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.br0.proxy_ndp=1",
+            ],
+        );
+        let (a4, a6) = (v4.to_string(), v6.to_string());
+        proc::run("ip", ["-n", n, "neigh", "add", "proxy", &a4, "dev", "br0"]);
+        proc::run(
+            "ip",
+            ["-n", n, "-6", "neigh", "add", "proxy", &a6, "dev", "br0"],
+        );
+        // The old pod's link-layer address is gone: forget it everywhere on that node.
+        let _ = std::process::Command::new("ip")
+            .args(["-n", n, "neigh", "flush", "to", &a4])
+            .status();
+        for p in old.pods() {
+            let pn = p.netns_name();
+            for a in [&a4, &a6] {
+                let _ = std::process::Command::new("ip")
+                    .args(["-n", pn, "neigh", "flush", "to", a])
+                    .status();
+            }
+        }
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, node)| node)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
     /// The directory every node's agent reads with `--source dir:` (the cluster's desired
     /// state: one standalone source for all nodes, each agent's pods those whose cgroups are
     /// below its root).

@@ -128,6 +128,9 @@ impl NodeBuilder {
             pods: Vec::new(),
             subnet: self.subnet,
             name: self.name.clone(),
+            nest: String::new(),
+            kubelet_cgroups: false,
+            created: 0,
         };
         const KUBEPODS: &str = "kubepods.slice/kubepods-besteffort.slice";
         if self.kubelet_cgroups {
@@ -161,63 +164,14 @@ impl NodeBuilder {
         // Nothing leaves the node: service ranges are unreachable unless weft translates them.
         ip_n(&["route", "add", "unreachable", SERVICE_CIDR_V4]);
         ip_n(&["-6", "route", "add", "unreachable", SERVICE_CIDR_V6]);
-        for (i, name) in self.pods.iter().enumerate() {
-            let host = u8::try_from(10 + i).unwrap_or_else(|_| panic!("too many pods"));
-            let uid = format!("{:08x}-0000-4000-8000-{:012x}", tag_number(&tag), i);
-            let cgroup = if self.kubelet_cgroups {
-                let slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
-                node.cgroup.child(&format!("{KUBEPODS}/{slice}"))
-            } else {
-                node.cgroup.child(&format!("{nest}{name}"))
-            };
-            let pod = Pod {
-                relative_cgroup: format!("{nest}{name}"),
-                name: name.clone(),
-                ipv4: Ipv4Addr::new(10, 0, self.subnet, host),
-                ipv6: Ipv6Addr::new(
-                    0xfd00,
-                    0,
-                    0,
-                    u16::from(self.subnet),
-                    0,
-                    0,
-                    0,
-                    u16::from(host),
-                ),
-                uid,
-                node: self.name.clone(),
-                netns: Netns::create(&format!("weft-{tag}-{name}")),
-                cgroup,
-            };
-            let p = pod.netns.name.clone();
-            let veth = format!("v-{name}");
-            ip_n(&[
-                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &p,
-            ]);
-            ip_n(&["link", "set", &veth, "master", "br0", "up"]);
-            let ip_p = |args: &[&str]| proc::run("ip", [&["-n", p.as_str()], args].concat());
-            ip_p(&["link", "set", "lo", "up"]);
-            ip_p(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"]);
-            ip_p(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/64", pod.ipv6),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            ip_p(&["link", "set", "eth0", "up"]);
-            ip_p(&["route", "add", "default", "via", &bridge_v4.to_string()]);
-            ip_p(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &bridge_v6.to_string(),
-            ]);
-            node.pods.push(pod);
+        node.nest = nest;
+        node.kubelet_cgroups = self.kubelet_cgroups;
+        for name in &self.pods {
+            let host = u8::try_from(10 + node.created).unwrap_or_else(|_| panic!("too many pods"));
+            let (v4, v6) = bridge(self.subnet);
+            let ipv4 = Ipv4Addr::from(u32::from(v4) - 1 + u32::from(host));
+            let ipv6 = Ipv6Addr::from(u128::from(v6) - 1 + u128::from(host));
+            node.create_pod(name, ipv4, ipv6);
         }
         node
     }
@@ -243,6 +197,11 @@ pub struct Node {
     subnet: u8,
     /// Its name (see [`NodeBuilder::named`]).
     name: Option<String>,
+    /// The pods' cgroup directories below the node's ([`NodeBuilder::nested`]).
+    nest: String,
+    kubelet_cgroups: bool,
+    /// Pods created so far (numbers their UIDs).
+    created: usize,
 }
 
 /// A pod on a [`Node`].
@@ -263,6 +222,11 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// The pod namespace's name (for `ip -n`).
+    pub fn netns_name(&self) -> &str {
+        &self.netns.name
+    }
+
     /// `/run/netns/<name>`.
     pub fn netns_path(&self) -> PathBuf {
         self.netns.path()
@@ -352,6 +316,75 @@ impl Node {
 
     pub fn pods(&self) -> &[Pod] {
         &self.pods
+    }
+
+    /// Creates a pod with these addresses: its namespace, its veth on the bridge, its cgroup.
+    /// Addresses outside the node's subnet (a pod that took over another node's pod's
+    /// address) are host routes on both sides of the veth.
+    pub(crate) fn create_pod(&mut self, name: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr) {
+        const KUBEPODS: &str = "kubepods.slice/kubepods-besteffort.slice";
+        let uid = format!(
+            "{:08x}-0000-4000-8000-{:012x}",
+            tag_number(&self.tag),
+            self.created
+        );
+        self.created += 1;
+        let cgroup = if self.kubelet_cgroups {
+            let slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+            self.cgroup.child(&format!("{KUBEPODS}/{slice}"))
+        } else {
+            self.cgroup.child(&format!("{}{name}", self.nest))
+        };
+        let pod = Pod {
+            relative_cgroup: format!("{}{name}", self.nest),
+            name: name.to_owned(),
+            ipv4,
+            ipv6,
+            uid,
+            node: self.name.clone(),
+            netns: Netns::create(&format!("weft-{}-{name}", self.tag)),
+            cgroup,
+        };
+        let (n, p) = (self.netns.name.as_str(), pod.netns.name.as_str());
+        let ip_n = |args: &[&str]| proc::run("ip", [&["-n", n], args].concat());
+        let ip_p = |args: &[&str]| proc::run("ip", [&["-n", p], args].concat());
+        let veth = format!("v-{name}");
+        ip_n(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", p,
+        ]);
+        ip_n(&["link", "set", &veth, "master", "br0", "up"]);
+        ip_p(&["link", "set", "lo", "up"]);
+        let (gw4, gw6) = bridge(self.subnet);
+        let home = ipv4.octets()[..3] == gw4.octets()[..3];
+        let (len4, len6) = if home { (24, 64) } else { (32, 128) };
+        ip_p(&["addr", "add", &format!("{ipv4}/{len4}"), "dev", "eth0"]);
+        let v6 = format!("{ipv6}/{len6}");
+        ip_p(&["-6", "addr", "add", &v6, "dev", "eth0", "nodad"]);
+        ip_p(&["link", "set", "eth0", "up"]);
+        if !home {
+            ip_p(&["route", "add", &gw4.to_string(), "dev", "eth0"]);
+            ip_p(&["-6", "route", "add", &gw6.to_string(), "dev", "eth0"]);
+            ip_n(&["route", "add", &format!("{ipv4}/32"), "dev", "br0"]);
+            ip_n(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", "br0"]);
+        }
+        ip_p(&["route", "add", "default", "via", &gw4.to_string()]);
+        ip_p(&["-6", "route", "add", "default", "via", &gw6.to_string()]);
+        self.pods.push(pod);
+    }
+
+    /// Deletes a pod: its processes, namespace (and veth) and cgroup. Returns its addresses.
+    pub(crate) fn delete_pod(&mut self, name: &str) -> (Ipv4Addr, Ipv6Addr) {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on node {}", self.tag));
+        let pod = self.pods.remove(i);
+        let addresses = (pod.ipv4, pod.ipv6);
+        // Processes first: they hold the namespace (and the veth) alive.
+        pod.cgroup.kill_all();
+        drop(pod);
+        addresses
     }
 
     /// Runs the pod tool (see `weft-pod --help`) inside a pod: its namespace and its cgroup.

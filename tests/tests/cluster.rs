@@ -360,7 +360,7 @@ fn policy_truth_tables_hold_across_nodes() {
         t.set("y/c", to, true);
     }
     model.expect_both("policies over two nodes", 80, "tcp", &t);
-    model.expect("policies over two nodes (UDP)", 80, "udp", Via::PodIp, &t);
+    model.expect_both("policies over two nodes (UDP)", 80, "udp", &t);
     let mut t81 = t.clone();
     t81.deny_to("z/b");
     model.expect_both("z/b admits only port 80", 81, "tcp", &t81);
@@ -391,6 +391,153 @@ fn a_label_change_on_one_node_changes_verdicts_on_the_other() {
     model.set_pod_labels("y/a", &[("pod", "a"), ("role", "db")]);
     t.set("x/a", "y/a", true);
     model.expect("x/a reaches y/a once it is a db", 80, "tcp", Via::PodIp, &t);
+}
+
+/// The cluster's objects of [`an_address_moving_to_the_other_node_never_keeps_its_old_identity`]
+/// at one stage: `db`'s document if the API still has it, `api` if it exists, and a policy
+/// selecting nobody named after the stage, to know when an agent has read it.
+fn moving_docs(c: &Cluster, db: Option<&str>, api: bool, stage: &str) -> String {
+    let mut docs = app_pods(
+        c,
+        &[
+            ("client", "client"),
+            ("client-b", "web-client"),
+            ("peer", "peer"),
+            ("open", "open"),
+        ],
+    );
+    docs.extend(db.map(str::to_owned));
+    if api {
+        docs.extend(app_pods(c, &[("api", "web")]));
+    }
+    for (name, spec) in [
+        (
+            "client-to-db",
+            "podSelector:\n  matchLabels: {app: client}\npolicyTypes: [Egress]\negress:\n- to:\n  - podSelector:\n      matchLabels: {app: db}",
+        ),
+        (
+            "webclient-to-web",
+            "podSelector:\n  matchLabels: {app: web-client}\npolicyTypes: [Egress]\negress:\n- to:\n  - podSelector:\n      matchLabels: {app: web}",
+        ),
+        (
+            "peer-from-db",
+            "podSelector:\n  matchLabels: {app: peer}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: db}",
+        ),
+        (stage, "podSelector:\n  matchLabels: {app: nobody}"),
+    ] {
+        docs.push(np("default", name, spec));
+    }
+    k8s::file(&docs)
+}
+
+/// Writes a stage of [`moving_docs`] and waits until both agents enforce it.
+fn moving_stage(c: &Cluster, agents: &[Agent], db: Option<&str>, api: bool, stage: &str) {
+    c.write_source("cluster.yaml", &moving_docs(c, db, api, stage));
+    let want = [
+        "default/client-to-db".to_owned(),
+        "default/webclient-to-web".to_owned(),
+        "default/peer-from-db".to_owned(),
+        format!("default/{stage}"),
+    ];
+    for agent in agents {
+        agent.wait_policies_in_force(&want, WAIT);
+    }
+}
+
+/// `db` (node b) is deleted and its address handed to the new pod `api` (`app: web`, named
+/// to sort before `db`) on node a. Neither
+/// node ever judges that address as `db` again once it has read the change, whether the
+/// new pod arrives before the old one's deletion (both claim it: it matches no selector),
+/// while the old one terminates, or after it is gone: not node a's egress (`client` may
+/// reach only `db`), not node b's egress (`client-b` may reach only `web`) nor node b's
+/// ingress (`peer` admits only `db`).
+#[test]
+fn an_address_moving_to_the_other_node_never_keeps_its_old_identity() {
+    let mut c = Cluster::builder("cl_mv")
+        .node("a", &["client"])
+        .node("b", &["db", "client-b", "peer", "open"])
+        .build();
+    let db = k8s::pod(c.pod("db").1, "default", &[("app", "db")], &[], true);
+    moving_stage(&c, &[], Some(&db), false, "stage-start");
+    let serve = |c: &Cluster, pod: &str| {
+        c.pod(pod)
+            .0
+            .start_server(pod, &["serve", "--name", pod, "--tcp", "8080"])
+    };
+    let mut servers: Vec<Process> = ["db", "peer", "open"]
+        .iter()
+        .map(|p| serve(&c, p))
+        .collect();
+    let agents = agents(&c, &["a", "b"]);
+    moving_stage(&c, &agents, Some(&db), false, "stage-start");
+    assert_eq!(probe(&c, "client", "db"), "db");
+    assert!(probe(&c, "client-b", "db").starts_with("error"));
+    assert_eq!(probe(&c, "db", "peer"), "peer");
+
+    drop(servers.remove(0));
+    c.move_pod("db", "a", "api");
+    servers.push(serve(&c, "api"));
+    // The new pod before the old one's deletion: both claim the address.
+    moving_stage(&c, &agents, Some(&db), true, "stage-both");
+    for agent in &agents {
+        let v = agent.wait_policies("the contested address reported", |v| {
+            v["problems"].as_array().is_some_and(|p| {
+                p.iter()
+                    .filter(|p| p.as_str().is_some_and(|p| p.contains("also claimed by")))
+                    .count()
+                    == 4
+            })
+        });
+        assert_eq!(
+            prom::sum(&agent.metrics(), "weft_policy_contested_addresses", &[]),
+            2.0,
+            "IPv4 and IPv6: {v}"
+        );
+        let (_, status) = agent.client("status");
+        let claim = format!("{} (default/api, default/db)", c.pod("api").1.ipv4);
+        assert!(
+            status["degraded"].as_array().is_some_and(|d| d
+                .iter()
+                .any(|d| d.as_str().is_some_and(|d| d.contains(&claim)))),
+            "{status:#}"
+        );
+    }
+    let judged_as_nobody = |c: &Cluster| {
+        assert!(probe(c, "client", "api").starts_with("error"), "as db by a");
+        assert!(
+            probe(c, "client-b", "api").starts_with("error"),
+            "as web by b"
+        );
+        assert!(probe(c, "api", "peer").starts_with("error"), "as db by b");
+        assert_eq!(probe(c, "api", "open"), "open", "the address is routed");
+    };
+    judged_as_nobody(&c);
+    let judged_as_web = |c: &Cluster| {
+        assert!(probe(c, "client", "api").starts_with("error"), "as db by a");
+        assert_eq!(probe(c, "client-b", "api"), "api", "as web by b");
+        assert!(probe(c, "api", "peer").starts_with("error"), "as db by b");
+    };
+    // The old pod being deleted, then gone.
+    let deleting = db.replacen(
+        "metadata:\n",
+        "metadata:\n  deletionTimestamp: \"2026-12-03T10:00:00Z\"\n",
+        1,
+    );
+    moving_stage(&c, &agents, Some(&deleting), true, "stage-deleting");
+    judged_as_web(&c);
+    moving_stage(&c, &agents, None, true, "stage-deleted");
+    judged_as_web(&c);
+    for agent in &agents {
+        assert_eq!(
+            prom::sum(&agent.metrics(), "weft_policy_contested_addresses", &[]),
+            0.0
+        );
+        let (_, status) = agent.client("status");
+        assert!(
+            !status.to_string().contains("several pods claim"),
+            "{status:#}"
+        );
+    }
 }
 
 /// The `web` Service on [`WEB`] port 80 to `target` of the pods labelled `app: web`.

@@ -98,11 +98,15 @@ impl Directory {
         config: &NameConfig,
     ) -> Self {
         let mut dir = Self::default();
+        let owners = compile::addresses::Owners::of(store);
         let mut service_names: BTreeMap<&str, Arc<ServiceName>> = BTreeMap::new();
-        for ((ns, name), pod) in &store.pods {
+        for (key, pod) in &store.pods {
+            let (ns, name) = key;
             dir.pod_names.insert((ns.clone(), name.clone()));
-            // A host-network pod's address is the node's; a finished pod's may be reused.
-            if !owns_its_address(pod) {
+            // A host-network pod's address is the node's; a finished pod's may be reused; an
+            // address two pods claim is named after neither.
+            let ips: Vec<IpAddr> = owners.owned_by(key, pod).collect();
+            if ips.is_empty() {
                 continue;
             }
             let peer = peer(ns, name, pod);
@@ -118,7 +122,7 @@ impl Directory {
                 peer,
                 pod: Arc::from(name.as_str()),
             });
-            for ip in compile::pod_ips(pod) {
+            for ip in ips {
                 dir.pods.insert(ip, Arc::clone(&named));
             }
         }
@@ -208,15 +212,6 @@ fn service_name(ns_name: &str, config: &NameConfig) -> Arc<ServiceName> {
 }
 
 /// Whether a pod's addresses are its own: not host-network, not finished.
-fn owns_its_address(pod: &Pod) -> bool {
-    let host_network = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    !host_network && !crate::store::object::is_finished(pod)
-}
-
 fn label<'a>(pod: &'a Pod, keys: &[&str]) -> Option<&'a str> {
     let labels = pod.metadata.labels.as_ref()?;
     keys.iter().find_map(|k| labels.get(*k).map(String::as_str))

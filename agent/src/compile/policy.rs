@@ -32,6 +32,7 @@ use self::{
     blocks::{Block, Blocks},
     selector::Labels,
 };
+use super::addresses::Owners;
 pub(crate) use crate::store::stand_in::is_rejected;
 use crate::store::{Store, validate::CGROUP_ANNOTATION};
 
@@ -150,6 +151,8 @@ pub struct Policies {
     /// Local pods whose cgroup is deeper below the root than the kernel looks
     /// (`MAX_POD_DEPTH`): not enforced.
     pub unreachable: Vec<String>,
+    /// Addresses several pods claim, and the claimants (see `compile::addresses`).
+    pub contested: BTreeMap<IpAddr, Vec<String>>,
 }
 
 /// An IP protocol name as the API has it.
@@ -177,31 +180,6 @@ pub fn policy_types(np: &NetworkPolicy) -> (bool, bool) {
                 .is_some_and(|e| !e.is_empty()),
         ),
     }
-}
-
-/// A pod's addresses, when it has some and they are its own (not the node's).
-pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
-        return Vec::new();
-    }
-    if crate::store::object::is_finished(pod) {
-        return Vec::new();
-    }
-    let status = pod.status.as_ref();
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| crate::store::object::ip(&p.ip))
-        .collect();
-    if ips.is_empty()
-        && let Some(ip) = status
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(crate::store::object::ip)
-    {
-        ips.push(ip);
-    }
-    ips
 }
 
 /// A pod's named container ports: (name, protocol) → port. When two containers name a port
@@ -238,7 +216,10 @@ pub(crate) struct PodView<'a> {
 /// What compile needs of the store, indexed once.
 pub(crate) struct Model<'a> {
     pub namespace_labels: BTreeMap<String, Labels>,
+    /// Every pod, with the addresses it owns (see [`Owners`]).
     pub pods: Vec<PodView<'a>>,
+    /// Addresses several pods claim: the claimants.
+    pub contested: BTreeMap<IpAddr, Vec<String>>,
     pub policies: Vec<(&'a str, &'a str, &'a NetworkPolicy)>,
     /// The ipBlocks of every policy this node enforces.
     pub blocks: Blocks,
@@ -261,15 +242,16 @@ impl<'a> Model<'a> {
         for (name, labels) in &mut namespace_labels {
             labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
         }
+        let owners = Owners::of(store);
         let pods: Vec<PodView<'a>> = store
             .pods
             .iter()
-            .map(|((ns, name), pod)| PodView {
-                namespace: ns,
-                name,
+            .map(|(key, pod)| PodView {
+                namespace: &key.0,
+                name: &key.1,
                 pod,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
-                ips: pod_ips(pod),
+                ips: owners.owned_by(key, pod).collect(),
             })
             .collect();
         let policies: Vec<_> = store
@@ -297,6 +279,7 @@ impl<'a> Model<'a> {
         Self {
             namespace_labels,
             pods,
+            contested: owners.contested,
             policies,
             blocks,
             blocks_of,
@@ -423,6 +406,7 @@ pub fn compile(
         views: BTreeMap::new(),
     };
     let local_ids = pass.pods(&model);
+    pass.contested(&model);
     // ipBlock prefixes, then the node's addresses; a pod's own entry wins over both.
     pass.prefixes(&model);
     pass.hosts(&model, host_ips);
@@ -536,6 +520,48 @@ impl IdentityPass<'_> {
                 flags: 0,
             };
             self.out.ipcache.insert(IpNet::from(*ip), value);
+        }
+    }
+
+    /// Addresses several pods claim match no selector and no ipBlock: policy cannot tell
+    /// whose traffic it is, so it gets only what rules allowing every peer give.
+    fn contested(&mut self, model: &Model<'_>) {
+        if model.contested.is_empty() {
+            return;
+        }
+        let id = self.ids.identity(&IdentityKey::ContestedAddress);
+        self.views.entry(id).or_insert_with(|| IdentityView {
+            id,
+            pod: None,
+            blocks: Vec::new(),
+            named_ports: BTreeMap::new(),
+        });
+        self.out
+            .identities
+            .insert(id, IdentityKey::ContestedAddress);
+        self.out.contested = model.contested.clone();
+        for (ip, claimants) in &model.contested {
+            let value = IpcacheValue {
+                identity: id,
+                flags: 0,
+            };
+            self.out.ipcache.insert(IpNet::from(*ip), value);
+            for pod in claimants {
+                let others: Vec<&str> = claimants
+                    .iter()
+                    .filter(|c| *c != pod)
+                    .map(String::as_str)
+                    .collect();
+                self.out.problems.push(Problem {
+                    object: pod.clone(),
+                    message: format!(
+                        "address {ip} is also claimed by {}: until all claimants but one are \
+                         deleted or being deleted, traffic from and to {ip} matches no \
+                         podSelector, namespaceSelector or ipBlock",
+                        others.join(", ")
+                    ),
+                });
+            }
         }
     }
 

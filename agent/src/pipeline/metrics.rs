@@ -95,6 +95,8 @@ pub struct PipelineMetrics {
     /// What the last pass could not hold, by map (and the flag that raises it): policies
     /// dropped for `IPCACHE`, sets and endpoints left out.
     pub over_capacity: Family<MapFlagLabels, Gauge>,
+    /// Pod addresses several live pods claim (`compile::addresses`).
+    pub contested_addresses: Gauge,
 }
 
 impl PipelineMetrics {
@@ -109,6 +111,7 @@ impl PipelineMetrics {
             maps,
             quarantined_pods: Family::default(),
             over_capacity: Family::default(),
+            contested_addresses: Gauge::default(),
         };
         registry.register(
             "policy_quarantined_pods",
@@ -119,6 +122,11 @@ impl PipelineMetrics {
             "policy_over_capacity",
             "Objects the last pass could not hold, by map and the flag that raises it: policies whose ipBlocks do not fit (isolating what they select), policy sets and endpoints left out",
             m.over_capacity.clone(),
+        );
+        registry.register(
+            "policy_contested_addresses",
+            "Pod addresses several pods claim with none being deleted: traffic from and to them matches no podSelector, namespaceSelector or ipBlock until one is (`weft policies`)",
+            m.contested_addresses.clone(),
         );
         registry.register(
             "config_rejections",
@@ -164,7 +172,13 @@ impl PipelineMetrics {
     }
 
     /// Publishes the quarantined pods and what did not fit after a policy pass.
-    pub fn policy_state(&self, quarantined: &[Quarantine], over: &[(&'static str, u64)]) {
+    pub fn policy_state(
+        &self,
+        quarantined: &[Quarantine],
+        over: &[(&'static str, u64)],
+        contested: usize,
+    ) {
+        self.contested_addresses.set(contested as i64);
         for reason in [Quarantine::Unreadable, Quarantine::SharedCgroup] {
             let n = quarantined.iter().filter(|q| **q == reason).count();
             self.quarantined_pods

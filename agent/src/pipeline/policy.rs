@@ -62,6 +62,8 @@ pub struct PolicyStatus {
     pub over_capacity: Vec<String>,
     /// Stand-ins of policies weft could not read.
     pub unreadable: Vec<String>,
+    /// Addresses several pods claim (`address (pod, pod)`): they match no selector.
+    pub contested: Vec<String>,
     /// Local pods too deep below the cgroup root for the kernel to find: not enforced.
     pub unreachable: Vec<String>,
     pub identities: usize,
@@ -251,7 +253,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             .map(|e| (e.map, 1))
             .collect();
         over.push((maps::IPCACHE, policies.over_capacity.len() as u64));
-        metrics.policy_state(&quarantined, &over);
+        metrics.policy_state(&quarantined, &over, policies.contested.len());
         let previous = self
             .status
             .read()
@@ -321,6 +323,11 @@ impl<M: PolicyMaps> PolicyStage<M> {
             sync_errors: report.errors.clone(),
             over_capacity: policies.over_capacity.clone(),
             unreadable: policies.unreadable.clone(),
+            contested: policies
+                .contested
+                .iter()
+                .map(|(ip, pods)| format!("{ip} ({})", pods.join(", ")))
+                .collect(),
             unreachable: policies.unreachable.clone(),
             identities: policies.identities.len(),
             ipcache_entries: ipcache,
@@ -379,12 +386,13 @@ fn pod_addresses(store: &Store, endpoints: &[EndpointStatus]) -> BTreeMap<String
         .iter()
         .map(|e| (e.pod.as_str(), e.cgroup_id))
         .collect();
+    let owners = crate::compile::addresses::Owners::of(store);
     store
         .pods
         .iter()
-        .filter_map(|((ns, name), pod)| {
-            let ips = cp::pod_ips(pod);
-            let key = format!("{ns}/{name}");
+        .filter_map(|(k, pod)| {
+            let ips: Vec<IpAddr> = owners.owned_by(k, pod).collect();
+            let key = format!("{}/{}", k.0, k.1);
             let cgroup_id = local.get(key.as_str()).copied().flatten();
             (!ips.is_empty()).then_some((key, PodAddress { ips, cgroup_id }))
         })

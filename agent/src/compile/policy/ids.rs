@@ -30,6 +30,9 @@ pub enum IdentityKey {
     /// Addresses of pods weft could not read (`store::stand_in`): no selector and no
     /// ipBlock matches them, only rules that allow every peer.
     RejectedPod,
+    /// Addresses several pods claim at once (`compile::addresses`): like `RejectedPod`, no
+    /// selector and no ipBlock matches them.
+    ContestedAddress,
 }
 
 /// One kind of number: stable while wanted, never reused.

@@ -415,3 +415,56 @@ fn a_pod_too_deep_for_the_kernel_is_reported() {
     let (p, _) = compile_docs(&[POD_A, POD_B]);
     assert_eq!(p.unreachable, Vec::<String>::new());
 }
+
+/// x/a may send only to `role: db` pods.
+const EGRESS_TO_DB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: to-db, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {role: db}}}]}]\n";
+
+/// A pod of namespace shop on another node with address 10.0.1.11 and `role`, plus metadata.
+fn remote(name: &str, role: &str, meta: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{role: {role}}}{meta}}}\nstatus: {{phase: Running, podIP: 10.0.1.11}}\n"
+    )
+}
+
+/// The address of a terminating pod handed to a new pod is judged as the new pod, never the
+/// old one, and the old pod's name no longer resolves to it.
+#[test]
+fn an_address_handed_on_is_judged_as_its_new_pod() {
+    let gone = remote("db", "db", ", deletionTimestamp: '2026-12-03T10:00:00Z'");
+    // Named to come before the old pod in the store's order.
+    let api = remote("api", "web", "");
+    let (before, _) = compile_docs(&[POD_A, &remote("db", "db", ""), EGRESS_TO_DB]);
+    let (after, _) = compile_docs(&[POD_A, &gone, &api, EGRESS_TO_DB]);
+    let to_db_ip = |p: &Policies| {
+        Eval::new(p)
+            .allowed("x-a", Direction::Egress, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0
+    };
+    assert!(to_db_ip(&before), "the db");
+    assert!(!to_db_ip(&after), "now the api pod's");
+    assert!(after.problems.is_empty(), "{:?}", after.problems);
+}
+
+/// Two live pods claiming one address: nobody's identity, reported on both.
+#[test]
+fn an_address_two_live_pods_claim_matches_no_selector() {
+    let allow_all =
+        EGRESS_TO_DB.replace("podSelector: {matchLabels: {role: db}}", "podSelector: {}");
+    let docs = [POD_A, &remote("db", "db", ""), &remote("web", "web", "")];
+    let (p, _) = compile_docs(&[&docs[..], &[EGRESS_TO_DB]].concat());
+    let id = p.ipcache[&"10.0.1.11/32".parse().expect("net")].identity;
+    assert_eq!(p.identities[&id], IdentityKey::ContestedAddress);
+    let eval = Eval::new(&p);
+    let to_db_ip = eval.allowed("x-a", Direction::Egress, ip("10.0.1.11"), IPPROTO_TCP, 80);
+    assert!(!to_db_ip.0, "matches the db selector no more");
+    let objects: Vec<&str> = p.problems.iter().map(|x| x.object.as_str()).collect();
+    assert_eq!(objects, ["shop/db", "shop/web"]);
+    let (q, _) = compile_docs(&[&docs[..], &[allow_all.as_str()]].concat());
+    let eval = Eval::new(&q);
+    assert!(
+        !eval
+            .allowed("x-a", Direction::Egress, ip("10.0.1.11"), IPPROTO_TCP, 80)
+            .0,
+        "not even podSelector {{}} in every namespace"
+    );
+}
