@@ -390,16 +390,21 @@ pub async fn policy_check(
         doc.to_ip,
         doc.port,
         doc.protocol,
-        match (doc.allowed, doc.complete) {
-            (false, _) => "DENY",
-            (true, true) => "ALLOW",
-            (true, false) => "ALLOW on this node (the other pod's node judges its side)",
-        }
+        if doc.allowed { "ALLOW" } else { "DENY" }
     );
     for side in [&doc.egress, &doc.ingress] {
+        let node = side
+            .node
+            .as_deref()
+            .map_or_else(|| "its node".to_owned(), |n| format!("node {n}"));
+        let by = match side.judged_by.as_str() {
+            "kernel" => format!("{node}, this agent's kernel"),
+            "computed" => format!("{node}, computed here from the same objects"),
+            other => format!("{node}, {other}"),
+        };
         let _ = writeln!(
             out,
-            "  {:<8} {:<5} {}",
+            "  {:<8} {:<5} [{by}] {}",
             side.direction,
             if side.allowed { "allow" } else { "deny" },
             side.reason

@@ -638,7 +638,7 @@ mod example_dir {
         assert_eq!(flags("frontend"), EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
         assert_eq!(flags("backend"), EP_INGRESS_ISOLATED);
         assert_eq!(flags("db"), EP_INGRESS_ISOLATED);
-        let tables = ExampleTables(&p);
+        let tables = policy::judge::Compiled(&p);
         let judge = |from: &str, dir, peer: &str, proto, port| {
             let ep = p.endpoints[from].info;
             policy::judge::judge(&tables, &ep, dir, peer.parse().expect("ip"), proto, port).allowed
@@ -671,20 +671,5 @@ mod example_dir {
             IPPROTO_TCP,
             5432
         ));
-    }
-
-    struct ExampleTables<'a>(&'a policy::Policies);
-
-    impl policy::judge::Tables for ExampleTables<'_> {
-        fn ipcache(&self, ip: IpAddr) -> Option<weft_abi::policy::IpcacheValue> {
-            policy::judge::lpm_ipcache(&self.0.ipcache, ip)
-        }
-
-        fn policy(
-            &self,
-            data: &weft_abi::policy::PolicyData,
-        ) -> Option<weft_abi::policy::PolicyValue> {
-            policy::judge::lpm_policy(&self.0.entries, data)
-        }
     }
 }

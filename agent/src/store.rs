@@ -190,6 +190,34 @@ impl Store {
         }
     }
 
+    /// This store as the node running `pod` sees it, for judging that pod's side of a
+    /// connection here (`weft policy check`): only `pod` is bound, to cgroup `cgroup`.
+    pub fn as_if_only_bound(&self, pod: &Key, cgroup: &str) -> Self {
+        let mut out = self.clone();
+        for (key, p) in &mut out.pods {
+            let bound = p
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(validate::CGROUP_ANNOTATION));
+            if key == pod {
+                let mut x = Pod::clone(p);
+                x.metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert(validate::CGROUP_ANNOTATION.to_owned(), cgroup.to_owned());
+                *p = Arc::new(x);
+            } else if bound {
+                let mut x = Pod::clone(p);
+                if let Some(a) = x.metadata.annotations.as_mut() {
+                    a.remove(validate::CGROUP_ANNOTATION);
+                }
+                *p = Arc::new(x);
+            }
+        }
+        out
+    }
+
     /// Object counts by kind, for status.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         BTreeMap::from([

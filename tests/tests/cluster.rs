@@ -364,6 +364,61 @@ fn policy_truth_tables_hold_across_nodes() {
     let mut t81 = t.clone();
     t81.deny_to("z/b");
     model.expect_both("z/b admits only port 80", 81, "tcp", &t81);
+    policy_check_on_both_nodes(&model, &agents);
+}
+
+/// `weft policy check` answers both sides on either node, each side naming the node that
+/// judges it: its own pod's side from its kernel, the other node's pod's side computed from
+/// the same objects. The policies are those of [`policy_truth_tables_hold_across_nodes`].
+fn policy_check_on_both_nodes(model: &Model, agents: &[Agent]) {
+    // (from, to, port, egress allowed, ingress allowed, the ingress rule that allowed it)
+    let cases = [
+        (
+            "x/b",
+            "x/a",
+            "80/TCP",
+            true,
+            true,
+            Some("x/allow-b ingress[0]"),
+        ),
+        ("y/c", "x/a", "80/TCP", false, false, None),
+        ("x/c", "z/b", "81/TCP", true, false, None),
+        (
+            "y/c",
+            "z/b",
+            "80/TCP",
+            true,
+            true,
+            Some("z/b-80-only ingress[0]"),
+        ),
+    ];
+    for (agent, here) in agents.iter().zip(["a", "b"]) {
+        for (from, to, port, egress, ingress, rule) in cases {
+            let (exit_ok, v) = agent.client_args(&[
+                "policy", "check", "--from", from, "--to", to, "--port", port,
+            ]);
+            let what = format!("on node {here}, {from} -> {to} {port}: {v:#}");
+            assert_eq!(exit_ok, egress && ingress, "{what}");
+            assert_eq!(v["allowed"], egress && ingress, "{what}");
+            assert_eq!(v["egress"]["allowed"], egress, "{what}");
+            assert_eq!(v["ingress"]["allowed"], ingress, "{what}");
+            assert_eq!(v["ingress"]["rule"].as_str(), rule, "{what}");
+            for (side, pod) in [("egress", from), ("ingress", to)] {
+                let node = model.host(pod).name().expect("a cluster node");
+                assert_eq!(v[side]["node"], node, "{what}");
+                let by = if node == here { "kernel" } else { "computed" };
+                assert_eq!(v[side]["judged_by"], by, "{what}");
+            }
+            if !egress {
+                assert!(
+                    v["egress"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("y/egress-to-z")),
+                    "names the isolating policy: {what}"
+                );
+            }
+        }
+    }
 }
 
 /// A label change of a pod on node b changes node a's egress verdicts for new connections.

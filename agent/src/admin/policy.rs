@@ -1,6 +1,6 @@
 //! `GET /policies` and `GET /policy/check`: what policy the kernel enforces, read from the
 //! pinned maps (not from the syncer's memory), and the kernel's decision for a pod pair.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use axum::{
     Json,
@@ -24,8 +24,9 @@ use weft_abi::{
 
 use super::{AdminState, Error};
 use crate::{
-    compile::policy::judge::{Tables, judge},
+    compile::policy::judge::{Compiled, Tables, Verdict, judge},
     pipeline::policy::{EndpointStatus, PolicyStatus},
+    store::Store,
 };
 
 /// One policy (`GET /policies`).
@@ -84,10 +85,15 @@ pub struct SideVerdict {
     pub direction: String,
     /// The pod whose policies decide.
     pub pod: String,
+    /// The node that judges it (the pod's `spec.nodeName`), when known.
+    pub node: Option<String>,
     /// Whether this node enforces it (the pod runs here and its cgroup exists).
     pub enforced_here: bool,
+    /// `kernel`: read from this node's maps. `computed`: the pod runs on another node, whose
+    /// agent compiles the same objects; computed here the way it does (its kernel decides).
+    pub judged_by: String,
     pub allowed: bool,
-    /// How: l3-l4, l3-only, l4-only, all, host-or-self, none, not-isolated, not-on-this-node.
+    /// How: l3-l4, l3-only, l4-only, all, host-or-self, none, not-isolated.
     pub matched: String,
     pub peer_identity: u32,
     /// The rule that allowed it (`namespace/name direction[index]`).
@@ -105,10 +111,10 @@ pub struct CheckDoc {
     pub to_ip: IpAddr,
     pub port: u16,
     pub protocol: String,
-    /// Neither side denies (what this node can tell: see `complete`).
+    /// Neither side denies.
     pub allowed: bool,
-    /// Both pods run on this node, so both sides were judged here. Otherwise the other node
-    /// judges its pod's side and `allowed` covers only this node's.
+    /// Both sides were judged from this node's kernel (both pods run here). Otherwise the
+    /// other node's side is computed (`judged_by`).
     pub complete: bool,
     pub egress: SideVerdict,
     pub ingress: SideVerdict,
@@ -278,12 +284,13 @@ fn protocol_number(name: &str) -> Option<u8> {
 struct Judging<'a> {
     tables: KernelTables,
     status: &'a PolicyStatus,
+    store: &'a Store,
     protocol: u8,
     protocol_name: &'a str,
     port: u16,
 }
 
-/// One side of a connection: the pod whose policy judges it, and its peer.
+/// One side of a connection: the pod whose policies judge it, and its peer.
 struct Side<'a> {
     direction: Direction,
     pod: &'a str,
@@ -292,15 +299,48 @@ struct Side<'a> {
     peer: IpAddr,
 }
 
+/// A verdict and what explains it.
+struct Decided {
+    verdict: Verdict,
+    /// The rule that allowed it.
+    rule: Option<String>,
+    /// The policies isolating the pod in the side's direction.
+    isolating: Vec<String>,
+}
+
+/// The cgroup a pod of another node is bound to in the store compiled for it.
+const AS_IF_CGROUP: &str = "(as if local)";
+
 impl Judging<'_> {
-    /// The kernel's verdict for one side, with the rule or policies that decide it.
+    /// The verdict for one side: from the kernel when the pod runs here, computed as its own
+    /// node's agent computes it otherwise.
     fn side(&self, s: &Side<'_>) -> SideVerdict {
-        let (name, pod) = (s.direction.as_str(), s.pod);
+        let local = self.status.endpoints.iter().find(|e| e.pod == s.pod);
+        let node = self.node_of(s.pod);
+        let Some(local) = local else {
+            return match self.computed(s) {
+                Some(d) => self.verdict(s, node, "computed", false, &d),
+                None => self.unknown(s, node),
+            };
+        };
         let ep = s.cgroup_id.and_then(|id| self.tables.endpoint(id));
         let Some(ep) = ep else {
-            return self.unenforced(s);
+            // No sealed endpoint: the kernel does not isolate the pod (or it has no cgroup,
+            // and no process can run in it).
+            let v = Verdict {
+                allowed: true,
+                matched: "not-isolated",
+                peer_identity: self.tables.ipcache(s.peer).map_or(0, |v| v.identity),
+                rule: None,
+            };
+            let d = Decided {
+                verdict: v,
+                rule: None,
+                isolating: Vec::new(),
+            };
+            return self.verdict(s, node, "kernel", s.cgroup_id.is_some(), &d);
         };
-        let v = judge(
+        let verdict = judge(
             &self.tables,
             &ep,
             s.direction,
@@ -308,12 +348,69 @@ impl Judging<'_> {
             self.protocol,
             self.port,
         );
-        let rule = v
-            .rule
-            .and_then(|r| self.status.rules.get(&r))
-            .map(ToString::to_string);
-        let reason = match (v.allowed, v.matched, &rule) {
-            (true, "not-isolated", _) => format!("no policy selects {pod} for {name}"),
+        let d = Decided {
+            verdict,
+            rule: verdict
+                .rule
+                .and_then(|r| self.status.rules.get(&r))
+                .map(ToString::to_string),
+            isolating: match s.direction {
+                Direction::Egress => local.egress_policies.clone(),
+                Direction::Ingress => local.ingress_policies.clone(),
+            },
+        };
+        self.verdict(s, node, "kernel", true, &d)
+    }
+
+    /// The pod's side as the agent of its node decides it: the same objects compiled with
+    /// only this pod bound.
+    fn computed(&self, s: &Side<'_>) -> Option<Decided> {
+        let key = s
+            .pod
+            .split_once('/')
+            .map(|(n, p)| (n.to_owned(), p.to_owned()))?;
+        let store = self.store.as_if_only_bound(&key, AS_IF_CGROUP);
+        let mut ids = crate::compile::policy::Ids::default();
+        let policies = crate::compile::policy::compile(&store, &[], &mut ids, u32::MAX);
+        let ep = policies.endpoints.get(AS_IF_CGROUP)?;
+        let verdict = judge(
+            &Compiled(&policies),
+            &ep.info,
+            s.direction,
+            s.peer,
+            self.protocol,
+            self.port,
+        );
+        Some(Decided {
+            verdict,
+            rule: verdict
+                .rule
+                .and_then(|r| policies.rules.get(&r))
+                .map(ToString::to_string),
+            isolating: match s.direction {
+                Direction::Egress => ep.egress_policies.clone(),
+                Direction::Ingress => ep.ingress_policies.clone(),
+            },
+        })
+    }
+
+    fn verdict(
+        &self,
+        s: &Side<'_>,
+        node: Option<String>,
+        judged_by: &str,
+        here: bool,
+        d: &Decided,
+    ) -> SideVerdict {
+        let (name, pod) = (s.direction.as_str(), s.pod);
+        let v = d.verdict;
+        let reason = match (v.allowed, v.matched, &d.rule) {
+            (true, "not-isolated", _) if here || judged_by == "computed" => {
+                format!("no policy selects {pod} for {name}")
+            }
+            (true, "not-isolated", _) => {
+                format!("{pod} has no cgroup on this node: no process of it can connect")
+            }
             (true, "host-or-self", _) => {
                 "always allowed: the node itself, loopback, or the pod reaching itself".into()
             }
@@ -322,7 +419,7 @@ impl Judging<'_> {
             (false, ..) => format!(
                 "{pod} is isolated for {name} by {} and no rule allows peer identity {} on \
                  {}/{}",
-                self.isolating(s),
+                d.isolating.join(", "),
                 v.peer_identity,
                 self.port,
                 self.protocol_name
@@ -331,51 +428,38 @@ impl Judging<'_> {
         SideVerdict {
             direction: name.into(),
             pod: pod.to_owned(),
-            enforced_here: true,
+            node,
+            enforced_here: here,
+            judged_by: judged_by.into(),
             allowed: v.allowed,
             matched: v.matched.into(),
             peer_identity: v.peer_identity,
-            rule,
+            rule: d.rule.clone(),
             reason,
         }
     }
 
-    /// A side this node does not judge: the pod is not isolated, or runs elsewhere.
-    fn unenforced(&self, s: &Side<'_>) -> SideVerdict {
-        let (name, pod) = (s.direction.as_str(), s.pod);
-        let here = s.cgroup_id.is_some();
+    /// A pod of another node the store no longer holds (deleted since the query began).
+    fn unknown(&self, s: &Side<'_>, node: Option<String>) -> SideVerdict {
         SideVerdict {
-            direction: name.into(),
-            pod: pod.to_owned(),
-            enforced_here: here,
-            allowed: true,
-            matched: if here {
-                "not-isolated"
-            } else {
-                "not-on-this-node"
-            }
-            .into(),
-            peer_identity: self.tables.ipcache(s.peer).map_or(0, |v| v.identity),
+            direction: s.direction.as_str().into(),
+            pod: s.pod.to_owned(),
+            node,
+            enforced_here: false,
+            judged_by: "unknown".into(),
+            allowed: false,
+            matched: "unknown".into(),
+            peer_identity: 0,
             rule: None,
-            reason: if here {
-                format!("no policy selects {pod} for {name}")
-            } else {
-                format!("{pod} does not run on this node: its node judges its {name}")
-            },
+            reason: format!("{} is not in this agent's store any more", s.pod),
         }
     }
 
-    /// The policies that isolate the pod in this direction.
-    fn isolating(&self, s: &Side<'_>) -> String {
-        self.status
-            .endpoints
-            .iter()
-            .find(|e| e.pod == s.pod)
-            .map(|e| match s.direction {
-                Direction::Egress => e.egress_policies.join(", "),
-                Direction::Ingress => e.ingress_policies.join(", "),
-            })
-            .unwrap_or_default()
+    /// The node a pod is scheduled on.
+    fn node_of(&self, pod: &str) -> Option<String> {
+        let (ns, name) = pod.split_once('/')?;
+        let p = self.store.pods.get(&(ns.to_owned(), name.to_owned()))?;
+        p.spec.as_ref()?.node_name.clone()
     }
 }
 
@@ -409,9 +493,11 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
             q.from, q.to
         )));
     };
+    let store = Arc::clone(&*state.store.read().unwrap_or_else(|e| e.into_inner()));
     let judging = Judging {
         tables: KernelTables::open(state)?,
         status: &status,
+        store: &store,
         protocol,
         protocol_name: &protocol_name,
         port: q.port,
@@ -434,7 +520,7 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
         port: q.port,
         protocol: protocol_name.clone(),
         allowed: egress.allowed && ingress.allowed,
-        complete: egress.matched != "not-on-this-node" && ingress.matched != "not-on-this-node",
+        complete: egress.judged_by == "kernel" && ingress.judged_by == "kernel",
         egress,
         ingress,
     }))

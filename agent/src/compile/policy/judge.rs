@@ -20,6 +20,20 @@ pub trait Tables {
     fn policy(&self, data: &PolicyData) -> Option<PolicyValue>;
 }
 
+/// Compiled state, looked up as the kernel looks its maps up.
+#[derive(Debug)]
+pub struct Compiled<'a>(pub &'a super::Policies);
+
+impl Tables for Compiled<'_> {
+    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
+        lpm_ipcache(&self.0.ipcache, ip)
+    }
+
+    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
+        lpm_policy(&self.0.entries, data)
+    }
+}
+
 /// A decision and how it was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Verdict {

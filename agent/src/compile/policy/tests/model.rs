@@ -2,11 +2,10 @@
 use std::net::IpAddr;
 
 use weft_abi::net::Direction;
-use weft_abi::policy::{IpcacheValue, PolicyData, PolicyValue};
 
 use super::super::{
     Policies, RuleRef,
-    judge::{Tables, judge, lpm_ipcache, lpm_policy},
+    judge::{Compiled, judge},
 };
 use crate::{
     source::yaml,
@@ -29,16 +28,6 @@ pub struct Eval<'a> {
     p: &'a Policies,
 }
 
-impl Tables for Eval<'_> {
-    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
-        lpm_ipcache(&self.p.ipcache, ip)
-    }
-
-    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
-        lpm_policy(&self.p.entries, data)
-    }
-}
-
 impl<'a> Eval<'a> {
     pub fn new(p: &'a Policies) -> Self {
         Self { p }
@@ -55,7 +44,7 @@ impl<'a> Eval<'a> {
         port: u16,
     ) -> (bool, Option<&RuleRef>) {
         let v = judge(
-            self,
+            &Compiled(self.p),
             &self.p.endpoints[cgroup].info,
             direction,
             peer,
