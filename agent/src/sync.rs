@@ -57,6 +57,8 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Self; 2] = [Self::MapFull, Self::MapWrite];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::MapFull => "map_full",

@@ -21,8 +21,9 @@ pub struct Prometheus {
 
 impl Prometheus {
     /// Starts one scraping every `(node, address)` each second as job `job`, each target
-    /// labelled `node` as the deploy/ monitors label them; returns once it is ready.
-    pub fn start(job: &str, targets: &[(&str, SocketAddr)]) -> Self {
+    /// labelled `node` as the deploy/ monitors label them, evaluating `rules` (a rules file's
+    /// content, e.g. [`deploy_rules`]) every second; returns once it is ready.
+    pub fn start(job: &str, targets: &[(&str, SocketAddr)], rules: Option<&str>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -40,6 +41,12 @@ impl Prometheus {
             config.push_str(&format!(
                 "  - targets: [\"{target}\"]\n    labels: {{node: \"{node}\"}}\n"
             ));
+        }
+        if let Some(rules) = rules {
+            let path = dir.join("rules.yml");
+            std::fs::write(&path, rules)
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            config.push_str(&format!("rule_files: [\"{}\"]\n", path.display()));
         }
         let file = dir.join("prometheus.yml");
         std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
@@ -91,6 +98,15 @@ impl Prometheus {
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }
 
+    /// `/api/v1/<what>` (`rules`, `alerts`): its `data`; panics on an error answer.
+    pub fn api(&self, what: &str) -> Value {
+        let r = prom::get(self.addr, &format!("/api/v1/{what}"), None);
+        let v: Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", r.body));
+        assert_eq!(v["status"], "success", "{what}: {v}");
+        v["data"].clone()
+    }
+
     /// Queries `expr` until it returns a series; None after `timeout`.
     pub fn wait_series(&self, expr: &str, timeout: Duration) -> Option<Vec<Value>> {
         let deadline = Instant::now() + timeout;
@@ -113,6 +129,30 @@ impl Drop for Prometheus {
         drop(self.process.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The PrometheusRule deploy/ ships (`components/monitoring/prometheusrule.yaml`).
+pub fn deploy_rule_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/components/monitoring/prometheusrule.yaml")
+}
+
+/// The rules of a PrometheusRule as a Prometheus rules file (its `spec`, as JSON, which is
+/// YAML), the way the operator hands them to Prometheus.
+pub fn rules_file(prometheus_rule: &str) -> Result<String, String> {
+    let v: Value = serde_saphyr::from_str(prometheus_rule).map_err(|e| e.to_string())?;
+    if v["kind"] != "PrometheusRule" || !v["spec"]["groups"].is_array() {
+        return Err("not a PrometheusRule with spec.groups".into());
+    }
+    serde_json::to_string_pretty(&v["spec"]).map_err(|e| e.to_string())
+}
+
+/// [`rules_file`] of [`deploy_rule_path`].
+pub fn deploy_rules() -> String {
+    let path = deploy_rule_path();
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    rules_file(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Percent-encodes a query parameter (everything but unreserved characters).

@@ -11,7 +11,7 @@ use weft_testkit::{
     netpol::{Model, Table, Via, np, object_name},
     proc::Process,
     prom,
-    prometheus::{Prometheus, dashboard_exprs, substitute},
+    prometheus::{Prometheus, dashboard_exprs, deploy_rules, substitute},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -742,7 +742,7 @@ fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agent
             "serve", "--name", "server", "--tcp", "8080", "--udp", "5353",
         ],
     );
-    let agents = agents(&c, &["a", "b"]);
+    let mut agents = agents(&c, &["a", "b"]);
     for agent in &agents {
         agent.wait_policies("the policy in force", |v| {
             v["policies"].as_array().is_some_and(|p| p.len() == 1)
@@ -753,7 +753,8 @@ fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agent
         ("a", agents[0].metrics_addr()),
         ("b", agents[1].metrics_addr()),
     ];
-    let prometheus = Prometheus::start("weft", &targets);
+    // The job the ServiceMonitor gives them, and the alerts deploy/ ships.
+    let prometheus = Prometheus::start("weft-metrics", &targets, Some(&deploy_rules()));
     let mut churn = c.node("a").spawn(
         "client",
         &[
@@ -782,11 +783,57 @@ fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agent
     assert!(exprs.len() >= 10, "{exprs:?}");
     let empty: Vec<String> = exprs
         .iter()
-        .map(|e| substitute(e, "weft", "b", "30s"))
+        .map(|e| substitute(e, "weft-metrics", "b", "30s"))
         .filter(|e| prometheus.wait_series(e, Duration::from_secs(30)).is_none())
         .collect();
     assert!(empty.is_empty(), "queries without data: {empty:#?}");
     churn.wait_success(WAIT);
+    alerts_evaluate_and_one_fires_for_a_stopped_agent(&prometheus, &mut agents);
+}
+
+/// Every alert of deploy/ evaluates without error on both agents' metrics and none is
+/// active on this healthy cluster; stopping node b's agent makes `WeftAgentDown` pending for
+/// node b alone.
+fn alerts_evaluate_and_one_fires_for_a_stopped_agent(
+    prometheus: &Prometheus,
+    agents: &mut [Agent],
+) {
+    let rules: Vec<Value> = prometheus.api("rules")["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(rules.len(), 10, "{rules:#?}");
+    for rule in &rules {
+        assert_eq!(rule["health"], "ok", "{rule:#}");
+        assert_eq!(rule["state"], "inactive", "a healthy cluster: {rule:#}");
+    }
+    agents[1].stop();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let alerts = prometheus.api("alerts")["alerts"].clone();
+        let active: Vec<(&str, &str)> = alerts
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                Some((
+                    a["labels"]["alertname"].as_str()?,
+                    a["labels"]["node"].as_str()?,
+                ))
+            })
+            .collect();
+        if !active.is_empty() {
+            assert_eq!(active, [("WeftAgentDown", "b")], "{alerts:#}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no alert for the stopped agent"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Kubernetes mode: one fake API server feeds both agents (`--node-name a` and `b`). Each

@@ -114,6 +114,7 @@ fn promtool_accepts_the_agents_metrics() {
         missing.is_empty(),
         "the dashboard queries metrics the agent does not export: {missing:?}"
     );
+    alerts_read_exported_metrics(&exported, &text);
     // promtool reads the Prometheus text format (OpenMetrics is checked in the labels test).
     for accept in [None, Some("text/plain;version=0.0.4")] {
         let (_, body) = prom::scrape(agent.metrics_addr(), accept);
@@ -137,5 +138,44 @@ fn promtool_accepts_the_agents_metrics() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// Every metric deploy/'s alerts read is one the agent exports (`exported`, from the scrape
+/// `text` of a standalone agent), and every datapath error reason they name is one it counts.
+fn alerts_read_exported_metrics(exported: &std::collections::BTreeSet<String>, text: &str) {
+    let rules: Value =
+        serde_json::from_str(&weft_testkit::prometheus::deploy_rules()).expect("rules JSON");
+    let exprs: Vec<&str> = rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["expr"].as_str())
+        .collect();
+    assert_eq!(exprs.len(), 10, "{rules:#}");
+    // Only a Kubernetes-mode agent registers it (tests/tests/kubernetes.rs reads it).
+    let kubernetes_only = "weft_kubernetes_watch_up";
+    let missing: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| metric_names(e))
+        .filter(|m| m != kubernetes_only && !exported.contains(m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "alerts read metrics the agent does not export: {missing:?}"
+    );
+    let datapath = exprs
+        .iter()
+        .find(|e| e.contains("weft_datapath_errors_total"))
+        .expect("the datapath errors alert");
+    let reasons = datapath
+        .split("reason=~\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a reason regex");
+    for reason in reasons.split('|') {
+        let series = format!("weft_datapath_errors_total{{reason=\"{reason}\"}}");
+        assert!(text.contains(&series), "{series} is not exported");
     }
 }

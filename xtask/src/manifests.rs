@@ -1,10 +1,11 @@
 //! Checks deploy/ the way an operator's CI would, with pinned validators: the kustomize base
 //! and the kind overlay render (`kubectl kustomize`); the YAML passes yamllint; every object
 //! passes `kubernetes-validate --strict` for the Kubernetes version k8s-openapi is pinned to;
-//! the ServiceMonitor and PodMonitor pass the prometheus-operator schema; every PromQL
-//! expression of the Grafana dashboard parses (`promtool check rules`). That the dashboard
-//! queries only metrics the agent exports is checked against a real agent, in
-//! tests/tests/telemetry.rs.
+//! the ServiceMonitor, PodMonitor and PrometheusRule pass the prometheus-operator schema;
+//! every PromQL expression of the Grafana dashboard parses (`promtool check rules`); the
+//! PrometheusRule's alerts parse and pass their unit tests (`promtool test rules`). That the
+//! dashboard and the alerts read only metrics the agent exports is checked against a real
+//! agent, in tests/tests/exposition.rs; tests/tests/cluster.rs runs both on a real Prometheus.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -24,7 +25,7 @@ use crate::{
 const KUBERNETES_VERSION: &str = "1.35.0";
 
 /// Kinds validated against the prometheus-operator schema instead of Kubernetes'.
-const OPERATOR_KINDS: [&str; 2] = ["ServiceMonitor", "PodMonitor"];
+const OPERATOR_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
 
 pub fn check(ws: &Path, tools: Option<&ManifestTools>) -> Result<()> {
     let tools = tools.context("the manifest validators were not set up")?;
@@ -56,11 +57,12 @@ pub fn check(ws: &Path, tools: Option<&ManifestTools>) -> Result<()> {
         .with_context(|| format!("kubernetes-validate of deploy/{dir}"))?;
         operator_objects.extend(operator);
     }
-    if operator_objects.len() < 2 {
-        bail!("the kind overlay renders no ServiceMonitor and PodMonitor");
+    if operator_objects.len() < 3 {
+        bail!("the kind overlay renders no ServiceMonitor, PodMonitor and PrometheusRule");
     }
     validate_operator(&out, tools, &operator_objects)?;
     check_promql(&out, &deploy.join("base").join("weft-dashboard.json"))?;
+    test_rules(&out, &deploy.join("components").join("monitoring"))?;
     Ok(())
 }
 
@@ -127,6 +129,32 @@ process.exit(failed ? 1 : 0);
     .with_context(|| format!("write {}", script.display()))?;
     status(Command::new("node").arg(&script).arg(&input))
         .context("ServiceMonitor/PodMonitor against the prometheus-operator schema")
+}
+
+/// The PrometheusRule's rules parse (`promtool check rules`) and pass their unit tests
+/// (`promtool test rules`), run on the rules file the operator would give Prometheus.
+fn test_rules(out: &Path, monitoring: &Path) -> Result<()> {
+    let source = monitoring.join("prometheusrule.yaml");
+    let text = fs::read_to_string(&source).with_context(|| format!("read {}", source.display()))?;
+    let rules = weft_testkit::prometheus::rules_file(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let dir = out.join("rules");
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    fs::write(dir.join("weft-rules.yaml"), rules)?;
+    let test = "prometheusrule_test.yaml";
+    fs::copy(monitoring.join(test), dir.join(test)).with_context(|| format!("copy {test}"))?;
+    status(
+        Command::new("promtool")
+            .args(["check", "rules", "weft-rules.yaml"])
+            .current_dir(&dir),
+    )
+    .context("promtool check rules on deploy/'s PrometheusRule")?;
+    status(
+        Command::new("promtool")
+            .args(["test", "rules", test])
+            .current_dir(&dir),
+    )
+    .context("promtool test rules on deploy/'s PrometheusRule")
 }
 
 /// Every expression of the dashboard as a recording rule, with Grafana's variables replaced

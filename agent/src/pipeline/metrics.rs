@@ -138,6 +138,11 @@ impl PipelineMetrics {
             "Documents currently rejected; their objects keep their last good version",
             m.config_rejected_documents.clone(),
         );
+        // Every reason from 0: an alert on `increase()` sees the first error (a series born
+        // at 1 has no increase).
+        for reason in Reason::ALL {
+            let _ = m.sync_errors.get_or_create(&ReasonLabels { reason });
+        }
         registry.register(
             "sync_errors",
             "Changes that could not be written to the kernel maps, by reason",
