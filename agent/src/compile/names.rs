@@ -363,6 +363,32 @@ mod tests {
         assert!(dir.has_pod("kube-system", "agent"));
     }
 
+    /// Flows name an address after the pod that holds it: the new pod once the old one is
+    /// being deleted, neither while both are live.
+    #[test]
+    fn an_address_handed_on_names_its_new_pod_and_a_contested_one_nobody() {
+        let pods = |db_meta: &str| -> Store {
+            let objects: BTreeMap<_, _> = [
+                format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: shop{db_meta}}}\nstatus: {{podIP: 10.0.0.1}}"),
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: api, namespace: shop}\nstatus: {podIP: 10.0.0.1}".to_owned(),
+            ]
+            .iter()
+            .map(|y| {
+                crate::store::decode(crate::source::yaml::parse(y).expect("yaml"))
+                    .expect("valid pod")
+            })
+            .collect();
+            Store::from_objects(&objects)
+        };
+        let ip = "10.0.0.1".parse().expect("ip");
+        let deleting = pods(", deletionTimestamp: '2026-12-03T10:00:00Z'");
+        let dir = Directory::build(&deleting, &BTreeMap::new(), &NameConfig::default());
+        assert_eq!(dir.pod(ip).map(|p| &*p.pod), Some("api"));
+        let both = pods("");
+        let dir = Directory::build(&both, &BTreeMap::new(), &NameConfig::default());
+        assert!(dir.pod(ip).is_none());
+    }
+
     fn peer_of(name: &str) -> Peer {
         peer("ns", name, &pod(&format!("metadata: {{name: {name}}}")))
     }
