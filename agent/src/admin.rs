@@ -245,6 +245,9 @@ impl Drop for RemoveOnDrop {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentInfo {
     pub instance: String,
+    /// `--node-name`, when given.
+    #[serde(default)]
+    pub node_name: Option<String>,
     pub version: String,
     pub cgroup: PathBuf,
     pub pins: PathBuf,
@@ -488,7 +491,8 @@ fn degraded(state: &AdminState) -> Vec<String> {
     }
     if !policy.contested.is_empty() {
         out.push(format!(
-            "addresses several pods claim, matching no selector until one pod is left: {}",
+            "addresses this node's pods share with other pods, matching no selector until one \
+             pod is left: {}",
             policy.contested.join(", ")
         ));
     }

@@ -624,6 +624,7 @@ fn admin_state(
 ) -> AdminState {
     let info = AgentInfo {
         instance: config.datapath.instance.name.clone(),
+        node_name: config.source.node_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         cgroup: datapath.cgroup().to_owned(),
         pins: datapath.pins().dir().to_owned(),

@@ -390,7 +390,12 @@ pub async fn policy_check(
         doc.to_ip,
         doc.port,
         doc.protocol,
-        if doc.allowed { "ALLOW" } else { "DENY" }
+        match (doc.allowed, doc.complete) {
+            (true, true) => "ALLOW",
+            (false, true) => "DENY",
+            (true, false) => "ALLOW (a side computed here: its node's kernel decides)",
+            (false, false) => "DENY (a side computed here: its node's kernel decides)",
+        }
     );
     for side in [&doc.egress, &doc.ingress] {
         let node = side

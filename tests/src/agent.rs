@@ -390,8 +390,19 @@ impl Agent {
     }
 
     /// Polls `weft policies -o json` until exactly the policies `want` (`namespace/name`) are
-    /// in force and the set of every local pod with a cgroup is in the kernel.
+    /// in force and every local pod's set is in the kernel.
     pub fn wait_policies_in_force<S: AsRef<str>>(&self, want: &[S], timeout: Duration) -> Value {
+        self.wait_policies_matching(want, timeout, |e| e["in_kernel"] == true)
+    }
+
+    /// Polls `weft policies -o json` until exactly the policies `want` are in force and every
+    /// local pod's row (`endpoints[]`) satisfies `endpoint`.
+    pub fn wait_policies_matching<S: AsRef<str>>(
+        &self,
+        want: &[S],
+        timeout: Duration,
+        endpoint: impl Fn(&Value) -> bool,
+    ) -> Value {
         let want: std::collections::BTreeSet<&str> = want.iter().map(AsRef::as_ref).collect();
         self.wait_output(
             "policies",
@@ -405,10 +416,9 @@ impl Agent {
                     .filter_map(|p| p["policy"].as_str())
                     .collect();
                 have == want
-                    && v["endpoints"].as_array().is_some_and(|e| {
-                        e.iter()
-                            .all(|e| e["in_kernel"] == true || e["cgroup_id"].is_null())
-                    })
+                    && v["endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.iter().all(&endpoint))
             },
         )
     }

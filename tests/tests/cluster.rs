@@ -495,7 +495,10 @@ fn moving_stage(c: &Cluster, agents: &[Agent], db: Option<&str>, api: bool, stag
         format!("default/{stage}"),
     ];
     for agent in agents {
-        agent.wait_policies_in_force(&want, WAIT);
+        // `db`'s cgroup is gone with it while its object lingers.
+        agent.wait_policies_matching(&want, WAIT, |e| {
+            e["in_kernel"] == true || e["cgroup_id"].is_null()
+        });
     }
 }
 
@@ -588,10 +591,7 @@ fn an_address_moving_to_the_other_node_never_keeps_its_old_identity() {
             0.0
         );
         let (_, status) = agent.client("status");
-        assert!(
-            !status.to_string().contains("several pods claim"),
-            "{status:#}"
-        );
+        assert_eq!(status["degraded"], serde_json::json!([]), "{status:#}");
     }
 }
 
@@ -798,14 +798,25 @@ fn alerts_evaluate_and_one_fires_for_a_stopped_agent(
     prometheus: &Prometheus,
     agents: &mut [Agent],
 ) {
-    let rules: Vec<Value> = prometheus.api("rules")["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
-        .collect();
-    assert_eq!(rules.len(), 10, "{rules:#?}");
-    for rule in &rules {
+    let rules = || -> Vec<Value> {
+        prometheus.api("rules")["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    // Health is "unknown" until a rule's first evaluation, "err" if it failed.
+    let deadline = std::time::Instant::now() + WAIT;
+    let evaluated = loop {
+        let now = rules();
+        if now.iter().all(|r| r["health"] != "unknown") || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(evaluated.len(), 10, "{evaluated:#?}");
+    for rule in &evaluated {
         assert_eq!(rule["health"], "ok", "{rule:#}");
         assert_eq!(rule["state"], "inactive", "a healthy cluster: {rule:#}");
     }

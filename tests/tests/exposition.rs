@@ -165,17 +165,34 @@ fn alerts_read_exported_metrics(exported: &std::collections::BTreeSet<String>, t
         missing.is_empty(),
         "alerts read metrics the agent does not export: {missing:?}"
     );
-    let datapath = exprs
-        .iter()
-        .find(|e| e.contains("weft_datapath_errors_total"))
-        .expect("the datapath errors alert");
-    let reasons = datapath
-        .split("reason=~\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .expect("a reason regex");
-    for reason in reasons.split('|') {
-        let series = format!("weft_datapath_errors_total{{reason=\"{reason}\"}}");
-        assert!(text.contains(&series), "{series} is not exported");
+    // Every value a regex matcher names (`reason=~"a|b"`, `map_name!~"c|d"`) is one the agent
+    // exports; `job` comes from the scrape configuration.
+    for expr in &exprs {
+        for (label, values) in regex_matchers(expr) {
+            if label == "job" {
+                continue;
+            }
+            for value in values.split('|') {
+                let pair = format!("{label}=\"{value}\"");
+                assert!(text.contains(&pair), "{pair} of {expr} is not exported");
+            }
+        }
     }
+}
+
+/// The `label=~"..."` and `label!~"..."` matchers of a PromQL expression.
+fn regex_matchers(expr: &str) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("~\"") {
+        let before = rest[..at].trim_end_matches(['=', '!']);
+        let label_start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |n| n + 1);
+        let value = &rest[at + 2..];
+        let end = value.find('"').unwrap_or(value.len());
+        out.push((&before[label_start..], &value[..end]));
+        rest = &value[end..];
+    }
+    out
 }

@@ -87,14 +87,17 @@ pub struct SideVerdict {
     pub pod: String,
     /// The node that judges it (the pod's `spec.nodeName`), when known.
     pub node: Option<String>,
-    /// Whether this node enforces it (the pod runs here and its cgroup exists).
+    /// Whether this node's kernel judges it (the pod is bound here and its cgroup exists).
     pub enforced_here: bool,
-    /// `kernel`: read from this node's maps. `computed`: the pod runs on another node, whose
-    /// agent compiles the same objects; computed here the way it does (its kernel decides).
+    /// `kernel`: read from this node's maps. `computed`: the pod runs on another node (or is
+    /// not bound here yet); its agent compiles the same objects, and this is computed the way
+    /// it does, with only that pod bound (without that node's own addresses, which are
+    /// always allowed in, and its capacity limits). Its kernel decides.
     pub judged_by: String,
     pub allowed: bool,
     /// How: l3-l4, l3-only, l4-only, all, host-or-self, none, not-isolated.
     pub matched: String,
+    /// The identity the peer's address has in this node's kernel (0 when computed).
     pub peer_identity: u32,
     /// The rule that allowed it (`namespace/name direction[index]`).
     pub rule: Option<String>,
@@ -264,10 +267,13 @@ pub(super) async fn check_handler(
     State(state): State<AdminState>,
     Query(q): Query<CheckQuery>,
 ) -> Response {
-    match check(&state, &q) {
-        Ok(Ok(doc)) => Json(doc).into_response(),
-        Ok(Err(bad)) => (StatusCode::BAD_REQUEST, bad).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)).into_response(),
+    // A side on another node compiles the whole store: off the async workers.
+    let answer = tokio::task::spawn_blocking(move || check(&state, &q)).await;
+    match answer {
+        Ok(Ok(Ok(doc))) => Json(doc).into_response(),
+        Ok(Ok(Err(bad))) => (StatusCode::BAD_REQUEST, bad).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
@@ -285,6 +291,8 @@ struct Judging<'a> {
     tables: KernelTables,
     status: &'a PolicyStatus,
     store: &'a Store,
+    /// This agent's `--node-name`.
+    here: Option<String>,
     protocol: u8,
     protocol_name: &'a str,
     port: u16,
@@ -312,42 +320,34 @@ struct Decided {
 const AS_IF_CGROUP: &str = "(as if local)";
 
 impl Judging<'_> {
-    /// The verdict for one side: from the kernel when the pod runs here, computed as its own
-    /// node's agent computes it otherwise.
+    /// The verdict for one side: from the kernel when the pod runs here (its cgroup exists),
+    /// computed as its node's agent computes it otherwise.
     fn side(&self, s: &Side<'_>) -> SideVerdict {
         let local = self.status.endpoints.iter().find(|e| e.pod == s.pod);
         let node = self.node_of(s.pod);
-        let Some(local) = local else {
+        let (Some(local), Some(cgroup_id)) = (local, s.cgroup_id) else {
             return match self.computed(s) {
-                Some(d) => self.verdict(s, node, "computed", false, &d),
+                Some(d) => self.verdict(s, node, "computed", &d),
                 None => self.unknown(s, node),
             };
         };
-        let ep = s.cgroup_id.and_then(|id| self.tables.endpoint(id));
-        let Some(ep) = ep else {
-            // No sealed endpoint: the kernel does not isolate the pod (or it has no cgroup,
-            // and no process can run in it).
-            let v = Verdict {
+        let verdict = match self.tables.endpoint(cgroup_id) {
+            Some(ep) => judge(
+                &self.tables,
+                &ep,
+                s.direction,
+                s.peer,
+                self.protocol,
+                self.port,
+            ),
+            // No sealed endpoint: the kernel does not isolate the pod.
+            None => Verdict {
                 allowed: true,
                 matched: "not-isolated",
                 peer_identity: self.tables.ipcache(s.peer).map_or(0, |v| v.identity),
                 rule: None,
-            };
-            let d = Decided {
-                verdict: v,
-                rule: None,
-                isolating: Vec::new(),
-            };
-            return self.verdict(s, node, "kernel", s.cgroup_id.is_some(), &d);
+            },
         };
-        let verdict = judge(
-            &self.tables,
-            &ep,
-            s.direction,
-            s.peer,
-            self.protocol,
-            self.port,
-        );
         let d = Decided {
             verdict,
             rule: verdict
@@ -359,7 +359,7 @@ impl Judging<'_> {
                 Direction::Ingress => local.ingress_policies.clone(),
             },
         };
-        self.verdict(s, node, "kernel", true, &d)
+        self.verdict(s, node, "kernel", &d)
     }
 
     /// The pod's side as the agent of its node decides it: the same objects compiled with
@@ -399,41 +399,46 @@ impl Judging<'_> {
         s: &Side<'_>,
         node: Option<String>,
         judged_by: &str,
-        here: bool,
         d: &Decided,
     ) -> SideVerdict {
         let (name, pod) = (s.direction.as_str(), s.pod);
         let v = d.verdict;
-        let reason = match (v.allowed, v.matched, &d.rule) {
-            (true, "not-isolated", _) if here || judged_by == "computed" => {
-                format!("no policy selects {pod} for {name}")
-            }
-            (true, "not-isolated", _) => {
-                format!("{pod} has no cgroup on this node: no process of it can connect")
-            }
+        let kernel = judged_by == "kernel";
+        let mut reason = match (v.allowed, v.matched, &d.rule) {
+            (true, "not-isolated", _) => format!("no policy selects {pod} for {name}"),
             (true, "host-or-self", _) => {
                 "always allowed: the node itself, loopback, or the pod reaching itself".into()
             }
             (true, _, Some(r)) => format!("allowed by {r}"),
             (true, m, None) => format!("allowed ({m})"),
             (false, ..) => format!(
-                "{pod} is isolated for {name} by {} and no rule allows peer identity {} on \
-                 {}/{}",
+                "{pod} is isolated for {name} by {} and no rule allows {} on {}/{}",
                 d.isolating.join(", "),
-                v.peer_identity,
+                if kernel {
+                    format!("peer identity {}", v.peer_identity)
+                } else {
+                    "the peer".to_owned()
+                },
                 self.port,
                 self.protocol_name
             ),
         };
+        let here = self.here.as_deref();
+        if !kernel && (node.is_none() || node.as_deref() == here) {
+            reason.push_str(&format!(
+                " (computed: {pod} has no cgroup bound on this node yet, so this kernel does \
+                 not judge it)"
+            ));
+        }
         SideVerdict {
             direction: name.into(),
             pod: pod.to_owned(),
             node,
-            enforced_here: here,
+            enforced_here: kernel,
             judged_by: judged_by.into(),
             allowed: v.allowed,
             matched: v.matched.into(),
-            peer_identity: v.peer_identity,
+            peer_identity: if kernel { v.peer_identity } else { 0 },
             rule: d.rule.clone(),
             reason,
         }
@@ -474,7 +479,10 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
     };
     let pod = |name: &str| {
         status.pods.get(name).ok_or_else(|| {
-            format!("pod {name:?} is unknown or has no address (use namespace/name)")
+            format!(
+                "pod {name:?} is unknown or has no address of its own (use namespace/name; \
+                 `weft policies` lists addresses several pods claim)"
+            )
         })
     };
     let (from, to) = match (pod(&q.from), pod(&q.to)) {
@@ -498,6 +506,12 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
         tables: KernelTables::open(state)?,
         status: &status,
         store: &store,
+        here: state
+            .info
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .node_name
+            .clone(),
         protocol,
         protocol_name: &protocol_name,
         port: q.port,

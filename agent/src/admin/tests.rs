@@ -26,6 +26,7 @@ fn state() -> AdminState {
     AdminState {
         info: Arc::new(std::sync::RwLock::new(AgentInfo {
             instance: "unit".into(),
+            node_name: None,
             version: "0".into(),
             cgroup: "/sys/fs/cgroup/unit".into(),
             pins: "/sys/fs/bpf/weft/unit".into(),

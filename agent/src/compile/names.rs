@@ -211,7 +211,6 @@ fn service_name(ns_name: &str, config: &NameConfig) -> Arc<ServiceName> {
     })
 }
 
-/// Whether a pod's addresses are its own: not host-network, not finished.
 fn label<'a>(pod: &'a Pod, keys: &[&str]) -> Option<&'a str> {
     let labels = pod.metadata.labels.as_ref()?;
     keys.iter().find_map(|k| labels.get(*k).map(String::as_str))

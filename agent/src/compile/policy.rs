@@ -32,7 +32,7 @@ use self::{
     blocks::{Block, Blocks},
     selector::Labels,
 };
-use super::addresses::Owners;
+use super::addresses::{Owners, own_addresses};
 pub(crate) use crate::store::stand_in::is_rejected;
 use crate::store::{Store, validate::CGROUP_ANNOTATION};
 
@@ -210,7 +210,11 @@ pub(crate) struct PodView<'a> {
     pub name: &'a str,
     pub pod: &'a Pod,
     pub labels: Labels,
+    /// The addresses it owns: its identity's (see [`Owners`]).
     pub ips: Vec<IpAddr>,
+    /// Every address it claims, owned or not: a local pod's own addresses (a bound pod
+    /// holds them on this node; the kernel checks its packets' sources against them).
+    pub claimed: Vec<IpAddr>,
 }
 
 /// What compile needs of the store, indexed once.
@@ -252,6 +256,7 @@ impl<'a> Model<'a> {
                 pod,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 ips: owners.owned_by(key, pod).collect(),
+                claimed: own_addresses(pod),
             })
             .collect();
         let policies: Vec<_> = store
@@ -397,7 +402,9 @@ pub fn compile(
     ipcache_capacity: u32,
 ) -> Policies {
     let mut model = Model::new(store);
-    let addresses = model.pods.iter().map(|p| p.ips.len()).sum::<usize>() + host_ips.len();
+    let addresses = model.pods.iter().map(|p| p.ips.len()).sum::<usize>()
+        + model.contested.len()
+        + host_ips.len();
     let room = (ipcache_capacity as usize).saturating_sub(addresses);
     let dropped = model.fit(room);
     let mut pass = IdentityPass {

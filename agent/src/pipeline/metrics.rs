@@ -125,7 +125,7 @@ impl PipelineMetrics {
         );
         registry.register(
             "policy_contested_addresses",
-            "Pod addresses several pods claim with none being deleted: traffic from and to them matches no podSelector, namespaceSelector or ipBlock until one is (`weft policies`)",
+            "Pod addresses several pods claim, with no single one of them not being deleted: traffic from and to them matches no podSelector, namespaceSelector or ipBlock until one claimant is left (`weft policies`)",
             m.contested_addresses.clone(),
         );
         registry.register(

@@ -62,7 +62,8 @@ pub struct PolicyStatus {
     pub over_capacity: Vec<String>,
     /// Stand-ins of policies weft could not read.
     pub unreadable: Vec<String>,
-    /// Addresses several pods claim (`address (pod, pod)`): they match no selector.
+    /// Addresses several pods claim, one of them a pod of this node (`address (pod, pod)`):
+    /// they match no selector.
     pub contested: Vec<String>,
     /// Local pods too deep below the cgroup root for the kernel to find: not enforced.
     pub unreachable: Vec<String>,
@@ -323,11 +324,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             sync_errors: report.errors.clone(),
             over_capacity: policies.over_capacity.clone(),
             unreadable: policies.unreadable.clone(),
-            contested: policies
-                .contested
-                .iter()
-                .map(|(ip, pods)| format!("{ip} ({})", pods.join(", ")))
-                .collect(),
+            contested: contested_here(policies),
             unreachable: policies.unreachable.clone(),
             identities: policies.identities.len(),
             ipcache_entries: ipcache,
@@ -378,6 +375,24 @@ fn endpoint_status(
             .unwrap_or(0),
         quarantine: e.quarantine,
     }
+}
+
+/// The contested addresses (see `compile::addresses`) one of this node's pods claims, as
+/// `address (pod, pod)`: those make this node's own pods lose traffic. The others are
+/// counted (`weft_policy_contested_addresses`) and listed as problems only, since every
+/// agent of the cluster sees them.
+fn contested_here(policies: &cp::Policies) -> Vec<String> {
+    let local: std::collections::BTreeSet<&str> = policies
+        .endpoints
+        .values()
+        .map(|e| e.pod.as_str())
+        .collect();
+    policies
+        .contested
+        .iter()
+        .filter(|(_, pods)| pods.iter().any(|p| local.contains(p.as_str())))
+        .map(|(ip, pods)| format!("{ip} ({})", pods.join(", ")))
+        .collect()
 }
 
 /// Every pod with an address, by `namespace/name`, with the cgroup id of local ones.

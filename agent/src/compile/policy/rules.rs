@@ -473,7 +473,7 @@ impl EndpointCompiler<'_, '_> {
             info,
             ingress_policies: ingress,
             egress_policies: egress,
-            ips: p.ips.clone(),
+            ips: p.claimed.clone(),
             quarantine,
         };
         self.out.endpoints.insert(cgroup.to_owned(), endpoint);
@@ -538,11 +538,13 @@ fn endpoint_info(
     flags: u32,
     quarantine: Option<Quarantine>,
 ) -> EndpointInfo {
-    // Which pod's addresses are "itself" is ambiguous in a shared cgroup: none are.
+    // Which pod's addresses are "itself" is ambiguous in a shared cgroup: none are. Otherwise
+    // every address it claims, even one another pod claims too: the kernel drops its packets
+    // from any other source.
     let own_ips: &[std::net::IpAddr] = if quarantine == Some(Quarantine::SharedCgroup) {
         &[]
     } else {
-        &p.ips
+        &p.claimed
     };
     EndpointInfo {
         endpoint_id,

@@ -443,6 +443,22 @@ fn an_address_handed_on_is_judged_as_its_new_pod() {
     assert!(to_db_ip(&before), "the db");
     assert!(!to_db_ip(&after), "now the api pod's");
     assert!(after.problems.is_empty(), "{:?}", after.problems);
+    let to_web = EGRESS_TO_DB.replace("role: db", "role: web");
+    let (web, _) = compile_docs(&[POD_A, &gone, &api, &to_web]);
+    assert!(to_db_ip(&web), "judged as the api pod");
+}
+
+/// A local pod whose address another pod claims too keeps it as its own: the kernel still
+/// drops its packets from any other source address.
+#[test]
+fn a_local_pod_keeps_its_contested_address_as_its_own() {
+    let twin = POD_Y.replace("10.0.1.11", "10.0.0.11");
+    let (p, _) = compile_docs(&[POD_A, &twin]);
+    assert_eq!(p.contested.len(), 1, "{:?}", p.contested);
+    let a = &p.endpoints["x-a"];
+    assert_eq!(a.info.ip4, u32::from_ne_bytes([10, 0, 0, 11]));
+    assert_eq!(a.ips, vec![ip("10.0.0.11")]);
+    assert_eq!(a.info.identity, 0, "no identity of its own address");
 }
 
 /// Two live pods claiming one address: nobody's identity, reported on both.
