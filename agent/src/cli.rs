@@ -394,7 +394,7 @@ pub async fn policy_check(
             (true, true) => "ALLOW",
             (false, true) => "DENY",
             (true, false) => "ALLOW (a side computed here: its node's kernel decides)",
-            (false, false) => "DENY (a side computed here: its node's kernel decides)",
+            (false, false) => "DENY (not all from this kernel: see each side)",
         }
     );
     for side in [&doc.egress, &doc.ingress] {

@@ -478,6 +478,10 @@ fn moving_docs(c: &Cluster, db: Option<&str>, api: bool, stage: &str) -> String 
             "peer-from-db",
             "podSelector:\n  matchLabels: {app: peer}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: db}",
         ),
+        (
+            "web-from-webclients",
+            "podSelector:\n  matchLabels: {app: web}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: web-client}",
+        ),
         (stage, "podSelector:\n  matchLabels: {app: nobody}"),
     ] {
         docs.push(np("default", name, spec));
@@ -492,6 +496,7 @@ fn moving_stage(c: &Cluster, agents: &[Agent], db: Option<&str>, api: bool, stag
         "default/client-to-db".to_owned(),
         "default/webclient-to-web".to_owned(),
         "default/peer-from-db".to_owned(),
+        "default/web-from-webclients".to_owned(),
         format!("default/{stage}"),
     ];
     for agent in agents {
@@ -508,7 +513,8 @@ fn moving_stage(c: &Cluster, agents: &[Agent], db: Option<&str>, api: bool, stag
 /// new pod arrives before the old one's deletion (both claim it: it matches no selector),
 /// while the old one terminates, or after it is gone: not node a's egress (`client` may
 /// reach only `db`), not node b's egress (`client-b` may reach only `web`) nor node b's
-/// ingress (`peer` admits only `db`).
+/// ingress (`peer` admits only `db`). While contested, the address is not even `api`'s way
+/// to reach itself (`api` admits only `web-client`s).
 #[test]
 fn an_address_moving_to_the_other_node_never_keeps_its_old_identity() {
     let mut c = Cluster::builder("cl_mv")
@@ -568,12 +574,17 @@ fn an_address_moving_to_the_other_node_never_keeps_its_old_identity() {
         );
         assert!(probe(c, "api", "peer").starts_with("error"), "as db by b");
         assert_eq!(probe(c, "api", "open"), "open", "the address is routed");
+        assert!(
+            probe(c, "api", "api").starts_with("error"),
+            "api's ingress: an address db claims too is not api reaching itself"
+        );
     };
     judged_as_nobody(&c);
     let judged_as_web = |c: &Cluster| {
         assert!(probe(c, "client", "api").starts_with("error"), "as db by a");
         assert_eq!(probe(c, "client-b", "api"), "api", "as web by b");
         assert!(probe(c, "api", "peer").starts_with("error"), "as db by b");
+        assert_eq!(probe(c, "api", "api"), "api", "api reaching itself");
     };
     // The old pod being deleted, then gone.
     let deleting = db.replacen(

@@ -116,8 +116,8 @@ pub struct CheckDoc {
     pub protocol: String,
     /// Neither side denies.
     pub allowed: bool,
-    /// Both sides were judged from this node's kernel (both pods run here). Otherwise the
-    /// other node's side is computed (`judged_by`).
+    /// Both sides were judged from this node's kernel (both pods are bound here and their
+    /// cgroups exist). Otherwise a side is computed, or its pod was gone (`judged_by`).
     pub complete: bool,
     pub egress: SideVerdict,
     pub ingress: SideVerdict,

@@ -25,6 +25,10 @@ pub const IDENTITY_FIRST: u32 = 256;
 pub const EP_INGRESS_ISOLATED: u32 = 1;
 /// [`EndpointInfo::flags`]: egress is restricted.
 pub const EP_EGRESS_ISOLATED: u32 = 2;
+/// [`EndpointInfo::flags`]: another pod claims one of the pod's addresses too (the agent's
+/// `compile::addresses`). They stay its own source addresses (the spoofed-source check), but
+/// it is not taken to be reaching itself through them: the other claimant may hold them.
+pub const EP_SHARED_ADDRESS: u32 = 4;
 
 /// The policy set of a pod not bound yet (see `globals::UNBOUND_ISOLATED`): never allocated,
 /// so no `POLICY` entry has it and everything it is judged on is denied.

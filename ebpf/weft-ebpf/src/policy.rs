@@ -22,9 +22,9 @@ use weft_abi::{
     conn::DropReason,
     net::{Direction, Family},
     policy::{
-        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, FlowPeer, IDENTITY_ANY,
-        IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, MAX_POD_DEPTH,
-        Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, verdict_index,
+        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EP_SHARED_ADDRESS, EndpointInfo, FlowPeer,
+        IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue,
+        MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, verdict_index,
     },
     stats::Counter,
     svc::SockOwner,
@@ -227,8 +227,8 @@ fn judge(
     if is_loopback(family, peer) {
         return Match::Host;
     }
-    // A pod reaching itself always passes.
-    if ep.owns(family, peer) {
+    // A pod reaching itself always passes (not through an address another pod claims too).
+    if ep.flags & EP_SHARED_ADDRESS == 0 && ep.owns(family, peer) {
         return Match::Host;
     }
     // Traffic from the pod's node is always allowed, as Kubernetes requires (kubelet probes,

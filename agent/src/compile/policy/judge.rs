@@ -6,9 +6,9 @@ use ipnet::IpNet;
 use serde::Serialize;
 use weft_abi::net::Direction;
 use weft_abi::policy::{
-    EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST,
-    IpcacheValue, Match, POL_ANY_PORT, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, PolicyData,
-    PolicyValue,
+    EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EP_SHARED_ADDRESS, EndpointInfo, IDENTITY_ANY,
+    IDENTITY_WORLD, IP_HOST, IpcacheValue, Match, POL_ANY_PORT, POLICY_PREFIX_FIXED,
+    POLICY_PREFIX_FULL, PolicyData, PolicyValue,
 };
 
 use super::EntryKey;
@@ -81,7 +81,8 @@ pub fn judge(
     }
     let (family, words) = weft_abi::net::ip_words(peer);
     let from_node = direction == Direction::Ingress && remote.flags & IP_HOST != 0;
-    if peer.is_loopback() || ep.owns(family as u8, &words) || from_node {
+    let itself = ep.flags & EP_SHARED_ADDRESS == 0 && ep.owns(family as u8, &words);
+    if peer.is_loopback() || itself || from_node {
         return verdict(Match::Host, None);
     }
     let data = |identity| PolicyData {

@@ -7,8 +7,8 @@ use k8s_openapi::{
 };
 use weft_abi::net::{Direction, ip_words};
 use weft_abi::policy::{
-    EndpointInfo, IDENTITY_ANY, POL_ANY_PORT, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, PolicyData,
-    PolicyValue,
+    EP_SHARED_ADDRESS, EndpointInfo, IDENTITY_ANY, POL_ANY_PORT, POLICY_PREFIX_FIXED,
+    POLICY_PREFIX_FULL, PolicyData, PolicyValue,
 };
 
 use super::{
@@ -540,17 +540,18 @@ fn endpoint_info(
 ) -> EndpointInfo {
     // Which pod's addresses are "itself" is ambiguous in a shared cgroup: none are. Otherwise
     // every address it claims, even one another pod claims too: the kernel drops its packets
-    // from any other source.
+    // from any other source. Such an address is not a way to reach itself.
     let own_ips: &[std::net::IpAddr] = if quarantine == Some(Quarantine::SharedCgroup) {
         &[]
     } else {
         &p.claimed
     };
+    let shared = own_ips.iter().any(|ip| !p.ips.contains(ip));
     EndpointInfo {
         endpoint_id,
         policy_set,
         identity,
-        flags,
+        flags: flags | if shared { EP_SHARED_ADDRESS } else { 0 },
         ip4: own_ips
             .iter()
             .find(|ip| ip.is_ipv4())

@@ -448,17 +448,28 @@ fn an_address_handed_on_is_judged_as_its_new_pod() {
     assert!(to_db_ip(&web), "judged as the api pod");
 }
 
-/// A local pod whose address another pod claims too keeps it as its own: the kernel still
-/// drops its packets from any other source address.
+/// A local pod whose address another pod claims too keeps it as its own source (the kernel
+/// still drops its packets from any other source address), but traffic with that address is
+/// not the pod reaching itself: the other claimant may hold it.
 #[test]
-fn a_local_pod_keeps_its_contested_address_as_its_own() {
+fn a_local_pod_keeps_its_contested_address_as_its_source_only() {
     let twin = POD_Y.replace("10.0.1.11", "10.0.0.11");
-    let (p, _) = compile_docs(&[POD_A, &twin]);
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+    let (p, _) = compile_docs(&[POD_A, &twin, deny]);
     assert_eq!(p.contested.len(), 1, "{:?}", p.contested);
     let a = &p.endpoints["x-a"];
     assert_eq!(a.info.ip4, u32::from_ne_bytes([10, 0, 0, 11]));
+    assert_eq!(a.info.flags, EP_INGRESS_ISOLATED | EP_SHARED_ADDRESS);
     assert_eq!(a.ips, vec![ip("10.0.0.11")]);
     assert_eq!(a.info.identity, 0, "no identity of its own address");
+    let eval = Eval::new(&p);
+    let from_twin = eval.allowed("x-a", Direction::Ingress, ip("10.0.0.11"), IPPROTO_TCP, 80);
+    assert!(!from_twin.0, "judged by its policy, not passed as itself");
+    let (q, _) = compile_docs(&[POD_A, deny]);
+    assert_eq!(q.endpoints["x-a"].info.flags, EP_INGRESS_ISOLATED);
+    let eval = Eval::new(&q);
+    let itself = eval.allowed("x-a", Direction::Ingress, ip("10.0.0.11"), IPPROTO_TCP, 80);
+    assert!(itself.0, "an address of its own alone is itself");
 }
 
 /// Two live pods claiming one address: nobody's identity, reported on both.
