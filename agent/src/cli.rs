@@ -398,14 +398,14 @@ pub async fn policy_check(
         }
     );
     for side in [&doc.egress, &doc.ingress] {
-        let node = side
-            .node
-            .as_deref()
-            .map_or_else(|| "its node".to_owned(), |n| format!("node {n}"));
-        let by = match side.judged_by.as_str() {
-            "kernel" => format!("{node}, this agent's kernel"),
-            "computed" => format!("{node}, computed here from the same objects"),
-            other => format!("{node}, {other}"),
+        let how = match side.judged_by.as_str() {
+            "kernel" => "this agent's kernel",
+            "computed" => "computed here from the same objects",
+            other => other,
+        };
+        let by = match side.node.as_deref() {
+            Some(node) => format!("node {node}, {how}"),
+            None => how.to_owned(),
         };
         let _ = writeln!(
             out,

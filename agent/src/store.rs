@@ -65,6 +65,16 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
         );
         return Err(Invalid::new(None, "kind", msg));
     };
+    // The API server refuses a name or namespace that is not a string (YAML 1.1 reads
+    // `namespace: y` as true): taking it as absent would put the object in `default`.
+    for field in ["name", "namespace"] {
+        if let Some(v) = value.get("metadata").and_then(|m| m.get(field))
+            && !(v.is_string() || v.is_null())
+        {
+            let msg = format!("must be a string, not {v} (quote it in YAML)");
+            return Err(Invalid::new(None, &format!("metadata.{field}"), msg));
+        }
+    }
     let name = value
         .get("metadata")
         .map(|m| text(m, "name").unwrap_or_default())
@@ -249,6 +259,19 @@ mod tests {
             panic!("not a service")
         };
         assert_eq!(s.metadata.namespace.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn a_namespace_yaml_reads_as_a_boolean_is_refused_not_defaulted() {
+        let text = SERVICE.replace("  name: web\n", "  name: web\n  namespace: y\n");
+        assert!(text.contains("namespace: y"), "{text}");
+        let e = doc(&text).expect_err("refused");
+        assert_eq!(e.errors[0].field, "metadata.namespace");
+        assert_eq!(
+            e.errors[0].message,
+            "must be a string, not true (quote it in YAML)"
+        );
+        assert!(doc(&text.replace("namespace: y", "namespace: \"y\"")).is_ok());
     }
 
     #[test]

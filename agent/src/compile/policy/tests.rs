@@ -12,7 +12,7 @@ use super::*;
 
 const POD_A: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}, annotations: {weft.io/cgroup: x-a}}\nspec: {containers: [{name: c, ports: [{name: serve-80-tcp, containerPort: 80}, {name: serve-81-udp, containerPort: 81, protocol: UDP}]}]}\nstatus: {podIP: 10.0.0.11}\n";
 const POD_B: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {pod: b}, annotations: {weft.io/cgroup: x-b}}\nspec: {containers: [{name: c, ports: [{name: serve-80-tcp, containerPort: 8080}]}]}\nstatus: {podIP: 10.0.0.12}\n";
-const POD_Y: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: y, labels: {pod: a}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.1.11}\n";
+const POD_Y: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: 'y', labels: {pod: a}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.1.11}\n";
 
 fn compile_docs(docs: &[&str]) -> (Policies, Ids) {
     let mut ids = Ids::default();
@@ -76,7 +76,7 @@ fn pods_with_different_named_ports_get_different_identities() {
     // the first and 8080 to the second, not both ports to both.
     let pod = |name: &str, ip: &str, port: u16| {
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: y, labels: {{app: web}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: 'y', labels: {{app: web}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
         )
     };
     let (w1, w2) = (pod("w1", "10.0.1.21", 80), pod("w2", "10.0.1.22", 8080));
@@ -352,7 +352,7 @@ fn many_blocks(ns: &str, name: &str, n: usize) -> String {
         })
         .collect();
     format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{}]}}]\n",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: '{ns}'}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{}]}}]\n",
         peers.join(", ")
     )
 }
