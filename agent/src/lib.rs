@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod doctor;
 pub mod events;
+pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod mounts;

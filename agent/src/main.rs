@@ -53,6 +53,19 @@ enum Command {
     /// Check what the agent needs from this node (capabilities, cgroup v2, bpffs, BTF) and
     /// load every program once, printing the verifier's log of any that fails (exit 1).
     Doctor(DoctorArgs),
+    /// The mesh's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Make a new root CA (ECDSA P-256, 10 years) as DIR/ca.crt and DIR/ca.key (mode 0600);
+    /// never replaces either file.
+    Init {
+        /// The directory to write to (it must exist).
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -262,6 +275,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cleanup(args) => cleanup(&args.instance),
         Command::Compile(args) => compile(&args),
         Command::Doctor(args) => doctor(&args),
+        Command::Ca(CaCommand::Init { dir }) => ca_init(&dir),
         Command::Status(a) => client(cli::status(&a.client.socket(), a.client.output, a.brief)),
         Command::Policy(PolicyCommand::Check(a)) => {
             let query = admin::policy::CheckQuery {
@@ -329,6 +343,18 @@ fn compile(args: &CompileArgs) -> anyhow::Result<ExitCode> {
         &serde_json::to_string_pretty(&report)?,
         report.rejections.is_empty(),
     ))
+}
+
+fn ca_init(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let [crt, key] = weft::identity::ca::Ca::init(dir, std::time::SystemTime::now())
+        .map_err(|e| anyhow::anyhow!(weft::chain(&e)))?;
+    println!(
+        "wrote {} (the root peers trust) and {} (mode 0600: whoever holds it can issue any \
+         identity of the mesh)",
+        crt.display(),
+        key.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {

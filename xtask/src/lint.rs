@@ -22,7 +22,7 @@ use syn::visit::Visit;
 /// layer and of earlier ones. Items of `lib.rs` itself (e.g. `crate::chain`) belong to none.
 pub const LAYERS: &[&[&str]] = &[
     // Foundations: no knowledge of Kubernetes, maps or the data flow.
-    &["cgroup", "logging", "metrics", "mounts"],
+    &["cgroup", "identity", "logging", "metrics", "mounts"],
     // The kernel side: the embedded object, pins, links, every map's handle.
     &["datapath"],
     // Desired state: Kubernetes objects, their decoding and validation.
