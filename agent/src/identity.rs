@@ -4,6 +4,7 @@
 //! The agent holds a short-lived leaf certificate for each identity with a pod on its node,
 //! issued by the CA it is given ([`ca`]).
 pub mod ca;
+pub mod certs;
 
 use std::{fmt, path::PathBuf};
 

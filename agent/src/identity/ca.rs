@@ -44,6 +44,8 @@ pub struct Root {
 /// The signing certificate and key, and the trust bundle.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// SHA-256 of the signing certificate: leaves of another signer are renewed.
+    fingerprint: [u8; 32],
     /// PEM of the signing certificate, sent after every leaf unless it is itself a root.
     chain_pem: String,
     roots: Vec<Root>,
@@ -66,8 +68,13 @@ pub struct Leaf {
     pub key_pem: String,
     /// Hex, as `openssl x509 -serial` prints it.
     pub serial: String,
+    /// A little before it was issued (clocks of nodes differ).
     pub not_before: SystemTime,
+    /// When it was issued.
+    pub issued: SystemTime,
     pub not_after: SystemTime,
+    /// [`Ca::fingerprint`] of the CA that signed it.
+    pub signer: [u8; 32],
 }
 
 impl Ca {
@@ -135,8 +142,11 @@ impl Ca {
         let issuer = Issuer::from_ca_cert_pem(&signing_pem, key)
             .map_err(|e| invalid(&cert_file, &format!("not a CA certificate: {e}")))?;
         let is_root = roots.iter().any(|r| r.der == signing);
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &signing).as_ref());
         Ok(Self {
             issuer,
+            fingerprint,
             chain_pem: if is_root { String::new() } else { signing_pem },
             roots,
         })
@@ -145,6 +155,11 @@ impl Ca {
     /// The trust bundle.
     pub fn roots(&self) -> &[Root] {
         &self.roots
+    }
+
+    /// SHA-256 of the signing certificate.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
     }
 
     /// A leaf for `id` valid from a little before `now` for `ttl`: ECDSA P-256, the SPIFFE ID
@@ -178,7 +193,9 @@ impl Ca {
             key_pem: key.serialize_pem(),
             serial: serial_hex,
             not_before: whole_seconds(not_before),
+            issued: now,
             not_after: whole_seconds(not_after),
+            signer: self.fingerprint,
         })
     }
 }
