@@ -137,19 +137,20 @@ fn join(node: &Node, underlay: &str, subnet: u8) {
         ],
     );
     proc::run("ip", ["-n", n, "link", "set", "ul", "up"]);
-    // New namespaces start with forwarding off (`nsenter`, not `ip netns exec`: the latter
-    // remounts /sys).
+    // New namespaces start with forwarding off.
+    sysctl(
+        node,
+        &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+    );
+}
+
+/// Sets sysctls in a node's namespace (`nsenter`, not `ip netns exec`: the latter remounts
+/// /sys).
+fn sysctl(node: &Node, settings: &[&str]) {
     let netns = format!("--net={}", node.netns_path().display());
     proc::run(
         "nsenter",
-        [
-            netns.as_str(),
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-        ],
+        [&[netns.as_str(), "sysctl", "-q", "-w"], settings].concat(),
     );
 }
 
@@ -233,17 +234,7 @@ impl Cluster {
         }
         let old = self.node(&from);
         let n = old.netns_name();
-        let netns = format!("--net={}", old.netns_path().display());
-        proc::run(
-            "nsenter",
-            [
-                netns.as_str(),
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.br0.proxy_ndp=1",
-            ],
-        );
+        sysctl(old, &["net.ipv6.conf.br0.proxy_ndp=1"]);
         let (a4, a6) = (v4.to_string(), v6.to_string());
         proc::run("ip", ["-n", n, "neigh", "add", "proxy", &a4, "dev", "br0"]);
         proc::run(

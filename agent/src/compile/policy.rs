@@ -513,15 +513,25 @@ impl IdentityPass<'_> {
     }
 
     fn rejected_pod(&mut self, p: &PodView<'_>) {
-        let id = self.ids.identity(&IdentityKey::RejectedPod);
+        self.matching_nothing(IdentityKey::RejectedPod, &p.ips);
+    }
+
+    /// Gives `ips` identity `key`, which no selector and no ipBlock matches (only rules that
+    /// allow every peer).
+    fn matching_nothing<'i>(
+        &mut self,
+        key: IdentityKey,
+        ips: impl IntoIterator<Item = &'i IpAddr>,
+    ) {
+        let id = self.ids.identity(&key);
         self.views.entry(id).or_insert_with(|| IdentityView {
             id,
             pod: None,
             blocks: Vec::new(),
             named_ports: BTreeMap::new(),
         });
-        self.out.identities.insert(id, IdentityKey::RejectedPod);
-        for ip in &p.ips {
+        self.out.identities.insert(id, key);
+        for ip in ips {
             let value = IpcacheValue {
                 identity: id,
                 flags: 0,
@@ -536,23 +546,9 @@ impl IdentityPass<'_> {
         if model.contested.is_empty() {
             return;
         }
-        let id = self.ids.identity(&IdentityKey::ContestedAddress);
-        self.views.entry(id).or_insert_with(|| IdentityView {
-            id,
-            pod: None,
-            blocks: Vec::new(),
-            named_ports: BTreeMap::new(),
-        });
-        self.out
-            .identities
-            .insert(id, IdentityKey::ContestedAddress);
+        self.matching_nothing(IdentityKey::ContestedAddress, model.contested.keys());
         self.out.contested = model.contested.clone();
         for (ip, claimants) in &model.contested {
-            let value = IpcacheValue {
-                identity: id,
-                flags: 0,
-            };
-            self.out.ipcache.insert(IpNet::from(*ip), value);
             for pod in claimants {
                 let others: Vec<&str> = claimants
                     .iter()
