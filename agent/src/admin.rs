@@ -281,6 +281,9 @@ pub struct StatusDoc {
     /// could not be read.
     #[serde(default)]
     pub maps: serde_json::Value,
+    /// The mesh CA and how many identities hold a certificate (`weft certs` has them all).
+    #[serde(default)]
+    pub mesh: serde_json::Value,
 }
 
 /// One frontend as the kernel holds it (`GET /services`).
@@ -311,6 +314,8 @@ pub struct AdminState {
     pub source_health: Option<Arc<crate::source::kube::Health>>,
     /// Telemetry settings, for `/config/dump`.
     pub telemetry_settings: serde_json::Value,
+    /// The mesh's CA and certificates.
+    pub mesh: Arc<RwLock<crate::mesh::MeshStatus>>,
 }
 
 /// Listens on `path`, for the peers `access` allows only (see [`access`]). A stale socket
@@ -351,6 +356,7 @@ pub async fn serve(
         .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/policies", get(policy::policies_handler))
         .route("/policy/check", get(policy::check_handler))
+        .route("/mesh/certs", get(mesh_certs))
         .route("/connections", get(telemetry::connections))
         .route("/flows", get(telemetry::flows))
         .route("/config/dump", get(telemetry::config_dump))
@@ -430,7 +436,29 @@ fn status_doc(state: &AdminState, maps: serde_json::Value) -> StatusDoc {
             "metrics_addr": state.metrics_addr,
         }),
         maps,
+        mesh: mesh_summary(&state.mesh.read().unwrap_or_else(|e| e.into_inner())),
     }
+}
+
+fn mesh_summary(mesh: &crate::mesh::MeshStatus) -> serde_json::Value {
+    let held = mesh
+        .identities
+        .iter()
+        .filter(|i| i.certificate.as_ref().is_some_and(|c| !c.expired))
+        .count();
+    serde_json::json!({
+        "trust_domain": mesh.trust_domain,
+        "ca": mesh.ca.as_ref().map(|c| &c.dir),
+        "ca_loaded": mesh.ca.as_ref().is_some_and(|c| c.loaded),
+        "roots": mesh.ca.as_ref().map_or(0, |c| c.roots.len()),
+        "identities": mesh.identities.len(),
+        "certificates": held,
+    })
+}
+
+/// `weft certs`: the mesh CA, the identities held and their certificates.
+async fn mesh_certs(State(state): State<AdminState>) -> Json<crate::mesh::MeshStatus> {
+    Json(state.mesh.read().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
 async fn status(State(state): State<AdminState>) -> Json<StatusDoc> {
@@ -496,6 +524,15 @@ fn degraded(state: &AdminState) -> Vec<String> {
             policy.contested.join(", ")
         ));
     }
+    drop(policy);
+    out.extend(
+        state
+            .mesh
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .degraded(),
+    );
+    let policy = state.policy.read().unwrap_or_else(|e| e.into_inner());
     let quarantined: Vec<String> = policy
         .endpoints
         .iter()

@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use prometheus_client::registry::Registry;
@@ -28,6 +28,7 @@ use crate::{
         udp::{UdpBatch, UdpFlowReader},
     },
     logging::{self, KernelLogs},
+    mesh::Mesh,
     metrics,
     pipeline::{
         self, Pipeline,
@@ -256,6 +257,37 @@ fn commit_when_synced(datapath: &mut Datapath, pipeline: &mut Pipeline) -> Resul
     Ok(true)
 }
 
+/// The pipeline and its first pass (the programs are attached after it when they wait).
+fn start_pipeline(
+    config: &Config,
+    datapath: &mut Datapath,
+    source: Option<Source>,
+    cgroup_root: &Path,
+    metrics: PipelineMetrics,
+) -> Result<(Pipeline, Schedule), Error> {
+    let mut pipeline = Pipeline::new(
+        source,
+        (
+            KernelMaps::take(datapath)?,
+            KernelPolicyMaps::take(datapath)?,
+        ),
+        &config.datapath.capacities,
+        &config.pipeline,
+        cgroup_root,
+        metrics,
+    )?;
+    if datapath.pending() {
+        pipeline.hold_ready();
+    }
+    let mut schedule = Schedule::new(Instant::now());
+    // A file still being written is read again shortly instead of waiting for the resync.
+    if pipeline.refresh(true)? {
+        schedule.retry_unsettled(Instant::now());
+    }
+    commit_when_synced(datapath, &mut pipeline)?;
+    Ok((pipeline, schedule))
+}
+
 /// Kernel events into telemetry: the ring buffer, the UDP flow counters (read off the event
 /// loop; the results come back on a channel), and what the kernel still tracks.
 struct TelemetryLoop {
@@ -392,6 +424,8 @@ struct Agent {
     telemetry: TelemetryLoop,
     stats: Stats,
     admin: Admin,
+    /// The node's workload certificates.
+    mesh: Mesh,
     /// What `weft status` says of the agent (its programs once attached).
     agent_info: Arc<std::sync::RwLock<AgentInfo>>,
     timers: Timers,
@@ -415,30 +449,19 @@ impl Agent {
             Some(Source::Kubernetes(kube)) => Some(kube.health()),
             _ => None,
         };
-        let mut pipeline = Pipeline::new(
+        let (pipeline, schedule) = start_pipeline(
+            config,
+            &mut datapath,
             source,
-            (
-                KernelMaps::take(&mut datapath)?,
-                KernelPolicyMaps::take(&mut datapath)?,
-            ),
-            &config.datapath.capacities,
-            &config.pipeline,
             &cgroup_root,
             PipelineMetrics::new(weft, maps.clone()),
         )?;
-        if datapath.pending() {
-            pipeline.hold_ready();
-        }
-        let mut schedule = Schedule::new(Instant::now());
-        // A file still being written is read again shortly instead of waiting for the resync.
-        if pipeline.refresh(true)? {
-            schedule.retry_unsettled(Instant::now());
-        }
-        commit_when_synced(&mut datapath, &mut pipeline)?;
         let views = pipeline.views();
+        let mut mesh = Mesh::new(&config.mesh, weft);
+        on_pass(&mut mesh, &views);
         let telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
-        let state = admin_state(
+        let mut state = admin_state(
             config,
             &datapath,
             registry,
@@ -446,6 +469,7 @@ impl Agent {
             &telemetry,
             source_health,
         );
+        state.mesh = mesh.status();
         let socket = config.admin_socket();
         let agent_info = Arc::clone(&state.info);
         let admin = Admin::spawn(&config.admin, &socket, state).await?;
@@ -474,6 +498,7 @@ impl Agent {
             telemetry,
             stats,
             admin,
+            mesh,
             agent_info,
             timers: Timers::new(config).await,
         };
@@ -485,6 +510,7 @@ impl Agent {
     async fn run(mut self, mut signals: Signals) -> Result<(), Error> {
         loop {
             let due = self.schedule.due();
+            let renewal = self.mesh.next_due();
             tokio::select! {
                 ready = self.telemetry.reader.ready(&mut self.telemetry.poll) => {
                     ready?;
@@ -493,7 +519,13 @@ impl Agent {
                 () = self.kernel_logs.readable() => self.kernel_logs.flush(),
                 Some(event) = recv(&mut self.source_events) => self.on_source_event(event),
                 () = sleep_until(due), if due.is_some() => self.pass(false)?,
-                _ = self.timers.resync.tick() => self.pass(true)?,
+                _ = self.timers.resync.tick() => {
+                    self.mesh.reload_ca(SystemTime::now());
+                    self.pass(true)?;
+                }
+                () = sleep_until_wall(renewal), if renewal.is_some() => {
+                    self.mesh.renew(SystemTime::now());
+                }
                 _ = self.timers.gc.tick() => self.bind_new_cgroups()?,
                 Some(()) = self.cgroup_created.recv() => {
                     // One look covers every creation reported so far.
@@ -560,6 +592,7 @@ impl Agent {
             }
         }
         self.watch_cgroups();
+        on_pass(&mut self.mesh, &self.pipeline.views());
         self.try_commit()
     }
 
@@ -593,6 +626,27 @@ async fn recv<T>(rx: &mut Option<UnboundedReceiver<T>>) -> Option<T> {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Sleeps until a wall-clock time (certificate times are wall-clock).
+async fn sleep_until_wall(at: Option<SystemTime>) {
+    if let Some(at) = at {
+        let wait = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The mesh follows the pass just published: its store and this node's pods.
+fn on_pass(mesh: &mut Mesh, views: &pipeline::Views) {
+    let store = Arc::clone(&views.store.read().unwrap_or_else(|e| e.into_inner()));
+    let policy = views.policy.read().unwrap_or_else(|e| e.into_inner());
+    mesh.on_pass(
+        &store,
+        policy.endpoints.iter().map(|e| e.pod.as_str()),
+        SystemTime::now(),
+    );
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -641,5 +695,6 @@ fn admin_state(
         store: Arc::clone(&views.store),
         source_health,
         telemetry_settings: config.telemetry.summary(&config.pipeline.names),
+        mesh: Arc::default(),
     }
 }

@@ -8,6 +8,7 @@ use crate::admin::{
     self, KernelService, StatusDoc,
     policy::{CheckDoc, CheckQuery, PoliciesDoc},
 };
+use crate::mesh::MeshStatus;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +271,72 @@ pub async fn services(socket: &Path, output: Output) -> Result<String, Error> {
         );
     }
     Ok(out)
+}
+
+/// `weft certs`.
+pub async fn certs(socket: &Path, output: Output) -> Result<String, Error> {
+    let doc: MeshStatus = admin::get_json(socket, "/mesh/certs").await?;
+    if let Some(text) = structured(&doc, output)? {
+        return Ok(text);
+    }
+    Ok(certs_table(&doc))
+}
+
+fn certs_table(doc: &MeshStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "trust domain: {}", doc.trust_domain);
+    match &doc.ca {
+        None => {
+            let _ = writeln!(out, "CA:           none (no --mesh-ca)");
+        }
+        Some(ca) => {
+            let state = match (ca.loaded, &ca.error) {
+                (true, None) => "loaded".to_owned(),
+                (true, Some(e)) => format!("loaded; the last read FAILED: {e}"),
+                (false, e) => format!("NOT LOADED: {}", e.as_deref().unwrap_or("not read yet")),
+            };
+            let _ = writeln!(out, "CA:           {} ({state})", ca.dir.display());
+            for r in &ca.roots {
+                let _ = writeln!(
+                    out,
+                    "  root:       {} (until {}, sha256 {})",
+                    r.subject, r.not_after, r.fingerprint
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<56} {:<34} {:<22} {:<22} PODS",
+        "IDENTITY", "SERIAL", "EXPIRES", "RENEWS"
+    );
+    for i in &doc.identities {
+        let (serial, expires, renews) = match &i.certificate {
+            Some(c) => (
+                c.serial.as_str(),
+                if c.expired {
+                    format!("EXPIRED {}", c.not_after)
+                } else {
+                    c.not_after.clone()
+                },
+                c.renew_at.as_str(),
+            ),
+            None => ("-", "-".to_owned(), "-"),
+        };
+        let _ = writeln!(
+            out,
+            "{:<56} {serial:<34} {expires:<22} {renews:<22} {}",
+            i.identity,
+            i.pods.join(", ")
+        );
+        if let Some(e) = &i.error {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    for u in &doc.unknown_labels {
+        let _ = writeln!(out, "ignored label: {u}");
+    }
+    out
 }
 
 /// `weft policies`.

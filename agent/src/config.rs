@@ -2,7 +2,7 @@
 //! that uses it (each has a clap `Settings`); this type flattens them. Whatever clap can check
 //! field by field is refused while parsing (a zero duration or capacity names its flag);
 //! [`Config::validate`] checks what spans fields, before anything is loaded.
-use crate::{admin, datapath, events, pipeline, source, stats, telemetry};
+use crate::{admin, datapath, events, mesh, pipeline, source, stats, telemetry};
 
 /// Everything `weft agent` is asked to do.
 #[derive(Debug, Clone, clap::Args)]
@@ -19,6 +19,8 @@ pub struct Config {
     pub telemetry: telemetry::Settings,
     #[command(flatten)]
     pub stats: stats::Settings,
+    #[command(flatten)]
+    pub mesh: mesh::Settings,
     #[command(flatten)]
     pub admin: admin::Settings,
 }

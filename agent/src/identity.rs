@@ -30,6 +30,35 @@ impl SpiffeId {
     }
 }
 
+impl SpiffeId {
+    /// Reads `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`; any other shape
+    /// (another path, an empty part, a query) is not a workload identity.
+    pub fn parse(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (trust_domain, path) = rest.split_once('/')?;
+        let mut parts = path.split('/');
+        let (Some("ns"), Some(namespace), Some("sa"), Some(service_account), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        };
+        (plain(trust_domain) && plain(namespace) && plain(service_account)).then(|| Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        })
+    }
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -62,6 +91,9 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value of [`Self::metric_label`] (the series start at zero).
+    pub const METRIC_LABELS: [&'static str; 5] = ["read", "write", "invalid", "no_ca", "sign"];
+
     /// The `reason` label of a metric counting this error.
     pub const fn metric_label(&self) -> &'static str {
         match self {

@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod events;
 pub mod identity;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod mounts;
 pub mod pipeline;

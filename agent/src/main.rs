@@ -56,6 +56,9 @@ enum Command {
     /// The mesh's certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The mesh identities of this node's pods, their certificates (serial, expiry), and the
+    /// roots trusted.
+    Certs(ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,6 +309,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Services(a) => listing(&a, cli::services),
         Command::Policies(a) => listing(&a, cli::policies),
         Command::Maps(a) => listing(&a, cli::maps),
+        Command::Certs(a) => listing(&a, cli::certs),
         Command::Connections(a) => listing(&a, cli::connections),
         Command::Config(ConfigCommand::Dump(a)) => listing(&a, cli::config_dump),
         Command::Version(a) => listing(&a, cli::version),

@@ -35,8 +35,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["sync"],
     // source → store → compile → sync, run on every change.
     &["pipeline"],
-    // Kernel events (ring buffer) and kernel counters, decoded.
-    &["events", "stats"],
+    // Kernel events (ring buffer) and kernel counters, decoded; the mesh (certificates).
+    &["events", "stats", "mesh"],
     // Events and names into metrics and flow records (pure).
     &["telemetry"],
     // What the node offers, the admin API and its client.

@@ -85,7 +85,10 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "weft");
-        dn.push(DnType::CommonName, "weft mesh root");
+        let serial = serial(&key);
+        // Two roots never share a name (a verifier looks issuers up by name).
+        let tag = hex(&serial.as_ref()[..4]);
+        dn.push(DnType::CommonName, format!("weft mesh root {tag}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -95,7 +98,7 @@ impl Ca {
         ];
         params.not_before = (now - CLOCK_SKEW).into();
         params.not_after = (now + ROOT_LIFETIME).into();
-        params.serial_number = Some(serial(&key));
+        params.serial_number = Some(serial);
         let cert = params.self_signed(&key).map_err(Error::Sign)?;
         let (crt, key_file) = (dir.join(CA_CERT), dir.join(CA_KEY));
         for path in [&crt, &key_file] {
@@ -157,6 +160,17 @@ impl Ca {
         &self.roots
     }
 
+    /// The same signing certificate and trust bundle (a re-read of an unchanged CA).
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+            && self.roots.len() == other.roots.len()
+            && self
+                .roots
+                .iter()
+                .zip(&other.roots)
+                .all(|(a, b)| a.der == b.der)
+    }
+
     /// SHA-256 of the signing certificate.
     pub fn fingerprint(&self) -> [u8; 32] {
         self.fingerprint
@@ -165,11 +179,23 @@ impl Ca {
     /// A leaf for `id` valid from a little before `now` for `ttl`: ECDSA P-256, the SPIFFE ID
     /// its only subject alternative name, for TLS clients and servers, not a CA.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Leaf, Error> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::Sign)?;
         let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(Error::Sign)?;
+        self.issue_with_names(id, vec![SanType::URI(uri)], ttl, now)
+    }
+
+    /// A leaf with other subject alternative names than `id`'s URI (tests of peers that
+    /// present no SPIFFE ID).
+    pub(crate) fn issue_with_names(
+        &self,
+        id: &SpiffeId,
+        names: Vec<SanType>,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Leaf, Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::Sign)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names = names;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

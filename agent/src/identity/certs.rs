@@ -55,7 +55,7 @@ impl Certs {
         }
         for id in wanted {
             let held = self.leaves.get(id);
-            let due = held.is_none_or(|l| l.signer != ca.fingerprint() || now >= renew_at(l));
+            let due = held.is_none_or(|l| l.signer != ca.fingerprint() || now >= Self::renew_at(l));
             if !due {
                 continue;
             }
@@ -76,7 +76,7 @@ impl Certs {
 
     /// When the next certificate is due for renewal.
     pub fn next_renewal(&self) -> Option<SystemTime> {
-        self.leaves.values().map(renew_at).min()
+        self.leaves.values().map(Self::renew_at).min()
     }
 
     /// The certificate of an identity, if held and not expired at `now`.
@@ -84,19 +84,20 @@ impl Certs {
         self.leaves.get(id).filter(|l| now < l.not_after)
     }
 
+    /// When a certificate is renewed: half-way from its issue to its expiry (the backdating
+    /// for clock skew aside).
+    pub fn renew_at(leaf: &Leaf) -> SystemTime {
+        let life = leaf
+            .not_after
+            .duration_since(leaf.issued)
+            .unwrap_or_default();
+        leaf.issued + life / 2
+    }
+
     /// Every held certificate, by identity.
     pub fn held(&self) -> impl Iterator<Item = &Leaf> {
         self.leaves.values()
     }
-}
-
-/// Half-way from its issue to its expiry (the backdating for clock skew aside).
-fn renew_at(leaf: &Leaf) -> SystemTime {
-    let life = leaf
-        .not_after
-        .duration_since(leaf.issued)
-        .unwrap_or_default();
-    leaf.issued + life / 2
 }
 
 #[cfg(test)]

@@ -1,0 +1,369 @@
+//! Tunnels end to end on loopback: mutual TLS with workload certificates, HBONE streams,
+//! pooling, and the peers that must be refused.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+use super::{
+    hbone::{self, Inbound, Pool, Route},
+    metrics::{ProxyMetrics, Refusal},
+    tls::{Credentials, HandshakeFailure},
+};
+use crate::identity::{
+    SpiffeId,
+    ca::{Ca, Leaf},
+};
+
+struct Pki {
+    dir: PathBuf,
+    ca: Ca,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("weft-tunnel-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create");
+        Ca::init(&dir, SystemTime::now()).expect("init");
+        let ca = Ca::load(&dir).expect("load");
+        Self { dir, ca }
+    }
+
+    fn leaf(&self, sa: &str) -> Leaf {
+        self.ca
+            .issue(&id(sa), Duration::from_secs(3600), SystemTime::now())
+            .expect("issue")
+    }
+
+    /// Credentials trusting this CA's roots, holding `leaves`.
+    fn creds(&self, leaves: &[Leaf]) -> Arc<Credentials> {
+        let roots: Vec<&[u8]> = self.ca.roots().iter().map(|r| r.der.as_slice()).collect();
+        Arc::new(Credentials::new(roots, leaves).expect("credentials"))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "shop", Some(sa))
+}
+
+/// Echoes whatever it reads, on loopback.
+async fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A tunnel server as `sa` of `creds`: streams go to their `:authority`; what each stream
+/// asked for, and each connection's outcome, is reported.
+struct Server {
+    addr: SocketAddr,
+    streams: mpsc::UnboundedReceiver<Inbound>,
+    outcomes: mpsc::UnboundedReceiver<Option<HandshakeFailure>>,
+}
+
+async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server {
+    let config = creds.server(&id(sa)).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stream_tx, streams) = mpsc::unbounded_channel();
+    let (outcome_tx, outcomes) = mpsc::unbounded_channel();
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, metrics) = (Arc::clone(&config), metrics.clone());
+            let (stream_tx, outcome_tx) = (stream_tx.clone(), outcome_tx.clone());
+            tokio::spawn(async move {
+                let open = move |inbound: Inbound| {
+                    let tx = stream_tx.clone();
+                    async move {
+                        let target = inbound.target;
+                        let _ = tx.send(inbound);
+                        TcpStream::connect(target)
+                            .await
+                            .map_err(|_| Refusal::Unreachable)
+                    }
+                };
+                let outcome = match hbone::serve(tcp, config, metrics, open).await {
+                    Err(hbone::Error::Handshake { reason, .. }) => Some(reason),
+                    _ => None,
+                };
+                let _ = outcome_tx.send(outcome);
+            });
+        }
+    });
+    Server {
+        addr,
+        streams,
+        outcomes,
+    }
+}
+
+fn route(client: &str, server: &str, tunnel: SocketAddr) -> Route {
+    Route {
+        source: id(client),
+        destination: id(server),
+        tunnel,
+    }
+}
+
+fn source_ip() -> IpAddr {
+    "10.1.0.7".parse().expect("ip")
+}
+
+/// Writes `text` through a stream and reads it back.
+async fn round_trip(stream: hyper::upgrade::Upgraded, text: &[u8]) -> Vec<u8> {
+    let mut io = TokioIo::new(stream);
+    io.write_all(text).await.expect("write");
+    let mut back = vec![0u8; text.len()];
+    io.read_exact(&mut back).await.expect("read");
+    back
+}
+
+/// The value of a sample in the registry's exposition.
+fn sample(registry: &Registry, series: &str) -> f64 {
+    let text = crate::metrics::encode(registry);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+fn counter(registry: &Registry, name: &str, labels: &str) -> f64 {
+    sample(registry, &format!("{name}_total{{{labels}}}"))
+}
+
+/// A stream reaches its target with the client's identity verified and its source named;
+/// a second stream of the same route reuses the tunnel.
+#[tokio::test]
+async fn streams_carry_bytes_name_their_source_and_share_one_handshake() {
+    let pki = Pki::new("pool");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let mut server = server(&creds, "db", &metrics).await;
+    let target = echo().await;
+    let pool = Pool::default();
+    let r = route("web", "db", server.addr);
+    for text in [&b"ping"[..], b"pong"] {
+        let stream = pool
+            .connect(&creds, &metrics, &r, target, source_ip())
+            .await
+            .expect("stream");
+        assert_eq!(round_trip(stream, text).await, text);
+        let inbound = server.streams.recv().await.expect("inbound");
+        assert_eq!(
+            inbound,
+            Inbound {
+                peer: id("web"),
+                target,
+                source: Some(source_ip()),
+            }
+        );
+    }
+    assert_eq!(
+        counter(&registry, "mesh_handshakes", "direction=\"outbound\""),
+        1.0
+    );
+    assert_eq!(
+        counter(&registry, "mesh_handshakes", "direction=\"inbound\""),
+        1.0
+    );
+    assert_eq!(
+        counter(&registry, "mesh_streams", "direction=\"outbound\""),
+        2.0
+    );
+    assert_eq!(
+        counter(&registry, "mesh_streams", "direction=\"inbound\""),
+        2.0
+    );
+}
+
+/// A server whose certificate the client must not accept: the stream is not opened and the
+/// reason is counted on both sides.
+#[tokio::test]
+async fn servers_outside_the_bundle_without_an_id_expired_or_someone_else_are_refused() {
+    let pki = Pki::new("server-refused");
+    let other = Pki::new("server-other");
+    let past = SystemTime::now() - Duration::from_secs(7200);
+    let no_uri = pki
+        .ca
+        .issue_with_names(
+            &id("db"),
+            vec![rcgen::SanType::DnsName("db.shop".try_into().expect("dns"))],
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .expect("issue");
+    let cases = [
+        ("another CA", other.leaf("db"), HandshakeFailure::UnknownCa),
+        ("no SPIFFE ID", no_uri, HandshakeFailure::NoSpiffeId),
+        (
+            "expired",
+            pki.ca
+                .issue(&id("db"), Duration::from_secs(60), past)
+                .expect("issue"),
+            HandshakeFailure::Expired,
+        ),
+        (
+            "someone else",
+            pki.leaf("cache"),
+            HandshakeFailure::WrongIdentity,
+        ),
+    ];
+    let client = pki.creds(&[pki.leaf("web")]);
+    for (what, leaf, want) in cases {
+        let mut registry = Registry::default();
+        let metrics = ProxyMetrics::new(&mut registry);
+        let served = pki.creds(std::slice::from_ref(&leaf));
+        let mut server = server(&served, &leaf.id.service_account, &metrics).await;
+        let e = Pool::default()
+            .connect(
+                &client,
+                &metrics,
+                &route("web", "db", server.addr),
+                echo().await,
+                source_ip(),
+            )
+            .await
+            .expect_err(what);
+        let reason = match e {
+            hbone::Error::Handshake { reason, .. } => reason,
+            other => panic!("{what}: {other}"),
+        };
+        assert_eq!(reason, want, "{what}");
+        let label = format!("direction=\"outbound\",reason=\"{}\"", want.as_str());
+        assert_eq!(
+            counter(&registry, "mesh_handshake_failures", &label),
+            1.0,
+            "{what}"
+        );
+        assert_eq!(
+            server.outcomes.recv().await.expect("outcome"),
+            Some(HandshakeFailure::PeerRefused),
+            "{what}"
+        );
+    }
+}
+
+/// A client the server must not accept (another CA, no SPIFFE ID, expired): refused and
+/// counted by the server.
+#[tokio::test]
+async fn clients_outside_the_bundle_without_an_id_or_expired_are_refused() {
+    let pki = Pki::new("client-refused");
+    let other = Pki::new("client-other");
+    let no_uri = pki
+        .ca
+        .issue_with_names(
+            &id("web"),
+            vec![rcgen::SanType::DnsName("web.shop".try_into().expect("dns"))],
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .expect("issue");
+    let expired = pki
+        .ca
+        .issue(
+            &id("web"),
+            Duration::from_secs(60),
+            SystemTime::now() - Duration::from_secs(7200),
+        )
+        .expect("issue");
+    let cases = [
+        ("another CA", other.leaf("web"), HandshakeFailure::UnknownCa),
+        ("no SPIFFE ID", no_uri, HandshakeFailure::NoSpiffeId),
+        ("expired", expired, HandshakeFailure::Expired),
+    ];
+    for (what, leaf, want) in cases {
+        let mut registry = Registry::default();
+        let metrics = ProxyMetrics::new(&mut registry);
+        let served = pki.creds(&[pki.leaf("db")]);
+        let mut server = server(&served, "db", &metrics).await;
+        let client_metrics = ProxyMetrics::new(&mut Registry::default());
+        // The client trusts the server's CA, whatever signed its own certificate.
+        let client = pki.creds(&[leaf]);
+        let result = Pool::default()
+            .connect(
+                &client,
+                &client_metrics,
+                &route("web", "db", server.addr),
+                echo().await,
+                source_ip(),
+            )
+            .await;
+        assert!(result.is_err(), "{what}: a stream was opened");
+        assert_eq!(
+            server.outcomes.recv().await.expect("outcome"),
+            Some(want),
+            "{what}"
+        );
+        let label = format!("direction=\"inbound\",reason=\"{}\"", want.as_str());
+        assert_eq!(
+            counter(&registry, "mesh_handshake_failures", &label),
+            1.0,
+            "{what}"
+        );
+        assert!(
+            server.streams.try_recv().is_err(),
+            "{what}: no stream reached the target"
+        );
+    }
+}
+
+/// New credentials (a renewed certificate) open a new tunnel; a stream opened before keeps
+/// working on the old one.
+#[tokio::test]
+async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working() {
+    let pki = Pki::new("renew");
+    let db = pki.leaf("db");
+    let before = pki.creds(&[pki.leaf("web"), db.clone()]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let mut server = server(&before, "db", &metrics).await;
+    let target = echo().await;
+    let pool = Pool::default();
+    let r = route("web", "db", server.addr);
+    let old = pool
+        .connect(&before, &metrics, &r, target, source_ip())
+        .await
+        .expect("stream");
+    let mut old = TokioIo::new(old);
+    let after = pki.creds(&[pki.leaf("web"), db]);
+    let new = pool
+        .connect(&after, &metrics, &r, target, source_ip())
+        .await
+        .expect("stream");
+    assert_eq!(round_trip(new, b"new").await, b"new");
+    old.write_all(b"old").await.expect("write");
+    let mut back = [0u8; 3];
+    old.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"old");
+    assert_eq!(
+        counter(&registry, "mesh_handshakes", "direction=\"outbound\""),
+        2.0
+    );
+    let _ = server.streams.recv().await;
+}
