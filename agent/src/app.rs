@@ -28,7 +28,7 @@ use crate::{
         udp::{UdpBatch, UdpFlowReader},
     },
     logging::{self, KernelLogs},
-    mesh::Mesh,
+    mesh::{LocalPod, Mesh},
     metrics,
     pipeline::{
         self, Pipeline,
@@ -457,8 +457,13 @@ impl Agent {
             PipelineMetrics::new(weft, maps.clone()),
         )?;
         let views = pipeline.views();
-        let mut mesh = Mesh::new(&config.mesh, weft);
-        on_pass(&mut mesh, &views);
+        let mut mesh = Mesh::new(
+            &config.mesh,
+            weft,
+            Some(datapath.take(weft_abi::maps::MESH_ORIG)?),
+            config.datapath.host_netns.as_deref(),
+        );
+        on_pass(&mut mesh, &views, datapath.cgroup());
         let telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
         let mut state = admin_state(
@@ -523,8 +528,11 @@ impl Agent {
                     self.mesh.reload_ca(SystemTime::now());
                     self.pass(true)?;
                 }
+                () = self.mesh.listeners_changed() => self.mesh.republish(),
                 () = sleep_until_wall(renewal), if renewal.is_some() => {
                     self.mesh.renew(SystemTime::now());
+                    // Pods waiting for a process in their namespace are looked at again.
+                    on_pass(&mut self.mesh, &self.pipeline.views(), self.datapath.cgroup());
                 }
                 _ = self.timers.gc.tick() => self.bind_new_cgroups()?,
                 Some(()) = self.cgroup_created.recv() => {
@@ -592,7 +600,11 @@ impl Agent {
             }
         }
         self.watch_cgroups();
-        on_pass(&mut self.mesh, &self.pipeline.views());
+        on_pass(
+            &mut self.mesh,
+            &self.pipeline.views(),
+            self.datapath.cgroup(),
+        );
         self.try_commit()
     }
 
@@ -639,14 +651,19 @@ async fn sleep_until_wall(at: Option<SystemTime>) {
 }
 
 /// The mesh follows the pass just published: its store and this node's pods.
-fn on_pass(mesh: &mut Mesh, views: &pipeline::Views) {
+fn on_pass(mesh: &mut Mesh, views: &pipeline::Views, cgroup_root: &Path) {
     let store = Arc::clone(&views.store.read().unwrap_or_else(|e| e.into_inner()));
     let policy = views.policy.read().unwrap_or_else(|e| e.into_inner());
-    mesh.on_pass(
-        &store,
-        policy.endpoints.iter().map(|e| e.pod.as_str()),
-        SystemTime::now(),
-    );
+    let local: Vec<LocalPod<'_>> = policy
+        .endpoints
+        .iter()
+        .map(|e| LocalPod {
+            pod: &e.pod,
+            ips: &e.ips,
+            cgroup: cgroup_root.join(&e.cgroup),
+        })
+        .collect();
+    mesh.on_pass(&store, &local, SystemTime::now());
 }
 
 async fn sleep_until(due: Option<Instant>) {

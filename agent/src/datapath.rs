@@ -610,6 +610,11 @@ pub fn host_netns_cookie(path: Option<&Path>) -> Result<u64, Error> {
     })
 }
 
+/// The cookie of the calling thread's network namespace.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    sys::netns_cookie(None)
+}
+
 /// Whether `path` is a bpffs mount.
 pub fn check_bpffs(path: &Path) -> Result<(), Error> {
     pins::check_bpffs(path)

@@ -7,20 +7,25 @@
 //! up without a restart.
 pub mod hbone;
 pub mod metrics;
+pub mod netns;
+pub mod proxy;
 pub mod status;
 pub mod tls;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    net::IpAddr,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use prometheus_client::registry::Registry;
+use weft_abi::mesh::{MeshOrig, MeshOrigKey};
 
 use crate::{
-    compile::mesh::enrollment,
+    compile::{addresses::Owners, mesh::enrollment},
     identity::{
         SpiffeId,
         ca::Ca,
@@ -28,11 +33,26 @@ use crate::{
     },
     store::Store,
 };
-use metrics::MeshMetrics;
+use metrics::{MeshMetrics, ProxyMetrics};
+use proxy::{Directory, MeshedPod, Proxy, Shared};
 pub use status::MeshStatus;
+
+pub use crate::store::validate::NETNS_ANNOTATION;
+
+/// A pod of this node, as the pipeline's last pass has it.
+#[derive(Debug, Clone)]
+pub struct LocalPod<'a> {
+    /// `namespace/name`.
+    pub pod: &'a str,
+    pub ips: &'a [IpAddr],
+    /// Its cgroup directory.
+    pub cgroup: PathBuf,
+}
 
 /// A certificate that could not be issued is tried again this soon.
 const RETRY: Duration = Duration::from_secs(5);
+/// A meshed pod without a known network namespace is looked for again this soon.
+const NETNS_RETRY: Duration = Duration::from_secs(1);
 
 /// The mesh's flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,11 +115,39 @@ pub struct Mesh {
     unknown_labels: Vec<String>,
     metrics: MeshMetrics,
     status: Arc<RwLock<MeshStatus>>,
+    /// None without the kernel's `MESH_ORIG` (unit tests).
+    proxy: Option<Proxy>,
+    /// Local meshed pods whose network namespace could not be found yet.
+    waiting: Vec<String>,
 }
 
 impl Mesh {
     /// Reads the CA (a failure is reported, not fatal: meshed pods then get no certificate).
-    pub fn new(settings: &Settings, registry: &mut Registry) -> Self {
+    /// With `orig` (the kernel's `MESH_ORIG`), the proxy serves the local meshed pods.
+    /// `host_netns`: the node's network namespace when the agent runs outside it
+    /// (`--host-netns`): tunnels are opened from there.
+    pub fn new(
+        settings: &Settings,
+        registry: &mut Registry,
+        orig: Option<BpfHashMap<MapData, MeshOrigKey, MeshOrig>>,
+        host_netns: Option<&Path>,
+    ) -> Self {
+        let proxy_metrics = ProxyMetrics::new(registry);
+        let node = host_netns.map(netns::Netns::enter_node).transpose();
+        let proxy = match node {
+            Ok(node) => orig.map(|orig| {
+                let empty = Arc::new(
+                    tls::Credentials::new(std::iter::empty(), std::iter::empty())
+                        .expect("no roots and no leaves always make credentials"),
+                );
+                let shared = Shared::new(orig, empty, proxy_metrics, node.map(Arc::new));
+                Proxy::new(Arc::new(shared))
+            }),
+            Err(e) => {
+                tracing::error!(target: "weft::mesh", error = %e, "cannot enter the node's network namespace: no mesh proxy (meshed connections are refused)");
+                None
+            }
+        };
         let mut mesh = Self {
             settings: settings.clone(),
             ca: CaState::default(),
@@ -109,6 +157,8 @@ impl Mesh {
             unknown_labels: Vec::new(),
             metrics: MeshMetrics::new(registry),
             status: Arc::default(),
+            proxy,
+            waiting: Vec::new(),
         };
         mesh.reload_ca(SystemTime::now());
         mesh
@@ -150,25 +200,49 @@ impl Mesh {
         self.publish(now);
     }
 
-    /// After a pass: the identities of the local meshed pods (`namespace/name` in `local`)
-    /// get a certificate, the others lose theirs.
-    pub fn on_pass<'a>(
-        &mut self,
-        store: &Store,
-        local: impl IntoIterator<Item = &'a str>,
-        now: SystemTime,
-    ) {
+    /// After a pass: the identities of the local meshed pods get a certificate, the others
+    /// lose theirs; the proxy serves exactly the local meshed pods.
+    pub fn on_pass(&mut self, store: &Store, local: &[LocalPod<'_>], now: SystemTime) {
         let enrolled = enrollment(store, &self.settings.trust_domain);
-        let local: BTreeSet<&str> = local.into_iter().collect();
         let mut pods: BTreeMap<SpiffeId, Vec<String>> = BTreeMap::new();
-        for ((ns, name), id) in &enrolled.meshed {
-            let pod = format!("{ns}/{name}");
-            if local.contains(pod.as_str()) {
-                pods.entry(id.clone()).or_default().push(pod);
+        let mut served = Vec::new();
+        self.waiting.clear();
+        for lp in local {
+            let Some((key, id)) = enrolled.meshed.iter().find(|((ns, name), _)| {
+                lp.pod.split_once('/') == Some((ns.as_str(), name.as_str()))
+            }) else {
+                continue;
+            };
+            pods.entry(id.clone()).or_default().push(lp.pod.to_owned());
+            match netns_of(store, key, &lp.cgroup) {
+                Some(netns) => served.push(MeshedPod {
+                    pod: lp.pod.to_owned(),
+                    id: id.clone(),
+                    ips: lp.ips.to_vec(),
+                    netns,
+                }),
+                None => self.waiting.push(lp.pod.to_owned()),
             }
         }
-        let unknown: Vec<String> = enrolled
-            .unknown
+        self.report_unknown(&enrolled.unknown);
+        if pods != self.pods {
+            self.pods = pods;
+            self.refresh(now);
+        }
+        if let Some(proxy) = &mut self.proxy {
+            let directory = directory(store, &enrolled.meshed);
+            *proxy
+                .shared()
+                .directory
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(directory);
+            proxy.sync(&served);
+        }
+        self.publish(now);
+    }
+
+    fn report_unknown(&mut self, unknown: &[crate::compile::mesh::UnknownValue]) {
+        let unknown: Vec<String> = unknown
             .iter()
             .map(|u| format!("{}: {}={:?}", u.object, compile_label(), u.value))
             .collect();
@@ -176,11 +250,6 @@ impl Mesh {
             tracing::warn!(target: "weft::mesh", label = u, "mesh label value not understood (enabled or disabled): ignored");
         }
         self.unknown_labels = unknown;
-        if pods != self.pods {
-            self.pods = pods;
-            self.refresh(now);
-        }
-        self.publish(now);
     }
 
     /// When a certificate is next due for renewal (or a failed one for another try).
@@ -188,10 +257,26 @@ impl Mesh {
         // Without a CA there is nothing to retry with: a CA that becomes readable refreshes.
         let retry =
             (self.ca.ca.is_some() && !self.failed.is_empty()).then(|| SystemTime::now() + RETRY);
-        [self.certs.next_renewal(), retry]
+        // A pod whose namespace has no process yet is looked at again soon.
+        let waiting = (self.proxy.is_some() && !self.waiting.is_empty())
+            .then(|| SystemTime::now() + NETNS_RETRY);
+        [self.certs.next_renewal(), retry, waiting]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// Waits until the proxy's listeners change (never without a proxy).
+    pub async fn listeners_changed(&self) {
+        match &self.proxy {
+            Some(p) => p.changed.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Publishes the status again (the listeners changed).
+    pub fn republish(&mut self) {
+        self.publish(SystemTime::now());
     }
 
     /// Renews what is due.
@@ -246,11 +331,97 @@ impl Mesh {
             pods: &self.pods,
             failed: &self.failed,
             unknown_labels: &self.unknown_labels,
+            proxied: self.pod_statuses(),
             now,
         });
         self.metrics.publish(&status);
         *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+        self.publish_credentials();
     }
+
+    /// The proxy's listeners per local meshed pod (waiting ones without any).
+    fn pod_statuses(&self) -> Vec<status::PodStatus> {
+        let Some(proxy) = &self.proxy else {
+            return Vec::new();
+        };
+        let listeners = proxy.listeners.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<status::PodStatus> = self
+            .pods
+            .values()
+            .flatten()
+            .map(|pod| {
+                let (listeners, error) = match listeners.get(pod) {
+                    Some(Ok(addrs)) => (addrs.iter().map(ToString::to_string).collect(), None),
+                    Some(Err(e)) => (Vec::new(), Some(e.clone())),
+                    None if self.waiting.contains(pod) => (
+                        Vec::new(),
+                        Some(
+                            "no process in its cgroup yet: its network namespace is unknown".into(),
+                        ),
+                    ),
+                    None => (Vec::new(), None),
+                };
+                status::PodStatus {
+                    pod: pod.clone(),
+                    listeners,
+                    error,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.pod.cmp(&b.pod));
+        out
+    }
+
+    /// The proxy's credentials: the bundle and the held certificates.
+    fn publish_credentials(&self) {
+        let (Some(proxy), Some(ca)) = (&self.proxy, &self.ca.ca) else {
+            return;
+        };
+        let roots = ca.roots().iter().map(|r| r.der.as_slice());
+        match tls::Credentials::new(roots, self.certs.held()) {
+            Ok(creds) => {
+                *proxy
+                    .shared()
+                    .creds
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = Arc::new(creds);
+            }
+            Err(e) => {
+                tracing::error!(target: "weft::mesh", error = %e, "cannot use the certificates; tunnels keep the previous ones");
+            }
+        }
+    }
+}
+
+/// The network namespace of a local pod: its annotation, or that of a process in its cgroup.
+fn netns_of(store: &Store, key: &crate::store::Key, cgroup: &Path) -> Option<PathBuf> {
+    let annotated = store
+        .pods
+        .get(key)
+        .and_then(|p| p.metadata.annotations.as_ref())
+        .and_then(|a| a.get(NETNS_ANNOTATION))
+        .map(PathBuf::from);
+    if annotated.is_some() {
+        return annotated;
+    }
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
+    let pid: u32 = procs.lines().next()?.trim().parse().ok()?;
+    Some(PathBuf::from(format!("/proc/{pid}/ns/net")))
+}
+
+/// Every meshed pod address of the cluster with its identity (addresses several pods claim
+/// belong to none).
+fn directory(store: &Store, meshed: &BTreeMap<crate::store::Key, SpiffeId>) -> Directory {
+    let owners = Owners::of(store);
+    let mut out = Directory::new();
+    for (key, id) in meshed {
+        if let Some(pod) = store.pods.get(key) {
+            for ip in owners.owned_by(key, pod) {
+                out.insert(ip, id.clone());
+            }
+        }
+    }
+    out
 }
 
 fn compile_label() -> &'static str {

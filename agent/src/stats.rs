@@ -378,6 +378,11 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
             "with --sockmap, a TCP socket could not be paired (raise --max-sockmap-connections): \
              its data takes the TCP/IP stack, fully counted",
         ),
+        Counter::MeshCaptureFailed => (
+            true,
+            "a meshed pod's connection could not be captured (no socket state, or MESH_ORIG \
+             refused the entry): it was refused, never sent in plaintext",
+        ),
         Counter::SockStateOverBudget => (
             true,
             "a pod (or the node) holds as many socket states as --max-socket-states-per-pod \

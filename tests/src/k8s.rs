@@ -103,8 +103,9 @@ pub fn pod_named(
     );
     let _ = writeln!(
         y,
-        "  annotations:\n    weft.io/cgroup: {}",
-        p.relative_cgroup
+        "  annotations:\n    weft.io/cgroup: {}\n    weft.io/netns: {}",
+        p.relative_cgroup,
+        p.netns_path().display()
     );
     if !labels.is_empty() {
         let _ = writeln!(y, "  labels:");

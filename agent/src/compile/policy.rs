@@ -22,8 +22,8 @@ use serde::Serialize;
 use weft_abi::{
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     policy::{
-        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_WORLD, IP_HOST,
-        IpcacheValue, PolicyData, PolicyValue,
+        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EP_MESHED, EndpointInfo, IDENTITY_WORLD, IP_HOST,
+        IP_MESHED_REMOTE, IpcacheValue, PolicyData, PolicyValue,
     },
 };
 
@@ -215,6 +215,8 @@ pub(crate) struct PodView<'a> {
     /// Every address it claims, owned or not: a local pod's own addresses (a bound pod
     /// holds them on this node; the kernel checks its packets' sources against them).
     pub claimed: Vec<IpAddr>,
+    /// In the mesh (`compile::mesh`).
+    pub meshed: bool,
 }
 
 /// What compile needs of the store, indexed once.
@@ -247,6 +249,7 @@ impl<'a> Model<'a> {
             labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
         }
         let owners = Owners::of(store);
+        let meshed = super::mesh::enrollment(store, "").meshed;
         let pods: Vec<PodView<'a>> = store
             .pods
             .iter()
@@ -257,6 +260,7 @@ impl<'a> Model<'a> {
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 ips: owners.owned_by(key, pod).collect(),
                 claimed: own_addresses(pod),
+                meshed: meshed.contains_key(key),
             })
             .collect();
         let policies: Vec<_> = store
@@ -424,6 +428,7 @@ pub fn compile(
     } = pass;
     let identities: Vec<IdentityView> = views.into_values().collect();
     rules::compile_endpoints(&model, &identities, &local_ids, ids, &mut out);
+    mark_meshed(&model, &mut out);
     out.unreadable = model
         .policies
         .iter()
@@ -444,6 +449,21 @@ pub fn compile(
     }
     ids.finish_pass();
     out
+}
+
+/// Local meshed pods' TCP to meshed pods of other nodes is captured (`EP_MESHED`).
+fn mark_meshed(model: &Model<'_>, out: &mut Policies) {
+    let meshed: BTreeSet<String> = model
+        .pods
+        .iter()
+        .filter(|p| p.meshed)
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    for ep in out.endpoints.values_mut() {
+        if meshed.contains(&ep.pod) {
+            ep.info.flags |= EP_MESHED;
+        }
+    }
 }
 
 /// Identities and the ipcache, built address by address.
@@ -504,9 +524,12 @@ impl IdentityPass<'_> {
                 view.named_ports.entry(k.clone()).or_default().insert(*port);
             }
             self.out.identities.insert(id, ikey);
+            // A meshed pod of another node is reached through the tunnel (a local one is
+            // not: same-node traffic never leaves the node).
+            let remote_mesh = p.meshed && local_cgroup(p.pod).is_none();
             let value = IpcacheValue {
                 identity: id,
-                flags: 0,
+                flags: if remote_mesh { IP_MESHED_REMOTE } else { 0 },
             };
             self.out.ipcache.insert(IpNet::from(*ip), value);
         }
@@ -532,6 +555,7 @@ impl IdentityPass<'_> {
         });
         self.out.identities.insert(id, key);
         for ip in ips {
+            // Never captured for the mesh: whose address it is cannot be told.
             let value = IpcacheValue {
                 identity: id,
                 flags: 0,

@@ -88,12 +88,23 @@ type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>>;
 /// The client side: pooled tunnels.
 #[derive(Debug, Default)]
 pub struct Pool {
+    /// Where tunnels' sockets are made: the node's namespace when the agent runs outside it;
+    /// the agent's own otherwise.
+    netns: Option<Arc<super::netns::Netns>>,
     /// One entry per route and certificate; its lock is held while a tunnel is opened, so
     /// that concurrent first connections share one handshake.
     tunnels: Mutex<HashMap<(Route, String), Slot>>,
 }
 
 impl Pool {
+    /// Tunnels from the namespace of `netns` (None: the agent's own).
+    pub fn new(netns: Option<Arc<super::netns::Netns>>) -> Self {
+        Self {
+            netns,
+            tunnels: Mutex::default(),
+        }
+    }
+
     /// A stream to `target` (`Forwarded: for=source_ip`) through a tunnel of `route`, opened
     /// or reused.
     pub async fn connect(
@@ -125,7 +136,7 @@ impl Pool {
             match held.as_ref() {
                 Some(s) if s.is_ready() => s.clone(),
                 _ => {
-                    let s = open_tunnel(creds, metrics, route).await?;
+                    let s = open_tunnel(self.netns.as_deref(), creds, metrics, route).await?;
                     *held = Some(s.clone());
                     s
                 }
@@ -168,6 +179,7 @@ impl Pool {
 
 /// TCP, TLS as the source identity (the server must prove the destination's), HTTP/2.
 async fn open_tunnel(
+    netns: Option<&super::netns::Netns>,
     creds: &Credentials,
     metrics: &ProxyMetrics,
     route: &Route,
@@ -176,9 +188,17 @@ async fn open_tunnel(
     let config = creds
         .client(&route.source, &route.destination)
         .ok_or_else(|| Error::NoCertificate(route.source.clone()))?;
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| Error::Connect { addr, source })?;
+    let connect_err = |source| Error::Connect { addr, source };
+    let tcp = match netns {
+        None => TcpStream::connect(addr).await.map_err(connect_err)?,
+        Some(ns) => {
+            let socket = ns.socket(addr.ip()).map_err(connect_err)?;
+            tokio::net::TcpSocket::from_std_stream(socket)
+                .connect(addr)
+                .await
+                .map_err(connect_err)?
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let tls = match tokio_rustls::TlsConnector::from(config)

@@ -19,6 +19,20 @@ pub struct MeshStatus {
     pub identities: Vec<IdentityStatus>,
     /// `weft.io/mesh` values that are neither `enabled` nor `disabled`.
     pub unknown_labels: Vec<String>,
+    /// The proxy's listeners for each local meshed pod.
+    #[serde(default)]
+    pub pods: Vec<PodStatus>,
+}
+
+/// A local meshed pod as the proxy serves it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodStatus {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Where the proxy listens in the pod's network namespace.
+    pub listeners: Vec<String>,
+    /// Why it does not (its meshed connections are refused meanwhile).
+    pub error: Option<String>,
 }
 
 /// The CA in use.
@@ -78,6 +92,7 @@ pub struct Parts<'a> {
     pub pods: &'a BTreeMap<SpiffeId, Vec<String>>,
     pub failed: &'a BTreeMap<SpiffeId, String>,
     pub unknown_labels: &'a [String],
+    pub proxied: Vec<PodStatus>,
     pub now: SystemTime,
 }
 
@@ -123,6 +138,7 @@ impl MeshStatus {
             ca,
             identities,
             unknown_labels: p.unknown_labels.to_vec(),
+            pods: p.proxied,
         }
     }
 
@@ -151,6 +167,17 @@ impl MeshStatus {
             out.push(format!(
                 "meshed pods without a valid certificate: {}",
                 without.join(", ")
+            ));
+        }
+        let unserved: Vec<String> = self
+            .pods
+            .iter()
+            .filter_map(|p| Some(format!("{} ({})", p.pod, p.error.as_ref()?)))
+            .collect();
+        if !unserved.is_empty() {
+            out.push(format!(
+                "meshed pods the proxy cannot serve (their meshed connections are refused): {}",
+                unserved.join(", ")
             ));
         }
         out

@@ -43,6 +43,16 @@ fn store() -> Store {
     ])
 }
 
+fn local<'a>(pods: &[&'a str]) -> Vec<LocalPod<'a>> {
+    pods.iter()
+        .map(|pod| LocalPod {
+            pod,
+            ips: &[],
+            cgroup: PathBuf::from("/nonexistent"),
+        })
+        .collect()
+}
+
 fn status(mesh: &Mesh) -> MeshStatus {
     mesh.status().read().expect("lock").clone()
 }
@@ -53,8 +63,12 @@ fn status(mesh: &Mesh) -> MeshStatus {
 fn certificates_are_held_for_the_local_meshed_pods_only() {
     let d = Dir::new("local");
     Ca::init(&d.0, t0()).expect("init");
-    let mut mesh = Mesh::new(&settings(Some(&d.0)), &mut Registry::default());
-    mesh.on_pass(&store(), ["shop/web", "shop/web-2", "plain/job"], t0());
+    let mut mesh = Mesh::new(&settings(Some(&d.0)), &mut Registry::default(), None, None);
+    mesh.on_pass(
+        &store(),
+        &local(&["shop/web", "shop/web-2", "plain/job"]),
+        t0(),
+    );
     let s = status(&mesh);
     let ids: Vec<(&str, Vec<&str>, bool)> = s
         .identities
@@ -78,7 +92,7 @@ fn certificates_are_held_for_the_local_meshed_pods_only() {
         ["Namespace plain: weft.io/mesh=\"maybe\""]
     );
     assert!(s.degraded().is_empty(), "{:?}", s.degraded());
-    mesh.on_pass(&store(), ["shop/db"], t0());
+    mesh.on_pass(&store(), &local(&["shop/db"]), t0());
     let s = status(&mesh);
     assert_eq!(s.identities.len(), 1);
     assert_eq!(
@@ -90,8 +104,8 @@ fn certificates_are_held_for_the_local_meshed_pods_only() {
 /// Meshed pods without a CA are reported (status, readiness), not silently plaintext.
 #[test]
 fn meshed_pods_without_a_ca_are_reported() {
-    let mut mesh = Mesh::new(&settings(None), &mut Registry::default());
-    mesh.on_pass(&store(), ["shop/db"], t0());
+    let mut mesh = Mesh::new(&settings(None), &mut Registry::default(), None, None);
+    mesh.on_pass(&store(), &local(&["shop/db"]), t0());
     let s = status(&mesh);
     assert!(s.identities[0].certificate.is_none());
     assert_eq!(
@@ -109,8 +123,8 @@ fn meshed_pods_without_a_ca_are_reported() {
 #[test]
 fn the_ca_is_taken_up_when_it_appears_changes_or_breaks() {
     let d = Dir::new("reload");
-    let mut mesh = Mesh::new(&settings(Some(&d.0)), &mut Registry::default());
-    mesh.on_pass(&store(), ["shop/db"], t0());
+    let mut mesh = Mesh::new(&settings(Some(&d.0)), &mut Registry::default(), None, None);
+    mesh.on_pass(&store(), &local(&["shop/db"]), t0());
     let s = status(&mesh);
     let ca = s.ca.as_ref().expect("ca");
     assert!(!ca.loaded);

@@ -284,7 +284,13 @@ impl PeerVerifier {
             None,
             None,
         )
-        .map_err(pki_error)?;
+        .map_err(|e| {
+            let issuer = x509_parser::parse_x509_certificate(end_entity.as_ref())
+                .map(|(_, c)| c.issuer().to_string())
+                .unwrap_or_default();
+            tracing::debug!(target: "weft::mesh", %issuer, error = ?e, anchors = self.roots.len(), "peer certificate refused");
+            pki_error(e)
+        })?;
         let id = spiffe_id(end_entity).map_err(peer_error)?;
         match &self.expect {
             Some(want) if *want != id => Err(peer_error(PeerError::WrongIdentity {

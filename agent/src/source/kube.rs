@@ -38,8 +38,9 @@ use self::{
 use crate::{
     source::Rejection,
     store::{
-        self, Kind, Object, ObjectRef, Store, stand_in::REJECTED_ANNOTATION,
-        validate::CGROUP_ANNOTATION,
+        self, Kind, Object, ObjectRef, Store,
+        stand_in::REJECTED_ANNOTATION,
+        validate::{CGROUP_ANNOTATION, NETNS_ANNOTATION},
     },
 };
 
@@ -464,10 +465,11 @@ fn owned_by_its_node(pod: &Pod) -> bool {
 /// The pod as the store holds it: without weft's annotations from the API (they would choose
 /// what weft enforces on), with the cgroup this node found for it.
 fn bind_cgroup(pod: Arc<Pod>, cgroup: Option<&Path>) -> Arc<Pod> {
-    let has =
-        pod.metadata.annotations.as_ref().is_some_and(|a| {
-            a.contains_key(CGROUP_ANNOTATION) || a.contains_key(REJECTED_ANNOTATION)
-        });
+    let has = pod.metadata.annotations.as_ref().is_some_and(|a| {
+        a.contains_key(CGROUP_ANNOTATION)
+            || a.contains_key(REJECTED_ANNOTATION)
+            || a.contains_key(NETNS_ANNOTATION)
+    });
     if !has && cgroup.is_none() {
         return pod;
     }
@@ -475,6 +477,7 @@ fn bind_cgroup(pod: Arc<Pod>, cgroup: Option<&Path>) -> Arc<Pod> {
     let annotations = pod.metadata.annotations.get_or_insert_default();
     annotations.remove(CGROUP_ANNOTATION);
     annotations.remove(REJECTED_ANNOTATION);
+    annotations.remove(NETNS_ANNOTATION);
     if let Some(path) = cgroup {
         annotations.insert(
             CGROUP_ANNOTATION.to_owned(),

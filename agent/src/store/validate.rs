@@ -17,6 +17,9 @@ pub use self::netpol::network_policy;
 
 /// The annotation that binds a Pod to a cgroup on this node (standalone mode).
 pub const CGROUP_ANNOTATION: &str = "weft.io/cgroup";
+/// The annotation naming a local pod's network namespace (standalone mode, for the mesh's
+/// proxy; in Kubernetes mode the namespace of a process in the pod's cgroup).
+pub const NETNS_ANNOTATION: &str = "weft.io/netns";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

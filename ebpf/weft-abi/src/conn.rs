@@ -85,6 +85,9 @@ pub mod flags {
     /// Some of the connection's payload went socket to socket (`--sockmap`): counted by
     /// `weft_sk_msg`, not by TCP; segment and RTT figures cover only what crossed the stack.
     pub const REDIRECTED: u32 = 1 << 7;
+    /// The connection was captured for the mesh: `remote_*` is where the tunnel takes it
+    /// (the socket itself is connected to the node's outbound listener).
+    pub const MESHED: u32 = 1 << 8;
 }
 
 /// Why a [`ConnEventKind::Drop`] happened (`ConnEvent::reason`).

@@ -88,6 +88,11 @@ macro_rules! for_each_map {
             REDIRECTED: HashNoPrealloc<$crate::conn::PairKey, $crate::conn::Redirected>(
                 max_sockmap_connections = 16_384
             );
+            /// Captured connections established and not yet accepted by the agent: where
+            /// each was going (`MeshOrig`), by the client socket's netns and port (LRU).
+            MESH_ORIG: LruHash<$crate::mesh::MeshOrigKey, $crate::mesh::MeshOrig>(
+                fixed = 16_384
+            );
         }
     };
 }
@@ -119,7 +124,7 @@ mod tests {
             );
             assert!(!ALL[..i].contains(name), "{name} twice");
         }
-        assert_eq!(ALL.len(), 21);
+        assert_eq!(ALL.len(), 22);
         assert_eq!(POLICY, "POLICY");
     }
 }

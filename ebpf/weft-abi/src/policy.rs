@@ -29,6 +29,9 @@ pub const EP_EGRESS_ISOLATED: u32 = 2;
 /// `compile::addresses`). They stay its own source addresses (the spoofed-source check), but
 /// it is not taken to be reaching itself through them: the other claimant may hold them.
 pub const EP_SHARED_ADDRESS: u32 = 4;
+/// [`EndpointInfo::flags`]: the pod is in the mesh: its TCP connects to meshed pods of other
+/// nodes go through the node's tunnel (see [`crate::mesh`]).
+pub const EP_MESHED: u32 = 8;
 
 /// The policy set of a pod not bound yet (see `globals::UNBOUND_ISOLATED`): never allocated,
 /// so no `POLICY` entry has it and everything it is judged on is denied.
@@ -42,6 +45,9 @@ pub const MAX_POD_DEPTH: u32 = 12;
 /// [`IpcacheValue::flags`]: the address is the node's own: traffic from it is always allowed,
 /// as Kubernetes requires (kubelet probes, host-network peers); traffic to it is judged.
 pub const IP_HOST: u32 = 1;
+/// [`IpcacheValue::flags`]: the address of a meshed pod of another node: a meshed pod's TCP
+/// connect to it is captured (see [`crate::mesh`]).
+pub const IP_MESHED_REMOTE: u32 = 2;
 
 /// Bits of a `POLICY` key before the protocol: policy set, identity, direction.
 pub const POLICY_PREFIX_FIXED: u32 = 72;

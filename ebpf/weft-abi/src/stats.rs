@@ -45,11 +45,15 @@ pub enum Counter {
     /// With `--sockmap`: an established socket could not enter `SOCK_PAIRS` or `REDIRECTED`
     /// (full, or the kernel refused it): its data takes the TCP/IP stack, as without.
     SockmapFull = 13,
+    /// A connection to capture for the mesh could not be: its socket's storage or the
+    /// agent's `MESH_ORIG` entry could not be written. It was refused (never sent in
+    /// plaintext).
+    MeshCaptureFailed = 14,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -64,6 +68,7 @@ impl Counter {
         Self::FlowOverflow,
         Self::SockStateOverBudget,
         Self::SockmapFull,
+        Self::MeshCaptureFailed,
     ];
 
     /// The name the agent reports.
@@ -83,6 +88,7 @@ impl Counter {
             Self::FlowOverflow => "flow_overflow",
             Self::SockStateOverBudget => "sock_state_over_budget",
             Self::SockmapFull => "sockmap_full",
+            Self::MeshCaptureFailed => "mesh_capture_failed",
         }
     }
 }

@@ -150,6 +150,13 @@ pub const XLATE_USED: u32 = 1;
 /// [`Xlate::flags`]: made by connect (a TCP socket, or a UDP socket that sends only there);
 /// without it, by sendmsg (unconnected UDP, a backend chosen per frontend).
 pub const XLATE_CONNECTED: u32 = 2;
+/// [`Xlate::flags`] (connect's slot): the connection was captured for the mesh: the socket
+/// is connected to the node's outbound listener (`crate::mesh`), and `backend` is where the
+/// tunnel takes it. getpeername still shows `frontend`.
+pub const XLATE_CAPTURED: u32 = 4;
+/// [`Xlate::flags`]: `frontend` is what the application dialled, not a Service (a captured
+/// connection to a pod address).
+pub const XLATE_DIRECT: u32 = 8;
 
 /// One translation of a socket: it asked for `frontend` and reaches `backend`.
 #[repr(C)]

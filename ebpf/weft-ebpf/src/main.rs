@@ -16,6 +16,7 @@ mod events;
 mod flows;
 mod headers;
 mod maps;
+mod mesh;
 mod packet;
 mod policy;
 mod redirect;

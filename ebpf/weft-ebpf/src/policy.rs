@@ -162,6 +162,12 @@ fn denial(ep: &EndpointInfo) -> DropReason {
     }
 }
 
+/// The `IP_*` flags of an address (none for an address the ipcache does not hold).
+#[inline(always)]
+pub fn ip_flags(family: u8, addr: &[u32; 4]) -> u32 {
+    ipcache(family, addr).flags
+}
+
 #[inline(always)]
 fn ipcache(family: u8, addr: &[u32; 4]) -> IpcacheValue {
     let key = Key::new(

@@ -30,7 +30,7 @@ use crate::{
     events::DropEvent,
     flows,
     maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, SERVICES, SOCK_XLATE},
-    policy, stats,
+    mesh, policy, stats,
     storage::{self, Socket as _},
     verdict::{Fault, Verdict},
     xlate,
@@ -114,23 +114,9 @@ pub fn try_translate<const IS_V6: bool>(
         family: fam,
     };
     let Some(svc) = service(&key)? else {
-        // Not a service: only egress policy applies.
-        if hook == Hook::Connect
-            && !policy::connect_as(
-                ctx,
-                policy::current_endpoint(ctx),
-                protocol,
-                fam,
-                &addr,
-                port,
-            )
-        {
-            return Ok(Verdict::Deny);
-        }
-        if hook == Hook::Connect && protocol == IPPROTO_UDP {
-            // Connected elsewhere now: an earlier ClusterIP translation no longer describes
-            // where this socket sends.
-            forget_connected(ctx);
+        // Not a service: only egress policy applies (and the mesh's capture).
+        if hook == Hook::Connect {
+            return Ok(connect_direct::<IS_V6>(ctx, &key));
         }
         return Ok(Verdict::Pass);
     };
@@ -166,13 +152,69 @@ pub fn try_translate<const IS_V6: bool>(
     } else {
         kept
     };
-    if let Some(x) = xlate {
-        // SAFETY: the socket's own storage; sock_addr hooks run under the socket's lock, so
-        // no other writer runs meanwhile.
-        remember(unsafe { &mut *x }, &key, &backend, hook);
-    }
-    write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
+    let captured = hook == Hook::Connect
+        && protocol == IPPROTO_TCP
+        && mesh::captures(ep.flatten().as_ref(), &backend);
+    let Some(x) = xlate else {
+        if captured {
+            // Where it goes could not be kept for the agent: refused, never plaintext.
+            stats::bump(Counter::MeshCaptureFailed);
+            return Ok(Verdict::Refuse);
+        }
+        write_addr::<IS_V6>(ctx, backend.family, &backend.addr, backend.port);
+        return Ok(Verdict::Pass);
+    };
+    let extra = if captured { mesh::flags(false) } else { 0 };
+    // SAFETY: the socket's own storage; sock_addr hooks run under the socket's lock, so no
+    // other writer runs meanwhile.
+    remember(unsafe { &mut *x }, &key, &backend, hook, extra);
+    let dst = if captured {
+        mesh::listener(backend.family)
+    } else {
+        backend
+    };
+    write_addr::<IS_V6>(ctx, dst.family, &dst.addr, dst.port);
     Ok(Verdict::Pass)
+}
+
+/// connect to an address that is no Service: egress policy; a meshed pod's TCP to a meshed
+/// pod of another node is captured; a UDP socket forgets its earlier translation.
+#[inline(always)]
+fn connect_direct<const IS_V6: bool>(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
+    let ep = policy::current_endpoint(ctx);
+    if !policy::connect_as(ctx, ep, key.protocol, key.family, &key.addr, key.port) {
+        return Verdict::Deny;
+    }
+    if key.protocol == IPPROTO_UDP {
+        // Connected elsewhere now: an earlier ClusterIP translation no longer describes
+        // where this socket sends.
+        forget_connected(ctx);
+        return Verdict::Pass;
+    }
+    let target = Endpoint {
+        addr: key.addr,
+        port: key.port,
+        family: key.family,
+        _pad: 0,
+    };
+    if !mesh::captures(ep.as_ref(), &target) {
+        return Verdict::Pass;
+    }
+    let Some(x) = translations(ctx, Some(ep)) else {
+        stats::bump(Counter::MeshCaptureFailed);
+        return Verdict::Refuse;
+    };
+    // SAFETY: as in try_translate.
+    remember(
+        unsafe { &mut *x },
+        key,
+        &target,
+        Hook::Connect,
+        mesh::flags(true),
+    );
+    let l = mesh::listener(target.family);
+    write_addr::<IS_V6>(ctx, l.family, &l.addr, l.port);
+    Verdict::Pass
 }
 
 /// [`SockXlate::owner`] of a value counted for nobody.
@@ -220,9 +262,9 @@ fn translations(ctx: &SockAddrContext, ep: Option<Option<EndpointInfo>>) -> Opti
 /// Records a translation: what recvmsg and getpeername must show instead of the backend, and
 /// (unconnected UDP) the backend the socket keeps for this frontend.
 #[inline(always)]
-fn remember(x: &mut SockXlate, key: &ServiceKey, backend: &Endpoint, hook: Hook) {
+fn remember(x: &mut SockXlate, key: &ServiceKey, backend: &Endpoint, hook: Hook, extra: u32) {
     let (index, flags) = match hook {
-        Hook::Connect => (xlate::CONNECTED_SLOT, XLATE_USED | XLATE_CONNECTED),
+        Hook::Connect => (xlate::CONNECTED_SLOT, XLATE_USED | XLATE_CONNECTED | extra),
         Hook::Sendmsg => (unconnected_slot(x, key), XLATE_USED),
     };
     if let Some(slot) = x.slots.get_mut(index) {

@@ -31,7 +31,7 @@ use crate::{
     ctx::SocketCookie,
     events::{self, add_service, family_words, now},
     maps::CONN_STATE,
-    packet, redirect, stats,
+    mesh, packet, redirect, stats,
     storage::Socket as _,
 };
 
@@ -105,6 +105,10 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
             s
         }
     };
+    if side == Side::Active {
+        let (family, _, _) = addresses(ctx);
+        mesh::established(ctx, ctx_read!(ctx.ops, local_port), family);
+    }
     if redirect::enabled() {
         pair(ctx, cookie, side);
     }
@@ -353,7 +357,10 @@ fn emit(ctx: &SockOpsContext, cookie: u64, state: &ConnState, closing: Option<&C
     if state.side == Side::Active as u32
         && let Some(sk) = ctx.socket()
     {
-        add_service(&mut ev, sk, family, remote_port_be(ctx));
+        match mesh::captured(sk) {
+            Some(t) => mesh::describe(&mut ev, &t),
+            None => add_service(&mut ev, sk, family, remote_port_be(ctx)),
+        }
     }
     events::submit(&ev);
 }

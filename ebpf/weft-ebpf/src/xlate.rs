@@ -1,7 +1,7 @@
 //! A socket's ClusterIP translations (`SOCK_XLATE`), as the programs that only read them see
 //! them: the sock_addr hooks write them (`service`).
 use aya_ebpf::bindings::bpf_sock;
-use weft_abi::svc::{Endpoint, XLATE_CONNECTED, XLATE_USED, Xlate};
+use weft_abi::svc::{Endpoint, XLATE_CAPTURED, XLATE_CONNECTED, XLATE_USED, Xlate};
 
 use crate::{maps::SOCK_XLATE, storage};
 
@@ -26,16 +26,28 @@ pub fn connected(sk: *mut bpf_sock) -> Option<Xlate> {
     (t.flags & XLATE_CONNECTED != 0).then_some(t)
 }
 
+/// Connect's translation of socket `sk`, whatever its state (a closing socket's included).
+#[inline(always)]
+pub fn connect_slot(sk: *mut bpf_sock) -> Option<Xlate> {
+    let x = storage::get(&SOCK_XLATE, sk, false)?;
+    // SAFETY: the socket's storage, copied out.
+    let t = unsafe { (*x).slots.get(CONNECTED_SLOT) }.copied()?;
+    (t.flags & XLATE_CONNECTED != 0).then_some(t)
+}
+
 /// The frontend socket `sk` asked for when it reaches `backend` through a ClusterIP (connect's
-/// translation first).
+/// translation first), or when it was captured for the mesh and `backend` is the outbound
+/// listener.
 #[inline(always)]
 pub fn frontend_of(sk: *mut bpf_sock, backend: &Endpoint) -> Option<Endpoint> {
     let x = storage::get(&SOCK_XLATE, sk, false)?;
     // SAFETY: the socket's storage; slots are compared in place and the match copied out.
     let slots = unsafe { &(*x).slots };
-    let t = slots
-        .iter()
-        .find(|t| t.flags & XLATE_USED != 0 && t.backend == *backend)?;
+    let t = slots.iter().find(|t| {
+        t.flags & XLATE_USED != 0
+            && (t.backend == *backend
+                || (t.flags & XLATE_CAPTURED != 0 && crate::mesh::is_listener(backend)))
+    })?;
     Some(Endpoint {
         addr: t.frontend.addr,
         port: t.frontend.port,

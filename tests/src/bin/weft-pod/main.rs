@@ -226,6 +226,18 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
+    /// Capture every frame of --iface for --seconds (AF_PACKET): how many carry --needle,
+    /// and how many are TCP to or from --port.
+    Capture {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        needle: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Echo UDP datagrams back to their sender, each after --delay-ms (one at a time),
     /// printing when each arrived and when its echo left.
     UdpEcho {
@@ -399,6 +411,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
             marker,
             seconds,
         } => raw::receive(protocol, marker.as_bytes(), Duration::from_secs(seconds)),
+        Cmd::Capture {
+            iface,
+            needle,
+            port,
+            seconds,
+        } => raw::capture(
+            &iface,
+            needle.as_bytes(),
+            port,
+            Duration::from_secs(seconds),
+        ),
         Cmd::UdpEcho {
             listen,
             delay_ms,

@@ -238,3 +238,81 @@ fn send_from(src: Ipv4Addr, to: Ipv4Addr, protocol: u8, payload: &[u8]) -> Resul
     let packet = ipv4(src, to, protocol, Fragment::default(), payload)?;
     send_to(&fd, &packet, to).map_err(|e| format!("raw send: {e}"))
 }
+
+/// Every frame on interface `iface` for `wait` (an AF_PACKET socket, as tcpdump opens):
+/// counts frames carrying `needle`, and TCP frames to or from `port` (IPv4 and IPv6).
+pub fn capture(iface: &str, needle: &[u8], port: u16, wait: Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let name = std::ffi::CString::new(iface).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(format!("{iface}: {}", std::io::Error::last_os_error()));
+    }
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    if fd < 0 {
+        return Err(format!(
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` is a fresh descriptor this function owns.
+    let fd: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = all;
+    sll.sll_ifindex = index as i32;
+    // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(format!("bind {iface}: {}", std::io::Error::last_os_error()));
+    }
+    set_timeout(&fd, 100_000);
+    emit(&json!({"event": "listening", "iface": iface}));
+    let deadline = Instant::now() + wait;
+    let (mut frames, mut found, mut on_port) = (0u64, 0u64, 0u64);
+    let mut buf = [0u8; 65_536];
+    while Instant::now() < deadline {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else { continue };
+        let frame = &buf[..n];
+        frames += 1;
+        if frame.windows(needle.len()).any(|w| w == needle) {
+            found += 1;
+        }
+        if tcp_ports(frame).is_some_and(|(s, d)| s == port || d == port) {
+            on_port += 1;
+        }
+    }
+    emit(&json!({"event": "captured", "frames": frames, "found": found, "port_frames": on_port}));
+    Ok(())
+}
+
+/// The TCP ports of an Ethernet frame (IPv4 without options beyond its IHL, or IPv6 without
+/// extension headers).
+fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let (proto, l4) = match ethertype {
+        0x0800 => (
+            *frame.get(14 + 9)?,
+            14 + usize::from(frame.get(14)? & 0x0f) * 4,
+        ),
+        0x86dd => (*frame.get(14 + 6)?, 14 + 40),
+        _ => return None,
+    };
+    if proto != 6 {
+        return None;
+    }
+    let port = |at: usize| Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+    Some((port(l4)?, port(l4 + 2)?))
+}

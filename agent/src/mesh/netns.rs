@@ -1,0 +1,447 @@
+//! A meshed pod's network namespace, as the proxy uses it: one thread lives in it (setns
+//! affects only the calling thread), prepares it once, and then makes the sockets the proxy
+//! needs there. A socket belongs to the namespace it was created in, so everything else
+//! (bind, listen, connect, I/O) runs on the agent's runtime as for any socket.
+//!
+//! Preparing the namespace: the proxy delivers a tunnelled connection from inside the pod
+//! with the client pod's address as its source (`IP_TRANSPARENT`), so the server's replies to
+//! that address must come back to the proxy's socket rather than leave through the pod's
+//! interface. The proxy's sockets carry [`MARK`]; `tcp_fwmark_accept` makes the server's
+//! accepted socket inherit the mark of the SYN; a policy-routing rule sends marked packets to
+//! a table whose only route is local. No iptables or nftables rule is involved.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+/// The mark of the proxy's delivery sockets (and, through `tcp_fwmark_accept`, of the
+/// servers' sockets accepting them).
+pub const MARK: u32 = 0x0000_7eef;
+/// The routing table holding the local default route for marked packets.
+pub const TABLE: u32 = 15_008;
+/// The rule's priority: before `main` (32766).
+const PRIORITY: u32 = 15_008;
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Loopback, [`weft_abi::mesh::OUTBOUND_PORT`]: the pod's captured connections.
+    Outbound,
+    /// The pod's address, [`weft_abi::mesh::INBOUND_PORT`]: tunnels from other nodes.
+    Inbound,
+}
+
+/// A request to the namespace's thread.
+enum Request {
+    /// A listener on `addr` (SO_REUSEPORT, so that a successor can bind it too).
+    Listen(SocketAddr, mpsc::Sender<io::Result<std::net::TcpListener>>),
+    /// A delivery socket of `family`: marked, transparent, not bound yet.
+    Deliver(IpAddr, mpsc::Sender<io::Result<std::net::TcpStream>>),
+    /// A plain TCP socket of the family of the address (a tunnel from the node).
+    Socket(IpAddr, mpsc::Sender<io::Result<std::net::TcpStream>>),
+}
+
+/// The thread in a network namespace (a pod's, or the node's).
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    requests: mpsc::Sender<Request>,
+    /// The namespace's cookie (`MESH_ORIG` keys carry it).
+    pub cookie: u64,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Listen(a, _) => write!(f, "Listen({a})"),
+            Self::Deliver(a, _) => write!(f, "Deliver({a})"),
+            Self::Socket(a, _) => write!(f, "Socket({a})"),
+        }
+    }
+}
+
+impl Netns {
+    /// Enters the node's namespace at `path` (when the agent runs outside it, as in tests:
+    /// `--host-netns`) on a new thread, to make the tunnels' sockets there.
+    pub fn enter_node(path: &Path) -> io::Result<Self> {
+        Self::start(path, false)
+    }
+
+    /// Enters a pod's namespace at `path` on a new thread and prepares it (sysctls, the
+    /// policy-routing rule and table, for IPv4 and IPv6).
+    pub fn enter(path: &Path) -> io::Result<Self> {
+        Self::start(path, true)
+    }
+
+    fn start(path: &Path, pod: bool) -> io::Result<Self> {
+        let ns = std::fs::File::open(path)?;
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
+        let (requests, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("weft-netns".into())
+            .spawn(move || {
+                let prepared = enter_and_prepare(&ns, pod);
+                let ok = prepared.is_ok();
+                let _ = ready_tx.send(prepared);
+                if ok {
+                    serve(&rx);
+                }
+            })?;
+        let cookie = ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the namespace thread ended"))??;
+        Ok(Self {
+            path: path.to_owned(),
+            requests,
+            cookie,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A listener on `addr` in the namespace.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        let (tx, rx) = mpsc::channel();
+        self.ask(Request::Listen(addr, tx))?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    /// A delivery socket for a connection from `source` (marked, transparent, bound to
+    /// `source` with any port), not connected yet.
+    pub fn delivery(&self, source: IpAddr) -> io::Result<std::net::TcpStream> {
+        let (tx, rx) = mpsc::channel();
+        self.ask(Request::Deliver(source, tx))?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    /// A TCP socket of `to`'s family in the namespace, not connected yet.
+    pub fn socket(&self, to: IpAddr) -> io::Result<std::net::TcpStream> {
+        let (tx, rx) = mpsc::channel();
+        self.ask(Request::Socket(to, tx))?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    fn ask(&self, r: Request) -> io::Result<()> {
+        self.requests.send(r).map_err(|_| gone())
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::other("the namespace thread ended")
+}
+
+fn serve(rx: &mpsc::Receiver<Request>) {
+    while let Ok(request) = rx.recv() {
+        match request {
+            Request::Listen(addr, tx) => {
+                let _ = tx.send(listener(addr));
+            }
+            Request::Deliver(source, tx) => {
+                let _ = tx.send(delivery(source));
+            }
+            Request::Socket(to, tx) => {
+                let _ = tx.send(plain(to));
+            }
+        }
+    }
+}
+
+fn enter_and_prepare(ns: &std::fs::File, pod: bool) -> io::Result<u64> {
+    // SAFETY: setns on a descriptor we own, for this thread only; no memory is passed.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if !pod {
+        return crate::datapath::own_netns_cookie();
+    }
+    // /proc/sys/net is the namespace of the thread that opens it.
+    for (name, value) in [
+        ("ipv4/tcp_fwmark_accept", "1"),
+        // A listener closed while a successor shares its port hands over its queue.
+        ("ipv4/tcp_migrate_req", "1"),
+    ] {
+        std::fs::write(format!("/proc/sys/net/{name}"), value)?;
+    }
+    let lo = loopback_index()?;
+    let nl = Netlink::open()?;
+    nl.rule(libc::AF_INET as u8)?;
+    nl.local_route(libc::AF_INET as u8, lo)?;
+    // A namespace without IPv6 has no IPv6 to deliver.
+    match nl
+        .rule(libc::AF_INET6 as u8)
+        .and_then(|()| nl.local_route(libc::AF_INET6 as u8, lo))
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+        other => other?,
+    }
+    crate::datapath::own_netns_cookie()
+}
+
+fn loopback_index() -> io::Result<u32> {
+    // SAFETY: a NUL-terminated literal.
+    let i = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    if i == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(i)
+}
+
+/// A TCP socket of `addr`'s family, close-on-exec.
+fn socket(addr: &IpAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: no memory is passed; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` is a valid int for the kernel to read.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let fd = socket(&addr.ip())?;
+    let raw = fd.as_raw_fd();
+    set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if addr.is_ipv6() {
+        set_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    bind(raw, addr)?;
+    // SAFETY: no memory is passed.
+    if unsafe { libc::listen(raw, 1024) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn plain(to: IpAddr) -> io::Result<std::net::TcpStream> {
+    let fd = socket(&to)?;
+    set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn delivery(source: IpAddr) -> io::Result<std::net::TcpStream> {
+    let fd = socket(&source)?;
+    let raw = fd.as_raw_fd();
+    set_int(raw, libc::SOL_SOCKET, libc::SO_MARK, MARK as i32)?;
+    match source {
+        IpAddr::V4(_) => set_int(raw, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?,
+        IpAddr::V6(_) => {
+            set_int(raw, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?;
+            set_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        }
+    }
+    set_int(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    bind(raw, SocketAddr::new(source, 0))?;
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn bind(fd: RawFd, addr: SocketAddr) -> io::Result<()> {
+    let ret = match addr {
+        SocketAddr::V4(a) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: `sa` is a valid sockaddr_in of the length given.
+            unsafe {
+                libc::bind(
+                    fd,
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: `sa` is a valid sockaddr_in6 of the length given.
+            unsafe {
+                libc::bind(
+                    fd,
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The wildcard address of a family, for the local route.
+fn any(family: u8) -> IpAddr {
+    if i32::from(family) == libc::AF_INET {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    }
+}
+
+/// An rtnetlink socket of the thread's namespace, for one rule and one route per family.
+struct Netlink(OwnedFd);
+
+const NLMSG_HDR: usize = 16;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMARK: u16 = 10;
+const FRA_FWMASK: u16 = 16;
+const FRA_PRIORITY: u16 = 6;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTA_DST: u16 = 1;
+const FR_ACT_TO_TBL: u8 = 1;
+
+impl Netlink {
+    fn open() -> io::Result<Self> {
+        // SAFETY: no memory is passed; the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// `ip rule add fwmark MARK/0xffff lookup TABLE priority PRIORITY`.
+    fn rule(&self, family: u8) -> io::Result<()> {
+        // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action;
+        // flags (u32).
+        let mut body = vec![family, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL, 0, 0, 0, 0];
+        attr(&mut body, FRA_FWMARK, &MARK.to_ne_bytes());
+        attr(&mut body, FRA_FWMASK, &0xffff_u32.to_ne_bytes());
+        attr(&mut body, FRA_TABLE, &TABLE.to_ne_bytes());
+        attr(&mut body, FRA_PRIORITY, &PRIORITY.to_ne_bytes());
+        self.request(libc::RTM_NEWRULE, &body)
+    }
+
+    /// `ip route add local default dev lo table TABLE`.
+    fn local_route(&self, family: u8, lo: u32) -> io::Result<()> {
+        // struct rtmsg: family, dst_len, src_len, tos, table, protocol (boot), scope (host),
+        // type (local); flags (u32).
+        let mut body = vec![
+            family,
+            0,
+            0,
+            0,
+            0,
+            libc::RTPROT_BOOT,
+            libc::RT_SCOPE_HOST,
+            libc::RTN_LOCAL,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let dst = match any(family) {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        attr(&mut body, RTA_DST, &dst);
+        attr(&mut body, RTA_TABLE, &TABLE.to_ne_bytes());
+        attr(&mut body, RTA_OIF, &lo.to_ne_bytes());
+        self.request(libc::RTM_NEWROUTE, &body)
+    }
+
+    /// Sends one request and reads its acknowledgement; "exists" is success (a namespace
+    /// prepared by an earlier agent).
+    fn request(&self, kind: u16, body: &[u8]) -> io::Result<()> {
+        let len = NLMSG_HDR + body.len();
+        let flags =
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&flags.to_ne_bytes());
+        msg.extend_from_slice(&1u32.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(body);
+        // SAFETY: `msg` is valid for reads of its length.
+        let sent = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 1024];
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // struct nlmsgerr follows the header: error (i32, negative errno; 0 for an ack).
+        let n = n as usize;
+        if n < NLMSG_HDR + 4 {
+            return Err(io::Error::other("short netlink answer"));
+        }
+        let errno = i32::from_ne_bytes([
+            buf[NLMSG_HDR],
+            buf[NLMSG_HDR + 1],
+            buf[NLMSG_HDR + 2],
+            buf[NLMSG_HDR + 3],
+        ]);
+        match -errno {
+            0 | libc::EEXIST => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// Appends a netlink attribute (length, type, value, padding to 4 bytes).
+fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(value);
+    while !buf.len().is_multiple_of(4) {
+        buf.push(0);
+    }
+}

@@ -1,0 +1,407 @@
+//! The node proxy: for each local meshed pod, listeners inside the pod's network namespace
+//! (outbound on loopback, inbound HBONE on the pod's addresses), and the connections between
+//! them and the tunnels.
+//!
+//! Outbound: the kernel sent the pod's connect to the loopback listener and left where it was
+//! going in `MESH_ORIG`; the proxy opens (or reuses) a tunnel as the pod's identity to the
+//! destination pod's address, port 15008, requiring the destination's identity, and splices.
+//! Inbound: a tunnel's peer must chain to the bundle; each stream must target this pod and
+//! name, in `Forwarded`, a source address that belongs to a pod of the peer's identity. The
+//! connection is delivered from inside the pod with that source address, so the server and
+//! NetworkPolicy see the client pod as without the mesh.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    task::JoinHandle,
+};
+use weft_abi::{
+    mesh::{INBOUND_PORT, MeshOrig, MeshOrigKey, OUTBOUND_PORT},
+    net::Family,
+    svc::Endpoint,
+};
+
+use super::{
+    hbone::{self, Inbound, Pool, Route},
+    metrics::{ProxyMetrics, Refusal},
+    netns::Netns,
+    tls::Credentials,
+};
+use crate::identity::SpiffeId;
+
+/// A delivery that does not connect in this time is refused (a NetworkPolicy that drops the
+/// SYN, a server that does not answer).
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A local meshed pod as the proxy serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    pub id: SpiffeId,
+    pub ips: Vec<IpAddr>,
+    /// Its network namespace (`/proc/PID/ns/net`, `/run/netns/NAME`).
+    pub netns: PathBuf,
+}
+
+/// The listeners of each pod (`namespace/name`), or why it has none.
+pub type Listeners = Arc<RwLock<BTreeMap<String, Result<Vec<SocketAddr>, String>>>>;
+
+/// The identity of every meshed pod address of the cluster.
+pub type Directory = BTreeMap<IpAddr, SpiffeId>;
+
+/// What every connection task reads.
+#[derive(Debug)]
+pub struct Shared {
+    pub creds: RwLock<Arc<Credentials>>,
+    pub directory: RwLock<Arc<Directory>>,
+    orig: Mutex<BpfHashMap<MapData, MeshOrigKey, MeshOrig>>,
+    pool: Pool,
+    pub metrics: ProxyMetrics,
+}
+
+impl Shared {
+    pub fn new(
+        orig: BpfHashMap<MapData, MeshOrigKey, MeshOrig>,
+        creds: Arc<Credentials>,
+        metrics: ProxyMetrics,
+        node: Option<Arc<Netns>>,
+    ) -> Self {
+        Self {
+            creds: RwLock::new(creds),
+            directory: RwLock::default(),
+            orig: Mutex::new(orig),
+            pool: Pool::new(node),
+            metrics,
+        }
+    }
+
+    fn creds(&self) -> Arc<Credentials> {
+        Arc::clone(&self.creds.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn identity_of(&self, ip: IpAddr) -> Option<SpiffeId> {
+        self.directory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+
+    /// Where the connection from `peer` (in namespace `cookie`) was going; its entry goes.
+    fn take_orig(&self, cookie: u64, peer: SocketAddr) -> Option<MeshOrig> {
+        let key = MeshOrigKey {
+            netns_cookie: cookie,
+            port: peer.port(),
+            family: if peer.is_ipv4() { 4 } else { 6 },
+            _pad: [0; 5],
+        };
+        let mut map = self.orig.lock().unwrap_or_else(|e| e.into_inner());
+        let orig = map.get(&key, 0).ok();
+        let _ = map.remove(&key);
+        orig
+    }
+}
+
+/// The listeners of one pod: their tasks end when it is dropped.
+#[derive(Debug)]
+struct Served {
+    pod: MeshedPod,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The proxy of every local meshed pod.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    served: BTreeMap<String, Served>,
+    /// Listeners each pod has, or why it has none (for `weft certs` and `weft status`).
+    pub listeners: Listeners,
+    /// Told when `listeners` changes.
+    pub changed: Arc<tokio::sync::Notify>,
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            served: BTreeMap::new(),
+            listeners: Arc::default(),
+            changed: Arc::default(),
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves exactly `pods`: new ones get listeners, gone or changed ones lose theirs
+    /// (connections already spliced keep going).
+    pub fn sync(&mut self, pods: &[MeshedPod]) {
+        let wanted: BTreeMap<&str, &MeshedPod> = pods.iter().map(|p| (p.pod.as_str(), p)).collect();
+        self.served
+            .retain(|name, s| wanted.get(name.as_str()).is_some_and(|p| **p == s.pod));
+        {
+            let mut l = self.listeners.write().unwrap_or_else(|e| e.into_inner());
+            l.retain(|name, _| self.served.contains_key(name));
+        }
+        for (name, pod) in wanted {
+            if self.served.contains_key(name) {
+                continue;
+            }
+            let task = tokio::spawn(serve_pod(
+                Arc::clone(&self.shared),
+                pod.clone(),
+                Arc::clone(&self.listeners),
+                Arc::clone(&self.changed),
+            ));
+            self.served.insert(
+                name.to_owned(),
+                Served {
+                    pod: pod.clone(),
+                    tasks: vec![task],
+                },
+            );
+        }
+    }
+}
+
+/// Enters the pod's namespace, listens, and accepts until aborted.
+async fn serve_pod(
+    shared: Arc<Shared>,
+    pod: MeshedPod,
+    listeners: Listeners,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    let path = pod.netns.clone();
+    let opened = tokio::task::spawn_blocking(move || open(&path, &pod)).await;
+    let (netns, pod, outbound, inbound) = match opened {
+        Ok(Ok(o)) => o,
+        Ok(Err((pod, e))) => {
+            tracing::error!(target: "weft::mesh", pod, error = %e, "cannot listen in the pod's network namespace; its meshed connections are refused");
+            listeners
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pod, Err(e.to_string()));
+            changed.notify_one();
+            return;
+        }
+        Err(_) => return,
+    };
+    let addrs: Vec<SocketAddr> = outbound
+        .iter()
+        .chain(&inbound)
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    tracing::info!(target: "weft::mesh", pod = pod.pod, listeners = ?addrs, "pod meshed");
+    listeners
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(pod.pod.clone(), Ok(addrs));
+    changed.notify_one();
+    let (pod, netns) = (Arc::new(pod), Arc::new(netns));
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in outbound {
+        tasks.spawn(accept_outbound(
+            Arc::clone(&shared),
+            Arc::clone(&pod),
+            netns.cookie,
+            l,
+        ));
+    }
+    for l in inbound {
+        tasks.spawn(accept_inbound(
+            Arc::clone(&shared),
+            Arc::clone(&pod),
+            Arc::clone(&netns),
+            l,
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+type Opened = (Netns, MeshedPod, Vec<TcpListener>, Vec<TcpListener>);
+
+/// The namespace and the listeners (blocking: runs off the runtime's workers).
+fn open(path: &std::path::Path, pod: &MeshedPod) -> Result<Opened, (String, std::io::Error)> {
+    let fail = |e| (pod.pod.clone(), e);
+    let netns = Netns::enter(path).map_err(fail)?;
+    let handle = tokio::runtime::Handle::current();
+    let _guard = handle.enter();
+    let mut outbound = Vec::new();
+    let mut inbound = Vec::new();
+    let loopbacks = [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    for lo in loopbacks {
+        if !pod.ips.iter().any(|ip| ip.is_ipv4() == lo.is_ipv4()) {
+            continue;
+        }
+        let l = netns
+            .listen(SocketAddr::new(lo, OUTBOUND_PORT))
+            .and_then(TcpListener::from_std)
+            .map_err(fail)?;
+        outbound.push(l);
+    }
+    for ip in &pod.ips {
+        let l = netns
+            .listen(SocketAddr::new(*ip, INBOUND_PORT))
+            .and_then(TcpListener::from_std)
+            .map_err(fail)?;
+        inbound.push(l);
+    }
+    Ok((netns, pod.clone(), outbound, inbound))
+}
+
+async fn accept_outbound(shared: Arc<Shared>, pod: Arc<MeshedPod>, cookie: u64, l: TcpListener) {
+    loop {
+        let Ok((client, peer)) = l.accept().await else {
+            continue;
+        };
+        let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
+        tokio::spawn(async move { outbound(&shared, &pod, cookie, client, peer).await });
+    }
+}
+
+fn socket_addr(e: &Endpoint) -> SocketAddr {
+    let port = u16::from_be(e.port);
+    let ip = match Family::of(e.family) {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(u32::from_be(e.addr[0]))),
+        Family::V6 => {
+            let mut b = [0u8; 16];
+            for (i, w) in e.addr.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// One captured connection of `pod`: through a tunnel, or reset.
+async fn outbound(
+    shared: &Shared,
+    pod: &MeshedPod,
+    cookie: u64,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = client.set_nodelay(true);
+    let Some(orig) = shared.take_orig(cookie, peer) else {
+        tracing::debug!(target: "weft::mesh", pod = pod.pod, %peer, "no origin for a captured connection");
+        return reset(client);
+    };
+    let target = socket_addr(&orig.target);
+    let Some(destination) = shared.identity_of(target.ip()) else {
+        tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "the destination is not in the mesh any more");
+        return reset(client);
+    };
+    let Some(source_ip) = pod
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == target.is_ipv4())
+    else {
+        return reset(client);
+    };
+    let route = Route {
+        source: pod.id.clone(),
+        destination,
+        tunnel: SocketAddr::new(target.ip(), INBOUND_PORT),
+    };
+    let creds = shared.creds();
+    match shared
+        .pool
+        .connect(&creds, &shared.metrics, &route, target, source_ip)
+        .await
+    {
+        Ok(stream) => {
+            let _ = hbone::splice(TokioIo::new(stream), &mut client).await;
+        }
+        Err(e) => {
+            tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, error = %crate::chain(&e), "tunnel refused");
+            reset(client);
+        }
+    }
+}
+
+/// Closes with a reset: the client sees its connection refused, not a clean end.
+fn reset(client: TcpStream) {
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
+async fn accept_inbound(
+    shared: Arc<Shared>,
+    pod: Arc<MeshedPod>,
+    netns: Arc<Netns>,
+    l: TcpListener,
+) {
+    loop {
+        let Ok((tcp, _)) = l.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(config) = shared.creds().server(&pod.id) else {
+            // No certificate for the pod: nothing to prove who it is with.
+            drop(tcp);
+            continue;
+        };
+        let (shared, pod, netns) = (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
+        tokio::spawn(async move {
+            let metrics = shared.metrics.clone();
+            let open = move |inbound: Inbound| {
+                let (shared, pod, netns) =
+                    (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
+                async move { deliver(&shared, &pod, &netns, inbound).await }
+            };
+            if let Err(e) = hbone::serve(tcp, config, metrics, open).await {
+                tracing::debug!(target: "weft::mesh", error = %crate::chain(&e), "inbound tunnel ended");
+            }
+        });
+    }
+}
+
+/// A stream to this pod, from inside its namespace, with the client pod's address.
+async fn deliver(
+    shared: &Shared,
+    pod: &MeshedPod,
+    netns: &Netns,
+    inbound: Inbound,
+) -> Result<TcpStream, Refusal> {
+    if !pod.ips.contains(&inbound.target.ip()) {
+        return Err(Refusal::Forbidden);
+    }
+    // The peer proves an identity; the source address must be one of that identity's pods.
+    let source = inbound.source.ok_or(Refusal::Forbidden)?;
+    if shared.identity_of(source).as_ref() != Some(&inbound.peer) {
+        tracing::debug!(target: "weft::mesh", peer = %inbound.peer, %source, "source address not of the peer's identity");
+        return Err(Refusal::Forbidden);
+    }
+    let socket = netns.delivery(source).map_err(|e| {
+        tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
+        Refusal::Unreachable
+    })?;
+    let socket = TcpSocket::from_std_stream(socket);
+    match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(inbound.target)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        _ => Err(Refusal::Unreachable),
+    }
+}
