@@ -152,10 +152,11 @@ fn unbound_pods(config: &Config) -> Unbound {
 /// Loads the programs (attached after the first full sync).
 fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error> {
     let capacities = &config.datapath.capacities;
+    let (cgroup_level, agent_cgroup) = datapath::cgroup_level(cgroup_root, capacities)?;
     let mut globals = Globals {
         kernel_log_level: logging::kernel_log_level(),
         events_wakeup_bytes: config.datapath.events_wakeup_bytes,
-        cgroup_level: datapath::cgroup_level(cgroup_root, capacities)?,
+        cgroup_level,
         conn_update_interval_ns: 0,
         conn_events_enabled: 0,
         unbound_isolated: 0,
@@ -166,6 +167,8 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
         sock_states_per_pod: u64::from(config.datapath.max_socket_states_per_pod),
         sock_states_floor: u64::from(config.datapath.min_socket_states_per_pod),
         sockmap_enabled: u32::from(config.datapath.sockmap),
+        agent_cgroup_level: agent_cgroup.map_or(0, |(level, _)| level),
+        agent_cgroup_id: agent_cgroup.map_or(0, |(_, id)| id),
     };
     config.telemetry.apply_to(&mut globals);
     if unbound_pods(config) == Unbound::Isolate {

@@ -118,6 +118,8 @@ mod tests {
                 sock_states_per_pod: 0,
                 sock_states_floor: 0,
                 sockmap_enabled: 0,
+                agent_cgroup_level: 0,
+                agent_cgroup_id: 0,
                 conn_update_interval_ns: 7,
                 conn_events_enabled: 7,
             };

@@ -334,7 +334,9 @@ impl Datapath {
             .override_global(globals::SOCK_STATES, &g.sock_states, true)
             .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true)
             .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true)
-            .override_global(globals::SOCKMAP_ENABLED, &g.sockmap_enabled, true);
+            .override_global(globals::SOCKMAP_ENABLED, &g.sockmap_enabled, true)
+            .override_global(globals::AGENT_CGROUP_LEVEL, &g.agent_cgroup_level, true)
+            .override_global(globals::AGENT_CGROUP_ID, &g.agent_cgroup_id, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| Error::Load { source })?;
@@ -598,7 +600,12 @@ where
 
 /// The absolute cgroup level of `cgroup` (what the kernel's ancestor lookups count), right
 /// under a cgroup namespace too.
-pub fn cgroup_level(cgroup: &Path, capacities: &Capacities) -> Result<u32, Error> {
+/// The absolute level of the attach cgroup, and the agent's own cgroup (level, id) when it
+/// is below it.
+pub fn cgroup_level(
+    cgroup: &Path,
+    capacities: &Capacities,
+) -> Result<(u32, Option<(u32, u64)>), Error> {
     level::cgroup_level(cgroup, &config::map_specs(capacities))
 }
 

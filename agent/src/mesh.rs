@@ -68,6 +68,10 @@ pub struct Settings {
     /// The lifetime of a workload certificate; it is renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_cert_ttl)]
     pub mesh_cert_ttl: Duration,
+    /// The host's procfs (a container mounts it elsewhere, e.g. `/host/proc`, with hostPID):
+    /// where pods' network namespaces are found (`PID/ns/net`) and their sysctls written.
+    #[arg(long, default_value = "/proc", value_name = "DIR")]
+    pub host_proc: PathBuf,
 }
 
 /// A trust domain as SPIFFE allows it: lowercase letters, digits, `.`, `-`, `_`.
@@ -134,13 +138,23 @@ impl Mesh {
     ) -> Self {
         let proxy_metrics = ProxyMetrics::new(registry);
         let node = host_netns.map(netns::Netns::enter_node).transpose();
+        let host_cookie = match &node {
+            Ok(Some(n)) => n.cookie,
+            _ => crate::datapath::own_netns_cookie().unwrap_or(0),
+        };
         let proxy = match node {
             Ok(node) => orig.map(|orig| {
                 let empty = Arc::new(
                     tls::Credentials::new(std::iter::empty(), std::iter::empty())
                         .expect("no roots and no leaves always make credentials"),
                 );
-                let shared = Shared::new(orig, empty, proxy_metrics, node.map(Arc::new));
+                let shared = Shared::new(
+                    orig,
+                    empty,
+                    proxy_metrics,
+                    node.map(Arc::new),
+                    (settings.host_proc.clone(), host_cookie),
+                );
                 Proxy::new(Arc::new(shared))
             }),
             Err(e) => {
@@ -214,12 +228,15 @@ impl Mesh {
                 continue;
             };
             pods.entry(id.clone()).or_default().push(lp.pod.to_owned());
-            match netns_of(store, key, &lp.cgroup) {
-                Some(netns) => served.push(MeshedPod {
+            let netns = netns_of(store, key, &lp.cgroup, &self.settings.host_proc)
+                .and_then(|p| Some((std::fs::metadata(&p).ok()?, p)));
+            match netns {
+                Some((meta, netns)) => served.push(MeshedPod {
                     pod: lp.pod.to_owned(),
                     id: id.clone(),
                     ips: lp.ips.to_vec(),
                     netns,
+                    netns_inode: std::os::unix::fs::MetadataExt::ino(&meta),
                 }),
                 None => self.waiting.push(lp.pod.to_owned()),
             }
@@ -230,6 +247,13 @@ impl Mesh {
             self.refresh(now);
         }
         if let Some(proxy) = &mut self.proxy {
+            let local_ips: std::collections::BTreeSet<IpAddr> =
+                local.iter().flat_map(|lp| lp.ips.iter().copied()).collect();
+            *proxy
+                .shared()
+                .local
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(local_ips);
             let directory = directory(store, &enrolled.meshed);
             *proxy
                 .shared()
@@ -247,7 +271,7 @@ impl Mesh {
             .map(|u| format!("{}: {}={:?}", u.object, compile_label(), u.value))
             .collect();
         for u in unknown.iter().filter(|u| !self.unknown_labels.contains(u)) {
-            tracing::warn!(target: "weft::mesh", label = u, "mesh label value not understood (enabled or disabled): ignored");
+            tracing::warn!(target: "weft::mesh", label = u, "mesh label value not understood (enabled or disabled): read as enabled");
         }
         self.unknown_labels = unknown;
     }
@@ -394,7 +418,12 @@ impl Mesh {
 }
 
 /// The network namespace of a local pod: its annotation, or that of a process in its cgroup.
-fn netns_of(store: &Store, key: &crate::store::Key, cgroup: &Path) -> Option<PathBuf> {
+fn netns_of(
+    store: &Store,
+    key: &crate::store::Key,
+    cgroup: &Path,
+    host_proc: &Path,
+) -> Option<PathBuf> {
     let annotated = store
         .pods
         .get(key)
@@ -404,9 +433,28 @@ fn netns_of(store: &Store, key: &crate::store::Key, cgroup: &Path) -> Option<Pat
     if annotated.is_some() {
         return annotated;
     }
+    let pid = first_process(cgroup, 3)?;
+    Some(host_proc.join(pid.to_string()).join("ns/net"))
+}
+
+/// A process of the cgroup or of a descendant down to `depth` levels (under the kubelet a
+/// pod's own cgroup holds none: its containers' cgroups do, the sandbox's among them).
+fn first_process(cgroup: &Path, depth: usize) -> Option<u32> {
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
-    let pid: u32 = procs.lines().next()?.trim().parse().ok()?;
-    Some(PathBuf::from(format!("/proc/{pid}/ns/net")))
+    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+        return Some(pid);
+    }
+    if depth == 0 {
+        return None;
+    }
+    let mut children: Vec<PathBuf> = std::fs::read_dir(cgroup)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    children.sort();
+    children.iter().find_map(|c| first_process(c, depth - 1))
 }
 
 /// Every meshed pod address of the cluster with its identity (addresses several pods claim

@@ -584,3 +584,36 @@ fn parse(lines: &[String]) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// A mesh CA made by `weft ca init` in a directory of its own, removed on drop.
+#[derive(Debug)]
+pub struct MeshCa {
+    dir: PathBuf,
+}
+
+impl MeshCa {
+    /// The directory for `--mesh-ca`.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for MeshCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `weft ca init` into `dir` (made afresh).
+pub fn init_mesh_ca(dir: &Path) -> MeshCa {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let ca = MeshCa {
+        dir: dir.to_owned(),
+    };
+    crate::proc::run(
+        weft_binary().to_str().expect("a UTF-8 path"),
+        ["ca", "init", dir.to_str().expect("a UTF-8 path")],
+    );
+    ca
+}

@@ -283,22 +283,29 @@ fn both_agents_report_a_cross_node_connection_with_both_names_and_exact_bytes() 
 /// The upstream policy model over both nodes, an agent on each (its `--node-ip` its bridge
 /// address), each holding its own pods' policy in its kernel.
 fn policy_model(test: &str) -> (Model, Vec<Agent>) {
+    policy_model_with(test, &[])
+}
+
+/// [`policy_model`] with more agent arguments.
+fn policy_model_with(test: &str, extra: &[String]) -> (Model, Vec<Agent>) {
     let model = Model::over_two_nodes(test);
     let agents: Vec<Agent> = ["a", "b"]
         .iter()
         .map(|n| {
             let node = model.cluster().node(n);
+            let mut extra_args = vec![
+                "--node-ip".into(),
+                format!("10.0.{}.1", node.subnet()),
+                "--node-name".into(),
+                (*n).to_owned(),
+            ];
+            extra_args.extend_from_slice(extra);
             Agent::start_with(
                 node,
                 AgentOptions {
                     source: true,
                     source_dir: Some(model.cluster().source_dir()),
-                    extra_args: vec![
-                        "--node-ip".into(),
-                        format!("10.0.{}.1", node.subnet()),
-                        "--node-name".into(),
-                        (*n).to_owned(),
-                    ],
+                    extra_args,
                     ..AgentOptions::default()
                 },
             )
@@ -328,10 +335,50 @@ fn apply(model: &Model, agents: &[Agent], docs: &[String]) {
 #[test]
 fn policy_truth_tables_hold_across_nodes() {
     let (model, agents) = policy_model("cl_pol");
+    truth_tables(&model, &agents);
+    policy_check_on_both_nodes(&model, &agents);
+}
+
+/// The same truth tables with every namespace in the mesh: TCP between the nodes goes through
+/// the agents' tunnels (and is seen to), and NetworkPolicy means exactly what it means
+/// without them, judged on the real peers at both ends.
+#[test]
+fn policy_truth_tables_hold_with_every_namespace_meshed() {
+    let ca = weft_testkit::agent::init_mesh_ca(
+        &std::env::temp_dir().join(format!("weft-cl-mesh-ca-{}", std::process::id())),
+    );
+    let extra = ["--mesh-ca".to_owned(), ca.path().display().to_string()];
+    let (mut model, agents) = policy_model_with("cl_meshpol", &extra);
+    for ns in ["x", "y", "z"] {
+        model.set_namespace_labels(ns, &[("ns", ns), ("weft.io/mesh", "enabled")]);
+    }
+    for (agent, local) in agents.iter().zip([5, 4]) {
+        agent.wait_output("certs", "every local pod meshed", WAIT, |v| {
+            v["pods"].as_array().is_some_and(|p| {
+                p.len() == local
+                    && p.iter()
+                        .all(|p| p["listeners"].as_array().is_some_and(|l| !l.is_empty()))
+            })
+        });
+    }
+    truth_tables(&model, &agents);
+    for agent in &agents {
+        let streams = agent
+            .metrics()
+            .iter()
+            .filter(|s| s.name == "weft_mesh_streams_total")
+            .map(|s| s.value)
+            .sum::<f64>();
+        assert!(streams > 0.0, "TCP between the nodes went through tunnels");
+    }
+}
+
+/// The policies of the two-node truth tables, and the tables they must produce.
+fn truth_tables(model: &Model, agents: &[Agent]) {
     model.expect_both("no policies", 80, "tcp", &Table::all(true));
     apply(
-        &model,
-        &agents,
+        model,
+        agents,
         &[
             // x/a (node a) admits only x/b (node b).
             np(
@@ -364,7 +411,6 @@ fn policy_truth_tables_hold_across_nodes() {
     let mut t81 = t.clone();
     t81.deny_to("z/b");
     model.expect_both("z/b admits only port 80", 81, "tcp", &t81);
-    policy_check_on_both_nodes(&model, &agents);
 }
 
 /// `weft policy check` answers both sides on either node, each side naming the node that

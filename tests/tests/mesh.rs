@@ -4,7 +4,12 @@
 use std::{path::Path, time::Duration};
 
 use serde_json::Value;
-use weft_testkit::{Agent, AgentOptions, Cluster, agent::weft_binary, k8s, proc, proc::Process};
+use weft_testkit::{
+    Agent, AgentOptions, Cluster,
+    agent::{MeshCa, init_mesh_ca},
+    k8s,
+    proc::Process,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 /// The `web` Service (backend: `server` on node b).
@@ -63,15 +68,9 @@ fn mesh_cluster(test: &str) -> Cluster {
     c
 }
 
-/// A new mesh CA (`weft ca init`) in the cluster's work directory.
-fn ca(c: &Cluster) -> std::path::PathBuf {
-    let dir = c.source_dir().with_file_name("ca");
-    std::fs::create_dir_all(&dir).expect("ca dir");
-    proc::run(
-        weft_binary().to_str().expect("utf-8 path"),
-        ["ca", "init", dir.to_str().expect("utf-8 path")],
-    );
-    dir
+/// A new mesh CA (`weft ca init`) beside the cluster's source directory.
+fn ca(c: &Cluster) -> MeshCa {
+    init_mesh_ca(&c.source_dir().with_file_name("ca"))
 }
 
 fn agents(c: &Cluster, ca: &Path) -> Vec<Agent> {
@@ -176,7 +175,7 @@ fn host(peer: &str) -> String {
 fn meshed_pods_talk_through_mutual_tls_across_nodes() {
     let c = mesh_cluster("mesh_tls");
     let ca = ca(&c);
-    let agents = agents(&c, &ca);
+    let agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
     wait_meshed(&agents[1], ID, "default/server");
     agents[0].wait_backends(&format!("{WEB}:80/TCP"), 1, WAIT);
@@ -222,7 +221,7 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
 fn a_pod_outside_the_mesh_talks_in_plaintext_both_ways() {
     let c = mesh_cluster("mesh_plain");
     let ca = ca(&c);
-    let agents = agents(&c, &ca);
+    let agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
     wait_meshed(&agents[1], ID, "default/server");
     agents[0].wait_backends(&format!("{WEB}:80/TCP"), 1, WAIT);
@@ -258,4 +257,42 @@ fn a_pod_outside_the_mesh_talks_in_plaintext_both_ways() {
         "both exchanges crossed the underlay in plaintext: {found}"
     );
     assert_eq!(tunnelled, 0, "no tunnel was used");
+}
+
+/// What `pod` gets probing `target` over TCP (the server's name, or `error: ...`).
+fn probe(c: &Cluster, pod: &str, target: &str) -> String {
+    let to = format!("tcp:{target}");
+    let mut p = c
+        .pod(pod)
+        .0
+        .spawn(pod, &["probe", "--timeout-ms", "1000", &to]);
+    p.probe_results()[&to]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// While the client node's agent is dead, a meshed pod's connects to a meshed pod are
+/// refused at once, never sent in plaintext; once an agent runs again they work.
+#[test]
+fn without_an_agent_meshed_connects_are_refused_then_work_again() {
+    let c = mesh_cluster("mesh_kill");
+    let ca = ca(&c);
+    let mut agents = agents(&c, ca.path());
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], ID, "default/server");
+    let _server = c
+        .pod("server")
+        .0
+        .start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
+    let target = format!("{}:8080", c.pod("server").1.ipv4);
+    assert_eq!(probe(&c, "client", &target), SECRET);
+    agents[0].kill();
+    let (found, _) = on_the_underlay(&c, || {
+        assert_eq!(probe(&c, "client", &target), "error: connect: ECONNREFUSED");
+    });
+    assert_eq!(found, 0, "nothing went in plaintext meanwhile");
+    agents[0].restart();
+    wait_meshed(&agents[0], ID, "default/client");
+    assert_eq!(probe(&c, "client", &target), SECRET);
 }

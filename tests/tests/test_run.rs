@@ -248,10 +248,26 @@ fn the_level_probe_agrees_with_the_directory_count_outside_a_cgroup_namespace() 
     let caps = <Defaults as clap::Parser>::parse_from(["defaults"]).caps;
     for dir in [own.as_path(), mount.as_path()] {
         assert_eq!(
-            weft::datapath::cgroup_level(dir, &caps).expect("probe"),
+            weft::datapath::cgroup_level(dir, &caps).expect("probe").0,
             weft::cgroup::level(dir).expect("count"),
             "{}",
             dir.display()
         );
     }
+    // The agent's own cgroup is named only when it is below the attach cgroup.
+    assert_eq!(
+        weft::datapath::cgroup_level(&own, &caps).expect("probe").1,
+        None
+    );
+    let own_level = weft::cgroup::level(&own).expect("count");
+    let below_mount = (own_level > 0).then(|| {
+        use std::os::unix::fs::MetadataExt as _;
+        (own_level, std::fs::metadata(&own).expect("stat").ino())
+    });
+    assert_eq!(
+        weft::datapath::cgroup_level(&mount, &caps)
+            .expect("probe")
+            .1,
+        below_mount
+    );
 }

@@ -1,7 +1,8 @@
 //! Which pods are in the mesh, and the identity each one has there.
 //!
 //! A pod is meshed when it or its namespace carries `weft.io/mesh: enabled`; the pod's own
-//! label wins, and `disabled` opts a pod out of a meshed namespace. Its identity is its
+//! label wins, and `disabled` opts a pod out of a meshed namespace. Any other value is
+//! reported and read as `enabled` (mutual TLS is the side to err on). Its identity is its
 //! service account's SPIFFE ID.
 use std::collections::BTreeMap;
 
@@ -15,8 +16,8 @@ use crate::{
 /// The enrollment label, on namespaces and pods.
 pub const MESH_LABEL: &str = "weft.io/mesh";
 
-/// A value of [`MESH_LABEL`] that is neither `enabled` nor `disabled`: ignored (the pod
-/// inherits its namespace's choice), and reported.
+/// A value of [`MESH_LABEL`] that is neither `enabled` nor `disabled`: read as `enabled`,
+/// and reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownValue {
     /// `Namespace NAME` or `Pod NAMESPACE/NAME`.
@@ -61,8 +62,9 @@ pub fn enrollment(store: &Store, trust_domain: &str) -> Enrollment {
     out
 }
 
-/// `Some(true)` for `enabled`, `Some(false)` for `disabled`, `None` when absent or not
-/// understood (recorded in `unknown`).
+/// `Some(true)` for `enabled`, `Some(false)` for `disabled`, `None` when absent. A value not
+/// understood (recorded in `unknown`) meshes: what weft cannot read errs on the side of
+/// mutual TLS, never of plaintext.
 fn choice(
     value: Option<&String>,
     unknown: &mut Vec<UnknownValue>,
@@ -77,7 +79,7 @@ fn choice(
                 object: object(),
                 value: other.to_owned(),
             });
-            None
+            Some(true)
         }
     }
 }
@@ -154,23 +156,35 @@ mod tests {
     /// The API server accepts any label value: one weft does not understand is reported and
     /// the pod follows its namespace.
     #[test]
-    fn an_unknown_value_is_reported_and_the_namespace_decides() {
+    fn an_unknown_value_is_reported_and_meshes_the_pod() {
         let docs = [
-            ns("shop", Some("enabled")),
-            pod("shop", "web", Some("yes-please"), Some("web")),
+            ns("plain", None),
+            ns("shop", Some("Disabled")),
+            pod("plain", "web", Some("yes-please"), Some("web")),
+            pod("shop", "db", None, None),
         ];
         let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
         let e = enrollment(&store_of(&refs), "example.org");
+        let meshed: Vec<String> = e.meshed.values().map(ToString::to_string).collect();
         assert_eq!(
-            e.meshed[&key("shop", "web")].to_string(),
-            "spiffe://example.org/ns/shop/sa/web"
+            meshed,
+            [
+                "spiffe://example.org/ns/plain/sa/web",
+                "spiffe://example.org/ns/shop/sa/default"
+            ]
         );
         assert_eq!(
             e.unknown,
-            [UnknownValue {
-                object: "Pod shop/web".into(),
-                value: "yes-please".into()
-            }]
+            [
+                UnknownValue {
+                    object: "Namespace shop".into(),
+                    value: "Disabled".into()
+                },
+                UnknownValue {
+                    object: "Pod plain/web".into(),
+                    value: "yes-please".into()
+                }
+            ]
         );
     }
 }

@@ -537,6 +537,15 @@ impl IdentityPass<'_> {
 
     fn rejected_pod(&mut self, p: &PodView<'_>) {
         self.matching_nothing(IdentityKey::RejectedPod, &p.ips);
+        // Whether it is meshed is read from its stand-in (its namespace's label at least):
+        // a meshed pod's TCP to it is captured rather than sent in plaintext.
+        if p.meshed && local_cgroup(p.pod).is_none() {
+            for ip in &p.ips {
+                if let Some(v) = self.out.ipcache.get_mut(&IpNet::from(*ip)) {
+                    v.flags |= IP_MESHED_REMOTE;
+                }
+            }
+        }
     }
 
     /// Gives `ips` identity `key`, which no selector and no ipBlock matches (only rules that
@@ -571,6 +580,19 @@ impl IdentityPass<'_> {
             return;
         }
         self.matching_nothing(IdentityKey::ContestedAddress, model.contested.keys());
+        // A meshed pod of another node among the claimants: a meshed pod's TCP to the
+        // address is captured (and refused by the proxy: the address is nobody's), never
+        // sent in plaintext to a pod that expects the mesh.
+        for (ip, claimants) in &model.contested {
+            let meshed_remote = model.pods.iter().any(|p| {
+                p.meshed
+                    && local_cgroup(p.pod).is_none()
+                    && claimants.contains(&format!("{}/{}", p.namespace, p.name))
+            });
+            if meshed_remote && let Some(v) = self.out.ipcache.get_mut(&IpNet::from(*ip)) {
+                v.flags |= IP_MESHED_REMOTE;
+            }
+        }
         self.out.contested = model.contested.clone();
         for (ip, claimants) in &model.contested {
             for pod in claimants {

@@ -248,6 +248,9 @@ pub struct Globals {
     pub sock_states_floor: u64,
     /// 1: established TCP sockets of pods are paired for the socket-to-socket path.
     pub sockmap_enabled: u32,
+    /// The agent's own cgroup (level, id) when below the cgroup root, else 0, 0.
+    pub agent_cgroup_level: u32,
+    pub agent_cgroup_id: u64,
 }
 
 /// Everything [`super::Datapath::start`] needs.

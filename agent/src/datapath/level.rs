@@ -22,9 +22,19 @@ const MAX_LEVEL: u32 = 256;
 const SKB_CTX_SIZE: usize = 192;
 const CB: [usize; 3] = [48, 52, 56];
 
-/// The absolute level of `cgroup` (a directory of a cgroup2 mount).
-pub fn cgroup_level(cgroup: &Path, specs: &[MapSpec]) -> Result<u32, Error> {
+/// The absolute level of `cgroup` (a directory of a cgroup2 mount), and the agent's own
+/// cgroup (level, id) when it is deeper than that level (see `AGENT_CGROUP_ID`).
+pub fn cgroup_level(cgroup: &Path, specs: &[MapSpec]) -> Result<(u32, Option<(u32, u64)>), Error> {
     let ancestors = own_ancestors(specs)?;
+    let level = level_of(cgroup, &ancestors)?;
+    let own = ancestors
+        .last()
+        .map(|id| (ancestors.len() as u32 - 1, *id))
+        .filter(|(own_level, _)| *own_level > level);
+    Ok((level, own))
+}
+
+fn level_of(cgroup: &Path, ancestors: &[u64]) -> Result<u32, Error> {
     let mut up = 0;
     let mut at = std::fs::canonicalize(cgroup).map_err(|source| Error::OpenCgroup {
         path: cgroup.to_owned(),

@@ -39,6 +39,11 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Copy buffers.
 const BUFFER: usize = 64 << 10;
+/// A tunnel not open (TCP, TLS, HTTP/2) this soon is given up: the connections waiting for
+/// it are reset rather than left hanging for the kernel's SYN retries.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that has not finished its TLS handshake this soon is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A tunnel that could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -123,11 +128,14 @@ impl Pool {
             let mut tunnels = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
             // Tunnels of a renewed certificate take no new streams (dropping the sender lets
             // them close once their streams end); closed ones go.
+            // A slot someone holds is in use; an idle one stays only with an open tunnel
+            // (one whose opening failed holds nothing).
             tunnels.retain(|(r, serial), slot| {
                 creds.serial(&r.source) == Some(serial.as_str())
-                    && slot
-                        .try_lock()
-                        .map_or(true, |s| s.as_ref().is_none_or(|s| !s.is_closed()))
+                    && (Arc::strong_count(slot) > 1
+                        || slot
+                            .try_lock()
+                            .is_ok_and(|s| s.as_ref().is_some_and(|s| !s.is_closed())))
             });
             Arc::clone(tunnels.entry((route.clone(), serial)).or_default())
         };
@@ -136,7 +144,13 @@ impl Pool {
             match held.as_ref() {
                 Some(s) if s.is_ready() => s.clone(),
                 _ => {
-                    let s = open_tunnel(self.netns.as_deref(), creds, metrics, route).await?;
+                    let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route);
+                    let s = tokio::time::timeout(OPEN_TIMEOUT, opening)
+                        .await
+                        .map_err(|_| Error::Connect {
+                            addr: route.tunnel,
+                            source: std::io::ErrorKind::TimedOut.into(),
+                        })??;
                     *held = Some(s.clone());
                     s
                 }
@@ -192,7 +206,7 @@ async fn open_tunnel(
     let tcp = match netns {
         None => TcpStream::connect(addr).await.map_err(connect_err)?,
         Some(ns) => {
-            let socket = ns.socket(addr.ip()).map_err(connect_err)?;
+            let socket = ns.socket(addr.ip()).await.map_err(connect_err)?;
             tokio::net::TcpSocket::from_std_stream(socket)
                 .connect(addr)
                 .await
@@ -298,7 +312,11 @@ where
     Fut: Future<Output = Result<T, Refusal>> + Send + 'static,
 {
     let addr = SocketAddr::from(([0, 0, 0, 0], PORT));
-    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(io).await {
+    let accepting = tokio_rustls::TlsAcceptor::from(config).accept(io);
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let tls = match accepted {
         Ok(tls) => tls,
         Err(source) => {
             let reason = HandshakeFailure::of(&source);

@@ -37,12 +37,15 @@ pub enum Role {
 /// A request to the namespace's thread.
 enum Request {
     /// A listener on `addr` (SO_REUSEPORT, so that a successor can bind it too).
-    Listen(SocketAddr, mpsc::Sender<io::Result<std::net::TcpListener>>),
-    /// A delivery socket of `family`: marked, transparent, not bound yet.
-    Deliver(IpAddr, mpsc::Sender<io::Result<std::net::TcpStream>>),
+    Listen(SocketAddr, Reply<std::net::TcpListener>),
+    /// A delivery socket for a connection from the address: marked, transparent, bound.
+    Deliver(IpAddr, Reply<std::net::TcpStream>),
     /// A plain TCP socket of the family of the address (a tunnel from the node).
-    Socket(IpAddr, mpsc::Sender<io::Result<std::net::TcpStream>>),
+    Socket(IpAddr, Reply<std::net::TcpStream>),
 }
+
+/// Where the namespace's thread answers (a runtime task awaits it without blocking).
+type Reply<T> = tokio::sync::oneshot::Sender<io::Result<T>>;
 
 /// The thread in a network namespace (a pod's, or the node's).
 #[derive(Debug)]
@@ -67,23 +70,26 @@ impl Netns {
     /// Enters the node's namespace at `path` (when the agent runs outside it, as in tests:
     /// `--host-netns`) on a new thread, to make the tunnels' sockets there.
     pub fn enter_node(path: &Path) -> io::Result<Self> {
-        Self::start(path, false)
+        Self::start(path, None)
     }
 
-    /// Enters a pod's namespace at `path` on a new thread and prepares it (sysctls, the
-    /// policy-routing rule and table, for IPv4 and IPv6).
-    pub fn enter(path: &Path) -> io::Result<Self> {
-        Self::start(path, true)
+    /// Enters a pod's namespace at `path` on a new thread and prepares it (sysctls, written
+    /// through `host_proc`; the policy-routing rule and table, for IPv4 and IPv6). Refused
+    /// when the namespace is the node's (`host_cookie`): a path that leads there (a process
+    /// that exited and whose PID was reused, an annotation naming it) must not change the
+    /// node's routing.
+    pub fn enter(path: &Path, host_proc: &Path, host_cookie: u64) -> io::Result<Self> {
+        Self::start(path, Some((host_proc.to_owned(), host_cookie)))
     }
 
-    fn start(path: &Path, pod: bool) -> io::Result<Self> {
+    fn start(path: &Path, pod: Option<(PathBuf, u64)>) -> io::Result<Self> {
         let ns = std::fs::File::open(path)?;
-        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<u64>>();
         let (requests, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("weft-netns".into())
             .spawn(move || {
-                let prepared = enter_and_prepare(&ns, pod);
+                let prepared = enter_and_prepare(&ns, pod.as_ref());
                 let ok = prepared.is_ok();
                 let _ = ready_tx.send(prepared);
                 if ok {
@@ -104,26 +110,26 @@ impl Netns {
         &self.path
     }
 
-    /// A listener on `addr` in the namespace.
+    /// A listener on `addr` in the namespace (blocking: call it off the runtime's workers).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.ask(Request::Listen(addr, tx))?;
-        rx.recv().map_err(|_| gone())?
+        rx.blocking_recv().map_err(|_| gone())?
     }
 
     /// A delivery socket for a connection from `source` (marked, transparent, bound to
     /// `source` with any port), not connected yet.
-    pub fn delivery(&self, source: IpAddr) -> io::Result<std::net::TcpStream> {
-        let (tx, rx) = mpsc::channel();
+    pub async fn delivery(&self, source: IpAddr) -> io::Result<std::net::TcpStream> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.ask(Request::Deliver(source, tx))?;
-        rx.recv().map_err(|_| gone())?
+        rx.await.map_err(|_| gone())?
     }
 
     /// A TCP socket of `to`'s family in the namespace, not connected yet.
-    pub fn socket(&self, to: IpAddr) -> io::Result<std::net::TcpStream> {
-        let (tx, rx) = mpsc::channel();
+    pub async fn socket(&self, to: IpAddr) -> io::Result<std::net::TcpStream> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.ask(Request::Socket(to, tx))?;
-        rx.recv().map_err(|_| gone())?
+        rx.await.map_err(|_| gone())?
     }
 
     fn ask(&self, r: Request) -> io::Result<()> {
@@ -151,21 +157,28 @@ fn serve(rx: &mpsc::Receiver<Request>) {
     }
 }
 
-fn enter_and_prepare(ns: &std::fs::File, pod: bool) -> io::Result<u64> {
+fn enter_and_prepare(ns: &std::fs::File, pod: Option<&(PathBuf, u64)>) -> io::Result<u64> {
     // SAFETY: setns on a descriptor we own, for this thread only; no memory is passed.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if !pod {
-        return crate::datapath::own_netns_cookie();
+    let cookie = crate::datapath::own_netns_cookie()?;
+    let Some((host_proc, host_cookie)) = pod else {
+        return Ok(cookie);
+    };
+    if cookie == *host_cookie {
+        return Err(io::Error::other(
+            "the path leads to the node's own network namespace, not a pod's",
+        ));
     }
-    // /proc/sys/net is the namespace of the thread that opens it.
+    // sys/net is the namespace of the thread that opens it (a container's own /proc/sys is
+    // read-only: the host's procfs mounted elsewhere is not).
     for (name, value) in [
         ("ipv4/tcp_fwmark_accept", "1"),
         // A listener closed while a successor shares its port hands over its queue.
         ("ipv4/tcp_migrate_req", "1"),
     ] {
-        std::fs::write(format!("/proc/sys/net/{name}"), value)?;
+        std::fs::write(host_proc.join("sys/net").join(name), value)?;
     }
     let lo = loopback_index()?;
     let nl = Netlink::open()?;
@@ -179,7 +192,7 @@ fn enter_and_prepare(ns: &std::fs::File, pod: bool) -> io::Result<u64> {
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
         other => other?,
     }
-    crate::datapath::own_netns_cookie()
+    Ok(cookie)
 }
 
 fn loopback_index() -> io::Result<u32> {

@@ -40,9 +40,14 @@ use crate::identity::SpiffeId;
 /// A delivery that does not connect in this time is refused (a NetworkPolicy that drops the
 /// SYN, a server that does not answer).
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inbound TLS handshakes in progress at once, over all pods (a peer that opens connections
+/// and never finishes them holds no more than this).
+const MAX_HANDSHAKES: usize = 1024;
+/// An accept that fails (out of descriptors) is tried again after this.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A local meshed pod as the proxy serves it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct MeshedPod {
     /// `namespace/name`.
     pub pod: String,
@@ -50,6 +55,18 @@ pub struct MeshedPod {
     pub ips: Vec<IpAddr>,
     /// Its network namespace (`/proc/PID/ns/net`, `/run/netns/NAME`).
     pub netns: PathBuf,
+    /// The namespace's inode: the same namespace through another process's path is the
+    /// same pod to serve.
+    pub netns_inode: u64,
+}
+
+impl PartialEq for MeshedPod {
+    fn eq(&self, other: &Self) -> bool {
+        self.pod == other.pod
+            && self.id == other.id
+            && self.ips == other.ips
+            && self.netns_inode == other.netns_inode
+    }
 }
 
 /// The listeners of each pod (`namespace/name`), or why it has none.
@@ -66,6 +83,15 @@ pub struct Shared {
     orig: Mutex<BpfHashMap<MapData, MeshOrigKey, MeshOrig>>,
     pool: Pool,
     pub metrics: ProxyMetrics,
+    /// The host's procfs (pods' sysctls are written through it).
+    host_proc: PathBuf,
+    /// The node's network namespace, which no pod's may be.
+    host_cookie: u64,
+    /// Addresses of this node's pods: a tunnel never carries a connection from one (they
+    /// are never tunnelled), so a stream naming one as its source is forged.
+    pub local: RwLock<Arc<std::collections::BTreeSet<IpAddr>>>,
+    /// TLS handshakes in progress on the inbound listeners.
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -74,6 +100,7 @@ impl Shared {
         creds: Arc<Credentials>,
         metrics: ProxyMetrics,
         node: Option<Arc<Netns>>,
+        host: (PathBuf, u64),
     ) -> Self {
         Self {
             creds: RwLock::new(creds),
@@ -81,6 +108,10 @@ impl Shared {
             orig: Mutex::new(orig),
             pool: Pool::new(node),
             metrics,
+            host_proc: host.0,
+            host_cookie: host.1,
+            local: RwLock::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
         }
     }
 
@@ -155,8 +186,11 @@ impl Proxy {
     /// (connections already spliced keep going).
     pub fn sync(&mut self, pods: &[MeshedPod]) {
         let wanted: BTreeMap<&str, &MeshedPod> = pods.iter().map(|p| (p.pod.as_str(), p)).collect();
-        self.served
-            .retain(|name, s| wanted.get(name.as_str()).is_some_and(|p| **p == s.pod));
+        // A pod whose listeners failed (its task ended) is tried again.
+        self.served.retain(|name, s| {
+            wanted.get(name.as_str()).is_some_and(|p| **p == s.pod)
+                && !s.tasks.iter().all(JoinHandle::is_finished)
+        });
         {
             let mut l = self.listeners.write().unwrap_or_else(|e| e.into_inner());
             l.retain(|name, _| self.served.contains_key(name));
@@ -190,7 +224,9 @@ async fn serve_pod(
     changed: Arc<tokio::sync::Notify>,
 ) {
     let path = pod.netns.clone();
-    let opened = tokio::task::spawn_blocking(move || open(&path, &pod)).await;
+    let (proc_dir, host_cookie) = (shared.host_proc.clone(), shared.host_cookie);
+    let opened =
+        tokio::task::spawn_blocking(move || open(&path, &proc_dir, host_cookie, &pod)).await;
     let (netns, pod, outbound, inbound) = match opened {
         Ok(Ok(o)) => o,
         Ok(Err((pod, e))) => {
@@ -239,9 +275,14 @@ async fn serve_pod(
 type Opened = (Netns, MeshedPod, Vec<TcpListener>, Vec<TcpListener>);
 
 /// The namespace and the listeners (blocking: runs off the runtime's workers).
-fn open(path: &std::path::Path, pod: &MeshedPod) -> Result<Opened, (String, std::io::Error)> {
+fn open(
+    path: &std::path::Path,
+    host_proc: &std::path::Path,
+    host_cookie: u64,
+    pod: &MeshedPod,
+) -> Result<Opened, (String, std::io::Error)> {
     let fail = |e| (pod.pod.clone(), e);
-    let netns = Netns::enter(path).map_err(fail)?;
+    let netns = Netns::enter(path, host_proc, host_cookie).map_err(fail)?;
     let handle = tokio::runtime::Handle::current();
     let _guard = handle.enter();
     let mut outbound = Vec::new();
@@ -273,6 +314,7 @@ fn open(path: &std::path::Path, pod: &MeshedPod) -> Result<Opened, (String, std:
 async fn accept_outbound(shared: Arc<Shared>, pod: Arc<MeshedPod>, cookie: u64, l: TcpListener) {
     loop {
         let Ok((client, peer)) = l.accept().await else {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
             continue;
         };
         let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
@@ -356,6 +398,11 @@ async fn accept_inbound(
 ) {
     loop {
         let Ok((tcp, _)) = l.accept().await else {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&shared.handshakes).try_acquire_owned() else {
+            // Too many handshakes under way: this one is dropped.
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -367,6 +414,7 @@ async fn accept_inbound(
         let (shared, pod, netns) = (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
         tokio::spawn(async move {
             let metrics = shared.metrics.clone();
+            let _permit = permit;
             let open = move |inbound: Inbound| {
                 let (shared, pod, netns) =
                     (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
@@ -379,6 +427,26 @@ async fn accept_inbound(
     }
 }
 
+/// Whether a stream may be delivered to the pod with addresses `ips`: it targets the pod,
+/// and its source address is one of the peer's identity's pods, of another node (`local`:
+/// this node's pods' addresses, never tunnelled). Returns the source.
+pub fn admissible(
+    inbound: &Inbound,
+    ips: &[IpAddr],
+    local: &std::collections::BTreeSet<IpAddr>,
+    directory: &Directory,
+) -> Result<IpAddr, Refusal> {
+    if !ips.contains(&inbound.target.ip()) {
+        return Err(Refusal::Forbidden);
+    }
+    let source = inbound.source.ok_or(Refusal::Forbidden)?;
+    if local.contains(&source) || directory.get(&source) != Some(&inbound.peer) {
+        tracing::debug!(target: "weft::mesh", peer = %inbound.peer, %source, "source address not of the peer's identity on another node");
+        return Err(Refusal::Forbidden);
+    }
+    Ok(source)
+}
+
 /// A stream to this pod, from inside its namespace, with the client pod's address.
 async fn deliver(
     shared: &Shared,
@@ -386,16 +454,12 @@ async fn deliver(
     netns: &Netns,
     inbound: Inbound,
 ) -> Result<TcpStream, Refusal> {
-    if !pod.ips.contains(&inbound.target.ip()) {
-        return Err(Refusal::Forbidden);
-    }
-    // The peer proves an identity; the source address must be one of that identity's pods.
-    let source = inbound.source.ok_or(Refusal::Forbidden)?;
-    if shared.identity_of(source).as_ref() != Some(&inbound.peer) {
-        tracing::debug!(target: "weft::mesh", peer = %inbound.peer, %source, "source address not of the peer's identity");
-        return Err(Refusal::Forbidden);
-    }
-    let socket = netns.delivery(source).map_err(|e| {
+    let source = {
+        let local = shared.local.read().unwrap_or_else(|e| e.into_inner());
+        let directory = shared.directory.read().unwrap_or_else(|e| e.into_inner());
+        admissible(&inbound, &pod.ips, &local, &directory)?
+    };
+    let socket = netns.delivery(source).await.map_err(|e| {
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
         Refusal::Unreachable
     })?;
@@ -403,5 +467,60 @@ async fn deliver(
     match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(inbound.target)).await {
         Ok(Ok(stream)) => Ok(stream),
         _ => Err(Refusal::Unreachable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", Some(sa))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// A stream is delivered only to this pod, and only from an address of a pod of the
+    /// peer's identity on another node: a peer cannot speak for another identity's pod, for
+    /// a pod of this node, or for the destination itself.
+    #[test]
+    fn a_stream_must_target_the_pod_and_come_from_a_remote_pod_of_the_peer() {
+        let pod_ips = [ip("10.0.2.10")];
+        let local: std::collections::BTreeSet<IpAddr> = [ip("10.0.2.10"), ip("10.0.2.11")].into();
+        let directory: Directory = [
+            (ip("10.0.1.10"), id("web")),
+            (ip("10.0.1.20"), id("db")),
+            (ip("10.0.2.10"), id("web")),
+            (ip("10.0.2.11"), id("web")),
+        ]
+        .into();
+        let stream = |target: &str, source: Option<&str>| Inbound {
+            peer: id("web"),
+            target: SocketAddr::new(ip(target), 8080),
+            source: source.map(ip),
+        };
+        let check = |i: Inbound| admissible(&i, &pod_ips, &local, &directory);
+        assert_eq!(
+            check(stream("10.0.2.10", Some("10.0.1.10"))),
+            Ok(ip("10.0.1.10"))
+        );
+        for (what, inbound) in [
+            ("another pod", stream("10.0.2.11", Some("10.0.1.10"))),
+            ("no source", stream("10.0.2.10", None)),
+            (
+                "another identity's pod",
+                stream("10.0.2.10", Some("10.0.1.20")),
+            ),
+            ("a pod of this node", stream("10.0.2.10", Some("10.0.2.11"))),
+            (
+                "the destination itself",
+                stream("10.0.2.10", Some("10.0.2.10")),
+            ),
+            ("no pod", stream("10.0.2.10", Some("10.0.9.9"))),
+        ] {
+            assert_eq!(check(inbound), Err(Refusal::Forbidden), "{what}");
+        }
     }
 }

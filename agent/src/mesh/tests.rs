@@ -29,17 +29,20 @@ fn settings(ca: Option<&Path>) -> Settings {
         mesh_ca: ca.map(Path::to_owned),
         trust_domain: "cluster.local".into(),
         mesh_cert_ttl: Duration::from_secs(20),
+        host_proc: PathBuf::from("/proc"),
     }
 }
 
 fn store() -> Store {
     store_of(&[
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.io/mesh: enabled}}\n",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {weft.io/mesh: maybe}}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: odd, labels: {weft.io/mesh: maybe}}\n",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {serviceAccountName: web, containers: []}\n",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web-2, namespace: shop}\nspec: {serviceAccountName: web, containers: []}\n",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: shop}\nspec: {serviceAccountName: db, containers: []}\n",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: job, namespace: plain}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: cron, namespace: odd}\n",
     ])
 }
 
@@ -66,7 +69,7 @@ fn certificates_are_held_for_the_local_meshed_pods_only() {
     let mut mesh = Mesh::new(&settings(Some(&d.0)), &mut Registry::default(), None, None);
     mesh.on_pass(
         &store(),
-        &local(&["shop/web", "shop/web-2", "plain/job"]),
+        &local(&["shop/web", "shop/web-2", "plain/job", "odd/cron"]),
         t0(),
     );
     let s = status(&mesh);
@@ -80,17 +83,22 @@ fn certificates_are_held_for_the_local_meshed_pods_only() {
         .collect();
     assert_eq!(
         ids,
-        [(
-            "spiffe://cluster.local/ns/shop/sa/web",
-            vec!["shop/web", "shop/web-2"],
-            true
-        )]
+        [
+            // A label value weft does not understand meshes (and is reported).
+            (
+                "spiffe://cluster.local/ns/odd/sa/default",
+                vec!["odd/cron"],
+                true
+            ),
+            (
+                "spiffe://cluster.local/ns/shop/sa/web",
+                vec!["shop/web", "shop/web-2"],
+                true
+            )
+        ]
     );
     assert_eq!(s.ca.as_ref().map(|c| c.roots.len()), Some(1));
-    assert_eq!(
-        s.unknown_labels,
-        ["Namespace plain: weft.io/mesh=\"maybe\""]
-    );
+    assert_eq!(s.unknown_labels, ["Namespace odd: weft.io/mesh=\"maybe\""]);
     assert!(s.degraded().is_empty(), "{:?}", s.degraded());
     mesh.on_pass(&store(), &local(&["shop/db"]), t0());
     let s = status(&mesh);

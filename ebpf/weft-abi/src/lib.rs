@@ -106,6 +106,12 @@ pub mod globals {
     /// u32: 1 = established TCP sockets of pods enter `SOCK_PAIRS`, and data between two of
     /// them is redirected socket to socket (`--sockmap`); 0 = never.
     pub const SOCKMAP_ENABLED: &str = "SOCKMAP_ENABLED";
+    /// u32 and u64: the level and id of the agent's own cgroup when it is below the cgroup
+    /// root (a DaemonSet pod's), else 0 and 0. The agent's sockets, also those it makes in
+    /// a pod's network namespace for the mesh, belong to no pod: never judged as one, nor as
+    /// a pod not bound yet.
+    pub const AGENT_CGROUP_LEVEL: &str = "AGENT_CGROUP_LEVEL";
+    pub const AGENT_CGROUP_ID: &str = "AGENT_CGROUP_ID";
 }
 
 /// Address families as the kernel numbers them.

@@ -113,6 +113,14 @@ pub static SOCK_STATES_PER_POD: Global<u64> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static SOCK_STATES_FLOOR: Global<u64> = Global::new(0);
 
+/// See `weft_abi::globals::AGENT_CGROUP_LEVEL`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static AGENT_CGROUP_LEVEL: Global<u32> = Global::new(0);
+
+/// See `weft_abi::globals::AGENT_CGROUP_ID`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static AGENT_CGROUP_ID: Global<u64> = Global::new(0);
+
 /// See `weft_abi::globals::SOCKMAP_ENABLED`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static SOCKMAP_ENABLED: Global<u32> = Global::new(0);

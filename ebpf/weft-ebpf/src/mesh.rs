@@ -50,7 +50,19 @@ pub fn listener(family: u8) -> Endpoint {
 /// Whether `peer` is the outbound listener (what a captured socket is connected to).
 #[inline(always)]
 pub fn is_listener(peer: &Endpoint) -> bool {
-    *peer == listener(peer.family)
+    is_listener_at(peer.family, &peer.addr, peer.port)
+}
+
+/// [`is_listener`] of an address and a port (network byte order) held apart.
+#[inline(always)]
+pub fn is_listener_at(family: u8, addr: &[u32; 4], port_be: u16) -> bool {
+    if port_be != OUTBOUND_PORT.to_be() {
+        return false;
+    }
+    match Family::of(family) {
+        Family::V4 => addr[0] == LOOPBACK4,
+        Family::V6 => *addr == LOOPBACK6,
+    }
 }
 
 /// The translation flags of a captured connect: through a Service or to the pod directly.
@@ -67,17 +79,14 @@ pub const fn flags(direct: bool) -> u32 {
 /// was going, under the (netns, port) its accepted socket sees as the peer. Not inlined: its
 /// values would add to on_established's stack, which emit's is stacked on.
 #[inline(never)]
-pub fn established(ctx: &SockOpsContext, local_port: u32, family: u8) {
+pub fn established(ctx: &SockOpsContext, local_port: u32, remote: &Endpoint) {
     let Some(t) = ctx.socket().and_then(captured) else {
         return;
     };
-    let key = MeshOrigKey {
-        // SAFETY: the program's context; the helper reads the socket's namespace only.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast::<c_void>()) },
-        port: local_port as u16,
-        family,
-        _pad: [0; 5],
-    };
+    if !is_listener(remote) {
+        return;
+    }
+    let key = orig_key(ctx, local_port, remote.family);
     let orig = MeshOrig {
         target: t.backend,
         dialled: Endpoint {
@@ -92,6 +101,28 @@ pub fn established(ctx: &SockOpsContext, local_port: u32, family: u8) {
         // The agent finds no origin and closes the connection: refused, never plaintext.
         stats::bump(Counter::MeshCaptureFailed);
     }
+}
+
+/// The `MESH_ORIG` key of a captured socket: its namespace and port.
+#[inline(always)]
+fn orig_key(ctx: &SockOpsContext, local_port: u32, family: u8) -> MeshOrigKey {
+    MeshOrigKey {
+        // SAFETY: the program's context; the helper reads the socket's namespace only.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast::<c_void>()) },
+        port: local_port as u16,
+        family,
+        _pad: [0; 5],
+    }
+}
+
+/// sock_ops, a socket closing: an origin the agent never took goes (a client that gave up
+/// before the agent accepted), so that no later connection of the port finds it.
+#[inline(never)]
+pub fn closed(ctx: &SockOpsContext, local_port: u32, remote: &Endpoint) {
+    if !is_listener(remote) || ctx.socket().and_then(captured).is_none() {
+        return;
+    }
+    let _ = MESH_ORIG.remove(orig_key(ctx, local_port, remote.family));
 }
 
 /// The translation of a captured socket, whatever its state.

@@ -36,8 +36,8 @@ use crate::{
     flows,
     headers::{Headers, is_echo},
     maps::{
-        ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY, POLICY_ROOT_LEVEL, UNBOUND_ISOLATED,
-        UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL, VERDICTS,
+        AGENT_CGROUP_ID, AGENT_CGROUP_LEVEL, ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY,
+        POLICY_ROOT_LEVEL, UNBOUND_ISOLATED, UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL, VERDICTS,
     },
     stats,
 };
@@ -55,6 +55,11 @@ const SOCK_STREAM: u32 = 1;
 /// [`EndpointInfo::UNBOUND`], isolated both ways.
 #[inline(always)]
 fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option<EndpointInfo> {
+    let agent = AGENT_CGROUP_ID.load();
+    if agent != 0 && ancestor(AGENT_CGROUP_LEVEL.load() as i32) == agent {
+        // The agent's own socket (the mesh's, in a pod's namespace): no pod's.
+        return None;
+    }
     let root = POLICY_ROOT_LEVEL.load() as i32;
     let mut below_root = false;
     for depth in 1..=MAX_POD_DEPTH as i32 {

@@ -198,6 +198,8 @@ fn connect_direct<const IS_V6: bool>(ctx: &SockAddrContext, key: &ServiceKey) ->
         _pad: 0,
     };
     if !mesh::captures(ep.as_ref(), &target) {
+        // A socket connected again (after AF_UNSPEC) must not keep an earlier capture.
+        forget_connected(ctx);
         return Verdict::Pass;
     }
     let Some(x) = translations(ctx, Some(ep)) else {
@@ -439,8 +441,8 @@ fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> 
     Some(backend)
 }
 
-/// A UDP socket connected to an address that is no Service: its translation by connect no
-/// longer says where it sends.
+/// A socket connected to an address that is no Service (UDP), or not captured (TCP): its
+/// translation by an earlier connect no longer says where it goes.
 #[inline(always)]
 fn forget_connected(ctx: &SockAddrContext) {
     let Some(x) = ctx

@@ -25,6 +25,7 @@ use weft_abi::{
     conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
     net::Family,
     stats::Counter,
+    svc::Endpoint,
 };
 
 use crate::{
@@ -77,6 +78,10 @@ fn on_connect(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
 }
 
 fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i64> {
+    // First: a captured connection needs its origin even when it cannot be tracked.
+    if side == Side::Active {
+        mesh::established(ctx, ctx_read!(ctx.ops, local_port), &remote_endpoint(ctx));
+    }
     let (acked, received) = (
         ctx_read!(ctx.ops, bytes_acked),
         ctx_read!(ctx.ops, bytes_received),
@@ -105,10 +110,6 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
             s
         }
     };
-    if side == Side::Active {
-        let (family, _, _) = addresses(ctx);
-        mesh::established(ctx, ctx_read!(ctx.ops, local_port), family);
-    }
     if redirect::enabled() {
         pair(ctx, cookie, side);
     }
@@ -197,6 +198,9 @@ fn on_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState) {
         },
     };
     emit(ctx, cookie, state, Some(&close));
+    if state.side == Side::Active as u32 {
+        mesh::closed(ctx, ctx_read!(ctx.ops, local_port), &remote_endpoint(ctx));
+    }
     // Cannot fail: the entry was just found, and callbacks of one socket run under its lock.
     let _ = CONN_STATE.remove(cookie);
 }
@@ -246,6 +250,18 @@ fn addresses(ctx: &SockOpsContext) -> (u8, [u32; 4], [u32; 4]) {
         ],
     );
     (fam, local, remote)
+}
+
+/// The socket's remote end (family normalized, port in network byte order).
+#[inline(always)]
+fn remote_endpoint(ctx: &SockOpsContext) -> Endpoint {
+    let (family, _, remote) = addresses(ctx);
+    Endpoint {
+        addr: remote,
+        port: remote_port_be(ctx),
+        family,
+        _pad: 0,
+    }
 }
 
 /// The remote port of the socket, in network byte order.
@@ -357,9 +373,10 @@ fn emit(ctx: &SockOpsContext, cookie: u64, state: &ConnState, closing: Option<&C
     if state.side == Side::Active as u32
         && let Some(sk) = ctx.socket()
     {
-        match mesh::captured(sk) {
+        let port = remote_port_be(ctx);
+        match mesh::captured(sk).filter(|_| mesh::is_listener_at(family, &remote_addr, port)) {
             Some(t) => mesh::describe(&mut ev, &t),
-            None => add_service(&mut ev, sk, family, remote_port_be(ctx)),
+            None => add_service(&mut ev, sk, family, port),
         }
     }
     events::submit(&ev);

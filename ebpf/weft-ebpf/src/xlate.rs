@@ -43,11 +43,22 @@ pub fn frontend_of(sk: *mut bpf_sock, backend: &Endpoint) -> Option<Endpoint> {
     let x = storage::get(&SOCK_XLATE, sk, false)?;
     // SAFETY: the socket's storage; slots are compared in place and the match copied out.
     let slots = unsafe { &(*x).slots };
-    let t = slots.iter().find(|t| {
-        t.flags & XLATE_USED != 0
-            && (t.backend == *backend
-                || (t.flags & XLATE_CAPTURED != 0 && crate::mesh::is_listener(backend)))
-    })?;
+    // Connect's slot answers for the listener a captured socket is connected to; the search
+    // over the slots stays as it was (its shape is one the verifier follows).
+    if let Some(t) = slots.get(CONNECTED_SLOT)
+        && t.flags & XLATE_CAPTURED != 0
+        && crate::mesh::is_listener(backend)
+    {
+        return Some(Endpoint {
+            addr: t.frontend.addr,
+            port: t.frontend.port,
+            family: t.frontend.family,
+            _pad: 0,
+        });
+    }
+    let t = slots
+        .iter()
+        .find(|t| t.flags & XLATE_USED != 0 && t.backend == *backend)?;
     Some(Endpoint {
         addr: t.frontend.addr,
         port: t.frontend.port,

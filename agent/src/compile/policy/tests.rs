@@ -495,3 +495,33 @@ fn an_address_two_live_pods_claim_matches_no_selector() {
         "not even podSelector {{}} in every namespace"
     );
 }
+
+/// The mesh's capture flags: a local meshed pod is `EP_MESHED`; the address of a meshed pod
+/// of another node is `IP_MESHED_REMOTE`, a local meshed pod's and a non-meshed pod's are
+/// not; an address a meshed remote pod contests stays captured.
+#[test]
+fn meshed_pods_are_marked_for_capture_only_across_nodes() {
+    let meshed = ", labels: {weft.io/mesh: enabled, pod: a}";
+    let local_a = POD_A.replace(", labels: {pod: a}", meshed);
+    let remote_db = remote("db", "db", ", labels: {weft.io/mesh: enabled, role: db}")
+        .replace("labels: {role: db}, labels:", "labels:");
+    let (p, _) = compile_docs(&[&local_a, POD_B, &remote_db]);
+    assert_eq!(p.endpoints["x-a"].info.flags, EP_MESHED);
+    assert_eq!(p.endpoints["x-b"].info.flags, 0);
+    let flags = |net: &str| p.ipcache[&net.parse().expect("net")].flags;
+    assert_eq!(flags("10.0.1.11/32"), IP_MESHED_REMOTE);
+    assert_eq!(
+        flags("10.0.0.11/32"),
+        0,
+        "a local meshed pod is not tunnelled to"
+    );
+    assert_eq!(flags("10.0.0.12/32"), 0, "not meshed");
+    let twin = remote("web", "web", "");
+    let (q, _) = compile_docs(&[&local_a, &remote_db, &twin]);
+    let id = q.ipcache[&"10.0.1.11/32".parse().expect("net")];
+    assert_eq!(q.identities[&id.identity], IdentityKey::ContestedAddress);
+    assert_eq!(
+        id.flags, IP_MESHED_REMOTE,
+        "contested, but a meshed claimant is remote"
+    );
+}
