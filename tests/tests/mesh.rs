@@ -7,7 +7,7 @@ use serde_json::Value;
 use weft_testkit::{
     Agent, AgentOptions, Cluster,
     agent::{MeshCa, init_mesh_ca},
-    k8s,
+    k8s, proc,
     proc::Process,
 };
 
@@ -74,6 +74,11 @@ fn ca(c: &Cluster) -> MeshCa {
 }
 
 fn agents(c: &Cluster, ca: &Path) -> Vec<Agent> {
+    agents_with(c, ca, &[])
+}
+
+/// [`agents`] with more `weft agent` arguments.
+fn agents_with(c: &Cluster, ca: &Path, extra: &[&str]) -> Vec<Agent> {
     ["a", "b"]
         .iter()
         .map(|n| {
@@ -82,12 +87,11 @@ fn agents(c: &Cluster, ca: &Path) -> Vec<Agent> {
                 AgentOptions {
                     source: true,
                     source_dir: Some(c.source_dir()),
-                    extra_args: vec![
-                        "--node-name".into(),
-                        (*n).to_owned(),
-                        "--mesh-ca".into(),
-                        ca.display().to_string(),
-                    ],
+                    extra_args: ["--node-name", n, "--mesh-ca", &ca.display().to_string()]
+                        .iter()
+                        .chain(extra)
+                        .map(|s| (*s).to_owned())
+                        .collect(),
                     log_level: "info,weft::mesh=debug".into(),
                     ..AgentOptions::default()
                 },
@@ -170,7 +174,8 @@ fn host(peer: &str) -> String {
 
 /// A meshed client reaches a meshed server on the other node through a ClusterIP and by pod
 /// address: the exchange never crosses the underlay in plaintext, it does cross it on port
-/// 15008, getpeername shows what the client dialled, and the server sees the client pod.
+/// 15008, getpeername shows what the client dialled, and the server sees the client pod. No
+/// iptables or nftables rule exists on either node or in either pod.
 #[test]
 fn meshed_pods_talk_through_mutual_tls_across_nodes() {
     let c = mesh_cluster("mesh_tls");
@@ -207,6 +212,14 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
         tunnelled > 0,
         "the exchange crossed the underlay on port 15008"
     );
+    for netns in [
+        c.node("a").netns_name(),
+        c.node("b").netns_name(),
+        c.pod("client").1.netns_name(),
+        c.pod("server").1.netns_name(),
+    ] {
+        assert_no_firewall_rules(netns);
+    }
     let client_ip = c.pod("client").1.ipv4.to_string();
     let peers = served_peers(&mut server, 2);
     assert_eq!(
@@ -214,6 +227,19 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
         [client_ip.clone(), client_ip],
         "the server sees the client pod's address"
     );
+}
+
+/// No iptables or nftables rule in a network namespace (weft's capture and delivery use
+/// none).
+fn assert_no_firewall_rules(netns: &str) {
+    let ns = format!("--net=/run/netns/{netns}");
+    let nft = proc::run("nsenter", [ns.as_str(), "nft", "list", "ruleset"]);
+    assert_eq!(nft.trim(), "", "nftables ruleset of {netns}");
+    for save in ["iptables-save", "ip6tables-save"] {
+        let out = proc::run("nsenter", [ns.as_str(), save]);
+        let rules: Vec<&str> = out.lines().filter(|l| l.starts_with("-A")).collect();
+        assert!(rules.is_empty(), "{save} in {netns}: {rules:?}");
+    }
 }
 
 /// Traffic with a pod outside the mesh stays plaintext both ways and works.
@@ -295,4 +321,108 @@ fn without_an_agent_meshed_connects_are_refused_then_work_again() {
     agents[0].restart();
     wait_meshed(&agents[0], ID, "default/client");
     assert_eq!(probe(&c, "client", &target), SECRET);
+}
+
+/// The serial of the certificate `agent` holds for [`ID`].
+fn serial(agent: &Agent) -> String {
+    let (_, v) = agent.client("certs");
+    v["identities"]
+        .as_array()
+        .and_then(|ids| ids.iter().find(|i| i["identity"] == ID))
+        .and_then(|i| i["certificate"]["serial"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Outbound handshakes `agent` completed.
+fn outbound_handshakes(agent: &Agent) -> f64 {
+    agent
+        .metrics()
+        .iter()
+        .filter(|s| {
+            s.name == "weft_mesh_handshakes_total"
+                && s.labels
+                    .iter()
+                    .any(|(k, v)| k == "direction" && v == "outbound")
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// With a 20 s lifetime, certificates renew at 10 s: a connection opened before keeps going
+/// on its tunnel, and a new one opens a new tunnel with the new certificate.
+#[test]
+fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
+    let c = mesh_cluster("mesh_rotate");
+    let ca = ca(&c);
+    let agents = agents_with(&c, ca.path(), &["--mesh-cert-ttl", "20s"]);
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], ID, "default/server");
+    let _server = c.pod("server").0.start_server(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            "[::]:8080",
+            "--reply-name",
+            SECRET,
+        ],
+    );
+    let target = format!("{}:8080", c.pod("server").1.ipv4);
+    let first = serial(&agents[0]);
+    let mut open = c.pod("client").0.spawn(
+        "client",
+        &[
+            "tcp-trickle",
+            "--connect",
+            &target,
+            "--chunk",
+            "100",
+            "--every-ms",
+            "200",
+            "--seconds",
+            "14",
+        ],
+    );
+    open.stdout().wait_for("the connection to open", WAIT, |l| {
+        l.iter().any(|l| l.contains("\"open\"")).then_some(())
+    });
+    // The client is connected to the local listener at once; its tunnel follows.
+    let deadline = std::time::Instant::now() + WAIT;
+    while outbound_handshakes(&agents[0]) < 1.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(outbound_handshakes(&agents[0]), 1.0);
+    agents[0].wait_output("certs", "a renewed certificate", WAIT, |v| {
+        v["identities"].as_array().is_some_and(|ids| {
+            ids.iter().any(|i| {
+                i["identity"] == ID
+                    && i["certificate"]["serial"]
+                        .as_str()
+                        .is_some_and(|s| s != first)
+            })
+        })
+    });
+    let again = c.pod("client").0.spray("client", &format!("{WEB}:80"), 1);
+    assert_eq!(again.get(SECRET), Some(&1), "{again:?}");
+    assert_eq!(
+        outbound_handshakes(&agents[0]),
+        2.0,
+        "a new tunnel for the new certificate"
+    );
+    open.wait_success(Duration::from_secs(30));
+    let done: Value = open
+        .stdout()
+        .wait_for("the connection to end", WAIT, |lines| {
+            lines.iter().find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v["event"] == "done")
+            })
+        });
+    assert_eq!(
+        done["received"],
+        SECRET.len(),
+        "the old connection ended whole: {done}"
+    );
 }

@@ -297,12 +297,14 @@ const fn status_of(refusal: Refusal) -> StatusCode {
 }
 
 /// The server side of one accepted TCP connection: the TLS handshake as `server`
-/// ([`Credentials::server`]), then every CONNECT stream handed to `open`, which connects to
-/// the target (or refuses); bytes are copied both ways until either side closes.
+/// ([`Credentials::server`]; `handshake_over` is called when it ended, either way), then
+/// every CONNECT stream handed to `open`, which connects to the target (or refuses); bytes
+/// are copied both ways until either side closes.
 pub async fn serve<IO, T, F, Fut>(
     io: IO,
     config: Arc<rustls::ServerConfig>,
     metrics: ProxyMetrics,
+    handshake_over: impl FnOnce(),
     open: F,
 ) -> Result<(), Error>
 where
@@ -316,6 +318,7 @@ where
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    handshake_over();
     let tls = match accepted {
         Ok(tls) => tls,
         Err(source) => {

@@ -396,8 +396,14 @@ async fn accept_inbound(
     netns: Arc<Netns>,
     l: TcpListener,
 ) {
+    // The pod's tunnels end with its listeners (the pod left the mesh or changed).
+    let mut tunnels = tokio::task::JoinSet::new();
     loop {
-        let Ok((tcp, _)) = l.accept().await else {
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            Some(_) = tunnels.join_next() => continue,
+        };
+        let Ok((tcp, _)) = accepted else {
             tokio::time::sleep(ACCEPT_BACKOFF).await;
             continue;
         };
@@ -412,15 +418,16 @@ async fn accept_inbound(
             continue;
         };
         let (shared, pod, netns) = (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
-        tokio::spawn(async move {
+        tunnels.spawn(async move {
             let metrics = shared.metrics.clone();
-            let _permit = permit;
             let open = move |inbound: Inbound| {
                 let (shared, pod, netns) =
                     (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
                 async move { deliver(&shared, &pod, &netns, inbound).await }
             };
-            if let Err(e) = hbone::serve(tcp, config, metrics, open).await {
+            // The permit counts the handshake only, not the tunnel.
+            let served = hbone::serve(tcp, config, metrics, move || drop(permit), open).await;
+            if let Err(e) = served {
                 tracing::debug!(target: "weft::mesh", error = %crate::chain(&e), "inbound tunnel ended");
             }
         });
