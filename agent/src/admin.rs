@@ -453,6 +453,8 @@ fn mesh_summary(mesh: &crate::mesh::MeshStatus) -> serde_json::Value {
         "roots": mesh.ca.as_ref().map_or(0, |c| c.roots.len()),
         "identities": mesh.identities.len(),
         "certificates": held,
+        "pods": mesh.pods.len(),
+        "pods_listening": mesh.pods.iter().filter(|p| !p.listeners.is_empty()).count(),
     })
 }
 

@@ -115,7 +115,21 @@ fn status_summary(doc: &StatusDoc) -> String {
         ),
     );
     let _ = writeln!(out, "bpf maps:   {}", maps_line(&doc.maps));
+    let _ = writeln!(out, "mesh:       {}", mesh_line(&doc.mesh));
     out
+}
+
+/// The mesh in one line: the CA, certificates held, pods served (`weft certs` has it all).
+fn mesh_line(m: &serde_json::Value) -> String {
+    let ca = match (m["ca"].as_str(), m["ca_loaded"].as_bool()) {
+        (None, _) => "no CA (--mesh-ca)".to_owned(),
+        (Some(dir), Some(true)) => format!("CA {dir} ({} roots)", m["roots"]),
+        (Some(dir), _) => format!("CA {dir} NOT LOADED"),
+    };
+    format!(
+        "{ca}, {}/{} identities with a certificate, {}/{} meshed pods listening",
+        m["certificates"], m["identities"], m["pods_listening"], m["pods"]
+    )
 }
 
 /// The maps' memory: the total and the three largest (`weft maps` lists them all).
@@ -585,7 +599,28 @@ pub async fn log_level(socket: &Path, filter: Option<&str>) -> Result<String, Er
 
 #[cfg(test)]
 mod tests {
-    use super::maps_line;
+    use super::{maps_line, mesh_line};
+
+    #[test]
+    fn the_mesh_line_names_the_ca_and_counts() {
+        let m = serde_json::json!({
+            "trust_domain": "cluster.local", "ca": "/etc/weft/mesh-ca", "ca_loaded": true,
+            "roots": 2, "identities": 3, "certificates": 2, "pods": 4, "pods_listening": 3,
+        });
+        assert_eq!(
+            mesh_line(&m),
+            "CA /etc/weft/mesh-ca (2 roots), 2/3 identities with a certificate, 3/4 meshed pods listening"
+        );
+        let none = serde_json::json!({
+            "ca": null, "ca_loaded": false, "roots": 0, "identities": 0, "certificates": 0,
+            "pods": 0, "pods_listening": 0,
+        });
+        assert!(
+            mesh_line(&none).starts_with("no CA (--mesh-ca), 0/0"),
+            "{}",
+            mesh_line(&none)
+        );
+    }
 
     #[test]
     fn the_maps_line_gives_the_total_and_the_three_largest() {
