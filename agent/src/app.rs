@@ -303,6 +303,8 @@ struct TelemetryLoop {
     udp_rx: UnboundedReceiver<Result<UdpBatch, events::Error>>,
     tracked: Tracked,
     settings: telemetry::Settings,
+    /// Marks the connections the mesh carried.
+    mesh: Option<Arc<crate::mesh::carried::Carried>>,
 }
 
 impl TelemetryLoop {
@@ -330,6 +332,7 @@ impl TelemetryLoop {
             udp_rx,
             tracked: Tracked::new(datapath.open_pinned(weft_abi::maps::CONN_STATE)?),
             settings: config.telemetry.clone(),
+            mesh: None,
         })
     }
 
@@ -339,12 +342,16 @@ impl TelemetryLoop {
         let telemetry = &mut self.telemetry;
         let mut handled = 0u32;
         let mut now = crate::telemetry::Now::read();
-        self.reader.drain(&mut |c: Connection| {
+        let mesh = self.mesh.as_deref();
+        self.reader.drain(&mut |mut c: Connection| {
             if handled == 256 {
                 now = crate::telemetry::Now::read();
                 handled = 0;
             }
             handled += 1;
+            if let Some(mesh) = mesh {
+                mesh.annotate(&mut c);
+            }
             c.log();
             telemetry.on_event_at(&c, now);
         });
@@ -467,7 +474,8 @@ impl Agent {
             config.datapath.host_netns.as_deref(),
         );
         on_pass(&mut mesh, &views, datapath.cgroup());
-        let telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
+        let mut telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
+        telemetry.mesh = mesh.telemetry();
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
         let mut state = admin_state(
             config,

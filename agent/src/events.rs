@@ -147,6 +147,20 @@ pub struct Connection {
     pub service: Option<SocketAddr>,
     /// For drops only.
     pub dropped: Option<DropInfo>,
+    /// The kernel captured it for the mesh (a client's socket): `mesh_netns` is its pod's
+    /// network namespace (the socket itself is on loopback).
+    pub meshed: bool,
+    pub mesh_netns: u64,
+    /// Carried by a mutually authenticated tunnel, with the ends' verified identities (the
+    /// agent's mesh fills it in).
+    pub security: Option<Security>,
+}
+
+/// The identities of a connection carried through the mesh (Istio's principals).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Security {
+    pub source_principal: std::sync::Arc<str>,
+    pub destination_principal: std::sync::Arc<str>,
 }
 
 /// `ConnEventKind` as it appears in records.
@@ -257,6 +271,9 @@ impl Connection {
             outcome,
             service,
             dropped,
+            meshed: ev.flags & flags::MESHED != 0,
+            mesh_netns: ev.netns_cookie,
+            security: None,
         })
     }
 

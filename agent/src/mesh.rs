@@ -5,6 +5,7 @@
 //! ([`Mesh::on_pass`]), wakes it when a certificate is due ([`Mesh::next_due`]), and asks it
 //! to re-read the CA at every resync ([`Mesh::reload_ca`]), so that a rotated Secret is taken
 //! up without a restart.
+pub mod carried;
 pub mod hbone;
 pub mod metrics;
 pub mod netns;
@@ -178,6 +179,12 @@ impl Mesh {
         mesh
     }
 
+    /// What telemetry asks of the mesh (which connections it carried, with whose
+    /// identities); none without the proxy.
+    pub fn telemetry(&self) -> Option<Arc<carried::Carried>> {
+        self.proxy.as_ref().map(|p| Arc::clone(&p.shared().carried))
+    }
+
     /// What `weft certs` and `weft status` show.
     pub fn status(&self) -> Arc<RwLock<MeshStatus>> {
         Arc::clone(&self.status)
@@ -255,11 +262,7 @@ impl Mesh {
                 .write()
                 .unwrap_or_else(|e| e.into_inner()) = Arc::new(local_ips);
             let directory = directory(store, &enrolled.meshed);
-            *proxy
-                .shared()
-                .directory
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(directory);
+            proxy.shared().carried.set_directory(directory);
             proxy.sync(&served);
         }
         self.publish(now);

@@ -155,6 +155,9 @@ pub struct OpenConnection {
     pub duration_ms: u64,
     /// Time of the last event (open or update).
     pub updated: flows::Timestamp,
+    /// Carried by the mesh (mutual TLS), with both ends' verified identities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::events::Security>,
 }
 
 /// An entry of the open table (boxed there: the table's spare capacity then costs a pointer
@@ -219,6 +222,7 @@ impl Namer {
         source: End<'_>,
         destination: End<'_>,
         service: Option<&ServiceName>,
+        security: Option<&crate::events::Security>,
     ) -> ConnLabels {
         let pods = || PodLabels {
             source_pod: pod_name(source.1),
@@ -240,6 +244,7 @@ impl Namer {
             destination: destination.1.map(|p| &*p.peer),
             service,
             cluster: &self.cluster,
+            security,
         };
         ConnLabels::new(&ends, detail)
     }
@@ -422,6 +427,7 @@ impl Telemetry {
             source,
             destination,
             service.map(|s| &**s),
+            c.security.as_ref(),
         );
         let series = self.tcp.get(&self.families, &labels);
         Box::new(Open {
@@ -437,6 +443,7 @@ impl Telemetry {
                 retransmits: 0,
                 duration_ms: 0,
                 updated: now.wall,
+                mesh: c.security.clone(),
             },
             series,
             connection_labels: labels.detail.is_per_connection().then(|| Box::new(labels)),
@@ -597,6 +604,7 @@ fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection, now: Now) ->
         duration_us: Some(c.duration.as_micros() as u64),
         outcome: c.outcome,
         cookie: c.cookie,
+        mesh: v.mesh.clone(),
         ..FlowRecord::at(
             now.wall,
             event,

@@ -220,6 +220,7 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
     ] {
         assert_no_firewall_rules(netns);
     }
+    assert_mesh_telemetry(&agents);
     let client_ip = c.pod("client").1.ipv4.to_string();
     let peers = served_peers(&mut server, 2);
     assert_eq!(
@@ -227,6 +228,47 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
         [client_ip.clone(), client_ip],
         "the server sees the client pod's address"
     );
+}
+
+/// Both reporters label the exchanges `mutual_tls` with both principals, name the client and
+/// the server workloads (not the client's loopback leg), and their flow records carry the
+/// principals.
+fn assert_mesh_telemetry(agents: &[Agent]) {
+    for (agent, reporter) in agents.iter().zip(["source", "destination"]) {
+        let seen = || {
+            let opened: f64 = agent
+                .metrics()
+                .iter()
+                .filter(|s| {
+                    s.name == "weft_tcp_connections_closed_total"
+                        && s.label("reporter") == Some(reporter)
+                        && s.label("connection_security_policy") == Some("mutual_tls")
+                        && s.label("source_principal") == Some(ID)
+                        && s.label("destination_principal") == Some(ID)
+                        && s.label("source_workload") == Some("client")
+                        && s.label("destination_workload") == Some("server")
+                })
+                .map(|s| s.value)
+                .sum();
+            let records = agent.flows(&["--last", "100"]);
+            let meshed = records
+                .iter()
+                .filter(|r| r["event"] == "tcp_close" && r["mesh"]["source_principal"] == ID)
+                .count();
+            (opened, meshed)
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut got = seen();
+        while got != (2.0, 2) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            got = seen();
+        }
+        assert_eq!(
+            got,
+            (2.0, 2),
+            "{reporter}: both connections closed, labelled and recorded as carried"
+        );
+    }
 }
 
 /// No iptables or nftables rule in a network namespace (weft's capture and delivery use

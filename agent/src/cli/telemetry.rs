@@ -37,13 +37,17 @@ pub async fn connections(socket: &Path, output: Output) -> Result<String, Error>
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<7} {:<26} {:<26} {:<18} {:>10} {:>10} {:>9} {:>6} {:>9}",
+        "{:<7} {:<26} {:<26} {:<18} {:>10} {:>10} {:>9} {:>6} {:>9}  SECURITY",
         "ROLE", "LOCAL", "REMOTE", "SERVICE", "SENT", "RECEIVED", "SRTT", "RETX", "AGE"
     );
     for c in &list {
+        let security = c.mesh.as_ref().map_or_else(
+            || "-".to_owned(),
+            |m| format!("mTLS {} -> {}", m.source_principal, m.destination_principal),
+        );
         let _ = writeln!(
             out,
-            "{:<7} {:<26} {:<26} {:<18} {:>10} {:>10} {:>7}us {:>6} {:>8}s",
+            "{:<7} {:<26} {:<26} {:<18} {:>10} {:>10} {:>7}us {:>6} {:>8}s  {security}",
             c.role.as_str(),
             c.local.display(),
             c.remote.display(),
@@ -76,10 +80,17 @@ pub fn flow_line(r: &FlowRecord) -> String {
     };
     let src = format!("{} ({})", r.source.display(), r.source.address);
     let dst = format!("{} ({})", r.destination.display(), r.destination.address);
-    let via = r
+    let mut via = r
         .service
         .as_deref()
         .map_or_else(String::new, |s| format!(" via {s}"));
+    if let Some(m) = &r.mesh {
+        let _ = write!(
+            via,
+            " mTLS {} -> {}",
+            m.source_principal, m.destination_principal
+        );
+    }
     let mut detail = String::new();
     if r.event != FlowEvent::Drop && r.event != FlowEvent::TcpOpen {
         let _ = write!(

@@ -72,14 +72,14 @@ impl PartialEq for MeshedPod {
 /// The listeners of each pod (`namespace/name`), or why it has none.
 pub type Listeners = Arc<RwLock<BTreeMap<String, Result<Vec<SocketAddr>, String>>>>;
 
-/// The identity of every meshed pod address of the cluster.
-pub type Directory = BTreeMap<IpAddr, SpiffeId>;
+pub use super::carried::{Carried, Directory};
 
 /// What every connection task reads.
 #[derive(Debug)]
 pub struct Shared {
     pub creds: RwLock<Arc<Credentials>>,
-    pub directory: RwLock<Arc<Directory>>,
+    /// Who is meshed, and which connections the mesh carried (telemetry reads it).
+    pub carried: Arc<Carried>,
     orig: Mutex<BpfHashMap<MapData, MeshOrigKey, MeshOrig>>,
     pool: Pool,
     pub metrics: ProxyMetrics,
@@ -104,7 +104,7 @@ impl Shared {
     ) -> Self {
         Self {
             creds: RwLock::new(creds),
-            directory: RwLock::default(),
+            carried: Arc::default(),
             orig: Mutex::new(orig),
             pool: Pool::new(node),
             metrics,
@@ -120,11 +120,7 @@ impl Shared {
     }
 
     fn identity_of(&self, ip: IpAddr) -> Option<SpiffeId> {
-        self.directory
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-            .cloned()
+        self.carried.identity_of(ip)
     }
 
     /// Where the connection from `peer` (in namespace `cookie`) was going; its entry goes.
@@ -194,6 +190,9 @@ impl Proxy {
         {
             let mut l = self.listeners.write().unwrap_or_else(|e| e.into_inner());
             l.retain(|name, _| self.served.contains_key(name));
+            self.shared
+                .carried
+                .retain_pods(|name| self.served.contains_key(name));
         }
         for (name, pod) in wanted {
             if self.served.contains_key(name) {
@@ -250,6 +249,9 @@ async fn serve_pod(
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(pod.pod.clone(), Ok(addrs));
+    shared
+        .carried
+        .serving(&pod.pod, netns.cookie, pod.ips.clone());
     changed.notify_one();
     let (pod, netns) = (Arc::new(pod), Arc::new(netns));
     let mut tasks = tokio::task::JoinSet::new();
@@ -463,17 +465,29 @@ async fn deliver(
 ) -> Result<TcpStream, Refusal> {
     let source = {
         let local = shared.local.read().unwrap_or_else(|e| e.into_inner());
-        let directory = shared.directory.read().unwrap_or_else(|e| e.into_inner());
+        let directory = shared.carried.directory();
         admissible(&inbound, &pod.ips, &local, &directory)?
     };
     let socket = netns.delivery(source).await.map_err(|e| {
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
         Refusal::Unreachable
     })?;
+    let key = socket
+        .local_addr()
+        .ok()
+        .map(|client| (client, inbound.target));
+    if let Some(key) = key {
+        shared.carried.delivering(key);
+    }
     let socket = TcpSocket::from_std_stream(socket);
     match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(inbound.target)).await {
         Ok(Ok(stream)) => Ok(stream),
-        _ => Err(Refusal::Unreachable),
+        _ => {
+            if let Some(key) = key {
+                shared.carried.not_delivered(&key);
+            }
+            Err(Refusal::Unreachable)
+        }
     }
 }
 

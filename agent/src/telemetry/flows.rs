@@ -170,6 +170,9 @@ pub struct FlowRecord {
     /// The reporting socket's cookie (0 for UDP flows).
     #[serde(default)]
     pub cookie: u64,
+    /// Carried by the mesh (mutual TLS): both ends' verified identities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::events::Security>,
 }
 
 impl FlowRecord {
@@ -223,6 +226,7 @@ impl FlowRecord {
             drop_reason: None,
             direction: None,
             cookie: 0,
+            mesh: None,
         }
     }
 }

@@ -54,16 +54,20 @@ impl Protocol {
     }
 }
 
-/// Istio's `connection_security_policy`: weft has no mutual TLS yet.
+/// Istio's `connection_security_policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SecurityPolicy {
+    /// Not carried by the mesh.
     Unknown,
+    /// Carried by a mutually authenticated tunnel.
+    MutualTls,
 }
 
 impl SecurityPolicy {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Unknown => UNKNOWN,
+            Self::MutualTls => "mutual_tls",
         }
     }
 }
@@ -148,6 +152,8 @@ pub struct Ends<'a> {
     pub destination: Option<&'a Peer>,
     pub service: Option<&'a ServiceName>,
     pub cluster: &'a Arc<str>,
+    /// The verified identities of a connection the mesh carried.
+    pub security: Option<&'a crate::events::Security>,
 }
 
 impl ConnLabels {
@@ -161,8 +167,10 @@ impl ConnLabels {
             reporter: ends.reporter,
             source_workload: src.workload,
             source_workload_namespace: src.namespace,
-            // No mutual TLS: there is no authenticated principal.
-            source_principal: unknown(),
+            // Principals only where the mesh verified them.
+            source_principal: ends
+                .security
+                .map_or_else(unknown, |s| Arc::clone(&s.source_principal)),
             source_app: src.app,
             source_version: src.version,
             source_canonical_service: src.canonical_service,
@@ -170,7 +178,9 @@ impl ConnLabels {
             source_cluster: src.cluster,
             destination_workload: dst.workload,
             destination_workload_namespace: dst.namespace,
-            destination_principal: unknown(),
+            destination_principal: ends
+                .security
+                .map_or_else(unknown, |s| Arc::clone(&s.destination_principal)),
             destination_app: dst.app,
             destination_version: dst.version,
             destination_canonical_service: dst.canonical_service,
@@ -181,7 +191,11 @@ impl ConnLabels {
             destination_service_namespace: svc(|s| &s.namespace),
             request_protocol: ends.protocol,
             response_flags: "-",
-            connection_security_policy: SecurityPolicy::Unknown,
+            connection_security_policy: if ends.security.is_some() {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::Unknown
+            },
             detail,
         }
     }

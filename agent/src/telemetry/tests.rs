@@ -94,6 +94,9 @@ fn event(kind: ConnEventKindName, sent: u64, received: u64) -> Connection {
         outcome: (kind == ConnEventKindName::TcpClose).then_some(Outcome::Normal),
         service: None,
         dropped: None,
+        meshed: false,
+        mesh_netns: 0,
+        security: None,
     }
 }
 

@@ -110,6 +110,7 @@ fn start(key: &UdpFlowStatsKey, value: &UdpFlowStatsValue, ctx: &mut Context<'_>
         (src, dir.pod(src.ip())),
         (dst, dir.pod(dst.ip())),
         service.map(|s| &**s),
+        None,
     );
     let series = ctx.series.get(ctx.families, &labels);
     series.opened.inc();

@@ -226,8 +226,11 @@ pub struct ConnEvent {
     pub reason: u32,
     /// Drops only: a [`crate::net::Direction`], seen from the local pod.
     pub direction: u32,
+    /// With `flags::MESHED`: the client's network namespace (its pod's; the socket itself
+    /// is bound to loopback).
+    pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 152);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 160);
 
 /// Per-connection state kept between sock_ops callbacks.
 ///

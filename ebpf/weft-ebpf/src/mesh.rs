@@ -132,9 +132,12 @@ pub fn captured(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<Xlate> {
 }
 
 /// A captured connection's event describes where it goes, not the listener: the target as
-/// the remote end, the Service (if any) it was dialled through, and [`flags::MESHED`].
+/// the remote end, the Service (if any) it was dialled through, [`flags::MESHED`], and the
+/// namespace whose pod the loopback address stands for.
 #[inline(always)]
-pub fn describe(ev: &mut ConnEvent, t: &Xlate) {
+pub fn describe(ctx: &SockOpsContext, ev: &mut ConnEvent, t: &Xlate) {
+    // SAFETY: the program's context; the helper reads the socket's namespace only.
+    ev.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast::<c_void>()) };
     ev.remote_addr = t.backend.addr;
     ev.remote_port = u32::from(u16::from_be(t.backend.port));
     ev.flags |= flags::MESHED;

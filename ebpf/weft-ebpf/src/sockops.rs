@@ -86,7 +86,7 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
         ctx_read!(ctx.ops, bytes_acked),
         ctx_read!(ctx.ops, bytes_received),
     );
-    let state = match CONN_STATE.get_ptr_mut(cookie) {
+    match CONN_STATE.get_ptr_mut(cookie) {
         Some(s) => {
             // SAFETY: the entry is this socket's and sock_ops callbacks of one socket run under
             // its lock, so nobody else writes it now.
@@ -94,22 +94,13 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
             s.bytes_acked_base = acked;
             s.bytes_received_base = received;
             s.states_seen |= 1 << tcp_state::ESTABLISHED;
-            *s
         }
-        None => {
-            // Passive sockets, and active ones whose connect() ran before we were attached.
-            let s = ConnState {
-                start_ns: now(),
-                bytes_acked_base: acked,
-                bytes_received_base: received,
-                states_seen: 1 << tcp_state::ESTABLISHED,
-                side: side as u32,
-                ..ConnState::default()
-            };
-            track(ctx, cookie, &s)?;
-            s
-        }
-    };
+        // Passive sockets, and active ones whose connect() ran before we were attached.
+        None => match start_tracking(ctx, cookie, side as u32) {
+            0 => {}
+            e => return Err(e),
+        },
+    }
     if redirect::enabled() {
         pair(ctx, cookie, side);
     }
@@ -117,8 +108,31 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
         ctx,
         "tcp established cookie={} side={}", cookie, side as u32
     );
-    emit(ctx, cookie, &state, None);
+    // Read in place, not copied: emit's stack is stacked on this function's.
+    if let Some(s) = CONN_STATE.get_ptr(cookie) {
+        // SAFETY: see above; the entry stays until this socket's CLOSE callback.
+        emit(ctx, cookie, unsafe { &*s }, None);
+    }
     Ok(())
+}
+
+/// A connection tracked from its establishment (0, or the error of its tracking). Not
+/// inlined: its state would add to on_established's stack; a plain return value, as a BPF
+/// call passes no more than five arguments.
+#[inline(never)]
+fn start_tracking(ctx: &SockOpsContext, cookie: u64, side: u32) -> i64 {
+    let s = ConnState {
+        start_ns: now(),
+        bytes_acked_base: ctx_read!(ctx.ops, bytes_acked),
+        bytes_received_base: ctx_read!(ctx.ops, bytes_received),
+        states_seen: 1 << tcp_state::ESTABLISHED,
+        side,
+        ..ConnState::default()
+    };
+    match track(ctx, cookie, &s) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
 }
 
 /// With `--sockmap`: the socket enters `SOCK_PAIRS`, marked so that its close takes its
@@ -177,10 +191,8 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
         tcp_state::LAST_ACK => s.flags |= flags::FIN_SENT,
         // Both are entered only when the peer's FIN is consumed.
         tcp_state::CLOSE_WAIT | tcp_state::CLOSING => s.flags |= flags::FIN_RECEIVED,
-        tcp_state::CLOSE => {
-            let state = *s;
-            on_close(ctx, cookie, &state);
-        }
+        // In place: a copy would add to the stack emit's is stacked on.
+        tcp_state::CLOSE => on_close(ctx, cookie, s),
         _ => {}
     }
     Ok(())
@@ -375,7 +387,7 @@ fn emit(ctx: &SockOpsContext, cookie: u64, state: &ConnState, closing: Option<&C
     {
         let port = remote_port_be(ctx);
         match mesh::captured(sk).filter(|_| mesh::is_listener_at(family, &remote_addr, port)) {
-            Some(t) => mesh::describe(&mut ev, &t),
+            Some(t) => mesh::describe(ctx, &mut ev, &t),
             None => add_service(&mut ev, sk, family, port),
         }
     }

@@ -61,6 +61,7 @@ fn connection_labels_are_istios_in_istios_order() {
         destination: Some(&server),
         service: Some(&svc),
         cluster: &cluster,
+        security: None,
     };
     let labels = ClosedLabels {
         conn: ConnLabels::new(&ends, Detail::None),
@@ -92,6 +93,7 @@ fn an_address_no_pod_holds_is_unknown_even_its_cluster() {
         destination: None,
         service: None,
         cluster: &cluster,
+        security: None,
     };
     let labels = ConnLabels::new(&ends, Detail::None);
     assert_eq!(&*labels.source_cluster, "unknown");
@@ -109,6 +111,7 @@ fn finer_granularities_add_pods_then_addresses() {
         destination: None,
         service: None,
         cluster: &cluster,
+        security: None,
     };
     let pods = PodLabels {
         source_pod: Arc::from("a"),
@@ -150,6 +153,7 @@ fn labels(workload: &str) -> ConnLabels {
         destination: None,
         service: None,
         cluster: &cluster,
+        security: None,
     };
     ConnLabels::new(&ends, Detail::None)
 }
@@ -218,6 +222,7 @@ fn a_namespace_named_unknown_is_a_namespace_not_a_missing_pod() {
         destination: None,
         service: None,
         cluster: &cluster,
+        security: None,
     };
     let labels = ConnLabels::new(&ends, Detail::None);
     // Its workload is gone from the (empty) directory: its series are stale.
@@ -231,4 +236,35 @@ fn a_namespace_named_unknown_is_a_namespace_not_a_missing_pod() {
         ConnLabels::new(&nobody, Detail::None)
             .is_current(&crate::compile::names::Directory::default())
     );
+}
+
+/// A connection the mesh carried names both principals and `mutual_tls`.
+#[test]
+fn a_connection_the_mesh_carried_names_its_principals() {
+    let cluster: Arc<str> = Arc::from("Kubernetes");
+    let (client, server) = (peer("frontend"), peer("backend"));
+    let security = crate::events::Security {
+        source_principal: Arc::from("spiffe://cluster.local/ns/shop/sa/frontend"),
+        destination_principal: Arc::from("spiffe://cluster.local/ns/shop/sa/backend"),
+    };
+    let ends = Ends {
+        reporter: Reporter::Source,
+        protocol: Protocol::Tcp,
+        source: Some(&client),
+        destination: Some(&server),
+        service: None,
+        cluster: &cluster,
+        security: Some(&security),
+    };
+    let labels = ConnLabels::new(&ends, Detail::None);
+    assert_eq!(
+        &*labels.source_principal,
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
+    assert_eq!(
+        &*labels.destination_principal,
+        "spiffe://cluster.local/ns/shop/sa/backend"
+    );
+    assert_eq!(labels.connection_security_policy, SecurityPolicy::MutualTls);
+    assert_eq!(labels.connection_security_policy.as_str(), "mutual_tls");
 }

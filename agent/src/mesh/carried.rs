@@ -1,0 +1,132 @@
+//! Which connections the mesh carried, for telemetry: a captured client's socket sits on
+//! loopback in its pod's namespace (its events name the namespace, not the pod's address),
+//! and a server's connection delivered from a tunnel looks like any other, so the proxy
+//! remembers both, and the identities of the cluster's meshed pods.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use crate::{
+    events::{ConnEventKindName, Connection, Role, Security},
+    identity::SpiffeId,
+};
+
+/// The identity of every meshed pod address of the cluster.
+pub type Directory = BTreeMap<IpAddr, SpiffeId>;
+
+/// Delivered connections remembered at most (without telemetry nobody takes them out: the
+/// set stops growing here, and later ones are not marked).
+const MAX_DELIVERED: usize = 65_536;
+
+/// What the proxy tells telemetry.
+#[derive(Debug, Default)]
+pub struct Carried {
+    directory: RwLock<Arc<Directory>>,
+    /// Each served pod's network namespace cookie and addresses.
+    netns_ips: RwLock<BTreeMap<String, (u64, Vec<IpAddr>)>>,
+    /// (client, server) of connections delivered from tunnels and not seen closed yet.
+    delivered: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
+}
+
+impl Carried {
+    pub fn set_directory(&self, directory: Directory) {
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(directory);
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        Arc::clone(&self.directory.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn identity_of(&self, ip: IpAddr) -> Option<SpiffeId> {
+        self.directory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+
+    /// Pod `pod` is served in namespace `cookie` with addresses `ips`.
+    pub fn serving(&self, pod: &str, cookie: u64, ips: Vec<IpAddr>) {
+        self.netns_ips
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.to_owned(), (cookie, ips));
+    }
+
+    /// Keeps the pods `keep` says are still served.
+    pub fn retain_pods(&self, keep: impl Fn(&str) -> bool) {
+        self.netns_ips
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| keep(name));
+    }
+
+    /// A connection from `key.0` to `key.1` is being delivered from a tunnel.
+    pub fn delivering(&self, key: (SocketAddr, SocketAddr)) {
+        let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+        if delivered.len() < MAX_DELIVERED {
+            delivered.insert(key);
+        }
+    }
+
+    /// ... and did not connect.
+    pub fn not_delivered(&self, key: &(SocketAddr, SocketAddr)) {
+        self.delivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    fn principal(&self, ip: IpAddr) -> Arc<str> {
+        self.identity_of(ip)
+            .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.to_string()))
+    }
+
+    /// Marks a connection the mesh carried with both ends' identities: a captured client's
+    /// (its loopback address replaced by its pod's), or a server's delivered from a tunnel
+    /// (forgotten at its close).
+    pub fn annotate(&self, c: &mut Connection) {
+        if c.meshed {
+            if c.local.ip().is_loopback()
+                && let Some(ip) = self.pod_address(c.mesh_netns, c.remote.is_ipv4())
+            {
+                c.local.set_ip(ip);
+            }
+            c.security = Some(Security {
+                source_principal: self.principal(c.local.ip()),
+                destination_principal: self.principal(c.remote.ip()),
+            });
+            return;
+        }
+        if c.role != Role::Server || c.event == ConnEventKindName::Drop {
+            return;
+        }
+        let key = (c.remote, c.local);
+        let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+        let carried = if c.event == ConnEventKindName::TcpClose {
+            delivered.remove(&key)
+        } else {
+            delivered.contains(&key)
+        };
+        drop(delivered);
+        if carried {
+            c.security = Some(Security {
+                source_principal: self.principal(c.remote.ip()),
+                destination_principal: self.principal(c.local.ip()),
+            });
+        }
+    }
+
+    /// The address of the family wanted of the pod served in namespace `cookie`.
+    fn pod_address(&self, cookie: u64, v4: bool) -> Option<IpAddr> {
+        let pods = self.netns_ips.read().unwrap_or_else(|e| e.into_inner());
+        pods.values()
+            .find(|(c, _)| *c == cookie)
+            .and_then(|(_, ips)| ips.iter().find(|ip| ip.is_ipv4() == v4).copied())
+    }
+}
+
+#[cfg(test)]
+mod tests;

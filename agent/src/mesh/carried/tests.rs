@@ -1,0 +1,108 @@
+use std::time::Duration;
+
+use super::*;
+use crate::events::Outcome;
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "shop", Some(sa))
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn conn(event: ConnEventKindName, role: Role, local: &str, remote: &str) -> Connection {
+    Connection {
+        event,
+        cookie: 9,
+        role,
+        local: addr(local),
+        remote: addr(remote),
+        bytes_sent: 0,
+        bytes_received: 0,
+        srtt: Duration::ZERO,
+        rtt_min: Duration::ZERO,
+        retransmits: 0,
+        segments_in: 0,
+        segments_out: 0,
+        duration: Duration::ZERO,
+        outcome: (event == ConnEventKindName::TcpClose).then_some(Outcome::Normal),
+        service: None,
+        dropped: None,
+        meshed: false,
+        mesh_netns: 0,
+        security: None,
+    }
+}
+
+fn carried() -> Carried {
+    let c = Carried::default();
+    c.set_directory(
+        [
+            ("10.0.1.10".parse().expect("ip"), id("web")),
+            ("10.0.2.10".parse().expect("ip"), id("db")),
+        ]
+        .into(),
+    );
+    c.serving("shop/web", 77, vec!["10.0.1.10".parse().expect("ip")]);
+    c
+}
+
+fn principals(c: &Connection) -> Option<(String, String)> {
+    c.security.as_ref().map(|s| {
+        (
+            s.source_principal.to_string(),
+            s.destination_principal.to_string(),
+        )
+    })
+}
+
+/// A captured client's event: its loopback address becomes its pod's, and both identities
+/// are named.
+#[test]
+fn a_captured_client_is_its_pod_with_both_principals() {
+    let m = carried();
+    let mut c = conn(
+        ConnEventKindName::TcpOpen,
+        Role::Client,
+        "127.0.0.1:40000",
+        "10.0.2.10:8080",
+    );
+    c.meshed = true;
+    c.mesh_netns = 77;
+    m.annotate(&mut c);
+    assert_eq!(c.local, addr("10.0.1.10:40000"));
+    assert_eq!(
+        principals(&c),
+        Some((id("web").to_string(), id("db").to_string()))
+    );
+}
+
+/// A server's connection is marked only when it was delivered from a tunnel, until its
+/// close; a connection that did not come through the mesh is not.
+#[test]
+fn a_delivered_server_connection_is_marked_until_it_closes() {
+    let m = carried();
+    let (client, server) = ("10.0.1.10:51000", "10.0.2.10:8080");
+    m.delivering((addr(client), addr(server)));
+    for event in [ConnEventKindName::TcpOpen, ConnEventKindName::TcpClose] {
+        let mut c = conn(event, Role::Server, server, client);
+        m.annotate(&mut c);
+        assert_eq!(
+            principals(&c),
+            Some((id("web").to_string(), id("db").to_string())),
+            "{event:?}"
+        );
+    }
+    let mut again = conn(ConnEventKindName::TcpOpen, Role::Server, server, client);
+    m.annotate(&mut again);
+    assert_eq!(principals(&again), None, "forgotten at its close");
+    let mut plain = conn(
+        ConnEventKindName::TcpOpen,
+        Role::Server,
+        server,
+        "10.0.1.10:51001",
+    );
+    m.annotate(&mut plain);
+    assert_eq!(principals(&plain), None);
+}
