@@ -139,12 +139,16 @@ impl Mesh {
     ) -> Self {
         let proxy_metrics = ProxyMetrics::new(registry);
         let node = host_netns.map(netns::Netns::enter_node).transpose();
-        let host_cookie = match &node {
-            Ok(Some(n)) => n.cookie,
-            _ => crate::datapath::own_netns_cookie().unwrap_or(0),
-        };
-        let proxy = match node {
-            Ok(node) => orig.map(|orig| {
+        // The node's namespace, which no pod's may be: unknown, there is no proxy.
+        let host = node.and_then(|n| {
+            let cookie = match &n {
+                Some(n) => n.cookie,
+                None => crate::datapath::own_netns_cookie()?,
+            };
+            Ok((n, cookie))
+        });
+        let proxy = match host {
+            Ok((node, host_cookie)) => orig.map(|orig| {
                 let empty = Arc::new(
                     tls::Credentials::new(std::iter::empty(), std::iter::empty())
                         .expect("no roots and no leaves always make credentials"),
@@ -159,7 +163,7 @@ impl Mesh {
                 Proxy::new(Arc::new(shared))
             }),
             Err(e) => {
-                tracing::error!(target: "weft::mesh", error = %e, "cannot enter the node's network namespace: no mesh proxy (meshed connections are refused)");
+                tracing::error!(target: "weft::mesh", error = %e, "cannot enter or identify the node's network namespace: no mesh proxy (meshed connections are refused)");
                 None
             }
         };
@@ -235,15 +239,23 @@ impl Mesh {
                 continue;
             };
             pods.entry(id.clone()).or_default().push(lp.pod.to_owned());
-            let netns = netns_of(store, key, &lp.cgroup, &self.settings.host_proc)
-                .and_then(|p| Some((std::fs::metadata(&p).ok()?, p)));
-            match netns {
-                Some((meta, netns)) => served.push(MeshedPod {
+            let netns = netns_of(store, key, &lp.cgroup, &self.settings.host_proc);
+            // A pod served already keeps its namespace when no process of it can be read
+            // now (the one found exited meanwhile): its tunnels are not torn down.
+            let served_before = || {
+                self.proxy
+                    .as_ref()
+                    .and_then(|p| p.served(lp.pod))
+                    .filter(|p| p.id == *id && p.ips == lp.ips)
+                    .map(|p| (p.netns_inode, p.netns.clone()))
+            };
+            match netns.or_else(served_before) {
+                Some((netns_inode, netns)) => served.push(MeshedPod {
                     pod: lp.pod.to_owned(),
                     id: id.clone(),
                     ips: lp.ips.to_vec(),
                     netns,
-                    netns_inode: std::os::unix::fs::MetadataExt::ino(&meta),
+                    netns_inode,
                 }),
                 None => self.waiting.push(lp.pod.to_owned()),
             }
@@ -420,44 +432,59 @@ impl Mesh {
     }
 }
 
-/// The network namespace of a local pod: its annotation, or that of a process in its cgroup.
+/// The network namespace of a local pod (its inode and path): its annotation, or that of a
+/// process in its cgroup subtree whose namespace can be read.
 fn netns_of(
     store: &Store,
     key: &crate::store::Key,
     cgroup: &Path,
     host_proc: &Path,
-) -> Option<PathBuf> {
+) -> Option<(u64, PathBuf)> {
+    let inode = |p: PathBuf| {
+        let meta = std::fs::metadata(&p).ok()?;
+        Some((std::os::unix::fs::MetadataExt::ino(&meta), p))
+    };
     let annotated = store
         .pods
         .get(key)
         .and_then(|p| p.metadata.annotations.as_ref())
         .and_then(|a| a.get(NETNS_ANNOTATION))
         .map(PathBuf::from);
-    if annotated.is_some() {
-        return annotated;
+    if let Some(path) = annotated {
+        return inode(path);
     }
-    let pid = first_process(cgroup, 3)?;
-    Some(host_proc.join(pid.to_string()).join("ns/net"))
+    processes(cgroup, 3)
+        .into_iter()
+        .find_map(|pid| inode(host_proc.join(pid.to_string()).join("ns/net")))
 }
 
-/// A process of the cgroup or of a descendant down to `depth` levels (under the kubelet a
-/// pod's own cgroup holds none: its containers' cgroups do, the sandbox's among them).
-fn first_process(cgroup: &Path, depth: usize) -> Option<u32> {
-    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
-    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
-        return Some(pid);
-    }
+/// Processes of the cgroup and of its descendants down to `depth` levels (under the kubelet
+/// a pod's own cgroup holds none: its containers' cgroups do, the sandbox's among them).
+fn processes(cgroup: &Path, depth: usize) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
     if depth == 0 {
-        return None;
+        return pids;
     }
     let mut children: Vec<PathBuf> = std::fs::read_dir(cgroup)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect();
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
     children.sort();
-    children.iter().find_map(|c| first_process(c, depth - 1))
+    for child in children {
+        pids.extend(processes(&child, depth - 1));
+    }
+    pids
 }
 
 /// Every meshed pod address of the cluster with its identity (addresses several pods claim

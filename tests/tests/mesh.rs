@@ -18,8 +18,10 @@ const WEB: &str = "10.96.0.20";
 const PLAIN: &str = "10.96.0.21";
 /// What the servers answer: looked for on the underlay.
 const SECRET: &str = "weft-mesh-secret-reply";
-/// The identity of every pod here (service account `default` of namespace `default`).
+/// The client's identity (service account `default` of namespace `default`).
 const ID: &str = "spiffe://cluster.local/ns/default/sa/default";
+/// The server's (its own service account).
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 
 /// `client` and `plain` on node a, `server` and `plainsrv` on node b; `client` and `server`
 /// are meshed.
@@ -39,13 +41,19 @@ fn mesh_cluster(test: &str) -> Cluster {
         if meshed {
             labels.push(("weft.io/mesh", "enabled"));
         }
-        docs.push(k8s::pod(
+        let doc = k8s::pod(
             c.pod(pod).1,
             "default",
             &labels,
             &[("http", 8080, "TCP")],
             true,
-        ));
+        );
+        // The server runs as a service account of its own: two identities to tell apart.
+        docs.push(if pod == "server" {
+            doc.replace("spec:\n", "spec:\n  serviceAccountName: server\n")
+        } else {
+            doc
+        });
     }
     let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
     docs.push(k8s::service(
@@ -182,7 +190,7 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
     let ca = ca(&c);
     let agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
-    wait_meshed(&agents[1], ID, "default/server");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
     agents[0].wait_backends(&format!("{WEB}:80/TCP"), 1, WAIT);
     let (server_node, server_pod) = c.pod("server");
     let mut server = server_node.start_server(
@@ -244,7 +252,7 @@ fn assert_mesh_telemetry(agents: &[Agent]) {
                         && s.label("reporter") == Some(reporter)
                         && s.label("connection_security_policy") == Some("mutual_tls")
                         && s.label("source_principal") == Some(ID)
-                        && s.label("destination_principal") == Some(ID)
+                        && s.label("destination_principal") == Some(SERVER_ID)
                         && s.label("source_workload") == Some("client")
                         && s.label("destination_workload") == Some("server")
                 })
@@ -253,7 +261,11 @@ fn assert_mesh_telemetry(agents: &[Agent]) {
             let records = agent.flows(&["--last", "100"]);
             let meshed = records
                 .iter()
-                .filter(|r| r["event"] == "tcp_close" && r["mesh"]["source_principal"] == ID)
+                .filter(|r| {
+                    r["event"] == "tcp_close"
+                        && r["mesh"]["source_principal"] == ID
+                        && r["mesh"]["destination_principal"] == SERVER_ID
+                })
                 .count();
             (opened, meshed)
         };
@@ -291,7 +303,7 @@ fn a_pod_outside_the_mesh_talks_in_plaintext_both_ways() {
     let ca = ca(&c);
     let agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
-    wait_meshed(&agents[1], ID, "default/server");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
     agents[0].wait_backends(&format!("{WEB}:80/TCP"), 1, WAIT);
     agents[0].wait_backends(&format!("{PLAIN}:80/TCP"), 1, WAIT);
     let _server = c.pod("server").0.start_server(
@@ -348,7 +360,7 @@ fn without_an_agent_meshed_connects_are_refused_then_work_again() {
     let ca = ca(&c);
     let mut agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
-    wait_meshed(&agents[1], ID, "default/server");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
     let _server = c
         .pod("server")
         .0
@@ -399,7 +411,7 @@ fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
     let ca = ca(&c);
     let agents = agents_with(&c, ca.path(), &["--mesh-cert-ttl", "20s"]);
     wait_meshed(&agents[0], ID, "default/client");
-    wait_meshed(&agents[1], ID, "default/server");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
     let _server = c.pod("server").0.start_server(
         "server",
         &[
@@ -411,7 +423,6 @@ fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
         ],
     );
     let target = format!("{}:8080", c.pod("server").1.ipv4);
-    let first = serial(&agents[0]);
     let mut open = c.pod("client").0.spawn(
         "client",
         &[
@@ -435,6 +446,8 @@ fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(outbound_handshakes(&agents[0]), 1.0);
+    // The tunnel uses this certificate (read after it opened: a renewal cannot fall between).
+    let first = serial(&agents[0]);
     agents[0].wait_output("certs", "a renewed certificate", WAIT, |v| {
         v["identities"].as_array().is_some_and(|ids| {
             ids.iter().any(|i| {
@@ -445,6 +458,14 @@ fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
             })
         })
     });
+    assert!(
+        !open
+            .stdout()
+            .snapshot()
+            .iter()
+            .any(|l| l.contains("\"done\"")),
+        "the connection is still open across the renewal"
+    );
     let again = c.pod("client").0.spray("client", &format!("{WEB}:80"), 1);
     assert_eq!(again.get(SECRET), Some(&1), "{again:?}");
     assert_eq!(

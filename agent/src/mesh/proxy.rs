@@ -178,6 +178,11 @@ impl Proxy {
         &self.shared
     }
 
+    /// The pod as served now, if it is.
+    pub fn served(&self, pod: &str) -> Option<&MeshedPod> {
+        self.served.get(pod).map(|s| &s.pod)
+    }
+
     /// Serves exactly `pods`: new ones get listeners, gone or changed ones lose theirs
     /// (connections already spliced keep going).
     pub fn sync(&mut self, pods: &[MeshedPod]) {

@@ -5,7 +5,10 @@
 //! anything else never reach user space.
 use core::ffi::c_void;
 
-use aya_ebpf::{helpers::generated::bpf_get_netns_cookie, programs::SockOpsContext};
+use aya_ebpf::{
+    bindings::BPF_SOCK_OPS_STATE_CB_FLAG, helpers::generated::bpf_get_netns_cookie,
+    programs::SockOpsContext,
+};
 use weft_abi::{
     conn::{ConnEvent, flags},
     mesh::{MeshOrig, MeshOrigKey, OUTBOUND_PORT},
@@ -97,6 +100,14 @@ pub fn established(ctx: &SockOpsContext, local_port: u32, remote: &Endpoint) {
         },
         cookie: ctx.cookie(),
     };
+    // Its close must take the entry out even when the connection is not tracked (the state
+    // callbacks are otherwise asked for by tracking only).
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        stats::bump(Counter::CallbackFlagsFailed);
+    }
     if MESH_ORIG.insert(key, orig, 0).is_err() {
         // The agent finds no origin and closes the connection: refused, never plaintext.
         stats::bump(Counter::MeshCaptureFailed);
@@ -117,11 +128,15 @@ fn orig_key(ctx: &SockOpsContext, local_port: u32, family: u8) -> MeshOrigKey {
 
 /// sock_ops, a socket closing: an origin the agent never took goes (a client that gave up
 /// before the agent accepted), so that no later connection of the port finds it.
+/// Runs for every captured socket, tracked or not (`established` asks for its state
+/// callbacks). Reads the socket's ends itself: its values stay off the caller's stack.
 #[inline(never)]
-pub fn closed(ctx: &SockOpsContext, local_port: u32, remote: &Endpoint) {
-    if !is_listener(remote) || ctx.socket().and_then(captured).is_none() {
+pub fn closed(ctx: &SockOpsContext) {
+    let remote = crate::sockops::remote_endpoint(ctx);
+    if !is_listener(&remote) || ctx.socket().and_then(captured).is_none() {
         return;
     }
+    let local_port = ctx_read!(ctx.ops, local_port);
     let _ = MESH_ORIG.remove(orig_key(ctx, local_port, remote.family));
 }
 

@@ -56,8 +56,10 @@ const SOCK_STREAM: u32 = 1;
 #[inline(always)]
 fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option<EndpointInfo> {
     let agent = AGENT_CGROUP_ID.load();
-    if agent != 0 && ancestor(AGENT_CGROUP_LEVEL.load() as i32) == agent {
-        // The agent's own socket (the mesh's, in a pod's namespace): no pod's.
+    let agent_level = AGENT_CGROUP_LEVEL.load() as i32;
+    // The agent's own socket (the mesh's, in a pod's namespace): no pod's. Its cgroup
+    // exactly, never one below it.
+    if agent != 0 && ancestor(agent_level) == agent && ancestor(agent_level + 1) == 0 {
         return None;
     }
     let root = POLICY_ROOT_LEVEL.load() as i32;

@@ -172,6 +172,9 @@ fn track(ctx: &SockOpsContext, cookie: u64, state: &ConnState) -> Result<(), i64
 }
 
 fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64> {
+    if new_state == tcp_state::CLOSE {
+        mesh::closed(ctx);
+    }
     let Some(s) = CONN_STATE.get_ptr_mut(cookie) else {
         return Ok(());
     };
@@ -210,9 +213,6 @@ fn on_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState) {
         },
     };
     emit(ctx, cookie, state, Some(&close));
-    if state.side == Side::Active as u32 {
-        mesh::closed(ctx, ctx_read!(ctx.ops, local_port), &remote_endpoint(ctx));
-    }
     // Cannot fail: the entry was just found, and callbacks of one socket run under its lock.
     let _ = CONN_STATE.remove(cookie);
 }
@@ -266,7 +266,7 @@ fn addresses(ctx: &SockOpsContext) -> (u8, [u32; 4], [u32; 4]) {
 
 /// The socket's remote end (family normalized, port in network byte order).
 #[inline(always)]
-fn remote_endpoint(ctx: &SockOpsContext) -> Endpoint {
+pub fn remote_endpoint(ctx: &SockOpsContext) -> Endpoint {
     let (family, _, remote) = addresses(ctx);
     Endpoint {
         addr: remote,
