@@ -206,6 +206,17 @@ impl Admin {
         })
     }
 
+    /// Stops both servers and waits until their listeners are closed (and the socket file
+    /// removed): another agent may bind the same addresses right after.
+    pub async fn shutdown(mut self) {
+        self.admin.abort();
+        let _ = (&mut self.admin).await;
+        if let Some(mut m) = self.metrics.take() {
+            m.abort();
+            let _ = (&mut m).await;
+        }
+    }
+
     /// Resolves when a server stops (they serve forever, so only on failure).
     pub async fn stopped(&mut self) -> Error {
         let result = match &mut self.metrics {

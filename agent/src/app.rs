@@ -16,11 +16,15 @@ use tokio::{
     time::{Interval, MissedTickBehavior},
 };
 
+mod handoff;
+
 use crate::{
     admin::{self, Admin, AdminState, AgentInfo, ProgramInfo},
     cgroup::{self, watch::CgroupWatch},
     config::Config,
-    datapath::{self, Datapath, Globals, Unbound, metrics::MapMetrics},
+    datapath::{
+        self, Datapath, Globals, InstanceLock, SuccessorLock, Unbound, metrics::MapMetrics,
+    },
     events::{
         self, Connection,
         reader::Reader,
@@ -74,18 +78,25 @@ pub enum Error {
 /// catches missed events).
 const RESYNC: Duration = Duration::from_secs(30);
 
+/// How often the agent looks for a successor (and, as one, whether its listeners are up).
+const HANDOFF_POLL: Duration = Duration::from_millis(200);
+/// A successor releases its lock at the latest this long after it started, listening or not.
+const SUCCESSOR_SETTLE: Duration = Duration::from_secs(10);
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
     // Before anything else: a SIGTERM during start-up must stop the agent cleanly too.
     // (A signal during start-up is handled by the run loop, once every subsystem is up.)
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     for flag in config.datapath.retired_flags() {
         tracing::warn!(
             flag,
             "retired flag ignored: socket state lives in socket storage, which has no capacity"
         );
     }
-    let agent = Agent::start(&config).await?;
+    let Some(agent) = Agent::start(&config, &mut signals).await? else {
+        return Ok(());
+    };
     agent.run(signals).await
 }
 
@@ -150,7 +161,11 @@ fn unbound_pods(config: &Config) -> Unbound {
 }
 
 /// Loads the programs (attached after the first full sync).
-fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error> {
+fn start_datapath(
+    config: &Config,
+    cgroup_root: &Path,
+    lock: &InstanceLock,
+) -> Result<Datapath, Error> {
     let capacities = &config.datapath.capacities;
     let (cgroup_level, agent_cgroup) = datapath::cgroup_level(cgroup_root, capacities)?;
     let mut globals = Globals {
@@ -190,12 +205,15 @@ fn start_datapath(config: &Config, cgroup_root: &Path) -> Result<Datapath, Error
         }
     }
     let start = |globals| {
-        Datapath::start(&datapath::Config {
-            cgroup: cgroup_root.to_owned(),
-            instance: config.datapath.instance.clone(),
-            capacities: capacities.clone(),
-            globals,
-        })
+        Datapath::start(
+            &datapath::Config {
+                cgroup: cgroup_root.to_owned(),
+                instance: config.datapath.instance.clone(),
+                capacities: capacities.clone(),
+                globals,
+            },
+            lock,
+        )
     };
     let datapath = match start(globals) {
         // Kernels before 6.15 lack the netns cookie in cgroup_skb: the default gives way.
@@ -289,6 +307,23 @@ fn start_pipeline(
     }
     commit_when_synced(datapath, &mut pipeline)?;
     Ok((pipeline, schedule))
+}
+
+/// The mesh, following the first pass.
+fn start_mesh(
+    config: &Config,
+    registry: &mut Registry,
+    datapath: &mut Datapath,
+    views: &pipeline::Views,
+) -> Result<Mesh, Error> {
+    let mut mesh = Mesh::new(
+        &config.mesh,
+        registry,
+        Some(datapath.take(weft_abi::maps::MESH_ORIG)?),
+        config.datapath.host_netns.as_deref(),
+    );
+    on_pass(&mut mesh, views, datapath.cgroup());
+    Ok(mesh)
 }
 
 /// Kernel events into telemetry: the ring buffer, the UDP flow counters (read off the event
@@ -398,6 +433,8 @@ struct Timers {
     gc: Interval,
     stats: Interval,
     telemetry: Interval,
+    /// A look at the successor lock (see [`handoff`]).
+    handoff: Interval,
 }
 
 impl Timers {
@@ -410,6 +447,7 @@ impl Timers {
             gc: tokio::time::interval(crate::sync::GRACE),
             stats,
             telemetry,
+            handoff: tokio::time::interval(HANDOFF_POLL),
         }
     }
 }
@@ -439,14 +477,31 @@ struct Agent {
     /// What `weft status` says of the agent (its programs once attached).
     agent_info: Arc<std::sync::RwLock<AgentInfo>>,
     timers: Timers,
+    /// Held while a successor starts (see [`handoff`]), until its listeners are up.
+    successor: Option<(SuccessorLock, Instant)>,
+    /// The instance is this agent's while it holds this (dropped last).
+    instance_lock: InstanceLock,
+}
+
+/// Why the run loop ended.
+enum Exit {
+    Stop,
+    /// A successor waits: the drain ends at the deadline (set once SIGTERM came).
+    HandOver(Option<Instant>),
 }
 
 impl Agent {
     /// Starts every subsystem in order: the datapath, the source and the pipeline (with its
     /// first pass), telemetry, stats, and last the admin API.
-    async fn start(config: &Config) -> Result<Self, Error> {
+    async fn start(config: &Config, signals: &mut Signals) -> Result<Option<Self>, Error> {
         let cgroup_root = check_node(config)?;
-        let mut datapath = start_datapath(config, &cgroup_root)?;
+        let settings = &config.datapath;
+        let acquired = handoff::acquire(&settings.instance, settings.take_over, signals).await?;
+        let Some((instance_lock, successor)) = acquired else {
+            return Ok(None);
+        };
+        let successor = successor.map(|s| (s, Instant::now() + SUCCESSOR_SETTLE));
+        let mut datapath = start_datapath(config, &cgroup_root, &instance_lock)?;
         let mut registry = metrics::registry();
         let weft = metrics::weft(&mut registry);
         let maps = MapMetrics::new(weft);
@@ -467,13 +522,7 @@ impl Agent {
             PipelineMetrics::new(weft, maps.clone()),
         )?;
         let views = pipeline.views();
-        let mut mesh = Mesh::new(
-            &config.mesh,
-            weft,
-            Some(datapath.take(weft_abi::maps::MESH_ORIG)?),
-            config.datapath.host_netns.as_deref(),
-        );
-        on_pass(&mut mesh, &views, datapath.cgroup());
+        let mesh = start_mesh(config, weft, &mut datapath, &views)?;
         let mut telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         telemetry.mesh = mesh.telemetry();
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
@@ -517,14 +566,17 @@ impl Agent {
             mesh,
             agent_info,
             timers: Timers::new(config).await,
+            successor,
+            instance_lock,
         };
         agent.watch_cgroups();
-        Ok(agent)
+        Ok(Some(agent))
     }
 
     /// Handles events until a signal (or a failed admin server) stops the agent.
     async fn run(mut self, mut signals: Signals) -> Result<(), Error> {
-        loop {
+        let mut terminating: Option<Instant> = None;
+        let exit = loop {
             let due = self.schedule.due();
             let renewal = self.mesh.next_due();
             tokio::select! {
@@ -555,10 +607,95 @@ impl Agent {
                 _ = self.timers.telemetry.tick() => self.telemetry.tick(),
                 Some(batch) = self.telemetry.udp_rx.recv() => self.telemetry.apply_udp(batch),
                 e = self.admin.stopped() => return Err(e.into()),
-                () = signals.recv() => break,
+                _ = self.timers.handoff.tick() => {
+                    if let Some(exit) = self.look_for_successor(terminating) {
+                        break exit;
+                    }
+                }
+                () = signals.recv() => {
+                    if terminating.is_some() {
+                        break Exit::Stop;
+                    }
+                    let deadline = Instant::now() + self.mesh.drain_timeout();
+                    terminating = Some(deadline);
+                    if let Some(exit) = self.look_for_successor(terminating) {
+                        break exit;
+                    }
+                    tracing::info!(
+                        connections = self.mesh.active(),
+                        "stopping once the meshed connections in progress end (or at --drain-timeout); new ones are served meanwhile"
+                    );
+                }
             }
+        };
+        match exit {
+            Exit::Stop => self.stop(),
+            Exit::HandOver(deadline) => self.hand_over(signals, deadline).await,
         }
-        self.stop()
+    }
+
+    /// A successor's lock, released once this agent (as a successor) listens; then whether
+    /// to hand over to a successor of this agent, or, after SIGTERM (`terminating`: the
+    /// drain's deadline), to stop because nothing is carried any more or the time is up.
+    fn look_for_successor(&mut self, terminating: Option<Instant>) -> Option<Exit> {
+        if let Some((_, settle_by)) = &self.successor {
+            let settled = self.mesh.settled();
+            if settled || Instant::now() >= *settle_by {
+                tracing::info!(
+                    listening = settled,
+                    "taken over: the agent replaced may close its mesh listeners"
+                );
+                self.successor = None;
+            }
+            // Its own lock is not another successor.
+            return None;
+        }
+        if self.datapath.pins().successor_waiting() {
+            tracing::info!("a successor waits: handing the instance over");
+            return Some(Exit::HandOver(terminating));
+        }
+        let deadline = terminating?;
+        (self.mesh.active() == 0 || Instant::now() >= deadline).then_some(Exit::Stop)
+    }
+
+    /// Stops everything but the mesh proxy, releases the instance to the successor, and
+    /// drains (see [`handoff::drain`]).
+    async fn hand_over(
+        mut self,
+        mut signals: Signals,
+        deadline: Option<Instant>,
+    ) -> Result<(), Error> {
+        self.flush()?;
+        let (datapath, admin, mesh, instance_lock) = self.into_handover();
+        // The admin socket and the metrics port are the successor's once the lock is.
+        admin.shutdown().await;
+        let pins = datapath.pins().clone();
+        drop(datapath);
+        drop(instance_lock);
+        handoff::drain(mesh, &pins, &mut signals, deadline).await;
+        tracing::info!("agent stopping after handing over");
+        Ok(())
+    }
+
+    /// What a handover keeps; the rest (the source, the pipeline, telemetry) stops here:
+    /// the datapath is the successor's to change.
+    fn into_handover(self) -> (Datapath, Admin, Mesh, InstanceLock) {
+        let Self {
+            datapath,
+            admin,
+            mesh,
+            instance_lock,
+            ..
+        } = self;
+        (datapath, admin, mesh, instance_lock)
+    }
+
+    /// Reads what the kernel has left.
+    fn flush(&mut self) -> Result<(), Error> {
+        self.telemetry.drain();
+        self.kernel_logs.flush();
+        self.stats.tick(self.telemetry.reader.stats())?;
+        Ok(())
     }
 
     /// Binds pods whose cgroup appeared (and collects the syncers' garbage), then watches
@@ -630,9 +767,7 @@ impl Agent {
 
     /// Reads what the kernel has left and says how to remove the datapath.
     fn stop(mut self) -> Result<(), Error> {
-        self.telemetry.drain();
-        self.kernel_logs.flush();
-        self.stats.tick(self.telemetry.reader.stats())?;
+        self.flush()?;
         let instance = self.datapath.pins().instance();
         tracing::info!(
             instance,

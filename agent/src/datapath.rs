@@ -37,9 +37,16 @@ use self::{admin::remove_link, config::MapSpec};
 pub use self::{
     admin::{Attached, CleanupReport, MapUsage, attached_programs, cleanup, map_memory, map_usage},
     config::{Capacities, Config, Globals, Instance, Settings, Unbound, map_flag},
-    pins::{InstanceLock, Pins},
+    pins::{InstanceLock, Pins, SuccessorLock},
 };
 use crate::cgroup;
+
+/// The instance's pins, checked, with the instance directory made (for its locks).
+pub fn instance_pins(instance: &Instance) -> Result<Pins, Error> {
+    let pins = Pins::new(&instance.bpffs, &instance.name)?;
+    pins.create_instance_dir()?;
+    Ok(pins)
+}
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT"));
@@ -123,6 +130,11 @@ pub enum Error {
         dir = dir.display()
     )]
     InstanceBusy { instance: String, dir: PathBuf },
+    #[error(
+        "another successor is waiting to take over instance {instance:?} (lock on {dir} is held)",
+        dir = dir.display()
+    )]
+    SuccessorBusy { instance: String, dir: PathBuf },
     #[error("cannot use pin {path}", path = path.display())]
     Pin {
         path: PathBuf,
@@ -282,13 +294,13 @@ pub struct Datapath {
     /// `--sockmap`: attach `weft_sk_msg` to `SOCK_PAIRS` at the commit (once).
     sockmap: bool,
     sockmap_attached: bool,
-    _lock: InstanceLock,
 }
 
 impl Datapath {
     /// Loads the object and its programs and checks or creates the pinned maps; attaching
     /// (or adopting the pinned links) waits for [`Datapath::commit`].
-    pub fn start(config: &Config) -> Result<Self, Error> {
+    /// The caller holds the instance's lock for as long as the datapath is in use.
+    pub fn start(config: &Config, _owner: &InstanceLock) -> Result<Self, Error> {
         let cgroup_id = cgroup::cgroup_id(&config.cgroup)?;
         let cgroup_file = File::open(&config.cgroup).map_err(|source| Error::OpenCgroup {
             path: config.cgroup.clone(),
@@ -298,7 +310,6 @@ impl Datapath {
         let pins = Pins::new(&config.instance.bpffs, &config.instance.name)?
             .versioned(weft_abi::ABI_VERSION, config::fingerprint(&specs));
         pins.create_instance_dir()?;
-        let lock = pins.lock()?;
         let others = announce_migration(&pins)?;
         pins.create_dirs()?;
         carry_over(&pins, &others, &specs);
@@ -358,7 +369,6 @@ impl Datapath {
             migration_noted: false,
             sockmap: g.sockmap_enabled != 0,
             sockmap_attached: false,
-            _lock: lock,
         })
     }
 

@@ -29,6 +29,7 @@ impl Check {
 
 /// Capability numbers (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -119,6 +120,86 @@ pub fn quick(bpffs: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
     out
 }
 
+/// What the mesh needs: the CA (`--mesh-ca`, if given) loads and signs; the capabilities
+/// to enter pods' network namespaces; the sysctls the proxy sets in each meshed pod exist.
+pub fn mesh(ca: Option<&Path>, host_proc: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    out.push(match ca {
+        None => Check::new(
+            "mesh CA",
+            true,
+            "none given (--mesh-ca): meshed pods would get no certificate",
+        ),
+        Some(dir) => match mesh_ca(dir) {
+            Ok(roots) => Check::new(
+                "mesh CA",
+                true,
+                format!("{}: signs; {roots} root(s) trusted", dir.display()),
+            ),
+            Err(e) => Check::new("mesh CA", false, crate::chain(&e)),
+        },
+    });
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| effective_caps(&s))
+        .unwrap_or(0);
+    let missing: Vec<&str> = [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| caps & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    out.push(Check::new(
+        "mesh: pods' namespaces",
+        missing.is_empty(),
+        if missing.is_empty() {
+            "CAP_SYS_ADMIN (setns) and CAP_SYS_PTRACE (other processes' ns/net)".to_owned()
+        } else {
+            format!(
+                "missing {}: meshed pods get no listeners",
+                missing.join(", ")
+            )
+        },
+    ));
+    let sysctls = ["tcp_migrate_req", "tcp_fwmark_accept"];
+    let absent: Vec<&str> = sysctls
+        .into_iter()
+        .filter(|n| !host_proc.join("sys/net/ipv4").join(n).exists())
+        .collect();
+    out.push(Check::new(
+        "mesh: sysctls",
+        absent.is_empty(),
+        if absent.is_empty() {
+            format!(
+                "net.ipv4.{{{}}} (under {})",
+                sysctls.join(","),
+                host_proc.display()
+            )
+        } else {
+            format!(
+                "net.ipv4.{} missing under {}",
+                absent.join(", net.ipv4."),
+                host_proc.display()
+            )
+        },
+    ));
+    out
+}
+
+/// Loads the CA and has it sign a throwaway leaf: the number of roots it trusts.
+fn mesh_ca(dir: &Path) -> Result<usize, crate::identity::Error> {
+    let ca = crate::identity::ca::Ca::load(dir)?;
+    let probe = crate::identity::SpiffeId::new("cluster.local", "weft-doctor", Some("probe"));
+    ca.issue(
+        &probe,
+        std::time::Duration::from_secs(60),
+        std::time::SystemTime::now(),
+    )?;
+    Ok(ca.roots().len())
+}
+
 /// Every check, loading each program of the embedded object (nothing is attached or pinned).
 pub fn all(bpffs: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
     let mut out = quick(bpffs, cgroup_root);
@@ -183,5 +264,32 @@ mod tests {
         assert_eq!(missing_caps(1 << CAP_NET_ADMIN), ["CAP_BPF", "CAP_PERFMON"]);
         assert_eq!(missing_caps(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);
         assert_eq!(effective_caps("Name:\tx\n"), None);
+    }
+
+    /// The mesh CA check passes for a CA that signs and fails naming the directory for one
+    /// that is not there.
+    #[test]
+    fn the_mesh_ca_check_loads_and_signs() {
+        let dir = crate::tests::TempDir::new("doctor-mesh-ca");
+        let good = dir.path().join("good");
+        crate::identity::ca::Ca::init(&good, std::time::SystemTime::now()).expect("init");
+        let check = |ca: &Path| mesh(Some(ca), Path::new("/proc")).remove(0);
+        let ok = check(&good);
+        assert_eq!(
+            (ok.ok, ok.detail),
+            (
+                true,
+                format!("{}: signs; 1 root(s) trusted", good.display())
+            )
+        );
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).expect("mkdir");
+        let bad = check(&empty);
+        assert!(!bad.ok);
+        assert!(
+            bad.detail.starts_with(&empty.display().to_string()),
+            "{}",
+            bad.detail
+        );
     }
 }

@@ -84,6 +84,12 @@ struct DoctorArgs {
     cgroup_root: Option<PathBuf>,
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
+    /// The mesh CA the agent would use: checked to load and sign.
+    #[arg(long, value_name = "DIR")]
+    mesh_ca: Option<PathBuf>,
+    /// The host's procfs, as the agent's --host-proc.
+    #[arg(long, default_value = "/proc", value_name = "DIR")]
+    host_proc: PathBuf,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: cli::Output,
 }
@@ -362,7 +368,8 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
-    let checks = weft::doctor::all(&args.bpffs, args.cgroup_root.as_deref());
+    let mut checks = weft::doctor::all(&args.bpffs, args.cgroup_root.as_deref());
+    checks.extend(weft::doctor::mesh(args.mesh_ca.as_deref(), &args.host_proc));
     let text = match args.output {
         cli::Output::Table => weft::doctor::table(&checks),
         _ => serde_json::to_string_pretty(&checks)?,

@@ -73,6 +73,10 @@ pub struct Settings {
     /// where pods' network namespaces are found (`PID/ns/net`) and their sysctls written.
     #[arg(long, default_value = "/proc", value_name = "DIR")]
     pub host_proc: PathBuf,
+    /// After SIGTERM: how long meshed connections this agent carries may go on before it
+    /// exits (it exits sooner once they have ended).
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// A trust domain as SPIFFE allows it: lowercase letters, digits, `.`, `-`, `_`.
@@ -303,6 +307,36 @@ impl Mesh {
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// Whether every local meshed pod served has its listeners up or failed (true without
+    /// a proxy): a successor releases its lock then.
+    pub fn settled(&self) -> bool {
+        self.proxy.as_ref().is_none_or(Proxy::settled)
+    }
+
+    /// User connections the proxy carries now.
+    pub fn active(&self) -> usize {
+        self.proxy.as_ref().map_or(0, Proxy::active)
+    }
+
+    /// Closes the listeners; connections in progress go on.
+    pub fn stop_accepting(&self) {
+        if let Some(p) = &self.proxy {
+            p.stop_accepting();
+        }
+    }
+
+    /// Resolves once, after [`Mesh::stop_accepting`], the proxy carries nothing.
+    pub async fn drained(&mut self) {
+        if let Some(p) = &mut self.proxy {
+            p.drained().await;
+        }
+    }
+
+    /// `--drain-timeout`.
+    pub fn drain_timeout(&self) -> Duration {
+        self.settings.drain_timeout
     }
 
     /// Waits until the proxy's listeners change (never without a proxy).

@@ -332,6 +332,21 @@ impl Agent {
         }
     }
 
+    /// Starts a successor (`--take-over`) while the agent runs; returns the old process,
+    /// still running (it hands over at once and drains; SIGTERM ends it). This agent is the
+    /// successor from then on.
+    pub fn start_successor(&mut self) -> Process {
+        let old = self
+            .process
+            .take()
+            .unwrap_or_else(|| panic!("agent {} is not running", self.instance));
+        if !self.options.extra_args.iter().any(|a| a == "--take-over") {
+            self.options.extra_args.push("--take-over".to_owned());
+        }
+        self.spawn();
+        old
+    }
+
     /// Starts a new agent process for the same instance with other `weft agent` arguments
     /// (those the agent was started with are replaced).
     pub fn restart_with(&mut self, extra_args: &[&str]) {

@@ -489,3 +489,94 @@ fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
         "the old connection ended whole: {done}"
     );
 }
+
+/// SIGTERM restarts of either node's agent with a successor started first (`--take-over`,
+/// as a rolling update with surge starts one): under a stream of new meshed connections none
+/// fails, a connection open across the handover carries every byte to its end, and the old
+/// agent exits only once that connection has ended.
+#[test]
+fn a_successor_takes_over_without_failing_a_meshed_connection() {
+    let c = mesh_cluster("mesh_handover");
+    let ca = ca(&c);
+    let mut agents = agents(&c, ca.path());
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    let (server_node, server_pod) = c.pod("server");
+    let _rr = server_node.start_server("server", &["rr-server", "--listen", "[::]:9000"]);
+    let rr_target = format!("{}:9000", server_pod.ipv4);
+    let long_target = format!("{}:8081", server_pod.ipv4);
+    for (i, identity, pod) in [(1, SERVER_ID, "default/server"), (0, ID, "default/client")] {
+        let mut sink = server_node.start_server(
+            "server",
+            &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
+        );
+        let mut long = c.pod("client").0.spawn(
+            "client",
+            &["tcp-trickle", "--connect", &long_target, "--seconds", "8"],
+        );
+        long.stdout()
+            .wait_for("the long connection to open", WAIT, |l| {
+                l.iter().any(|l| l.contains("\"open\"")).then_some(())
+            });
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let batches = std::thread::scope(|s| {
+            let load = s.spawn(|| load_until(&c, &rr_target, &stop));
+            let mut old = agents[i].start_successor();
+            wait_meshed(&agents[i], identity, pod);
+            old.signal(libc::SIGTERM);
+            std::thread::sleep(Duration::from_millis(500));
+            // Looked at in this order: a long connection still open after the old agent
+            // was seen running or exited was open when it was seen.
+            let old_running = old.try_finished().is_none();
+            if long.try_finished().is_none() {
+                assert!(
+                    old_running,
+                    "node {i}: the old agent drains the connection it carries"
+                );
+            }
+            long.wait_success(WAIT);
+            old.wait_success(WAIT);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            load.join().expect("load")
+        });
+        assert!(
+            batches >= 2,
+            "node {i}: load ran across the handover ({batches} batches)"
+        );
+        let sent = event(&long, "done")["sent"].as_u64().expect("sent");
+        let received = event(&sink, "served")["received"]
+            .as_u64()
+            .expect("received");
+        assert_eq!(
+            received, sent,
+            "node {i}: every byte of the long connection arrived"
+        );
+        sink.wait_success(WAIT);
+    }
+}
+
+/// Batches of new meshed connections (each: connect, 64 B each way, close) until `stop`;
+/// every connection of every batch must succeed. Returns the batches run.
+fn load_until(c: &Cluster, target: &str, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut batches = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut p = c
+            .pod("client")
+            .0
+            .spawn("client", &["rr", "--connect", target, "--count", "50"]);
+        p.wait_success(WAIT);
+        batches += 1;
+    }
+    batches
+}
+
+/// The first JSON line of `p` whose `event` is `name`.
+fn event(p: &Process, name: &str) -> Value {
+    p.stdout().wait_for(name, WAIT, |lines| {
+        lines.iter().find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["event"] == name)
+        })
+    })
+}

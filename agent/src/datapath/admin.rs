@@ -131,7 +131,7 @@ pub fn cleanup(bpffs: &Path, instance: &str) -> Result<CleanupReport, Error> {
             report.maps_unpinned.push(path);
         }
     }
-    let dirs = [pins.links_dir()]
+    let dirs = [pins.links_dir(), pins.successor_path()]
         .into_iter()
         .chain(maps_dirs)
         .chain([pins.dir().to_owned()]);

@@ -146,6 +146,11 @@ pub struct Settings {
     pub cgroup_root: Option<PathBuf>,
     #[command(flatten)]
     pub instance: Instance,
+    /// When another agent runs the instance: wait for it to hand over (it does at once,
+    /// keeping its mesh listeners until this agent's listen, then drains) instead of
+    /// failing. A rolling update with surge starts the new agent this way.
+    #[arg(long)]
+    pub take_over: bool,
     #[command(flatten)]
     pub capacities: Capacities,
     /// Pending connection-event bytes that wake the agent (0: every event; less than half of

@@ -9,7 +9,10 @@
 //! read the same way. Another directory (another version or shape, or `maps/` of agents
 //! before versions) is left to the programs still running on it until the new maps are
 //! filled and the links switched; then it is removed. The agent holds an exclusive flock on
-//! `<bpffs>/weft/<instance>` while it runs.
+//! `<bpffs>/weft/<instance>` while it runs. A successor started with `--take-over` holds one
+//! on `<bpffs>/weft/<instance>/successor` from before it has the instance until its proxy
+//! listens: the running agent hands over when it sees it held, and stops accepting once it
+//! is released.
 use std::{
     fs::{self, File},
     io,
@@ -129,23 +132,17 @@ impl Pins {
             path: self.dir.clone(),
             source,
         })?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if ret != 0 {
-            let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Error::InstanceBusy {
-                    instance: self.instance.clone(),
-                    dir: self.dir.clone(),
-                }
-            } else {
-                Error::Pin {
-                    path: self.dir.clone(),
-                    source: err,
-                }
-            });
+        match try_flock(&file) {
+            Ok(true) => Ok(InstanceLock { _file: file }),
+            Ok(false) => Err(Error::InstanceBusy {
+                instance: self.instance.clone(),
+                dir: self.dir.clone(),
+            }),
+            Err(source) => Err(Error::Pin {
+                path: self.dir.clone(),
+                source,
+            }),
         }
-        Ok(InstanceLock { _file: file })
     }
 }
 
@@ -153,6 +150,74 @@ impl Pins {
 #[derive(Debug)]
 pub struct InstanceLock {
     _file: File,
+}
+
+/// Held by a successor while it waits for the instance and starts; released on drop (or
+/// process death), which tells the agent it replaces that its listeners are up.
+#[derive(Debug)]
+pub struct SuccessorLock {
+    _file: File,
+}
+
+/// How a flock attempt went.
+fn try_flock(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// A running agent's look at the successor lock lasts microseconds: a successor that finds
+/// it taken tries again for this long before concluding another successor has it.
+const SUCCESSOR_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Pins {
+    fn successor_dir(&self) -> PathBuf {
+        self.dir.join("successor")
+    }
+
+    /// Announces a successor: takes the successor lock (see the module's documentation).
+    pub fn announce_successor(&self) -> Result<SuccessorLock, Error> {
+        let dir = self.successor_dir();
+        let pin_err = |source| Error::Pin {
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(pin_err)?;
+        let file = File::open(&dir).map_err(pin_err)?;
+        let deadline = std::time::Instant::now() + SUCCESSOR_RETRY;
+        while !try_flock(&file).map_err(pin_err)? {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::SuccessorBusy {
+                    instance: self.instance.clone(),
+                    dir,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(SuccessorLock { _file: file })
+    }
+
+    /// Whether a successor holds the successor lock. An error reads as none: the agent
+    /// then keeps serving, which fails nothing.
+    pub fn successor_waiting(&self) -> bool {
+        let Ok(file) = File::open(self.successor_dir()) else {
+            return false;
+        };
+        // Taken here: nobody else holds it (closing the file releases it).
+        matches!(try_flock(&file), Ok(false))
+    }
+
+    /// The successor lock's directory, for a cleanup.
+    pub fn successor_path(&self) -> PathBuf {
+        self.successor_dir()
+    }
 }
 
 fn validate_instance(instance: &str) -> Result<(), Error> {
@@ -193,6 +258,25 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
             assert!(validate_instance(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// The running agent sees a successor exactly while one holds the lock, and a second
+    /// successor is refused meanwhile.
+    #[test]
+    fn a_successor_is_seen_while_it_holds_its_lock() {
+        let dir = crate::tests::TempDir::new("successor-lock");
+        let pins = Pins::unchecked(dir.path(), "node");
+        pins.create_instance_dir().expect("instance dir");
+        assert!(!pins.successor_waiting(), "no successor yet");
+        let held = pins.announce_successor().expect("first successor");
+        assert!(pins.successor_waiting(), "the successor is seen");
+        let second = pins.announce_successor();
+        assert!(
+            matches!(second, Err(Error::SuccessorBusy { .. })),
+            "{second:?}"
+        );
+        drop(held);
+        assert!(!pins.successor_waiting(), "released: the successor listens");
     }
 
     #[test]

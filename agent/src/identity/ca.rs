@@ -79,8 +79,20 @@ pub struct Leaf {
 
 impl Ca {
     /// Writes a new self-signed root (ECDSA P-256) as `ca.crt` and `ca.key` (mode 0600) in
-    /// `dir`, refusing to replace either file. Returns the files written.
+    /// `dir` (made, mode 0700, when missing), refusing to replace either file. Returns the
+    /// files written.
     pub fn init(dir: &Path, now: SystemTime) -> Result<[PathBuf; 2], Error> {
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::Invalid {
+                    path: dir.to_owned(),
+                    message: format!("cannot create: {e}"),
+                })?;
+        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::Sign)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();

@@ -69,6 +69,12 @@ pub enum Error {
         #[source]
         source: hyper::Error,
     },
+    #[error("HTTP/2 stream on the tunnel to {addr}")]
+    Stream {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("{addr} refused the stream to {target}: {status}")]
     Refused {
         addr: SocketAddr,
@@ -139,56 +145,82 @@ impl Pool {
             });
             Arc::clone(tunnels.entry((route.clone(), serial)).or_default())
         };
-        let mut sender = {
-            let mut held = slot.lock().await;
-            match held.as_ref() {
-                Some(s) if s.is_ready() => s.clone(),
-                _ => {
-                    let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route);
-                    let s = tokio::time::timeout(OPEN_TIMEOUT, opening)
-                        .await
-                        .map_err(|_| Error::Connect {
-                            addr: route.tunnel,
-                            source: std::io::ErrorKind::TimedOut.into(),
-                        })??;
-                    *held = Some(s.clone());
-                    s
-                }
+        // A pooled tunnel the peer is closing (GOAWAY: its agent hands over) may refuse the
+        // stream: it is tried once more on a new tunnel, before any byte of the client's.
+        let (mut sender, reused) = self.sender(&slot, creds, metrics, route).await?;
+        match open_stream(&mut sender, route, target, source_ip).await {
+            Err(Error::Stream { .. }) if reused => {
+                *slot.lock().await = None;
+                let (mut sender, _) = self.sender(&slot, creds, metrics, route).await?;
+                open_stream(&mut sender, route, target, source_ip).await
             }
-        };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .version(http::Version::HTTP_2)
-            .header("forwarded", forwarded_for(source_ip))
-            .body(Empty::new())
-            .map_err(|_| Error::Refused {
-                addr: route.tunnel,
-                target,
-                status: StatusCode::BAD_REQUEST,
-            })?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|source| Error::Http {
-                addr: route.tunnel,
-                source,
-            })?;
-        if response.status() != StatusCode::OK {
-            return Err(Error::Refused {
-                addr: route.tunnel,
-                target,
-                status: response.status(),
-            });
+            other => other,
         }
-        metrics.stream_opened(Direction::Outbound);
-        hyper::upgrade::on(response)
-            .await
-            .map_err(|source| Error::Http {
-                addr: route.tunnel,
-                source,
-            })
+        .inspect(|_| metrics.stream_opened(Direction::Outbound))
     }
+
+    /// The slot's tunnel when it takes streams, else a new one; and whether it was reused.
+    async fn sender(
+        &self,
+        slot: &Slot,
+        creds: &Credentials,
+        metrics: &ProxyMetrics,
+        route: &Route,
+    ) -> Result<(SendRequest<Empty<Bytes>>, bool), Error> {
+        let mut held = slot.lock().await;
+        if let Some(s) = held.as_ref().filter(|s| s.is_ready()) {
+            return Ok((s.clone(), true));
+        }
+        let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route);
+        let s = tokio::time::timeout(OPEN_TIMEOUT, opening)
+            .await
+            .map_err(|_| Error::Connect {
+                addr: route.tunnel,
+                source: std::io::ErrorKind::TimedOut.into(),
+            })??;
+        *held = Some(s.clone());
+        Ok((s, false))
+    }
+}
+
+/// A CONNECT stream to `target` on a tunnel.
+async fn open_stream(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    route: &Route,
+    target: SocketAddr,
+    source_ip: IpAddr,
+) -> Result<hyper::upgrade::Upgraded, Error> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .version(http::Version::HTTP_2)
+        .header("forwarded", forwarded_for(source_ip))
+        .body(Empty::new())
+        .map_err(|_| Error::Refused {
+            addr: route.tunnel,
+            target,
+            status: StatusCode::BAD_REQUEST,
+        })?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|source| Error::Stream {
+            addr: route.tunnel,
+            source,
+        })?;
+    if response.status() != StatusCode::OK {
+        return Err(Error::Refused {
+            addr: route.tunnel,
+            target,
+            status: response.status(),
+        });
+    }
+    hyper::upgrade::on(response)
+        .await
+        .map_err(|source| Error::Http {
+            addr: route.tunnel,
+            source,
+        })
 }
 
 /// TCP, TLS as the source identity (the server must prove the destination's), HTTP/2.
@@ -299,13 +331,15 @@ const fn status_of(refusal: Refusal) -> StatusCode {
 /// The server side of one accepted TCP connection: the TLS handshake as `server`
 /// ([`Credentials::server`]; `handshake_over` is called when it ended, either way), then
 /// every CONNECT stream handed to `open`, which connects to the target (or refuses); bytes
-/// are copied both ways until either side closes.
+/// are copied both ways until either side closes. Once `shutdown` resolves the peer is told
+/// (GOAWAY) to open no more streams here, and the tunnel ends with its last stream.
 pub async fn serve<IO, T, F, Fut>(
     io: IO,
     config: Arc<rustls::ServerConfig>,
     metrics: ProxyMetrics,
     handshake_over: impl FnOnce(),
     open: F,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -349,15 +383,22 @@ where
         let (open, peer, metrics) = (open.clone(), peer.clone(), service_metrics.clone());
         async move { Ok::<_, Infallible>(stream(request, peer, open, metrics).await) }
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+        .serve_connection(TokioIo::new(tls), service);
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     metrics.tunnel_closed(Direction::Inbound);
     served.map_err(|source| Error::Http { addr, source })
 }

@@ -92,6 +92,68 @@ pub struct Shared {
     pub local: RwLock<Arc<std::collections::BTreeSet<IpAddr>>>,
     /// TLS handshakes in progress on the inbound listeners.
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// Set once the listeners are to close (a successor listens); connections go on.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// User connections in progress: outbound ones, and streams delivered inbound.
+    active: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// One user connection in progress, counted in [`Shared::active`] while it lives.
+#[derive(Debug)]
+struct Active(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Active {
+    fn new(counter: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A delivered stream's connection to the server, counted while it is open.
+#[derive(Debug)]
+pub struct Delivered {
+    stream: TcpStream,
+    _active: Active,
+}
+
+impl tokio::io::AsyncRead for Delivered {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Delivered {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 impl Shared {
@@ -112,7 +174,15 @@ impl Shared {
             host_cookie: host.1,
             local: RwLock::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            stop: tokio::sync::watch::Sender::new(false),
+            active: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// Resolves once the listeners are to close.
+    async fn stopping(&self) {
+        let mut stop = self.stop.subscribe();
+        let _ = stop.wait_for(|s| *s).await;
     }
 
     fn creds(&self) -> Arc<Credentials> {
@@ -176,6 +246,36 @@ impl Proxy {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Closes every listener (a successor listens on the same addresses: the connections
+    /// waiting in their queues move to its listeners) and tells inbound tunnels' peers to
+    /// open no more streams; the connections in progress go on.
+    pub fn stop_accepting(&self) {
+        self.shared.stop.send_replace(true);
+    }
+
+    /// User connections in progress.
+    pub fn active(&self) -> usize {
+        *self.shared.active.borrow()
+    }
+
+    /// Whether every pod served has its listeners up (or failed to get them).
+    pub fn settled(&self) -> bool {
+        let l = self.listeners.read().unwrap_or_else(|e| e.into_inner());
+        self.served.keys().all(|pod| l.contains_key(pod))
+    }
+
+    /// Resolves once, after [`Proxy::stop_accepting`], no connection is in progress and
+    /// every tunnel has ended.
+    pub async fn drained(&mut self) {
+        let mut active = self.shared.active.subscribe();
+        let _ = active.wait_for(|n| *n == 0).await;
+        for served in self.served.values_mut() {
+            for task in &mut served.tasks {
+                let _ = task.await;
+            }
+        }
     }
 
     /// The pod as served now, if it is.
@@ -320,12 +420,20 @@ fn open(
 
 async fn accept_outbound(shared: Arc<Shared>, pod: Arc<MeshedPod>, cookie: u64, l: TcpListener) {
     loop {
-        let Ok((client, peer)) = l.accept().await else {
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            () = shared.stopping() => return,
+        };
+        let Ok((client, peer)) = accepted else {
             tokio::time::sleep(ACCEPT_BACKOFF).await;
             continue;
         };
+        let active = Active::new(&shared.active);
         let (shared, pod) = (Arc::clone(&shared), Arc::clone(&pod));
-        tokio::spawn(async move { outbound(&shared, &pod, cookie, client, peer).await });
+        tokio::spawn(async move {
+            outbound(&shared, &pod, cookie, client, peer).await;
+            drop(active);
+        });
     }
 }
 
@@ -403,12 +511,14 @@ async fn accept_inbound(
     netns: Arc<Netns>,
     l: TcpListener,
 ) {
-    // The pod's tunnels end with its listeners (the pod left the mesh or changed).
+    // The pod's tunnels end with its listeners (the pod left the mesh or changed); when a
+    // successor takes over they end with their last stream.
     let mut tunnels = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             a = l.accept() => a,
             Some(_) = tunnels.join_next() => continue,
+            () = shared.stopping() => break,
         };
         let Ok((tcp, _)) = accepted else {
             tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -427,18 +537,23 @@ async fn accept_inbound(
         let (shared, pod, netns) = (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
         tunnels.spawn(async move {
             let metrics = shared.metrics.clone();
+            let stopping = Arc::clone(&shared);
             let open = move |inbound: Inbound| {
                 let (shared, pod, netns) =
                     (Arc::clone(&shared), Arc::clone(&pod), Arc::clone(&netns));
                 async move { deliver(&shared, &pod, &netns, inbound).await }
             };
             // The permit counts the handshake only, not the tunnel.
-            let served = hbone::serve(tcp, config, metrics, move || drop(permit), open).await;
+            let handshake_over = move || drop(permit);
+            let shutdown = async move { stopping.stopping().await };
+            let served = hbone::serve(tcp, config, metrics, handshake_over, open, shutdown).await;
             if let Err(e) = served {
                 tracing::debug!(target: "weft::mesh", error = %crate::chain(&e), "inbound tunnel ended");
             }
         });
     }
+    drop(l);
+    while tunnels.join_next().await.is_some() {}
 }
 
 /// Whether a stream may be delivered to the pod with addresses `ips`: it targets the pod,
@@ -467,7 +582,7 @@ async fn deliver(
     pod: &MeshedPod,
     netns: &Netns,
     inbound: Inbound,
-) -> Result<TcpStream, Refusal> {
+) -> Result<Delivered, Refusal> {
     let source = {
         let local = shared.local.read().unwrap_or_else(|e| e.into_inner());
         let directory = shared.carried.directory();
@@ -485,8 +600,12 @@ async fn deliver(
         shared.carried.delivering(key);
     }
     let socket = TcpSocket::from_std_stream(socket);
+    let active = Active::new(&shared.active);
     match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(inbound.target)).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(stream)) => Ok(Delivered {
+            stream,
+            _active: active,
+        }),
         _ => {
             if let Some(key) = key {
                 shared.carried.not_delivered(&key);

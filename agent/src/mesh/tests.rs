@@ -29,6 +29,7 @@ fn settings(ca: Option<&Path>) -> Settings {
         mesh_ca: ca.map(Path::to_owned),
         trust_domain: "cluster.local".into(),
         mesh_cert_ttl: Duration::from_secs(20),
+        drain_timeout: Duration::from_secs(30),
         host_proc: PathBuf::from("/proc"),
     }
 }

@@ -108,7 +108,8 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
                             .map_err(|_| Refusal::Unreachable)
                     }
                 };
-                let outcome = match hbone::serve(tcp, config, metrics, || {}, open).await {
+                let never = std::future::pending();
+                let outcome = match hbone::serve(tcp, config, metrics, || {}, open, never).await {
                     Err(hbone::Error::Handshake { reason, .. }) => Some(reason),
                     _ => None,
                 };

@@ -1,0 +1,103 @@
+//! Handing the instance from one agent to the next without failing a meshed connection.
+//!
+//! The successor (`--take-over`) announces itself with the successor lock and waits for the
+//! instance lock. The running agent, seeing the successor lock held, stops everything but
+//! its mesh proxy and releases the instance: the datapath, pinned, never stops. The
+//! successor adopts it, listens beside the old listeners (SO_REUSEPORT) and releases the
+//! successor lock; only then does the old agent close its listeners (connections still in
+//! their queues move to the successor's, `tcp_migrate_req`) and drain what it carries.
+use std::time::{Duration, Instant};
+
+use super::{Error, Signals};
+use crate::{
+    datapath::{self, InstanceLock, Pins, SuccessorLock},
+    mesh::Mesh,
+};
+
+/// How often the lock a successor waits on is tried.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// The instance lock, at once; with `--take-over` and another agent running, once it handed
+/// over (holding the successor lock meanwhile). None: a signal came while waiting.
+pub(super) async fn acquire(
+    instance: &datapath::Instance,
+    take_over: bool,
+    signals: &mut Signals,
+) -> Result<Option<(InstanceLock, Option<SuccessorLock>)>, Error> {
+    let pins = datapath::instance_pins(instance)?;
+    match pins.lock() {
+        Ok(lock) => return Ok(Some((lock, None))),
+        Err(datapath::Error::InstanceBusy { .. }) if take_over => {}
+        Err(e) => return Err(e.into()),
+    }
+    let successor = pins.announce_successor()?;
+    tracing::info!(
+        instance = instance.name,
+        "another agent runs the instance: waiting for it to hand over"
+    );
+    loop {
+        tokio::select! {
+            () = signals.recv() => return Ok(None),
+            () = tokio::time::sleep(LOCK_POLL) => {}
+        }
+        match pins.lock() {
+            Ok(lock) => return Ok(Some((lock, Some(successor)))),
+            Err(datapath::Error::InstanceBusy { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// After the instance was released to a successor: keeps the mesh listeners until the
+/// successor's are up (or `deadline`), closes them, and drains. Returns once drained and
+/// SIGTERM came (`deadline` is set from the first SIGTERM), or at the deadline.
+pub(super) async fn drain(
+    mut mesh: Mesh,
+    pins: &Pins,
+    signals: &mut Signals,
+    mut deadline: Option<Instant>,
+) {
+    let drain_timeout = mesh.drain_timeout();
+    tracing::info!("the instance is the successor's; the mesh listeners stay until its listen");
+    while pins.successor_waiting() && deadline.is_none_or(|d| Instant::now() < d) {
+        tokio::select! {
+            () = signals.recv() => {
+                deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
+            }
+            () = tokio::time::sleep(LOCK_POLL) => {}
+        }
+    }
+    mesh.stop_accepting();
+    tracing::info!(
+        connections = mesh.active(),
+        "mesh listeners closed; draining the connections in progress"
+    );
+    let active = mesh.active();
+    let drained = mesh.drained();
+    let mut drained = std::pin::pin!(drained);
+    let mut done = false;
+    loop {
+        tokio::select! {
+            () = &mut drained, if !done => {
+                done = true;
+                if deadline.is_some() {
+                    break;
+                }
+                tracing::info!("drained; waiting for SIGTERM");
+            }
+            () = signals.recv() => {
+                if deadline.is_some() || done {
+                    break;
+                }
+                deadline = Some(Instant::now() + drain_timeout);
+            }
+            () = super::sleep_until(deadline), if deadline.is_some() => {
+                tracing::warn!(
+                    connections_at_handover = active,
+                    "drain timeout: the meshed connections still open are cut"
+                );
+                break;
+            }
+        }
+    }
+}
