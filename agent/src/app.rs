@@ -70,6 +70,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the agent this one handed over to exited and nobody runs the instance: exiting, for a restart to take it"
+    )]
+    SuccessorGone,
     #[error("this node lacks what the agent needs ({missing}); `weft doctor` checks it all")]
     NodeChecks { missing: String },
 }
@@ -80,8 +84,6 @@ const RESYNC: Duration = Duration::from_secs(30);
 
 /// How often the agent looks for a successor (and, as one, whether its listeners are up).
 const HANDOFF_POLL: Duration = Duration::from_millis(200);
-/// A successor releases its lock at the latest this long after it started, listening or not.
-const SUCCESSOR_SETTLE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
@@ -160,12 +162,13 @@ fn unbound_pods(config: &Config) -> Unbound {
         })
 }
 
-/// Loads the programs (attached after the first full sync).
+/// Loads the object and opens the maps (the programs are loaded by [`verify`] and attached
+/// after the first full sync).
 fn start_datapath(
     config: &Config,
     cgroup_root: &Path,
     lock: &InstanceLock,
-) -> Result<Datapath, Error> {
+) -> Result<Loading, Error> {
     let capacities = &config.datapath.capacities;
     let (cgroup_level, agent_cgroup) = datapath::cgroup_level(cgroup_root, capacities)?;
     let mut globals = Globals {
@@ -204,34 +207,55 @@ fn start_datapath(
             ),
         }
     }
-    let start = |globals| {
-        Datapath::start(
-            &datapath::Config {
-                cgroup: cgroup_root.to_owned(),
-                instance: config.datapath.instance.clone(),
-                capacities: capacities.clone(),
-                globals,
-            },
-            lock,
-        )
-    };
-    let datapath = match start(globals) {
-        // Kernels before 6.15 lack the netns cookie in cgroup_skb: the default gives way.
-        Err(datapath::Error::LoadProgram { name, source })
-            if globals.unbound_isolated == 1 && config.datapath.unbound_pods.is_none() =>
-        {
-            tracing::warn!(program = name, error = %crate::chain(&source), "this kernel cannot isolate pods not bound yet (cgroup_skb needs bpf_get_netns_cookie, Linux 6.15): they are NOT isolated until bound");
-            globals.unbound_isolated = 0;
-            start(globals)?
-        }
-        other => other?,
-    };
+    let datapath = Datapath::start(
+        &datapath::Config {
+            cgroup: cgroup_root.to_owned(),
+            instance: config.datapath.instance.clone(),
+            capacities: capacities.clone(),
+            globals,
+        },
+        lock,
+    )?;
+    // Kernels before 6.15 lack the netns cookie in cgroup_skb: the default gives way.
+    let fallback = (globals.unbound_isolated == 1 && config.datapath.unbound_pods.is_none())
+        .then_some(Globals {
+            unbound_isolated: 0,
+            ..globals
+        });
+    Ok(Loading {
+        datapath,
+        fallback,
+        globals,
+    })
+}
+
+/// The datapath with its programs still to load, and how.
+struct Loading {
+    datapath: Datapath,
+    /// The globals to load with when the requested ones do not load (see [`verify`]).
+    fallback: Option<Globals>,
+    globals: Globals,
+}
+
+/// Loads the programs (the kernel's verifier: a second or more, during which the mesh proxy
+/// already serves), falling back as [`Loading::fallback`] says.
+async fn verify(
+    datapath: &mut Datapath,
+    fallback: Option<Globals>,
+    globals: Globals,
+) -> Result<(), Error> {
+    let fell_back = datapath.verify(fallback).await?;
+    if fell_back {
+        tracing::warn!(
+            "this kernel cannot isolate pods not bound yet (cgroup_skb needs bpf_get_netns_cookie, Linux 6.15): they are NOT isolated until bound"
+        );
+    }
     tracing::info!(
         cgroup_level = globals.cgroup_level,
-        unbound_isolated = globals.unbound_isolated == 1,
+        unbound_isolated = globals.unbound_isolated == 1 && !fell_back,
         "programs loaded"
     );
-    Ok(datapath)
+    Ok(())
 }
 
 /// `--pods-cgroup`, or the kubelet's pods cgroup under the root (either driver).
@@ -278,7 +302,7 @@ fn commit_when_synced(datapath: &mut Datapath, pipeline: &mut Pipeline) -> Resul
     Ok(true)
 }
 
-/// The pipeline and its first pass (the programs are attached after it when they wait).
+/// The pipeline and its first pass (the programs are attached once loaded).
 fn start_pipeline(
     config: &Config,
     datapath: &mut Datapath,
@@ -305,8 +329,46 @@ fn start_pipeline(
     if pipeline.refresh(true)? {
         schedule.retry_unsettled(Instant::now());
     }
-    commit_when_synced(datapath, &mut pipeline)?;
     Ok((pipeline, schedule))
+}
+
+/// The instance lock and the successor lock (see [`handoff::acquire`]); the latter goes,
+/// listening or not, after --drain-timeout: the agent replaced stops accepting then anyway.
+async fn lock_instance(
+    config: &Config,
+    signals: &mut Signals,
+) -> Result<Option<(InstanceLock, (SuccessorLock, Instant))>, Error> {
+    let settings = &config.datapath;
+    let acquired = handoff::acquire(&settings.instance, settings.take_over, signals).await?;
+    Ok(acquired.map(|(lock, successor)| {
+        let until = Instant::now() + config.mesh.drain_timeout;
+        (lock, (successor, until))
+    }))
+}
+
+type Started = (
+    Option<Source>,
+    Option<UnboundedReceiver<SourceEvent>>,
+    Option<notify::RecommendedWatcher>,
+    Option<Arc<source::kube::Health>>,
+);
+
+/// The source, its events, its directory watcher, and its health (Kubernetes).
+async fn start_source(
+    config: &Config,
+    cgroup_root: &Path,
+    registry: &mut Registry,
+) -> Result<Started, Error> {
+    let started = Source::start(&config.source, cgroup_root, registry).await?;
+    let (source, events, watcher) = match started {
+        Some(s) => (Some(s.source), Some(s.events), s.watcher),
+        None => (None, None, None),
+    };
+    let health = match &source {
+        Some(Source::Kubernetes(kube)) => Some(kube.health()),
+        _ => None,
+    };
+    Ok((source, events, watcher, health))
 }
 
 /// The mesh, following the first pass.
@@ -495,26 +557,20 @@ impl Agent {
     /// first pass), telemetry, stats, and last the admin API.
     async fn start(config: &Config, signals: &mut Signals) -> Result<Option<Self>, Error> {
         let cgroup_root = check_node(config)?;
-        let settings = &config.datapath;
-        let acquired = handoff::acquire(&settings.instance, settings.take_over, signals).await?;
-        let Some((instance_lock, successor)) = acquired else {
+        let Some((instance_lock, successor)) = lock_instance(config, signals).await? else {
             return Ok(None);
         };
-        let successor = successor.map(|s| (s, Instant::now() + SUCCESSOR_SETTLE));
-        let mut datapath = start_datapath(config, &cgroup_root, &instance_lock)?;
+        let Loading {
+            mut datapath,
+            fallback,
+            globals,
+        } = start_datapath(config, &cgroup_root, &instance_lock)?;
         let mut registry = metrics::registry();
         let weft = metrics::weft(&mut registry);
         let maps = MapMetrics::new(weft);
-        let started = Source::start(&config.source, &cgroup_root, weft).await?;
-        let (source, source_events, watcher) = match started {
-            Some(s) => (Some(s.source), Some(s.events), s.watcher),
-            None => (None, None, None),
-        };
-        let source_health = match &source {
-            Some(Source::Kubernetes(kube)) => Some(kube.health()),
-            _ => None,
-        };
-        let (pipeline, schedule) = start_pipeline(
+        let (source, source_events, watcher, source_health) =
+            start_source(config, &cgroup_root, weft).await?;
+        let (mut pipeline, schedule) = start_pipeline(
             config,
             &mut datapath,
             source,
@@ -526,6 +582,9 @@ impl Agent {
         let mut telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         telemetry.mesh = mesh.telemetry();
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
+        verify(&mut datapath, fallback, globals).await?;
+        let kernel_logs = KernelLogs::new(datapath.ebpf_mut()?)?;
+        commit_when_synced(&mut datapath, &mut pipeline)?;
         let mut state = admin_state(
             config,
             &datapath,
@@ -552,7 +611,7 @@ impl Agent {
             .inspect_err(|e| tracing::warn!(error = %e, "cannot watch for new cgroups; new pods are bound at the periodic check only"))
             .ok();
         let mut agent = Self {
-            kernel_logs: KernelLogs::new(datapath.ebpf_mut())?,
+            kernel_logs,
             datapath,
             pipeline,
             schedule,
@@ -566,7 +625,7 @@ impl Agent {
             mesh,
             agent_info,
             timers: Timers::new(config).await,
-            successor,
+            successor: Some(successor),
             instance_lock,
         };
         agent.watch_cgroups();
@@ -639,7 +698,9 @@ impl Agent {
     /// drain's deadline), to stop because nothing is carried any more or the time is up.
     fn look_for_successor(&mut self, terminating: Option<Instant>) -> Option<Exit> {
         if let Some((_, settle_by)) = &self.successor {
-            let settled = self.mesh.settled();
+            // The programs are this agent's (first full sync) and every meshed pod of the
+            // node has its listeners.
+            let settled = !self.datapath.pending() && self.mesh.settled();
             if settled || Instant::now() >= *settle_by {
                 tracing::info!(
                     listening = settled,
@@ -665,14 +726,17 @@ impl Agent {
         mut signals: Signals,
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
-        self.flush()?;
+        // What could not be read is lost to telemetry; the handover goes on.
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %crate::chain(&e), "cannot read the last statistics before handing over");
+        }
         let (datapath, admin, mesh, instance_lock) = self.into_handover();
         // The admin socket and the metrics port are the successor's once the lock is.
         admin.shutdown().await;
         let pins = datapath.pins().clone();
         drop(datapath);
         drop(instance_lock);
-        handoff::drain(mesh, &pins, &mut signals, deadline).await;
+        handoff::drain(mesh, &pins, &mut signals, deadline).await?;
         tracing::info!("agent stopping after handing over");
         Ok(())
     }

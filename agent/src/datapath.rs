@@ -175,6 +175,8 @@ pub enum Error {
         kind: &'static str,
         name: &'static str,
     },
+    #[error("the programs are not loaded (their load did not finish)")]
+    Verifying,
     #[error("cannot load program {name} (the verifier log, if any, is in the cause)")]
     LoadProgram {
         name: &'static str,
@@ -284,7 +286,11 @@ pub struct Datapath {
     cgroup: PathBuf,
     cgroup_file: File,
     cgroup_id: u64,
-    ebpf: Ebpf,
+    /// None only while [`Datapath::verify`] runs.
+    ebpf: Option<Ebpf>,
+    /// Every program loaded (verified).
+    verified: bool,
+    specs: Vec<MapSpec>,
     links: Vec<InstalledLink>,
     /// The programs are loaded but not attached yet (see [`Datapath::commit`]).
     pending: bool,
@@ -297,8 +303,9 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and its programs and checks or creates the pinned maps; attaching
-    /// (or adopting the pinned links) waits for [`Datapath::commit`].
+    /// Loads the object and checks or creates the pinned maps; the programs are loaded by
+    /// [`Datapath::verify`], and attaching them (or adopting the pinned links) waits for
+    /// [`Datapath::commit`].
     /// The caller holds the instance's lock for as long as the datapath is in use.
     pub fn start(config: &Config, _owner: &InstanceLock) -> Result<Self, Error> {
         let cgroup_id = cgroup::cgroup_id(&config.cgroup)?;
@@ -314,45 +321,8 @@ impl Datapath {
         pins.create_dirs()?;
         carry_over(&pins, &others, &specs);
 
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            maps::ALL.iter().map(|m| (*m, pins.map(m))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        for spec in &specs {
-            loader.map_max_entries(spec.name, spec.max_entries);
-        }
-        let g = &config.globals;
-        loader
-            .override_global("AYA_LOG_LEVEL", &g.kernel_log_level, true)
-            .override_global(
-                globals::CONN_EVENTS_WAKEUP_BYTES,
-                &g.events_wakeup_bytes,
-                true,
-            )
-            .override_global(globals::POLICY_ROOT_LEVEL, &g.cgroup_level, true)
-            .override_global(
-                globals::CONN_UPDATE_INTERVAL_NS,
-                &g.conn_update_interval_ns,
-                true,
-            )
-            .override_global(globals::CONN_EVENTS_ENABLED, &g.conn_events_enabled, true)
-            .override_global(globals::UNBOUND_ISOLATED, &g.unbound_isolated, true)
-            .override_global(globals::UNBOUND_SCOPE_LEVEL, &g.unbound_scope_level, true)
-            .override_global(globals::UNBOUND_SCOPE_ID, &g.unbound_scope_id, true)
-            .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true)
-            .override_global(globals::SOCK_STATES, &g.sock_states, true)
-            .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true)
-            .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true)
-            .override_global(globals::SOCKMAP_ENABLED, &g.sockmap_enabled, true)
-            .override_global(globals::AGENT_CGROUP_LEVEL, &g.agent_cgroup_level, true)
-            .override_global(globals::AGENT_CGROUP_ID, &g.agent_cgroup_id, true);
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|source| Error::Load { source })?;
+        let ebpf = load_object(&pins, &specs, &config.globals)?;
         check_maps(&pins, &specs)?;
-        load_all(&mut ebpf)?;
         // Nothing changes in the kernel before `commit`, after the first full sync: a fresh
         // instance's programs attached to empty maps would take every pod for one not bound
         // yet, and pinned links keep running the previous agent's programs (with the rules
@@ -362,14 +332,51 @@ impl Datapath {
             cgroup: config.cgroup.clone(),
             cgroup_file,
             cgroup_id,
-            ebpf,
+            ebpf: Some(ebpf),
+            verified: false,
+            specs,
             links: Vec::new(),
             pending: true,
             superseded: others,
             migration_noted: false,
-            sockmap: g.sockmap_enabled != 0,
+            sockmap: config.globals.sockmap_enabled != 0,
             sockmap_attached: false,
         })
+    }
+
+    /// Loads every program, off the async runtime: the kernel's verifier takes a second or
+    /// more, while the agent's other tasks (the mesh proxy) go on. When a program does not
+    /// load and `fallback` is given, the object is loaded again with those globals and its
+    /// programs instead. Returns whether the fallback was taken.
+    pub async fn verify(&mut self, fallback: Option<Globals>) -> Result<bool, Error> {
+        if self.verified {
+            return Ok(false);
+        }
+        let mut ebpf = self.ebpf.take().ok_or(Error::Verifying)?;
+        let (pins, specs) = (self.pins.clone(), self.specs.clone());
+        let loaded = tokio::task::spawn_blocking(move || match load_all(&mut ebpf) {
+            Ok(()) => Ok((ebpf, false)),
+            Err(Error::LoadProgram { name, source }) => {
+                let Some(globals) = fallback else {
+                    return Err(Error::LoadProgram { name, source });
+                };
+                tracing::warn!(program = name, error = %crate::chain(&source), "a program does not load; loading the object again with the fallback settings");
+                let mut ebpf = load_object(&pins, &specs, &globals)?;
+                load_all(&mut ebpf)?;
+                Ok((ebpf, true))
+            }
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(|_| Error::Verifying)?;
+        let (ebpf, fell_back) = loaded?;
+        self.ebpf = Some(ebpf);
+        self.verified = true;
+        Ok(fell_back)
+    }
+
+    fn object(&mut self) -> Result<&mut Ebpf, Error> {
+        self.ebpf.as_mut().ok_or(Error::Verifying)
     }
 
     /// Whether this agent moves off maps of another version or shape at its commit.
@@ -393,6 +400,10 @@ impl Datapath {
         if !self.pending {
             return Ok(&self.links);
         }
+        if !self.verified {
+            return Err(Error::Verifying);
+        }
+        let ebpf = self.ebpf.as_mut().ok_or(Error::Verifying)?;
         let ctx = AttachCtx {
             pins: &self.pins,
             cgroup: &self.cgroup,
@@ -402,11 +413,11 @@ impl Datapath {
         // before any link changes. (Once attached, this program stays the map's even if the
         // links fail next: it reads the same maps as the previous one.)
         if self.sockmap && !self.sockmap_attached {
-            attach_sockmap(&mut self.ebpf, &self.pins)?;
+            attach_sockmap(ebpf, &self.pins)?;
             self.sockmap_attached = true;
         }
         let mut links = Vec::new();
-        if let Err(e) = install_all(&mut self.ebpf, &ctx, &self.cgroup_file, &mut links) {
+        if let Err(e) = install_all(ebpf, &ctx, &self.cgroup_file, &mut links) {
             // Leave no half-installed instance: undo what this commit did, so every hook runs
             // what it ran before (programs of the maps they were filled for).
             for link in &links {
@@ -462,7 +473,7 @@ impl Datapath {
         T: TryFrom<aya::maps::Map, Error = MapError>,
     {
         let map = self
-            .ebpf
+            .object()?
             .take_map(name)
             .ok_or(Error::Missing { kind: "map", name })?;
         T::try_from(map).map_err(|source| Error::TakeMap { name, source })
@@ -477,8 +488,8 @@ impl Datapath {
     }
 
     /// The loaded object, for what takes its own maps (aya-log's `AYA_LOGS`).
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    pub fn ebpf_mut(&mut self) -> Result<&mut Ebpf, Error> {
+        self.object()
     }
 }
 
@@ -511,6 +522,45 @@ fn attach_sockmap(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), Error> {
 }
 
 /// Loads every program (the verifier runs here, before anything is attached).
+/// The object with its maps pinned under `pins` and `globals` set; its programs are not
+/// loaded yet ([`Datapath::verify`]).
+fn load_object(pins: &Pins, specs: &[MapSpec], g: &Globals) -> Result<Ebpf, Error> {
+    let map_paths: Vec<(&'static str, PathBuf)> =
+        maps::ALL.iter().map(|m| (*m, pins.map(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    for spec in specs {
+        loader.map_max_entries(spec.name, spec.max_entries);
+    }
+    loader
+        .override_global("AYA_LOG_LEVEL", &g.kernel_log_level, true)
+        .override_global(
+            globals::CONN_EVENTS_WAKEUP_BYTES,
+            &g.events_wakeup_bytes,
+            true,
+        )
+        .override_global(globals::POLICY_ROOT_LEVEL, &g.cgroup_level, true)
+        .override_global(
+            globals::CONN_UPDATE_INTERVAL_NS,
+            &g.conn_update_interval_ns,
+            true,
+        )
+        .override_global(globals::CONN_EVENTS_ENABLED, &g.conn_events_enabled, true)
+        .override_global(globals::UNBOUND_ISOLATED, &g.unbound_isolated, true)
+        .override_global(globals::UNBOUND_SCOPE_LEVEL, &g.unbound_scope_level, true)
+        .override_global(globals::UNBOUND_SCOPE_ID, &g.unbound_scope_id, true)
+        .override_global(globals::HOST_NETNS_COOKIE, &g.host_netns_cookie, true)
+        .override_global(globals::SOCK_STATES, &g.sock_states, true)
+        .override_global(globals::SOCK_STATES_PER_POD, &g.sock_states_per_pod, true)
+        .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true)
+        .override_global(globals::SOCKMAP_ENABLED, &g.sockmap_enabled, true)
+        .override_global(globals::AGENT_CGROUP_LEVEL, &g.agent_cgroup_level, true)
+        .override_global(globals::AGENT_CGROUP_ID, &g.agent_cgroup_id, true);
+    loader.load(OBJECT).map_err(|source| Error::Load { source })
+}
+
 fn load_all(ebpf: &mut Ebpf) -> Result<(), Error> {
     program::<SkMsg>(ebpf, programs::SK_MSG)?
         .load()

@@ -309,10 +309,10 @@ impl Mesh {
             .min()
     }
 
-    /// Whether every local meshed pod served has its listeners up or failed (true without
-    /// a proxy): a successor releases its lock then.
+    /// Whether every local meshed pod has its listeners up (true without a proxy): a
+    /// successor releases its lock then.
     pub fn settled(&self) -> bool {
-        self.proxy.as_ref().is_none_or(Proxy::settled)
+        self.waiting.is_empty() && self.proxy.as_ref().is_none_or(Proxy::settled)
     }
 
     /// User connections the proxy carries now.

@@ -332,6 +332,17 @@ impl Agent {
         }
     }
 
+    /// Waits for the agent to exit by itself: its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut p = self
+            .process
+            .take()
+            .unwrap_or_else(|| panic!("agent {} is not running", self.instance));
+        let status = p.wait(timeout);
+        self.previous.extend(p.stdout().snapshot());
+        status
+    }
+
     /// Starts a successor (`--take-over`) while the agent runs; returns the old process,
     /// still running (it hands over at once and drains; SIGTERM ends it). This agent is the
     /// successor from then on.

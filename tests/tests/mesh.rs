@@ -356,16 +356,7 @@ fn probe(c: &Cluster, pod: &str, target: &str) -> String {
 /// refused at once, never sent in plaintext; once an agent runs again they work.
 #[test]
 fn without_an_agent_meshed_connects_are_refused_then_work_again() {
-    let c = mesh_cluster("mesh_kill");
-    let ca = ca(&c);
-    let mut agents = agents(&c, ca.path());
-    wait_meshed(&agents[0], ID, "default/client");
-    wait_meshed(&agents[1], SERVER_ID, "default/server");
-    let _server = c
-        .pod("server")
-        .0
-        .start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
-    let target = format!("{}:8080", c.pod("server").1.ipv4);
+    let (c, _ca, mut agents, _server, target) = serving("mesh_kill");
     assert_eq!(probe(&c, "client", &target), SECRET);
     agents[0].kill();
     let (found, _) = on_the_underlay(&c, || {
@@ -375,6 +366,22 @@ fn without_an_agent_meshed_connects_are_refused_then_work_again() {
     agents[0].restart();
     wait_meshed(&agents[0], ID, "default/client");
     assert_eq!(probe(&c, "client", &target), SECRET);
+}
+
+/// Both nodes' agents meshed, and a server in `server` answering [`SECRET`] on 8080: the
+/// cluster, its CA, the agents, the server, and its address.
+fn serving(test: &str) -> (Cluster, MeshCa, Vec<Agent>, Process, String) {
+    let c = mesh_cluster(test);
+    let ca = ca(&c);
+    let agents = agents(&c, ca.path());
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    let server = c
+        .pod("server")
+        .0
+        .start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
+    let target = format!("{}:8080", c.pod("server").1.ipv4);
+    (c, ca, agents, server, target)
 }
 
 /// The serial of the certificate `agent` holds for [`ID`].
@@ -579,4 +586,48 @@ fn event(p: &Process, name: &str) -> Value {
                 .filter(|v| v["event"] == name)
         })
     })
+}
+
+/// A successor that announces itself and exits before it listens: the old agent keeps its
+/// listeners (meshed connections still work) until it sees nobody runs the instance, then
+/// exits with an error, for a restart to take the instance.
+#[test]
+fn an_agent_whose_successor_exits_before_listening_exits_for_a_restart() {
+    let (c, _ca, mut agents, _server, target) = serving("mesh_orphan");
+    let successor = hold_successor_lock(&agents[0].pin_dir());
+    agents[0]
+        .logs()
+        .wait_for("the agent to hand over", WAIT, |l| {
+            l.iter()
+                .any(|l| l.contains("the mesh listeners stay until its listen"))
+                .then_some(())
+        });
+    assert_eq!(probe(&c, "client", &target), SECRET, "still carried");
+    drop(successor);
+    let status = agents[0].wait_exit(WAIT);
+    assert_eq!(status.code(), Some(1), "the old agent exits with an error");
+    agents[0].restart();
+    wait_meshed(&agents[0], ID, "default/client");
+    assert_eq!(probe(&c, "client", &target), SECRET);
+}
+
+/// Takes the successor lock of the instance pinned at `pin_dir` (as a successor would),
+/// until dropped.
+fn hold_successor_lock(pin_dir: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd as _;
+    let dir = pin_dir.join("successor");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let file = std::fs::File::open(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    // The agent holds it itself until its listeners are up.
+    let deadline = std::time::Instant::now() + WAIT;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flock {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    file
 }

@@ -3,11 +3,12 @@
 //!
 //! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `established`
 //! (bench/established.rs), `policy` (bench/policy.rs), `telemetry` (bench/telemetry.rs),
-//! `kube` (bench/kube.rs), `bind` (bench/bind.rs).
+//! `kube` (bench/kube.rs), `bind` (bench/bind.rs), `mesh` (bench/mesh.rs).
 mod bind;
 mod churn;
 mod established;
 mod kube;
+mod mesh;
 mod policy;
 mod services;
 mod telemetry;
@@ -32,6 +33,7 @@ const SCENARIOS: &[&str] = &[
     "telemetry",
     "kube",
     "bind",
+    "mesh",
 ];
 
 /// What `cargo xtask bench` was asked for.
@@ -143,6 +145,11 @@ pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
             }
             "bind" => {
                 let r = bind::run(&bins)?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "mesh" => {
+                let r = mesh::run(&bins, pin, rounds.clamp(1, 9))?;
                 write(&path, &r)?;
                 r.print();
             }
@@ -628,6 +635,30 @@ impl RrClient {
         }
         Ok(v)
     }
+}
+
+/// A keep-alive `rr-server` answering `size` bytes on `port` in `pod` (in its cgroup when
+/// `observed`), on the server CPU, listening.
+pub(crate) fn rr_server(
+    node: &weft_testkit::Node,
+    (pod, observed): (&str, bool),
+    pin: &Pinning,
+    size: usize,
+    port: u16,
+) -> weft_testkit::proc::Process {
+    let (size, listen) = (size.to_string(), format!("[::]:{port}"));
+    let args = pin.server(&[
+        "rr-server",
+        "--keepalive",
+        "--size",
+        &size,
+        "--listen",
+        &listen,
+    ]);
+    let (name, command) = node.pod_command(pod, observed, &args);
+    let p = weft_testkit::proc::Process::spawn(&name, command);
+    p.wait_listening();
+    p
 }
 
 /// Connections per burst when clients take turns: short enough that drift within a round is

@@ -16,17 +16,22 @@ use crate::{
 
 /// How often the lock a successor waits on is tried.
 const LOCK_POLL: Duration = Duration::from_millis(50);
+/// How often an agent that handed over looks whether its successor still runs.
+const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 
 /// The instance lock, at once; with `--take-over` and another agent running, once it handed
-/// over (holding the successor lock meanwhile). None: a signal came while waiting.
+/// over. With the successor lock, held until the agent listens. None: a signal came while
+/// waiting.
 pub(super) async fn acquire(
     instance: &datapath::Instance,
     take_over: bool,
     signals: &mut Signals,
-) -> Result<Option<(InstanceLock, Option<SuccessorLock>)>, Error> {
+) -> Result<Option<(InstanceLock, SuccessorLock)>, Error> {
     let pins = datapath::instance_pins(instance)?;
+    // Every agent holds the successor lock until it listens: an agent that handed over and
+    // waits for it to let go tells a successor that listens from one that exited.
     match pins.lock() {
-        Ok(lock) => return Ok(Some((lock, None))),
+        Ok(lock) => return Ok(Some((lock, pins.announce_successor()?))),
         Err(datapath::Error::InstanceBusy { .. }) if take_over => {}
         Err(e) => return Err(e.into()),
     }
@@ -41,24 +46,21 @@ pub(super) async fn acquire(
             () = tokio::time::sleep(LOCK_POLL) => {}
         }
         match pins.lock() {
-            Ok(lock) => return Ok(Some((lock, Some(successor)))),
+            Ok(lock) => return Ok(Some((lock, successor))),
             Err(datapath::Error::InstanceBusy { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// After the instance was released to a successor: keeps the mesh listeners until the
-/// successor's are up (or `deadline`), closes them, and drains. Returns once drained and
-/// SIGTERM came (`deadline` is set from the first SIGTERM), or at the deadline.
-pub(super) async fn drain(
-    mut mesh: Mesh,
+/// Waits while a successor holds its lock (it has not listened yet), taking a SIGTERM as
+/// the start of the drain; returns at the deadline too.
+async fn wait_for_listeners(
     pins: &Pins,
     signals: &mut Signals,
-    mut deadline: Option<Instant>,
+    deadline: &mut Option<Instant>,
+    drain_timeout: Duration,
 ) {
-    let drain_timeout = mesh.drain_timeout();
-    tracing::info!("the instance is the successor's; the mesh listeners stay until its listen");
     while pins.successor_waiting() && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::select! {
             () = signals.recv() => {
@@ -67,27 +69,53 @@ pub(super) async fn drain(
             () = tokio::time::sleep(LOCK_POLL) => {}
         }
     }
+}
+
+/// Nobody runs the instance: no agent holds it, no successor waits for it (the successor
+/// exited). The lock taken to look is released at once.
+fn orphaned(pins: &Pins) -> bool {
+    !pins.successor_waiting() && pins.lock().is_ok()
+}
+
+/// After the instance was released to a successor: keeps the mesh listeners until the
+/// successor's are up (or `deadline`), closes them, and drains. Returns once drained and
+/// SIGTERM came (`deadline` is set from the first SIGTERM), or at the deadline. Fails when
+/// the successor exited and nobody runs the instance: the agent exits then, for a restart
+/// (the kubelet's) to take it.
+pub(super) async fn drain(
+    mut mesh: Mesh,
+    pins: &Pins,
+    signals: &mut Signals,
+    mut deadline: Option<Instant>,
+) -> Result<(), Error> {
+    let drain_timeout = mesh.drain_timeout();
+    tracing::info!("the instance is the successor's; the mesh listeners stay until its listen");
+    wait_for_listeners(pins, signals, &mut deadline, drain_timeout).await;
+    if orphaned(pins) {
+        return Err(Error::SuccessorGone);
+    }
     mesh.stop_accepting();
+    let active = mesh.active();
     tracing::info!(
-        connections = mesh.active(),
+        connections = active,
         "mesh listeners closed; draining the connections in progress"
     );
-    let active = mesh.active();
     let drained = mesh.drained();
     let mut drained = std::pin::pin!(drained);
     let mut done = false;
+    let mut look = tokio::time::interval(ORPHAN_CHECK);
     loop {
         tokio::select! {
             () = &mut drained, if !done => {
                 done = true;
                 if deadline.is_some() {
-                    break;
+                    return Ok(());
                 }
                 tracing::info!("drained; waiting for SIGTERM");
             }
             () = signals.recv() => {
                 if deadline.is_some() || done {
-                    break;
+                    return Ok(());
                 }
                 deadline = Some(Instant::now() + drain_timeout);
             }
@@ -96,7 +124,12 @@ pub(super) async fn drain(
                     connections_at_handover = active,
                     "drain timeout: the meshed connections still open are cut"
                 );
-                break;
+                return Ok(());
+            }
+            _ = look.tick(), if deadline.is_none() => {
+                if orphaned(pins) {
+                    return Err(Error::SuccessorGone);
+                }
             }
         }
     }

@@ -72,6 +72,8 @@ pub enum Error {
     #[error("HTTP/2 stream on the tunnel to {addr}")]
     Stream {
         addr: SocketAddr,
+        /// The peer did not process it: it may be sent again.
+        unprocessed: bool,
         #[source]
         source: hyper::Error,
     },
@@ -94,7 +96,17 @@ pub struct Route {
     pub tunnel: SocketAddr,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>>;
+/// A pooled tunnel's sender, and an id telling it from the one that replaced it.
+#[derive(Debug, Clone)]
+struct Tunnel {
+    sender: SendRequest<Empty<Bytes>>,
+    id: u64,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Tunnel>>>;
+
+/// Ids of tunnels opened by this process.
+static TUNNEL_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The client side: pooled tunnels.
 #[derive(Debug, Default)]
@@ -141,46 +153,70 @@ impl Pool {
                     && (Arc::strong_count(slot) > 1
                         || slot
                             .try_lock()
-                            .is_ok_and(|s| s.as_ref().is_some_and(|s| !s.is_closed())))
+                            .is_ok_and(|s| s.as_ref().is_some_and(|t| !t.sender.is_closed())))
             });
             Arc::clone(tunnels.entry((route.clone(), serial)).or_default())
         };
-        // A pooled tunnel the peer is closing (GOAWAY: its agent hands over) may refuse the
-        // stream: it is tried once more on a new tunnel, before any byte of the client's.
-        let (mut sender, reused) = self.sender(&slot, creds, metrics, route).await?;
-        match open_stream(&mut sender, route, target, source_ip).await {
-            Err(Error::Stream { .. }) if reused => {
-                *slot.lock().await = None;
-                let (mut sender, _) = self.sender(&slot, creds, metrics, route).await?;
-                open_stream(&mut sender, route, target, source_ip).await
+        // A stream the peer did not process (refused, or beyond the last stream of its
+        // GOAWAY: its agent hands over) is sent once more on a new tunnel, before any byte
+        // of the client's; one it may have processed is not (the server would see two).
+        let mut tunnel = self.tunnel(&slot, creds, metrics, route, None).await?;
+        match open_stream(&mut tunnel.sender, route, target, source_ip).await {
+            Err(Error::Stream {
+                unprocessed: true, ..
+            }) => {
+                let replace = Some(tunnel.id);
+                let mut tunnel = self.tunnel(&slot, creds, metrics, route, replace).await?;
+                open_stream(&mut tunnel.sender, route, target, source_ip).await
             }
             other => other,
         }
         .inspect(|_| metrics.stream_opened(Direction::Outbound))
     }
 
-    /// The slot's tunnel when it takes streams, else a new one; and whether it was reused.
-    async fn sender(
+    /// The slot's tunnel when it takes streams and is not the one to `replace`, else a new
+    /// one (another connection may have replaced it already: that one is used).
+    async fn tunnel(
         &self,
         slot: &Slot,
         creds: &Credentials,
         metrics: &ProxyMetrics,
         route: &Route,
-    ) -> Result<(SendRequest<Empty<Bytes>>, bool), Error> {
+        replace: Option<u64>,
+    ) -> Result<Tunnel, Error> {
         let mut held = slot.lock().await;
-        if let Some(s) = held.as_ref().filter(|s| s.is_ready()) {
-            return Ok((s.clone(), true));
+        let usable = held
+            .as_ref()
+            .filter(|t| t.sender.is_ready() && Some(t.id) != replace);
+        if let Some(t) = usable {
+            return Ok(t.clone());
         }
         let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route);
-        let s = tokio::time::timeout(OPEN_TIMEOUT, opening)
+        let sender = tokio::time::timeout(OPEN_TIMEOUT, opening)
             .await
             .map_err(|_| Error::Connect {
                 addr: route.tunnel,
                 source: std::io::ErrorKind::TimedOut.into(),
             })??;
-        *held = Some(s.clone());
-        Ok((s, false))
+        let id = TUNNEL_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = Tunnel { sender, id };
+        *held = Some(t.clone());
+        Ok(t)
     }
+}
+
+/// Whether the peer did not process a stream (RFC 9113 §8.7: it refused it, or the stream
+/// is beyond the last one of the peer's GOAWAY), so that it may be sent again.
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A CONNECT stream to `target` on a tunnel.
@@ -201,13 +237,15 @@ async fn open_stream(
             target,
             status: StatusCode::BAD_REQUEST,
         })?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|source| Error::Stream {
+    let response = sender.try_send_request(request).await.map_err(|e| {
+        // A request handed back was never sent.
+        let unprocessed = e.message().is_some() || unprocessed(e.error());
+        Error::Stream {
             addr: route.tunnel,
-            source,
-        })?;
+            unprocessed,
+            source: e.into_error(),
+        }
+    })?;
     if response.status() != StatusCode::OK {
         return Err(Error::Refused {
             addr: route.tunnel,

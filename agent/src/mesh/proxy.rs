@@ -260,10 +260,12 @@ impl Proxy {
         *self.shared.active.borrow()
     }
 
-    /// Whether every pod served has its listeners up (or failed to get them).
+    /// Whether every pod served has its listeners up.
     pub fn settled(&self) -> bool {
         let l = self.listeners.read().unwrap_or_else(|e| e.into_inner());
-        self.served.keys().all(|pod| l.contains_key(pod))
+        self.served
+            .keys()
+            .all(|pod| matches!(l.get(pod), Some(Ok(_))))
     }
 
     /// Resolves once, after [`Proxy::stop_accepting`], no connection is in progress and

@@ -20,7 +20,7 @@ use weft_testkit::{Agent, Node, k8s, proc::Process};
 
 use super::{
     BpfStats, Pinning, ProgramProfile, Ratio, RrClient, interleaved_round, median, profile,
-    program_stats, source_agent_options,
+    program_stats, rr_server, source_agent_options,
 };
 
 /// (name, bytes each way per exchange, keep-alive connections, exchanges per round, per burst,
@@ -135,21 +135,8 @@ fn bed(bins: &Path, pin: &Pinning, name: &str) -> (Node, Vec<Process>) {
         .build();
     let mut servers = Vec::new();
     for (_, size, _, _, _, with, without) in WORKLOADS {
-        let size = size.to_string();
         for (port, observed) in [(with, true), (without, false)] {
-            let listen = format!("[::]:{port}");
-            let args = pin.server(&[
-                "rr-server",
-                "--keepalive",
-                "--size",
-                &size,
-                "--listen",
-                &listen,
-            ]);
-            let (name, command) = node.pod_command("server", observed, &args);
-            let p = Process::spawn(&name, command);
-            p.wait_listening();
-            servers.push(p);
+            servers.push(rr_server(&node, ("server", observed), pin, size, port));
         }
     }
     let ports = WORKLOADS

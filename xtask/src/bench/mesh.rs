@@ -1,0 +1,539 @@
+//! `mesh`: what the secure overlay costs, on two simulated nodes. A meshed client pod on node
+//! a talks to a meshed server pod on node b through the agents' mutual TLS tunnels; the
+//! plaintext baseline is a non-meshed pod beside the client (same node, same weft programs)
+//! talking to the same server, which accepts plaintext (PERMISSIVE). In the same rounds,
+//! interleaved in bursts:
+//!
+//! - connect + 64 B each way + close (a new connection per exchange);
+//! - 64 B request/response over 8 open connections;
+//! - bulk: 64 KiB each way per exchange over one connection;
+//! - a meshed pod's connections to a non-meshed pod against the non-meshed pod's own (what
+//!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect).
+//!
+//! Then the agents' CPU per 1 000 requests/s of 1 KiB (both agents, meshed and plaintext),
+//! their resident memory with the mesh and without (at idle, fresh agents), and the time a
+//! killed client-side agent's successor takes to carry meshed connections again.
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+use weft_testkit::{Agent, AgentOptions, Cluster, Node, k8s, proc::Process};
+
+use super::{Pinning, Ratio, RrClient, cpu_seconds, interleaved_round, median, rr_server};
+
+/// Server ports, by exchange size.
+const PORT_64: u16 = 8064;
+const PORT_1K: u16 = 8102;
+const PORT_64K: u16 = 8165;
+
+/// The client's target before and after the mesh: p50 within plaintext + this.
+const CONNECT_BUDGET_US: f64 = 80.0;
+const ESTABLISHED_BUDGET_US: f64 = 40.0;
+
+#[derive(Debug, Default, Serialize)]
+struct Side {
+    per_second: Vec<f64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+}
+
+impl Side {
+    fn add(&mut self, v: &Value) {
+        for (field, into) in [
+            ("per_second", &mut self.per_second),
+            ("p50_us", &mut self.p50_us),
+            ("p99_us", &mut self.p99_us),
+        ] {
+            into.push(v[field].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+}
+
+/// One workload, two variants.
+#[derive(Debug, Serialize)]
+struct Compared {
+    name: &'static str,
+    /// What each side is.
+    variants: [&'static str; 2],
+    first: Side,
+    second: Side,
+    /// p50 of the first minus the second, per round (µs), and its median and range.
+    p50_added_us: Vec<f64>,
+    p50_added_median_us: f64,
+    p50_added_range_us: (f64, f64),
+    /// Exchanges per second, first / second, per round.
+    throughput_ratio: Ratio,
+    /// p50, first / second.
+    p50_ratio: Ratio,
+}
+
+impl Compared {
+    fn of(name: &'static str, variants: [&'static str; 2], first: Side, second: Side) -> Self {
+        let added: Vec<f64> = first
+            .p50_us
+            .iter()
+            .zip(&second.p50_us)
+            .map(|(a, b)| a - b)
+            .collect();
+        let range = added
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |r, x| {
+                (r.0.min(*x), r.1.max(*x))
+            });
+        Self {
+            name,
+            variants,
+            throughput_ratio: Ratio::per_round(&first.per_second, &second.per_second),
+            p50_ratio: Ratio::per_round(&first.p50_us, &second.p50_us),
+            p50_added_median_us: median(&added),
+            p50_added_range_us: range,
+            p50_added_us: added,
+            first,
+            second,
+        }
+    }
+
+    fn print(&self, budget_us: Option<f64>) {
+        println!(
+            "{:<30} {}: {:>7.0}/s p50 {:>7.1} µs p99 {:>7.1} µs | {}: {:>7.0}/s p50 {:>7.1} µs p99 {:>7.1} µs",
+            self.name,
+            self.variants[0],
+            median(&self.first.per_second),
+            median(&self.first.p50_us),
+            median(&self.first.p99_us),
+            self.variants[1],
+            median(&self.second.per_second),
+            median(&self.second.p50_us),
+            median(&self.second.p99_us),
+        );
+        let budget = budget_us.map_or(String::new(), |b| {
+            let verdict = if self.p50_added_range_us.1 <= b {
+                "within"
+            } else if self.p50_added_median_us <= b {
+                "median within, not every round"
+            } else {
+                "MISSED"
+            };
+            format!(" (target +{b:.0} µs: {verdict})")
+        });
+        println!(
+            "{:<30} p50 added {:+.1} µs (rounds {:+.1} to {:+.1}){budget}; throughput ratio {}; p50 ratio {}",
+            "",
+            self.p50_added_median_us,
+            self.p50_added_range_us.0,
+            self.p50_added_range_us.1,
+            self.throughput_ratio.verdict,
+            self.p50_ratio.verdict,
+        );
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Cpu {
+    requests_per_burst: u64,
+    /// Both agents' CPU seconds per request × 1 000 (= vCPU per 1 000 requests/s), per round.
+    meshed_vcpu_per_1k_rps: Vec<f64>,
+    plaintext_vcpu_per_1k_rps: Vec<f64>,
+    /// The busier agent's share (a node's figure, as ztunnel's is per node).
+    meshed_busier_node_vcpu_per_1k_rps: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Memory {
+    /// Resident memory (KiB) of each node's agent, fresh and idle, meshed pods served.
+    with_mesh_kib: [u64; 2],
+    /// The same after every workload (pooled tunnels open, idle).
+    with_mesh_after_load_kib: [u64; 2],
+    /// Fresh agents of the same nodes, no CA, no pod meshed.
+    without_mesh_kib: [u64; 2],
+}
+
+#[derive(Debug, Serialize)]
+pub struct MeshResult {
+    scenario: &'static str,
+    pinning: Pinning,
+    rounds: usize,
+    workloads: Vec<Compared>,
+    cpu: Cpu,
+    memory: Memory,
+    /// A killed client-side agent's successor: ms from its spawn to the first meshed
+    /// connection carried, per try (the agent is ready, i.e. `datapath ready`, before).
+    restart_to_first_meshed_ms: Vec<f64>,
+}
+
+impl MeshResult {
+    pub fn print(&self) {
+        println!(
+            "\nmesh: two nodes, a meshed client to a meshed server through mutual TLS against a non-meshed client beside it in plaintext (median of {} rounds; clients on CPU {}, servers on CPU {}, agents unpinned)",
+            self.rounds, self.pinning.client_cpu, self.pinning.server_cpu
+        );
+        let budgets = [
+            Some(CONNECT_BUDGET_US),
+            Some(ESTABLISHED_BUDGET_US),
+            None,
+            None,
+        ];
+        for (w, budget) in self.workloads.iter().zip(budgets) {
+            w.print(budget);
+        }
+        let bulk = &self.workloads[2].throughput_ratio;
+        println!(
+            "{:<30} bulk throughput meshed/plaintext {} (target ≥ 0.5: {})",
+            "",
+            bulk.verdict,
+            if bulk.max >= 0.5 && bulk.median >= 0.5 {
+                "met"
+            } else {
+                "MISSED"
+            }
+        );
+        let c = &self.cpu;
+        println!(
+            "{:<30} meshed {:.4} vCPU (busier node {:.4}), plaintext {:.4} vCPU per 1 000 requests/s of 1 KiB, both agents (target ≤ 0.03 per node)",
+            "agent CPU",
+            median(&c.meshed_vcpu_per_1k_rps),
+            median(&c.meshed_busier_node_vcpu_per_1k_rps),
+            median(&c.plaintext_vcpu_per_1k_rps),
+        );
+        let m = &self.memory;
+        for (i, node) in ["a (client)", "b (server)"].iter().enumerate() {
+            println!(
+                "{:<30} node {node}: {} KiB with the mesh at idle, {} KiB after the load, {} KiB without the mesh: added {} KiB at idle (target ≤ 8192)",
+                "agent memory",
+                m.with_mesh_kib[i],
+                m.with_mesh_after_load_kib[i],
+                m.without_mesh_kib[i],
+                m.with_mesh_kib[i].saturating_sub(m.without_mesh_kib[i]),
+            );
+        }
+        println!(
+            "{:<30} {:?} ms from a killed agent's successor's spawn to its first meshed connection (median {:.0} ms)",
+            "restart",
+            self.restart_to_first_meshed_ms
+                .iter()
+                .map(|v| v.round())
+                .collect::<Vec<_>>(),
+            median(&self.restart_to_first_meshed_ms)
+        );
+    }
+}
+
+/// `client` and `plain` on node a, `server` and `plainsrv` on node b; `client` and `server`
+/// meshed when `meshed`.
+fn source(c: &Cluster, meshed: bool) -> String {
+    let mut docs = Vec::new();
+    for (pod, in_mesh) in [
+        ("client", true),
+        ("plain", false),
+        ("server", true),
+        ("plainsrv", false),
+    ] {
+        let mut labels = vec![("app", pod)];
+        if in_mesh && meshed {
+            labels.push(("weft.io/mesh", "enabled"));
+        }
+        let doc = k8s::pod(c.pod(pod).1, "bench", &labels, &[], true);
+        docs.push(if pod == "server" {
+            doc.replace("spec:\n", "spec:\n  serviceAccountName: server\n")
+        } else {
+            doc
+        });
+    }
+    k8s::file(&docs)
+}
+
+fn agent(bins: &Path, c: &Cluster, node: &str, ca: Option<&Path>) -> Agent {
+    let mut extra = vec!["--node-name".to_owned(), node.to_owned()];
+    if let Some(ca) = ca {
+        extra.extend(["--mesh-ca".to_owned(), ca.display().to_string()]);
+    }
+    Agent::start_with(
+        c.node(node),
+        AgentOptions {
+            source: true,
+            source_dir: Some(c.source_dir()),
+            extra_args: extra,
+            log_level: "warn,weft::app=info".into(),
+            stats_interval: "60s".into(),
+            binary: Some(bins.join("weft")),
+            ..AgentOptions::default()
+        },
+    )
+}
+
+/// Waits until `agent` listens for `pod` with a certificate.
+fn wait_meshed(agent: &Agent, pod: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = agent.client("certs");
+        let listening = v["pods"].as_array().is_some_and(|pods| {
+            pods.iter().any(|p| {
+                p["pod"] == pod && p["listeners"].as_array().is_some_and(|l| !l.is_empty())
+            })
+        });
+        let held = v["identities"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|i| i["certificate"]["serial"].is_string()));
+        if listening && held {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{pod} not meshed after 30 s: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
+}
+
+/// The keep-alive servers of `pod`, one per size, on the server CPU.
+fn servers(node: &Node, pod: &str, pin: &Pinning, sizes: &[(usize, u16)]) -> Vec<Process> {
+    sizes
+        .iter()
+        .map(|&(size, port)| rr_server(node, (pod, true), pin, size, port))
+        .collect()
+}
+
+pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
+    let c = Cluster::builder("xtask-bench-mesh")
+        .pod_tool(&bins.join("weft-pod"))
+        .node("a", &["client", "plain"])
+        .node("b", &["server", "plainsrv"])
+        .build();
+    let ca = c.source_dir().with_file_name("ca");
+    let _ = std::fs::remove_dir_all(&ca);
+    let made = Command::new(bins.join("weft"))
+        .args(["ca", "init"])
+        .arg(&ca)
+        .output()?;
+    if !made.status.success() {
+        bail!("weft ca init: {}", String::from_utf8_lossy(&made.stderr));
+    }
+    // Fresh agents without the mesh first: their memory is the baseline.
+    c.write_source("pods.yaml", &source(&c, false));
+    let without_mesh_kib = idle_memory(bins, &c, None)?;
+    c.write_source("pods.yaml", &source(&c, true));
+    let mut agents = [
+        agent(bins, &c, "a", Some(&ca)),
+        agent(bins, &c, "b", Some(&ca)),
+    ];
+    wait_meshed(&agents[0], "bench/client")?;
+    wait_meshed(&agents[1], "bench/server")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let with_mesh_kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
+    let server_node = c.pod("server").0;
+    let sizes = [(64, PORT_64), (1024, PORT_1K), (65_536, PORT_64K)];
+    let _servers = servers(server_node, "server", pin, &sizes);
+    let _plain = servers(server_node, "plainsrv", pin, &sizes[..1]);
+    let workloads = workloads(&c, pin, rounds)?;
+    let cpu = cpu(&c, pin, rounds, &agents)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let with_mesh_after_load_kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
+    let restart_to_first_meshed_ms = restarts(&c, &mut agents[0])?;
+    Ok(MeshResult {
+        scenario: "mesh",
+        pinning: pin.clone(),
+        rounds,
+        workloads,
+        cpu,
+        memory: Memory {
+            with_mesh_kib,
+            with_mesh_after_load_kib,
+            without_mesh_kib,
+        },
+        restart_to_first_meshed_ms,
+    })
+}
+
+/// Resident memory of fresh, idle agents of both nodes (stopped after).
+fn idle_memory(bins: &Path, c: &Cluster, ca: Option<&Path>) -> Result<[u64; 2]> {
+    let mut agents = [agent(bins, c, "a", ca), agent(bins, c, "b", ca)];
+    std::thread::sleep(Duration::from_secs(3));
+    let kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
+    for a in &mut agents {
+        a.stop();
+    }
+    Ok(kib)
+}
+
+/// A client of `pod` to `target_pod:port` with `extra` `rr` arguments.
+fn client(c: &Cluster, pin: &Pinning, pod: &str, to: (&str, u16), extra: &[&str]) -> RrClient {
+    let target = format!("{}:{}", c.pod(to.0).1.ipv4, to.1);
+    let what = format!("{pod} -> {}:{}", to.0, to.1);
+    RrClient::start(c.pod(pod).0, (pod, true), pin, &target, extra, &what)
+}
+
+/// (name, variants, clients as (pod, target pod, port), extra arguments, per round, burst).
+type Spec = (
+    &'static str,
+    [&'static str; 2],
+    [(&'static str, &'static str, u16); 2],
+    &'static [&'static str],
+    u64,
+    u64,
+);
+
+const WORKLOADS: [Spec; 4] = [
+    (
+        "connect + 64 B + close",
+        ["meshed", "plaintext"],
+        [("client", "server", PORT_64), ("plain", "server", PORT_64)],
+        &["--size", "64"],
+        2_000,
+        100,
+    ),
+    (
+        "64 B over 8 open connections",
+        ["meshed", "plaintext"],
+        [("client", "server", PORT_64), ("plain", "server", PORT_64)],
+        &["--size", "64", "--keepalive", "8"],
+        20_000,
+        500,
+    ),
+    (
+        "bulk 64 KiB, one connection",
+        ["meshed", "plaintext"],
+        [
+            ("client", "server", PORT_64K),
+            ("plain", "server", PORT_64K),
+        ],
+        &["--size", "65536", "--keepalive", "1"],
+        2_000,
+        100,
+    ),
+    (
+        "to a non-meshed pod, connect",
+        ["meshed pod", "mesh off"],
+        [
+            ("client", "plainsrv", PORT_64),
+            ("plain", "plainsrv", PORT_64),
+        ],
+        &["--size", "64"],
+        2_000,
+        100,
+    ),
+];
+
+fn workloads(c: &Cluster, pin: &Pinning, rounds: usize) -> Result<Vec<Compared>> {
+    let mut out = Vec::new();
+    for (name, variants, ends, extra, count, burst) in WORKLOADS {
+        let mut clients = ends.map(|(pod, to, port)| client(c, pin, pod, (to, port), extra));
+        for cl in &mut clients {
+            cl.burst(burst)?;
+            cl.report()?;
+        }
+        let mut sides: [Side; 2] = Default::default();
+        for r in 0..rounds {
+            eprintln!("bench mesh: {name}: round {}/{rounds}", r + 1);
+            let [a, b] = &mut clients;
+            let reports = interleaved_round(&mut [a, b], r, count, burst)?;
+            for (side, report) in sides.iter_mut().zip(&reports) {
+                side.add(report);
+            }
+        }
+        let [first, second] = sides;
+        out.push(Compared::of(name, variants, first, second));
+    }
+    Ok(out)
+}
+
+/// Both agents' CPU over bursts of 1 KiB requests on 8 open connections, meshed and
+/// plaintext in turn (the order alternating by round).
+fn cpu(c: &Cluster, pin: &Pinning, rounds: usize, agents: &[Agent; 2]) -> Result<Cpu> {
+    const REQUESTS: u64 = 20_000;
+    let extra = ["--size", "1024", "--keepalive", "8"];
+    let mut clients = [
+        client(c, pin, "client", ("server", PORT_1K), &extra),
+        client(c, pin, "plain", ("server", PORT_1K), &extra),
+    ];
+    let mut out = Cpu {
+        requests_per_burst: REQUESTS,
+        meshed_vcpu_per_1k_rps: Vec::new(),
+        plaintext_vcpu_per_1k_rps: Vec::new(),
+        meshed_busier_node_vcpu_per_1k_rps: Vec::new(),
+    };
+    for cl in &mut clients {
+        cl.burst(1_000)?;
+        cl.report()?;
+    }
+    let pids = [agents[0].pid(), agents[1].pid()];
+    for r in 0..rounds {
+        eprintln!("bench mesh: agent CPU: round {}/{rounds}", r + 1);
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
+            clients[i].burst(REQUESTS)?;
+            clients[i].report()?;
+            let used = [
+                cpu_seconds(pids[0])? - before[0],
+                cpu_seconds(pids[1])? - before[1],
+            ];
+            let per_1k = |s: f64| s * 1000.0 / REQUESTS as f64;
+            if i == 0 {
+                out.meshed_vcpu_per_1k_rps.push(per_1k(used[0] + used[1]));
+                out.meshed_busier_node_vcpu_per_1k_rps
+                    .push(per_1k(used[0].max(used[1])));
+            } else {
+                out.plaintext_vcpu_per_1k_rps
+                    .push(per_1k(used[0] + used[1]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Kills the client node's agent and starts another, three times: ms from the spawn to the
+/// first meshed connection carried (tried every 10 ms from the spawn on, while the agent
+/// starts).
+fn restarts(c: &Cluster, agent: &mut Agent) -> Result<Vec<f64>> {
+    let target = format!("{}:{PORT_64}", c.pod("server").1.ipv4);
+    let node: &Node = c.pod("client").0;
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        agent.kill();
+        let started = Instant::now();
+        let first = std::thread::scope(|s| {
+            let prober = s.spawn(|| first_carried(node, &target, started));
+            agent.restart();
+            prober
+                .join()
+                .map_err(|_| anyhow::anyhow!("the prober panicked"))?
+        })?;
+        out.push(first.as_secs_f64() * 1000.0);
+    }
+    Ok(out)
+}
+
+/// Time from `started` to the first `rr` exchange with `target` from the client pod that
+/// succeeds.
+fn first_carried(node: &Node, target: &str, started: Instant) -> Result<Duration> {
+    loop {
+        let (name, mut command) =
+            node.pod_command("client", true, &["rr", "--connect", target, "--count", "1"]);
+        let ok = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .with_context(|| name.clone())?
+            .success();
+        if ok {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("no meshed connection 30 s after the agent's restart");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
