@@ -332,17 +332,18 @@ fn start_pipeline(
     Ok((pipeline, schedule))
 }
 
-/// The instance lock and the successor lock (see [`handoff::acquire`]); the latter goes,
-/// listening or not, after --drain-timeout: the agent replaced stops accepting then anyway.
+/// The instance lock (see [`handoff::acquire`]), with the successor lock until --drain-timeout
+/// at the latest (listening or not: the agent replaced stops accepting then anyway), and
+/// whether another agent handed the instance over.
 async fn lock_instance(
     config: &Config,
     signals: &mut Signals,
-) -> Result<Option<(InstanceLock, (SuccessorLock, Instant))>, Error> {
+) -> Result<Option<(InstanceLock, Option<(SuccessorLock, Instant)>, bool)>, Error> {
     let settings = &config.datapath;
     let acquired = handoff::acquire(&settings.instance, settings.take_over, signals).await?;
-    Ok(acquired.map(|(lock, successor)| {
+    Ok(acquired.map(|a| {
         let until = Instant::now() + config.mesh.drain_timeout;
-        (lock, (successor, until))
+        (a.lock, a.successor.map(|s| (s, until)), a.took_over)
     }))
 }
 
@@ -371,12 +372,25 @@ async fn start_source(
     Ok((source, events, watcher, health))
 }
 
-/// The mesh, following the first pass.
+/// Where everything is, once the agent has started.
+fn log_ready(datapath: &Datapath, socket: &Path, admin: &Admin, pipeline: &Pipeline) {
+    tracing::info!(
+        instance = datapath.pins().instance(),
+        cgroup = %datapath.cgroup().display(),
+        pins = %datapath.pins().dir().display(),
+        admin = %socket.display(),
+        metrics = admin.metrics_addr.map(|a| format!("http://{a}/metrics")),
+        source = pipeline.source_name(),
+        "datapath ready"
+    );
+}
+
+/// The mesh, following the first pass when given `views` (serving its pods at once).
 fn start_mesh(
     config: &Config,
     registry: &mut Registry,
     datapath: &mut Datapath,
-    views: &pipeline::Views,
+    views: Option<&pipeline::Views>,
 ) -> Result<Mesh, Error> {
     let mut mesh = Mesh::new(
         &config.mesh,
@@ -384,7 +398,9 @@ fn start_mesh(
         Some(datapath.take(weft_abi::maps::MESH_ORIG)?),
         config.datapath.host_netns.as_deref(),
     );
-    on_pass(&mut mesh, views, datapath.cgroup());
+    if let Some(views) = views {
+        on_pass(&mut mesh, views, datapath.cgroup());
+    }
     Ok(mesh)
 }
 
@@ -557,7 +573,8 @@ impl Agent {
     /// first pass), telemetry, stats, and last the admin API.
     async fn start(config: &Config, signals: &mut Signals) -> Result<Option<Self>, Error> {
         let cgroup_root = check_node(config)?;
-        let Some((instance_lock, successor)) = lock_instance(config, signals).await? else {
+        let Some((instance_lock, successor, took_over)) = lock_instance(config, signals).await?
+        else {
             return Ok(None);
         };
         let Loading {
@@ -578,13 +595,21 @@ impl Agent {
             PipelineMetrics::new(weft, maps.clone()),
         )?;
         let views = pipeline.views();
-        let mesh = start_mesh(config, weft, &mut datapath, &views)?;
+        // Where the pinned programs capture for this agent's proxy, it serves before its own
+        // programs are verified (a restart after a kill). Not when another agent still serves
+        // (its programs exempt its own sockets only) or the maps move (the programs in place
+        // record origins in the others).
+        let early = !took_over && !datapath.migrating();
+        let mut mesh = start_mesh(config, weft, &mut datapath, early.then_some(&views))?;
         let mut telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         telemetry.mesh = mesh.telemetry();
         let stats = Stats::new(&mut datapath, &cgroup_root, maps, weft)?;
         verify(&mut datapath, fallback, globals).await?;
         let kernel_logs = KernelLogs::new(datapath.ebpf_mut()?)?;
         commit_when_synced(&mut datapath, &mut pipeline)?;
+        if !early {
+            on_pass(&mut mesh, &views, datapath.cgroup());
+        }
         let mut state = admin_state(
             config,
             &datapath,
@@ -597,15 +622,7 @@ impl Agent {
         let socket = config.admin_socket();
         let agent_info = Arc::clone(&state.info);
         let admin = Admin::spawn(&config.admin, &socket, state).await?;
-        tracing::info!(
-            instance = datapath.pins().instance(),
-            cgroup = %datapath.cgroup().display(),
-            pins = %datapath.pins().dir().display(),
-            admin = %socket.display(),
-            metrics = admin.metrics_addr.map(|a| format!("http://{a}/metrics")),
-            source = pipeline.source_name(),
-            "datapath ready"
-        );
+        log_ready(&datapath, &socket, &admin, &pipeline);
         let (cgroup_tx, cgroup_created) = unbounded_channel();
         let cgroup_watch = CgroupWatch::new(cgroup_tx)
             .inspect_err(|e| tracing::warn!(error = %e, "cannot watch for new cgroups; new pods are bound at the periodic check only"))
@@ -625,7 +642,7 @@ impl Agent {
             mesh,
             agent_info,
             timers: Timers::new(config).await,
-            successor: Some(successor),
+            successor,
             instance_lock,
         };
         agent.watch_cgroups();
@@ -708,10 +725,9 @@ impl Agent {
                 );
                 self.successor = None;
             }
-            // Its own lock is not another successor.
-            return None;
         }
-        if self.datapath.pins().successor_waiting() {
+        // While this agent holds the successor lock, it is its own, not a successor's.
+        if self.successor.is_none() && self.datapath.pins().successor_waiting() {
             tracing::info!("a successor waits: handing the instance over");
             return Some(Exit::HandOver(terminating));
         }

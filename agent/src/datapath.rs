@@ -130,11 +130,6 @@ pub enum Error {
         dir = dir.display()
     )]
     InstanceBusy { instance: String, dir: PathBuf },
-    #[error(
-        "another successor is waiting to take over instance {instance:?} (lock on {dir} is held)",
-        dir = dir.display()
-    )]
-    SuccessorBusy { instance: String, dir: PathBuf },
     #[error("cannot use pin {path}", path = path.display())]
     Pin {
         path: PathBuf,
@@ -356,8 +351,13 @@ impl Datapath {
         let (pins, specs) = (self.pins.clone(), self.specs.clone());
         let loaded = tokio::task::spawn_blocking(move || match load_all(&mut ebpf) {
             Ok(()) => Ok((ebpf, false)),
+            // Only what the fallback changes: the cgroup_skb programs' isolation of pods not
+            // bound yet (a helper of Linux 6.15). Any other failure stays one.
             Err(Error::LoadProgram { name, source }) => {
-                let Some(globals) = fallback else {
+                let skb = ATTACHMENTS
+                    .iter()
+                    .any(|a| a.program == name && matches!(a.kind, Kind::Skb(_)));
+                let Some(globals) = fallback.filter(|_| skb) else {
                     return Err(Error::LoadProgram { name, source });
                 };
                 tracing::warn!(program = name, error = %crate::chain(&source), "a program does not load; loading the object again with the fallback settings");

@@ -309,8 +309,8 @@ impl Mesh {
             .min()
     }
 
-    /// Whether every local meshed pod has its listeners up (true without a proxy): a
-    /// successor releases its lock then.
+    /// Whether every local meshed pod has its listeners up, none waiting for its network
+    /// namespace (without a proxy: none waiting): a successor releases its lock then.
     pub fn settled(&self) -> bool {
         self.waiting.is_empty() && self.proxy.as_ref().is_none_or(Proxy::settled)
     }

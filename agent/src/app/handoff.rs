@@ -19,36 +19,63 @@ const LOCK_POLL: Duration = Duration::from_millis(50);
 /// How often an agent that handed over looks whether its successor still runs.
 const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 
+/// What [`acquire`] got.
+pub(super) struct Acquired {
+    pub lock: InstanceLock,
+    /// The successor lock when this agent got it (held until it listens).
+    pub successor: Option<SuccessorLock>,
+    /// Another agent ran the instance and handed it over.
+    pub took_over: bool,
+}
+
 /// The instance lock, at once; with `--take-over` and another agent running, once it handed
-/// over. With the successor lock, held until the agent listens. None: a signal came while
-/// waiting.
+/// over. None: a signal came while waiting.
 pub(super) async fn acquire(
     instance: &datapath::Instance,
     take_over: bool,
     signals: &mut Signals,
-) -> Result<Option<(InstanceLock, SuccessorLock)>, Error> {
+) -> Result<Option<Acquired>, Error> {
     let pins = datapath::instance_pins(instance)?;
     // Every agent holds the successor lock until it listens: an agent that handed over and
     // waits for it to let go tells a successor that listens from one that exited.
     match pins.lock() {
-        Ok(lock) => return Ok(Some((lock, pins.announce_successor()?))),
+        Ok(lock) => {
+            return Ok(Some(Acquired {
+                lock,
+                successor: pins.try_announce_successor()?,
+                took_over: false,
+            }));
+        }
         Err(datapath::Error::InstanceBusy { .. }) if take_over => {}
         Err(e) => return Err(e.into()),
     }
-    let successor = pins.announce_successor()?;
     tracing::info!(
         instance = instance.name,
         "another agent runs the instance: waiting for it to hand over"
     );
+    // The successor lock first (another agent holds it while it starts, or another
+    // successor waits before this one), then the instance.
+    let mut successor = None;
     loop {
+        if successor.is_none() {
+            successor = pins.try_announce_successor()?;
+        }
+        if successor.is_some() {
+            match pins.lock() {
+                Ok(lock) => {
+                    return Ok(Some(Acquired {
+                        lock,
+                        successor,
+                        took_over: true,
+                    }));
+                }
+                Err(datapath::Error::InstanceBusy { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         tokio::select! {
             () = signals.recv() => return Ok(None),
             () = tokio::time::sleep(LOCK_POLL) => {}
-        }
-        match pins.lock() {
-            Ok(lock) => return Ok(Some((lock, successor))),
-            Err(datapath::Error::InstanceBusy { .. }) => {}
-            Err(e) => return Err(e.into()),
         }
     }
 }

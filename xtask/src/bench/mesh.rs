@@ -162,7 +162,9 @@ pub struct MeshResult {
     cpu: Cpu,
     memory: Memory,
     /// A killed client-side agent's successor: ms from its spawn to the first meshed
-    /// connection carried, per try (the agent is ready, i.e. `datapath ready`, before).
+    /// connection carried, per try (tried while it starts; it reports ready later, after
+    /// the kernel verified its programs). A meshed connect while no agent listens is
+    /// refused (the pinned programs capture it), so a success is one the new agent carried.
     restart_to_first_meshed_ms: Vec<f64>,
 }
 
@@ -186,8 +188,10 @@ impl MeshResult {
             "{:<30} bulk throughput meshed/plaintext {} (target ≥ 0.5: {})",
             "",
             bulk.verdict,
-            if bulk.max >= 0.5 && bulk.median >= 0.5 {
+            if bulk.min >= 0.5 {
                 "met"
+            } else if bulk.median >= 0.5 {
+                "median met, not every round"
             } else {
                 "MISSED"
             }
