@@ -226,6 +226,7 @@ fn start_datapath(
         datapath,
         fallback,
         globals,
+        own_cgroup: agent_cgroup.map(|(_, id)| id),
     })
 }
 
@@ -235,6 +236,8 @@ struct Loading {
     /// The globals to load with when the requested ones do not load (see [`verify`]).
     fallback: Option<Globals>,
     globals: Globals,
+    /// The agent's own cgroup, when below the root (see [`datapath::AgentCgroups`]).
+    own_cgroup: Option<u64>,
 }
 
 /// Loads the programs (the kernel's verifier: a second or more, during which the mesh proxy
@@ -559,7 +562,12 @@ struct Agent {
     successor: Option<(SuccessorLock, Instant)>,
     /// The instance is this agent's while it holds this (dropped last).
     instance_lock: InstanceLock,
+    /// This agent's cgroup among the instance's agents' (left when it exits).
+    agent_cgroups: datapath::AgentCgroups,
 }
+
+/// What a handover keeps of the agent.
+type Handover = (Datapath, Admin, Mesh, InstanceLock, datapath::AgentCgroups);
 
 /// Why the run loop ended.
 enum Exit {
@@ -581,7 +589,9 @@ impl Agent {
             mut datapath,
             fallback,
             globals,
+            own_cgroup,
         } = start_datapath(config, &cgroup_root, &instance_lock)?;
+        let agent_cgroups = datapath::AgentCgroups::join(&mut datapath, own_cgroup)?;
         let mut registry = metrics::registry();
         let weft = metrics::weft(&mut registry);
         let maps = MapMetrics::new(weft);
@@ -596,9 +606,9 @@ impl Agent {
         )?;
         let views = pipeline.views();
         // Where the pinned programs capture for this agent's proxy, it serves before its own
-        // programs are verified (a restart after a kill). Not when another agent still serves
-        // (its programs exempt its own sockets only) or the maps move (the programs in place
-        // record origins in the others).
+        // programs are verified (a restart after a kill). Not when another agent still
+        // serves (it goes on until this one's programs are attached) or the maps move (the
+        // programs in place record origins in the others).
         let early = !took_over && !datapath.migrating();
         let mut mesh = start_mesh(config, weft, &mut datapath, early.then_some(&views))?;
         let mut telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
@@ -644,6 +654,7 @@ impl Agent {
             timers: Timers::new(config).await,
             successor,
             instance_lock,
+            agent_cgroups,
         };
         agent.watch_cgroups();
         Ok(Some(agent))
@@ -746,28 +757,33 @@ impl Agent {
         if let Err(e) = self.flush() {
             tracing::warn!(error = %crate::chain(&e), "cannot read the last statistics before handing over");
         }
-        let (datapath, admin, mesh, instance_lock) = self.into_handover();
+        let (datapath, admin, mesh, instance_lock, mut agent_cgroups) = self.into_handover();
         // The admin socket and the metrics port are the successor's once the lock is.
         admin.shutdown().await;
         let pins = datapath.pins().clone();
         drop(datapath);
         drop(instance_lock);
-        handoff::drain(mesh, &pins, &mut signals, deadline).await?;
+        // The entry stays while this agent's connections drain (the successor's programs
+        // read it), and goes with them.
+        let drained = handoff::drain(mesh, &pins, &mut signals, deadline).await;
+        agent_cgroups.leave();
+        drained?;
         tracing::info!("agent stopping after handing over");
         Ok(())
     }
 
     /// What a handover keeps; the rest (the source, the pipeline, telemetry) stops here:
     /// the datapath is the successor's to change.
-    fn into_handover(self) -> (Datapath, Admin, Mesh, InstanceLock) {
+    fn into_handover(self) -> Handover {
         let Self {
             datapath,
             admin,
             mesh,
             instance_lock,
+            agent_cgroups,
             ..
         } = self;
-        (datapath, admin, mesh, instance_lock)
+        (datapath, admin, mesh, instance_lock, agent_cgroups)
     }
 
     /// Reads what the kernel has left.
@@ -848,6 +864,7 @@ impl Agent {
     /// Reads what the kernel has left and says how to remove the datapath.
     fn stop(mut self) -> Result<(), Error> {
         self.flush()?;
+        self.agent_cgroups.leave();
         let instance = self.datapath.pins().instance();
         tracing::info!(
             instance,

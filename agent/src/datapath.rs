@@ -41,6 +41,36 @@ pub use self::{
 };
 use crate::cgroup;
 
+/// This agent's entry in `AGENT_CGROUPS`: its sockets are no pod's for the programs of the
+/// instance's other agents too (the one it replaces, a successor). Added before the mesh
+/// listens, removed when the agent exits ([`AgentCgroups::leave`]); a killed agent's entry
+/// ages out of the LRU map (cgroup ids are not reused).
+#[derive(Debug)]
+pub struct AgentCgroups {
+    map: aya::maps::HashMap<MapData, u64, u32>,
+    own: Option<u64>,
+}
+
+impl AgentCgroups {
+    /// Adds `own` (the agent's cgroup id, when it has one below the root) to the map.
+    pub fn join(datapath: &mut Datapath, own: Option<u64>) -> Result<Self, Error> {
+        let name = maps::AGENT_CGROUPS;
+        let mut map: aya::maps::HashMap<MapData, u64, u32> = datapath.take(name)?;
+        if let Some(id) = own {
+            map.insert(id, 1, 0)
+                .map_err(|source| Error::JoinAgents { name, source })?;
+        }
+        Ok(Self { map, own })
+    }
+
+    /// Removes this agent's entry.
+    pub fn leave(&mut self) {
+        if let Some(id) = self.own.take() {
+            let _ = self.map.remove(&id);
+        }
+    }
+}
+
 /// The instance's pins, checked, with the instance directory made (for its locks).
 pub fn instance_pins(instance: &Instance) -> Result<Pins, Error> {
     let pins = Pins::new(&instance.bpffs, &instance.name)?;
@@ -232,6 +262,12 @@ pub enum Error {
         map: &'static str,
         #[source]
         source: ProgramError,
+    },
+    #[error("cannot write this agent's cgroup into {name}")]
+    JoinAgents {
+        name: &'static str,
+        #[source]
+        source: MapError,
     },
     #[error("cannot open map {name}")]
     TakeMap {

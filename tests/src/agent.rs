@@ -43,6 +43,9 @@ pub struct AgentOptions {
     /// own cgroup2 mount: it sees the node's cgroup as the cgroup2 root, as the agent of a
     /// nested or rootless node does.
     pub cgroup_namespace: bool,
+    /// Run the agent in this cgroup (a directory the caller made and removes), as a
+    /// DaemonSet pod's container runs in its own: without a cgroup namespace.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -87,6 +90,7 @@ impl Default for AgentOptions {
             source_dir: None,
             metrics_addr: "127.0.0.1:0".into(),
             cgroup_namespace: false,
+            cgroup: None,
         }
     }
 }
@@ -189,6 +193,15 @@ impl Agent {
     /// The command that starts the agent (the binary, or a shell putting it in a cgroup
     /// namespace first), and the cgroup root as the agent will see it.
     fn command(&self) -> (Command, PathBuf) {
+        if let (false, Some(dir)) = (self.options.cgroup_namespace, &self.options.cgroup) {
+            let mut command = Command::new("sh");
+            command
+                .arg("-c")
+                .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                .arg(dir)
+                .arg(&self.binary);
+            return (command, self.cgroup.clone());
+        }
         if !self.options.cgroup_namespace {
             return (Command::new(&self.binary), self.cgroup.clone());
         }
@@ -347,6 +360,13 @@ impl Agent {
     /// still running (it hands over at once and drains; SIGTERM ends it). This agent is the
     /// successor from then on.
     pub fn start_successor(&mut self) -> Process {
+        let cgroup = self.options.cgroup.clone();
+        self.start_successor_in(cgroup)
+    }
+
+    /// [`Agent::start_successor`], the successor in `cgroup` (see [`AgentOptions::cgroup`]).
+    pub fn start_successor_in(&mut self, cgroup: Option<PathBuf>) -> Process {
+        self.options.cgroup = cgroup;
         let old = self
             .process
             .take()

@@ -631,3 +631,108 @@ fn hold_successor_lock(pin_dir: &Path) -> std::fs::File {
     }
     file
 }
+
+/// Removes a cgroup directory when dropped (after the agents in it have exited).
+struct CgroupDir(std::path::PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Kubernetes mode, pods not bound yet isolated (the default), each agent in a cgroup of its
+/// own below the kubelet's pods cgroup, as a DaemonSet pod's container is: a successor in
+/// another cgroup takes over the server's node. The connection the old agent still carries
+/// keeps going after the successor's programs are attached (the agents' sockets in pods'
+/// namespaces are no pod's for either agent's programs), and new ones work.
+#[test]
+fn in_kubernetes_mode_a_successor_in_another_cgroup_takes_over() {
+    let c = Cluster::builder("mesh_kube")
+        .kubelet_cgroups()
+        .node("a", &["client"])
+        .node("b", &["server"])
+        .build();
+    let ca = ca(&c);
+    let api = weft_testkit::fakeapi::FakeApi::start();
+    api.apply(serde_json::json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    let mut docs = Vec::new();
+    for pod in ["client", "server"] {
+        let labels = [("app", pod), ("weft.io/mesh", "enabled")];
+        let doc = k8s::pod(c.pod(pod).1, "default", &labels, &[], true);
+        docs.push(if pod == "server" {
+            doc.replace("spec:\n", "spec:\n  serviceAccountName: server\n")
+        } else {
+            doc
+        });
+    }
+    c.apply_to_api(&api, &k8s::file(&docs));
+    // Guards first: removed after the agents (declared later, dropped first) exited.
+    let cgroups: Vec<CgroupDir> = [("a", 1), ("b", 1), ("b", 2)]
+        .iter()
+        .map(|(n, i)| {
+            let dir = c
+                .node(n)
+                .cgroup()
+                .join("kubepods.slice")
+                .join(format!("weft-agent-{i}"));
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            CgroupDir(dir)
+        })
+        .collect();
+    // The pods' network namespaces are found through their processes.
+    let (server_node, server_pod) = c.pod("server");
+    let _hold = c
+        .pod("client")
+        .0
+        .start_server("client", &["hold-server", "--listen", "[::]:9999"]);
+    let _rr = server_node.start_server("server", &["rr-server", "--listen", "[::]:9000"]);
+    let mut sink = server_node.start_server(
+        "server",
+        &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
+    );
+    let ca_arg = ca.path().display().to_string();
+    let mut agents: Vec<Agent> = [("a", 0), ("b", 1)]
+        .iter()
+        .map(|(n, i)| {
+            let mut options = AgentOptions::with_api(&api, c.node(n), &["--mesh-ca", &ca_arg]);
+            options.log_level = "info,weft::mesh=debug".into();
+            options.cgroup = Some(cgroups[*i].0.clone());
+            Agent::start_with(c.node(n), options)
+        })
+        .collect();
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    let rr_target = format!("{}:9000", server_pod.ipv4);
+    let mut first = c
+        .pod("client")
+        .0
+        .spawn("client", &["rr", "--connect", &rr_target, "--count", "20"]);
+    first.wait_success(WAIT);
+    let long_target = format!("{}:8081", server_pod.ipv4);
+    let mut long = c.pod("client").0.spawn(
+        "client",
+        &["tcp-trickle", "--connect", &long_target, "--seconds", "8"],
+    );
+    long.stdout()
+        .wait_for("the long connection to open", WAIT, |l| {
+            l.iter().any(|l| l.contains("\"open\"")).then_some(())
+        });
+    let mut old = agents[1].start_successor_in(Some(cgroups[2].0.clone()));
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    old.signal(libc::SIGTERM);
+    long.wait_success(WAIT);
+    old.wait_success(WAIT);
+    let sent = event(&long, "done")["sent"].as_u64().expect("sent");
+    let received = event(&sink, "served")["received"]
+        .as_u64()
+        .expect("received");
+    assert_eq!(received, sent, "every byte of the long connection arrived");
+    sink.wait_success(WAIT);
+    let mut after = c
+        .pod("client")
+        .0
+        .spawn("client", &["rr", "--connect", &rr_target, "--count", "20"]);
+    after.wait_success(WAIT);
+    drop(agents);
+}

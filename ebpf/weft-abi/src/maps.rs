@@ -93,6 +93,10 @@ macro_rules! for_each_map {
             MESH_ORIG: LruHash<$crate::mesh::MeshOrigKey, $crate::mesh::MeshOrig>(
                 fixed = 16_384
             );
+            /// The cgroups of the instance's other agents (a successor, the agent it
+            /// replaces), at `AGENT_CGROUP_LEVEL`: their sockets belong to no pod, as the
+            /// loading agent's own (value unused; LRU: a killed agent's entry ages out).
+            AGENT_CGROUPS: LruHash<u64, u32>(fixed = 64);
         }
     };
 }
@@ -124,7 +128,7 @@ mod tests {
             );
             assert!(!ALL[..i].contains(name), "{name} twice");
         }
-        assert_eq!(ALL.len(), 22);
+        assert_eq!(ALL.len(), 23);
         assert_eq!(POLICY, "POLICY");
     }
 }

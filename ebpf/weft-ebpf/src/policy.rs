@@ -36,8 +36,9 @@ use crate::{
     flows,
     headers::{Headers, is_echo},
     maps::{
-        AGENT_CGROUP_ID, AGENT_CGROUP_LEVEL, ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE, POLICY,
-        POLICY_ROOT_LEVEL, UNBOUND_ISOLATED, UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL, VERDICTS,
+        AGENT_CGROUP_ID, AGENT_CGROUP_LEVEL, AGENT_CGROUPS, ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE,
+        POLICY, POLICY_ROOT_LEVEL, UNBOUND_ISOLATED, UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL,
+        VERDICTS,
     },
     stats,
 };
@@ -55,13 +56,6 @@ const SOCK_STREAM: u32 = 1;
 /// [`EndpointInfo::UNBOUND`], isolated both ways.
 #[inline(always)]
 fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option<EndpointInfo> {
-    let agent = AGENT_CGROUP_ID.load();
-    let agent_level = AGENT_CGROUP_LEVEL.load() as i32;
-    // The agent's own socket (the mesh's, in a pod's namespace): no pod's. Its cgroup
-    // exactly, never one below it.
-    if agent != 0 && ancestor(agent_level) == agent && ancestor(agent_level + 1) == 0 {
-        return None;
-    }
     let root = POLICY_ROOT_LEVEL.load() as i32;
     let mut below_root = false;
     for depth in 1..=MAX_POD_DEPTH as i32 {
@@ -77,12 +71,28 @@ fn endpoint_by(ancestor: impl Fn(i32) -> u64, netns: impl Fn() -> u64) -> Option
             Bound::No => {}
         }
     }
-    // Deeper than MAX_POD_DEPTH counts as unbound too: the agent refuses such pods.
+    // Deeper than MAX_POD_DEPTH counts as unbound too: the agent refuses such pods. An
+    // agent's socket (the mesh's, in a pod's namespace; its cgroup exactly, never one below
+    // it) is no pod's: this agent's, or another of the instance's (a successor, or the agent
+    // it replaces, draining). Looked at only here, where it would be isolated: an early
+    // return after the helper calls had the verifier refuse the program (a register the
+    // merged path stored was not initialized on it).
+    let agent_level = AGENT_CGROUP_LEVEL.load() as i32;
     (below_root
         && UNBOUND_ISOLATED.load() != 0
         && ancestor(UNBOUND_SCOPE_LEVEL.load() as i32) == UNBOUND_SCOPE_ID.load()
-        && netns() != HOST_NETNS_COOKIE.load())
+        && netns() != HOST_NETNS_COOKIE.load()
+        && !(agent_level != 0
+            && ancestor(agent_level + 1) == 0
+            && agent_cgroup(ancestor(agent_level))))
     .then_some(EndpointInfo::UNBOUND)
+}
+
+/// Whether `id` is the cgroup of an agent of the instance: this one's, or one in
+/// `AGENT_CGROUPS`.
+#[inline(always)]
+fn agent_cgroup(id: u64) -> bool {
+    id != 0 && (id == AGENT_CGROUP_ID.load() || AGENT_CGROUPS.get_ptr(id).is_some())
 }
 
 /// What `ENDPOINTS` says of a cgroup.
