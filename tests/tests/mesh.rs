@@ -517,14 +517,7 @@ fn a_successor_takes_over_without_failing_a_meshed_connection() {
             "server",
             &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
         );
-        let mut long = c.pod("client").0.spawn(
-            "client",
-            &["tcp-trickle", "--connect", &long_target, "--seconds", "8"],
-        );
-        long.stdout()
-            .wait_for("the long connection to open", WAIT, |l| {
-                l.iter().any(|l| l.contains("\"open\"")).then_some(())
-            });
+        let mut long = open_long(&c, &long_target);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let batches = std::thread::scope(|s| {
             let load = s.spawn(|| load_until(&c, &rr_target, &stop));
@@ -560,6 +553,19 @@ fn a_successor_takes_over_without_failing_a_meshed_connection() {
         );
         sink.wait_success(WAIT);
     }
+}
+
+/// An 8 s connection from the client to `target` sending 1 000 B every 100 ms, open.
+fn open_long(c: &Cluster, target: &str) -> Process {
+    let long = c.pod("client").0.spawn(
+        "client",
+        &["tcp-trickle", "--connect", target, "--seconds", "8"],
+    );
+    long.stdout()
+        .wait_for("the long connection to open", WAIT, |l| {
+            l.iter().any(|l| l.contains("\"open\"")).then_some(())
+        });
+    long
 }
 
 /// Batches of new meshed connections (each: connect, 64 B each way, close) until `stop`;
@@ -710,14 +716,7 @@ fn in_kubernetes_mode_a_successor_in_another_cgroup_takes_over() {
         .spawn("client", &["rr", "--connect", &rr_target, "--count", "20"]);
     first.wait_success(WAIT);
     let long_target = format!("{}:8081", server_pod.ipv4);
-    let mut long = c.pod("client").0.spawn(
-        "client",
-        &["tcp-trickle", "--connect", &long_target, "--seconds", "8"],
-    );
-    long.stdout()
-        .wait_for("the long connection to open", WAIT, |l| {
-            l.iter().any(|l| l.contains("\"open\"")).then_some(())
-        });
+    let mut long = open_long(&c, &long_target);
     let mut old = agents[1].start_successor_in(Some(cgroups[2].0.clone()));
     wait_meshed(&agents[1], SERVER_ID, "default/server");
     old.signal(libc::SIGTERM);
