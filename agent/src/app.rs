@@ -82,6 +82,8 @@ pub enum Error {
 /// catches missed events).
 const RESYNC: Duration = Duration::from_secs(30);
 
+/// How long an exiting agent waits for a UDP read under way.
+const UDP_FINISH: Duration = Duration::from_secs(1);
 /// How often the agent looks for a successor (and, as one, whether its listeners are up).
 const HANDOFF_POLL: Duration = Duration::from_millis(200);
 
@@ -497,6 +499,17 @@ impl TelemetryLoop {
         }
     }
 
+    /// Waits (at most a second) for a UDP read under way and applies it: the read deletes
+    /// the idle flows it returns, so a result dropped at exit would lose them.
+    async fn finish_udp(&mut self) {
+        if !self.udp_reading {
+            return;
+        }
+        if let Ok(Some(batch)) = tokio::time::timeout(UDP_FINISH, self.udp_rx.recv()).await {
+            self.apply_udp(batch);
+        }
+    }
+
     fn apply_udp(&mut self, batch: Result<UdpBatch, events::Error>) {
         self.udp_reading = false;
         match batch {
@@ -715,6 +728,7 @@ impl Agent {
                 }
             }
         };
+        self.telemetry.finish_udp().await;
         match exit {
             Exit::Stop => self.stop(),
             Exit::HandOver(deadline) => self.hand_over(signals, deadline).await,

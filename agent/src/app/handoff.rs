@@ -81,7 +81,7 @@ pub(super) async fn acquire(
 }
 
 /// Waits while a successor holds its lock (it has not listened yet), taking a SIGTERM as
-/// the start of the drain; returns at the deadline too.
+/// the start of the drain (a second one as its end); returns at the deadline too.
 async fn wait_for_listeners(
     pins: &Pins,
     signals: &mut Signals,
@@ -91,7 +91,9 @@ async fn wait_for_listeners(
     while pins.successor_waiting() && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::select! {
             () = signals.recv() => {
-                deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
+                // A second signal ends the wait, and the drain, now.
+                let now = Instant::now();
+                *deadline = Some(deadline.map_or(now + drain_timeout, |_| now));
             }
             () = tokio::time::sleep(LOCK_POLL) => {}
         }
