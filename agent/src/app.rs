@@ -571,7 +571,8 @@ struct Agent {
     /// What `weft status` says of the agent (its programs once attached).
     agent_info: Arc<std::sync::RwLock<AgentInfo>>,
     timers: Timers,
-    /// Held while a successor starts (see [`handoff`]), until its listeners are up.
+    /// The successor lock, held from the start until this agent's listeners are up (see
+    /// [`handoff`]); with when it goes regardless.
     successor: Option<(SuccessorLock, Instant)>,
     /// The instance is this agent's while it holds this (dropped last).
     instance_lock: InstanceLock,

@@ -196,6 +196,17 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / hz)
 }
 
+/// Resident memory (KiB) of a process, from /proc/<pid>/status.
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")
+}
+
 /// The spread of per-round ratios: (median, min, max).
 pub(crate) fn spread(ratios: &[f64]) -> (f64, f64, f64) {
     let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);

@@ -117,7 +117,7 @@ impl Drop for Active {
 
 /// A delivered stream's connection to the server, counted while it is open.
 #[derive(Debug)]
-pub struct Delivered {
+struct Delivered {
     stream: TcpStream,
     _active: Active,
 }

@@ -385,7 +385,6 @@ pub(super) fn synced(agent: &Agent, objects: usize) -> Result<Run> {
     };
     let start = at("programs loaded", true)?;
     let synced = at("services synced", false)?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
     Ok(Run {
         start_to_synced_ms: synced
             .duration_since(start)
@@ -393,11 +392,7 @@ pub(super) fn synced(agent: &Agent, objects: usize) -> Result<Run> {
             .as_secs_f64()
             * 1000.0,
         cpu_s_at_synced: cpu_seconds(agent.pid())?,
-        rss_kib: status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0),
+        rss_kib: super::rss_kib(agent.pid())?,
         ..Run::default()
     })
 }

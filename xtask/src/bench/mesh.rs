@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Cluster, Node, k8s, proc::Process};
 
-use super::{Pinning, Ratio, RrClient, cpu_seconds, interleaved_round, median, rr_server};
+use super::{Pinning, Ratio, RrClient, cpu_seconds, interleaved_round, median, rr_server, rss_kib};
 
 /// Server ports, by exchange size.
 const PORT_64: u16 = 8064;
@@ -291,15 +291,6 @@ fn wait_meshed(agent: &Agent, pod: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")
 }
 
 /// The keep-alive servers of `pod`, one per size, on the server CPU.

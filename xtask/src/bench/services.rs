@@ -510,12 +510,7 @@ fn node_frontends(node: &Node) -> usize {
 }
 
 fn measure_memory(agent: &Agent, result: &mut ServicesResult) -> Result<()> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-    result.agent_rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    result.agent_rss_kib = super::rss_kib(agent.pid())?;
     for entry in std::fs::read_dir(agent.maps_dir())? {
         let path = entry?.path();
         let info = bpftool_json(&["map", "show", "pinned", &path.to_string_lossy()])?;

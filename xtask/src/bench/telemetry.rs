@@ -4,14 +4,14 @@
 //! and the agent's resident memory with 10 000 connections open.
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use weft_testkit::{AgentOptions, Node, prom};
 
 use super::{
     Pinning, Ratio, agent_options,
     churn::{churn_node, churn_once},
-    cpu_seconds, median,
+    cpu_seconds, median, rss_kib,
 };
 
 #[derive(Debug, Serialize)]
@@ -92,16 +92,6 @@ fn options(bins: &Path, telemetry: bool) -> AgentOptions {
         o.extra_args.push("--telemetry=false".into());
     }
     o
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")
 }
 
 /// One round of one mode: (connections per second, CPU s per 100k, events lost, events per
