@@ -151,6 +151,9 @@ pub struct Connection {
     /// network namespace (the socket itself is on loopback).
     pub meshed: bool,
     pub mesh_netns: u64,
+    /// The server's end of a connection the mesh delivered from a tunnel (the kernel saw the
+    /// proxy's mark on its SYN).
+    pub delivered: bool,
     /// Carried by a mutually authenticated tunnel, with the ends' verified identities (the
     /// agent's mesh fills it in).
     pub security: Option<Security>,
@@ -273,6 +276,7 @@ impl Connection {
             dropped,
             meshed: ev.flags & flags::MESHED != 0,
             mesh_netns: ev.netns_cookie,
+            delivered: ev.flags & flags::DELIVERED != 0,
             security: None,
         })
     }

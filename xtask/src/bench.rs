@@ -43,6 +43,8 @@ pub struct Options<'a> {
     pub rounds: usize,
     pub compare: Option<Other>,
     pub pinning: Pinning,
+    /// `mesh`: the agents where the scheduler puts them, not on the client's CPU.
+    pub agents_unpinned: bool,
 }
 
 /// The agent `churn` and `services` measure beside this build (`--compare`,
@@ -93,6 +95,7 @@ pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
         rounds,
         ref compare,
         pinning: ref pin,
+        agents_unpinned,
     } = *options;
     let compare = compare.as_ref();
     let selected: Vec<&str> = if scenarios.is_empty() {
@@ -149,7 +152,15 @@ pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
                 r.print();
             }
             "mesh" => {
-                let r = mesh::run(&bins, pin, rounds.clamp(1, 9))?;
+                // Both agents on the workloads' CPU by default, as churn places its agent:
+                // one CPU does all the work of an exchange, so the figures are its cost, not
+                // the cost of waking the other vCPU (an IPI, a halted vCPU's exit).
+                let placed = if agents_unpinned {
+                    pin.clone()
+                } else {
+                    pin.with_agent_on_client_cpu()
+                };
+                let r = mesh::run(&bins, &placed, rounds.clamp(1, 9))?;
                 write(&path, &r)?;
                 r.print();
             }
@@ -331,12 +342,17 @@ impl Pinning {
         node: &weft_testkit::Node,
         options: AgentOptions,
     ) -> Result<weft_testkit::Agent> {
-        let agent = match self.agent_cpu {
-            Some(cpu) => on_cpu(cpu, || weft_testkit::Agent::start_with(node, options))?,
-            None => weft_testkit::Agent::start_with(node, options),
-        };
+        let agent = self.as_agent(|| weft_testkit::Agent::start_with(node, options))?;
         std::thread::sleep(std::time::Duration::from_millis(500));
         Ok(agent)
+    }
+
+    /// Runs `f` where this placement puts the agent, so that an agent it starts runs there.
+    pub(crate) fn as_agent<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        match self.agent_cpu {
+            Some(cpu) => on_cpu(cpu, f),
+            None => Ok(f()),
+        }
     }
 
     /// Runs `f` with this thread pinned to the server CPU, so the threads it starts (an

@@ -74,6 +74,9 @@ enum Cmd {
         /// variant; default 0,0.
         #[arg(long, value_delimiter = ',')]
         cpus: Option<Vec<usize>>,
+        /// mesh: leave the agents where the scheduler puts them (default: on the client's CPU).
+        #[arg(long)]
+        agents_unpinned: bool,
     },
 }
 
@@ -103,6 +106,7 @@ fn main() -> Result<()> {
             compare,
             compare_args,
             cpus,
+            agents_unpinned,
         } => {
             let cpus = cpus.unwrap_or_else(bench::default_cpus);
             let [client, server] = cpus[..] else {
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
                 rounds,
                 compare: bench::Other::from_flags(compare, compare_args.as_deref()),
                 pinning: bench::Pinning::new(client, server)?,
+                agents_unpinned,
             };
             bench::run(&ws, &tools, &options)
         }

@@ -1,11 +1,12 @@
 //! Which connections the mesh carried, for telemetry: a captured client's socket sits on
 //! loopback in its pod's namespace (its events name the namespace, not the pod's address),
-//! and a server's connection delivered from a tunnel looks like any other, so the proxy
-//! remembers both, and the identities of the cluster's meshed pods.
+//! so the proxy remembers each served pod's namespace and addresses, and the identities of
+//! the cluster's meshed pods. The kernel marks both ends it knows: captured clients, and
+//! servers' connections accepted from the proxy's delivery sockets.
 use std::{
-    collections::{BTreeMap, HashSet},
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, RwLock},
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
 };
 
 use crate::{
@@ -16,18 +17,12 @@ use crate::{
 /// The identity of every meshed pod address of the cluster.
 pub type Directory = BTreeMap<IpAddr, SpiffeId>;
 
-/// Delivered connections remembered at most (without telemetry nobody takes them out: the
-/// set stops growing here, and later ones are not marked).
-const MAX_DELIVERED: usize = 65_536;
-
 /// What the proxy tells telemetry.
 #[derive(Debug, Default)]
 pub struct Carried {
     directory: RwLock<Arc<Directory>>,
     /// Each served pod's network namespace cookie and addresses.
     netns_ips: RwLock<BTreeMap<String, (u64, Vec<IpAddr>)>>,
-    /// (client, server) of connections delivered from tunnels and not seen closed yet.
-    delivered: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
 }
 
 impl Carried {
@@ -63,30 +58,13 @@ impl Carried {
             .retain(|name, _| keep(name));
     }
 
-    /// A connection from `key.0` to `key.1` is being delivered from a tunnel.
-    pub fn delivering(&self, key: (SocketAddr, SocketAddr)) {
-        let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
-        if delivered.len() < MAX_DELIVERED {
-            delivered.insert(key);
-        }
-    }
-
-    /// ... and did not connect.
-    pub fn not_delivered(&self, key: &(SocketAddr, SocketAddr)) {
-        self.delivered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-
     fn principal(&self, ip: IpAddr) -> Arc<str> {
         self.identity_of(ip)
             .map_or_else(|| Arc::from("unknown"), |id| Arc::from(id.to_string()))
     }
 
     /// Marks a connection the mesh carried with both ends' identities: a captured client's
-    /// (its loopback address replaced by its pod's), or a server's delivered from a tunnel
-    /// (forgotten at its close).
+    /// (its loopback address replaced by its pod's), or a server's delivered from a tunnel.
     pub fn annotate(&self, c: &mut Connection) {
         if c.meshed {
             if c.local.ip().is_loopback()
@@ -100,18 +78,7 @@ impl Carried {
             });
             return;
         }
-        if c.role != Role::Server || c.event == ConnEventKindName::Drop {
-            return;
-        }
-        let key = (c.remote, c.local);
-        let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
-        let carried = if c.event == ConnEventKindName::TcpClose {
-            delivered.remove(&key)
-        } else {
-            delivered.contains(&key)
-        };
-        drop(delivered);
-        if carried {
+        if c.delivered && c.role == Role::Server && c.event != ConnEventKindName::Drop {
             c.security = Some(Security {
                 source_principal: self.principal(c.remote.ip()),
                 destination_principal: self.principal(c.local.ip()),

@@ -385,6 +385,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Inbound) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<T, Refusal>> + Send + 'static,
+    T: Abort,
 {
     let addr = SocketAddr::from(([0, 0, 0, 0], PORT));
     let accepting = tokio_rustls::TlsAcceptor::from(config).accept(io);
@@ -451,7 +452,7 @@ async fn stream<T, F, Fut>(
     metrics: ProxyMetrics,
 ) -> Response<Empty<Bytes>>
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + Abort + 'static,
     F: Fn(Inbound) -> Fut,
     Fut: Future<Output = Result<T, Refusal>>,
 {
@@ -475,7 +476,7 @@ where
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_forwarded_for);
-    let mut upstream = match open(Inbound {
+    let upstream = match open(Inbound {
         peer,
         target,
         source,
@@ -492,7 +493,7 @@ where
     tokio::spawn(async move {
         match hyper::upgrade::on(request).await {
             Ok(upgraded) => {
-                let _ = splice(TokioIo::new(upgraded), &mut upstream).await;
+                let _ = carry(TokioIo::new(upgraded), upstream).await;
             }
             Err(e) => tracing::debug!(target: "weft::mesh", error = %e, "stream upgrade failed"),
         }
@@ -500,11 +501,35 @@ where
     status(StatusCode::OK)
 }
 
-/// Copies both ways until both sides are done; a half-close is passed on.
-pub async fn splice<A, B>(mut a: A, b: &mut B) -> std::io::Result<(u64, u64)>
+/// A user connection's socket, which can end with a reset.
+pub trait Abort {
+    /// Closes with a reset (SO_LINGER 0), not a FIN.
+    fn abort(self);
+}
+
+impl Abort for TcpStream {
+    fn abort(self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// Carries a user connection over a stream: copies both ways until both sides are done; a
+/// half-close is passed on. When either side fails the socket is aborted (RFC 9113 8.5: a
+/// proxy resets the TCP connection on an error of the stream or of HTTP/2), so that a tunnel
+/// that broke is not passed off as an orderly end of a truncated exchange. The other way, a
+/// socket's reset only ends the stream (END_STREAM, then CANCEL): hyper's upgraded stream
+/// cannot send the CONNECT_ERROR reset the RFC asks for, so the far end sees a close.
+pub async fn carry<S, U>(stream: S, mut user: U) -> std::io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin + Abort,
 {
-    tokio::io::copy_bidirectional_with_sizes(&mut a, b, BUFFER, BUFFER).await
+    let mut stream = stream;
+    let copied =
+        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut user, BUFFER, BUFFER).await;
+    if copied.is_err() {
+        drop(stream);
+        user.abort();
+    }
+    copied
 }

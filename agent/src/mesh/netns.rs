@@ -19,7 +19,7 @@ use std::{
 
 /// The mark of the proxy's delivery sockets (and, through `tcp_fwmark_accept`, of the
 /// servers' sockets accepting them).
-pub const MARK: u32 = 0x0000_7eef;
+pub const MARK: u32 = weft_abi::mesh::DELIVERY_MARK;
 /// The routing table holding the local default route for marked packets.
 pub const TABLE: u32 = 15_008;
 /// The rule's priority: before `main` (32766).
@@ -275,6 +275,9 @@ fn delivery(source: IpAddr) -> io::Result<std::net::TcpStream> {
         }
     }
     set_int(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    // The port is chosen at connect, among those free for this 4-tuple: bind's search for a
+    // port free for every destination was most of a delivery's cost.
+    set_int(raw, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     bind(raw, SocketAddr::new(source, 0))?;
     let s = std::net::TcpStream::from(fd);
     s.set_nonblocking(true)?;

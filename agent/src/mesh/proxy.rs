@@ -30,7 +30,7 @@ use weft_abi::{
 };
 
 use super::{
-    hbone::{self, Inbound, Pool, Route},
+    hbone::{self, Abort as _, Inbound, Pool, Route},
     metrics::{ProxyMetrics, Refusal},
     netns::Netns,
     tls::Credentials,
@@ -120,6 +120,12 @@ impl Drop for Active {
 struct Delivered {
     stream: TcpStream,
     _active: Active,
+}
+
+impl hbone::Abort for Delivered {
+    fn abort(self) {
+        self.stream.abort();
+    }
 }
 
 impl tokio::io::AsyncRead for Delivered {
@@ -459,18 +465,18 @@ async fn outbound(
     shared: &Shared,
     pod: &MeshedPod,
     cookie: u64,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
 ) {
     let _ = client.set_nodelay(true);
     let Some(orig) = shared.take_orig(cookie, peer) else {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %peer, "no origin for a captured connection");
-        return reset(client);
+        return client.abort();
     };
     let target = socket_addr(&orig.target);
     let Some(destination) = shared.identity_of(target.ip()) else {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "the destination is not in the mesh any more");
-        return reset(client);
+        return client.abort();
     };
     let Some(source_ip) = pod
         .ips
@@ -478,7 +484,7 @@ async fn outbound(
         .copied()
         .find(|ip| ip.is_ipv4() == target.is_ipv4())
     else {
-        return reset(client);
+        return client.abort();
     };
     let route = Route {
         source: pod.id.clone(),
@@ -492,19 +498,13 @@ async fn outbound(
         .await
     {
         Ok(stream) => {
-            let _ = hbone::splice(TokioIo::new(stream), &mut client).await;
+            let _ = hbone::carry(TokioIo::new(stream), client).await;
         }
         Err(e) => {
             tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, error = %crate::chain(&e), "tunnel refused");
-            reset(client);
+            client.abort();
         }
     }
-}
-
-/// Closes with a reset: the client sees its connection refused, not a clean end.
-fn reset(client: TcpStream) {
-    let _ = client.set_zero_linger();
-    drop(client);
 }
 
 async fn accept_inbound(
@@ -594,13 +594,6 @@ async fn deliver(
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
         Refusal::Unreachable
     })?;
-    let key = socket
-        .local_addr()
-        .ok()
-        .map(|client| (client, inbound.target));
-    if let Some(key) = key {
-        shared.carried.delivering(key);
-    }
     let socket = TcpSocket::from_std_stream(socket);
     let active = Active::new(&shared.active);
     match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(inbound.target)).await {
@@ -608,12 +601,7 @@ async fn deliver(
             stream,
             _active: active,
         }),
-        _ => {
-            if let Some(key) = key {
-                shared.carried.not_delivered(&key);
-            }
-            Err(Refusal::Unreachable)
-        }
+        _ => Err(Refusal::Unreachable),
     }
 }
 

@@ -84,6 +84,8 @@ struct Server {
     addr: SocketAddr,
     streams: mpsc::UnboundedReceiver<Inbound>,
     outcomes: mpsc::UnboundedReceiver<Option<HandshakeFailure>>,
+    /// Ends the server and every tunnel it serves.
+    kill: tokio::task::AbortHandle,
 }
 
 async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server {
@@ -93,11 +95,12 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
     let (stream_tx, streams) = mpsc::unbounded_channel();
     let (outcome_tx, outcomes) = mpsc::unbounded_channel();
     let metrics = metrics.clone();
-    tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
+        let mut tunnels = tokio::task::JoinSet::new();
         while let Ok((tcp, _)) = listener.accept().await {
             let (config, metrics) = (Arc::clone(&config), metrics.clone());
             let (stream_tx, outcome_tx) = (stream_tx.clone(), outcome_tx.clone());
-            tokio::spawn(async move {
+            tunnels.spawn(async move {
                 let open = move |inbound: Inbound| {
                     let tx = stream_tx.clone();
                     async move {
@@ -121,6 +124,7 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
         addr,
         streams,
         outcomes,
+        kill: accepting.abort_handle(),
     }
 }
 
@@ -367,4 +371,52 @@ async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working()
         2.0
     );
     let _ = server.streams.recv().await;
+}
+
+/// A connected pair on loopback: (the application's end, the proxy's end).
+async fn user_connection() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (proxied, _) = listener.accept().await.expect("accept");
+    (app, proxied)
+}
+
+/// A tunnel that breaks under a carried connection ends it with a reset, not with the
+/// orderly close that would pass a truncated exchange off as complete.
+#[tokio::test]
+async fn a_broken_tunnel_resets_the_connection_it_carried() {
+    let pki = Pki::new("broken");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let server = server(&creds, "db", &metrics).await;
+    let target = echo().await;
+    let stream = Pool::default()
+        .connect(
+            &creds,
+            &metrics,
+            &route("web", "db", server.addr),
+            target,
+            source_ip(),
+        )
+        .await
+        .expect("stream");
+    let (mut app, proxied) = user_connection().await;
+    let carried = tokio::spawn(hbone::carry(TokioIo::new(stream), proxied));
+    app.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    app.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"ping");
+    server.kill.abort();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert!(carried.await.expect("join").is_err());
 }

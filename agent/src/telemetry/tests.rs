@@ -96,6 +96,7 @@ fn event(kind: ConnEventKindName, sent: u64, received: u64) -> Connection {
         dropped: None,
         meshed: false,
         mesh_netns: 0,
+        delivered: false,
         security: None,
     }
 }

@@ -88,6 +88,9 @@ pub mod flags {
     /// The connection was captured for the mesh: `remote_*` is where the tunnel takes it
     /// (the socket itself is connected to the node's outbound listener).
     pub const MESHED: u32 = 1 << 8;
+    /// The server's end of a connection the mesh delivered from a tunnel: accepted from a
+    /// SYN carrying [`crate::mesh::DELIVERY_MARK`].
+    pub const DELIVERED: u32 = 1 << 9;
 }
 
 /// Why a [`ConnEventKind::Drop`] happened (`ConnEvent::reason`).

@@ -11,6 +11,12 @@ use crate::svc::Endpoint;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The tunnel port on the destination pod's address (HBONE).
 pub const INBOUND_PORT: u16 = 15008;
+/// The mark of the proxy's delivery sockets in a pod's namespace. `tcp_fwmark_accept` gives
+/// the server's accepted socket the mark of the SYN, so sock_ops knows a delivered connection
+/// ([`crate::conn::flags::DELIVERED`]); policy routing sends the replies back to the proxy.
+/// A mark does not survive crossing into the namespace, so only a socket made inside it
+/// carries one.
+pub const DELIVERY_MARK: u32 = 0x0000_7eef;
 
 /// Key of `MESH_ORIG`: the client socket as the agent's accepted socket sees its peer.
 #[repr(C)]

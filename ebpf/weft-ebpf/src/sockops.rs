@@ -23,6 +23,7 @@ use aya_log_ebpf::{debug, warn};
 use weft_abi::{
     IPPROTO_TCP,
     conn::{ConnEvent, ConnEventKind, ConnState, Side, flags, tcp_state},
+    mesh::DELIVERY_MARK,
     net::Family,
     stats::Counter,
     svc::Endpoint,
@@ -127,11 +128,27 @@ fn start_tracking(ctx: &SockOpsContext, cookie: u64, side: u32) -> i64 {
         bytes_received_base: ctx_read!(ctx.ops, bytes_received),
         states_seen: 1 << tcp_state::ESTABLISHED,
         side,
+        flags: delivered(ctx, side),
         ..ConnState::default()
     };
     match track(ctx, cookie, &s) {
         Ok(()) => 0,
         Err(e) => e,
+    }
+}
+
+/// [`flags::DELIVERED`] for a passive socket accepted from the mesh proxy's delivery socket:
+/// `tcp_fwmark_accept` gave it the mark of the SYN.
+#[inline(always)]
+fn delivered(ctx: &SockOpsContext, side: u32) -> u32 {
+    if side != Side::Passive as u32 {
+        return 0;
+    }
+    match ctx.socket() {
+        // SAFETY: `socket` returns the context's non-null `bpf_sock`, whose fields the
+        // verifier lets a sock_ops program read.
+        Some(sk) if unsafe { (*sk).mark } == DELIVERY_MARK => flags::DELIVERED,
+        _ => 0,
     }
 }
 
@@ -312,6 +329,10 @@ struct Closing {
     redirected: (u64, u64),
 }
 
+/// The state's flags an event carries as they are.
+const EVENT_FLAGS: u32 =
+    flags::FIN_SENT | flags::FIN_RECEIVED | flags::TIMED_OUT | flags::DELIVERED;
+
 /// The open event (`closing` None) or the close event of a socket.
 fn emit(ctx: &SockOpsContext, cookie: u64, state: &ConnState, closing: Option<&Closing>) {
     if !events::enabled() {
@@ -323,7 +344,7 @@ fn emit(ctx: &SockOpsContext, cookie: u64, state: &ConnState, closing: Option<&C
     };
     let now = now();
     let (family, local_addr, remote_addr) = addresses(ctx);
-    let mut ev_flags = state.flags & (flags::FIN_SENT | flags::FIN_RECEIVED | flags::TIMED_OUT);
+    let mut ev_flags = state.flags & EVENT_FLAGS;
     let mut fin_acked = 0;
     let mut fin_received = 0;
     if kind == ConnEventKind::Close {

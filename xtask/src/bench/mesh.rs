@@ -171,8 +171,8 @@ pub struct MeshResult {
 impl MeshResult {
     pub fn print(&self) {
         println!(
-            "\nmesh: two nodes, a meshed client to a meshed server through mutual TLS against a non-meshed client beside it in plaintext (median of {} rounds; clients on CPU {}, servers on CPU {}, agents unpinned)",
-            self.rounds, self.pinning.client_cpu, self.pinning.server_cpu
+            "\nmesh: two nodes, a meshed client to a meshed server through mutual TLS against a non-meshed client beside it in plaintext (median of {} rounds; clients on CPU {}, servers on CPU {}, agents: {})",
+            self.rounds, self.pinning.client_cpu, self.pinning.server_cpu, self.pinning.agent
         );
         let budgets = [
             Some(CONNECT_BUDGET_US),
@@ -251,23 +251,21 @@ fn source(c: &Cluster, meshed: bool) -> String {
     k8s::file(&docs)
 }
 
-fn agent(bins: &Path, c: &Cluster, node: &str, ca: Option<&Path>) -> Agent {
+fn agent(bins: &Path, c: &Cluster, pin: &Pinning, node: &str, ca: Option<&Path>) -> Result<Agent> {
     let mut extra = vec!["--node-name".to_owned(), node.to_owned()];
     if let Some(ca) = ca {
         extra.extend(["--mesh-ca".to_owned(), ca.display().to_string()]);
     }
-    Agent::start_with(
-        c.node(node),
-        AgentOptions {
-            source: true,
-            source_dir: Some(c.source_dir()),
-            extra_args: extra,
-            log_level: "warn,weft::app=info".into(),
-            stats_interval: "60s".into(),
-            binary: Some(bins.join("weft")),
-            ..AgentOptions::default()
-        },
-    )
+    let options = AgentOptions {
+        source: true,
+        source_dir: Some(c.source_dir()),
+        extra_args: extra,
+        log_level: "warn,weft::app=info".into(),
+        stats_interval: "60s".into(),
+        binary: Some(bins.join("weft")),
+        ..AgentOptions::default()
+    };
+    pin.as_agent(|| Agent::start_with(c.node(node), options))
 }
 
 /// Waits until `agent` listens for `pod` with a certificate.
@@ -318,11 +316,11 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
     }
     // Fresh agents without the mesh first: their memory is the baseline.
     c.write_source("pods.yaml", &source(&c, false));
-    let without_mesh_kib = idle_memory(bins, &c, None)?;
+    let without_mesh_kib = idle_memory(bins, &c, pin, None)?;
     c.write_source("pods.yaml", &source(&c, true));
     let mut agents = [
-        agent(bins, &c, "a", Some(&ca)),
-        agent(bins, &c, "b", Some(&ca)),
+        agent(bins, &c, pin, "a", Some(&ca))?,
+        agent(bins, &c, pin, "b", Some(&ca))?,
     ];
     wait_meshed(&agents[0], "bench/client")?;
     wait_meshed(&agents[1], "bench/server")?;
@@ -336,7 +334,7 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
     let cpu = cpu(&c, pin, rounds, &agents)?;
     std::thread::sleep(Duration::from_secs(2));
     let with_mesh_after_load_kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
-    let restart_to_first_meshed_ms = restarts(&c, &mut agents[0])?;
+    let restart_to_first_meshed_ms = restarts(&c, pin, &mut agents[0])?;
     Ok(MeshResult {
         scenario: "mesh",
         pinning: pin.clone(),
@@ -353,8 +351,8 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
 }
 
 /// Resident memory of fresh, idle agents of both nodes (stopped after).
-fn idle_memory(bins: &Path, c: &Cluster, ca: Option<&Path>) -> Result<[u64; 2]> {
-    let mut agents = [agent(bins, c, "a", ca), agent(bins, c, "b", ca)];
+fn idle_memory(bins: &Path, c: &Cluster, pin: &Pinning, ca: Option<&Path>) -> Result<[u64; 2]> {
+    let mut agents = [agent(bins, c, pin, "a", ca)?, agent(bins, c, pin, "b", ca)?];
     std::thread::sleep(Duration::from_secs(3));
     let kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
     for a in &mut agents {
@@ -492,7 +490,7 @@ fn cpu(c: &Cluster, pin: &Pinning, rounds: usize, agents: &[Agent; 2]) -> Result
 /// Kills the client node's agent and starts another, three times: ms from the spawn to the
 /// first meshed connection carried (tried every 10 ms from the spawn on, while the agent
 /// starts).
-fn restarts(c: &Cluster, agent: &mut Agent) -> Result<Vec<f64>> {
+fn restarts(c: &Cluster, pin: &Pinning, agent: &mut Agent) -> Result<Vec<f64>> {
     let target = format!("{}:{PORT_64}", c.pod("server").1.ipv4);
     let node: &Node = c.pod("client").0;
     let mut out = Vec::new();
@@ -501,7 +499,7 @@ fn restarts(c: &Cluster, agent: &mut Agent) -> Result<Vec<f64>> {
         let started = Instant::now();
         let first = std::thread::scope(|s| {
             let prober = s.spawn(|| first_carried(node, &target, started));
-            agent.restart();
+            pin.as_agent(|| agent.restart())?;
             prober
                 .join()
                 .map_err(|_| anyhow::anyhow!("the prober panicked"))?

@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use super::*;
 use crate::events::Outcome;
@@ -31,6 +31,7 @@ fn conn(event: ConnEventKindName, role: Role, local: &str, remote: &str) -> Conn
         dropped: None,
         meshed: false,
         mesh_netns: 0,
+        delivered: false,
         security: None,
     }
 }
@@ -78,31 +79,23 @@ fn a_captured_client_is_its_pod_with_both_principals() {
     );
 }
 
-/// A server's connection is marked only when it was delivered from a tunnel, until its
-/// close; a connection that did not come through the mesh is not.
+/// A server's connection is marked, open and close, only when the kernel saw it delivered
+/// from a tunnel; one that did not come through the mesh is not.
 #[test]
-fn a_delivered_server_connection_is_marked_until_it_closes() {
+fn a_delivered_server_connection_is_marked() {
     let m = carried();
     let (client, server) = ("10.0.1.10:51000", "10.0.2.10:8080");
-    m.delivering((addr(client), addr(server)));
     for event in [ConnEventKindName::TcpOpen, ConnEventKindName::TcpClose] {
         let mut c = conn(event, Role::Server, server, client);
+        c.delivered = true;
         m.annotate(&mut c);
         assert_eq!(
             principals(&c),
             Some((id("web").to_string(), id("db").to_string())),
             "{event:?}"
         );
+        let mut plain = conn(event, Role::Server, server, client);
+        m.annotate(&mut plain);
+        assert_eq!(principals(&plain), None, "{event:?}");
     }
-    let mut again = conn(ConnEventKindName::TcpOpen, Role::Server, server, client);
-    m.annotate(&mut again);
-    assert_eq!(principals(&again), None, "forgotten at its close");
-    let mut plain = conn(
-        ConnEventKindName::TcpOpen,
-        Role::Server,
-        server,
-        "10.0.1.10:51001",
-    );
-    m.annotate(&mut plain);
-    assert_eq!(principals(&plain), None);
 }
