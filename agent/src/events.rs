@@ -164,6 +164,20 @@ pub struct Connection {
 pub struct Security {
     pub source_principal: std::sync::Arc<str>,
     pub destination_principal: std::sync::Arc<str>,
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+/// How the mesh carried a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Through a mutual TLS tunnel between two nodes.
+    #[default]
+    Tunnel,
+    /// Between two meshed pods of one node, which it never leaves: no tunnel and no TLS; the
+    /// agent names both ends.
+    Local,
 }
 
 /// `ConnEventKind` as it appears in records.

@@ -22,13 +22,15 @@ const SECRET: &str = "weft-mesh-secret-reply";
 const ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 /// The server's (its own service account).
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+/// The server's neighbour on node b (its own service account too).
+const NEIGHBOR_ID: &str = "spiffe://cluster.local/ns/default/sa/neighbor";
 
-/// `client` and `plain` on node a, `server` and `plainsrv` on node b; `client` and `server`
-/// are meshed.
+/// `client` and `plain` on node a, `server`, `plainsrv` and `neighbor` on node b; `client`,
+/// `server` and `neighbor` are meshed.
 fn mesh_cluster(test: &str) -> Cluster {
     let c = Cluster::builder(test)
         .node("a", &["client", "plain"])
-        .node("b", &["server", "plainsrv"])
+        .node("b", &["server", "plainsrv", "neighbor"])
         .build();
     let mut docs = Vec::new();
     for (pod, meshed) in [
@@ -36,6 +38,7 @@ fn mesh_cluster(test: &str) -> Cluster {
         ("plain", false),
         ("server", true),
         ("plainsrv", false),
+        ("neighbor", true),
     ] {
         let mut labels = vec![("app", pod)];
         if meshed {
@@ -48,9 +51,10 @@ fn mesh_cluster(test: &str) -> Cluster {
             &[("http", 8080, "TCP")],
             true,
         );
-        // The server runs as a service account of its own: two identities to tell apart.
-        docs.push(if pod == "server" {
-            doc.replace("spec:\n", "spec:\n  serviceAccountName: server\n")
+        // The server and its neighbour run as service accounts of their own: identities to
+        // tell apart.
+        docs.push(if pod == "server" || pod == "neighbor" {
+            doc.replace("spec:\n", &format!("spec:\n  serviceAccountName: {pod}\n"))
         } else {
             doc
         });
@@ -283,6 +287,71 @@ fn assert_mesh_telemetry(agents: &[Agent]) {
     }
 }
 
+/// Two meshed pods of one node talk directly: nothing is captured or tunnelled, and both
+/// reporters name both principals, `mutual_tls`, the flow records saying `local`.
+#[test]
+fn meshed_pods_of_one_node_talk_directly_with_both_principals() {
+    let c = mesh_cluster("mesh_local");
+    let ca = ca(&c);
+    let agents = agents(&c, ca.path());
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    let (node, server_pod) = c.pod("server");
+    let _server = node.start_server(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            "[::]:8080",
+            "--reply-name",
+            SECRET,
+        ],
+    );
+    let got = node.spray("neighbor", &format!("{}:8080", server_pod.ipv4), 1);
+    assert_eq!(got.get(SECRET), Some(&1), "{got:?}");
+    let seen = || {
+        let metrics = agents[1].metrics();
+        let closed = |reporter: &str| {
+            metrics
+                .iter()
+                .filter(|s| {
+                    s.name == "weft_tcp_connections_closed_total"
+                        && s.label("reporter") == Some(reporter)
+                        && s.label("connection_security_policy") == Some("mutual_tls")
+                        && s.label("source_principal") == Some(NEIGHBOR_ID)
+                        && s.label("destination_principal") == Some(SERVER_ID)
+                })
+                .map(|s| s.value)
+                .sum::<f64>()
+        };
+        let local = agents[1]
+            .flows(&["--last", "100"])
+            .iter()
+            .filter(|r| {
+                r["event"] == "tcp_close"
+                    && r["mesh"]["transport"] == "local"
+                    && r["mesh"]["source_principal"] == NEIGHBOR_ID
+                    && r["mesh"]["destination_principal"] == SERVER_ID
+            })
+            .count();
+        (closed("source"), closed("destination"), local)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut got = seen();
+    while got != (1.0, 1.0, 2) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        got = seen();
+    }
+    assert_eq!(got, (1.0, 1.0, 2), "both ends labelled and recorded");
+    let streams: f64 = agents
+        .iter()
+        .flat_map(|a| a.metrics())
+        .filter(|s| s.name == "weft_mesh_streams_total")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(streams, 0.0, "nothing went through a tunnel");
+}
+
 /// No iptables or nftables rule in a network namespace (weft's capture and delivery use
 /// none).
 fn assert_no_firewall_rules(netns: &str) {
@@ -337,6 +406,34 @@ fn a_pod_outside_the_mesh_talks_in_plaintext_both_ways() {
         "both exchanges crossed the underlay in plaintext: {found}"
     );
     assert_eq!(tunnelled, 0, "no tunnel was used");
+    assert_plaintext_telemetry(&agents[1]);
+}
+
+/// The meshed server's node reports the plaintext client's connection, unlabelled.
+fn assert_plaintext_telemetry(agent: &Agent) {
+    let closed = |policy: &str| -> f64 {
+        agent
+            .metrics()
+            .iter()
+            .filter(|s| {
+                s.name == "weft_tcp_connections_closed_total"
+                    && s.label("reporter") == Some("destination")
+                    && s.label("source_workload") == Some("plain")
+                    && s.label("destination_workload") == Some("server")
+                    && s.label("connection_security_policy") == Some(policy)
+            })
+            .map(|s| s.value)
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while closed("unknown") < 1.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        (closed("unknown"), closed("mutual_tls")),
+        (1.0, 0.0),
+        "the plaintext connection is reported, not as mutual_tls"
+    );
 }
 
 /// What `pod` gets probing `target` over TCP (the server's name, or `error: ...`).

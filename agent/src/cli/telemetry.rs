@@ -43,7 +43,16 @@ pub async fn connections(socket: &Path, output: Output) -> Result<String, Error>
     for c in &list {
         let security = c.mesh.as_ref().map_or_else(
             || "-".to_owned(),
-            |m| format!("mTLS {} -> {}", m.source_principal, m.destination_principal),
+            |m| {
+                let how = match m.transport {
+                    crate::events::Transport::Tunnel => "mTLS",
+                    crate::events::Transport::Local => "local",
+                };
+                format!(
+                    "{how} {} -> {}",
+                    m.source_principal, m.destination_principal
+                )
+            },
         );
         let _ = writeln!(
             out,

@@ -2,15 +2,17 @@
 //! loopback in its pod's namespace (its events name the namespace, not the pod's address),
 //! so the proxy remembers each served pod's namespace and addresses, and the identities of
 //! the cluster's meshed pods. The kernel marks both ends it knows: captured clients, and
-//! servers' connections accepted from the proxy's delivery sockets.
+//! servers' connections accepted from the proxy's delivery sockets. A connection between two
+//! served pods is never captured (it does not leave the node) and is named from the served
+//! pods' addresses.
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
 use crate::{
-    events::{ConnEventKindName, Connection, Role, Security},
+    events::{ConnEventKindName, Connection, Role, Security, Transport},
     identity::SpiffeId,
 };
 
@@ -64,7 +66,9 @@ impl Carried {
     }
 
     /// Marks a connection the mesh carried with both ends' identities: a captured client's
-    /// (its loopback address replaced by its pod's), or a server's delivered from a tunnel.
+    /// (its loopback address replaced by its pod's), a server's delivered from a tunnel, or
+    /// either end of one between two meshed pods this node serves (never captured: it does
+    /// not leave the node).
     pub fn annotate(&self, c: &mut Connection) {
         if c.meshed {
             if c.local.ip().is_loopback()
@@ -72,18 +76,44 @@ impl Carried {
             {
                 c.local.set_ip(ip);
             }
-            c.security = Some(Security {
-                source_principal: self.principal(c.local.ip()),
-                destination_principal: self.principal(c.remote.ip()),
-            });
+            c.security = Some(self.security(c.local, c.remote, Transport::Tunnel));
             return;
         }
-        if c.delivered && c.role == Role::Server && c.event != ConnEventKindName::Drop {
-            c.security = Some(Security {
-                source_principal: self.principal(c.remote.ip()),
-                destination_principal: self.principal(c.local.ip()),
-            });
+        if c.event == ConnEventKindName::Drop {
+            return;
         }
+        let (client, server) = match c.role {
+            Role::Server => (c.remote, c.local),
+            Role::Client => (c.local, c.remote),
+        };
+        let (client_served, server_served) = (self.serves(client.ip()), self.serves(server.ip()));
+        // The mark says the proxy delivered it; a pod can mark its own listener too, so the
+        // ends must also be what a delivery has: a meshed pod this node does not serve, to
+        // one it serves (`proxy::admissible` refuses any other stream).
+        let delivered = c.delivered
+            && c.role == Role::Server
+            && server_served
+            && !client_served
+            && self.identity_of(client.ip()).is_some();
+        if delivered {
+            c.security = Some(self.security(client, server, Transport::Tunnel));
+        } else if client_served && server_served {
+            c.security = Some(self.security(client, server, Transport::Local));
+        }
+    }
+
+    fn security(&self, client: SocketAddr, server: SocketAddr, transport: Transport) -> Security {
+        Security {
+            source_principal: self.principal(client.ip()),
+            destination_principal: self.principal(server.ip()),
+            transport,
+        }
+    }
+
+    /// Whether `ip` is the address of a meshed pod this node serves.
+    fn serves(&self, ip: IpAddr) -> bool {
+        let pods = self.netns_ips.read().unwrap_or_else(|e| e.into_inner());
+        pods.values().any(|(_, ips)| ips.contains(&ip))
     }
 
     /// The address of the family wanted of the pod served in namespace `cookie`.

@@ -495,7 +495,10 @@ where
             Ok(upgraded) => {
                 let _ = carry(TokioIo::new(upgraded), upstream).await;
             }
-            Err(e) => tracing::debug!(target: "weft::mesh", error = %e, "stream upgrade failed"),
+            Err(e) => {
+                tracing::debug!(target: "weft::mesh", error = %e, "stream upgrade failed");
+                upstream.abort();
+            }
         }
     });
     status(StatusCode::OK)

@@ -200,7 +200,8 @@ unsafe fn update_event(
             total_retrans: core::ptr::read_volatile(&raw const (*tp).total_retrans),
             segs_in: core::ptr::read_volatile(&raw const (*tp).segs_in),
             segs_out: core::ptr::read_volatile(&raw const (*tp).segs_out),
-            flags: 0,
+            // Telemetry labels a connection from the first event it sees of it.
+            flags: s.flags & flags::DELIVERED,
             protocol: u32::from(IPPROTO_TCP),
             ..ConnEvent::default()
         };

@@ -84,6 +84,8 @@ fn a_captured_client_is_its_pod_with_both_principals() {
 #[test]
 fn a_delivered_server_connection_is_marked() {
     let m = carried();
+    m.retain_pods(|_| false);
+    m.serving("shop/db", 78, vec!["10.0.2.10".parse().expect("ip")]);
     let (client, server) = ("10.0.1.10:51000", "10.0.2.10:8080");
     for event in [ConnEventKindName::TcpOpen, ConnEventKindName::TcpClose] {
         let mut c = conn(event, Role::Server, server, client);
@@ -98,4 +100,72 @@ fn a_delivered_server_connection_is_marked() {
         m.annotate(&mut plain);
         assert_eq!(principals(&plain), None, "{event:?}");
     }
+}
+
+/// A connection between two meshed pods this node serves is named at both ends, carried
+/// locally; one with an address the node does not serve is not.
+#[test]
+fn a_connection_between_two_served_pods_is_local_with_both_principals() {
+    let m = carried();
+    m.serving("shop/db", 78, vec!["10.0.2.10".parse().expect("ip")]);
+    let (client, server) = ("10.0.1.10:51000", "10.0.2.10:8080");
+    for (role, local, remote) in [
+        (Role::Client, client, server),
+        (Role::Server, server, client),
+    ] {
+        let mut c = conn(ConnEventKindName::TcpClose, role, local, remote);
+        m.annotate(&mut c);
+        assert_eq!(
+            c.security,
+            Some(Security {
+                source_principal: Arc::from(id("web").to_string()),
+                destination_principal: Arc::from(id("db").to_string()),
+                transport: Transport::Local,
+            }),
+            "{role:?}"
+        );
+    }
+    m.retain_pods(|pod| pod != "shop/db");
+    let mut c = conn(ConnEventKindName::TcpOpen, Role::Client, client, server);
+    m.annotate(&mut c);
+    assert_eq!(c.security, None);
+}
+
+/// The kernel's mark alone does not make a connection delivered (a pod can mark its own
+/// listener): its client must be a meshed pod this node does not serve, its server a pod it
+/// serves.
+#[test]
+fn a_marked_connection_with_other_ends_than_a_delivery_is_not_labelled() {
+    let m = carried();
+    m.serving("shop/db", 78, vec!["10.0.2.10".parse().expect("ip")]);
+    for (local, remote, why) in [
+        (
+            "10.0.2.10:8080",
+            "10.0.9.9:51000",
+            "a client outside the mesh",
+        ),
+        (
+            "10.0.9.8:8080",
+            "10.0.1.10:51000",
+            "a server this node does not serve",
+        ),
+    ] {
+        let mut c = conn(ConnEventKindName::TcpOpen, Role::Server, local, remote);
+        c.delivered = true;
+        m.annotate(&mut c);
+        assert_eq!(principals(&c), None, "{why}");
+    }
+    let mut local = conn(
+        ConnEventKindName::TcpOpen,
+        Role::Server,
+        "10.0.2.10:8080",
+        "10.0.1.10:51000",
+    );
+    local.delivered = true;
+    m.annotate(&mut local);
+    assert_eq!(
+        local.security.map(|s| s.transport),
+        Some(Transport::Local),
+        "a client this node serves is a local connection, whatever the mark"
+    );
 }

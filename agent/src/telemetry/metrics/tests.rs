@@ -246,6 +246,7 @@ fn a_connection_the_mesh_carried_names_its_principals() {
     let security = crate::events::Security {
         source_principal: Arc::from("spiffe://cluster.local/ns/shop/sa/frontend"),
         destination_principal: Arc::from("spiffe://cluster.local/ns/shop/sa/backend"),
+        transport: crate::events::Transport::Tunnel,
     };
     let ends = Ends {
         reporter: Reporter::Source,
