@@ -5,17 +5,15 @@
 //! renewed certificate starts new tunnels while the old ones carry their streams to the end.
 use std::{
     collections::HashMap,
-    convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{body::Bytes, client::conn::http2::SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -27,6 +25,10 @@ use super::{
 };
 use crate::identity::SpiffeId;
 
+mod stream;
+
+pub use stream::Stream;
+
 /// The HBONE port.
 pub const PORT: u16 = 15008;
 
@@ -34,6 +36,10 @@ pub const PORT: u16 = 15008;
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 1 << 20;
+/// Streams one tunnel carries at once (a client waits for one to end beyond it), and the
+/// size of a stream's headers (a CONNECT's are a few dozen bytes): hyper's defaults.
+const MAX_STREAMS: u32 = 200;
+const MAX_HEADERS: u32 = 16 << 10;
 /// A silent peer is noticed this soon.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -67,7 +73,7 @@ pub enum Error {
     Http {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("HTTP/2 stream on the tunnel to {addr}")]
     Stream {
@@ -75,8 +81,10 @@ pub enum Error {
         /// The peer did not process it: it may be sent again.
         unprocessed: bool,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
+    #[error("HTTP/2 with {addr}: no answer to a ping for {KEEPALIVE_TIMEOUT:?}")]
+    Silent { addr: SocketAddr },
     #[error("{addr} refused the stream to {target}: {status}")]
     Refused {
         addr: SocketAddr,
@@ -99,8 +107,26 @@ pub struct Route {
 /// A pooled tunnel's sender, and an id telling it from the one that replaced it.
 #[derive(Debug, Clone)]
 struct Tunnel {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     id: u64,
+    /// Set once its connection has ended.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Tunnel {
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether it takes a new stream now (not closed, no GOAWAY, below the peer's limit).
+    fn is_ready(&self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        !self.is_closed()
+            && matches!(
+                self.sender.clone().poll_ready(&mut cx),
+                std::task::Poll::Ready(Ok(()))
+            )
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Tunnel>>>;
@@ -137,7 +163,7 @@ impl Pool {
         route: &Route,
         target: SocketAddr,
         source_ip: IpAddr,
-    ) -> Result<hyper::upgrade::Upgraded, Error> {
+    ) -> Result<Stream, Error> {
         let serial = creds
             .serial(&route.source)
             .ok_or_else(|| Error::NoCertificate(route.source.clone()))?
@@ -153,7 +179,7 @@ impl Pool {
                     && (Arc::strong_count(slot) > 1
                         || slot
                             .try_lock()
-                            .is_ok_and(|s| s.as_ref().is_some_and(|t| !t.sender.is_closed())))
+                            .is_ok_and(|s| s.as_ref().is_some_and(|t| !t.is_closed())))
             });
             Arc::clone(tunnels.entry((route.clone(), serial)).or_default())
         };
@@ -187,19 +213,20 @@ impl Pool {
         let mut held = slot.lock().await;
         let usable = held
             .as_ref()
-            .filter(|t| t.sender.is_ready() && Some(t.id) != replace);
+            .filter(|t| t.is_ready() && Some(t.id) != replace);
         if let Some(t) = usable {
             return Ok(t.clone());
         }
         let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route);
-        let sender = tokio::time::timeout(OPEN_TIMEOUT, opening)
-            .await
-            .map_err(|_| Error::Connect {
-                addr: route.tunnel,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })??;
+        let (sender, closed) =
+            tokio::time::timeout(OPEN_TIMEOUT, opening)
+                .await
+                .map_err(|_| Error::Connect {
+                    addr: route.tunnel,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })??;
         let id = TUNNEL_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let t = Tunnel { sender, id };
+        let t = Tunnel { sender, id, closed };
         *held = Some(t.clone());
         Ok(t)
     }
@@ -207,72 +234,104 @@ impl Pool {
 
 /// Whether the peer did not process a stream (RFC 9113 §8.7: it refused it, or the stream
 /// is beyond the last one of the peer's GOAWAY), so that it may be sent again.
-fn unprocessed(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && ((h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
-                    || h2.is_go_away());
-        }
-        source = s.source();
-    }
-    false
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && ((e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)) || e.is_go_away())
 }
 
 /// A CONNECT stream to `target` on a tunnel.
 async fn open_stream(
-    sender: &mut SendRequest<Empty<Bytes>>,
+    sender: &mut SendRequest<Bytes>,
     route: &Route,
     target: SocketAddr,
     source_ip: IpAddr,
-) -> Result<hyper::upgrade::Upgraded, Error> {
+) -> Result<Stream, Error> {
+    let addr = route.tunnel;
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .version(http::Version::HTTP_2)
         .header("forwarded", forwarded_for(source_ip))
-        .body(Empty::new())
+        .body(())
         .map_err(|_| Error::Refused {
-            addr: route.tunnel,
+            addr,
             target,
             status: StatusCode::BAD_REQUEST,
         })?;
-    let response = sender.try_send_request(request).await.map_err(|e| {
-        // A request handed back was never sent.
-        let unprocessed = e.message().is_some() || unprocessed(e.error());
-        Error::Stream {
-            addr: route.tunnel,
-            unprocessed,
-            source: e.into_error(),
-        }
+    // A request the tunnel could not take (closed, or past the peer's GOAWAY) was not sent.
+    let not_sent = |source| Error::Stream {
+        addr,
+        unprocessed: true,
+        source,
+    };
+    std::future::poll_fn(|cx| sender.poll_ready(cx))
+        .await
+        .map_err(not_sent)?;
+    let (response, send) = sender.send_request(request, false).map_err(not_sent)?;
+    let response = response.await.map_err(|source| Error::Stream {
+        addr,
+        unprocessed: unprocessed(&source),
+        source,
     })?;
     if response.status() != StatusCode::OK {
         return Err(Error::Refused {
-            addr: route.tunnel,
+            addr,
             target,
             status: response.status(),
         });
     }
-    hyper::upgrade::on(response)
-        .await
-        .map_err(|source| Error::Http {
-            addr: route.tunnel,
-            source,
-        })
+    Ok(Stream::new(send, response.into_body()))
 }
 
-/// TCP, TLS as the source identity (the server must prove the destination's), HTTP/2.
+/// TCP, TLS as the source identity (the server must prove the destination's), HTTP/2; the
+/// connection is driven by a task of its own, which sets the flag it returns when it ends.
 async fn open_tunnel(
     netns: Option<&super::netns::Netns>,
     creds: &Credentials,
     metrics: &ProxyMetrics,
     route: &Route,
-) -> Result<SendRequest<Empty<Bytes>>, Error> {
+) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), Error> {
     let addr = route.tunnel;
     let config = creds
         .client(&route.source, &route.destination)
         .ok_or_else(|| Error::NoCertificate(route.source.clone()))?;
+    let tls = connect_tls(netns, metrics, addr, config).await?;
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .initial_max_send_streams(MAX_STREAMS as usize)
+        .max_header_list_size(MAX_HEADERS)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|source| Error::Http { addr, source })?;
+    let pings = connection.ping_pong();
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = Arc::clone(&closed);
+    let metrics = metrics.clone();
+    metrics.tunnel_opened(Direction::Outbound);
+    tokio::spawn(async move {
+        let outcome = tokio::select! {
+            done = connection => done.map_err(|source| Error::Http { addr, source }),
+            () = keepalive(pings) => Err(Error::Silent { addr }),
+        };
+        if let Err(e) = outcome {
+            tracing::debug!(target: "weft::mesh", tunnel = %addr, error = %crate::chain(&e), "tunnel closed");
+        }
+        ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        metrics.tunnel_closed(Direction::Outbound);
+    });
+    Ok((sender, closed))
+}
+
+/// The TCP connection (in `netns` when given) and the TLS handshake of a tunnel.
+async fn connect_tls(
+    netns: Option<&super::netns::Netns>,
+    metrics: &ProxyMetrics,
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
     let connect_err = |source| Error::Connect { addr, source };
     let tcp = match netns {
         None => TcpStream::connect(addr).await.map_err(connect_err)?,
@@ -286,42 +345,40 @@ async fn open_tunnel(
     };
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = match tokio_rustls::TlsConnector::from(config)
+    match tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
     {
-        Ok(tls) => tls,
+        Ok(tls) => {
+            metrics.handshake_done(Direction::Outbound);
+            Ok(tls)
+        }
         Err(source) => {
             let reason = HandshakeFailure::of(&source);
             metrics.handshake_failed(Direction::Outbound, reason);
-            return Err(Error::Handshake {
+            Err(Error::Handshake {
                 addr,
                 reason,
                 source,
-            });
+            })
         }
+    }
+}
+
+/// Resolves when the peer leaves a ping unanswered (or the connection cannot carry one): a
+/// silent peer is noticed within [`KEEPALIVE`] + [`KEEPALIVE_TIMEOUT`]. Never without a
+/// `PingPong` (taken already).
+async fn keepalive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
     };
-    metrics.handshake_done(Direction::Outbound);
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(tls))
-        .await
-        .map_err(|source| Error::Http { addr, source })?;
-    let metrics = metrics.clone();
-    metrics.tunnel_opened(Direction::Outbound);
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(target: "weft::mesh", tunnel = %addr, error = %e, "tunnel closed");
+    loop {
+        tokio::time::sleep(KEEPALIVE).await;
+        let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
+        if !matches!(pong.await, Ok(Ok(_))) {
+            return;
         }
-        metrics.tunnel_closed(Direction::Outbound);
-    });
-    Ok(sender)
+    }
 }
 
 /// `Forwarded: for=...` as RFC 7239 writes an address (IPv6 quoted and bracketed).
@@ -382,10 +439,9 @@ pub async fn serve<IO, T, F, Fut>(
 ) -> Result<(), Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + Abort + 'static,
     F: Fn(Inbound) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<T, Refusal>> + Send + 'static,
-    T: Abort,
 {
     let addr = SocketAddr::from(([0, 0, 0, 0], PORT));
     let accepting = tokio_rustls::TlsAcceptor::from(config).accept(io);
@@ -417,91 +473,139 @@ where
         return Ok(());
     };
     metrics.handshake_done(Direction::Inbound);
-    metrics.tunnel_opened(Direction::Inbound);
-    let service_metrics = metrics.clone();
-    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-        let (open, peer, metrics) = (open.clone(), peer.clone(), service_metrics.clone());
-        async move { Ok::<_, Infallible>(stream(request, peer, open, metrics).await) }
-    });
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service);
-    let mut connection = std::pin::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        () = shutdown => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADERS)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|source| Error::Http { addr, source })?;
+    metrics.tunnel_opened(Direction::Inbound);
+    let pings = connection.ping_pong();
+    let streams = Streams {
+        peer,
+        open,
+        metrics: metrics.clone(),
     };
+    let served = accept_streams(&mut connection, &streams, shutdown, keepalive(pings)).await;
     metrics.tunnel_closed(Direction::Inbound);
-    served.map_err(|source| Error::Http { addr, source })
+    served.map_err(|source| match source {
+        Some(source) => Error::Http { addr, source },
+        None => Error::Silent { addr },
+    })
 }
 
-/// One CONNECT stream: the target is connected before the peer is told 200, so that a refused
-/// target is a refused stream.
-async fn stream<T, F, Fut>(
-    request: Request<hyper::body::Incoming>,
+/// What each stream of one tunnel needs.
+struct Streams<F> {
+    /// The peer's verified identity.
     peer: SpiffeId,
     open: F,
     metrics: ProxyMetrics,
-) -> Response<Empty<Bytes>>
+}
+
+/// Accepts the tunnel's streams, each carried by a task of its own, until the connection
+/// ends (after `shutdown`, once its last stream has: GOAWAY first) or the peer goes silent
+/// (Err(None)). Accepting also drives the connection, the streams' bytes included.
+async fn accept_streams<IO, T, F, Fut>(
+    connection: &mut h2::server::Connection<IO, Bytes>,
+    streams: &Streams<F>,
+    shutdown: impl Future<Output = ()>,
+    silent: impl Future<Output = ()>,
+) -> Result<(), Option<h2::Error>>
 where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + Send + Abort + 'static,
+    F: Fn(Inbound) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, Refusal>> + Send + 'static,
+{
+    let (mut shutdown, mut silent) = (std::pin::pin!(shutdown), std::pin::pin!(silent));
+    let mut closing = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = &mut shutdown, if !closing => {
+                connection.graceful_shutdown();
+                closing = true;
+                continue;
+            }
+            () = &mut silent => return Err(None),
+        };
+        let (request, respond) = match next {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(Some(e)),
+            Some(Ok(accepted)) => accepted,
+        };
+        let (peer, open, metrics) = (
+            streams.peer.clone(),
+            streams.open.clone(),
+            streams.metrics.clone(),
+        );
+        tokio::spawn(stream(request, respond, peer, open, metrics));
+    }
+}
+
+/// One CONNECT stream: the target is connected before the peer is told 200, so that a refused
+/// target is a refused stream; then the bytes are carried.
+async fn stream<T, F, Fut>(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SpiffeId,
+    open: F,
+    metrics: ProxyMetrics,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + Abort + 'static,
     F: Fn(Inbound) -> Fut,
     Fut: Future<Output = Result<T, Refusal>>,
 {
-    let status = |s: StatusCode| {
-        let mut r = Response::new(Empty::new());
-        *r.status_mut() = s;
-        r
+    let inbound = match inbound(&request, peer) {
+        Ok(inbound) => inbound,
+        Err(status) => return refuse(&mut respond, status),
     };
+    let upstream = match open(inbound).await {
+        Ok(t) => t,
+        Err(refusal) => {
+            metrics.stream_refused(refusal);
+            return refuse(&mut respond, status_of(refusal));
+        }
+    };
+    metrics.stream_opened(Direction::Inbound);
+    let ok = Response::builder().status(StatusCode::OK).body(());
+    let send = match ok.map(|r| respond.send_response(r, false)) {
+        Ok(Ok(send)) => send,
+        _ => return upstream.abort(),
+    };
+    let _ = carry(Stream::new(send, request.into_body()), upstream).await;
+}
+
+/// What `peer` asks for with a request, or the status refusing it.
+fn inbound(request: &Request<h2::RecvStream>, peer: SpiffeId) -> Result<Inbound, StatusCode> {
     if request.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = request
+    let target = request
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return status(StatusCode::BAD_REQUEST);
-    };
+        .ok_or(StatusCode::BAD_REQUEST)?;
     let source = request
         .headers()
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_forwarded_for);
-    let upstream = match open(Inbound {
+    Ok(Inbound {
         peer,
         target,
         source,
     })
-    .await
-    {
-        Ok(t) => t,
-        Err(refusal) => {
-            metrics.stream_refused(refusal);
-            return status(status_of(refusal));
-        }
-    };
-    metrics.stream_opened(Direction::Inbound);
-    tokio::spawn(async move {
-        match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                let _ = carry(TokioIo::new(upgraded), upstream).await;
-            }
-            Err(e) => {
-                tracing::debug!(target: "weft::mesh", error = %e, "stream upgrade failed");
-                upstream.abort();
-            }
-        }
-    });
-    status(StatusCode::OK)
+}
+
+/// Answers a stream with `status` and ends it.
+fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    if let Ok(r) = Response::builder().status(status).body(()) {
+        let _ = respond.send_response(r, true);
+    }
 }
 
 /// A user connection's socket, which can end with a reset.
@@ -517,21 +621,18 @@ impl Abort for TcpStream {
 }
 
 /// Carries a user connection over a stream: copies both ways until both sides are done; a
-/// half-close is passed on. When either side fails the socket is aborted (RFC 9113 8.5: a
-/// proxy resets the TCP connection on an error of the stream or of HTTP/2), so that a tunnel
-/// that broke is not passed off as an orderly end of a truncated exchange. The other way, a
-/// socket's reset only ends the stream (END_STREAM, then CANCEL): hyper's upgraded stream
-/// cannot send the CONNECT_ERROR reset the RFC asks for, so the far end sees a close.
-pub async fn carry<S, U>(stream: S, mut user: U) -> std::io::Result<(u64, u64)>
+/// half-close is passed on. When either side fails, both end with a reset, as RFC 9113 8.5
+/// asks of a CONNECT proxy: the stream with `CONNECT_ERROR` (the far end resets its socket)
+/// and the socket with a TCP reset. So a client's or server's reset reaches the other end as
+/// one, and a tunnel that broke is not passed off as an orderly end of a truncated exchange.
+pub async fn carry<U>(mut stream: Stream, mut user: U) -> std::io::Result<(u64, u64)>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin + Abort,
 {
-    let mut stream = stream;
     let copied =
         tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut user, BUFFER, BUFFER).await;
     if copied.is_err() {
-        drop(stream);
+        stream.reset();
         user.abort();
     }
     copied

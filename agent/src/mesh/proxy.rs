@@ -18,7 +18,6 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use hyper_util::rt::TokioIo;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     task::JoinHandle,
@@ -498,7 +497,7 @@ async fn outbound(
         .await
     {
         Ok(stream) => {
-            let _ = hbone::carry(TokioIo::new(stream), client).await;
+            let _ = hbone::carry(stream, client).await;
         }
         Err(e) => {
             tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, error = %crate::chain(&e), "tunnel refused");

@@ -7,7 +7,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -141,8 +140,7 @@ fn source_ip() -> IpAddr {
 }
 
 /// Writes `text` through a stream and reads it back.
-async fn round_trip(stream: hyper::upgrade::Upgraded, text: &[u8]) -> Vec<u8> {
-    let mut io = TokioIo::new(stream);
+async fn round_trip(mut io: hbone::Stream, text: &[u8]) -> Vec<u8> {
     io.write_all(text).await.expect("write");
     let mut back = vec![0u8; text.len()];
     io.read_exact(&mut back).await.expect("read");
@@ -355,7 +353,7 @@ async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working()
         .connect(&before, &metrics, &r, target, source_ip())
         .await
         .expect("stream");
-    let mut old = TokioIo::new(old);
+    let mut old = old;
     let after = pki.creds(&[pki.leaf("web"), db]);
     let new = pool
         .connect(&after, &metrics, &r, target, source_ip())
@@ -404,7 +402,7 @@ async fn a_broken_tunnel_resets_the_connection_it_carried() {
         .await
         .expect("stream");
     let (mut app, proxied) = user_connection().await;
-    let carried = tokio::spawn(hbone::carry(TokioIo::new(stream), proxied));
+    let carried = tokio::spawn(hbone::carry(stream, proxied));
     app.write_all(b"ping").await.expect("write");
     let mut back = [0u8; 4];
     app.read_exact(&mut back).await.expect("read");
@@ -419,4 +417,54 @@ async fn a_broken_tunnel_resets_the_connection_it_carried() {
         Err(std::io::ErrorKind::ConnectionReset)
     );
     assert!(carried.await.expect("join").is_err());
+}
+
+/// A reset crosses the tunnel either way as a reset (RST_STREAM with CONNECT_ERROR between
+/// the agents), not as an orderly close: the client's reaches the server, the server's the
+/// client.
+#[tokio::test]
+async fn a_reset_crosses_the_tunnel_either_way() {
+    let pki = Pki::new("reset");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let server = server(&creds, "db", &metrics).await;
+    let target = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let r = route("web", "db", server.addr);
+    let pool = Pool::default();
+    for client_resets in [true, false] {
+        let stream = pool
+            .connect(
+                &creds,
+                &metrics,
+                &r,
+                target.local_addr().expect("addr"),
+                source_ip(),
+            )
+            .await
+            .expect("stream");
+        let (mut app, proxied) = user_connection().await;
+        tokio::spawn(hbone::carry(stream, proxied));
+        app.write_all(b"hi").await.expect("write");
+        let (mut served, _) = target.accept().await.expect("accept");
+        let mut hi = [0u8; 2];
+        served.read_exact(&mut hi).await.expect("read");
+        let (resets, mut sees) = if client_resets {
+            (app, served)
+        } else {
+            (served, app)
+        };
+        resets.set_zero_linger().expect("linger");
+        drop(resets);
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), sees.read_to_end(&mut rest))
+            .await
+            .expect("the connection ends");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the {} reset",
+            if client_resets { "client" } else { "server" }
+        );
+    }
 }
