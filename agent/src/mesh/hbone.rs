@@ -40,6 +40,8 @@ const MAX_FRAME: u32 = 1 << 20;
 /// size of a stream's headers (a CONNECT's are a few dozen bytes): hyper's defaults.
 const MAX_STREAMS: u32 = 200;
 const MAX_HEADERS: u32 = 16 << 10;
+/// Bytes a client's streams may queue for the connection to write (hyper's client default).
+const SEND_BUFFER: usize = 1 << 20;
 /// A silent peer is noticed this soon.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -83,7 +85,7 @@ pub enum Error {
         #[source]
         source: h2::Error,
     },
-    #[error("HTTP/2 with {addr}: no answer to a ping for {KEEPALIVE_TIMEOUT:?}")]
+    #[error("HTTP/2 with {addr}: the peer went silent (no preface, or a ping unanswered)")]
     Silent { addr: SocketAddr },
     #[error("{addr} refused the stream to {target}: {status}")]
     Refused {
@@ -118,7 +120,8 @@ impl Tunnel {
         self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether it takes a new stream now (not closed, no GOAWAY, below the peer's limit).
+    /// Whether it takes a new stream now (not closed, no GOAWAY; a stream beyond the peer's
+    /// limit waits on it for one to end).
     fn is_ready(&self) -> bool {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         !self.is_closed()
@@ -302,6 +305,7 @@ async fn open_tunnel(
         .max_frame_size(MAX_FRAME)
         .initial_max_send_streams(MAX_STREAMS as usize)
         .max_header_list_size(MAX_HEADERS)
+        .max_send_buffer_size(SEND_BUFFER)
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
         .await
@@ -473,15 +477,18 @@ where
         return Ok(());
     };
     metrics.handshake_done(Direction::Inbound);
-    let mut connection = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADERS)
-        .handshake::<_, Bytes>(tls)
-        .await
-        .map_err(|source| Error::Http { addr, source })?;
+        .handshake::<_, Bytes>(tls);
+    // A peer that never sends HTTP/2's preface is dropped as one that never ends TLS is.
+    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(made) => made.map_err(|source| Error::Http { addr, source })?,
+        Err(_) => return Err(Error::Silent { addr }),
+    };
     metrics.tunnel_opened(Direction::Inbound);
     let pings = connection.ping_pong();
     let streams = Streams {
@@ -563,7 +570,13 @@ async fn stream<T, F, Fut>(
         Ok(inbound) => inbound,
         Err(status) => return refuse(&mut respond, status),
     };
-    let upstream = match open(inbound).await {
+    // A peer that gives up on the stream (RST_STREAM) while the target is connected to ends
+    // the connecting too.
+    let opened = tokio::select! {
+        opened = open(inbound) => opened,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let upstream = match opened {
         Ok(t) => t,
         Err(refusal) => {
             metrics.stream_refused(refusal);

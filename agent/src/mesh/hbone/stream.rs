@@ -11,12 +11,14 @@ use h2::{Reason, RecvStream, SendStream};
 use hyper::body::{Buf as _, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A CONNECT stream's two halves, and what was received and not read yet.
+/// A CONNECT stream's two halves, what was received and not read yet, and whether this end
+/// has ended its half (END_STREAM).
 #[derive(Debug)]
 pub struct Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
     unread: Bytes,
+    shut: bool,
 }
 
 impl Stream {
@@ -25,6 +27,7 @@ impl Stream {
             send,
             recv,
             unread: Bytes::new(),
+            shut: false,
         }
     }
 
@@ -35,14 +38,15 @@ impl Stream {
     }
 }
 
-/// A stream error as the socket it stands for would report it: `CONNECT_ERROR` is the far
-/// end's TCP reset; `NO_ERROR` and `CANCEL` (a peer that dropped a stream it had finished, as
-/// hyper does) end it.
-fn read_error(e: h2::Error) -> Option<io::Error> {
-    match e.reason() {
-        Some(Reason::NO_ERROR | Reason::CANCEL) => None,
-        Some(Reason::CONNECT_ERROR) => Some(io::Error::new(io::ErrorKind::ConnectionReset, e)),
-        _ => Some(io_error(e)),
+/// A stream error as the socket it stands for would report it: any reset before the peer's
+/// END_STREAM (one after it reads as the end) cut the exchange short, so the far end's TCP
+/// reset (`CONNECT_ERROR`) and a peer that gave up on the stream (`CANCEL`, even `NO_ERROR`)
+/// alike are a reset here, never an orderly end.
+fn read_error(e: h2::Error) -> io::Error {
+    if e.is_reset() {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
+    } else {
+        io_error(e)
     }
 }
 
@@ -64,20 +68,15 @@ impl AsyncRead for Stream {
         while self.unread.is_empty() {
             match ready!(self.recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => {
-                    // The window opens again as soon as the bytes are ours: one frame at
-                    // most waits here.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.unread = data;
-                }
-                Some(Err(e)) => {
-                    return Poll::Ready(read_error(e).map_or(Ok(()), Err));
-                }
+                Some(Ok(data)) => self.unread = data,
+                Some(Err(e)) => return Poll::Ready(Err(read_error(e))),
             }
         }
         let n = buf.remaining().min(self.unread.len());
         buf.put_slice(&self.unread[..n]);
         self.unread.advance(n);
+        // The window opens again only for bytes taken: what waits here counts against it.
+        let _ = self.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -91,6 +90,9 @@ impl AsyncWrite for Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        if self.shut {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         self.send.reserve_capacity(buf.len());
         match ready!(self.send.poll_capacity(cx)) {
             Some(Ok(n)) if n > 0 => {
@@ -99,8 +101,8 @@ impl AsyncWrite for Stream {
                 self.send.send_data(data, false).map_err(io_error)?;
                 Poll::Ready(Ok(n))
             }
+            // h2 does not announce no capacity (it stays pending); should it, ask again.
             Some(Ok(_)) => {
-                // Capacity announced and taken back before it was ours: ask again.
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
@@ -116,8 +118,14 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.shut {
+            return Poll::Ready(Ok(()));
+        }
         match self.send.send_data(Bytes::new(), true) {
-            Ok(()) => Poll::Ready(Ok(())),
+            Ok(()) => {
+                self.shut = true;
+                Poll::Ready(Ok(()))
+            }
             Err(_) => self.poll_closed(cx).map(Err),
         }
     }
@@ -131,5 +139,59 @@ impl Stream {
             Ok(_) => io::ErrorKind::BrokenPipe.into(),
             Err(e) => io_error(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A stream whose server answers 200 and, once the client wrote to it, sends `data` and
+    /// resets it with `reason`.
+    async fn reset_by_peer(data: &'static [u8], reason: Reason) -> Stream {
+        let (client_io, server_io) = tokio::io::duplex(64 << 10);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.expect("server");
+            let (request, mut respond) = conn.accept().await.expect("stream").expect("ok");
+            let ok = http::Response::builder()
+                .status(200)
+                .body(())
+                .expect("response");
+            let mut send = respond.send_response(ok, false).expect("send");
+            tokio::spawn(async move {
+                let _ = request.into_body().data().await;
+                send.send_data(Bytes::from_static(data), false)
+                    .expect("data");
+                send.send_reset(reason);
+            });
+            while conn.accept().await.is_some() {}
+        });
+        let (mut sender, conn) = h2::client::handshake(client_io).await.expect("client");
+        tokio::spawn(conn);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .expect("request");
+        let (response, send) = sender.send_request(request, false).expect("send");
+        let response = response.await.expect("response");
+        let mut stream = Stream::new(send, response.into_body());
+        stream.write_all(b"go").await.expect("write");
+        stream
+    }
+
+    /// A peer's reset before its END_STREAM cut the exchange short: whatever the reason, it
+    /// reads as a reset (bytes not read yet are dropped, as TCP's reset drops them), never as
+    /// an orderly end.
+    #[tokio::test]
+    async fn a_reset_before_the_end_reads_as_a_reset() {
+        for reason in [Reason::CONNECT_ERROR, Reason::CANCEL, Reason::NO_ERROR] {
+            let mut stream = reset_by_peer(b"partial", reason).await;
+            let mut read = Vec::new();
+            let end = stream.read_to_end(&mut read).await.map_err(|e| e.kind());
+            assert_eq!(end, Err(io::ErrorKind::ConnectionReset), "{reason:?}");
+        }
     }
 }
