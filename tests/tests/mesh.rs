@@ -273,14 +273,8 @@ fn assert_mesh_telemetry(agents: &[Agent]) {
                 .count();
             (opened, meshed)
         };
-        let deadline = std::time::Instant::now() + WAIT;
-        let mut got = seen();
-        while got != (2.0, 2) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            got = seen();
-        }
         assert_eq!(
-            got,
+            settled((2.0, 2), seen),
             (2.0, 2),
             "{reporter}: both connections closed, labelled and recorded as carried"
         );
@@ -336,13 +330,11 @@ fn meshed_pods_of_one_node_talk_directly_with_both_principals() {
             .count();
         (closed("source"), closed("destination"), local)
     };
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut got = seen();
-    while got != (1.0, 1.0, 2) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        got = seen();
-    }
-    assert_eq!(got, (1.0, 1.0, 2), "both ends labelled and recorded");
+    assert_eq!(
+        settled((1.0, 1.0, 2), seen),
+        (1.0, 1.0, 2),
+        "both ends labelled and recorded"
+    );
     let streams: f64 = agents
         .iter()
         .flat_map(|a| a.metrics())
@@ -350,6 +342,19 @@ fn meshed_pods_of_one_node_talk_directly_with_both_principals() {
         .map(|s| s.value)
         .sum();
     assert_eq!(streams, 0.0, "nothing went through a tunnel");
+}
+
+/// What `seen` reports once it reports `want`, or after [`WAIT`] (telemetry arrives a little
+/// after the exchange).
+fn settled<T: PartialEq>(want: T, seen: impl Fn() -> T) -> T {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let got = seen();
+        if got == want || std::time::Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// No iptables or nftables rule in a network namespace (weft's capture and delivery use
@@ -425,12 +430,9 @@ fn assert_plaintext_telemetry(agent: &Agent) {
             .map(|s| s.value)
             .sum()
     };
-    let deadline = std::time::Instant::now() + WAIT;
-    while closed("unknown") < 1.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let seen = || (closed("unknown"), closed("mutual_tls"));
     assert_eq!(
-        (closed("unknown"), closed("mutual_tls")),
+        settled((1.0, 0.0), seen),
         (1.0, 0.0),
         "the plaintext connection is reported, not as mutual_tls"
     );
