@@ -2,6 +2,7 @@
 //! always compiles to the same result, which is what makes the sync diff small and testable.
 //! This file compiles Services; [`policy`] compiles NetworkPolicies.
 pub mod addresses;
+pub mod authz;
 pub mod mesh;
 pub mod names;
 pub mod policy;

@@ -8,7 +8,13 @@
 //!   isolates it both ways and gives its addresses an identity no policy peer matches;
 //! - for a NetworkPolicy, a policy of the same name with no rules, isolating the directions
 //!   the original does (both when its `policyTypes` cannot be read) for what the original
-//!   selects (its whole namespace when even the selector is unusable).
+//!   selects (its whole namespace when even the selector is unusable);
+//! - for an AuthorizationPolicy ([`authorization_policy`]), one that allows nothing where the
+//!   original would allow (ALLOW) and denies everything where it could deny (DENY, CUSTOM, an
+//!   action weft cannot read), for what it selects (its whole scope when the selector is
+//!   unusable); none for AUDIT, which never decides, or for a policy that targets a waypoint;
+//! - for a PeerAuthentication ([`peer_authentication`]), STRICT for what it selects, over
+//!   every other PeerAuthentication (`compile::authz::mtls`).
 //!
 //! The rejection itself is reported as before (`weft status`, the rejection metric).
 use std::{collections::BTreeMap, sync::Arc};
@@ -22,7 +28,14 @@ use k8s_openapi::{
 };
 use serde_json::Value;
 
-use super::{Kind, Object, validate::CGROUP_ANNOTATION};
+use super::{
+    Kind, Object,
+    security::{
+        self, Action, AuthorizationPolicy, AuthorizationPolicySpec, Mode, MutualTls,
+        PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
+    },
+    validate::CGROUP_ANNOTATION,
+};
 
 /// Marks an object that stands in for a rejected one. Never taken from the API.
 pub const REJECTED_ANNOTATION: &str = "weft.io/rejected";
@@ -105,6 +118,80 @@ pub fn beside(of: &super::ObjectRef, stand_in: Object) -> (super::ObjectRef, Obj
         other => other,
     };
     (super::ObjectRef::new(of.kind, &of.namespace, &name), object)
+}
+
+/// The stand-in of a rejected AuthorizationPolicy document (see the module's documentation).
+pub fn authorization_policy(value: &Value, namespace: &str) -> Option<AuthorizationPolicy> {
+    let spec = &value["spec"];
+    let targeted = spec["targetRef"].is_object()
+        || spec["targetRefs"].as_array().is_some_and(|t| !t.is_empty());
+    if targeted && spec["selector"].is_null() {
+        return None;
+    }
+    let deny_all = (Some(Action::Deny), Some(vec![security::Rule::default()]));
+    let (action, rules) = match &spec["action"] {
+        // A spec weft cannot read could say anything.
+        _ if !(spec.is_object() || spec.is_null()) => deny_all,
+        Value::Null => (None, None),
+        Value::String(a) if a == "ALLOW" => (Some(Action::Allow), None),
+        Value::String(a) if a == "AUDIT" => return None,
+        _ => deny_all,
+    };
+    Some(AuthorizationPolicy {
+        api_version: value["apiVersion"].as_str().unwrap_or_default().to_owned(),
+        kind: "AuthorizationPolicy".to_owned(),
+        metadata: stand_in_metadata(value, namespace)?,
+        spec: AuthorizationPolicySpec {
+            selector: workload_selector(&spec["selector"]),
+            action,
+            rules,
+            ..AuthorizationPolicySpec::default()
+        },
+        status: None,
+    })
+}
+
+/// The stand-in of a rejected PeerAuthentication document: STRICT for what it selects.
+pub fn peer_authentication(value: &Value, namespace: &str) -> Option<PeerAuthentication> {
+    Some(PeerAuthentication {
+        api_version: value["apiVersion"].as_str().unwrap_or_default().to_owned(),
+        kind: "PeerAuthentication".to_owned(),
+        metadata: stand_in_metadata(value, namespace)?,
+        spec: PeerAuthenticationSpec {
+            selector: workload_selector(&value["spec"]["selector"]),
+            mtls: Some(MutualTls {
+                mode: Some(Mode::Strict),
+            }),
+            port_level_mtls: None,
+        },
+        status: None,
+    })
+}
+
+fn stand_in_metadata(value: &Value, namespace: &str) -> Option<ObjectMeta> {
+    let name = value["metadata"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())?;
+    Some(ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        annotations: Some(BTreeMap::from([(
+            REJECTED_ANNOTATION.to_owned(),
+            "true".to_owned(),
+        )])),
+        ..ObjectMeta::default()
+    })
+}
+
+/// The selector when it can be used as written; `None` (the whole scope) otherwise.
+fn workload_selector(value: &Value) -> Option<WorkloadSelector> {
+    let selector: WorkloadSelector = serde_json::from_value(value.clone()).ok()?;
+    let usable = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| !k.is_empty() && !k.contains('*') && !v.contains('*'));
+    usable.then_some(selector)
 }
 
 fn pod(mut metadata: ObjectMeta, value: &Value) -> Pod {

@@ -2,6 +2,7 @@
 //! (kubernetes pkg/apis/core/validation, pkg/apis/discovery/validation) for the fields weft
 //! uses. Every problem names its field.
 pub mod netpol;
+pub mod security;
 
 use std::{collections::BTreeSet, net::IpAddr, path::Component, path::Path};
 

@@ -1,0 +1,324 @@
+//! Istio's security API for meshed pods: the mutual TLS mode of each port
+//! (PeerAuthentication, [`mtls`]), the AuthorizationPolicies that apply, and the decision
+//! for a connection ([`decide`]).
+//!
+//! Scope: a policy without a selector applies to its namespace, or to the whole mesh in the
+//! root namespace; a selector selects in its namespace, and from the root namespace in every
+//! namespace. A policy with `targetRef(s)` is for waypoints and gateways, not for weft.
+//!
+//! Evaluation, in Istio's order: a STRICT port refuses a caller without a verified identity;
+//! any matching CUSTOM or DENY rule denies; with no ALLOW policy the connection is allowed;
+//! otherwise some ALLOW rule must match (an ALLOW policy without rules matches nothing).
+//! AUDIT policies never change the verdict; the first that matches is named. weft cannot ask
+//! a CUSTOM policy's external authorizer, so a CUSTOM rule that matches denies.
+pub mod mtls;
+pub mod rules;
+pub mod table;
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+use serde::Serialize;
+
+use self::{
+    mtls::{Modes, Tls},
+    rules::{Peer, Reading, Rule},
+};
+use crate::{
+    compile::policy::selector::Labels,
+    identity::SpiffeId,
+    store::{
+        Key, Store,
+        security::{Action, AuthorizationPolicy},
+        stand_in::REJECTED_ANNOTATION,
+    },
+};
+
+/// The annotation that makes a policy a dry run.
+pub const DRY_RUN: &str = "istio.io/dry-run";
+
+/// Something that compiles but does not do all its author wrote.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Problem {
+    /// `AuthorizationPolicy namespace/name`, `PeerAuthentication namespace/name`.
+    pub object: String,
+    pub message: String,
+}
+
+/// An AuthorizationPolicy as weft applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// `namespace/name`.
+    pub name: String,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+    /// Stands in for a version weft could not read.
+    pub stand_in: bool,
+}
+
+impl Policy {
+    /// The index of the first rule that matches `peer`.
+    fn first_match(&self, peer: &Peer) -> Option<usize> {
+        // What a rule cannot know: an ALLOW rule reads it as matching less, the others as
+        // matching more.
+        let reading = if self.action == Action::Allow {
+            Reading::Narrow
+        } else {
+            Reading::Broad
+        };
+        self.rules.iter().position(|r| r.matches(peer, reading))
+    }
+}
+
+/// What applies to one workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub mtls: Modes,
+    /// By name.
+    pub policies: Vec<Arc<Policy>>,
+}
+
+/// The compiled security state of the pods compiled for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authz {
+    pub workloads: BTreeMap<Key, Workload>,
+    /// Every policy, by `namespace/name`, with the workloads it selects.
+    pub policies: BTreeMap<String, Vec<Key>>,
+    pub problems: Vec<Problem>,
+}
+
+/// Compiles the store's security policies for `pods` (the meshed pods this node serves).
+pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a Key>) -> Authz {
+    let mut out = Authz::default();
+    let mut policies = Vec::new();
+    for ((ns, name), ap) in &store.authorization_policies {
+        let full = format!("{ns}/{name}");
+        out.policies.insert(full.clone(), Vec::new());
+        if let Some(p) = compile_policy(&full, ns, ap, &mut out.problems) {
+            policies.push((ns.as_str(), ap, Arc::new(p)));
+        }
+    }
+    let no_labels = Labels::new();
+    for key in pods {
+        let Some(pod) = store.pods.get(key) else {
+            continue;
+        };
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+        let namespace = key.0.as_str();
+        let w = mtls::Workload { namespace, labels };
+        let mut workload = Workload {
+            mtls: mtls::modes(&store.peer_authentications, root, w, &mut out.problems),
+            policies: Vec::new(),
+        };
+        for (ns, ap, p) in &policies {
+            if applies(ap, ns, root, w) {
+                workload.policies.push(Arc::clone(p));
+                out.policies
+                    .entry(p.name.clone())
+                    .or_default()
+                    .push(key.clone());
+            }
+        }
+        out.workloads.insert(key.clone(), workload);
+    }
+    root_selectors(store, root, &mut out.problems);
+    out.problems.sort();
+    out.problems.dedup();
+    out
+}
+
+/// A policy's rules, or `None` when it is not weft's to apply (reported).
+fn compile_policy(
+    full: &str,
+    ns: &str,
+    ap: &AuthorizationPolicy,
+    problems: &mut Vec<Problem>,
+) -> Option<Policy> {
+    let spec = &ap.spec;
+    let object = format!("AuthorizationPolicy {full}");
+    let mut problem = |message: String| {
+        problems.push(Problem {
+            object: object.clone(),
+            message,
+        });
+    };
+    if spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty()) {
+        problem("targets a Service or Gateway (targetRef): enforced by a waypoint or gateway, not by weft".into());
+        return None;
+    }
+    let dry_run = ap
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN));
+    if dry_run.is_some_and(|v| v == "true") {
+        problem(format!(
+            "{DRY_RUN}: Istio logs what it would decide and enforces nothing; weft does not enforce it either"
+        ));
+        return None;
+    }
+    let action = spec.action.unwrap_or(Action::Allow);
+    let rules: Vec<Rule> = spec
+        .rules
+        .iter()
+        .flatten()
+        .map(|r| Rule::compile(r, ns))
+        .collect();
+    if action == Action::Custom {
+        problem("CUSTOM: weft cannot ask the external authorizer, so connections its rules match are denied".into());
+    }
+    for (i, r) in rules.iter().enumerate().filter(|(_, r)| !r.http.is_empty()) {
+        let effect = if action == Action::Allow {
+            "this ALLOW rule matches no connection"
+        } else {
+            "this rule is applied without them, so it matches more connections than written"
+        };
+        problem(format!(
+            "rules[{i}] needs HTTP attributes ({}), which weft cannot see at L4: {effect}",
+            r.http.join(", ")
+        ));
+    }
+    Some(Policy {
+        name: full.to_owned(),
+        action,
+        rules,
+        stand_in: ap
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(REJECTED_ANNOTATION)),
+    })
+}
+
+/// Whether the policy `ap` of namespace `ns` applies to the workload.
+fn applies(ap: &AuthorizationPolicy, ns: &str, root: &str, w: mtls::Workload) -> bool {
+    (ns == w.namespace || ns == root)
+        && ap
+            .spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| s.matches(w.labels))
+}
+
+fn root_selectors(store: &Store, root: &str, problems: &mut Vec<Problem>) {
+    for ((ns, name), pa) in &store.peer_authentications {
+        if ns == root && pa.spec.selects_workloads() {
+            problems.push(Problem {
+                object: format!("PeerAuthentication {ns}/{name}"),
+                message: "a selector in the root namespace has no effect (as in Istio): use the \
+                          workload's namespace"
+                    .into(),
+            });
+        }
+    }
+}
+
+/// A connection to a workload, as the destination sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// The client's address.
+    pub source: IpAddr,
+    /// The client's verified identity; `None` for plaintext.
+    pub identity: Option<&'a SpiffeId>,
+    /// The workload's address and port.
+    pub destination: IpAddr,
+    pub port: u16,
+}
+
+/// Why a connection was allowed or denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// No ALLOW policy applies and nothing denied.
+    NoPolicy,
+    /// An ALLOW rule matched.
+    Allowed,
+    /// A DENY rule matched.
+    Denied,
+    /// A CUSTOM rule matched (weft cannot ask its authorizer).
+    Custom,
+    /// ALLOW policies apply and none matched.
+    NotAllowed,
+    /// The port is STRICT and the caller has no verified identity.
+    MtlsRequired,
+}
+
+impl Reason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoPolicy => "no_policy",
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Custom => "custom",
+            Self::NotAllowed => "not_allowed",
+            Self::MtlsRequired => "mtls_required",
+        }
+    }
+}
+
+/// A policy's rule: `namespace/name` and the index in `spec.rules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleAt {
+    pub policy: String,
+    pub rule: usize,
+}
+
+/// The decision for a connection and what reached it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Reason,
+    /// The rule that decided, when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<RuleAt>,
+    /// The first AUDIT rule that matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<RuleAt>,
+}
+
+/// Decides a connection to the workload `w`.
+pub fn decide(w: &Workload, c: &Connection) -> Decision {
+    // `::ffff:10.0.0.5` is 10.0.0.5 to every policy.
+    let peer = Peer {
+        source: c.source.to_canonical(),
+        identity: c.identity,
+        destination: c.destination.to_canonical(),
+        port: c.port,
+    };
+    let matching = |action: Action| {
+        w.policies
+            .iter()
+            .filter(move |p| p.action == action)
+            .find_map(|p| {
+                p.first_match(&peer).map(|rule| RuleAt {
+                    policy: p.name.clone(),
+                    rule,
+                })
+            })
+    };
+    let audit = matching(Action::Audit);
+    let decision = |allowed, reason, by| Decision {
+        allowed,
+        reason,
+        by,
+        audit: audit.clone(),
+    };
+    if c.identity.is_none() && w.mtls.of_port(c.port) == Tls::Strict {
+        return decision(false, Reason::MtlsRequired, None);
+    }
+    if let Some(by) = matching(Action::Custom) {
+        return decision(false, Reason::Custom, Some(by));
+    }
+    if let Some(by) = matching(Action::Deny) {
+        return decision(false, Reason::Denied, Some(by));
+    }
+    if !w.policies.iter().any(|p| p.action == Action::Allow) {
+        return decision(true, Reason::NoPolicy, None);
+    }
+    match matching(Action::Allow) {
+        Some(by) => decision(true, Reason::Allowed, Some(by)),
+        None => decision(false, Reason::NotAllowed, None),
+    }
+}
+
+#[cfg(test)]
+mod tests;
