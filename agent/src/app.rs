@@ -402,7 +402,8 @@ fn start_mesh(
         registry,
         Some(datapath.take(weft_abi::maps::MESH_ORIG)?),
         config.datapath.host_netns.as_deref(),
-    );
+    )
+    .with_mesh_root(&config.pipeline.mesh_root_namespace);
     if let Some(views) = views {
         on_pass(&mut mesh, views, datapath.cgroup());
     }

@@ -587,8 +587,9 @@ mod example_dir {
         assert!(rejections.is_empty(), "{rejections:#?}");
         assert_eq!(
             objects.len(),
-            12,
-            "1 namespace, 3 pods, 3 services, 1 slice, 4 policies: {:?}",
+            14,
+            "1 namespace, 3 pods, 3 services, 1 slice, 4 policies, 1 PeerAuthentication, 1 \
+             AuthorizationPolicy: {:?}",
             objects.keys().collect::<Vec<_>>()
         );
         let out = services(&Store::from_objects(objects.clone()));

@@ -128,6 +128,8 @@ pub struct Mesh {
     proxy: Option<Proxy>,
     /// Local meshed pods whose network namespace could not be found yet.
     waiting: Vec<String>,
+    /// Istio's root namespace (`--mesh-root-namespace`).
+    root: String,
 }
 
 impl Mesh {
@@ -182,9 +184,16 @@ impl Mesh {
             status: Arc::default(),
             proxy,
             waiting: Vec::new(),
+            root: "istio-system".to_owned(),
         };
         mesh.reload_ca(SystemTime::now());
         mesh
+    }
+
+    /// Istio's root namespace, for the security policies of the pods served.
+    pub fn with_mesh_root(mut self, root: &str) -> Self {
+        root.clone_into(&mut self.root);
+        self
     }
 
     /// What telemetry asks of the mesh (which connections it carried, with whose
@@ -279,6 +288,18 @@ impl Mesh {
                 .unwrap_or_else(|e| e.into_inner()) = Arc::new(local_ips);
             let directory = directory(store, &enrolled.meshed);
             proxy.shared().carried.set_directory(directory);
+            // Before the pods are served: a stream is never decided without their policy.
+            let keys: Vec<crate::store::Key> = served
+                .iter()
+                .filter_map(|p| p.pod.split_once('/'))
+                .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+                .collect();
+            let authz = crate::compile::authz::compile(store, &self.root, &keys);
+            *proxy
+                .shared()
+                .authz
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(authz);
             proxy.sync(&served);
         }
         self.publish(now);

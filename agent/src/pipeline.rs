@@ -55,6 +55,10 @@ pub struct Settings {
     /// repeat for several [default: the addresses of the agent's network namespace].
     #[arg(long = "node-ip")]
     pub node_ips: Vec<IpAddr>,
+    /// The namespace of mesh-wide PeerAuthentications and AuthorizationPolicies (Istio's root
+    /// namespace).
+    #[arg(long, default_value = "istio-system")]
+    pub mesh_root_namespace: String,
     #[command(flatten)]
     pub names: NameConfig,
 }
@@ -157,7 +161,8 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             node_ips,
             &metrics,
             Arc::clone(&views.policy),
-        )?;
+        )?
+        .with_mesh_root(&settings.mesh_root_namespace);
         Ok(Self {
             source,
             syncer,

@@ -62,7 +62,8 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
     let Some(kind) = Kind::from_type(&api_version, &kind_name) else {
         let msg = format!(
             "unsupported kind {kind_name:?} of apiVersion {api_version:?}: weft reads v1 Namespace, Pod \
-             and Service, discovery.k8s.io/v1 EndpointSlice and networking.k8s.io/v1 NetworkPolicy"
+             and Service, discovery.k8s.io/v1 EndpointSlice, networking.k8s.io/v1 NetworkPolicy, \
+             and security.istio.io/v1 (or v1beta1) PeerAuthentication and AuthorizationPolicy"
         );
         return Err(Invalid::new(None, "kind", msg));
     };
@@ -109,6 +110,12 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
         Kind::NetworkPolicy => {
             Object::NetworkPolicy(Arc::new(typed::<NetworkPolicy>(&value).map_err(invalid)?))
         }
+        Kind::PeerAuthentication => Object::PeerAuthentication(Arc::new(
+            typed::<security::PeerAuthentication>(&value).map_err(invalid)?,
+        )),
+        Kind::AuthorizationPolicy => Object::AuthorizationPolicy(Arc::new(
+            typed::<security::AuthorizationPolicy>(&value).map_err(invalid)?,
+        )),
     };
     validate::object(&object).map_err(invalid)?;
     let object_ref = object_ref.ok_or_else(|| Invalid::new(None, "metadata.name", "required"))?;
@@ -144,7 +151,6 @@ fn typed<T: DeserializeOwned + serde::Serialize>(value: &Value) -> Result<T, Vec
 }
 
 /// Decodes and validates an AuthorizationPolicy document: `Err` names each problem's field.
-/// Not yet called by the sources: they refuse the kind until weft enforces it (issue 17).
 pub fn authorization_policy(
     value: &Value,
 ) -> Result<security::AuthorizationPolicy, Vec<FieldError>> {
@@ -171,8 +177,7 @@ pub struct Store {
     pub services: BTreeMap<Key, Arc<Service>>,
     pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
     pub network_policies: BTreeMap<Key, Arc<NetworkPolicy>>,
-    /// Istio's security API ([`security`]): not read by the sources yet (issue 17 lands
-    /// enforcement first), so empty outside tests.
+    /// Istio's security API ([`security`]).
     pub peer_authentications: BTreeMap<Key, Arc<security::PeerAuthentication>>,
     pub authorization_policies: BTreeMap<Key, Arc<security::AuthorizationPolicy>>,
 }
@@ -192,6 +197,12 @@ impl Store {
                 Object::Service(x) => drop(store.services.insert(key, Arc::clone(x))),
                 Object::EndpointSlice(x) => drop(store.endpoint_slices.insert(key, Arc::clone(x))),
                 Object::NetworkPolicy(x) => drop(store.network_policies.insert(key, Arc::clone(x))),
+                Object::PeerAuthentication(x) => {
+                    drop(store.peer_authentications.insert(key, Arc::clone(x)))
+                }
+                Object::AuthorizationPolicy(x) => {
+                    drop(store.authorization_policies.insert(key, Arc::clone(x)))
+                }
             }
         }
         store
@@ -258,6 +269,14 @@ impl Store {
             (Kind::Service.as_str(), self.services.len()),
             (Kind::EndpointSlice.as_str(), self.endpoint_slices.len()),
             (Kind::NetworkPolicy.as_str(), self.network_policies.len()),
+            (
+                Kind::PeerAuthentication.as_str(),
+                self.peer_authentications.len(),
+            ),
+            (
+                Kind::AuthorizationPolicy.as_str(),
+                self.authorization_policies.len(),
+            ),
         ])
     }
 }

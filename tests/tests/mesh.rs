@@ -28,18 +28,26 @@ const NEIGHBOR_ID: &str = "spiffe://cluster.local/ns/default/sa/neighbor";
 /// `client` and `plain` on node a, `server`, `plainsrv` and `neighbor` on node b; `client`,
 /// `server` and `neighbor` are meshed.
 fn mesh_cluster(test: &str) -> Cluster {
+    mesh_cluster_with(test, &[])
+}
+
+/// [`mesh_cluster`] with more meshed pods on node a, each running as a service account of
+/// its own name.
+fn mesh_cluster_with(test: &str, more: &[&'static str]) -> Cluster {
+    let on_a: Vec<&str> = ["client", "plain"].iter().chain(more).copied().collect();
     let c = Cluster::builder(test)
-        .node("a", &["client", "plain"])
+        .node("a", &on_a)
         .node("b", &["server", "plainsrv", "neighbor"])
         .build();
     let mut docs = Vec::new();
-    for (pod, meshed) in [
+    let pods = [
         ("client", true),
         ("plain", false),
         ("server", true),
         ("plainsrv", false),
         ("neighbor", true),
-    ] {
+    ];
+    for (pod, meshed) in pods.into_iter().chain(more.iter().map(|p| (*p, true))) {
         let mut labels = vec![("app", pod)];
         if meshed {
             labels.push(("weft.io/mesh", "enabled"));
@@ -53,11 +61,13 @@ fn mesh_cluster(test: &str) -> Cluster {
         );
         // The server and its neighbour run as service accounts of their own: identities to
         // tell apart.
-        docs.push(if pod == "server" || pod == "neighbor" {
-            doc.replace("spec:\n", &format!("spec:\n  serviceAccountName: {pod}\n"))
-        } else {
-            doc
-        });
+        docs.push(
+            if pod == "server" || pod == "neighbor" || more.contains(&pod) {
+                doc.replace("spec:\n", &format!("spec:\n  serviceAccountName: {pod}\n"))
+            } else {
+                doc
+            },
+        );
     }
     let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
     docs.push(k8s::service(
@@ -470,7 +480,15 @@ fn without_an_agent_meshed_connects_are_refused_then_work_again() {
 /// Both nodes' agents meshed, and a server in `server` answering [`SECRET`] on 8080: the
 /// cluster, its CA, the agents, the server, and its address.
 fn serving(test: &str) -> (Cluster, MeshCa, Vec<Agent>, Process, String) {
-    let c = mesh_cluster(test);
+    serving_with(test, &[])
+}
+
+/// [`serving`] on [`mesh_cluster_with`].
+fn serving_with(
+    test: &str,
+    more: &[&'static str],
+) -> (Cluster, MeshCa, Vec<Agent>, Process, String) {
+    let c = mesh_cluster_with(test, more);
     let ca = ca(&c);
     let agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
@@ -833,4 +851,76 @@ fn in_kubernetes_mode_a_successor_in_another_cgroup_takes_over() {
         .spawn("client", &["rr", "--connect", &rr_target, "--count", "20"]);
     after.wait_success(WAIT);
     drop(agents);
+}
+
+/// Istio's security policy, applied where the pods are served: a document in namespace
+/// `default` of the source directory.
+fn apply_security(c: &Cluster, docs: &[&str]) {
+    c.write_source("security.yaml", &docs.join("---\n"));
+}
+
+const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: default}\nspec:\n  mtls: {mode: STRICT}\n";
+
+/// STRICT refuses a plaintext client at its SYN (the server never accepts it) and keeps
+/// serving a meshed one; before it, the plaintext client was served (PERMISSIVE).
+#[test]
+fn strict_refuses_plaintext_and_serves_the_mesh() {
+    let (c, _ca, agents, _server, target) = serving("authz_strict");
+    assert_eq!(
+        probe(&c, "plain", &target),
+        SECRET,
+        "PERMISSIVE without a policy"
+    );
+    apply_security(&c, &[STRICT]);
+    let refused = settled(true, || probe(&c, "plain", &target).starts_with("error"));
+    assert!(refused, "plaintext refused once STRICT is in force");
+    assert_eq!(probe(&c, "client", &target), SECRET, "the meshed client");
+    let drops: f64 = agents[1]
+        .metrics()
+        .into_iter()
+        .filter(|s| {
+            s.name == "weft_dropped_flows_total" && s.label("reason") == Some("authorization")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert!(
+        drops >= 1.0,
+        "the refusal is counted with its reason: {drops}"
+    );
+}
+
+/// An ALLOW policy by principal admits one service account's pods and refuses another's;
+/// a DENY by namespace wins over an ALLOW of everything.
+#[test]
+fn authorization_policies_decide_by_principal_and_deny_wins() {
+    let (c, _ca, agents, _server, target) = serving_with("authz_allow", &["other"]);
+    wait_meshed(
+        &agents[0],
+        "spiffe://cluster.local/ns/default/sa/other",
+        "default/other",
+    );
+    assert_eq!(probe(&c, "other", &target), SECRET, "no policy yet");
+    let allow = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-client, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]\n";
+    apply_security(&c, &[allow]);
+    let refused = settled(true, || probe(&c, "other", &target).starts_with("error"));
+    assert!(refused, "another service account is refused");
+    assert_eq!(
+        probe(&c, "client", &target),
+        SECRET,
+        "the principal allowed"
+    );
+    let everyone = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: everyone, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{}]\n";
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: not-default, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [default]}}]\n";
+    apply_security(&c, &[everyone, deny]);
+    let refused = settled(true, || probe(&c, "client", &target).starts_with("error"));
+    assert!(refused, "the DENY wins over the ALLOW");
+    let unauthorized: f64 = agents[1]
+        .metrics()
+        .into_iter()
+        .filter(|s| {
+            s.name == "weft_mesh_streams_refused_total" && s.label("reason") == Some("unauthorized")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert!(unauthorized >= 2.0, "refusals counted: {unauthorized}");
 }

@@ -126,6 +126,35 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
     out
 }
 
+/// The pods of `pods` (meshed pods of this node) that refuse some plaintext caller: the kernel
+/// refuses plaintext connections to them that no proxy delivered (`EP_AUTHZ`). Judged at
+/// each of the pod's addresses; a pod without one yet, by whether anything applies to it.
+pub fn plaintext_denied<'a>(
+    store: &Store,
+    root: &str,
+    pods: impl IntoIterator<Item = &'a Key>,
+) -> std::collections::BTreeSet<Key> {
+    let authz = compile(store, root, pods);
+    let mut out = std::collections::BTreeSet::new();
+    for (key, w) in &authz.workloads {
+        let ips = store
+            .pods
+            .get(key)
+            .map(|p| crate::compile::addresses::own_addresses(p))
+            .unwrap_or_default();
+        let denies = if ips.is_empty() {
+            !w.policies.is_empty() || w.mtls.default == Tls::Strict || !w.mtls.ports.is_empty()
+        } else {
+            ips.iter()
+                .any(|ip| table::plaintext(w, *ip).iter().any(|e| !e.decision.allowed))
+        };
+        if denies {
+            out.insert(key.clone());
+        }
+    }
+    out
+}
+
 /// A policy's rules, or `None` when it is not weft's to apply (reported).
 fn compile_policy(
     full: &str,

@@ -425,6 +425,7 @@ const fn status_of(refusal: Refusal) -> StatusCode {
     match refusal {
         Refusal::Forbidden => StatusCode::FORBIDDEN,
         Refusal::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
     }
 }
 

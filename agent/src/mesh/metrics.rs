@@ -203,6 +203,8 @@ pub enum Refusal {
     Forbidden,
     /// The target refused or could not be reached.
     Unreachable,
+    /// The pod's security policy (an AuthorizationPolicy) refuses the peer.
+    Unauthorized,
 }
 
 impl Refusal {
@@ -210,6 +212,7 @@ impl Refusal {
         match self {
             Self::Forbidden => "forbidden",
             Self::Unreachable => "unreachable",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }
@@ -276,7 +279,11 @@ impl ProxyMetrics {
                     .get_or_create(&HandshakeLabels { direction, reason });
             }
         }
-        for reason in [Refusal::Forbidden, Refusal::Unreachable] {
+        for reason in [
+            Refusal::Forbidden,
+            Refusal::Unreachable,
+            Refusal::Unauthorized,
+        ] {
             let _ = m.streams_refused.get_or_create(&RefusalLabels { reason });
         }
         m

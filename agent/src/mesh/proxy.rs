@@ -34,7 +34,10 @@ use super::{
     netns::Netns,
     tls::Credentials,
 };
-use crate::identity::SpiffeId;
+use crate::{
+    compile::authz::{self, Authz, Connection},
+    identity::SpiffeId,
+};
 
 /// A delivery that does not connect in this time is refused (a NetworkPolicy that drops the
 /// SYN, a server that does not answer).
@@ -89,6 +92,9 @@ pub struct Shared {
     /// Addresses of this node's pods: a tunnel never carries a connection from one (they
     /// are never tunnelled), so a stream naming one as its source is forged.
     pub local: RwLock<Arc<std::collections::BTreeSet<IpAddr>>>,
+    /// Istio's security policy for the pods served, as the last pass compiled it: every
+    /// stream is decided on it before its target is connected.
+    pub authz: RwLock<Arc<Authz>>,
     /// TLS handshakes in progress on the inbound listeners.
     handshakes: Arc<tokio::sync::Semaphore>,
     /// Set once the listeners are to close (a successor listens); connections go on.
@@ -178,6 +184,7 @@ impl Shared {
             host_proc: host.0,
             host_cookie: host.1,
             local: RwLock::default(),
+            authz: RwLock::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -577,6 +584,35 @@ pub fn admissible(
     Ok(source)
 }
 
+/// Decides a stream to `pod` on its security policy, with the peer's verified identity. A
+/// pod the last pass compiled nothing for is refused: the policy in force is unknown.
+pub fn authorize(
+    authz: &Authz,
+    pod: &MeshedPod,
+    source: IpAddr,
+    inbound: &Inbound,
+) -> Result<(), Refusal> {
+    let key = pod
+        .pod
+        .split_once('/')
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+    let workload = key.and_then(|k| authz.workloads.get(&k));
+    let allowed = workload.is_some_and(|w| {
+        let c = Connection {
+            source,
+            identity: Some(&inbound.peer),
+            destination: inbound.target.ip(),
+            port: inbound.target.port(),
+        };
+        authz::decide(w, &c).allowed
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(Refusal::Unauthorized)
+    }
+}
+
 /// A stream to this pod, from inside its namespace, with the client pod's address.
 async fn deliver(
     shared: &Shared,
@@ -589,6 +625,10 @@ async fn deliver(
         let directory = shared.carried.directory();
         admissible(&inbound, &pod.ips, &local, &directory)?
     };
+    let authz = Arc::clone(&shared.authz.read().unwrap_or_else(|e| e.into_inner()));
+    authorize(&authz, pod, source, &inbound).inspect_err(|_| {
+        tracing::debug!(target: "weft::mesh", pod = pod.pod, peer = %inbound.peer, %source, "stream refused by the pod's authorization policy");
+    })?;
     let socket = netns.delivery(source).await.map_err(|e| {
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
         Refusal::Unreachable

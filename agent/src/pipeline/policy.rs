@@ -115,6 +115,8 @@ pub struct PolicyStage<M> {
     pub(super) cgroup_id: fn(&Path) -> Option<u64>,
     /// What the last pass compiled (bound again when a cgroup appears).
     last: Option<cp::Policies>,
+    /// `--mesh-root-namespace`.
+    mesh_root: String,
 }
 
 impl<M: PolicyMaps> PolicyStage<M> {
@@ -146,7 +148,14 @@ impl<M: PolicyMaps> PolicyStage<M> {
             failed: false,
             cgroup_id: |path| cgroup::cgroup_id(path).ok(),
             last: None,
+            mesh_root: "istio-system".to_owned(),
         })
+    }
+
+    /// Istio's root namespace, for the security policies of meshed pods.
+    pub fn with_mesh_root(mut self, root: &str) -> Self {
+        root.clone_into(&mut self.mesh_root);
+        self
     }
 
     #[cfg(test)]
@@ -217,7 +226,9 @@ impl<M: PolicyMaps> PolicyStage<M> {
             self.seeded = true;
         }
         let policies = metrics.time(Stage::Policy, || {
-            cp::compile(store, &self.host_ips, &mut self.ids, self.ipcache_capacity)
+            let mut p = cp::compile(store, &self.host_ips, &mut self.ids, self.ipcache_capacity);
+            mark_authz(&mut p, store, &self.mesh_root);
+            p
         });
         self.sync(store, policies, metrics)
     }
@@ -335,6 +346,29 @@ impl<M: PolicyMaps> PolicyStage<M> {
 }
 
 /// Logs the pods whose cgroup was missing at the last pass and is bound now.
+/// Flags the local meshed pods whose security policy refuses some plaintext caller
+/// (`EP_AUTHZ`): the kernel refuses plaintext connections to them that the proxy did not
+/// deliver.
+fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
+    let meshed: Vec<crate::store::Key> = policies
+        .endpoints
+        .values()
+        .filter(|e| e.info.flags & weft_abi::policy::EP_MESHED != 0)
+        .filter_map(|e| e.pod.split_once('/'))
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+        .collect();
+    let refusing = crate::compile::authz::plaintext_denied(store, root, &meshed);
+    for e in policies.endpoints.values_mut() {
+        let key = e
+            .pod
+            .split_once('/')
+            .map(|(ns, n)| (ns.to_owned(), n.to_owned()));
+        if key.is_some_and(|k| refusing.contains(&k)) {
+            e.info.flags |= weft_abi::policy::EP_AUTHZ;
+        }
+    }
+}
+
 fn log_bound(before: &[EndpointStatus], now: &[EndpointStatus]) {
     let missing: BTreeSet<(&str, &str)> = before
         .iter()

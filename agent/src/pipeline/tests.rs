@@ -67,6 +67,7 @@ fn fixture(name: &str, capacity_flags: &[&str]) -> Fixture {
     let settings = Settings {
         node_ips: vec!["192.168.0.1".parse().expect("ip")],
         names: NameConfig::default(),
+        mesh_root_namespace: "istio-system".to_owned(),
     };
     let pipeline = Pipeline::new(
         Some(Source::Dir(DirSource::with_settle(

@@ -19,7 +19,6 @@ use std::{
     io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use super::{Location, Rejection, yaml};
@@ -317,14 +316,11 @@ fn place_stand_ins(
     stand_ins: Vec<(ObjectRef, (usize, Object))>,
 ) {
     for (r, (doc, s)) in stand_ins {
-        match objects.get(&r) {
-            Some((kept_doc, Object::NetworkPolicy(kept))) => {
-                let kept = if stand_in::is_stand_in_policy(kept) {
-                    Object::NetworkPolicy(Arc::clone(kept))
-                } else {
-                    Object::NetworkPolicy(Arc::new(stand_in::stripped(kept)))
-                };
-                let kept_doc = *kept_doc;
+        let kept = objects
+            .get(&r)
+            .and_then(|(d, kept)| Some((*d, stand_in::kept_beside(kept)?)));
+        match kept {
+            Some((kept_doc, kept)) => {
                 objects.insert(r.clone(), (kept_doc, kept));
                 let (beside, s) = stand_in::beside(&r, s);
                 objects.insert(beside, (doc, s));

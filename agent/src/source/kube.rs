@@ -381,16 +381,12 @@ fn add<K: Resource>(
 /// good version.
 fn keep_or_stand_in(entry: &mut Validated, object_ref: &ObjectRef, object: &Object) {
     let fresh = stand_in_of(object_ref.kind, object, &object_ref.namespace);
-    entry.good = match (entry.good.take(), fresh) {
-        (Some(Object::NetworkPolicy(prev)), Some(fresh)) => {
+    let prev = entry.good.take();
+    let kept = prev.as_ref().and_then(store::stand_in::kept_beside);
+    entry.good = match (prev, fresh) {
+        (Some(_), Some(fresh)) if kept.is_some() => {
             entry.rejected_version = Some(store::stand_in::beside(object_ref, fresh));
-            if store::stand_in::is_stand_in_policy(&prev) {
-                Some(Object::NetworkPolicy(prev))
-            } else {
-                Some(Object::NetworkPolicy(Arc::new(store::stand_in::stripped(
-                    &prev,
-                ))))
-            }
+            kept
         }
         // Kinds without a stand-in (Services, EndpointSlices, Namespaces) keep their last
         // good version.
@@ -404,6 +400,8 @@ fn stand_in_of(kind: Kind, object: &Object, namespace: &str) -> Option<Object> {
     let value = match object {
         Object::Pod(p) => serde_json::to_value(p.as_ref()),
         Object::NetworkPolicy(p) => serde_json::to_value(p.as_ref()),
+        Object::PeerAuthentication(p) => serde_json::to_value(p.as_ref()),
+        Object::AuthorizationPolicy(p) => serde_json::to_value(p.as_ref()),
         Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => return None,
     };
     store::stand_in::stand_in(kind, &value.ok()?, namespace)

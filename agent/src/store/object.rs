@@ -8,6 +8,8 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
+use super::security::{self, AuthorizationPolicy, PeerAuthentication};
+
 /// The pod has ended (phase Succeeded or Failed): its containers are gone, and its address
 /// may already belong to another pod.
 pub fn is_finished(pod: &Pod) -> bool {
@@ -25,6 +27,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -36,6 +40,12 @@ impl Kind {
             ("v1", "Service") => Some(Self::Service),
             ("discovery.k8s.io/v1", "EndpointSlice") => Some(Self::EndpointSlice),
             ("networking.k8s.io/v1", "NetworkPolicy") => Some(Self::NetworkPolicy),
+            (v, "PeerAuthentication") if security::is_security_api(v) => {
+                Some(Self::PeerAuthentication)
+            }
+            (v, "AuthorizationPolicy") if security::is_security_api(v) => {
+                Some(Self::AuthorizationPolicy)
+            }
             _ => None,
         }
     }
@@ -51,6 +61,8 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::NetworkPolicy => "NetworkPolicy",
+            Self::PeerAuthentication => "PeerAuthentication",
+            Self::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -99,6 +111,8 @@ pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     NetworkPolicy(Arc<NetworkPolicy>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 impl Object {
@@ -109,6 +123,8 @@ impl Object {
             Self::Service(_) => Kind::Service,
             Self::EndpointSlice(_) => Kind::EndpointSlice,
             Self::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 }

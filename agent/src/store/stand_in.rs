@@ -59,6 +59,12 @@ pub fn stand_in(kind: Kind, value: &Value, namespace: &str) -> Option<Object> {
     match kind {
         Kind::Pod => Some(Object::Pod(Arc::new(pod(metadata, value)))),
         Kind::NetworkPolicy => Some(Object::NetworkPolicy(Arc::new(policy(metadata, value)))),
+        Kind::PeerAuthentication => {
+            peer_authentication(value, namespace).map(|p| Object::PeerAuthentication(Arc::new(p)))
+        }
+        Kind::AuthorizationPolicy => {
+            authorization_policy(value, namespace).map(|p| Object::AuthorizationPolicy(Arc::new(p)))
+        }
         Kind::Namespace | Kind::Service | Kind::EndpointSlice => None,
     }
 }
@@ -73,7 +79,39 @@ pub fn is_stand_in(object: &Object) -> bool {
     match object {
         Object::Pod(p) => marked(&p.metadata),
         Object::NetworkPolicy(p) => marked(&p.metadata),
+        Object::PeerAuthentication(p) => marked(&p.metadata),
+        Object::AuthorizationPolicy(p) => marked(&p.metadata),
         Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => false,
+    }
+}
+
+/// What stays of a policy's last version beside the stand-in of a newer, rejected one: a
+/// NetworkPolicy without its rules ([`stripped`]), an ALLOW AuthorizationPolicy without its
+/// rules (the rejected version may have revoked what they allowed), a DENY or a
+/// PeerAuthentication as it was (the stand-in beside denies all, or is STRICT, over it).
+/// `None` for the kinds whose stand-in replaces the object.
+pub fn kept_beside(kept: &Object) -> Option<Object> {
+    match kept {
+        Object::NetworkPolicy(np) if is_stand_in_policy(np) => Some(kept.clone()),
+        Object::NetworkPolicy(np) => Some(Object::NetworkPolicy(Arc::new(stripped(np)))),
+        Object::AuthorizationPolicy(ap)
+            if !matches!(ap.spec.action, None | Some(Action::Allow)) =>
+        {
+            Some(kept.clone())
+        }
+        Object::AuthorizationPolicy(ap) => {
+            let mut ap = AuthorizationPolicy::clone(ap);
+            ap.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(REJECTED_ANNOTATION.to_owned(), "true".to_owned());
+            ap.spec.rules = None;
+            Some(Object::AuthorizationPolicy(Arc::new(ap)))
+        }
+        Object::PeerAuthentication(_) => Some(kept.clone()),
+        Object::Pod(_) | Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => {
+            None
+        }
     }
 }
 
@@ -114,6 +152,16 @@ pub fn beside(of: &super::ObjectRef, stand_in: Object) -> (super::ObjectRef, Obj
             let mut np = Arc::unwrap_or_clone(np);
             np.metadata.name = Some(name.clone());
             Object::NetworkPolicy(Arc::new(np))
+        }
+        Object::AuthorizationPolicy(ap) => {
+            let mut ap = Arc::unwrap_or_clone(ap);
+            ap.metadata.name = Some(name.clone());
+            Object::AuthorizationPolicy(Arc::new(ap))
+        }
+        Object::PeerAuthentication(pa) => {
+            let mut pa = Arc::unwrap_or_clone(pa);
+            pa.metadata.name = Some(name.clone());
+            Object::PeerAuthentication(Arc::new(pa))
         }
         other => other,
     };

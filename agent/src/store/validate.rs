@@ -187,6 +187,8 @@ pub fn object(object: &super::Object) -> Result<(), Vec<FieldError>> {
         Object::Service(o) => service(o),
         Object::EndpointSlice(o) => endpoint_slice(o),
         Object::NetworkPolicy(o) => network_policy(o),
+        Object::PeerAuthentication(o) => security::peer_authentication(o),
+        Object::AuthorizationPolicy(o) => security::authorization_policy(o),
     }
 }
 

@@ -115,10 +115,13 @@ pub enum DropReason {
     /// A datagram of a UDP socket connected through a ClusterIP to a backend that has left
     /// the Service since: dropped (the send fails) so the application reconnects.
     StaleBackend = 7,
+    /// A plaintext TCP connection to a meshed pod whose security policy refuses plaintext
+    /// callers (`policy::EP_AUTHZ`).
+    Authorization = 8,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::PolicyDenied,
         Self::NoBackends,
         Self::Unparsed,
@@ -126,6 +129,7 @@ impl DropReason {
         Self::SpoofedSource,
         Self::Unbound,
         Self::StaleBackend,
+        Self::Authorization,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -137,6 +141,7 @@ impl DropReason {
             5 => Some(Self::SpoofedSource),
             6 => Some(Self::Unbound),
             7 => Some(Self::StaleBackend),
+            8 => Some(Self::Authorization),
             _ => None,
         }
     }
@@ -150,6 +155,7 @@ impl DropReason {
             Self::SpoofedSource => "spoofed_source",
             Self::Unbound => "unbound_pod",
             Self::StaleBackend => "stale_backend",
+            Self::Authorization => "authorization",
         }
     }
 }

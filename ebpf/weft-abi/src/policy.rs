@@ -32,6 +32,11 @@ pub const EP_SHARED_ADDRESS: u32 = 4;
 /// [`EndpointInfo::flags`]: the pod is in the mesh: its TCP connects to meshed pods of other
 /// nodes go through the node's tunnel (see [`crate::mesh`]).
 pub const EP_MESHED: u32 = 8;
+/// [`EndpointInfo::flags`]: Istio's security policy refuses some plaintext caller of this
+/// meshed pod (a STRICT port, an AuthorizationPolicy): a TCP connection to it that the node's
+/// proxy did not deliver (`mesh::DELIVERY_MARK`) is refused at its SYN. The proxy decides for
+/// callers with a certificate.
+pub const EP_AUTHZ: u32 = 16;
 
 /// The policy set of a pod not bound yet (see `globals::UNBOUND_ISOLATED`): never allocated,
 /// so no `POLICY` entry has it and everything it is judged on is denied.

@@ -20,11 +20,13 @@ use aya_ebpf::{
 use weft_abi::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     conn::DropReason,
+    mesh::DELIVERY_MARK,
     net::{Direction, Family},
     policy::{
-        EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EP_SHARED_ADDRESS, EndpointInfo, FlowPeer,
-        IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue,
-        MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData, verdict_index,
+        EP_AUTHZ, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EP_SHARED_ADDRESS, EndpointInfo,
+        FlowPeer, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData,
+        IpcacheValue, MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData,
+        verdict_index,
     },
     stats::Counter,
     svc::SockOwner,
@@ -410,6 +412,11 @@ fn decide(
         DropEvent::unaddressed(ctx.cookie(), DropReason::SpoofedSource, direction).report();
         return false;
     }
+    // Not a NetworkPolicy verdict: reported by its own reason, not counted in `VERDICTS`.
+    if refused_plaintext(ctx, h, direction, &ep) {
+        skb_dropped(ctx, h, direction, DropReason::Authorization);
+        return false;
+    }
     if ep.flags & isolation(direction) != 0 {
         let m = judge(&ep, direction, h.version, peer, h.protocol, port);
         count(direction, m);
@@ -426,6 +433,25 @@ fn decide(
         flows::remember(ctx, owner_of(Some(ep)), key);
     }
     true
+}
+
+/// Whether a TCP packet to the pod's listener is a plaintext connection its security policy
+/// refuses (`EP_AUTHZ`): not delivered by the node's proxy (whose delivery socket, in the
+/// pod's own namespace, marks it; a mark never crosses namespaces), not the pod reaching
+/// itself.
+#[inline(always)]
+fn refused_plaintext(
+    ctx: &SkBuffContext,
+    h: &Headers,
+    direction: Direction,
+    ep: &EndpointInfo,
+) -> bool {
+    direction == Direction::Ingress
+        && h.protocol == IPPROTO_TCP
+        && ep.flags & EP_AUTHZ != 0
+        && ctx_read!(ctx.skb.skb, mark) != DELIVERY_MARK
+        && !ep.owns(h.version, &h.src)
+        && !is_loopback(h.version, &h.src)
 }
 
 /// A packet weft could not parse (IPv6 with too many or too long extension headers, or

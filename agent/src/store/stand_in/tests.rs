@@ -125,3 +125,56 @@ fn other_kinds_have_no_stand_in() {
     let invalid = store::decode(yaml::parse(text).expect("yaml")).expect_err("rejected");
     assert_eq!(invalid.stand_in, None);
 }
+
+/// A rejected AuthorizationPolicy decodes through `store::decode` to its stand-in; beside it,
+/// an ALLOW's last good version loses its rules, a DENY's stays whole.
+#[test]
+fn security_policies_stand_in_and_their_last_versions_stay_beside() {
+    let ap = |action: &str, rules: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  action: {action}\n  rules: {rules}\n"
+        )
+    };
+    let Object::AuthorizationPolicy(bad_allow) = stand_in_of(&ap(
+        "ALLOW",
+        "[{from: [{source: {ipBlocks: [1.2.3.4/40]}}]}]",
+    )) else {
+        panic!("not an AuthorizationPolicy")
+    };
+    assert_eq!(
+        (bad_allow.spec.action, bad_allow.spec.rules.clone()),
+        (Some(Action::Allow), None)
+    );
+    let Object::AuthorizationPolicy(bad_deny) =
+        stand_in_of(&ap("DENY", "[{to: [{operation: {ports: [http]}}]}]"))
+    else {
+        panic!("not an AuthorizationPolicy")
+    };
+    assert_eq!(
+        (bad_deny.spec.action, bad_deny.spec.rules.clone()),
+        (Some(Action::Deny), Some(vec![security::Rule::default()]))
+    );
+    let good = |action: &str| {
+        let (_, o) = store::decode(
+            yaml::parse(&ap(action, "[{from: [{source: {namespaces: [a]}}]}]")).expect("yaml"),
+        )
+        .expect("valid");
+        o
+    };
+    let Some(Object::AuthorizationPolicy(kept)) = kept_beside(&good("ALLOW")) else {
+        panic!("kept")
+    };
+    assert_eq!(kept.spec.rules, None, "an ALLOW's rules go");
+    assert!(is_stand_in(&Object::AuthorizationPolicy(kept)));
+    assert_eq!(
+        kept_beside(&good("DENY")),
+        Some(good("DENY")),
+        "a DENY stays"
+    );
+    let Object::PeerAuthentication(pa) = stand_in_of(
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: x}\nspec:\n  mtls: {mode: strict}\n",
+    ) else {
+        panic!("not a PeerAuthentication")
+    };
+    assert_eq!(MutualTls::mode(pa.spec.mtls.as_ref()), Mode::Strict);
+}
