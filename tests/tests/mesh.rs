@@ -874,6 +874,22 @@ fn strict_refuses_plaintext_and_serves_the_mesh() {
     apply_security(&c, &[STRICT]);
     let refused = settled(true, || probe(&c, "plain", &target).starts_with("error"));
     assert!(refused, "plaintext refused once STRICT is in force");
+    // Nor through packets the datapath cannot parse (IPv6 extension headers past its limit).
+    let v6 = format!("[{}]:8080", c.pod("server").1.ipv6);
+    let mut p = c.pod("plain").0.spawn(
+        "plain",
+        &[
+            "probe",
+            "--timeout-ms",
+            "1000",
+            &format!("tcp-dstopts:{v6}"),
+        ],
+    );
+    let unparsed = p.probe_results()[&format!("tcp-dstopts:{v6}")]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(unparsed.starts_with("error"), "{unparsed}");
     assert_eq!(probe(&c, "client", &target), SECRET, "the meshed client");
     let drops: f64 = agents[1]
         .metrics()

@@ -129,11 +129,12 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
 /// The pods of `pods` (meshed pods of this node) that refuse some plaintext caller: the kernel
 /// refuses plaintext connections to them that no proxy delivered (`EP_AUTHZ`). Judged at
 /// each of the pod's addresses; a pod without one yet, by whether anything applies to it.
+/// With the problems of the compile.
 pub fn plaintext_denied<'a>(
     store: &Store,
     root: &str,
     pods: impl IntoIterator<Item = &'a Key>,
-) -> std::collections::BTreeSet<Key> {
+) -> (std::collections::BTreeSet<Key>, Vec<Problem>) {
     let authz = compile(store, root, pods);
     let mut out = std::collections::BTreeSet::new();
     for (key, w) in &authz.workloads {
@@ -152,7 +153,7 @@ pub fn plaintext_denied<'a>(
             out.insert(key.clone());
         }
     }
-    out
+    (out, authz.problems)
 }
 
 /// A policy's rules, or `None` when it is not weft's to apply (reported).

@@ -345,10 +345,10 @@ impl<M: PolicyMaps> PolicyStage<M> {
     }
 }
 
-/// Logs the pods whose cgroup was missing at the last pass and is bound now.
 /// Flags the local meshed pods whose security policy refuses some plaintext caller
 /// (`EP_AUTHZ`): the kernel refuses plaintext connections to them that the proxy did not
-/// deliver.
+/// deliver. What of the security policies weft cannot do as written joins the problems
+/// (`weft status`).
 fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
     let meshed: Vec<crate::store::Key> = policies
         .endpoints
@@ -357,7 +357,13 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
         .filter_map(|e| e.pod.split_once('/'))
         .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
         .collect();
-    let refusing = crate::compile::authz::plaintext_denied(store, root, &meshed);
+    let (refusing, problems) = crate::compile::authz::plaintext_denied(store, root, &meshed);
+    policies
+        .problems
+        .extend(problems.into_iter().map(|p| cp::Problem {
+            object: p.object,
+            message: p.message,
+        }));
     for e in policies.endpoints.values_mut() {
         let key = e
             .pod
@@ -369,6 +375,7 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
     }
 }
 
+/// Logs the pods whose cgroup was missing at the last pass and is bound now.
 fn log_bound(before: &[EndpointStatus], now: &[EndpointStatus]) {
     let missing: BTreeSet<(&str, &str)> = before
         .iter()

@@ -12,9 +12,11 @@
 //! - for an AuthorizationPolicy ([`authorization_policy`]), one that allows nothing where the
 //!   original would allow (ALLOW) and denies everything where it could deny (DENY, CUSTOM, an
 //!   action weft cannot read), for what it selects (its whole scope when the selector is
-//!   unusable); none for AUDIT, which never decides, or for a policy that targets a waypoint;
+//!   unusable); one that decides nothing for AUDIT or a policy that targets a waypoint (it
+//!   still strips the last version beside it);
 //! - for a PeerAuthentication ([`peer_authentication`]), STRICT for what it selects, over
-//!   every other PeerAuthentication (`compile::authz::mtls`).
+//!   every other PeerAuthentication (`compile::authz::mtls`), and the last version beside it
+//!   STRICT for what it selects.
 //!
 //! The rejection itself is reported as before (`weft status`, the rejection metric).
 use std::{collections::BTreeMap, sync::Arc};
@@ -87,8 +89,8 @@ pub fn is_stand_in(object: &Object) -> bool {
 
 /// What stays of a policy's last version beside the stand-in of a newer, rejected one: a
 /// NetworkPolicy without its rules ([`stripped`]), an ALLOW AuthorizationPolicy without its
-/// rules (the rejected version may have revoked what they allowed), a DENY or a
-/// PeerAuthentication as it was (the stand-in beside denies all, or is STRICT, over it).
+/// rules (the rejected version may have revoked what they allowed), any other
+/// AuthorizationPolicy as it was (it only denies), a PeerAuthentication made STRICT.
 /// `None` for the kinds whose stand-in replaces the object.
 pub fn kept_beside(kept: &Object) -> Option<Object> {
     match kept {
@@ -101,18 +103,32 @@ pub fn kept_beside(kept: &Object) -> Option<Object> {
         }
         Object::AuthorizationPolicy(ap) => {
             let mut ap = AuthorizationPolicy::clone(ap);
-            ap.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(REJECTED_ANNOTATION.to_owned(), "true".to_owned());
+            mark(&mut ap.metadata);
             ap.spec.rules = None;
             Some(Object::AuthorizationPolicy(Arc::new(ap)))
         }
-        Object::PeerAuthentication(_) => Some(kept.clone()),
+        // The rejected version may have narrowed an exception: what the old one selects
+        // becomes STRICT too.
+        Object::PeerAuthentication(pa) => {
+            let mut pa = PeerAuthentication::clone(pa);
+            mark(&mut pa.metadata);
+            pa.spec.mtls = Some(MutualTls {
+                mode: Some(Mode::Strict),
+            });
+            pa.spec.port_level_mtls = None;
+            Some(Object::PeerAuthentication(Arc::new(pa)))
+        }
         Object::Pod(_) | Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => {
             None
         }
     }
+}
+
+/// Marks an object as standing in for what weft could not use.
+fn mark(meta: &mut ObjectMeta) {
+    meta.annotations
+        .get_or_insert_default()
+        .insert(REJECTED_ANNOTATION.to_owned(), "true".to_owned());
 }
 
 /// Whether the policy is a stand-in.
@@ -173,16 +189,18 @@ pub fn authorization_policy(value: &Value, namespace: &str) -> Option<Authorizat
     let spec = &value["spec"];
     let targeted = spec["targetRef"].is_object()
         || spec["targetRefs"].as_array().is_some_and(|t| !t.is_empty());
-    if targeted && spec["selector"].is_null() {
-        return None;
-    }
     let deny_all = (Some(Action::Deny), Some(vec![security::Rule::default()]));
+    // An AUDIT policy without rules: it decides nothing, but as a stand-in it still strips
+    // an ALLOW last version beside it (`kept_beside`).
+    let no_effect = (Some(Action::Audit), None);
     let (action, rules) = match &spec["action"] {
         // A spec weft cannot read could say anything.
         _ if !(spec.is_object() || spec.is_null()) => deny_all,
+        // For a waypoint: nothing of it is weft's.
+        _ if targeted && spec["selector"].is_null() => no_effect,
         Value::Null => (None, None),
         Value::String(a) if a == "ALLOW" => (Some(Action::Allow), None),
-        Value::String(a) if a == "AUDIT" => return None,
+        Value::String(a) if a == "AUDIT" => no_effect,
         _ => deny_all,
     };
     Some(AuthorizationPolicy {

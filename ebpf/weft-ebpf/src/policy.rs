@@ -450,7 +450,7 @@ fn refused_plaintext(
         && h.protocol == IPPROTO_TCP
         && ep.flags & EP_AUTHZ != 0
         && ctx_read!(ctx.skb.skb, mark) != DELIVERY_MARK
-        && !ep.owns(h.version, &h.src)
+        && !(ep.flags & EP_SHARED_ADDRESS == 0 && ep.owns(h.version, &h.src))
         && !is_loopback(h.version, &h.src)
 }
 
@@ -484,6 +484,15 @@ fn unjudgeable(ctx: &SkBuffContext, direction: Direction, reason: DropReason) ->
     };
     if ep.flags & isolation(direction) != 0 {
         count(direction, Match::None);
+        DropEvent::unaddressed(ctx.cookie(), reason, direction).report();
+        return false;
+    }
+    // It may be a plaintext SYN (IPv6 extension headers past what is parsed): a pod whose
+    // security policy refuses plaintext takes only what the proxy delivered.
+    if direction == Direction::Ingress
+        && ep.flags & EP_AUTHZ != 0
+        && ctx_read!(ctx.skb.skb, mark) != DELIVERY_MARK
+    {
         DropEvent::unaddressed(ctx.cookie(), reason, direction).report();
         return false;
     }

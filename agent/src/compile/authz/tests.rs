@@ -1245,7 +1245,12 @@ fn a_rejected_audit_policy_changes_nothing() {
         json!({"action": "AUDIT", "rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
     );
     let store = with_stand_ins(world(&[], &[]), &[bad], &[]);
-    assert!(store.authorization_policies.is_empty());
+    let stand_in = &store.authorization_policies[&("x".to_owned(), "bad".to_owned())];
+    assert_eq!(
+        (stand_in.spec.action, stand_in.spec.rules.clone()),
+        (Some(security::Action::Audit), None),
+        "decides nothing"
+    );
     assert_eq!(
         weft(&store, "web", PLAIN, 80),
         (true, Reason::NoPolicy, None)

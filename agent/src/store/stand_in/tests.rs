@@ -177,4 +177,18 @@ fn security_policies_stand_in_and_their_last_versions_stay_beside() {
         panic!("not a PeerAuthentication")
     };
     assert_eq!(MutualTls::mode(pa.spec.mtls.as_ref()), Mode::Strict);
+    let (_, old) = store::decode(
+        yaml::parse("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: x}\nspec:\n  selector: {matchLabels: {app: legacy}}\n  mtls: {mode: PERMISSIVE}\n")
+            .expect("yaml"),
+    )
+    .expect("valid");
+    let Some(Object::PeerAuthentication(kept)) = kept_beside(&old) else {
+        panic!("kept")
+    };
+    assert_eq!(
+        MutualTls::mode(kept.spec.mtls.as_ref()),
+        Mode::Strict,
+        "the last version beside a rejected one is STRICT for what it selects"
+    );
+    assert!(is_stand_in(&Object::PeerAuthentication(kept)));
 }
