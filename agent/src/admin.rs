@@ -4,6 +4,8 @@
 //! - `GET /services`: every service frontend and its backends as the kernel maps hold them
 //! - `GET /maps`: every BPF map of the instance with its entries and capacity
 //! - `GET /policies`: policies, the local pods they select, and their kernel entries
+//! - `GET /authz/check?from=NS/POD&to=NS/POD&port=80`: the destination's security policy's
+//!   decision for a new TCP connection (`weft authz check`).
 //! - `GET /policy/check?from=NS/POD&to=NS/POD&port=80&protocol=TCP`: the kernel's decision
 //! - `GET /log-level`, `PUT /log-level` (body: a tracing filter): the agent's log filter
 //! - `GET /connections`: open TCP connections with their counters as last reported
@@ -367,6 +369,7 @@ pub async fn serve(
         .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/policies", get(policy::policies_handler))
         .route("/policy/check", get(policy::check_handler))
+        .route("/authz/check", get(policy::authz_check_handler))
         .route("/mesh/certs", get(mesh_certs))
         .route("/connections", get(telemetry::connections))
         .route("/flows", get(telemetry::flows))

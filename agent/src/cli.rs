@@ -499,6 +499,48 @@ pub async fn policy_check(
     Ok((out, doc.allowed))
 }
 
+/// `weft authz check`: returns the text and whether the connection would be allowed.
+pub async fn authz_check(
+    socket: &Path,
+    query: &CheckQuery,
+    output: Output,
+) -> Result<(String, bool), Error> {
+    let encoded = serde_urlencoded::to_string(query).map_err(Error::Query)?;
+    let doc: crate::compile::authz::CheckDoc =
+        admin::get_json(socket, &format!("/authz/check?{encoded}")).await?;
+    if let Some(text) = structured(&doc, output)? {
+        return Ok((text, doc.allowed));
+    }
+    let mut out = String::new();
+    let verdict = if doc.allowed { "ALLOW" } else { "DENY" };
+    let _ = writeln!(
+        out,
+        "{} ({}) -> {} ({}) port {}/TCP: {verdict}",
+        doc.from, doc.from_ip, doc.to, doc.to_ip, doc.port
+    );
+    let caller = doc
+        .identity
+        .as_deref()
+        .map_or("plaintext (no identity)".to_owned(), |id| {
+            format!("{id} (mutual TLS)")
+        });
+    let _ = writeln!(out, "  caller   {caller}");
+    if !doc.meshed {
+        let _ = writeln!(out, "  {} is not meshed: no authorization applies", doc.to);
+        return Ok((out, doc.allowed));
+    }
+    let _ = writeln!(out, "  port     {} {}", doc.port, doc.mtls);
+    let by = match (&doc.policy, doc.rule) {
+        (Some(p), Some(r)) => format!("AuthorizationPolicy {p} rules[{r}]"),
+        _ => "-".to_owned(),
+    };
+    let _ = writeln!(out, "  decided  {} by {by}", doc.reason);
+    if let Some(a) = &doc.audit {
+        let _ = writeln!(out, "  audit    {a}");
+    }
+    Ok((out, doc.allowed))
+}
+
 /// `weft maps`.
 pub async fn maps(socket: &Path, output: Output) -> Result<String, Error> {
     let list: Vec<crate::datapath::MapUsage> = admin::get_json(socket, "/maps").await?;

@@ -38,6 +38,9 @@ enum Command {
     /// Ask the kernel's policy maps about a connection between two pods.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Istio's security policy (PeerAuthentication, AuthorizationPolicy) of meshed pods.
+    #[command(subcommand)]
+    Authz(AuthzCommand),
     /// Print this binary's version and the running agent's (if one answers).
     Version(ClientArgs),
     /// Show the running agent's log filter, or change it without a restart
@@ -143,6 +146,13 @@ struct CompileArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuthzCommand {
+    /// Would the destination's security policy allow a new TCP connection from one pod to
+    /// another? Exits 0 if allowed, 1 if denied; names the policy and rule that decide.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Would a new connection from one pod to another be allowed? Exits 0 if allowed, 1 if
     /// denied; names the rule or policies that decide.
@@ -162,6 +172,19 @@ struct CheckArgs {
     port: (u16, String),
     #[command(flatten)]
     client: ClientArgs,
+}
+
+impl CheckArgs {
+    /// The admin API's query, and where to send it.
+    fn query(self) -> (admin::policy::CheckQuery, ClientArgs) {
+        let query = admin::policy::CheckQuery {
+            from: self.from,
+            to: self.to,
+            port: self.port.0,
+            protocol: Some(self.port.1),
+        };
+        (query, self.client)
+    }
 }
 
 fn parse_port(s: &str) -> Result<(u16, String), String> {
@@ -287,17 +310,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ca(CaCommand::Init { dir }) => ca_init(&dir),
         Command::Status(a) => client(cli::status(&a.client.socket(), a.client.output, a.brief)),
         Command::Policy(PolicyCommand::Check(a)) => {
-            let query = admin::policy::CheckQuery {
-                from: a.from,
-                to: a.to,
-                port: a.port.0,
-                protocol: Some(a.port.1),
-            };
-            client(cli::policy_check(
-                &a.client.socket(),
-                &query,
-                a.client.output,
-            ))
+            let (query, c) = a.query();
+            client(cli::policy_check(&c.socket(), &query, c.output))
+        }
+        Command::Authz(AuthzCommand::Check(a)) => {
+            let (query, c) = a.query();
+            client(cli::authz_check(&c.socket(), &query, c.output))
         }
         Command::Flows(a) => {
             let query = admin::telemetry::StreamQuery {

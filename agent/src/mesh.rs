@@ -193,6 +193,7 @@ impl Mesh {
     /// Istio's root namespace, for the security policies of the pods served.
     pub fn with_mesh_root(mut self, root: &str) -> Self {
         root.clone_into(&mut self.root);
+        self.publish(SystemTime::now());
         self
     }
 
@@ -419,6 +420,7 @@ impl Mesh {
     fn publish(&mut self, now: SystemTime) {
         let status = MeshStatus::of(status::Parts {
             settings: &self.settings,
+            root_namespace: &self.root,
             ca: self.ca.ca.as_ref(),
             ca_error: self.ca.error.as_ref(),
             certs: &self.certs,

@@ -925,11 +925,49 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
         SECRET,
         "the principal allowed"
     );
+    let check = |from: &str| {
+        let (ok, v) = agents[1].client_args(&[
+            "authz",
+            "check",
+            "--from",
+            from,
+            "--to",
+            "default/server",
+            "--port",
+            "8080/TCP",
+        ]);
+        (
+            ok,
+            v["reason"].as_str().unwrap_or_default().to_owned(),
+            v["policy"].clone(),
+        )
+    };
+    assert_eq!(
+        check("default/other"),
+        (false, "not_allowed".to_owned(), Value::Null),
+        "weft authz check exits 1 and says why"
+    );
+    assert_eq!(
+        check("default/client"),
+        (
+            true,
+            "allowed".to_owned(),
+            Value::from("default/only-client")
+        )
+    );
     let everyone = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: everyone, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{}]\n";
     let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: not-default, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [default]}}]\n";
     apply_security(&c, &[everyone, deny]);
     let refused = settled(true, || probe(&c, "client", &target).starts_with("error"));
     assert!(refused, "the DENY wins over the ALLOW");
+    assert_eq!(
+        check("default/client"),
+        (
+            false,
+            "denied".to_owned(),
+            Value::from("default/not-default")
+        )
+    );
     let unauthorized: f64 = agents[1]
         .metrics()
         .into_iter()

@@ -539,3 +539,40 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
         ingress,
     }))
 }
+
+/// `GET /authz/check?from=NS/POD&to=NS/POD&port=N`: the decision of the destination's
+/// security policy (PeerAuthentication, AuthorizationPolicy) for a new TCP connection, on the
+/// last pass's store.
+pub(super) async fn authz_check_handler(
+    State(state): State<AdminState>,
+    Query(q): Query<CheckQuery>,
+) -> Response {
+    let protocol = q.protocol.as_deref().unwrap_or("TCP");
+    if !protocol.eq_ignore_ascii_case("TCP") {
+        let bad = format!("protocol {protocol:?}: authorization applies to TCP");
+        return (StatusCode::BAD_REQUEST, bad).into_response();
+    }
+    let key = |s: &str| {
+        s.split_once('/')
+            .map(|(ns, n)| (ns.to_owned(), n.to_owned()))
+            .ok_or_else(|| format!("{s:?}: use namespace/name"))
+    };
+    let (from, to) = match (key(&q.from), key(&q.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let store = Arc::clone(&*state.store.read().unwrap_or_else(|e| e.into_inner()));
+    let (root, trust_domain) = {
+        let mesh = state.mesh.read().unwrap_or_else(|e| e.into_inner());
+        (mesh.root_namespace.clone(), mesh.trust_domain.clone())
+    };
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::compile::authz::check(&store, &root, &trust_domain, (&from, &to), q.port)
+    })
+    .await;
+    match answer {
+        Ok(Ok(doc)) => Json(doc).into_response(),
+        Ok(Err(bad)) => (StatusCode::BAD_REQUEST, bad).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

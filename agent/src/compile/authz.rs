@@ -352,3 +352,99 @@ pub fn decide(w: &Workload, c: &Connection) -> Decision {
 
 #[cfg(test)]
 mod tests;
+
+/// What `weft authz check` answers: the decision for a new TCP connection between two pods,
+/// on the store's policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CheckDoc {
+    pub from: String,
+    pub to: String,
+    pub from_ip: IpAddr,
+    pub to_ip: IpAddr,
+    pub port: u16,
+    /// The identity the caller proves (a meshed client's), none for plaintext.
+    pub identity: Option<String>,
+    /// Whether the destination is meshed (authorization applies to meshed pods only).
+    pub meshed: bool,
+    /// The port's mutual TLS mode, `STRICT` or `PERMISSIVE`.
+    pub mtls: String,
+    pub allowed: bool,
+    /// `Reason::as_str`, or `not_meshed`.
+    pub reason: String,
+    /// The deciding policy (`namespace/name`) and rule index.
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    /// The first AUDIT policy that matches.
+    pub audit: Option<String>,
+}
+
+/// The decision for a connection from pod `from` to pod `to` (both `(namespace, name)`) on
+/// `port`, as the destination's node would take it. `Err`: why it cannot be asked.
+pub fn check(
+    store: &Store,
+    root: &str,
+    trust_domain: &str,
+    (from, to): (&Key, &Key),
+    port: u16,
+) -> Result<CheckDoc, String> {
+    let pod = |k: &Key| {
+        store
+            .pods
+            .get(k)
+            .ok_or_else(|| format!("pod {}/{} is unknown", k.0, k.1))
+    };
+    let (from_pod, to_pod) = (pod(from)?, pod(to)?);
+    let from_ips = crate::compile::addresses::own_addresses(from_pod);
+    let to_ips = crate::compile::addresses::own_addresses(to_pod);
+    let (from_ip, to_ip) = from_ips
+        .iter()
+        .find_map(|f| {
+            to_ips
+                .iter()
+                .find(|t| t.is_ipv4() == f.is_ipv4())
+                .map(|t| (*f, *t))
+        })
+        .ok_or_else(|| {
+            format!(
+                "{}/{} and {}/{} have no address of one family",
+                from.0, from.1, to.0, to.1
+            )
+        })?;
+    let meshed = crate::compile::mesh::enrollment(store, trust_domain).meshed;
+    let identity = meshed.get(from);
+    let authz = compile(store, root, [to]);
+    let mut doc = CheckDoc {
+        from: format!("{}/{}", from.0, from.1),
+        to: format!("{}/{}", to.0, to.1),
+        from_ip,
+        to_ip,
+        port,
+        identity: identity.map(ToString::to_string),
+        meshed: meshed.contains_key(to),
+        mtls: "PERMISSIVE".to_owned(),
+        allowed: true,
+        reason: "not_meshed".to_owned(),
+        policy: None,
+        rule: None,
+        audit: None,
+    };
+    let Some(w) = authz.workloads.get(to).filter(|_| doc.meshed) else {
+        return Ok(doc);
+    };
+    if w.mtls.of_port(port) == Tls::Strict {
+        "STRICT".clone_into(&mut doc.mtls);
+    }
+    let c = Connection {
+        source: from_ip,
+        identity,
+        destination: to_ip,
+        port,
+    };
+    let d = decide(w, &c);
+    doc.allowed = d.allowed;
+    d.reason.as_str().clone_into(&mut doc.reason);
+    doc.policy = d.by.as_ref().map(|b| b.policy.clone());
+    doc.rule = d.by.map(|b| b.rule);
+    doc.audit = d.audit.map(|a| a.policy);
+    Ok(doc)
+}

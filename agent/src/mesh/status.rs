@@ -14,6 +14,9 @@ use crate::identity::{Error, SpiffeId, ca::Ca, certs::Certs};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MeshStatus {
     pub trust_domain: String,
+    /// Istio's root namespace (`--mesh-root-namespace`).
+    #[serde(default)]
+    pub root_namespace: String,
     pub ca: Option<CaStatus>,
     /// One per identity of a local meshed pod.
     pub identities: Vec<IdentityStatus>,
@@ -86,6 +89,7 @@ pub struct CertStatus {
 #[derive(Debug)]
 pub struct Parts<'a> {
     pub settings: &'a Settings,
+    pub root_namespace: &'a str,
     pub ca: Option<&'a Ca>,
     pub ca_error: Option<&'a Error>,
     pub certs: &'a Certs,
@@ -135,6 +139,7 @@ impl MeshStatus {
             .collect();
         Self {
             trust_domain: p.settings.trust_domain.clone(),
+            root_namespace: p.root_namespace.to_owned(),
             ca,
             identities,
             unknown_labels: p.unknown_labels.to_vec(),

@@ -1374,3 +1374,48 @@ fn the_oldest_peer_authentication_of_a_scope_wins() {
         (true, Reason::NoPolicy, None)
     );
 }
+
+/// `weft authz check` names what decided, with the caller's identity when it is meshed.
+#[test]
+fn check_names_the_deciding_policy() {
+    let client = "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: 'y', labels: {weft.io/mesh: enabled}}\nspec: {serviceAccountName: client, containers: []}\nstatus: {podIP: 10.0.2.20}\n";
+    let mut store = world(&[deny(source(json!({"namespaces": ["y"]})))], &[]);
+    let extra = store_of(&[
+        client,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {weft.io/mesh: enabled}}\n",
+    ]);
+    store.pods.extend(extra.pods);
+    store.namespaces.extend(extra.namespaces);
+    let key = |ns: &str, n: &str| (ns.to_owned(), n.to_owned());
+    let doc = super::check(
+        &store,
+        ROOT,
+        TRUST_DOMAIN,
+        (&key("y", "c"), &key("x", "web")),
+        80,
+    )
+    .expect("answered");
+    assert_eq!(
+        (
+            doc.allowed,
+            doc.reason.as_str(),
+            doc.policy.as_deref(),
+            doc.rule
+        ),
+        (false, "denied", Some("x/deny"), Some(0))
+    );
+    assert_eq!(
+        doc.identity.as_deref(),
+        Some("spiffe://cluster.local/ns/y/sa/client")
+    );
+    assert_eq!(doc.mtls, "PERMISSIVE");
+    let err = super::check(
+        &store,
+        ROOT,
+        TRUST_DOMAIN,
+        (&key("y", "nope"), &key("x", "web")),
+        80,
+    )
+    .expect_err("unknown");
+    assert_eq!(err, "pod y/nope is unknown");
+}
