@@ -977,4 +977,29 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
         .map(|s| s.value)
         .sum();
     assert!(unauthorized >= 2.0, "refusals counted: {unauthorized}");
+    let decisions = |action: &str, policy: &str| -> f64 {
+        agents[1]
+            .metrics()
+            .into_iter()
+            .filter(|s| {
+                s.name == "weft_authorization_decisions_total"
+                    && s.label("action") == Some(action)
+                    && s.label("policy") == Some(policy)
+                    && s.label("reporter") == Some("destination")
+            })
+            .map(|s| s.value)
+            .sum()
+    };
+    assert!(
+        decisions("allow", "default/only-client") >= 1.0,
+        "the ALLOW that decided"
+    );
+    assert!(
+        decisions("deny", "default/not-default") >= 1.0,
+        "the DENY that decided"
+    );
+    assert!(
+        decisions("deny", "") >= 1.0,
+        "no ALLOW matching: no policy named"
+    );
 }

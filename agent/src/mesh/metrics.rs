@@ -224,6 +224,52 @@ pub struct RefusalLabels {
     pub reason: Refusal,
 }
 
+/// What a decision of a pod's security policy did.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    /// An AUDIT policy matched (beside the verdict).
+    Audit,
+}
+
+impl AuthzAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+label_value!(AuthzAction);
+
+/// Who decided: the destination's node (Istio's `reporter` vocabulary).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AuthzReporter {
+    Destination,
+}
+
+impl AuthzReporter {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Destination => "destination",
+        }
+    }
+}
+
+label_value!(AuthzReporter);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub action: AuthzAction,
+    /// `namespace/name` of the deciding (or auditing) policy; empty when none decided (no
+    /// policy, no ALLOW matching, STRICT).
+    pub policy: String,
+    pub reporter: AuthzReporter,
+}
+
 /// The tunnels' metrics.
 #[derive(Debug, Clone)]
 pub struct ProxyMetrics {
@@ -232,6 +278,7 @@ pub struct ProxyMetrics {
     handshake_failures: Family<HandshakeLabels, Counter>,
     streams: Family<DirectionLabels, Counter>,
     streams_refused: Family<RefusalLabels, Counter>,
+    authorization: Family<AuthzLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -242,6 +289,7 @@ impl ProxyMetrics {
             handshake_failures: Family::default(),
             streams: Family::default(),
             streams_refused: Family::default(),
+            authorization: Family::default(),
         };
         registry.register(
             "mesh_tunnels_open",
@@ -262,6 +310,12 @@ impl ProxyMetrics {
             "mesh_streams",
             "Connections carried as streams of a tunnel, by direction",
             m.streams.clone(),
+        );
+        registry.register(
+            "authorization_decisions",
+            "Decisions of meshed pods' security policies on new connections with a certificate, \
+             by action, deciding policy and reporter",
+            m.authorization.clone(),
         );
         registry.register(
             "mesh_streams_refused",
@@ -317,6 +371,26 @@ impl ProxyMetrics {
         self.streams
             .get_or_create(&DirectionLabels { direction })
             .inc();
+    }
+
+    /// A decision on a stream, and the AUDIT policy that matched beside it.
+    pub fn authorization(&self, d: &crate::compile::authz::Decision) {
+        let labels = |action, policy: Option<&str>| AuthzLabels {
+            action,
+            policy: policy.unwrap_or_default().to_owned(),
+            reporter: AuthzReporter::Destination,
+        };
+        let action = if d.allowed {
+            AuthzAction::Allow
+        } else {
+            AuthzAction::Deny
+        };
+        let by = d.by.as_ref().map(|b| b.policy.as_str());
+        self.authorization.get_or_create(&labels(action, by)).inc();
+        if let Some(a) = &d.audit {
+            let audit = labels(AuthzAction::Audit, Some(&a.policy));
+            self.authorization.get_or_create(&audit).inc();
+        }
     }
 
     pub fn stream_refused(&self, reason: Refusal) {

@@ -584,33 +584,24 @@ pub fn admissible(
     Ok(source)
 }
 
-/// Decides a stream to `pod` on its security policy, with the peer's verified identity. A
-/// pod the last pass compiled nothing for is refused: the policy in force is unknown.
+/// Decides a stream to `pod` on its security policy, with the peer's verified identity.
+/// `None` for a pod the last pass compiled nothing for: the policy in force is unknown, and
+/// the stream is refused.
 pub fn authorize(
     authz: &Authz,
     pod: &MeshedPod,
     source: IpAddr,
     inbound: &Inbound,
-) -> Result<(), Refusal> {
-    let key = pod
-        .pod
-        .split_once('/')
-        .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
-    let workload = key.and_then(|k| authz.workloads.get(&k));
-    let allowed = workload.is_some_and(|w| {
-        let c = Connection {
-            source,
-            identity: Some(&inbound.peer),
-            destination: inbound.target.ip(),
-            port: inbound.target.port(),
-        };
-        authz::decide(w, &c).allowed
-    });
-    if allowed {
-        Ok(())
-    } else {
-        Err(Refusal::Unauthorized)
-    }
+) -> Option<authz::Decision> {
+    let (ns, name) = pod.pod.split_once('/')?;
+    let workload = authz.workloads.get(&(ns.to_owned(), name.to_owned()))?;
+    let c = Connection {
+        source,
+        identity: Some(&inbound.peer),
+        destination: inbound.target.ip(),
+        port: inbound.target.port(),
+    };
+    Some(authz::decide(workload, &c))
 }
 
 /// A stream to this pod, from inside its namespace, with the client pod's address.
@@ -626,9 +617,14 @@ async fn deliver(
         admissible(&inbound, &pod.ips, &local, &directory)?
     };
     let authz = Arc::clone(&shared.authz.read().unwrap_or_else(|e| e.into_inner()));
-    authorize(&authz, pod, source, &inbound).inspect_err(|_| {
+    let decision = authorize(&authz, pod, source, &inbound);
+    if let Some(d) = &decision {
+        shared.metrics.authorization(d);
+    }
+    if !decision.is_some_and(|d| d.allowed) {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, peer = %inbound.peer, %source, "stream refused by the pod's authorization policy");
-    })?;
+        return Err(Refusal::Unauthorized);
+    }
     let socket = netns.delivery(source).await.map_err(|e| {
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
         Refusal::Unreachable
