@@ -4,6 +4,8 @@
 //! - `GET /services`: every service frontend and its backends as the kernel maps hold them
 //! - `GET /maps`: every BPF map of the instance with its entries and capacity
 //! - `GET /policies`: policies, the local pods they select, and their kernel entries
+//! - `GET /authz`: security policies, the local meshed workloads they select, their mTLS
+//!   modes (`weft authz`).
 //! - `GET /authz/check?from=NS/POD&to=NS/POD&port=80`: the destination's security policy's
 //!   decision for a new TCP connection (`weft authz check`).
 //! - `GET /policy/check?from=NS/POD&to=NS/POD&port=80&protocol=TCP`: the kernel's decision
@@ -369,6 +371,7 @@ pub async fn serve(
         .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/policies", get(policy::policies_handler))
         .route("/policy/check", get(policy::check_handler))
+        .route("/authz", get(policy::authz_handler))
         .route("/authz/check", get(policy::authz_check_handler))
         .route("/mesh/certs", get(mesh_certs))
         .route("/connections", get(telemetry::connections))

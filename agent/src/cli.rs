@@ -366,11 +366,7 @@ pub async fn policies(socket: &Path, output: Output) -> Result<String, Error> {
         "POLICY", "TYPES", "ENTRIES", "KERNEL"
     );
     for p in &doc.policies {
-        let selects = if p.selects.is_empty() {
-            "-".to_owned()
-        } else {
-            p.selects.join(", ")
-        };
+        let selects = joined_or_dash(&p.selects);
         let _ = writeln!(
             out,
             "{:<40} {:<16} {:>8} {:>8}  {selects}",
@@ -497,6 +493,57 @@ pub async fn policy_check(
         );
     }
     Ok((out, doc.allowed))
+}
+
+/// A list for a table cell: comma-separated, `-` when empty.
+fn joined_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// `weft authz`.
+pub async fn authz(socket: &Path, output: Output) -> Result<String, Error> {
+    let doc: crate::compile::authz::Listing = admin::get_json(socket, "/authz").await?;
+    if let Some(text) = structured(&doc, output)? {
+        return Ok(text);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<40} {:<11} SELECTS",
+        "KIND", "POLICY", "ACTION"
+    );
+    for p in &doc.policies {
+        let selects = joined_or_dash(&p.selects);
+        let _ = writeln!(
+            out,
+            "{:<20} {:<40} {:<11} {selects}",
+            p.kind, p.name, p.action
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<40} {:<11} {:<24} POLICIES",
+        "WORKLOAD", "MTLS", "PORTS"
+    );
+    for w in &doc.workloads {
+        let ports: Vec<String> = w.ports.iter().map(|(p, m)| format!("{p}:{m}")).collect();
+        let _ = writeln!(
+            out,
+            "{:<40} {:<11} {:<24} {}",
+            w.pod,
+            w.mtls,
+            joined_or_dash(&ports),
+            joined_or_dash(&w.policies)
+        );
+    }
+    for p in &doc.problems {
+        let _ = writeln!(out, "problem: {}: {}", p.object, p.message);
+    }
+    Ok(out)
 }
 
 /// `weft authz check`: returns the text and whether the connection would be allowed.

@@ -38,9 +38,9 @@ enum Command {
     /// Ask the kernel's policy maps about a connection between two pods.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Istio's security policy (PeerAuthentication, AuthorizationPolicy) of meshed pods.
-    #[command(subcommand)]
-    Authz(AuthzCommand),
+    /// Istio's security policy (PeerAuthentication, AuthorizationPolicy) of meshed pods: the
+    /// policies, the local workloads they select, and each workload's mTLS mode.
+    Authz(AuthzArgs),
     /// Print this binary's version and the running agent's (if one answers).
     Version(ClientArgs),
     /// Show the running agent's log filter, or change it without a restart
@@ -143,6 +143,14 @@ struct CompileArgs {
     /// The node's addresses (ingress from them is always allowed).
     #[arg(long = "node-ip")]
     node_ips: Vec<std::net::IpAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct AuthzArgs {
+    #[command(subcommand)]
+    command: Option<AuthzCommand>,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,10 +321,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let (query, c) = a.query();
             client(cli::policy_check(&c.socket(), &query, c.output))
         }
-        Command::Authz(AuthzCommand::Check(a)) => {
+        Command::Authz(AuthzArgs {
+            command: Some(AuthzCommand::Check(a)),
+            ..
+        }) => {
             let (query, c) = a.query();
             client(cli::authz_check(&c.socket(), &query, c.output))
         }
+        Command::Authz(AuthzArgs {
+            command: None,
+            client: c,
+        }) => listing(&c, cli::authz),
         Command::Flows(a) => {
             let query = admin::telemetry::StreamQuery {
                 last: Some(a.last.unwrap_or(if a.follow { 0 } else { 20 })),

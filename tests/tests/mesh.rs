@@ -874,6 +874,25 @@ fn strict_refuses_plaintext_and_serves_the_mesh() {
     apply_security(&c, &[STRICT]);
     let refused = settled(true, || probe(&c, "plain", &target).starts_with("error"));
     assert!(refused, "plaintext refused once STRICT is in force");
+    let (_, listed) = agents[1].client("authz");
+    let server = listed["workloads"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["pod"] == "default/server"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(server["mtls"], "STRICT", "weft authz: {listed}");
+    assert_eq!(server["mtls_from"], serde_json::json!(["default/strict"]));
+    let (ok, v) = agents[1].client_args(&[
+        "authz",
+        "check",
+        "--from",
+        "default/plain",
+        "--to",
+        "default/server",
+        "--port",
+        "8080/TCP",
+    ]);
+    assert_eq!((ok, v["reason"].as_str()), (false, Some("mtls_required")));
     // Nor through packets the datapath cannot parse (IPv6 extension headers past its limit).
     let v6 = format!("[{}]:8080", c.pod("server").1.ipv6);
     let mut p = c.pod("plain").0.spawn(

@@ -576,3 +576,33 @@ pub(super) async fn authz_check_handler(
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
+
+/// `GET /authz`: the security policies, the local meshed workloads they select, and each
+/// workload's mTLS modes (`weft authz`).
+pub(super) async fn authz_handler(State(state): State<AdminState>) -> Response {
+    let store = Arc::clone(&*state.store.read().unwrap_or_else(|e| e.into_inner()));
+    let (root, trust_domain) = {
+        let mesh = state.mesh.read().unwrap_or_else(|e| e.into_inner());
+        (mesh.root_namespace.clone(), mesh.trust_domain.clone())
+    };
+    let local: Vec<String> = status_of(&state)
+        .endpoints
+        .iter()
+        .map(|e| e.pod.clone())
+        .collect();
+    let answer = tokio::task::spawn_blocking(move || {
+        let meshed = crate::compile::mesh::enrollment(&store, &trust_domain).meshed;
+        let keys: Vec<crate::store::Key> = local
+            .iter()
+            .filter_map(|p| p.split_once('/'))
+            .map(|(ns, n)| (ns.to_owned(), n.to_owned()))
+            .filter(|k| meshed.contains_key(k))
+            .collect();
+        crate::compile::authz::listing(&store, &root, &keys)
+    })
+    .await;
+    match answer {
+        Ok(doc) => Json(doc).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

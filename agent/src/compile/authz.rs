@@ -37,7 +37,7 @@ use crate::{
 pub const DRY_RUN: &str = "istio.io/dry-run";
 
 /// Something that compiles but does not do all its author wrote.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub struct Problem {
     /// `AuthorizationPolicy namespace/name`, `PeerAuthentication namespace/name`.
     pub object: String,
@@ -447,4 +447,88 @@ pub fn check(
     doc.rule = d.by.map(|b| b.rule);
     doc.audit = d.audit.map(|a| a.policy);
     Ok(doc)
+}
+
+/// What `weft authz` lists: every security policy with the local workloads it selects, and
+/// every local meshed workload with its mTLS modes and policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Listing {
+    pub policies: Vec<ListedPolicy>,
+    pub workloads: Vec<ListedWorkload>,
+    /// What weft cannot do as written.
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ListedPolicy {
+    /// `AuthorizationPolicy` or `PeerAuthentication`.
+    pub kind: String,
+    /// `namespace/name`.
+    pub name: String,
+    /// ALLOW, DENY, AUDIT, CUSTOM; the mode for a PeerAuthentication.
+    pub action: String,
+    /// Local workloads it applies to (`namespace/name`); AuthorizationPolicies only.
+    pub selects: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ListedWorkload {
+    pub pod: String,
+    /// The mode of every port not in `ports`.
+    pub mtls: String,
+    pub ports: BTreeMap<u16, String>,
+    /// The PeerAuthentications that decided, widest first.
+    pub mtls_from: Vec<String>,
+    pub policies: Vec<String>,
+}
+
+/// The listing for `local` (the meshed pods of this node).
+pub fn listing(store: &Store, root: &str, local: &[Key]) -> Listing {
+    let authz = compile(store, root, local);
+    let name = |k: &Key| format!("{}/{}", k.0, k.1);
+    let tls = |t: Tls| match t {
+        Tls::Strict => "STRICT".to_owned(),
+        Tls::Permissive => "PERMISSIVE".to_owned(),
+    };
+    let mut policies: Vec<ListedPolicy> = store
+        .authorization_policies
+        .iter()
+        .map(|(k, ap)| ListedPolicy {
+            kind: "AuthorizationPolicy".to_owned(),
+            name: name(k),
+            action: ap.spec.action.unwrap_or(Action::Allow).as_str().to_owned(),
+            selects: authz
+                .policies
+                .get(&name(k))
+                .into_iter()
+                .flatten()
+                .map(name)
+                .collect(),
+        })
+        .collect();
+    policies.extend(store.peer_authentications.iter().map(|(k, pa)| {
+        let mode = crate::store::security::MutualTls::mode(pa.spec.mtls.as_ref());
+        ListedPolicy {
+            kind: "PeerAuthentication".to_owned(),
+            name: name(k),
+            action: format!("{mode:?}").to_uppercase(),
+            selects: Vec::new(),
+        }
+    }));
+    let workloads = authz
+        .workloads
+        .iter()
+        .map(|(k, w)| ListedWorkload {
+            pod: name(k),
+            mtls: tls(w.mtls.default),
+            ports: w.mtls.ports.iter().map(|(p, t)| (*p, tls(*t))).collect(),
+            mtls_from: w.mtls.from.clone(),
+            policies: w.policies.iter().map(|p| p.name.clone()).collect(),
+        })
+        .collect();
+    Listing {
+        policies,
+        workloads,
+        problems: authz.problems,
+    }
 }

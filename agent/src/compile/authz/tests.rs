@@ -1419,3 +1419,61 @@ fn check_names_the_deciding_policy() {
     .expect_err("unknown");
     assert_eq!(err, "pod y/nope is unknown");
 }
+
+/// `weft authz` lists the policies with what they select, and each workload's modes.
+#[test]
+fn the_listing_shows_policies_selections_and_modes() {
+    let store = world(
+        &[allow(json!([{}])), authz("y", "elsewhere", json!({}))],
+        &[peer(
+            "x",
+            "ns",
+            json!({"mtls": {"mode": "STRICT"}, "selector": {"matchLabels": {"app": "web"}}, "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}),
+        )],
+    );
+    let keys: Vec<Key> = vec![("x".to_owned(), "web".to_owned())];
+    let l = super::listing(&store, ROOT, &keys);
+    let policies: Vec<(String, String, String, Vec<String>)> = l
+        .policies
+        .iter()
+        .map(|p| {
+            (
+                p.kind.clone(),
+                p.name.clone(),
+                p.action.clone(),
+                p.selects.clone(),
+            )
+        })
+        .collect();
+    let row = |k: &str, n: &str, a: &str, s: &[&str]| {
+        (
+            k.to_owned(),
+            n.to_owned(),
+            a.to_owned(),
+            s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        policies,
+        [
+            row("AuthorizationPolicy", "x/allow", "ALLOW", &["x/web"]),
+            row("AuthorizationPolicy", "y/elsewhere", "ALLOW", &[]),
+            row("PeerAuthentication", "x/ns", "STRICT", &[]),
+        ]
+    );
+    let w = &l.workloads[0];
+    assert_eq!(
+        (
+            w.pod.as_str(),
+            w.mtls.as_str(),
+            w.ports.get(&8080).map(String::as_str),
+            w.policies.clone()
+        ),
+        (
+            "x/web",
+            "STRICT",
+            Some("PERMISSIVE"),
+            vec!["x/allow".to_owned()]
+        )
+    );
+}
