@@ -108,24 +108,12 @@ fn representative(net: IpNet, all: &[IpNet]) -> Option<IpAddr> {
 /// The address next to `a` (`by` is 1 or -1), if there is one.
 fn step(a: IpAddr, by: i8) -> Option<IpAddr> {
     match a {
-        IpAddr::V4(v) => {
-            let n = u32::from(v);
-            let n = if by > 0 {
-                n.checked_add(1)
-            } else {
-                n.checked_sub(1)
-            }?;
-            Some(IpAddr::from(n.to_be_bytes()))
-        }
-        IpAddr::V6(v) => {
-            let n = u128::from(v);
-            let n = if by > 0 {
-                n.checked_add(1)
-            } else {
-                n.checked_sub(1)
-            }?;
-            Some(IpAddr::from(n.to_be_bytes()))
-        }
+        IpAddr::V4(v) => u32::from(v)
+            .checked_add_signed(by.into())
+            .map(|n| std::net::Ipv4Addr::from(n).into()),
+        IpAddr::V6(v) => u128::from(v)
+            .checked_add_signed(by.into())
+            .map(|n| std::net::Ipv6Addr::from(n).into()),
     }
 }
 

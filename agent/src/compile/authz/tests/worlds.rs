@@ -5,34 +5,12 @@ use serde_json::{Value, json};
 
 use super::{ADMIN, CLIENT, Caller, PLAIN, ROOT, authz, peer, referee, weft, world};
 
-/// xorshift64*: deterministic from the proptest seed, so a failure reproduces.
-struct Rng(u64);
+use crate::compile::policy::tests::reference::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())].clone()
-    }
-
-    /// One to three values of `items`.
-    fn some(&mut self, items: &[&str]) -> Value {
-        let n = 1 + self.below(3);
-        json!((0..n).map(|_| self.pick(items)).collect::<Vec<_>>())
-    }
+/// One to three values of `items`.
+fn some(r: &mut Rng, items: &[&str]) -> Value {
+    let n = 1 + r.below(3);
+    json!((0..n).map(|_| *r.pick(items)).collect::<Vec<_>>())
 }
 
 const PRINCIPALS: [&str; 7] = [
@@ -89,11 +67,11 @@ fn source(r: &mut Rng) -> Value {
             _ => 25,
         };
         if r.chance(chance) {
-            s.insert(field.to_owned(), r.some(values));
+            s.insert(field.to_owned(), some(r, values));
         }
     }
     if s.is_empty() {
-        s.insert("ipBlocks".to_owned(), r.some(&BLOCKS));
+        s.insert("ipBlocks".to_owned(), some(r, &BLOCKS));
     }
     Value::Object(s)
 }
@@ -101,10 +79,10 @@ fn source(r: &mut Rng) -> Value {
 fn operation(r: &mut Rng) -> Value {
     let mut op = serde_json::Map::new();
     if r.chance(60) {
-        op.insert("ports".to_owned(), r.some(&PORTS));
+        op.insert("ports".to_owned(), some(r, &PORTS));
     }
     if r.chance(30) {
-        op.insert("notPorts".to_owned(), r.some(&PORTS));
+        op.insert("notPorts".to_owned(), some(r, &PORTS));
     }
     if op.is_empty() || r.chance(10) {
         op.insert("methods".to_owned(), json!(["GET"]));
@@ -113,7 +91,7 @@ fn operation(r: &mut Rng) -> Value {
 }
 
 fn condition(r: &mut Rng) -> Value {
-    let (key, values): (&str, &[&str]) = r.pick(&[
+    let (key, values): (&str, &[&str]) = *r.pick(&[
         ("source.ip", &BLOCKS[..]),
         ("remote.ip", &BLOCKS[..]),
         ("source.namespace", &NAMESPACES[..]),
@@ -126,10 +104,10 @@ fn condition(r: &mut Rng) -> Value {
     let mut c = json!({"key": key});
     let both = r.below(3);
     if both != 1 {
-        c["values"] = r.some(values);
+        c["values"] = some(r, values);
     }
     if both != 0 {
-        c["notValues"] = r.some(values);
+        c["notValues"] = some(r, values);
     }
     c
 }
@@ -159,7 +137,7 @@ fn policy(r: &mut Rng, i: usize) -> Value {
     let ns = if r.chance(25) {
         ROOT
     } else {
-        r.pick(&["x", "x", "y"])
+        *r.pick(&["x", "x", "y"])
     };
     let mut spec = serde_json::Map::new();
     match r.below(4) {
@@ -171,7 +149,7 @@ fn policy(r: &mut Rng, i: usize) -> Value {
         2 => drop(spec.insert("selector".to_owned(), json!({"matchLabels": {"app": "db"}}))),
         _ => drop(spec.insert("selector".to_owned(), json!({}))),
     }
-    let action = r.pick(&["ALLOW", "ALLOW", "DENY", "AUDIT", "CUSTOM"]);
+    let action = *r.pick(&["ALLOW", "ALLOW", "DENY", "AUDIT", "CUSTOM"]);
     if action != "ALLOW" || r.chance(50) {
         spec.insert("action".to_owned(), json!(action));
     }
@@ -187,45 +165,44 @@ fn policy(r: &mut Rng, i: usize) -> Value {
 }
 
 fn peer_authentication(r: &mut Rng, i: usize) -> Value {
-    let mode = |r: &mut Rng| r.pick(&["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]);
-    let ns = r.pick(&[ROOT, "x", "x", "y"]);
+    let mode = |r: &mut Rng| *r.pick(&["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]);
+    let ns = *r.pick(&[ROOT, "x", "x", "y"]);
     let mut spec = json!({});
     if r.chance(80) {
         spec["mtls"] = json!({"mode": mode(r)});
     }
     if ns != ROOT && r.chance(50) {
-        spec["selector"] = json!({"matchLabels": {"app": r.pick(&["web", "db"])}});
+        spec["selector"] = json!({"matchLabels": {"app": *r.pick(&["web", "db"])}});
         if r.chance(60) {
-            let port = r.pick(&PORTS);
+            let port = *r.pick(&PORTS);
             spec["portLevelMtls"] = json!({port: {"mode": mode(r)}});
         }
     }
     peer(ns, &format!("pa{i}"), spec)
 }
 
+/// Up to 4 valid AuthorizationPolicies and 3 PeerAuthentications, and their store.
+fn random_world(r: &mut Rng) -> (Vec<Value>, Vec<Value>, crate::store::Store) {
+    let authz: Vec<Value> = (0..r.below(5))
+        .map(|i| policy(r, i))
+        .filter(|p| crate::store::authorization_policy(p).is_ok())
+        .collect();
+    let peers: Vec<Value> = (0..r.below(4)).map(|i| peer_authentication(r, i)).collect();
+    let store = world(&authz, &peers);
+    (authz, peers, store)
+}
+
 /// One random world: every destination, caller and port judged both ways.
 pub fn check(seed: u64) -> Result<(), TestCaseError> {
     let mut r = Rng(seed | 1);
-    let authz: Vec<Value> = (0..r.below(5))
-        .map(|i| policy(&mut r, i))
-        .filter(|p| crate::store::authorization_policy(p).is_ok())
-        .collect();
-    let peers: Vec<Value> = (0..r.below(4))
-        .map(|i| peer_authentication(&mut r, i))
-        .collect();
-    let store = world(&authz, &peers);
+    let (authz, peers, store) = random_world(&mut r);
     let td = if r.chance(50) {
         "cluster.local"
     } else {
         "example.org"
     };
     for to in ["web", "db"] {
-        let callers = [
-            CLIENT,
-            ADMIN,
-            PLAIN,
-            Caller("10.0.3.7", Some(("y", "client")), td),
-        ];
+        let callers = [CLIENT, ADMIN, PLAIN, Caller("10.0.3.7", CLIENT.1, td)];
         for from in callers.map(|c| Caller(c.0, c.1, td)) {
             for port in [80, 8080, 9000] {
                 let (allowed, reason, _) = weft(&store, to, from, port);
@@ -271,14 +248,7 @@ const PROBES: [&str; 16] = [
 pub fn check_table(seed: u64) -> Result<(), TestCaseError> {
     use super::super::{Connection, decide, table};
     let mut r = Rng(seed | 1);
-    let authz: Vec<Value> = (0..r.below(5))
-        .map(|i| policy(&mut r, i))
-        .filter(|p| crate::store::authorization_policy(p).is_ok())
-        .collect();
-    let peers: Vec<Value> = (0..r.below(4))
-        .map(|i| peer_authentication(&mut r, i))
-        .collect();
-    let store = world(&authz, &peers);
+    let (authz, peers, store) = random_world(&mut r);
     for (pod, destination) in [("web", "10.0.1.10"), ("db", "10.0.1.11")] {
         let key = ("x".to_owned(), pod.to_owned());
         let compiled = super::super::compile(&store, ROOT, [&key]);
