@@ -1022,3 +1022,76 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
         "no ALLOW matching: no policy named"
     );
 }
+
+/// A meshed pod of the same node reaches a pod whose policy depends on who calls through the
+/// proxy: decided on its identity (never refused as plaintext), delivered with its own pod
+/// address; a plaintext pod of the node stays refused, and a policy change applies to it too.
+#[test]
+fn same_node_meshed_callers_are_decided_by_their_identity() {
+    let (c, _ca, agents, _server, target) = serving("authz_local");
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    let only = |sa: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: server}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/default/sa/{sa}]}}}}]\n"
+        )
+    };
+    apply_security(&c, &[STRICT, &only("neighbor")]);
+    let refused = settled(true, || probe(&c, "client", &target).starts_with("error"));
+    assert!(
+        refused,
+        "the other node's client is not the principal allowed"
+    );
+    assert_eq!(
+        probe(&c, "neighbor", &target),
+        SECRET,
+        "the same-node principal allowed"
+    );
+    let (server_node, server_pod) = c.pod("server");
+    let mut once = server_node.start_server(
+        "server",
+        &[
+            "tcp-server",
+            "--listen",
+            "[::]:8081",
+            "--reply-name",
+            "once",
+            "--connections",
+            "1",
+        ],
+    );
+    let once_target = format!("{}:8081", server_pod.ipv4);
+    let sprayed = c.pod("neighbor").0.spray("neighbor", &once_target, 1);
+    assert_eq!(sprayed.get("once"), Some(&1), "{sprayed:?}");
+    assert_eq!(
+        served_peers(&mut once, 1)
+            .iter()
+            .map(|p| host(p))
+            .collect::<Vec<_>>(),
+        [c.pod("neighbor").1.ipv4.to_string()],
+        "the server sees the caller's pod address"
+    );
+    let plain = probe(&c, "plainsrv", &target);
+    assert!(plain.starts_with("error"), "same-node plaintext: {plain}");
+    let allowed: f64 = agents[1]
+        .metrics()
+        .into_iter()
+        .filter(|s| {
+            s.name == "weft_authorization_decisions_total"
+                && s.label("action") == Some("allow")
+                && s.label("policy") == Some("default/only")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert!(
+        allowed >= 1.0,
+        "the same-node decision is counted: {allowed}"
+    );
+    apply_security(&c, &[STRICT, &only("default")]);
+    let refused = settled(true, || probe(&c, "neighbor", &target).starts_with("error"));
+    assert!(refused, "the same-node caller is refused once not allowed");
+    assert_eq!(
+        probe(&c, "client", &target),
+        SECRET,
+        "the principal now allowed"
+    );
+}

@@ -126,34 +126,48 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
     out
 }
 
-/// The pods of `pods` (meshed pods of this node) that refuse some plaintext caller: the kernel
-/// refuses plaintext connections to them that no proxy delivered (`EP_AUTHZ`). Judged at
-/// each of the pod's addresses; a pod without one yet, by whether anything applies to it.
-/// With the problems of the compile.
-pub fn plaintext_denied<'a>(
-    store: &Store,
-    root: &str,
-    pods: impl IntoIterator<Item = &'a Key>,
-) -> (std::collections::BTreeSet<Key>, Vec<Problem>) {
+/// What the datapath must do for the meshed pods of this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Guarded {
+    /// Pods that refuse some plaintext caller: the kernel refuses plaintext connections to
+    /// them that no proxy delivered (`EP_AUTHZ`).
+    pub plaintext_refused: std::collections::BTreeSet<Key>,
+    /// Pods whose callers' identities matter (some AuthorizationPolicy applies, or plaintext
+    /// is refused): a meshed pod of this node reaches them through the proxy, which decides
+    /// on the caller's identity (`IP_MESHED_LOCAL`).
+    pub proxied: std::collections::BTreeSet<Key>,
+    pub problems: Vec<Problem>,
+}
+
+/// What the datapath must do for `pods` (meshed pods of this node). Plaintext refusals are
+/// judged at each of the pod's addresses; a pod without one yet, by whether anything
+/// applies to it.
+pub fn guarded<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a Key>) -> Guarded {
     let authz = compile(store, root, pods);
-    let mut out = std::collections::BTreeSet::new();
+    let mut out = Guarded::default();
     for (key, w) in &authz.workloads {
         let ips = store
             .pods
             .get(key)
             .map(|p| crate::compile::addresses::own_addresses(p))
             .unwrap_or_default();
+        let applies =
+            !w.policies.is_empty() || w.mtls.default == Tls::Strict || !w.mtls.ports.is_empty();
         let denies = if ips.is_empty() {
-            !w.policies.is_empty() || w.mtls.default == Tls::Strict || !w.mtls.ports.is_empty()
+            applies
         } else {
             ips.iter()
                 .any(|ip| table::plaintext(w, *ip).iter().any(|e| !e.decision.allowed))
         };
         if denies {
-            out.insert(key.clone());
+            out.plaintext_refused.insert(key.clone());
+        }
+        if denies || !w.policies.is_empty() {
+            out.proxied.insert(key.clone());
         }
     }
-    (out, authz.problems)
+    out.problems = authz.problems;
+    out
 }
 
 /// A policy's rules, or `None` when it is not weft's to apply (reported).

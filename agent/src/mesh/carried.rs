@@ -3,8 +3,8 @@
 //! so the proxy remembers each served pod's namespace and addresses, and the identities of
 //! the cluster's meshed pods. The kernel marks both ends it knows: captured clients, and
 //! servers' connections accepted from the proxy's delivery sockets. A connection between two
-//! served pods is never captured (it does not leave the node) and is named from the served
-//! pods' addresses.
+//! served pods does not leave the node: captured or not, it is named from the served pods'
+//! addresses.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -67,8 +67,8 @@ impl Carried {
 
     /// Marks a connection the mesh carried with both ends' identities: a captured client's
     /// (its loopback address replaced by its pod's), a server's delivered from a tunnel, or
-    /// either end of one between two meshed pods this node serves (never captured: it does
-    /// not leave the node).
+    /// either end of one between two meshed pods this node serves (it does not leave the
+    /// node).
     pub fn annotate(&self, c: &mut Connection) {
         if c.meshed {
             if c.local.ip().is_loopback()
@@ -76,7 +76,13 @@ impl Carried {
             {
                 c.local.set_ip(ip);
             }
-            c.security = Some(self.security(c.local, c.remote, Transport::Tunnel));
+            // Captured to a pod this node serves: delivered on the node, not tunnelled.
+            let transport = if self.serves(c.remote.ip()) {
+                Transport::Local
+            } else {
+                Transport::Tunnel
+            };
+            c.security = Some(self.security(c.local, c.remote, transport));
             return;
         }
         if c.event == ConnEventKindName::Drop {

@@ -71,6 +71,9 @@ impl PartialEq for MeshedPod {
     }
 }
 
+/// A pod served, and its namespace.
+type ServedPod = (Arc<MeshedPod>, Arc<Netns>);
+
 /// The listeners of each pod (`namespace/name`), or why it has none.
 pub type Listeners = Arc<RwLock<BTreeMap<String, Result<Vec<SocketAddr>, String>>>>;
 
@@ -95,6 +98,9 @@ pub struct Shared {
     /// Istio's security policy for the pods served, as the last pass compiled it: every
     /// stream is decided on it before its target is connected.
     pub authz: RwLock<Arc<Authz>>,
+    /// Every pod served, with its namespace: a captured connection to one of them is
+    /// delivered on the node.
+    pods: RwLock<BTreeMap<String, ServedPod>>,
     /// TLS handshakes in progress on the inbound listeners.
     handshakes: Arc<tokio::sync::Semaphore>,
     /// Set once the listeners are to close (a successor listens); connections go on.
@@ -185,6 +191,7 @@ impl Shared {
             host_cookie: host.1,
             local: RwLock::default(),
             authz: RwLock::default(),
+            pods: RwLock::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -203,6 +210,29 @@ impl Shared {
 
     fn identity_of(&self, ip: IpAddr) -> Option<SpiffeId> {
         self.carried.identity_of(ip)
+    }
+
+    /// The served pod with address `ip`, and its namespace.
+    fn served_at(&self, ip: IpAddr) -> Option<ServedPod> {
+        let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
+        pods.values()
+            .find(|(p, _)| p.ips.contains(&ip))
+            .map(|(p, n)| (Arc::clone(p), Arc::clone(n)))
+    }
+
+    /// Decides a connection to served pod `pod` on its security policy and counts the
+    /// decision; a refusal is counted too.
+    fn authorized(&self, pod: &str, c: &Connection<'_>) -> Result<(), Refusal> {
+        let authz = Arc::clone(&self.authz.read().unwrap_or_else(|e| e.into_inner()));
+        let decision = authorize(&authz, pod, c);
+        if let Some(d) = &decision {
+            self.metrics.authorization(d);
+        }
+        if decision.is_some_and(|d| d.allowed) {
+            return Ok(());
+        }
+        tracing::debug!(target: "weft::mesh", pod, peer = ?c.identity.map(ToString::to_string), source = %c.source, "refused by the pod's authorization policy");
+        Err(Refusal::Unauthorized)
     }
 
     /// Where the connection from `peer` (in namespace `cookie`) was going; its entry goes.
@@ -312,6 +342,8 @@ impl Proxy {
             self.shared
                 .carried
                 .retain_pods(|name| self.served.contains_key(name));
+            let mut pods = self.shared.pods.write().unwrap_or_else(|e| e.into_inner());
+            pods.retain(|name, (p, _)| self.served.get(name).is_some_and(|s| s.pod == **p));
         }
         for (name, pod) in wanted {
             if self.served.contains_key(name) {
@@ -373,6 +405,11 @@ async fn serve_pod(
         .serving(&pod.pod, netns.cookie, pod.ips.clone());
     changed.notify_one();
     let (pod, netns) = (Arc::new(pod), Arc::new(netns));
+    shared
+        .pods
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(pod.pod.clone(), (Arc::clone(&pod), Arc::clone(&netns)));
     let mut tasks = tokio::task::JoinSet::new();
     for l in outbound {
         tasks.spawn(accept_outbound(
@@ -480,16 +517,24 @@ async fn outbound(
         return client.abort();
     };
     let target = socket_addr(&orig.target);
-    let Some(destination) = shared.identity_of(target.ip()) else {
-        tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "the destination is not in the mesh any more");
-        return client.abort();
-    };
     let Some(source_ip) = pod
         .ips
         .iter()
         .copied()
         .find(|ip| ip.is_ipv4() == target.is_ipv4())
     else {
+        return client.abort();
+    };
+    let is_local = shared
+        .local
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&target.ip());
+    if is_local {
+        return on_node(shared, pod, client, source_ip, target).await;
+    }
+    let Some(destination) = shared.identity_of(target.ip()) else {
+        tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "the destination is not in the mesh any more");
         return client.abort();
     };
     let route = Route {
@@ -510,6 +555,53 @@ async fn outbound(
             tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, error = %crate::chain(&e), "tunnel refused");
             client.abort();
         }
+    }
+}
+
+/// A captured connection of `pod` to a pod this node serves: decided on the caller's
+/// identity and delivered from inside the destination's namespace with the caller's address,
+/// without TLS (it never leaves the node). Reset when refused.
+async fn on_node(
+    shared: &Shared,
+    pod: &MeshedPod,
+    client: TcpStream,
+    source: IpAddr,
+    target: SocketAddr,
+) {
+    let Some((to, netns)) = shared.served_at(target.ip()) else {
+        tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "a pod of this node the proxy does not serve");
+        return client.abort();
+    };
+    let c = Connection {
+        source,
+        identity: Some(&pod.id),
+        destination: target.ip(),
+        port: target.port(),
+    };
+    let delivered = match shared.authorized(&to.pod, &c) {
+        Ok(()) => connect_delivery(shared, &to, &netns, source, target).await,
+        Err(r) => Err(r),
+    };
+    match delivered {
+        Ok(server) => {
+            splice(client, server).await;
+        }
+        Err(reason) => {
+            shared.metrics.stream_refused(reason);
+            client.abort();
+        }
+    }
+}
+
+/// Copies both ways until both ends are done (a half-close is passed on); when either fails,
+/// both end with a reset, so a reset reaches the other end as one.
+async fn splice(mut client: TcpStream, mut server: Delivered) {
+    if tokio::io::copy_bidirectional(&mut client, &mut server)
+        .await
+        .is_err()
+    {
+        client.abort();
+        server.abort();
     }
 }
 
@@ -587,21 +679,10 @@ pub fn admissible(
 /// Decides a stream to `pod` on its security policy, with the peer's verified identity.
 /// `None` for a pod the last pass compiled nothing for: the policy in force is unknown, and
 /// the stream is refused.
-pub fn authorize(
-    authz: &Authz,
-    pod: &MeshedPod,
-    source: IpAddr,
-    inbound: &Inbound,
-) -> Option<authz::Decision> {
-    let (ns, name) = pod.pod.split_once('/')?;
+pub fn authorize(authz: &Authz, pod: &str, c: &Connection<'_>) -> Option<authz::Decision> {
+    let (ns, name) = pod.split_once('/')?;
     let workload = authz.workloads.get(&(ns.to_owned(), name.to_owned()))?;
-    let c = Connection {
-        source,
-        identity: Some(&inbound.peer),
-        destination: inbound.target.ip(),
-        port: inbound.target.port(),
-    };
-    Some(authz::decide(workload, &c))
+    Some(authz::decide(workload, c))
 }
 
 /// A stream to this pod, from inside its namespace, with the client pod's address.
@@ -616,22 +697,31 @@ async fn deliver(
         let directory = shared.carried.directory();
         admissible(&inbound, &pod.ips, &local, &directory)?
     };
-    let authz = Arc::clone(&shared.authz.read().unwrap_or_else(|e| e.into_inner()));
-    let decision = authorize(&authz, pod, source, &inbound);
-    if let Some(d) = &decision {
-        shared.metrics.authorization(d);
-    }
-    if !decision.is_some_and(|d| d.allowed) {
-        tracing::debug!(target: "weft::mesh", pod = pod.pod, peer = %inbound.peer, %source, "stream refused by the pod's authorization policy");
-        return Err(Refusal::Unauthorized);
-    }
+    let c = Connection {
+        source,
+        identity: Some(&inbound.peer),
+        destination: inbound.target.ip(),
+        port: inbound.target.port(),
+    };
+    shared.authorized(&pod.pod, &c)?;
+    connect_delivery(shared, pod, netns, source, inbound.target).await
+}
+
+/// Connects `target` from inside `pod`'s namespace with address `source`.
+async fn connect_delivery(
+    shared: &Shared,
+    pod: &MeshedPod,
+    netns: &Netns,
+    source: IpAddr,
+    target: SocketAddr,
+) -> Result<Delivered, Refusal> {
     let socket = netns.delivery(source).await.map_err(|e| {
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
         Refusal::Unreachable
     })?;
     let socket = TcpSocket::from_std_stream(socket);
     let active = Active::new(&shared.active);
-    match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(inbound.target)).await {
+    match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(target)).await {
         Ok(Ok(stream)) => Ok(Delivered {
             stream,
             _active: active,

@@ -357,10 +357,10 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
         .filter_map(|e| e.pod.split_once('/'))
         .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
         .collect();
-    let (refusing, problems) = crate::compile::authz::plaintext_denied(store, root, &meshed);
+    let guarded = crate::compile::authz::guarded(store, root, &meshed);
     policies
         .problems
-        .extend(problems.into_iter().map(|p| cp::Problem {
+        .extend(guarded.problems.into_iter().map(|p| cp::Problem {
             object: p.object,
             message: p.message,
         }));
@@ -369,8 +369,23 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
             .pod
             .split_once('/')
             .map(|(ns, n)| (ns.to_owned(), n.to_owned()));
-        if key.is_some_and(|k| refusing.contains(&k)) {
+        if key.is_some_and(|k| guarded.plaintext_refused.contains(&k)) {
             e.info.flags |= weft_abi::policy::EP_AUTHZ;
+        }
+    }
+    // Same-node meshed callers go through the proxy, which knows who they are. An address
+    // several pods claim is nobody's to deliver to: plaintext to it stays refused.
+    for key in &guarded.proxied {
+        let Some(pod) = store.pods.get(key) else {
+            continue;
+        };
+        for ip in crate::compile::addresses::own_addresses(pod) {
+            if policies.contested.contains_key(&ip) {
+                continue;
+            }
+            if let Some(v) = policies.ipcache.get_mut(&ipnet::IpNet::from(ip)) {
+                v.flags |= weft_abi::policy::IP_MESHED_LOCAL;
+            }
         }
     }
 }

@@ -53,6 +53,11 @@ pub const IP_HOST: u32 = 1;
 /// [`IpcacheValue::flags`]: the address of a meshed pod of another node: a meshed pod's TCP
 /// connect to it is captured (see [`crate::mesh`]).
 pub const IP_MESHED_REMOTE: u32 = 2;
+/// [`IpcacheValue::flags`]: the address of a meshed pod of this node whose callers'
+/// identities matter (an AuthorizationPolicy applies to it, or it refuses plaintext): a
+/// meshed pod's TCP connect to it is captured, and the node's proxy decides on the caller's
+/// identity and delivers it without leaving the node (see [`crate::mesh`]).
+pub const IP_MESHED_LOCAL: u32 = 4;
 
 /// Bits of a `POLICY` key before the protocol: policy set, identity, direction.
 pub const POLICY_PREFIX_FIXED: u32 = 72;

@@ -1,7 +1,9 @@
 //! Capture for the mesh (see `weft_abi::mesh`): a meshed pod's TCP connect to a meshed pod of
 //! another node goes to the node's outbound listener in the pod's own network namespace; the
-//! agent carries it through a mutually authenticated tunnel. Decided here, at connect time,
-//! from the pod's `EP_MESHED` and the destination's `IP_MESHED_REMOTE`: connections to
+//! agent carries it through a mutually authenticated tunnel. So does one to a meshed pod of
+//! this node whose security policy depends on its callers' identities; the agent decides on
+//! the caller's and delivers it on the node. Decided here, at connect time, from the pod's
+//! `EP_MESHED` and the destination's `IP_MESHED_REMOTE` or `IP_MESHED_LOCAL`: connections to
 //! anything else never reach user space.
 use core::ffi::c_void;
 
@@ -13,7 +15,7 @@ use weft_abi::{
     conn::{ConnEvent, flags},
     mesh::{MeshOrig, MeshOrigKey, OUTBOUND_PORT},
     net::Family,
-    policy::{EP_MESHED, EndpointInfo, IP_MESHED_REMOTE},
+    policy::{EP_MESHED, EndpointInfo, IP_MESHED_LOCAL, IP_MESHED_REMOTE},
     stats::Counter,
     svc::{Endpoint, XLATE_CAPTURED, XLATE_DIRECT, Xlate},
 };
@@ -31,8 +33,13 @@ pub fn captures(ep: Option<&EndpointInfo>, target: &Endpoint) -> bool {
     let Some(ep) = ep else {
         return false;
     };
-    ep.flags & EP_MESHED != 0
-        && policy::ip_flags(target.family, &target.addr) & IP_MESHED_REMOTE != 0
+    if ep.flags & EP_MESHED == 0 {
+        return false;
+    }
+    let to = policy::ip_flags(target.family, &target.addr);
+    // A pod reaching itself is not a caller to decide on.
+    to & IP_MESHED_REMOTE != 0
+        || (to & IP_MESHED_LOCAL != 0 && !ep.owns(target.family, &target.addr))
 }
 
 /// The outbound listener for a target of `family`: loopback, [`OUTBOUND_PORT`].

@@ -178,7 +178,8 @@ pub fn try_translate<const IS_V6: bool>(
 }
 
 /// connect to an address that is no Service: egress policy; a meshed pod's TCP to a meshed
-/// pod of another node is captured; a UDP socket forgets its earlier translation.
+/// pod the mesh carries ([`mesh::captures`]) is captured; a UDP socket forgets its earlier
+/// translation.
 #[inline(always)]
 fn connect_direct<const IS_V6: bool>(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     let ep = policy::current_endpoint(ctx);

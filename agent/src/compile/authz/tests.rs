@@ -1477,3 +1477,34 @@ fn the_listing_shows_policies_selections_and_modes() {
         )
     );
 }
+
+/// What the datapath must do: a pod whose policy refuses a plaintext caller is guarded in the
+/// kernel and reached through the proxy; one whose policies let every plaintext caller in
+/// still depends on its callers' identities (reached through the proxy only); one without
+/// any policy is neither.
+#[test]
+fn guarded_pods_are_those_whose_policy_refuses_plaintext_or_reads_identities() {
+    let web: Key = ("x".to_owned(), "web".to_owned());
+    let db: Key = ("x".to_owned(), "db".to_owned());
+    let keys = [&web, &db];
+    let set = |keys: &[&Key]| keys.iter().map(|k| (*k).clone()).collect();
+    let deny_ns = authz(
+        "x",
+        "deny-y",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+               "rules": [{"from": [{"source": {"namespaces": ["y"]}}]}]}),
+    );
+    let g = super::guarded(&world(&[deny_ns], &[]), ROOT, keys);
+    assert_eq!(g.plaintext_refused, set(&[]));
+    assert_eq!(g.proxied, set(&[&web]));
+    let strict_db = peer(
+        "x",
+        "db",
+        json!({"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": "STRICT"}}),
+    );
+    let g = super::guarded(&world(&[], &[strict_db]), ROOT, keys);
+    assert_eq!(g.plaintext_refused, set(&[&db]));
+    assert_eq!(g.proxied, set(&[&db]));
+    let g = super::guarded(&world(&[], &[]), ROOT, keys);
+    assert_eq!((g.plaintext_refused, g.proxied), (set(&[]), set(&[])));
+}

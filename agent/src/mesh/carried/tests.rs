@@ -49,6 +49,19 @@ fn carried() -> Carried {
     c
 }
 
+/// The open event of shop/web's (namespace 77) connection to 10.0.2.10:8080, captured.
+fn captured() -> Connection {
+    let mut c = conn(
+        ConnEventKindName::TcpOpen,
+        Role::Client,
+        "127.0.0.1:40000",
+        "10.0.2.10:8080",
+    );
+    c.meshed = true;
+    c.mesh_netns = 77;
+    c
+}
+
 fn principals(c: &Connection) -> Option<(String, String)> {
     c.security.as_ref().map(|s| {
         (
@@ -63,20 +76,28 @@ fn principals(c: &Connection) -> Option<(String, String)> {
 #[test]
 fn a_captured_client_is_its_pod_with_both_principals() {
     let m = carried();
-    let mut c = conn(
-        ConnEventKindName::TcpOpen,
-        Role::Client,
-        "127.0.0.1:40000",
-        "10.0.2.10:8080",
-    );
-    c.meshed = true;
-    c.mesh_netns = 77;
+    let mut c = captured();
     m.annotate(&mut c);
     assert_eq!(c.local, addr("10.0.1.10:40000"));
     assert_eq!(
         principals(&c),
         Some((id("web").to_string(), id("db").to_string()))
     );
+}
+
+/// A captured client's connection to a pod this node serves was delivered on the node: local,
+/// not tunnelled; to a pod of another node, tunnelled.
+#[test]
+fn a_captured_client_to_a_served_pod_is_local() {
+    let m = carried();
+    let transport = |m: &Carried| {
+        let mut c = captured();
+        m.annotate(&mut c);
+        c.security.map(|s| s.transport)
+    };
+    assert_eq!(transport(&m), Some(Transport::Tunnel));
+    m.serving("shop/db", 78, vec!["10.0.2.10".parse().expect("ip")]);
+    assert_eq!(transport(&m), Some(Transport::Local));
 }
 
 /// A server's connection is marked, open and close, only when the kernel saw it delivered
