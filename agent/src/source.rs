@@ -47,6 +47,11 @@ pub struct Settings {
     /// KUBECONFIG, else ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// With --source kubernetes, how often the API server is asked again whether it serves
+    /// Istio's security API (security.istio.io PeerAuthentication and AuthorizationPolicy)
+    /// until it does; their reflectors start then.
+    #[arg(long, default_value = "60s", value_parser = crate::parse_positive_duration)]
+    pub crd_discovery_interval: std::time::Duration,
 }
 
 /// The kind of `--source`.
@@ -126,6 +131,7 @@ impl Source {
                     kubeconfig: settings.kubeconfig.clone(),
                     node_name: settings.node_name.clone().unwrap_or_default(),
                     cgroup_root: cgroup_root.to_owned(),
+                    crd_discovery_interval: settings.crd_discovery_interval,
                 };
                 let kube = KubeSource::start(&config, KubeMetrics::new(registry)).await?;
                 tracing::info!(target: "weft::source", source = kube.describe(), "watching the Kubernetes API; ready once every kind is listed");

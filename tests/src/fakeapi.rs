@@ -15,6 +15,10 @@
 //!   server is unreachable); [`FakeApi::drop_streams`] cuts open watches once, without the
 //!   final chunk, as a lost connection would.
 //!
+//! - Istio's security collections (`security.istio.io/v1`) and their discovery document are
+//!   served only once [`FakeApi::serve_security_api`] says the CRDs are installed; before,
+//!   they answer 404 as a server without them does.
+//!
 //! One thread per connection; every response closes its connection.
 use std::{
     collections::BTreeMap,
@@ -32,7 +36,7 @@ use std::{
 use serde_json::{Value, json};
 
 /// The collections served: (path, apiVersion, kind, namespaced).
-const RESOURCES: [(&str, &str, &str, bool); 5] = [
+const RESOURCES: [(&str, &str, &str, bool); 7] = [
     ("/api/v1/namespaces", "v1", "Namespace", false),
     ("/api/v1/pods", "v1", "Pod", true),
     ("/api/v1/services", "v1", "Service", true),
@@ -48,7 +52,22 @@ const RESOURCES: [(&str, &str, &str, bool); 5] = [
         "NetworkPolicy",
         true,
     ),
+    (
+        "/apis/security.istio.io/v1/peerauthentications",
+        SECURITY_API,
+        "PeerAuthentication",
+        true,
+    ),
+    (
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        SECURITY_API,
+        "AuthorizationPolicy",
+        true,
+    ),
 ];
+
+/// Istio's security API, served only once its CRDs are "installed".
+const SECURITY_API: &str = "security.istio.io/v1";
 
 /// How often a watch that asked for them gets a BOOKMARK.
 const BOOKMARK_EVERY: Duration = Duration::from_millis(500);
@@ -80,6 +99,8 @@ struct State {
     epoch: u64,
     /// Requests served, by kind and verb (`list` / `watch`), for tests to see relists.
     requests: BTreeMap<(String, &'static str), usize>,
+    /// Istio's security CRDs are installed.
+    security_served: bool,
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +166,12 @@ impl FakeApi {
         );
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         path
+    }
+
+    /// Installs Istio's security CRDs: their collections and discovery document are served
+    /// from now on.
+    pub fn serve_security_api(&self) {
+        self.shared.lock().security_served = true;
     }
 
     /// Creates or replaces an object (it needs `kind` and `metadata.name`; namespaced kinds
@@ -308,6 +335,21 @@ fn resource_of_kind(kind: &str) -> (&'static str, &'static str, &'static str, bo
         .unwrap_or_else(|| panic!("the fake API server does not serve {kind}"))
 }
 
+/// The discovery document of [`SECURITY_API`].
+fn security_resources() -> Value {
+    let resources: Vec<Value> = RESOURCES
+        .iter()
+        .filter(|r| r.1 == SECURITY_API)
+        .map(|(path, _, kind, namespaced)| {
+            json!({"name": path.rsplit('/').next(), "singularName": kind.to_lowercase(),
+                   "namespaced": namespaced, "kind": kind,
+                   "verbs": ["get", "list", "watch"]})
+        })
+        .collect();
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": SECURITY_API,
+           "resources": resources})
+}
+
 /// Reads one request and answers it.
 fn serve(shared: &Shared, conn: TcpStream) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
@@ -336,7 +378,15 @@ fn serve(shared: &Shared, conn: TcpStream) {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), decode(v)))
         .collect();
-    let Some(&(_, api_version, kind, _)) = RESOURCES.iter().find(|r| r.0 == path) else {
+    let security_served = shared.lock().security_served;
+    if path == format!("/apis/{SECURITY_API}") && security_served {
+        respond(&mut conn, 200, &security_resources().to_string());
+        return;
+    }
+    let Some(&(_, api_version, kind, _)) = RESOURCES
+        .iter()
+        .find(|r| r.0 == path && (r.1 != SECURITY_API || security_served))
+    else {
         respond_status(&mut conn, 404, "NotFound", &format!("no route {path}"));
         return;
     };

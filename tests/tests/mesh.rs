@@ -25,6 +25,27 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 /// The server's neighbour on node b (its own service account too).
 const NEIGHBOR_ID: &str = "spiffe://cluster.local/ns/default/sa/neighbor";
 
+/// Pod `pod` of namespace `default` (label `app: <pod>`, port `http` 8080), meshed or not,
+/// running as the service account of its own name or as `default`.
+fn pod_doc(c: &Cluster, pod: &str, meshed: bool, own_account: bool) -> String {
+    let mut labels = vec![("app", pod)];
+    if meshed {
+        labels.push(("weft.io/mesh", "enabled"));
+    }
+    let doc = k8s::pod(
+        c.pod(pod).1,
+        "default",
+        &labels,
+        &[("http", 8080, "TCP")],
+        true,
+    );
+    if own_account {
+        doc.replace("spec:\n", &format!("spec:\n  serviceAccountName: {pod}\n"))
+    } else {
+        doc
+    }
+}
+
 /// `client` and `plain` on node a, `server`, `plainsrv` and `neighbor` on node b; `client`,
 /// `server` and `neighbor` are meshed.
 fn mesh_cluster(test: &str) -> Cluster {
@@ -48,26 +69,10 @@ fn mesh_cluster_with(test: &str, more: &[&'static str]) -> Cluster {
         ("neighbor", true),
     ];
     for (pod, meshed) in pods.into_iter().chain(more.iter().map(|p| (*p, true))) {
-        let mut labels = vec![("app", pod)];
-        if meshed {
-            labels.push(("weft.io/mesh", "enabled"));
-        }
-        let doc = k8s::pod(
-            c.pod(pod).1,
-            "default",
-            &labels,
-            &[("http", 8080, "TCP")],
-            true,
-        );
         // The server and its neighbour run as service accounts of their own: identities to
         // tell apart.
-        docs.push(
-            if pod == "server" || pod == "neighbor" || more.contains(&pod) {
-                doc.replace("spec:\n", &format!("spec:\n  serviceAccountName: {pod}\n"))
-            } else {
-                doc
-            },
-        );
+        let own_account = pod == "server" || pod == "neighbor" || more.contains(&pod);
+        docs.push(pod_doc(&c, pod, meshed, own_account));
     }
     let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
     docs.push(k8s::service(
@@ -1094,4 +1099,72 @@ fn same_node_meshed_callers_are_decided_by_their_identity() {
         SECRET,
         "the principal now allowed"
     );
+}
+
+/// In Kubernetes mode Istio's security API is read once the API server serves it: without
+/// its CRDs the agent is ready and plaintext is served; once they appear, a STRICT
+/// PeerAuthentication from the API refuses plaintext while a meshed client of the same node
+/// gets through; deleting it lifts it.
+#[test]
+fn in_kubernetes_mode_security_policies_are_read_once_their_crds_exist() {
+    let c = Cluster::builder("authz_kube")
+        .kubelet_cgroups()
+        .node("a", &["client", "plain", "server"])
+        .build();
+    let ca = ca(&c);
+    let api = weft_testkit::fakeapi::FakeApi::start();
+    api.apply(serde_json::json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    let docs: Vec<String> = [("client", true), ("plain", false), ("server", true)]
+        .into_iter()
+        .map(|(pod, meshed)| pod_doc(&c, pod, meshed, true))
+        .collect();
+    c.apply_to_api(&api, &k8s::file(&docs));
+    // The pods' network namespaces are found through their processes.
+    let _hold = c
+        .pod("client")
+        .0
+        .start_server("client", &["hold-server", "--listen", "[::]:9999"]);
+    let _server = c
+        .pod("server")
+        .0
+        .start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
+    let ca_arg = ca.path().display().to_string();
+    let options = AgentOptions::with_api(
+        &api,
+        c.node("a"),
+        &["--mesh-ca", &ca_arg, "--crd-discovery-interval", "1s"],
+    );
+    let agent = Agent::start_with(c.node("a"), options);
+    wait_meshed(
+        &agent,
+        "spiffe://cluster.local/ns/default/sa/client",
+        "default/client",
+    );
+    wait_meshed(&agent, SERVER_ID, "default/server");
+    let target = format!("{}:8080", c.pod("server").1.ipv4);
+    assert_eq!(probe(&c, "plain", &target), SECRET, "no CRDs: PERMISSIVE");
+    api.serve_security_api();
+    api.apply(serde_json::json!({
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "default"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    }));
+    let refused = settled(true, || probe(&c, "plain", &target).starts_with("error"));
+    assert!(refused, "plaintext refused once STRICT comes from the API");
+    assert_eq!(
+        probe(&c, "client", &target),
+        SECRET,
+        "the meshed client of the same node"
+    );
+    let (_, listed) = agent.client("authz");
+    assert_eq!(
+        listed["policies"]
+            .as_array()
+            .map(|p| p.iter().map(|p| p["name"].clone()).collect::<Vec<_>>()),
+        Some(vec![Value::from("default/strict")]),
+        "{listed}"
+    );
+    assert!(api.delete("PeerAuthentication", "default", "strict"));
+    let served = settled(true, || probe(&c, "plain", &target) == SECRET);
+    assert!(served, "deleting it lifts it");
 }

@@ -1,5 +1,6 @@
-//! Kubernetes mode: kube-rs reflectors for the five kinds weft reads feed the same store as
-//! the standalone directory source.
+//! Kubernetes mode: kube-rs reflectors for the kinds weft reads feed the same store as the
+//! standalone directory source: five always, and Istio's PeerAuthentication and
+//! AuthorizationPolicy once API discovery finds them served ([`security`]).
 //!
 //! - Every kind is listed, then watched (`watcher(..).default_backoff().reflect(writer)`):
 //!   an expired resourceVersion (410 Gone) relists, errors back off. A relist replaces a
@@ -13,6 +14,7 @@
 //!   taken from the API (whoever can annotate a pod must not choose what weft enforces on).
 pub mod cgroups;
 pub mod metrics;
+pub mod security;
 pub mod watch;
 
 use std::{
@@ -38,7 +40,7 @@ use self::{
 use crate::{
     source::Rejection,
     store::{
-        self, Kind, Object, ObjectRef, Store,
+        self, FieldError, Kind, Object, ObjectRef, Store,
         stand_in::REJECTED_ANNOTATION,
         validate::{CGROUP_ANNOTATION, NETNS_ANNOTATION},
     },
@@ -78,6 +80,9 @@ pub struct KubeConfig {
     pub node_name: String,
     /// The cgroup2 root the agent attaches to; pod cgroups are found below it.
     pub cgroup_root: PathBuf,
+    /// How often the API server is asked again whether it serves Istio's security API, until
+    /// it does.
+    pub crd_discovery_interval: std::time::Duration,
 }
 
 /// The reflectors' read sides.
@@ -88,6 +93,8 @@ struct Readers {
     services: Reader<Service>,
     endpoint_slices: Reader<EndpointSlice>,
     network_policies: Reader<NetworkPolicy>,
+    /// Istio's security kinds, as discovery finds them.
+    security: security::Readers,
 }
 
 /// A validated object and the version it came from.
@@ -176,7 +183,14 @@ impl KubeSource {
             services: spawn(&client, Kind::Service, &health, &mut tasks),
             endpoint_slices: spawn(&client, Kind::EndpointSlice, &health, &mut tasks),
             network_policies: spawn(&client, Kind::NetworkPolicy, &health, &mut tasks),
+            security: security::Readers::default(),
         };
+        tasks.push(tokio::spawn(security::discovery(
+            client.clone(),
+            Arc::clone(&health),
+            Arc::clone(&readers.security),
+            config.crd_discovery_interval,
+        )));
         Ok(Self {
             server,
             node_name: config.node_name.clone(),
@@ -233,13 +247,14 @@ impl KubeSource {
         }
         let mut live = BTreeSet::new();
         let (r, v) = (&self.readers, &mut self.validated);
+        let namespaces = r.namespaces.state();
         add(
             v,
             &mut live,
             Kind::Namespace,
-            r.namespaces.state(),
-            Object::Namespace,
+            namespaces,
             no_cgroup,
+            |o, _| typed(Object::Namespace(o)),
         );
         let pods = r.pods.state();
         // A mirror annotation naming another API pod's UID is forged: static pods' hashes
@@ -259,25 +274,22 @@ impl KubeSource {
             }
         }
         let (node, cgroups) = (self.node_name.as_str(), &mut self.cgroups);
-        add(v, &mut live, Kind::Pod, pods, Object::Pod, |p: &Pod| {
-            local_cgroup(node, cgroups, p, &uids)
+        let local = |p: &Pod| local_cgroup(node, cgroups, p, &uids);
+        add(v, &mut live, Kind::Pod, pods, local, |p, cgroup| {
+            typed(Object::Pod(bind_cgroup(p, cgroup)))
         });
-        add(
-            v,
-            &mut live,
-            Kind::Service,
-            r.services.state(),
-            Object::Service,
-            no_cgroup,
-        );
+        let services = r.services.state();
+        add(v, &mut live, Kind::Service, services, no_cgroup, |o, _| {
+            typed(Object::Service(o))
+        });
         let slices = r.endpoint_slices.state();
         add(
             v,
             &mut live,
             Kind::EndpointSlice,
             slices,
-            Object::EndpointSlice,
             no_cgroup,
+            |o, _| typed(Object::EndpointSlice(o)),
         );
         let policies = r.network_policies.state();
         add(
@@ -285,9 +297,15 @@ impl KubeSource {
             &mut live,
             Kind::NetworkPolicy,
             policies,
-            Object::NetworkPolicy,
             no_cgroup,
+            |o, _| typed(Object::NetworkPolicy(o)),
         );
+        let watched = r.security.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for w in &watched {
+            add(v, &mut live, w.kind, w.reader.state(), no_cgroup, |o, _| {
+                security::decode(w, &o)
+            });
+        }
         // Objects the API no longer has are gone, rejected versions included.
         v.retain(|k, _| live.contains(k));
         let objects = v.iter().flat_map(|(r, v)| {
@@ -305,15 +323,30 @@ fn no_cgroup<K>(_: &K) -> Option<PathBuf> {
     None
 }
 
+/// An object as the store holds it, or what is wrong with it and what stands in for it.
+type Decoded = Result<Object, (Vec<FieldError>, Option<Object>)>;
+
+/// A typed object, validated.
+fn typed(object: Object) -> Decoded {
+    match store::validate::object(&object) {
+        Ok(()) => Ok(object),
+        Err(errors) => {
+            let fresh = stand_in_of(&object);
+            Err((errors, fresh))
+        }
+    }
+}
+
 /// Validates what changed among `objects` (by resourceVersion, and for local pods by
-/// cgroup) into `validated`, and records every name seen in `live`.
+/// cgroup) into `validated`, and records every name seen in `live`. `decode` gives the
+/// store's object of one with its cgroup.
 fn add<K: Resource>(
     validated: &mut BTreeMap<ObjectRef, Validated>,
     live: &mut BTreeSet<ObjectRef>,
     kind: Kind,
     objects: Vec<Arc<K>>,
-    wrap: fn(Arc<K>) -> Object,
     mut cgroup_of: impl FnMut(&K) -> Option<PathBuf>,
+    mut decode: impl FnMut(Arc<K>, Option<&Path>) -> Decoded,
 ) {
     for obj in objects {
         let meta = obj.meta();
@@ -324,8 +357,8 @@ fn add<K: Resource>(
         );
         let rv = meta.resource_version.clone();
         let uid = meta.uid.clone();
-        let cgroup = cgroup_of(&obj);
         live.insert(object_ref.clone());
+        let cgroup = cgroup_of(&obj);
         if let Some(v) = validated.get(&object_ref)
             && rv.is_some()
             && v.resource_version == rv
@@ -334,11 +367,7 @@ fn add<K: Resource>(
         {
             continue;
         }
-        let object = match wrap(obj) {
-            Object::Pod(pod) => Object::Pod(bind_cgroup(pod, cgroup.as_deref())),
-            other => other,
-        };
-        let checked = store::validate::object(&object);
+        let decoded = decode(obj, cgroup.as_deref());
         let entry = validated
             .entry(object_ref.clone())
             .or_insert_with(|| Validated {
@@ -356,14 +385,14 @@ fn add<K: Resource>(
         }
         entry.resource_version = rv;
         entry.cgroup = cgroup;
-        match checked {
-            Ok(()) => {
+        match decoded {
+            Ok(object) => {
                 entry.good = Some(object);
                 entry.rejected_version = None;
                 entry.rejection = None;
             }
-            Err(errors) => {
-                keep_or_stand_in(entry, &object_ref, &object);
+            Err((errors, fresh)) => {
+                keep_or_stand_in(entry, &object_ref, fresh);
                 entry.rejection = Some(Rejection {
                     location: None,
                     object: Some(object_ref),
@@ -375,12 +404,11 @@ fn add<K: Resource>(
 }
 
 /// What the store holds for a rejected version (`store::stand_in`): for a pod, the stand-in of
-/// this version (its labels may have changed to revoke what peers allowed it); for a policy,
-/// its last version without rules beside the stand-in of this one, so that what either
+/// this version (`fresh`: its labels may have changed to revoke what peers allowed it); for a
+/// policy, its last version without rules beside the stand-in of this one, so that what either
 /// selects is isolated and nothing either allowed stays allowed; other kinds keep their last
 /// good version.
-fn keep_or_stand_in(entry: &mut Validated, object_ref: &ObjectRef, object: &Object) {
-    let fresh = stand_in_of(object_ref.kind, object, &object_ref.namespace);
+fn keep_or_stand_in(entry: &mut Validated, object_ref: &ObjectRef, fresh: Option<Object>) {
     let prev = entry.good.take();
     let kept = prev.as_ref().and_then(store::stand_in::kept_beside);
     entry.good = match (prev, fresh) {
@@ -396,7 +424,7 @@ fn keep_or_stand_in(entry: &mut Validated, object_ref: &ObjectRef, object: &Obje
 }
 
 /// The store's stand-in for a rejected object ([`store::stand_in`]).
-fn stand_in_of(kind: Kind, object: &Object, namespace: &str) -> Option<Object> {
+fn stand_in_of(object: &Object) -> Option<Object> {
     let value = match object {
         Object::Pod(p) => serde_json::to_value(p.as_ref()),
         Object::NetworkPolicy(p) => serde_json::to_value(p.as_ref()),
@@ -404,7 +432,9 @@ fn stand_in_of(kind: Kind, object: &Object, namespace: &str) -> Option<Object> {
         Object::AuthorizationPolicy(p) => serde_json::to_value(p.as_ref()),
         Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => return None,
     };
-    store::stand_in::stand_in(kind, &value.ok()?, namespace)
+    let value = value.ok()?;
+    let namespace = value["metadata"]["namespace"].as_str().unwrap_or_default();
+    store::stand_in::stand_in(object.kind(), &value, namespace)
 }
 
 /// The cgroup of a pod of this node (relative to the cgroup root): found, or where the

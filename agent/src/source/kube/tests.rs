@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use kube::runtime::reflector;
 
+use kube::api::DynamicObject;
+
 use super::{watch::KINDS, *};
 
 const NODE: &str = "node-a";
@@ -49,6 +51,7 @@ impl Harness {
                 services,
                 endpoint_slices,
                 network_policies,
+                security: security::Readers::default(),
             },
             health: Arc::default(),
             tasks: Vec::new(),
@@ -72,6 +75,32 @@ impl Harness {
         for (kind, _) in KINDS {
             self.source.health.set_listed(kind);
         }
+        self.source.health.discovered(&[]);
+    }
+
+    /// A reflector of `kind` as discovery starts one (read as v1), listed.
+    fn watch_security(&self, kind: Kind) -> Writer<DynamicObject> {
+        let plural = security::RESOURCES
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, p)| *p)
+            .expect("a security kind");
+        let gvk = kube::api::GroupVersionKind::gvk(security::GROUP, "v1", kind.as_str());
+        let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
+        let writer = Writer::new(ar.clone());
+        self.source.health.expect(kind);
+        self.source.health.set_listed(kind);
+        self.source
+            .readers
+            .security
+            .lock()
+            .expect("lock")
+            .push(security::Watched {
+                kind,
+                api_version: ar.api_version,
+                reader: writer.as_reader(),
+            });
+        writer
     }
 
     fn snapshot(&mut self) -> (Store, Vec<Rejection>) {
@@ -287,6 +316,7 @@ async fn an_unreachable_api_server_is_reported_degraded_over_tls_too() {
             kubeconfig: Some(path),
             node_name: NODE.into(),
             cgroup_root: dir.clone(),
+            crd_discovery_interval: Duration::from_secs(60),
         },
         KubeMetrics::default(),
     )
@@ -399,4 +429,74 @@ fn a_rejected_policy_version_stands_beside_the_last_one_stripped() {
             Some(&["Ingress".to_owned()][..])
         );
     }
+}
+
+/// An AuthorizationPolicy as a list item has it (no apiVersion, no kind).
+fn authorization_policy(rv: &str, principal: &str) -> DynamicObject {
+    serde_json::from_value(json!({
+        "metadata": {"name": "only", "namespace": "default", "resourceVersion": rv, "uid": "ap-1"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "rules": [{"from": [{"source": {"principals": [principal]}}]}]},
+    }))
+    .expect("authorization policy")
+}
+
+/// Nothing is compiled before a kind discovery found is listed, nor before discovery has
+/// answered at all (a store without the cluster's security policies would lift them).
+#[test]
+fn nothing_is_compiled_before_discovery_answers_and_what_it_found_is_listed() {
+    let mut h = Harness::new("discovery");
+    for (kind, _) in KINDS {
+        h.source.health.set_listed(kind);
+    }
+    assert!(h.source.snapshot().is_none(), "discovery has not answered");
+    h.source.health.expect(Kind::AuthorizationPolicy);
+    h.source.health.discovered(&[Kind::AuthorizationPolicy]);
+    assert!(h.source.snapshot().is_none(), "a kind found is not listed");
+    h.source.health.set_listed(Kind::AuthorizationPolicy);
+    assert!(h.source.snapshot().is_some());
+}
+
+/// An AuthorizationPolicy from its reflector is decoded and validated as a document of the
+/// directory source: a valid one is in the store; a rejected version is reported, and the
+/// last one stays without its rules (an ALLOW that allows nothing) beside its stand-in.
+#[test]
+fn security_objects_are_validated_and_a_rejected_allow_allows_nothing() {
+    let mut h = Harness::new("security");
+    h.list_all();
+    let mut w = h.watch_security(Kind::AuthorizationPolicy);
+    w.apply_watcher_event(&Event::Apply(authorization_policy(
+        "1",
+        "cluster.local/ns/default/sa/client",
+    )));
+    let (store, rejections) = h.snapshot();
+    assert!(rejections.is_empty(), "{rejections:?}");
+    let key = ("default".to_owned(), "only".to_owned());
+    let rules = |store: &Store, name: &str| {
+        store.authorization_policies[&("default".to_owned(), name.to_owned())]
+            .spec
+            .rules
+            .as_ref()
+            .map(Vec::len)
+    };
+    assert_eq!(rules(&store, "only"), Some(1));
+    assert_eq!(
+        store.authorization_policies[&key].api_version,
+        "security.istio.io/v1"
+    );
+    // istiod refuses an empty principal.
+    w.apply_watcher_event(&Event::Apply(authorization_policy("2", "")));
+    let (store, rejections) = h.snapshot();
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    let names: Vec<&str> = store
+        .authorization_policies
+        .keys()
+        .map(|(_, n)| n.as_str())
+        .collect();
+    assert_eq!(names, ["only", "only~rejected-version"]);
+    assert_eq!(
+        rules(&store, "only"),
+        None,
+        "the last version allows nothing"
+    );
 }

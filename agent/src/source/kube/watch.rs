@@ -35,7 +35,8 @@ use serde::de::DeserializeOwned;
 use super::metrics::{self, KubeMetrics};
 use crate::store::Kind;
 
-/// Every kind the source reads, with its collection path below `/api` or `/apis`.
+/// Every kind the source always reads, with its collection path below `/api` or `/apis`
+/// (Istio's security kinds are read when the server serves them: `super::security`).
 pub const KINDS: [(Kind, &str); 5] = [
     (Kind::Namespace, "/api/v1/namespaces"),
     (Kind::Pod, "/api/v1/pods"),
@@ -50,6 +51,15 @@ pub const KINDS: [(Kind, &str); 5] = [
     ),
 ];
 
+/// Istio's security API, read only when the server serves it (`super::security` looks):
+/// its group, its versions (preferred first), and its kinds with their resource names.
+pub const OPTIONAL_GROUP: &str = "security.istio.io";
+pub const OPTIONAL_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+pub const OPTIONAL_KINDS: [(Kind, &str); 2] = [
+    (Kind::PeerAuthentication, "peerauthentications"),
+    (Kind::AuthorizationPolicy, "authorizationpolicies"),
+];
+
 /// What one kind's watch has reached.
 #[derive(Debug, Clone, Default)]
 struct KindState {
@@ -61,10 +71,20 @@ struct KindState {
     progress: bool,
 }
 
+/// What discovery of the kinds that may not be served (`super::security`) has reached.
+#[derive(Debug, Clone, Default)]
+struct Discovery {
+    /// It has answered once: the kinds it found are in [`Health::kinds`].
+    answered: bool,
+    /// The last failure, while it has not answered since.
+    failing: Option<(SystemTime, String)>,
+}
+
 /// State shared between the watch tasks, the client, the pipeline and the admin API.
 #[derive(Debug, Default)]
 pub struct Health {
     kinds: Mutex<BTreeMap<Kind, KindState>>,
+    discovery: Mutex<Discovery>,
     /// Bumped on every change a reflector applied.
     generation: AtomicU64,
     changed: tokio::sync::Notify,
@@ -88,14 +108,70 @@ impl Health {
         f(&mut self.kinds.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Every kind has been listed once.
-    pub fn listed(&self) -> bool {
-        self.state(|k| k.len() == KINDS.len() && k.values().all(|s| s.listed))
+    fn discovery<R>(&self, f: impl FnOnce(&mut Discovery) -> R) -> R {
+        f(&mut self.discovery.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Why the source is degraded: one line per kind whose requests fail. Empty: healthy.
+    /// Every kind has been listed once, the ones discovery found included.
+    pub fn listed(&self) -> bool {
+        self.discovery(|d| d.answered)
+            && self.state(|k| {
+                KINDS.iter().all(|(kind, _)| k.contains_key(kind)) && k.values().all(|s| s.listed)
+            })
+    }
+
+    /// Discovery found `kind`: it must be listed before the source is.
+    pub(super) fn expect(&self, kind: Kind) {
+        let new = self.state(|k| {
+            let new = !k.contains_key(&kind);
+            k.entry(kind).or_default();
+            new
+        });
+        if new {
+            self.metrics.set_up(kind, false);
+        }
+    }
+
+    /// Discovery answered; the kinds it found are expected.
+    pub(super) fn discovered(&self, found: &[Kind]) {
+        let was = self.discovery(|d| {
+            d.answered = true;
+            d.failing.take()
+        });
+        if let Some((since, _)) = was {
+            tracing::info!(
+                target: "weft::source",
+                after_s = since.elapsed().unwrap_or_default().as_secs(),
+                found = ?found,
+                "API discovery answers again"
+            );
+        }
+    }
+
+    /// Discovery failed: until it answers, the source is not listed.
+    pub(super) fn discovery_failed(&self, e: &kube::Error) {
+        let first = self.discovery(|d| {
+            let first = d.failing.is_none();
+            let since = d.failing.as_ref().map_or_else(SystemTime::now, |f| f.0);
+            d.failing = Some((since, e.to_string()));
+            first
+        });
+        if first {
+            tracing::warn!(target: "weft::source", group = OPTIONAL_GROUP, error = %crate::chain(e), "API discovery failed; retrying");
+        }
+    }
+
+    /// Why the source is degraded: one line per kind whose requests fail, and one when
+    /// discovery fails. Empty: healthy.
     pub fn degraded(&self) -> Vec<String> {
-        self.state(|kinds| {
+        let discovery = self.discovery(|d| d.failing.clone()).map(|(since, error)| {
+            let ago = since.elapsed().unwrap_or_default().as_secs();
+            format!(
+                "discovery of {}: the API server has failed for {ago} s ({error})",
+                OPTIONAL_GROUP
+            )
+        });
+        let kinds = self.state(|kinds| {
             kinds
                 .iter()
                 .filter_map(|(kind, s)| {
@@ -106,8 +182,9 @@ impl Health {
                          keeps its last state"
                     ))
                 })
-                .collect()
-        })
+                .collect::<Vec<_>>()
+        });
+        kinds.into_iter().chain(discovery).collect()
     }
 
     /// Resolves when a reflector applied a change since the last call.
@@ -192,6 +269,20 @@ fn kind_of(path: &str) -> Option<Kind> {
     KINDS
         .iter()
         .find(|(_, p)| path == *p)
+        .map(|(kind, _)| *kind)
+        .or_else(|| optional_kind_of(path))
+}
+
+/// The optional kind whose collection `path` is, at either version.
+fn optional_kind_of(path: &str) -> Option<Kind> {
+    let rest = path.strip_prefix("/apis/")?.strip_prefix(OPTIONAL_GROUP)?;
+    let (version, plural) = rest.strip_prefix('/')?.split_once('/')?;
+    if !OPTIONAL_VERSIONS.contains(&version) {
+        return None;
+    }
+    OPTIONAL_KINDS
+        .iter()
+        .find(|(_, p)| *p == plural)
         .map(|(kind, _)| *kind)
 }
 
@@ -295,9 +386,10 @@ where
 }
 
 /// Runs one kind's reflector until the source is dropped.
-async fn watch<K>(api: Api<K>, mut writer: Writer<K>, kind: Kind, health: Arc<Health>)
+pub async fn watch<K>(api: Api<K>, mut writer: Writer<K>, kind: Kind, health: Arc<Health>)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
 {
     let start = || {
         watcher(api.clone(), watcher::Config::default())
@@ -409,6 +501,14 @@ mod tests {
         assert_eq!(
             kind_of("/apis/networking.k8s.io/v1/networkpolicies"),
             Some(Kind::NetworkPolicy)
+        );
+        assert_eq!(
+            kind_of("/apis/security.istio.io/v1beta1/authorizationpolicies"),
+            Some(Kind::AuthorizationPolicy)
+        );
+        assert_eq!(
+            kind_of("/apis/security.istio.io/v2/authorizationpolicies"),
+            None
         );
         assert_eq!(kind_of("/api/v1/namespaces/default/pods"), None);
         assert_eq!(kind_of("/version"), None);
