@@ -324,6 +324,7 @@ fn start_pipeline(
         &config.datapath.capacities,
         &config.pipeline,
         cgroup_root,
+        config.datapath.host_netns.as_deref(),
         metrics,
     )?;
     if datapath.pending() {

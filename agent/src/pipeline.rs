@@ -134,6 +134,7 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         capacities: &Capacities,
         settings: &Settings,
         cgroup_root: &Path,
+        host_netns: Option<&Path>,
         metrics: PipelineMetrics,
     ) -> Result<Self, Error> {
         let capacity = Capacity::from(capacities);
@@ -148,9 +149,9 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
         let views = Views::default();
         // Known before the first pass: an agent waiting for its first list says what for.
         write(&views.status).source = source.as_ref().map(Source::describe);
-        // Without --node-ip, the interfaces' addresses, followed as they change.
+        // Without --node-ip, the node's interfaces' addresses, followed as they change.
         let node_ips = if settings.node_ips.is_empty() {
-            NodeIps::Interfaces(policy::host_ips())
+            NodeIps::interfaces(host_netns)
         } else {
             NodeIps::Fixed(settings.node_ips.clone())
         };

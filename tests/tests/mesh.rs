@@ -915,6 +915,16 @@ fn strict_refuses_plaintext_and_serves_the_mesh() {
         .to_owned();
     assert!(unparsed.starts_with("error"), "{unparsed}");
     assert_eq!(probe(&c, "client", &target), SECRET, "the meshed client");
+    // The kubelet's probes come from the node: exempt, as in Istio's ambient mode.
+    let to = format!("tcp:{target}");
+    let mut kubelet = c
+        .node("b")
+        .spawn_outside(&["probe", "--timeout-ms", "1000", &to]);
+    assert_eq!(
+        kubelet.probe_results()[&to].as_str(),
+        Some(SECRET),
+        "a probe from the node"
+    );
     let drops: f64 = agents[1]
         .metrics()
         .into_iter()

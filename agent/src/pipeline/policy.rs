@@ -82,15 +82,33 @@ pub struct PolicyStatus {
 pub enum NodeIps {
     /// `--node-ip`, as given.
     Fixed(Vec<IpAddr>),
-    /// The interfaces of the agent's network namespace (the node's, with hostNetwork), as last
-    /// read.
-    Interfaces(Vec<IpAddr>),
+    /// The interfaces of the node's network namespace (`--host-netns`, else the agent's own:
+    /// the node's with hostNetwork), as last read.
+    Interfaces {
+        netns: Option<PathBuf>,
+        addresses: Vec<IpAddr>,
+    },
 }
 
 impl NodeIps {
+    /// The addresses of the interfaces of `netns` (the agent's own when None).
+    pub fn interfaces(netns: Option<&Path>) -> Self {
+        Self::Interfaces {
+            netns: netns.map(Path::to_owned),
+            addresses: host_ips(netns),
+        }
+    }
+
     pub fn addresses(&self) -> &[IpAddr] {
         match self {
-            Self::Fixed(a) | Self::Interfaces(a) => a,
+            Self::Fixed(a) | Self::Interfaces { addresses: a, .. } => a,
+        }
+    }
+
+    /// Reads the interfaces again (fixed addresses stay).
+    fn refresh(&mut self) {
+        if let Self::Interfaces { netns, addresses } = self {
+            *addresses = host_ips(netns.as_deref());
         }
     }
 }
@@ -167,9 +185,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
     /// the last pass, which must then run again (a new address is the node's from now on; an
     /// old one may be a pod's or a stranger's).
     pub fn refresh_node_ips(&mut self) -> bool {
-        if let NodeIps::Interfaces(_) = self.node_ips {
-            self.node_ips = NodeIps::Interfaces(host_ips());
-        }
+        self.node_ips.refresh();
         if self.node_ips.addresses() == self.host_ips.as_slice() {
             return false;
         }
@@ -471,8 +487,38 @@ fn pod_addresses(store: &Store, endpoints: &[EndpointStatus]) -> BTreeMap<String
 }
 
 /// The node's own addresses (ingress from them is always allowed: kubelet probes), from the
-/// interfaces of the agent's network namespace, loopback excluded.
-pub fn host_ips() -> Vec<IpAddr> {
+/// interfaces of network namespace `netns` (the agent's own when None), loopback excluded.
+/// None when the namespace cannot be entered: no address is the node's then (its traffic is
+/// judged as any other's).
+pub fn host_ips(netns: Option<&Path>) -> Vec<IpAddr> {
+    let Some(path) = netns else {
+        return interface_ips();
+    };
+    // setns changes one thread's namespace: a thread of its own reads there.
+    let read = std::thread::scope(|s| {
+        s.spawn(|| enter_netns(path).map(|()| interface_ips()))
+            .join()
+            .map_err(|_| std::io::Error::other("the reading thread panicked"))?
+    });
+    read.unwrap_or_else(|e| {
+        tracing::warn!(target: "weft::sync", netns = %path.display(), error = %e, "cannot read the node's addresses");
+        Vec::new()
+    })
+}
+
+/// Moves the calling thread into network namespace `path`.
+fn enter_netns(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let ns = std::fs::File::open(path)?;
+    // SAFETY: setns on a descriptor we own, for this thread only; no memory is passed.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The addresses of the calling thread's namespace's interfaces, loopback excluded.
+fn interface_ips() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `addrs` with a list we free below.

@@ -78,6 +78,7 @@ fn fixture(name: &str, capacity_flags: &[&str]) -> Fixture {
         &capacities,
         &settings,
         cgroups.path(),
+        None,
         metrics,
     )
     .expect("pipeline")

@@ -438,7 +438,9 @@ fn decide(
 /// Whether a TCP packet to the pod's listener is a plaintext connection its security policy
 /// refuses (`EP_AUTHZ`): not delivered by the node's proxy (whose delivery socket, in the
 /// pod's own namespace, marks it; a mark never crosses namespaces), not the pod reaching
-/// itself.
+/// itself, not from the node (kubelet probes: Istio's ambient mode exempts what the node's
+/// own sockets send to its pods, as NetworkPolicy does; a packet from elsewhere claiming a
+/// node address gets its SYN-ACK sent to the node, so no handshake completes).
 #[inline(always)]
 fn refused_plaintext(
     ctx: &SkBuffContext,
@@ -452,6 +454,7 @@ fn refused_plaintext(
         && ctx_read!(ctx.skb.skb, mark) != DELIVERY_MARK
         && !(ep.flags & EP_SHARED_ADDRESS == 0 && ep.owns(h.version, &h.src))
         && !is_loopback(h.version, &h.src)
+        && ip_flags(h.version, &h.src) & IP_HOST == 0
 }
 
 /// A packet weft could not parse (IPv6 with too many or too long extension headers, or
