@@ -180,6 +180,9 @@ pub struct Store {
     /// Istio's security API ([`security`]).
     pub peer_authentications: BTreeMap<Key, Arc<security::PeerAuthentication>>,
     pub authorization_policies: BTreeMap<Key, Arc<security::AuthorizationPolicy>>,
+    /// Kinds the source reads but has not listed yet (one the API server began to serve
+    /// after the first pass): what they would hold is unknown.
+    pub unlisted: std::collections::BTreeSet<Kind>,
 }
 
 impl Store {

@@ -1109,6 +1109,16 @@ fn same_node_meshed_callers_are_decided_by_their_identity() {
         SECRET,
         "the principal now allowed"
     );
+    // A DENY by principal alone: plaintext passes, the same-node caller it names does not.
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: not-neighbor, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/neighbor]}}]\n";
+    apply_security(&c, &[deny]);
+    let served = settled(true, || probe(&c, "plainsrv", &target) == SECRET);
+    assert!(served, "plaintext is not what the DENY names");
+    let refused = probe(&c, "neighbor", &target);
+    assert!(
+        refused.starts_with("error"),
+        "the principal denied: {refused}"
+    );
 }
 
 /// In Kubernetes mode Istio's security API is read once the API server serves it: without

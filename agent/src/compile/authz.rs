@@ -33,6 +33,11 @@ use crate::{
     },
 };
 
+/// The name of the policy that stands in for AuthorizationPolicies not listed yet.
+pub const UNLISTED: &str = "(AuthorizationPolicies not listed yet)";
+/// What decided the mode while PeerAuthentications are not listed yet.
+pub const UNLISTED_PEER: &str = "(PeerAuthentications not listed yet)";
+
 /// The annotation that makes a policy a dry run.
 pub const DRY_RUN: &str = "istio.io/dry-run";
 
@@ -97,6 +102,36 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
             policies.push((ns.as_str(), ap, Arc::new(p)));
         }
     }
+    // Kinds not listed yet: every meshed pod is STRICT and denies everything until they are
+    // (what they hold may refuse anything).
+    let unknown_pa = store
+        .unlisted
+        .contains(&crate::store::Kind::PeerAuthentication);
+    let unknown_ap = store
+        .unlisted
+        .contains(&crate::store::Kind::AuthorizationPolicy);
+    let deny_all = unknown_ap.then(|| {
+        Arc::new(Policy {
+            name: UNLISTED.to_owned(),
+            action: Action::Deny,
+            rules: vec![Rule::default()],
+            stand_in: true,
+        })
+    });
+    for (kind, unknown) in [
+        ("PeerAuthentications", unknown_pa),
+        ("AuthorizationPolicies", unknown_ap),
+    ] {
+        if unknown {
+            out.problems.push(Problem {
+                object: format!("{kind} (not listed yet)"),
+                message: format!(
+                    "the API server serves {kind} but they are not listed yet: every meshed \
+                     pod of this node is STRICT and denies every connection until they are"
+                ),
+            });
+        }
+    }
     let no_labels = Labels::new();
     for key in pods {
         let Some(pod) = store.pods.get(key) else {
@@ -118,6 +153,14 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
                     .push(key.clone());
             }
         }
+        if unknown_pa {
+            workload.mtls = Modes {
+                default: Tls::Strict,
+                ports: BTreeMap::new(),
+                from: vec![UNLISTED_PEER.to_owned()],
+            };
+        }
+        workload.policies.extend(deny_all.clone());
         out.workloads.insert(key.clone(), workload);
     }
     root_selectors(store, root, &mut out.problems);

@@ -342,8 +342,6 @@ impl Proxy {
             self.shared
                 .carried
                 .retain_pods(|name| self.served.contains_key(name));
-            let mut pods = self.shared.pods.write().unwrap_or_else(|e| e.into_inner());
-            pods.retain(|name, (p, _)| self.served.get(name).is_some_and(|s| s.pod == **p));
         }
         for (name, pod) in wanted {
             if self.served.contains_key(name) {
@@ -410,6 +408,10 @@ async fn serve_pod(
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(pod.pod.clone(), (Arc::clone(&pod), Arc::clone(&netns)));
+    let _registered = Registered {
+        shared: Arc::clone(&shared),
+        pod: Arc::clone(&pod),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for l in outbound {
         tasks.spawn(accept_outbound(
@@ -428,6 +430,26 @@ async fn serve_pod(
         ));
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// A served pod's entry in [`Shared::pods`], removed when its task ends (the pod is no
+/// longer served, or changed): its namespace goes with the last connection using it.
+struct Registered {
+    shared: Arc<Shared>,
+    pod: Arc<MeshedPod>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut pods = self.shared.pods.write().unwrap_or_else(|e| e.into_inner());
+        // A newer version of the pod may have registered meanwhile: only this one goes.
+        if pods
+            .get(&self.pod.pod)
+            .is_some_and(|(p, _)| Arc::ptr_eq(p, &self.pod))
+        {
+            pods.remove(&self.pod.pod);
+        }
+    }
 }
 
 type Opened = (Netns, MeshedPod, Vec<TcpListener>, Vec<TcpListener>);
@@ -568,8 +590,14 @@ async fn on_node(
     source: IpAddr,
     target: SocketAddr,
 ) {
-    let Some((to, netns)) = shared.served_at(target.ip()) else {
-        tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "a pod of this node the proxy does not serve");
+    // The address must be the served pod's own (the directory holds owned addresses only):
+    // a terminating pod or a contested address is nobody's to deliver to.
+    let owner = shared.identity_of(target.ip());
+    let Some((to, netns)) = shared
+        .served_at(target.ip())
+        .filter(|(to, _)| owner.as_ref() == Some(&to.id))
+    else {
+        tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "not the address of a pod of this node the proxy serves");
         return client.abort();
     };
     let c = Connection {

@@ -380,28 +380,33 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
             object: p.object,
             message: p.message,
         }));
+    // Same-node meshed callers go through the proxy, which knows who they are, at the
+    // addresses the pod holds. One it claims without holding (contested, or another pod's)
+    // is nobody's to deliver to: its callers would arrive without an identity, so the pod
+    // refuses plaintext altogether.
+    let owners = crate::compile::addresses::Owners::of(store);
+    let mut refusing = guarded.plaintext_refused;
+    for key in &guarded.proxied {
+        let Some(pod) = store.pods.get(key) else {
+            continue;
+        };
+        let owned: Vec<IpAddr> = owners.owned_by(key, pod).collect();
+        if owned.len() != crate::compile::addresses::own_addresses(pod).len() {
+            refusing.insert(key.clone());
+        }
+        for ip in owned {
+            if let Some(v) = policies.ipcache.get_mut(&ipnet::IpNet::from(ip)) {
+                v.flags |= weft_abi::policy::IP_MESHED_LOCAL;
+            }
+        }
+    }
     for e in policies.endpoints.values_mut() {
         let key = e
             .pod
             .split_once('/')
             .map(|(ns, n)| (ns.to_owned(), n.to_owned()));
-        if key.is_some_and(|k| guarded.plaintext_refused.contains(&k)) {
+        if key.is_some_and(|k| refusing.contains(&k)) {
             e.info.flags |= weft_abi::policy::EP_AUTHZ;
-        }
-    }
-    // Same-node meshed callers go through the proxy, which knows who they are. An address
-    // several pods claim is nobody's to deliver to: plaintext to it stays refused.
-    for key in &guarded.proxied {
-        let Some(pod) = store.pods.get(key) else {
-            continue;
-        };
-        for ip in crate::compile::addresses::own_addresses(pod) {
-            if policies.contested.contains_key(&ip) {
-                continue;
-            }
-            if let Some(v) = policies.ipcache.get_mut(&ipnet::IpNet::from(ip)) {
-                v.flags |= weft_abi::policy::IP_MESHED_LOCAL;
-            }
         }
     }
 }

@@ -312,10 +312,30 @@ impl KubeSource {
             let extra = v.rejected_version.as_ref().map(|(r, o)| (r, o));
             v.good.as_ref().map(|g| (r, g)).into_iter().chain(extra)
         });
-        let store = Store::from_objects(objects);
+        let mut store = Store::from_objects(objects);
+        store.unlisted = self.health.unlisted();
         let rejections = v.values().filter_map(|v| v.rejection.clone()).collect();
         Some((store, rejections))
     }
+}
+
+/// The object without weft's mark of a stand-in: whoever can annotate an object must not
+/// make weft take it for one (a stand-in PeerAuthentication is STRICT over every other).
+fn without_rejected_mark<K: Resource + Clone>(obj: Arc<K>) -> Arc<K> {
+    let marked = obj
+        .meta()
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(REJECTED_ANNOTATION));
+    if !marked {
+        return obj;
+    }
+    let mut obj = Arc::unwrap_or_clone(obj);
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_default()
+        .remove(REJECTED_ANNOTATION);
+    Arc::new(obj)
 }
 
 /// Objects other than pods have no cgroup.
@@ -340,7 +360,7 @@ fn typed(object: Object) -> Decoded {
 /// Validates what changed among `objects` (by resourceVersion, and for local pods by
 /// cgroup) into `validated`, and records every name seen in `live`. `decode` gives the
 /// store's object of one with its cgroup.
-fn add<K: Resource>(
+fn add<K: Resource + Clone>(
     validated: &mut BTreeMap<ObjectRef, Validated>,
     live: &mut BTreeSet<ObjectRef>,
     kind: Kind,
@@ -349,6 +369,7 @@ fn add<K: Resource>(
     mut decode: impl FnMut(Arc<K>, Option<&Path>) -> Decoded,
 ) {
     for obj in objects {
+        let obj = without_rejected_mark(obj);
         let meta = obj.meta();
         let object_ref = ObjectRef::new(
             kind,

@@ -1508,3 +1508,23 @@ fn guarded_pods_are_those_whose_policy_refuses_plaintext_or_reads_identities() {
     let g = super::guarded(&world(&[], &[]), ROOT, keys);
     assert_eq!((g.plaintext_refused, g.proxied), (set(&[]), set(&[])));
 }
+
+/// Security kinds the source has not listed yet: every meshed pod is STRICT and denies every
+/// connection, naming why, until they are.
+#[test]
+fn unlisted_kinds_make_meshed_pods_strict_and_deny_all() {
+    let mut store = world(&[], &[]);
+    store.unlisted = [
+        crate::store::Kind::PeerAuthentication,
+        crate::store::Kind::AuthorizationPolicy,
+    ]
+    .into();
+    assert_eq!(
+        weft(&store, "web", CLIENT, 8080),
+        (false, Reason::Denied, Some((super::UNLISTED.to_owned(), 0)))
+    );
+    assert_eq!(weft(&store, "web", PLAIN, 8080).1, Reason::MtlsRequired);
+    let key: Key = ("x".to_owned(), "web".to_owned());
+    let authz = compile(&store, ROOT, [&key]);
+    assert_eq!(authz.problems.len(), 2, "{:?}", authz.problems);
+}

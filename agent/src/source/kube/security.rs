@@ -40,9 +40,10 @@ pub struct Watched {
 /// The reflectors discovery has started so far.
 pub type Readers = Arc<Mutex<Vec<Watched>>>;
 
-/// What the server serves of the group: the version read and its kinds. Empty when the group
-/// is not served (no CRDs).
+/// The kinds of the group the server serves, each at the first version that serves it.
+/// Empty when the group is not served (no CRDs).
 async fn discover(client: &Client) -> Result<Vec<(Kind, ApiResource)>, kube::Error> {
+    let mut found: Vec<(Kind, ApiResource)> = Vec::new();
     for version in VERSIONS {
         let list = match client
             .list_api_group_resources(&format!("{GROUP}/{version}"))
@@ -52,16 +53,15 @@ async fn discover(client: &Client) -> Result<Vec<(Kind, ApiResource)>, kube::Err
             Err(kube::Error::Api(s)) if s.code == 404 => continue,
             Err(e) => return Err(e),
         };
-        return Ok(RESOURCES
-            .iter()
-            .filter(|(_, plural)| list.resources.iter().any(|r| r.name == *plural))
-            .map(|(kind, plural)| {
+        for (kind, plural) in RESOURCES {
+            let served = list.resources.iter().any(|r| r.name == plural);
+            if served && !found.iter().any(|(k, _)| *k == kind) {
                 let gvk = GroupVersionKind::gvk(GROUP, version, kind.as_str());
-                (*kind, ApiResource::from_gvk_with_plural(&gvk, plural))
-            })
-            .collect());
+                found.push((kind, ApiResource::from_gvk_with_plural(&gvk, plural)));
+            }
+        }
     }
-    Ok(Vec::new())
+    Ok(found)
 }
 
 /// Looks for the group until both kinds are watched, starting a reflector for each kind as

@@ -500,3 +500,41 @@ fn security_objects_are_validated_and_a_rejected_allow_allows_nothing() {
         "the last version allows nothing"
     );
 }
+
+/// A kind discovery finds after the first pass does not hold passes back: the store says it
+/// is not listed (compile then makes the meshed pods STRICT and deny-all) until it is.
+#[test]
+fn a_kind_found_after_the_first_pass_is_unlisted_not_blocking() {
+    let mut h = Harness::new("found-later");
+    h.list_all();
+    assert!(h.snapshot().0.unlisted.is_empty());
+    h.source.health.expect(Kind::AuthorizationPolicy);
+    let (store, _) = h.source.snapshot().expect("passes go on");
+    assert_eq!(store.unlisted, BTreeSet::from([Kind::AuthorizationPolicy]));
+    h.source.health.set_listed(Kind::AuthorizationPolicy);
+    assert!(h.snapshot().0.unlisted.is_empty());
+}
+
+/// weft's stand-in mark on an object from the API is dropped: whoever can annotate must not
+/// make weft take an object for a stand-in.
+#[test]
+fn the_stand_in_mark_is_never_taken_from_the_api() {
+    let mut h = Harness::new("marked");
+    h.list_all();
+    let mut w = h.watch_security(Kind::PeerAuthentication);
+    let pa: DynamicObject = serde_json::from_value(json!({
+        "metadata": {"name": "pa", "namespace": "default", "resourceVersion": "1",
+                     "annotations": {REJECTED_ANNOTATION: "true"}},
+        "spec": {"mtls": {"mode": "PERMISSIVE"}},
+    }))
+    .expect("peer authentication");
+    w.apply_watcher_event(&Event::Apply(pa));
+    let (store, rejections) = h.snapshot();
+    assert!(rejections.is_empty(), "{rejections:?}");
+    let annotations = store.peer_authentications[&("default".to_owned(), "pa".to_owned())]
+        .metadata
+        .annotations
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(annotations.get(REJECTED_ANNOTATION), None);
+}

@@ -85,6 +85,9 @@ struct Discovery {
 pub struct Health {
     kinds: Mutex<BTreeMap<Kind, KindState>>,
     discovery: Mutex<Discovery>,
+    /// Every kind expected then was listed once: a kind discovery finds later does not
+    /// hold passes back (the store says it is not listed, see [`Health::unlisted`]).
+    once_listed: std::sync::atomic::AtomicBool,
     /// Bumped on every change a reflector applied.
     generation: AtomicU64,
     changed: tokio::sync::Notify,
@@ -112,12 +115,30 @@ impl Health {
         f(&mut self.discovery.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Every kind has been listed once, the ones discovery found included.
+    /// Every kind has been listed once, the ones discovery found included; or that held
+    /// once (a kind found later is compiled as unknown until listed: [`Health::unlisted`]).
     pub fn listed(&self) -> bool {
-        self.discovery(|d| d.answered)
+        if self.once_listed.load(Ordering::Acquire) {
+            return true;
+        }
+        let all = self.discovery(|d| d.answered)
             && self.state(|k| {
                 KINDS.iter().all(|(kind, _)| k.contains_key(kind)) && k.values().all(|s| s.listed)
-            })
+            });
+        if all {
+            self.once_listed.store(true, Ordering::Release);
+        }
+        all
+    }
+
+    /// The kinds expected and not listed yet.
+    pub fn unlisted(&self) -> std::collections::BTreeSet<Kind> {
+        self.state(|k| {
+            k.iter()
+                .filter(|(_, s)| !s.listed)
+                .map(|(kind, _)| *kind)
+                .collect()
+        })
     }
 
     /// Discovery found `kind`: it must be listed before the source is.
