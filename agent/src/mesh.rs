@@ -287,8 +287,14 @@ impl Mesh {
                 .local
                 .write()
                 .unwrap_or_else(|e| e.into_inner()) = Arc::new(local_ips);
-            let directory = directory(store, &enrolled.meshed);
+            let owners = Owners::of(store);
+            let directory = directory(store, &owners, &enrolled.meshed);
             proxy.shared().carried.set_directory(directory);
+            *proxy
+                .shared()
+                .holders
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(holders(store, &owners, &served));
             // Before the pods are served: a stream is never decided without their policy.
             let keys: Vec<crate::store::Key> = served
                 .iter()
@@ -546,14 +552,32 @@ fn processes(cgroup: &Path, depth: usize) -> Vec<u32> {
 
 /// Every meshed pod address of the cluster with its identity (addresses several pods claim
 /// belong to none).
-fn directory(store: &Store, meshed: &BTreeMap<crate::store::Key, SpiffeId>) -> Directory {
-    let owners = Owners::of(store);
+fn directory(
+    store: &Store,
+    owners: &Owners,
+    meshed: &BTreeMap<crate::store::Key, SpiffeId>,
+) -> Directory {
     let mut out = Directory::new();
     for (key, id) in meshed {
         if let Some(pod) = store.pods.get(key) {
             for ip in owners.owned_by(key, pod) {
                 out.insert(ip, id.clone());
             }
+        }
+    }
+    out
+}
+
+/// The addresses the served pods hold, each with its pod (`namespace/name`).
+fn holders(store: &Store, owners: &Owners, served: &[MeshedPod]) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for p in served {
+        let Some((ns, name)) = p.pod.split_once('/') else {
+            continue;
+        };
+        let key = (ns.to_owned(), name.to_owned());
+        if let Some(pod) = store.pods.get(&key) {
+            out.extend(owners.owned_by(&key, pod).map(|ip| (ip, p.pod.clone())));
         }
     }
     out

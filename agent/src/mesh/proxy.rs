@@ -101,6 +101,9 @@ pub struct Shared {
     /// Every pod served, with its namespace: a captured connection to one of them is
     /// delivered on the node.
     pods: RwLock<BTreeMap<String, ServedPod>>,
+    /// Which served pod (`namespace/name`) holds each address: one a terminating pod or
+    /// several pods claim is nobody's to deliver to.
+    pub holders: RwLock<Arc<BTreeMap<IpAddr, String>>>,
     /// TLS handshakes in progress on the inbound listeners.
     handshakes: Arc<tokio::sync::Semaphore>,
     /// Set once the listeners are to close (a successor listens); connections go on.
@@ -192,6 +195,7 @@ impl Shared {
             local: RwLock::default(),
             authz: RwLock::default(),
             pods: RwLock::default(),
+            holders: RwLock::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -212,11 +216,16 @@ impl Shared {
         self.carried.identity_of(ip)
     }
 
-    /// The served pod with address `ip`, and its namespace.
+    /// The served pod that holds address `ip`, and its namespace.
     fn served_at(&self, ip: IpAddr) -> Option<ServedPod> {
+        let holder = self
+            .holders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .cloned()?;
         let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
-        pods.values()
-            .find(|(p, _)| p.ips.contains(&ip))
+        pods.get(&holder)
             .map(|(p, n)| (Arc::clone(p), Arc::clone(n)))
     }
 
@@ -590,13 +599,7 @@ async fn on_node(
     source: IpAddr,
     target: SocketAddr,
 ) {
-    // The address must be the served pod's own (the directory holds owned addresses only):
-    // a terminating pod or a contested address is nobody's to deliver to.
-    let owner = shared.identity_of(target.ip());
-    let Some((to, netns)) = shared
-        .served_at(target.ip())
-        .filter(|(to, _)| owner.as_ref() == Some(&to.id))
-    else {
+    let Some((to, netns)) = shared.served_at(target.ip()) else {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "not the address of a pod of this node the proxy serves");
         return client.abort();
     };

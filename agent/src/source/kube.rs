@@ -512,20 +512,20 @@ fn owned_by_its_node(pod: &Pod) -> bool {
 }
 
 /// The pod as the store holds it: without weft's annotations from the API (they would choose
-/// what weft enforces on), with the cgroup this node found for it.
+/// what weft enforces on; the stand-in mark is gone already: `without_rejected_mark`), with
+/// the cgroup this node found for it.
 fn bind_cgroup(pod: Arc<Pod>, cgroup: Option<&Path>) -> Arc<Pod> {
-    let has = pod.metadata.annotations.as_ref().is_some_and(|a| {
-        a.contains_key(CGROUP_ANNOTATION)
-            || a.contains_key(REJECTED_ANNOTATION)
-            || a.contains_key(NETNS_ANNOTATION)
-    });
+    let has = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(CGROUP_ANNOTATION) || a.contains_key(NETNS_ANNOTATION));
     if !has && cgroup.is_none() {
         return pod;
     }
     let mut pod = Arc::unwrap_or_clone(pod);
     let annotations = pod.metadata.annotations.get_or_insert_default();
     annotations.remove(CGROUP_ANNOTATION);
-    annotations.remove(REJECTED_ANNOTATION);
     annotations.remove(NETNS_ANNOTATION);
     if let Some(path) = cgroup {
         annotations.insert(
