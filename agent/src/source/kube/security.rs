@@ -26,9 +26,6 @@ pub use super::watch::{
     OPTIONAL_GROUP as GROUP, OPTIONAL_KINDS as RESOURCES, OPTIONAL_VERSIONS as VERSIONS,
 };
 
-/// Discovery that fails (the API server unreachable) is tried again after this.
-const RETRY: Duration = Duration::from_secs(5);
-
 /// One kind's reflector, and the apiVersion its objects are read as.
 #[derive(Debug, Clone)]
 pub struct Watched {
@@ -70,15 +67,19 @@ pub async fn discovery(client: Client, health: Arc<Health>, readers: Readers, ev
     let mut started: Vec<Kind> = Vec::new();
     // Dropped with this task (the source is): the reflectors end with it.
     let mut tasks = tokio::task::JoinSet::new();
+    // Failures back off as the watches do (0.8 s doubling to 30 s).
+    let mut retry = watch::BACKOFF_FIRST;
     loop {
         let found = match discover(&client).await {
             Ok(found) => found,
             Err(e) => {
                 health.discovery_failed(&e);
-                tokio::time::sleep(RETRY).await;
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(watch::BACKOFF_MAX);
                 continue;
             }
         };
+        retry = watch::BACKOFF_FIRST;
         for (kind, ar) in found {
             if started.contains(&kind) {
                 continue;

@@ -538,3 +538,18 @@ fn the_stand_in_mark_is_never_taken_from_the_api() {
         .unwrap_or_default();
     assert_eq!(annotations.get(REJECTED_ANNOTATION), None);
 }
+
+/// Discovery's first answer wakes the pipeline: the source may be listed now, and a pass
+/// must not wait for the next change of some object.
+#[test]
+fn discovery_answering_is_a_change() {
+    let mut h = Harness::new("discovery-wakes");
+    for (kind, _) in KINDS {
+        h.source.health.set_listed(kind);
+    }
+    let _ = h.source.changed();
+    h.source.health.discovered(&[]);
+    assert!(h.source.changed(), "the first answer wakes a pass");
+    h.source.health.discovered(&[]);
+    assert!(!h.source.changed(), "a later answer finding nothing new does not");
+}

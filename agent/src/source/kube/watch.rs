@@ -155,10 +155,12 @@ impl Health {
 
     /// Discovery answered; the kinds it found are expected.
     pub(super) fn discovered(&self, found: &[Kind]) {
-        let was = self.discovery(|d| {
-            d.answered = true;
-            d.failing.take()
-        });
+        let (first, was) =
+            self.discovery(|d| (!std::mem::replace(&mut d.answered, true), d.failing.take()));
+        if first {
+            // The source may be listed now: a pass must not wait for the next change.
+            self.bump();
+        }
         if let Some((since, _)) = was {
             tracing::info!(
                 target: "weft::source",
@@ -361,8 +363,8 @@ struct WatchBackoff {
     attempt: u32,
 }
 
-const BACKOFF_FIRST: Duration = Duration::from_millis(800);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub(super) const BACKOFF_FIRST: Duration = Duration::from_millis(800);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Iterator for WatchBackoff {
     type Item = Duration;
