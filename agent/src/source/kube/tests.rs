@@ -551,5 +551,8 @@ fn discovery_answering_is_a_change() {
     h.source.health.discovered(&[]);
     assert!(h.source.changed(), "the first answer wakes a pass");
     h.source.health.discovered(&[]);
-    assert!(!h.source.changed(), "a later answer finding nothing new does not");
+    assert!(
+        !h.source.changed(),
+        "a later answer finding nothing new does not"
+    );
 }
