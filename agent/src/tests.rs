@@ -13,7 +13,10 @@ use weft_abi::{
 
 use crate::{
     compile::policy::EntryKey,
-    sync::{Error, ServiceMaps, policy::PolicyMaps},
+    sync::{
+        Error, ServiceMaps,
+        policy::{PlaintextRow, PolicyMaps},
+    },
 };
 
 /// A directory of its own under the system's temporary directory, removed when dropped.
@@ -112,6 +115,7 @@ pub struct MemoryPolicyMaps {
     pub endpoints: BTreeMap<u64, EndpointInfo>,
     pub ipcache: BTreeMap<IpNet, IpcacheValue>,
     pub entries: BTreeMap<EntryKey, PolicyValue>,
+    pub plaintext: BTreeMap<PlaintextRow, bool>,
 }
 
 impl PolicyMaps for MemoryPolicyMaps {
@@ -146,6 +150,17 @@ impl PolicyMaps for MemoryPolicyMaps {
     }
     fn del_entry(&mut self, key: &EntryKey) -> Result<(), Error> {
         self.entries.remove(key);
+        Ok(())
+    }
+    fn read_plaintext(&self) -> Result<Vec<(PlaintextRow, bool)>, Error> {
+        Ok(self.plaintext.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_plaintext(&mut self, row: &PlaintextRow, allowed: bool) -> Result<(), Error> {
+        self.plaintext.insert(*row, allowed);
+        Ok(())
+    }
+    fn del_plaintext(&mut self, row: &PlaintextRow) -> Result<(), Error> {
+        self.plaintext.remove(row);
         Ok(())
     }
 }

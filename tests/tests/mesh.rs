@@ -939,6 +939,66 @@ fn strict_refuses_plaintext_and_serves_the_mesh() {
     );
 }
 
+/// Plaintext is judged in the kernel by port and source, not refused as a whole: a STRICT
+/// port refuses plaintext while the other ports serve it; an ALLOW from an address block
+/// admits plaintext callers inside it (except on the STRICT port) and refuses the others at
+/// their SYN, over IPv4 and IPv6.
+#[test]
+fn plaintext_is_refused_only_where_the_policy_refuses_it() {
+    let (c, _ca, agents, _server, target) = serving("authz_table");
+    let _on_9090 = c
+        .pod("server")
+        .0
+        .start_server("server", &["serve", "--name", SECRET, "--tcp", "9090"]);
+    let strict_port = target.replace(":8080", ":9090");
+    let v6 = format!("[{}]:8080", c.pod("server").1.ipv6);
+    assert_eq!(probe(&c, "plainsrv", &target), SECRET, "no policy yet");
+    let strict_9090 = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict-9090, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  mtls: {mode: PERMISSIVE}\n  portLevelMtls: {\"9090\": {mode: STRICT}}\n";
+    apply_security(&c, &[strict_9090]);
+    let refused = settled(true, || {
+        probe(&c, "plain", &strict_port).starts_with("error")
+    });
+    assert!(refused, "plaintext to the STRICT port refused");
+    assert_eq!(
+        probe(&c, "plain", &target),
+        SECRET,
+        "plaintext to another port"
+    );
+    assert_eq!(probe(&c, "plain", &v6), SECRET, "and over IPv6");
+    assert_eq!(
+        probe(&c, "client", &strict_port),
+        SECRET,
+        "the meshed client"
+    );
+    let plain = c.pod("plain").1;
+    let from_plain = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: from-plain, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: server}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [{}/32, {}/128]}}}}]\n",
+        plain.ipv4, plain.ipv6
+    );
+    apply_security(&c, &[strict_9090, &from_plain]);
+    let refused = settled(true, || probe(&c, "plainsrv", &target).starts_with("error"));
+    assert!(refused, "a plaintext caller outside the block refused");
+    let plainsrv_v6 = probe(&c, "plainsrv", &v6);
+    assert!(plainsrv_v6.starts_with("error"), "over IPv6: {plainsrv_v6}");
+    assert_eq!(probe(&c, "plain", &target), SECRET, "the block's caller");
+    assert_eq!(
+        probe(&c, "plain", &v6),
+        SECRET,
+        "the block's caller over IPv6"
+    );
+    let strict = probe(&c, "plain", &strict_port);
+    assert!(strict.starts_with("error"), "STRICT still holds: {strict}");
+    let refusals = agents[1]
+        .metrics()
+        .into_iter()
+        .filter(|s| {
+            s.name == "weft_dropped_flows_total" && s.label("reason") == Some("authorization")
+        })
+        .map(|s| s.value)
+        .sum::<f64>();
+    assert!(refusals >= 4.0, "each refusal counted: {refusals}");
+}
+
 /// An ALLOW policy by principal admits one service account's pods and refuses another's;
 /// a DENY by namespace wins over an ALLOW of everything.
 #[test]

@@ -24,7 +24,7 @@ use self::{
     rules::{Peer, Reading, Rule},
 };
 use crate::{
-    compile::policy::selector::Labels,
+    compile::policy::{PlaintextTable, selector::Labels},
     identity::SpiffeId,
     store::{
         Key, Store,
@@ -172,9 +172,9 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
 /// What the datapath must do for the meshed pods of this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Guarded {
-    /// Pods that refuse some plaintext caller: the kernel refuses plaintext connections to
-    /// them that no proxy delivered (`EP_AUTHZ`).
-    pub plaintext_refused: std::collections::BTreeSet<Key>,
+    /// Pods that refuse some plaintext caller, with their plaintext tables: the kernel judges
+    /// plaintext connections to them that no proxy delivered by the table (`EP_AUTHZ`).
+    pub plaintext_refused: BTreeMap<Key, PlaintextTable>,
     /// Pods whose callers' identities matter (some AuthorizationPolicy applies, or plaintext
     /// is refused): a meshed pod of this node reaches them through the proxy, which decides
     /// on the caller's identity (`IP_MESHED_LOCAL`).
@@ -182,9 +182,9 @@ pub struct Guarded {
     pub problems: Vec<Problem>,
 }
 
-/// What the datapath must do for `pods` (meshed pods of this node). Plaintext refusals are
-/// judged at each of the pod's addresses; a pod without one yet, by whether anything
-/// applies to it.
+/// What the datapath must do for `pods` (meshed pods of this node). Plaintext is judged at
+/// each of the pod's addresses; a pod without one yet refuses every plaintext caller when
+/// anything applies to it.
 pub fn guarded<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a Key>) -> Guarded {
     let authz = compile(store, root, pods);
     let mut out = Guarded::default();
@@ -196,14 +196,14 @@ pub fn guarded<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
             .unwrap_or_default();
         let applies =
             !w.policies.is_empty() || w.mtls.default == Tls::Strict || !w.mtls.ports.is_empty();
+        let table = table::kernel_table(w, &ips);
         let denies = if ips.is_empty() {
             applies
         } else {
-            ips.iter()
-                .any(|ip| table::plaintext(w, *ip).iter().any(|e| !e.decision.allowed))
+            table.values().any(|allowed| !allowed)
         };
         if denies {
-            out.plaintext_refused.insert(key.clone());
+            out.plaintext_refused.insert(key.clone(), table);
         }
         if denies || !w.policies.is_empty() {
             out.proxied.insert(key.clone());

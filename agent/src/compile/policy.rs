@@ -80,7 +80,17 @@ pub struct LocalEndpoint {
     /// Why the pod is isolated both ways whatever the policies say, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<Quarantine>,
+    /// With `EP_AUTHZ`: what the pod's security policy decides for plaintext callers, as the
+    /// kernel looks it up (empty: every plaintext caller refused). Set by the pipeline from
+    /// `compile::authz`; the policy sync numbers it ([`EndpointInfo::authz_table`]).
+    #[serde(skip)]
+    pub plaintext: PlaintextTable,
 }
+
+/// A plaintext table: (port word, caller prefix) → allowed, the rows of `AUTHZ` (see
+/// `weft_abi::policy::PlaintextData`; a port word is `PLAINTEXT_PORT | port` or
+/// `PLAINTEXT_OTHER_PORTS`).
+pub type PlaintextTable = BTreeMap<(u32, IpNet), bool>;
 
 /// Why weft isolates a local pod both ways, whatever the policies say: it cannot tell what
 /// they mean for it.

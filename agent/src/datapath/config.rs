@@ -58,6 +58,10 @@ pub struct Capacities {
     /// Policy entries over all local pods' policy sets (size of POLICY).
     #[arg(long, default_value_t = 262_144, value_parser = at_least_one())]
     pub max_policy_entries: u32,
+    /// Entries of the plaintext tables of meshed pods' security policies (size of AUTHZ;
+    /// pods with the same policies share a table).
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one())]
+    pub max_authz_entries: u32,
     /// UDP/SCTP exchanges remembered for sockets with more live peers than their own storage
     /// holds (servers answering many clients; size of POLICY_FLOWS, LRU: an exchange pushed
     /// out has its next reply judged again) [default: 512 per pod of --max-pods, a power of
@@ -87,6 +91,7 @@ pub struct Sizes {
     pub max_endpoints: u32,
     pub max_ipcache: u32,
     pub max_policy_entries: u32,
+    pub max_authz_entries: u32,
     pub max_policy_flows: u32,
     pub max_udp_flows: u32,
     pub max_sockmap_connections: u32,
@@ -114,6 +119,7 @@ impl Capacities {
             max_endpoints: self.max_endpoints,
             max_ipcache: self.max_ipcache,
             max_policy_entries: self.max_policy_entries,
+            max_authz_entries: self.max_authz_entries,
             max_policy_flows: per_pod(self.max_policy_flows, 512),
             max_udp_flows: per_pod(self.max_udp_flows, 128),
             max_sockmap_connections: per_pod(self.max_sockmap_connections, 128),

@@ -194,6 +194,7 @@ impl PipelineMetrics {
             weft_abi::maps::ENDPOINTS,
             weft_abi::maps::IPCACHE,
             weft_abi::maps::POLICY,
+            weft_abi::maps::AUTHZ,
         ] {
             let n: u64 = over.iter().filter(|(m, _)| *m == map).map(|(_, n)| n).sum();
             let labels = MapFlagLabels {

@@ -300,6 +300,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             (maps::ENDPOINTS, endpoints),
             (maps::IPCACHE, ipcache),
             (maps::POLICY, entries),
+            (maps::AUTHZ, self.syncer.plaintext_usage()),
         ] {
             metrics.maps.set_entries(map, used as u64);
         }
@@ -362,9 +363,9 @@ impl<M: PolicyMaps> PolicyStage<M> {
 }
 
 /// Flags the local meshed pods whose security policy refuses some plaintext caller
-/// (`EP_AUTHZ`): the kernel refuses plaintext connections to them that the proxy did not
-/// deliver. What of the security policies weft cannot do as written joins the problems
-/// (`weft status`).
+/// (`EP_AUTHZ`) and gives them their plaintext tables: the kernel judges plaintext
+/// connections to them that the proxy did not deliver. What of the security policies weft
+/// cannot do as written joins the problems (`weft status`).
 fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
     let meshed: Vec<crate::store::Key> = policies
         .endpoints
@@ -383,7 +384,7 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
     // Same-node meshed callers go through the proxy, which knows who they are, at the
     // addresses the pod holds. One it claims without holding (contested, or another pod's)
     // is nobody's to deliver to: its callers would arrive without an identity, so the pod
-    // refuses plaintext altogether.
+    // refuses plaintext altogether (an empty table).
     let owners = crate::compile::addresses::Owners::of(store);
     let mut refusing = guarded.plaintext_refused;
     for key in &guarded.proxied {
@@ -392,7 +393,7 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
         };
         let owned: Vec<IpAddr> = owners.owned_by(key, pod).collect();
         if owned.len() != crate::compile::addresses::own_addresses(pod).len() {
-            refusing.insert(key.clone());
+            refusing.insert(key.clone(), cp::PlaintextTable::new());
         }
         for ip in owned {
             if let Some(v) = policies.ipcache.get_mut(&ipnet::IpNet::from(ip)) {
@@ -405,8 +406,9 @@ fn mark_authz(policies: &mut cp::Policies, store: &Store, root: &str) {
             .pod
             .split_once('/')
             .map(|(ns, n)| (ns.to_owned(), n.to_owned()));
-        if key.is_some_and(|k| refusing.contains(&k)) {
+        if let Some(table) = key.and_then(|k| refusing.get(&k)) {
             e.info.flags |= weft_abi::policy::EP_AUTHZ;
+            e.plaintext = table.clone();
         }
     }
 }

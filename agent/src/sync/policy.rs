@@ -4,11 +4,12 @@
 //! Order keeps every moment safe for the programs reading concurrently:
 //! 1. new and changed `POLICY` entries (a new identity or set is allowed before anything
 //!    refers to it), with bridge entries for identities being retired (see `bridge`),
-//! 2. new and changed `ENDPOINTS` (a pod becomes isolated only once its entries exist),
+//! 2. new and changed `ENDPOINTS` (a pod becomes isolated only once its entries exist, and
+//!    points to a plaintext table in `AUTHZ` only once the table is written whole),
 //! 3. stale `ENDPOINTS` (a pod that is gone no longer holds an old set while addresses
 //!    move),
 //! 4. new and changed `IPCACHE` entries (an address moves to an identity whose entries exist),
-//! 5. stale `IPCACHE`, 6. stale `POLICY` entries.
+//! 5. stale `IPCACHE`, 6. stale `POLICY` entries, 7. `AUTHZ` tables no endpoint points to.
 //!
 //! A set number stands for fixed content (compile numbers sets by what their entries say), so
 //! a set whose rules change is written whole under a new number before endpoints move to it,
@@ -23,6 +24,8 @@
 //! the capacity completes in the same pass or fails closed for those pods only; every other
 //! pod's update (revocations, addresses) still applies. Old and new addresses that do not fit
 //! together make room from stale addresses whose removal gives them what the new state does.
+//! A plaintext table is numbered by its content like a set: a table that does not fit leaves
+//! its pods on table 0, which refuses every plaintext caller.
 //! The exception is `ENDPOINTS` itself: a pod that does not fit there cannot be enforced, and
 //! the error says so (with `--max-endpoints`).
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,11 +34,11 @@ use ipnet::IpNet;
 use serde::Serialize;
 use weft_abi::{
     maps,
-    policy::{EndpointInfo, IDENTITY_FIRST, IpcacheValue, PolicyValue},
+    policy::{EP_AUTHZ, EndpointInfo, IDENTITY_FIRST, IpcacheValue, PolicyValue},
 };
 
 use super::{Error, Failure};
-use crate::compile::policy::{EntryKey, Ids, Policies};
+use crate::compile::policy::{EntryKey, Ids, PlaintextTable, Policies};
 
 pub mod kernel;
 
@@ -50,7 +53,14 @@ pub trait PolicyMaps {
     fn del_ipcache(&mut self, net: &IpNet) -> Result<(), Error>;
     fn put_entry(&mut self, key: &EntryKey, value: &PolicyValue) -> Result<(), Error>;
     fn del_entry(&mut self, key: &EntryKey) -> Result<(), Error>;
+    /// `AUTHZ`: (table, port word, caller prefix) → allowed.
+    fn read_plaintext(&self) -> Result<Vec<(PlaintextRow, bool)>, Error>;
+    fn put_plaintext(&mut self, row: &PlaintextRow, allowed: bool) -> Result<(), Error>;
+    fn del_plaintext(&mut self, row: &PlaintextRow) -> Result<(), Error>;
 }
+
+/// An `AUTHZ` key: (table, port word, caller prefix).
+pub type PlaintextRow = (u32, u32, IpNet);
 
 /// Capacities of the policy maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +68,7 @@ pub struct PolicyCapacity {
     pub endpoints: u32,
     pub ipcache: u32,
     pub entries: u32,
+    pub authz: u32,
 }
 
 impl From<&crate::datapath::Capacities> for PolicyCapacity {
@@ -66,6 +77,7 @@ impl From<&crate::datapath::Capacities> for PolicyCapacity {
             endpoints: c.max_endpoints,
             ipcache: c.max_ipcache,
             entries: c.max_policy_entries,
+            authz: c.max_authz_entries,
         }
     }
 }
@@ -86,6 +98,8 @@ const ENDPOINT_KEPT: &str = "The pod keeps its previous policies.";
 const ADDRESSES_KEPT: &str =
     "Addresses keep their previous identities; isolated pods allow nothing until they are written.";
 const STALE_KEPT: &str = "The stale entry stays until a later pass removes it.";
+const PLAINTEXT_REFUSED: &str =
+    "Meshed pods whose plaintext table did not fit refuse every plaintext caller until it fits.";
 
 /// Applies desired policy state to the maps.
 #[derive(Debug)]
@@ -95,6 +109,15 @@ pub struct PolicySyncer<M> {
     endpoints: BTreeMap<u64, EndpointInfo>,
     ipcache: BTreeMap<IpNet, IpcacheValue>,
     entries: BTreeMap<EntryKey, PolicyValue>,
+    /// `AUTHZ` as written, by table number (a table whose writing failed half way included).
+    tables: BTreeMap<u32, PlaintextTable>,
+    /// The number of each table written whole, by content.
+    table_ids: BTreeMap<PlaintextTable, u32>,
+    /// The last table number given out. The next is the one after it that no table and no
+    /// endpoint has, so a program that read an endpoint just before it changed does not find
+    /// another table's entries under its number (a restarted agent starts after the highest
+    /// number the maps hold).
+    last_table: u32,
     /// The last pass could not write every address (isolated pods were left on set 0).
     addresses_pending: bool,
 }
@@ -102,10 +125,30 @@ pub struct PolicySyncer<M> {
 impl<M: PolicyMaps> PolicySyncer<M> {
     /// Takes over what the maps hold (from an earlier agent).
     pub fn new(maps: M, capacity: PolicyCapacity) -> Result<Self, Error> {
+        let mut tables: BTreeMap<u32, PlaintextTable> = BTreeMap::new();
+        for ((table, port, net), allowed) in maps.read_plaintext()? {
+            tables
+                .entry(table)
+                .or_default()
+                .insert((port, net), allowed);
+        }
+        // A table an earlier agent left half written or half deleted is taken for what it
+        // holds: reused only for exactly that content.
+        let table_ids = tables.iter().map(|(id, t)| (t.clone(), *id)).collect();
+        let last_table = maps
+            .read_endpoints()?
+            .iter()
+            .map(|(_, e)| e.authz_table)
+            .chain(tables.keys().copied())
+            .max()
+            .unwrap_or(0);
         Ok(Self {
             endpoints: maps.read_endpoints()?.into_iter().collect(),
             ipcache: maps.read_ipcache()?.into_iter().collect(),
             entries: maps.read_entries()?.into_iter().collect(),
+            tables,
+            table_ids,
+            last_table,
             maps,
             capacity,
             addresses_pending: false,
@@ -119,6 +162,11 @@ impl<M: PolicyMaps> PolicySyncer<M> {
     /// Entries in use: (endpoints, ipcache, policy entries).
     pub fn usage(&self) -> (usize, usize, usize) {
         (self.endpoints.len(), self.ipcache.len(), self.entries.len())
+    }
+
+    /// `AUTHZ` entries in use.
+    pub fn plaintext_usage(&self) -> usize {
+        self.tables.values().map(BTreeMap::len).sum()
     }
 
     /// Teaches a fresh numbering the numbers the kernel holds, so a restarted agent rewrites
@@ -210,11 +258,8 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         cgroup_ids: &BTreeMap<String, u64>,
     ) -> PolicyReport {
         let mut report = PolicyReport::default();
-        let want_endpoints: BTreeMap<u64, EndpointInfo> = desired
-            .endpoints
-            .iter()
-            .filter_map(|(cg, e)| Some((*cgroup_ids.get(cg)?, e.info)))
-            .collect();
+        let tables = self.write_tables(desired, cgroup_ids, &mut report);
+        let want_endpoints = endpoint_values(desired, cgroup_ids, &tables.ids);
         // Addresses that cannot all be held make every set's judgement unreliable: the
         // isolated pods allow nothing until they can be (decided before anything moves).
         let mut addresses_fit = self.make_ipcache_room(desired, &mut report);
@@ -243,6 +288,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             self.retry_sets(desired, &want_endpoints, &mut sets, &mut report);
         }
         self.addresses_pending = !addresses_fit;
+        self.finish_tables(desired, cgroup_ids, &tables, addresses_fit, &mut report);
         report.written += sets.written;
         report.deleted += sets.deleted;
         report.errors.splice(0..0, sets.errors);
@@ -553,6 +599,179 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         }
     }
 
+    /// Step 0: the plaintext tables the bound `EP_AUTHZ` endpoints want that `AUTHZ` does
+    /// not hold yet, each whole under a new number. A table left out of the result (it did
+    /// not fit, a write failed) leaves its pods on table 0.
+    fn write_tables(
+        &mut self,
+        desired: &Policies,
+        cgroup_ids: &BTreeMap<String, u64>,
+        report: &mut PolicyReport,
+    ) -> Tables {
+        let wanted: BTreeSet<&PlaintextTable> = desired
+            .endpoints
+            .iter()
+            .filter(|(cg, e)| cgroup_ids.contains_key(*cg) && e.info.flags & EP_AUTHZ != 0)
+            .map(|(_, e)| &e.plaintext)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let mut ids = BTreeMap::new();
+        let mut freed = false;
+        let first_error = report.errors.len();
+        for table in wanted.iter().copied() {
+            if let Some(id) = self.table_ids.get(table) {
+                ids.insert(table.clone(), *id);
+                continue;
+            }
+            let used = self.plaintext_usage() as u64;
+            let need = table.len() as u64;
+            if !freed && used + need > u64::from(self.capacity.authz) {
+                // Room first: tables no endpoint points to and none is about to.
+                freed = true;
+                let keep = wanted
+                    .iter()
+                    .filter_map(|t| self.table_ids.get(*t).copied())
+                    .collect();
+                self.remove_unused_tables(&keep, report);
+            }
+            let used = self.plaintext_usage() as u64;
+            if let Err(e) = Error::check(maps::AUTHZ, used, need, self.capacity.authz) {
+                report.errors.push(Failure::new(&e, PLAINTEXT_REFUSED));
+                continue;
+            }
+            if let Some(id) = self.write_table(table, report) {
+                ids.insert(table.clone(), id);
+            }
+        }
+        Tables {
+            complete: ids.len() == wanted.len(),
+            ids,
+            failures: report.errors[first_error..].to_vec(),
+        }
+    }
+
+    /// Step 7: tables no endpoint points to. When some table did not fit, the room the old
+    /// tables of its pods held may be enough now (those pods are on table 0): it is written
+    /// and they move to it in the same pass.
+    fn finish_tables(
+        &mut self,
+        desired: &Policies,
+        cgroup_ids: &BTreeMap<String, u64>,
+        tables: &Tables,
+        addresses_fit: bool,
+        report: &mut PolicyReport,
+    ) {
+        let keep = tables.ids.values().copied().collect();
+        self.remove_unused_tables(&keep, report);
+        if tables.complete {
+            return;
+        }
+        // The first round's failures are told once.
+        let mut retry = PolicyReport::default();
+        let again = self.write_tables(desired, cgroup_ids, &mut retry);
+        report.written += retry.written;
+        report.deleted += retry.deleted;
+        if again.ids.len() == tables.ids.len() {
+            return;
+        }
+        if again.complete {
+            report.errors.retain(|e| !tables.failures.contains(e));
+        }
+        let missing: BTreeSet<u32> = desired
+            .entries
+            .iter()
+            .filter(|(k, v)| !addresses_fit || self.entries.get(k) != Some(v))
+            .map(|(k, _)| k.data.policy_set)
+            .collect();
+        let want = endpoint_values(desired, cgroup_ids, &again.ids);
+        self.write_endpoints(&want, &missing, report);
+    }
+
+    /// Writes `table` under a new number; None when a write failed (what was written stays
+    /// recorded, unreferenced, for step 7).
+    fn write_table(&mut self, table: &PlaintextTable, report: &mut PolicyReport) -> Option<u32> {
+        let id = self.next_table_id()?;
+        self.last_table = id;
+        for (&(port, net), &allowed) in table {
+            if let Err(e) = self.maps.put_plaintext(&(id, port, net), allowed) {
+                report.errors.push(Failure::new(&e, PLAINTEXT_REFUSED));
+                return None;
+            }
+            self.tables
+                .entry(id)
+                .or_default()
+                .insert((port, net), allowed);
+            report.written += 1;
+        }
+        self.table_ids.insert(table.clone(), id);
+        Some(id)
+    }
+
+    /// The first number after the last one given out (0 skipped) that no table and no
+    /// endpoint has.
+    fn next_table_id(&self) -> Option<u32> {
+        let used: BTreeSet<u32> = self.endpoints.values().map(|e| e.authz_table).collect();
+        let mut id = self.last_table;
+        // There are fewer tables and endpoints than numbers: the search ends.
+        loop {
+            id = id.checked_add(1).unwrap_or(1);
+            if id == self.last_table {
+                return None;
+            }
+            if !self.tables.contains_key(&id) && !used.contains(&id) {
+                return Some(id);
+            }
+        }
+    }
+
+    /// Step 7: tables no endpoint points to, except those in `keep` (wanted by this pass).
+    fn remove_unused_tables(&mut self, keep: &BTreeSet<u32>, report: &mut PolicyReport) {
+        let used: BTreeSet<u32> = self.endpoints.values().map(|e| e.authz_table).collect();
+        let unused: Vec<u32> = self
+            .tables
+            .keys()
+            .filter(|id| !used.contains(id) && !keep.contains(id))
+            .copied()
+            .collect();
+        for id in unused {
+            // Not reusable once a row is gone, whatever happens to the rest.
+            self.table_ids.retain(|_, t| *t != id);
+            self.remove_table(id, report);
+        }
+    }
+
+    /// Deletes table `id`'s rows, those that allow first. A program that read its endpoint
+    /// before it moved off the table may still look in it: while every row that refuses
+    /// is there, what it finds allows no more than the whole table did (a gone allowing
+    /// row leaves a wider row of the port, which allows only if it did for these callers,
+    /// or a refusing one, or the other ports' rows where the port had nothing but allowing
+    /// rows). So the refusing rows go only once every allowing row has.
+    fn remove_table(&mut self, id: u32, report: &mut PolicyReport) {
+        for allowing in [true, false] {
+            let rows: Vec<(u32, IpNet)> = self.tables[&id]
+                .iter()
+                .filter(|(_, a)| **a == allowing)
+                .map(|(k, _)| *k)
+                .collect();
+            let before = report.errors.len();
+            for (port, net) in rows {
+                self.delete(
+                    report,
+                    |m| m.del_plaintext(&(id, port, net)),
+                    |s| {
+                        if let Some(t) = s.tables.get_mut(&id) {
+                            t.remove(&(port, net));
+                        }
+                    },
+                );
+            }
+            if report.errors.len() > before {
+                return;
+            }
+        }
+        self.tables.remove(&id);
+    }
+
     /// Entries that let a set treat an identity being retired like its successor.
     ///
     /// A pod moves to its new set (step 2) before addresses move to their new identities
@@ -616,6 +835,38 @@ impl<M: PolicyMaps> PolicySyncer<M> {
             Err(e) => report.errors.push(Failure::new(&e, STALE_KEPT)),
         }
     }
+}
+
+/// The plaintext tables a pass numbered.
+struct Tables {
+    /// Each wanted table held whole, by content.
+    ids: BTreeMap<PlaintextTable, u32>,
+    /// Whether every wanted table is.
+    complete: bool,
+    /// What went wrong numbering them (already in the pass's report).
+    failures: Vec<Failure>,
+}
+
+/// The `ENDPOINTS` values of the desired endpoints whose cgroups exist, each `EP_AUTHZ` one
+/// pointing to its table (0 when it is not held whole: every plaintext caller refused).
+fn endpoint_values(
+    desired: &Policies,
+    cgroup_ids: &BTreeMap<String, u64>,
+    tables: &BTreeMap<PlaintextTable, u32>,
+) -> BTreeMap<u64, EndpointInfo> {
+    desired
+        .endpoints
+        .iter()
+        .filter_map(|(cg, e)| {
+            let mut info = e.info;
+            info.authz_table = if info.flags & EP_AUTHZ != 0 {
+                tables.get(&e.plaintext).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            Some((*cgroup_ids.get(cg)?, info))
+        })
+        .collect()
 }
 
 /// The longest prefix strictly wider than `net` that `map` holds, with its value.

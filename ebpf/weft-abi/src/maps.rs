@@ -62,6 +62,10 @@ macro_rules! for_each_map {
             POLICY: LpmTrie<$crate::policy::PolicyData, $crate::policy::PolicyValue>(
                 max_policy_entries = 262_144
             );
+            /// Plaintext tables of meshed pods' security policies (see `PlaintextData`).
+            AUTHZ: LpmTrie<$crate::policy::PlaintextData, $crate::policy::PlaintextValue>(
+                max_authz_entries = 65_536
+            );
             /// Per socket: its allowed UDP/SCTP/echo exchanges (`SockFlows`); their packets
             /// pass unjudged.
             SOCK_FLOWS: SkStorage<$crate::policy::SockFlows>(fixed = 0);
@@ -128,7 +132,7 @@ mod tests {
             );
             assert!(!ALL[..i].contains(name), "{name} twice");
         }
-        assert_eq!(ALL.len(), 23);
+        assert_eq!(ALL.len(), 24);
         assert_eq!(POLICY, "POLICY");
     }
 }

@@ -34,8 +34,9 @@ pub const EP_SHARED_ADDRESS: u32 = 4;
 pub const EP_MESHED: u32 = 8;
 /// [`EndpointInfo::flags`]: Istio's security policy refuses some plaintext caller of this
 /// meshed pod (a STRICT port, an AuthorizationPolicy): a TCP connection to it that the node's
-/// proxy did not deliver (`mesh::DELIVERY_MARK`) is refused at its SYN. The proxy decides for
-/// callers with a certificate.
+/// proxy did not deliver (`mesh::DELIVERY_MARK`) is judged at its SYN by the pod's plaintext
+/// table ([`EndpointInfo::authz_table`] in `AUTHZ`), and refused when the table does not allow
+/// it. The proxy decides for callers with a certificate.
 pub const EP_AUTHZ: u32 = 16;
 
 /// The policy set of a pod not bound yet (see `globals::UNBOUND_ISOLATED`): never allocated,
@@ -86,8 +87,11 @@ pub struct EndpointInfo {
     /// [`crate::seal`] of the cgroup id and the other fields, set by the agent's map writer.
     pub seal: u32,
     pub ip6: [u32; 4],
+    /// With `EP_AUTHZ`: the pod's table of decisions for plaintext callers in `AUTHZ` (0, which
+    /// no table has, refuses every plaintext caller).
+    pub authz_table: u32,
 }
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 40);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 44);
 
 impl EndpointInfo {
     /// What the kernel judges a pod by before the agent has bound its cgroup: isolated both
@@ -100,6 +104,7 @@ impl EndpointInfo {
         ip4: 0,
         seal: 0,
         ip6: [0; 4],
+        authz_table: 0,
     };
 
     /// The seal of this value under the cgroup id `key`.
@@ -118,7 +123,8 @@ impl EndpointInfo {
         h = mix(h, self.ip6[1]);
         h = mix(h, self.ip6[2]);
         h = mix(h, self.ip6[3]);
-        finish(h, 11)
+        h = mix(h, self.authz_table);
+        finish(h, 12)
     }
 
     /// This value as written under the cgroup id `key`.
@@ -184,6 +190,45 @@ pub struct PolicyData {
     pub port: u16,
 }
 const _: () = assert!(core::mem::size_of::<PolicyData>() == 12);
+
+/// [`PlaintextData::port`] of the entries for the ports a table does not name.
+pub const PLAINTEXT_OTHER_PORTS: u32 = 0;
+/// [`PlaintextData::port`]: `PLAINTEXT_PORT | port` (host byte order) is a port the table
+/// names; its entries decide for it rather than [`PLAINTEXT_OTHER_PORTS`]'.
+pub const PLAINTEXT_PORT: u32 = 1 << 16;
+/// Bits of an `AUTHZ` key before the source address: table, port word, family.
+pub const PLAINTEXT_PREFIX_FIXED: u32 = 96;
+/// [`PlaintextValue::flags`]: plaintext from these sources to these ports is allowed.
+pub const PLAINTEXT_ALLOW: u32 = 1;
+
+/// Data of an `AUTHZ` key (after the LPM prefix length): one entry of a plaintext table, the
+/// decision of a meshed pod's security policy for TCP callers without a certificate. A
+/// table is immutable: the agent writes a new one (its own number) before an endpoint points
+/// to it, and deletes it once none does. Looked up with the destination port's word, then,
+/// when the table does not name the port (no entry at all), with [`PLAINTEXT_OTHER_PORTS`].
+/// Prefix length = [`PLAINTEXT_PREFIX_FIXED`] + source address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlaintextData {
+    /// [`EndpointInfo::authz_table`] (never 0).
+    pub table: u32,
+    /// `PLAINTEXT_PORT | port` or [`PLAINTEXT_OTHER_PORTS`].
+    pub port: u32,
+    /// A [`crate::net::Family`]: 4 or 6.
+    pub family: u32,
+    /// The caller's address prefix: network byte order, IPv4 in the first word.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<PlaintextData>() == 28);
+
+/// Value of `AUTHZ` (LPM trie). Writer: agent `sync`. Reader: cgroup_skb ingress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlaintextValue {
+    /// `PLAINTEXT_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PlaintextValue>() == 4);
 
 /// [`PolicyValue::flags`]: the entry covers every port (its rule lists no port).
 pub const POL_ANY_PORT: u32 = 1;
@@ -363,6 +408,10 @@ mod pod {
     unsafe impl aya::Pod for PolicyData {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PlaintextData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PlaintextValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowSlot {}
     // SAFETY: as above.

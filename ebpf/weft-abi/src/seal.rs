@@ -119,6 +119,7 @@ mod tests {
             ip4: 0x0b00_000a,
             seal: 0,
             ip6: [1, 2, 3, 4],
+            authz_table: 5,
         };
         let sealed = e.sealed(77);
         assert!(sealed.is_sealed_for(77));
@@ -127,5 +128,8 @@ mod tests {
         let mut torn = sealed;
         torn.policy_set = 13;
         assert!(!torn.is_sealed_for(77));
+        let mut torn = sealed;
+        torn.authz_table = 6;
+        assert!(!torn.is_sealed_for(77), "the plaintext table is sealed too");
     }
 }

@@ -25,7 +25,8 @@ use weft_abi::{
     policy::{
         EP_AUTHZ, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EP_SHARED_ADDRESS, EndpointInfo,
         FlowPeer, IDENTITY_ANY, IDENTITY_WORLD, IP_HOST, IPCACHE_PREFIX_FAMILY, IpcacheData,
-        IpcacheValue, MAX_POD_DEPTH, Match, POL_ANY_PORT, POLICY_PREFIX_FULL, PolicyData,
+        IpcacheValue, MAX_POD_DEPTH, Match, PLAINTEXT_ALLOW, PLAINTEXT_OTHER_PORTS, PLAINTEXT_PORT,
+        PLAINTEXT_PREFIX_FIXED, POL_ANY_PORT, POLICY_PREFIX_FULL, PlaintextData, PolicyData,
         verdict_index,
     },
     stats::Counter,
@@ -38,9 +39,9 @@ use crate::{
     flows,
     headers::{Headers, is_echo},
     maps::{
-        AGENT_CGROUP_ID, AGENT_CGROUP_LEVEL, AGENT_CGROUPS, ENDPOINTS, HOST_NETNS_COOKIE, IPCACHE,
-        POLICY, POLICY_ROOT_LEVEL, UNBOUND_ISOLATED, UNBOUND_SCOPE_ID, UNBOUND_SCOPE_LEVEL,
-        VERDICTS,
+        AGENT_CGROUP_ID, AGENT_CGROUP_LEVEL, AGENT_CGROUPS, AUTHZ, ENDPOINTS, HOST_NETNS_COOKIE,
+        IPCACHE, POLICY, POLICY_ROOT_LEVEL, UNBOUND_ISOLATED, UNBOUND_SCOPE_ID,
+        UNBOUND_SCOPE_LEVEL, VERDICTS,
     },
     stats,
 };
@@ -440,7 +441,8 @@ fn decide(
 /// pod's own namespace, marks it; a mark never crosses namespaces), not the pod reaching
 /// itself, not from the node (kubelet probes: Istio's ambient mode exempts what the node's
 /// own sockets send to its pods, as NetworkPolicy does; a packet from elsewhere claiming a
-/// node address gets its SYN-ACK sent to the node, so no handshake completes).
+/// node address gets its SYN-ACK sent to the node, so no handshake completes), and not
+/// allowed by the pod's plaintext table.
 #[inline(always)]
 fn refused_plaintext(
     ctx: &SkBuffContext,
@@ -455,6 +457,31 @@ fn refused_plaintext(
         && !(ep.flags & EP_SHARED_ADDRESS == 0 && ep.owns(h.version, &h.src))
         && !is_loopback(h.version, &h.src)
         && ip_flags(h.version, &h.src) & IP_HOST == 0
+        && !plaintext_allowed(ep, h)
+}
+
+/// Whether the pod's plaintext table allows plaintext from the packet's source to its
+/// destination port: the port's own entries when the table names it, else the other ports'.
+/// No entry (table 0, a family the table lacks) refuses.
+#[inline(always)]
+fn plaintext_allowed(ep: &EndpointInfo, h: &Headers) -> bool {
+    let key = |port: u32| {
+        Key::new(
+            PLAINTEXT_PREFIX_FIXED + Family::of(h.version).bits(),
+            PlaintextData {
+                table: ep.authz_table,
+                port,
+                family: u32::from(h.version),
+                addr: h.src,
+            },
+        )
+    };
+    let named = AUTHZ.get(key(PLAINTEXT_PORT | u32::from(u16::from_be(h.dport))));
+    let found = match named {
+        Some(v) => Some(v),
+        None => AUTHZ.get(key(PLAINTEXT_OTHER_PORTS)),
+    };
+    found.is_some_and(|v| v.flags & PLAINTEXT_ALLOW != 0)
 }
 
 /// A packet weft could not parse (IPv6 with too many or too long extension headers, or

@@ -11,11 +11,13 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
+use weft_abi::policy::{PLAINTEXT_OTHER_PORTS, PLAINTEXT_PORT};
 
 use super::{
     Connection, Decision, Workload, decide,
     rules::{Set, When},
 };
+use crate::compile::policy::PlaintextTable;
 
 /// One entry: plaintext from `source` to `port` (`None`: a port no policy names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +33,13 @@ pub fn plaintext(w: &Workload, destination: IpAddr) -> Vec<Entry> {
     let (ports, nets) = keys(w, destination);
     let other = (1..=u16::MAX).find(|p| !ports.contains(p));
     let ports = ports.iter().map(|p| (Some(*p), *p));
+    let sources: Vec<(IpNet, IpAddr)> = nets
+        .iter()
+        .filter_map(|n| Some((*n, representative(*n, &nets)?)))
+        .collect();
     let mut out = Vec::new();
     for (port, as_port) in ports.chain(other.map(|p| (None, p))) {
-        for net in &nets {
-            let Some(source) = representative(*net, &nets) else {
-                continue;
-            };
+        for &(net, source) in &sources {
             let c = Connection {
                 source,
                 identity: None,
@@ -45,9 +48,27 @@ pub fn plaintext(w: &Workload, destination: IpAddr) -> Vec<Entry> {
             };
             out.push(Entry {
                 port,
-                source: *net,
+                source: net,
                 decision: decide(w, &c),
             });
+        }
+    }
+    out
+}
+
+/// The kernel's table for workload `w` at its addresses `ips`: each address's entries, a
+/// source allowed only when it is allowed at every address of its family (the kernel looks
+/// up by source and port, not by which of the pod's addresses was dialled; `destination.ip`
+/// conditions can tell them apart). A family without an address has no entries: plaintext
+/// over it is refused.
+pub fn kernel_table(w: &Workload, ips: &[IpAddr]) -> PlaintextTable {
+    let mut out = PlaintextTable::new();
+    for ip in ips {
+        for e in plaintext(w, *ip) {
+            let port = e
+                .port
+                .map_or(PLAINTEXT_OTHER_PORTS, |p| PLAINTEXT_PORT | u32::from(p));
+            *out.entry((port, e.source)).or_insert(true) &= e.decision.allowed;
         }
     }
     out
@@ -83,8 +104,25 @@ fn keys(w: &Workload, destination: IpAddr) -> (BTreeSet<u16>, Vec<IpNet>) {
         IpAddr::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
     };
     nets.insert(whole);
+    if destination.is_ipv6() {
+        // `decide` reads an IPv4-mapped caller as the IPv4 address it carries: the mapped
+        // block, and each IPv4 block mapped, are classes of their own.
+        let v4_whole = IpNet::V4(ipnet::Ipv4Net::default());
+        let mapped: Vec<IpNet> = nets.iter().chain([&v4_whole]).filter_map(mapped).collect();
+        nets.extend(mapped);
+    }
     let family = |n: &IpNet| n.addr().is_ipv4() == destination.is_ipv4();
     (ports, nets.into_iter().filter(family).collect())
+}
+
+/// An IPv4 block as the IPv4-mapped IPv6 block of the same addresses.
+fn mapped(net: &IpNet) -> Option<IpNet> {
+    let IpNet::V4(v4) = net else {
+        return None;
+    };
+    ipnet::Ipv6Net::new(v4.network().to_ipv6_mapped(), 96 + v4.prefix_len())
+        .ok()
+        .map(IpNet::V6)
 }
 
 /// An address of `net` that no longer CIDR of `all` covers: `None` when they cover it all.

@@ -1152,6 +1152,15 @@ proptest::proptest! {
     fn plaintext_entries_decide_as_the_evaluator(seed in proptest::prelude::any::<u64>()) {
         worlds::check_table(seed)?;
     }
+
+    /// The kernel's table of a pod with several addresses, looked up as the kernel does,
+    /// allows a plaintext caller exactly when every address of its family does.
+    #[test]
+    fn kernel_tables_decide_as_the_evaluator_at_every_address(
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        worlds::check_kernel_table(seed)?;
+    }
 }
 
 #[test]
@@ -1488,6 +1497,12 @@ fn guarded_pods_are_those_whose_policy_refuses_plaintext_or_reads_identities() {
     let db: Key = ("x".to_owned(), "db".to_owned());
     let keys = [&web, &db];
     let set = |keys: &[&Key]| keys.iter().map(|k| (*k).clone()).collect();
+    let refused = |g: &super::Guarded| {
+        g.plaintext_refused
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<Key>>()
+    };
     let deny_ns = authz(
         "x",
         "deny-y",
@@ -1495,7 +1510,7 @@ fn guarded_pods_are_those_whose_policy_refuses_plaintext_or_reads_identities() {
                "rules": [{"from": [{"source": {"namespaces": ["y"]}}]}]}),
     );
     let g = super::guarded(&world(&[deny_ns], &[]), ROOT, keys);
-    assert_eq!(g.plaintext_refused, set(&[]));
+    assert_eq!(refused(&g), set(&[]));
     assert_eq!(g.proxied, set(&[&web]));
     let strict_db = peer(
         "x",
@@ -1503,10 +1518,42 @@ fn guarded_pods_are_those_whose_policy_refuses_plaintext_or_reads_identities() {
         json!({"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": "STRICT"}}),
     );
     let g = super::guarded(&world(&[], &[strict_db]), ROOT, keys);
-    assert_eq!(g.plaintext_refused, set(&[&db]));
+    assert_eq!(refused(&g), set(&[&db]));
     assert_eq!(g.proxied, set(&[&db]));
     let g = super::guarded(&world(&[], &[]), ROOT, keys);
-    assert_eq!((g.plaintext_refused, g.proxied), (set(&[]), set(&[])));
+    assert_eq!((refused(&g), g.proxied), (set(&[]), set(&[])));
+}
+
+/// The kernel's table of a pod with a STRICT port and an ALLOW from a CIDR: the named ports
+/// get entries of their own, every other port shares one set; each prefix decides what no
+/// longer one of the list covers.
+#[test]
+fn a_guarded_pod_gets_the_kernel_table_of_its_plaintext_decisions() {
+    use weft_abi::policy::{PLAINTEXT_OTHER_PORTS as OTHER, PLAINTEXT_PORT as PORT};
+    let web: Key = ("x".to_owned(), "web".to_owned());
+    let strict_9090 = peer(
+        "x",
+        "web-9090",
+        json!({"selector": {"matchLabels": {"app": "web"}},
+               "portLevelMtls": {"9090": {"mode": "STRICT"}}}),
+    );
+    let allow = authz(
+        "x",
+        "from-10",
+        json!({"selector": {"matchLabels": {"app": "web"}},
+               "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]}]}),
+    );
+    let g = super::guarded(&world(&[allow], &[strict_9090]), ROOT, [&web]);
+    let all: ipnet::IpNet = "0.0.0.0/0".parse().expect("net");
+    let ten: ipnet::IpNet = "10.0.0.0/8".parse().expect("net");
+    let want: crate::compile::policy::PlaintextTable = [
+        ((PORT | 9090, all), false),
+        ((PORT | 9090, ten), false),
+        ((OTHER, all), false),
+        ((OTHER, ten), true),
+    ]
+    .into();
+    assert_eq!(g.plaintext_refused.get(&web), Some(&want));
 }
 
 /// Security kinds the source has not listed yet: every meshed pod is STRICT and denies every

@@ -12,9 +12,9 @@ use weft_abi::policy::{
 };
 
 use super::{
-    EntryKey, IdentityView, LocalEndpoint, Model, PodView, PolicySummary, Quarantine, RuleRef,
-    is_rejected, isolation, local_cgroup, named_ports, policy_types, ports::range_prefixes,
-    protocol_number, selector,
+    EntryKey, IdentityView, LocalEndpoint, Model, PlaintextTable, PodView, PolicySummary,
+    Quarantine, RuleRef, is_rejected, isolation, local_cgroup, named_ports, policy_types,
+    ports::range_prefixes, protocol_number, selector,
 };
 
 /// The peers of a rule: everyone, or these identities.
@@ -475,6 +475,7 @@ impl EndpointCompiler<'_, '_> {
             egress_policies: egress,
             ips: p.claimed.clone(),
             quarantine,
+            plaintext: PlaintextTable::new(),
         };
         self.out.endpoints.insert(cgroup.to_owned(), endpoint);
     }
@@ -561,6 +562,7 @@ fn endpoint_info(
             .iter()
             .find(|ip| ip.is_ipv6())
             .map_or([0; 4], |ip| ip_words(*ip).1),
+        authz_table: 0,
     }
 }
 

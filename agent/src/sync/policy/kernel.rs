@@ -9,20 +9,22 @@ use ipnet::IpNet;
 use weft_abi::{
     maps,
     policy::{
-        EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, PolicyData, PolicyValue,
+        EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, PLAINTEXT_ALLOW,
+        PLAINTEXT_PREFIX_FIXED, PlaintextData, PlaintextValue, PolicyData, PolicyValue,
     },
 };
 
-use super::{Error, PolicyMaps};
+use super::{Error, PlaintextRow, PolicyMaps};
 use weft_abi::net::{ip_words, words_ip};
 
 use crate::compile::policy::EntryKey;
 
-/// The three maps policy sync writes.
+/// The maps policy sync writes.
 pub struct KernelPolicyMaps {
     pub endpoints: HashMap<MapData, u64, EndpointInfo>,
     pub ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
     pub policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+    pub authz: LpmTrie<MapData, PlaintextData, PlaintextValue>,
 }
 
 impl KernelPolicyMaps {
@@ -32,6 +34,7 @@ impl KernelPolicyMaps {
             endpoints: datapath.take(maps::ENDPOINTS)?,
             ipcache: datapath.take(maps::IPCACHE)?,
             policy: datapath.take(maps::POLICY)?,
+            authz: datapath.take(maps::AUTHZ)?,
         })
     }
 }
@@ -64,6 +67,29 @@ pub fn ipcache_net(key: &Key<IpcacheData>) -> Option<IpNet> {
     let ip: IpAddr = words_ip(u8::try_from(data.family).ok()?, data.addr);
     let len = key.prefix_len().checked_sub(IPCACHE_PREFIX_FAMILY)?;
     IpNet::new(ip, u8::try_from(len).ok()?).ok()
+}
+
+/// The `AUTHZ` key of a row.
+pub fn plaintext_key(&(table, port, net): &PlaintextRow) -> Key<PlaintextData> {
+    let (family, addr) = ip_words(net.network());
+    Key::new(
+        PLAINTEXT_PREFIX_FIXED + u32::from(net.prefix_len()),
+        PlaintextData {
+            table,
+            port,
+            family: family as u32,
+            addr,
+        },
+    )
+}
+
+/// The row of an `AUTHZ` key, if it is well formed.
+pub fn plaintext_row(key: &Key<PlaintextData>) -> Option<PlaintextRow> {
+    let data = key.data();
+    let ip: IpAddr = words_ip(u8::try_from(data.family).ok()?, data.addr);
+    let len = key.prefix_len().checked_sub(PLAINTEXT_PREFIX_FIXED)?;
+    let net = IpNet::new(ip, u8::try_from(len).ok()?).ok()?;
+    Some((data.table, data.port, net))
 }
 
 impl PolicyMaps for KernelPolicyMaps {
@@ -145,5 +171,30 @@ impl PolicyMaps for KernelPolicyMaps {
         self.policy
             .remove(&Key::new(key.prefix_len, key.data))
             .map_err(err(maps::POLICY, "delete from"))
+    }
+
+    /// A malformed key (not written by weft) is left out: it belongs to no table weft uses.
+    fn read_plaintext(&self) -> Result<Vec<(PlaintextRow, bool)>, Error> {
+        let mut out = Vec::new();
+        for item in self.authz.iter() {
+            let (k, v) = item.map_err(err(maps::AUTHZ, "read"))?;
+            if let Some(row) = plaintext_row(&k) {
+                out.push((row, v.flags & PLAINTEXT_ALLOW != 0));
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_plaintext(&mut self, row: &PlaintextRow, allowed: bool) -> Result<(), Error> {
+        let flags = if allowed { PLAINTEXT_ALLOW } else { 0 };
+        self.authz
+            .insert(&plaintext_key(row), PlaintextValue { flags }, 0)
+            .map_err(err(maps::AUTHZ, "write"))
+    }
+
+    fn del_plaintext(&mut self, row: &PlaintextRow) -> Result<(), Error> {
+        self.authz
+            .remove(&plaintext_key(row))
+            .map_err(err(maps::AUTHZ, "delete from"))
     }
 }

@@ -148,12 +148,22 @@ impl PolicyMaps for Fake {
     fn del_entry(&mut self, k: &EntryKey) -> Result<(), Error> {
         self.write(|m| m.del_entry(k))
     }
+    fn read_plaintext(&self) -> Result<Vec<(PlaintextRow, bool)>, Error> {
+        self.maps.read_plaintext()
+    }
+    fn put_plaintext(&mut self, row: &PlaintextRow, allowed: bool) -> Result<(), Error> {
+        self.write(|m| m.put_plaintext(row, allowed))
+    }
+    fn del_plaintext(&mut self, row: &PlaintextRow) -> Result<(), Error> {
+        self.write(|m| m.del_plaintext(row))
+    }
 }
 
 const CAPACITY: PolicyCapacity = PolicyCapacity {
     endpoints: 1000,
     ipcache: 1000,
     entries: 100_000,
+    authz: 1000,
 };
 
 /// cgroup `c<i>` has id 1000 + i.
@@ -576,3 +586,5 @@ fn addresses_that_fit_again_are_written_first() {
         again.endpoints["c0"].info.policy_set
     );
 }
+
+mod plaintext;

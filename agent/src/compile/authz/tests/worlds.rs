@@ -283,3 +283,79 @@ pub fn check_table(seed: u64) -> Result<(), TestCaseError> {
     }
     Ok(())
 }
+
+/// What the kernel finds in `table` for plaintext from `source` to `port`: the longest
+/// prefix among the port's own entries of the source's family, else among the other ports'.
+/// No entry refuses.
+fn kernel_lookup(
+    table: &crate::compile::policy::PlaintextTable,
+    source: std::net::IpAddr,
+    port: u16,
+) -> bool {
+    use weft_abi::policy::{PLAINTEXT_OTHER_PORTS, PLAINTEXT_PORT};
+    let hit = |word: u32| {
+        table
+            .iter()
+            .filter(|((w, net), _)| *w == word && net.contains(&source))
+            .max_by_key(|((_, net), _)| net.prefix_len())
+            .map(|(_, allowed)| *allowed)
+    };
+    hit(PLAINTEXT_PORT | u32::from(port))
+        .or_else(|| hit(PLAINTEXT_OTHER_PORTS))
+        .unwrap_or(false)
+}
+
+/// Addresses of a pod with several of a family: the web pod's, another IPv4 and an IPv6.
+const WEB_ADDRESSES: [&str; 3] = ["10.0.1.10", "10.0.1.12", "fd00::10"];
+
+/// IPv6 callers: outside every block, and IPv4-mapped ones inside and outside the blocks.
+const PROBES_V6: [&str; 4] = [
+    "fd00::7",
+    "::ffff:10.0.2.20",
+    "::ffff:192.168.1.1",
+    "::ffff:10.0.3.0",
+];
+
+/// One random world: the kernel's table of a pod with several addresses, looked up as the
+/// kernel does, allows a plaintext caller exactly when `decide` allows it at every address
+/// of the caller's family.
+pub fn check_kernel_table(seed: u64) -> Result<(), TestCaseError> {
+    use super::super::{Connection, decide, table};
+    let mut r = Rng(seed | 1);
+    let (authz, peers, store) = random_world(&mut r);
+    let key = ("x".to_owned(), "web".to_owned());
+    let compiled = super::super::compile(&store, ROOT, [&key]);
+    let w = &compiled.workloads[&key];
+    let destinations: Vec<std::net::IpAddr> = WEB_ADDRESSES
+        .iter()
+        .map(|d| d.parse().expect("ip"))
+        .collect();
+    let kernel = table::kernel_table(w, &destinations);
+    for source in PROBES.iter().chain(&PROBES_V6) {
+        let source: std::net::IpAddr = source.parse().expect("ip");
+        for port in [80, 8080, 9000, 1, 443] {
+            let want = destinations
+                .iter()
+                .filter(|d| d.is_ipv4() == source.is_ipv4())
+                .all(|d| {
+                    let c = Connection {
+                        source,
+                        identity: None,
+                        destination: *d,
+                        port,
+                    };
+                    decide(w, &c).allowed
+                });
+            proptest::prop_assert_eq!(
+                kernel_lookup(&kernel, source, port),
+                want,
+                "from {} port {}\nauthz {}\npeer {}",
+                source,
+                port,
+                serde_json::to_string_pretty(&authz).unwrap_or_default(),
+                serde_json::to_string_pretty(&peers).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
