@@ -475,6 +475,11 @@ impl TelemetryLoop {
             c.log();
             telemetry.on_event_at(&c, now);
         });
+        // Streams the proxy refused: no socket of the kernel's saw them.
+        for c in mesh.map(|m| m.take_refused()).unwrap_or_default() {
+            c.log();
+            telemetry.on_refused_stream(&c);
+        }
     }
 
     /// Periodic work: connections whose close was lost, expired series, a UDP read.
@@ -923,6 +928,7 @@ fn on_pass(mesh: &mut Mesh, views: &pipeline::Views, cgroup_root: &Path) {
             cgroup: cgroup_root.join(&e.cgroup),
         })
         .collect();
+    mesh.set_node_ips(&policy.node_ips);
     mesh.on_pass(&store, &local, SystemTime::now());
 }
 

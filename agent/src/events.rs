@@ -157,6 +157,9 @@ pub struct Connection {
     /// Carried by a mutually authenticated tunnel, with the ends' verified identities (the
     /// agent's mesh fills it in).
     pub security: Option<Security>,
+    /// At a meshed pod's end: what its security policy decided (the agent's mesh fills it
+    /// in for server opens and for refusals).
+    pub authorization: Option<crate::compile::authz::Decision>,
 }
 
 /// The identities of a connection carried through the mesh (Istio's principals).
@@ -202,6 +205,38 @@ fn drop_direction(code: u32) -> Option<Direction> {
 }
 
 impl Connection {
+    /// A drop the agent itself decided (no socket of the kernel's saw it): the pod's end
+    /// `local`, the other `remote`.
+    pub fn refused(local: SocketAddr, remote: SocketAddr, dropped: DropInfo) -> Self {
+        let role = match dropped.direction {
+            Direction::Egress => Role::Client,
+            Direction::Ingress => Role::Server,
+        };
+        Self {
+            event: ConnEventKindName::Drop,
+            cookie: 0,
+            role,
+            local,
+            remote,
+            bytes_sent: 0,
+            bytes_received: 0,
+            srtt: Duration::ZERO,
+            rtt_min: Duration::ZERO,
+            retransmits: 0,
+            segments_in: 0,
+            segments_out: 0,
+            duration: Duration::ZERO,
+            outcome: None,
+            service: None,
+            dropped: Some(dropped),
+            meshed: false,
+            mesh_netns: 0,
+            delivered: false,
+            security: None,
+            authorization: None,
+        }
+    }
+
     /// Decodes one ring buffer record.
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let expected = size_of::<ConnEvent>();
@@ -292,6 +327,7 @@ impl Connection {
             mesh_netns: ev.netns_cookie,
             delivered: ev.flags & flags::DELIVERED != 0,
             security: None,
+            authorization: None,
         })
     }
 

@@ -130,6 +130,8 @@ pub struct Mesh {
     waiting: Vec<String>,
     /// Istio's root namespace (`--mesh-root-namespace`).
     root: String,
+    /// The node's own addresses (see [`Mesh::set_node_ips`]).
+    node_ips: Vec<IpAddr>,
 }
 
 impl Mesh {
@@ -180,6 +182,7 @@ impl Mesh {
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
             unknown_labels: Vec::new(),
+            node_ips: Vec::new(),
             metrics: MeshMetrics::new(registry),
             status: Arc::default(),
             proxy,
@@ -241,6 +244,12 @@ impl Mesh {
 
     /// After a pass: the identities of the local meshed pods get a certificate, the others
     /// lose theirs; the proxy serves exactly the local meshed pods.
+    /// The node's own addresses, which no pod's security policy applies to (kubelet probes):
+    /// telemetry names no decision for their connections.
+    pub fn set_node_ips(&mut self, ips: &[IpAddr]) {
+        ips.clone_into(&mut self.node_ips);
+    }
+
     pub fn on_pass(&mut self, store: &Store, local: &[LocalPod<'_>], now: SystemTime) {
         let enrolled = enrollment(store, &self.settings.trust_domain);
         let mut pods: BTreeMap<SpiffeId, Vec<String>> = BTreeMap::new();
@@ -290,11 +299,6 @@ impl Mesh {
             let owners = Owners::of(store);
             let directory = directory(store, &owners, &enrolled.meshed);
             proxy.shared().carried.set_directory(directory);
-            *proxy
-                .shared()
-                .holders
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(holders(store, &owners, &served));
             // Before the pods are served: a stream is never decided without their policy.
             let keys: Vec<crate::store::Key> = served
                 .iter()
@@ -302,11 +306,11 @@ impl Mesh {
                 .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
                 .collect();
             let authz = crate::compile::authz::compile(store, &self.root, &keys);
-            *proxy
-                .shared()
-                .authz
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(authz);
+            proxy.shared().carried.set_policy(
+                authz,
+                holders(store, &owners, &served),
+                self.node_ips.iter().copied().collect(),
+            );
             proxy.sync(&served);
         }
         self.publish(now);

@@ -158,6 +158,10 @@ pub struct OpenConnection {
     /// Carried by the mesh (mutual TLS), with both ends' verified identities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<crate::events::Security>,
+    /// The server is a meshed pod: what its security policy decided (the deciding policy
+    /// and rule, an AUDIT one that matched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<crate::compile::authz::Decision>,
 }
 
 /// An entry of the open table (boxed there: the table's spare capacity then costs a pointer
@@ -444,6 +448,7 @@ impl Telemetry {
                 duration_ms: 0,
                 updated: now.wall,
                 mesh: c.security.clone(),
+                authorization: c.authorization.clone(),
             },
             series,
             connection_labels: labels.detail.is_per_connection().then(|| Box::new(labels)),
@@ -461,6 +466,20 @@ impl Telemetry {
                 protocol: protocol_label(d.protocol),
             })
             .inc();
+        self.publish_drop(c, d);
+    }
+
+    /// A stream the mesh's proxy refused (no socket saw it; counted by the proxy, in
+    /// `weft_mesh_streams_refused_total`): its flow record only.
+    pub fn on_refused_stream(&mut self, c: &Connection) {
+        self.follow_directory();
+        if let Some(d) = c.dropped {
+            self.publish_drop(c, d);
+        }
+    }
+
+    /// The flow record of a drop.
+    fn publish_drop(&mut self, c: &Connection, d: crate::events::DropInfo) {
         let dir = Arc::clone(&self.current);
         let local = flow_end(c.local, dir.pod(c.local.ip()));
         let remote = flow_end(c.remote, dir.pod(c.remote.ip()));
@@ -481,6 +500,8 @@ impl Telemetry {
             drop_reason: Some(d.reason),
             direction: Some(d.direction),
             cookie: c.cookie,
+            mesh: c.security.clone(),
+            authorization: c.authorization.clone(),
             ..FlowRecord::new(
                 FlowEvent::Drop,
                 Verdict::Denied,
@@ -605,6 +626,7 @@ fn tcp_record(event: FlowEvent, c: &Connection, v: &OpenConnection, now: Now) ->
         outcome: c.outcome,
         cookie: c.cookie,
         mesh: v.mesh.clone(),
+        authorization: v.authorization.clone(),
         ..FlowRecord::at(
             now.wall,
             event,

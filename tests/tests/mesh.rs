@@ -997,6 +997,45 @@ fn plaintext_is_refused_only_where_the_policy_refuses_it() {
         .map(|s| s.value)
         .sum::<f64>();
     assert!(refusals >= 4.0, "each refusal counted: {refusals}");
+    let plain_decision = |event: &str, source: &str, reason: &str| {
+        let found = || {
+            agents[1].flows(&["--last", "300"]).iter().any(|r| {
+                r["event"] == event
+                    && r["source"]["pod"] == source
+                    && r["authorization"]["reason"] == reason
+            })
+        };
+        settled(true, found)
+    };
+    assert!(
+        plain_decision("drop", "plainsrv", "not_allowed"),
+        "the kernel's refusal names why"
+    );
+    assert!(
+        plain_decision("tcp_open", "plain", "allowed"),
+        "the accepted plaintext connection too"
+    );
+    let counted = |action: &str, policy: &str| decisions(&agents[1], action, policy);
+    assert!(
+        counted("allow", "default/from-plain") >= 2.0,
+        "plaintext decisions counted"
+    );
+    assert!(counted("deny", "") >= 2.0, "plaintext refusals counted");
+}
+
+/// `weft_authorization_decisions_total{action, policy, reporter="destination"}` on `agent`.
+fn decisions(agent: &Agent, action: &str, policy: &str) -> f64 {
+    agent
+        .metrics()
+        .into_iter()
+        .filter(|s| {
+            s.name == "weft_authorization_decisions_total"
+                && s.label("action") == Some(action)
+                && s.label("policy") == Some(policy)
+                && s.label("reporter") == Some("destination")
+        })
+        .map(|s| s.value)
+        .sum()
 }
 
 /// An ALLOW policy by principal admits one service account's pods and refuses another's;
@@ -1011,13 +1050,47 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
     );
     assert_eq!(probe(&c, "other", &target), SECRET, "no policy yet");
     let allow = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-client, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]\n";
-    apply_security(&c, &[allow]);
+    let audit = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit-all, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: AUDIT\n  rules: [{}]\n";
+    apply_security(&c, &[allow, audit]);
     let refused = settled(true, || probe(&c, "other", &target).starts_with("error"));
     assert!(refused, "another service account is refused");
     assert_eq!(
         probe(&c, "client", &target),
         SECRET,
         "the principal allowed"
+    );
+    // The server's flows name the deciding policy, and the AUDIT one beside it.
+    let decided = |event: &str, reason: &str, policy: Value, principal: &str| {
+        let found = || {
+            agents[1].flows(&["--last", "200"]).iter().any(|r| {
+                let a = &r["authorization"];
+                r["event"] == event
+                    && r["reporter"] == "destination"
+                    && a["reason"] == reason
+                    && a["by"]["policy"] == policy
+                    && a["audit"]["policy"] == "default/audit-all"
+                    && r["mesh"]["source_principal"] == principal
+            })
+        };
+        settled(true, found)
+    };
+    assert!(
+        decided(
+            "drop",
+            "not_allowed",
+            Value::Null,
+            "spiffe://cluster.local/ns/default/sa/other"
+        ),
+        "the refused stream's record"
+    );
+    assert!(
+        decided(
+            "tcp_open",
+            "allowed",
+            Value::from("default/only-client"),
+            ID
+        ),
+        "the delivered connection's record"
     );
     let check = |from: &str| {
         let (ok, v) = agents[1].client_args(&[
@@ -1071,19 +1144,7 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
         .map(|s| s.value)
         .sum();
     assert!(unauthorized >= 2.0, "refusals counted: {unauthorized}");
-    let decisions = |action: &str, policy: &str| -> f64 {
-        agents[1]
-            .metrics()
-            .into_iter()
-            .filter(|s| {
-                s.name == "weft_authorization_decisions_total"
-                    && s.label("action") == Some(action)
-                    && s.label("policy") == Some(policy)
-                    && s.label("reporter") == Some("destination")
-            })
-            .map(|s| s.value)
-            .sum()
-    };
+    let decisions = |action: &str, policy: &str| decisions(&agents[1], action, policy);
     assert!(
         decisions("allow", "default/only-client") >= 1.0,
         "the ALLOW that decided"
@@ -1096,6 +1157,118 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
         decisions("deny", "") >= 1.0,
         "no ALLOW matching: no policy named"
     );
+}
+
+/// A policy change never refuses, even for an instant, what both the old and the new policy
+/// allow: while the policy flips between two versions that both admit the meshed client (by
+/// principal) and the plaintext pod (by address block, with a plaintext table that changes
+/// each time), every one of their connections is served.
+#[test]
+fn a_policy_change_never_refuses_what_both_versions_allow() {
+    let (c, _ca, agents, _server, target) = serving("authz_flip");
+    let (plain, plainsrv) = (c.pod("plain").1.ipv4, c.pod("plainsrv").1.ipv4);
+    let version = |principal: &str, blocks: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: flip, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: server}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/default/sa/default, cluster.local/ns/default/sa/{principal}]}}}}]\n  - from: [{{source: {{ipBlocks: [{blocks}]}}}}]\n"
+        )
+    };
+    let versions = [
+        version("other", &format!("{plain}/32")),
+        version("neighbor", &format!("{plain}/32, {plainsrv}/32")),
+    ];
+    apply_security(&c, &[&versions[0]]);
+    let refused = settled(true, || probe(&c, "plainsrv", &target).starts_with("error"));
+    assert!(refused, "the first version is in force");
+    // A refused plaintext SYN is retransmitted and may pass a second later: refusals are
+    // counted, not only failed connections.
+    let refusals = || {
+        agents[1]
+            .metrics()
+            .into_iter()
+            .filter(|s| {
+                (s.name == "weft_dropped_flows_total" && s.label("reason") == Some("authorization"))
+                    || (s.name == "weft_mesh_streams_refused_total"
+                        && s.label("reason") == Some("unauthorized"))
+            })
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before = refusals();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let flips = std::thread::scope(|s| {
+        // About as long each: a plaintext connection costs a fraction of a meshed one.
+        for (pod, count) in [("client", 600), ("plain", 4000)] {
+            let (c, target, done) = (&c, &target, &done);
+            s.spawn(move || {
+                let counts = c.pod(pod).0.spray(pod, target, count);
+                assert_eq!(counts, [(SECRET.to_owned(), count)].into(), "{pod}");
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        let mut flips = 0usize;
+        while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            flips += 1;
+            apply_security(&c, &[&versions[flips % 2]]);
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        flips
+    });
+    assert!(flips >= 10, "the policy changed {flips} times meanwhile");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(refusals(), before, "nothing refused meanwhile");
+    let syncs = agents[1]
+        .metrics()
+        .into_iter()
+        .find(|s| s.name == "weft_bpf_map_entries" && s.label("map_name") == Some("AUTHZ"))
+        .map(|s| s.value);
+    assert!(
+        syncs.is_some_and(|n| n > 0.0),
+        "plaintext tables held: {syncs:?}"
+    );
+}
+
+/// NetworkPolicy and AuthorizationPolicy together: a connection passes only when both allow
+/// it. The NetworkPolicy admits `client` and `neighbor`, the AuthorizationPolicy the
+/// principals of `client` and `other`: only `client` is served; `other` (admitted by
+/// principal) is refused by the NetworkPolicy on its real address, `neighbor` (admitted by
+/// address, same node) by its principal, and the plaintext pod by both.
+#[test]
+fn network_and_authorization_policies_must_both_allow() {
+    let (c, _ca, agents, _server, target) = serving_with("authz_np", &["other"]);
+    wait_meshed(
+        &agents[0],
+        "spiffe://cluster.local/ns/default/sa/other",
+        "default/other",
+    );
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server-in, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchExpressions: [{key: app, operator: In, values: [client, neighbor]}]}\n";
+    let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-principal, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/default, cluster.local/ns/default/sa/other]}}]\n";
+    // Each alone first: which layer admits whom.
+    c.write_source("np.yaml", np);
+    let other = settled(true, || probe(&c, "other", &target).starts_with("error"));
+    assert!(other, "the NetworkPolicy alone refuses other");
+    assert_eq!(
+        probe(&c, "neighbor", &target),
+        SECRET,
+        "and admits neighbor"
+    );
+    c.write_source("np.yaml", "");
+    apply_security(&c, &[ap]);
+    let refused = settled(true, || probe(&c, "neighbor", &target).starts_with("error"));
+    assert!(refused, "the AuthorizationPolicy alone refuses neighbor");
+    assert_eq!(probe(&c, "other", &target), SECRET, "and admits other");
+    c.write_source("np.yaml", np);
+    let refused = settled(true, || probe(&c, "other", &target).starts_with("error"));
+    assert!(refused, "admitted by principal, refused by address");
+    let refused = probe(&c, "neighbor", &target);
+    assert!(
+        refused.starts_with("error"),
+        "admitted by address, refused by principal: {refused}"
+    );
+    let plain = probe(&c, "plain", &target);
+    assert!(plain.starts_with("error"), "refused by both: {plain}");
+    assert_eq!(probe(&c, "client", &target), SECRET, "admitted by both");
 }
 
 /// A meshed pod of the same node reaches a pod whose policy depends on who calls through the

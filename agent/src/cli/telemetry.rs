@@ -100,6 +100,16 @@ pub fn flow_line(r: &FlowRecord) -> String {
             m.source_principal, m.destination_principal
         );
     }
+    if let Some(a) = &r.authorization {
+        let verdict = if a.allowed { "allowed" } else { "denied" };
+        let _ = write!(via, " authz {verdict} ({})", a.reason.as_str());
+        if let Some(by) = &a.by {
+            let _ = write!(via, " by {}[{}]", by.policy, by.rule);
+        }
+        if let Some(audit) = &a.audit {
+            let _ = write!(via, " audit {}[{}]", audit.policy, audit.rule);
+        }
+    }
     let mut detail = String::new();
     if r.event != FlowEvent::Drop && r.event != FlowEvent::TcpOpen {
         let _ = write!(

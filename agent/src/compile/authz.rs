@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use self::{
     mtls::{Modes, Tls},
-    rules::{Peer, Reading, Rule},
+    rules::{Peer, Reading, Rule, View},
 };
 use crate::{
     compile::policy::{PlaintextTable, selector::Labels},
@@ -61,8 +61,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The index of the first rule that matches `peer`.
-    fn first_match(&self, peer: &Peer) -> Option<usize> {
+    /// The index of the first rule that matches the peer `view` shows.
+    fn first_match(&self, view: &View<'_>) -> Option<usize> {
         // What a rule cannot know: an ALLOW rule reads it as matching less, the others as
         // matching more.
         let reading = if self.action == Action::Allow {
@@ -70,7 +70,7 @@ impl Policy {
         } else {
             Reading::Broad
         };
-        self.rules.iter().position(|r| r.matches(peer, reading))
+        self.rules.iter().position(|r| r.matches(view, reading))
     }
 }
 
@@ -312,7 +312,9 @@ pub struct Connection<'a> {
 }
 
 /// Why a connection was allowed or denied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// No ALLOW policy applies and nothing denied.
@@ -343,14 +345,14 @@ impl Reason {
 }
 
 /// A policy's rule: `namespace/name` and the index in `spec.rules`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RuleAt {
     pub policy: String,
     pub rule: usize,
 }
 
 /// The decision for a connection and what reached it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Decision {
     pub allowed: bool,
     pub reason: Reason,
@@ -371,12 +373,13 @@ pub fn decide(w: &Workload, c: &Connection) -> Decision {
         destination: c.destination.to_canonical(),
         port: c.port,
     };
+    let view = View::of(&peer);
     let matching = |action: Action| {
         w.policies
             .iter()
             .filter(move |p| p.action == action)
             .find_map(|p| {
-                p.first_match(&peer).map(|rule| RuleAt {
+                p.first_match(&view).map(|rule| RuleAt {
                     policy: p.name.clone(),
                     rule,
                 })
@@ -408,7 +411,7 @@ pub fn decide(w: &Workload, c: &Connection) -> Decision {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// What `weft authz check` answers: the decision for a new TCP connection between two pods,
 /// on the store's policies.

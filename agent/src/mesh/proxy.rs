@@ -35,7 +35,8 @@ use super::{
     tls::Credentials,
 };
 use crate::{
-    compile::authz::{self, Authz, Connection},
+    compile::authz::{self, Connection},
+    events::Transport,
     identity::SpiffeId,
 };
 
@@ -95,15 +96,9 @@ pub struct Shared {
     /// Addresses of this node's pods: a tunnel never carries a connection from one (they
     /// are never tunnelled), so a stream naming one as its source is forged.
     pub local: RwLock<Arc<std::collections::BTreeSet<IpAddr>>>,
-    /// Istio's security policy for the pods served, as the last pass compiled it: every
-    /// stream is decided on it before its target is connected.
-    pub authz: RwLock<Arc<Authz>>,
     /// Every pod served, with its namespace: a captured connection to one of them is
     /// delivered on the node.
     pods: RwLock<BTreeMap<String, ServedPod>>,
-    /// Which served pod (`namespace/name`) holds each address: one a terminating pod or
-    /// several pods claim is nobody's to deliver to.
-    pub holders: RwLock<Arc<BTreeMap<IpAddr, String>>>,
     /// TLS handshakes in progress on the inbound listeners.
     handshakes: Arc<tokio::sync::Semaphore>,
     /// Set once the listeners are to close (a successor listens); connections go on.
@@ -186,16 +181,14 @@ impl Shared {
     ) -> Self {
         Self {
             creds: RwLock::new(creds),
-            carried: Arc::default(),
+            carried: Arc::new(Carried::new(metrics.clone())),
             orig: Mutex::new(orig),
             pool: Pool::new(node),
             metrics,
             host_proc: host.0,
             host_cookie: host.1,
             local: RwLock::default(),
-            authz: RwLock::default(),
             pods: RwLock::default(),
-            holders: RwLock::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -218,29 +211,32 @@ impl Shared {
 
     /// The served pod that holds address `ip`, and its namespace.
     fn served_at(&self, ip: IpAddr) -> Option<ServedPod> {
-        let holder = self
-            .holders
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-            .cloned()?;
+        let holder = self.carried.holder(ip)?;
         let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
         pods.get(&holder)
             .map(|(p, n)| (Arc::clone(p), Arc::clone(n)))
     }
 
     /// Decides a connection to served pod `pod` on its security policy and counts the
-    /// decision; a refusal is counted too.
-    fn authorized(&self, pod: &str, c: &Connection<'_>) -> Result<(), Refusal> {
-        let authz = Arc::clone(&self.authz.read().unwrap_or_else(|e| e.into_inner()));
-        let decision = authorize(&authz, pod, c);
+    /// decision; a refusal is counted too, and recorded for the flows (carried by
+    /// `transport`; the caller's port is not known here).
+    fn authorized(
+        &self,
+        pod: &str,
+        c: &Connection<'_>,
+        transport: Transport,
+    ) -> Result<authz::Decision, Refusal> {
+        let decision = self.carried.decide(pod, c);
         if let Some(d) = &decision {
             self.metrics.authorization(d);
         }
-        if decision.is_some_and(|d| d.allowed) {
-            return Ok(());
+        if let Some(d) = decision.clone().filter(|d| d.allowed) {
+            return Ok(d);
         }
         tracing::debug!(target: "weft::mesh", pod, peer = ?c.identity.map(ToString::to_string), source = %c.source, "refused by the pod's authorization policy");
+        let server = SocketAddr::new(c.destination, c.port);
+        self.carried
+            .refused(SocketAddr::new(c.source, 0), server, transport, decision);
         Err(Refusal::Unauthorized)
     }
 
@@ -609,8 +605,8 @@ async fn on_node(
         destination: target.ip(),
         port: target.port(),
     };
-    let delivered = match shared.authorized(&to.pod, &c) {
-        Ok(()) => connect_delivery(shared, &to, &netns, source, target).await,
+    let delivered = match shared.authorized(&to.pod, &c, Transport::Local) {
+        Ok(d) => connect_delivery(shared, &to, &netns, (source, target), d).await,
         Err(r) => Err(r),
     };
     match delivered {
@@ -707,15 +703,6 @@ pub fn admissible(
     Ok(source)
 }
 
-/// Decides a stream to `pod` on its security policy, with the peer's verified identity.
-/// `None` for a pod the last pass compiled nothing for: the policy in force is unknown, and
-/// the stream is refused.
-pub fn authorize(authz: &Authz, pod: &str, c: &Connection<'_>) -> Option<authz::Decision> {
-    let (ns, name) = pod.split_once('/')?;
-    let workload = authz.workloads.get(&(ns.to_owned(), name.to_owned()))?;
-    Some(authz::decide(workload, c))
-}
-
 /// A stream to this pod, from inside its namespace, with the client pod's address.
 async fn deliver(
     shared: &Shared,
@@ -734,17 +721,18 @@ async fn deliver(
         destination: inbound.target.ip(),
         port: inbound.target.port(),
     };
-    shared.authorized(&pod.pod, &c)?;
-    connect_delivery(shared, pod, netns, source, inbound.target).await
+    let d = shared.authorized(&pod.pod, &c, Transport::Tunnel)?;
+    connect_delivery(shared, pod, netns, (source, inbound.target), d).await
 }
 
-/// Connects `target` from inside `pod`'s namespace with address `source`.
+/// Connects `target` from inside `pod`'s namespace with address `source`, and tells
+/// telemetry the `decision` it was delivered on.
 async fn connect_delivery(
     shared: &Shared,
     pod: &MeshedPod,
     netns: &Netns,
-    source: IpAddr,
-    target: SocketAddr,
+    (source, target): (IpAddr, SocketAddr),
+    decision: authz::Decision,
 ) -> Result<Delivered, Refusal> {
     let socket = netns.delivery(source).await.map_err(|e| {
         tracing::warn!(target: "weft::mesh", pod = pod.pod, error = %e, "cannot make a delivery socket");
@@ -752,6 +740,7 @@ async fn connect_delivery(
     })?;
     let socket = TcpSocket::from_std_stream(socket);
     let active = Active::new(&shared.active);
+    shared.carried.delivered(source, target, decision);
     match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(target)).await {
         Ok(Ok(stream)) => Ok(Delivered {
             stream,

@@ -75,6 +75,9 @@ pub struct PolicyStatus {
     /// Every pod with an address, by `namespace/name`.
     #[serde(skip)]
     pub pods: BTreeMap<String, PodAddress>,
+    /// The node's own addresses (what the kernel exempts as the node's).
+    #[serde(skip)]
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// Where the node's own addresses come from.
@@ -358,6 +361,7 @@ impl<M: PolicyMaps> PolicyStage<M> {
             ipcache_entries: ipcache,
             policy_entries: entries,
             rules: policies.rules.clone(),
+            node_ips: self.host_ips.clone(),
         }
     }
 }

@@ -173,6 +173,10 @@ pub struct FlowRecord {
     /// Carried by the mesh (mutual TLS): both ends' verified identities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<crate::events::Security>,
+    /// Reported by a meshed pod's end: what its security policy decided, the deciding
+    /// policy and rule, and an AUDIT rule that matched (it changes nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<crate::compile::authz::Decision>,
 }
 
 impl FlowRecord {
@@ -227,6 +231,7 @@ impl FlowRecord {
             direction: None,
             cookie: 0,
             mesh: None,
+            authorization: None,
         }
     }
 }

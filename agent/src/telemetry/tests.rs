@@ -98,6 +98,7 @@ fn event(kind: ConnEventKindName, sent: u64, received: u64) -> Connection {
         mesh_netns: 0,
         delivered: false,
         security: None,
+        authorization: None,
     }
 }
 

@@ -8,9 +8,17 @@
 //! - 64 B request/response over 8 open connections;
 //! - bulk: 64 KiB each way per exchange over one connection;
 //! - a meshed pod's connections to a non-meshed pod against the non-meshed pod's own (what
-//!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect).
+//!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect);
+//! - authorization: the meshed client's new connections to `guarded`, which 1 000
+//!   AuthorizationPolicies select (999 DENY by other principals and the ALLOW that admits
+//!   the client: a decision taken afresh checks every one; the pod's policy remembers it
+//!   for the same caller and port until the next pass), against its connections to
+//!   `server`, which no policy selects: two pods of the same node with the same server on
+//!   the same CPU.
 //!
-//! Then the agents' CPU per 1 000 requests/s of 1 KiB (both agents, meshed and plaintext),
+//! Then how soon a change of one policy among the 1 000 takes effect for new connections
+//! (a DENY of the client's principal on `guarded` put in and taken out), the agents' CPU per
+//! 1 000 requests/s of 1 KiB (both agents, meshed and plaintext),
 //! their resident memory with the mesh and without (at idle, fresh agents), and the time a
 //! killed client-side agent's successor takes to carry meshed connections again.
 use std::{
@@ -34,6 +42,14 @@ const PORT_64K: u16 = 8165;
 /// The client's target before and after the mesh: p50 within plaintext + this.
 const CONNECT_BUDGET_US: f64 = 80.0;
 const ESTABLISHED_BUDGET_US: f64 = 40.0;
+/// AuthorizationPolicies selecting `guarded`.
+const POLICIES: usize = 1000;
+/// Their cost to a new meshed connection: p50 within this ratio of none.
+const AUTHZ_BUDGET_RATIO: f64 = 1.05;
+/// A policy change takes effect for new connections within this (p99).
+const CHANGE_BUDGET_MS: f64 = 100.0;
+/// Policy changes measured (half refusing the client, half admitting it again).
+const CHANGES: usize = 40;
 
 #[derive(Debug, Default, Serialize)]
 struct Side {
@@ -161,6 +177,9 @@ pub struct MeshResult {
     workloads: Vec<Compared>,
     cpu: Cpu,
     memory: Memory,
+    /// From writing a changed policy to the client's new connections taking it, per change
+    /// (ms): the flip client tries every millisecond.
+    authz_change_ms: Vec<f64>,
     /// A killed client-side agent's successor: ms from its spawn to the first meshed
     /// connection carried, per try (tried while it starts; it reports ready later, after
     /// the kernel verified its programs). A meshed connect while no agent listens is
@@ -179,6 +198,7 @@ impl MeshResult {
             Some(ESTABLISHED_BUDGET_US),
             None,
             None,
+            None,
         ];
         for (w, budget) in self.workloads.iter().zip(budgets) {
             w.print(budget);
@@ -192,6 +212,36 @@ impl MeshResult {
                 "met"
             } else if bulk.median >= 0.5 {
                 "median met, not every round"
+            } else {
+                "MISSED"
+            }
+        );
+        let authz = &self.workloads[4].p50_ratio;
+        println!(
+            "{:<30} p50 with {POLICIES} policies / none {} (target ≤ {AUTHZ_BUDGET_RATIO}: {})",
+            "",
+            authz.verdict,
+            if !authz.measurable {
+                "no measurable difference"
+            } else if authz.max <= AUTHZ_BUDGET_RATIO {
+                "met"
+            } else if authz.median <= AUTHZ_BUDGET_RATIO {
+                "median met, not every round"
+            } else {
+                "MISSED"
+            }
+        );
+        let mut change = self.authz_change_ms.clone();
+        change.sort_by(f64::total_cmp);
+        let max = change.last().copied().unwrap_or(f64::NAN);
+        println!(
+            "{:<30} {} changes: p50 {:.1} ms, max {:.1} ms (≥ p99) from just before the file's write to new connections taking it (target p99 ≤ {CHANGE_BUDGET_MS} ms: {})",
+            "authorization change",
+            change.len(),
+            median(&change),
+            max,
+            if max <= CHANGE_BUDGET_MS {
+                "met"
             } else {
                 "MISSED"
             }
@@ -227,14 +277,16 @@ impl MeshResult {
     }
 }
 
-/// `client` and `plain` on node a, `server` and `plainsrv` on node b; `client` and `server`
-/// meshed when `meshed`.
-fn source(c: &Cluster, meshed: bool) -> String {
+/// `client` and `plain` on node a, `server`, `guarded` and `plainsrv` on node b; `client`,
+/// `server` and `guarded` meshed when `meshed`, with [`POLICIES`] AuthorizationPolicies
+/// selecting `guarded` when `policies`.
+fn source(c: &Cluster, meshed: bool, policies: bool) -> String {
     let mut docs = Vec::new();
     for (pod, in_mesh) in [
         ("client", true),
         ("plain", false),
         ("server", true),
+        ("guarded", true),
         ("plainsrv", false),
     ] {
         let mut labels = vec![("app", pod)];
@@ -242,13 +294,32 @@ fn source(c: &Cluster, meshed: bool) -> String {
             labels.push(("weft.io/mesh", "enabled"));
         }
         let doc = k8s::pod(c.pod(pod).1, "bench", &labels, &[], true);
-        docs.push(if pod == "server" {
-            doc.replace("spec:\n", "spec:\n  serviceAccountName: server\n")
+        docs.push(if pod == "server" || pod == "guarded" {
+            doc.replace("spec:\n", &format!("spec:\n  serviceAccountName: {pod}\n"))
         } else {
             doc
         });
     }
+    if policies {
+        docs.extend(guarding_policies());
+    }
     k8s::file(&docs)
+}
+
+/// [`POLICIES`] AuthorizationPolicies selecting `guarded`: DENY by principals no pod has,
+/// then the ALLOW of the client's (service account `default`). A decision taken afresh
+/// checks every one.
+fn guarding_policies() -> Vec<String> {
+    let policy = |name: String, action: &str, principal: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  selector: {{matchLabels: {{app: guarded}}}}\n  action: {action}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/bench/sa/{principal}]}}}}]\n"
+        )
+    };
+    let mut out: Vec<String> = (1..POLICIES)
+        .map(|i| policy(format!("deny-{i}"), "DENY", &format!("nobody-{i}")))
+        .collect();
+    out.push(policy("allow-client".to_owned(), "ALLOW", "default"));
+    out
 }
 
 fn agent(bins: &Path, c: &Cluster, pin: &Pinning, node: &str, ca: Option<&Path>) -> Result<Agent> {
@@ -291,6 +362,22 @@ fn wait_meshed(agent: &Agent, pod: &str) -> Result<()> {
     }
 }
 
+/// Waits until `agent` lists the [`POLICIES`] policies.
+fn wait_policies(agent: &Agent) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = agent.client("authz");
+        let listed = v["policies"].as_array().map_or(0, Vec::len);
+        if listed >= POLICIES {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{listed} policies in force after 60 s, not {POLICIES}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The keep-alive servers of `pod`, one per size, on the server CPU.
 fn servers(node: &Node, pod: &str, pin: &Pinning, sizes: &[(usize, u16)]) -> Vec<Process> {
     sizes
@@ -303,7 +390,7 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
     let c = Cluster::builder("xtask-bench-mesh")
         .pod_tool(&bins.join("weft-pod"))
         .node("a", &["client", "plain"])
-        .node("b", &["server", "plainsrv"])
+        .node("b", &["server", "guarded", "plainsrv"])
         .build();
     let ca = c.source_dir().with_file_name("ca");
     let _ = std::fs::remove_dir_all(&ca);
@@ -315,22 +402,28 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
         bail!("weft ca init: {}", String::from_utf8_lossy(&made.stderr));
     }
     // Fresh agents without the mesh first: their memory is the baseline.
-    c.write_source("pods.yaml", &source(&c, false));
+    c.write_source("pods.yaml", &source(&c, false, false));
     let without_mesh_kib = idle_memory(bins, &c, pin, None)?;
-    c.write_source("pods.yaml", &source(&c, true));
+    c.write_source("pods.yaml", &source(&c, true, false));
     let mut agents = [
         agent(bins, &c, pin, "a", Some(&ca))?,
         agent(bins, &c, pin, "b", Some(&ca))?,
     ];
     wait_meshed(&agents[0], "bench/client")?;
     wait_meshed(&agents[1], "bench/server")?;
+    wait_meshed(&agents[1], "bench/guarded")?;
     std::thread::sleep(Duration::from_secs(2));
     let with_mesh_kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
+    // The policies after the idle figure: it is the mesh's alone.
+    c.write_source("pods.yaml", &source(&c, true, true));
+    wait_policies(&agents[1])?;
     let server_node = c.pod("server").0;
     let sizes = [(64, PORT_64), (1024, PORT_1K), (65_536, PORT_64K)];
     let _servers = servers(server_node, "server", pin, &sizes);
     let _plain = servers(server_node, "plainsrv", pin, &sizes[..1]);
+    let _guarded = servers(server_node, "guarded", pin, &sizes[..1]);
     let workloads = workloads(&c, pin, rounds)?;
+    let authz_change_ms = authz_change(&c, pin)?;
     let cpu = cpu(&c, pin, rounds, &agents)?;
     std::thread::sleep(Duration::from_secs(2));
     let with_mesh_after_load_kib = [rss_kib(agents[0].pid())?, rss_kib(agents[1].pid())?];
@@ -346,8 +439,57 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
             with_mesh_after_load_kib,
             without_mesh_kib,
         },
+        authz_change_ms,
         restart_to_first_meshed_ms,
     })
+}
+
+/// The toggled policy: a DENY on `guarded` of the principal `sa`.
+fn toggled(sa: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: toggled, namespace: bench}}\nspec:\n  selector: {{matchLabels: {{app: guarded}}}}\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/bench/sa/{sa}]}}}}]\n"
+    )
+}
+
+/// [`CHANGES`] times: the toggled policy denies the client, then someone else; a `flip`
+/// client in the client pod, told as each file is written, reports when its connections to
+/// `guarded` changed outcome.
+fn authz_change(c: &Cluster, pin: &Pinning) -> Result<Vec<f64>> {
+    c.write_source("toggled.yaml", &toggled("nobody"));
+    std::thread::sleep(Duration::from_secs(1));
+    let target = format!("{}:{}", c.pod("guarded").1.ipv4, PORT_64);
+    let args = pin.client(&["flip", "--connect", &target]);
+    let (name, command) = c.pod("client").0.pod_command("client", true, &args);
+    let mut flip = Process::spawn_interactive(&name, command);
+    let mut out = Vec::new();
+    for i in 0..CHANGES {
+        let refuse = i % 2 == 0;
+        let (sa, want) = if refuse {
+            ("default", "refused")
+        } else {
+            ("nobody", "served")
+        };
+        // Told first: the time counts from before the write.
+        flip.try_send_line(want)?;
+        c.write_source("toggled.yaml", &toggled(sa));
+        let v = flip.stdout().wait_for(
+            &format!("policy change {}", i + 1),
+            Duration::from_secs(10),
+            |lines| {
+                lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter(|v| v["event"] == "flipped" || v["event"] == "timeout")
+                    .nth(i)
+            },
+        );
+        match v["ms"].as_f64() {
+            Some(ms) => out.push(ms),
+            None => bail!("policy change {}: not in force after 5 s ({v})", i + 1),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(out)
 }
 
 /// Resident memory of fresh, idle agents of both nodes (stopped after).
@@ -378,7 +520,7 @@ type Spec = (
     u64,
 );
 
-const WORKLOADS: [Spec; 4] = [
+const WORKLOADS: [Spec; 5] = [
     (
         "connect + 64 B + close",
         ["meshed", "plaintext"],
@@ -412,6 +554,17 @@ const WORKLOADS: [Spec; 4] = [
         [
             ("client", "plainsrv", PORT_64),
             ("plain", "plainsrv", PORT_64),
+        ],
+        &["--size", "64"],
+        2_000,
+        100,
+    ),
+    (
+        "connect, 1 000 AuthzPolicies",
+        ["1 000 policies", "none"],
+        [
+            ("client", "guarded", PORT_64),
+            ("client", "server", PORT_64),
         ],
         &["--size", "64"],
         2_000,

@@ -290,13 +290,13 @@ impl Rule {
         }
     }
 
-    /// Whether the rule matches `peer`, reading what it cannot know by `reading`.
-    pub fn matches(&self, peer: &Peer, reading: Reading) -> bool {
+    /// Whether the rule matches the peer `view` shows, reading what it cannot know by
+    /// `reading`.
+    pub fn matches(&self, view: &View<'_>, reading: Reading) -> bool {
         if !self.http.is_empty() && reading == Reading::Narrow {
             return false;
         }
-        let view = View::of(peer);
-        let port = |p: &u16, _: Reading| *p == peer.port;
+        let port = |p: &u16, _: Reading| *p == view.peer.port;
         self.from
             .as_ref()
             .is_none_or(|f| f.iter().any(|f| view.from(f, reading)))
@@ -378,9 +378,11 @@ fn operation_http(op: &Operation) -> Vec<String> {
 /// The trust domain `cluster.local` in a principal stands for the mesh's own.
 const ALIAS: &str = "cluster.local";
 
-/// The peer's attributes as policies name them. A plaintext peer has no principal, namespace,
-/// trust domain or service account: no value matches them, not even `*`.
-struct View<'a> {
+/// The peer's attributes as policies name them (made once per decision: its principals are
+/// formatted strings). A plaintext peer has no principal, namespace, trust domain or service
+/// account: no value matches them, not even `*`.
+#[derive(Debug)]
+pub struct View<'a> {
     peer: &'a Peer<'a>,
     /// `<trust domain>/ns/<namespace>/sa/<account>` (the SPIFFE ID without `spiffe://`), and
     /// the same under [`ALIAS`].
@@ -388,7 +390,7 @@ struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    fn of(peer: &'a Peer<'a>) -> Self {
+    pub fn of(peer: &'a Peer<'a>) -> Self {
         let mut principals = Vec::new();
         if let Some(id) = peer.identity {
             let path = format!("/ns/{}/sa/{}", id.namespace, id.service_account);

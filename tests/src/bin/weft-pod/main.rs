@@ -173,6 +173,20 @@ enum Cmd {
         #[arg(long = "udp")]
         udp: Vec<u16>,
     },
+    /// Measures how soon a change takes effect: for every line on stdin (`served` or
+    /// `refused`), exchanges --size bytes with --connect (an rr-server) every --every-ms
+    /// until the outcome is that one, then prints `{"event": "flipped", "ms": ...}` (from the
+    /// line's arrival; `{"event": "timeout"}` after --timeout-ms).
+    Flip {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        every_ms: u64,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Probe every target at once (`tcp:IP:PORT` or `udp:IP:PORT`; `tcp-dstopts:[IPv6]:PORT`
     /// sends its packets with a 520-byte destination options header, longer than the
     /// datapath parses): the name the server answered, or why not. One JSON line with every
@@ -475,6 +489,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
             Duration::from_millis(timeout_ms),
         ),
         Cmd::UdpPair { to, rounds } => udp_pair(&to, rounds),
+        Cmd::Flip {
+            connect,
+            size,
+            every_ms,
+            timeout_ms,
+        } => flip(
+            connect,
+            size,
+            Duration::from_millis(every_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::UdpResolver {
             connect,
             seconds,
@@ -1284,6 +1309,70 @@ fn udp_client(
             "{echoed} of {count} echoed, {wrong_source} from another address than {connect}"
         ))
     }
+}
+
+/// See `Cmd::Flip`. The outcome must be seen twice in a row (a transient failure is not a
+/// refusal); the time is that of the first of the two.
+fn flip(
+    connect: SocketAddr,
+    size: usize,
+    every: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    for line in std::io::stdin().lines() {
+        let line = line.map_err(|e| format!("stdin: {e}"))?;
+        let want = match line.trim() {
+            "served" => true,
+            "refused" => false,
+            other => return Err(format!("unknown order {other:?}")),
+        };
+        let started = Instant::now();
+        let (mut attempts, mut first_seen) = (0u64, None::<Duration>);
+        loop {
+            attempts += 1;
+            let at = started.elapsed();
+            if exchanged(connect, size) == want {
+                if let Some(first) = first_seen {
+                    let ms = first.as_secs_f64() * 1000.0;
+                    emit(&json!({"event": "flipped", "ms": ms, "attempts": attempts}));
+                    break;
+                }
+                first_seen = Some(at);
+            } else {
+                first_seen = None;
+            }
+            if started.elapsed() > timeout {
+                emit(&json!({"event": "timeout", "attempts": attempts}));
+                break;
+            }
+            std::thread::sleep(every);
+        }
+    }
+    Ok(())
+}
+
+/// Whether one connection to `connect` exchanged `size` bytes each way within a second (a
+/// meshed client's connect is accepted by its node's proxy at once: only the reply tells it
+/// was served).
+fn exchanged(connect: SocketAddr, size: usize) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&connect, Duration::from_secs(1)) else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut ok = s.write_all(&vec![7u8; size]).is_ok();
+    let mut got = 0;
+    let mut reply = vec![0u8; size];
+    while ok && got < size {
+        // A read timeout ends it (read_full would retry it).
+        match s.read(&mut reply[got..]) {
+            Ok(0) | Err(_) => ok = false,
+            Ok(n) => got += n,
+        }
+        ok &= Instant::now() < deadline;
+    }
+    let _ = abort_on_close(&s);
+    ok
 }
 
 fn udp_pair(to: &[SocketAddr], rounds: u32) -> Result<(), String> {
