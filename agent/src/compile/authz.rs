@@ -61,16 +61,31 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The index of the first rule that matches the peer `view` shows.
-    fn first_match(&self, view: &View<'_>) -> Option<usize> {
-        // What a rule cannot know: an ALLOW rule reads it as matching less, the others as
-        // matching more.
-        let reading = if self.action == Action::Allow {
+    /// What a rule cannot know: an ALLOW rule reads it as matching less, the others as
+    /// matching more.
+    fn reading(&self) -> Reading {
+        if self.action == Action::Allow {
             Reading::Narrow
         } else {
             Reading::Broad
-        };
+        }
+    }
+
+    /// The index of the first rule that matches the peer `view` shows.
+    fn first_match(&self, view: &View<'_>) -> Option<usize> {
+        let reading = self.reading();
         self.rules.iter().position(|r| r.matches(view, reading))
+    }
+
+    /// The keys (an exact principal or namespace) one of which a peer must have for some
+    /// rule to match (None: a peer without may match).
+    fn required_keys(&self) -> Option<Vec<String>> {
+        let reading = self.reading();
+        let mut out = Vec::new();
+        for r in &self.rules {
+            out.extend(r.required_keys(reading)?);
+        }
+        Some(out)
     }
 }
 
@@ -80,6 +95,51 @@ pub struct Workload {
     pub mtls: Modes,
     /// By name.
     pub policies: Vec<Arc<Policy>>,
+    /// Which policies a peer may match, by its principal (None: all are tried).
+    #[serde(skip)]
+    pub index: Option<PrincipalIndex>,
+}
+
+/// The policies of a workload by the exact principals or namespaces their callers must
+/// have: with many policies naming callers so, a decision tries only those that name the
+/// peer's (and the others).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrincipalIndex {
+    /// Positions in `Workload::policies` of the policies requiring each key.
+    by_key: std::collections::HashMap<String, Vec<usize>>,
+    /// Positions of the policies any peer may match.
+    unindexed: Vec<usize>,
+}
+
+impl PrincipalIndex {
+    pub fn of(policies: &[Arc<Policy>]) -> Self {
+        let mut out = Self::default();
+        for (i, p) in policies.iter().enumerate() {
+            match p.required_keys() {
+                Some(keys) => {
+                    for k in keys {
+                        let at = out.by_key.entry(k).or_default();
+                        if at.last() != Some(&i) {
+                            at.push(i);
+                        }
+                    }
+                }
+                None => out.unindexed.push(i),
+            }
+        }
+        out
+    }
+
+    /// The positions of the policies the peer `view` shows may match, in order.
+    fn candidates(&self, view: &View<'_>) -> Vec<usize> {
+        let mut out = self.unindexed.clone();
+        for k in view.keys() {
+            out.extend(self.by_key.get(&k).into_iter().flatten());
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// The compiled security state of the pods compiled for.
@@ -143,6 +203,7 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
         let mut workload = Workload {
             mtls: mtls::modes(&store.peer_authentications, root, w, &mut out.problems),
             policies: Vec::new(),
+            index: None,
         };
         for (ns, ap, p) in &policies {
             if applies(ap, ns, root, w) {
@@ -161,6 +222,7 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
             };
         }
         workload.policies.extend(deny_all.clone());
+        workload.index = Some(PrincipalIndex::of(&workload.policies));
         out.workloads.insert(key.clone(), workload);
     }
     root_selectors(store, root, &mut out.problems);
@@ -374,8 +436,16 @@ pub fn decide(w: &Workload, c: &Connection) -> Decision {
         port: c.port,
     };
     let view = View::of(&peer);
+    let candidates: Vec<&Arc<Policy>> = match &w.index {
+        Some(index) => index
+            .candidates(&view)
+            .into_iter()
+            .filter_map(|i| w.policies.get(i))
+            .collect(),
+        None => w.policies.iter().collect(),
+    };
     let matching = |action: Action| {
-        w.policies
+        candidates
             .iter()
             .filter(move |p| p.action == action)
             .find_map(|p| {

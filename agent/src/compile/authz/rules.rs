@@ -290,6 +290,23 @@ impl Rule {
         }
     }
 
+    /// The keys ([`View::keys`]: an exact principal or namespace) one of which a peer must
+    /// have for the rule to match under `reading` (empty: it matches none); None when a
+    /// peer without any of them may match.
+    pub fn required_keys(&self, reading: Reading) -> Option<Vec<String>> {
+        if !self.http.is_empty() && reading == Reading::Narrow {
+            return Some(Vec::new());
+        }
+        let mut out = Vec::new();
+        for f in self.from.as_ref()? {
+            out.extend(
+                exact(&f.principals, PRINCIPAL_KEY)
+                    .or_else(|| exact(&f.namespaces, NAMESPACE_KEY))?,
+            );
+        }
+        Some(out)
+    }
+
     /// Whether the rule matches the peer `view` shows, reading what it cannot know by
     /// `reading`.
     pub fn matches(&self, view: &View<'_>, reading: Reading) -> bool {
@@ -375,6 +392,25 @@ fn operation_http(op: &Operation) -> Vec<String> {
     .collect()
 }
 
+/// Key prefixes of [`Rule::required_keys`] and [`View::keys`].
+const PRINCIPAL_KEY: &str = "principal:";
+const NAMESPACE_KEY: &str = "namespace:";
+
+/// The values of `set`, as keys with `prefix`, when a value must match one of them exactly
+/// (given, all exact, none unreadable); None otherwise.
+fn exact(set: &Set<Text>, prefix: &str) -> Option<Vec<String>> {
+    if set.any.is_empty() || set.unreadable_any {
+        return None;
+    }
+    set.any
+        .iter()
+        .map(|t| match t {
+            Text::Exact(e) => Some(format!("{prefix}{e}")),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The trust domain `cluster.local` in a principal stands for the mesh's own.
 const ALIAS: &str = "cluster.local";
 
@@ -400,6 +436,20 @@ impl<'a> View<'a> {
             }
         }
         Self { peer, principals }
+    }
+
+    /// What the peer has that [`Rule::required_keys`] names: its principals and its
+    /// namespace (none for plaintext).
+    pub fn keys(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .principals
+            .iter()
+            .map(|p| format!("{PRINCIPAL_KEY}{p}"))
+            .collect();
+        if let Some(id) = self.peer.identity {
+            out.push(format!("{NAMESPACE_KEY}{}", id.namespace));
+        }
+        out
     }
 
     fn principal(&self, t: &Text, r: Reading) -> bool {
