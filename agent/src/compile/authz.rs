@@ -95,9 +95,10 @@ pub struct Workload {
     pub mtls: Modes,
     /// By name.
     pub policies: Vec<Arc<Policy>>,
-    /// Which policies a peer may match, by its principal (None: all are tried).
+    /// Which policies a peer may match, by its principal or namespace (None: all are
+    /// tried). Built last, from the final `policies`.
     #[serde(skip)]
-    pub index: Option<PrincipalIndex>,
+    index: Option<PrincipalIndex>,
 }
 
 /// The policies of a workload by the exact principals or namespaces their callers must

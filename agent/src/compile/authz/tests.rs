@@ -1153,6 +1153,13 @@ proptest::proptest! {
         worlds::check_table(seed)?;
     }
 
+    /// Every decision, its deciding rule and its AUDIT rule included, is the same with the
+    /// policy index as with every policy tried.
+    #[test]
+    fn the_index_decides_as_trying_every_policy(seed in proptest::prelude::any::<u64>()) {
+        worlds::check_index(seed)?;
+    }
+
     /// The kernel's table of a pod with several addresses, looked up as the kernel does,
     /// allows a plaintext caller exactly when every address of its family does.
     #[test]

@@ -359,3 +359,47 @@ pub fn check_kernel_table(seed: u64) -> Result<(), TestCaseError> {
     }
     Ok(())
 }
+
+/// One random world: every decision, with the deciding and the AUDIT rule, is the same with
+/// the workload's policy index as when every policy is tried.
+pub fn check_index(seed: u64) -> Result<(), TestCaseError> {
+    use super::super::{Connection, decide};
+    let mut r = Rng(seed | 1);
+    let (authz, peers, store) = random_world(&mut r);
+    for pod in ["web", "db"] {
+        let key = ("x".to_owned(), pod.to_owned());
+        let compiled = super::super::compile(&store, ROOT, [&key]);
+        let indexed = &compiled.workloads[&key];
+        let mut all = indexed.clone();
+        all.index = None;
+        let destination: std::net::IpAddr = "10.0.1.10".parse().expect("ip");
+        for caller in [
+            CLIENT,
+            ADMIN,
+            PLAIN,
+            Caller("10.0.3.7", CLIENT.1, "example.org"),
+        ] {
+            let id = caller
+                .1
+                .map(|(ns, sa)| crate::identity::SpiffeId::new(caller.2, ns, Some(sa)));
+            for port in [80, 8080, 9000] {
+                let c = Connection {
+                    source: caller.0.parse().expect("ip"),
+                    identity: id.as_ref(),
+                    destination,
+                    port,
+                };
+                proptest::prop_assert_eq!(
+                    decide(indexed, &c),
+                    decide(&all, &c),
+                    "{:?} port {}\nauthz {}",
+                    caller,
+                    port,
+                    serde_json::to_string_pretty(&authz).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let _ = peers;
+    Ok(())
+}
