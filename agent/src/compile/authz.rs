@@ -98,21 +98,21 @@ pub struct Workload {
     /// Which policies a peer may match, by its principal or namespace (None: all are
     /// tried). Built last, from the final `policies`.
     #[serde(skip)]
-    index: Option<PrincipalIndex>,
+    index: Option<CallerIndex>,
 }
 
 /// The policies of a workload by the exact principals or namespaces their callers must
 /// have: with many policies naming callers so, a decision tries only those that name the
 /// peer's (and the others).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PrincipalIndex {
+pub struct CallerIndex {
     /// Positions in `Workload::policies` of the policies requiring each key.
     by_key: std::collections::HashMap<String, Vec<usize>>,
     /// Positions of the policies any peer may match.
     unindexed: Vec<usize>,
 }
 
-impl PrincipalIndex {
+impl CallerIndex {
     pub fn of(policies: &[Arc<Policy>]) -> Self {
         let mut out = Self::default();
         for (i, p) in policies.iter().enumerate() {
@@ -223,7 +223,7 @@ pub fn compile<'a>(store: &Store, root: &str, pods: impl IntoIterator<Item = &'a
             };
         }
         workload.policies.extend(deny_all.clone());
-        workload.index = Some(PrincipalIndex::of(&workload.policies));
+        workload.index = Some(CallerIndex::of(&workload.policies));
         out.workloads.insert(key.clone(), workload);
     }
     root_selectors(store, root, &mut out.problems);

@@ -56,8 +56,8 @@ pub struct Policy {
     /// exempts them, as kubelet probes).
     pub node_ips: BTreeSet<IpAddr>,
     /// Decisions taken on this policy, by pod: a pod's callers come back with the same
-    /// address, identity and port, and with many policies a decision walks them all (their
-    /// memory, cold by then, is most of its cost). Gone with the policy.
+    /// address, identity and port, and a decision walks every policy the caller may match
+    /// (their memory, cold by then, is most of its cost). Gone with the policy.
     decisions: Mutex<HashMap<String, HashMap<Asked, Arc<Decision>>>>,
 }
 

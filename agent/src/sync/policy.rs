@@ -135,15 +135,15 @@ impl<M: PolicyMaps> PolicySyncer<M> {
         // A table an earlier agent left half written or half deleted is taken for what it
         // holds: reused only for exactly that content.
         let table_ids = tables.iter().map(|(id, t)| (t.clone(), *id)).collect();
-        let last_table = maps
-            .read_endpoints()?
-            .iter()
-            .map(|(_, e)| e.authz_table)
+        let endpoints: BTreeMap<u64, EndpointInfo> = maps.read_endpoints()?.into_iter().collect();
+        let last_table = endpoints
+            .values()
+            .map(|e| e.authz_table)
             .chain(tables.keys().copied())
             .max()
             .unwrap_or(0);
         Ok(Self {
-            endpoints: maps.read_endpoints()?.into_iter().collect(),
+            endpoints,
             ipcache: maps.read_ipcache()?.into_iter().collect(),
             entries: maps.read_entries()?.into_iter().collect(),
             tables,
