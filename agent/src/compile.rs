@@ -587,9 +587,9 @@ mod example_dir {
         assert!(rejections.is_empty(), "{rejections:#?}");
         assert_eq!(
             objects.len(),
-            14,
-            "1 namespace, 3 pods, 3 services, 1 slice, 4 policies, 1 PeerAuthentication, 1 \
-             AuthorizationPolicy: {:?}",
+            17,
+            "1 namespace, 3 pods, 3 services, 1 slice, 4 policies, 2 PeerAuthentications, 3 \
+             AuthorizationPolicies: {:?}",
             objects.keys().collect::<Vec<_>>()
         );
         let out = services(&Store::from_objects(objects.clone()));

@@ -11,6 +11,7 @@
 //! otherwise some ALLOW rule must match (an ALLOW policy without rules matches nothing).
 //! AUDIT policies never change the verdict; the first that matches is named. weft cannot ask
 //! a CUSTOM policy's external authorizer, so a CUSTOM rule that matches denies.
+mod index;
 pub mod mtls;
 pub mod rules;
 pub mod table;
@@ -20,8 +21,9 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use serde::Serialize;
 
 use self::{
+    index::CallerIndex,
     mtls::{Modes, Tls},
-    rules::{Peer, Reading, Rule, View},
+    rules::{Need, Peer, Reading, Rule, View},
 };
 use crate::{
     compile::policy::{PlaintextTable, selector::Labels},
@@ -77,13 +79,13 @@ impl Policy {
         self.rules.iter().position(|r| r.matches(view, reading))
     }
 
-    /// The keys (an exact principal or namespace) one of which a peer must have for some
-    /// rule to match (None: a peer without may match).
-    fn required_keys(&self) -> Option<Vec<String>> {
+    /// What a peer must show, one of, for some rule to match (None: a peer showing none
+    /// may match).
+    fn needs(&self) -> Option<Vec<Need>> {
         let reading = self.reading();
         let mut out = Vec::new();
         for r in &self.rules {
-            out.extend(r.required_keys(reading)?);
+            out.extend(r.needs(reading)?);
         }
         Some(out)
     }
@@ -95,52 +97,10 @@ pub struct Workload {
     pub mtls: Modes,
     /// By name.
     pub policies: Vec<Arc<Policy>>,
-    /// Which policies a peer may match, by its principal or namespace (None: all are
-    /// tried). Built last, from the final `policies`.
+    /// Which policies a peer may match, by what it shows (None: all are tried). Built
+    /// last, from the final `policies`.
     #[serde(skip)]
     index: Option<CallerIndex>,
-}
-
-/// The policies of a workload by the exact principals or namespaces their callers must
-/// have: with many policies naming callers so, a decision tries only those that name the
-/// peer's (and the others).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CallerIndex {
-    /// Positions in `Workload::policies` of the policies requiring each key.
-    by_key: std::collections::HashMap<String, Vec<usize>>,
-    /// Positions of the policies any peer may match.
-    unindexed: Vec<usize>,
-}
-
-impl CallerIndex {
-    pub fn of(policies: &[Arc<Policy>]) -> Self {
-        let mut out = Self::default();
-        for (i, p) in policies.iter().enumerate() {
-            match p.required_keys() {
-                Some(keys) => {
-                    for k in keys {
-                        let at = out.by_key.entry(k).or_default();
-                        if at.last() != Some(&i) {
-                            at.push(i);
-                        }
-                    }
-                }
-                None => out.unindexed.push(i),
-            }
-        }
-        out
-    }
-
-    /// The positions of the policies the peer `view` shows may match, in order.
-    fn candidates(&self, view: &View<'_>) -> Vec<usize> {
-        let mut out = self.unindexed.clone();
-        for k in view.keys() {
-            out.extend(self.by_key.get(&k).into_iter().flatten());
-        }
-        out.sort_unstable();
-        out.dedup();
-        out
-    }
 }
 
 /// The compiled security state of the pods compiled for.

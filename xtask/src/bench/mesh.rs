@@ -10,8 +10,9 @@
 //! - a meshed pod's connections to a non-meshed pod against the non-meshed pod's own (what
 //!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect);
 //! - authorization: the meshed client's new connections to `guarded`, which 1 000
-//!   AuthorizationPolicies select (999 DENY by other principals and the ALLOW that admits
-//!   the client: a decision taken afresh checks every one; the pod's policy remembers it
+//!   AuthorizationPolicies select (999 DENY of other callers by exact principal, principal
+//!   prefix or suffix, and address block, and the ALLOW that admits the client: a decision
+//!   taken afresh tries those its caller index offers; the pod's policy remembers it
 //!   for the same caller and port until the next pass), against its connections to
 //!   `server`, which no policy selects: two pods of the same node with the same server on
 //!   the same CPU.
@@ -306,19 +307,33 @@ fn source(c: &Cluster, meshed: bool, policies: bool) -> String {
     k8s::file(&docs)
 }
 
-/// [`POLICIES`] AuthorizationPolicies selecting `guarded`: DENY by principals no pod has,
-/// then the ALLOW of the client's (service account `default`). A decision taken afresh
-/// checks every one.
+/// [`POLICIES`] AuthorizationPolicies selecting `guarded`: DENY of callers no pod is, named
+/// in turn by exact principal, principal prefix, principal suffix, and address block; then
+/// the ALLOW of the client's principal (service account `default`). A decision taken afresh
+/// without an index checks every one.
 fn guarding_policies() -> Vec<String> {
-    let policy = |name: String, action: &str, principal: &str| {
+    let policy = |name: String, action: &str, source: String| {
         format!(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  selector: {{matchLabels: {{app: guarded}}}}\n  action: {action}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/bench/sa/{principal}]}}}}]\n"
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  selector: {{matchLabels: {{app: guarded}}}}\n  action: {action}\n  rules:\n  - from: [{{source: {source}}}]\n"
         )
     };
     let mut out: Vec<String> = (1..POLICIES)
-        .map(|i| policy(format!("deny-{i}"), "DENY", &format!("nobody-{i}")))
+        .map(|i| {
+            let source = match i % 4 {
+                0 => format!("{{principals: [cluster.local/ns/bench/sa/nobody-{i}]}}"),
+                1 => format!("{{principals: [\"cluster.local/ns/team-{i}/*\"]}}"),
+                2 => format!("{{principals: [\"*/sa/nobody-{i}\"]}}"),
+                // 198.18.0.0/15 is for benchmarks: no pod has it.
+                _ => format!("{{ipBlocks: [198.18.{}.{}/32]}}", i / 256, i % 256),
+            };
+            policy(format!("deny-{i}"), "DENY", source)
+        })
         .collect();
-    out.push(policy("allow-client".to_owned(), "ALLOW", "default"));
+    out.push(policy(
+        "allow-client".to_owned(),
+        "ALLOW",
+        "{principals: [cluster.local/ns/bench/sa/default]}".to_owned(),
+    ));
     out
 }
 

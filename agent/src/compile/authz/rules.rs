@@ -290,21 +290,19 @@ impl Rule {
         }
     }
 
-    /// The keys ([`View::keys`]: an exact principal or namespace) one of which a peer must
-    /// have for the rule to match under `reading` (empty: it matches none); None when a
-    /// peer without any of them may match.
-    pub fn required_keys(&self, reading: Reading) -> Option<Vec<String>> {
+    /// What a peer must show, one of, for the rule to match under `reading` (empty: it
+    /// matches none); None when a peer showing none of these may match. A need may be
+    /// looser than the rule (a service account needs its namespace), never stricter.
+    pub fn needs(&self, reading: Reading) -> Option<Vec<Need>> {
         if !self.http.is_empty() && reading == Reading::Narrow {
             return Some(Vec::new());
         }
-        let mut out = Vec::new();
-        for f in self.from.as_ref()? {
-            out.extend(
-                exact(&f.principals, PRINCIPAL_KEY)
-                    .or_else(|| exact(&f.namespaces, NAMESPACE_KEY))?,
-            );
-        }
-        Some(out)
+        let from = self.from.as_ref().and_then(|from| {
+            let needs: Option<Vec<Vec<Need>>> = from.iter().map(From::needs).collect();
+            needs.map(|n| n.concat())
+        });
+        // Every condition must hold as well: any one of them is a need of the rule.
+        from.or_else(|| self.when.iter().find_map(When::needs))
     }
 
     /// Whether the rule matches the peer `view` shows, reading what it cannot know by
@@ -392,23 +390,84 @@ fn operation_http(op: &Operation) -> Vec<String> {
     .collect()
 }
 
-/// Key prefixes of [`Rule::required_keys`] and [`View::keys`].
-const PRINCIPAL_KEY: &str = "principal:";
-const NAMESPACE_KEY: &str = "namespace:";
+/// What a peer must show for a rule to match: one of a rule's [`Rule::needs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    Principal(Pattern),
+    Namespace(Pattern),
+    /// The source address in this block.
+    Source(IpNet),
+}
 
-/// The values of `set`, as keys with `prefix`, when a value must match one of them exactly
-/// (given, all exact, none unreadable); None otherwise.
-fn exact(set: &Set<Text>, prefix: &str) -> Option<Vec<String>> {
+/// A [`Text`] a value can be looked up by (not a glob).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Present,
+}
+
+impl Pattern {
+    fn of(t: &Text) -> Option<Self> {
+        match t {
+            Text::Exact(e) => Some(Self::Exact(e.clone())),
+            Text::Prefix(p) => Some(Self::Prefix(p.clone())),
+            Text::Suffix(s) => Some(Self::Suffix(s.clone())),
+            Text::Present => Some(Self::Present),
+            Text::Glob(_) => None,
+        }
+    }
+}
+
+/// One of `set`'s values as a need (`set` must hold one), None when a value outside may
+/// hold (none given, one unreadable, a glob).
+fn needs_of<T>(set: &Set<T>, need: impl Fn(&T) -> Option<Need>) -> Option<Vec<Need>> {
     if set.any.is_empty() || set.unreadable_any {
         return None;
     }
-    set.any
-        .iter()
-        .map(|t| match t {
-            Text::Exact(e) => Some(format!("{prefix}{e}")),
-            _ => None,
-        })
-        .collect()
+    set.any.iter().map(need).collect()
+}
+
+fn principal(t: &Text) -> Option<Need> {
+    Pattern::of(t).map(Need::Principal)
+}
+
+fn namespace(t: &Text) -> Option<Need> {
+    Pattern::of(t).map(Need::Namespace)
+}
+
+/// A service account's namespace: looser than the account, which is what a need may be.
+fn account(a: &Account) -> Option<Need> {
+    Some(Need::Namespace(Pattern::Exact(a.namespace.clone())))
+}
+
+fn source(n: &IpNet) -> Option<Need> {
+    Some(Need::Source(*n))
+}
+
+impl From {
+    /// What a peer must show for this source to match (see [`Rule::needs`]).
+    fn needs(&self) -> Option<Vec<Need>> {
+        needs_of(&self.principals, principal)
+            .or_else(|| needs_of(&self.namespaces, namespace))
+            .or_else(|| needs_of(&self.accounts, account))
+            .or_else(|| needs_of(&self.ips, source))
+            .or_else(|| needs_of(&self.remote_ips, source))
+    }
+}
+
+impl When {
+    /// What a peer must show for this condition to hold (see [`Rule::needs`]).
+    fn needs(&self) -> Option<Vec<Need>> {
+        match self {
+            Self::SourceIp(s) | Self::RemoteIp(s) => needs_of(s, source),
+            Self::Namespace(s) => needs_of(s, namespace),
+            Self::Principal(s) => needs_of(s, principal),
+            Self::Account(s) => needs_of(s, account),
+            Self::DestinationIp(_) | Self::DestinationPort(_) | Self::Http => None,
+        }
+    }
 }
 
 /// The trust domain `cluster.local` in a principal stands for the mesh's own.
@@ -438,18 +497,18 @@ impl<'a> View<'a> {
         Self { peer, principals }
     }
 
-    /// What the peer has that [`Rule::required_keys`] names: its principals and its
-    /// namespace (none for plaintext).
-    pub fn keys(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .principals
-            .iter()
-            .map(|p| format!("{PRINCIPAL_KEY}{p}"))
-            .collect();
-        if let Some(id) = self.peer.identity {
-            out.push(format!("{NAMESPACE_KEY}{}", id.namespace));
-        }
-        out
+    /// The peer's principals, as policies name them (none for plaintext).
+    pub fn principals(&self) -> &[String] {
+        &self.principals
+    }
+
+    /// The peer's namespace (none for plaintext).
+    pub fn namespace_name(&self) -> Option<&str> {
+        self.peer.identity.map(|id| id.namespace.as_str())
+    }
+
+    pub fn source(&self) -> IpAddr {
+        self.peer.source
     }
 
     fn principal(&self, t: &Text, r: Reading) -> bool {

@@ -25,7 +25,7 @@ const PRINCIPALS: [&str; 7] = [
 const NAMESPACES: [&str; 8] = ["x", "y", "*", "y*", "*-*", "y**", "**", "x*x"];
 const DOMAINS: [&str; 4] = ["cluster.local", "example.org", "*", "example*"];
 const ACCOUNTS: [&str; 4] = ["client", "y/client", "x/admin", "admin"];
-const BLOCKS: [&str; 8] = [
+const BLOCKS: [&str; 11] = [
     "10.0.2.0/24",
     "10.0.2.20",
     "10.0.0.0/16",
@@ -34,6 +34,9 @@ const BLOCKS: [&str; 8] = [
     "10.0.2.0/25",
     "10.0.0.0/8",
     "10.0.2.16/28",
+    "fd00::/64",
+    "fd00::20",
+    "10.0.2.999",
 ];
 const DESTINATIONS: [&str; 3] = ["10.0.1.10", "10.0.1.0/24", "10.0.1.11"];
 const PORTS: [&str; 3] = ["80", "8080", "9000"];
@@ -378,6 +381,11 @@ pub fn check_index(seed: u64) -> Result<(), TestCaseError> {
             ADMIN,
             PLAIN,
             Caller("10.0.3.7", CLIENT.1, "example.org"),
+            Caller("10.0.2.17", Some(("y-x", "admin")), "cluster.local"),
+            Caller("10.0.2.130", ADMIN.1, "example.org"),
+            Caller("::ffff:10.0.2.30", None, "cluster.local"),
+            Caller("fd00::20", CLIENT.1, "cluster.local"),
+            Caller("192.168.0.1", None, "cluster.local"),
         ] {
             let id = caller
                 .1
