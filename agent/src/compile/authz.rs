@@ -95,8 +95,8 @@ impl Policy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub mtls: Modes,
-    /// By name.
-    pub policies: Vec<Arc<Policy>>,
+    /// By name. Private: the index is built from it, and must be rebuilt with it.
+    policies: Vec<Arc<Policy>>,
     /// Which policies a peer may match, by what it shows (None: all are tried). Built
     /// last, from the final `policies`.
     #[serde(skip)]
