@@ -38,7 +38,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use weft_abi::{
     maps,
-    svc::{Endpoint, ServiceKey, ServiceValue, SlotKey},
+    svc::{BackendHealth, Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey},
 };
 
 use weft_abi::net::words_ip;
@@ -310,6 +310,22 @@ pub struct KernelService {
     pub revision: u32,
     pub affinity_timeout_s: u32,
     pub backends: Vec<String>,
+    /// Failures in a row that eject a backend (0: no health checking).
+    #[serde(default)]
+    pub outlier_consecutive: u32,
+    /// Backends the kernel's health checking has ejected, now.
+    #[serde(default)]
+    pub ejected: Vec<EjectedBackend>,
+}
+
+/// A backend ejected by the kernel's health checking (`GET /services`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EjectedBackend {
+    pub backend: String,
+    /// Until its ejection ends.
+    pub remaining_ms: u64,
+    /// Times ejected (less one per interval in service), which lengthens the next ejection.
+    pub ejections: u32,
 }
 
 /// What the handlers read.
@@ -329,6 +345,8 @@ pub struct AdminState {
     pub source_health: Option<Arc<crate::source::kube::Health>>,
     /// Telemetry settings, for `/config/dump`.
     pub telemetry_settings: serde_json::Value,
+    /// `--outlier-detection-default`, for `/config/dump`'s services.
+    pub outlier_default: crate::compile::outlier::OutlierDefault,
     /// The mesh's CA and certificates.
     pub mesh: Arc<RwLock<crate::mesh::MeshStatus>>,
 }
@@ -690,11 +708,25 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
     crate::datapath::open_pinned(pins, map).map_err(|source| Error::Map { map, source })
 }
 
-/// Reads SERVICES and BACKEND_SLOTS through their pins (independent of the syncer).
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads SERVICES, BACKEND_SLOTS and HEALTH through their pins (independent of the
+/// syncer).
 fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
     let services: HashMap<MapData, ServiceKey, ServiceValue> =
         open_hash(&state.pins, maps::SERVICES)?;
     let slots: HashMap<MapData, SlotKey, Endpoint> = open_hash(&state.pins, maps::BACKEND_SLOTS)?;
+    let health: HashMap<MapData, MemberKey, BackendHealth> = open_hash(&state.pins, maps::HEALTH)?;
+    let now = monotonic_now_ns();
     let names = state
         .services
         .read()
@@ -713,6 +745,7 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
             continue;
         }
         let mut backends = Vec::new();
+        let mut ejected = Vec::new();
         for index in 0..value.count {
             let slot = SlotKey {
                 revision: value.revision,
@@ -723,7 +756,22 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
                 source,
             })?;
             let ip = words_ip(b.family, b.addr);
-            backends.push(SocketAddr::new(ip, u16::from_be(b.port)).to_string());
+            let name = SocketAddr::new(ip, u16::from_be(b.port)).to_string();
+            let member = MemberKey {
+                service_id: value.service_id,
+                backend: b,
+            };
+            if value.outlier.consecutive != 0
+                && let Ok(h) = health.get(&member, 0)
+                && h.ejected_until_ns > now
+            {
+                ejected.push(EjectedBackend {
+                    backend: name.clone(),
+                    remaining_ms: (h.ejected_until_ns - now) / 1_000_000,
+                    ejections: h.ejections,
+                });
+            }
+            backends.push(name);
         }
         let name = names.get(&key);
         out.push(KernelService {
@@ -733,6 +781,8 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
             revision: value.revision,
             affinity_timeout_s: value.affinity_timeout_s,
             backends,
+            outlier_consecutive: value.outlier.consecutive,
+            ejected,
         });
     }
     out.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));

@@ -276,7 +276,14 @@ pub async fn services(socket: &Path, output: Output) -> Result<String, Error> {
         let backends = if s.backends.is_empty() {
             "(none: connections refused)".to_owned()
         } else {
-            s.backends.join(", ")
+            s.backends
+                .iter()
+                .map(|b| match s.ejected.iter().find(|e| e.backend == *b) {
+                    Some(e) => format!("{b} (ejected, {} ms left)", e.remaining_ms),
+                    None => b.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let _ = writeln!(
             out,

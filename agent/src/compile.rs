@@ -5,6 +5,7 @@ pub mod addresses;
 pub mod authz;
 pub mod mesh;
 pub mod names;
+pub mod outlier;
 pub mod policy;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,9 +23,10 @@ use serde::Serialize;
 use weft_abi::{
     IPPROTO_TCP, IPPROTO_UDP,
     net::ip_words,
-    svc::{Endpoint, ServiceKey},
+    svc::{Endpoint, Outlier, ServiceKey},
 };
 
+use self::outlier::{OutlierDefault, OutlierDetection};
 use crate::store::{Store, object::ip, validate::SERVICE_NAME_LABEL};
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -41,6 +43,8 @@ pub struct Frontend {
     pub backends: Vec<Endpoint>,
     /// 0 = no session affinity.
     pub affinity_timeout_s: u32,
+    /// Passive health checking of the backends (off by default).
+    pub outlier: Outlier,
 }
 
 /// Something in the store that weft could not turn into datapath state, by Service.
@@ -92,12 +96,18 @@ impl<'a> Index<'a> {
     }
 }
 
-/// Compiles every Service of the store.
-pub fn services(store: &Store) -> Services {
+/// Compiles every Service of the store; `outlier` is the health checking of their TCP ports
+/// (`--outlier-detection-default`; DestinationRules are not read yet).
+pub fn services(store: &Store, outlier: &OutlierDefault) -> Services {
     let index = Index::new(store);
     let mut out = Services::default();
+    let outlier = outlier
+        .0
+        .as_ref()
+        .map(OutlierDetection::kernel)
+        .unwrap_or_default();
     for ((ns, name), svc) in &store.services {
-        compile_service(&index, ns, name, svc, &mut out);
+        compile_service(&index, (ns, name), svc, outlier, &mut out);
     }
     out
 }
@@ -112,9 +122,17 @@ struct ServiceCtx<'a> {
     selector: Option<&'a BTreeMap<String, String>>,
     include_not_ready: bool,
     affinity_timeout_s: u32,
+    /// For TCP ports.
+    outlier: Outlier,
 }
 
-fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: &mut Services) {
+fn compile_service(
+    index: &Index<'_>,
+    (ns, name): (&str, &str),
+    svc: &Service,
+    outlier: Outlier,
+    out: &mut Services,
+) {
     let id = format!("{ns}/{name}");
     let Some(spec) = &svc.spec else { return };
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -139,6 +157,7 @@ fn compile_service(index: &Index<'_>, ns: &str, name: &str, svc: &Service, out: 
         selector: spec.selector.as_ref().filter(|s| !s.is_empty()),
         include_not_ready: spec.publish_not_ready_addresses == Some(true),
         affinity_timeout_s: affinity_timeout_s(spec),
+        outlier,
         id,
     };
     for port in spec.ports.iter().flatten() {
@@ -240,6 +259,11 @@ impl ServiceCtx<'_> {
                 port_name: port.name.clone().unwrap_or_default(),
                 backends: backends.into_iter().collect(),
                 affinity_timeout_s: self.affinity_timeout_s,
+                outlier: if protocol == IPPROTO_TCP {
+                    self.outlier
+                } else {
+                    Outlier::default()
+                },
             },
         );
     }
@@ -441,7 +465,7 @@ mod tests {
             pod("b", "10.0.0.12", "fd00::12", "True"),
             pod("c", "10.0.0.13", "fd00::13", "False"),
         );
-        let out = services(&store(&[SVC, &a, &b, &c]));
+        let out = services(&store(&[SVC, &a, &b, &c]), &OutlierDefault::default());
         let v4 = &out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)];
         assert_eq!(backends(v4), ["10.0.0.11:8080", "10.0.0.12:8080"]);
         assert_eq!(v4.service, "shop/web");
@@ -457,7 +481,7 @@ mod tests {
     fn endpoint_slices_win_over_the_selector_and_only_ready_endpoints_serve() {
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- {addresses: [10.0.1.1]}\n- {addresses: [10.0.1.2], conditions: {ready: false}}\n- {addresses: [10.0.1.3], conditions: {ready: true}}\n";
         let a = pod("a", "10.0.0.11", "fd00::11", "True");
-        let out = services(&store(&[SVC, slice, &a]));
+        let out = services(&store(&[SVC, slice, &a]), &OutlierDefault::default());
         assert_eq!(
             backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
             ["10.0.1.1:9090", "10.0.1.3:9090"]
@@ -480,7 +504,7 @@ mod tests {
     fn missing_named_ports_are_reported() {
         let p = pod("a", "10.0.0.11", "fd00::11", "True")
             .replace("name: http, containerPort", "name: web, containerPort");
-        let out = services(&store(&[SVC, &p]));
+        let out = services(&store(&[SVC, &p]), &OutlierDefault::default());
         assert!(
             out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]
                 .backends
@@ -498,15 +522,19 @@ mod tests {
     #[test]
     fn affinity_headless_and_sctp() {
         let aff = SVC.replace("  selector:", "  sessionAffinity: ClientIP\n  selector:");
-        let out = services(&store(&[&aff]));
+        let out = services(&store(&[&aff]), &OutlierDefault::default());
         assert_eq!(
             out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)].affinity_timeout_s,
             DEFAULT_AFFINITY_TIMEOUT_S
         );
         let headless = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n";
-        assert!(services(&store(&[headless])).frontends.is_empty());
+        assert!(
+            services(&store(&[headless]), &OutlierDefault::default())
+                .frontends
+                .is_empty()
+        );
         let sctp = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{port: 80, protocol: SCTP}]\n";
-        let out = services(&store(&[sctp]));
+        let out = services(&store(&[sctp]), &OutlierDefault::default());
         assert!(out.frontends.is_empty());
         assert_eq!(out.problems.len(), 1);
     }
@@ -519,13 +547,13 @@ mod tests {
             )
         };
         let with_ready = slice("{ready: true}");
-        let out = services(&store(&[SVC, &with_ready]));
+        let out = services(&store(&[SVC, &with_ready]), &OutlierDefault::default());
         assert_eq!(
             backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
             ["10.0.1.2:9090"]
         );
         let none_ready = slice("{ready: false, serving: false}");
-        let out = services(&store(&[SVC, &none_ready]));
+        let out = services(&store(&[SVC, &none_ready]), &OutlierDefault::default());
         assert_eq!(
             backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
             ["10.0.1.1:9090"]
@@ -535,7 +563,7 @@ mod tests {
     #[test]
     fn a_frontend_is_served_by_the_first_service_and_the_other_is_reported() {
         let other = SVC.replace("name: web,", "name: zz-web,");
-        let out = services(&store(&[SVC, &other]));
+        let out = services(&store(&[SVC, &other]), &OutlierDefault::default());
         assert_eq!(
             out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)].service,
             "shop/web"
@@ -550,7 +578,7 @@ mod tests {
         );
         let no_ip =
             "apiVersion: v1\nkind: Service\nmetadata: {name: noip}\nspec:\n  ports: [{port: 80}]\n";
-        let out = services(&store(&[no_ip]));
+        let out = services(&store(&[no_ip]), &OutlierDefault::default());
         assert!(
             out.problems
                 .iter()
@@ -592,7 +620,10 @@ mod example_dir {
              AuthorizationPolicies: {:?}",
             objects.keys().collect::<Vec<_>>()
         );
-        let out = services(&Store::from_objects(objects.clone()));
+        let out = services(
+            &Store::from_objects(objects.clone()),
+            &OutlierDefault::default(),
+        );
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         let list: Vec<(String, Vec<String>, u32)> = out
             .frontends

@@ -27,6 +27,7 @@ use crate::{
     compile::{
         self, Problem, Services,
         names::{Directory, DirectoryHandle, NameConfig},
+        outlier::OutlierDefault,
     },
     datapath::Capacities,
     source::{Rejection, Source},
@@ -59,6 +60,11 @@ pub struct Settings {
     /// namespace).
     #[arg(long, default_value = "istio-system")]
     pub mesh_root_namespace: String,
+    /// Passive health checking of every Service's TCP backends (DestinationRules are not
+    /// read yet): off, on (Envoy's defaults), or outlierDetection's fields, e.g.
+    /// consecutive5xxErrors=3,baseEjectionTime=10s,maxEjectionPercent=50.
+    #[arg(long, default_value = "off")]
+    pub outlier_detection_default: OutlierDefault,
     #[command(flatten)]
     pub names: NameConfig,
 }
@@ -111,6 +117,7 @@ pub struct Pipeline<S = KernelMaps, P = KernelPolicyMaps> {
     policy: PolicyStage<P>,
     metrics: PipelineMetrics,
     names: NameConfig,
+    outlier_default: OutlierDefault,
     views: Views,
     /// The store of the last pass, for policy passes that need no new read.
     last_store: Arc<Store>,
@@ -170,6 +177,7 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             policy,
             metrics,
             names: settings.names.clone(),
+            outlier_default: settings.outlier_detection_default.clone(),
             views,
             last_store: Arc::default(),
             synced: false,
@@ -265,9 +273,9 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             self.syncer.collect_garbage(started);
             return Ok(read.unsettled);
         };
-        let desired = self
-            .metrics
-            .time(Stage::Services, || compile::services(&store));
+        let desired = self.metrics.time(Stage::Services, || {
+            compile::services(&store, &self.outlier_default)
+        });
         let report = self.syncer.apply(&desired, started);
         let policy_started = Instant::now();
         let (written, deleted) = self.policy.run(&store, &self.metrics);

@@ -18,7 +18,7 @@ use std::{
 
 use aya::maps::MapError;
 use serde::Serialize;
-use weft_abi::svc::{Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey};
+use weft_abi::svc::{Endpoint, MemberKey, Outlier, ServiceKey, ServiceValue, SlotKey};
 
 use crate::{
     compile::{Frontend, Services},
@@ -180,6 +180,7 @@ struct Applied {
     /// when the agent started and found the set incomplete (all of them must be freed).
     slots: u32,
     affinity_timeout_s: u32,
+    outlier: Outlier,
 }
 
 /// A service change that could not be applied.
@@ -279,6 +280,7 @@ impl<M: ServiceMaps> Syncer<M> {
                     },
                     slots: v.count,
                     affinity_timeout_s: v.affinity_timeout_s,
+                    outlier: v.outlier,
                 },
             );
         }
@@ -363,7 +365,9 @@ impl<M: ServiceMaps> Syncer<M> {
             let Some(have) = self.applied.get(key).cloned() else {
                 continue;
             };
-            if have.backends == want.backends && have.affinity_timeout_s == want.affinity_timeout_s
+            if have.backends == want.backends
+                && have.affinity_timeout_s == want.affinity_timeout_s
+                && have.outlier == want.outlier
             {
                 continue;
             }
@@ -521,6 +525,7 @@ impl<M: ServiceMaps> Syncer<M> {
             revision,
             count: n as u32,
             affinity_timeout_s: want.affinity_timeout_s,
+            outlier: want.outlier,
             seal: 0,
         };
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
@@ -536,6 +541,7 @@ impl<M: ServiceMaps> Syncer<M> {
                 backends: want.backends.clone(),
                 slots: n as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
+                outlier: want.outlier,
             },
         );
         Ok(())
@@ -549,17 +555,20 @@ impl<M: ServiceMaps> Syncer<M> {
         now: Instant,
     ) -> Result<(), Error> {
         if have.backends == want.backends {
-            // Only the affinity timeout changed: same revision, one update.
+            // Only the affinity timeout or the health checking changed: same revision, one
+            // update.
             let value = ServiceValue {
                 service_id: have.id,
                 revision: have.revision,
                 count: have.backends.len() as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
+                outlier: want.outlier,
                 seal: 0,
             };
             self.maps.put_service(key, &value)?;
             if let Some(a) = self.applied.get_mut(key) {
                 a.affinity_timeout_s = want.affinity_timeout_s;
+                a.outlier = want.outlier;
             }
             return Ok(());
         }
@@ -578,6 +587,7 @@ impl<M: ServiceMaps> Syncer<M> {
             revision,
             count: want.backends.len() as u32,
             affinity_timeout_s: want.affinity_timeout_s,
+            outlier: want.outlier,
             seal: 0,
         };
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
@@ -596,6 +606,7 @@ impl<M: ServiceMaps> Syncer<M> {
                 backends: want.backends.clone(),
                 slots: want.backends.len() as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
+                outlier: want.outlier,
             },
         );
         Ok(())

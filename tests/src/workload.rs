@@ -68,6 +68,19 @@ impl Node {
     /// replying with its name): connections per backend. Panics unless every connection
     /// succeeds and getpeername() returns the target.
     pub fn spray(&self, pod: &str, target: &str, count: u64) -> BTreeMap<String, u64> {
+        let (counts, errors) = self.spray_counting_errors(pod, target, count);
+        assert_eq!(errors, 0, "every connection succeeds: {counts:?}");
+        counts
+    }
+
+    /// As [`Node::spray`], where connections may fail: (connections per backend, failed
+    /// connections). Panics unless getpeername() returns the target.
+    pub fn spray_counting_errors(
+        &self,
+        pod: &str,
+        target: &str,
+        count: u64,
+    ) -> (BTreeMap<String, u64>, u64) {
         let mut p = self.spawn(
             pod,
             &[
@@ -86,12 +99,12 @@ impl Node {
                     .filter(|v| v["event"] == "spray")
             })
         });
-        assert_eq!(v["errors"], 0, "every connection succeeds: {v}");
         assert_eq!(
             v["peer_mismatches"], 0,
             "getpeername() returns the ClusterIP: {v}"
         );
-        serde_json::from_value(v["counts"].clone()).expect("counts")
+        let counts = serde_json::from_value(v["counts"].clone()).expect("counts");
+        (counts, v["errors"].as_u64().expect("errors"))
     }
 
     /// Starts a `weft-pod` server in `pod` and waits until it listens.

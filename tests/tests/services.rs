@@ -402,3 +402,144 @@ fn a_file_replaced_by_atomic_rename_is_picked_up() {
         frontend(list, "10.96.0.11:8081/TCP").is_none()
     });
 }
+
+/// Passive health checking for every Service's TCP ports, as `--outlier-detection-default`
+/// takes it: `max_percent` of the backends ejected at most, for `base` after 3 failures in
+/// a row. A base longer than a test keeps its counts exact however slow the machine.
+fn checking(max_percent: u32, min_health: u32, base: &str) -> String {
+    format!(
+        "consecutive5xxErrors=3,baseEjectionTime={base},maxEjectionPercent={max_percent},minHealthPercent={min_health}"
+    )
+}
+
+/// [`setup`] with the agent checking backends' health as `outlier` says.
+fn setup_checking(
+    test: &str,
+    affinity: Option<u32>,
+    outlier: &str,
+) -> (Node, Agent, Vec<weft_testkit::proc::Process>) {
+    let node = node(test);
+    node.write_source("pods.yaml", &pods(&node, &[]));
+    node.write_source("services.yaml", &web_service(affinity));
+    let servers = start_backends(&node);
+    let agent = Agent::start_with(
+        &node,
+        AgentOptions {
+            source: true,
+            extra_args: vec!["--outlier-detection-default".into(), outlier.into()],
+            ..AgentOptions::default()
+        },
+    );
+    wait_backends(&agent, "10.96.0.10:80/TCP", 3);
+    (node, agent, servers)
+}
+
+/// Stops backend `b`'s TCP server (started by [`start_backends`], in place there): its
+/// connects are refused.
+fn stop_tcp_server(servers: &mut [weft_testkit::proc::Process], b: &str) {
+    let i = BACKENDS.iter().position(|x| *x == b).expect("backend");
+    let server = &mut servers[2 * i];
+    server.signal(libc::SIGKILL);
+    server.wait(WAIT);
+}
+
+/// The backends `weft services` shows ejected from the web Service's TCP port.
+fn ejected(agent: &Agent) -> Vec<Value> {
+    let (ok, services) = agent.client("services");
+    assert!(ok, "{services}");
+    let list = services.as_array().expect("list");
+    let fe = frontend(list, "10.96.0.10:80/TCP").expect("frontend");
+    assert_eq!(fe["outlier_consecutive"], 3, "{fe}");
+    fe["ejected"].as_array().expect("ejected").clone()
+}
+
+#[test]
+fn a_refusing_backend_is_ejected_at_its_third_failure_and_used_again_after_its_ejection() {
+    let (node, agent, mut servers) = setup_checking("outlier_eject", None, &checking(50, 0, "5s"));
+    let started = std::time::Instant::now();
+    stop_tcp_server(&mut servers, "b2");
+    let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 600);
+    let ejected = ejected(&agent);
+    if started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(errors, 3, "only the failures that ejected b2: {counts:?}");
+        assert_eq!(ejected.len(), 1, "{ejected:?}");
+        let b2 = format!("{}:8080", node.pod("b2").ipv4);
+        assert_eq!(ejected[0]["backend"], b2.as_str(), "{ejected:?}");
+        assert_eq!(ejected[0]["ejections"], 1, "{ejected:?}");
+        let left = ejected[0]["remaining_ms"].as_u64();
+        assert!(left.is_some_and(|ms| ms <= 5000), "{ejected:?}");
+    } else {
+        // So slow that b2's ejection ended while it was still down: each further ejection
+        // took three failures more.
+        assert_eq!(errors % 3, 0, "{counts:?}");
+    }
+    assert_eq!(counts.get("b2"), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<u64>() + errors, 600);
+    // Back, and taken again once its 5 s are over.
+    servers.push(node.start_server(
+        "b2",
+        &["tcp-server", "--listen", "[::]:8080", "--reply-name", "b2"],
+    ));
+    let left = ejected.first().and_then(|e| e["remaining_ms"].as_u64());
+    std::thread::sleep(Duration::from_millis(left.unwrap_or(0) + 500));
+    let counts = spray(&node, "10.96.0.10:80", 300);
+    assert!(counts.get("b2").is_some_and(|n| *n > 30), "{counts:?}");
+}
+
+#[test]
+fn an_affine_client_of_an_ejected_backend_moves_to_one_other() {
+    let (node, _agent, mut servers) =
+        setup_checking("outlier_affinity", Some(600), &checking(50, 0, "60s"));
+    let counts = spray(&node, "10.96.0.10:80", 50);
+    let first = counts.keys().next().expect("a backend").clone();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    stop_tcp_server(&mut servers, &first);
+    let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 200);
+    assert_eq!(errors, 3, "{counts:?}");
+    assert_eq!(counts.len(), 1, "one other backend, kept: {counts:?}");
+    assert_eq!(counts.values().sum::<u64>(), 197);
+    assert_eq!(counts.get(&first), None, "{counts:?}");
+}
+
+#[test]
+fn no_more_than_max_ejection_percent_of_the_backends_is_ejected() {
+    // One backend in three may go (34%): the second refusing backend stays in.
+    {
+        let (node, agent, mut servers) =
+            setup_checking("outlier_max", None, &checking(34, 0, "60s"));
+        stop_tcp_server(&mut servers, "b1");
+        stop_tcp_server(&mut servers, "b2");
+        let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 300);
+        assert!(
+            errors > 30,
+            "the one not ejected keeps failing: {errors} {counts:?}"
+        );
+        assert_eq!(counts.keys().collect::<Vec<_>>(), ["b3"], "{counts:?}");
+        assert_eq!(ejected(&agent).len(), 1);
+    }
+    // Two in three (67%): both go.
+    let (node, agent, mut servers) = setup_checking("outlier_max2", None, &checking(67, 0, "60s"));
+    stop_tcp_server(&mut servers, "b1");
+    stop_tcp_server(&mut servers, "b2");
+    let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 300);
+    assert_eq!(errors, 6, "{counts:?}");
+    assert_eq!(counts.get("b3"), Some(&294), "{counts:?}");
+    assert_eq!(ejected(&agent).len(), 2);
+}
+
+#[test]
+fn below_min_health_percent_ejections_are_ignored() {
+    // Ejecting two of three leaves 33% healthy, under 50%: every backend takes connections
+    // again (Envoy's panic mode).
+    let (node, agent, mut servers) =
+        setup_checking("outlier_panic", None, &checking(100, 50, "60s"));
+    stop_tcp_server(&mut servers, "b1");
+    stop_tcp_server(&mut servers, "b2");
+    let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 300);
+    assert!(
+        errors > 30,
+        "b1 and b2 are tried again: {errors} {counts:?}"
+    );
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b3"], "{counts:?}");
+    assert_eq!(ejected(&agent).len(), 2, "both ejected, and both ignored");
+}

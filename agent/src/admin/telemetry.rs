@@ -150,9 +150,10 @@ pub async fn config_dump(State(state): State<AdminState>) -> Response {
         )
     };
     let telemetry = state.telemetry_settings.clone();
+    let outlier_default = state.outlier_default.clone();
     // Compiling 10 000 services takes tens of milliseconds: off the async threads.
     let dump = tokio::task::spawn_blocking(move || {
-        let desired = compile::services(&store);
+        let desired = compile::services(&store, &outlier_default);
         let services = desired
             .frontends
             .iter()

@@ -68,6 +68,7 @@ fn fixture(name: &str, capacity_flags: &[&str]) -> Fixture {
         node_ips: vec!["192.168.0.1".parse().expect("ip")],
         names: NameConfig::default(),
         mesh_root_namespace: "istio-system".to_owned(),
+        outlier_detection_default: Default::default(),
     };
     let pipeline = Pipeline::new(
         Some(Source::Dir(DirSource::with_settle(

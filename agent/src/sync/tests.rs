@@ -175,6 +175,7 @@ fn desired(services: &[(u8, &[u8])]) -> Services {
                 port_name: String::new(),
                 backends: backends.iter().map(|b| backend(*b)).collect(),
                 affinity_timeout_s: 0,
+                outlier: Default::default(),
             },
         );
     }
@@ -339,6 +340,7 @@ fn an_incomplete_set_found_at_start_is_freed_completely() {
             revision: 7,
             count: 3,
             affinity_timeout_s: 0,
+            outlier: Default::default(),
             seal: 0,
         },
     );
@@ -368,6 +370,28 @@ fn an_affinity_change_keeps_the_revision() {
     assert_eq!(s.apply(&want, t0).updated, 1);
     assert_eq!(s.maps().services[&key(1)].revision, rev);
     assert_eq!(s.maps().services[&key(1)].affinity_timeout_s, 60);
+}
+
+/// Health checking switched on is written in place: the same revision, then nothing more
+/// to do.
+#[test]
+fn a_health_checking_change_keeps_the_revision() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    let mut want = desired(&[(1, &[11])]);
+    s.apply(&want, t0);
+    let rev = s.maps().services[&key(1)].revision;
+    let outlier = weft_abi::svc::Outlier {
+        consecutive: 3,
+        ..Default::default()
+    };
+    want.frontends
+        .values_mut()
+        .for_each(|f| f.outlier = outlier);
+    assert_eq!(s.apply(&want, t0).updated, 1);
+    assert_eq!(s.maps().services[&key(1)].revision, rev);
+    assert_eq!(s.maps().services[&key(1)].outlier, outlier);
+    assert_eq!(s.apply(&want, t0).updated, 0);
 }
 
 /// Revisions wrap after 2^32 changes: a wrapped number skips 0 and every revision still in

@@ -44,6 +44,11 @@ macro_rules! for_each_map {
             );
             /// Which backends currently serve which service (value unused).
             MEMBERS: HashNoPrealloc<$crate::svc::MemberKey, u32>(max_backends = 262_144);
+            /// Passive health checking: each backend's failures and ejection per frontend
+            /// (`BackendHealth`; LRU: a backend long gone ages out).
+            HEALTH: LruHash<$crate::svc::MemberKey, $crate::svc::BackendHealth>(
+                max_backends = 262_144
+            );
             /// ClientIP session affinity: (client netns, service) to backend.
             AFFINITY: LruHash<$crate::svc::AffinityKey, $crate::svc::AffinityValue>(
                 max_affinity = 16_384
@@ -86,6 +91,8 @@ macro_rules! for_each_map {
             >(max_udp_flows = 16_384);
             /// Each CPU's budget of drop events for the current second.
             DROP_BUDGET: PerCpuArray<$crate::conn::DropBudget>(fixed = 1);
+            /// Each CPU's counts of a walk over a frontend's backends (`WalkCounts`).
+            WALK_COUNTS: PerCpuArray<$crate::svc::WalkCounts>(fixed = 1);
             /// With `--sockmap`: established TCP sockets of pods by (local, remote) address.
             SOCK_PAIRS: SockHash<$crate::conn::PairKey>(max_sockmap_connections = 16_384);
             /// With `--sockmap`: bytes redirected socket to socket, per socket of `SOCK_PAIRS`.
@@ -132,7 +139,7 @@ mod tests {
             );
             assert!(!ALL[..i].contains(name), "{name} twice");
         }
-        assert_eq!(ALL.len(), 24);
+        assert_eq!(ALL.len(), 26);
         assert_eq!(POLICY, "POLICY");
     }
 }

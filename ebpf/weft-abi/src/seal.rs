@@ -42,7 +42,7 @@ pub const SEED_FLOWS: u32 = 0x464c_4f57;
 mod tests {
     use crate::{
         policy::EndpointInfo,
-        svc::{ServiceKey, ServiceValue},
+        svc::{Outlier, ServiceKey, ServiceValue},
     };
 
     fn key(n: u32) -> ServiceKey {
@@ -54,23 +54,39 @@ mod tests {
         }
     }
 
-    fn words(v: &ServiceValue) -> [u32; 5] {
+    /// The value's 4-byte words, in memory order.
+    fn words(v: &ServiceValue) -> [u32; 10] {
+        let o = &v.outlier;
         [
             v.service_id,
             v.revision,
             v.count,
             v.affinity_timeout_s,
+            o.consecutive,
+            o.base_ejection_ms,
+            o.max_ejection_ms,
+            o.interval_ms,
+            u32::from(o.max_ejection_percent) | u32::from(o.min_health_percent) << 8,
             v.seal,
         ]
     }
 
-    fn from_words(w: [u32; 5]) -> ServiceValue {
+    fn from_words(w: [u32; 10]) -> ServiceValue {
         ServiceValue {
             service_id: w[0],
             revision: w[1],
             count: w[2],
             affinity_timeout_s: w[3],
-            seal: w[4],
+            outlier: Outlier {
+                consecutive: w[4],
+                base_ejection_ms: w[5],
+                max_ejection_ms: w[6],
+                interval_ms: w[7],
+                max_ejection_percent: w[8] as u8,
+                min_health_percent: (w[8] >> 8) as u8,
+                _pad: 0,
+            },
+            seal: w[9],
         }
     }
 
@@ -83,6 +99,7 @@ mod tests {
             revision: 100,
             count: 3,
             affinity_timeout_s: 0,
+            outlier: Outlier::default(),
             seal: 0,
         }
         .sealed(&key(1));
@@ -91,17 +108,26 @@ mod tests {
             revision: 101,
             count: 1,
             affinity_timeout_s: 10_800,
+            outlier: Outlier {
+                consecutive: 5,
+                base_ejection_ms: 30_000,
+                max_ejection_ms: 300_000,
+                interval_ms: 10_000,
+                max_ejection_percent: 10,
+                min_health_percent: 0,
+                _pad: 0,
+            },
             seal: 0,
         };
         for b in [b.sealed(&key(1)), b.sealed(&key(2))] {
             let (wa, wb) = (words(&a), words(&b));
-            for mask in 0u32..32 {
+            for mask in 0u32..1024 {
                 let torn = from_words(core::array::from_fn(|i| {
                     if mask & (1 << i) == 0 { wa[i] } else { wb[i] }
                 }));
                 if torn != a && torn != b {
-                    assert!(!torn.is_sealed_for(&key(1)), "mask {mask:05b}");
-                    assert!(!torn.is_sealed_for(&key(2)), "mask {mask:05b}");
+                    assert!(!torn.is_sealed_for(&key(1)), "mask {mask:010b}");
+                    assert!(!torn.is_sealed_for(&key(2)), "mask {mask:010b}");
                 }
             }
         }

@@ -41,10 +41,67 @@ pub struct ServiceValue {
     pub count: u32,
     /// ClientIP session affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// Passive health checking of the backends (off when `consecutive` is 0).
+    pub outlier: Outlier,
     /// [`crate::seal`] of the key and the fields above, set by the agent's map writer.
     pub seal: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 40);
+
+/// A frontend's passive health checking (Istio's `outlierDetection`), applied by the kernel:
+/// a backend whose connections through the frontend fail `consecutive` times in a row (from
+/// any pod of the node) gets no new connection for `base_ejection_ms` times the number of
+/// times it was ejected, at most `max_ejection_ms`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Outlier {
+    /// Failures in a row that eject a backend; 0: none is ejected.
+    pub consecutive: u32,
+    pub base_ejection_ms: u32,
+    pub max_ejection_ms: u32,
+    /// A backend's count of ejections falls by one per interval it is not ejected.
+    pub interval_ms: u32,
+    /// At most this share of the backends is ejected at once (one more is not).
+    pub max_ejection_percent: u8,
+    /// Below this share of backends not ejected, ejections are ignored (panic).
+    pub min_health_percent: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Outlier>() == 20);
+
+/// Value of `HEALTH` (LRU, key [`MemberKey`]): a backend's record under one frontend.
+/// Writers: sock_ops at a connection's close (and nothing else); readers: connect and the
+/// agent (`weft services`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// Connection failures since the last success or ejection.
+    pub failures: u32,
+    /// Times ejected, less one per `Outlier::interval_ms` since the last ejection ended.
+    pub ejections: u32,
+    /// `bpf_ktime_get_ns()` until which the backend gets no new connection.
+    pub ejected_until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendHealth>() == 16);
+
+/// Value of `WALK_COUNTS` (per CPU, one entry): the counts of the kernel's walk over a
+/// frontend's backends. Kept out of the walk's stack context, whose values the verifier
+/// follows (it would check the walk's step once per count). A program that interrupts
+/// another on the CPU (softirq) takes it over: `tag` tells the interrupted walk its counts
+/// are no longer its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalkCounts {
+    pub tag: u64,
+    /// Backends not ejected.
+    pub healthy: u32,
+    /// Backends not ejected still to pass before the one to pick.
+    pub skip: u32,
+    /// The index of the backend picked (`u32::MAX`: none).
+    pub found: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<WalkCounts>() == 24);
 
 impl ServiceValue {
     /// The seal of this value under `key`.
@@ -62,7 +119,18 @@ impl ServiceValue {
         h = mix(h, self.revision);
         h = mix(h, self.count);
         h = mix(h, self.affinity_timeout_s);
-        finish(h, 9)
+        let o = &self.outlier;
+        h = mix(h, o.consecutive);
+        h = mix(h, o.base_ejection_ms);
+        h = mix(h, o.max_ejection_ms);
+        h = mix(h, o.interval_ms);
+        h = mix(
+            h,
+            o.max_ejection_percent as u32
+                | (o.min_health_percent as u32) << 8
+                | (o._pad as u32) << 16,
+        );
+        finish(h, 14)
     }
 
     /// This value as written under `key`.
@@ -256,4 +324,8 @@ mod pod {
     unsafe impl aya::Pod for SockOwner {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendHealth {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for WalkCounts {}
 }

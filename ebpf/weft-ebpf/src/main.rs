@@ -17,6 +17,7 @@ mod flows;
 mod headers;
 mod maps;
 mod mesh;
+mod outlier;
 mod packet;
 mod policy;
 mod redirect;

@@ -30,7 +30,7 @@ use crate::{
     events::DropEvent,
     flows,
     maps::{AFFINITY, BACKEND_SLOTS, MEMBERS, SERVICES, SOCK_XLATE},
-    mesh, policy, stats,
+    mesh, outlier, policy, stats,
     storage::{self, Socket as _},
     verdict::{Fault, Verdict},
     xlate,
@@ -307,7 +307,7 @@ const SEAL_TRIES: usize = 3;
 
 /// The service of a frontend: a whole value written under `key` (its seal checked), or none.
 #[inline(always)]
-fn service(key: &ServiceKey) -> Result<Option<ServiceValue>, Fault> {
+pub fn service(key: &ServiceKey) -> Result<Option<ServiceValue>, Fault> {
     for _ in 0..SEAL_TRIES {
         let Some(ptr) = SERVICES.get_ptr(key) else {
             return Ok(None);
@@ -338,7 +338,7 @@ fn random_backend(svc: &ServiceValue) -> Option<Endpoint> {
     slot(svc, unsafe { bpf_get_prandom_u32() } % svc.count)
 }
 
-fn slot(svc: &ServiceValue, index: u32) -> Option<Endpoint> {
+pub fn slot(svc: &ServiceValue, index: u32) -> Option<Endpoint> {
     let slot = SlotKey {
         revision: svc.revision,
         index,
@@ -393,7 +393,14 @@ fn select(
     hook: Hook,
 ) -> Option<Endpoint> {
     if svc.affinity_timeout_s > 0 {
-        return with_affinity(ctx, svc);
+        let remembered = with_affinity(ctx, svc)?;
+        // An ejected backend's clients are sent elsewhere, and stay there. Here, not in
+        // with_affinity: the walk's stack would add to that call's.
+        let chosen = outlier::choose(svc, remembered);
+        if chosen != remembered {
+            re_point(ctx, svc, chosen);
+        }
+        return Some(chosen);
     }
     if hook == Hook::Sendmsg
         && let Some(x) = xlate
@@ -409,7 +416,7 @@ fn select(
         }
         return unshared_backend(x, key, svc);
     }
-    random_backend(svc)
+    random_backend(svc).map(|b| outlier::choose(svc, b))
 }
 
 fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> {
@@ -440,6 +447,26 @@ fn with_affinity(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Endpoint> 
     // A failed insert only loses affinity for the next connection.
     let _ = AFFINITY.insert(key, value, 0);
     Some(backend)
+}
+
+/// Points the client's affinity entry for `svc` at `backend`. Not inlined: its key and
+/// value would add to connect's stack, which the outlier walk is stacked on.
+#[inline(never)]
+fn re_point(ctx: &SockAddrContext, svc: &ServiceValue, backend: Endpoint) {
+    let key = AffinityKey {
+        // SAFETY: the program's context; the helper reads the socket's namespace only.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast::<c_void>()) },
+        service_id: svc.service_id,
+        _pad: 0,
+    };
+    let value = AffinityValue {
+        backend,
+        _pad: 0,
+        // SAFETY: no arguments.
+        last_used_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // A failed insert only loses affinity for the next connection.
+    let _ = AFFINITY.insert(key, value, 0);
 }
 
 /// A socket connected to an address that is no Service (UDP), or not captured (TCP): its

@@ -33,7 +33,7 @@ use crate::{
     ctx::SocketCookie,
     events::{self, add_service, family_words, now},
     maps::CONN_STATE,
-    mesh, packet, redirect, stats,
+    mesh, outlier, packet, redirect, stats,
     storage::Socket as _,
 };
 
@@ -68,6 +68,8 @@ fn add_cb_flags(ctx: &SockOpsContext, add: u32) -> Result<(), i64> {
         .map_err(i64::from)
 }
 
+/// Not inlined: its state would add to the entry's stack, which close's calls are stacked on.
+#[inline(never)]
 fn on_connect(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
     let state = ConnState {
         start_ns: now(),
@@ -212,7 +214,13 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
         // Both are entered only when the peer's FIN is consumed.
         tcp_state::CLOSE_WAIT | tcp_state::CLOSING => s.flags |= flags::FIN_RECEIVED,
         // In place: a copy would add to the stack emit's is stacked on.
-        tcp_state::CLOSE => on_close(ctx, cookie, s),
+        tcp_state::CLOSE => {
+            // Beside on_close, not in it: their stacks would add up.
+            if s.side == Side::Active as u32 {
+                outlier::observe(ctx, s);
+            }
+            on_close(ctx, cookie, s);
+        }
         _ => {}
     }
     Ok(())
