@@ -38,7 +38,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use weft_abi::{
     maps,
-    svc::{BackendHealth, Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey},
+    svc::{BackendHealth, Endpoint, MemberKey, Outlier, ServiceKey, ServiceValue, SlotKey},
 };
 
 use weft_abi::net::words_ip;
@@ -726,6 +726,7 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
         open_hash(&state.pins, maps::SERVICES)?;
     let slots: HashMap<MapData, SlotKey, Endpoint> = open_hash(&state.pins, maps::BACKEND_SLOTS)?;
     let health: HashMap<MapData, MemberKey, BackendHealth> = open_hash(&state.pins, maps::HEALTH)?;
+    let outliers: HashMap<MapData, u32, Outlier> = open_hash(&state.pins, maps::OUTLIER)?;
     let now = monotonic_now_ns();
     let names = state
         .services
@@ -746,6 +747,11 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
         }
         let mut backends = Vec::new();
         let mut ejected = Vec::new();
+        let consecutive = outliers
+            .get(&value.service_id, 0)
+            .ok()
+            .filter(|o| o.is_sealed_for(value.service_id))
+            .map_or(0, |o| o.consecutive);
         for index in 0..value.count {
             let slot = SlotKey {
                 revision: value.revision,
@@ -761,7 +767,7 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
                 service_id: value.service_id,
                 backend: b,
             };
-            if value.outlier.consecutive != 0
+            if consecutive != 0
                 && let Ok(h) = health.get(&member, 0)
                 && h.ejected_until_ns > now
             {
@@ -781,7 +787,7 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
             revision: value.revision,
             affinity_timeout_s: value.affinity_timeout_s,
             backends,
-            outlier_consecutive: value.outlier.consecutive,
+            outlier_consecutive: consecutive,
             ejected,
         });
     }

@@ -150,6 +150,11 @@ pub trait ServiceMaps {
     fn del_slot(&mut self, key: &SlotKey) -> Result<(), Error>;
     fn put_member(&mut self, key: &MemberKey) -> Result<(), Error>;
     fn del_member(&mut self, key: &MemberKey) -> Result<(), Error>;
+    /// Health checking by service id; a value read torn comes back with `consecutive`
+    /// `u32::MAX`, which no frontend asks for (rewritten by the first pass).
+    fn read_outliers(&self) -> Result<Vec<(u32, Outlier)>, Error>;
+    fn put_outlier(&mut self, id: u32, value: &Outlier) -> Result<(), Error>;
+    fn del_outlier(&mut self, id: u32) -> Result<(), Error>;
 }
 
 /// Capacities of the service maps.
@@ -249,6 +254,7 @@ impl<M: ServiceMaps> Syncer<M> {
     /// changes only what differs.
     pub fn new(maps: M, capacity: Capacity, now: Instant) -> Result<Self, Error> {
         let services = maps.read_services()?;
+        let mut outliers: BTreeMap<u32, Outlier> = maps.read_outliers()?.into_iter().collect();
         let slots: BTreeMap<SlotKey, Endpoint> = maps.read_slots()?.into_iter().collect();
         let mut applied = BTreeMap::new();
         let mut live_revisions = BTreeSet::new();
@@ -280,7 +286,7 @@ impl<M: ServiceMaps> Syncer<M> {
                     },
                     slots: v.count,
                     affinity_timeout_s: v.affinity_timeout_s,
-                    outlier: v.outlier,
+                    outlier: outliers.remove(&v.service_id).unwrap_or_default(),
                 },
             );
         }
@@ -319,6 +325,10 @@ impl<M: ServiceMaps> Syncer<M> {
             } else {
                 syncer.maps.del_member(&m)?;
             }
+        }
+        // Health checking of no live frontend: its id may be given to a new one.
+        for id in outliers.into_keys() {
+            syncer.write_outlier(id, &Outlier::default())?;
         }
         Ok(syncer)
     }
@@ -525,7 +535,6 @@ impl<M: ServiceMaps> Syncer<M> {
             revision,
             count: n as u32,
             affinity_timeout_s: want.affinity_timeout_s,
-            outlier: want.outlier,
             seal: 0,
         };
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
@@ -533,6 +542,8 @@ impl<M: ServiceMaps> Syncer<M> {
             self.retired.push_back((revision, n as u32, Instant::now()));
             return Err(e);
         }
+        // Health checking follows: until then the frontend is served without it.
+        let checked = self.write_outlier(id, &want.outlier);
         self.applied.insert(
             *key,
             Applied {
@@ -541,10 +552,25 @@ impl<M: ServiceMaps> Syncer<M> {
                 backends: want.backends.clone(),
                 slots: n as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
-                outlier: want.outlier,
+                outlier: if checked.is_ok() {
+                    want.outlier
+                } else {
+                    Outlier::default()
+                },
             },
         );
-        Ok(())
+        checked
+    }
+
+    /// Writes frontend `id`'s health checking (none: deletes it).
+    fn write_outlier(&mut self, id: u32, want: &Outlier) -> Result<(), Error> {
+        if want.consecutive != 0 {
+            return self.maps.put_outlier(id, want);
+        }
+        match self.maps.del_outlier(id) {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn update(
@@ -554,21 +580,27 @@ impl<M: ServiceMaps> Syncer<M> {
         want: &Frontend,
         now: Instant,
     ) -> Result<(), Error> {
+        if have.outlier != want.outlier {
+            self.write_outlier(have.id, &want.outlier)?;
+            if let Some(a) = self.applied.get_mut(key) {
+                a.outlier = want.outlier;
+            }
+        }
         if have.backends == want.backends {
-            // Only the affinity timeout or the health checking changed: same revision, one
-            // update.
+            if have.affinity_timeout_s == want.affinity_timeout_s {
+                return Ok(());
+            }
+            // Only the affinity timeout changed: same revision, one update.
             let value = ServiceValue {
                 service_id: have.id,
                 revision: have.revision,
                 count: have.backends.len() as u32,
                 affinity_timeout_s: want.affinity_timeout_s,
-                outlier: want.outlier,
                 seal: 0,
             };
             self.maps.put_service(key, &value)?;
             if let Some(a) = self.applied.get_mut(key) {
                 a.affinity_timeout_s = want.affinity_timeout_s;
-                a.outlier = want.outlier;
             }
             return Ok(());
         }
@@ -587,7 +619,6 @@ impl<M: ServiceMaps> Syncer<M> {
             revision,
             count: want.backends.len() as u32,
             affinity_timeout_s: want.affinity_timeout_s,
-            outlier: want.outlier,
             seal: 0,
         };
         if let Err(e) = written.and_then(|()| self.maps.put_service(key, &value)) {
@@ -618,6 +649,13 @@ impl<M: ServiceMaps> Syncer<M> {
         };
         self.maps.del_service(key)?;
         self.applied.remove(key);
+        if have.outlier.consecutive != 0
+            && let Err(e) = self.write_outlier(have.id, &Outlier::default())
+        {
+            // A later frontend could get this id only from another agent's start, which
+            // deletes what no live frontend holds.
+            tracing::warn!(target: "weft::sync", error = %crate::chain(&e), "cannot delete a frontend's health checking");
+        }
         self.del_members(have.id, &have.backends);
         self.retired.push_back((have.revision, have.slots, now));
         Ok(())

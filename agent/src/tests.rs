@@ -8,7 +8,7 @@ use std::{
 use ipnet::IpNet;
 use weft_abi::{
     policy::{EndpointInfo, IpcacheValue, PolicyValue},
-    svc::{Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey},
+    svc::{Endpoint, MemberKey, Outlier, ServiceKey, ServiceValue, SlotKey},
 };
 
 use crate::{
@@ -53,6 +53,7 @@ pub struct MemoryServiceMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub slots: BTreeMap<SlotKey, Endpoint>,
     pub members: BTreeSet<MemberKey>,
+    pub outliers: BTreeMap<u32, Outlier>,
 }
 
 impl MemoryServiceMaps {
@@ -106,6 +107,20 @@ impl ServiceMaps for MemoryServiceMaps {
     fn del_member(&mut self, key: &MemberKey) -> Result<(), Error> {
         self.members.remove(key);
         Ok(())
+    }
+    fn read_outliers(&self) -> Result<Vec<(u32, Outlier)>, Error> {
+        Ok(self.outliers.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_outlier(&mut self, id: u32, value: &Outlier) -> Result<(), Error> {
+        self.outliers.insert(id, *value);
+        Ok(())
+    }
+    fn del_outlier(&mut self, id: u32) -> Result<(), Error> {
+        self.outliers.remove(&id).map(drop).ok_or(Error::Map {
+            map: "memory",
+            op: "delete",
+            source: aya::maps::MapError::KeyNotFound,
+        })
     }
 }
 

@@ -59,6 +59,7 @@ impl OutlierDetection {
             }),
             min_health_percent: percent(self.min_health_percent),
             _pad: 0,
+            seal: 0,
         }
     }
 }
@@ -161,6 +162,7 @@ mod tests {
                 max_ejection_percent: 10,
                 min_health_percent: 0,
                 _pad: 0,
+                seal: 0,
             }
         );
         assert_eq!(kernel("off"), Outlier::default());

@@ -2,16 +2,17 @@
 use aya::maps::{HashMap, MapData, MapError};
 use weft_abi::{
     maps,
-    svc::{Endpoint, MemberKey, ServiceKey, ServiceValue, SlotKey},
+    svc::{Endpoint, MemberKey, Outlier, ServiceKey, ServiceValue, SlotKey},
 };
 
 use super::{Error, ServiceMaps};
 
-/// The three maps `sync` writes.
+/// The maps `sync` writes.
 pub struct KernelMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, Endpoint>,
     pub members: HashMap<MapData, MemberKey, u32>,
+    pub outliers: HashMap<MapData, u32, Outlier>,
 }
 
 impl KernelMaps {
@@ -21,6 +22,7 @@ impl KernelMaps {
             services: datapath.take(maps::SERVICES)?,
             slots: datapath.take(maps::BACKEND_SLOTS)?,
             members: datapath.take(maps::MEMBERS)?,
+            outliers: datapath.take(maps::OUTLIER)?,
         })
     }
 }
@@ -111,5 +113,39 @@ impl ServiceMaps for KernelMaps {
         self.members
             .remove(key)
             .map_err(err(maps::MEMBERS, "delete from"))
+    }
+
+    fn read_outliers(&self) -> Result<Vec<(u32, Outlier)>, Error> {
+        let all: Vec<(u32, Outlier)> = self
+            .outliers
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::OUTLIER, "read"))?;
+        Ok(all
+            .into_iter()
+            .map(|(id, o)| {
+                let o = if o.is_sealed_for(id) {
+                    Outlier { seal: 0, ..o }
+                } else {
+                    Outlier {
+                        consecutive: u32::MAX,
+                        ..Outlier::default()
+                    }
+                };
+                (id, o)
+            })
+            .collect())
+    }
+
+    fn put_outlier(&mut self, id: u32, value: &Outlier) -> Result<(), Error> {
+        self.outliers
+            .insert(id, value.sealed(id), 0)
+            .map_err(err(maps::OUTLIER, "write"))
+    }
+
+    fn del_outlier(&mut self, id: u32) -> Result<(), Error> {
+        self.outliers
+            .remove(&id)
+            .map_err(err(maps::OUTLIER, "delete from"))
     }
 }

@@ -2,7 +2,10 @@
 //! kernel reader could observe.
 use std::time::{Duration, Instant};
 
-use weft_abi::{IPPROTO_TCP, svc::ServiceKey};
+use weft_abi::{
+    IPPROTO_TCP,
+    svc::{Outlier, ServiceKey},
+};
 
 use super::*;
 use weft_abi::net::ip_words;
@@ -136,6 +139,17 @@ impl ServiceMaps for FakeMaps {
         }
         self.check();
         Ok(())
+    }
+    fn read_outliers(&self) -> Result<Vec<(u32, Outlier)>, Error> {
+        self.maps.read_outliers()
+    }
+    fn put_outlier(&mut self, id: u32, value: &Outlier) -> Result<(), Error> {
+        self.write()?;
+        self.maps.put_outlier(id, value)
+    }
+    fn del_outlier(&mut self, id: u32) -> Result<(), Error> {
+        self.write()?;
+        self.maps.del_outlier(id)
     }
 }
 
@@ -340,7 +354,6 @@ fn an_incomplete_set_found_at_start_is_freed_completely() {
             revision: 7,
             count: 3,
             affinity_timeout_s: 0,
-            outlier: Default::default(),
             seal: 0,
         },
     );
@@ -372,16 +385,17 @@ fn an_affinity_change_keeps_the_revision() {
     assert_eq!(s.maps().services[&key(1)].affinity_timeout_s, 60);
 }
 
-/// Health checking switched on is written in place: the same revision, then nothing more
-/// to do.
+/// Health checking switched on is written beside the frontend, whose value and revision
+/// stay; switched off, its entry goes.
 #[test]
 fn a_health_checking_change_keeps_the_revision() {
     let t0 = Instant::now();
     let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
     let mut want = desired(&[(1, &[11])]);
     s.apply(&want, t0);
-    let rev = s.maps().services[&key(1)].revision;
-    let outlier = weft_abi::svc::Outlier {
+    let before = s.maps().services[&key(1)];
+    let id = before.service_id;
+    let outlier = Outlier {
         consecutive: 3,
         ..Default::default()
     };
@@ -389,9 +403,37 @@ fn a_health_checking_change_keeps_the_revision() {
         .values_mut()
         .for_each(|f| f.outlier = outlier);
     assert_eq!(s.apply(&want, t0).updated, 1);
-    assert_eq!(s.maps().services[&key(1)].revision, rev);
-    assert_eq!(s.maps().services[&key(1)].outlier, outlier);
+    assert_eq!(s.maps().services[&key(1)], before);
+    assert_eq!(s.maps().outliers.get(&id), Some(&outlier));
     assert_eq!(s.apply(&want, t0).updated, 0);
+    want.frontends
+        .values_mut()
+        .for_each(|f| f.outlier = Outlier::default());
+    assert_eq!(s.apply(&want, t0).updated, 1);
+    assert_eq!(s.maps().outliers.get(&id), None);
+}
+
+/// A restarted agent takes over health checking it finds for a live frontend, and deletes
+/// any other (its id may go to a new frontend).
+#[test]
+fn a_restart_keeps_live_health_checking_and_drops_the_rest() {
+    let t0 = Instant::now();
+    let mut s = Syncer::new(FakeMaps::default(), ROOMY, t0).expect("new");
+    let mut want = desired(&[(1, &[11])]);
+    let outlier = Outlier {
+        consecutive: 3,
+        ..Default::default()
+    };
+    want.frontends
+        .values_mut()
+        .for_each(|f| f.outlier = outlier);
+    s.apply(&want, t0);
+    let id = s.maps().services[&key(1)].service_id;
+    let mut maps = std::mem::take(&mut s.maps);
+    maps.outliers.insert(id + 40, outlier);
+    let mut s = Syncer::new(maps, ROOMY, t0).expect("restart");
+    assert_eq!(s.apply(&want, t0).updated, 0, "nothing to rewrite");
+    assert_eq!(s.maps().outliers.keys().copied().collect::<Vec<_>>(), [id]);
 }
 
 /// Revisions wrap after 2^32 changes: a wrapped number skips 0 and every revision still in

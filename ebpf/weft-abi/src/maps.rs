@@ -44,6 +44,8 @@ macro_rules! for_each_map {
             );
             /// Which backends currently serve which service (value unused).
             MEMBERS: HashNoPrealloc<$crate::svc::MemberKey, u32>(max_backends = 262_144);
+            /// Passive health checking of frontends, by service id (`Outlier`).
+            OUTLIER: HashNoPrealloc<u32, $crate::svc::Outlier>(max_services = 65_536);
             /// Passive health checking: each backend's failures and ejection per frontend
             /// (`BackendHealth`; LRU: a backend long gone ages out).
             HEALTH: LruHash<$crate::svc::MemberKey, $crate::svc::BackendHealth>(
@@ -139,7 +141,7 @@ mod tests {
             );
             assert!(!ALL[..i].contains(name), "{name} twice");
         }
-        assert_eq!(ALL.len(), 26);
+        assert_eq!(ALL.len(), 27);
         assert_eq!(POLICY, "POLICY");
     }
 }

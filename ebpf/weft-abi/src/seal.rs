@@ -37,6 +37,7 @@ pub const fn finish(hash: u32, words: u32) -> u32 {
 pub const SEED_SERVICES: u32 = 0x5345_5256;
 pub const SEED_ENDPOINTS: u32 = 0x454e_4450;
 pub const SEED_FLOWS: u32 = 0x464c_4f57;
+pub const SEED_OUTLIER: u32 = 0x4f55_544c;
 
 #[cfg(test)]
 mod tests {
@@ -54,39 +55,23 @@ mod tests {
         }
     }
 
-    /// The value's 4-byte words, in memory order.
-    fn words(v: &ServiceValue) -> [u32; 10] {
-        let o = &v.outlier;
+    fn words(v: &ServiceValue) -> [u32; 5] {
         [
             v.service_id,
             v.revision,
             v.count,
             v.affinity_timeout_s,
-            o.consecutive,
-            o.base_ejection_ms,
-            o.max_ejection_ms,
-            o.interval_ms,
-            u32::from(o.max_ejection_percent) | u32::from(o.min_health_percent) << 8,
             v.seal,
         ]
     }
 
-    fn from_words(w: [u32; 10]) -> ServiceValue {
+    fn from_words(w: [u32; 5]) -> ServiceValue {
         ServiceValue {
             service_id: w[0],
             revision: w[1],
             count: w[2],
             affinity_timeout_s: w[3],
-            outlier: Outlier {
-                consecutive: w[4],
-                base_ejection_ms: w[5],
-                max_ejection_ms: w[6],
-                interval_ms: w[7],
-                max_ejection_percent: w[8] as u8,
-                min_health_percent: (w[8] >> 8) as u8,
-                _pad: 0,
-            },
-            seal: w[9],
+            seal: w[4],
         }
     }
 
@@ -99,7 +84,6 @@ mod tests {
             revision: 100,
             count: 3,
             affinity_timeout_s: 0,
-            outlier: Outlier::default(),
             seal: 0,
         }
         .sealed(&key(1));
@@ -108,31 +92,81 @@ mod tests {
             revision: 101,
             count: 1,
             affinity_timeout_s: 10_800,
-            outlier: Outlier {
-                consecutive: 5,
-                base_ejection_ms: 30_000,
-                max_ejection_ms: 300_000,
-                interval_ms: 10_000,
-                max_ejection_percent: 10,
-                min_health_percent: 0,
-                _pad: 0,
-            },
             seal: 0,
         };
         for b in [b.sealed(&key(1)), b.sealed(&key(2))] {
             let (wa, wb) = (words(&a), words(&b));
-            for mask in 0u32..1024 {
+            for mask in 0u32..32 {
                 let torn = from_words(core::array::from_fn(|i| {
                     if mask & (1 << i) == 0 { wa[i] } else { wb[i] }
                 }));
                 if torn != a && torn != b {
-                    assert!(!torn.is_sealed_for(&key(1)), "mask {mask:010b}");
-                    assert!(!torn.is_sealed_for(&key(2)), "mask {mask:010b}");
+                    assert!(!torn.is_sealed_for(&key(1)), "mask {mask:05b}");
+                    assert!(!torn.is_sealed_for(&key(2)), "mask {mask:05b}");
                 }
             }
         }
         // Another key's value, whole, is not this key's.
         assert!(!a.is_sealed_for(&key(2)));
+    }
+
+    /// A torn health-checking value is never taken for its frontend's.
+    #[test]
+    fn a_torn_outlier_value_is_never_taken_for_its_key() {
+        let words = |o: &Outlier| {
+            [
+                o.consecutive,
+                o.base_ejection_ms,
+                o.max_ejection_ms,
+                o.interval_ms,
+                u32::from(o.max_ejection_percent) | u32::from(o.min_health_percent) << 8,
+                o.seal,
+            ]
+        };
+        let from_words = |w: [u32; 6]| Outlier {
+            consecutive: w[0],
+            base_ejection_ms: w[1],
+            max_ejection_ms: w[2],
+            interval_ms: w[3],
+            max_ejection_percent: w[4] as u8,
+            min_health_percent: (w[4] >> 8) as u8,
+            _pad: 0,
+            seal: w[5],
+        };
+        let a = Outlier {
+            consecutive: 5,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            interval_ms: 10_000,
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+            _pad: 0,
+            seal: 0,
+        }
+        .sealed(1);
+        let b = Outlier {
+            consecutive: 3,
+            base_ejection_ms: 2_000,
+            max_ejection_ms: 300_000,
+            interval_ms: 1_000,
+            max_ejection_percent: 50,
+            min_health_percent: 20,
+            _pad: 0,
+            seal: 0,
+        };
+        for b in [b.sealed(1), b.sealed(2)] {
+            let (wa, wb) = (words(&a), words(&b));
+            for mask in 0u32..64 {
+                let torn = from_words(core::array::from_fn(|i| {
+                    if mask & (1 << i) == 0 { wa[i] } else { wb[i] }
+                }));
+                if torn != a && torn != b {
+                    assert!(!torn.is_sealed_for(1), "mask {mask:06b}");
+                    assert!(!torn.is_sealed_for(2), "mask {mask:06b}");
+                }
+            }
+        }
+        assert!(!a.is_sealed_for(2));
     }
 
     #[test]

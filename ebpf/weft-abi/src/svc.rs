@@ -41,17 +41,17 @@ pub struct ServiceValue {
     pub count: u32,
     /// ClientIP session affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
-    /// Passive health checking of the backends (off when `consecutive` is 0).
-    pub outlier: Outlier,
     /// [`crate::seal`] of the key and the fields above, set by the agent's map writer.
     pub seal: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 40);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 
-/// A frontend's passive health checking (Istio's `outlierDetection`), applied by the kernel:
-/// a backend whose connections through the frontend fail `consecutive` times in a row (from
-/// any pod of the node) gets no new connection for `base_ejection_ms` times the number of
-/// times it was ejected, at most `max_ejection_ms`.
+/// Value of `OUTLIER` (key: the frontend's `ServiceValue::service_id`; no entry: no health
+/// checking): a frontend's passive health checking (Istio's `outlierDetection`), applied by
+/// the kernel. A backend whose connections through the frontend fail `consecutive` times in
+/// a row (from any pod of the node) gets no new connection for `base_ejection_ms` times the
+/// number of times it was ejected, at most `max_ejection_ms`. Its own map, not a field of
+/// `ServiceValue`: every reader of that value (cgroup_skb's included) would pay for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Outlier {
@@ -66,8 +66,43 @@ pub struct Outlier {
     /// Below this share of backends not ejected, ejections are ignored (panic).
     pub min_health_percent: u8,
     pub _pad: u16,
+    /// [`crate::seal`] of the key and the fields above, set by the agent's map writer.
+    pub seal: u32,
 }
-const _: () = assert!(core::mem::size_of::<Outlier>() == 20);
+const _: () = assert!(core::mem::size_of::<Outlier>() == 24);
+
+impl Outlier {
+    /// The seal of this value under service id `key`.
+    #[inline(always)]
+    pub const fn seal_for(&self, key: u32) -> u32 {
+        use crate::seal::{SEED_OUTLIER, finish, mix};
+        let mut h = SEED_OUTLIER;
+        h = mix(h, key);
+        h = mix(h, self.consecutive);
+        h = mix(h, self.base_ejection_ms);
+        h = mix(h, self.max_ejection_ms);
+        h = mix(h, self.interval_ms);
+        h = mix(
+            h,
+            self.max_ejection_percent as u32
+                | (self.min_health_percent as u32) << 8
+                | (self._pad as u32) << 16,
+        );
+        finish(h, 6)
+    }
+
+    /// This value as written under `key`.
+    pub const fn sealed(mut self, key: u32) -> Self {
+        self.seal = self.seal_for(key);
+        self
+    }
+
+    /// Whether this copy is a whole value written under `key`.
+    #[inline(always)]
+    pub const fn is_sealed_for(&self, key: u32) -> bool {
+        self.seal == self.seal_for(key)
+    }
+}
 
 /// Value of `HEALTH` (LRU, key [`MemberKey`]): a backend's record under one frontend.
 /// Writers: sock_ops at a connection's close (and nothing else); readers: connect and the
@@ -119,18 +154,7 @@ impl ServiceValue {
         h = mix(h, self.revision);
         h = mix(h, self.count);
         h = mix(h, self.affinity_timeout_s);
-        let o = &self.outlier;
-        h = mix(h, o.consecutive);
-        h = mix(h, o.base_ejection_ms);
-        h = mix(h, o.max_ejection_ms);
-        h = mix(h, o.interval_ms);
-        h = mix(
-            h,
-            o.max_ejection_percent as u32
-                | (o.min_health_percent as u32) << 8
-                | (o._pad as u32) << 16,
-        );
-        finish(h, 14)
+        finish(h, 9)
     }
 
     /// This value as written under `key`.
@@ -326,6 +350,8 @@ mod pod {
     unsafe impl aya::Pod for SockCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BackendHealth {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Outlier {}
     // SAFETY: as above.
     unsafe impl aya::Pod for WalkCounts {}
 }

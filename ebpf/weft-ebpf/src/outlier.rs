@@ -19,15 +19,16 @@ use aya_ebpf::{
 };
 use weft_abi::{
     conn::{ConnState, flags, tcp_state},
+    stats::Counter,
     svc::{
-        BackendHealth, Endpoint, MemberKey, ServiceValue, SlotKey, WalkCounts, XLATE_CAPTURED,
-        XLATE_DIRECT,
+        BackendHealth, Endpoint, MemberKey, Outlier, ServiceValue, SlotKey, WalkCounts,
+        XLATE_CAPTURED, XLATE_DIRECT,
     },
 };
 
 use crate::{
-    maps::{BACKEND_SLOTS, HEALTH, WALK_COUNTS},
-    service,
+    maps::{BACKEND_SLOTS, HEALTH, OUTLIER, WALK_COUNTS},
+    service, stats,
     storage::Socket as _,
     xlate,
 };
@@ -155,31 +156,48 @@ unsafe extern "C" fn step(index: u64, ctx: *mut c_void) -> i64 {
 /// connect's choice: `picked`, unless it is ejected; then a random backend that is not,
 /// or `picked` when too few are left (fewer than `min_health_percent`, or none: panic, as
 /// Envoy's load balancer then ignores health).
+/// A frontend without health checking has no `HEALTH` entries: one lookup finds its pick
+/// is not ejected.
 #[inline(always)]
 pub fn choose(svc: &ServiceValue, picked: Endpoint) -> Endpoint {
-    if svc.outlier.consecutive == 0 {
-        return picked;
-    }
     let now = now();
     if !ejected(svc.service_id, &picked, now) {
         return picked;
     }
     let mut out = picked;
-    other(svc, now, &mut out);
+    if let Some(o) = config(svc.service_id) {
+        other(svc, &o, now, &mut out);
+    }
     out
+}
+
+/// The health checking of frontend `service_id` (None: off, or torn past retrying: the
+/// pick stands, nothing is counted).
+fn config(service_id: u32) -> Option<Outlier> {
+    for _ in 0..service::SEAL_TRIES {
+        let ptr = OUTLIER.get_ptr(service_id)?;
+        // SAFETY: a map value pointer stays valid memory for this program's run, though its
+        // element may be reused: one volatile copy, then the seal says whether it is whole.
+        let o = unsafe { core::ptr::read_volatile(ptr) };
+        if o.is_sealed_for(service_id) {
+            return Some(o).filter(|o| o.consecutive != 0);
+        }
+        stats::bump(Counter::TornRead);
+    }
+    None
 }
 
 /// Replaces `out` (ejected) with a random backend that is not, if enough are left. Not
 /// inlined; by reference, as a BPF call passes no aggregate by value.
 #[inline(never)]
-fn other(svc: &ServiceValue, now: u64, out: &mut Endpoint) {
+fn other(svc: &ServiceValue, o: &Outlier, now: u64, out: &mut Endpoint) {
     let n = svc.count.min(SCAN);
     let mut found = (0, 0);
     if !walk(svc, now, 0, 0, &mut found) {
         return;
     }
     let left = found.0;
-    if left == 0 || left * 100 < u32::from(svc.outlier.min_health_percent) * n {
+    if left == 0 || left * 100 < u32::from(o.min_health_percent) * n {
         return;
     }
     // SAFETY: no arguments.
@@ -234,12 +252,12 @@ pub fn observe(ctx: &SockOpsContext, state: &ConnState) {
     let Ok(Some(svc)) = service::service(&t.frontend) else {
         return;
     };
-    if svc.outlier.consecutive == 0 {
+    let Some(o) = config(svc.service_id) else {
         return;
-    }
+    };
     match outcome(ctx, state) {
         Outcome::Success => succeeded(&svc, &t.backend),
-        Outcome::Failure => failed(&svc, &t.backend),
+        Outcome::Failure => failed(&svc, &o, &t.backend),
         Outcome::Neither => {}
     }
 }
@@ -256,7 +274,7 @@ fn succeeded(svc: &ServiceValue, backend: &Endpoint) {
     }
 }
 
-fn failed(svc: &ServiceValue, backend: &Endpoint) {
+fn failed(svc: &ServiceValue, o: &Outlier, backend: &Endpoint) {
     let key = member(svc, backend);
     let h = match HEALTH.get_ptr_mut(key) {
         Some(h) => h,
@@ -278,10 +296,10 @@ fn failed(svc: &ServiceValue, backend: &Endpoint) {
     let now = now();
     // SAFETY: as above.
     let until = unsafe { (*h).ejected_until_ns };
-    if failures < svc.outlier.consecutive || until > now {
+    if failures < o.consecutive || until > now {
         return;
     }
-    eject(svc, h, now);
+    eject(svc, o, h, now);
 }
 
 /// Ejects the backend whose record is `h`, unless that would eject more than
@@ -289,8 +307,7 @@ fn failed(svc: &ServiceValue, backend: &Endpoint) {
 /// as Envoy's does, unless the walk's counts could not be trusted (the next failure tries
 /// again).
 #[inline(never)]
-fn eject(svc: &ServiceValue, h: *mut BackendHealth, now: u64) {
-    let o = &svc.outlier;
+fn eject(svc: &ServiceValue, o: &Outlier, h: *mut BackendHealth, now: u64) {
     let n = svc.count.min(SCAN);
     let mut found = (0, 0);
     if !walk(svc, now, 0, 0, &mut found) {

@@ -303,7 +303,7 @@ fn unconnected_slot(x: &mut SockXlate, key: &ServiceKey) -> usize {
 }
 
 /// Tries to copy a whole `SERVICES` value (see `weft_abi::seal`) before giving up.
-const SEAL_TRIES: usize = 3;
+pub const SEAL_TRIES: usize = 3;
 
 /// The service of a frontend: a whole value written under `key` (its seal checked), or none.
 #[inline(always)]
