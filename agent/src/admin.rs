@@ -345,8 +345,8 @@ pub struct AdminState {
     pub source_health: Option<Arc<crate::source::kube::Health>>,
     /// Telemetry settings, for `/config/dump`.
     pub telemetry_settings: serde_json::Value,
-    /// `--outlier-detection-default`, for `/config/dump`'s services.
-    pub outlier_default: crate::compile::outlier::OutlierDefault,
+    /// What services compile with, for `/config/dump`.
+    pub service_settings: crate::compile::ServiceSettings,
     /// The mesh's CA and certificates.
     pub mesh: Arc<RwLock<crate::mesh::MeshStatus>>,
 }

@@ -978,7 +978,7 @@ fn admin_state(
         store: Arc::clone(&views.store),
         source_health,
         telemetry_settings: config.telemetry.summary(&config.pipeline.names),
-        outlier_default: config.pipeline.outlier_detection_default.clone(),
+        service_settings: config.pipeline.service_settings(),
         mesh: Arc::default(),
     }
 }

@@ -26,7 +26,7 @@ use weft_abi::{
     svc::{Endpoint, Outlier, ServiceKey},
 };
 
-use self::outlier::{OutlierDefault, OutlierDetection};
+use self::outlier::{OutlierDefault, OutlierDetection, Scope, ServiceOutlier};
 use crate::store::{Store, object::ip, validate::SERVICE_NAME_LABEL};
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -96,17 +96,43 @@ impl<'a> Index<'a> {
     }
 }
 
-/// Compiles every Service of the store; `outlier` is the health checking of their TCP ports
-/// (`--outlier-detection-default`; DestinationRules are not read yet).
-pub fn services(store: &Store, outlier: &OutlierDefault) -> Services {
+/// What services compile with besides the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// `--outlier-detection-default`: health checking of TCP ports no DestinationRule
+    /// configures.
+    pub outlier_default: OutlierDefault,
+    /// `--mesh-root-namespace`: its DestinationRules apply mesh-wide.
+    pub mesh_root: String,
+    pub cluster_domain: String,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            outlier_default: OutlierDefault::default(),
+            mesh_root: "istio-system".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+        }
+    }
+}
+
+/// Compiles every Service of the store.
+pub fn services(store: &Store, settings: &ServiceSettings) -> Services {
     let index = Index::new(store);
     let mut out = Services::default();
-    let outlier = outlier
-        .0
-        .as_ref()
-        .map(OutlierDetection::kernel)
-        .unwrap_or_default();
+    let scope = Scope {
+        root: &settings.mesh_root,
+        domain: &settings.cluster_domain,
+        default: settings
+            .outlier_default
+            .0
+            .as_ref()
+            .map(OutlierDetection::kernel)
+            .unwrap_or_default(),
+    };
     for ((ns, name), svc) in &store.services {
+        let outlier = ServiceOutlier::of(store, &scope, (ns, name));
         compile_service(&index, (ns, name), svc, outlier, &mut out);
     }
     out
@@ -123,14 +149,14 @@ struct ServiceCtx<'a> {
     include_not_ready: bool,
     affinity_timeout_s: u32,
     /// For TCP ports.
-    outlier: Outlier,
+    outlier: ServiceOutlier<'a>,
 }
 
 fn compile_service(
     index: &Index<'_>,
     (ns, name): (&str, &str),
     svc: &Service,
-    outlier: Outlier,
+    outlier: ServiceOutlier<'_>,
     out: &mut Services,
 ) {
     let id = format!("{ns}/{name}");
@@ -260,7 +286,7 @@ impl ServiceCtx<'_> {
                 backends: backends.into_iter().collect(),
                 affinity_timeout_s: self.affinity_timeout_s,
                 outlier: if protocol == IPPROTO_TCP {
-                    self.outlier
+                    self.outlier.port(service_port)
                 } else {
                     Outlier::default()
                 },
@@ -465,7 +491,7 @@ mod tests {
             pod("b", "10.0.0.12", "fd00::12", "True"),
             pod("c", "10.0.0.13", "fd00::13", "False"),
         );
-        let out = services(&store(&[SVC, &a, &b, &c]), &OutlierDefault::default());
+        let out = services(&store(&[SVC, &a, &b, &c]), &ServiceSettings::default());
         let v4 = &out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)];
         assert_eq!(backends(v4), ["10.0.0.11:8080", "10.0.0.12:8080"]);
         assert_eq!(v4.service, "shop/web");
@@ -481,7 +507,7 @@ mod tests {
     fn endpoint_slices_win_over_the_selector_and_only_ready_endpoints_serve() {
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- {addresses: [10.0.1.1]}\n- {addresses: [10.0.1.2], conditions: {ready: false}}\n- {addresses: [10.0.1.3], conditions: {ready: true}}\n";
         let a = pod("a", "10.0.0.11", "fd00::11", "True");
-        let out = services(&store(&[SVC, slice, &a]), &OutlierDefault::default());
+        let out = services(&store(&[SVC, slice, &a]), &ServiceSettings::default());
         assert_eq!(
             backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
             ["10.0.1.1:9090", "10.0.1.3:9090"]
@@ -504,7 +530,7 @@ mod tests {
     fn missing_named_ports_are_reported() {
         let p = pod("a", "10.0.0.11", "fd00::11", "True")
             .replace("name: http, containerPort", "name: web, containerPort");
-        let out = services(&store(&[SVC, &p]), &OutlierDefault::default());
+        let out = services(&store(&[SVC, &p]), &ServiceSettings::default());
         assert!(
             out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]
                 .backends
@@ -522,19 +548,19 @@ mod tests {
     #[test]
     fn affinity_headless_and_sctp() {
         let aff = SVC.replace("  selector:", "  sessionAffinity: ClientIP\n  selector:");
-        let out = services(&store(&[&aff]), &OutlierDefault::default());
+        let out = services(&store(&[&aff]), &ServiceSettings::default());
         assert_eq!(
             out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)].affinity_timeout_s,
             DEFAULT_AFFINITY_TIMEOUT_S
         );
         let headless = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n";
         assert!(
-            services(&store(&[headless]), &OutlierDefault::default())
+            services(&store(&[headless]), &ServiceSettings::default())
                 .frontends
                 .is_empty()
         );
         let sctp = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{port: 80, protocol: SCTP}]\n";
-        let out = services(&store(&[sctp]), &OutlierDefault::default());
+        let out = services(&store(&[sctp]), &ServiceSettings::default());
         assert!(out.frontends.is_empty());
         assert_eq!(out.problems.len(), 1);
     }
@@ -547,13 +573,13 @@ mod tests {
             )
         };
         let with_ready = slice("{ready: true}");
-        let out = services(&store(&[SVC, &with_ready]), &OutlierDefault::default());
+        let out = services(&store(&[SVC, &with_ready]), &ServiceSettings::default());
         assert_eq!(
             backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
             ["10.0.1.2:9090"]
         );
         let none_ready = slice("{ready: false, serving: false}");
-        let out = services(&store(&[SVC, &none_ready]), &OutlierDefault::default());
+        let out = services(&store(&[SVC, &none_ready]), &ServiceSettings::default());
         assert_eq!(
             backends(&out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)]),
             ["10.0.1.1:9090"]
@@ -563,7 +589,7 @@ mod tests {
     #[test]
     fn a_frontend_is_served_by_the_first_service_and_the_other_is_reported() {
         let other = SVC.replace("name: web,", "name: zz-web,");
-        let out = services(&store(&[SVC, &other]), &OutlierDefault::default());
+        let out = services(&store(&[SVC, &other]), &ServiceSettings::default());
         assert_eq!(
             out.frontends[&key("10.96.0.10", 80, IPPROTO_TCP)].service,
             "shop/web"
@@ -578,7 +604,7 @@ mod tests {
         );
         let no_ip =
             "apiVersion: v1\nkind: Service\nmetadata: {name: noip}\nspec:\n  ports: [{port: 80}]\n";
-        let out = services(&store(&[no_ip]), &OutlierDefault::default());
+        let out = services(&store(&[no_ip]), &ServiceSettings::default());
         assert!(
             out.problems
                 .iter()
@@ -615,14 +641,14 @@ mod example_dir {
         assert!(rejections.is_empty(), "{rejections:#?}");
         assert_eq!(
             objects.len(),
-            17,
+            18,
             "1 namespace, 3 pods, 3 services, 1 slice, 4 policies, 2 PeerAuthentications, 3 \
-             AuthorizationPolicies: {:?}",
+             AuthorizationPolicies, 1 DestinationRule: {:?}",
             objects.keys().collect::<Vec<_>>()
         );
         let out = services(
             &Store::from_objects(objects.clone()),
-            &OutlierDefault::default(),
+            &ServiceSettings::default(),
         );
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         let list: Vec<(String, Vec<String>, u32)> = out
@@ -658,6 +684,20 @@ mod example_dir {
         let mut got = list;
         got.sort();
         assert_eq!(got, want);
+        // The DestinationRule checks web's backends, and only those.
+        let checked: Vec<(String, u32)> = out
+            .frontends
+            .iter()
+            .map(|(k, f)| (crate::sync::frontend_name(k), f.outlier.consecutive))
+            .filter(|(_, n)| *n != 0)
+            .collect();
+        assert_eq!(
+            checked,
+            [
+                ("10.96.0.10:80/TCP".to_owned(), 3),
+                ("[fd00:96::10]:80/TCP".to_owned(), 3)
+            ]
+        );
 
         // The policies: every pod ingress-isolated, the frontend egress-isolated too, and the
         // demo's traffic allowed while the frontend cannot reach postgres.

@@ -25,7 +25,7 @@ use self::{
 };
 use crate::{
     compile::{
-        self, Problem, Services,
+        self, Problem, ServiceSettings, Services,
         names::{Directory, DirectoryHandle, NameConfig},
         outlier::OutlierDefault,
     },
@@ -60,13 +60,24 @@ pub struct Settings {
     /// namespace).
     #[arg(long, default_value = "istio-system")]
     pub mesh_root_namespace: String,
-    /// Passive health checking of every Service's TCP backends (DestinationRules are not
-    /// read yet): off, on (Envoy's defaults), or outlierDetection's fields, e.g.
-    /// consecutive5xxErrors=3,baseEjectionTime=10s,maxEjectionPercent=50.
+    /// Passive health checking of Services' TCP backends that no DestinationRule's
+    /// outlierDetection configures: off, on (Envoy's defaults), or outlierDetection's
+    /// fields, e.g. consecutive5xxErrors=3,baseEjectionTime=10s,maxEjectionPercent=50.
     #[arg(long, default_value = "off")]
     pub outlier_detection_default: OutlierDefault,
     #[command(flatten)]
     pub names: NameConfig,
+}
+
+impl Settings {
+    /// What services compile with.
+    pub fn service_settings(&self) -> ServiceSettings {
+        ServiceSettings {
+            outlier_default: self.outlier_detection_default.clone(),
+            mesh_root: self.mesh_root_namespace.clone(),
+            cluster_domain: self.names.cluster_domain.clone(),
+        }
+    }
 }
 
 /// The Service a frontend belongs to, for listings.
@@ -117,7 +128,7 @@ pub struct Pipeline<S = KernelMaps, P = KernelPolicyMaps> {
     policy: PolicyStage<P>,
     metrics: PipelineMetrics,
     names: NameConfig,
-    outlier_default: OutlierDefault,
+    service_settings: ServiceSettings,
     views: Views,
     /// The store of the last pass, for policy passes that need no new read.
     last_store: Arc<Store>,
@@ -177,7 +188,7 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             policy,
             metrics,
             names: settings.names.clone(),
-            outlier_default: settings.outlier_detection_default.clone(),
+            service_settings: settings.service_settings(),
             views,
             last_store: Arc::default(),
             synced: false,
@@ -274,7 +285,7 @@ impl<S: ServiceMaps, P: PolicyMaps> Pipeline<S, P> {
             return Ok(read.unsettled);
         };
         let desired = self.metrics.time(Stage::Services, || {
-            compile::services(&store, &self.outlier_default)
+            compile::services(&store, &self.service_settings)
         });
         let report = self.syncer.apply(&desired, started);
         let policy_started = Instant::now();

@@ -2,6 +2,7 @@
 //!
 //! Objects are decoded strictly (unknown fields are errors) and validated before they enter
 //! the store; a rejected document never replaces a good object.
+pub mod networking;
 pub mod object;
 pub mod security;
 pub mod stand_in;
@@ -116,6 +117,9 @@ pub fn decode(mut value: Value) -> Result<(ObjectRef, Object), Invalid> {
         Kind::AuthorizationPolicy => Object::AuthorizationPolicy(Arc::new(
             typed::<security::AuthorizationPolicy>(&value).map_err(invalid)?,
         )),
+        Kind::DestinationRule => Object::DestinationRule(Arc::new(
+            typed::<networking::DestinationRule>(&value).map_err(invalid)?,
+        )),
     };
     validate::object(&object).map_err(invalid)?;
     let object_ref = object_ref.ok_or_else(|| Invalid::new(None, "metadata.name", "required"))?;
@@ -180,6 +184,8 @@ pub struct Store {
     /// Istio's security API ([`security`]).
     pub peer_authentications: BTreeMap<Key, Arc<security::PeerAuthentication>>,
     pub authorization_policies: BTreeMap<Key, Arc<security::AuthorizationPolicy>>,
+    /// Istio's DestinationRules ([`networking`]).
+    pub destination_rules: BTreeMap<Key, Arc<networking::DestinationRule>>,
     /// Kinds the source reads but has not listed yet (one the API server began to serve
     /// after the first pass): what they would hold is unknown.
     pub unlisted: std::collections::BTreeSet<Kind>,
@@ -205,6 +211,9 @@ impl Store {
                 }
                 Object::AuthorizationPolicy(x) => {
                     drop(store.authorization_policies.insert(key, Arc::clone(x)))
+                }
+                Object::DestinationRule(x) => {
+                    drop(store.destination_rules.insert(key, Arc::clone(x)))
                 }
             }
         }
@@ -280,6 +289,7 @@ impl Store {
                 Kind::AuthorizationPolicy.as_str(),
                 self.authorization_policies.len(),
             ),
+            (Kind::DestinationRule.as_str(), self.destination_rules.len()),
         ])
     }
 }
@@ -294,6 +304,47 @@ mod tests {
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n    targetPort: http\n";
+
+    const RULE: &str = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\nspec:\n  host: web\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n    loadBalancer: {simple: LEAST_REQUEST}\n    connectionPool: {tcp: {maxConnections: 100}}\n    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, splitExternalLocalOriginErrors: true}\n    portLevelSettings:\n    - port: {number: 80}\n      outlierDetection: {maxEjectionPercent: 50}\n";
+
+    /// A DestinationRule keeps every field weft does not read: never stricter than the
+    /// API server.
+    #[test]
+    fn a_destination_rule_decodes_with_the_fields_weft_does_not_read() {
+        let (r, o) = doc(RULE).expect("valid");
+        assert_eq!(r.to_string(), "DestinationRule shop/web");
+        let Object::DestinationRule(dr) = o else {
+            panic!("not a DestinationRule")
+        };
+        let policy = dr.spec.traffic_policy.as_ref().expect("trafficPolicy");
+        let o = policy.outlier_detection.as_ref().expect("outlierDetection");
+        assert_eq!(o.consecutive_5xx_errors, Some(3));
+        assert_eq!(o.base_ejection_time.as_deref(), Some("1m"));
+        assert!(policy.other.contains_key("loadBalancer"));
+        assert!(dr.spec.other.contains_key("subsets"));
+    }
+
+    /// What istiod refuses is refused, naming the field.
+    #[test]
+    fn a_destination_rule_is_validated_as_istiod_does() {
+        let field = |from: &str, to: &str| {
+            let e = doc(&RULE.replace(from, to)).expect_err(to);
+            e.errors[0].field.clone()
+        };
+        assert_eq!(
+            field("interval: 5s", "interval: 5"),
+            "spec.trafficPolicy.outlierDetection.interval"
+        );
+        assert_eq!(
+            field("maxEjectionPercent: 50", "maxEjectionPercent: 150"),
+            "spec.trafficPolicy.portLevelSettings[0].outlierDetection.maxEjectionPercent"
+        );
+        assert_eq!(
+            field("- port: {number: 80}\n      ", "- "),
+            "spec.trafficPolicy.portLevelSettings[0].port"
+        );
+        assert_eq!(field("host: web", "host: \"\""), "spec.host");
+    }
 
     #[test]
     fn decodes_a_service_into_the_default_namespace() {

@@ -418,15 +418,33 @@ fn setup_checking(
     affinity: Option<u32>,
     outlier: &str,
 ) -> (Node, Agent, Vec<weft_testkit::proc::Process>) {
+    setup_with(
+        test,
+        affinity,
+        &["--outlier-detection-default", outlier],
+        None,
+    )
+}
+
+/// [`setup`] with `flags` for the agent and `rule` as a source file.
+fn setup_with(
+    test: &str,
+    affinity: Option<u32>,
+    flags: &[&str],
+    rule: Option<&str>,
+) -> (Node, Agent, Vec<weft_testkit::proc::Process>) {
     let node = node(test);
     node.write_source("pods.yaml", &pods(&node, &[]));
     node.write_source("services.yaml", &web_service(affinity));
+    if let Some(rule) = rule {
+        node.write_source("rule.yaml", rule);
+    }
     let servers = start_backends(&node);
     let agent = Agent::start_with(
         &node,
         AgentOptions {
             source: true,
-            extra_args: vec!["--outlier-detection-default".into(), outlier.into()],
+            extra_args: flags.iter().map(|f| (*f).to_owned()).collect(),
             ..AgentOptions::default()
         },
     );
@@ -527,12 +545,27 @@ fn no_more_than_max_ejection_percent_of_the_backends_is_ejected() {
     assert_eq!(ejected(&agent).len(), 2);
 }
 
+/// Health checking configured by a DestinationRule (the agent has no default), here with a
+/// panic threshold.
+const PANICKING_RULE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web.default.svc.cluster.local
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 3
+      interval: 10s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 100
+      minHealthPercent: 50
+";
+
 #[test]
 fn below_min_health_percent_ejections_are_ignored() {
     // Ejecting two of three leaves 33% healthy, under 50%: every backend takes connections
     // again (Envoy's panic mode).
-    let (node, agent, mut servers) =
-        setup_checking("outlier_panic", None, &checking(100, 50, "60s"));
+    let (node, agent, mut servers) = setup_with("outlier_panic", None, &[], Some(PANICKING_RULE));
     stop_tcp_server(&mut servers, "b1");
     stop_tcp_server(&mut servers, "b2");
     let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 300);

@@ -150,10 +150,10 @@ pub async fn config_dump(State(state): State<AdminState>) -> Response {
         )
     };
     let telemetry = state.telemetry_settings.clone();
-    let outlier_default = state.outlier_default.clone();
+    let service_settings = state.service_settings.clone();
     // Compiling 10 000 services takes tens of milliseconds: off the async threads.
     let dump = tokio::task::spawn_blocking(move || {
-        let desired = compile::services(&store, &outlier_default);
+        let desired = compile::services(&store, &service_settings);
         let services = desired
             .frontends
             .iter()

@@ -41,7 +41,7 @@ fn state() -> AdminState {
         store: views.store,
         source_health: None,
         telemetry_settings: serde_json::Value::Null,
-        outlier_default: Default::default(),
+        service_settings: Default::default(),
         mesh: Arc::default(),
     }
 }

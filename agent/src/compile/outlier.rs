@@ -12,6 +12,12 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use weft_abi::svc::Outlier;
 
+use crate::store::{
+    Store,
+    networking::{self, DestinationRule},
+    validate::networking::go_duration,
+};
+
 /// Envoy's defaults.
 const CONSECUTIVE_5XX: u32 = 5;
 const INTERVAL: Duration = Duration::from_secs(10);
@@ -62,6 +68,127 @@ impl OutlierDetection {
             seal: 0,
         }
     }
+}
+
+impl From<&networking::OutlierDetection> for OutlierDetection {
+    /// A validated `outlierDetection` (a duration that does not parse is unset).
+    fn from(o: &networking::OutlierDetection) -> Self {
+        let duration = |d: &Option<String>| d.as_deref().and_then(go_duration);
+        let percent = |p: Option<i32>| p.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        Self {
+            consecutive_gateway_errors: o.consecutive_gateway_errors,
+            consecutive_5xx_errors: o.consecutive_5xx_errors,
+            interval: duration(&o.interval),
+            base_ejection_time: duration(&o.base_ejection_time),
+            max_ejection_percent: percent(o.max_ejection_percent),
+            min_health_percent: percent(o.min_health_percent),
+        }
+    }
+}
+
+/// Where a Service's health checking comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope<'a> {
+    /// The mesh root namespace: its rules apply to every client.
+    pub root: &'a str,
+    /// The cluster's DNS domain (`name.ns.svc.<domain>`).
+    pub domain: &'a str,
+    /// `--outlier-detection-default`, compiled.
+    pub default: Outlier,
+}
+
+/// What applies to the TCP ports of one Service.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceOutlier<'a> {
+    rule: Option<&'a DestinationRule>,
+    default: Outlier,
+}
+
+impl<'a> ServiceOutlier<'a> {
+    /// For Service `ns/name`: the DestinationRule for its host, from its namespace, else
+    /// from the mesh root namespace (Istio applies one elsewhere only to that namespace's
+    /// clients, and weft decides for every client of the node); the exact host before a
+    /// wildcard of the namespace before a wider one, then the oldest, then by name.
+    pub fn of(store: &'a Store, scope: &Scope<'_>, service: (&str, &str)) -> Self {
+        let rule = [service.0, scope.root]
+            .into_iter()
+            .find_map(|ns| best_rule(store, ns, scope.domain, service));
+        Self {
+            rule,
+            default: scope.default,
+        }
+    }
+
+    /// What applies to Service port `port`: the rule's port-level `outlierDetection`, else
+    /// its own, else the default (a rule without one leaves the default).
+    pub fn port(&self, port: u16) -> Outlier {
+        let Some(policy) = self.rule.and_then(|r| r.spec.traffic_policy.as_ref()) else {
+            return self.default;
+        };
+        let port_level = policy
+            .port_level_settings
+            .iter()
+            .flatten()
+            .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(u32::from(port)));
+        // A port's settings replace the rule's whole, as Istio's do: they inherit nothing.
+        let outlier = match port_level {
+            Some(p) => p.outlier_detection.as_ref(),
+            None => policy.outlier_detection.as_ref(),
+        };
+        outlier.map_or(self.default, |o| OutlierDetection::from(o).kernel())
+    }
+}
+
+/// The best DestinationRule of namespace `scope` for Service `ns/name` (see
+/// [`ServiceOutlier::of`]).
+fn best_rule<'a>(
+    store: &'a Store,
+    scope: &str,
+    domain: &str,
+    service: (&str, &str),
+) -> Option<&'a DestinationRule> {
+    store
+        .destination_rules
+        .range((scope.to_owned(), String::new())..)
+        .take_while(|((rule_ns, _), _)| rule_ns == scope)
+        .filter_map(|((rule_ns, rule_name), dr)| {
+            let rank = host_rank(&dr.spec.host, rule_ns, domain, service)?;
+            // Istio merges the rules of one host and takes the traffic policy of the oldest
+            // that has one.
+            let without_policy = dr.spec.traffic_policy.is_none();
+            let created = dr.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            Some((
+                (rank, without_policy, created, rule_name.as_str()),
+                dr.as_ref(),
+            ))
+        })
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, dr)| dr)
+}
+
+/// How well `host` (of a rule in namespace `rule_ns`) names Service `ns/name`, lower
+/// better: the exact name first, then wildcards, the longest first; None not at all. A name
+/// without a dot is short for one in the rule's namespace (Istio expands no other form); a
+/// trailing dot is allowed.
+fn host_rank(
+    host: &str,
+    rule_ns: &str,
+    domain: &str,
+    (ns, name): (&str, &str),
+) -> Option<(u8, usize)> {
+    let fqdn = format!("{name}.{ns}.svc.{domain}");
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if let Some(suffix) = host.strip_prefix('*') {
+        return fqdn
+            .ends_with(suffix)
+            .then(|| (1, usize::MAX - suffix.len()));
+    }
+    let exact = if host.contains('.') {
+        host.eq_ignore_ascii_case(&fqdn)
+    } else {
+        host.eq_ignore_ascii_case(name) && rule_ns == ns
+    };
+    exact.then_some((0, 0))
 }
 
 /// `--outlier-detection-default`: what applies to a Service no DestinationRule configures.
@@ -139,7 +266,155 @@ impl fmt::Display for OutlierDefault {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{Value, json};
+
     use super::*;
+
+    /// A store of DestinationRules: (namespace, name, created, spec).
+    fn rules(rules: &[(&str, &str, &str, Value)]) -> Store {
+        let mut store = Store::default();
+        for (ns, name, created, spec) in rules {
+            let dr: DestinationRule = serde_json::from_value(json!({
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "DestinationRule",
+                "metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+                "spec": spec,
+            }))
+            .expect("rule");
+            store
+                .destination_rules
+                .insert(((*ns).to_owned(), (*name).to_owned()), Arc::new(dr));
+        }
+        store
+    }
+
+    fn outlier(consecutive: u32) -> Value {
+        json!({"outlierDetection": {"consecutive5xxErrors": consecutive}})
+    }
+
+    /// The consecutive failures that eject for Service `ns/name` port 80.
+    fn consecutive(store: &Store, service: (&str, &str)) -> u32 {
+        let scope = Scope {
+            root: "istio-system",
+            domain: "cluster.local",
+            default: Outlier::default(),
+        };
+        ServiceOutlier::of(store, &scope, service)
+            .port(80)
+            .consecutive
+    }
+
+    /// Every form of a host names its Service, and only it.
+    #[test]
+    fn hosts_name_services_as_istio_reads_them() {
+        let rank =
+            |host: &str, rule_ns: &str| host_rank(host, rule_ns, "cluster.local", ("prod", "web"));
+        assert_eq!(rank("web", "prod"), Some((0, 0)));
+        assert_eq!(rank("WEB", "prod"), Some((0, 0)));
+        assert_eq!(rank("web", "other"), None);
+        // Istio expands only names without a dot.
+        assert_eq!(rank("web.prod", "prod"), None);
+        assert_eq!(rank("web.prod.svc", "prod"), None);
+        assert_eq!(rank("web.prod.svc.cluster.local", "other"), Some((0, 0)));
+        assert_eq!(rank("web.prod.svc.cluster.local.", "other"), Some((0, 0)));
+        assert_eq!(rank("web.prod.svc.example.org", "other"), None);
+        assert_eq!(rank("db.prod.svc.cluster.local", "prod"), None);
+        // Wildcards: the longest suffix first.
+        let ns = rank("*.prod.svc.cluster.local", "prod").expect("namespace");
+        let svc = rank("*.svc.cluster.local", "prod").expect("svc");
+        let domain = rank("*.cluster.local", "prod").expect("domain");
+        let all = rank("*", "prod").expect("all");
+        assert!((0, 0) < ns && ns < svc && svc < domain && domain < all);
+        assert_eq!(rank("*.example.com", "prod"), None);
+    }
+
+    /// The Service's namespace before the root's; there, the exact host before a wildcard,
+    /// then the oldest rule.
+    #[test]
+    fn the_nearest_most_exact_oldest_rule_applies() {
+        let old = "2026-01-01T00:00:00Z";
+        let new = "2026-06-01T00:00:00Z";
+        let host = |h: &str, o: Value| {
+            let mut spec = json!({"host": h, "trafficPolicy": o});
+            spec["trafficPolicy"]["outlierDetection"]["consecutiveGatewayErrors"] = json!(0);
+            spec
+        };
+        let store = rules(&[
+            ("istio-system", "mesh", old, host("*", outlier(9))),
+            (
+                "prod",
+                "wild",
+                "2025-01-01T00:00:00Z", // the oldest, yet after every exact host
+                host("*.prod.svc.cluster.local", outlier(7)),
+            ),
+            ("prod", "b-new", new, host("web", outlier(3))),
+            (
+                "prod",
+                "a-newest",
+                "2026-07-01T00:00:00Z",
+                host("web", outlier(4)),
+            ),
+            (
+                "prod",
+                "c-old",
+                old,
+                host("web.prod.svc.cluster.local", outlier(2)),
+            ),
+            (
+                "other",
+                "elsewhere",
+                old,
+                host("web.prod.svc.cluster.local", outlier(1)),
+            ),
+        ]);
+        assert_eq!(consecutive(&store, ("prod", "web")), 2);
+        assert_eq!(consecutive(&store, ("prod", "db")), 7);
+        assert_eq!(consecutive(&store, ("dev", "web")), 9);
+    }
+
+    /// A port's own settings before the rule's; a rule without outlierDetection leaves the
+    /// default.
+    #[test]
+    fn port_level_settings_come_first() {
+        let store = rules(&[(
+            "prod",
+            "web",
+            "2026-01-01T00:00:00Z",
+            json!({"host": "web", "trafficPolicy": {
+                "outlierDetection": {"consecutive5xxErrors": 3},
+                "portLevelSettings": [
+                    {"port": {"number": 8080}, "outlierDetection": {"consecutive5xxErrors": 6}},
+                    {"port": {"number": 9090}, "loadBalancer": {"simple": "ROUND_ROBIN"}},
+                ],
+            }}),
+        )]);
+        let default = Outlier {
+            consecutive: 11,
+            ..Outlier::default()
+        };
+        let scope = Scope {
+            root: "istio-system",
+            domain: "cluster.local",
+            default,
+        };
+        let s = ServiceOutlier::of(&store, &scope, ("prod", "web"));
+        assert_eq!(s.port(8080).consecutive, 6);
+        // A port's entry inherits nothing, as in Istio: the default.
+        assert_eq!(s.port(9090).consecutive, 11);
+        assert_eq!(s.port(80).consecutive, 3);
+        let none = rules(&[(
+            "prod",
+            "web",
+            "2026-01-01T00:00:00Z",
+            json!({"host": "web"}),
+        )]);
+        assert_eq!(
+            ServiceOutlier::of(&none, &scope, ("prod", "web")).port(80),
+            default
+        );
+    }
 
     fn kernel(flag: &str) -> Outlier {
         flag.parse::<OutlierDefault>()

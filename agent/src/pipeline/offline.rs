@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::Error;
 use crate::{
-    compile::{self, outlier::OutlierDefault, policy::Ids},
+    compile::{self, ServiceSettings, policy::Ids},
     source::{Rejection, dir::DirSource},
     store::Store,
 };
@@ -57,7 +57,7 @@ pub fn compile_dir(dir: &Path, host_ips: &[IpAddr]) -> Result<CompileReport, Err
     // is the compile's.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let started = Instant::now();
-    let services = compile::services(&store, &OutlierDefault::default());
+    let services = compile::services(&store, &ServiceSettings::default());
     let policies = compile::policy::compile(&store, host_ips, &mut Ids::default(), u32::MAX);
     let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
     let hwm_after_kib = proc_status_kib("VmHWM:");

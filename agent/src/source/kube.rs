@@ -451,7 +451,10 @@ fn stand_in_of(object: &Object) -> Option<Object> {
         Object::NetworkPolicy(p) => serde_json::to_value(p.as_ref()),
         Object::PeerAuthentication(p) => serde_json::to_value(p.as_ref()),
         Object::AuthorizationPolicy(p) => serde_json::to_value(p.as_ref()),
-        Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => return None,
+        Object::Namespace(_)
+        | Object::Service(_)
+        | Object::EndpointSlice(_)
+        | Object::DestinationRule(_) => return None,
     };
     let value = value.ok()?;
     let namespace = value["metadata"]["namespace"].as_str().unwrap_or_default();

@@ -8,7 +8,10 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
-use super::security::{self, AuthorizationPolicy, PeerAuthentication};
+use super::{
+    networking::{self, DestinationRule},
+    security::{self, AuthorizationPolicy, PeerAuthentication},
+};
 
 /// The pod has ended (phase Succeeded or Failed): its containers are gone, and its address
 /// may already belong to another pod.
@@ -29,6 +32,7 @@ pub enum Kind {
     NetworkPolicy,
     PeerAuthentication,
     AuthorizationPolicy,
+    DestinationRule,
 }
 
 impl Kind {
@@ -45,6 +49,9 @@ impl Kind {
             }
             (v, "AuthorizationPolicy") if security::is_security_api(v) => {
                 Some(Self::AuthorizationPolicy)
+            }
+            (v, "DestinationRule") if networking::is_networking_api(v) => {
+                Some(Self::DestinationRule)
             }
             _ => None,
         }
@@ -63,6 +70,7 @@ impl Kind {
             Self::NetworkPolicy => "NetworkPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
             Self::AuthorizationPolicy => "AuthorizationPolicy",
+            Self::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -113,6 +121,7 @@ pub enum Object {
     NetworkPolicy(Arc<NetworkPolicy>),
     PeerAuthentication(Arc<PeerAuthentication>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    DestinationRule(Arc<DestinationRule>),
 }
 
 impl Object {
@@ -125,6 +134,7 @@ impl Object {
             Self::NetworkPolicy(_) => Kind::NetworkPolicy,
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Self::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 }

@@ -17,10 +17,15 @@ pub const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// Whether `api_version` is one of [`VERSIONS`] of [`GROUP`].
 pub fn is_security_api(api_version: &str) -> bool {
+    in_group(api_version, GROUP, &VERSIONS)
+}
+
+/// Whether `api_version` is `group/version` for one of `versions` (Istio's groups).
+pub fn in_group(api_version: &str, group: &str, versions: &[&str]) -> bool {
     api_version
-        .strip_prefix(GROUP)
+        .strip_prefix(group)
         .and_then(|v| v.strip_prefix('/'))
-        .is_some_and(|v| VERSIONS.contains(&v))
+        .is_some_and(|v| versions.contains(&v))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -67,7 +67,9 @@ pub fn stand_in(kind: Kind, value: &Value, namespace: &str) -> Option<Object> {
         Kind::AuthorizationPolicy => {
             authorization_policy(value, namespace).map(|p| Object::AuthorizationPolicy(Arc::new(p)))
         }
-        Kind::Namespace | Kind::Service | Kind::EndpointSlice => None,
+        // A rejected DestinationRule keeps its last good version: health checking is no
+        // limit on what a pod may reach.
+        Kind::Namespace | Kind::Service | Kind::EndpointSlice | Kind::DestinationRule => None,
     }
 }
 
@@ -83,7 +85,10 @@ pub fn is_stand_in(object: &Object) -> bool {
         Object::NetworkPolicy(p) => marked(&p.metadata),
         Object::PeerAuthentication(p) => marked(&p.metadata),
         Object::AuthorizationPolicy(p) => marked(&p.metadata),
-        Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => false,
+        Object::Namespace(_)
+        | Object::Service(_)
+        | Object::EndpointSlice(_)
+        | Object::DestinationRule(_) => false,
     }
 }
 
@@ -118,9 +123,11 @@ pub fn kept_beside(kept: &Object) -> Option<Object> {
             pa.spec.port_level_mtls = None;
             Some(Object::PeerAuthentication(Arc::new(pa)))
         }
-        Object::Pod(_) | Object::Namespace(_) | Object::Service(_) | Object::EndpointSlice(_) => {
-            None
-        }
+        Object::Pod(_)
+        | Object::Namespace(_)
+        | Object::Service(_)
+        | Object::EndpointSlice(_)
+        | Object::DestinationRule(_) => None,
     }
 }
 

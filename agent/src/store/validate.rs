@@ -2,6 +2,7 @@
 //! (kubernetes pkg/apis/core/validation, pkg/apis/discovery/validation) for the fields weft
 //! uses. Every problem names its field.
 pub mod netpol;
+pub mod networking;
 pub mod security;
 
 use std::{collections::BTreeSet, net::IpAddr, path::Component, path::Path};
@@ -189,6 +190,7 @@ pub fn object(object: &super::Object) -> Result<(), Vec<FieldError>> {
         Object::NetworkPolicy(o) => network_policy(o),
         Object::PeerAuthentication(o) => security::peer_authentication(o),
         Object::AuthorizationPolicy(o) => security::authorization_policy(o),
+        Object::DestinationRule(o) => networking::destination_rule(o),
     }
 }
 
