@@ -135,6 +135,12 @@ pub fn services(store: &Store, settings: &ServiceSettings) -> Services {
         let outlier = ServiceOutlier::of(store, &scope, (ns, name));
         compile_service(&index, (ns, name), svc, outlier, &mut out);
     }
+    for (object, message) in outlier::problems(store, &settings.mesh_root) {
+        out.problems.push(Problem {
+            service: object,
+            message,
+        });
+    }
     out
 }
 

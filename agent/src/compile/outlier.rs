@@ -191,6 +191,54 @@ fn host_rank(
     exact.then_some((0, 0))
 }
 
+/// What weft does not apply as a DestinationRule is written, as (`DestinationRule ns/name`,
+/// why): each rule is named for what it asks that weft, deciding per node for every client,
+/// cannot give (Istio's sidecars decide per client).
+pub fn problems(store: &Store, root: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for ((ns, name), dr) in &store.destination_rules {
+        let object = format!("DestinationRule {ns}/{name}");
+        let mut say = |message: &str| out.push((object.clone(), message.to_owned()));
+        let spec = &dr.spec;
+        let labels: Vec<&str> = spec.host.split('.').collect();
+        // `name.ns.svc.<domain>`: a Service's name (other hosts name none).
+        if let [_, of, "svc", ..] = labels.as_slice()
+            && ns != root
+            && of != ns
+        {
+            say(
+                "names a Service of another namespace: Istio applies it to the clients of its own namespace only, weft (per node, for every client) does not apply it; put it in the Service's namespace or the mesh root namespace",
+            );
+        }
+        if spec.other.contains_key("workloadSelector") {
+            say(
+                "workloadSelector: Istio applies the rule to the selected clients only; weft applies it to every client of the node",
+            );
+        }
+        let export_to = spec.other.get("exportTo").and_then(|v| v.as_array());
+        if export_to.is_some_and(|e| !e.iter().any(|v| v == "*")) {
+            say(
+                "exportTo: Istio applies the rule to some namespaces' clients only; weft applies it to every client of the node",
+            );
+        }
+        let outliers = spec.traffic_policy.iter().flat_map(|p| {
+            let ports = p.port_level_settings.iter().flatten();
+            p.outlier_detection
+                .iter()
+                .chain(ports.filter_map(|p| p.outlier_detection.as_ref()))
+        });
+        if outliers
+            .into_iter()
+            .any(|o| o.other.contains_key("consecutiveErrors"))
+        {
+            say(
+                "outlierDetection.consecutiveErrors (deprecated) is not applied: use consecutiveGatewayErrors or consecutive5xxErrors",
+            );
+        }
+    }
+    out
+}
+
 /// `--outlier-detection-default`: what applies to a Service no DestinationRule configures.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutlierDefault(pub Option<OutlierDetection>);
@@ -328,6 +376,68 @@ mod tests {
         let all = rank("*", "prod").expect("all");
         assert!((0, 0) < ns && ns < svc && svc < domain && domain < all);
         assert_eq!(rank("*.example.com", "prod"), None);
+    }
+
+    /// What weft does not apply as written is said, by rule.
+    #[test]
+    fn rules_not_applied_as_written_are_reported() {
+        let at = "2026-01-01T00:00:00Z";
+        let store = rules(&[
+            (
+                "prod",
+                "fine",
+                at,
+                json!({"host": "web", "exportTo": ["*"]}),
+            ),
+            (
+                "dev",
+                "other",
+                at,
+                json!({"host": "web.prod.svc.cluster.local"}),
+            ),
+            (
+                "prod",
+                "some",
+                at,
+                json!({"host": "web", "exportTo": ["."], "workloadSelector": {"matchLabels": {"app": "x"}}}),
+            ),
+            (
+                "prod",
+                "old",
+                at,
+                json!({"host": "web", "trafficPolicy": {"outlierDetection": {"consecutiveErrors": 3}}}),
+            ),
+            (
+                "istio-system",
+                "mesh",
+                at,
+                json!({"host": "web.prod.svc.cluster.local"}),
+            ),
+            ("dev", "external", at, json!({"host": "api.example.com"})),
+            (
+                "prod",
+                "own",
+                at,
+                json!({"host": "web.prod.svc.cluster.local"}),
+            ),
+        ]);
+        let said: Vec<(String, String)> = problems(&store, "istio-system")
+            .into_iter()
+            .map(|(o, m)| (o, m.split(':').next().unwrap_or_default().to_owned()))
+            .collect();
+        let want = |o: &str, m: &str| (format!("DestinationRule {o}"), m.to_owned());
+        assert_eq!(
+            said,
+            [
+                want("dev/other", "names a Service of another namespace"),
+                want(
+                    "prod/old",
+                    "outlierDetection.consecutiveErrors (deprecated) is not applied"
+                ),
+                want("prod/some", "workloadSelector"),
+                want("prod/some", "exportTo"),
+            ]
+        );
     }
 
     /// The Service's namespace before the root's; there, the exact host before a wildcard,
