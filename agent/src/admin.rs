@@ -708,17 +708,6 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
     crate::datapath::open_pinned(pins, map).map_err(|source| Error::Map { map, source })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Reads SERVICES, BACKEND_SLOTS and HEALTH through their pins (independent of the
 /// syncer).
 fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
@@ -727,7 +716,8 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
     let slots: HashMap<MapData, SlotKey, Endpoint> = open_hash(&state.pins, maps::BACKEND_SLOTS)?;
     let health: HashMap<MapData, MemberKey, BackendHealth> = open_hash(&state.pins, maps::HEALTH)?;
     let outliers: HashMap<MapData, u32, Outlier> = open_hash(&state.pins, maps::OUTLIER)?;
-    let now = monotonic_now_ns();
+    // The clock of the kernel's `bpf_ktime_get_ns`.
+    let now = crate::events::udp::clock_ns(libc::CLOCK_MONOTONIC);
     let names = state
         .services
         .read()
