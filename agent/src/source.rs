@@ -48,8 +48,9 @@ pub struct Settings {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// With --source kubernetes, how often the API server is asked again whether it serves
-    /// Istio's security API (security.istio.io PeerAuthentication and AuthorizationPolicy)
-    /// until it does; their reflectors start then.
+    /// Istio's APIs (security.istio.io PeerAuthentication and AuthorizationPolicy,
+    /// networking.istio.io DestinationRule) until it serves every one; each kind's reflector
+    /// starts once it is served.
     #[arg(long, default_value = "60s", value_parser = crate::parse_positive_duration)]
     pub crd_discovery_interval: std::time::Duration,
 }

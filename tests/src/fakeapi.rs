@@ -15,9 +15,10 @@
 //!   server is unreachable); [`FakeApi::drop_streams`] cuts open watches once, without the
 //!   final chunk, as a lost connection would.
 //!
-//! - Istio's security collections (`security.istio.io/v1`) and their discovery document are
-//!   served only once [`FakeApi::serve_security_api`] says the CRDs are installed; before,
-//!   they answer 404 as a server without them does.
+//! - Istio's collections (`security.istio.io/v1`, `networking.istio.io/v1`'s
+//!   DestinationRules) and their discovery documents are served only once
+//!   [`FakeApi::serve_security_api`] says the CRDs are installed; before, they answer 404 as
+//!   a server without them does.
 //!
 //! One thread per connection; every response closes its connection.
 use std::{
@@ -36,7 +37,7 @@ use std::{
 use serde_json::{Value, json};
 
 /// The collections served: (path, apiVersion, kind, namespaced).
-const RESOURCES: [(&str, &str, &str, bool); 7] = [
+const RESOURCES: [(&str, &str, &str, bool); 8] = [
     ("/api/v1/namespaces", "v1", "Namespace", false),
     ("/api/v1/pods", "v1", "Pod", true),
     ("/api/v1/services", "v1", "Service", true),
@@ -64,10 +65,20 @@ const RESOURCES: [(&str, &str, &str, bool); 7] = [
         "AuthorizationPolicy",
         true,
     ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        NETWORKING_API,
+        "DestinationRule",
+        true,
+    ),
 ];
 
 /// Istio's security API, served only once its CRDs are "installed".
 const SECURITY_API: &str = "security.istio.io/v1";
+/// Istio's networking API (DestinationRules), with the security API.
+const NETWORKING_API: &str = "networking.istio.io/v1";
+/// The group versions served only once Istio's CRDs are "installed".
+const ISTIO_APIS: [&str; 2] = [SECURITY_API, NETWORKING_API];
 
 /// How often a watch that asked for them gets a BOOKMARK.
 const BOOKMARK_EVERY: Duration = Duration::from_millis(500);
@@ -168,8 +179,8 @@ impl FakeApi {
         path
     }
 
-    /// Installs Istio's security CRDs: their collections and discovery document are served
-    /// from now on.
+    /// Installs Istio's CRDs (security, and DestinationRules): their collections and
+    /// discovery documents are served from now on.
     pub fn serve_security_api(&self) {
         self.shared.lock().security_served = true;
     }
@@ -335,18 +346,18 @@ fn resource_of_kind(kind: &str) -> (&'static str, &'static str, &'static str, bo
         .unwrap_or_else(|| panic!("the fake API server does not serve {kind}"))
 }
 
-/// The discovery document of [`SECURITY_API`].
-fn security_resources() -> Value {
+/// The discovery document of `api`, one of [`ISTIO_APIS`].
+fn istio_resources(api: &str) -> Value {
     let resources: Vec<Value> = RESOURCES
         .iter()
-        .filter(|r| r.1 == SECURITY_API)
+        .filter(|r| r.1 == api)
         .map(|(path, _, kind, namespaced)| {
             json!({"name": path.rsplit('/').next(), "singularName": kind.to_lowercase(),
                    "namespaced": namespaced, "kind": kind,
                    "verbs": ["get", "list", "watch"]})
         })
         .collect();
-    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": SECURITY_API,
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api,
            "resources": resources})
 }
 
@@ -379,13 +390,16 @@ fn serve(shared: &Shared, conn: TcpStream) {
         .map(|(k, v)| (k.to_owned(), decode(v)))
         .collect();
     let security_served = shared.lock().security_served;
-    if path == format!("/apis/{SECURITY_API}") && security_served {
-        respond(&mut conn, 200, &security_resources().to_string());
+    if let Some(api) = path.strip_prefix("/apis/")
+        && ISTIO_APIS.contains(&api)
+        && security_served
+    {
+        respond(&mut conn, 200, &istio_resources(api).to_string());
         return;
     }
     let Some(&(_, api_version, kind, _)) = RESOURCES
         .iter()
-        .find(|r| r.0 == path && (r.1 != SECURITY_API || security_served))
+        .find(|r| r.0 == path && (!ISTIO_APIS.contains(&r.1) || security_served))
     else {
         respond_status(&mut conn, 404, "NotFound", &format!("no route {path}"));
         return;

@@ -1,6 +1,6 @@
 //! Kubernetes mode: kube-rs reflectors for the kinds weft reads feed the same store as the
-//! standalone directory source: five always, and Istio's PeerAuthentication and
-//! AuthorizationPolicy once API discovery finds them served ([`security`]).
+//! standalone directory source: five always, and Istio's PeerAuthentication,
+//! AuthorizationPolicy and DestinationRule once API discovery finds them served ([`istio`]).
 //!
 //! - Every kind is listed, then watched (`watcher(..).default_backoff().reflect(writer)`):
 //!   an expired resourceVersion (410 Gone) relists, errors back off. A relist replaces a
@@ -13,8 +13,8 @@
 //!   QoS class ([`cgroups`]); the `weft.io/cgroup` annotation of standalone mode is never
 //!   taken from the API (whoever can annotate a pod must not choose what weft enforces on).
 pub mod cgroups;
+pub mod istio;
 pub mod metrics;
-pub mod security;
 pub mod watch;
 
 use std::{
@@ -80,8 +80,8 @@ pub struct KubeConfig {
     pub node_name: String,
     /// The cgroup2 root the agent attaches to; pod cgroups are found below it.
     pub cgroup_root: PathBuf,
-    /// How often the API server is asked again whether it serves Istio's security API, until
-    /// it does.
+    /// How often the API server is asked again whether it serves Istio's APIs, until it
+    /// serves every kind weft reads.
     pub crd_discovery_interval: std::time::Duration,
 }
 
@@ -93,8 +93,8 @@ struct Readers {
     services: Reader<Service>,
     endpoint_slices: Reader<EndpointSlice>,
     network_policies: Reader<NetworkPolicy>,
-    /// Istio's security kinds, as discovery finds them.
-    security: security::Readers,
+    /// Istio's kinds, as discovery finds them.
+    istio: istio::Readers,
 }
 
 /// A validated object and the version it came from.
@@ -183,12 +183,12 @@ impl KubeSource {
             services: spawn(&client, Kind::Service, &health, &mut tasks),
             endpoint_slices: spawn(&client, Kind::EndpointSlice, &health, &mut tasks),
             network_policies: spawn(&client, Kind::NetworkPolicy, &health, &mut tasks),
-            security: security::Readers::default(),
+            istio: istio::Readers::default(),
         };
-        tasks.push(tokio::spawn(security::discovery(
+        tasks.push(tokio::spawn(istio::discovery(
             client.clone(),
             Arc::clone(&health),
-            Arc::clone(&readers.security),
+            Arc::clone(&readers.istio),
             config.crd_discovery_interval,
         )));
         Ok(Self {
@@ -300,10 +300,10 @@ impl KubeSource {
             no_cgroup,
             |o, _| typed(Object::NetworkPolicy(o)),
         );
-        let watched = r.security.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let watched = r.istio.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for w in &watched {
             add(v, &mut live, w.kind, w.reader.state(), no_cgroup, |o, _| {
-                security::decode(w, &o)
+                istio::decode(w, &o)
             });
         }
         // Objects the API no longer has are gone, rejected versions included.

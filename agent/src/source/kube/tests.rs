@@ -51,7 +51,7 @@ impl Harness {
                 services,
                 endpoint_slices,
                 network_policies,
-                security: security::Readers::default(),
+                istio: istio::Readers::default(),
             },
             health: Arc::default(),
             tasks: Vec::new(),
@@ -80,22 +80,20 @@ impl Harness {
 
     /// A reflector of `kind` as discovery starts one (read as v1), listed.
     fn watch_security(&self, kind: Kind) -> Writer<DynamicObject> {
-        let plural = security::RESOURCES
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, p)| *p)
-            .expect("a security kind");
-        let gvk = kube::api::GroupVersionKind::gvk(security::GROUP, "v1", kind.as_str());
+        let (group, _, plural) = istio::optional_kinds()
+            .find(|(_, k, _)| *k == kind)
+            .expect("an optional kind");
+        let gvk = kube::api::GroupVersionKind::gvk(group.group, "v1", kind.as_str());
         let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
         let writer = Writer::new(ar.clone());
         self.source.health.expect(kind);
         self.source.health.set_listed(kind);
         self.source
             .readers
-            .security
+            .istio
             .lock()
             .expect("lock")
-            .push(security::Watched {
+            .push(istio::Watched {
                 kind,
                 api_version: ar.api_version,
                 reader: writer.as_reader(),

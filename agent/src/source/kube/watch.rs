@@ -51,14 +51,40 @@ pub const KINDS: [(Kind, &str); 5] = [
     ),
 ];
 
-/// Istio's security API, read only when the server serves it (`super::security` looks):
-/// its group, its versions (preferred first), and its kinds with their resource names.
-pub const OPTIONAL_GROUP: &str = "security.istio.io";
-pub const OPTIONAL_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
-pub const OPTIONAL_KINDS: [(Kind, &str); 2] = [
-    (Kind::PeerAuthentication, "peerauthentications"),
-    (Kind::AuthorizationPolicy, "authorizationpolicies"),
+/// An API group of Istio's, read only when the server serves it (`super::istio` looks):
+/// its versions (preferred first, one schema), and its kinds with their resource names.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionalGroup {
+    pub group: &'static str,
+    pub versions: &'static [&'static str],
+    pub kinds: &'static [(Kind, &'static str)],
+}
+
+/// Istio's security API and its DestinationRules.
+pub const OPTIONAL: [OptionalGroup; 2] = [
+    OptionalGroup {
+        group: "security.istio.io",
+        versions: &["v1", "v1beta1"],
+        kinds: &[
+            (Kind::PeerAuthentication, "peerauthentications"),
+            (Kind::AuthorizationPolicy, "authorizationpolicies"),
+        ],
+    },
+    OptionalGroup {
+        group: "networking.istio.io",
+        versions: &["v1", "v1beta1", "v1alpha3"],
+        kinds: &[(Kind::DestinationRule, "destinationrules")],
+    },
 ];
+
+/// Every optional kind, with its group.
+pub fn optional_kinds() -> impl Iterator<Item = (&'static OptionalGroup, Kind, &'static str)> {
+    OPTIONAL.iter().flat_map(|g| {
+        g.kinds
+            .iter()
+            .map(move |(kind, plural)| (g, *kind, *plural))
+    })
+}
 
 /// What one kind's watch has reached.
 #[derive(Debug, Clone, Default)]
@@ -180,7 +206,7 @@ impl Health {
             first
         });
         if first {
-            tracing::warn!(target: "weft::source", group = OPTIONAL_GROUP, error = %crate::chain(e), "API discovery failed; retrying");
+            tracing::warn!(target: "weft::source", error = %crate::chain(e), "API discovery of Istio's groups failed; retrying");
         }
     }
 
@@ -190,8 +216,7 @@ impl Health {
         let discovery = self.discovery(|d| d.failing.clone()).map(|(since, error)| {
             let ago = since.elapsed().unwrap_or_default().as_secs();
             format!(
-                "discovery of {}: the API server has failed for {ago} s ({error})",
-                OPTIONAL_GROUP
+                "discovery of Istio's API groups: the API server has failed for {ago} s ({error})"
             )
         });
         let kinds = self.state(|kinds| {
@@ -296,17 +321,14 @@ fn kind_of(path: &str) -> Option<Kind> {
         .or_else(|| optional_kind_of(path))
 }
 
-/// The optional kind whose collection `path` is, at either version.
+/// The optional kind whose collection `path` is, at any version of its group.
 fn optional_kind_of(path: &str) -> Option<Kind> {
-    let rest = path.strip_prefix("/apis/")?.strip_prefix(OPTIONAL_GROUP)?;
-    let (version, plural) = rest.strip_prefix('/')?.split_once('/')?;
-    if !OPTIONAL_VERSIONS.contains(&version) {
-        return None;
-    }
-    OPTIONAL_KINDS
-        .iter()
-        .find(|(_, p)| *p == plural)
-        .map(|(kind, _)| *kind)
+    let rest = path.strip_prefix("/apis/")?;
+    let (group, rest) = rest.split_once('/')?;
+    let (version, plural) = rest.split_once('/')?;
+    optional_kinds()
+        .find(|(g, _, p)| g.group == group && g.versions.contains(&version) && *p == plural)
+        .map(|(_, kind, _)| kind)
 }
 
 /// A client layer that tells [`Health`] which kinds the server answers with success.
@@ -533,6 +555,11 @@ mod tests {
             kind_of("/apis/security.istio.io/v2/authorizationpolicies"),
             None
         );
+        assert_eq!(
+            kind_of("/apis/networking.istio.io/v1alpha3/destinationrules"),
+            Some(Kind::DestinationRule)
+        );
+        assert_eq!(kind_of("/apis/security.istio.io/v1/destinationrules"), None);
         assert_eq!(kind_of("/api/v1/namespaces/default/pods"), None);
         assert_eq!(kind_of("/version"), None);
     }

@@ -1,9 +1,11 @@
-//! Istio's security API (`security.istio.io`) from the API server: its CRDs may not be
-//! installed, so the group is looked for first (API discovery), and again every
-//! `--crd-discovery-interval` until both kinds are served; each kind found gets a reflector
-//! of its own, under the same ready and fail-static rules as the others.
+//! Istio's APIs (`security.istio.io`, and `networking.istio.io`'s DestinationRules) from
+//! the API server: their CRDs may not be installed, so each group is looked for first (API
+//! discovery), and again every `--crd-discovery-interval` until every kind is served; each
+//! kind found gets a reflector of its own, under the same ready and fail-static rules as the
+//! others.
 //!
-//! - v1 is read when the server serves it, else v1beta1 (Istio before 1.22).
+//! - The first version a group lists is read when the server serves it (v1, else v1beta1
+//!   for Istio before 1.22, else v1alpha3 for DestinationRules).
 //! - Until discovery has answered once, the source is not listed: a pass must not compile a
 //!   store without the security policies a cluster has (it would lift them).
 //! - A kind not served is empty, as for a cluster without Istio; a kind served whose objects
@@ -22,9 +24,7 @@ use kube::{
 use super::watch::{self, Health};
 use crate::store::{self, FieldError, Kind, Object};
 
-pub use super::watch::{
-    OPTIONAL_GROUP as GROUP, OPTIONAL_KINDS as RESOURCES, OPTIONAL_VERSIONS as VERSIONS,
-};
+pub use super::watch::{OPTIONAL, optional_kinds};
 
 /// One kind's reflector, and the apiVersion its objects are read as.
 #[derive(Debug, Clone)]
@@ -37,32 +37,34 @@ pub struct Watched {
 /// The reflectors discovery has started so far.
 pub type Readers = Arc<Mutex<Vec<Watched>>>;
 
-/// The kinds of the group the server serves, each at the first version that serves it.
-/// Empty when the group is not served (no CRDs).
+/// The optional kinds the server serves, each at the first version of its group that
+/// serves it. Empty when no group is served (no CRDs).
 async fn discover(client: &Client) -> Result<Vec<(Kind, ApiResource)>, kube::Error> {
     let mut found: Vec<(Kind, ApiResource)> = Vec::new();
-    for version in VERSIONS {
-        let list = match client
-            .list_api_group_resources(&format!("{GROUP}/{version}"))
-            .await
-        {
-            Ok(list) => list,
-            Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(e),
-        };
-        for (kind, plural) in RESOURCES {
-            let served = list.resources.iter().any(|r| r.name == plural);
-            if served && !found.iter().any(|(k, _)| *k == kind) {
-                let gvk = GroupVersionKind::gvk(GROUP, version, kind.as_str());
-                found.push((kind, ApiResource::from_gvk_with_plural(&gvk, plural)));
+    for g in &OPTIONAL {
+        for version in g.versions {
+            let list = match client
+                .list_api_group_resources(&format!("{}/{version}", g.group))
+                .await
+            {
+                Ok(list) => list,
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                Err(e) => return Err(e),
+            };
+            for &(kind, plural) in g.kinds {
+                let served = list.resources.iter().any(|r| r.name == plural);
+                if served && !found.iter().any(|(k, _)| *k == kind) {
+                    let gvk = GroupVersionKind::gvk(g.group, version, kind.as_str());
+                    found.push((kind, ApiResource::from_gvk_with_plural(&gvk, plural)));
+                }
             }
         }
     }
     Ok(found)
 }
 
-/// Looks for the group until both kinds are watched, starting a reflector for each kind as
-/// it appears. Ends only when both are.
+/// Looks for the groups until every kind is watched, starting a reflector for each kind as
+/// it appears. Ends only when every kind is.
 pub async fn discovery(client: Client, health: Arc<Health>, readers: Readers, every: Duration) {
     let mut started: Vec<Kind> = Vec::new();
     // Dropped with this task (the source is): the reflectors end with it.
@@ -101,7 +103,7 @@ pub async fn discovery(client: Client, health: Arc<Health>, readers: Readers, ev
             started.push(kind);
         }
         health.discovered(&started);
-        if started.len() == RESOURCES.len() {
+        if started.len() == optional_kinds().count() {
             // The reflectors run as long as this task: it waits for them.
             while tasks.join_next().await.is_some() {}
             return;
@@ -110,7 +112,7 @@ pub async fn discovery(client: Client, health: Arc<Health>, readers: Readers, ev
     }
 }
 
-/// An object of the group as the store holds it, decoded and validated as a document of the
+/// An object of an optional kind as the store holds it, decoded and validated as a document of the
 /// directory source is: `Err` with what is wrong and what stands in for it.
 pub fn decode(
     w: &Watched,
