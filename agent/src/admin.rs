@@ -313,6 +313,9 @@ pub struct KernelService {
     /// Failures in a row that eject a backend (0: no health checking).
     #[serde(default)]
     pub outlier_consecutive: u32,
+    /// A connect with no answer after this long times out (0: the kernel's bound).
+    #[serde(default)]
+    pub connect_timeout_ms: u32,
     /// Backends the kernel's health checking has ejected, now.
     #[serde(default)]
     pub ejected: Vec<EjectedBackend>,
@@ -737,11 +740,12 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
         }
         let mut backends = Vec::new();
         let mut ejected = Vec::new();
-        let consecutive = outliers
+        let outlier = outliers
             .get(&value.service_id, 0)
             .ok()
             .filter(|o| o.is_sealed_for(value.service_id))
-            .map_or(0, |o| o.consecutive);
+            .unwrap_or_default();
+        let consecutive = outlier.consecutive;
         for index in 0..value.count {
             let slot = SlotKey {
                 revision: value.revision,
@@ -778,6 +782,7 @@ fn kernel_services(state: &AdminState) -> Result<Vec<KernelService>, Error> {
             affinity_timeout_s: value.affinity_timeout_s,
             backends,
             outlier_consecutive: consecutive,
+            connect_timeout_ms: outlier.connect_timeout_ms,
             ejected,
         });
     }

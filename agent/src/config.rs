@@ -120,6 +120,7 @@ mod tests {
                 sockmap_enabled: 0,
                 agent_cgroup_level: 0,
                 agent_cgroup_id: 0,
+                kernel_hz: 0,
                 conn_update_interval_ns: 7,
                 conn_events_enabled: 7,
             };

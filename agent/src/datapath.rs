@@ -593,7 +593,8 @@ fn load_object(pins: &Pins, specs: &[MapSpec], g: &Globals) -> Result<Ebpf, Erro
         .override_global(globals::SOCK_STATES_FLOOR, &g.sock_states_floor, true)
         .override_global(globals::SOCKMAP_ENABLED, &g.sockmap_enabled, true)
         .override_global(globals::AGENT_CGROUP_LEVEL, &g.agent_cgroup_level, true)
-        .override_global(globals::AGENT_CGROUP_ID, &g.agent_cgroup_id, true);
+        .override_global(globals::AGENT_CGROUP_ID, &g.agent_cgroup_id, true)
+        .override_global(globals::KERNEL_HZ, &g.kernel_hz, true);
     loader.load(OBJECT).map_err(|source| Error::Load { source })
 }
 
@@ -711,6 +712,12 @@ pub fn host_netns_cookie(path: Option<&Path>) -> Result<u64, Error> {
         path: path.map_or_else(|| PathBuf::from("/proc/self/ns/net"), Path::to_owned),
         source,
     })
+}
+
+/// The kernel's tick rate, which a SYN's first retransmission timeout is counted in (None:
+/// unknown; connect timeouts then start from the kernel's own first timeout, 1 s).
+pub fn kernel_hz() -> Option<u32> {
+    sys::kernel_hz()
 }
 
 /// The cookie of the calling thread's network namespace.

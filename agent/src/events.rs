@@ -192,6 +192,9 @@ pub enum ConnEventKindName {
     /// Counters so far of a connection still open.
     TcpUpdate,
     Drop,
+    /// Health checking ejected a backend (`remote`) from a Service port (`service`) for
+    /// `duration`; not a connection.
+    Ejection,
 }
 
 /// A drop event's direction. Programs of weft 0.1.0 numbered it egress 1, ingress 2; a
@@ -293,6 +296,7 @@ impl Connection {
             ConnEventKind::Open => (ConnEventKindName::TcpOpen, None),
             ConnEventKind::Update => (ConnEventKindName::TcpUpdate, None),
             ConnEventKind::Drop => (ConnEventKindName::Drop, None),
+            ConnEventKind::Ejection => (ConnEventKindName::Ejection, None),
             ConnEventKind::Close => (
                 ConnEventKindName::TcpClose,
                 Some(Outcome::classify(ev.last_state, ev.flags)),
@@ -400,6 +404,14 @@ impl Connection {
                     "dropped"
                 );
             }
+            ConnEventKindName::Ejection => tracing::debug!(
+                target: "weft::conn",
+                event = "ejection",
+                backend = remote.as_str(),
+                service = self.service.map(|s| s.to_string()),
+                ejected_ms = self.duration.as_millis() as u64,
+                "backend ejected by health checking"
+            ),
         }
     }
 }

@@ -339,6 +339,11 @@ fn meaning(counter: Counter) -> (bool, &'static str) {
         ),
         Counter::TrafficFull => (true, "raise --traffic-entries"),
         Counter::PacketsUnparsed => (true, "packets weft could not classify"),
+        Counter::ConnectTimeoutFailed => (
+            true,
+            "the kernel refused a Service's connect timeout on a socket (it kept the kernel's \
+             bound of about two minutes), or refused to give a socket back its own user timeout",
+        ),
         Counter::CallbackFlagsFailed => (
             true,
             "the kernel refused sock_ops callbacks; some connections went untracked",

@@ -305,7 +305,7 @@ mod tests {
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n    targetPort: http\n";
 
-    const RULE: &str = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\nspec:\n  host: web\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n    loadBalancer: {simple: LEAST_REQUEST}\n    connectionPool: {tcp: {maxConnections: 100}}\n    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, splitExternalLocalOriginErrors: true}\n    portLevelSettings:\n    - port: {number: 80}\n      outlierDetection: {maxEjectionPercent: 50}\n";
+    const RULE: &str = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\nspec:\n  host: web\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n    loadBalancer: {simple: LEAST_REQUEST}\n    connectionPool: {tcp: {maxConnections: 100, connectTimeout: 250ms}, http: {maxRetries: 3}}\n    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, splitExternalLocalOriginErrors: true}\n    portLevelSettings:\n    - port: {number: 80}\n      outlierDetection: {maxEjectionPercent: 50}\n";
 
     /// A DestinationRule keeps every field weft does not read: never stricter than the
     /// API server.
@@ -322,6 +322,11 @@ mod tests {
         assert_eq!(o.base_ejection_time.as_deref(), Some("1m"));
         assert!(policy.other.contains_key("loadBalancer"));
         assert!(dr.spec.other.contains_key("subsets"));
+        let pool = policy.connection_pool.as_ref().expect("connectionPool");
+        let tcp = pool.tcp.as_ref().expect("tcp");
+        assert_eq!(tcp.connect_timeout.as_deref(), Some("250ms"));
+        assert!(tcp.other.contains_key("maxConnections"));
+        assert!(pool.other.contains_key("http"));
     }
 
     /// What istiod refuses is refused, naming the field.
@@ -344,6 +349,10 @@ mod tests {
             "spec.trafficPolicy.portLevelSettings[0].port"
         );
         assert_eq!(field("host: web", "host: \"\""), "spec.host");
+        assert_eq!(
+            field("connectTimeout: 250ms", "connectTimeout: 250us"),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout"
+        );
     }
 
     #[test]

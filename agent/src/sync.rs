@@ -564,7 +564,7 @@ impl<M: ServiceMaps> Syncer<M> {
 
     /// Writes frontend `id`'s health checking (none: deletes it).
     fn write_outlier(&mut self, id: u32, want: &Outlier) -> Result<(), Error> {
-        if want.consecutive != 0 {
+        if !want.is_off() {
             return self.maps.put_outlier(id, want);
         }
         match self.maps.del_outlier(id) {
@@ -649,7 +649,7 @@ impl<M: ServiceMaps> Syncer<M> {
         };
         self.maps.del_service(key)?;
         self.applied.remove(key);
-        if have.outlier.consecutive != 0
+        if !have.outlier.is_off()
             && let Err(e) = self.write_outlier(have.id, &Outlier::default())
         {
             // A later frontend could get this id only from another agent's start, which

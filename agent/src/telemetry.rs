@@ -9,6 +9,7 @@
 //! behind atomics, the flow stream never waits for its readers. Counters in events are
 //! cumulative per socket; the table keeps the last values seen, so metrics get exact
 //! increases however many updates (or duplicates) arrive.
+pub mod ejections;
 pub mod flows;
 pub mod metrics;
 pub mod udp;
@@ -260,6 +261,7 @@ struct EventCounters {
     close: Counter,
     update: Counter,
     drop: Counter,
+    ejection: Counter,
 }
 
 /// The telemetry state, owned by the agent's event loop.
@@ -274,6 +276,7 @@ pub struct Telemetry {
     flows: Arc<Flows>,
     udp: udp::UdpFlows,
     events: EventCounters,
+    ejections: ejections::Ejections,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -303,7 +306,9 @@ impl Telemetry {
             close: event(EventKind::TcpClose),
             update: event(EventKind::TcpUpdate),
             drop: event(EventKind::Drop),
+            ejection: event(EventKind::Ejection),
         };
+        let ejections = ejections::Ejections::new(registry);
         let current = Arc::clone(&directory.read().unwrap_or_else(|e| e.into_inner()));
         let ttl = config.connection_series_ttl;
         Self {
@@ -324,6 +329,7 @@ impl Telemetry {
             open: Arc::default(),
             udp: udp::UdpFlows::default(),
             events,
+            ejections,
         }
     }
 
@@ -349,6 +355,11 @@ impl Telemetry {
             ConnEventKindName::Drop => {
                 self.events.drop.inc();
                 self.on_drop(c);
+                return;
+            }
+            ConnEventKindName::Ejection => {
+                self.events.ejection.inc();
+                self.on_ejection(c, now);
                 return;
             }
         };
@@ -388,6 +399,21 @@ impl Telemetry {
         if let Some(record) = record {
             self.flows.publish(record);
         }
+    }
+
+    /// Health checking ejected `c.remote` from frontend `c.service` for `c.duration`.
+    fn on_ejection(&mut self, c: &Connection, now: Now) {
+        let frontend = c.service.unwrap_or(c.remote);
+        let service = self
+            .current
+            .service(Some(frontend), c.remote, weft_abi::IPPROTO_TCP);
+        let labels = ejections::ServicePortLabels {
+            service: service.map_or(UNKNOWN, |s| &s.name).to_string(),
+            namespace: service.map_or(UNKNOWN, |s| &s.namespace).to_string(),
+            port: frontend.port(),
+        };
+        self.ejections
+            .ejected(labels, c.remote, now.instant + c.duration);
     }
 
     /// Swaps in the pipeline's latest names and removes the series they make stale.
@@ -521,6 +547,7 @@ impl Telemetry {
         let now = Instant::now();
         self.tcp.expire(&self.families, now);
         self.udp_series.expire(&self.families, now);
+        self.ejections.expire(now);
     }
 
     /// Connections the kernel may have stopped tracking without their close reaching us (the

@@ -26,4 +26,4 @@ pub mod workload;
 pub use agent::{Agent, AgentOptions};
 pub use cluster::Cluster;
 pub use node::{Node, NodeBuilder, Pod};
-pub use workload::{Close, Exchange};
+pub use workload::{Close, Exchange, Spray, SprayFailure};

@@ -63,6 +63,28 @@ impl Process {
     }
 }
 
+/// What [`Node::spray_listing_failures`] saw.
+#[derive(Debug)]
+pub struct Spray {
+    /// Connections per backend name.
+    pub counts: BTreeMap<String, u64>,
+    /// Failed connections.
+    pub errors: u64,
+    /// The first 1000 failures.
+    pub failures: Vec<SprayFailure>,
+}
+
+/// A failed connection of a [`Spray`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SprayFailure {
+    /// The call that failed: connect, getpeername, shutdown or read.
+    pub call: String,
+    /// Its errno's name (ECONNREFUSED, ETIMEDOUT, ...) or the error's text.
+    pub error: String,
+    /// From the start of the connect to the failure.
+    pub ms: u64,
+}
+
 impl Node {
     /// `count` TCP connections from `pod` to `target` (a ClusterIP and port, each backend
     /// replying with its name): connections per backend. Panics unless every connection
@@ -81,6 +103,12 @@ impl Node {
         target: &str,
         count: u64,
     ) -> (BTreeMap<String, u64>, u64) {
+        let spray = self.spray_listing_failures(pod, target, count);
+        (spray.counts, spray.errors)
+    }
+
+    /// As [`Node::spray_counting_errors`], with the first 1000 failures listed in order.
+    pub fn spray_listing_failures(&self, pod: &str, target: &str, count: u64) -> Spray {
         let mut p = self.spawn(
             pod,
             &[
@@ -103,8 +131,11 @@ impl Node {
             v["peer_mismatches"], 0,
             "getpeername() returns the ClusterIP: {v}"
         );
-        let counts = serde_json::from_value(v["counts"].clone()).expect("counts");
-        (counts, v["errors"].as_u64().expect("errors"))
+        Spray {
+            counts: serde_json::from_value(v["counts"].clone()).expect("counts"),
+            errors: v["errors"].as_u64().expect("errors"),
+            failures: serde_json::from_value(v["failures"].clone()).expect("failures"),
+        }
     }
 
     /// Starts a `weft-pod` server in `pod` and waits until it listens.

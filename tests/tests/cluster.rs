@@ -792,6 +792,19 @@ fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agent
             "web-from-clients",
             "podSelector:\n  matchLabels: {app: web}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {app: client}",
         )]);
+    // A health-checked Service on a port nothing serves: one refused connect through it
+    // ejects its backend (the ejection panel's series).
+    docs.push(k8s::service(
+        "closed",
+        "default",
+        &["10.96.0.30"],
+        &[("app", "web")],
+        &[("closed", 81, "9", "TCP")],
+        None,
+    ));
+    docs.push(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: closed, namespace: default}\nspec:\n  host: closed\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100, baseEjectionTime: 10m}\n".to_owned(),
+    );
     c.write_source("cluster.yaml", &k8s::file(&docs));
     let _server = c.node("b").start_server(
         "server",
@@ -832,6 +845,11 @@ fn the_dashboards_queries_return_data_from_a_real_prometheus_scraping_both_agent
         assert_eq!(p.probe_results()[&udp], "server");
     }
     assert!(probe(&c, "intruder", "server").starts_with("error"));
+    agents[1].wait_backends("10.96.0.30:81/TCP", 1, WAIT);
+    let mut refused = c
+        .node("b")
+        .spawn("server", &["connect-probe", "--connect", "10.96.0.30:81"]);
+    refused.wait(WAIT);
     let text = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/weft-dashboard.json"),
     )

@@ -36,7 +36,35 @@ fn promtool_accepts_the_agents_metrics() {
         "policy.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: default\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",
     );
+    // A Service whose backend the policy cuts off, health-checked with a short connect
+    // timeout: one connect to it ejects the backend (the ejection metrics get series).
+    node.write_source(
+        "pods.yaml",
+        &k8s::http_pods(
+            &node,
+            "default",
+            &[("client", &[]), ("server", &[("app", "server")])],
+        ),
+    );
+    node.write_source(
+        "service.yaml",
+        &k8s::service(
+            "server",
+            "default",
+            &["10.96.0.20"],
+            &[("app", "server")],
+            &[("http", 80, "http", "TCP")],
+            None,
+        ),
+    );
+    node.write_source(
+        "rule.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: server, namespace: default}\nspec:\n  host: server\n  trafficPolicy:\n    connectionPool: {tcp: {connectTimeout: 100ms}}\n    outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100}\n",
+    );
     let agent = Agent::with_source(&node, &["--conn-update-interval", "1s"]);
+    agent.wait_backends("10.96.0.20:80/TCP", 1, WAIT);
+    let mut cut_off = node.spawn("client", &["connect-probe", "--connect", "10.96.0.20:80"]);
+    cut_off.wait(WAIT);
     let server = SocketAddr::new(node.pod("server").ipv4.into(), 8080);
     node.tcp_exchange("server", "server", server, 100, 100, Close::Shutdown);
     let mut probe = node.spawn(
@@ -52,6 +80,7 @@ fn promtool_accepts_the_agents_metrics() {
     agent.wait_metrics("TCP and UDP traffic in the metrics", |m| {
         prom::sum(m, "weft_tcp_connections_closed_total", &[]) > 0.0
             && prom::sum(m, "weft_udp_received_bytes_total", &[]) > 0.0
+            && prom::sum(m, "weft_backend_ejections_total", &[]) > 0.0
     });
     // The probes the DaemonSet uses answer on the metrics listener.
     for path in ["/healthz", "/readyz"] {
@@ -91,9 +120,11 @@ fn promtool_accepts_the_agents_metrics() {
     let expected: std::collections::BTreeSet<String> = [
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
+        "weft_backend_ejections_total",
         "weft_bpf_map_fill_ratio",
         "weft_drop_events_suppressed_total",
         "weft_drops_total",
+        "weft_ejected_backends",
         "weft_events_lost_total",
         "weft_flow_records_lost_total",
         "weft_policy_verdicts_total",

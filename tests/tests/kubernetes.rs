@@ -419,3 +419,44 @@ fn policy_from_the_api_server_holds_through_an_outage_and_an_agent_restart() {
     }
     model.expect_both("x closed after the outage", 80, "tcp", &closed);
 }
+
+#[test]
+fn a_destination_rule_from_the_api_server_configures_health_checking_once_served() {
+    let c = cluster("k8s_destination_rule");
+    let agent = Agent::start_with(
+        &c.node,
+        AgentOptions::with_api(&c.api, &c.node, &["--crd-discovery-interval", "1s"]),
+    );
+    wait_status(&agent, "ready and healthy", RECOVERY, healthy_and_ready);
+    wait_backends(&agent, 2, Duration::from_secs(10));
+    let checking = |list: &[Value]| {
+        list.iter()
+            .find(|s| s["frontend"] == format!("{VIP}:80/TCP").as_str())
+            .map(|s| {
+                (
+                    s["outlier_consecutive"].clone(),
+                    s["connect_timeout_ms"].clone(),
+                )
+            })
+    };
+    let (_, services) = agent.client("services");
+    assert_eq!(
+        checking(services.as_array().expect("list")),
+        Some((json!(0), json!(0)))
+    );
+    // The CRDs are installed, then a rule is created: discovery finds the kind, its
+    // reflector lists it, and the kernel applies it.
+    c.api.serve_security_api();
+    c.api.apply(json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"host": "web.default.svc.cluster.local", "trafficPolicy": {
+            "connectionPool": {"tcp": {"connectTimeout": "2s"}},
+            "outlierDetection": {"consecutive5xxErrors": 4, "baseEjectionTime": "10s"},
+        }},
+    }));
+    agent.wait_services("the rule applied", |list| {
+        checking(list) == Some((json!(4), json!(2000)))
+    });
+}

@@ -486,6 +486,11 @@ fn a_refusing_backend_is_ejected_at_its_third_failure_and_used_again_after_its_e
         assert_eq!(ejected[0]["ejections"], 1, "{ejected:?}");
         let left = ejected[0]["remaining_ms"].as_u64();
         assert!(left.is_some_and(|ms| ms <= 5000), "{ejected:?}");
+        let web = [("service", "web"), ("namespace", "default"), ("port", "80")];
+        agent.wait_metrics("the ejection counted", |m| {
+            prom::sum(m, "weft_backend_ejections_total", &web) == 1.0
+                && prom::sum(m, "weft_ejected_backends", &web) == 1.0
+        });
     } else {
         // So slow that b2's ejection ended while it was still down: each further ejection
         // took three failures more.
@@ -575,4 +580,131 @@ fn below_min_health_percent_ejections_are_ignored() {
     );
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["b3"], "{counts:?}");
     assert_eq!(ejected(&agent).len(), 2, "both ejected, and both ignored");
+}
+
+/// Health checking and a 200 ms connect timeout, by a DestinationRule.
+const TIMEOUT_RULE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 200ms, maxConnections: 100}
+    outlierDetection:
+      consecutiveGatewayErrors: 3
+      baseEjectionTime: 1m
+      maxEjectionPercent: 50
+";
+
+#[test]
+fn a_black_holed_backend_times_out_at_the_connect_timeout_and_is_ejected() {
+    let (node, agent, _servers) = setup_with("outlier_timeout", None, &[], Some(TIMEOUT_RULE));
+    // Every backend answered once (the client knows their link addresses).
+    assert_eq!(spray(&node, "10.96.0.10:80", 60).len(), 3);
+    // b2's link goes down: its SYNs are lost without an answer.
+    let b2 = node.pod("b2");
+    weft_testkit::proc::run("ip", ["-n", b2.netns_name(), "link", "set", "eth0", "down"]);
+    let spray = node.spray_listing_failures("client", "10.96.0.10:80", 100);
+    assert_eq!(spray.errors, 3, "{spray:?}");
+    for f in &spray.failures {
+        assert_eq!(
+            (f.call.as_str(), f.error.as_str()),
+            ("connect", "ETIMEDOUT"),
+            "{f:?}"
+        );
+        assert!((200..=400).contains(&f.ms), "{f:?}");
+    }
+    assert_eq!(spray.counts.get("b2"), None, "{spray:?}");
+    assert_eq!(spray.counts.values().sum::<u64>(), 97);
+    let ejected = ejected(&agent);
+    assert_eq!(ejected.len(), 1, "{ejected:?}");
+    assert_eq!(ejected[0]["backend"], format!("{}:8080", b2.ipv4).as_str());
+    // The client's flow records name the backend and why each failed.
+    let timeouts = || -> Vec<Value> {
+        let all = agent.flows(&["--last", "1000"]);
+        all.into_iter()
+            .filter(|r| r["outcome"] == "timeout")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while timeouts().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let timeouts = timeouts();
+    assert_eq!(timeouts.len(), 3, "{timeouts:?}");
+    for r in &timeouts {
+        assert_eq!(r["destination"]["pod"], "b2", "{r}");
+        assert_eq!(r["service"], "default/web", "{r}");
+    }
+}
+
+/// The TCP_USER_TIMEOUT a connect through `target` leaves on its established socket, the
+/// client's own being `own`.
+fn user_timeout_after_connect(node: &Node, target: &str, own: Option<u32>) -> u64 {
+    let own = own.map(|ms| ms.to_string());
+    let mut args = vec!["user-timeout", "--connect", target];
+    if let Some(ms) = &own {
+        args.extend(["--user-timeout-ms", ms.as_str()]);
+    }
+    let mut p = node.spawn("client", &args);
+    p.wait_success(WAIT);
+    let v: Value = p.stdout().wait_for("user timeout", WAIT, |lines| {
+        lines
+            .iter()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    });
+    v["ms"].as_u64().expect("ms")
+}
+
+#[test]
+fn an_established_connection_keeps_its_own_user_timeout() {
+    let (node, agent, _servers) = setup_with("connect_timeout_own", None, &[], Some(TIMEOUT_RULE));
+    let (ok, services) = agent.client("services");
+    assert!(ok, "{services}");
+    let list = services.as_array().expect("list");
+    let fe = frontend(list, "10.96.0.10:80/TCP").expect("frontend");
+    assert_eq!(fe["connect_timeout_ms"], 200, "{fe}");
+    // The connect timeout stands in for the socket's own only until establishment.
+    assert_eq!(user_timeout_after_connect(&node, "10.96.0.10:80", None), 0);
+    assert_eq!(
+        user_timeout_after_connect(&node, "10.96.0.10:80", Some(5000)),
+        5000
+    );
+    assert_eq!(
+        user_timeout_after_connect(&node, "10.96.0.10:80", Some(100)),
+        100
+    );
+}
+
+#[test]
+fn readiness_changes_during_an_ejection_keep_both_in_force() {
+    let (node, agent, mut servers) =
+        setup_checking("outlier_readiness", None, &checking(50, 0, "4s"));
+    stop_tcp_server(&mut servers, "b2");
+    let (_, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 60);
+    assert_eq!(errors, 3);
+    let started = std::time::Instant::now();
+    // b3 turns not ready while b2 is out: the new backend set keeps b2's ejection.
+    node.write_source("pods.yaml", &pods(&node, &["b3"]));
+    wait_backends(&agent, "10.96.0.10:80/TCP", 2);
+    let (counts, errors) = node.spray_counting_errors("client", "10.96.0.10:80", 100);
+    if started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(errors, 0, "{counts:?}");
+        assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
+    }
+    // b2 serves again and its ejection ends: it is used; b3 stays out (not ready).
+    servers.push(node.start_server(
+        "b2",
+        &["tcp-server", "--listen", "[::]:8080", "--reply-name", "b2"],
+    ));
+    std::thread::sleep(
+        Duration::from_secs(4).saturating_sub(started.elapsed()) + Duration::from_millis(500),
+    );
+    let counts = spray(&node, "10.96.0.10:80", 200);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
 }

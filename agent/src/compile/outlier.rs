@@ -65,6 +65,7 @@ impl OutlierDetection {
             }),
             min_health_percent: percent(self.min_health_percent),
             _pad: 0,
+            connect_timeout_ms: 0,
             seal: 0,
         }
     }
@@ -120,7 +121,8 @@ impl<'a> ServiceOutlier<'a> {
     }
 
     /// What applies to Service port `port`: the rule's port-level `outlierDetection`, else
-    /// its own, else the default (a rule without one leaves the default).
+    /// its own, else the default (a rule without one leaves the default); and the
+    /// `connectionPool.tcp.connectTimeout` of the same level, if any.
     pub fn port(&self, port: u16) -> Outlier {
         let Some(policy) = self.rule.and_then(|r| r.spec.traffic_policy.as_ref()) else {
             return self.default;
@@ -131,11 +133,19 @@ impl<'a> ServiceOutlier<'a> {
             .flatten()
             .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(u32::from(port)));
         // A port's settings replace the rule's whole, as Istio's do: they inherit nothing.
-        let outlier = match port_level {
-            Some(p) => p.outlier_detection.as_ref(),
-            None => policy.outlier_detection.as_ref(),
+        let (outlier, pool) = match port_level {
+            Some(p) => (p.outlier_detection.as_ref(), p.connection_pool.as_ref()),
+            None => (
+                policy.outlier_detection.as_ref(),
+                policy.connection_pool.as_ref(),
+            ),
         };
-        outlier.map_or(self.default, |o| OutlierDetection::from(o).kernel())
+        let mut out = outlier.map_or(self.default, |o| OutlierDetection::from(o).kernel());
+        out.connect_timeout_ms = pool
+            .and_then(|p| p.tcp.as_ref()?.connect_timeout.as_deref())
+            .and_then(go_duration)
+            .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
+        out
     }
 }
 
@@ -526,6 +536,38 @@ mod tests {
         );
     }
 
+    /// connectTimeout comes from the same level as outlierDetection: a port's entry, else
+    /// the rule's; it is kept with the default's health checking.
+    #[test]
+    fn connect_timeouts_come_from_the_ports_entry_else_the_rules() {
+        let store = rules(&[(
+            "prod",
+            "web",
+            "2026-01-01T00:00:00Z",
+            json!({"host": "web", "trafficPolicy": {
+                "connectionPool": {"tcp": {"connectTimeout": "1.5s"}, "http": {"maxRetries": 2}},
+                "portLevelSettings": [
+                    {"port": {"number": 8080}, "connectionPool": {"tcp": {"connectTimeout": "250ms"}}},
+                    {"port": {"number": 9090}, "outlierDetection": {"consecutive5xxErrors": 6}},
+                ],
+            }}),
+        )]);
+        let default = Outlier {
+            consecutive: 11,
+            ..Outlier::default()
+        };
+        let scope = Scope {
+            root: "istio-system",
+            domain: "cluster.local",
+            default,
+        };
+        let s = ServiceOutlier::of(&store, &scope, ("prod", "web"));
+        let at = |port| (s.port(port).consecutive, s.port(port).connect_timeout_ms);
+        assert_eq!(at(80), (11, 1500));
+        assert_eq!(at(8080), (11, 250));
+        assert_eq!(at(9090), (6, 0));
+    }
+
     fn kernel(flag: &str) -> Outlier {
         flag.parse::<OutlierDefault>()
             .expect("flag")
@@ -547,6 +589,7 @@ mod tests {
                 max_ejection_percent: 10,
                 min_health_percent: 0,
                 _pad: 0,
+                connect_timeout_ms: 0,
                 seal: 0,
             }
         );

@@ -262,6 +262,8 @@ pub struct Globals {
     /// The agent's own cgroup (level, id) when below the cgroup root, else 0, 0.
     pub agent_cgroup_level: u32,
     pub agent_cgroup_id: u64,
+    /// The kernel's tick rate (0: unknown).
+    pub kernel_hz: u32,
 }
 
 /// Everything [`super::Datapath::start`] needs.

@@ -298,3 +298,48 @@ fn own_netns_cookie() -> io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// The kernel's tick rate (`CONFIG_HZ`) from its build configuration: `/proc/config.gz`,
+/// else `/boot/config-<release>`; None when neither says.
+pub fn kernel_hz() -> Option<u32> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let gz = std::fs::File::open("/proc/config.gz").ok().and_then(|f| {
+        flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .ok()
+    });
+    if gz.is_none() {
+        // SAFETY: `uts` is a plain C struct uname fills.
+        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to it.
+        if unsafe { libc::uname(&raw mut uts) } != 0 {
+            return None;
+        }
+        // SAFETY: uname NUL-terminates `release`.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        text =
+            std::fs::read_to_string(format!("/boot/config-{}", release.to_string_lossy())).ok()?;
+    }
+    config_hz(&text)
+}
+
+/// `CONFIG_HZ` of a kernel configuration's text.
+fn config_hz(text: &str) -> Option<u32> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|hz| *hz > 0)
+}
+
+#[cfg(test)]
+mod hz_tests {
+    #[test]
+    fn config_hz_is_read_from_a_kernel_configuration() {
+        let text =
+            "# CONFIG_HZ_100 is not set\nCONFIG_HZ_250=y\nCONFIG_HZ=250\nCONFIG_SCHED_HRTICK=y\n";
+        assert_eq!(super::config_hz(text), Some(250));
+        assert_eq!(super::config_hz("CONFIG_HZ_250=y\n"), None);
+        assert_eq!(super::config_hz("CONFIG_HZ=0\n"), None);
+    }
+}

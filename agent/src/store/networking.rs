@@ -1,6 +1,6 @@
 //! Istio's DestinationRule (`networking.istio.io` `v1`, `v1beta1`, `v1alpha3`, one schema)
-//! as far as weft reads it: `host` and the traffic policy's `outlierDetection`, top level
-//! and per port. Every other field is kept as written (`other`), so strict decoding accepts
+//! as far as weft reads it: `host` and the traffic policy's `outlierDetection` and
+//! `connectionPool.tcp.connectTimeout`, top level and per port. Every other field is kept as written (`other`), so strict decoding accepts
 //! whatever the CRD accepts.
 use std::collections::BTreeMap;
 
@@ -49,8 +49,10 @@ pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_level_settings: Option<Vec<PortTrafficPolicy>>,
-    /// `loadBalancer`, `connectionPool`, `tls`, `tunnel`, `proxyProtocol`: not read.
+    /// `loadBalancer`, `tls`, `tunnel`, `proxyProtocol`: not read.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }
@@ -62,6 +64,29 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// `connectionPool`: weft reads `tcp.connectTimeout`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSettings>,
+    /// `http`: not read.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// `connectionPool.tcp` (a duration as written: Go's `time.Duration` text).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// `maxConnections`, `tcpKeepalive`, `maxConnectionDuration`, `idleTimeout`: not read.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }

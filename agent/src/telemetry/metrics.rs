@@ -327,6 +327,7 @@ pub enum EventKind {
     TcpClose,
     TcpUpdate,
     Drop,
+    Ejection,
 }
 
 impl EventKind {
@@ -336,6 +337,7 @@ impl EventKind {
             Self::TcpClose => "tcp_close",
             Self::TcpUpdate => "tcp_update",
             Self::Drop => "drop",
+            Self::Ejection => "ejection",
         }
     }
 }

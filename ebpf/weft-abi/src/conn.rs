@@ -29,6 +29,10 @@ pub enum ConnEventKind {
     Update = 3,
     /// A connection or packet was dropped (`reason`, `direction`, `protocol` are set).
     Drop = 4,
+    /// Health checking ejected a backend: `remote_*` is the backend, `service_*` the
+    /// frontend, `duration_ns` how long it gets no new connection, `reason` the times it was
+    /// ejected (less one per interval in service).
+    Ejection = 5,
 }
 
 impl ConnEventKind {
@@ -38,6 +42,7 @@ impl ConnEventKind {
             2 => Some(Self::Close),
             3 => Some(Self::Update),
             4 => Some(Self::Drop),
+            5 => Some(Self::Ejection),
             _ => None,
         }
     }
@@ -91,6 +96,9 @@ pub mod flags {
     /// The server's end of a connection the mesh delivered from a tunnel: accepted from a
     /// SYN carrying [`crate::mesh::DELIVERY_MARK`].
     pub const DELIVERED: u32 = 1 << 9;
+    /// Kernel-internal (`ConnState`): the socket's `TCP_USER_TIMEOUT` is its Service's
+    /// connect timeout until establishment (`ConnState::saved_user_timeout_ms` is its own).
+    pub const CONNECT_TIMEOUT: u32 = 1 << 10;
 }
 
 /// Why a [`ConnEventKind::Drop`] happened (`ConnEvent::reason`).
@@ -267,8 +275,12 @@ pub struct ConnState {
     /// `bpf_ktime_get_coarse_ns()` of the last `Update` event (0: none yet); written by
     /// cgroup_skb egress, racing writers only cause a duplicate update.
     pub last_update_ns: u64,
+    /// The socket's own `TCP_USER_TIMEOUT` while a Service's connect timeout stands in for
+    /// it (with `flags::CONNECT_TIMEOUT`), given back at establishment.
+    pub saved_user_timeout_ms: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConnState>() == 48);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 56);
 
 #[cfg(feature = "user")]
 // SAFETY: ConnEvent is repr(C), made of integers only, with no implicit padding (size asserted).

@@ -22,7 +22,7 @@ mod user;
 /// to a map's key or value layout or meaning (a same-size change included): maps are pinned
 /// per version (and per shape, see the agent's `datapath::pins`), so an agent of another
 /// version never adopts them; it fills new ones and switches the programs after.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 /// Names of the programs in the object, as the agent looks them up.
 pub mod programs {
@@ -112,6 +112,9 @@ pub mod globals {
     /// a pod not bound yet.
     pub const AGENT_CGROUP_LEVEL: &str = "AGENT_CGROUP_LEVEL";
     pub const AGENT_CGROUP_ID: &str = "AGENT_CGROUP_ID";
+    /// u32: the kernel's tick rate (CONFIG_HZ), which a SYN's first retransmission timeout
+    /// is counted in; 0: unknown (connect timeouts then keep the kernel's first one, 1 s).
+    pub const KERNEL_HZ: &str = "KERNEL_HZ";
 }
 
 /// Address families as the kernel numbers them.

@@ -120,10 +120,11 @@ mod tests {
                 o.max_ejection_ms,
                 o.interval_ms,
                 u32::from(o.max_ejection_percent) | u32::from(o.min_health_percent) << 8,
+                o.connect_timeout_ms,
                 o.seal,
             ]
         };
-        let from_words = |w: [u32; 6]| Outlier {
+        let from_words = |w: [u32; 7]| Outlier {
             consecutive: w[0],
             base_ejection_ms: w[1],
             max_ejection_ms: w[2],
@@ -131,7 +132,8 @@ mod tests {
             max_ejection_percent: w[4] as u8,
             min_health_percent: (w[4] >> 8) as u8,
             _pad: 0,
-            seal: w[5],
+            connect_timeout_ms: w[5],
+            seal: w[6],
         };
         let a = Outlier {
             consecutive: 5,
@@ -141,6 +143,7 @@ mod tests {
             max_ejection_percent: 10,
             min_health_percent: 0,
             _pad: 0,
+            connect_timeout_ms: 0,
             seal: 0,
         }
         .sealed(1);
@@ -152,17 +155,18 @@ mod tests {
             max_ejection_percent: 50,
             min_health_percent: 20,
             _pad: 0,
+            connect_timeout_ms: 200,
             seal: 0,
         };
         for b in [b.sealed(1), b.sealed(2)] {
             let (wa, wb) = (words(&a), words(&b));
-            for mask in 0u32..64 {
+            for mask in 0u32..128 {
                 let torn = from_words(core::array::from_fn(|i| {
                     if mask & (1 << i) == 0 { wa[i] } else { wb[i] }
                 }));
                 if torn != a && torn != b {
-                    assert!(!torn.is_sealed_for(1), "mask {mask:06b}");
-                    assert!(!torn.is_sealed_for(2), "mask {mask:06b}");
+                    assert!(!torn.is_sealed_for(1), "mask {mask:07b}");
+                    assert!(!torn.is_sealed_for(2), "mask {mask:07b}");
                 }
             }
         }

@@ -49,11 +49,15 @@ pub enum Counter {
     /// agent's `MESH_ORIG` entry could not be written. It was refused (never sent in
     /// plaintext).
     MeshCaptureFailed = 14,
+    /// A Service port's connect timeout could not be set on a connecting socket (it keeps
+    /// the kernel's bound), or the socket's own `TCP_USER_TIMEOUT` could not be given back
+    /// at establishment.
+    ConnectTimeoutFailed = 15,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::ConnEventsLost,
         Self::ConnStateFull,
         Self::TrafficFull,
@@ -69,6 +73,7 @@ impl Counter {
         Self::SockStateOverBudget,
         Self::SockmapFull,
         Self::MeshCaptureFailed,
+        Self::ConnectTimeoutFailed,
     ];
 
     /// The name the agent reports.
@@ -89,6 +94,7 @@ impl Counter {
             Self::SockStateOverBudget => "sock_state_over_budget",
             Self::SockmapFull => "sockmap_full",
             Self::MeshCaptureFailed => "mesh_capture_failed",
+            Self::ConnectTimeoutFailed => "connect_timeout_failed",
         }
     }
 }

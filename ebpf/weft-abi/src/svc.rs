@@ -50,8 +50,10 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 /// checking): a frontend's passive health checking (Istio's `outlierDetection`), applied by
 /// the kernel. A backend whose connections through the frontend fail `consecutive` times in
 /// a row (from any pod of the node) gets no new connection for `base_ejection_ms` times the
-/// number of times it was ejected, at most `max_ejection_ms`. Its own map, not a field of
-/// `ServiceValue`: every reader of that value (cgroup_skb's included) would pay for it.
+/// number of times it was ejected, at most `max_ejection_ms`. A connect through the
+/// frontend that no backend answers in `connect_timeout_ms` fails with ETIMEDOUT (Istio's
+/// `connectionPool.tcp.connectTimeout`). Its own map, not a field of `ServiceValue`: every
+/// reader of that value (cgroup_skb's included) would pay for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Outlier {
@@ -66,10 +68,13 @@ pub struct Outlier {
     /// Below this share of backends not ejected, ejections are ignored (panic).
     pub min_health_percent: u8,
     pub _pad: u16,
+    /// A connect that has no answer after this long times out; 0: the kernel's own bound
+    /// (about two minutes).
+    pub connect_timeout_ms: u32,
     /// [`crate::seal`] of the key and the fields above, set by the agent's map writer.
     pub seal: u32,
 }
-const _: () = assert!(core::mem::size_of::<Outlier>() == 24);
+const _: () = assert!(core::mem::size_of::<Outlier>() == 28);
 
 impl Outlier {
     /// The seal of this value under service id `key`.
@@ -88,7 +93,13 @@ impl Outlier {
                 | (self.min_health_percent as u32) << 8
                 | (self._pad as u32) << 16,
         );
-        finish(h, 6)
+        h = mix(h, self.connect_timeout_ms);
+        finish(h, 7)
+    }
+
+    /// Whether the frontend has nothing to apply (no entry is written for it).
+    pub const fn is_off(&self) -> bool {
+        self.consecutive == 0 && self.connect_timeout_ms == 0
     }
 
     /// This value as written under `key`.

@@ -11,11 +11,12 @@ use aya_ebpf::{
 use weft_abi::{
     AF_INET, IPPROTO_TCP,
     conn::{
-        ConnEvent, ConnEventKind, ConnState, DROP_EVENTS_PER_SECOND, DropReason, flags, tcp_state,
+        ConnEvent, ConnEventKind, ConnState, DROP_EVENTS_PER_SECOND, DropReason, Side, flags,
+        tcp_state,
     },
     net::{Direction, Family},
     stats::Counter,
-    svc::{Endpoint, normalize_v6},
+    svc::{Endpoint, Xlate, normalize_v6},
 };
 
 use crate::{
@@ -50,6 +51,32 @@ pub fn submit(event: &ConnEvent) {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(u64::from(wakeup));
+}
+
+/// Health checking ejected `t.backend` from `t.frontend` for `ejected_ns`, its `times`-th
+/// ejection (`ConnEventKind::Ejection`). Not inlined: the event is built in its own frame.
+#[inline(never)]
+pub fn ejection(t: &Xlate, ejected_ns: u64, times: u32) {
+    if !enabled() {
+        return;
+    }
+    let b = &t.backend;
+    let ev = ConnEvent {
+        kind: ConnEventKind::Ejection as u32,
+        family: Family::of(b.family).af(),
+        timestamp_ns: now(),
+        duration_ns: ejected_ns,
+        remote_addr: b.addr,
+        remote_port: u32::from(u16::from_be(b.port)),
+        side: Side::Active as u32,
+        flags: flags::VIA_SERVICE,
+        service_addr: t.frontend.addr,
+        service_port: u32::from(u16::from_be(t.frontend.port)),
+        protocol: u32::from(IPPROTO_TCP),
+        reason: times,
+        ..ConnEvent::default()
+    };
+    submit(&ev);
 }
 
 #[inline(always)]

@@ -124,3 +124,7 @@ pub static AGENT_CGROUP_ID: Global<u64> = Global::new(0);
 /// See `weft_abi::globals::SOCKMAP_ENABLED`; set by the agent at load time.
 #[unsafe(no_mangle)]
 pub static SOCKMAP_ENABLED: Global<u32> = Global::new(0);
+
+/// See `weft_abi::globals::KERNEL_HZ`; set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static KERNEL_HZ: Global<u32> = Global::new(0);

@@ -22,11 +22,12 @@ use weft_abi::{
     stats::Counter,
     svc::{
         BackendHealth, Endpoint, MemberKey, Outlier, ServiceValue, SlotKey, WalkCounts,
-        XLATE_CAPTURED, XLATE_DIRECT,
+        XLATE_CAPTURED, XLATE_DIRECT, Xlate,
     },
 };
 
 use crate::{
+    events,
     maps::{BACKEND_SLOTS, HEALTH, OUTLIER, WALK_COUNTS},
     service, stats,
     storage::Socket as _,
@@ -171,20 +172,41 @@ pub fn choose(svc: &ServiceValue, picked: Endpoint) -> Endpoint {
     out
 }
 
-/// The health checking of frontend `service_id` (None: off, or torn past retrying: the
-/// pick stands, nothing is counted).
+/// The health checking of frontend `service_id` (None: no ejection, or torn past retrying:
+/// the pick stands, nothing is counted).
 fn config(service_id: u32) -> Option<Outlier> {
+    settings(service_id).filter(|o| o.consecutive != 0)
+}
+
+/// Frontend `service_id`'s `OUTLIER` entry (None: none, or torn past retrying).
+fn settings(service_id: u32) -> Option<Outlier> {
     for _ in 0..service::SEAL_TRIES {
         let ptr = OUTLIER.get_ptr(service_id)?;
         // SAFETY: a map value pointer stays valid memory for this program's run, though its
         // element may be reused: one volatile copy, then the seal says whether it is whole.
         let o = unsafe { core::ptr::read_volatile(ptr) };
         if o.is_sealed_for(service_id) {
-            return Some(o).filter(|o| o.consecutive != 0);
+            return Some(o);
         }
         stats::bump(Counter::TornRead);
     }
     None
+}
+
+/// The connect timeout (ms) of the frontend the socket's connect chose a backend for; 0:
+/// none. Captured connections are the mesh proxy's to connect.
+#[inline(never)]
+pub fn connect_timeout(ctx: &SockOpsContext) -> u32 {
+    let Some(t) = ctx.socket().and_then(xlate::connect_slot) else {
+        return 0;
+    };
+    if t.flags & (XLATE_CAPTURED | XLATE_DIRECT) != 0 {
+        return 0;
+    }
+    let Ok(Some(svc)) = service::service(&t.frontend) else {
+        return 0;
+    };
+    settings(svc.service_id).map_or(0, |o| o.connect_timeout_ms)
 }
 
 /// Replaces `out` (ejected) with a random backend that is not, if enough are left. Not
@@ -257,7 +279,7 @@ pub fn observe(ctx: &SockOpsContext, state: &ConnState) {
     };
     match outcome(ctx, state) {
         Outcome::Success => succeeded(&svc, &t.backend),
-        Outcome::Failure => failed(&svc, &o, &t.backend),
+        Outcome::Failure => failed(&svc, &o, &t),
         Outcome::Neither => {}
     }
 }
@@ -274,8 +296,9 @@ fn succeeded(svc: &ServiceValue, backend: &Endpoint) {
     }
 }
 
-fn failed(svc: &ServiceValue, o: &Outlier, backend: &Endpoint) {
-    let key = member(svc, backend);
+/// A failure of `t.backend`, reached through `t.frontend`.
+fn failed(svc: &ServiceValue, o: &Outlier, t: &Xlate) {
+    let key = member(svc, &t.backend);
     let h = match HEALTH.get_ptr_mut(key) {
         Some(h) => h,
         None => {
@@ -299,19 +322,24 @@ fn failed(svc: &ServiceValue, o: &Outlier, backend: &Endpoint) {
     if failures < o.consecutive || until > now {
         return;
     }
-    eject(svc, o, h, now);
+    let ms = eject(svc, o, h, now);
+    if ms != 0 {
+        // SAFETY: as above.
+        let times = unsafe { (*h).ejections };
+        events::ejection(t, ms * 1_000_000, times);
+    }
 }
 
 /// Ejects the backend whose record is `h`, unless that would eject more than
 /// `max_ejection_percent` of the frontend's backends; either way its count starts again,
 /// as Envoy's does, unless the walk's counts could not be trusted (the next failure tries
-/// again).
+/// again). Returns how long it is ejected, in ms (0: it is not).
 #[inline(never)]
-fn eject(svc: &ServiceValue, o: &Outlier, h: *mut BackendHealth, now: u64) {
+fn eject(svc: &ServiceValue, o: &Outlier, h: *mut BackendHealth, now: u64) -> u64 {
     let n = svc.count.min(SCAN);
     let mut found = (0, 0);
     if !walk(svc, now, 0, 0, &mut found) {
-        return;
+        return 0;
     }
     // SAFETY: a map value, valid for this program's run.
     let h = unsafe { &mut *h };
@@ -319,7 +347,7 @@ fn eject(svc: &ServiceValue, o: &Outlier, h: *mut BackendHealth, now: u64) {
     let ejected = n.saturating_sub(found.0);
     // Another CPU's failure may have ejected it meanwhile: once is enough.
     if (ejected + 1) * 100 > u32::from(o.max_ejection_percent) * n || h.ejected_until_ns > now {
-        return;
+        return 0;
     }
     // The count of ejections falls by one per interval since the last one ended.
     let interval_ns = u64::from(o.interval_ms).max(1) * 1_000_000;
@@ -331,4 +359,5 @@ fn eject(svc: &ServiceValue, o: &Outlier, h: *mut BackendHealth, now: u64) {
     let ms = (u64::from(o.base_ejection_ms) * u64::from(times)).min(u64::from(o.max_ejection_ms));
     h.ejections = times;
     h.ejected_until_ns = now + ms * 1_000_000;
+    ms.max(1)
 }

@@ -15,8 +15,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
         BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
     },
+    helpers::generated::{bpf_getsockopt, bpf_setsockopt},
     programs::SockOpsContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -32,16 +33,22 @@ use weft_abi::{
 use crate::{
     ctx::SocketCookie,
     events::{self, add_service, family_words, now},
-    maps::CONN_STATE,
+    maps::{CONN_STATE, KERNEL_HZ},
     mesh, outlier, packet, redirect, stats,
     storage::Socket as _,
 };
 
 const TCP_FLAG_FIN: u32 = 0x01;
+const SOL_TCP: i32 = 6;
+const TCP_USER_TIMEOUT: i32 = 18;
 
 pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
-    // Most callbacks (RWND_INIT, TIMEOUT_INIT, ...) are not ours: return before any helper call.
+    // Most callbacks (RWND_INIT, ...) are not ours: return before any helper call.
     let op = ctx.op();
+    if op == BPF_SOCK_OPS_TIMEOUT_INIT {
+        on_timeout_init(ctx);
+        return Ok(());
+    }
     let handler = match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
@@ -80,10 +87,103 @@ fn on_connect(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
     track(ctx, cookie, &state)
 }
 
+/// A SYN is about to be sent (or a SYN-ACK, for a request socket): a connect through a
+/// Service port with a connect timeout gives up after it, with ETIMEDOUT, as Envoy's
+/// `connect_timeout` does. The kernel's `TCP_USER_TIMEOUT` bounds the SYN's retransmissions
+/// (checked at each retransmission timeout, each clamped to what is left), and the first
+/// timeout is made half the connect timeout, so one SYN is resent before giving up. The
+/// socket's own user timeout comes back at establishment.
+#[inline(never)]
+fn on_timeout_init(ctx: &SockOpsContext) {
+    // Request sockets (a SYN-ACK's timeout) are not connects.
+    if ctx_read!(ctx.ops, is_fullsock) == 0 {
+        return;
+    }
+    let ms = outlier::connect_timeout(ctx);
+    if ms == 0 {
+        return;
+    }
+    let hz = KERNEL_HZ.load();
+    let first = u64::from(ms) * u64::from(hz) / 2000;
+    // Only ever shorter than the kernel's own first timeout (one second, `hz` jiffies).
+    if first >= 1 && first < u64::from(hz) {
+        ctx.set_reply(first as u32);
+    }
+    // Without its state the socket's own timeout could not be given back: it keeps it.
+    let Some(s) = CONN_STATE.get_ptr_mut(ctx.cookie()) else {
+        return;
+    };
+    let mut own: i32 = 0;
+    // SAFETY: the context is a full socket's, locked in connect (TIMEOUT_INIT may read and
+    // set options); `own` is 4 writable bytes.
+    let read = unsafe {
+        bpf_getsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_USER_TIMEOUT,
+            core::ptr::from_mut(&mut own).cast(),
+            4,
+        )
+    };
+    // An own timeout already as short is kept.
+    if read != 0 || (own > 0 && own as u32 <= ms) {
+        return;
+    }
+    let mut want = ms.min(i32::MAX as u32) as i32;
+    // SAFETY: as above; `want` is 4 readable bytes.
+    let set = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_USER_TIMEOUT,
+            core::ptr::from_mut(&mut want).cast(),
+            4,
+        )
+    };
+    if set != 0 {
+        stats::bump(Counter::ConnectTimeoutFailed);
+        return;
+    }
+    // SAFETY: see on_established.
+    unsafe {
+        (*s).saved_user_timeout_ms = own.max(0) as u32;
+        (*s).flags |= flags::CONNECT_TIMEOUT;
+    }
+}
+
+/// The socket's own `TCP_USER_TIMEOUT`, back after its Service's connect timeout (see
+/// [`on_timeout_init`]).
+#[inline(never)]
+fn end_connect_timeout(ctx: &SockOpsContext, state: *mut ConnState) {
+    // SAFETY: see on_established.
+    let s = unsafe { &mut *state };
+    if s.flags & flags::CONNECT_TIMEOUT == 0 {
+        return;
+    }
+    s.flags &= !flags::CONNECT_TIMEOUT;
+    let mut own = s.saved_user_timeout_ms.min(i32::MAX as u32) as i32;
+    // SAFETY: ACTIVE_ESTABLISHED runs on the locked full socket; `own` is 4 readable bytes.
+    let set = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_USER_TIMEOUT,
+            core::ptr::from_mut(&mut own).cast(),
+            4,
+        )
+    };
+    if set != 0 {
+        stats::bump(Counter::ConnectTimeoutFailed);
+    }
+}
+
 fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i64> {
     // First: a captured connection needs its origin even when it cannot be tracked.
     if side == Side::Active {
         mesh::established(ctx, ctx_read!(ctx.ops, local_port), &remote_endpoint(ctx));
+        if let Some(s) = CONN_STATE.get_ptr_mut(cookie) {
+            end_connect_timeout(ctx, s);
+        }
     }
     let (acked, received) = (
         ctx_read!(ctx.ops, bytes_acked),

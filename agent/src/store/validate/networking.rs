@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use super::{Errors, FieldError, is_dns1123_subdomain, metadata};
-use crate::store::networking::{DestinationRule, OutlierDetection};
+use crate::store::networking::{ConnectionPool, DestinationRule, OutlierDetection};
 
 pub fn destination_rule(dr: &DestinationRule) -> Result<(), Vec<FieldError>> {
     let mut e = Errors::default();
@@ -22,6 +22,9 @@ pub fn destination_rule(dr: &DestinationRule) -> Result<(), Vec<FieldError>> {
     if let Some(o) = &policy.outlier_detection {
         outlier_detection(&mut e, "spec.trafficPolicy.outlierDetection", o);
     }
+    if let Some(c) = &policy.connection_pool {
+        connection_pool(&mut e, "spec.trafficPolicy.connectionPool", c);
+    }
     for (i, p) in policy.port_level_settings.iter().flatten().enumerate() {
         let at = format!("spec.trafficPolicy.portLevelSettings[{i}]");
         if p.port.is_none() {
@@ -30,8 +33,19 @@ pub fn destination_rule(dr: &DestinationRule) -> Result<(), Vec<FieldError>> {
         if let Some(o) = &p.outlier_detection {
             outlier_detection(&mut e, &format!("{at}.outlierDetection"), o);
         }
+        if let Some(c) = &p.connection_pool {
+            connection_pool(&mut e, &format!("{at}.connectionPool"), c);
+        }
     }
     e.into_result()
+}
+
+fn connection_pool(e: &mut Errors, at: &str, c: &ConnectionPool) {
+    if let Some(text) = c.tcp.as_ref().and_then(|t| t.connect_timeout.as_ref())
+        && let Err(message) = duration(text)
+    {
+        e.add(format!("{at}.tcp.connectTimeout"), message);
+    }
 }
 
 fn outlier_detection(e: &mut Errors, at: &str, o: &OutlierDetection) {

@@ -101,6 +101,14 @@ enum Cmd {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// One blocking connect to --connect, with TCP_USER_TIMEOUT set to --user-timeout-ms
+    /// first if given: prints the socket's TCP_USER_TIMEOUT once connected.
+    UserTimeout {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        user_timeout_ms: Option<u32>,
+    },
     /// Connect, send --send bytes, then receive (see --close).
     TcpClient {
         #[arg(long)]
@@ -386,6 +394,10 @@ fn run(cmd: Cmd) -> Result<(), String> {
             close_at_once,
         ),
         Cmd::TcpSpray { connect, count } => tcp_spray(connect, count),
+        Cmd::UserTimeout {
+            connect,
+            user_timeout_ms,
+        } => user_timeout(connect, user_timeout_ms),
         Cmd::HoldServer { listen } => hold_server(listen),
         Cmd::HoldClient { connect, count } => hold_client(connect, count),
         Cmd::TcpTrickle {
@@ -861,18 +873,20 @@ fn churn(
 }
 
 fn tcp_spray(connect: SocketAddr, count: u64) -> Result<(), String> {
+    /// Failures listed one by one, at most.
+    const LISTED: usize = 1000;
     let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let (mut errors, mut peer_mismatches) = (0u64, 0u64);
     let mut last_error = String::new();
+    let mut failures = Vec::new();
     for _ in 0..count {
-        let result = (|| -> Result<(String, bool), String> {
-            let mut s = TcpStream::connect(connect).map_err(|e| format!("connect: {e}"))?;
-            let peer_ok = s.peer_addr().map_err(|e| e.to_string())? == connect;
-            s.shutdown(Shutdown::Write)
-                .map_err(|e| format!("shutdown: {e}"))?;
+        let started = Instant::now();
+        let result = (|| -> Result<(String, bool), (&str, std::io::Error)> {
+            let mut s = TcpStream::connect(connect).map_err(|e| ("connect", e))?;
+            let peer_ok = s.peer_addr().map_err(|e| ("getpeername", e))? == connect;
+            s.shutdown(Shutdown::Write).map_err(|e| ("shutdown", e))?;
             let mut name = String::new();
-            s.read_to_string(&mut name)
-                .map_err(|e| format!("read: {e}"))?;
+            s.read_to_string(&mut name).map_err(|e| ("read", e))?;
             Ok((name, peer_ok))
         })();
         match result {
@@ -880,16 +894,75 @@ fn tcp_spray(connect: SocketAddr, count: u64) -> Result<(), String> {
                 *counts.entry(name).or_default() += 1;
                 peer_mismatches += u64::from(!peer_ok);
             }
-            Err(e) => {
+            Err((call, e)) => {
                 errors += 1;
-                last_error = e;
+                last_error = format!("{call}: {e}");
+                if failures.len() < LISTED {
+                    failures.push(json!({
+                        "call": call, "error": errno_name(&e),
+                        "ms": started.elapsed().as_millis() as u64,
+                    }));
+                }
             }
         }
     }
     emit(&json!({
         "event": "spray", "counts": counts, "errors": errors, "last_error": last_error,
-        "peer_mismatches": peer_mismatches,
+        "peer_mismatches": peer_mismatches, "failures": failures,
     }));
+    Ok(())
+}
+
+fn user_timeout(connect: SocketAddr, set: Option<u32>) -> Result<(), String> {
+    let domain = if connect.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let len = std::mem::size_of::<u32>() as libc::socklen_t;
+    if let Some(ms) = set {
+        // SAFETY: `ms` is a u32 of `len` bytes.
+        let ret = unsafe {
+            libc::setsockopt(
+                raw,
+                libc::IPPROTO_TCP,
+                libc::TCP_USER_TIMEOUT,
+                std::ptr::from_ref(&ms).cast(),
+                len,
+            )
+        };
+        if ret != 0 {
+            return Err(format!("setsockopt: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let (storage, addr_len) = sockaddr(connect);
+    // SAFETY: `storage` holds a valid sockaddr of `addr_len` bytes.
+    if unsafe { libc::connect(raw, std::ptr::from_ref(&storage).cast(), addr_len) } != 0 {
+        return Err(format!("connect: {}", std::io::Error::last_os_error()));
+    }
+    let (mut ms, mut got) = (0u32, len);
+    // SAFETY: `ms` is a writable u32 of `got` bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            std::ptr::from_mut(&mut ms).cast(),
+            &raw mut got,
+        )
+    };
+    if ret != 0 {
+        return Err(format!("getsockopt: {}", std::io::Error::last_os_error()));
+    }
+    emit(&json!({"event": "user_timeout", "ms": ms}));
     Ok(())
 }
 
@@ -934,6 +1007,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
         Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
+        Some(libc::ECONNRESET) => "ECONNRESET".into(),
         _ => e.to_string(),
     }
 }
