@@ -433,6 +433,8 @@ impl Telemetry {
         let dir = &self.current;
         self.tcp.prune(&self.families, |l| l.is_current(dir));
         self.udp_series.prune(&self.families, |l| l.is_current(dir));
+        self.ejections
+            .prune(|l| dir.has_service_named(&l.namespace, &l.service));
     }
 
     fn new_open(&mut self, c: &Connection, now: Now) -> Box<Open> {

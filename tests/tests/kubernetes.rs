@@ -460,3 +460,20 @@ fn a_destination_rule_from_the_api_server_configures_health_checking_once_served
         checking(list) == Some((json!(4), json!(2000)))
     });
 }
+
+#[test]
+fn destination_rules_the_agent_may_not_list_leave_the_services_served_and_say_so() {
+    let c = cluster("k8s_rules_forbidden");
+    c.api.serve_security_api();
+    c.api.fail_kind("DestinationRule", Some(403));
+    let agent = Agent::start_with(&c.node, AgentOptions::with_api(&c.api, &c.node, &[]));
+    let status = wait_status(&agent, "ready, degraded", RECOVERY, |s| {
+        s["services"]["ready"] == true && degraded(s)
+    });
+    let reasons = status["degraded"].to_string();
+    assert!(reasons.contains("DestinationRule"), "{reasons}");
+    // Said on /readyz too, as any kind the API refuses; the Services are served meanwhile.
+    assert_eq!(readyz(&agent).0, 503);
+    wait_backends(&agent, 2, Duration::from_secs(10));
+    assert_eq!(spray(&c.node, 20).values().sum::<u64>(), 20);
+}

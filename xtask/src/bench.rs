@@ -3,12 +3,14 @@
 //!
 //! Scenarios: `churn` (bench/churn.rs), `services` (bench/services.rs), `established`
 //! (bench/established.rs), `policy` (bench/policy.rs), `telemetry` (bench/telemetry.rs),
-//! `kube` (bench/kube.rs), `bind` (bench/bind.rs), `mesh` (bench/mesh.rs).
+//! `kube` (bench/kube.rs), `bind` (bench/bind.rs), `mesh` (bench/mesh.rs), `outlier`
+//! (bench/outlier.rs).
 mod bind;
 mod churn;
 mod established;
 mod kube;
 mod mesh;
+mod outlier;
 mod policy;
 mod services;
 mod telemetry;
@@ -34,6 +36,7 @@ const SCENARIOS: &[&str] = &[
     "kube",
     "bind",
     "mesh",
+    "outlier",
 ];
 
 /// What `cargo xtask bench` was asked for.
@@ -161,6 +164,12 @@ pub fn run(ws: &Path, tools: &Tools, options: &Options<'_>) -> Result<()> {
                     pin.with_agent_on_client_cpu()
                 };
                 let r = mesh::run(&bins, &placed, rounds.clamp(1, 9))?;
+                write(&path, &r)?;
+                r.print();
+            }
+            "outlier" => {
+                // Each round is two runs of 14 s, each on a fresh node.
+                let r = outlier::run(&bins, pin, rounds.clamp(1, 9))?;
                 write(&path, &r)?;
                 r.print();
             }

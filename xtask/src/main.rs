@@ -52,8 +52,7 @@ enum Cmd {
     /// Run benchmark scenarios; each measures weft against its baselines in the same run.
     Bench {
         /// Scenarios to run (default: all). Known: churn, services, established, policy,
-        /// telemetry, kube,
-        /// bind.
+        /// telemetry, kube, bind, mesh, outlier.
         scenarios: Vec<String>,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2.0)]

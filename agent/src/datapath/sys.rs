@@ -299,8 +299,9 @@ fn own_netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// The kernel's tick rate (`CONFIG_HZ`) from its build configuration: `/proc/config.gz`,
-/// else `/boot/config-<release>`; None when neither says.
+/// The kernel's tick rate (`CONFIG_HZ`): from its build configuration (`/proc/config.gz`,
+/// else `/boot/config-<release>`, which a container may not see), else from its jiffies
+/// counter and clock (`/proc/timer_list`); None when none says.
 pub fn kernel_hz() -> Option<u32> {
     use std::io::Read as _;
     let mut text = String::new();
@@ -309,19 +310,55 @@ pub fn kernel_hz() -> Option<u32> {
             .read_to_string(&mut text)
             .ok()
     });
-    if gz.is_none() {
-        // SAFETY: `uts` is a plain C struct uname fills.
-        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid pointer to it.
-        if unsafe { libc::uname(&raw mut uts) } != 0 {
-            return None;
-        }
+    if gz.is_some()
+        && let Some(hz) = config_hz(&text)
+    {
+        return Some(hz);
+    }
+    // SAFETY: `uts` is a plain C struct uname fills.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to it.
+    if unsafe { libc::uname(&raw mut uts) } == 0 {
         // SAFETY: uname NUL-terminates `release`.
         let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
-        text =
-            std::fs::read_to_string(format!("/boot/config-{}", release.to_string_lossy())).ok()?;
+        let boot = format!("/boot/config-{}", release.to_string_lossy());
+        if let Some(hz) = std::fs::read_to_string(boot)
+            .ok()
+            .and_then(|t| config_hz(&t))
+        {
+            return Some(hz);
+        }
     }
-    config_hz(&text)
+    timer_list_hz(&std::fs::read_to_string("/proc/timer_list").ok()?)
+}
+
+/// The tick rate `/proc/timer_list` implies: its `jiffies` started at `INITIAL_JIFFIES`
+/// (2^32 - 300 × HZ, so that they wrap 5 minutes after boot) and counted HZ a second of
+/// CLOCK_MONOTONIC (`now at`); the rate among those kernels build with whose count fits
+/// within a few seconds.
+fn timer_list_hz(text: &str) -> Option<u32> {
+    let field = |prefix: &str| {
+        text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(prefix)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    let now_s = field("now at")? as f64 / 1e9;
+    let jiffies = field("jiffies:")?;
+    [100u32, 250, 300, 1000]
+        .into_iter()
+        .map(|hz| {
+            let initial = (1u64 << 32) - 300 * u64::from(hz);
+            let counted = jiffies.wrapping_sub(initial) as f64 / f64::from(hz);
+            (hz, (counted - now_s).abs())
+        })
+        .filter(|(_, off)| *off < 5.0)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(hz, _)| hz)
 }
 
 /// `CONFIG_HZ` of a kernel configuration's text.
@@ -341,5 +378,20 @@ mod hz_tests {
         assert_eq!(super::config_hz(text), Some(250));
         assert_eq!(super::config_hz("CONFIG_HZ_250=y\n"), None);
         assert_eq!(super::config_hz("CONFIG_HZ=0\n"), None);
+    }
+
+    /// From a 6.18 kernel built with HZ=250, 15.6 hours after boot.
+    #[test]
+    fn the_tick_rate_follows_from_the_jiffies_and_the_clock() {
+        let at = |now_ns: u64, jiffies: u64| {
+            super::timer_list_hz(&format!(
+                "Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at {now_ns} nsecs\n\ncpu: 0\n  .last_jiffies   : 1\njiffies: {jiffies}\n"
+            ))
+        };
+        assert_eq!(at(56_185_176_669_033, 4_308_938_528), Some(250));
+        // 20 s after boot, at 1000 Hz.
+        assert_eq!(at(20_000_000_000, (1 << 32) - 300_000 + 20_000), Some(1000));
+        // A count no rate explains.
+        assert_eq!(at(56_185_176_669_033, (1 << 32) + 1), None);
     }
 }

@@ -32,6 +32,8 @@ pub struct Ejections {
     out: HashMap<(ServicePortLabels, SocketAddr), Instant>,
     /// The gauge's series.
     gauged: HashSet<ServicePortLabels>,
+    /// The counter's series.
+    counted: HashSet<ServicePortLabels>,
 }
 
 impl Ejections {
@@ -41,6 +43,7 @@ impl Ejections {
             ejected: Family::default(),
             out: HashMap::new(),
             gauged: HashSet::new(),
+            counted: HashSet::new(),
         };
         registry.register(
             "backend_ejections",
@@ -58,8 +61,32 @@ impl Ejections {
     /// `backend` of `labels` is out until `until`.
     pub fn ejected(&mut self, labels: ServicePortLabels, backend: SocketAddr, until: Instant) {
         self.total.get_or_create(&labels).inc();
+        self.counted.insert(labels.clone());
         self.out.insert((labels, backend), until);
         self.expire(Instant::now());
+    }
+
+    /// Removes every series and ejection of the Service ports `current` says are gone.
+    pub fn prune(&mut self, current: impl Fn(&ServicePortLabels) -> bool) {
+        let gone: HashSet<ServicePortLabels> = self
+            .out
+            .keys()
+            .map(|(l, _)| l)
+            .chain(self.gauged.iter())
+            .chain(self.counted.iter())
+            .filter(|l| !current(l))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.out.retain(|(l, _), _| !gone.contains(l));
+        for l in &gone {
+            self.total.remove(l);
+            self.ejected.remove(l);
+            self.counted.remove(l);
+            self.gauged.remove(l);
+        }
     }
 
     /// Ejections over at `now` end; the gauges count what is left (a Service port with
@@ -127,6 +154,12 @@ mod tests {
             "backend_ejections_total{service=\"api\",namespace=\"shop\",port=\"81\"} 1\n\
              backend_ejections_total{service=\"web\",namespace=\"shop\",port=\"80\"} 2\n\
              ejected_backends{service=\"web\",namespace=\"shop\",port=\"80\"} 1\n"
+        );
+        // The Service web is deleted: its series go.
+        e.prune(|l| l.service != "web");
+        assert_eq!(
+            text(&registry),
+            "backend_ejections_total{service=\"api\",namespace=\"shop\",port=\"81\"} 1\n"
         );
     }
 }

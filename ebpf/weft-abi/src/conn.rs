@@ -276,9 +276,10 @@ pub struct ConnState {
     /// cgroup_skb egress, racing writers only cause a duplicate update.
     pub last_update_ns: u64,
     /// The socket's own `TCP_USER_TIMEOUT` while a Service's connect timeout stands in for
-    /// it (with `flags::CONNECT_TIMEOUT`), given back at establishment.
+    /// it (with `flags::CONNECT_TIMEOUT`), given back at establishment or close.
     pub saved_user_timeout_ms: u32,
-    pub _pad: u32,
+    /// The connect timeout set in its place (given back only if still in force).
+    pub connect_timeout_ms: u32,
 }
 const _: () = assert!(core::mem::size_of::<ConnState>() == 56);
 

@@ -87,12 +87,13 @@ fn on_connect(ctx: &SockOpsContext, cookie: u64) -> Result<(), i64> {
     track(ctx, cookie, &state)
 }
 
-/// A SYN is about to be sent (or a SYN-ACK, for a request socket): a connect through a
-/// Service port with a connect timeout gives up after it, with ETIMEDOUT, as Envoy's
-/// `connect_timeout` does. The kernel's `TCP_USER_TIMEOUT` bounds the SYN's retransmissions
-/// (checked at each retransmission timeout, each clamped to what is left), and the first
-/// timeout is made half the connect timeout, so one SYN is resent before giving up. The
-/// socket's own user timeout comes back at establishment.
+/// A SYN is about to be sent (or a SYN-ACK, for a request socket; the retransmission timer
+/// asks again): a connect through a Service port with a connect timeout gives up after it,
+/// with ETIMEDOUT, as Envoy's `connect_timeout` does. The kernel's `TCP_USER_TIMEOUT`
+/// bounds the SYN's retransmissions (checked at each retransmission timeout, each clamped
+/// to what is left), and the first timeout is made half the connect timeout, so one SYN is
+/// resent before giving up. The socket's own user timeout (kept when already as short)
+/// comes back at establishment or close ([`end_connect_timeout`]).
 #[inline(never)]
 fn on_timeout_init(ctx: &SockOpsContext) {
     // Request sockets (a SYN-ACK's timeout) are not connects.
@@ -103,76 +104,92 @@ fn on_timeout_init(ctx: &SockOpsContext) {
     if ms == 0 {
         return;
     }
-    let hz = KERNEL_HZ.load();
-    let first = u64::from(ms) * u64::from(hz) / 2000;
-    // Only ever shorter than the kernel's own first timeout (one second, `hz` jiffies).
-    if first >= 1 && first < u64::from(hz) {
-        ctx.set_reply(first as u32);
-    }
-    // Without its state the socket's own timeout could not be given back: it keeps it.
+    // Without its state (CONN_STATE full) the socket's own timeout could not be given
+    // back: it keeps the kernel's bound, counted.
     let Some(s) = CONN_STATE.get_ptr_mut(ctx.cookie()) else {
+        stats::bump(Counter::ConnectTimeoutFailed);
         return;
     };
-    let mut own: i32 = 0;
-    // SAFETY: the context is a full socket's, locked in connect (TIMEOUT_INIT may read and
-    // set options); `own` is 4 writable bytes.
+    // SAFETY: see on_established.
+    let s = unsafe { &mut *s };
+    let Some(own) = user_timeout(ctx) else {
+        stats::bump(Counter::ConnectTimeoutFailed);
+        return;
+    };
+    if s.flags & flags::CONNECT_TIMEOUT != 0 {
+        // Asked again (a retransmission): the Service's timeout may have changed; the
+        // socket's own stays saved.
+        if own == s.connect_timeout_ms && own != ms && set_user_timeout(ctx, ms) {
+            s.connect_timeout_ms = ms;
+        }
+    } else if own == 0 || own > ms {
+        if !set_user_timeout(ctx, ms) {
+            stats::bump(Counter::ConnectTimeoutFailed);
+            return;
+        }
+        s.saved_user_timeout_ms = own;
+        s.connect_timeout_ms = ms;
+        s.flags |= flags::CONNECT_TIMEOUT;
+    }
+    // A bound is in force (this one, or the socket's own shorter one): the first timeout
+    // may be shortened, never past the kernel's own (one second, `hz` jiffies).
+    let hz = u64::from(KERNEL_HZ.load());
+    let first = (u64::from(ms) * hz / 2000).max(1);
+    if hz != 0 && first < hz {
+        ctx.set_reply(first as u32);
+    }
+}
+
+/// The socket's `TCP_USER_TIMEOUT` (None: it cannot be read).
+#[inline(always)]
+fn user_timeout(ctx: &SockOpsContext) -> Option<u32> {
+    let mut v: i32 = 0;
+    // SAFETY: a full socket, locked in connect, establishment and state changes (sock_ops
+    // may read options there); `v` is 4 writable bytes.
     let read = unsafe {
         bpf_getsockopt(
             ctx.ops.cast(),
             SOL_TCP,
             TCP_USER_TIMEOUT,
-            core::ptr::from_mut(&mut own).cast(),
+            core::ptr::from_mut(&mut v).cast(),
             4,
         )
     };
-    // An own timeout already as short is kept.
-    if read != 0 || (own > 0 && own as u32 <= ms) {
-        return;
-    }
-    let mut want = ms.min(i32::MAX as u32) as i32;
-    // SAFETY: as above; `want` is 4 readable bytes.
+    (read == 0).then_some(v.max(0) as u32)
+}
+
+/// Sets the socket's `TCP_USER_TIMEOUT`; whether the kernel took it.
+#[inline(always)]
+fn set_user_timeout(ctx: &SockOpsContext, ms: u32) -> bool {
+    let mut v = ms.min(i32::MAX as u32) as i32;
+    // SAFETY: as in user_timeout; `v` is 4 readable bytes.
     let set = unsafe {
         bpf_setsockopt(
             ctx.ops.cast(),
             SOL_TCP,
             TCP_USER_TIMEOUT,
-            core::ptr::from_mut(&mut want).cast(),
+            core::ptr::from_mut(&mut v).cast(),
             4,
         )
     };
-    if set != 0 {
-        stats::bump(Counter::ConnectTimeoutFailed);
-        return;
-    }
-    // SAFETY: see on_established.
-    unsafe {
-        (*s).saved_user_timeout_ms = own.max(0) as u32;
-        (*s).flags |= flags::CONNECT_TIMEOUT;
-    }
+    set == 0
 }
 
 /// The socket's own `TCP_USER_TIMEOUT`, back after its Service's connect timeout (see
-/// [`on_timeout_init`]).
+/// [`on_timeout_init`]): at establishment (either side: a simultaneous open ends passive),
+/// or at close (a socket may connect again). Not if the application set another since.
 #[inline(never)]
-fn end_connect_timeout(ctx: &SockOpsContext, state: *mut ConnState) {
+fn end_connect_timeout(ctx: &SockOpsContext, state: *mut ConnState, count_failure: bool) {
     // SAFETY: see on_established.
     let s = unsafe { &mut *state };
     if s.flags & flags::CONNECT_TIMEOUT == 0 {
         return;
     }
     s.flags &= !flags::CONNECT_TIMEOUT;
-    let mut own = s.saved_user_timeout_ms.min(i32::MAX as u32) as i32;
-    // SAFETY: ACTIVE_ESTABLISHED runs on the locked full socket; `own` is 4 readable bytes.
-    let set = unsafe {
-        bpf_setsockopt(
-            ctx.ops.cast(),
-            SOL_TCP,
-            TCP_USER_TIMEOUT,
-            core::ptr::from_mut(&mut own).cast(),
-            4,
-        )
-    };
-    if set != 0 {
+    if user_timeout(ctx) != Some(s.connect_timeout_ms) {
+        return;
+    }
+    if !set_user_timeout(ctx, s.saved_user_timeout_ms) && count_failure {
         stats::bump(Counter::ConnectTimeoutFailed);
     }
 }
@@ -181,22 +198,20 @@ fn on_established(ctx: &SockOpsContext, cookie: u64, side: Side) -> Result<(), i
     // First: a captured connection needs its origin even when it cannot be tracked.
     if side == Side::Active {
         mesh::established(ctx, ctx_read!(ctx.ops, local_port), &remote_endpoint(ctx));
-        if let Some(s) = CONN_STATE.get_ptr_mut(cookie) {
-            end_connect_timeout(ctx, s);
-        }
     }
     let (acked, received) = (
         ctx_read!(ctx.ops, bytes_acked),
         ctx_read!(ctx.ops, bytes_received),
     );
     match CONN_STATE.get_ptr_mut(cookie) {
-        Some(s) => {
+        Some(ptr) => {
             // SAFETY: the entry is this socket's and sock_ops callbacks of one socket run under
             // its lock, so nobody else writes it now.
-            let s = unsafe { &mut *s };
+            let s = unsafe { &mut *ptr };
             s.bytes_acked_base = acked;
             s.bytes_received_base = received;
             s.states_seen |= 1 << tcp_state::ESTABLISHED;
+            end_connect_timeout(ctx, ptr, true);
         }
         // Passive sockets, and active ones whose connect() ran before we were attached.
         None => match start_tracking(ctx, cookie, side as u32) {
@@ -317,6 +332,7 @@ fn on_state(ctx: &SockOpsContext, cookie: u64, new_state: u32) -> Result<(), i64
         tcp_state::CLOSE => {
             // Beside on_close, not in it: their stacks would add up.
             if s.side == Side::Active as u32 {
+                end_connect_timeout(ctx, s, false);
                 outlier::observe(ctx, s);
             }
             on_close(ctx, cookie, s);

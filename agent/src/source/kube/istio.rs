@@ -49,7 +49,11 @@ async fn discover(client: &Client) -> Result<Vec<(Kind, ApiResource)>, kube::Err
             {
                 Ok(list) => list,
                 Err(kube::Error::Api(s)) if s.code == 404 => continue,
-                Err(e) => return Err(e),
+                Err(e) if g.required => return Err(e),
+                Err(e) => {
+                    tracing::warn!(target: "weft::source", group = g.group, error = %crate::chain(&e), "API discovery of this group failed; trying again at the next discovery");
+                    break;
+                }
             };
             for &(kind, plural) in g.kinds {
                 let served = list.resources.iter().any(|r| r.name == plural);

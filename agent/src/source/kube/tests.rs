@@ -455,6 +455,25 @@ fn nothing_is_compiled_before_discovery_answers_and_what_it_found_is_listed() {
     assert!(h.source.snapshot().is_some());
 }
 
+/// DestinationRules not listed (their reflector refused, e.g. for want of RBAC) do not
+/// hold the first pass back: health checking is missing, not policy.
+#[test]
+fn destination_rules_not_listed_do_not_hold_the_source_back() {
+    let mut h = Harness::new("rules-unlisted");
+    for (kind, _) in KINDS {
+        h.source.health.set_listed(kind);
+    }
+    h.source.health.expect(Kind::AuthorizationPolicy);
+    h.source.health.expect(Kind::DestinationRule);
+    h.source
+        .health
+        .discovered(&[Kind::AuthorizationPolicy, Kind::DestinationRule]);
+    assert!(h.source.snapshot().is_none(), "AuthorizationPolicy gates");
+    h.source.health.set_listed(Kind::AuthorizationPolicy);
+    let (store, _) = h.source.snapshot().expect("listed");
+    assert_eq!(store.unlisted, BTreeSet::from([Kind::DestinationRule]));
+}
+
 /// An AuthorizationPolicy from its reflector is decoded and validated as a document of the
 /// directory source: a valid one is in the store; a rejected version is reported, and the
 /// last one stays without its rules (an ALLOW that allows nothing) beside its stand-in.

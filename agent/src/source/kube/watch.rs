@@ -58,6 +58,9 @@ pub struct OptionalGroup {
     pub group: &'static str,
     pub versions: &'static [&'static str],
     pub kinds: &'static [(Kind, &'static str)],
+    /// Discovery has answered only once this group's answer came (policy: a pass without
+    /// it could lift what a cluster enforces); other groups' failures are retried later.
+    pub required: bool,
 }
 
 /// Istio's security API and its DestinationRules.
@@ -69,11 +72,13 @@ pub const OPTIONAL: [OptionalGroup; 2] = [
             (Kind::PeerAuthentication, "peerauthentications"),
             (Kind::AuthorizationPolicy, "authorizationpolicies"),
         ],
+        required: true,
     },
     OptionalGroup {
         group: "networking.istio.io",
         versions: &["v1", "v1beta1", "v1alpha3"],
         kinds: &[(Kind::DestinationRule, "destinationrules")],
+        required: false,
     },
 ];
 
@@ -95,6 +100,9 @@ struct KindState {
     failing: Option<(SystemTime, String)>,
     /// A request succeeded since the backoff last looked: the next delay starts over.
     progress: bool,
+    /// The source is listed without waiting for this kind (DestinationRule: its absence
+    /// only leaves Services without health checking for a while).
+    optional: bool,
 }
 
 /// What discovery of the kinds that may not be served (`super::security`) has reached.
@@ -149,7 +157,8 @@ impl Health {
         }
         let all = self.discovery(|d| d.answered)
             && self.state(|k| {
-                KINDS.iter().all(|(kind, _)| k.contains_key(kind)) && k.values().all(|s| s.listed)
+                KINDS.iter().all(|(kind, _)| k.contains_key(kind))
+                    && k.values().all(|s| s.listed || s.optional)
             });
         if all {
             self.once_listed.store(true, Ordering::Release);
@@ -167,11 +176,13 @@ impl Health {
         })
     }
 
-    /// Discovery found `kind`: it must be listed before the source is.
+    /// Discovery found `kind`: it must be listed before the source is, unless it does not
+    /// gate (a DestinationRule: its reflector failing, e.g. for want of RBAC, must not keep
+    /// the agent from being ready; it is reported degraded).
     pub(super) fn expect(&self, kind: Kind) {
         let new = self.state(|k| {
             let new = !k.contains_key(&kind);
-            k.entry(kind).or_default();
+            k.entry(kind).or_default().optional = kind == Kind::DestinationRule;
             new
         });
         if new {

@@ -101,6 +101,20 @@ enum Cmd {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// --threads loops, together --rate connections per second to --connect for --seconds;
+    /// each connection reads the server's name. Prints the connections per name and every
+    /// failure with its start and end (CLOCK_MONOTONIC ns), its error, and whether the
+    /// server had sent a byte.
+    TcpLoad {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        threads: u32,
+    },
     /// One blocking connect to --connect, with TCP_USER_TIMEOUT set to --user-timeout-ms
     /// first if given: prints the socket's TCP_USER_TIMEOUT once connected.
     UserTimeout {
@@ -108,6 +122,9 @@ enum Cmd {
         connect: SocketAddr,
         #[arg(long)]
         user_timeout_ms: Option<u32>,
+        /// First connect the same socket here, and let it fail (a refused connect).
+        #[arg(long)]
+        first: Option<SocketAddr>,
     },
     /// Connect, send --send bytes, then receive (see --close).
     TcpClient {
@@ -394,10 +411,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
             close_at_once,
         ),
         Cmd::TcpSpray { connect, count } => tcp_spray(connect, count),
+        Cmd::TcpLoad {
+            connect,
+            rate,
+            seconds,
+            threads,
+        } => tcp_load(connect, rate, seconds, threads),
         Cmd::UserTimeout {
             connect,
             user_timeout_ms,
-        } => user_timeout(connect, user_timeout_ms),
+            first,
+        } => user_timeout(connect, user_timeout_ms, first),
         Cmd::HoldServer { listen } => hold_server(listen),
         Cmd::HoldClient { connect, count } => hold_client(connect, count),
         Cmd::TcpTrickle {
@@ -913,7 +937,93 @@ fn tcp_spray(connect: SocketAddr, count: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn user_timeout(connect: SocketAddr, set: Option<u32>) -> Result<(), String> {
+/// CLOCK_MONOTONIC in ns: comparable between processes of the machine.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One loop of [`tcp_load`]: connections per server name, and failures (start, end, error).
+type LoadLoop = (
+    std::collections::BTreeMap<String, u64>,
+    Vec<(u64, u64, String, bool)>,
+);
+
+fn tcp_load(connect: SocketAddr, rate: f64, seconds: f64, threads: u32) -> Result<(), String> {
+    /// Failures listed, at most (per loop).
+    const LISTED: usize = 50_000;
+    let threads = threads.max(1);
+    let per_loop = rate / f64::from(threads);
+    let run = move || -> LoadLoop {
+        let (mut counts, mut failures) = (std::collections::BTreeMap::new(), Vec::new());
+        let start = Instant::now();
+        let limit = Duration::from_secs_f64(seconds);
+        let mut n = 0u64;
+        while start.elapsed() < limit {
+            let due = start + Duration::from_secs_f64(n as f64 / per_loop);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            n += 1;
+            let began = monotonic_ns();
+            // Failures say whether the server had answered a byte.
+            let result = (|| -> Result<String, (std::io::Error, bool)> {
+                let mut s = TcpStream::connect(connect).map_err(|e| (e, false))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .map_err(|e| (e, false))?;
+                s.shutdown(Shutdown::Write).map_err(|e| (e, false))?;
+                let mut name = Vec::new();
+                let mut buf = [0u8; 64];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => name.extend_from_slice(&buf[..n]),
+                        Err(e) => return Err((e, !name.is_empty())),
+                    }
+                }
+                Ok(String::from_utf8_lossy(&name).into_owned())
+            })();
+            match result {
+                Ok(name) => *counts.entry(name).or_default() += 1,
+                Err((e, answered)) if failures.len() < LISTED => {
+                    failures.push((began, monotonic_ns(), errno_name(&e), answered));
+                }
+                Err(_) => {}
+            }
+        }
+        (counts, failures)
+    };
+    let loops: Vec<_> = (0..threads).map(|_| thread::spawn(run)).collect();
+    let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut failures = Vec::new();
+    for l in loops {
+        let (c, f) = l.join().map_err(|_| "a load loop panicked".to_owned())?;
+        for (name, n) in c {
+            *counts.entry(name).or_default() += n;
+        }
+        failures.extend(f);
+    }
+    failures.sort_unstable();
+    let failures: Vec<_> = failures
+        .into_iter()
+        .map(|(start, end, error, answered)| {
+            json!({"start_ns": start, "end_ns": end, "error": error, "answered": answered})
+        })
+        .collect();
+    emit(&json!({"event": "load", "counts": counts, "failures": failures}));
+    Ok(())
+}
+
+fn user_timeout(
+    connect: SocketAddr,
+    set: Option<u32>,
+    first: Option<SocketAddr>,
+) -> Result<(), String> {
     let domain = if connect.is_ipv4() {
         libc::AF_INET
     } else {
@@ -941,6 +1051,13 @@ fn user_timeout(connect: SocketAddr, set: Option<u32>) -> Result<(), String> {
         };
         if ret != 0 {
             return Err(format!("setsockopt: {}", std::io::Error::last_os_error()));
+        }
+    }
+    if let Some(first) = first {
+        let (storage, addr_len) = sockaddr(first);
+        // SAFETY: `storage` holds a valid sockaddr of `addr_len` bytes.
+        if unsafe { libc::connect(raw, std::ptr::from_ref(&storage).cast(), addr_len) } == 0 {
+            return Err(format!("connect {first}: it was meant to fail"));
         }
     }
     let (storage, addr_len) = sockaddr(connect);
