@@ -189,8 +189,8 @@ fn start_datapath(
         sockmap_enabled: u32::from(config.datapath.sockmap),
         agent_cgroup_level: agent_cgroup.map_or(0, |(level, _)| level),
         agent_cgroup_id: agent_cgroup.map_or(0, |(_, id)| id),
-        kernel_hz: datapath::kernel_hz().unwrap_or_else(|| {
-            tracing::warn!("the kernel's tick rate (CONFIG_HZ) is unknown: /proc/config.gz and /boot/config-<release> do not say; connect timeouts under 1 s end after 1 s");
+        kernel_hz: datapath::kernel_hz(&config.mesh.host_proc).unwrap_or_else(|| {
+            tracing::warn!(host_proc = %config.mesh.host_proc.display(), "the kernel's tick rate (CONFIG_HZ) is unknown: /proc/config.gz, /boot/config-<release> and timer_list (of --host-proc, and of /proc) do not say; connect timeouts under 1 s end after 1 s");
             0
         }),
     };

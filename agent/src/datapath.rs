@@ -716,8 +716,8 @@ pub fn host_netns_cookie(path: Option<&Path>) -> Result<u64, Error> {
 
 /// The kernel's tick rate, which a SYN's first retransmission timeout is counted in (None:
 /// unknown; connect timeouts then start from the kernel's own first timeout, 1 s).
-pub fn kernel_hz() -> Option<u32> {
-    sys::kernel_hz()
+pub fn kernel_hz(host_proc: &Path) -> Option<u32> {
+    sys::kernel_hz(host_proc)
 }
 
 /// The cookie of the calling thread's network namespace.

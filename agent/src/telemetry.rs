@@ -433,8 +433,9 @@ impl Telemetry {
         let dir = &self.current;
         self.tcp.prune(&self.families, |l| l.is_current(dir));
         self.udp_series.prune(&self.families, |l| l.is_current(dir));
+        // Ejections of frontends the agent could not name stay until they end.
         self.ejections
-            .prune(|l| dir.has_service_named(&l.namespace, &l.service));
+            .prune(|l| l.service == UNKNOWN || dir.has_service_named(&l.namespace, &l.service));
     }
 
     fn new_open(&mut self, c: &Connection, now: Now) -> Box<Open> {

@@ -301,8 +301,10 @@ fn own_netns_cookie() -> io::Result<u64> {
 
 /// The kernel's tick rate (`CONFIG_HZ`): from its build configuration (`/proc/config.gz`,
 /// else `/boot/config-<release>`, which a container may not see), else from its jiffies
-/// counter and clock (`/proc/timer_list`); None when none says.
-pub fn kernel_hz() -> Option<u32> {
+/// counter and clock (`timer_list` of the host's procfs `host_proc`, which container
+/// runtimes do not mask as they mask their own `/proc/timer_list`, else of `/proc`); None
+/// when none says.
+pub fn kernel_hz(host_proc: &std::path::Path) -> Option<u32> {
     use std::io::Read as _;
     let mut text = String::new();
     let gz = std::fs::File::open("/proc/config.gz").ok().and_then(|f| {
@@ -329,7 +331,9 @@ pub fn kernel_hz() -> Option<u32> {
             return Some(hz);
         }
     }
-    timer_list_hz(&std::fs::read_to_string("/proc/timer_list").ok()?)
+    [host_proc, std::path::Path::new("/proc")]
+        .into_iter()
+        .find_map(|dir| timer_list_hz(&std::fs::read_to_string(dir.join("timer_list")).ok()?))
 }
 
 /// The tick rate `/proc/timer_list` implies: its `jiffies` started at `INITIAL_JIFFIES`

@@ -22,7 +22,7 @@ mod user;
 /// to a map's key or value layout or meaning (a same-size change included): maps are pinned
 /// per version (and per shape, see the agent's `datapath::pins`), so an agent of another
 /// version never adopts them; it fills new ones and switches the programs after.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 
 /// Names of the programs in the object, as the agent looks them up.
 pub mod programs {

@@ -100,7 +100,8 @@ fn on_timeout_init(ctx: &SockOpsContext) {
     if ctx_read!(ctx.ops, is_fullsock) == 0 {
         return;
     }
-    let ms = outlier::connect_timeout(ctx);
+    // As the option holds it (an int), so a restore finds exactly what was set.
+    let ms = outlier::connect_timeout(ctx).min(i32::MAX as u32);
     if ms == 0 {
         return;
     }
@@ -117,12 +118,11 @@ fn on_timeout_init(ctx: &SockOpsContext) {
         return;
     };
     if s.flags & flags::CONNECT_TIMEOUT != 0 {
-        // Asked again (a retransmission): the Service's timeout may have changed; the
-        // socket's own stays saved.
-        if own == s.connect_timeout_ms && own != ms && set_user_timeout(ctx, ms) {
-            s.connect_timeout_ms = ms;
-        }
-    } else if own == 0 || own > ms {
+        // Asked again: the retransmission timer asks only while no user timeout is in
+        // force, so the application cleared ours; its choice stands.
+        return;
+    }
+    if own == 0 || own > ms {
         if !set_user_timeout(ctx, ms) {
             stats::bump(Counter::ConnectTimeoutFailed);
             return;
@@ -186,8 +186,16 @@ fn end_connect_timeout(ctx: &SockOpsContext, state: *mut ConnState, count_failur
         return;
     }
     s.flags &= !flags::CONNECT_TIMEOUT;
-    if user_timeout(ctx) != Some(s.connect_timeout_ms) {
-        return;
+    match user_timeout(ctx) {
+        // The application set another meanwhile: its choice stands.
+        Some(now) if now != s.connect_timeout_ms => return,
+        Some(_) => {}
+        None => {
+            if count_failure {
+                stats::bump(Counter::ConnectTimeoutFailed);
+            }
+            return;
+        }
     }
     if !set_user_timeout(ctx, s.saved_user_timeout_ms) && count_failure {
         stats::bump(Counter::ConnectTimeoutFailed);

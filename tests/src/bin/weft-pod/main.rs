@@ -103,8 +103,8 @@ enum Cmd {
     },
     /// --threads loops, together --rate connections per second to --connect for --seconds;
     /// each connection reads the server's name. Prints the connections per name and every
-    /// failure with its start and end (CLOCK_MONOTONIC ns), its error, and whether the
-    /// server had sent a byte.
+    /// failure with its start and end (CLOCK_MONOTONIC ns), its error, and whether
+    /// connect() itself had succeeded.
     TcpLoad {
         #[arg(long)]
         connect: SocketAddr,
@@ -971,27 +971,20 @@ fn tcp_load(connect: SocketAddr, rate: f64, seconds: f64, threads: u32) -> Resul
             }
             n += 1;
             let began = monotonic_ns();
-            // Failures say whether the server had answered a byte.
+            // Failures say whether connect() itself succeeded.
             let result = (|| -> Result<String, (std::io::Error, bool)> {
                 let mut s = TcpStream::connect(connect).map_err(|e| (e, false))?;
                 s.set_read_timeout(Some(Duration::from_secs(2)))
-                    .map_err(|e| (e, false))?;
-                s.shutdown(Shutdown::Write).map_err(|e| (e, false))?;
-                let mut name = Vec::new();
-                let mut buf = [0u8; 64];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => name.extend_from_slice(&buf[..n]),
-                        Err(e) => return Err((e, !name.is_empty())),
-                    }
-                }
-                Ok(String::from_utf8_lossy(&name).into_owned())
+                    .map_err(|e| (e, true))?;
+                s.shutdown(Shutdown::Write).map_err(|e| (e, true))?;
+                let mut name = String::new();
+                s.read_to_string(&mut name).map_err(|e| (e, true))?;
+                Ok(name)
             })();
             match result {
                 Ok(name) => *counts.entry(name).or_default() += 1,
-                Err((e, answered)) if failures.len() < LISTED => {
-                    failures.push((began, monotonic_ns(), errno_name(&e), answered));
+                Err((e, connected)) if failures.len() < LISTED => {
+                    failures.push((began, monotonic_ns(), errno_name(&e), connected));
                 }
                 Err(_) => {}
             }
@@ -1011,8 +1004,8 @@ fn tcp_load(connect: SocketAddr, rate: f64, seconds: f64, threads: u32) -> Resul
     failures.sort_unstable();
     let failures: Vec<_> = failures
         .into_iter()
-        .map(|(start, end, error, answered)| {
-            json!({"start_ns": start, "end_ns": end, "error": error, "answered": answered})
+        .map(|(start, end, error, connected)| {
+            json!({"start_ns": start, "end_ns": end, "error": error, "connected": connected})
         })
         .collect();
     emit(&json!({"event": "load", "counts": counts, "failures": failures}));
