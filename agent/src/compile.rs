@@ -690,18 +690,26 @@ mod example_dir {
         let mut got = list;
         got.sort();
         assert_eq!(got, want);
-        // The DestinationRule checks web's backends, and only those.
-        let checked: Vec<(String, u32)> = out
+        // The DestinationRule checks web's backends, and only those, with a 2 s connect
+        // timeout.
+        let checked: Vec<(String, u32, u32)> = out
             .frontends
             .iter()
-            .map(|(k, f)| (crate::sync::frontend_name(k), f.outlier.consecutive))
-            .filter(|(_, n)| *n != 0)
+            .map(|(k, f)| {
+                let o = &f.outlier;
+                (
+                    crate::sync::frontend_name(k),
+                    o.consecutive,
+                    o.connect_timeout_ms,
+                )
+            })
+            .filter(|(_, n, _)| *n != 0)
             .collect();
         assert_eq!(
             checked,
             [
-                ("10.96.0.10:80/TCP".to_owned(), 3),
-                ("[fd00:96::10]:80/TCP".to_owned(), 3)
+                ("10.96.0.10:80/TCP".to_owned(), 3, 2000),
+                ("[fd00:96::10]:80/TCP".to_owned(), 3, 2000)
             ]
         );
 
