@@ -276,3 +276,15 @@ pub fn command_in(netns: &Path, cgroup: Option<&Path>, program: &Path) -> Comman
     }
     command
 }
+
+/// CLOCK_MONOTONIC in ns: one clock for every process of the machine (a load's timestamps
+/// and the moment a benchmark acts compare).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

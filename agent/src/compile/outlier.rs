@@ -348,18 +348,22 @@ mod tests {
         store
     }
 
+    /// The mesh root `istio-system`, the domain `cluster.local`, and `default`.
+    fn scope(default: Outlier) -> Scope<'static> {
+        Scope {
+            root: "istio-system",
+            domain: "cluster.local",
+            default,
+        }
+    }
+
     fn outlier(consecutive: u32) -> Value {
         json!({"outlierDetection": {"consecutive5xxErrors": consecutive}})
     }
 
     /// The consecutive failures that eject for Service `ns/name` port 80.
     fn consecutive(store: &Store, service: (&str, &str)) -> u32 {
-        let scope = Scope {
-            root: "istio-system",
-            domain: "cluster.local",
-            default: Outlier::default(),
-        };
-        ServiceOutlier::of(store, &scope, service)
+        ServiceOutlier::of(store, &scope(Outlier::default()), service)
             .port(80)
             .consecutive
     }
@@ -514,11 +518,7 @@ mod tests {
             consecutive: 11,
             ..Outlier::default()
         };
-        let scope = Scope {
-            root: "istio-system",
-            domain: "cluster.local",
-            default,
-        };
+        let scope = scope(default);
         let s = ServiceOutlier::of(&store, &scope, ("prod", "web"));
         assert_eq!(s.port(8080).consecutive, 6);
         // A port's entry inherits nothing, as in Istio: the default.
@@ -556,11 +556,7 @@ mod tests {
             consecutive: 11,
             ..Outlier::default()
         };
-        let scope = Scope {
-            root: "istio-system",
-            domain: "cluster.local",
-            default,
-        };
+        let scope = scope(default);
         let s = ServiceOutlier::of(&store, &scope, ("prod", "web"));
         let at = |port| (s.port(port).consecutive, s.port(port).connect_timeout_ms);
         assert_eq!(at(80), (11, 1500));

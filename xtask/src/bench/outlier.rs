@@ -22,7 +22,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use serde_json::Value;
-use weft_testkit::{Node, k8s};
+use weft_testkit::{Node, k8s, proc::monotonic_ns};
 
 use super::{Pinning, median, source_agent_options};
 
@@ -331,17 +331,6 @@ fn rule() -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: default}}\nspec:\n  host: web\n  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: {CONSECUTIVE}, baseEjectionTime: 30s, maxEjectionPercent: 34}}\n"
     )
-}
-
-/// CLOCK_MONOTONIC in ns, as the load's timestamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -937,17 +937,6 @@ fn tcp_spray(connect: SocketAddr, count: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// CLOCK_MONOTONIC in ns: comparable between processes of the machine.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// One loop of [`tcp_load`]: connections per server name, and failures (start, end, error).
 type LoadLoop = (
     std::collections::BTreeMap<String, u64>,
@@ -970,7 +959,7 @@ fn tcp_load(connect: SocketAddr, rate: f64, seconds: f64, threads: u32) -> Resul
                 thread::sleep(wait);
             }
             n += 1;
-            let began = monotonic_ns();
+            let began = weft_testkit::proc::monotonic_ns();
             // Failures say whether connect() itself succeeded.
             let result = (|| -> Result<String, (std::io::Error, bool)> {
                 let mut s = TcpStream::connect(connect).map_err(|e| (e, false))?;
@@ -984,7 +973,12 @@ fn tcp_load(connect: SocketAddr, rate: f64, seconds: f64, threads: u32) -> Resul
             match result {
                 Ok(name) => *counts.entry(name).or_default() += 1,
                 Err((e, connected)) if failures.len() < LISTED => {
-                    failures.push((began, monotonic_ns(), errno_name(&e), connected));
+                    failures.push((
+                        began,
+                        weft_testkit::proc::monotonic_ns(),
+                        errno_name(&e),
+                        connected,
+                    ));
                 }
                 Err(_) => {}
             }
