@@ -449,6 +449,9 @@ pub fn watch(
                 | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                     super::SourceEvent::Complete(e.paths)
                 }
+                // Opening, reading and closing unwritten are no change; they are what a pass
+                // does itself, so each pass would set off the next.
+                EventKind::Access(_) => return,
                 _ => super::SourceEvent::Changed,
             },
         };
@@ -474,6 +477,22 @@ mod tests {
 
     fn names(src: &DirSource) -> Vec<String> {
         src.objects().0.keys().map(ToString::to_string).collect()
+    }
+
+    /// Reading the directory and its files, as every pass does, is no change; writing is.
+    #[tokio::test]
+    async fn reading_the_directory_is_not_a_change() {
+        let d = TempDir::new("watch-read");
+        d.write("a.yaml", "kind: Pod\n");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = watch(d.path(), tx).expect("watch");
+        assert_eq!(std::fs::read_dir(d.path()).expect("list").count(), 1);
+        std::fs::read(d.path().join("a.yaml")).expect("read");
+        let quiet = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(quiet.is_err(), "reading reported {quiet:?}");
+        d.write("a.yaml", "kind: Service\n");
+        let written = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert!(matches!(written, Ok(Some(_))), "{written:?}");
     }
 
     #[test]
