@@ -216,6 +216,27 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / hz)
 }
 
+/// Context switches of a process so far, every thread's, voluntary and not (from
+/// /proc/<pid>/task/*/status): how often it was woken and put to sleep.
+pub(crate) fn context_switches(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).context("list tasks")? {
+        // A thread that ended since the listing has no status left: it counts no more.
+        let Ok(status) = fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// Resident memory (KiB) of a process, from /proc/<pid>/status.
 pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))

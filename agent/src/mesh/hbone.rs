@@ -15,7 +15,7 @@ use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Bytes;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, BufReader},
     net::TcpStream,
 };
 
@@ -45,8 +45,10 @@ const SEND_BUFFER: usize = 1 << 20;
 /// A silent peer is noticed this soon.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Copy buffers.
-const BUFFER: usize = 64 << 10;
+/// Bytes read from a tunnel's socket at once. rustls asks for at most 4 KiB per read; a
+/// buffer under it lets one read take what the socket holds (a 64 KiB exchange in one
+/// system call instead of sixteen).
+const TLS_READ: usize = 64 << 10;
 /// A tunnel not open (TCP, TLS, HTTP/2) this soon is given up: the connections waiting for
 /// it are reset rather than left hanging for the kernel's SYN retries.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,6 +89,8 @@ pub enum Error {
     },
     #[error("HTTP/2 with {addr}: the peer went silent (no preface, or a ping unanswered)")]
     Silent { addr: SocketAddr },
+    #[error("the user connection failed before its stream was answered")]
+    User(#[source] std::io::Error),
     #[error("{addr} refused the stream to {target}: {status}")]
     Refused {
         addr: SocketAddr,
@@ -158,14 +162,18 @@ impl Pool {
     }
 
     /// A stream to `target` (`Forwarded: for=source_ip`) through a tunnel of `route`, opened
-    /// or reused.
-    pub async fn connect(
+    /// or reused, for the connection `user`. What `user` sends first (one read) while the
+    /// peer decides goes with the request instead of a round trip later: the peer holds it
+    /// until the stream is admitted and its target connected, and drops it if not. `user`'s
+    /// reads must be cancel-safe (a socket's are): the read is dropped when the answer
+    /// comes first.
+    pub async fn connect<R: AsyncRead + Unpin>(
         &self,
         creds: &Credentials,
         metrics: &ProxyMetrics,
         route: &Route,
-        target: SocketAddr,
-        source_ip: IpAddr,
+        (target, source_ip): (SocketAddr, IpAddr),
+        user: &mut R,
     ) -> Result<Stream, Error> {
         let serial = creds
             .serial(&route.source)
@@ -187,16 +195,22 @@ impl Pool {
             Arc::clone(tunnels.entry((route.clone(), serial)).or_default())
         };
         // A stream the peer did not process (refused, or beyond the last stream of its
-        // GOAWAY: its agent hands over) is sent once more on a new tunnel, before any byte
-        // of the client's; one it may have processed is not (the server would see two).
+        // GOAWAY: its agent hands over) is sent once more on a new tunnel, with the client's
+        // first bytes again (none of them reached the server); one it may have processed is
+        // not (the server would see two).
+        let mut early = Early {
+            user,
+            data: Bytes::new(),
+            read: false,
+        };
         let mut tunnel = self.tunnel(&slot, creds, metrics, route, None).await?;
-        match open_stream(&mut tunnel.sender, route, target, source_ip).await {
+        match open_stream(&mut tunnel.sender, route, (target, source_ip), &mut early).await {
             Err(Error::Stream {
                 unprocessed: true, ..
             }) => {
                 let replace = Some(tunnel.id);
                 let mut tunnel = self.tunnel(&slot, creds, metrics, route, replace).await?;
-                open_stream(&mut tunnel.sender, route, target, source_ip).await
+                open_stream(&mut tunnel.sender, route, (target, source_ip), &mut early).await
             }
             other => other,
         }
@@ -242,12 +256,55 @@ fn unprocessed(e: &h2::Error) -> bool {
         && ((e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)) || e.is_go_away())
 }
 
+/// A user connection's first bytes, read while its stream's request waits for an answer.
+struct Early<'a, R> {
+    user: &'a mut R,
+    /// What was read (sent with the request; sent again with a request sent again).
+    data: Bytes,
+    /// Whether the one read happened.
+    read: bool,
+}
+
+/// The most a user connection's first read takes.
+const EARLY: usize = 16 << 10;
+
+impl<R: AsyncRead + Unpin> Early<'_, R> {
+    /// Awaits the stream's answer; meanwhile, once, what the user sends first is read and
+    /// sent on the stream. Bytes read before (the request is sent again) are sent again.
+    async fn answer(
+        &mut self,
+        response: h2::client::ResponseFuture,
+        send: &mut h2::SendStream<Bytes>,
+    ) -> Result<Result<Response<h2::RecvStream>, h2::Error>, std::io::Error> {
+        // Without a reserved capacity h2 queues the bytes and asks for it (at most EARLY).
+        if !self.data.is_empty() {
+            let _ = send.send_data(self.data.clone(), false);
+        }
+        let mut response = std::pin::pin!(response);
+        if !self.read {
+            let mut buf = bytes::BytesMut::with_capacity(EARLY);
+            tokio::select! {
+                biased;
+                answered = &mut response => return Ok(answered),
+                read = tokio::io::AsyncReadExt::read_buf(&mut *self.user, &mut buf) => {
+                    self.read = true;
+                    if read? > 0 {
+                        self.data = buf.freeze();
+                        let _ = send.send_data(self.data.clone(), false);
+                    }
+                }
+            }
+        }
+        Ok(response.await)
+    }
+}
+
 /// A CONNECT stream to `target` on a tunnel.
-async fn open_stream(
+async fn open_stream<R: AsyncRead + Unpin>(
     sender: &mut SendRequest<Bytes>,
     route: &Route,
-    target: SocketAddr,
-    source_ip: IpAddr,
+    (target, source_ip): (SocketAddr, IpAddr),
+    early: &mut Early<'_, R>,
 ) -> Result<Stream, Error> {
     let addr = route.tunnel;
     let request = Request::builder()
@@ -270,8 +327,13 @@ async fn open_stream(
     std::future::poll_fn(|cx| sender.poll_ready(cx))
         .await
         .map_err(not_sent)?;
-    let (response, send) = sender.send_request(request, false).map_err(not_sent)?;
-    let response = response.await.map_err(|source| Error::Stream {
+    let (response, mut send) = sender.send_request(request, false).map_err(not_sent)?;
+    let answered = early.answer(response, &mut send).await.map_err(|e| {
+        // The far end resets its connection to the server, as this end resets the user's.
+        send.send_reset(h2::Reason::CONNECT_ERROR);
+        Error::User(e)
+    })?;
+    let response = answered.map_err(|source| Error::Stream {
         addr,
         unprocessed: unprocessed(&source),
         source,
@@ -335,7 +397,7 @@ async fn connect_tls(
     metrics: &ProxyMetrics,
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+) -> Result<tokio_rustls::client::TlsStream<BufReader<TcpStream>>, Error> {
     let connect_err = |source| Error::Connect { addr, source };
     let tcp = match netns {
         None => TcpStream::connect(addr).await.map_err(connect_err)?,
@@ -350,7 +412,7 @@ async fn connect_tls(
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     match tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
+        .connect(name, BufReader::with_capacity(TLS_READ, tcp))
         .await
     {
         Ok(tls) => {
@@ -449,7 +511,8 @@ where
     Fut: Future<Output = Result<T, Refusal>> + Send + 'static,
 {
     let addr = SocketAddr::from(([0, 0, 0, 0], PORT));
-    let accepting = tokio_rustls::TlsAcceptor::from(config).accept(io);
+    let accepting =
+        tokio_rustls::TlsAcceptor::from(config).accept(BufReader::with_capacity(TLS_READ, io));
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
@@ -639,12 +702,12 @@ impl Abort for TcpStream {
 /// asks of a CONNECT proxy: the stream with `CONNECT_ERROR` (the far end resets its socket)
 /// and the socket with a TCP reset. So a client's or server's reset reaches the other end as
 /// one, and a tunnel that broke is not passed off as an orderly end of a truncated exchange.
+/// Returns the bytes carried from `user` and to it (early bytes, sent before, not counted).
 pub async fn carry<U>(mut stream: Stream, mut user: U) -> std::io::Result<(u64, u64)>
 where
     U: AsyncRead + AsyncWrite + Unpin + Abort,
 {
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut user, BUFFER, BUFFER).await;
+    let copied = stream.carry(&mut user).await;
     if copied.is_err() {
         stream.reset();
         user.abort();

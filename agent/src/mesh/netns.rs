@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
 };
 
 /// The mark of the proxy's delivery sockets (and, through `tcp_fwmark_accept`, of the
@@ -36,12 +36,30 @@ pub enum Role {
 
 /// A request to the namespace's thread.
 enum Request {
-    /// A listener on `addr` (SO_REUSEPORT, so that a successor can bind it too).
+    /// A listener on `addr` (SO_REUSEPORT, so that a successor can bind it too; TCP_NODELAY,
+    /// which the connections it accepts inherit).
     Listen(SocketAddr, Reply<std::net::TcpListener>),
-    /// A delivery socket for a connection from the address: marked, transparent, bound.
-    Deliver(IpAddr, Reply<std::net::TcpStream>),
+    /// A delivery socket of the family of the address: marked, transparent, not bound.
+    Deliver(IpAddr, Reply<OwnedFd>),
     /// A plain TCP socket of the family of the address (a tunnel from the node).
     Socket(IpAddr, Reply<std::net::TcpStream>),
+    /// Tops up the spare sockets of the family of the address.
+    Refill(IpAddr),
+}
+
+/// Delivery sockets made ahead in the namespace, with their options, by family (IPv4,
+/// IPv6). A socket belongs to the namespace it was made in, and only that takes the
+/// namespace's thread; binding it does not. So a delivery takes a spare socket, binds it and
+/// asks for another without waiting, instead of a round trip to the thread for each
+/// connection.
+type Spares = Arc<Mutex<[Vec<OwnedFd>; 2]>>;
+
+/// Spare sockets kept per family, once the family had a delivery; the thread is asked to
+/// top them up when half are used (a wake-up per few deliveries, not one for each).
+const SPARES: usize = 8;
+
+fn family_slot(ip: &IpAddr) -> usize {
+    usize::from(ip.is_ipv6())
 }
 
 /// Where the namespace's thread answers (a runtime task awaits it without blocking).
@@ -52,6 +70,7 @@ type Reply<T> = tokio::sync::oneshot::Sender<io::Result<T>>;
 pub struct Netns {
     path: PathBuf,
     requests: mpsc::Sender<Request>,
+    spares: Spares,
     /// The namespace's cookie (`MESH_ORIG` keys carry it).
     pub cookie: u64,
 }
@@ -62,6 +81,7 @@ impl std::fmt::Debug for Request {
             Self::Listen(a, _) => write!(f, "Listen({a})"),
             Self::Deliver(a, _) => write!(f, "Deliver({a})"),
             Self::Socket(a, _) => write!(f, "Socket({a})"),
+            Self::Refill(a) => write!(f, "Refill({a})"),
         }
     }
 }
@@ -86,6 +106,8 @@ impl Netns {
         let ns = std::fs::File::open(path)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<u64>>();
         let (requests, rx) = mpsc::channel::<Request>();
+        let spares = Spares::default();
+        let filled = Arc::clone(&spares);
         std::thread::Builder::new()
             .name("weft-netns".into())
             .spawn(move || {
@@ -93,7 +115,7 @@ impl Netns {
                 let ok = prepared.is_ok();
                 let _ = ready_tx.send(prepared);
                 if ok {
-                    serve(&rx);
+                    serve(&rx, &filled);
                 }
             })?;
         let cookie = ready_rx
@@ -102,6 +124,7 @@ impl Netns {
         Ok(Self {
             path: path.to_owned(),
             requests,
+            spares,
             cookie,
         })
     }
@@ -120,9 +143,31 @@ impl Netns {
     /// A delivery socket for a connection from `source` (marked, transparent, bound to
     /// `source` with any port), not connected yet.
     pub async fn delivery(&self, source: IpAddr) -> io::Result<std::net::TcpStream> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ask(Request::Deliver(source, tx))?;
-        rx.await.map_err(|_| gone())?
+        let (spare, left) = {
+            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            let family = &mut spares[family_slot(&source)];
+            (family.pop(), family.len())
+        };
+        let fd = match spare {
+            Some(fd) => {
+                if left <= SPARES / 2 {
+                    self.ask(Request::Refill(source))?;
+                }
+                fd
+            }
+            // This one first, the spares after it.
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.ask(Request::Deliver(source, tx))?;
+                self.ask(Request::Refill(source))?;
+                rx.await.map_err(|_| gone())??
+            }
+        };
+        // The port is chosen at connect (IP_BIND_ADDRESS_NO_PORT).
+        bind(fd.as_raw_fd(), SocketAddr::new(source, 0))?;
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(s)
     }
 
     /// A TCP socket of `to`'s family in the namespace, not connected yet.
@@ -141,19 +186,33 @@ fn gone() -> io::Error {
     io::Error::other("the namespace thread ended")
 }
 
-fn serve(rx: &mpsc::Receiver<Request>) {
+fn serve(rx: &mpsc::Receiver<Request>, spares: &Spares) {
     while let Ok(request) = rx.recv() {
         match request {
             Request::Listen(addr, tx) => {
                 let _ = tx.send(listener(addr));
             }
-            Request::Deliver(source, tx) => {
-                let _ = tx.send(delivery(source));
+            Request::Deliver(family, tx) => {
+                let _ = tx.send(delivery(family));
             }
             Request::Socket(to, tx) => {
                 let _ = tx.send(plain(to));
             }
+            Request::Refill(family) => refill(spares, family),
         }
+    }
+}
+
+/// Tops up the spare sockets of `family`'s family; one that cannot be made (out of
+/// descriptors) is left for the next delivery to make itself.
+fn refill(spares: &Spares, family: IpAddr) {
+    let slot = family_slot(&family);
+    loop {
+        let short = spares.lock().unwrap_or_else(|e| e.into_inner())[slot].len() < SPARES;
+        let Some(fd) = short.then(|| delivery(family).ok()).flatten() else {
+            return;
+        };
+        spares.lock().unwrap_or_else(|e| e.into_inner())[slot].push(fd);
     }
 }
 
@@ -242,6 +301,8 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let raw = fd.as_raw_fd();
     set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    // Accepted connections inherit it: no setsockopt per connection.
+    set_int(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     if addr.is_ipv6() {
         set_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
     }
@@ -263,11 +324,13 @@ fn plain(to: IpAddr) -> io::Result<std::net::TcpStream> {
     Ok(s)
 }
 
-fn delivery(source: IpAddr) -> io::Result<std::net::TcpStream> {
-    let fd = socket(&source)?;
+/// A delivery socket of `family`'s family: marked, transparent, without Nagle, its port
+/// left to connect (not bound yet: the source address is the connection's).
+fn delivery(family: IpAddr) -> io::Result<OwnedFd> {
+    let fd = socket(&family)?;
     let raw = fd.as_raw_fd();
     set_int(raw, libc::SOL_SOCKET, libc::SO_MARK, MARK as i32)?;
-    match source {
+    match family {
         IpAddr::V4(_) => set_int(raw, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?,
         IpAddr::V6(_) => {
             set_int(raw, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?;
@@ -278,10 +341,7 @@ fn delivery(source: IpAddr) -> io::Result<std::net::TcpStream> {
     // The port is chosen at connect, among those free for this 4-tuple: bind's search for a
     // port free for every destination was most of a delivery's cost.
     set_int(raw, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-    bind(raw, SocketAddr::new(source, 0))?;
-    let s = std::net::TcpStream::from(fd);
-    s.set_nonblocking(true)?;
-    Ok(s)
+    Ok(fd)
 }
 
 fn bind(fd: RawFd, addr: SocketAddr) -> io::Result<()> {

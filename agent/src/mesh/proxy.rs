@@ -535,10 +535,9 @@ async fn outbound(
     shared: &Shared,
     pod: &MeshedPod,
     cookie: u64,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
 ) {
-    let _ = client.set_nodelay(true);
     let Some(orig) = shared.take_orig(cookie, peer) else {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %peer, "no origin for a captured connection");
         return client.abort();
@@ -572,7 +571,13 @@ async fn outbound(
     let creds = shared.creds();
     match shared
         .pool
-        .connect(&creds, &shared.metrics, &route, target, source_ip)
+        .connect(
+            &creds,
+            &shared.metrics,
+            &route,
+            (target, source_ip),
+            &mut client,
+        )
         .await
     {
         Ok(stream) => {
@@ -655,7 +660,6 @@ async fn accept_inbound(
             // Too many handshakes under way: this one is dropped.
             continue;
         };
-        let _ = tcp.set_nodelay(true);
         let Some(config) = shared.creds().server(&pod.id) else {
             // No certificate for the pod: nothing to prove who it is with.
             drop(tcp);

@@ -133,7 +133,7 @@ impl Credentials {
         roots: impl IntoIterator<Item = &'a [u8]>,
         leaves: impl IntoIterator<Item = &'a Leaf>,
     ) -> Result<Self, Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let roots: Arc<[TrustAnchor<'static>]> = roots
             .into_iter()
             .enumerate()
@@ -213,6 +213,23 @@ impl Credentials {
         config.alpn_protocols = vec![b"h2".to_vec()];
         config.resumption = rustls::client::Resumption::disabled();
         Some(Arc::new(config))
+    }
+}
+
+/// ring's TLS 1.3 suites, AES-128-GCM first (the client's order decides): the same AEAD
+/// construction as AES-256-GCM with 10 rounds instead of 14, so bulk tunnels spend less
+/// CPU per byte; peers that prefer AES-256-GCM or ChaCha20 still get it.
+fn provider() -> CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
     }
 }
 

@@ -173,7 +173,13 @@ async fn streams_carry_bytes_name_their_source_and_share_one_handshake() {
     let r = route("web", "db", server.addr);
     for text in [&b"ping"[..], b"pong"] {
         let stream = pool
-            .connect(&creds, &metrics, &r, target, source_ip())
+            .connect(
+                &creds,
+                &metrics,
+                &r,
+                (target, source_ip()),
+                &mut tokio::io::empty(),
+            )
             .await
             .expect("stream");
         assert_eq!(round_trip(stream, text).await, text);
@@ -248,8 +254,8 @@ async fn servers_outside_the_bundle_without_an_id_expired_or_someone_else_are_re
                 &client,
                 &metrics,
                 &route("web", "db", server.addr),
-                echo().await,
-                source_ip(),
+                (echo().await, source_ip()),
+                &mut tokio::io::empty(),
             )
             .await
             .expect_err(what);
@@ -313,8 +319,8 @@ async fn clients_outside_the_bundle_without_an_id_or_expired_are_refused() {
                 &client,
                 &client_metrics,
                 &route("web", "db", server.addr),
-                echo().await,
-                source_ip(),
+                (echo().await, source_ip()),
+                &mut tokio::io::empty(),
             )
             .await;
         assert!(result.is_err(), "{what}: a stream was opened");
@@ -350,13 +356,25 @@ async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working()
     let pool = Pool::default();
     let r = route("web", "db", server.addr);
     let old = pool
-        .connect(&before, &metrics, &r, target, source_ip())
+        .connect(
+            &before,
+            &metrics,
+            &r,
+            (target, source_ip()),
+            &mut tokio::io::empty(),
+        )
         .await
         .expect("stream");
     let mut old = old;
     let after = pki.creds(&[pki.leaf("web"), db]);
     let new = pool
-        .connect(&after, &metrics, &r, target, source_ip())
+        .connect(
+            &after,
+            &metrics,
+            &r,
+            (target, source_ip()),
+            &mut tokio::io::empty(),
+        )
         .await
         .expect("stream");
     assert_eq!(round_trip(new, b"new").await, b"new");
@@ -396,8 +414,8 @@ async fn a_broken_tunnel_resets_the_connection_it_carried() {
             &creds,
             &metrics,
             &route("web", "db", server.addr),
-            target,
-            source_ip(),
+            (target, source_ip()),
+            &mut tokio::io::empty(),
         )
         .await
         .expect("stream");
@@ -438,8 +456,8 @@ async fn a_reset_crosses_the_tunnel_either_way() {
                 &creds,
                 &metrics,
                 &r,
-                target.local_addr().expect("addr"),
-                source_ip(),
+                (target.local_addr().expect("addr"), source_ip()),
+                &mut tokio::io::empty(),
             )
             .await
             .expect("stream");
@@ -467,4 +485,211 @@ async fn a_reset_crosses_the_tunnel_either_way() {
             if client_resets { "client" } else { "server" }
         );
     }
+}
+
+/// What a user connection sent before its stream was opened (one read, taken while the
+/// request waits for its answer) reaches the server once, before what follows.
+async fn early_bytes_arrive_once(pool: &Pool, creds: &Credentials, r: &Route, target: SocketAddr) {
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    let (mut app, mut proxied) = user_connection().await;
+    app.write_all(b"first ").await.expect("write");
+    proxied.readable().await.expect("readable");
+    let stream = pool
+        .connect(creds, &metrics, r, (target, source_ip()), &mut proxied)
+        .await
+        .expect("stream");
+    tokio::spawn(hbone::carry(stream, proxied));
+    app.write_all(b"then").await.expect("write");
+    let mut back = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut back))
+        .await
+        .expect("echoed in time")
+        .expect("read");
+    assert_eq!(&back, b"first then");
+}
+
+#[tokio::test]
+async fn the_first_bytes_go_with_the_request_and_arrive_once() {
+    let pki = Pki::new("early");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    let server = server(&creds, "db", &metrics).await;
+    let r = route("web", "db", server.addr);
+    early_bytes_arrive_once(&Pool::default(), &creds, &r, echo().await).await;
+}
+
+/// A tunnel server whose first tunnel refuses every stream unprocessed (REFUSED_STREAM), and
+/// whose later tunnels carry them to their `:authority`.
+async fn refusing_first(creds: &Credentials, sa: &str) -> SocketAddr {
+    let config = creds.server(&id(sa)).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&config));
+        let refusing = async move {
+            let tls = acceptor.accept(tcp).await.expect("tls");
+            let mut conn = h2::server::handshake(tls).await.expect("h2");
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        };
+        tokio::spawn(refusing);
+        while let Ok((tcp, _)) = listener.accept().await {
+            let open = |inbound: Inbound| async move {
+                TcpStream::connect(inbound.target)
+                    .await
+                    .map_err(|_| Refusal::Unreachable)
+            };
+            let never = std::future::pending();
+            let serving = hbone::serve(
+                tcp,
+                Arc::clone(&config),
+                metrics.clone(),
+                || {},
+                open,
+                never,
+            );
+            tokio::spawn(serving);
+        }
+    });
+    addr
+}
+
+/// A stream the peer did not process is sent again on a new tunnel with the first bytes
+/// again: they arrive once, neither lost nor doubled.
+#[tokio::test]
+async fn a_stream_sent_again_carries_its_first_bytes_again() {
+    let pki = Pki::new("early-again");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let addr = refusing_first(&creds, "db").await;
+    let r = route("web", "db", addr);
+    early_bytes_arrive_once(&Pool::default(), &creds, &r, echo().await).await;
+}
+
+/// A half-close crosses the tunnel (END_STREAM, then a shutdown of the far socket) and the
+/// other direction keeps flowing until its own end.
+#[tokio::test]
+async fn a_half_close_crosses_and_the_answer_still_comes_back() {
+    let pki = Pki::new("half");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    let server = server(&creds, "db", &metrics).await;
+    let target = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = target.local_addr().expect("addr");
+    let answering = tokio::spawn(async move {
+        let (mut s, _) = target.accept().await.expect("accept");
+        let mut asked = Vec::new();
+        s.read_to_end(&mut asked).await.expect("read to the end");
+        s.write_all(b"answer").await.expect("write");
+        asked
+    });
+    let (mut app, proxied) = user_connection().await;
+    let stream = Pool::default()
+        .connect(
+            &creds,
+            &metrics,
+            &route("web", "db", server.addr),
+            (addr, source_ip()),
+            &mut tokio::io::empty(),
+        )
+        .await
+        .expect("stream");
+    let carried = tokio::spawn(async move { hbone::carry(stream, proxied).await });
+    app.write_all(b"ask").await.expect("write");
+    app.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut answer))
+        .await
+        .expect("the answer and its end in time")
+        .expect("read");
+    assert_eq!(answer, b"answer");
+    assert_eq!(answering.await.expect("join"), b"ask");
+    assert_eq!(carried.await.expect("join").expect("carried"), (3, 6));
+}
+
+/// A tunnel server that answers a stream only once its first bytes arrived, and sends them
+/// back: a client that waited for the answer before sending would wait for ever.
+async fn answering_after_data(creds: &Credentials, sa: &str) -> SocketAddr {
+    let config = creds.server(&id(sa)).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .expect("tls");
+        let mut conn = h2::server::handshake(tls).await.expect("h2");
+        let Some(Ok((request, mut respond))) = conn.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let first = request.into_body().data().await;
+            let ok = http::Response::builder().status(200).body(()).expect("ok");
+            let mut send = respond.send_response(ok, false).expect("respond");
+            if let Some(Ok(first)) = first {
+                send.send_data(first, false).expect("send");
+            }
+            // Open until the test ends (a dropped stream is reset).
+            std::future::pending::<()>().await;
+        });
+        while conn.accept().await.is_some() {}
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_first_bytes_are_sent_before_the_answer() {
+    let pki = Pki::new("early-before");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    let r = route("web", "db", answering_after_data(&creds, "db").await);
+    let (mut app, mut proxied) = user_connection().await;
+    app.write_all(b"first").await.expect("write");
+    proxied.readable().await.expect("readable");
+    let target = SocketAddr::from(([127, 0, 0, 1], 9));
+    let pool = Pool::default();
+    let connecting = pool.connect(&creds, &metrics, &r, (target, source_ip()), &mut proxied);
+    let stream = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("answered in time")
+        .expect("stream");
+    tokio::spawn(hbone::carry(stream, proxied));
+    let mut back = [0u8; 5];
+    app.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"first");
+}
+
+/// A user that sent everything and its end before the answer: the bytes and then the end
+/// reach the server, and the server's answer and end come back.
+#[tokio::test]
+async fn a_user_done_before_the_answer_is_carried_whole() {
+    let pki = Pki::new("early-end");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    let server = server(&creds, "db", &metrics).await;
+    let r = route("web", "db", server.addr);
+    let (mut app, mut proxied) = user_connection().await;
+    app.write_all(b"all of it").await.expect("write");
+    app.shutdown().await.expect("half-close");
+    proxied.readable().await.expect("readable");
+    let stream = Pool::default()
+        .connect(
+            &creds,
+            &metrics,
+            &r,
+            (echo().await, source_ip()),
+            &mut proxied,
+        )
+        .await
+        .expect("stream");
+    tokio::spawn(hbone::carry(stream, proxied));
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut back))
+        .await
+        .expect("the echo and its end in time")
+        .expect("read");
+    assert_eq!(back, b"all of it");
 }

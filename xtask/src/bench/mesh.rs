@@ -19,7 +19,8 @@
 //!
 //! Then how soon a change of one policy among the 1 000 takes effect for new connections
 //! (a DENY of the client's principal on `guarded` put in and taken out), the agents' CPU per
-//! 1 000 requests/s of 1 KiB (both agents, meshed and plaintext),
+//! 1 000 requests/s of 1 KiB (both agents, meshed and plaintext) and their context switches
+//! per meshed request,
 //! their resident memory with the mesh and without (at idle, fresh agents), and the time a
 //! killed client-side agent's successor takes to carry meshed connections again.
 use std::{
@@ -33,7 +34,10 @@ use serde::Serialize;
 use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Cluster, Node, k8s, proc::Process};
 
-use super::{Pinning, Ratio, RrClient, cpu_seconds, interleaved_round, median, rr_server, rss_kib};
+use super::{
+    Pinning, Ratio, RrClient, context_switches, cpu_seconds, interleaved_round, median, rr_server,
+    rss_kib,
+};
 
 /// Server ports, by exchange size.
 const PORT_64: u16 = 8064;
@@ -158,6 +162,9 @@ struct Cpu {
     plaintext_vcpu_per_1k_rps: Vec<f64>,
     /// The busier agent's share (a node's figure, as ztunnel's is per node).
     meshed_busier_node_vcpu_per_1k_rps: Vec<f64>,
+    /// Both agents' context switches per meshed request: on one CPU, what a request costs
+    /// is mostly the wake-ups of the processes it passes through.
+    meshed_switches_per_request: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -254,6 +261,11 @@ impl MeshResult {
             median(&c.meshed_vcpu_per_1k_rps),
             median(&c.meshed_busier_node_vcpu_per_1k_rps),
             median(&c.plaintext_vcpu_per_1k_rps),
+        );
+        println!(
+            "{:<30} {:.2} context switches of the two agents per meshed request (median of rounds)",
+            "agent wake-ups",
+            median(&c.meshed_switches_per_request),
         );
         let m = &self.memory;
         for (i, node) in ["a (client)", "b (server)"].iter().enumerate() {
@@ -624,6 +636,7 @@ fn cpu(c: &Cluster, pin: &Pinning, rounds: usize, agents: &[Agent; 2]) -> Result
         meshed_vcpu_per_1k_rps: Vec::new(),
         plaintext_vcpu_per_1k_rps: Vec::new(),
         meshed_busier_node_vcpu_per_1k_rps: Vec::new(),
+        meshed_switches_per_request: Vec::new(),
     };
     for cl in &mut clients {
         cl.burst(1_000)?;
@@ -634,18 +647,23 @@ fn cpu(c: &Cluster, pin: &Pinning, rounds: usize, agents: &[Agent; 2]) -> Result
         eprintln!("bench mesh: agent CPU: round {}/{rounds}", r + 1);
         let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
+            let switches =
+                || -> Result<u64> { Ok(context_switches(pids[0])? + context_switches(pids[1])?) };
+            let (before, switched) = ([cpu_seconds(pids[0])?, cpu_seconds(pids[1])?], switches()?);
             clients[i].burst(REQUESTS)?;
             clients[i].report()?;
             let used = [
                 cpu_seconds(pids[0])? - before[0],
                 cpu_seconds(pids[1])? - before[1],
             ];
+            let switched = switches()?.saturating_sub(switched);
             let per_1k = |s: f64| s * 1000.0 / REQUESTS as f64;
             if i == 0 {
                 out.meshed_vcpu_per_1k_rps.push(per_1k(used[0] + used[1]));
                 out.meshed_busier_node_vcpu_per_1k_rps
                     .push(per_1k(used[0].max(used[1])));
+                out.meshed_switches_per_request
+                    .push(switched as f64 / REQUESTS as f64);
             } else {
                 out.plaintext_vcpu_per_1k_rps
                     .push(per_1k(used[0] + used[1]));

@@ -7,8 +7,8 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use bytes::{Buf as _, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use hyper::body::{Buf as _, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A CONNECT stream's two halves, what was received and not read yet, and whether this end
@@ -139,6 +139,140 @@ impl Stream {
             Ok(_) => io::ErrorKind::BrokenPipe.into(),
             Err(e) => io_error(e),
         })
+    }
+}
+
+/// A user connection's first read takes up to this; a read that fills its buffer makes the
+/// next one four times larger, up to [`MAX_READ`]. Small exchanges hold 4 KiB, not the
+/// 2 × 64 KiB (zeroed for every connection) of a generic copy.
+const FIRST_READ: usize = 4 << 10;
+const MAX_READ: usize = 64 << 10;
+
+/// The user-to-stream half of a carry: what was read and not sent yet.
+#[derive(Debug)]
+struct Up {
+    buf: BytesMut,
+    next: usize,
+    unsent: Bytes,
+    done: bool,
+    bytes: u64,
+}
+
+/// The stream-to-user half: the user socket still to be flushed, shut down, or neither.
+#[derive(Debug, Default)]
+struct Down {
+    flush: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Stream {
+    /// Carries `user` both ways until both halves ended; returns (bytes read from `user` and
+    /// sent on the stream, bytes received and written to `user`). What is read from `user` goes to HTTP/2 as read (no
+    /// copy); what arrives goes to `user` from HTTP/2's own buffers, and the window opens as
+    /// `user` takes it. An error of either side ends the carry (the caller resets both).
+    pub async fn carry<U>(&mut self, user: &mut U) -> io::Result<(u64, u64)>
+    where
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut up = Up {
+            buf: BytesMut::new(),
+            next: FIRST_READ,
+            unsent: Bytes::new(),
+            done: false,
+            bytes: 0,
+        };
+        let mut down = Down::default();
+        std::future::poll_fn(|cx| {
+            let sent = self.poll_up(&mut up, Pin::new(&mut *user), cx)?;
+            let received = self.poll_down(&mut down, Pin::new(&mut *user), cx)?;
+            if sent.is_pending() || received.is_pending() {
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok((up.bytes, down.bytes)))
+        })
+        .await
+    }
+
+    /// Reads `user` and sends what it read, until its end (passed on as END_STREAM).
+    fn poll_up<U: AsyncRead>(
+        &mut self,
+        up: &mut Up,
+        mut user: Pin<&mut U>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !up.done {
+            if !up.unsent.is_empty() {
+                self.send.reserve_capacity(up.unsent.len());
+                match ready!(self.send.poll_capacity(cx)) {
+                    Some(Ok(n)) if n > 0 => {
+                        let chunk = up.unsent.split_to(n.min(up.unsent.len()));
+                        up.bytes += chunk.len() as u64;
+                        self.send.send_data(chunk, false).map_err(io_error)?;
+                    }
+                    // As in `poll_write`: no capacity is not announced; should it be, ask again.
+                    Some(Ok(_)) => {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                    None => return self.poll_closed(cx).map(Err),
+                }
+                continue;
+            }
+            up.buf.reserve(up.next);
+            let room = up.buf.capacity() - up.buf.len();
+            let n = ready!(tokio_util::io::poll_read_buf(
+                user.as_mut(),
+                cx,
+                &mut up.buf
+            ))?;
+            if n == 0 {
+                ready!(AsyncWrite::poll_shutdown(Pin::new(&mut *self), cx))?;
+                up.done = true;
+            } else {
+                if n == room {
+                    up.next = (up.next * 4).min(MAX_READ);
+                }
+                up.unsent = up.buf.split().freeze();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes what arrives to `user`, until the stream's end (passed on as a shutdown).
+    fn poll_down<U: AsyncWrite>(
+        &mut self,
+        down: &mut Down,
+        mut user: Pin<&mut U>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !down.done {
+            if !self.unread.is_empty() {
+                let n = ready!(user.as_mut().poll_write(cx, &self.unread))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.unread.advance(n);
+                down.bytes += n as u64;
+                down.flush = true;
+                let _ = self.recv.flow_control().release_capacity(n);
+                continue;
+            }
+            if down.flush {
+                ready!(user.as_mut().poll_flush(cx))?;
+                down.flush = false;
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.unread = data,
+                Some(Err(e)) => return Poll::Ready(Err(read_error(e))),
+                None => {
+                    ready!(user.as_mut().poll_shutdown(cx))?;
+                    down.done = true;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
