@@ -165,9 +165,7 @@ impl Netns {
         };
         // The port is chosen at connect (IP_BIND_ADDRESS_NO_PORT).
         bind(fd.as_raw_fd(), SocketAddr::new(source, 0))?;
-        let s = std::net::TcpStream::from(fd);
-        s.set_nonblocking(true)?;
-        Ok(s)
+        Ok(std::net::TcpStream::from(fd))
     }
 
     /// A TCP socket of `to`'s family in the namespace, not connected yet.
@@ -263,7 +261,7 @@ fn loopback_index() -> io::Result<u32> {
     Ok(i)
 }
 
-/// A TCP socket of `addr`'s family, close-on-exec.
+/// A TCP socket of `addr`'s family, close-on-exec and non-blocking (as the runtime uses it).
 fn socket(addr: &IpAddr) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
@@ -271,7 +269,13 @@ fn socket(addr: &IpAddr) -> io::Result<OwnedFd> {
         libc::AF_INET6
     };
     // SAFETY: no memory is passed; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -311,17 +315,13 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     if unsafe { libc::listen(raw, 1024) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let l = std::net::TcpListener::from(fd);
-    l.set_nonblocking(true)?;
-    Ok(l)
+    Ok(std::net::TcpListener::from(fd))
 }
 
 fn plain(to: IpAddr) -> io::Result<std::net::TcpStream> {
     let fd = socket(&to)?;
     set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
-    let s = std::net::TcpStream::from(fd);
-    s.set_nonblocking(true)?;
-    Ok(s)
+    Ok(std::net::TcpStream::from(fd))
 }
 
 /// A delivery socket of `family`'s family: marked, transparent, without Nagle, its port

@@ -518,6 +518,18 @@ async fn the_first_bytes_go_with_the_request_and_arrive_once() {
     early_bytes_arrive_once(&Pool::default(), &creds, &r, echo().await).await;
 }
 
+/// The HTTP/2 server end of a tunnel accepted as `config` (TLS without the proxy's checks).
+async fn raw_h2(
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, hyper::body::Bytes> {
+    let tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(tcp)
+        .await
+        .expect("tls");
+    h2::server::handshake(tls).await.expect("h2")
+}
+
 /// A tunnel server whose first tunnel refuses every stream unprocessed (REFUSED_STREAM), and
 /// whose later tunnels carry them to their `:authority`.
 async fn refusing_first(creds: &Credentials, sa: &str) -> SocketAddr {
@@ -527,10 +539,9 @@ async fn refusing_first(creds: &Credentials, sa: &str) -> SocketAddr {
     let metrics = ProxyMetrics::new(&mut Registry::default());
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.expect("accept");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&config));
+        let first = raw_h2(Arc::clone(&config), tcp);
         let refusing = async move {
-            let tls = acceptor.accept(tcp).await.expect("tls");
-            let mut conn = h2::server::handshake(tls).await.expect("h2");
+            let mut conn = first.await;
             while let Some(Ok((_, mut respond))) = conn.accept().await {
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
             }
@@ -617,11 +628,7 @@ async fn answering_after_data(creds: &Credentials, sa: &str) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.expect("accept");
-        let tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
-            .await
-            .expect("tls");
-        let mut conn = h2::server::handshake(tls).await.expect("h2");
+        let mut conn = raw_h2(config, tcp).await;
         let Some(Ok((request, mut respond))) = conn.accept().await else {
             return;
         };

@@ -93,23 +93,10 @@ impl AsyncWrite for Stream {
         if self.shut {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        self.send.reserve_capacity(buf.len());
-        match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(n)) if n > 0 => {
-                let n = n.min(buf.len());
-                let data = Bytes::copy_from_slice(&buf[..n]);
-                self.send.send_data(data, false).map_err(io_error)?;
-                Poll::Ready(Ok(n))
-            }
-            // h2 does not announce no capacity (it stays pending); should it, ask again.
-            Some(Ok(_)) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Some(Err(e)) => Poll::Ready(Err(io_error(e))),
-            // Closed: the peer reset it, or it ended.
-            None => self.poll_closed(cx).map(Err),
-        }
+        let n = ready!(self.poll_room(buf.len(), cx))?;
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        self.send.send_data(data, false).map_err(io_error)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -132,6 +119,22 @@ impl AsyncWrite for Stream {
 }
 
 impl Stream {
+    /// How many of `want` bytes the peer's window takes now (at least one).
+    fn poll_room(&mut self, want: usize, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
+        match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(n)) if n > 0 => Poll::Ready(Ok(n.min(want))),
+            // h2 does not announce no capacity (it stays pending); should it, ask again.
+            Some(Ok(_)) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Some(Err(e)) => Poll::Ready(Err(io_error(e))),
+            // Closed: the peer reset it, or it ended.
+            None => self.poll_closed(cx).map(Err),
+        }
+    }
+
     /// Why the sending half is closed.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Ready(match ready!(self.send.poll_reset(cx)) {
@@ -168,9 +171,10 @@ struct Down {
 
 impl Stream {
     /// Carries `user` both ways until both halves ended; returns (bytes read from `user` and
-    /// sent on the stream, bytes received and written to `user`). What is read from `user` goes to HTTP/2 as read (no
-    /// copy); what arrives goes to `user` from HTTP/2's own buffers, and the window opens as
-    /// `user` takes it. An error of either side ends the carry (the caller resets both).
+    /// sent on the stream, bytes received and written to `user`). What is read from `user`
+    /// goes to HTTP/2 as read (no copy); what arrives goes to `user` from HTTP/2's own
+    /// buffers, and the window opens as `user` takes it. An error of either side ends the
+    /// carry (the caller resets both).
     pub async fn carry<U>(&mut self, user: &mut U) -> io::Result<(u64, u64)>
     where
         U: AsyncRead + AsyncWrite + Unpin,
@@ -203,21 +207,10 @@ impl Stream {
     ) -> Poll<io::Result<()>> {
         while !up.done {
             if !up.unsent.is_empty() {
-                self.send.reserve_capacity(up.unsent.len());
-                match ready!(self.send.poll_capacity(cx)) {
-                    Some(Ok(n)) if n > 0 => {
-                        let chunk = up.unsent.split_to(n.min(up.unsent.len()));
-                        up.bytes += chunk.len() as u64;
-                        self.send.send_data(chunk, false).map_err(io_error)?;
-                    }
-                    // As in `poll_write`: no capacity is not announced; should it be, ask again.
-                    Some(Ok(_)) => {
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                    None => return self.poll_closed(cx).map(Err),
-                }
+                let n = ready!(self.poll_room(up.unsent.len(), cx))?;
+                let chunk = up.unsent.split_to(n);
+                up.bytes += n as u64;
+                self.send.send_data(chunk, false).map_err(io_error)?;
                 continue;
             }
             up.buf.reserve(up.next);
