@@ -77,6 +77,11 @@ pub struct Settings {
     /// exits (it exits sooner once they have ended).
     #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     pub drain_timeout: Duration,
+    /// A pooled tunnel (the mutual TLS connection to another node's pod that new connections
+    /// take as streams) is closed once no connection has used it for this long; the next
+    /// connection opens a new one.
+    #[arg(long, default_value = "5m", value_parser = crate::parse_positive_duration)]
+    pub mesh_tunnel_idle_timeout: Duration,
 }
 
 /// A trust domain as SPIFFE allows it: lowercase letters, digits, `.`, `-`, `_`.
@@ -167,6 +172,7 @@ impl Mesh {
                     proxy_metrics,
                     node.map(Arc::new),
                     (settings.host_proc.clone(), host_cookie),
+                    settings.mesh_tunnel_idle_timeout,
                 );
                 Proxy::new(Arc::new(shared))
             }),

@@ -485,17 +485,18 @@ fn without_an_agent_meshed_connects_are_refused_then_work_again() {
 /// Both nodes' agents meshed, and a server in `server` answering [`SECRET`] on 8080: the
 /// cluster, its CA, the agents, the server, and its address.
 fn serving(test: &str) -> (Cluster, MeshCa, Vec<Agent>, Process, String) {
-    serving_with(test, &[])
+    serving_with(test, &[], &[])
 }
 
-/// [`serving`] on [`mesh_cluster_with`].
+/// [`serving`] on [`mesh_cluster_with`], the agents run with `agent_args` too.
 fn serving_with(
     test: &str,
     more: &[&'static str],
+    agent_args: &[&str],
 ) -> (Cluster, MeshCa, Vec<Agent>, Process, String) {
     let c = mesh_cluster_with(test, more);
     let ca = ca(&c);
-    let agents = agents(&c, ca.path());
+    let agents = agents_with(&c, ca.path(), agent_args);
     wait_meshed(&agents[0], ID, "default/client");
     wait_meshed(&agents[1], SERVER_ID, "default/server");
     let server = c
@@ -517,19 +518,43 @@ fn serial(agent: &Agent) -> String {
         .to_owned()
 }
 
-/// Outbound handshakes `agent` completed.
-fn outbound_handshakes(agent: &Agent) -> f64 {
+/// The sum of `agent`'s series `name` in `direction`.
+fn by_direction(agent: &Agent, name: &str, direction: &str) -> f64 {
     agent
         .metrics()
         .iter()
         .filter(|s| {
-            s.name == "weft_mesh_handshakes_total"
+            s.name == name
                 && s.labels
                     .iter()
-                    .any(|(k, v)| k == "direction" && v == "outbound")
+                    .any(|(k, v)| k == "direction" && v == direction)
         })
         .map(|s| s.value)
         .sum()
+}
+
+/// Outbound handshakes `agent` completed.
+fn outbound_handshakes(agent: &Agent) -> f64 {
+    by_direction(agent, "weft_mesh_handshakes_total", "outbound")
+}
+
+/// Tunnels `agent` has open in `direction`.
+fn tunnels_open(agent: &Agent, direction: &str) -> f64 {
+    by_direction(agent, "weft_mesh_tunnels_open", direction)
+}
+
+/// With `--mesh-tunnel-idle-timeout 1s`, the tunnel a connection took is closed on both
+/// nodes about a second after the connection ended, and the next connection opens another.
+#[test]
+fn an_unused_tunnel_is_closed_after_the_idle_timeout() {
+    let (c, _ca, agents, _server, target) =
+        serving_with("mesh_idle", &[], &["--mesh-tunnel-idle-timeout", "1s"]);
+    assert_eq!(probe(&c, "client", &target), SECRET);
+    assert_eq!(outbound_handshakes(&agents[0]), 1.0);
+    assert_eq!(settled(0.0, || tunnels_open(&agents[0], "outbound")), 0.0);
+    assert_eq!(settled(0.0, || tunnels_open(&agents[1], "inbound")), 0.0);
+    assert_eq!(probe(&c, "client", &target), SECRET);
+    assert_eq!(outbound_handshakes(&agents[0]), 2.0);
 }
 
 /// With a 20 s lifetime, certificates renew at 10 s: a connection opened before keeps going
@@ -1042,7 +1067,7 @@ fn decisions(agent: &Agent, action: &str, policy: &str) -> f64 {
 /// a DENY by namespace wins over an ALLOW of everything.
 #[test]
 fn authorization_policies_decide_by_principal_and_deny_wins() {
-    let (c, _ca, agents, _server, target) = serving_with("authz_allow", &["other"]);
+    let (c, _ca, agents, _server, target) = serving_with("authz_allow", &["other"], &[]);
     wait_meshed(
         &agents[0],
         "spiffe://cluster.local/ns/default/sa/other",
@@ -1235,7 +1260,7 @@ fn a_policy_change_never_refuses_what_both_versions_allow() {
 /// address, same node) by its principal, and the plaintext pod by both.
 #[test]
 fn network_and_authorization_policies_must_both_allow() {
-    let (c, _ca, agents, _server, target) = serving_with("authz_np", &["other"]);
+    let (c, _ca, agents, _server, target) = serving_with("authz_np", &["other"], &[]);
     wait_meshed(
         &agents[0],
         "spiffe://cluster.local/ns/default/sa/other",

@@ -117,6 +117,8 @@ struct Tunnel {
     id: u64,
     /// Set once its connection has ended.
     closed: Arc<std::sync::atomic::AtomicBool>,
+    /// The user connections holding it.
+    users: Arc<Users>,
 }
 
 impl Tunnel {
@@ -136,28 +138,164 @@ impl Tunnel {
     }
 }
 
+/// How many user connections hold a tunnel (from taking it out of the pool to the end of
+/// their stream), and since when none has.
+#[derive(Debug)]
+struct Users(Mutex<(usize, tokio::time::Instant)>);
+
+impl Users {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(Mutex::new((0, tokio::time::Instant::now()))))
+    }
+
+    fn lease(self: &Arc<Self>) -> Lease {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        Lease(Arc::clone(self))
+    }
+
+    /// How long it has had no user; None while it has one.
+    fn idle_for(&self) -> Option<Duration> {
+        let (count, since) = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (count == 0).then(|| since.elapsed())
+    }
+}
+
+/// One user connection's hold on its tunnel, which keeps the pool from releasing it; its
+/// stream carries it to the end.
+#[derive(Debug)]
+pub struct Lease(Arc<Users>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut users = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        users.0 -= 1;
+        if users.0 == 0 {
+            users.1 = tokio::time::Instant::now();
+        }
+    }
+}
+
 type Slot = Arc<tokio::sync::Mutex<Option<Tunnel>>>;
+
+/// Takes a pooled tunnel out of its slot once no user connection has held it for `after`
+/// (ztunnel's pool releases unused connections after 5 minutes too): without it, every pod
+/// a node's pods ever reached would keep a tunnel open on both nodes, kept alive by pings.
+struct Release {
+    slot: std::sync::Weak<tokio::sync::Mutex<Option<Tunnel>>>,
+    id: u64,
+    users: Arc<Users>,
+    after: Duration,
+}
+
+impl Release {
+    /// Resolves once the tunnel was taken out of the pool here (then, without users, it has
+    /// no stream, and HTTP/2 ends it with a GOAWAY once its last sender is gone). Never for
+    /// a tunnel the slot no longer holds (replaced, or the pool dropped the slot): it ends
+    /// with its last stream, and its pings go on until then.
+    async fn released(self) {
+        loop {
+            let wait = self
+                .users
+                .idle_for()
+                .map_or(self.after, |idle| self.after.saturating_sub(idle));
+            tokio::time::sleep(wait).await;
+            match self.try_release().await {
+                Some(true) => return,
+                Some(false) => {}
+                // Never while holding the slot: its next tunnel's connections need it.
+                None => return std::future::pending().await,
+            }
+        }
+    }
+
+    /// Some(true) once taken out of its slot, Some(false) while in use or not idle long
+    /// enough, None when the slot no longer holds it.
+    async fn try_release(&self) -> Option<bool> {
+        let slot = self.slot.upgrade()?;
+        let mut held = slot.lock().await;
+        if held.as_ref()?.id != self.id {
+            return None;
+        }
+        // Under the slot's lock: no connection can take it between this and its release.
+        let idle = self.users.idle_for().is_some_and(|idle| idle >= self.after);
+        if idle {
+            *held = None;
+        }
+        Some(idle)
+    }
+}
 
 /// Ids of tunnels opened by this process.
 static TUNNEL_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Slots are pruned (closed tunnels, those of renewed certificates) when a connection makes a
+/// new one, or when there are this many, and then at twice as many as were left: a
+/// connection that reuses a tunnel does not walk every slot.
+const PRUNE_AT: usize = 64;
+
+/// The pool's slots, one per route and certificate.
+#[derive(Debug)]
+struct Slots {
+    map: HashMap<(Route, String), Slot>,
+    /// Pruned when `map` reaches this.
+    prune_at: usize,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            prune_at: PRUNE_AT,
+        }
+    }
+}
+
+impl Slots {
+    /// Drops the slots no connection uses: those of certificates renewed since (their
+    /// tunnels take no new streams, and end with their last), and idle ones without an open
+    /// tunnel (closed, released, or never opened).
+    fn prune(&mut self, creds: &Credentials) {
+        self.map.retain(|(r, serial), slot| {
+            creds.serial(&r.source) == Some(serial.as_str())
+                && (Arc::strong_count(slot) > 1
+                    || slot
+                        .try_lock()
+                        .is_ok_and(|s| s.as_ref().is_some_and(|t| !t.is_closed())))
+        });
+        self.prune_at = (self.map.len() * 2).max(PRUNE_AT);
+    }
+}
+
 /// The client side: pooled tunnels.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
     /// Where tunnels' sockets are made: the node's namespace when the agent runs outside it;
     /// the agent's own otherwise.
     netns: Option<Arc<super::netns::Netns>>,
-    /// One entry per route and certificate; its lock is held while a tunnel is opened, so
-    /// that concurrent first connections share one handshake.
-    tunnels: Mutex<HashMap<(Route, String), Slot>>,
+    /// One slot per route and certificate; a slot's lock is held while its tunnel is opened,
+    /// so that concurrent first connections share one handshake.
+    tunnels: Mutex<Slots>,
+    /// A tunnel no user connection has held this long is closed.
+    idle: Duration,
+}
+
+/// The default of `--mesh-tunnel-idle-timeout` (ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`).
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(300);
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(None, TUNNEL_IDLE)
+    }
 }
 
 impl Pool {
-    /// Tunnels from the namespace of `netns` (None: the agent's own).
-    pub fn new(netns: Option<Arc<super::netns::Netns>>) -> Self {
+    /// Tunnels from the namespace of `netns` (None: the agent's own), each closed once no
+    /// user connection has held it for `idle`.
+    pub fn new(netns: Option<Arc<super::netns::Netns>>, idle: Duration) -> Self {
         Self {
             netns,
             tunnels: Mutex::default(),
+            idle,
         }
     }
 
@@ -180,19 +318,14 @@ impl Pool {
             .ok_or_else(|| Error::NoCertificate(route.source.clone()))?
             .to_owned();
         let slot = {
-            let mut tunnels = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
-            // Tunnels of a renewed certificate take no new streams (dropping the sender lets
-            // them close once their streams end); closed ones go.
-            // A slot someone holds is in use; an idle one stays only with an open tunnel
-            // (one whose opening failed holds nothing).
-            tunnels.retain(|(r, serial), slot| {
-                creds.serial(&r.source) == Some(serial.as_str())
-                    && (Arc::strong_count(slot) > 1
-                        || slot
-                            .try_lock()
-                            .is_ok_and(|s| s.as_ref().is_some_and(|t| !t.is_closed())))
-            });
-            Arc::clone(tunnels.entry((route.clone(), serial)).or_default())
+            let mut slots = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (route.clone(), serial);
+            // A new slot (a new route, or a renewed certificate: its old tunnels then close
+            // once their streams end) comes with a handshake, which costs far more.
+            if !slots.map.contains_key(&key) || slots.map.len() >= slots.prune_at {
+                slots.prune(creds);
+            }
+            Arc::clone(slots.map.entry(key).or_default())
         };
         // A stream the peer did not process (refused, or beyond the last stream of its
         // GOAWAY: its agent hands over) is sent once more on a new tunnel, with the client's
@@ -203,22 +336,26 @@ impl Pool {
             data: Bytes::new(),
             read: false,
         };
-        let mut tunnel = self.tunnel(&slot, creds, metrics, route, None).await?;
+        let (mut tunnel, lease) = self.tunnel(&slot, creds, metrics, route, None).await?;
         match open_stream(&mut tunnel.sender, route, (target, source_ip), &mut early).await {
             Err(Error::Stream {
                 unprocessed: true, ..
             }) => {
                 let replace = Some(tunnel.id);
-                let mut tunnel = self.tunnel(&slot, creds, metrics, route, replace).await?;
-                open_stream(&mut tunnel.sender, route, (target, source_ip), &mut early).await
+                let (mut tunnel, lease) =
+                    self.tunnel(&slot, creds, metrics, route, replace).await?;
+                open_stream(&mut tunnel.sender, route, (target, source_ip), &mut early)
+                    .await
+                    .map(|s| s.leased(lease))
             }
-            other => other,
+            other => other.map(|s| s.leased(lease)),
         }
         .inspect(|_| metrics.stream_opened(Direction::Outbound))
     }
 
     /// The slot's tunnel when it takes streams and is not the one to `replace`, else a new
-    /// one (another connection may have replaced it already: that one is used).
+    /// one (another connection may have replaced it already: that one is used); with the
+    /// caller's hold on it, taken under the slot's lock (so not while it is being released).
     async fn tunnel(
         &self,
         slot: &Slot,
@@ -226,15 +363,24 @@ impl Pool {
         metrics: &ProxyMetrics,
         route: &Route,
         replace: Option<u64>,
-    ) -> Result<Tunnel, Error> {
+    ) -> Result<(Tunnel, Lease), Error> {
         let mut held = slot.lock().await;
         let usable = held
             .as_ref()
             .filter(|t| t.is_ready() && Some(t.id) != replace);
         if let Some(t) = usable {
-            return Ok(t.clone());
+            return Ok((t.clone(), t.users.lease()));
         }
-        let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route);
+        let id = TUNNEL_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let users = Users::new();
+        let lease = users.lease();
+        let release = Release {
+            slot: Arc::downgrade(slot),
+            id,
+            users: Arc::clone(&users),
+            after: self.idle,
+        };
+        let opening = open_tunnel(self.netns.as_deref(), creds, metrics, route, release);
         let (sender, closed) =
             tokio::time::timeout(OPEN_TIMEOUT, opening)
                 .await
@@ -242,10 +388,14 @@ impl Pool {
                     addr: route.tunnel,
                     source: std::io::ErrorKind::TimedOut.into(),
                 })??;
-        let id = TUNNEL_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let t = Tunnel { sender, id, closed };
+        let t = Tunnel {
+            sender,
+            id,
+            closed,
+            users,
+        };
         *held = Some(t.clone());
-        Ok(t)
+        Ok((t, lease))
     }
 }
 
@@ -349,12 +499,14 @@ async fn open_stream<R: AsyncRead + Unpin>(
 }
 
 /// TCP, TLS as the source identity (the server must prove the destination's), HTTP/2; the
-/// connection is driven by a task of its own, which sets the flag it returns when it ends.
+/// connection is driven by a task of its own, which sets the flag it returns when it ends
+/// and closes it once `release` took it out of the pool.
 async fn open_tunnel(
     netns: Option<&super::netns::Netns>,
     creds: &Credentials,
     metrics: &ProxyMetrics,
     route: &Route,
+    release: Release,
 ) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), Error> {
     let addr = route.tunnel;
     let config = creds
@@ -378,9 +530,14 @@ async fn open_tunnel(
     let metrics = metrics.clone();
     metrics.tunnel_opened(Direction::Outbound);
     tokio::spawn(async move {
+        let mut connection = std::pin::pin!(connection);
         let outcome = tokio::select! {
-            done = connection => done.map_err(|source| Error::Http { addr, source }),
+            done = &mut connection => done.map_err(|source| Error::Http { addr, source }),
             () = keepalive(pings) => Err(Error::Silent { addr }),
+            () = release.released() => {
+                tracing::debug!(target: "weft::mesh", tunnel = %addr, "tunnel unused: closing");
+                connection.await.map_err(|source| Error::Http { addr, source })
+            }
         };
         if let Err(e) = outcome {
             tracing::debug!(target: "weft::mesh", tunnel = %addr, error = %crate::chain(&e), "tunnel closed");

@@ -178,12 +178,13 @@ impl Shared {
         metrics: ProxyMetrics,
         node: Option<Arc<Netns>>,
         host: (PathBuf, u64),
+        tunnel_idle: Duration,
     ) -> Self {
         Self {
             creds: RwLock::new(creds),
             carried: Arc::new(Carried::new(metrics.clone())),
             orig: Mutex::new(orig),
-            pool: Pool::new(node),
+            pool: Pool::new(node, tunnel_idle),
             metrics,
             host_proc: host.0,
             host_cookie: host.1,

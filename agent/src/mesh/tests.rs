@@ -30,6 +30,7 @@ fn settings(ca: Option<&Path>) -> Settings {
         trust_domain: "cluster.local".into(),
         mesh_cert_ttl: Duration::from_secs(20),
         drain_timeout: Duration::from_secs(30),
+        mesh_tunnel_idle_timeout: Duration::from_secs(300),
         host_proc: PathBuf::from("/proc"),
     }
 }

@@ -85,6 +85,18 @@ struct Server {
     outcomes: mpsc::UnboundedReceiver<Option<HandshakeFailure>>,
     /// Ends the server and every tunnel it serves.
     kill: tokio::task::AbortHandle,
+    /// The GOAWAY of each tunnel served so far, not sent yet.
+    goaways: Arc<std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+impl Server {
+    /// Tells the peer of every tunnel served so far to open no more streams there (a GOAWAY);
+    /// their streams go on.
+    fn go_away(&self) {
+        for g in self.goaways.lock().expect("goaways").drain(..) {
+            let _ = g.send(());
+        }
+    }
 }
 
 async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server {
@@ -94,11 +106,15 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
     let (stream_tx, streams) = mpsc::unbounded_channel();
     let (outcome_tx, outcomes) = mpsc::unbounded_channel();
     let metrics = metrics.clone();
+    let goaways = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pending_goaways = Arc::clone(&goaways);
     let accepting = tokio::spawn(async move {
         let mut tunnels = tokio::task::JoinSet::new();
         while let Ok((tcp, _)) = listener.accept().await {
             let (config, metrics) = (Arc::clone(&config), metrics.clone());
             let (stream_tx, outcome_tx) = (stream_tx.clone(), outcome_tx.clone());
+            let (goaway_tx, goaway) = tokio::sync::oneshot::channel();
+            pending_goaways.lock().expect("goaways").push(goaway_tx);
             tunnels.spawn(async move {
                 let open = move |inbound: Inbound| {
                     let tx = stream_tx.clone();
@@ -110,8 +126,13 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
                             .map_err(|_| Refusal::Unreachable)
                     }
                 };
-                let never = std::future::pending();
-                let outcome = match hbone::serve(tcp, config, metrics, || {}, open, never).await {
+                let shutdown = async move {
+                    if goaway.await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                let outcome = match hbone::serve(tcp, config, metrics, || {}, open, shutdown).await
+                {
                     Err(hbone::Error::Handshake { reason, .. }) => Some(reason),
                     _ => None,
                 };
@@ -124,6 +145,7 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
         streams,
         outcomes,
         kill: accepting.abort_handle(),
+        goaways,
     }
 }
 
@@ -157,6 +179,21 @@ fn sample(registry: &Registry, series: &str) -> f64 {
 
 fn counter(registry: &Registry, name: &str, labels: &str) -> f64 {
     sample(registry, &format!("{name}_total{{{labels}}}"))
+}
+
+const OUTBOUND_TUNNELS: &str = "mesh_tunnels_open{direction=\"outbound\"}";
+
+/// Waits (up to 10 s) until the registry counts `want` outbound tunnels open: a tunnel is
+/// counted closed once its connection's task has ended.
+async fn outbound_tunnels_become(registry: &Registry, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sample(registry, OUTBOUND_TUNNELS) != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {want} open in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A stream reaches its target with the client's identity verified and its source named;
@@ -387,6 +424,9 @@ async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working()
         2.0
     );
     let _ = server.streams.recv().await;
+    // The old tunnel ends with its last stream; the new one stays pooled.
+    drop(old);
+    outbound_tunnels_become(&registry, 1.0).await;
 }
 
 /// A connected pair on loopback: (the application's end, the proxy's end).
@@ -699,4 +739,103 @@ async fn a_user_done_before_the_answer_is_carried_whole() {
         .expect("the echo and its end in time")
         .expect("read");
     assert_eq!(back, b"all of it");
+}
+
+/// A connection over a tunnel of `pool`: one round trip, the stream kept.
+async fn connected(
+    pool: &Pool,
+    creds: &Credentials,
+    metrics: &ProxyMetrics,
+    r: &Route,
+    target: SocketAddr,
+) -> hbone::Stream {
+    let mut stream = pool
+        .connect(
+            creds,
+            metrics,
+            r,
+            (target, source_ip()),
+            &mut tokio::io::empty(),
+        )
+        .await
+        .expect("stream");
+    stream.write_all(b"hi").await.expect("write");
+    let mut back = [0u8; 2];
+    stream.read_exact(&mut back).await.expect("read");
+    stream
+}
+
+/// A tunnel no connection has used for the pool's idle time is closed (its server sees it
+/// end), and the next connection opens another.
+#[tokio::test]
+async fn an_unused_tunnel_is_closed_and_the_next_connection_opens_another() {
+    let pki = Pki::new("idle");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let mut server = server(&creds, "db", &metrics).await;
+    let target = echo().await;
+    let pool = Pool::new(None, Duration::from_millis(300));
+    let r = route("web", "db", server.addr);
+    drop(connected(&pool, &creds, &metrics, &r, target).await);
+    let ended = tokio::time::timeout(Duration::from_secs(10), server.outcomes.recv()).await;
+    assert_eq!(ended.expect("closed in time"), Some(None));
+    outbound_tunnels_become(&registry, 0.0).await;
+    let _again = connected(&pool, &creds, &metrics, &r, target).await;
+    assert_eq!(
+        counter(&registry, "mesh_handshakes", "direction=\"outbound\""),
+        2.0
+    );
+    assert_eq!(sample(&registry, OUTBOUND_TUNNELS), 1.0);
+}
+
+/// A tunnel stays while a connection holds a stream on it, however long: that stream keeps
+/// working and new connections share the tunnel.
+#[tokio::test]
+async fn a_tunnel_in_use_is_kept_past_the_idle_time() {
+    let pki = Pki::new("in-use");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let server = server(&creds, "db", &metrics).await;
+    let target = echo().await;
+    let pool = Pool::new(None, Duration::from_millis(200));
+    let r = route("web", "db", server.addr);
+    let held = connected(&pool, &creds, &metrics, &r, target).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _second = connected(&pool, &creds, &metrics, &r, target).await;
+    assert_eq!(
+        counter(&registry, "mesh_handshakes", "direction=\"outbound\""),
+        1.0
+    );
+    assert_eq!(sample(&registry, OUTBOUND_TUNNELS), 1.0);
+    assert_eq!(round_trip(held, b"still").await, b"still");
+}
+
+/// A tunnel replaced while one of its streams goes on (its peer said GOAWAY) does not keep
+/// its route from new connections once the idle time has passed: they get a tunnel in time,
+/// and the old stream keeps working.
+#[tokio::test]
+async fn a_replaced_tunnel_does_not_hold_up_its_route() {
+    let pki = Pki::new("replaced");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let metrics = ProxyMetrics::new(&mut Registry::default());
+    let server = server(&creds, "db", &metrics).await;
+    let target = echo().await;
+    let pool = Pool::new(None, Duration::from_millis(300));
+    let r = route("web", "db", server.addr);
+    let held = connected(&pool, &creds, &metrics, &r, target).await;
+    server.go_away();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(connected(&pool, &creds, &metrics, &r, target).await);
+    // Past the idle time of both: the first (in use) is no longer its slot's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = tokio::time::timeout(
+        Duration::from_secs(5),
+        connected(&pool, &creds, &metrics, &r, target),
+    )
+    .await
+    .expect("a tunnel in time");
+    assert_eq!(round_trip(later, b"later").await, b"later");
+    assert_eq!(round_trip(held, b"held").await, b"held");
 }

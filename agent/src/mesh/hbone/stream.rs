@@ -19,6 +19,8 @@ pub struct Stream {
     recv: RecvStream,
     unread: Bytes,
     shut: bool,
+    /// A client stream's hold on its pooled tunnel, given back when the stream is dropped.
+    _lease: Option<super::Lease>,
 }
 
 impl Stream {
@@ -28,7 +30,14 @@ impl Stream {
             recv,
             unread: Bytes::new(),
             shut: false,
+            _lease: None,
         }
+    }
+
+    /// The stream holding `lease` until it is dropped.
+    pub(super) fn leased(mut self, lease: super::Lease) -> Self {
+        self._lease = Some(lease);
+        self
     }
 
     /// Resets the stream with `CONNECT_ERROR`: the far end resets its TCP connection. Nothing
