@@ -385,6 +385,39 @@ fn assert_no_firewall_rules(netns: &str) {
     }
 }
 
+/// Whether the policy-routing rules of a network namespace (`family`: `-4` or `-6`) send
+/// something to the deliveries' table.
+fn has_delivery_rule(netns: &str, family: &str) -> bool {
+    let ns = format!("--net=/run/netns/{netns}");
+    proc::run("nsenter", [ns.as_str(), "ip", family, "rule", "show"]).contains("lookup 15008")
+}
+
+/// The rule that brings replies back to the proxy's delivery sockets is added to a meshed
+/// pod's namespace before the first connection of its family delivered there, and never to
+/// one that only calls out: any rule takes all of a namespace's route lookups off the
+/// kernel's fast path.
+#[test]
+fn only_a_pod_the_mesh_delivered_to_has_the_delivery_rule() {
+    let (c, _ca, _agents, _server, target) = serving("mesh_rule");
+    let (client, server) = (
+        c.pod("client").1.netns_name(),
+        c.pod("server").1.netns_name(),
+    );
+    assert!(!has_delivery_rule(server, "-4"), "before any delivery");
+    assert_eq!(probe(&c, "client", &target), SECRET);
+    assert!(has_delivery_rule(server, "-4"), "after an IPv4 delivery");
+    assert!(!has_delivery_rule(server, "-6"), "before an IPv6 delivery");
+    let v6 = format!("[{}]:8080", c.pod("server").1.ipv6);
+    assert_eq!(probe(&c, "client", &v6), SECRET);
+    assert!(has_delivery_rule(server, "-6"), "after an IPv6 delivery");
+    for family in ["-4", "-6"] {
+        assert!(
+            !has_delivery_rule(client, family),
+            "a pod that only called out"
+        );
+    }
+}
+
 /// Traffic with a pod outside the mesh stays plaintext both ways and works.
 #[test]
 fn a_pod_outside_the_mesh_talks_in_plaintext_both_ways() {

@@ -9,6 +9,12 @@
 //! interface. The proxy's sockets carry [`MARK`]; `tcp_fwmark_accept` makes the server's
 //! accepted socket inherit the mark of the SYN; a policy-routing rule sends marked packets to
 //! a table whose only route is local. No iptables or nftables rule is involved.
+//!
+//! The rule is added before the pod's first delivery, not when the namespace is entered: any
+//! rule besides the kernel's own takes every route lookup of the namespace off its fast path
+//! (the local and main tables are searched apart, rule by rule), which cost a meshed pod's
+//! short connections to anything about 2.5% (`cargo xtask bench mesh`). A pod that only
+//! calls out never pays it.
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -45,6 +51,9 @@ enum Request {
     Socket(IpAddr, Reply<std::net::TcpStream>),
     /// Tops up the spare sockets of the family of the address.
     Refill(IpAddr),
+    /// Adds the rule and table that bring replies to delivery sockets of the family of the
+    /// address back.
+    Route(IpAddr, Reply<()>),
 }
 
 /// Delivery sockets made ahead in the namespace, with their options, by family (IPv4,
@@ -71,6 +80,9 @@ pub struct Netns {
     path: PathBuf,
     requests: mpsc::Sender<Request>,
     spares: Spares,
+    /// Set once the rule and table for deliveries are in place, by family (IPv4, IPv6): a
+    /// family that cannot have them does not hold back the other.
+    routed: [tokio::sync::OnceCell<()>; 2],
     /// The namespace's cookie (`MESH_ORIG` keys carry it).
     pub cookie: u64,
 }
@@ -82,6 +94,7 @@ impl std::fmt::Debug for Request {
             Self::Deliver(a, _) => write!(f, "Deliver({a})"),
             Self::Socket(a, _) => write!(f, "Socket({a})"),
             Self::Refill(a) => write!(f, "Refill({a})"),
+            Self::Route(a, _) => write!(f, "Route({a})"),
         }
     }
 }
@@ -94,7 +107,7 @@ impl Netns {
     }
 
     /// Enters a pod's namespace at `path` on a new thread and prepares it (sysctls, written
-    /// through `host_proc`; the policy-routing rule and table, for IPv4 and IPv6). Refused
+    /// through `host_proc`; the routing for deliveries waits for the first). Refused
     /// when the namespace is the node's (`host_cookie`): a path that leads there (a process
     /// that exited and whose PID was reused, an annotation naming it) must not change the
     /// node's routing.
@@ -125,6 +138,7 @@ impl Netns {
             path: path.to_owned(),
             requests,
             spares,
+            routed: Default::default(),
             cookie,
         })
     }
@@ -143,6 +157,13 @@ impl Netns {
     /// A delivery socket for a connection from `source` (marked, transparent, bound to
     /// `source` with any port), not connected yet.
     pub async fn delivery(&self, source: IpAddr) -> io::Result<std::net::TcpStream> {
+        self.routed[family_slot(&source)]
+            .get_or_try_init(|| async {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.ask(Request::Route(source, tx))?;
+                rx.await.map_err(|_| gone())?
+            })
+            .await?;
         let (spare, left) = {
             let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
             let family = &mut spares[family_slot(&source)];
@@ -197,6 +218,9 @@ fn serve(rx: &mpsc::Receiver<Request>, spares: &Spares) {
                 let _ = tx.send(plain(to));
             }
             Request::Refill(family) => refill(spares, family),
+            Request::Route(family, tx) => {
+                let _ = tx.send(route_deliveries(&family));
+            }
         }
     }
 }
@@ -237,19 +261,21 @@ fn enter_and_prepare(ns: &std::fs::File, pod: Option<&(PathBuf, u64)>) -> io::Re
     ] {
         std::fs::write(host_proc.join("sys/net").join(name), value)?;
     }
+    Ok(cookie)
+}
+
+/// The policy-routing rule and table of deliveries of `family`'s family, in the thread's
+/// namespace (one an earlier agent added counts as added).
+fn route_deliveries(family: &IpAddr) -> io::Result<()> {
+    let af = if family.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    } as u8;
     let lo = loopback_index()?;
     let nl = Netlink::open()?;
-    nl.rule(libc::AF_INET as u8)?;
-    nl.local_route(libc::AF_INET as u8, lo)?;
-    // A namespace without IPv6 has no IPv6 to deliver.
-    match nl
-        .rule(libc::AF_INET6 as u8)
-        .and_then(|()| nl.local_route(libc::AF_INET6 as u8, lo))
-    {
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
-        other => other?,
-    }
-    Ok(cookie)
+    nl.rule(af)?;
+    nl.local_route(af, lo)
 }
 
 fn loopback_index() -> io::Result<u32> {

@@ -8,7 +8,8 @@
 //! - 64 B request/response over 8 open connections;
 //! - bulk: 64 KiB each way per exchange over one connection;
 //! - a meshed pod's connections to a non-meshed pod against the non-meshed pod's own (what
-//!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect);
+//!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect; the
+//!   client is never delivered to, so its namespace has no routing rule of the mesh);
 //! - authorization: the meshed client's new connections to `guarded`, which 1 000
 //!   AuthorizationPolicies select (999 DENY of other callers by exact principal, principal
 //!   prefix or suffix, and address block, and the ALLOW that admits the client: a decision
