@@ -694,21 +694,24 @@ impl RrClient {
     }
 }
 
-/// A keep-alive `rr-server` answering `size` bytes on `port` in `pod` (in its cgroup when
-/// `observed`), on the server CPU, listening.
+/// A keep-alive `rr-server` reading requests of `size` bytes and answering `reply` bytes on
+/// `port` in `pod` (in its cgroup when `observed`), on the server CPU, listening.
 pub(crate) fn rr_server(
     node: &weft_testkit::Node,
     (pod, observed): (&str, bool),
     pin: &Pinning,
-    size: usize,
+    (size, reply): (usize, usize),
     port: u16,
 ) -> weft_testkit::proc::Process {
-    let (size, listen) = (size.to_string(), format!("[::]:{port}"));
+    let (size, reply) = (size.to_string(), reply.to_string());
+    let listen = format!("[::]:{port}");
     let args = pin.server(&[
         "rr-server",
         "--keepalive",
         "--size",
         &size,
+        "--reply",
+        &reply,
         "--listen",
         &listen,
     ]);

@@ -136,7 +136,13 @@ fn bed(bins: &Path, pin: &Pinning, name: &str) -> (Node, Vec<Process>) {
     let mut servers = Vec::new();
     for (_, size, _, _, _, with, without) in WORKLOADS {
         for (port, observed) in [(with, true), (without, false)] {
-            servers.push(rr_server(&node, ("server", observed), pin, size, port));
+            servers.push(rr_server(
+                &node,
+                ("server", observed),
+                pin,
+                (size, size),
+                port,
+            ));
         }
     }
     let ports = WORKLOADS

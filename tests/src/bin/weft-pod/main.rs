@@ -159,6 +159,10 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Bytes answered to each request [default: --size] (a large request and a small
+        /// answer: a stream one way).
+        #[arg(long)]
+        reply: Option<usize>,
         /// Keep-alive: serve every connection on its own thread, answering each --size
         /// request until the client closes.
         #[arg(long)]
@@ -187,6 +191,9 @@ enum Cmd {
         bursts: bool,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Bytes the server answers to each request [default: --size].
+        #[arg(long)]
+        reply: Option<usize>,
     },
     /// Serve TCP and UDP on several ports at once, answering every connection and datagram
     /// with --name (the upstream NetworkPolicy e2e model: every pod serves 80 and 81).
@@ -493,16 +500,18 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::RrServer {
             listen,
             size,
+            reply,
             keepalive,
-        } => rr_server(listen, size, keepalive),
+        } => rr_server(listen, (size, reply.unwrap_or(size)), keepalive),
         Cmd::Rr {
             connect,
             count,
             size,
+            reply,
             bursts,
             keepalive,
         } => {
-            let mut rr = Rr::new(connect, size, keepalive)?;
+            let mut rr = Rr::new(connect, (size, reply.unwrap_or(size)), keepalive)?;
             if bursts {
                 rr.serve_orders()
             } else {
@@ -1152,24 +1161,29 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-fn rr_server(listen: SocketAddr, size: usize, keepalive: bool) -> Result<(), String> {
+fn rr_server(
+    listen: SocketAddr,
+    (size, reply): (usize, usize),
+    keepalive: bool,
+) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     emit(
         &json!({"event": "listening", "addr": listener.local_addr().map_err(|e| e.to_string())?.to_string()}),
     );
-    let mut buf = vec![0u8; size];
+    let (mut buf, answer) = (vec![0u8; size], vec![0u8; reply]);
     loop {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         if keepalive {
+            let answer = answer.clone();
             thread::spawn(move || {
                 let _ = s.set_nodelay(true);
                 let mut buf = vec![0u8; size];
-                while read_full(&mut s, &mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+                while read_full(&mut s, &mut buf).is_ok() && s.write_all(&answer).is_ok() {}
             });
             continue;
         }
         // A broken client must not stop the server.
-        if read_full(&mut s, &mut buf).is_ok() && s.write_all(&buf).is_ok() {
+        if read_full(&mut s, &mut buf).is_ok() && s.write_all(&answer).is_ok() {
             let mut end = [0u8; 1];
             let _ = s.read(&mut end);
         }
@@ -1189,7 +1203,11 @@ struct Rr {
 }
 
 impl Rr {
-    fn new(targets: Vec<SocketAddr>, size: usize, keepalive: Option<u16>) -> Result<Self, String> {
+    fn new(
+        targets: Vec<SocketAddr>,
+        (size, reply): (usize, usize),
+        keepalive: Option<u16>,
+    ) -> Result<Self, String> {
         let open = (0..usize::from(keepalive.unwrap_or(0)))
             .map(|i| {
                 let to = targets[i % targets.len()];
@@ -1203,7 +1221,7 @@ impl Rr {
             targets,
             next: 0,
             request: vec![0x42; size],
-            reply: vec![0; size],
+            reply: vec![0; reply],
             latencies_ns: Vec::new(),
             busy: Duration::ZERO,
             open,
