@@ -380,7 +380,14 @@ fn assert_no_firewall_rules(netns: &str) {
     assert_eq!(nft.trim(), "", "nftables ruleset of {netns}");
     for save in ["iptables-save", "ip6tables-save"] {
         let out = proc::run("nsenter", [ns.as_str(), save]);
-        let rules: Vec<&str> = out.lines().filter(|l| l.starts_with("-A")).collect();
+        // Rules, and chains of anyone's own (a built-in chain has a policy, `:INPUT ACCEPT`;
+        // a user-defined one has none, `:NAME - [0:0]`).
+        let rules: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                l.starts_with("-A") || (l.starts_with(':') && l.split(' ').nth(1) == Some("-"))
+            })
+            .collect();
         assert!(rules.is_empty(), "{save} in {netns}: {rules:?}");
     }
 }
@@ -499,20 +506,321 @@ fn probe(c: &Cluster, pod: &str, target: &str) -> String {
         .to_owned()
 }
 
-/// While the client node's agent is dead, a meshed pod's connects to a meshed pod are
-/// refused at once, never sent in plaintext; once an agent runs again they work.
+/// SIGKILL of the client node's agent under a stream of new meshed connections (200 a
+/// second): while no agent runs, a meshed pod's connects to a meshed pod are refused at
+/// connect() (nothing listens where the kernel sends them), never sent in plaintext; every
+/// other connection opened after the kill works, through the successor once it runs; a
+/// connection open across the kill is lost.
 #[test]
 fn without_an_agent_meshed_connects_are_refused_then_work_again() {
     let (c, _ca, mut agents, _server, target) = serving("mesh_kill");
     assert_eq!(probe(&c, "client", &target), SECRET);
-    agents[0].kill();
+    let long_target = format!("{}:8081", c.pod("server").1.ipv4);
+    let _sink = c.pod("server").0.start_server(
+        "server",
+        &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
+    );
+    let mut long = open_long(&c, &long_target);
+    let mut load = c.pod("client").0.spawn(
+        "client",
+        &[
+            "tcp-load",
+            "--connect",
+            &target,
+            "--rate",
+            "200",
+            "--seconds",
+            "5",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Connections begun before the killed agent was gone may have reached it: they are cut.
+    let mut gone = 0;
     let (found, _) = on_the_underlay(&c, || {
+        agents[0].kill();
+        gone = proc::monotonic_ns();
+        std::thread::sleep(Duration::from_secs(1));
         assert_eq!(probe(&c, "client", &target), "error: connect: ECONNREFUSED");
+        agents[0].restart();
+        wait_meshed(&agents[0], ID, "default/client");
     });
     assert_eq!(found, 0, "nothing went in plaintext meanwhile");
-    agents[0].restart();
-    wait_meshed(&agents[0], ID, "default/client");
     assert_eq!(probe(&c, "client", &target), SECRET);
+    load.wait_success(Duration::from_secs(20));
+    let result = event(&load, "load");
+    let names: Vec<&String> = result["counts"]
+        .as_object()
+        .expect("counts")
+        .keys()
+        .collect();
+    assert_eq!(names, [SECRET], "every answer came from the server");
+    let failures = result["failures"].as_array().expect("failures");
+    let refused = |f: &&Value| f["error"] == "ECONNREFUSED" && f["connected"] == false;
+    let cut = |f: &&Value| f["start_ns"].as_u64().is_some_and(|t| t < gone);
+    let other: Vec<&Value> = failures.iter().filter(|f| !refused(f) && !cut(f)).collect();
+    assert!(
+        other.is_empty(),
+        "a connection begun once the agent was gone was refused at connect() or worked: {other:?}"
+    );
+    assert!(
+        failures.iter().any(|f| refused(&f)),
+        "connections while no agent ran were refused: {failures:?}"
+    );
+    let ended = long.wait(Duration::from_secs(20));
+    assert!(
+        !ended.success(),
+        "a meshed connection open across the kill is lost: {:?}",
+        long.stdout().snapshot()
+    );
+}
+
+/// Runs `f` on a thread of its own inside the network namespace at `netns` (setns affects
+/// the calling thread only) and returns what it returned.
+fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on a namespace file this thread holds open; it moves only this
+        // thread, which exits when `f` returns.
+        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the thread in the namespace panicked")
+}
+
+/// Peers that must be refused present themselves to node b's agent, from node a's
+/// namespace and as a meshed client would (HBONE on the server pod's port 15008, trusting
+/// the mesh's CA): a certificate from another CA, one without a SPIFFE ID, an expired one.
+/// Each handshake is refused, counted under its reason on node b, and opens no tunnel.
+#[test]
+fn peers_with_a_foreign_nameless_or_expired_certificate_are_refused_and_counted() {
+    use weft::{
+        identity::{SpiffeId, ca::Ca},
+        mesh::{
+            hbone::{Pool, Route},
+            metrics::ProxyMetrics,
+            tls::Credentials,
+        },
+    };
+    let (c, ca, agents, _server, target) = serving("mesh_rogue");
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let client = SpiffeId::parse(ID).expect("the client's id");
+    let mesh = Ca::load(ca.path()).expect("the mesh CA");
+    let other = init_mesh_ca(&c.source_dir().with_file_name("other-ca"));
+    let foreign = Ca::load(other.path())
+        .and_then(|o| o.issue(&client, hour, now))
+        .expect("a leaf of another CA");
+    let dns = rcgen::SanType::DnsName("client.default".try_into().expect("a DNS name"));
+    let nameless = mesh
+        .issue_with_names(&client, vec![dns], hour, now)
+        .expect("a leaf without a SPIFFE ID");
+    let expired = mesh
+        .issue(&client, Duration::from_secs(60), now - 2 * hour)
+        .expect("an expired leaf");
+    let roots: Vec<Vec<u8>> = mesh.roots().iter().map(|r| r.der.clone()).collect();
+    let route = Route {
+        source: client,
+        destination: SpiffeId::parse(SERVER_ID).expect("the server's id"),
+        tunnel: format!("{}:15008", c.pod("server").1.ipv4)
+            .parse()
+            .expect("the tunnel address"),
+    };
+    let target: std::net::SocketAddr = target.parse().expect("the target");
+    let source_ip = std::net::IpAddr::V4(c.pod("client").1.ipv4);
+    for (reason, leaf) in [
+        ("unknown_ca", foreign),
+        ("no_spiffe_id", nameless),
+        ("expired", expired),
+    ] {
+        let creds = Credentials::new(roots.iter().map(Vec::as_slice), &[leaf])
+            .expect("the rogue's credentials");
+        let route = route.clone();
+        let opened = in_netns(&c.node("a").netns_path(), move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let metrics = ProxyMetrics::new(&mut prometheus_client::registry::Registry::default());
+            runtime.block_on(async {
+                Pool::default()
+                    .connect(
+                        &creds,
+                        &metrics,
+                        &route,
+                        (target, source_ip),
+                        &mut tokio::io::empty(),
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        assert!(opened.is_err(), "{reason}: the rogue opened a stream");
+        let refused = || {
+            agents[1]
+                .metrics()
+                .iter()
+                .filter(|s| {
+                    s.name == "weft_mesh_handshake_failures_total"
+                        && s.label("direction") == Some("inbound")
+                        && s.label("reason") == Some(reason)
+                })
+                .map(|s| s.value)
+                .sum::<f64>()
+        };
+        assert_eq!(
+            settled(1.0, refused),
+            1.0,
+            "{reason}: counted once on node b"
+        );
+    }
+    assert_eq!(
+        tunnels_open(&agents[1], "inbound"),
+        0.0,
+        "no rogue holds a tunnel to node b"
+    );
+}
+
+/// The SHA-256 of the certificate in `pem_file`, lower-case hex, as openssl reads it.
+fn openssl_fingerprint(pem_file: &Path) -> String {
+    let path = pem_file.to_str().expect("a UTF-8 path");
+    let out = proc::run(
+        "openssl",
+        ["x509", "-in", path, "-noout", "-fingerprint", "-sha256"],
+    );
+    let (_, hex) = out
+        .trim()
+        .split_once('=')
+        .expect("openssl's fingerprint line");
+    hex.replace(':', "").to_lowercase()
+}
+
+/// `weft certs` reports the certificate held for a local identity (its serial, and an expiry
+/// `--mesh-cert-ttl` after its issue) and the trust bundle's root (openssl's fingerprint of
+/// `ca.crt`); the expiry gauge gives the same instant.
+#[test]
+fn the_held_certificate_its_expiry_and_the_roots_are_reported() {
+    const TTL: u64 = 2 * 3600;
+    let c = mesh_cluster("mesh_certs");
+    let ca = ca(&c);
+    let issued_after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let agents = agents_with(&c, ca.path(), &["--mesh-cert-ttl", "2h"]);
+    let certs = wait_meshed(&agents[0], ID, "default/client");
+    let issued_before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let held = certs["identities"]
+        .as_array()
+        .and_then(|ids| ids.iter().find(|i| i["identity"] == ID))
+        .map(|i| i["certificate"].clone())
+        .expect("the client's identity");
+    let not_after = held["not_after_unix"].as_u64().expect("an expiry");
+    assert!(
+        (issued_after + TTL..=issued_before + TTL).contains(&not_after),
+        "expiry {not_after}: issued between {issued_after} and {issued_before}, {TTL} s to live"
+    );
+    assert_eq!(held["expired"], false);
+    assert!(held["serial"].as_str().is_some_and(|s| !s.is_empty()));
+    let roots: Vec<&str> = certs["ca"]["roots"]
+        .as_array()
+        .expect("the trust bundle")
+        .iter()
+        .filter_map(|r| r["fingerprint"].as_str())
+        .collect();
+    assert_eq!(roots, [openssl_fingerprint(&ca.path().join("ca.crt"))]);
+    let gauge = || {
+        agents[0]
+            .metrics()
+            .iter()
+            .find(|s| {
+                s.name == "weft_mesh_certificate_expiry_timestamp_seconds"
+                    && s.label("identity") == Some(ID)
+            })
+            .map(|s| s.value)
+    };
+    assert_eq!(
+        settled(Some(not_after as f64), gauge),
+        Some(not_after as f64)
+    );
+}
+
+/// `weft status` of a running agent sums up its mesh: the CA loaded with its root, a
+/// certificate for each local meshed pod's identity, and every meshed pod listened for
+/// (node a: the client; node b: the server and its neighbour, two identities).
+#[test]
+fn status_sums_up_the_mesh_of_a_running_agent() {
+    let c = mesh_cluster("mesh_status");
+    let ca = ca(&c);
+    let agents = agents(&c, ca.path());
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    let dir = ca.path().display().to_string();
+    for (agent, meshed) in agents.iter().zip([1, 2]) {
+        let summary = || {
+            let (ok, status) = agent.client("status");
+            assert!(ok, "weft status: {status}");
+            let m = &status["mesh"];
+            (
+                m["ca"].as_str().map(str::to_owned),
+                m["ca_loaded"].as_bool(),
+                m["roots"].as_u64(),
+                [
+                    &m["identities"],
+                    &m["certificates"],
+                    &m["pods"],
+                    &m["pods_listening"],
+                ]
+                .map(Value::as_u64),
+            )
+        };
+        let want = (Some(dir.clone()), Some(true), Some(1), [Some(meshed); 4]);
+        assert_eq!(settled(want.clone(), summary), want);
+    }
+}
+
+/// `weft connections` on either node lists an open meshed connection as carried by a
+/// tunnel, with the client's and the server's principals.
+#[test]
+fn an_open_meshed_connection_is_listed_on_both_nodes_with_both_principals() {
+    let (c, _ca, agents, _server, _target) = serving("mesh_listed");
+    let server_node = c.pod("server").0;
+    let _sink = server_node.start_server(
+        "server",
+        &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
+    );
+    let _long = open_long(&c, &format!("{}:8081", c.pod("server").1.ipv4));
+    for (agent, node) in agents.iter().zip(["a", "b"]) {
+        let listed = || {
+            let (ok, list) = agent.client("connections");
+            assert!(ok, "weft connections on node {node}: {list}");
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|conn| {
+                    ["local", "remote"].iter().any(|end| {
+                        conn[end]["address"]
+                            .as_str()
+                            .is_some_and(|a| a.ends_with(":8081"))
+                    })
+                })
+                .map(|conn| conn["mesh"].clone())
+                .collect::<Vec<Value>>()
+        };
+        let want = serde_json::json!({
+            "source_principal": ID,
+            "destination_principal": SERVER_ID,
+            "transport": "tunnel",
+        });
+        assert_eq!(settled(vec![want.clone()], listed), [want], "node {node}");
+    }
 }
 
 /// Both nodes' agents meshed, and a server in `server` answering [`SECRET`] on 8080: the

@@ -22,6 +22,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "procps",
     "prometheus",
+    // `openssl x509`: a test reads the mesh root's fingerprint with a tool of its own.
+    "openssl",
 ];
 
 /// Tells Debian's maintainer scripts not to start services while it exists.

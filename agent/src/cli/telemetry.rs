@@ -34,13 +34,19 @@ pub async fn connections(socket: &Path, output: Output) -> Result<String, Error>
     if let Some(text) = structured(&list, output)? {
         return Ok(text);
     }
+    Ok(connections_table(&list))
+}
+
+/// The connections as a table; SECURITY says how the mesh carries one (a tunnel: `mTLS`, or
+/// within the node: `local`) and both principals, `-` outside the mesh.
+fn connections_table(list: &[OpenConnection]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<7} {:<26} {:<26} {:<18} {:>10} {:>10} {:>9} {:>6} {:>9}  SECURITY",
         "ROLE", "LOCAL", "REMOTE", "SERVICE", "SENT", "RECEIVED", "SRTT", "RETX", "AGE"
     );
-    for c in &list {
+    for c in list {
         let security = c.mesh.as_ref().map_or_else(
             || "-".to_owned(),
             |m| {
@@ -71,7 +77,7 @@ pub async fn connections(socket: &Path, output: Output) -> Result<String, Error>
     if list.is_empty() {
         let _ = writeln!(out, "(no open connections)");
     }
-    Ok(out)
+    out
 }
 
 /// One flow record on one line, in the manner of `hubble observe`.
@@ -196,4 +202,54 @@ pub async fn config_dump(socket: &Path, output: Output) -> Result<String, Error>
         output
     };
     Ok(structured(&dump, output)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connections_table;
+
+    /// The SECURITY column: a tunnel's connection reads `mTLS` with both principals, one
+    /// between two meshed pods of the node `local`, one outside the mesh `-`.
+    #[test]
+    fn the_table_says_how_the_mesh_carries_each_connection() {
+        let conn = |mesh: serde_json::Value| {
+            let mut c = serde_json::json!({
+                "cookie": 7, "role": "client",
+                "local": {"address": "10.0.1.10:40000"},
+                "remote": {"address": "10.0.2.10:8080"},
+                "bytes_sent": 64, "bytes_received": 64, "srtt_us": 30, "retransmits": 0,
+                "duration_ms": 2000, "updated": "2026-12-06T03:00:00.000Z",
+            });
+            if !mesh.is_null() {
+                c["mesh"] = mesh;
+            }
+            serde_json::from_value(c).expect("a connection")
+        };
+        let principals = |transport: &str| {
+            serde_json::json!({
+                "source_principal": "spiffe://cluster.local/ns/shop/sa/web",
+                "destination_principal": "spiffe://cluster.local/ns/shop/sa/db",
+                "transport": transport,
+            })
+        };
+        let table = connections_table(&[
+            conn(principals("tunnel")),
+            conn(principals("local")),
+            conn(serde_json::Value::Null),
+        ]);
+        let security: Vec<&str> = table
+            .lines()
+            .skip(1)
+            // The column after AGE (`2s`), the last one.
+            .map(|l| l.rsplit_once("s  ").expect("a SECURITY column").1)
+            .collect();
+        assert_eq!(
+            security,
+            [
+                "mTLS spiffe://cluster.local/ns/shop/sa/web -> spiffe://cluster.local/ns/shop/sa/db",
+                "local spiffe://cluster.local/ns/shop/sa/web -> spiffe://cluster.local/ns/shop/sa/db",
+                "-",
+            ]
+        );
+    }
 }

@@ -197,7 +197,7 @@ impl Ca {
 
     /// A leaf with other subject alternative names than `id`'s URI (tests of peers that
     /// present no SPIFFE ID).
-    pub(crate) fn issue_with_names(
+    pub fn issue_with_names(
         &self,
         id: &SpiffeId,
         names: Vec<SanType>,
