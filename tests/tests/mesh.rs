@@ -1137,9 +1137,10 @@ impl Drop for CgroupDir {
 
 /// Kubernetes mode, pods not bound yet isolated (the default), each agent in a cgroup of its
 /// own below the kubelet's pods cgroup, as a DaemonSet pod's container is: a successor in
-/// another cgroup takes over the server's node. The connection the old agent still carries
-/// keeps going after the successor's programs are attached (the agents' sockets in pods'
-/// namespaces are no pod's for either agent's programs), and new ones work.
+/// another cgroup takes over the server's node (the pods meshed by their namespace's label).
+/// The connection the old agent still carries keeps going after the successor's programs are
+/// attached (the agents' sockets in pods' namespaces are no pod's for either agent's
+/// programs), and new ones work.
 #[test]
 fn in_kubernetes_mode_a_successor_in_another_cgroup_takes_over() {
     let c = Cluster::builder("mesh_kube")
@@ -1149,10 +1150,13 @@ fn in_kubernetes_mode_a_successor_in_another_cgroup_takes_over() {
         .build();
     let ca = ca(&c);
     let api = weft_testkit::fakeapi::FakeApi::start();
-    api.apply(serde_json::json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    // Enrolled by their namespace's label (the standalone tests enroll pods by their own).
+    api.apply(serde_json::json!({"kind": "Namespace", "metadata": {
+        "name": "default", "labels": {"weft.io/mesh": "enabled"},
+    }}));
     let mut docs = Vec::new();
     for pod in ["client", "server"] {
-        let labels = [("app", pod), ("weft.io/mesh", "enabled")];
+        let labels = [("app", pod)];
         let doc = k8s::pod(c.pod(pod).1, "default", &labels, &[], true);
         docs.push(if pod == "server" {
             doc.replace("spec:\n", "spec:\n  serviceAccountName: server\n")
