@@ -155,16 +155,39 @@ impl Stream {
 }
 
 /// A user connection's first read takes up to this; a read that fills its buffer makes the
-/// next one four times larger, up to [`MAX_READ`]. Small exchanges hold 4 KiB, not the
-/// 2 × 64 KiB (zeroed for every connection) of a generic copy.
+/// next one four times larger, up to [`MAX_READ`]. A stream (reads that fill their buffer
+/// one after another, the socket never running dry between them) that has carried
+/// [`JUMBO_AFTER`] reads up to [`JUMBO_READ`] (as ztunnel's copy grows its buffers): a quarter
+/// of the reads, frames and tunnel writes per byte. Small exchanges hold 4 KiB, not the
+/// 2 × 64 KiB (zeroed for every connection) of a generic copy, and request/response traffic
+/// never holds more than 64 KiB, however much it has carried.
 const FIRST_READ: usize = 4 << 10;
 const MAX_READ: usize = 64 << 10;
+const JUMBO_READ: usize = 256 << 10;
+const JUMBO_AFTER: u64 = 10 << 20;
+
+/// The size of a user connection's next read, after one of `size`; `streak`: the reads that
+/// filled their buffer since the socket last ran dry (0: this one did not fill), `carried`:
+/// bytes sent so far.
+fn next_read(size: usize, streak: u32, carried: u64) -> usize {
+    if streak == 0 {
+        return size.min(MAX_READ);
+    }
+    let most = if streak >= 2 && carried >= JUMBO_AFTER {
+        JUMBO_READ
+    } else {
+        MAX_READ
+    };
+    (size * 4).min(most)
+}
 
 /// The user-to-stream half of a carry: what was read and not sent yet.
 #[derive(Debug)]
 struct Up {
     buf: BytesMut,
     next: usize,
+    /// Reads that filled their buffer since the socket last ran dry.
+    streak: u32,
     unsent: Bytes,
     done: bool,
     bytes: u64,
@@ -191,6 +214,7 @@ impl Stream {
         let mut up = Up {
             buf: BytesMut::new(),
             next: FIRST_READ,
+            streak: 0,
             unsent: Bytes::new(),
             done: false,
             bytes: 0,
@@ -216,6 +240,8 @@ impl Stream {
     ) -> Poll<io::Result<()>> {
         while !up.done {
             if !up.unsent.is_empty() {
+                // One DATA frame per read, as large as the window takes (256 KiB at most, as
+                // ztunnel's): each frame is a write of its own to the tunnel.
                 let n = ready!(self.poll_room(up.unsent.len(), cx))?;
                 let chunk = up.unsent.split_to(n);
                 up.bytes += n as u64;
@@ -224,18 +250,19 @@ impl Stream {
             }
             up.buf.reserve(up.next);
             let room = up.buf.capacity() - up.buf.len();
-            let n = ready!(tokio_util::io::poll_read_buf(
-                user.as_mut(),
-                cx,
-                &mut up.buf
-            ))?;
+            let n = match tokio_util::io::poll_read_buf(user.as_mut(), cx, &mut up.buf) {
+                Poll::Ready(read) => read?,
+                Poll::Pending => {
+                    up.streak = 0;
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 ready!(AsyncWrite::poll_shutdown(Pin::new(&mut *self), cx))?;
                 up.done = true;
             } else {
-                if n == room {
-                    up.next = (up.next * 4).min(MAX_READ);
-                }
+                up.streak = if n == room { up.streak + 1 } else { 0 };
+                up.next = next_read(up.next, up.streak, up.bytes);
                 up.unsent = up.buf.split().freeze();
             }
         }
@@ -316,6 +343,166 @@ mod tests {
         let mut stream = Stream::new(send, response.into_body());
         stream.write_all(b"go").await.expect("write");
         stream
+    }
+
+    /// A user socket offering `left` bytes, as many as each read has room for, that records
+    /// every read's room; what it is written is dropped.
+    struct Offered {
+        left: usize,
+        rooms: Vec<usize>,
+        /// Runs dry (one Pending) after each this many bytes: request/response traffic.
+        pause_every: Option<usize>,
+        since_pause: usize,
+    }
+
+    impl AsyncRead for Offered {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(every) = self.pause_every
+                && self.since_pause >= every
+            {
+                self.since_pause = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.rooms.push(buf.remaining());
+            let until_pause = self
+                .pause_every
+                .map_or(usize::MAX, |e| e - self.since_pause);
+            let n = buf.remaining().min(self.left).min(until_pause);
+            self.since_pause += n;
+            buf.initialize_unfilled_to(n).fill(7);
+            buf.advance(n);
+            self.left -= n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Offered {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Carries `user` to an HTTP/2 peer with weft's frame size and windows: the largest
+    /// DATA frame the peer received.
+    async fn carry_to_peer(user: &mut Offered) -> usize {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let frames = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .max_frame_size(1 << 20)
+                .initial_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .handshake(server_io)
+                .await
+                .expect("server");
+            let (request, mut respond) = conn.accept().await.expect("stream").expect("ok");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let ok = http::Response::builder().status(200).body(()).expect("200");
+            let mut send = respond.send_response(ok, false).expect("send");
+            let mut body = request.into_body();
+            let mut largest = 0;
+            while let Some(data) = body.data().await {
+                let data = data.expect("data");
+                largest = largest.max(data.len());
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            send.send_data(Bytes::new(), true).expect("end");
+            largest
+        });
+        let (mut sender, conn) = h2::client::handshake(client_io).await.expect("client");
+        tokio::spawn(conn);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .expect("request");
+        let (response, send) = sender.send_request(request, false).expect("send");
+        let response = response.await.expect("response");
+        let mut stream = Stream::new(send, response.into_body());
+        let total = user.left as u64;
+        let (up, _) = stream.carry(user).await.expect("carried");
+        assert_eq!(up, total);
+        frames.await.expect("server")
+    }
+
+    fn offered(left: usize, pause_every: Option<usize>) -> Offered {
+        Offered {
+            left,
+            rooms: Vec::new(),
+            pause_every,
+            since_pause: 0,
+        }
+    }
+
+    /// A carry of 20 MiB from a socket that always has more: reads grow from 4 KiB, stay at
+    /// most 64 KiB for the first 10 MiB, then take 256 KiB, each sent whole as one DATA
+    /// frame.
+    #[tokio::test]
+    async fn a_long_stream_reads_256_kib_after_10_mib_and_sends_each_as_one_frame() {
+        let mut user = offered(20 << 20, None);
+        let largest_frame = carry_to_peer(&mut user).await;
+        assert_eq!(user.rooms.first(), Some(&FIRST_READ));
+        let mut offered = 0;
+        for &room in &user.rooms {
+            if offered < JUMBO_AFTER as usize {
+                assert!(room <= MAX_READ, "{room} after {offered} bytes");
+            }
+            offered += room;
+        }
+        assert!(
+            user.rooms.iter().any(|&r| r >= JUMBO_READ),
+            "{:?}",
+            user.rooms
+        );
+        assert_eq!(largest_frame, JUMBO_READ);
+    }
+
+    /// 20 MiB of 64 KiB requests, the socket running dry after each: reads never pass
+    /// 64 KiB.
+    #[tokio::test]
+    async fn request_response_traffic_never_reads_more_than_64_kib() {
+        let mut user = offered(20 << 20, Some(64 << 10));
+        carry_to_peer(&mut user).await;
+        let largest = user.rooms.iter().max().copied();
+        assert_eq!(largest, Some(MAX_READ));
+    }
+
+    /// Reads grow four-fold while they fill their buffer: to 64 KiB, and to 256 KiB only
+    /// for a stream (a second full read in a row) that has carried 10 MiB; a read that did
+    /// not fill keeps its size, or goes back to 64 KiB from 256.
+    #[test]
+    fn reads_grow_to_64_kib_and_past_it_only_on_a_long_stream() {
+        let mut sizes = vec![FIRST_READ];
+        for streak in 1..4 {
+            sizes.push(next_read(*sizes.last().expect("a size"), streak, 1 << 20));
+        }
+        assert_eq!(sizes, [4 << 10, 16 << 10, 64 << 10, 64 << 10]);
+        assert_eq!(next_read(64 << 10, 5, (10 << 20) - 1), 64 << 10);
+        assert_eq!(next_read(64 << 10, 2, 10 << 20), 256 << 10);
+        assert_eq!(
+            next_read(64 << 10, 1, 1 << 30),
+            64 << 10,
+            "a full read after a wait"
+        );
+        assert_eq!(next_read(256 << 10, 9, 1 << 30), 256 << 10);
+        assert_eq!(next_read(16 << 10, 0, 1 << 30), 16 << 10);
+        assert_eq!(next_read(256 << 10, 0, 1 << 30), 64 << 10);
     }
 
     /// A peer's reset before its END_STREAM cut the exchange short: whatever the reason, it
