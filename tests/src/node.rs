@@ -432,9 +432,16 @@ impl Node {
     /// Runs the pod tool in the node's namespace but outside every pod's cgroup (in the test
     /// process's own cgroup), like a host process that weft must not observe.
     pub fn spawn_outside(&self, args: &[&str]) -> Process {
+        let (name, command) = self.outside_command(args);
+        Process::spawn(&name, command)
+    }
+
+    /// The command [`Node::spawn_outside`] runs, and a name for it: for callers that start
+    /// it themselves.
+    pub fn outside_command(&self, args: &[&str]) -> (String, Command) {
         let mut command = proc::command_in(&self.netns_path(), None, &self.pod_tool);
         command.args(args);
-        Process::spawn(&format!("{}/outside:{}", self.tag, args.join(" ")), command)
+        (format!("{}/outside:{}", self.tag, args.join(" ")), command)
     }
 }
 

@@ -273,7 +273,7 @@ pub(crate) fn verdict(ratios: &[f64]) -> String {
 }
 
 /// Fewer rounds than this say nothing about their spread.
-const MIN_ROUNDS: usize = 3;
+pub(crate) const MIN_ROUNDS: usize = 3;
 
 /// Whether every round shows the effect on the same side of 1 (the spread toward 1 is
 /// narrower than the effect the median claims), over enough rounds, none of them broken.
@@ -627,8 +627,26 @@ impl RrClient {
         let mut args = pin.client(&["rr", "--bursts", "--connect", targets]);
         args.extend_from_slice(extra);
         let (name, command) = node.pod_command(pod, observed, &args);
+        Self::spawn(&name, command, what)
+    }
+
+    /// The same client in the node's namespace, outside weft's cgroups.
+    pub(crate) fn on_node(
+        node: &weft_testkit::Node,
+        pin: &Pinning,
+        targets: &str,
+        extra: &[&str],
+        what: &str,
+    ) -> Self {
+        let mut args = pin.client(&["rr", "--bursts", "--connect", targets]);
+        args.extend_from_slice(extra);
+        let (name, command) = node.outside_command(&args);
+        Self::spawn(&name, command, what)
+    }
+
+    fn spawn(name: &str, command: std::process::Command, what: &str) -> Self {
         Self {
-            process: weft_testkit::proc::Process::spawn_interactive(&name, command),
+            process: weft_testkit::proc::Process::spawn_interactive(name, command),
             what: what.to_owned(),
             bursts: 0,
             reports: 0,
@@ -701,11 +719,12 @@ pub(crate) fn rr_server(
     (pod, observed): (&str, bool),
     pin: &Pinning,
     (size, reply): (usize, usize),
-    port: u16,
+    (port, chunk): (u16, Option<usize>),
 ) -> weft_testkit::proc::Process {
     let (size, reply) = (size.to_string(), reply.to_string());
     let listen = format!("[::]:{port}");
-    let args = pin.server(&[
+    let chunk = chunk.map(|c| c.to_string());
+    let mut args = pin.server(&[
         "rr-server",
         "--keepalive",
         "--size",
@@ -715,6 +734,9 @@ pub(crate) fn rr_server(
         "--listen",
         &listen,
     ]);
+    if let Some(chunk) = &chunk {
+        args.extend(["--chunk", chunk.as_str()]);
+    }
     let (name, command) = node.pod_command(pod, observed, &args);
     let p = weft_testkit::proc::Process::spawn(&name, command);
     p.wait_listening();

@@ -141,7 +141,7 @@ fn bed(bins: &Path, pin: &Pinning, name: &str) -> (Node, Vec<Process>) {
                 ("server", observed),
                 pin,
                 (size, size),
-                port,
+                (port, None),
             ));
         }
     }

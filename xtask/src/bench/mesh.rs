@@ -9,6 +9,7 @@
 //! - bulk: 64 KiB each way per exchange over one connection;
 //! - a single stream: 16 MiB one way per exchange (one byte back) over one connection, the
 //!   issue's "single-stream bulk throughput" (ztunnel's anchor was iperf3's one stream);
+//!   for these two a [`Ceiling`]: what three connections and AES-GCM alone allow;
 //! - a meshed pod's connections to a non-meshed pod against the non-meshed pod's own (what
 //!   the mesh costs traffic it does not carry: nothing, the kernel decides at connect; the
 //!   client is never delivered to, so its namespace has no routing rule of the mesh);
@@ -38,8 +39,8 @@ use serde_json::Value;
 use weft_testkit::{Agent, AgentOptions, Cluster, Node, k8s, proc::Process};
 
 use super::{
-    Pinning, Ratio, RrClient, context_switches, cpu_seconds, interleaved_round, median, rr_server,
-    rss_kib,
+    MIN_ROUNDS, Pinning, Ratio, RrClient, context_switches, cpu_seconds, interleaved_round, median,
+    rr_server, rss_kib, spread,
 };
 
 /// Server ports, by exchange size.
@@ -48,6 +49,10 @@ const PORT_1K: u16 = 8102;
 const PORT_64K: u16 = 8165;
 /// One way: a request of [`STREAM`] bytes, answered with one byte.
 const PORT_STREAM: u16 = 8166;
+/// The same, read in [`PIECE`]s into one buffer (the ceiling's connections: a proxy's
+/// buffers, not a 16 MiB one on each side).
+const PORT_STREAM_PIECES: u16 = 8167;
+const PIECE: usize = 256 << 10;
 /// A single stream's unit: 16 MiB sent, one byte back (the pause between two is one round
 /// trip per 16 MiB).
 const STREAM: usize = 16 << 20;
@@ -101,10 +106,113 @@ struct Compared {
     throughput_ratio: Ratio,
     /// p50, first / second.
     p50_ratio: Ratio,
+    /// For a stream of bytes: the most the first / second throughput can be here.
+    ceiling: Option<Ceiling>,
+}
+
+/// What bounds a stream of bytes through the mesh on one CPU, measured in the same run in
+/// rounds of its own (beside each of the meshed client's). A meshed exchange crosses three TCP connections where plaintext crosses one: the
+/// client to its agent and the agent to the server (each at least the work of a loopback
+/// connection in the server's pod carrying the same bytes), and the tunnel (at least that
+/// of a connection from node a's namespace to the server: its path); and every byte is
+/// sealed and opened once with AES-128-GCM. With nothing else (no HTTP/2, no wake-up of its
+/// own, the agents' copies as cheap as those test clients'), plaintext's time per exchange
+/// over that sum is the most the meshed/plaintext ratio can be: an estimate, not a proof.
+#[derive(Debug, Serialize)]
+struct Ceiling {
+    /// Plaintext in the ceiling's rounds (taken apart from the meshed client's).
+    plaintext: Side,
+    /// The same exchanges from node a's namespace to the server.
+    node_path: Side,
+    /// The same exchanges over one loopback connection in the server's pod.
+    leg: Side,
+    /// µs to seal and open an exchange's bytes, per round.
+    crypto_us: Vec<f64>,
+    /// Plaintext's time per exchange / (the node path's + two legs' + the crypto's), per
+    /// round.
+    rounds: Vec<f64>,
+    /// Rounds in which the meshed ratio exceeded that: the estimate does not bound them.
+    exceeded: usize,
+}
+
+impl Ceiling {
+    /// From the main rounds' meshed and plaintext sides and the ceiling's own rounds.
+    fn of(
+        meshed: &Side,
+        plaintext: &Side,
+        (plain, node_path, leg): (Side, Side, Side),
+        crypto_us: Vec<f64>,
+    ) -> Self {
+        let us = |per_second: &f64| 1e6 / per_second;
+        let rounds: Vec<f64> = plain
+            .per_second
+            .iter()
+            .zip(&node_path.per_second)
+            .zip(&leg.per_second)
+            .zip(&crypto_us)
+            .map(|(((plain, path), leg), crypto)| us(plain) / (us(path) + 2.0 * us(leg) + crypto))
+            .collect();
+        let exceeded = meshed
+            .per_second
+            .iter()
+            .zip(&plaintext.per_second)
+            .zip(&rounds)
+            .filter(|((m, p), ceiling)| *m / *p > **ceiling)
+            .count();
+        Self {
+            plaintext: plain,
+            node_path,
+            leg,
+            crypto_us,
+            rounds,
+            exceeded,
+        }
+    }
+
+    fn print(&self, reached: f64) {
+        let (median, min, max) = spread(&self.rounds);
+        let bounded = self.rounds.len() >= MIN_ROUNDS
+            && self.rounds.iter().all(|r| r.is_finite())
+            && self.exceeded == 0;
+        let verdict = if !bounded {
+            format!(
+                "; meshed exceeds the estimate in {} of {} rounds (or too few rounds): it does not bound this run",
+                self.exceeded,
+                self.rounds.len()
+            )
+        } else if max < BULK_TARGET {
+            format!(
+                ": below {BULK_TARGET} in every round; by this estimate a proxy that copies every \
+                 byte through user space cannot reach the target here; meshed reaches {:.2} of it",
+                reached / median
+            )
+        } else {
+            format!("; meshed reaches {:.2} of it", reached / median)
+        };
+        let per_exchange = |side: &Side| median_of(side.per_second.iter().map(|p| 1e6 / p));
+        println!(
+            "{:<30} ceiling: plaintext / (node path {:.1} µs + 2 loopback connections at {:.1} µs \
+             + AES-128-GCM {:.1} µs per exchange) = {median:.3} (rounds {min:.3}-{max:.3}){verdict}",
+            "",
+            per_exchange(&self.node_path),
+            per_exchange(&self.leg),
+            median_of(self.crypto_us.iter().copied()),
+        );
+    }
+}
+
+fn median_of(values: impl Iterator<Item = f64>) -> f64 {
+    median(&values.collect::<Vec<_>>())
 }
 
 impl Compared {
-    fn of(name: &'static str, variants: [&'static str; 2], first: Side, second: Side) -> Self {
+    fn of(
+        name: &'static str,
+        variants: [&'static str; 2],
+        first: Side,
+        second: Side,
+        ceiling: Option<Ceiling>,
+    ) -> Self {
         let added: Vec<f64> = first
             .p50_us
             .iter()
@@ -126,6 +234,7 @@ impl Compared {
             p50_added_us: added,
             first,
             second,
+            ceiling,
         }
     }
 
@@ -238,6 +347,9 @@ impl MeshResult {
                 "{:<30} {what} meshed/plaintext {} (target ≥ {BULK_TARGET}: {verdict})",
                 "", r.verdict,
             );
+            if let Some(c) = &self.workloads[i].ceiling {
+                c.print(r.median);
+            }
         }
         let stream = &self.workloads[3];
         let mib_s = |side: &Side| median(&side.per_second) * (STREAM >> 20) as f64;
@@ -433,7 +545,7 @@ fn wait_policies(agent: &Agent) -> Result<()> {
 fn servers(node: &Node, pod: &str, pin: &Pinning, sizes: &[(usize, usize, u16)]) -> Vec<Process> {
     sizes
         .iter()
-        .map(|&(size, reply, port)| rr_server(node, (pod, true), pin, (size, reply), port))
+        .map(|&(size, reply, port)| rr_server(node, (pod, true), pin, (size, reply), (port, None)))
         .collect()
 }
 
@@ -476,9 +588,16 @@ pub fn run(bins: &Path, pin: &Pinning, rounds: usize) -> Result<MeshResult> {
         (STREAM, 1, PORT_STREAM),
     ];
     let _servers = servers(server_node, "server", pin, &sizes);
+    let _pieces = rr_server(
+        server_node,
+        ("server", true),
+        pin,
+        (STREAM, 1),
+        (PORT_STREAM_PIECES, Some(PIECE)),
+    );
     let _plain = servers(server_node, "plainsrv", pin, &sizes[..1]);
     let _guarded = servers(server_node, "guarded", pin, &sizes[..1]);
-    let workloads = workloads(&c, pin, rounds)?;
+    let workloads = workloads(bins, &c, pin, rounds)?;
     let authz_change_ms = authz_change(&c, pin)?;
     let cpu = cpu(&c, pin, rounds, &agents)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -566,7 +685,8 @@ fn client(c: &Cluster, pin: &Pinning, pod: &str, to: (&str, u16), extra: &[&str]
     RrClient::start(c.pod(pod).0, (pod, true), pin, &target, extra, &what)
 }
 
-/// (name, variants, clients as (pod, target pod, port), extra arguments, per round, burst).
+/// (name, variants, clients as (pod, target pod, port), extra arguments, per round, burst,
+/// and for a stream of bytes its [`Ceiling`]'s measure).
 type Spec = (
     &'static str,
     [&'static str; 2],
@@ -574,7 +694,13 @@ type Spec = (
     &'static [&'static str],
     u64,
     u64,
+    Option<CeilingSpec>,
 );
+
+/// What a stream's ceiling is measured with: the bytes an exchange carries both ways (each
+/// sealed and opened once), the meshed client's server's port for the ceiling's
+/// connections, and their extra `rr` arguments.
+type CeilingSpec = (usize, u16, &'static [&'static str]);
 
 const WORKLOADS: [Spec; 6] = [
     (
@@ -584,6 +710,7 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "64"],
         2_000,
         100,
+        None,
     ),
     (
         "64 B over 8 open connections",
@@ -592,6 +719,7 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "64", "--keepalive", "8"],
         20_000,
         500,
+        None,
     ),
     (
         "bulk 64 KiB, one connection",
@@ -603,6 +731,11 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "65536", "--keepalive", "1"],
         2_000,
         100,
+        Some((
+            2 * 65_536,
+            PORT_64K,
+            &["--size", "65536", "--keepalive", "1"],
+        )),
     ),
     (
         "stream 16 MiB one way",
@@ -614,6 +747,20 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "16777216", "--reply", "1", "--keepalive", "1"],
         48,
         4,
+        Some((
+            STREAM + 1,
+            PORT_STREAM_PIECES,
+            &[
+                "--size",
+                "16777216",
+                "--reply",
+                "1",
+                "--keepalive",
+                "1",
+                "--chunk",
+                "262144",
+            ],
+        )),
     ),
     (
         "to a non-meshed pod, connect",
@@ -625,6 +772,7 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "64"],
         2_000,
         100,
+        None,
     ),
     (
         "connect, 1 000 AuthzPolicies",
@@ -636,18 +784,30 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "64"],
         2_000,
         100,
+        None,
     ),
 ];
 
-fn workloads(c: &Cluster, pin: &Pinning, rounds: usize) -> Result<Vec<Compared>> {
+fn workloads(bins: &Path, c: &Cluster, pin: &Pinning, rounds: usize) -> Result<Vec<Compared>> {
     let mut out = Vec::new();
-    for (name, variants, ends, extra, count, burst) in WORKLOADS {
+    // The ceiling's model holds when one CPU does all of an exchange's work.
+    let one_cpu = pin.client_cpu == pin.server_cpu && pin.agent_cpu == Some(pin.client_cpu);
+    for (name, variants, ends, extra, count, burst, ceiling) in WORKLOADS {
+        let ceiling = ceiling.filter(|_| one_cpu);
         let mut clients = ends.map(|(pod, to, port)| client(c, pin, pod, (to, port), extra));
-        for cl in &mut clients {
+        let mut bounds: Vec<RrClient> = ceiling
+            .map(|(_, port, extra)| ceiling_clients(c, pin, (ends[0].1, port), extra))
+            .into_iter()
+            .flatten()
+            .collect();
+        for cl in clients.iter_mut().chain(&mut bounds) {
             cl.burst(burst)?;
             cl.report()?;
         }
         let mut sides: [Side; 2] = Default::default();
+        // Plaintext again, the node path, the leg: the ceiling's rounds.
+        let mut bound_sides: [Side; 3] = Default::default();
+        let mut crypto_us = Vec::new();
         for r in 0..rounds {
             eprintln!("bench mesh: {name}: round {}/{rounds}", r + 1);
             let [a, b] = &mut clients;
@@ -655,11 +815,76 @@ fn workloads(c: &Cluster, pin: &Pinning, rounds: usize) -> Result<Vec<Compared>>
             for (side, report) in sides.iter_mut().zip(&reports) {
                 side.add(report);
             }
+            // Apart from the meshed client's turns, so that its figure is the same with or
+            // without a ceiling (more clients between its bursts would empty the agents'
+            // caches).
+            if let Some((sealed, _, _)) = ceiling {
+                let [_, plain] = &mut clients;
+                let mut turns: Vec<&mut RrClient> =
+                    std::iter::once(plain).chain(bounds.iter_mut()).collect();
+                let reports = interleaved_round(&mut turns, r, count, burst)?;
+                for (side, report) in bound_sides.iter_mut().zip(&reports) {
+                    side.add(report);
+                }
+                crypto_us.push(aead_us(bins, pin, sealed)?);
+            }
         }
         let [first, second] = sides;
-        out.push(Compared::of(name, variants, first, second));
+        let ceiling = ceiling.map(|_| {
+            let [plain, node_path, leg] = std::mem::take(&mut bound_sides);
+            Ceiling::of(&first, &second, (plain, node_path, leg), crypto_us)
+        });
+        out.push(Compared::of(name, variants, first, second, ceiling));
     }
     Ok(out)
+}
+
+/// The ceiling's two connections to `pod`'s server on `port`: from node a's namespace (the
+/// tunnel's path, from where the agent opens it) and one inside the pod to its own address
+/// (where the agent delivers); both clients outside weft's cgroups, as the agent's sockets
+/// are.
+fn ceiling_clients(
+    c: &Cluster,
+    pin: &Pinning,
+    (pod, port): (&str, u16),
+    extra: &[&str],
+) -> [RrClient; 2] {
+    let (node, addresses) = c.pod(pod);
+    let target = format!("{}:{port}", addresses.ipv4);
+    let node_path = RrClient::on_node(
+        c.node("a"),
+        pin,
+        &target,
+        extra,
+        &format!("node a -> {pod}:{port} (the tunnel's path)"),
+    );
+    let leg = RrClient::start(
+        node,
+        (pod, false),
+        pin,
+        &target,
+        extra,
+        &format!("{pod} -> itself:{port} (loopback)"),
+    );
+    [node_path, leg]
+}
+
+/// µs to seal and open `bytes` with AES-128-GCM in 16 KiB records (`weft-pod aead`, the
+/// mesh's cipher on the same library), on the client CPU: the least of 20 runs (a bound
+/// wants the cheapest credible crypto).
+fn aead_us(bins: &Path, pin: &Pinning, bytes: usize) -> Result<f64> {
+    let bytes = bytes.to_string();
+    let args = pin.client(&["aead", "--bytes", &bytes, "--repeat", "20"]);
+    let out = Command::new(bins.join("weft-pod")).args(&args).output()?;
+    if !out.status.success() {
+        bail!(
+            "weft-pod aead: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("weft-pod aead's output")?;
+    v["min_us"].as_f64().context("weft-pod aead: no min_us")
 }
 
 /// Both agents' CPU over bursts of 1 KiB requests on 8 open connections, meshed and

@@ -138,6 +138,15 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "shutdown")]
         close: CloseMode,
     },
+    /// Seal and open --bytes with AES-128-GCM in TLS 1.3's largest records (16 KiB), as the
+    /// mesh's tunnels do (rustls on ring), --repeat times: prints the median µs (the crypto
+    /// an exchange through the mesh cannot avoid, for benchmarks' bounds)
+    Aead {
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long, default_value_t = 20)]
+        repeat: usize,
+    },
     /// Open and close TCP connections as fast as possible for --seconds; report the rate.
     Churn {
         #[arg(long)]
@@ -167,6 +176,10 @@ enum Cmd {
         /// request until the client closes.
         #[arg(long)]
         keepalive: bool,
+        /// Move a request in pieces of at most this many bytes (one buffer that size, reused)
+        /// instead of one buffer of the whole request: a stream as a proxy moves it.
+        #[arg(long)]
+        chunk: Option<usize>,
     },
     /// Request/response client: --count times connect, send --size bytes, read --size bytes,
     /// close with RST (no TIME_WAIT on either side). Reports latency percentiles and
@@ -194,6 +207,10 @@ enum Cmd {
         /// Bytes the server answers to each request [default: --size].
         #[arg(long)]
         reply: Option<usize>,
+        /// Move a request in pieces of at most this many bytes (one buffer that size, reused)
+        /// instead of one buffer of the whole request: a stream as a proxy moves it.
+        #[arg(long)]
+        chunk: Option<usize>,
     },
     /// Serve TCP and UDP on several ports at once, answering every connection and datagram
     /// with --name (the upstream NetworkPolicy e2e model: every pod serves 80 and 81).
@@ -450,6 +467,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             count,
             rate,
         } => churn(connect, seconds, count, rate),
+        Cmd::Aead { bytes, repeat } => aead(bytes, repeat),
         Cmd::RawIcmp {
             to,
             icmp_type,
@@ -502,7 +520,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
             size,
             reply,
             keepalive,
-        } => rr_server(listen, (size, reply.unwrap_or(size)), keepalive),
+            chunk,
+        } => rr_server(listen, (size, reply.unwrap_or(size)), keepalive, chunk),
         Cmd::Rr {
             connect,
             count,
@@ -510,8 +529,9 @@ fn run(cmd: Cmd) -> Result<(), String> {
             reply,
             bursts,
             keepalive,
+            chunk,
         } => {
-            let mut rr = Rr::new(connect, (size, reply.unwrap_or(size)), keepalive)?;
+            let mut rr = Rr::new(connect, (size, reply.unwrap_or(size)), keepalive, chunk)?;
             if bursts {
                 rr.serve_orders()
             } else {
@@ -715,6 +735,28 @@ fn retry(e: &std::io::Error) -> bool {
 }
 
 /// Fills `buf` from a blocking socket without a timeout (see [`retry`]).
+/// Reads exactly `total` bytes, `buf` (reused) at a time.
+fn read_pieces(s: &mut TcpStream, buf: &mut [u8], total: usize) -> std::io::Result<()> {
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len());
+        read_full(s, &mut buf[..n])?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Writes `total` bytes, `piece` (repeated) at a time.
+fn write_pieces(s: &mut TcpStream, piece: &[u8], total: usize) -> std::io::Result<()> {
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(piece.len());
+        s.write_all(&piece[..n])?;
+        left -= n;
+    }
+    Ok(())
+}
+
 fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
@@ -903,6 +945,48 @@ fn churn(
     } else {
         Err(format!("{errors} connects failed"))
     }
+}
+
+fn aead(bytes: usize, repeat: usize) -> Result<(), String> {
+    use ring::aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+    const RECORD: usize = 16 << 10;
+    const TAG: usize = 16;
+    let key = UnboundKey::new(&AES_128_GCM, &[7; 16]).map_err(|e| format!("key: {e}"))?;
+    let key = LessSafeKey::new(key);
+    let nonce = |seq: u64| {
+        let mut n = [0u8; NONCE_LEN];
+        n[4..].copy_from_slice(&seq.to_be_bytes());
+        Nonce::assume_unique_for_key(n)
+    };
+    let mut record = vec![0x5a_u8; RECORD + TAG];
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat.max(1) {
+        let start = Instant::now();
+        let (mut left, mut seq) = (bytes, 0u64);
+        while left > 0 {
+            let n = left.min(RECORD);
+            // TLS 1.3's additional data: the record header (the length counts the inner
+            // content type's byte and the tag).
+            let length = u16::try_from(n + 1 + TAG).map_err(|e| e.to_string())?;
+            let [high, low] = length.to_be_bytes();
+            let header = [23, 3, 3, high, low];
+            let tag = key
+                .seal_in_place_separate_tag(nonce(seq), Aad::from(header), &mut record[..n])
+                .map_err(|e| format!("seal: {e}"))?;
+            record[n..n + TAG].copy_from_slice(tag.as_ref());
+            key.open_in_place(nonce(seq), Aad::from(header), &mut record[..n + TAG])
+                .map_err(|e| format!("open: {e}"))?;
+            left -= n;
+            seq += 1;
+        }
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    emit(&json!({
+        "event": "aead", "bytes": bytes, "repeat": times.len(),
+        "p50_us": times[times.len() / 2], "min_us": times[0],
+    }));
+    Ok(())
 }
 
 fn tcp_spray(connect: SocketAddr, count: u64) -> Result<(), String> {
@@ -1165,25 +1249,27 @@ fn rr_server(
     listen: SocketAddr,
     (size, reply): (usize, usize),
     keepalive: bool,
+    chunk: Option<usize>,
 ) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     emit(
         &json!({"event": "listening", "addr": listener.local_addr().map_err(|e| e.to_string())?.to_string()}),
     );
-    let (mut buf, answer) = (vec![0u8; size], vec![0u8; reply]);
+    let piece = chunk.unwrap_or(size).clamp(1, size.max(1));
+    let (mut buf, answer) = (vec![0u8; piece], vec![0u8; reply]);
     loop {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         if keepalive {
             let answer = answer.clone();
             thread::spawn(move || {
                 let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; size];
-                while read_full(&mut s, &mut buf).is_ok() && s.write_all(&answer).is_ok() {}
+                let mut buf = vec![0u8; piece];
+                while read_pieces(&mut s, &mut buf, size).is_ok() && s.write_all(&answer).is_ok() {}
             });
             continue;
         }
         // A broken client must not stop the server.
-        if read_full(&mut s, &mut buf).is_ok() && s.write_all(&answer).is_ok() {
+        if read_pieces(&mut s, &mut buf, size).is_ok() && s.write_all(&answer).is_ok() {
             let mut end = [0u8; 1];
             let _ = s.read(&mut end);
         }
@@ -1194,6 +1280,8 @@ fn rr_server(
 struct Rr {
     targets: Vec<SocketAddr>,
     next: usize,
+    /// A request's bytes, sent `request` (its whole length, or --chunk) at a time.
+    size: usize,
     request: Vec<u8>,
     reply: Vec<u8>,
     latencies_ns: Vec<u64>,
@@ -1207,6 +1295,7 @@ impl Rr {
         targets: Vec<SocketAddr>,
         (size, reply): (usize, usize),
         keepalive: Option<u16>,
+        chunk: Option<usize>,
     ) -> Result<Self, String> {
         let open = (0..usize::from(keepalive.unwrap_or(0)))
             .map(|i| {
@@ -1220,7 +1309,8 @@ impl Rr {
         Ok(Self {
             targets,
             next: 0,
-            request: vec![0x42; size],
+            size,
+            request: vec![0x42; chunk.unwrap_or(size).clamp(1, size.max(1))],
             reply: vec![0; reply],
             latencies_ns: Vec::new(),
             busy: Duration::ZERO,
@@ -1244,8 +1334,7 @@ impl Rr {
             let s = &mut self.open[self.next % n];
             self.next += 1;
             let t = Instant::now();
-            s.write_all(&self.request)
-                .map_err(|e| format!("write: {e}"))?;
+            write_pieces(s, &self.request, self.size).map_err(|e| format!("write: {e}"))?;
             read_full(s, &mut self.reply).map_err(|e| format!("read: {e}"))?;
             self.latencies_ns.push(t.elapsed().as_nanos() as u64);
         }
@@ -1262,8 +1351,7 @@ impl Rr {
             let t = Instant::now();
             let mut s =
                 TcpStream::connect(connect).map_err(|e| format!("connect {connect}: {e}"))?;
-            s.write_all(&self.request)
-                .map_err(|e| format!("write: {e}"))?;
+            write_pieces(&mut s, &self.request, self.size).map_err(|e| format!("write: {e}"))?;
             read_full(&mut s, &mut self.reply).map_err(|e| format!("read: {e}"))?;
             abort_on_close(&s)?;
             drop(s);
