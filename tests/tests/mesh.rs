@@ -786,6 +786,63 @@ fn status_sums_up_the_mesh_of_a_running_agent() {
     }
 }
 
+/// A Service over every meshed pod (the client itself on node a, the server and its
+/// neighbour on node b), each answering its name on 8080, and the agents: the cluster, its
+/// CA, the agents, the servers, and the Service's address:port.
+fn meshed_service(
+    test: &str,
+    affinity: Option<u32>,
+) -> (Cluster, MeshCa, Vec<Agent>, Vec<Process>, String) {
+    const ALL: &str = "10.96.0.22";
+    let c = mesh_cluster(test);
+    let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
+    let selector = [("weft.io/mesh", "enabled")];
+    let service = k8s::service("all", "default", &[ALL], &selector, &http, affinity);
+    c.write_source("all.yaml", &service);
+    let ca = ca(&c);
+    let agents = agents(&c, ca.path());
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    agents[0].wait_backends(&format!("{ALL}:80/TCP"), 3, WAIT);
+    let servers = ["client", "server", "neighbor"]
+        .iter()
+        .map(|pod| {
+            c.pod(pod)
+                .0
+                .start_server(pod, &["serve", "--name", pod, "--tcp", "8080"])
+        })
+        .collect();
+    (c, ca, agents, servers, format!("{ALL}:80"))
+}
+
+/// Through a ClusterIP whose backends are meshed, the kernel's choice of backend stands:
+/// 60 connections from the client reach all three (itself directly, the two of node b
+/// through the tunnel, one stream each), getpeername() always the ClusterIP.
+#[test]
+fn a_meshed_service_spreads_over_all_its_backends() {
+    let (c, _ca, agents, _servers, target) = meshed_service("mesh_spread", None);
+    let counts = c.pod("client").0.spray("client", &target, 60);
+    let names: Vec<&String> = counts.keys().collect();
+    assert_eq!(names, ["client", "neighbor", "server"], "{counts:?}");
+    let tunnelled = counts["neighbor"] + counts["server"];
+    let streams = || by_direction(&agents[1], "weft_mesh_streams_total", "inbound");
+    assert_eq!(settled(tunnelled as f64, streams), tunnelled as f64);
+}
+
+/// With ClientIP session affinity, every connection of the client goes to the backend its
+/// first one took, through the mesh or not.
+#[test]
+fn a_meshed_service_keeps_its_session_affinity() {
+    let (c, _ca, _agents, _servers, target) = meshed_service("mesh_affinity", Some(600));
+    let counts = c.pod("client").0.spray("client", &target, 30);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [30],
+        "{counts:?}"
+    );
+}
+
 /// `weft connections` on either node lists an open meshed connection as carried by a
 /// tunnel, with the client's and the server's principals.
 #[test]
