@@ -132,6 +132,14 @@ struct Delivered {
 }
 
 impl hbone::Abort for Delivered {
+    fn arm(&self) {
+        self.stream.arm();
+    }
+
+    fn orderly(&self) {
+        self.stream.orderly();
+    }
+
     fn abort(self) {
         self.stream.abort();
     }

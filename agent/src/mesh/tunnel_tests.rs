@@ -477,6 +477,48 @@ async fn a_broken_tunnel_resets_the_connection_it_carried() {
     assert!(carried.await.expect("join").is_err());
 }
 
+/// A carry that stops in the middle of an exchange without ending it (its task dropped, as
+/// all of them are when the agent is killed) leaves the user's connection to close with a
+/// reset, not a FIN that a client reading to the end would take for the whole answer; an
+/// exchange carried to its end still ends in order, every byte read after the close.
+#[tokio::test]
+async fn a_carry_dropped_mid_exchange_resets_the_connection() {
+    let pki = Pki::new("dropped");
+    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let server = server(&creds, "db", &metrics).await;
+    let target = echo().await;
+    let pool = Pool::default();
+    let r = route("web", "db", server.addr);
+    let mut nothing = tokio::io::empty();
+    let stream = pool.connect(&creds, &metrics, &r, (target, source_ip()), &mut nothing);
+    let (mut app, proxied) = user_connection().await;
+    let carried = tokio::spawn(hbone::carry(stream.await.expect("stream"), proxied));
+    app.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    app.read_exact(&mut back).await.expect("read");
+    carried.abort();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    let stream = pool.connect(&creds, &metrics, &r, (target, source_ip()), &mut nothing);
+    let (mut app, proxied) = user_connection().await;
+    let carried = tokio::spawn(hbone::carry(stream.await.expect("stream"), proxied));
+    app.write_all(b"ping").await.expect("write");
+    app.shutdown().await.expect("shutdown");
+    // Read only once the carry is over and its socket closed: what it sent is still there.
+    assert_eq!(carried.await.expect("join").expect("carried"), (4, 4));
+    let mut all = Vec::new();
+    app.read_to_end(&mut all).await.expect("an orderly end");
+    assert_eq!(all, b"ping");
+}
+
 /// A reset crosses the tunnel either way as a reset (RST_STREAM with CONNECT_ERROR between
 /// the agents), not as an orderly close: the client's reaches the server, the server's the
 /// client.
