@@ -547,6 +547,9 @@ async fn outbound(
     mut client: TcpStream,
     peer: SocketAddr,
 ) {
+    // A close is a reset until the carry ends in order: the client's first bytes are read
+    // while the CONNECT waits, and an agent killed meanwhile must not end it with a FIN.
+    client.arm();
     let Some(orig) = shared.take_orig(cookie, peer) else {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %peer, "no origin for a captured connection");
         return client.abort();
@@ -637,12 +640,18 @@ async fn on_node(
 /// Copies both ways until both ends are done (a half-close is passed on); when either fails,
 /// both end with a reset, so a reset reaches the other end as one.
 async fn splice(mut client: TcpStream, mut server: Delivered) {
+    // As a carry: reset if the agent dies before both sides ended in order.
+    client.arm();
+    server.arm();
     if tokio::io::copy_bidirectional(&mut client, &mut server)
         .await
         .is_err()
     {
         client.abort();
         server.abort();
+    } else {
+        client.orderly();
+        server.orderly();
     }
 }
 
