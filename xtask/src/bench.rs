@@ -612,6 +612,13 @@ pub(crate) struct RrClient {
     reports: usize,
 }
 
+/// `weft-pod` arguments of a bursts client pinned to the client CPU.
+fn rr_args<'a>(pin: &'a Pinning, targets: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = pin.client(&["rr", "--bursts", "--connect", targets]);
+    args.extend_from_slice(extra);
+    args
+}
+
 impl RrClient {
     /// Starts the client in `pod` (in its cgroup when `observed`, else outside weft's
     /// cgroups), pinned to the client CPU, making connections to `targets` in turn; `extra`:
@@ -624,9 +631,7 @@ impl RrClient {
         extra: &[&str],
         what: &str,
     ) -> Self {
-        let mut args = pin.client(&["rr", "--bursts", "--connect", targets]);
-        args.extend_from_slice(extra);
-        let (name, command) = node.pod_command(pod, observed, &args);
+        let (name, command) = node.pod_command(pod, observed, &rr_args(pin, targets, extra));
         Self::spawn(&name, command, what)
     }
 
@@ -638,9 +643,7 @@ impl RrClient {
         extra: &[&str],
         what: &str,
     ) -> Self {
-        let mut args = pin.client(&["rr", "--bursts", "--connect", targets]);
-        args.extend_from_slice(extra);
-        let (name, command) = node.outside_command(&args);
+        let (name, command) = node.outside_command(&rr_args(pin, targets, extra));
         Self::spawn(&name, command, what)
     }
 

@@ -311,6 +311,20 @@ mod tests {
 
     use super::*;
 
+    /// A CONNECT stream over `io`, answered.
+    async fn connect_stream(io: tokio::io::DuplexStream) -> Stream {
+        let (mut sender, conn) = h2::client::handshake(io).await.expect("client");
+        tokio::spawn(conn);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .expect("request");
+        let (response, send) = sender.send_request(request, false).expect("send");
+        let response = response.await.expect("response");
+        Stream::new(send, response.into_body())
+    }
+
     /// A stream whose server answers 200 and, once the client wrote to it, sends `data` and
     /// resets it with `reason`.
     async fn reset_by_peer(data: &'static [u8], reason: Reason) -> Stream {
@@ -331,16 +345,7 @@ mod tests {
             });
             while conn.accept().await.is_some() {}
         });
-        let (mut sender, conn) = h2::client::handshake(client_io).await.expect("client");
-        tokio::spawn(conn);
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("10.0.0.1:80")
-            .body(())
-            .expect("request");
-        let (response, send) = sender.send_request(request, false).expect("send");
-        let response = response.await.expect("response");
-        let mut stream = Stream::new(send, response.into_body());
+        let mut stream = connect_stream(client_io).await;
         stream.write_all(b"go").await.expect("write");
         stream
     }
@@ -425,16 +430,7 @@ mod tests {
             send.send_data(Bytes::new(), true).expect("end");
             largest
         });
-        let (mut sender, conn) = h2::client::handshake(client_io).await.expect("client");
-        tokio::spawn(conn);
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("10.0.0.1:80")
-            .body(())
-            .expect("request");
-        let (response, send) = sender.send_request(request, false).expect("send");
-        let response = response.await.expect("response");
-        let mut stream = Stream::new(send, response.into_body());
+        let mut stream = connect_stream(client_io).await;
         let total = user.left as u64;
         let (up, _) = stream.carry(user).await.expect("carried");
         assert_eq!(up, total);
