@@ -345,6 +345,12 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` to the running agent (it keeps running as far as this knows: see
+    /// [`Agent::wait_exit`]).
+    pub fn signal(&self, signal: i32) {
+        self.process().signal(signal);
+    }
+
     /// Waits for the agent to exit by itself: its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut p = self

@@ -25,10 +25,11 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 /// The server's neighbour on node b (its own service account too).
 const NEIGHBOR_ID: &str = "spiffe://cluster.local/ns/default/sa/neighbor";
 
-/// Pod `pod` of namespace `default` (label `app: <pod>`, port `http` 8080), meshed or not,
-/// running as the service account of its own name or as `default`.
+/// Pod `pod` of namespace `default` (labels `app: <pod>` and `node: <its node>`, port `http`
+/// 8080), meshed or not, running as the service account of its own name or as `default`.
 fn pod_doc(c: &Cluster, pod: &str, meshed: bool, own_account: bool) -> String {
-    let mut labels = vec![("app", pod)];
+    let node = c.pod(pod).1.node.as_deref().expect("a named node");
+    let mut labels = vec![("app", pod), ("node", node)];
     if meshed {
         labels.push(("weft.io/mesh", "enabled"));
     }
@@ -255,6 +256,35 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
         [client_ip.clone(), client_ip],
         "the server sees the client pod's address"
     );
+}
+
+/// UDP between meshed pods of two nodes passes untouched (the mesh carries TCP): the
+/// datagram and its answer cross the underlay as they were sent, the answer in plaintext,
+/// and neither agent opens a stream for them.
+#[test]
+fn udp_between_meshed_pods_crosses_the_underlay_untouched() {
+    let (c, _ca, agents) = meshed_with("mesh_udp", &[], &[]);
+    let _server = c
+        .pod("server")
+        .0
+        .start_server("server", &["serve", "--name", SECRET, "--udp", "8080"]);
+    let to = format!("udp:{}:8080", c.pod("server").1.ipv4);
+    let mut answer = Value::Null;
+    let (found, _) = on_the_underlay(&c, || {
+        let mut p = c
+            .pod("client")
+            .0
+            .spawn("client", &["probe", "--timeout-ms", "3000", &to]);
+        answer = p.probe_results()[&to].clone();
+    });
+    assert_eq!(answer, SECRET);
+    assert!(found >= 1, "the answer crossed the underlay as sent");
+    for (agent, direction) in [(&agents[0], "outbound"), (&agents[1], "inbound")] {
+        assert_eq!(
+            by_direction(agent, "weft_mesh_streams_total", direction),
+            0.0
+        );
+    }
 }
 
 /// Both reporters label the exchanges `mutual_tls` with both principals, name the client and
@@ -786,25 +816,25 @@ fn status_sums_up_the_mesh_of_a_running_agent() {
     }
 }
 
-/// A Service over every meshed pod (the client itself on node a, the server and its
-/// neighbour on node b), each answering its name on 8080, and the agents: the cluster, its
-/// CA, the agents, the servers, and the Service's address:port.
+/// A Service over the `backends` meshed pods `selector` picks, each answering its name on
+/// 8080, and the agents: the cluster, its CA, the agents, the servers, and the Service's
+/// address:port.
 fn meshed_service(
     test: &str,
+    (selector, backends): (&[(&str, &str)], usize),
     affinity: Option<u32>,
 ) -> (Cluster, MeshCa, Vec<Agent>, Vec<Process>, String) {
     const ALL: &str = "10.96.0.22";
     let c = mesh_cluster(test);
     let http: [k8s::Port<'_>; 1] = [("http", 80, "http", "TCP")];
-    let selector = [("weft.io/mesh", "enabled")];
-    let service = k8s::service("all", "default", &[ALL], &selector, &http, affinity);
+    let service = k8s::service("all", "default", &[ALL], selector, &http, affinity);
     c.write_source("all.yaml", &service);
     let ca = ca(&c);
     let agents = agents(&c, ca.path());
     wait_meshed(&agents[0], ID, "default/client");
     wait_meshed(&agents[1], SERVER_ID, "default/server");
     wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
-    agents[0].wait_backends(&format!("{ALL}:80/TCP"), 3, WAIT);
+    agents[0].wait_backends(&format!("{ALL}:80/TCP"), backends, WAIT);
     let servers = ["client", "server", "neighbor"]
         .iter()
         .map(|pod| {
@@ -821,7 +851,9 @@ fn meshed_service(
 /// through the tunnel, one stream each), getpeername() always the ClusterIP.
 #[test]
 fn a_meshed_service_spreads_over_all_its_backends() {
-    let (c, _ca, agents, _servers, target) = meshed_service("mesh_spread", None);
+    let every_meshed_pod = [("weft.io/mesh", "enabled")];
+    let (c, _ca, agents, _servers, target) =
+        meshed_service("mesh_spread", (&every_meshed_pod, 3), None);
     let counts = c.pod("client").0.spray("client", &target, 60);
     let names: Vec<&String> = counts.keys().collect();
     assert_eq!(names, ["client", "neighbor", "server"], "{counts:?}");
@@ -830,17 +862,21 @@ fn a_meshed_service_spreads_over_all_its_backends() {
     assert_eq!(settled(tunnelled as f64, streams), tunnelled as f64);
 }
 
-/// With ClientIP session affinity, every connection of the client goes to the backend its
-/// first one took, through the mesh or not.
+/// With ClientIP session affinity over the two meshed pods of node b, every connection of
+/// the client goes through the tunnel to the backend its first one took.
 #[test]
 fn a_meshed_service_keeps_its_session_affinity() {
-    let (c, _ca, _agents, _servers, target) = meshed_service("mesh_affinity", Some(600));
+    let node_b = [("weft.io/mesh", "enabled"), ("node", "b")];
+    let (c, _ca, agents, _servers, target) =
+        meshed_service("mesh_affinity", (&node_b, 2), Some(600));
     let counts = c.pod("client").0.spray("client", &target, 30);
     assert_eq!(
         counts.values().copied().collect::<Vec<_>>(),
         [30],
         "{counts:?}"
     );
+    let streams = || by_direction(&agents[1], "weft_mesh_streams_total", "inbound");
+    assert_eq!(settled(30.0, streams), 30.0);
 }
 
 /// `weft connections` on either node lists an open meshed connection as carried by a
@@ -892,17 +928,28 @@ fn serving_with(
     more: &[&'static str],
     agent_args: &[&str],
 ) -> (Cluster, MeshCa, Vec<Agent>, Process, String) {
-    let c = mesh_cluster_with(test, more);
-    let ca = ca(&c);
-    let agents = agents_with(&c, ca.path(), agent_args);
-    wait_meshed(&agents[0], ID, "default/client");
-    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    let (c, ca, agents) = meshed_with(test, more, agent_args);
     let server = c
         .pod("server")
         .0
         .start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
     let target = format!("{}:8080", c.pod("server").1.ipv4);
     (c, ca, agents, server, target)
+}
+
+/// [`mesh_cluster_with`], its CA, and its agents (run with `agent_args` too) once node a's
+/// holds the client's certificate and node b's the server's, each listening for its pod.
+fn meshed_with(
+    test: &str,
+    more: &[&'static str],
+    agent_args: &[&str],
+) -> (Cluster, MeshCa, Vec<Agent>) {
+    let c = mesh_cluster_with(test, more);
+    let ca = ca(&c);
+    let agents = agents_with(&c, ca.path(), agent_args);
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    (c, ca, agents)
 }
 
 /// The serial of the certificate `agent` holds for [`ID`].
@@ -1100,11 +1147,56 @@ fn a_successor_takes_over_without_failing_a_meshed_connection() {
     }
 }
 
+/// `--drain-timeout` ends a drain that would outlast it: after SIGTERM, with a successor or
+/// without one, node a's agent exits although a meshed connection it carries was to last a
+/// minute, and that connection is cut; without a successor, the draining agent still
+/// serves new meshed connections (nobody else could).
+#[test]
+fn the_drain_ends_at_the_drain_timeout_and_cuts_what_is_left() {
+    let (c, _ca, mut agents) = meshed_with("mesh_drain_timeout", &[], &["--drain-timeout", "5s"]);
+    let (server_node, server_pod) = c.pod("server");
+    let _server = server_node.start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
+    let target = format!("{}:8080", server_pod.ipv4);
+    let long_target = format!("{}:8081", server_pod.ipv4);
+    for successor in [true, false] {
+        let _sink = server_node.start_server(
+            "server",
+            &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
+        );
+        let mut long = open_trickle(&c, &long_target, 60);
+        let status = if successor {
+            let mut old = agents[0].start_successor();
+            wait_meshed(&agents[0], ID, "default/client");
+            old.signal(libc::SIGTERM);
+            old.wait(WAIT)
+        } else {
+            agents[0].signal(libc::SIGTERM);
+            assert_eq!(
+                probe(&c, "client", &target),
+                SECRET,
+                "served while draining"
+            );
+            agents[0].wait_exit(WAIT)
+        };
+        assert!(status.success(), "successor {successor}: {status}");
+        assert!(
+            !long.wait(WAIT).success(),
+            "successor {successor}: the connection left is cut"
+        );
+    }
+}
+
 /// An 8 s connection from the client to `target` sending 1 000 B every 100 ms, open.
 fn open_long(c: &Cluster, target: &str) -> Process {
+    open_trickle(c, target, 8)
+}
+
+/// [`open_long`] lasting `seconds`.
+fn open_trickle(c: &Cluster, target: &str, seconds: u32) -> Process {
+    let seconds = seconds.to_string();
     let long = c.pod("client").0.spawn(
         "client",
-        &["tcp-trickle", "--connect", target, "--seconds", "8"],
+        &["tcp-trickle", "--connect", target, "--seconds", &seconds],
     );
     long.stdout()
         .wait_for("the long connection to open", WAIT, |l| {

@@ -639,7 +639,11 @@ async fn on_node(
 
 /// Copies both ways until both ends are done (a half-close is passed on); when either fails,
 /// both end with a reset, so a reset reaches the other end as one.
-async fn splice(mut client: TcpStream, mut server: Delivered) {
+async fn splice<C, S>(mut client: C, mut server: S)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
+{
     // As a carry: reset if the agent dies before both sides ended in order.
     client.arm();
     server.arm();
@@ -774,7 +778,54 @@ async fn connect_delivery(
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
+    use crate::mesh::tunnel_tests::{slow_reader_connection, user_connection};
+
+    /// A splice between two pods of the node that stops in the middle of an exchange (its
+    /// task dropped, as when the agent is killed) resets both connections: neither end
+    /// takes a FIN for the other's orderly end.
+    #[tokio::test]
+    async fn a_splice_dropped_mid_exchange_resets_both_ends() {
+        let (mut client, proxied) = user_connection().await;
+        let (delivered, mut server) = user_connection().await;
+        let spliced = tokio::spawn(splice(proxied, delivered));
+        client.write_all(b"ping").await.expect("write");
+        let mut ping = [0u8; 4];
+        server.read_exact(&mut ping).await.expect("read");
+        spliced.abort();
+        let _ = spliced.await;
+        for end in [&mut client, &mut server] {
+            let mut rest = Vec::new();
+            let read = end.read_to_end(&mut rest).await;
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset)
+            );
+        }
+    }
+
+    /// A splice that ends in order closes with a FIN after every byte it still holds: an
+    /// answer queued behind a slow client's full window when both ends are done is
+    /// delivered whole.
+    #[tokio::test]
+    async fn a_spliced_answer_queued_for_a_slow_reader_is_delivered_whole() {
+        const ANSWER: usize = 256 << 10;
+        let (mut client, proxied) = slow_reader_connection(ANSWER).await;
+        let (delivered, mut server) = user_connection().await;
+        client.write_all(b"ping").await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let serve = async move {
+            let mut request = Vec::new();
+            server.read_to_end(&mut request).await.expect("request");
+            server.write_all(&[7u8; ANSWER]).await.expect("answer");
+        };
+        tokio::join!(splice(proxied, delivered), serve);
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).await.expect("an orderly end");
+        assert_eq!(all.len(), ANSWER);
+    }
 
     fn id(sa: &str) -> SpiffeId {
         SpiffeId::new("cluster.local", "shop", Some(sa))

@@ -429,26 +429,14 @@ async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working()
     outbound_tunnels_become(&registry, 1.0).await;
 }
 
-/// A connected pair on loopback: (the application's end, the proxy's end).
-async fn user_connection() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let app = TcpStream::connect(listener.local_addr().expect("addr"))
-        .await
-        .expect("connect");
-    let (proxied, _) = listener.accept().await.expect("accept");
-    (app, proxied)
-}
-
-/// A tunnel that breaks under a carried connection ends it with a reset, not with the
-/// orderly close that would pass a truncated exchange off as complete.
-#[tokio::test]
-async fn a_broken_tunnel_resets_the_connection_it_carried() {
-    let pki = Pki::new("broken");
+/// A stream from `web` to `target` through a tunnel to a server as `db` (a PKI of its own,
+/// named `name`), with that server (killing it breaks the tunnel).
+async fn stream_to(name: &str, target: SocketAddr) -> (Server, hbone::Stream) {
+    let pki = Pki::new(name);
     let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
     let server = server(&creds, "db", &metrics).await;
-    let target = echo().await;
     let stream = Pool::default()
         .connect(
             &creds,
@@ -459,6 +447,44 @@ async fn a_broken_tunnel_resets_the_connection_it_carried() {
         )
         .await
         .expect("stream");
+    (server, stream)
+}
+
+/// A connected pair on loopback: (the application's end, the proxy's end).
+pub(super) async fn user_connection() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (proxied, _) = listener.accept().await.expect("accept");
+    (app, proxied)
+}
+
+/// [`user_connection`] where the application's end reads with the smallest window and the
+/// proxy's end can queue `queue` bytes for it (an accepted socket has its listener's
+/// buffer sizes): what the proxy writes stays in its socket until the application reads.
+pub(super) async fn slow_reader_connection(queue: usize) -> (TcpStream, TcpStream) {
+    let listening = tokio::net::TcpSocket::new_v4().expect("socket");
+    let queue = u32::try_from(4 * queue).expect("a buffer size");
+    listening.set_send_buffer_size(queue).expect("SO_SNDBUF");
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    listening.bind(any).expect("bind");
+    let listener = listening.listen(1).expect("listen");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let app = socket
+        .connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (proxied, _) = listener.accept().await.expect("accept");
+    (app, proxied)
+}
+
+/// A tunnel that breaks under a carried connection ends it with a reset, not with the
+/// orderly close that would pass a truncated exchange off as complete.
+#[tokio::test]
+async fn a_broken_tunnel_resets_the_connection_it_carried() {
+    let (server, stream) = stream_to("broken", echo().await).await;
     let (mut app, proxied) = user_connection().await;
     let carried = tokio::spawn(hbone::carry(stream, proxied));
     app.write_all(b"ping").await.expect("write");
@@ -517,6 +543,35 @@ async fn a_carry_dropped_mid_exchange_resets_the_connection() {
     let mut all = Vec::new();
     app.read_to_end(&mut all).await.expect("an orderly end");
     assert_eq!(all, b"ping");
+}
+
+/// An exchange carried to its end closes the user's socket with a FIN, after every byte it
+/// still holds: an answer that has not reached a slow reader yet (queued in the proxy's
+/// socket behind the reader's full window when the carry ends) is not thrown away by a
+/// reset left armed.
+#[tokio::test]
+async fn an_answer_queued_for_a_slow_reader_is_delivered_whole_after_the_carry() {
+    const ANSWER: usize = 256 << 10;
+    // Reads the request to its end, answers ANSWER bytes and closes.
+    let target = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = target.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut s, _) = target.accept().await.expect("accept");
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).await.expect("request");
+        s.write_all(&[7u8; ANSWER]).await.expect("answer");
+    });
+    let (_server, stream) = stream_to("queued", addr).await;
+    let (mut app, proxied) = slow_reader_connection(ANSWER).await;
+    app.write_all(b"ping").await.expect("write");
+    app.shutdown().await.expect("shutdown");
+    assert_eq!(
+        hbone::carry(stream, proxied).await.expect("carried"),
+        (4, ANSWER as u64)
+    );
+    let mut all = Vec::new();
+    app.read_to_end(&mut all).await.expect("an orderly end");
+    assert_eq!(all.len(), ANSWER);
 }
 
 /// A reset crosses the tunnel either way as a reset (RST_STREAM with CONNECT_ERROR between
