@@ -32,7 +32,10 @@ use crate::{
         udp::{UdpBatch, UdpFlowReader},
     },
     logging::{self, KernelLogs},
-    mesh::{LocalPod, Mesh},
+    mesh::{
+        LocalPod, Mesh,
+        ca_watch::{self, CaWatch},
+    },
     metrics,
     pipeline::{
         self, Pipeline,
@@ -395,6 +398,27 @@ fn log_ready(datapath: &Datapath, socket: &Path, admin: &Admin, pipeline: &Pipel
     );
 }
 
+/// A watch for pods' new cgroups, and what it reports; without one (the watch failed), the
+/// periodic check binds new pods.
+fn watch_new_cgroups() -> (Option<CgroupWatch>, UnboundedReceiver<()>) {
+    let (cgroup_tx, cgroup_created) = unbounded_channel();
+    let cgroup_watch = CgroupWatch::new(cgroup_tx)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot watch for new cgroups; new pods are bound at the periodic check only"))
+        .ok();
+    (cgroup_watch, cgroup_created)
+}
+
+/// A watch on the mesh CA's directory, so that a rotation is read at once; without one
+/// (the watch failed), the resync's re-read still finds it.
+fn watch_ca(config: &Config) -> Option<CaWatch> {
+    let dir = config.mesh.mesh_ca.as_deref()?;
+    CaWatch::start(dir)
+        .inspect_err(|e| {
+            tracing::warn!(target: "weft::mesh", dir = %dir.display(), error = %e, "cannot watch the mesh CA; a change is read at the next resync (30 s)");
+        })
+        .ok()
+}
+
 /// The mesh, following the first pass when given `views` (serving its pods at once).
 fn start_mesh(
     config: &Config,
@@ -573,6 +597,8 @@ struct Agent {
     /// The parents of pods' missing cgroups, and what it reports.
     cgroup_watch: Option<CgroupWatch>,
     cgroup_created: UnboundedReceiver<()>,
+    /// The mesh CA's directory (none without `--mesh-ca`).
+    ca_watch: Option<CaWatch>,
     kernel_logs: KernelLogs,
     telemetry: TelemetryLoop,
     stats: Stats,
@@ -635,6 +661,8 @@ impl Agent {
         // serves (it goes on until this one's programs are attached) or the maps move (the
         // programs in place record origins in the others).
         let early = !took_over && !datapath.migrating();
+        // Before the CA's first read: a change from then on is seen.
+        let ca_watch = watch_ca(config);
         let mut mesh = start_mesh(config, weft, &mut datapath, early.then_some(&views))?;
         let mut telemetry = TelemetryLoop::new(config, &mut datapath, weft, &views)?;
         telemetry.mesh = mesh.telemetry();
@@ -658,10 +686,7 @@ impl Agent {
         let agent_info = Arc::clone(&state.info);
         let admin = Admin::spawn(&config.admin, &socket, state).await?;
         log_ready(&datapath, &socket, &admin, &pipeline);
-        let (cgroup_tx, cgroup_created) = unbounded_channel();
-        let cgroup_watch = CgroupWatch::new(cgroup_tx)
-            .inspect_err(|e| tracing::warn!(error = %e, "cannot watch for new cgroups; new pods are bound at the periodic check only"))
-            .ok();
+        let (cgroup_watch, cgroup_created) = watch_new_cgroups();
         let mut agent = Self {
             kernel_logs,
             datapath,
@@ -671,6 +696,7 @@ impl Agent {
             _watcher: watcher,
             cgroup_watch,
             cgroup_created,
+            ca_watch,
             telemetry,
             stats,
             admin,
@@ -702,6 +728,9 @@ impl Agent {
                 _ = self.timers.resync.tick() => {
                     self.mesh.reload_ca(SystemTime::now());
                     self.pass(true)?;
+                }
+                () = ca_watch::changed(&mut self.ca_watch) => {
+                    self.mesh.reload_ca(SystemTime::now());
                 }
                 () = self.mesh.listeners_changed() => self.mesh.republish(),
                 () = sleep_until_wall(renewal), if renewal.is_some() => {

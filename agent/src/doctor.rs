@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::mesh::MeshStatus;
+
 /// One check's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -200,6 +202,125 @@ fn mesh_ca(dir: &Path) -> Result<usize, crate::identity::Error> {
     Ok(ca.roots().len())
 }
 
+/// What the running agent says of the mesh (its `/mesh/certs`): the CA it uses, a valid
+/// certificate for each identity of its meshed pods, the proxy listening for each of them,
+/// and the `weft.io/mesh` values it ignored. When no agent answers, the checks above are
+/// all there is (before the agent's first start, say), which is not a failure.
+pub fn running_mesh(answer: Result<MeshStatus, crate::admin::Error>) -> Vec<Check> {
+    let status = match answer {
+        Ok(status) => status,
+        Err(crate::admin::Error::Connect { path, .. }) => {
+            let detail = format!(
+                "none answers on {}: the checks above are pre-flight only",
+                path.display()
+            );
+            return vec![Check::new("running agent", true, detail)];
+        }
+        Err(e) => return vec![Check::new("running agent", false, crate::chain(&e))],
+    };
+    vec![
+        running_ca(&status),
+        running_certificates(&status),
+        running_listeners(&status),
+        listed(
+            "agent: mesh labels",
+            &status.unknown_labels,
+            "every weft.io/mesh value is enabled or disabled".to_owned(),
+            "ignored (neither enabled nor disabled):",
+        ),
+    ]
+}
+
+fn running_ca(status: &MeshStatus) -> Check {
+    let name = "agent: mesh CA";
+    let Some(ca) = &status.ca else {
+        let needed = status.identities.len();
+        return Check::new(
+            name,
+            needed == 0,
+            format!(
+                "none (no --mesh-ca); identities of meshed pods needing a certificate: {needed}"
+            ),
+        );
+    };
+    let dir = ca.dir.display();
+    match (ca.loaded, &ca.error) {
+        (true, None) => Check::new(
+            name,
+            true,
+            format!("{dir}: loaded, {} root(s) trusted", ca.roots.len()),
+        ),
+        (true, Some(e)) => Check::new(
+            name,
+            false,
+            format!("{dir}: an earlier read is in use; the last read failed: {e}"),
+        ),
+        (false, e) => Check::new(
+            name,
+            false,
+            format!(
+                "{dir}: not loaded: {}",
+                e.as_deref().unwrap_or("not read yet")
+            ),
+        ),
+    }
+}
+
+fn running_certificates(status: &MeshStatus) -> Check {
+    let lacking: Vec<String> = status
+        .identities
+        .iter()
+        .filter_map(|i| {
+            let why = match (&i.certificate, &i.error) {
+                (_, Some(e)) => e.clone(),
+                (None, None) => "none issued yet".to_owned(),
+                (Some(c), None) if c.expired => format!("expired {}", c.not_after),
+                (Some(_), None) => return None,
+            };
+            Some(format!("{} ({why})", i.identity))
+        })
+        .collect();
+    let fine = format!(
+        "{} identities of meshed pods, each with a valid certificate",
+        status.identities.len()
+    );
+    listed(
+        "agent: certificates",
+        &lacking,
+        fine,
+        "no valid certificate for",
+    )
+}
+
+/// Check `name`: passes with `fine` when nothing is `wrong`, else fails listing it.
+fn listed(name: &str, wrong: &[String], fine: String, listing: &str) -> Check {
+    if wrong.is_empty() {
+        Check::new(name, true, fine)
+    } else {
+        Check::new(name, false, format!("{listing} {}", wrong.join(", ")))
+    }
+}
+
+fn running_listeners(status: &MeshStatus) -> Check {
+    let silent: Vec<String> = status
+        .pods
+        .iter()
+        .filter(|p| p.listeners.is_empty() || p.error.is_some())
+        .map(|p| {
+            format!(
+                "{} ({})",
+                p.pod,
+                p.error.as_deref().unwrap_or("no listener yet")
+            )
+        })
+        .collect();
+    let fine = format!(
+        "{} meshed pods, the proxy listening for each",
+        status.pods.len()
+    );
+    listed("agent: listeners", &silent, fine, "not listening for")
+}
+
 /// Every check, loading each program of the embedded object (nothing is attached or pinned).
 pub fn all(bpffs: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
     let mut out = quick(bpffs, cgroup_root);
@@ -264,6 +385,140 @@ mod tests {
         assert_eq!(missing_caps(1 << CAP_NET_ADMIN), ["CAP_BPF", "CAP_PERFMON"]);
         assert_eq!(missing_caps(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);
         assert_eq!(effective_caps("Name:\tx\n"), None);
+    }
+
+    /// A running agent's mesh on a node with two meshed pods of one identity.
+    fn running(cert: Option<bool>, listening: bool) -> MeshStatus {
+        use crate::mesh::status::{CaStatus, CertStatus, IdentityStatus, PodStatus};
+        let pods = ["shop/web-1", "shop/web-2"];
+        MeshStatus {
+            trust_domain: "cluster.local".into(),
+            ca: Some(CaStatus {
+                dir: "/etc/weft/ca".into(),
+                loaded: true,
+                roots: Vec::new(),
+                ..CaStatus::default()
+            }),
+            identities: vec![IdentityStatus {
+                identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                pods: pods.map(str::to_owned).to_vec(),
+                certificate: cert.map(|expired| CertStatus {
+                    serial: "01".into(),
+                    not_before: "2026-12-06T00:00:00Z".into(),
+                    not_after: "2026-12-07T00:00:00Z".into(),
+                    not_after_unix: 1_796_601_600,
+                    renew_at: "2026-12-06T16:00:00Z".into(),
+                    expired,
+                }),
+                error: None,
+            }],
+            pods: pods
+                .iter()
+                .enumerate()
+                .map(|(i, pod)| PodStatus {
+                    pod: (*pod).to_owned(),
+                    listeners: if listening || i == 0 {
+                        vec!["127.0.0.1:15001".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    error: None,
+                })
+                .collect(),
+            ..MeshStatus::default()
+        }
+    }
+
+    fn summary(checks: &[Check]) -> Vec<(&str, bool, &str)> {
+        checks
+            .iter()
+            .map(|c| (c.name.as_str(), c.ok, c.detail.as_str()))
+            .collect()
+    }
+
+    /// A running agent whose meshed pods all have a valid certificate and a listener passes
+    /// every mesh check.
+    #[test]
+    fn a_running_agent_serving_every_meshed_pod_passes() {
+        let checks = running_mesh(Ok(running(Some(false), true)));
+        assert_eq!(
+            summary(&checks),
+            [
+                (
+                    "agent: mesh CA",
+                    true,
+                    "/etc/weft/ca: loaded, 0 root(s) trusted"
+                ),
+                (
+                    "agent: certificates",
+                    true,
+                    "1 identities of meshed pods, each with a valid certificate"
+                ),
+                (
+                    "agent: listeners",
+                    true,
+                    "2 meshed pods, the proxy listening for each"
+                ),
+                (
+                    "agent: mesh labels",
+                    true,
+                    "every weft.io/mesh value is enabled or disabled"
+                ),
+            ]
+        );
+    }
+
+    /// An identity without a valid certificate (none yet, or expired) and a pod the proxy
+    /// does not listen for fail, named.
+    #[test]
+    fn a_missing_certificate_or_listener_fails_naming_it() {
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        for (cert, why) in [
+            (None, "none issued yet".to_owned()),
+            (Some(true), "expired 2026-12-07T00:00:00Z".to_owned()),
+        ] {
+            let checks = running_mesh(Ok(running(cert, true)));
+            let want = format!("no valid certificate for {id} ({why})");
+            assert_eq!(
+                summary(&checks)[1],
+                ("agent: certificates", false, want.as_str())
+            );
+        }
+        let checks = running_mesh(Ok(running(Some(false), false)));
+        assert_eq!(
+            summary(&checks)[2],
+            (
+                "agent: listeners",
+                false,
+                "not listening for shop/web-2 (no listener yet)"
+            )
+        );
+    }
+
+    /// No agent answering is no failure (a node before its agent's first start); an agent
+    /// that answers wrongly is.
+    #[test]
+    fn no_running_agent_leaves_the_pre_flight_checks() {
+        let gone = crate::admin::Error::Connect {
+            path: "/run/weft/default.sock".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        assert_eq!(
+            summary(&running_mesh(Err(gone))),
+            [(
+                "running agent",
+                true,
+                "none answers on /run/weft/default.sock: the checks above are pre-flight only"
+            )]
+        );
+        let refused = crate::admin::Error::Status {
+            status: 500,
+            body: "broken".into(),
+        };
+        assert_eq!(
+            summary(&running_mesh(Err(refused))),
+            [("running agent", false, "the agent answered 500: broken")]
+        );
     }
 
     /// The mesh CA check passes for a CA that signs and fails naming the directory for one

@@ -93,8 +93,9 @@ struct DoctorArgs {
     /// The host's procfs, as the agent's --host-proc.
     #[arg(long, default_value = "/proc", value_name = "DIR")]
     host_proc: PathBuf,
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    output: cli::Output,
+    /// The running agent whose mesh is checked too, when one answers.
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,7 +404,9 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut checks = weft::doctor::all(&args.bpffs, args.cgroup_root.as_deref());
     checks.extend(weft::doctor::mesh(args.mesh_ca.as_deref(), &args.host_proc));
-    let text = match args.output {
+    let running = runtime()?.block_on(admin::get_json(&args.client.socket(), "/mesh/certs"));
+    checks.extend(weft::doctor::running_mesh(running));
+    let text = match args.client.output {
         cli::Output::Table => weft::doctor::table(&checks),
         _ => serde_json::to_string_pretty(&checks)?,
     };

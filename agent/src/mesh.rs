@@ -5,6 +5,7 @@
 //! ([`Mesh::on_pass`]), wakes it when a certificate is due ([`Mesh::next_due`]), and asks it
 //! to re-read the CA at every resync ([`Mesh::reload_ca`]), so that a rotated Secret is taken
 //! up without a restart.
+pub mod ca_watch;
 pub mod carried;
 pub mod hbone;
 pub mod metrics;

@@ -107,9 +107,15 @@ fn agents(c: &Cluster, ca: &Path) -> Vec<Agent> {
 
 /// [`agents`] with more `weft agent` arguments.
 fn agents_with(c: &Cluster, ca: &Path, extra: &[&str]) -> Vec<Agent> {
+    agents_of(c, [ca, ca], extra)
+}
+
+/// [`agents_with`], each node with a CA directory of its own.
+fn agents_of(c: &Cluster, cas: [&Path; 2], extra: &[&str]) -> Vec<Agent> {
     ["a", "b"]
         .iter()
-        .map(|n| {
+        .zip(cas)
+        .map(|(n, ca)| {
             Agent::start_with(
                 c.node(n),
                 AgentOptions {
@@ -270,7 +276,7 @@ fn udp_between_meshed_pods_crosses_the_underlay_untouched() {
         .start_server("server", &["serve", "--name", SECRET, "--udp", "8080"]);
     let to = format!("udp:{}:8080", c.pod("server").1.ipv4);
     let mut answer = Value::Null;
-    let (found, _) = on_the_underlay(&c, || {
+    let (found, tunnelled) = on_the_underlay(&c, || {
         let mut p = c
             .pod("client")
             .0
@@ -279,6 +285,7 @@ fn udp_between_meshed_pods_crosses_the_underlay_untouched() {
     });
     assert_eq!(answer, SECRET);
     assert!(found >= 1, "the answer crossed the underlay as sent");
+    assert_eq!(tunnelled, 0, "no tunnel carried anything");
     for (agent, direction) in [(&agents[0], "outbound"), (&agents[1], "inbound")] {
         assert_eq!(
             by_direction(agent, "weft_mesh_streams_total", direction),
@@ -816,6 +823,184 @@ fn status_sums_up_the_mesh_of_a_running_agent() {
     }
 }
 
+/// A CA directory as the kubelet mounts a Secret: each file a link through `..data` to a
+/// version's directory; an update writes a new version and swaps `..data` in one rename.
+struct SecretDir {
+    path: std::path::PathBuf,
+    version: u32,
+}
+
+impl SecretDir {
+    fn new(path: std::path::PathBuf, files: &[(&str, &str)]) -> Self {
+        std::fs::create_dir_all(&path).expect("secret dir");
+        let mut dir = Self { path, version: 0 };
+        dir.update(files);
+        for (name, _) in files {
+            let link = dir.path.join(name);
+            std::os::unix::fs::symlink(format!("..data/{name}"), link).expect("file link");
+        }
+        dir
+    }
+
+    fn update(&mut self, files: &[(&str, &str)]) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        std::fs::create_dir(self.path.join(&version)).expect("version dir");
+        for (name, text) in files {
+            std::fs::write(self.path.join(&version).join(name), text).expect("secret file");
+        }
+        let tmp = self.path.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).expect("data link");
+        std::fs::rename(&tmp, self.path.join("..data")).expect("swap");
+    }
+}
+
+/// A step of a CA rotation: what it is, the nodes whose Secret it updates and to what
+/// files, and then the signer's fingerprint and the number of roots they hold.
+type RotationStep<'a> = (
+    &'a str,
+    &'a [usize],
+    &'a [(&'a str, &'a str)],
+    (&'a str, usize),
+);
+
+/// A CA rotation in the steps README gives, with each node's CA a Secret the kubelet
+/// updates: both trust the new root, node a signs with it, node b too, the old root goes.
+/// Each node takes each step as soon as its Secret changes (not at the next resync), a new
+/// meshed connection works after every step, and one open from the start carries every byte.
+#[test]
+fn a_ca_rotation_keeps_the_mesh_working_at_every_step() {
+    let c = mesh_cluster("mesh_ca_rotation");
+    let (old, new) = (ca(&c), init_mesh_ca(&c.source_dir().with_file_name("ca2")));
+    let read =
+        |ca: &MeshCa, file: &str| std::fs::read_to_string(ca.path().join(file)).expect("pem");
+    let (old_crt, old_key, new_crt, new_key) = (
+        read(&old, "ca.crt"),
+        read(&old, "ca.key"),
+        read(&new, "ca.crt"),
+        read(&new, "ca.key"),
+    );
+    let fingerprint = |ca: &MeshCa| openssl_fingerprint(&ca.path().join("ca.crt"));
+    let (old_id, new_id) = (fingerprint(&old), fingerprint(&new));
+    let both = format!("{old_crt}{new_crt}");
+    let start = [
+        ("tls.crt", old_crt.as_str()),
+        ("tls.key", &old_key),
+        ("ca.crt", &old_crt),
+    ];
+    let mut secrets = ["a", "b"]
+        .map(|n| SecretDir::new(c.source_dir().with_file_name(format!("secret-{n}")), &start));
+    let agents = agents_of(&c, [&secrets[0].path, &secrets[1].path], &[]);
+    wait_meshed(&agents[0], ID, "default/client");
+    wait_meshed(&agents[1], SERVER_ID, "default/server");
+    let (server_node, server_pod) = c.pod("server");
+    let _server = server_node.start_server("server", &["serve", "--name", SECRET, "--tcp", "8080"]);
+    let mut sink = server_node.start_server(
+        "server",
+        &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
+    );
+    let target = format!("{}:8080", server_pod.ipv4);
+    let mut long = open_trickle(&c, &format!("{}:8081", server_pod.ipv4), 15);
+    assert_eq!(probe(&c, "client", &target), SECRET);
+    let signing_old = [
+        ("tls.crt", old_crt.as_str()),
+        ("tls.key", &old_key),
+        ("ca.crt", &both),
+    ];
+    let signing_new = [
+        ("tls.crt", new_crt.as_str()),
+        ("tls.key", &new_key),
+        ("ca.crt", &both),
+    ];
+    let only_new = [
+        ("tls.crt", new_crt.as_str()),
+        ("tls.key", &new_key),
+        ("ca.crt", &new_crt),
+    ];
+    let steps: [RotationStep<'_>; 4] = [
+        (
+            "both trust the new root",
+            &[0, 1],
+            &signing_old,
+            (&old_id, 2),
+        ),
+        ("node a signs with it", &[0], &signing_new, (&new_id, 2)),
+        ("node b signs with it", &[1], &signing_new, (&new_id, 2)),
+        ("the old root goes", &[0, 1], &only_new, (&new_id, 1)),
+    ];
+    for (step, nodes, files, (signer, roots)) in steps {
+        for &n in nodes {
+            secrets[n].update(files);
+        }
+        // The signer and the bundle of the CA in use, and whether every certificate was
+        // issued (a changed CA renews them all before this is published).
+        let held = |certs: &Value| {
+            let issued = certs["identities"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().all(|i| i["error"].is_null()));
+            let ca = &certs["ca"];
+            (
+                ca["signer"].clone(),
+                ca["roots"].as_array().map(Vec::len),
+                issued,
+            )
+        };
+        let want = (Value::from(signer), Some(roots), true);
+        for &n in nodes {
+            // Well before the resync (30 s) would read it.
+            let what = format!("{step}: node {n}");
+            let certs =
+                agents[n].wait_output("certs", &what, Duration::from_secs(10), |v| held(v) == want);
+            assert_eq!(held(&certs), want, "{what}");
+        }
+        assert_eq!(probe(&c, "client", &target), SECRET, "{step}");
+    }
+    long.wait_success(WAIT);
+    assert_all_arrived(&long, &mut sink, "the connection open across the rotation");
+}
+
+/// `weft doctor` against node b's running agent checks its mesh: the CA it loaded, a valid
+/// certificate for both identities of its meshed pods, the proxy listening for both pods.
+#[test]
+fn doctor_checks_the_mesh_of_a_running_agent() {
+    let (_c, ca, agents) = meshed_with("mesh_doctor", &[], &[]);
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    let (ok, checks) = agents[1].client_args(&["doctor"]);
+    let of_agent: Vec<(String, bool, String)> = checks
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("agent: ")))
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().expect(k).to_owned();
+            (text("name"), c["ok"] == true, text("detail"))
+        })
+        .collect();
+    let check = |name: &str, detail: &str| (name.to_owned(), true, detail.to_owned());
+    assert_eq!(
+        of_agent,
+        [
+            check(
+                "agent: mesh CA",
+                &format!("{}: loaded, 1 root(s) trusted", ca.path().display())
+            ),
+            check(
+                "agent: certificates",
+                "2 identities of meshed pods, each with a valid certificate"
+            ),
+            check(
+                "agent: listeners",
+                "2 meshed pods, the proxy listening for each"
+            ),
+            check(
+                "agent: mesh labels",
+                "every weft.io/mesh value is enabled or disabled"
+            ),
+        ]
+    );
+    assert!(ok, "{checks:#}");
+}
+
 /// A Service over the `backends` meshed pods `selector` picks, each answering its name on
 /// 8080, and the agents: the cluster, its CA, the agents, the servers, and the Service's
 /// address:port.
@@ -1135,15 +1320,7 @@ fn a_successor_takes_over_without_failing_a_meshed_connection() {
             batches >= 2,
             "node {i}: load ran across the handover ({batches} batches)"
         );
-        let sent = event(&long, "done")["sent"].as_u64().expect("sent");
-        let received = event(&sink, "served")["received"]
-            .as_u64()
-            .expect("received");
-        assert_eq!(
-            received, sent,
-            "node {i}: every byte of the long connection arrived"
-        );
-        sink.wait_success(WAIT);
+        assert_all_arrived(&long, &mut sink, &format!("node {i}: the long connection"));
     }
 }
 
@@ -1164,21 +1341,36 @@ fn the_drain_ends_at_the_drain_timeout_and_cuts_what_is_left() {
             &["tcp-server", "--listen", "[::]:8081", "--connections", "1"],
         );
         let mut long = open_trickle(&c, &long_target, 60);
-        let status = if successor {
+        let (status, drained_for) = if successor {
             let mut old = agents[0].start_successor();
             wait_meshed(&agents[0], ID, "default/client");
+            let signalled = std::time::Instant::now();
             old.signal(libc::SIGTERM);
-            old.wait(WAIT)
+            (old.wait(WAIT), signalled.elapsed())
         } else {
+            let signalled = std::time::Instant::now();
             agents[0].signal(libc::SIGTERM);
+            agents[0]
+                .logs()
+                .wait_for("the drain to start", WAIT, |lines| {
+                    lines
+                        .iter()
+                        .any(|l| l.contains("stopping once the meshed connections"))
+                        .then_some(())
+                });
             assert_eq!(
                 probe(&c, "client", &target),
                 SECRET,
                 "served while draining"
             );
-            agents[0].wait_exit(WAIT)
+            (agents[0].wait_exit(WAIT), signalled.elapsed())
         };
         assert!(status.success(), "successor {successor}: {status}");
+        // The deadline counts from the agent's own receipt of the signal, after this.
+        assert!(
+            drained_for >= Duration::from_secs(5),
+            "successor {successor}: drained until the deadline, not {drained_for:?}"
+        );
         assert!(
             !long.wait(WAIT).success(),
             "successor {successor}: the connection left is cut"
@@ -1218,6 +1410,17 @@ fn load_until(c: &Cluster, target: &str, stop: &std::sync::atomic::AtomicBool) -
         batches += 1;
     }
     batches
+}
+
+/// Every byte `long` (a `tcp-trickle` that ended) sent reached `sink` (a one-connection
+/// `tcp-server`), which then exits in order.
+fn assert_all_arrived(long: &Process, sink: &mut Process, what: &str) {
+    let sent = event(long, "done")["sent"].as_u64().expect("sent");
+    let received = event(sink, "served")["received"]
+        .as_u64()
+        .expect("received");
+    assert_eq!(received, sent, "{what}: every byte arrived");
+    sink.wait_success(WAIT);
 }
 
 /// The first JSON line of `p` whose `event` is `name`.
@@ -1363,12 +1566,7 @@ fn in_kubernetes_mode_a_successor_in_another_cgroup_takes_over() {
     old.signal(libc::SIGTERM);
     long.wait_success(WAIT);
     old.wait_success(WAIT);
-    let sent = event(&long, "done")["sent"].as_u64().expect("sent");
-    let received = event(&sink, "served")["received"]
-        .as_u64()
-        .expect("received");
-    assert_eq!(received, sent, "every byte of the long connection arrived");
-    sink.wait_success(WAIT);
+    assert_all_arrived(&long, &mut sink, "the long connection");
     let mut after = c
         .pod("client")
         .0

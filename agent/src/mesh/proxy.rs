@@ -811,7 +811,7 @@ mod tests {
     /// delivered whole.
     #[tokio::test]
     async fn a_spliced_answer_queued_for_a_slow_reader_is_delivered_whole() {
-        const ANSWER: usize = 256 << 10;
+        const ANSWER: usize = 64 << 10;
         let (mut client, proxied) = slow_reader_connection(ANSWER).await;
         let (delivered, mut server) = user_connection().await;
         client.write_all(b"ping").await.expect("write");
@@ -821,7 +821,10 @@ mod tests {
             server.read_to_end(&mut request).await.expect("request");
             server.write_all(&[7u8; ANSWER]).await.expect("answer");
         };
-        tokio::join!(splice(proxied, delivered), serve);
+        let both = async { tokio::join!(splice(proxied, delivered), serve) };
+        tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("the answer fits the proxy's socket");
         let mut all = Vec::new();
         client.read_to_end(&mut all).await.expect("an orderly end");
         assert_eq!(all.len(), ANSWER);

@@ -1,0 +1,110 @@
+//! The CA directory watched (not recursively), so that a rotation is read as soon as its files
+//! are in place rather than at the next resync: a Kubernetes Secret's update swaps its
+//! `..data` link in the directory, and an edit by hand writes or renames the files there.
+//! The resync's re-read stays, for a change a lost event would hide.
+use std::{path::Path, time::Duration};
+
+use tokio::{sync::mpsc, time::Instant};
+
+/// How long the directory must stay quiet before it is read: the files of one change come
+/// in a burst (a certificate and its key written one after the other), and a read between
+/// them would report a key that does not match.
+pub const SETTLE: Duration = Duration::from_millis(200);
+
+/// Changes to the CA directory, as reads to do.
+#[derive(Debug)]
+pub struct CaWatch {
+    _watcher: notify::RecommendedWatcher,
+    touched: mpsc::UnboundedReceiver<()>,
+    /// When the directory will have been quiet for [`SETTLE`].
+    due: Option<Instant>,
+}
+
+impl CaWatch {
+    pub fn start(dir: &Path) -> notify::Result<Self> {
+        use notify::{
+            EventKind, Watcher as _,
+            event::{AccessKind, AccessMode},
+        };
+        let (tx, touched) = mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                match event.map(|e| e.kind) {
+                    // Opening, reading and closing unwritten are what a read does itself: each
+                    // read would set off the next.
+                    Ok(EventKind::Access(AccessKind::Close(AccessMode::Write))) | Err(_) => {}
+                    Ok(EventKind::Access(_)) => return,
+                    Ok(_) => {}
+                }
+                // The receiver is gone only when the agent stops.
+                let _ = tx.send(());
+            })?;
+        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(Self {
+            _watcher: watcher,
+            touched,
+            due: None,
+        })
+    }
+
+    /// Returns once the directory changed and then stayed quiet for [`SETTLE`].
+    /// Cancel-safe: what was seen before a cancellation is kept.
+    pub async fn changed(&mut self) {
+        loop {
+            let Some(at) = self.due else {
+                if self.touched.recv().await.is_none() {
+                    return std::future::pending().await;
+                }
+                self.due = Some(Instant::now() + SETTLE);
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {
+                    self.due = None;
+                    return;
+                }
+                touched = self.touched.recv() => match touched {
+                    Some(()) => self.due = Some(Instant::now() + SETTLE),
+                    None => self.due = None,
+                },
+            }
+        }
+    }
+}
+
+/// [`CaWatch::changed`] of a watch that may not be there (no `--mesh-ca`, or the watch
+/// could not be set up): never, then.
+pub async fn changed(watch: &mut Option<CaWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::TempDir;
+
+    /// A burst of writes is one change, reported once the directory is quiet; reading the
+    /// files is none.
+    #[tokio::test]
+    async fn a_burst_of_writes_is_one_change_and_reading_is_none() {
+        let dir = TempDir::new("ca-watch");
+        let mut watch = CaWatch::start(dir.path()).expect("watch");
+        for file in ["ca.crt", "ca.key"] {
+            std::fs::write(dir.path().join(file), "x").expect("write");
+        }
+        let waited = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(waited.is_ok(), "the change is reported");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.crt")).expect("read"),
+            "x"
+        );
+        let again = tokio::time::timeout(4 * SETTLE, watch.changed()).await;
+        assert!(
+            again.is_err(),
+            "a read is no change, and a burst is reported once"
+        );
+    }
+}
