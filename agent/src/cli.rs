@@ -32,7 +32,7 @@ pub enum Output {
 }
 
 /// `value` as JSON or YAML when asked for; `None` for a table.
-fn structured<T: serde::Serialize>(value: &T, output: Output) -> Result<Option<String>, Error> {
+pub fn structured<T: serde::Serialize>(value: &T, output: Output) -> Result<Option<String>, Error> {
     match output {
         Output::Table => Ok(None),
         Output::Json => serde_json::to_string_pretty(value)

@@ -202,25 +202,55 @@ fn mesh_ca(dir: &Path) -> Result<usize, crate::identity::Error> {
     Ok(ca.roots().len())
 }
 
-/// What the running agent says of the mesh (its `/mesh/certs`): the CA it uses, a valid
-/// certificate for each identity of its meshed pods, the proxy listening for each of them,
-/// and the `weft.io/mesh` values it ignored. When no agent answers, the checks above are
-/// all there is (before the agent's first start, say), which is not a failure.
-pub fn running_mesh(answer: Result<MeshStatus, crate::admin::Error>) -> Vec<Check> {
+/// How long doctor waits for a running agent's answer: a wedged agent must not hang it.
+pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The running agent's `/mesh/certs` from `socket`; `None` when no answer came within
+/// [`ANSWER_WITHIN`].
+pub async fn ask_running(socket: &Path) -> Option<Result<MeshStatus, crate::admin::Error>> {
+    let asked = crate::admin::get_json(socket, "/mesh/certs");
+    tokio::time::timeout(ANSWER_WITHIN, asked).await.ok()
+}
+
+/// What the running agent says of the mesh (see [`ask_running`]): the CA it uses, a valid
+/// certificate for each identity of its meshed pods (at `now`) and no failed renewal, the
+/// proxy listening for each of them, and the `weft.io/mesh` values it ignored. When there
+/// is no agent (no socket: before the agent's first start, say), the checks above are all
+/// there is, which is not a failure; a socket nobody answers on is.
+pub fn running_mesh(
+    socket: &Path,
+    answer: Option<Result<MeshStatus, crate::admin::Error>>,
+    now: std::time::SystemTime,
+) -> Vec<Check> {
+    let name = "running agent";
     let status = match answer {
-        Ok(status) => status,
-        Err(crate::admin::Error::Connect { path, .. }) => {
+        Some(Ok(status)) => status,
+        Some(Err(crate::admin::Error::Connect { path, source }))
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
             let detail = format!(
-                "none answers on {}: the checks above are pre-flight only",
+                "none ({} does not exist): the checks above are pre-flight only",
                 path.display()
             );
-            return vec![Check::new("running agent", true, detail)];
+            return vec![Check::new(name, true, detail)];
         }
-        Err(e) => return vec![Check::new("running agent", false, crate::chain(&e))],
+        Some(Err(e)) => return vec![Check::new(name, false, crate::chain(&e))],
+        None => {
+            let detail = format!(
+                "no answer on {} within {} s",
+                socket.display(),
+                ANSWER_WITHIN.as_secs()
+            );
+            return vec![Check::new(name, false, detail)];
+        }
     };
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     vec![
         running_ca(&status),
-        running_certificates(&status),
+        running_certificates(&status, now),
+        running_renewals(&status, now),
         running_listeners(&status),
         listed(
             "agent: mesh labels",
@@ -229,6 +259,13 @@ pub fn running_mesh(answer: Result<MeshStatus, crate::admin::Error>) -> Vec<Chec
             "ignored (neither enabled nor disabled):",
         ),
     ]
+}
+
+/// A certificate valid at `now` (seconds since the epoch).
+fn valid(i: &crate::mesh::status::IdentityStatus, now: u64) -> bool {
+    i.certificate
+        .as_ref()
+        .is_some_and(|c| c.not_after_unix > now)
 }
 
 fn running_ca(status: &MeshStatus) -> Check {
@@ -266,18 +303,18 @@ fn running_ca(status: &MeshStatus) -> Check {
     }
 }
 
-fn running_certificates(status: &MeshStatus) -> Check {
+fn running_certificates(status: &MeshStatus, now: u64) -> Check {
     let lacking: Vec<String> = status
         .identities
         .iter()
-        .filter_map(|i| {
+        .filter(|i| !valid(i, now))
+        .map(|i| {
             let why = match (&i.certificate, &i.error) {
                 (_, Some(e)) => e.clone(),
+                (Some(c), None) => format!("expired {}", c.not_after),
                 (None, None) => "none issued yet".to_owned(),
-                (Some(c), None) if c.expired => format!("expired {}", c.not_after),
-                (Some(_), None) => return None,
             };
-            Some(format!("{} ({why})", i.identity))
+            format!("{} ({why})", i.identity)
         })
         .collect();
     let fine = format!(
@@ -290,6 +327,25 @@ fn running_certificates(status: &MeshStatus) -> Check {
         fine,
         "no valid certificate for",
     )
+}
+
+/// Identities whose certificate is still valid but could not be renewed.
+fn running_renewals(status: &MeshStatus, now: u64) -> Check {
+    let failed: Vec<String> = status
+        .identities
+        .iter()
+        .filter(|i| valid(i, now))
+        .filter_map(|i| {
+            let e = i.error.as_ref()?;
+            let until = i.certificate.as_ref().map_or("", |c| c.not_after.as_str());
+            Some(format!(
+                "{} ({e}; its certificate is valid until {until})",
+                i.identity
+            ))
+        })
+        .collect();
+    let fine = "no renewal failed".to_owned();
+    listed("agent: renewals", &failed, fine, "renewal failed for")
 }
 
 /// Check `name`: passes with `fine` when nothing is `wrong`, else fails listing it.
@@ -387,8 +443,18 @@ mod tests {
         assert_eq!(effective_caps("Name:\tx\n"), None);
     }
 
-    /// A running agent's mesh on a node with two meshed pods of one identity.
-    fn running(cert: Option<bool>, listening: bool) -> MeshStatus {
+    /// When the tests look: a day before the certificates' expiry.
+    const NOW: u64 = 1_796_515_200;
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn at(secs: u64) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    }
+
+    /// A running agent's mesh on a node with two meshed pods of one identity: its
+    /// certificate expiring at `not_after` (none for `None`), the identity's `error`, and
+    /// the proxy listening for both pods or only the first.
+    fn running(not_after: Option<u64>, error: Option<&str>, listening: bool) -> MeshStatus {
         use crate::mesh::status::{CaStatus, CertStatus, IdentityStatus, PodStatus};
         let pods = ["shop/web-1", "shop/web-2"];
         MeshStatus {
@@ -396,21 +462,20 @@ mod tests {
             ca: Some(CaStatus {
                 dir: "/etc/weft/ca".into(),
                 loaded: true,
-                roots: Vec::new(),
                 ..CaStatus::default()
             }),
             identities: vec![IdentityStatus {
-                identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                identity: ID.into(),
                 pods: pods.map(str::to_owned).to_vec(),
-                certificate: cert.map(|expired| CertStatus {
+                certificate: not_after.map(|unix| CertStatus {
                     serial: "01".into(),
-                    not_before: "2026-12-06T00:00:00Z".into(),
-                    not_after: "2026-12-07T00:00:00Z".into(),
-                    not_after_unix: 1_796_601_600,
-                    renew_at: "2026-12-06T16:00:00Z".into(),
-                    expired,
+                    not_before: "earlier".into(),
+                    not_after: format!("T{unix}"),
+                    not_after_unix: unix,
+                    renew_at: "later".into(),
+                    expired: false,
                 }),
-                error: None,
+                error: error.map(str::to_owned),
             }],
             pods: pods
                 .iter()
@@ -429,6 +494,10 @@ mod tests {
         }
     }
 
+    fn checked(status: MeshStatus) -> Vec<Check> {
+        running_mesh(Path::new("/run/weft/node.sock"), Some(Ok(status)), at(NOW))
+    }
+
     fn summary(checks: &[Check]) -> Vec<(&str, bool, &str)> {
         checks
             .iter()
@@ -440,7 +509,7 @@ mod tests {
     /// every mesh check.
     #[test]
     fn a_running_agent_serving_every_meshed_pod_passes() {
-        let checks = running_mesh(Ok(running(Some(false), true)));
+        let checks = checked(running(Some(NOW + 86_400), None, true));
         assert_eq!(
             summary(&checks),
             [
@@ -454,6 +523,7 @@ mod tests {
                     true,
                     "1 identities of meshed pods, each with a valid certificate"
                 ),
+                ("agent: renewals", true, "no renewal failed"),
                 (
                     "agent: listeners",
                     true,
@@ -468,25 +538,52 @@ mod tests {
         );
     }
 
-    /// An identity without a valid certificate (none yet, or expired) and a pod the proxy
-    /// does not listen for fail, named.
+    /// An identity without a certificate valid now (none yet, none for a reason, or one
+    /// expired since the agent last looked) fails, named with why.
     #[test]
-    fn a_missing_certificate_or_listener_fails_naming_it() {
-        let id = "spiffe://cluster.local/ns/shop/sa/web";
-        for (cert, why) in [
-            (None, "none issued yet".to_owned()),
-            (Some(true), "expired 2026-12-07T00:00:00Z".to_owned()),
+    fn an_identity_without_a_valid_certificate_fails_naming_it() {
+        for (not_after, error, why) in [
+            (None, None, "none issued yet".to_owned()),
+            (None, Some("no mesh CA"), "no mesh CA".to_owned()),
+            (Some(NOW), None, format!("expired T{NOW}")),
         ] {
-            let checks = running_mesh(Ok(running(cert, true)));
-            let want = format!("no valid certificate for {id} ({why})");
+            let checks = checked(running(not_after, error, true));
+            let want = format!("no valid certificate for {ID} ({why})");
             assert_eq!(
                 summary(&checks)[1],
                 ("agent: certificates", false, want.as_str())
             );
         }
-        let checks = running_mesh(Ok(running(Some(false), false)));
+    }
+
+    /// A certificate still valid whose renewal failed is no missing certificate: the
+    /// renewal check fails instead, saying until when the certificate holds.
+    #[test]
+    fn a_failed_renewal_of_a_valid_certificate_is_its_own_failure() {
+        let checks = checked(running(Some(NOW + 60), Some("the CA cannot be read"), true));
+        let want = format!(
+            "renewal failed for {ID} (the CA cannot be read; its certificate is valid until T{})",
+            NOW + 60
+        );
         assert_eq!(
-            summary(&checks)[2],
+            summary(&checks)[1..3],
+            [
+                (
+                    "agent: certificates",
+                    true,
+                    "1 identities of meshed pods, each with a valid certificate"
+                ),
+                ("agent: renewals", false, want.as_str()),
+            ]
+        );
+    }
+
+    /// A meshed pod the proxy does not listen for fails, named.
+    #[test]
+    fn a_pod_without_a_listener_fails_naming_it() {
+        let checks = checked(running(Some(NOW + 86_400), None, false));
+        assert_eq!(
+            summary(&checks)[3],
             (
                 "agent: listeners",
                 false,
@@ -495,30 +592,40 @@ mod tests {
         );
     }
 
-    /// No agent answering is no failure (a node before its agent's first start); an agent
-    /// that answers wrongly is.
+    /// No agent (no socket) is no failure: a node before its agent's first start. A socket
+    /// nobody answers on, an agent that answers wrongly or not in time is.
     #[test]
-    fn no_running_agent_leaves_the_pre_flight_checks() {
-        let gone = crate::admin::Error::Connect {
-            path: "/run/weft/default.sock".into(),
-            source: std::io::ErrorKind::NotFound.into(),
+    fn only_a_missing_socket_leaves_the_pre_flight_checks_alone() {
+        let socket = Path::new("/run/weft/node.sock");
+        let connect = |kind: std::io::ErrorKind| crate::admin::Error::Connect {
+            path: socket.to_owned(),
+            source: kind.into(),
         };
-        assert_eq!(
-            summary(&running_mesh(Err(gone))),
-            [(
-                "running agent",
+        let cases = [
+            (
+                Some(Err(connect(std::io::ErrorKind::NotFound))),
                 true,
-                "none answers on /run/weft/default.sock: the checks above are pre-flight only"
-            )]
-        );
-        let refused = crate::admin::Error::Status {
-            status: 500,
-            body: "broken".into(),
-        };
-        assert_eq!(
-            summary(&running_mesh(Err(refused))),
-            [("running agent", false, "the agent answered 500: broken")]
-        );
+                "none (/run/weft/node.sock does not exist): the checks above are pre-flight only",
+            ),
+            (
+                Some(Err(connect(std::io::ErrorKind::ConnectionRefused))),
+                false,
+                "no weft agent answers on /run/weft/node.sock (is it running, and is --instance right?): connection refused",
+            ),
+            (
+                Some(Err(crate::admin::Error::Status {
+                    status: 500,
+                    body: "broken".into(),
+                })),
+                false,
+                "the agent answered 500: broken",
+            ),
+            (None, false, "no answer on /run/weft/node.sock within 5 s"),
+        ];
+        for (answer, ok, detail) in cases {
+            let checks = running_mesh(socket, answer, at(NOW));
+            assert_eq!(summary(&checks), [("running agent", ok, detail)]);
+        }
     }
 
     /// The mesh CA check passes for a CA that signs and fails naming the directory for one

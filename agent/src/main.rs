@@ -218,8 +218,8 @@ struct CleanupArgs {
 
 #[derive(Debug, clap::Args)]
 struct ClientArgs {
-    /// The agent's instance.
-    #[arg(long, default_value = "default")]
+    /// The agent's instance (the DaemonSet sets WEFT_INSTANCE in the agent's container).
+    #[arg(long, env = "WEFT_INSTANCE", default_value = "default")]
     instance: String,
     /// The agent's admin socket [default: <run-dir>/<instance>.sock].
     #[arg(long)]
@@ -404,11 +404,13 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn doctor(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut checks = weft::doctor::all(&args.bpffs, args.cgroup_root.as_deref());
     checks.extend(weft::doctor::mesh(args.mesh_ca.as_deref(), &args.host_proc));
-    let running = runtime()?.block_on(admin::get_json(&args.client.socket(), "/mesh/certs"));
-    checks.extend(weft::doctor::running_mesh(running));
-    let text = match args.client.output {
-        cli::Output::Table => weft::doctor::table(&checks),
-        _ => serde_json::to_string_pretty(&checks)?,
+    let socket = args.client.socket();
+    let answer = runtime()?.block_on(weft::doctor::ask_running(&socket));
+    let now = std::time::SystemTime::now();
+    checks.extend(weft::doctor::running_mesh(&socket, answer, now));
+    let text = match cli::structured(&checks, args.client.output)? {
+        Some(text) => text,
+        None => weft::doctor::table(&checks),
     };
     Ok(finish(&text, checks.iter().all(|c| c.ok)))
 }

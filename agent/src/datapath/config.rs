@@ -10,7 +10,7 @@ use aya::maps::{MapType, lpm_trie::Key};
 #[derive(Debug, Clone, clap::Args)]
 pub struct Instance {
     /// Instance name: one agent per instance; pins live in <bpffs>/weft/<instance>.
-    #[arg(long = "instance", default_value = "default")]
+    #[arg(long = "instance", env = "WEFT_INSTANCE", default_value = "default")]
     pub name: String,
     /// bpffs mount point.
     #[arg(long, default_value = "/sys/fs/bpf")]

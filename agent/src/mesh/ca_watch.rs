@@ -10,14 +10,17 @@ use tokio::{sync::mpsc, time::Instant};
 /// in a burst (a certificate and its key written one after the other), and a read between
 /// them would report a key that does not match.
 pub const SETTLE: Duration = Duration::from_millis(200);
+/// The longest a change waits for quiet: a directory that never settles is read anyway.
+pub const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
 
 /// Changes to the CA directory, as reads to do.
 #[derive(Debug)]
 pub struct CaWatch {
     _watcher: notify::RecommendedWatcher,
     touched: mpsc::UnboundedReceiver<()>,
-    /// When the directory will have been quiet for [`SETTLE`].
-    due: Option<Instant>,
+    /// The first change not read yet, and when the directory will have been quiet for
+    /// [`SETTLE`] (or that change will be [`SETTLE_AT_MOST`] old).
+    due: Option<(Instant, Instant)>,
 }
 
 impl CaWatch {
@@ -47,25 +50,32 @@ impl CaWatch {
         })
     }
 
-    /// Returns once the directory changed and then stayed quiet for [`SETTLE`].
-    /// Cancel-safe: what was seen before a cancellation is kept.
+    /// Returns once the directory changed and then stayed quiet for [`SETTLE`] (at most
+    /// [`SETTLE_AT_MOST`] after the change). Cancel-safe: what was seen before a
+    /// cancellation is kept.
     pub async fn changed(&mut self) {
         loop {
-            let Some(at) = self.due else {
+            let Some((first, quiet)) = self.due else {
                 if self.touched.recv().await.is_none() {
                     return std::future::pending().await;
                 }
-                self.due = Some(Instant::now() + SETTLE);
+                let now = Instant::now();
+                self.due = Some((now, now + SETTLE));
                 continue;
             };
+            let at = quiet.min(first + SETTLE_AT_MOST);
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
                     self.due = None;
                     return;
                 }
                 touched = self.touched.recv() => match touched {
-                    Some(()) => self.due = Some(Instant::now() + SETTLE),
-                    None => self.due = None,
+                    Some(()) => self.due = Some((first, Instant::now() + SETTLE)),
+                    // The watch ended: the change seen is read now.
+                    None => {
+                        self.due = None;
+                        return;
+                    }
                 },
             }
         }
