@@ -246,14 +246,7 @@ fn meshed_pods_talk_through_mutual_tls_across_nodes() {
         tunnelled > 0,
         "the exchange crossed the underlay on port 15008"
     );
-    for netns in [
-        c.node("a").netns_name(),
-        c.node("b").netns_name(),
-        c.pod("client").1.netns_name(),
-        c.pod("server").1.netns_name(),
-    ] {
-        assert_no_firewall_rules(netns);
-    }
+    assert_no_firewall_rules_anywhere(&c);
     assert_mesh_telemetry(&agents);
     let client_ip = c.pod("client").1.ipv4.to_string();
     let peers = served_peers(&mut server, 2);
@@ -411,6 +404,18 @@ fn settled<T: PartialEq>(want: T, seen: impl Fn() -> T) -> T {
 
 /// No iptables or nftables rule in a network namespace (weft's capture and delivery use
 /// none).
+/// [`assert_no_firewall_rules`] on both nodes and in the client and server pods.
+fn assert_no_firewall_rules_anywhere(c: &Cluster) {
+    for netns in [
+        c.node("a").netns_name(),
+        c.node("b").netns_name(),
+        c.pod("client").1.netns_name(),
+        c.pod("server").1.netns_name(),
+    ] {
+        assert_no_firewall_rules(netns);
+    }
+}
+
 fn assert_no_firewall_rules(netns: &str) {
     let ns = format!("--net=/run/netns/{netns}");
     let nft = proc::run("nsenter", [ns.as_str(), "nft", "list", "ruleset"]);
@@ -872,7 +877,8 @@ type RotationStep<'a> = (
 /// A CA rotation in the steps README gives, with each node's CA a Secret the kubelet
 /// updates: both trust the new root, node a signs with it, node b too, the old root goes.
 /// Each node takes each step as soon as its Secret changes (not at the next resync), a new
-/// meshed connection works after every step, and one open from the start carries every byte.
+/// meshed connection works after every step, and one open from the start carries every byte;
+/// no firewall rule appears anywhere.
 #[test]
 fn a_ca_rotation_keeps_the_mesh_working_at_every_step() {
     let c = mesh_cluster("mesh_ca_rotation");
@@ -966,6 +972,7 @@ fn a_ca_rotation_keeps_the_mesh_working_at_every_step() {
     );
     long.wait_success(Duration::from_secs(40));
     assert_all_arrived(&long, &mut sink, "the connection open across the rotation");
+    assert_no_firewall_rules_anywhere(&c);
 }
 
 /// `weft doctor` against node b's running agent checks its mesh: the CA it loaded, a valid
@@ -1287,7 +1294,7 @@ fn a_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() {
 /// SIGTERM restarts of either node's agent with a successor started first (`--take-over`,
 /// as a rolling update with surge starts one): under a stream of new meshed connections none
 /// fails, a connection open across the handover carries every byte to its end, and the old
-/// agent exits only once that connection has ended.
+/// agent exits only once that connection has ended; no firewall rule appears anywhere.
 #[test]
 fn a_successor_takes_over_without_failing_a_meshed_connection() {
     let c = mesh_cluster("mesh_handover");
@@ -1332,6 +1339,8 @@ fn a_successor_takes_over_without_failing_a_meshed_connection() {
         );
         assert_all_arrived(&long, &mut sink, &format!("node {i}: the long connection"));
     }
+    // Handovers add no firewall rule either.
+    assert_no_firewall_rules_anywhere(&c);
 }
 
 /// `--drain-timeout` ends a drain that would outlast it: after SIGTERM, with a successor or
