@@ -25,19 +25,13 @@ pub struct CaWatch {
 
 impl CaWatch {
     pub fn start(dir: &Path) -> notify::Result<Self> {
-        use notify::{
-            EventKind, Watcher as _,
-            event::{AccessKind, AccessMode},
-        };
+        use notify::Watcher as _;
         let (tx, touched) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                match event.map(|e| e.kind) {
-                    // Opening, reading and closing unwritten are what a read does itself: each
-                    // read would set off the next.
-                    Ok(EventKind::Access(AccessKind::Close(AccessMode::Write))) | Err(_) => {}
-                    Ok(EventKind::Access(_)) => return,
-                    Ok(_) => {}
+                // An error (a lost event) could hide a change: read again.
+                if event.is_ok_and(|e| crate::source::dir::only_read(&e.kind)) {
+                    return;
                 }
                 // The receiver is gone only when the agent stops.
                 let _ = tx.send(());

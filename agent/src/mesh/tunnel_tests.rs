@@ -200,11 +200,13 @@ async fn outbound_tunnels_become(registry: &Registry, want: f64) {
 /// a second stream of the same route reuses the tunnel.
 #[tokio::test]
 async fn streams_carry_bytes_name_their_source_and_share_one_handshake() {
-    let pki = Pki::new("pool");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::new(&mut registry);
-    let mut server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        registry,
+        metrics,
+        mut server,
+        ..
+    } = serving("pool").await;
     let target = echo().await;
     let pool = Pool::default();
     let r = route("web", "db", server.addr);
@@ -429,14 +431,38 @@ async fn a_renewed_certificate_opens_a_new_tunnel_and_old_streams_keep_working()
     outbound_tunnels_become(&registry, 1.0).await;
 }
 
-/// A stream from `web` to `target` through a tunnel to a server as `db` (a PKI of its own,
-/// named `name`), with that server (killing it breaks the tunnel).
-async fn stream_to(name: &str, target: SocketAddr) -> (Server, hbone::Stream) {
+/// A PKI named `name` with leaves for `web` and `db`, the proxy's metrics, and a tunnel
+/// server as `db`.
+struct Served {
+    creds: Arc<Credentials>,
+    registry: Registry,
+    metrics: ProxyMetrics,
+    server: Server,
+}
+
+async fn serving(name: &str) -> Served {
     let pki = Pki::new(name);
     let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
     let server = server(&creds, "db", &metrics).await;
+    Served {
+        creds,
+        registry,
+        metrics,
+        server,
+    }
+}
+
+/// A stream from `web` to `target` through a tunnel to a server as `db` (a PKI of its own,
+/// named `name`), with that server (killing it breaks the tunnel).
+async fn stream_to(name: &str, target: SocketAddr) -> (Server, hbone::Stream) {
+    let Served {
+        creds,
+        metrics,
+        server,
+        ..
+    } = serving(name).await;
     let stream = Pool::default()
         .connect(
             &creds,
@@ -511,11 +537,12 @@ async fn a_broken_tunnel_resets_the_connection_it_carried() {
 /// exchange carried to its end still ends in order, every byte read after the close.
 #[tokio::test]
 async fn a_carry_dropped_mid_exchange_resets_the_connection() {
-    let pki = Pki::new("dropped");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::new(&mut registry);
-    let server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        metrics,
+        server,
+        ..
+    } = serving("dropped").await;
     let target = echo().await;
     let pool = Pool::default();
     let r = route("web", "db", server.addr);
@@ -585,11 +612,12 @@ async fn an_answer_queued_for_a_slow_reader_is_delivered_whole_after_the_carry()
 /// client.
 #[tokio::test]
 async fn a_reset_crosses_the_tunnel_either_way() {
-    let pki = Pki::new("reset");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::new(&mut registry);
-    let server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        metrics,
+        server,
+        ..
+    } = serving("reset").await;
     let target = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let r = route("web", "db", server.addr);
     let pool = Pool::default();
@@ -653,10 +681,7 @@ async fn early_bytes_arrive_once(pool: &Pool, creds: &Credentials, r: &Route, ta
 
 #[tokio::test]
 async fn the_first_bytes_go_with_the_request_and_arrive_once() {
-    let pki = Pki::new("early");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let metrics = ProxyMetrics::new(&mut Registry::default());
-    let server = server(&creds, "db", &metrics).await;
+    let Served { creds, server, .. } = serving("early").await;
     let r = route("web", "db", server.addr);
     early_bytes_arrive_once(&Pool::default(), &creds, &r, echo().await).await;
 }
@@ -726,10 +751,12 @@ async fn a_stream_sent_again_carries_its_first_bytes_again() {
 /// other direction keeps flowing until its own end.
 #[tokio::test]
 async fn a_half_close_crosses_and_the_answer_still_comes_back() {
-    let pki = Pki::new("half");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let metrics = ProxyMetrics::new(&mut Registry::default());
-    let server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        metrics,
+        server,
+        ..
+    } = serving("half").await;
     let target = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = target.local_addr().expect("addr");
     let answering = tokio::spawn(async move {
@@ -816,10 +843,12 @@ async fn the_first_bytes_are_sent_before_the_answer() {
 /// reach the server, and the server's answer and end come back.
 #[tokio::test]
 async fn a_user_done_before_the_answer_is_carried_whole() {
-    let pki = Pki::new("early-end");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let metrics = ProxyMetrics::new(&mut Registry::default());
-    let server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        metrics,
+        server,
+        ..
+    } = serving("early-end").await;
     let r = route("web", "db", server.addr);
     let (mut app, mut proxied) = user_connection().await;
     app.write_all(b"all of it").await.expect("write");
@@ -872,11 +901,13 @@ async fn connected(
 /// end), and the next connection opens another.
 #[tokio::test]
 async fn an_unused_tunnel_is_closed_and_the_next_connection_opens_another() {
-    let pki = Pki::new("idle");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::new(&mut registry);
-    let mut server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        registry,
+        metrics,
+        mut server,
+        ..
+    } = serving("idle").await;
     let target = echo().await;
     let pool = Pool::new(None, Duration::from_millis(300));
     let r = route("web", "db", server.addr);
@@ -896,11 +927,13 @@ async fn an_unused_tunnel_is_closed_and_the_next_connection_opens_another() {
 /// working and new connections share the tunnel.
 #[tokio::test]
 async fn a_tunnel_in_use_is_kept_past_the_idle_time() {
-    let pki = Pki::new("in-use");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::new(&mut registry);
-    let server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        registry,
+        metrics,
+        server,
+        ..
+    } = serving("in-use").await;
     let target = echo().await;
     let pool = Pool::new(None, Duration::from_millis(200));
     let r = route("web", "db", server.addr);
@@ -920,10 +953,12 @@ async fn a_tunnel_in_use_is_kept_past_the_idle_time() {
 /// and the old stream keeps working.
 #[tokio::test]
 async fn a_replaced_tunnel_does_not_hold_up_its_route() {
-    let pki = Pki::new("replaced");
-    let creds = pki.creds(&[pki.leaf("web"), pki.leaf("db")]);
-    let metrics = ProxyMetrics::new(&mut Registry::default());
-    let server = server(&creds, "db", &metrics).await;
+    let Served {
+        creds,
+        metrics,
+        server,
+        ..
+    } = serving("replaced").await;
     let target = echo().await;
     let pool = Pool::new(None, Duration::from_millis(300));
     let r = route("web", "db", server.addr);

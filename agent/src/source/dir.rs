@@ -423,6 +423,14 @@ fn decode_file(path: &Path, text: &str, hash: u64, previous: Option<&FileState>)
     }
 }
 
+/// Whether a watch's event is only a read: opening, reading, closing unwritten. A reader of
+/// the directory sees its own reads, so taking them for changes makes each read set off the
+/// next.
+pub fn only_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(kind, notify::EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
 /// Watches a directory (not recursively) and sends every change: files closed after writing
 /// or renamed into place as complete, anything else as a change to look at.
 pub fn watch(
@@ -449,9 +457,7 @@ pub fn watch(
                 | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                     super::SourceEvent::Complete(e.paths)
                 }
-                // Opening, reading and closing unwritten are no change; they are what a pass
-                // does itself, so each pass would set off the next.
-                EventKind::Access(_) => return,
+                kind if only_read(&kind) => return,
                 _ => super::SourceEvent::Changed,
             },
         };
