@@ -843,21 +843,19 @@ fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// A user connection's socket, which can end with a reset.
+///
+/// The proxy's user sockets are armed from birth (SO_LINGER 0, set on the outbound listener,
+/// whose connections inherit it, and on each delivery socket): until [`Abort::orderly`] they
+/// close with a reset however they are closed, also when the agent exits or is killed
+/// between accept and carry or in the middle of an exchange.
 pub trait Abort {
-    /// Until [`Abort::orderly`], the socket closes with a reset (SO_LINGER 0), however it
-    /// is closed: also when the agent exits or is killed in the middle of the exchange.
-    fn arm(&self);
-    /// The exchange ended in order: the socket closes with a FIN again.
+    /// The exchange ended in order: the socket closes with a FIN.
     fn orderly(&self);
     /// Closes with a reset, not a FIN.
     fn abort(self);
 }
 
 impl Abort for TcpStream {
-    fn arm(&self) {
-        let _ = self.set_zero_linger();
-    }
-
     fn orderly(&self) {
         // SO_LINGER off: close() sends a FIN and returns at once (only a linger time
         // blocks, which is what the deprecation is about).
@@ -875,7 +873,7 @@ impl Abort for TcpStream {
 /// asks of a CONNECT proxy: the stream with `CONNECT_ERROR` (the far end resets its socket)
 /// and the socket with a TCP reset. So a client's or server's reset reaches the other end as
 /// one, and a tunnel that broke is not passed off as an orderly end of a truncated exchange.
-/// Until both sides are done the socket is armed to reset when closed, so that an agent
+/// `user` comes armed ([`Abort`]) and is disarmed once both sides are done, so that an agent
 /// killed (or a carry dropped) in the middle of an exchange does not end it with a FIN,
 /// which a client reading to the end would take for the whole answer.
 /// Returns the bytes carried from `user` and to it (early bytes, sent before, not counted).
@@ -883,7 +881,6 @@ pub async fn carry<U>(mut stream: Stream, mut user: U) -> std::io::Result<(u64, 
 where
     U: AsyncRead + AsyncWrite + Unpin + Abort,
 {
-    user.arm();
     let copied = stream.carry(&mut user).await;
     if copied.is_err() {
         stream.reset();

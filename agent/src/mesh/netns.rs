@@ -34,17 +34,21 @@ const PRIORITY: u32 = 15_008;
 /// What a listener is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Loopback, [`weft_abi::mesh::OUTBOUND_PORT`]: the pod's captured connections.
+    /// Loopback, [`weft_abi::mesh::OUTBOUND_PORT`]: the pod's captured connections. What it
+    /// accepts is armed from birth (SO_LINGER 0, inherited): a client's connection closes with
+    /// a reset until its carry ended in order, also when the agent is killed between accept
+    /// and the carry, where a FIN would pass for an empty answer.
     Outbound,
-    /// The pod's address, [`weft_abi::mesh::INBOUND_PORT`]: tunnels from other nodes.
+    /// The pod's address, [`weft_abi::mesh::INBOUND_PORT`]: tunnels from other nodes, which
+    /// end with TLS's close_notify and a FIN.
     Inbound,
 }
 
 /// A request to the namespace's thread.
 enum Request {
-    /// A listener on `addr` (SO_REUSEPORT, so that a successor can bind it too; TCP_NODELAY,
-    /// which the connections it accepts inherit).
-    Listen(SocketAddr, Reply<std::net::TcpListener>),
+    /// A listener on `addr` for `Role` (SO_REUSEPORT, so that a successor can bind it too;
+    /// TCP_NODELAY, which the connections it accepts inherit).
+    Listen(SocketAddr, Role, Reply<std::net::TcpListener>),
     /// A delivery socket of the family of the address: marked, transparent, not bound.
     Deliver(IpAddr, Reply<OwnedFd>),
     /// A plain TCP socket of the family of the address (a tunnel from the node).
@@ -90,7 +94,7 @@ pub struct Netns {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Listen(a, _) => write!(f, "Listen({a})"),
+            Self::Listen(a, role, _) => write!(f, "Listen({a}, {role:?})"),
             Self::Deliver(a, _) => write!(f, "Deliver({a})"),
             Self::Socket(a, _) => write!(f, "Socket({a})"),
             Self::Refill(a) => write!(f, "Refill({a})"),
@@ -147,10 +151,11 @@ impl Netns {
         &self.path
     }
 
-    /// A listener on `addr` in the namespace (blocking: call it off the runtime's workers).
-    pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    /// A listener on `addr` in the namespace, for `role` (blocking: call it off the
+    /// runtime's workers).
+    pub fn listen(&self, addr: SocketAddr, role: Role) -> io::Result<std::net::TcpListener> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ask(Request::Listen(addr, tx))?;
+        self.ask(Request::Listen(addr, role, tx))?;
         rx.blocking_recv().map_err(|_| gone())?
     }
 
@@ -208,8 +213,8 @@ fn gone() -> io::Error {
 fn serve(rx: &mpsc::Receiver<Request>, spares: &Spares) {
     while let Ok(request) = rx.recv() {
         match request {
-            Request::Listen(addr, tx) => {
-                let _ = tx.send(listener(addr));
+            Request::Listen(addr, role, tx) => {
+                let _ = tx.send(listener(addr, role));
             }
             Request::Deliver(family, tx) => {
                 let _ = tx.send(delivery(family));
@@ -310,14 +315,28 @@ fn socket(addr: &IpAddr) -> io::Result<OwnedFd> {
 }
 
 fn set_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: `value` is a valid int for the kernel to read.
+    set_opt(fd, level, name, &value)
+}
+
+/// SO_LINGER on with a zero time: close() sends a reset.
+fn zero_linger(fd: RawFd) -> io::Result<()> {
+    let value = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    set_opt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &value)
+}
+
+/// setsockopt with `value` as the option's value (the kernel checks its length).
+fn set_opt<T>(fd: RawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is `size_of::<T>()` readable bytes, which is the length passed.
     let ret = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            (&raw const value).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if ret != 0 {
@@ -326,13 +345,16 @@ fn set_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     Ok(())
 }
 
-fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn listener(addr: SocketAddr, role: Role) -> io::Result<std::net::TcpListener> {
     let fd = socket(&addr.ip())?;
     let raw = fd.as_raw_fd();
     set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
-    // Accepted connections inherit it: no setsockopt per connection.
+    // Accepted connections inherit these: no setsockopt per connection.
     set_int(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    if role == Role::Outbound {
+        zero_linger(raw)?;
+    }
     if addr.is_ipv6() {
         set_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
     }
@@ -364,6 +386,8 @@ fn delivery(family: IpAddr) -> io::Result<OwnedFd> {
         }
     }
     set_int(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    // Armed from birth: a delivery closes with a reset until its carry ended in order.
+    zero_linger(raw)?;
     // The port is chosen at connect, among those free for this 4-tuple: bind's search for a
     // port free for every destination was most of a delivery's cost.
     set_int(raw, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
@@ -545,5 +569,76 @@ fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     buf.extend_from_slice(value);
     while !buf.len().is_multiple_of(4) {
         buf.push(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// Connects to a listener made for `role`, accepts, and closes the accepted socket
+    /// without a word, as an agent killed between accept and the carry does; returns what
+    /// the client then reads.
+    fn read_after_accepted_close(role: Role) -> io::Result<usize> {
+        let l = listener(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), role).expect("listen");
+        let mut client =
+            std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        l.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = l.accept().expect("accept");
+        client.write_all(b"request").expect("write");
+        // Read before the close: closing a socket with unread data resets it whatever its
+        // linger.
+        let mut first = [0u8; 7];
+        (&accepted)
+            .read_exact(&mut first)
+            .expect("read the request");
+        drop(accepted);
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        client.read(&mut [0u8; 16])
+    }
+
+    /// An outbound listener's connections close with a reset from the moment they are
+    /// accepted: a client reads ECONNRESET, not an end it would take for an empty answer.
+    #[test]
+    fn an_outbound_connection_closed_before_its_carry_is_reset() {
+        let read = read_after_accepted_close(Role::Outbound);
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    /// A delivery socket closes with a reset from the moment it is made: a server whose
+    /// client's agent is killed before the carry reads ECONNRESET, not an end of request.
+    #[tokio::test]
+    async fn a_delivery_closed_before_its_carry_is_reset() {
+        use tokio::io::AsyncReadExt as _;
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let fd = delivery(Ipv4Addr::LOCALHOST.into()).expect("a delivery socket");
+        let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+        let delivered = socket
+            .connect(server.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut accepted, _) = server.accept().await.expect("accept");
+        drop(delivered);
+        let read = accepted.read(&mut [0u8; 16]).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    /// An inbound listener's connections (tunnels) close with a FIN.
+    #[test]
+    fn an_inbound_connection_closes_in_order() {
+        let read = read_after_accepted_close(Role::Inbound);
+        assert_eq!(read.map_err(|e| e.kind()), Ok(0));
     }
 }

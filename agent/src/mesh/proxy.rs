@@ -31,7 +31,7 @@ use weft_abi::{
 use super::{
     hbone::{self, Abort as _, Inbound, Pool, Route},
     metrics::{ProxyMetrics, Refusal},
-    netns::Netns,
+    netns::{Netns, Role},
     tls::Credentials,
 };
 use crate::{
@@ -132,10 +132,6 @@ struct Delivered {
 }
 
 impl hbone::Abort for Delivered {
-    fn arm(&self) {
-        self.stream.arm();
-    }
-
     fn orderly(&self) {
         self.stream.orderly();
     }
@@ -490,14 +486,14 @@ fn open(
             continue;
         }
         let l = netns
-            .listen(SocketAddr::new(lo, OUTBOUND_PORT))
+            .listen(SocketAddr::new(lo, OUTBOUND_PORT), Role::Outbound)
             .and_then(TcpListener::from_std)
             .map_err(fail)?;
         outbound.push(l);
     }
     for ip in &pod.ips {
         let l = netns
-            .listen(SocketAddr::new(*ip, INBOUND_PORT))
+            .listen(SocketAddr::new(*ip, INBOUND_PORT), Role::Inbound)
             .and_then(TcpListener::from_std)
             .map_err(fail)?;
         inbound.push(l);
@@ -547,9 +543,8 @@ async fn outbound(
     mut client: TcpStream,
     peer: SocketAddr,
 ) {
-    // A close is a reset until the carry ends in order: the client's first bytes are read
-    // while the CONNECT waits, and an agent killed meanwhile must not end it with a FIN.
-    client.arm();
+    // `client` came armed from its listener (`Role::Outbound`): a close is a reset until
+    // the carry ends in order, also while the CONNECT waits with its first bytes read.
     let Some(orig) = shared.take_orig(cookie, peer) else {
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %peer, "no origin for a captured connection");
         return client.abort();
@@ -644,9 +639,7 @@ where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + hbone::Abort,
 {
-    // As a carry: reset if the agent dies before both sides ended in order.
-    client.arm();
-    server.arm();
+    // Both came armed (`hbone::Abort`): a reset if the agent dies before both ended in order.
     if tokio::io::copy_bidirectional(&mut client, &mut server)
         .await
         .is_err()
@@ -781,7 +774,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::mesh::tunnel_tests::{slow_reader_connection, user_connection};
+    use crate::mesh::tunnel_tests::{delivery_connection, slow_reader_connection, user_connection};
 
     /// A splice between two pods of the node that stops in the middle of an exchange (its
     /// task dropped, as when the agent is killed) resets both connections: neither end
@@ -789,7 +782,7 @@ mod tests {
     #[tokio::test]
     async fn a_splice_dropped_mid_exchange_resets_both_ends() {
         let (mut client, proxied) = user_connection().await;
-        let (delivered, mut server) = user_connection().await;
+        let (delivered, mut server) = delivery_connection().await;
         let spliced = tokio::spawn(splice(proxied, delivered));
         client.write_all(b"ping").await.expect("write");
         let mut ping = [0u8; 4];
@@ -813,7 +806,7 @@ mod tests {
     async fn a_spliced_answer_queued_for_a_slow_reader_is_delivered_whole() {
         const ANSWER: usize = 64 << 10;
         let (mut client, proxied) = slow_reader_connection(ANSWER).await;
-        let (delivered, mut server) = user_connection().await;
+        let (delivered, mut server) = delivery_connection().await;
         client.write_all(b"ping").await.expect("write");
         client.shutdown().await.expect("shutdown");
         let serve = async move {

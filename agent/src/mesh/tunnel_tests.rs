@@ -121,9 +121,7 @@ async fn server(creds: &Credentials, sa: &str, metrics: &ProxyMetrics) -> Server
                     async move {
                         let target = inbound.target;
                         let _ = tx.send(inbound);
-                        TcpStream::connect(target)
-                            .await
-                            .map_err(|_| Refusal::Unreachable)
+                        deliver(target).await
                     }
                 };
                 let shutdown = async move {
@@ -476,14 +474,38 @@ async fn stream_to(name: &str, target: SocketAddr) -> (Server, hbone::Stream) {
     (server, stream)
 }
 
-/// A connected pair on loopback: (the application's end, the proxy's end).
-pub(super) async fn user_connection() -> (TcpStream, TcpStream) {
+/// A test tunnel server's delivery to `target`, armed as the proxy's are born.
+async fn deliver(target: SocketAddr) -> Result<TcpStream, Refusal> {
+    let delivered = TcpStream::connect(target)
+        .await
+        .map_err(|_| Refusal::Unreachable)?;
+    delivered.set_zero_linger().expect("SO_LINGER");
+    Ok(delivered)
+}
+
+/// A connected pair on loopback: (the connecting end, the accepted end).
+async fn loopback_pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let app = TcpStream::connect(listener.local_addr().expect("addr"))
+    let connected = TcpStream::connect(listener.local_addr().expect("addr"))
         .await
         .expect("connect");
-    let (proxied, _) = listener.accept().await.expect("accept");
+    let (accepted, _) = listener.accept().await.expect("accept");
+    (connected, accepted)
+}
+
+/// A client's captured connection: (the application's end, the proxy's end), the proxy's
+/// end armed as the proxy's user sockets are born ([`hbone::Abort`]).
+pub(super) async fn user_connection() -> (TcpStream, TcpStream) {
+    let (app, proxied) = loopback_pair().await;
+    proxied.set_zero_linger().expect("SO_LINGER");
     (app, proxied)
+}
+
+/// A delivery to a server: (the proxy's end, armed as it is born, the server's end).
+pub(super) async fn delivery_connection() -> (TcpStream, TcpStream) {
+    let (delivered, server) = loopback_pair().await;
+    delivered.set_zero_linger().expect("SO_LINGER");
+    (delivered, server)
 }
 
 /// [`user_connection`] where the application's end reads with the smallest window and the
@@ -505,6 +527,7 @@ pub(super) async fn slow_reader_connection(queue: usize) -> (TcpStream, TcpStrea
         .await
         .expect("connect");
     let (proxied, _) = listener.accept().await.expect("accept");
+    proxied.set_zero_linger().expect("SO_LINGER");
     (app, proxied)
 }
 
@@ -716,11 +739,7 @@ async fn refusing_first(creds: &Credentials, sa: &str) -> SocketAddr {
         };
         tokio::spawn(refusing);
         while let Ok((tcp, _)) = listener.accept().await {
-            let open = |inbound: Inbound| async move {
-                TcpStream::connect(inbound.target)
-                    .await
-                    .map_err(|_| Refusal::Unreachable)
-            };
+            let open = |inbound: Inbound| deliver(inbound.target);
             let never = std::future::pending();
             let serving = hbone::serve(
                 tcp,
