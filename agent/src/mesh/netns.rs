@@ -44,6 +44,16 @@ pub enum Role {
     Inbound,
 }
 
+impl Role {
+    /// The port a listener for this role binds.
+    pub fn port(self) -> u16 {
+        match self {
+            Self::Outbound => weft_abi::mesh::OUTBOUND_PORT,
+            Self::Inbound => weft_abi::mesh::INBOUND_PORT,
+        }
+    }
+}
+
 /// A request to the namespace's thread.
 enum Request {
     /// A listener on `addr` for `Role` (SO_REUSEPORT, so that a successor can bind it too;
@@ -151,11 +161,11 @@ impl Netns {
         &self.path
     }
 
-    /// A listener on `addr` in the namespace, for `role` (blocking: call it off the
-    /// runtime's workers).
-    pub fn listen(&self, addr: SocketAddr, role: Role) -> io::Result<std::net::TcpListener> {
+    /// A listener for `role` on `ip` and the role's port, in the namespace (blocking: call it
+    /// off the runtime's workers).
+    pub fn listen(&self, ip: IpAddr, role: Role) -> io::Result<std::net::TcpListener> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ask(Request::Listen(addr, role, tx))?;
+        self.ask(Request::Listen(SocketAddr::new(ip, role.port()), role, tx))?;
         rx.blocking_recv().map_err(|_| gone())?
     }
 
@@ -314,7 +324,7 @@ fn socket(addr: &IpAddr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn set_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+pub(super) fn set_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     set_opt(fd, level, name, &value)
 }
 
@@ -345,7 +355,8 @@ fn set_opt<T>(fd: RawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
     Ok(())
 }
 
-fn listener(addr: SocketAddr, role: Role) -> io::Result<std::net::TcpListener> {
+/// A listener on `addr` with the options of `role` (the unit tests' too, on any port).
+pub(super) fn listener(addr: SocketAddr, role: Role) -> io::Result<std::net::TcpListener> {
     let fd = socket(&addr.ip())?;
     let raw = fd.as_raw_fd();
     set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;

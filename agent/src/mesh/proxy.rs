@@ -23,7 +23,7 @@ use tokio::{
     task::JoinHandle,
 };
 use weft_abi::{
-    mesh::{INBOUND_PORT, MeshOrig, MeshOrigKey, OUTBOUND_PORT},
+    mesh::{INBOUND_PORT, MeshOrig, MeshOrigKey},
     net::Family,
     svc::Endpoint,
 };
@@ -486,14 +486,14 @@ fn open(
             continue;
         }
         let l = netns
-            .listen(SocketAddr::new(lo, OUTBOUND_PORT), Role::Outbound)
+            .listen(lo, Role::Outbound)
             .and_then(TcpListener::from_std)
             .map_err(fail)?;
         outbound.push(l);
     }
     for ip in &pod.ips {
         let l = netns
-            .listen(SocketAddr::new(*ip, INBOUND_PORT), Role::Inbound)
+            .listen(*ip, Role::Inbound)
             .and_then(TcpListener::from_std)
             .map_err(fail)?;
         inbound.push(l);
@@ -774,7 +774,9 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::mesh::tunnel_tests::{delivery_connection, slow_reader_connection, user_connection};
+    use crate::mesh::tunnel_tests::{
+        delivery_connection, slow_reader_connection, slow_server_connection, user_connection,
+    };
 
     /// A splice between two pods of the node that stops in the middle of an exchange (its
     /// task dropped, as when the agent is killed) resets both connections: neither end
@@ -821,6 +823,30 @@ mod tests {
         let mut all = Vec::new();
         client.read_to_end(&mut all).await.expect("an orderly end");
         assert_eq!(all.len(), ANSWER);
+    }
+
+    /// A splice that ends in order closes the delivery with a FIN after every byte it still
+    /// holds: a request queued behind a slow server's full window when both ends are done is
+    /// delivered whole.
+    #[tokio::test]
+    async fn a_spliced_request_queued_for_a_slow_server_is_delivered_whole() {
+        const REQUEST: usize = 64 << 10;
+        let (mut client, proxied) = user_connection().await;
+        let (delivered, mut server) = slow_server_connection(REQUEST).await;
+        // The server ends its side first, with no answer; the client then sends it all.
+        server.shutdown().await.expect("shutdown");
+        let send = async move {
+            client.write_all(&[7u8; REQUEST]).await.expect("request");
+            client.shutdown().await.expect("shutdown");
+            client
+        };
+        let both = async { tokio::join!(splice(proxied, delivered), send) };
+        let (_, _client) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("the request fits the proxy's socket");
+        let mut all = Vec::new();
+        server.read_to_end(&mut all).await.expect("an orderly end");
+        assert_eq!(all.len(), REQUEST);
     }
 
     fn id(sa: &str) -> SpiffeId {

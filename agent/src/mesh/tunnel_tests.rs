@@ -2,6 +2,7 @@
 //! pooling, and the peers that must be refused.
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -17,6 +18,7 @@ use tokio::{
 use super::{
     hbone::{self, Inbound, Pool, Route},
     metrics::{ProxyMetrics, Refusal},
+    netns::{self, Role},
     tls::{Credentials, HandshakeFailure},
 };
 use crate::identity::{
@@ -483,43 +485,57 @@ async fn deliver(target: SocketAddr) -> Result<TcpStream, Refusal> {
     Ok(delivered)
 }
 
-/// A connected pair on loopback: (the connecting end, the accepted end).
-async fn loopback_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let connected = TcpStream::connect(listener.local_addr().expect("addr"))
-        .await
-        .expect("connect");
-    let (accepted, _) = listener.accept().await.expect("accept");
-    (connected, accepted)
+/// A listener made as the proxy's outbound listeners are ([`Role::Outbound`]: what it
+/// accepts is armed from birth), on a free loopback port.
+fn outbound_listener() -> TcpListener {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = netns::listener(any, Role::Outbound).expect("listen");
+    TcpListener::from_std(listener).expect("a runtime listener")
 }
 
-/// A client's captured connection: (the application's end, the proxy's end), the proxy's
-/// end armed as the proxy's user sockets are born ([`hbone::Abort`]).
+/// A client's captured connection: (the application's end, the proxy's end, accepted as
+/// the proxy accepts it).
 pub(super) async fn user_connection() -> (TcpStream, TcpStream) {
-    let (app, proxied) = loopback_pair().await;
-    proxied.set_zero_linger().expect("SO_LINGER");
+    let listener = outbound_listener();
+    let app = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (proxied, _) = listener.accept().await.expect("accept");
     (app, proxied)
 }
 
-/// A delivery to a server: (the proxy's end, armed as it is born, the server's end).
+/// A delivery to a server: (the proxy's end, armed as delivery sockets are born, the
+/// server's end).
 pub(super) async fn delivery_connection() -> (TcpStream, TcpStream) {
-    let (delivered, server) = loopback_pair().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let delivered = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
     delivered.set_zero_linger().expect("SO_LINGER");
+    let (server, _) = listener.accept().await.expect("accept");
     (delivered, server)
+}
+
+/// A send buffer that can queue `queue` bytes. It is kept small: the kernel caps it at
+/// `net.core.wmem_max`, 208 KiB by default, and counts each small segment's overhead
+/// against it.
+fn send_buffer(queue: usize) -> u32 {
+    u32::try_from(4 * queue).expect("a buffer size")
 }
 
 /// [`user_connection`] where the application's end reads with the smallest window and the
 /// proxy's end can queue `queue` bytes for it (an accepted socket has its listener's
 /// buffer sizes): what the proxy writes stays in its socket until the application reads.
-/// `queue` is kept small (the kernel caps the buffer at `net.core.wmem_max`, 208 KiB by
-/// default, and counts each small segment's overhead against it).
 pub(super) async fn slow_reader_connection(queue: usize) -> (TcpStream, TcpStream) {
-    let listening = tokio::net::TcpSocket::new_v4().expect("socket");
-    let queue = u32::try_from(4 * queue).expect("a buffer size");
-    listening.set_send_buffer_size(queue).expect("SO_SNDBUF");
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    listening.bind(any).expect("bind");
-    let listener = listening.listen(1).expect("listen");
+    let listener = outbound_listener();
+    let size = i32::try_from(send_buffer(queue)).expect("a buffer size");
+    netns::set_int(
+        listener.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        size,
+    )
+    .expect("SO_SNDBUF");
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let app = socket
@@ -527,8 +543,29 @@ pub(super) async fn slow_reader_connection(queue: usize) -> (TcpStream, TcpStrea
         .await
         .expect("connect");
     let (proxied, _) = listener.accept().await.expect("accept");
-    proxied.set_zero_linger().expect("SO_LINGER");
     (app, proxied)
+}
+
+/// [`delivery_connection`] where the server's end reads with the smallest window and the
+/// proxy's end can queue `queue` bytes for it.
+pub(super) async fn slow_server_connection(queue: usize) -> (TcpStream, TcpStream) {
+    let listening = tokio::net::TcpSocket::new_v4().expect("socket");
+    listening.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    listening
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let listener = listening.listen(1).expect("listen");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_send_buffer_size(send_buffer(queue))
+        .expect("SO_SNDBUF");
+    let delivered = socket
+        .connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    delivered.set_zero_linger().expect("SO_LINGER");
+    let (server, _) = listener.accept().await.expect("accept");
+    (delivered, server)
 }
 
 /// A tunnel that breaks under a carried connection ends it with a reset, not with the
