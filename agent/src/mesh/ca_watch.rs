@@ -2,7 +2,14 @@
 //! are in place rather than at the next resync: a Kubernetes Secret's update swaps its
 //! `..data` link in the directory, and an edit by hand writes or renames the files there.
 //! The resync's re-read stays, for a change a lost event would hide.
-use std::{path::Path, time::Duration};
+//!
+//! The directory's parent is watched too, for the directory itself: one deleted and made
+//! again (`weft ca init` into a fresh directory) is a new inode, which the old watch does
+//! not see, so it is watched anew.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, time::Instant};
 
@@ -16,29 +23,53 @@ pub const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
 /// Changes to the CA directory, as reads to do.
 #[derive(Debug)]
 pub struct CaWatch {
-    _watcher: notify::RecommendedWatcher,
-    touched: mpsc::UnboundedReceiver<()>,
+    watcher: notify::RecommendedWatcher,
+    dir: PathBuf,
+    touched: mpsc::UnboundedReceiver<Touch>,
     /// The first change not read yet, and when the directory will have been quiet for
     /// [`SETTLE`] (or that change will be [`SETTLE_AT_MOST`] old).
     due: Option<(Instant, Instant)>,
+}
+
+/// What an event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Touch {
+    /// Something in the directory changed.
+    Inside,
+    /// The directory itself was removed, made or moved: watched anew if it is there.
+    Itself,
 }
 
 impl CaWatch {
     pub fn start(dir: &Path) -> notify::Result<Self> {
         use notify::Watcher as _;
         let (tx, touched) = mpsc::unbounded_channel();
+        // Absolute, so that it has a parent and the parent's events name it; not resolved,
+        // so that a symlink swapped for another is the directory made again.
+        let dir = std::path::absolute(dir)?;
+        let watched = dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // An error (a lost event) could hide a change: read again.
-                if event.is_ok_and(|e| crate::source::dir::only_read(&e.kind)) {
-                    return;
-                }
+                let touch = match event {
+                    Ok(e) => touch(&watched, &e),
+                    Err(_) => Some(Touch::Inside),
+                };
                 // The receiver is gone only when the agent stops.
-                let _ = tx.send(());
+                if let Some(t) = touch {
+                    let _ = tx.send(t);
+                }
             })?;
-        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        if let Some(parent) = dir.parent() {
+            // Without it only a directory made again goes unseen (until the resync).
+            if let Err(e) = watcher.watch(parent, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(target: "weft::mesh", dir = %parent.display(), error = %e, "cannot watch the CA directory's parent: a CA directory made again is read at the next resync");
+            }
+        }
         Ok(Self {
-            _watcher: watcher,
+            watcher,
+            dir,
             touched,
             due: None,
         })
@@ -50,9 +81,10 @@ impl CaWatch {
     pub async fn changed(&mut self) {
         loop {
             let Some((first, quiet)) = self.due else {
-                if self.touched.recv().await.is_none() {
+                let Some(t) = self.touched.recv().await else {
                     return std::future::pending().await;
-                }
+                };
+                self.seen(t);
                 let now = Instant::now();
                 self.due = Some((now, now + SETTLE));
                 continue;
@@ -64,7 +96,10 @@ impl CaWatch {
                     return;
                 }
                 touched = self.touched.recv() => match touched {
-                    Some(()) => self.due = Some((first, Instant::now() + SETTLE)),
+                    Some(t) => {
+                        self.seen(t);
+                        self.due = Some((first, Instant::now() + SETTLE));
+                    }
                     // The watch ended: the change seen is read now.
                     None => {
                         self.due = None;
@@ -74,6 +109,35 @@ impl CaWatch {
             }
         }
     }
+}
+
+impl CaWatch {
+    /// Watches the directory anew when it was made again (a new inode).
+    fn seen(&mut self, t: Touch) {
+        use notify::Watcher as _;
+        if t == Touch::Itself && self.dir.is_dir() {
+            // Gone again meanwhile: the next event about it tries again.
+            let _ = self
+                .watcher
+                .watch(&self.dir, notify::RecursiveMode::NonRecursive);
+        }
+    }
+}
+
+/// What `event` says about the directory `dir`: nothing for a read, or for another entry of
+/// its parent.
+fn touch(dir: &Path, event: &notify::Event) -> Option<Touch> {
+    if crate::source::dir::only_read(&event.kind) {
+        return None;
+    }
+    if event.paths.iter().any(|p| p == dir) {
+        return Some(Touch::Itself);
+    }
+    event
+        .paths
+        .iter()
+        .any(|p| p.parent() == Some(dir))
+        .then_some(Touch::Inside)
 }
 
 /// [`CaWatch::changed`] of a watch that may not be there (no `--mesh-ca`, or the watch
@@ -89,6 +153,50 @@ pub async fn changed(watch: &mut Option<CaWatch>) {
 mod tests {
     use super::*;
     use crate::tests::TempDir;
+
+    /// A CA directory deleted and made again is still watched: a write into the new one
+    /// is a change.
+    #[tokio::test]
+    async fn a_directory_made_again_is_watched_anew() {
+        let parent = TempDir::new("ca-watch-again");
+        let dir = parent.path().join("ca");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let mut watch = CaWatch::start(&dir).expect("watch");
+        std::fs::remove_dir(&dir).expect("rmdir");
+        let removed = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(removed.is_ok(), "the removal is a change");
+        std::fs::create_dir(&dir).expect("mkdir again");
+        let made = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(made.is_ok(), "its creation is a change");
+        std::fs::write(dir.join("ca.crt"), "x").expect("write");
+        let written = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(
+            written.is_ok(),
+            "a write into the new directory is a change"
+        );
+    }
+
+    /// A CA directory that is a symlink swapped for one to another directory: a write into
+    /// the new target is a change.
+    #[tokio::test]
+    async fn a_symlink_swapped_to_another_directory_is_watched_anew() {
+        let parent = TempDir::new("ca-watch-link");
+        let (first, second) = (parent.path().join("v1"), parent.path().join("v2"));
+        for d in [&first, &second] {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        let dir = parent.path().join("ca");
+        std::os::unix::fs::symlink(&first, &dir).expect("link");
+        let mut watch = CaWatch::start(&dir).expect("watch");
+        let next = parent.path().join("ca.next");
+        std::os::unix::fs::symlink(&second, &next).expect("link");
+        std::fs::rename(&next, &dir).expect("swap");
+        let swapped = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(swapped.is_ok(), "the swap is a change");
+        std::fs::write(second.join("ca.crt"), "x").expect("write");
+        let written = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(written.is_ok(), "a write into the new target is a change");
+    }
 
     /// A burst of writes is one change, reported once the directory is quiet; reading the
     /// files is none.
