@@ -429,7 +429,10 @@ fn start_mesh(
     let mut mesh = Mesh::new(
         &config.mesh,
         registry,
-        Some(datapath.take(weft_abi::maps::MESH_ORIG)?),
+        Some((
+            datapath.take(weft_abi::maps::MESH_ORIG)?,
+            datapath.pins().clone(),
+        )),
         config.datapath.host_netns.as_deref(),
     )
     .with_mesh_root(&config.pipeline.mesh_root_namespace);
@@ -959,6 +962,7 @@ fn on_pass(mesh: &mut Mesh, views: &pipeline::Views, cgroup_root: &Path) {
             pod: &e.pod,
             ips: &e.ips,
             cgroup: cgroup_root.join(&e.cgroup),
+            cgroup_id: e.cgroup_id,
         })
         .collect();
     mesh.set_node_ips(&policy.node_ips);

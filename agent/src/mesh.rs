@@ -28,6 +28,7 @@ use weft_abi::mesh::{MeshOrig, MeshOrigKey};
 
 use crate::{
     compile::{addresses::Owners, mesh::enrollment},
+    datapath::Pins,
     identity::{
         SpiffeId,
         ca::Ca,
@@ -49,6 +50,8 @@ pub struct LocalPod<'a> {
     pub ips: &'a [IpAddr],
     /// Its cgroup directory.
     pub cgroup: PathBuf,
+    /// The cgroup's id, once the cgroup exists: the key of the pod's policy in the kernel.
+    pub cgroup_id: Option<u64>,
 }
 
 /// A certificate that could not be issued is tried again this soon.
@@ -142,13 +145,14 @@ pub struct Mesh {
 
 impl Mesh {
     /// Reads the CA (a failure is reported, not fatal: meshed pods then get no certificate).
-    /// With `orig` (the kernel's `MESH_ORIG`), the proxy serves the local meshed pods.
+    /// With `kernel` (the kernel's `MESH_ORIG` and the instance's pins), the proxy serves
+    /// the local meshed pods.
     /// `host_netns`: the node's network namespace when the agent runs outside it
     /// (`--host-netns`): tunnels are opened from there.
     pub fn new(
         settings: &Settings,
         registry: &mut Registry,
-        orig: Option<BpfHashMap<MapData, MeshOrigKey, MeshOrig>>,
+        kernel: Option<(BpfHashMap<MapData, MeshOrigKey, MeshOrig>, Pins)>,
         host_netns: Option<&Path>,
     ) -> Self {
         let proxy_metrics = ProxyMetrics::new(registry);
@@ -162,13 +166,13 @@ impl Mesh {
             Ok((n, cookie))
         });
         let proxy = match host {
-            Ok((node, host_cookie)) => orig.map(|orig| {
+            Ok((node, host_cookie)) => kernel.map(|(orig, pins)| {
                 let empty = Arc::new(
                     tls::Credentials::new(std::iter::empty(), std::iter::empty())
                         .expect("no roots and no leaves always make credentials"),
                 );
                 let shared = Shared::new(
-                    orig,
+                    (orig, pins),
                     empty,
                     proxy_metrics,
                     node.map(Arc::new),
@@ -303,6 +307,15 @@ impl Mesh {
                 .local
                 .write()
                 .unwrap_or_else(|e| e.into_inner()) = Arc::new(local_ips);
+            let cgroups = local
+                .iter()
+                .filter_map(|lp| Some((lp.pod.to_owned(), lp.cgroup_id?)))
+                .collect();
+            *proxy
+                .shared()
+                .cgroups
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(cgroups);
             let owners = Owners::of(store);
             let directory = directory(store, &owners, &enrolled.meshed);
             proxy.shared().carried.set_directory(directory);

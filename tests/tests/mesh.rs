@@ -1760,6 +1760,18 @@ fn plaintext_is_refused_only_where_the_policy_refuses_it() {
 }
 
 /// `weft_authorization_decisions_total{action, policy, reporter="destination"}` on `agent`.
+/// `weft_mesh_streams_refused_total{reason}` of `agent`.
+fn streams_refused(agent: &Agent, reason: &str) -> f64 {
+    agent
+        .metrics()
+        .into_iter()
+        .filter(|s| {
+            s.name == "weft_mesh_streams_refused_total" && s.label("reason") == Some(reason)
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
 fn decisions(agent: &Agent, action: &str, policy: &str) -> f64 {
     agent
         .metrics()
@@ -1871,14 +1883,7 @@ fn authorization_policies_decide_by_principal_and_deny_wins() {
             Value::from("default/not-default")
         )
     );
-    let unauthorized: f64 = agents[1]
-        .metrics()
-        .into_iter()
-        .filter(|s| {
-            s.name == "weft_mesh_streams_refused_total" && s.label("reason") == Some("unauthorized")
-        })
-        .map(|s| s.value)
-        .sum();
+    let unauthorized = streams_refused(&agents[1], "unauthorized");
     assert!(unauthorized >= 2.0, "refusals counted: {unauthorized}");
     let decisions = |action: &str, policy: &str| decisions(&agents[1], action, policy);
     assert!(
@@ -2005,6 +2010,28 @@ fn network_and_authorization_policies_must_both_allow() {
     let plain = probe(&c, "plain", &target);
     assert!(plain.starts_with("error"), "refused by both: {plain}");
     assert_eq!(probe(&c, "client", &target), SECRET, "admitted by both");
+}
+
+/// A meshed caller whose address the server pod's NetworkPolicy refuses is reset as soon as
+/// the server's agent finds that the kernel dropped its delivery, not left connected until
+/// the delivery's 10 s timeout: the probe (which reads for 1 s) reads a reset, and node b
+/// counts the refusal as the NetworkPolicy's.
+#[test]
+fn a_meshed_caller_the_network_policy_refuses_is_reset() {
+    let (c, _ca, agents, _server, target) = serving("mesh_np_reset");
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server-in, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: nobody}}\n";
+    c.write_source("np.yaml", np);
+    let refused = settled(true, || probe(&c, "client", &target).starts_with("error"));
+    assert!(refused, "the NetworkPolicy refuses the client");
+    assert_eq!(
+        probe(&c, "client", &target),
+        "error: read: Connection reset by peer (os error 104)"
+    );
+    let by_policy = streams_refused(&agents[1], "network_policy");
+    assert!(by_policy >= 1.0, "refusals counted: {by_policy}");
+    c.write_source("np.yaml", "");
+    let served = settled(SECRET.to_owned(), || probe(&c, "client", &target));
+    assert_eq!(served, SECRET, "served again once the policy is gone");
 }
 
 /// A meshed pod of the same node reaches a pod whose policy depends on who calls through the

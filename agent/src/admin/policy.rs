@@ -8,25 +8,16 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use aya::maps::{
-    HashMap, Map, MapData,
-    lpm_trie::{Key, LpmTrie},
-};
 use serde::{Deserialize, Serialize};
-use weft_abi::net::{Direction, ip_words};
-use weft_abi::{
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, maps,
-    policy::{
-        EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, POLICY_PREFIX_FULL,
-        PolicyData, PolicyValue,
-    },
-};
+use weft_abi::net::Direction;
+use weft_abi::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, maps};
 
 use super::{AdminState, Error};
 use crate::{
-    compile::policy::judge::{Compiled, Tables, Verdict, judge},
+    compile::policy::judge::{Compiled, Verdict, judge},
     pipeline::policy::{EndpointStatus, PolicyStatus},
     store::Store,
+    sync::policy::kernel::KernelTables,
 };
 
 /// One policy (`GET /policies`).
@@ -126,72 +117,26 @@ pub struct CheckDoc {
 /// Entries by set or by rule.
 type Counts = BTreeMap<u32, usize>;
 
-/// The pinned policy maps, looked up the way the kernel does.
-struct KernelTables {
-    endpoints: HashMap<MapData, u64, EndpointInfo>,
-    ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
-    policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+/// The pinned policy maps of the agent's instance.
+fn kernel_tables(state: &AdminState) -> Result<KernelTables, Error> {
+    KernelTables::open(&state.pins).map_err(|e| Error::Map {
+        map: e.map,
+        source: e.source,
+    })
 }
 
-impl KernelTables {
-    /// A pod's endpoint as the kernel takes it: one whose seal does not match is no endpoint
-    /// (the kernel judges the pod as not bound).
-    fn endpoint(&self, id: u64) -> Option<EndpointInfo> {
-        self.endpoints
-            .get(&id, 0)
-            .ok()
-            .filter(|e| e.is_sealed_for(id))
+/// Kernel `POLICY` entries: per set, and per rule.
+fn entry_counts(tables: &KernelTables) -> Result<(Counts, Counts), Error> {
+    let (mut sets, mut rules) = (BTreeMap::new(), BTreeMap::new());
+    for item in tables.policy.iter() {
+        let (k, v) = item.map_err(|source| Error::Map {
+            map: maps::POLICY,
+            source,
+        })?;
+        *sets.entry(k.data().policy_set).or_default() += 1;
+        *rules.entry(v.rule).or_default() += 1;
     }
-
-    fn open(state: &AdminState) -> Result<Self, Error> {
-        let open = |map: &'static str| {
-            MapData::from_pin(state.pins.map(map)).map_err(|source| Error::Map { map, source })
-        };
-        let err = |map: &'static str| move |source| Error::Map { map, source };
-        Ok(Self {
-            endpoints: HashMap::try_from(Map::HashMap(open(maps::ENDPOINTS)?))
-                .map_err(err(maps::ENDPOINTS))?,
-            ipcache: LpmTrie::try_from(Map::LpmTrie(open(maps::IPCACHE)?))
-                .map_err(err(maps::IPCACHE))?,
-            policy: LpmTrie::try_from(Map::LpmTrie(open(maps::POLICY)?))
-                .map_err(err(maps::POLICY))?,
-        })
-    }
-
-    /// Kernel `POLICY` entries: per set, and per rule.
-    fn entry_counts(&self) -> Result<(Counts, Counts), Error> {
-        let (mut sets, mut rules) = (BTreeMap::new(), BTreeMap::new());
-        for item in self.policy.iter() {
-            let (k, v) = item.map_err(|source| Error::Map {
-                map: maps::POLICY,
-                source,
-            })?;
-            *sets.entry(k.data().policy_set).or_default() += 1;
-            *rules.entry(v.rule).or_default() += 1;
-        }
-        Ok((sets, rules))
-    }
-}
-
-impl Tables for KernelTables {
-    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
-        let (family, addr) = ip_words(ip);
-        let bits = if ip.is_ipv4() { 32 } else { 128 };
-        let key = Key::new(
-            IPCACHE_PREFIX_FAMILY + bits,
-            IpcacheData {
-                family: family as u32,
-                addr,
-            },
-        );
-        self.ipcache.get(&key, 0).ok()
-    }
-
-    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
-        self.policy
-            .get(&Key::new(POLICY_PREFIX_FULL, *data), 0)
-            .ok()
-    }
+    Ok((sets, rules))
 }
 
 fn status_of(state: &AdminState) -> PolicyStatus {
@@ -211,8 +156,8 @@ pub(super) async fn policies_handler(State(state): State<AdminState>) -> Respons
 
 fn policies(state: &AdminState) -> Result<PoliciesDoc, Error> {
     let status = status_of(state);
-    let tables = KernelTables::open(state)?;
-    let (per_set, per_rule) = tables.entry_counts()?;
+    let tables = kernel_tables(state)?;
+    let (per_set, per_rule) = entry_counts(&tables)?;
     let mut per_policy: BTreeMap<&str, usize> = BTreeMap::new();
     for (rule, n) in &per_rule {
         if let Some(r) = status.rules.get(rule) {
@@ -331,23 +276,9 @@ impl Judging<'_> {
                 None => self.unknown(s, node),
             };
         };
-        let verdict = match self.tables.endpoint(cgroup_id) {
-            Some(ep) => judge(
-                &self.tables,
-                &ep,
-                s.direction,
-                s.peer,
-                self.protocol,
-                self.port,
-            ),
-            // No sealed endpoint: the kernel does not isolate the pod.
-            None => Verdict {
-                allowed: true,
-                matched: "not-isolated",
-                peer_identity: self.tables.ipcache(s.peer).map_or(0, |v| v.identity),
-                rule: None,
-            },
-        };
+        let verdict = self
+            .tables
+            .judge(cgroup_id, s.direction, s.peer, self.protocol, self.port);
         let d = Decided {
             verdict,
             rule: verdict
@@ -503,7 +434,7 @@ fn check(state: &AdminState, q: &CheckQuery) -> Result<Result<CheckDoc, String>,
     };
     let store = Arc::clone(&*state.store.read().unwrap_or_else(|e| e.into_inner()));
     let judging = Judging {
-        tables: KernelTables::open(state)?,
+        tables: kernel_tables(state)?,
         status: &status,
         store: &store,
         here: state

@@ -642,7 +642,7 @@ pub struct Inbound {
 /// The HTTP status a peer gets for a refused stream.
 const fn status_of(refusal: Refusal) -> StatusCode {
     match refusal {
-        Refusal::Forbidden => StatusCode::FORBIDDEN,
+        Refusal::Forbidden | Refusal::NetworkPolicy => StatusCode::FORBIDDEN,
         Refusal::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
     }

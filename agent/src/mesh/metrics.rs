@@ -205,6 +205,9 @@ pub enum Refusal {
     Unreachable,
     /// The pod's security policy (an AuthorizationPolicy) refuses the peer.
     Unauthorized,
+    /// The pod's NetworkPolicy refuses the caller's address (the kernel dropped the
+    /// delivery's SYN).
+    NetworkPolicy,
 }
 
 impl Refusal {
@@ -213,6 +216,7 @@ impl Refusal {
             Self::Forbidden => "forbidden",
             Self::Unreachable => "unreachable",
             Self::Unauthorized => "unauthorized",
+            Self::NetworkPolicy => "network_policy",
         }
     }
 }

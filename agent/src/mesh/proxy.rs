@@ -28,6 +28,9 @@ use weft_abi::{
     svc::Endpoint,
 };
 
+use crate::{datapath::Pins, sync::policy::kernel::KernelTables};
+use weft_abi::{IPPROTO_TCP, net::Direction};
+
 use super::{
     hbone::{self, Abort as _, Inbound, Pool, Route},
     metrics::{ProxyMetrics, Refusal},
@@ -40,9 +43,13 @@ use crate::{
     identity::SpiffeId,
 };
 
-/// A delivery that does not connect in this time is refused (a NetworkPolicy that drops the
-/// SYN, a server that does not answer).
+/// A delivery that does not connect in this time is refused (a server that does not
+/// answer).
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A delivery not connected this soon asks the kernel's policy tables: when the pod's
+/// NetworkPolicy refuses the caller, the kernel dropped the SYN, and the caller is refused
+/// then, not at [`DELIVERY_TIMEOUT`]. A SYN that is answered is answered far sooner.
+const UNANSWERED: Duration = Duration::from_millis(100);
 /// Inbound TLS handshakes in progress at once, over all pods (a peer that opens connections
 /// and never finishes them holds no more than this).
 const MAX_HANDSHAKES: usize = 1024;
@@ -87,6 +94,8 @@ pub struct Shared {
     /// Who is meshed, and which connections the mesh carried (telemetry reads it).
     pub carried: Arc<Carried>,
     orig: Mutex<BpfHashMap<MapData, MeshOrigKey, MeshOrig>>,
+    /// The instance's pins: the kernel's policy tables are opened from them.
+    pins: Pins,
     pool: Pool,
     pub metrics: ProxyMetrics,
     /// The host's procfs (pods' sysctls are written through it).
@@ -96,6 +105,10 @@ pub struct Shared {
     /// Addresses of this node's pods: a tunnel never carries a connection from one (they
     /// are never tunnelled), so a stream naming one as its source is forged.
     pub local: RwLock<Arc<std::collections::BTreeSet<IpAddr>>>,
+    /// The cgroup id of each pod of this node whose cgroup exists (`namespace/name`): the key
+    /// of its policy in the kernel. Apart from the pods served, which a new id must not
+    /// restart.
+    pub cgroups: RwLock<Arc<BTreeMap<String, u64>>>,
     /// Every pod served, with its namespace: a captured connection to one of them is
     /// delivered on the node.
     pods: RwLock<BTreeMap<String, ServedPod>>,
@@ -177,7 +190,7 @@ impl tokio::io::AsyncWrite for Delivered {
 
 impl Shared {
     pub fn new(
-        orig: BpfHashMap<MapData, MeshOrigKey, MeshOrig>,
+        (orig, pins): (BpfHashMap<MapData, MeshOrigKey, MeshOrig>, Pins),
         creds: Arc<Credentials>,
         metrics: ProxyMetrics,
         node: Option<Arc<Netns>>,
@@ -188,11 +201,13 @@ impl Shared {
             creds: RwLock::new(creds),
             carried: Arc::new(Carried::new(metrics.clone())),
             orig: Mutex::new(orig),
+            pins,
             pool: Pool::new(node, tunnel_idle),
             metrics,
             host_proc: host.0,
             host_cookie: host.1,
             local: RwLock::default(),
+            cgroups: RwLock::default(),
             pods: RwLock::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: tokio::sync::watch::Sender::new(false),
@@ -760,12 +775,48 @@ async fn connect_delivery(
     let socket = TcpSocket::from_std_stream(socket);
     let active = Active::new(&shared.active);
     shared.carried.delivered(source, target, decision);
-    match tokio::time::timeout(DELIVERY_TIMEOUT, socket.connect(target)).await {
-        Ok(Ok(stream)) => Ok(Delivered {
+    let connecting = socket.connect(target);
+    tokio::pin!(connecting);
+    let connected = match tokio::time::timeout(UNANSWERED, &mut connecting).await {
+        Ok(connected) => Some(connected),
+        Err(_) if shared.policy_refuses(&pod.pod, source, target.port()) => {
+            return Err(Refusal::NetworkPolicy);
+        }
+        Err(_) => tokio::time::timeout(DELIVERY_TIMEOUT - UNANSWERED, connecting)
+            .await
+            .ok(),
+    };
+    match connected {
+        Some(Ok(stream)) => Ok(Delivered {
             stream,
             _active: active,
         }),
         _ => Err(Refusal::Unreachable),
+    }
+}
+
+impl Shared {
+    /// Whether `pod`'s NetworkPolicy, as the kernel holds it now, refuses TCP from `source`
+    /// to `port`. Judged twice, on tables opened afresh: a judgement that read a policy sync
+    /// half way (a pod's new set of entries, the old one's deleted) must not refuse what
+    /// both versions allow. Unknown (no cgroup, tables or entries that cannot be read) is
+    /// no: the delivery then waits for its timeout, as the kernel decides it.
+    fn policy_refuses(&self, pod: &str, source: IpAddr, port: u16) -> bool {
+        let cgroups = Arc::clone(&self.cgroups.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(&cgroup_id) = cgroups.get(pod) else {
+            return false;
+        };
+        let refuses = || match KernelTables::open(&self.pins) {
+            Ok(tables) => {
+                let v = tables.judge(cgroup_id, Direction::Ingress, source, IPPROTO_TCP, port);
+                !v.allowed && !tables.failed()
+            }
+            Err(e) => {
+                tracing::debug!(target: "weft::mesh", error = %crate::chain(&e), "cannot read the kernel's policy tables");
+                false
+            }
+        };
+        refuses() && refuses()
     }
 }
 

@@ -54,6 +54,7 @@ fn local<'a>(pods: &[&'a str]) -> Vec<LocalPod<'a>> {
             pod,
             ips: &[],
             cgroup: PathBuf::from("/nonexistent"),
+            cgroup_id: None,
         })
         .collect()
 }

@@ -2,7 +2,7 @@
 use std::net::IpAddr;
 
 use aya::maps::{
-    HashMap, MapData, MapError,
+    HashMap, Map, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
@@ -10,14 +10,18 @@ use weft_abi::{
     maps,
     policy::{
         EndpointInfo, IPCACHE_PREFIX_FAMILY, IpcacheData, IpcacheValue, PLAINTEXT_ALLOW,
-        PLAINTEXT_PREFIX_FIXED, PlaintextData, PlaintextValue, PolicyData, PolicyValue,
+        PLAINTEXT_PREFIX_FIXED, POLICY_PREFIX_FULL, PlaintextData, PlaintextValue, PolicyData,
+        PolicyValue,
     },
 };
 
 use super::{Error, PlaintextRow, PolicyMaps};
-use weft_abi::net::{ip_words, words_ip};
+use weft_abi::net::{Direction, ip_words, words_ip};
 
-use crate::compile::policy::EntryKey;
+use crate::compile::policy::{
+    EntryKey,
+    judge::{Tables, Verdict, judge},
+};
 
 /// The maps policy sync writes.
 pub struct KernelPolicyMaps {
@@ -42,6 +46,112 @@ impl KernelPolicyMaps {
 impl std::fmt::Debug for KernelPolicyMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KernelPolicyMaps").finish_non_exhaustive()
+    }
+}
+
+/// The pinned policy maps, opened read-only and looked up the way the kernel does: what
+/// the kernel decides now (`weft policy check`, the mesh's refusals).
+pub struct KernelTables {
+    pub endpoints: HashMap<MapData, u64, EndpointInfo>,
+    pub ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
+    pub policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+    /// A lookup failed otherwise than on a missing key: what was judged is not what the
+    /// kernel holds.
+    failed: std::cell::Cell<bool>,
+}
+
+/// A pinned map that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open kernel map {map}")]
+pub struct OpenError {
+    pub map: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+impl KernelTables {
+    pub fn open(pins: &crate::datapath::Pins) -> Result<Self, OpenError> {
+        let err = |map: &'static str| move |source| OpenError { map, source };
+        let open = |map: &'static str| MapData::from_pin(pins.map(map)).map_err(err(map));
+        Ok(Self {
+            endpoints: HashMap::try_from(Map::HashMap(open(maps::ENDPOINTS)?))
+                .map_err(err(maps::ENDPOINTS))?,
+            ipcache: LpmTrie::try_from(Map::LpmTrie(open(maps::IPCACHE)?))
+                .map_err(err(maps::IPCACHE))?,
+            policy: LpmTrie::try_from(Map::LpmTrie(open(maps::POLICY)?))
+                .map_err(err(maps::POLICY))?,
+            failed: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Whether a lookup since the tables were opened failed otherwise than on a missing key.
+    pub fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    /// A lookup's value; a failure other than a missing key is noted.
+    fn found<V>(&self, got: Result<V, MapError>) -> Option<V> {
+        match got {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(_) => {
+                self.failed.set(true);
+                None
+            }
+        }
+    }
+
+    /// A pod's endpoint as the kernel takes it: one whose seal does not match is no endpoint
+    /// (the kernel judges the pod as not bound).
+    pub fn endpoint(&self, id: u64) -> Option<EndpointInfo> {
+        self.found(self.endpoints.get(&id, 0))
+            .filter(|e| e.is_sealed_for(id))
+    }
+
+    /// The kernel's verdict on traffic of the pod of cgroup `cgroup_id` with `peer`.
+    pub fn judge(
+        &self,
+        cgroup_id: u64,
+        direction: Direction,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Verdict {
+        match self.endpoint(cgroup_id) {
+            Some(ep) => judge(self, &ep, direction, peer, protocol, port),
+            // No sealed endpoint: the kernel does not isolate the pod.
+            None => Verdict {
+                allowed: true,
+                matched: "not-isolated",
+                peer_identity: self.ipcache(peer).map_or(0, |v| v.identity),
+                rule: None,
+            },
+        }
+    }
+}
+
+impl Tables for KernelTables {
+    fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
+        let (family, addr) = ip_words(ip);
+        let bits = if ip.is_ipv4() { 32 } else { 128 };
+        let key = Key::new(
+            IPCACHE_PREFIX_FAMILY + bits,
+            IpcacheData {
+                family: family as u32,
+                addr,
+            },
+        );
+        self.found(self.ipcache.get(&key, 0))
+    }
+
+    fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
+        self.found(self.policy.get(&Key::new(POLICY_PREFIX_FULL, *data), 0))
+    }
+}
+
+impl std::fmt::Debug for KernelTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelTables").finish_non_exhaustive()
     }
 }
 
