@@ -718,15 +718,16 @@ async fn accept_inbound(
 }
 
 /// Whether a stream may be delivered to the pod with addresses `ips`: it targets the pod,
-/// and its source address is one of the peer's identity's pods, of another node (`local`:
-/// this node's pods' addresses, never tunnelled). Returns the source.
+/// but not the proxy's own inbound port there (a tunnel inside a tunnel, from the pod's
+/// address), and its source address is one of the peer's identity's pods, of another node
+/// (`local`: this node's pods' addresses, never tunnelled). Returns the source.
 pub fn admissible(
     inbound: &Inbound,
     ips: &[IpAddr],
     local: &std::collections::BTreeSet<IpAddr>,
     directory: &Directory,
 ) -> Result<IpAddr, Refusal> {
-    if !ips.contains(&inbound.target.ip()) {
+    if !ips.contains(&inbound.target.ip()) || inbound.target.port() == INBOUND_PORT {
         return Err(Refusal::Forbidden);
     }
     let source = inbound.source.ok_or(Refusal::Forbidden)?;
@@ -948,5 +949,22 @@ mod tests {
         ] {
             assert_eq!(check(inbound), Err(Refusal::Forbidden), "{what}");
         }
+    }
+
+    /// A stream to the pod's port 15008 would reach the proxy's own inbound listener there,
+    /// with the caller's address: refused, as any other port of the pod is not.
+    #[test]
+    fn a_stream_to_the_proxys_inbound_port_is_refused() {
+        let (source, pod) = (ip("10.0.1.10"), ip("10.0.2.10"));
+        let local = std::collections::BTreeSet::new();
+        let directory: Directory = [(source, id("web"))].into();
+        let stream = |port| Inbound {
+            peer: id("web"),
+            target: SocketAddr::new(pod, port),
+            source: Some(source),
+        };
+        let check = |port| admissible(&stream(port), &[pod], &local, &directory);
+        assert_eq!(check(INBOUND_PORT), Err(Refusal::Forbidden));
+        assert_eq!(check(INBOUND_PORT + 1), Ok(source));
     }
 }
