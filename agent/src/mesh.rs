@@ -315,7 +315,7 @@ impl Mesh {
                 .shared()
                 .cgroups
                 .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(cgroups);
+                .unwrap_or_else(|e| e.into_inner()) = cgroups;
             let owners = Owners::of(store);
             let directory = directory(store, &owners, &enrolled.meshed);
             proxy.shared().carried.set_directory(directory);

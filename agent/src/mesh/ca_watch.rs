@@ -109,14 +109,14 @@ impl CaWatch {
             }
         }
     }
-}
 
-impl CaWatch {
     /// Watches the directory anew when it was made again (a new inode).
     fn seen(&mut self, t: Touch) {
         use notify::Watcher as _;
         if t == Touch::Itself && self.dir.is_dir() {
-            // Gone again meanwhile: the next event about it tries again.
+            // The old target's watch goes (it stays under the same path otherwise). Gone
+            // again meanwhile: the next event about it tries again.
+            let _ = self.watcher.unwatch(&self.dir);
             let _ = self
                 .watcher
                 .watch(&self.dir, notify::RecursiveMode::NonRecursive);

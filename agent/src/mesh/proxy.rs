@@ -23,13 +23,11 @@ use tokio::{
     task::JoinHandle,
 };
 use weft_abi::{
+    IPPROTO_TCP,
     mesh::{INBOUND_PORT, MeshOrig, MeshOrigKey},
-    net::Family,
+    net::{Direction, Family},
     svc::Endpoint,
 };
-
-use crate::{datapath::Pins, sync::policy::kernel::KernelTables};
-use weft_abi::{IPPROTO_TCP, net::Direction};
 
 use super::{
     hbone::{self, Abort as _, Inbound, Pool, Route},
@@ -39,8 +37,10 @@ use super::{
 };
 use crate::{
     compile::authz::{self, Connection},
+    datapath::Pins,
     events::Transport,
     identity::SpiffeId,
+    sync::policy::kernel::KernelTables,
 };
 
 /// A delivery that does not connect in this time is refused (a server that does not
@@ -108,7 +108,7 @@ pub struct Shared {
     /// The cgroup id of each pod of this node whose cgroup exists (`namespace/name`): the key
     /// of its policy in the kernel. Apart from the pods served, which a new id must not
     /// restart.
-    pub cgroups: RwLock<Arc<BTreeMap<String, u64>>>,
+    pub cgroups: RwLock<BTreeMap<String, u64>>,
     /// Every pod served, with its namespace: a captured connection to one of them is
     /// delivered on the node.
     pods: RwLock<BTreeMap<String, ServedPod>>,
@@ -626,6 +626,10 @@ async fn on_node(
         tracing::debug!(target: "weft::mesh", pod = pod.pod, %target, "not the address of a pod of this node the proxy serves");
         return client.abort();
     };
+    if is_own_port(target) {
+        shared.metrics.stream_refused(Refusal::Forbidden);
+        return client.abort();
+    }
     let c = Connection {
         source,
         identity: Some(&pod.id),
@@ -727,7 +731,7 @@ pub fn admissible(
     local: &std::collections::BTreeSet<IpAddr>,
     directory: &Directory,
 ) -> Result<IpAddr, Refusal> {
-    if !ips.contains(&inbound.target.ip()) || inbound.target.port() == INBOUND_PORT {
+    if !ips.contains(&inbound.target.ip()) || is_own_port(inbound.target) {
         return Err(Refusal::Forbidden);
     }
     let source = inbound.source.ok_or(Refusal::Forbidden)?;
@@ -736,6 +740,12 @@ pub fn admissible(
         return Err(Refusal::Forbidden);
     }
     Ok(source)
+}
+
+/// Whether `target` is the proxy's own inbound listener in a pod: a delivery there would be
+/// a tunnel inside a tunnel, with the caller's address.
+fn is_own_port(target: SocketAddr) -> bool {
+    target.port() == INBOUND_PORT
 }
 
 /// A stream to this pod, from inside its namespace, with the client pod's address.
@@ -803,10 +813,11 @@ impl Shared {
     /// both versions allow. Unknown (no cgroup, tables or entries that cannot be read) is
     /// no: the delivery then waits for its timeout, as the kernel decides it.
     fn policy_refuses(&self, pod: &str, source: IpAddr, port: u16) -> bool {
-        let cgroups = Arc::clone(&self.cgroups.read().unwrap_or_else(|e| e.into_inner()));
+        let cgroups = self.cgroups.read().unwrap_or_else(|e| e.into_inner());
         let Some(&cgroup_id) = cgroups.get(pod) else {
             return false;
         };
+        drop(cgroups);
         let refuses = || match KernelTables::open(&self.pins) {
             Ok(tables) => {
                 let v = tables.judge(cgroup_id, Direction::Ingress, source, IPPROTO_TCP, port);

@@ -132,16 +132,7 @@ impl KernelTables {
 
 impl Tables for KernelTables {
     fn ipcache(&self, ip: IpAddr) -> Option<IpcacheValue> {
-        let (family, addr) = ip_words(ip);
-        let bits = if ip.is_ipv4() { 32 } else { 128 };
-        let key = Key::new(
-            IPCACHE_PREFIX_FAMILY + bits,
-            IpcacheData {
-                family: family as u32,
-                addr,
-            },
-        );
-        self.found(self.ipcache.get(&key, 0))
+        self.found(self.ipcache.get(&ipcache_key(&IpNet::from(ip)), 0))
     }
 
     fn policy(&self, data: &PolicyData) -> Option<PolicyValue> {
