@@ -2117,6 +2117,33 @@ fn same_node_meshed_callers_are_decided_by_their_identity() {
     );
 }
 
+/// A meshed connection to a pod's port 15008, the proxy's own inbound listener there, is
+/// refused on both of the proxy's paths (a tunnel inside a tunnel, with the caller's
+/// address): from another node's meshed pod, and from a meshed pod of the same node once the
+/// server's STRICT policy has those captured. Node b counts both as forbidden.
+#[test]
+fn a_meshed_connection_to_a_pods_proxy_port_is_refused() {
+    let (c, _ca, agents, _server, target) = serving("mesh_own_port");
+    wait_meshed(&agents[1], NEIGHBOR_ID, "default/neighbor");
+    apply_security(&c, &[STRICT]);
+    let captured = settled(true, || probe(&c, "plainsrv", &target).starts_with("error"));
+    assert!(captured, "STRICT applies: same-node callers are captured");
+    let own_port = format!("{}:15008", c.pod("server").1.ipv4);
+    let before = streams_refused(&agents[1], "forbidden");
+    for pod in ["client", "neighbor"] {
+        assert_eq!(
+            probe(&c, pod, &own_port),
+            "error: read: Connection reset by peer (os error 104)",
+            "{pod}"
+        );
+    }
+    assert_eq!(
+        streams_refused(&agents[1], "forbidden") - before,
+        2.0,
+        "both refusals counted by the server's agent"
+    );
+}
+
 /// In Kubernetes mode Istio's security API is read once the API server serves it: without
 /// its CRDs the agent is ready and plaintext is served; once they appear, a STRICT
 /// PeerAuthentication from the API refuses plaintext while a meshed client of the same node

@@ -176,26 +176,44 @@ mod tests {
         );
     }
 
+    /// A watch on `parent/ca`, a symlink to `parent/v1` swapped for one to `parent/v2` once
+    /// watched, after the swap's change: the watch and both targets.
+    async fn swapped_link(parent: &Path) -> (CaWatch, [PathBuf; 2]) {
+        let targets = [parent.join("v1"), parent.join("v2")];
+        for d in &targets {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        let dir = parent.join("ca");
+        std::os::unix::fs::symlink(&targets[0], &dir).expect("link");
+        let mut watch = CaWatch::start(&dir).expect("watch");
+        let next = parent.join("ca.next");
+        std::os::unix::fs::symlink(&targets[1], &next).expect("link");
+        std::fs::rename(&next, &dir).expect("swap");
+        let swapped = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(swapped.is_ok(), "the swap is a change");
+        (watch, targets)
+    }
+
     /// A CA directory that is a symlink swapped for one to another directory: a write into
     /// the new target is a change.
     #[tokio::test]
     async fn a_symlink_swapped_to_another_directory_is_watched_anew() {
         let parent = TempDir::new("ca-watch-link");
-        let (first, second) = (parent.path().join("v1"), parent.path().join("v2"));
-        for d in [&first, &second] {
-            std::fs::create_dir(d).expect("mkdir");
-        }
-        let dir = parent.path().join("ca");
-        std::os::unix::fs::symlink(&first, &dir).expect("link");
-        let mut watch = CaWatch::start(&dir).expect("watch");
-        let next = parent.path().join("ca.next");
-        std::os::unix::fs::symlink(&second, &next).expect("link");
-        std::fs::rename(&next, &dir).expect("swap");
-        let swapped = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
-        assert!(swapped.is_ok(), "the swap is a change");
+        let (mut watch, [_, second]) = swapped_link(parent.path()).await;
         std::fs::write(second.join("ca.crt"), "x").expect("write");
         let written = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
         assert!(written.is_ok(), "a write into the new target is a change");
+    }
+
+    /// Once a symlinked CA directory points elsewhere, a write into its old target is no
+    /// change: the old target's watch went with the swap.
+    #[tokio::test]
+    async fn a_symlink_swapped_away_leaves_its_old_target_unwatched() {
+        let parent = TempDir::new("ca-watch-old");
+        let (mut watch, [first, _]) = swapped_link(parent.path()).await;
+        std::fs::write(first.join("ca.crt"), "x").expect("write");
+        let old = tokio::time::timeout(4 * SETTLE, watch.changed()).await;
+        assert!(old.is_err(), "a write into the old target is no change");
     }
 
     /// A burst of writes is one change, reported once the directory is quiet; reading the
