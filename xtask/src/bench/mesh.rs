@@ -6,6 +6,7 @@
 //!
 //! - connect + 64 B each way + close (a new connection per exchange);
 //! - 64 B request/response over 8 open connections;
+//!   for these two a [`Floor`]: the least three connections and AES-GCM alone would add;
 //! - bulk: 64 KiB each way per exchange over one connection;
 //! - a single stream: 16 MiB one way per exchange (one byte back) over one connection, the
 //!   issue's "single-stream bulk throughput" (ztunnel's anchor was iperf3's one stream);
@@ -108,6 +109,8 @@ struct Compared {
     p50_ratio: Ratio,
     /// For a stream of bytes: the most the first / second throughput can be here.
     ceiling: Option<Ceiling>,
+    /// For a request's latency: the least the first can add to the second here.
+    floor: Option<Floor>,
 }
 
 /// What bounds a stream of bytes through the mesh on one CPU, measured in the same run in
@@ -171,15 +174,8 @@ impl Ceiling {
 
     fn print(&self, reached: f64) {
         let (median, min, max) = spread(&self.rounds);
-        let bounded = self.rounds.len() >= MIN_ROUNDS
-            && self.rounds.iter().all(|r| r.is_finite())
-            && self.exceeded == 0;
-        let verdict = if !bounded {
-            format!(
-                "; meshed exceeds the estimate in {} of {} rounds (or too few rounds): it does not bound this run",
-                self.exceeded,
-                self.rounds.len()
-            )
+        let verdict = if let Some(not) = unbounded(&self.rounds, self.exceeded) {
+            not
         } else if max < BULK_TARGET {
             format!(
                 ": below {BULK_TARGET} in every round; by this estimate a proxy that copies every \
@@ -201,6 +197,105 @@ impl Ceiling {
     }
 }
 
+/// What bounds the latency the mesh adds to an exchange on one CPU, measured in the same run
+/// in rounds of their own. A meshed exchange is the client's connection to its agent, a
+/// request on the tunnel, and the agent's connection to the server: each of the first and
+/// last at least a loopback exchange of the same kind in the server's pod (a new connection
+/// for a new connection), the tunnel at least a request/response on an open connection from
+/// node a's namespace to the server (it is pooled: a new connection makes no handshake
+/// between the nodes), and its bytes sealed and opened once with AES-128-GCM. Their p50s'
+/// sum less plaintext's p50 is the least the mesh could add with nothing else (no HTTP/2,
+/// no wake-up of its own, the agents' work as cheap as those test clients'): an estimate,
+/// not a proof.
+#[derive(Debug, Serialize)]
+struct Floor {
+    /// Plaintext in the floor's rounds (taken apart from the meshed client's).
+    plaintext: Side,
+    /// Requests on an open connection from node a's namespace to the server.
+    tunnel: Side,
+    /// The workload's exchanges over loopback in the server's pod.
+    leg: Side,
+    /// µs to seal and open an exchange's bytes, per round.
+    crypto_us: Vec<f64>,
+    /// Two legs' p50 + the tunnel's + the crypto's - plaintext's, per round (µs).
+    rounds: Vec<f64>,
+    /// Rounds in which the mesh added less than that: the estimate does not bound them.
+    exceeded: usize,
+}
+
+impl Floor {
+    /// From the main rounds' meshed and plaintext sides and the floor's own rounds.
+    fn of(
+        meshed: &Side,
+        plaintext: &Side,
+        (plain, tunnel, leg): (Side, Side, Side),
+        crypto_us: Vec<f64>,
+    ) -> Self {
+        let rounds: Vec<f64> = plain
+            .p50_us
+            .iter()
+            .zip(&tunnel.p50_us)
+            .zip(&leg.p50_us)
+            .zip(&crypto_us)
+            .map(|(((plain, tunnel), leg), crypto)| 2.0 * leg + tunnel + crypto - plain)
+            .collect();
+        let exceeded = meshed
+            .p50_us
+            .iter()
+            .zip(&plaintext.p50_us)
+            .zip(&rounds)
+            .filter(|((m, p), floor)| *m - *p < **floor)
+            .count();
+        Self {
+            plaintext: plain,
+            tunnel,
+            leg,
+            crypto_us,
+            rounds,
+            exceeded,
+        }
+    }
+
+    fn print(&self, budget_us: f64, added_us: f64) {
+        let (median, min, max) = spread(&self.rounds);
+        let verdict = if let Some(not) = unbounded(&self.rounds, self.exceeded) {
+            not
+        } else if min > budget_us {
+            format!(
+                ": above +{budget_us:.0} µs in every round; by this estimate a proxy with these \
+                 three connections cannot meet the target here; the mesh adds {:+.1} µs over it",
+                added_us - median
+            )
+        } else {
+            format!("; the mesh adds {:+.1} µs over it", added_us - median)
+        };
+        let p50 = |side: &Side| median_of(side.p50_us.iter().copied());
+        println!(
+            "{:<30} floor: 2 loopback legs at {:.1} µs + the tunnel's request {:.1} µs + AES-128-GCM \
+             {:.1} µs - plaintext {:.1} µs (p50s) = {median:+.1} µs (rounds {min:+.1} to {max:+.1}){verdict}",
+            "",
+            p50(&self.leg),
+            p50(&self.tunnel),
+            median_of(self.crypto_us.iter().copied()),
+            p50(&self.plaintext),
+        );
+    }
+}
+
+/// Why a bound's estimate, per round, does not bound the run: too few rounds, a broken one,
+/// or the mesh beyond it in `exceeded` of them; none when it does.
+fn unbounded(rounds: &[f64], exceeded: usize) -> Option<String> {
+    let bounds =
+        rounds.len() >= MIN_ROUNDS && rounds.iter().all(|r| r.is_finite()) && exceeded == 0;
+    (!bounds).then(|| {
+        format!(
+            "; the mesh is beyond the estimate in {exceeded} of {} rounds (or too few rounds): it \
+             does not bound this run",
+            rounds.len()
+        )
+    })
+}
+
 fn median_of(values: impl Iterator<Item = f64>) -> f64 {
     median(&values.collect::<Vec<_>>())
 }
@@ -211,7 +306,7 @@ impl Compared {
         variants: [&'static str; 2],
         first: Side,
         second: Side,
-        ceiling: Option<Ceiling>,
+        (ceiling, floor): (Option<Ceiling>, Option<Floor>),
     ) -> Self {
         let added: Vec<f64> = first
             .p50_us
@@ -235,6 +330,7 @@ impl Compared {
             first,
             second,
             ceiling,
+            floor,
         }
     }
 
@@ -330,6 +426,9 @@ impl MeshResult {
         ];
         for (w, budget) in self.workloads.iter().zip(budgets) {
             w.print(budget);
+            if let (Some(f), Some(b)) = (&w.floor, budget) {
+                f.print(b, w.p50_added_median_us);
+            }
         }
         for (i, what) in [
             (2, "bulk throughput (64 KiB each way)"),
@@ -686,7 +785,7 @@ fn client(c: &Cluster, pin: &Pinning, pod: &str, to: (&str, u16), extra: &[&str]
 }
 
 /// (name, variants, clients as (pod, target pod, port), extra arguments, per round, burst,
-/// and for a stream of bytes its [`Ceiling`]'s measure).
+/// and how its bound is measured).
 type Spec = (
     &'static str,
     [&'static str; 2],
@@ -694,13 +793,42 @@ type Spec = (
     &'static [&'static str],
     u64,
     u64,
-    Option<CeilingSpec>,
+    Option<BoundSpec>,
 );
 
-/// What a stream's ceiling is measured with: the bytes an exchange carries both ways (each
-/// sealed and opened once), the meshed client's server's port for the ceiling's
-/// connections, and their extra `rr` arguments.
-type CeilingSpec = (usize, u16, &'static [&'static str]);
+/// What bounds a workload: a [`Ceiling`] (a stream of bytes' throughput) or a [`Floor`] (a
+/// request's latency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    Ceiling,
+    Floor,
+}
+
+/// How a workload's bound is measured: the bytes an exchange carries both ways (each sealed
+/// and opened once), the meshed client's server's port for the bound's connections, and
+/// the extra `rr` arguments of the node path's client and of the loopback leg's.
+#[derive(Debug, Clone, Copy)]
+struct BoundSpec {
+    bound: Bound,
+    sealed: usize,
+    port: u16,
+    node_path: &'static [&'static str],
+    leg: &'static [&'static str],
+}
+
+/// The bulk workload's `rr` arguments.
+const BULK: &[&str] = &["--size", "65536", "--keepalive", "1"];
+/// The single stream's, read in [`PIECE`]s (its bound's connections).
+const STREAM_PIECES: &[&str] = &[
+    "--size",
+    "16777216",
+    "--reply",
+    "1",
+    "--keepalive",
+    "1",
+    "--chunk",
+    "262144",
+];
 
 const WORKLOADS: [Spec; 6] = [
     (
@@ -710,7 +838,14 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "64"],
         2_000,
         100,
-        None,
+        Some(BoundSpec {
+            bound: Bound::Floor,
+            sealed: 2 * 64,
+            port: PORT_64,
+            // The tunnel is open: its part of a new connection is a request on it.
+            node_path: &["--size", "64", "--keepalive", "1"],
+            leg: &["--size", "64"],
+        }),
     ),
     (
         "64 B over 8 open connections",
@@ -719,7 +854,13 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "64", "--keepalive", "8"],
         20_000,
         500,
-        None,
+        Some(BoundSpec {
+            bound: Bound::Floor,
+            sealed: 2 * 64,
+            port: PORT_64,
+            node_path: &["--size", "64", "--keepalive", "8"],
+            leg: &["--size", "64", "--keepalive", "8"],
+        }),
     ),
     (
         "bulk 64 KiB, one connection",
@@ -728,14 +869,16 @@ const WORKLOADS: [Spec; 6] = [
             ("client", "server", PORT_64K),
             ("plain", "server", PORT_64K),
         ],
-        &["--size", "65536", "--keepalive", "1"],
+        BULK,
         2_000,
         100,
-        Some((
-            2 * 65_536,
-            PORT_64K,
-            &["--size", "65536", "--keepalive", "1"],
-        )),
+        Some(BoundSpec {
+            bound: Bound::Ceiling,
+            sealed: 2 * 65_536,
+            port: PORT_64K,
+            node_path: BULK,
+            leg: BULK,
+        }),
     ),
     (
         "stream 16 MiB one way",
@@ -747,20 +890,13 @@ const WORKLOADS: [Spec; 6] = [
         &["--size", "16777216", "--reply", "1", "--keepalive", "1"],
         48,
         4,
-        Some((
-            STREAM + 1,
-            PORT_STREAM_PIECES,
-            &[
-                "--size",
-                "16777216",
-                "--reply",
-                "1",
-                "--keepalive",
-                "1",
-                "--chunk",
-                "262144",
-            ],
-        )),
+        Some(BoundSpec {
+            bound: Bound::Ceiling,
+            sealed: STREAM + 1,
+            port: PORT_STREAM_PIECES,
+            node_path: STREAM_PIECES,
+            leg: STREAM_PIECES,
+        }),
     ),
     (
         "to a non-meshed pod, connect",
@@ -790,13 +926,13 @@ const WORKLOADS: [Spec; 6] = [
 
 fn workloads(bins: &Path, c: &Cluster, pin: &Pinning, rounds: usize) -> Result<Vec<Compared>> {
     let mut out = Vec::new();
-    // The ceiling's model holds when one CPU does all of an exchange's work.
+    // The bounds' model holds when one CPU does all of an exchange's work.
     let one_cpu = pin.client_cpu == pin.server_cpu && pin.agent_cpu == Some(pin.client_cpu);
-    for (name, variants, ends, extra, count, burst, ceiling) in WORKLOADS {
-        let ceiling = ceiling.filter(|_| one_cpu);
+    for (name, variants, ends, extra, count, burst, bound) in WORKLOADS {
+        let bound = bound.filter(|_| one_cpu);
         let mut clients = ends.map(|(pod, to, port)| client(c, pin, pod, (to, port), extra));
-        let mut bounds: Vec<RrClient> = ceiling
-            .map(|(_, port, extra)| ceiling_clients(c, pin, (ends[0].1, port), extra))
+        let mut bounds: Vec<RrClient> = bound
+            .map(|spec| bound_clients(c, pin, ends[0].1, &spec))
             .into_iter()
             .flatten()
             .collect();
@@ -805,7 +941,7 @@ fn workloads(bins: &Path, c: &Cluster, pin: &Pinning, rounds: usize) -> Result<V
             cl.report()?;
         }
         let mut sides: [Side; 2] = Default::default();
-        // Plaintext again, the node path, the leg: the ceiling's rounds.
+        // Plaintext again, the node path, the leg: the bound's rounds.
         let mut bound_sides: [Side; 3] = Default::default();
         let mut crypto_us = Vec::new();
         for r in 0..rounds {
@@ -816,9 +952,9 @@ fn workloads(bins: &Path, c: &Cluster, pin: &Pinning, rounds: usize) -> Result<V
                 side.add(report);
             }
             // Apart from the meshed client's turns, so that its figure is the same with or
-            // without a ceiling (more clients between its bursts would empty the agents'
+            // without a bound (more clients between its bursts would empty the agents'
             // caches).
-            if let Some((sealed, _, _)) = ceiling {
+            if let Some(spec) = bound {
                 let [_, plain] = &mut clients;
                 let mut turns: Vec<&mut RrClient> =
                     std::iter::once(plain).chain(bounds.iter_mut()).collect();
@@ -826,36 +962,34 @@ fn workloads(bins: &Path, c: &Cluster, pin: &Pinning, rounds: usize) -> Result<V
                 for (side, report) in bound_sides.iter_mut().zip(&reports) {
                     side.add(report);
                 }
-                crypto_us.push(aead_us(bins, pin, sealed)?);
+                crypto_us.push(aead_us(bins, pin, spec.sealed)?);
             }
         }
         let [first, second] = sides;
-        let ceiling = ceiling.map(|_| {
-            let [plain, node_path, leg] = std::mem::take(&mut bound_sides);
-            Ceiling::of(&first, &second, (plain, node_path, leg), crypto_us)
-        });
-        out.push(Compared::of(name, variants, first, second, ceiling));
+        let [plain, node_path, leg] = std::mem::take(&mut bound_sides);
+        let m = (plain, node_path, leg);
+        let bounds = match bound.map(|b| b.bound) {
+            Some(Bound::Ceiling) => (Some(Ceiling::of(&first, &second, m, crypto_us)), None),
+            Some(Bound::Floor) => (None, Some(Floor::of(&first, &second, m, crypto_us))),
+            None => (None, None),
+        };
+        out.push(Compared::of(name, variants, first, second, bounds));
     }
     Ok(out)
 }
 
-/// The ceiling's two connections to `pod`'s server on `port`: from node a's namespace (the
-/// tunnel's path, from where the agent opens it) and one inside the pod to its own address
-/// (where the agent delivers); both clients outside weft's cgroups, as the agent's sockets
-/// are.
-fn ceiling_clients(
-    c: &Cluster,
-    pin: &Pinning,
-    (pod, port): (&str, u16),
-    extra: &[&str],
-) -> [RrClient; 2] {
+/// A bound's two connections to `pod`'s server: from node a's namespace (the tunnel's path,
+/// from where the agent opens it) and one inside the pod to its own address (where the
+/// agent delivers); both clients outside weft's cgroups, as the agent's sockets are.
+fn bound_clients(c: &Cluster, pin: &Pinning, pod: &str, spec: &BoundSpec) -> [RrClient; 2] {
     let (node, addresses) = c.pod(pod);
+    let port = spec.port;
     let target = format!("{}:{port}", addresses.ipv4);
     let node_path = RrClient::on_node(
         c.node("a"),
         pin,
         &target,
-        extra,
+        spec.node_path,
         &format!("node a -> {pod}:{port} (the tunnel's path)"),
     );
     let leg = RrClient::start(
@@ -863,7 +997,7 @@ fn ceiling_clients(
         (pod, false),
         pin,
         &target,
-        extra,
+        spec.leg,
         &format!("{pod} -> itself:{port} (loopback)"),
     );
     [node_path, leg]
@@ -979,5 +1113,36 @@ fn first_carried(node: &Node, target: &str, started: Instant) -> Result<Duration
             bail!("no meshed connection 30 s after the agent's restart");
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(p50_us: &[f64]) -> Side {
+        Side {
+            per_second: vec![1.0; p50_us.len()],
+            p50_us: p50_us.to_vec(),
+            p99_us: p50_us.to_vec(),
+        }
+    }
+
+    /// A round's floor is two legs, the tunnel and the crypto less plaintext; a round in
+    /// which the mesh added less than that is one the estimate does not bound.
+    #[test]
+    fn a_floor_is_two_legs_the_tunnel_and_the_crypto_less_plaintext() {
+        let floor = Floor::of(
+            &side(&[100.0, 50.0]),
+            &side(&[25.0, 25.0]),
+            (
+                side(&[25.0, 26.0]),
+                side(&[22.0, 22.0]),
+                side(&[15.0, 16.0]),
+            ),
+            vec![1.0, 2.0],
+        );
+        assert_eq!(floor.rounds, [28.0, 30.0]);
+        assert_eq!(floor.exceeded, 1);
     }
 }
